@@ -1,0 +1,1 @@
+//! weft e2e harness.

@@ -1,0 +1,1 @@
+//! weft injector (stub while dependencies build).

@@ -1,0 +1,2 @@
+//! weft injector.
+fn main() {}

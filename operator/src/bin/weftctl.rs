@@ -1,0 +1,2 @@
+//! weftctl.
+fn main() {}

@@ -1,0 +1,2 @@
+//! weft operator.
+fn main() {}

@@ -1,0 +1,645 @@
+//! The serde types of `proxy.json`. Field names are camelCase on the wire.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+use serde::{Deserialize, Serialize};
+
+/// One namespace's proxy configuration.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ProxyConfig {
+    /// Format version; see [`crate::FORMAT_VERSION`].
+    pub version: u32,
+    /// Increases with every content change the operator writes.
+    pub generation: u64,
+    /// `sha256:<hex>` of the document with this field empty.
+    #[serde(default)]
+    pub hash: String,
+    /// The namespace whose pods read this file.
+    pub namespace: String,
+    /// Mesh-wide settings.
+    pub mesh: MeshSettings,
+    /// Services the namespace's pods may call, sorted by namespace then name.
+    #[serde(default)]
+    pub services: Vec<Service>,
+    /// Rules for traffic into the namespace's pods.
+    #[serde(default)]
+    pub inbound: Inbound,
+}
+
+/// Mesh-wide settings.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct MeshSettings {
+    /// SPIFFE trust domain.
+    pub trust_domain: String,
+    /// Inbound mTLS mode.
+    pub mtls_mode: MtlsMode,
+    /// Decision when no Allow policy selects a workload.
+    #[serde(default)]
+    pub default_access: AccessAction,
+    /// Write JSON access logs.
+    #[serde(default)]
+    pub access_log: bool,
+    /// Tracing export, when configured.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tracing: Option<Tracing>,
+}
+
+/// Inbound mTLS mode.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MtlsMode {
+    /// Only mTLS from mesh identities.
+    #[default]
+    Strict,
+    /// mTLS and plaintext.
+    Permissive,
+}
+
+/// Tracing export settings.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Tracing {
+    /// OTLP/HTTP endpoint.
+    pub otlp_endpoint: String,
+    /// Share of new traces sampled, 0–100.
+    pub sampling_percent: f64,
+}
+
+/// A Service a proxy may send traffic to.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Service {
+    /// Service name.
+    pub name: String,
+    /// Service namespace.
+    pub namespace: String,
+    /// ClusterIPs (empty for headless Services).
+    #[serde(default)]
+    pub cluster_ips: Vec<IpAddr>,
+    /// Ports, sorted by number.
+    pub ports: Vec<ServicePort>,
+    /// Subset names defined for this Service.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub subsets: Vec<String>,
+    /// Ready endpoints, sorted by address.
+    #[serde(default)]
+    pub endpoints: Vec<Endpoint>,
+    /// HTTP routes, in evaluation order (first match wins).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub http_routes: Vec<HttpRoute>,
+    /// TCP routes (at most one per port, plus at most one for all ports).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tcp_routes: Vec<TcpRoute>,
+    /// How clients talk to the Service.
+    #[serde(default)]
+    pub policy: ClientPolicy,
+}
+
+impl Service {
+    /// `namespace/name`, the key backends use to refer to a Service.
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+}
+
+/// A Service port.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ServicePort {
+    /// The Service port clients dial.
+    pub port: u16,
+    /// Port name (EndpointSlice ports are matched by it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// The port on the endpoints; per-endpoint overrides in [`Endpoint::ports`].
+    pub target_port: u16,
+    /// How the proxy treats the traffic.
+    pub protocol: Protocol,
+}
+
+/// How the proxy treats a port's traffic.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    /// Peek at the first bytes: HTTP/1, HTTP/2 prior knowledge, else opaque.
+    #[default]
+    Detect,
+    /// HTTP/1.1.
+    Http1,
+    /// HTTP/2.
+    Http2,
+    /// gRPC over HTTP/2.
+    Grpc,
+    /// Opaque TCP; the client may not speak first.
+    Opaque,
+}
+
+/// A ready endpoint of a Service.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Endpoint {
+    /// Pod IP.
+    pub address: IpAddr,
+    /// Whether the pod runs a weft proxy (connect with mTLS).
+    pub meshed: bool,
+    /// The pod's SPIFFE identity; present exactly when `meshed`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity: Option<String>,
+    /// Subsets of the Service this endpoint belongs to.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub subsets: Vec<String>,
+    /// Port name → port, where it differs from [`ServicePort::target_port`].
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub ports: BTreeMap<String, u16>,
+    /// Terminating endpoints receive no new requests but are kept for
+    /// connections already open.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub terminating: bool,
+}
+
+/// An HTTP route rule.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HttpRoute {
+    /// `<ServiceRoute name>/<rule name or index>`, the `route` metric label.
+    pub name: String,
+    /// Service port the rule applies to; none: every port.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+    /// Any of these; empty matches everything.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub matches: Vec<HttpMatch>,
+    /// Weighted backends; empty: the Service itself (unless redirecting).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub backends: Vec<Backend>,
+    /// Overall timeout in milliseconds, retries included.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_ms: Option<u64>,
+    /// Retry policy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry: Option<RetryPolicy>,
+    /// Fault injection.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fault: Option<Fault>,
+    /// Mirroring.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mirror: Option<Mirror>,
+    /// Request header edits.
+    #[serde(default, skip_serializing_if = "HeaderOps::is_empty")]
+    pub request_headers: HeaderOps,
+    /// Response header edits.
+    #[serde(default, skip_serializing_if = "HeaderOps::is_empty")]
+    pub response_headers: HeaderOps,
+    /// Rewrite before forwarding.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rewrite: Option<Rewrite>,
+    /// Redirect instead of forwarding.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub redirect: Option<Redirect>,
+}
+
+/// Request conditions (all must hold).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HttpMatch {
+    /// Path condition.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<PathMatch>,
+    /// Header conditions.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub headers: Vec<NamedMatch>,
+    /// Query parameter conditions.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub query_params: Vec<NamedMatch>,
+    /// Method (upper case).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub method: Option<String>,
+}
+
+/// A path condition.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub enum PathMatch {
+    /// Equal.
+    Exact(String),
+    /// Prefix at a segment boundary.
+    Prefix(String),
+    /// Whole-path regular expression.
+    Regex(String),
+}
+
+/// A header or query parameter condition.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct NamedMatch {
+    /// Header (lower case) or parameter name.
+    pub name: String,
+    /// The condition on its value.
+    pub value: ValueMatch,
+}
+
+/// A condition on a value.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub enum ValueMatch {
+    /// Equal.
+    Exact(String),
+    /// Starts with.
+    Prefix(String),
+    /// Whole-value regular expression.
+    Regex(String),
+    /// Present (true) or absent (false).
+    Present(bool),
+}
+
+/// A weighted backend.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Backend {
+    /// `namespace/name` of a Service in [`ProxyConfig::services`].
+    pub service: String,
+    /// Subset of that Service.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subset: Option<String>,
+    /// Service port; none: the port of the request.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+    /// Relative weight.
+    pub weight: u32,
+}
+
+/// Retry policy.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RetryPolicy {
+    /// Retries after the first attempt.
+    pub attempts: u32,
+    /// Per-attempt timeout in milliseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub per_try_timeout_ms: Option<u64>,
+    /// Conditions retried.
+    pub retry_on: Vec<RetryOn>,
+    /// Status codes retried with [`RetryOn::RetriableStatusCodes`].
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub retriable_status_codes: Vec<u16>,
+    /// Base backoff in milliseconds.
+    pub backoff_base_ms: u64,
+    /// Maximum backoff in milliseconds.
+    pub backoff_max_ms: u64,
+}
+
+/// Retry conditions (see the `ServiceRoute` API for their meaning).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+#[allow(missing_docs)]
+pub enum RetryOn {
+    #[serde(rename = "5xx")]
+    ServerError,
+    GatewayError,
+    Reset,
+    ConnectFailure,
+    #[serde(rename = "retriable-4xx")]
+    Retriable4xx,
+    RefusedStream,
+    RetriableStatusCodes,
+    Unavailable,
+    Cancelled,
+    DeadlineExceeded,
+    ResourceExhausted,
+}
+
+/// Fault injection.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Fault {
+    /// Delay.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delay: Option<FaultDelay>,
+    /// Abort.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub abort: Option<FaultAbort>,
+}
+
+/// Injected delay.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct FaultDelay {
+    /// Delay in milliseconds.
+    pub delay_ms: u64,
+    /// Share of requests, 0–100.
+    pub percent: f64,
+}
+
+/// Injected abort.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct FaultAbort {
+    /// Status returned.
+    pub status: u16,
+    /// Share of requests, 0–100.
+    pub percent: f64,
+}
+
+/// Mirroring.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Mirror {
+    /// Where copies go (weight ignored).
+    pub backend: Backend,
+    /// Share of requests, 0–100.
+    pub percent: f64,
+}
+
+/// Header edits.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HeaderOps {
+    /// Set (replace) name → value.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub set: Vec<(String, String)>,
+    /// Append name → value.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub add: Vec<(String, String)>,
+    /// Remove by name.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub remove: Vec<String>,
+}
+
+impl HeaderOps {
+    /// No edits at all.
+    pub fn is_empty(&self) -> bool {
+        self.set.is_empty() && self.add.is_empty() && self.remove.is_empty()
+    }
+}
+
+/// Rewrite.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Rewrite {
+    /// Whole path replacement.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    /// Replacement of the matched prefix.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path_prefix: Option<String>,
+    /// Authority replacement.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub authority: Option<String>,
+}
+
+/// Redirect.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Redirect {
+    /// `http` or `https`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scheme: Option<String>,
+    /// Host.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
+    /// Port.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+    /// Path.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    /// 301, 302, 303, 307 or 308.
+    pub status: u16,
+}
+
+/// A TCP route.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TcpRoute {
+    /// Metric label.
+    pub name: String,
+    /// Service port; none: every port.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+    /// Weighted backends.
+    pub backends: Vec<Backend>,
+}
+
+/// How clients talk to a Service.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ClientPolicy {
+    /// Load balancer.
+    #[serde(default)]
+    pub load_balancer: LoadBalancer,
+    /// Connection pool limits.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connection_pool: Option<ConnectionPool>,
+    /// Outlier detection.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outlier_detection: Option<OutlierDetection>,
+    /// Retry budget.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_budget: Option<RetryBudget>,
+}
+
+/// Load balancer.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub enum LoadBalancer {
+    /// Round robin.
+    RoundRobin,
+    /// Power of two choices, least requests in flight.
+    #[default]
+    LeastRequest,
+    /// Random.
+    Random,
+    /// Consistent hash on a key.
+    ConsistentHash(HashKey),
+}
+
+/// Consistent hash key.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub enum HashKey {
+    /// A request header (lower case).
+    Header(String),
+    /// A cookie.
+    Cookie(String),
+    /// The client IP.
+    SourceIp,
+}
+
+/// Connection pool limits.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ConnectionPool {
+    /// Max connections.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_connections: Option<u32>,
+    /// Max requests waiting for a connection.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_pending_requests: Option<u32>,
+    /// Max requests in flight.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_requests: Option<u32>,
+    /// Requests per connection (none: unlimited).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_requests_per_connection: Option<u32>,
+    /// Connect timeout in milliseconds.
+    pub connect_timeout_ms: u64,
+    /// Idle timeout in milliseconds.
+    pub idle_timeout_ms: u64,
+}
+
+/// Outlier detection.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct OutlierDetection {
+    /// Consecutive 5xx before ejection.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub consecutive_5xx: Option<u32>,
+    /// Consecutive gateway errors before ejection.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub consecutive_gateway_errors: Option<u32>,
+    /// Sweep interval in milliseconds.
+    pub interval_ms: u64,
+    /// Base ejection time in milliseconds.
+    pub base_ejection_ms: u64,
+    /// Max share of endpoints ejected, 0–100.
+    pub max_ejection_percent: u32,
+}
+
+/// Retry budget.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RetryBudget {
+    /// Retries as a share of requests, 0–100.
+    pub retry_percent: f64,
+    /// Retries always allowed per second.
+    pub min_retries_per_second: u32,
+    /// Window in milliseconds.
+    pub ttl_ms: u64,
+}
+
+/// Rules for traffic into the namespace's pods.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Inbound {
+    /// Authorization policies, sorted by name.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub policies: Vec<AccessPolicy>,
+    /// Local rate limits, sorted by name.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rate_limits: Vec<RateLimit>,
+    /// Per-workload port protocols (from Services selecting the pods).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ports: Vec<InboundPort>,
+}
+
+/// Pods a rule applies to: all labels must be present with these values.
+pub type Selector = BTreeMap<String, String>;
+
+/// An authorization policy.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AccessPolicy {
+    /// `AccessPolicy` name.
+    pub name: String,
+    /// Pods it applies to (empty: every pod).
+    #[serde(default)]
+    pub selector: Selector,
+    /// Only these target ports (from `targetService`); empty: every port.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ports: Vec<u16>,
+    /// Allow or deny.
+    pub action: AccessAction,
+    /// Any of these (empty: none).
+    #[serde(default)]
+    pub rules: Vec<AccessRule>,
+}
+
+/// Allow or deny.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum AccessAction {
+    /// Allow.
+    #[default]
+    Allow,
+    /// Deny.
+    Deny,
+}
+
+/// An authorization rule.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AccessRule {
+    /// Callers (any; empty: anyone).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub from: Vec<AccessSource>,
+    /// Request properties (any; empty: anything).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub to: Vec<AccessDestination>,
+}
+
+/// A caller condition (all given lists must contain the caller).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AccessSource {
+    /// Full SPIFFE IDs, or prefixes ending in `*`. Service accounts from the
+    /// API are rendered into this list.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub identities: Vec<String>,
+    /// Caller namespaces.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub namespaces: Vec<String>,
+    /// Matches callers without identity.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub unauthenticated: bool,
+}
+
+/// A request condition.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AccessDestination {
+    /// Target ports.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ports: Vec<u16>,
+    /// Methods.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub methods: Vec<String>,
+    /// Paths (exact, or prefix with a trailing `*`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub paths: Vec<String>,
+}
+
+/// A local rate limit on inbound requests.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RateLimit {
+    /// `<ServicePolicy name>`.
+    pub name: String,
+    /// Pods it applies to (the Service's selector).
+    pub selector: Selector,
+    /// Target ports it applies to.
+    pub ports: Vec<u16>,
+    /// Tokens added per `interval_ms`.
+    pub requests: u32,
+    /// Refill interval in milliseconds.
+    pub interval_ms: u64,
+    /// Bucket size above `requests`.
+    pub burst: u32,
+}
+
+/// The protocol of an inbound target port for selected pods.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct InboundPort {
+    /// Pods (the Service's selector).
+    pub selector: Selector,
+    /// Target port.
+    pub port: u16,
+    /// Protocol.
+    pub protocol: Protocol,
+}
+
+/// Whether every label of `selector` is present with its value in `labels`.
+pub fn selector_matches(selector: &Selector, labels: &BTreeMap<String, String>) -> bool {
+    selector.iter().all(|(k, v)| labels.get(k) == Some(v))
+}

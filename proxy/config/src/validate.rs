@@ -1,0 +1,420 @@
+//! [`ProxyConfig::validate`]: the consistency rules a snapshot must satisfy
+//! before a proxy will serve it. The operator runs the same check on every
+//! render, so a config that reaches a proxy has already passed it once.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+
+use crate::model::*;
+
+/// One violated rule, with the JSON path of the offending value.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ValidationError {
+    /// Where, e.g. `services[shop/cart].httpRoutes[0].backends[1]`.
+    pub path: String,
+    /// What is wrong.
+    pub message: String,
+}
+
+impl fmt::Display for ValidationError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.path, self.message)
+    }
+}
+
+/// Every violated rule of a snapshot (never empty).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub struct ValidationErrors(pub Vec<ValidationError>);
+
+impl fmt::Display for ValidationErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "invalid proxy config ({} problem", self.0.len())?;
+        if self.0.len() != 1 {
+            f.write_str("s")?;
+        }
+        f.write_str("): ")?;
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str("; ")?;
+            }
+            write!(f, "{e}")?;
+        }
+        Ok(())
+    }
+}
+
+#[derive(Default)]
+struct Errors(Vec<ValidationError>);
+
+impl Errors {
+    fn push(&mut self, path: impl Into<String>, message: impl Into<String>) {
+        self.0.push(ValidationError {
+            path: path.into(),
+            message: message.into(),
+        });
+    }
+
+    fn regex(&mut self, path: &str, pattern: &str) {
+        if let Err(e) = regex::Regex::new(&anchored(pattern)) {
+            self.push(path, format!("regex {pattern:?} does not compile: {e}"));
+        }
+    }
+
+    fn percent(&mut self, path: &str, value: f64) {
+        if !(0.0..=100.0).contains(&value) {
+            self.push(path, format!("percentage {value} is outside 0–100"));
+        }
+    }
+}
+
+/// Wraps a user regex so it must match the whole input, as the API documents.
+pub fn anchored(pattern: &str) -> String {
+    format!("^(?:{pattern})$")
+}
+
+const REDIRECT_CODES: [u16; 5] = [301, 302, 303, 307, 308];
+const MAX_RETRY_ATTEMPTS: u32 = 10;
+
+impl ProxyConfig {
+    /// Checks every consistency rule and returns all violations at once.
+    pub fn validate(&self) -> Result<(), ValidationErrors> {
+        let mut errs = Errors::default();
+        if self.version != crate::FORMAT_VERSION {
+            errs.push(
+                "version",
+                format!(
+                    "format version {} is not {}",
+                    self.version,
+                    crate::FORMAT_VERSION
+                ),
+            );
+        }
+        if self.namespace.is_empty() {
+            errs.push("namespace", "must not be empty");
+        }
+        validate_mesh(&self.mesh, &mut errs);
+
+        let mut services: BTreeMap<String, &Service> = BTreeMap::new();
+        for svc in &self.services {
+            if services.insert(svc.key(), svc).is_some() {
+                errs.push(
+                    format!("services[{}]", svc.key()),
+                    "duplicate service",
+                );
+            }
+        }
+        for svc in &self.services {
+            validate_service(svc, &services, &self.mesh.trust_domain, &mut errs);
+        }
+        validate_inbound(&self.inbound, &mut errs);
+
+        if errs.0.is_empty() {
+            Ok(())
+        } else {
+            Err(ValidationErrors(errs.0))
+        }
+    }
+}
+
+fn validate_mesh(mesh: &MeshSettings, errs: &mut Errors) {
+    if mesh.trust_domain.is_empty() || mesh.trust_domain.contains('/') {
+        errs.push(
+            "mesh.trustDomain",
+            format!("{:?} is not a trust domain", mesh.trust_domain),
+        );
+    }
+    if let Some(t) = &mesh.tracing {
+        errs.percent("mesh.tracing.samplingPercent", t.sampling_percent);
+        if !(t.otlp_endpoint.starts_with("http://") || t.otlp_endpoint.starts_with("https://")) {
+            errs.push(
+                "mesh.tracing.otlpEndpoint",
+                format!("{:?} is not an http(s) URL", t.otlp_endpoint),
+            );
+        }
+    }
+}
+
+fn validate_service(
+    svc: &Service,
+    services: &BTreeMap<String, &Service>,
+    trust_domain: &str,
+    errs: &mut Errors,
+) {
+    let at = format!("services[{}]", svc.key());
+    if svc.name.is_empty() || svc.namespace.is_empty() {
+        errs.push(&at, "service name and namespace must not be empty");
+    }
+    let mut ports = BTreeSet::new();
+    let mut names = BTreeSet::new();
+    for p in &svc.ports {
+        if p.port == 0 || p.target_port == 0 {
+            errs.push(format!("{at}.ports[{}]", p.port), "port 0 is not a port");
+        }
+        if !ports.insert(p.port) {
+            errs.push(format!("{at}.ports[{}]", p.port), "duplicate port");
+        }
+        if let Some(n) = &p.name
+            && !names.insert(n.as_str())
+        {
+            errs.push(
+                format!("{at}.ports[{}]", p.port),
+                format!("duplicate port name {n:?}"),
+            );
+        }
+    }
+    let subsets: BTreeSet<&str> = svc.subsets.iter().map(String::as_str).collect();
+    if subsets.len() != svc.subsets.len() {
+        errs.push(format!("{at}.subsets"), "duplicate subset name");
+    }
+    let spiffe_prefix = format!("spiffe://{trust_domain}/");
+    let mut addrs = BTreeSet::new();
+    for ep in &svc.endpoints {
+        let ep_at = format!("{at}.endpoints[{}]", ep.address);
+        if !addrs.insert(ep.address) {
+            errs.push(&ep_at, "duplicate endpoint address");
+        }
+        match (&ep.identity, ep.meshed) {
+            (Some(id), true) if !id.starts_with(&spiffe_prefix) => errs.push(
+                &ep_at,
+                format!("identity {id:?} is not in trust domain {trust_domain:?}"),
+            ),
+            (None, true) => errs.push(&ep_at, "meshed endpoint without identity"),
+            (Some(_), false) => errs.push(&ep_at, "identity on a non-meshed endpoint"),
+            _ => {}
+        }
+        for s in &ep.subsets {
+            if !subsets.contains(s.as_str()) {
+                errs.push(&ep_at, format!("unknown subset {s:?}"));
+            }
+        }
+        for (name, port) in &ep.ports {
+            if !names.contains(name.as_str()) {
+                errs.push(&ep_at, format!("port override for unknown port name {name:?}"));
+            }
+            if *port == 0 {
+                errs.push(&ep_at, "port 0 is not a port");
+            }
+        }
+    }
+    for (i, r) in svc.http_routes.iter().enumerate() {
+        validate_http_route(&format!("{at}.httpRoutes[{i}]"), r, svc, services, errs);
+    }
+    let mut tcp_ports = BTreeSet::new();
+    for (i, r) in svc.tcp_routes.iter().enumerate() {
+        let r_at = format!("{at}.tcpRoutes[{i}]");
+        if !tcp_ports.insert(r.port) {
+            errs.push(&r_at, "more than one TCP route for the same port");
+        }
+        check_route_port(&r_at, r.port, svc, errs);
+        if r.backends.is_empty() {
+            errs.push(&r_at, "a TCP route needs backends");
+        }
+        check_backends(&r_at, &r.backends, services, errs);
+    }
+    validate_policy(&format!("{at}.policy"), &svc.policy, errs);
+}
+
+fn check_route_port(at: &str, port: Option<u16>, svc: &Service, errs: &mut Errors) {
+    if let Some(p) = port
+        && !svc.ports.iter().any(|sp| sp.port == p)
+    {
+        errs.push(at, format!("service has no port {p}"));
+    }
+}
+
+fn check_backends(
+    at: &str,
+    backends: &[Backend],
+    services: &BTreeMap<String, &Service>,
+    errs: &mut Errors,
+) {
+    for (i, b) in backends.iter().enumerate() {
+        check_backend(&format!("{at}.backends[{i}]"), b, services, errs);
+    }
+    if !backends.is_empty() && backends.iter().all(|b| b.weight == 0) {
+        errs.push(at, "every backend has weight 0");
+    }
+}
+
+fn check_backend(at: &str, b: &Backend, services: &BTreeMap<String, &Service>, errs: &mut Errors) {
+    let Some(target) = services.get(&b.service) else {
+        errs.push(at, format!("unknown service {:?}", b.service));
+        return;
+    };
+    if let Some(s) = &b.subset
+        && !target.subsets.contains(s)
+    {
+        errs.push(
+            at,
+            format!("service {:?} has no subset {s:?}", b.service),
+        );
+    }
+    if let Some(p) = b.port
+        && !target.ports.iter().any(|sp| sp.port == p)
+    {
+        errs.push(at, format!("service {:?} has no port {p}", b.service));
+    }
+}
+
+fn validate_http_route(
+    at: &str,
+    r: &HttpRoute,
+    svc: &Service,
+    services: &BTreeMap<String, &Service>,
+    errs: &mut Errors,
+) {
+    if r.name.is_empty() {
+        errs.push(at, "route name must not be empty");
+    }
+    check_route_port(at, r.port, svc, errs);
+    for (i, m) in r.matches.iter().enumerate() {
+        let m_at = format!("{at}.matches[{i}]");
+        match &m.path {
+            Some(PathMatch::Regex(re)) => errs.regex(&format!("{m_at}.path"), re),
+            Some(PathMatch::Exact(p) | PathMatch::Prefix(p)) if !p.starts_with('/') => {
+                errs.push(format!("{m_at}.path"), format!("{p:?} does not start with /"));
+            }
+            _ => {}
+        }
+        for (kind, list) in [("headers", &m.headers), ("queryParams", &m.query_params)] {
+            for (j, nm) in list.iter().enumerate() {
+                if nm.name.is_empty() {
+                    errs.push(format!("{m_at}.{kind}[{j}]"), "empty name");
+                }
+                if let ValueMatch::Regex(re) = &nm.value {
+                    errs.regex(&format!("{m_at}.{kind}[{j}]"), re);
+                }
+            }
+        }
+        if let Some(method) = &m.method
+            && (method.is_empty() || method.chars().any(|c| !c.is_ascii_uppercase()))
+        {
+            errs.push(format!("{m_at}.method"), format!("{method:?} is not an upper-case method"));
+        }
+    }
+    check_backends(at, &r.backends, services, errs);
+    if let Some(redirect) = &r.redirect {
+        if !r.backends.is_empty() {
+            errs.push(at, "a redirect route has no backends");
+        }
+        if r.rewrite.is_some() {
+            errs.push(at, "redirect and rewrite are mutually exclusive");
+        }
+        if !REDIRECT_CODES.contains(&redirect.status) {
+            errs.push(
+                format!("{at}.redirect.status"),
+                format!("{} is not a redirect status", redirect.status),
+            );
+        }
+        if let Some(s) = &redirect.scheme
+            && s != "http"
+            && s != "https"
+        {
+            errs.push(format!("{at}.redirect.scheme"), format!("{s:?} is not http or https"));
+        }
+    }
+    if let Some(retry) = &r.retry {
+        if retry.attempts > MAX_RETRY_ATTEMPTS {
+            errs.push(
+                format!("{at}.retry.attempts"),
+                format!("{} is more than {MAX_RETRY_ATTEMPTS}", retry.attempts),
+            );
+        }
+        if retry.backoff_max_ms < retry.backoff_base_ms {
+            errs.push(format!("{at}.retry"), "backoff max is below backoff base");
+        }
+        for code in &retry.retriable_status_codes {
+            if !(100..=599).contains(code) {
+                errs.push(format!("{at}.retry"), format!("{code} is not a status code"));
+            }
+        }
+    }
+    if let Some(fault) = &r.fault {
+        if fault.delay.is_none() && fault.abort.is_none() {
+            errs.push(format!("{at}.fault"), "a fault needs a delay or an abort");
+        }
+        if let Some(d) = &fault.delay {
+            errs.percent(&format!("{at}.fault.delay.percent"), d.percent);
+        }
+        if let Some(a) = &fault.abort {
+            errs.percent(&format!("{at}.fault.abort.percent"), a.percent);
+            if !(200..=599).contains(&a.status) {
+                errs.push(
+                    format!("{at}.fault.abort.status"),
+                    format!("{} is not an error status", a.status),
+                );
+            }
+        }
+    }
+    if let Some(m) = &r.mirror {
+        errs.percent(&format!("{at}.mirror.percent"), m.percent);
+        check_backend(&format!("{at}.mirror.backend"), &m.backend, services, errs);
+    }
+    if let Some(rw) = &r.rewrite
+        && rw.path.is_some()
+        && rw.path_prefix.is_some()
+    {
+        errs.push(format!("{at}.rewrite"), "path and pathPrefix are mutually exclusive");
+    }
+}
+
+fn validate_policy(at: &str, p: &ClientPolicy, errs: &mut Errors) {
+    if let LoadBalancer::ConsistentHash(HashKey::Header(n) | HashKey::Cookie(n)) = &p.load_balancer
+        && n.is_empty()
+    {
+        errs.push(format!("{at}.loadBalancer"), "empty hash key name");
+    }
+    if let Some(o) = &p.outlier_detection {
+        if o.max_ejection_percent > 100 {
+            errs.push(
+                format!("{at}.outlierDetection.maxEjectionPercent"),
+                format!("percentage {} is outside 0–100", o.max_ejection_percent),
+            );
+        }
+        if o.interval_ms == 0 {
+            errs.push(format!("{at}.outlierDetection.intervalMs"), "must be above 0");
+        }
+    }
+    if let Some(b) = &p.retry_budget {
+        errs.percent(&format!("{at}.retryBudget.retryPercent"), b.retry_percent);
+        if b.ttl_ms == 0 {
+            errs.push(format!("{at}.retryBudget.ttlMs"), "must be above 0");
+        }
+    }
+    if let Some(c) = &p.connection_pool
+        && c.connect_timeout_ms == 0
+    {
+        errs.push(format!("{at}.connectionPool.connectTimeoutMs"), "must be above 0");
+    }
+}
+
+fn validate_inbound(inbound: &Inbound, errs: &mut Errors) {
+    let mut names = BTreeSet::new();
+    for p in &inbound.policies {
+        if !names.insert(p.name.as_str()) {
+            errs.push(format!("inbound.policies[{}]", p.name), "duplicate policy name");
+        }
+        for (i, rule) in p.rules.iter().enumerate() {
+            for to in &rule.to {
+                for path in &to.paths {
+                    if !path.starts_with('/') && path != "*" {
+                        errs.push(
+                            format!("inbound.policies[{}].rules[{i}]", p.name),
+                            format!("path {path:?} does not start with /"),
+                        );
+                    }
+                }
+            }
+        }
+    }
+    let mut names = BTreeSet::new();
+    for rl in &inbound.rate_limits {
+        let at = format!("inbound.rateLimits[{}]", rl.name);
+        if !names.insert(rl.name.as_str()) {
+            errs.push(&at, "duplicate rate limit name");
+        }
+        if rl.requests == 0 || rl.interval_ms == 0 {
+            errs.push(&at, "requests and interval must be above 0");
+        }
+    }
+}

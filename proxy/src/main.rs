@@ -1,0 +1,2 @@
+//! weft proxy (placeholder until the proxy core lands).
+fn main() {}
