@@ -1,0 +1,1 @@
+//! Placeholder: owned by the identity engineer (issue 4).

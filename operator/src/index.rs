@@ -1,0 +1,1 @@
+//! Placeholder: owned by the config-rendering engineer (issue 5).

@@ -1,0 +1,17 @@
+//! weft's operator: turns weft resources, Services, EndpointSlices and
+//! ServiceAccounts into what the data plane reads.
+//!
+//! - [`ca`] and [`identity`]: the mesh CA and per-service-account SPIFFE
+//!   certificates in Secrets (the security half).
+//! - [`index`] and [`render`]: an in-memory index of the cluster and the pure
+//!   renderer of each meshed namespace's `proxy.json` (the traffic half);
+//!   [`config`] runs the reconcilers and writes the ConfigMaps.
+//!
+//! The binary `weft-operator` runs both halves behind leader election; the
+//! offline CLI `weftctl` reuses the pure parts.
+
+pub mod ca;
+pub mod config;
+pub mod identity;
+pub mod index;
+pub mod render;
