@@ -1,0 +1,235 @@
+//! weft-e2e-app: the small programs e2e pods run (image `weft-e2e-app`).
+//!
+//! - `echo --port P`: HTTP server answering every request with JSON naming
+//!   the pod, the caller address it saw and the `x-weft-peer-identity`
+//!   header it received (`/healthz` answers `ok`).
+//! - `get URL`: plain HTTP/1.1 GET; prints the body; exit 1 unless 2xx.
+//! - `webhook --port P --cert F --key F`: HTTPS mutating admission webhook
+//!   that labels every object `weft-e2e/mutated=true`.
+//! - `kube-access --namespace NS`: authenticates with the pod's service
+//!   account (in-cluster config), tries to list ConfigMaps and Secrets in NS,
+//!   prints `<resource>: allowed` or `<resource>: denied <code>`, then idles.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use anyhow::{Context as _, bail};
+use axum::extract::{ConnectInfo, Request};
+use base64::Engine as _;
+use clap::{Parser, Subcommand};
+use http_body_util::{BodyExt as _, Full};
+use hyper::body::Bytes;
+use k8s_openapi::api::core::v1::{ConfigMap, Secret};
+use kube::Api;
+use kube::api::ListParams;
+use rustls_pki_types::pem::PemObject as _;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use serde_json::json;
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+#[derive(Parser, Debug)]
+#[command(about = "test programs for weft's e2e pods")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// HTTP echo server.
+    Echo {
+        #[arg(long, default_value_t = 8080)]
+        port: u16,
+    },
+    /// One HTTP GET.
+    Get { url: String },
+    /// Mutating admission webhook over HTTPS.
+    Webhook {
+        #[arg(long, default_value_t = 8443)]
+        port: u16,
+        #[arg(long)]
+        cert: std::path::PathBuf,
+        #[arg(long)]
+        key: std::path::PathBuf,
+    },
+    /// Service-account access check.
+    KubeAccess {
+        #[arg(long)]
+        namespace: String,
+    },
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    match Cli::parse().cmd {
+        Cmd::Echo { port } => echo(port).await,
+        Cmd::Get { url } => get(&url).await,
+        Cmd::Webhook { port, cert, key } => webhook(port, &cert, &key).await,
+        Cmd::KubeAccess { namespace } => kube_access(&namespace).await,
+    }
+}
+
+async fn echo(port: u16) -> anyhow::Result<()> {
+    let pod = std::env::var("POD_NAME")
+        .or_else(|_| std::env::var("HOSTNAME"))
+        .unwrap_or_default();
+    let app = axum::Router::new()
+        .route("/healthz", axum::routing::get(|| async { "ok" }))
+        .fallback(
+            move |ConnectInfo(peer): ConnectInfo<SocketAddr>, req: Request| {
+                let pod = pod.clone();
+                async move {
+                    let identity = req
+                        .headers()
+                        .get("x-weft-peer-identity")
+                        .and_then(|v| v.to_str().ok())
+                        .map(str::to_owned);
+                    axum::Json(json!({
+                        "pod": pod,
+                        "peer": peer.to_string(),
+                        "identity": identity,
+                        "path": req.uri().path(),
+                    }))
+                }
+            },
+        );
+    let listener = tokio::net::TcpListener::bind(("0.0.0.0", port)).await?;
+    eprintln!("echo listening on {}", listener.local_addr()?);
+    axum::serve(
+        listener,
+        app.into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .await?;
+    Ok(())
+}
+
+async fn get(url: &str) -> anyhow::Result<()> {
+    let rest = url
+        .strip_prefix("http://")
+        .context("only http:// URLs are supported")?;
+    let (authority, path) = match rest.find('/') {
+        Some(i) => (&rest[..i], &rest[i..]),
+        None => (rest, "/"),
+    };
+    let mut s = tokio::net::TcpStream::connect(authority)
+        .await
+        .with_context(|| format!("connect {authority}"))?;
+    s.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await?;
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).await?;
+    let text = String::from_utf8_lossy(&buf);
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let code: u16 = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .context("malformed HTTP response")?;
+    println!("{body}");
+    if !(200..300).contains(&code) {
+        bail!("HTTP {code}");
+    }
+    Ok(())
+}
+
+async fn webhook(port: u16, cert: &std::path::Path, key: &std::path::Path) -> anyhow::Result<()> {
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
+        .with_context(|| format!("read {}", cert.display()))?
+        .collect::<Result<_, _>>()?;
+    let key =
+        PrivateKeyDer::from_pem_file(key).with_context(|| format!("read {}", key.display()))?;
+    let config = rustls::ServerConfig::builder()
+        .with_no_client_auth()
+        .with_single_cert(certs, key)?;
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = tokio::net::TcpListener::bind(("0.0.0.0", port)).await?;
+    eprintln!("webhook listening on {}", listener.local_addr()?);
+    loop {
+        let (tcp, peer) = listener.accept().await?;
+        let acceptor = acceptor.clone();
+        tokio::spawn(async move {
+            let tls = match acceptor.accept(tcp).await {
+                Ok(t) => t,
+                Err(e) => {
+                    eprintln!("tls from {peer}: {e}");
+                    return;
+                }
+            };
+            let svc = hyper::service::service_fn(
+                |req: hyper::Request<hyper::body::Incoming>| async move {
+                    let body = req.into_body().collect().await?.to_bytes();
+                    let reply = match mutate(&body) {
+                        Ok(v) => v,
+                        Err(e) => {
+                            eprintln!("bad review: {e}");
+                            json!({"error": e.to_string()})
+                        }
+                    };
+                    Ok::<_, hyper::Error>(
+                        hyper::Response::builder()
+                            .header("content-type", "application/json")
+                            .body(Full::new(Bytes::from(reply.to_string())))
+                            .unwrap_or_default(),
+                    )
+                },
+            );
+            if let Err(e) = hyper::server::conn::http1::Builder::new()
+                .serve_connection(hyper_util::rt::TokioIo::new(tls), svc)
+                .await
+            {
+                eprintln!("conn from {peer}: {e}");
+            }
+        });
+    }
+}
+
+/// AdmissionReview in, AdmissionReview with a JSON patch out.
+fn mutate(body: &[u8]) -> anyhow::Result<serde_json::Value> {
+    let review: serde_json::Value = serde_json::from_slice(body)?;
+    let req = review.get("request").context("no request")?;
+    let uid = req.get("uid").and_then(|u| u.as_str()).context("no uid")?;
+    let has_labels = req
+        .pointer("/object/metadata/labels")
+        .is_some_and(|l| l.is_object());
+    let patch = if has_labels {
+        json!([{"op": "add", "path": "/metadata/labels/weft-e2e~1mutated", "value": "true"}])
+    } else {
+        json!([{"op": "add", "path": "/metadata/labels", "value": {"weft-e2e/mutated": "true"}}])
+    };
+    eprintln!("mutating {uid}");
+    Ok(json!({
+        "apiVersion": "admission.k8s.io/v1",
+        "kind": "AdmissionReview",
+        "response": {
+            "uid": uid,
+            "allowed": true,
+            "patchType": "JSONPatch",
+            "patch": base64::engine::general_purpose::STANDARD.encode(patch.to_string()),
+        }
+    }))
+}
+
+async fn kube_access(namespace: &str) -> anyhow::Result<()> {
+    let config = kube::Config::incluster().context("in-cluster config")?;
+    let client = kube::Client::try_from(config)?;
+    let outcome = |r: Result<(), kube::Error>| match r {
+        Ok(()) => "allowed".to_string(),
+        Err(kube::Error::Api(s)) => format!("denied {}", s.code),
+        Err(e) => format!("error {e}"),
+    };
+    let cms = Api::<ConfigMap>::namespaced(client.clone(), namespace)
+        .list(&ListParams::default())
+        .await
+        .map(|_| ());
+    println!("configmaps: {}", outcome(cms));
+    let secrets = Api::<Secret>::namespaced(client, namespace)
+        .list(&ListParams::default())
+        .await
+        .map(|_| ());
+    println!("secrets: {}", outcome(secrets));
+    std::future::pending::<()>().await;
+    Ok(())
+}

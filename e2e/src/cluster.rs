@@ -1,0 +1,721 @@
+//! [`Cluster`]: a real control plane and a simulated node in a private
+//! network namespace, for one test, removed on drop.
+//!
+//! ```text
+//!  test process (host netns)                 netns weft-<id> (node + control plane)
+//!  kube::Client, kubectl ──127.0.0.1:<p>──▶ forward thread ──▶ 127.0.0.1:6443 kube-apiserver
+//!  kubelet simulator (tasks) ─ ip netns exec ─▶ pods: netns weft-<id>-p<n>, veth on weft0
+//! ```
+//!
+//! Why a forward rather than moving the test into the namespace: the test
+//! process, its tokio runtime and the `kubectl` children stay in the host
+//! namespace, untouched, and only one listener on host loopback exists. The
+//! forward's thread has `setns(2)`-ed into the cluster namespace, so its
+//! outbound connections are made there (see [`crate::netns::NetnsRuntime`]).
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Output, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Node as KNode, Pod, ServiceAccount};
+use kube::Api;
+use kube::api::PostParams;
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use rand::Rng as _;
+
+use crate::images::ImageMap;
+use crate::kubelet::{Kubelet, NodeConfig, NodeParts, network};
+use crate::netns::{NetNs, NetnsError, NetnsRuntime};
+
+/// The node's address: the bridge in the cluster namespace.
+pub const NODE_IP: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 1);
+/// The Service ClusterIP range.
+pub const SERVICE_CIDR: &str = "10.96.0.0/16";
+/// The `kubernetes` Service's ClusterIP.
+pub const KUBERNETES_SERVICE_IP: &str = "10.96.0.1";
+
+/// Errors of the harness.
+#[derive(Debug, thiserror::Error)]
+pub enum HarnessError {
+    /// A prerequisite is missing; the message says how to install it.
+    #[error("missing prerequisite: {0}")]
+    Prerequisite(String),
+    /// Namespace or command failure.
+    #[error(transparent)]
+    Net(#[from] NetnsError),
+    /// File system.
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The control plane did not come up; the log tail is included.
+    #[error("control plane: {0}")]
+    ControlPlane(String),
+    /// Kubernetes client.
+    #[error("kubernetes client: {0}")]
+    Kube(#[from] kube::Error),
+    /// Kubeconfig.
+    #[error("kubeconfig: {0}")]
+    Kubeconfig(String),
+    /// The simulator failed to start.
+    #[error("kubelet simulator: {0}")]
+    Kubelet(#[from] crate::kubelet::KubeletError),
+    /// A wait ran out of time.
+    #[error("timed out after {0:?} waiting for {1}")]
+    Timeout(Duration, String),
+    /// A pod is not running on the simulated node.
+    #[error("pod {0} is not running on the node")]
+    NoSuchPod(String),
+    /// A command ran but failed.
+    #[error("`{cmd}` failed ({status}): {stderr}")]
+    Command {
+        /// The command.
+        cmd: String,
+        /// Exit status.
+        status: String,
+        /// Its stderr.
+        stderr: String,
+    },
+}
+
+fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> HarnessError {
+    let what = what.into();
+    move |source| HarnessError::Io { what, source }
+}
+
+/// How to start a cluster.
+#[derive(Debug, Clone)]
+pub struct ClusterConfig {
+    /// Image → program table (default: [`ImageMap::workspace`]).
+    pub images: ImageMap,
+    /// How often the simulator refreshes mounted volumes.
+    pub volume_sync_period: Duration,
+    /// The control plane binary (default: `$WEFT_CONTROLPLANE_BIN`, else
+    /// `<repo>/target/controlplane/weft-controlplane`, built by
+    /// `e2e/controlplane/build.sh`).
+    pub controlplane_bin: PathBuf,
+    /// The node's name.
+    pub node_name: String,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        let bin = std::env::var_os("WEFT_CONTROLPLANE_BIN")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| {
+                Path::new(env!("CARGO_MANIFEST_DIR"))
+                    .join("../target/controlplane/weft-controlplane")
+            });
+        Self {
+            images: ImageMap::workspace(),
+            volume_sync_period: Duration::from_secs(2),
+            controlplane_bin: bin,
+            node_name: "weft-node".into(),
+        }
+    }
+}
+
+/// A running cluster. Dropping it stops every process and removes every
+/// namespace, interface and file it made; if the thread is panicking (a
+/// failed test) it first prints every process's log.
+pub struct Cluster {
+    id: String,
+    kubelet: Option<Kubelet>,
+    client: kube::Client,
+    kubeconfig: PathBuf,
+    controlplane: Option<Child>,
+    /// Keeps the apiserver forward alive as long as the cluster.
+    _forward_rt: Arc<NetnsRuntime>,
+    node_ns: Option<NetNs>,
+    dir: Option<tempfile::TempDir>,
+    started_in: Duration,
+}
+
+impl Cluster {
+    /// Starts a cluster with the default configuration.
+    pub async fn start() -> Result<Self, HarnessError> {
+        Self::start_with(ClusterConfig::default()).await
+    }
+
+    /// Starts a cluster: namespace, control plane, forward, simulator; returns
+    /// when the API server is ready, the node is Ready and namespace
+    /// `default` has its service account.
+    pub async fn start_with(config: ClusterConfig) -> Result<Self, HarnessError> {
+        let begin = Instant::now();
+        // One crypto provider everywhere: ring. Already installed is fine.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        if !nix::unistd::Uid::effective().is_root() {
+            return Err(HarnessError::Prerequisite(
+                "the e2e harness needs root (network namespaces, veths, iptables); run the tests as root".into(),
+            ));
+        }
+        if !config.controlplane_bin.exists() {
+            return Err(HarnessError::Prerequisite(format!(
+                "{} not found: build it with e2e/controlplane/build.sh (needs Go and the Go module proxy)",
+                config.controlplane_bin.display()
+            )));
+        }
+        for (tool, pkg) in [
+            ("iptables-restore", "iptables"),
+            ("kubectl", "kubectl"),
+            ("setpriv", "util-linux"),
+        ] {
+            if which(tool).is_none() {
+                return Err(HarnessError::Prerequisite(format!(
+                    "{tool} not found: apt-get install -y {pkg}"
+                )));
+            }
+        }
+        let id: String = {
+            let mut rng = rand::rng();
+            (0..6)
+                .map(|_| char::from_digit(rng.random_range(0..16), 16).unwrap_or('0'))
+                .collect()
+        };
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("weft-e2e-{id}-"))
+            .tempdir()
+            .map_err(io("temp dir"))?;
+        set_mode(dir.path(), 0o755)?;
+        let node_ns = NetNs::create(&format!("weft-{id}"))?;
+        network::setup_node(&node_ns, NODE_IP)?;
+
+        let cp_dir = dir.path().join("controlplane");
+        let admin = cp_dir.join("admin.kubeconfig");
+        let log = std::fs::File::create(dir.path().join("controlplane.log"))
+            .map_err(io("control plane log"))?;
+        let log2 = log.try_clone().map_err(io("control plane log"))?;
+        let child = std::process::Command::new("ip")
+            .args(["netns", "exec", node_ns.name()])
+            .arg(&config.controlplane_bin)
+            .arg("--data-dir")
+            .arg(&cp_dir)
+            .arg("--advertise-address")
+            .arg(NODE_IP.to_string())
+            .arg("--service-cidr")
+            .arg(SERVICE_CIDR)
+            .arg("--kubeconfig")
+            .arg(&admin)
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log2)
+            .spawn()
+            .map_err(io("start control plane"))?;
+        let node_rt = Arc::new(NetnsRuntime::enter(node_ns.path())?);
+        let mut cluster = Self {
+            id: id.clone(),
+            kubelet: None,
+            client: placeholder_client()?,
+            kubeconfig: dir.path().join("kubeconfig"),
+            controlplane: Some(child),
+            _forward_rt: node_rt.clone(),
+            node_ns: Some(node_ns),
+            dir: Some(dir),
+            started_in: Duration::ZERO,
+        };
+        cluster.wait_controlplane(&admin).await?;
+
+        let forwarded = node_rt
+            .forward(SocketAddr::from(([127, 0, 0, 1], 6443)))
+            .map_err(io("apiserver forward"))?;
+        let text = std::fs::read_to_string(&admin).map_err(io("admin kubeconfig"))?;
+        let text = text.replace("https://127.0.0.1:6443", &format!("https://{forwarded}"));
+        std::fs::write(&cluster.kubeconfig, text).map_err(io("kubeconfig"))?;
+        let kc = Kubeconfig::read_from(&cluster.kubeconfig)
+            .map_err(|e| HarnessError::Kubeconfig(e.to_string()))?;
+        let kconf = kube::Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
+            .await
+            .map_err(|e| HarnessError::Kubeconfig(e.to_string()))?;
+        cluster.client = kube::Client::try_from(kconf)?;
+
+        let kubelet = Kubelet::start(NodeParts {
+            client: cluster.client.clone(),
+            config: NodeConfig {
+                name: config.node_name.clone(),
+                images: config.images,
+                sync_period: config.volume_sync_period,
+            },
+            dir: cluster.dir()?.to_path_buf(),
+            node_ns: format!("weft-{id}"),
+            node_rt,
+            node_ip: NODE_IP,
+            kubernetes_service_ip: KUBERNETES_SERVICE_IP.into(),
+            id,
+        })
+        .await?;
+        cluster.kubelet = Some(kubelet);
+        let nodes: Api<KNode> = Api::all(cluster.client.clone());
+        let node_name = config.node_name.clone();
+        cluster
+            .wait_until(Duration::from_secs(60), "node Ready", || {
+                let nodes = nodes.clone();
+                let name = node_name.clone();
+                async move {
+                    Ok(nodes.get_opt(&name).await?.is_some_and(|n| {
+                        n.status
+                            .and_then(|s| s.conditions)
+                            .into_iter()
+                            .flatten()
+                            .any(|c| c.type_ == "Ready" && c.status == "True")
+                    }))
+                }
+            })
+            .await?;
+        cluster.wait_namespace_ready("default").await?;
+        cluster.started_in = begin.elapsed();
+        Ok(cluster)
+    }
+
+    async fn wait_controlplane(&mut self, admin: &Path) -> Result<(), HarnessError> {
+        let deadline = Instant::now() + Duration::from_secs(180);
+        let log = self.dir()?.join("controlplane.log");
+        loop {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            if admin.exists() && text.contains("weft-controlplane: ready") {
+                return Ok(());
+            }
+            let exited = self
+                .controlplane
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten());
+            if exited.is_some() || Instant::now() > deadline {
+                self.dump_logs();
+                return Err(HarnessError::ControlPlane(format!(
+                    "not ready ({}); log tail:\n{}",
+                    exited.map_or("timeout after 180s".into(), |s| s.to_string()),
+                    tail(&text, 30)
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    fn dir(&self) -> Result<&Path, HarnessError> {
+        self.dir
+            .as_ref()
+            .map(tempfile::TempDir::path)
+            .ok_or_else(|| HarnessError::ControlPlane("cluster already torn down".into()))
+    }
+
+    /// A client with admin (`system:masters`) credentials.
+    pub fn client(&self) -> kube::Client {
+        self.client.clone()
+    }
+
+    /// An admin kubeconfig for real `kubectl` (server on host loopback).
+    pub fn kubeconfig(&self) -> &Path {
+        &self.kubeconfig
+    }
+
+    /// The cluster's short random id (in namespace and interface names).
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// How long [`Cluster::start`] took.
+    pub fn started_in(&self) -> Duration {
+        self.started_in
+    }
+
+    /// The network namespace of the node and control plane.
+    pub fn node_netns(&self) -> String {
+        format!("weft-{}", self.id)
+    }
+
+    /// Runs `kubectl --kubeconfig <admin> <args>`; fails unless it exits 0.
+    pub async fn kubectl(&self, args: &[&str]) -> Result<String, HarnessError> {
+        self.kubectl_stdin(args, None).await
+    }
+
+    /// Like [`Cluster::kubectl`], feeding `stdin` (for `apply -f -`).
+    pub async fn kubectl_stdin(
+        &self,
+        args: &[&str],
+        stdin: Option<&str>,
+    ) -> Result<String, HarnessError> {
+        let out = self.kubectl_output(args, stdin).await?;
+        if !out.status.success() {
+            return Err(HarnessError::Command {
+                cmd: format!("kubectl {}", args.join(" ")),
+                status: out.status.to_string(),
+                stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+            });
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Runs kubectl and returns its raw output, whatever the exit status.
+    pub async fn kubectl_output(
+        &self,
+        args: &[&str],
+        stdin: Option<&str>,
+    ) -> Result<Output, HarnessError> {
+        use tokio::io::AsyncWriteExt as _;
+        let mut child = tokio::process::Command::new("kubectl")
+            .arg("--kubeconfig")
+            .arg(&self.kubeconfig)
+            .args(args)
+            .stdin(if stdin.is_some() {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(io("kubectl (apt-get install -y kubectl)"))?;
+        if let (Some(input), Some(mut pipe)) = (stdin, child.stdin.take()) {
+            pipe.write_all(input.as_bytes())
+                .await
+                .map_err(io("kubectl stdin"))?;
+        }
+        child.wait_with_output().await.map_err(io("kubectl"))
+    }
+
+    /// Polls `check` every 200 ms until it returns true or `timeout` passes.
+    /// Errors from `check` count as "not yet".
+    pub async fn wait_until<F, Fut>(
+        &self,
+        timeout: Duration,
+        what: &str,
+        mut check: F,
+    ) -> Result<(), HarnessError>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<bool, HarnessError>>,
+    {
+        let deadline = Instant::now() + timeout;
+        let mut last_err = None;
+        loop {
+            match check().await {
+                Ok(true) => return Ok(()),
+                Ok(false) => {}
+                Err(e) => last_err = Some(e.to_string()),
+            }
+            if Instant::now() > deadline {
+                let what = match last_err {
+                    Some(e) => format!("{what} (last error: {e})"),
+                    None => what.to_owned(),
+                };
+                return Err(HarnessError::Timeout(timeout, what));
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// Creates namespace `name` (if missing) and waits until pods can be
+    /// created in it (its `default` ServiceAccount and `kube-root-ca.crt`).
+    pub async fn create_namespace(&self, name: &str) -> Result<(), HarnessError> {
+        let nss: Api<Namespace> = Api::all(self.client());
+        let mut ns = Namespace::default();
+        ns.metadata.name = Some(name.into());
+        match nss.create(&PostParams::default(), &ns).await {
+            Ok(_) => {}
+            Err(kube::Error::Api(s)) if s.code == 409 => {}
+            Err(e) => return Err(e.into()),
+        }
+        self.wait_namespace_ready(name).await
+    }
+
+    async fn wait_namespace_ready(&self, name: &str) -> Result<(), HarnessError> {
+        let sas: Api<ServiceAccount> = Api::namespaced(self.client(), name);
+        let cms: Api<ConfigMap> = Api::namespaced(self.client(), name);
+        self.wait_until(
+            Duration::from_secs(60),
+            &format!("namespace {name} ready"),
+            || {
+                let (sas, cms) = (sas.clone(), cms.clone());
+                async move {
+                    Ok(sas.get_opt("default").await?.is_some()
+                        && cms.get_opt("kube-root-ca.crt").await?.is_some())
+                }
+            },
+        )
+        .await
+    }
+
+    /// Waits for pod `ns/name` to be Ready.
+    pub async fn wait_pod_ready(
+        &self,
+        ns: &str,
+        name: &str,
+        timeout: Duration,
+    ) -> Result<Pod, HarnessError> {
+        let pods: Api<Pod> = Api::namespaced(self.client(), ns);
+        self.wait_until(timeout, &format!("pod {ns}/{name} Ready"), || {
+            let pods = pods.clone();
+            async move { Ok(pods.get_opt(name).await?.is_some_and(|p| pod_is_ready(&p))) }
+        })
+        .await?;
+        Ok(pods.get(name).await?)
+    }
+
+    /// Waits for Deployment `ns/name` to have all replicas updated and ready.
+    pub async fn wait_deployment_ready(
+        &self,
+        ns: &str,
+        name: &str,
+        timeout: Duration,
+    ) -> Result<(), HarnessError> {
+        let deps: Api<Deployment> = Api::namespaced(self.client(), ns);
+        self.wait_until(timeout, &format!("deployment {ns}/{name} ready"), || {
+            let deps = deps.clone();
+            async move {
+                let Some(d) = deps.get_opt(name).await? else {
+                    return Ok(false);
+                };
+                let want = d.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
+                let st = d.status.unwrap_or_default();
+                Ok(st.observed_generation >= d.metadata.generation
+                    && st.updated_replicas.unwrap_or(0) == want
+                    && st.ready_replicas.unwrap_or(0) == want
+                    && st.replicas.unwrap_or(0) == want)
+            }
+        })
+        .await
+    }
+
+    /// Waits until `get` finds no object (e.g. after a delete or GC).
+    pub async fn wait_gone<K>(
+        &self,
+        api: &Api<K>,
+        name: &str,
+        timeout: Duration,
+    ) -> Result<(), HarnessError>
+    where
+        K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+    {
+        self.wait_until(timeout, &format!("{name} gone"), || {
+            let api = api.clone();
+            async move { Ok(api.get_opt(name).await?.is_none()) }
+        })
+        .await
+    }
+
+    fn pod_record(&self, ns: &str, pod: &str) -> Result<crate::kubelet::PodRecord, HarnessError> {
+        self.kubelet
+            .as_ref()
+            .and_then(|k| k.node().pod(&format!("{ns}/{pod}")))
+            .ok_or_else(|| HarnessError::NoSuchPod(format!("{ns}/{pod}")))
+    }
+
+    /// The IP of a pod running on the node.
+    pub fn pod_ip(&self, ns: &str, pod: &str) -> Result<IpAddr, HarnessError> {
+        Ok(self.pod_record(ns, pod)?.ip)
+    }
+
+    /// The host directory of volume `volume` of a running pod (for
+    /// Secret/ConfigMap/projected volumes: the atomic-writer layout).
+    pub fn pod_volume_dir(
+        &self,
+        ns: &str,
+        pod: &str,
+        volume: &str,
+    ) -> Result<PathBuf, HarnessError> {
+        Ok(self.pod_record(ns, pod)?.volumes.join(volume))
+    }
+
+    /// Runs `cmd` (a host program, e.g. `weft-e2e-app get ...` or `curl`)
+    /// inside the pod's network namespace; returns its output whatever the
+    /// exit status. The file system is the host's.
+    pub async fn exec_in_pod(
+        &self,
+        ns: &str,
+        pod: &str,
+        cmd: &[&str],
+    ) -> Result<Output, HarnessError> {
+        let rec = self.pod_record(ns, pod)?;
+        self.exec_in_netns(&rec.netns, cmd).await
+    }
+
+    /// Runs `cmd` in the node (and control plane) network namespace.
+    pub async fn exec_in_node(&self, cmd: &[&str]) -> Result<Output, HarnessError> {
+        self.exec_in_netns(&self.node_netns(), cmd).await
+    }
+
+    async fn exec_in_netns(&self, netns: &str, cmd: &[&str]) -> Result<Output, HarnessError> {
+        tokio::process::Command::new("ip")
+            .args(["netns", "exec", netns])
+            .args(cmd)
+            .stdin(Stdio::null())
+            .kill_on_drop(true)
+            .output()
+            .await
+            .map_err(io(format!("exec {cmd:?}")))
+    }
+
+    /// A runtime whose tasks run in the pod's network namespace, for Rust
+    /// client code (e.g. a hyper client) that must originate from the pod.
+    pub fn pod_runtime(&self, ns: &str, pod: &str) -> Result<NetnsRuntime, HarnessError> {
+        let rec = self.pod_record(ns, pod)?;
+        Ok(NetnsRuntime::enter(
+            PathBuf::from("/var/run/netns").join(rec.netns),
+        )?)
+    }
+
+    /// The current log of one container (latest restart) of a running pod.
+    pub fn pod_log(&self, ns: &str, pod: &str, container: &str) -> Result<String, HarnessError> {
+        let rec = self.pod_record(ns, pod)?;
+        let mut best: Option<(u32, PathBuf)> = None;
+        for e in std::fs::read_dir(&rec.logs)
+            .map_err(io("pod logs"))?
+            .flatten()
+        {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let restart = name
+                .strip_prefix(&format!("{container}-"))
+                .and_then(|r| r.strip_suffix(".log"))
+                .and_then(|r| r.parse::<u32>().ok());
+            if let Some(r) = restart
+                && best.as_ref().is_none_or(|(b, _)| r > *b)
+            {
+                best = Some((r, e.path()));
+            }
+        }
+        let (_, path) = best.ok_or_else(|| {
+            HarnessError::NoSuchPod(format!("{ns}/{pod} container {container} has no log"))
+        })?;
+        std::fs::read_to_string(path).map_err(io("pod log"))
+    }
+
+    /// Every log file of the cluster: control plane components, simulator,
+    /// and every container that ran.
+    pub fn log_files(&self) -> Vec<PathBuf> {
+        let Ok(dir) = self.dir() else {
+            return Vec::new();
+        };
+        let mut files = vec![dir.join("controlplane.log"), dir.join("kubelet.log")];
+        let mut collect = |d: PathBuf| {
+            if let Ok(rd) = std::fs::read_dir(d) {
+                let mut v: Vec<PathBuf> = rd.flatten().map(|e| e.path()).collect();
+                v.sort();
+                files.extend(v);
+            }
+        };
+        collect(dir.join("controlplane/logs"));
+        if let Ok(rd) = std::fs::read_dir(dir.join("pods")) {
+            for pod in rd.flatten() {
+                collect(pod.path().join("logs"));
+            }
+        }
+        files.retain(|f| f.is_file());
+        files
+    }
+
+    /// Prints the tail of every log to stderr.
+    pub fn dump_logs(&self) {
+        for f in self.log_files() {
+            let text = std::fs::read_to_string(&f).unwrap_or_default();
+            eprintln!("===== {} =====\n{}", f.display(), tail(&text, 80));
+        }
+    }
+
+    fn teardown(&mut self) {
+        drop(self.kubelet.take().map(|k| {
+            for pid in k.node().pids() {
+                if let Ok(pid) = i32::try_from(pid) {
+                    let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+                }
+            }
+            k.node().remove_mountpoints();
+            k
+        }));
+        if let Some(mut cp) = self.controlplane.take() {
+            if let Ok(pid) = i32::try_from(cp.id()) {
+                let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
+            }
+            let deadline = Instant::now() + Duration::from_secs(15);
+            while cp.try_wait().ok().flatten().is_none() {
+                if Instant::now() > deadline {
+                    let _ = cp.kill();
+                    let _ = cp.wait();
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        let prefix = format!("weft-{}-", self.id);
+        if let Ok(rd) = std::fs::read_dir("/var/run/netns") {
+            for e in rd.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if name.starts_with(&prefix) {
+                    let _ = crate::netns::run("ip", &["netns", "del", &name]);
+                }
+            }
+        }
+        self.node_ns.take();
+        if std::env::var_os("WEFT_E2E_KEEP").is_some()
+            && let Some(dir) = self.dir.take()
+        {
+            eprintln!("weft-e2e: keeping {}", dir.keep().display());
+        }
+        self.dir.take();
+    }
+}
+
+impl std::fmt::Debug for Cluster {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cluster")
+            .field("id", &self.id)
+            .field("kubeconfig", &self.kubeconfig)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("weft-e2e: test failed; logs of cluster {}:", self.id);
+            self.dump_logs();
+        }
+        self.teardown();
+    }
+}
+
+/// Whether a pod has condition Ready=True.
+pub fn pod_is_ready(p: &Pod) -> bool {
+    p.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .into_iter()
+        .flatten()
+        .any(|c| c.type_ == "Ready" && c.status == "True")
+}
+
+fn tail(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+fn set_mode(path: &Path, mode: u32) -> Result<(), HarnessError> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(io("chmod"))
+}
+
+fn which(tool: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .unwrap_or_default()
+        .into_iter()
+        .chain(["/usr/sbin".into(), "/sbin".into()])
+        .map(|d| d.join(tool))
+        .find(|p| p.exists())
+}
+
+/// A client pointing nowhere, replaced once the API server is up; lets the
+/// cluster guard exist (and clean up) from the first resource created.
+fn placeholder_client() -> Result<kube::Client, HarnessError> {
+    let url: http::Uri = "https://127.0.0.1:1"
+        .parse()
+        .map_err(|e: http::uri::InvalidUri| HarnessError::Kubeconfig(e.to_string()))?;
+    Ok(kube::Client::try_from(kube::Config::new(url))?)
+}
