@@ -898,11 +898,13 @@ impl CaState {
 
     /// Whether `desired` asks for a CA other than the one this state
     /// signs with (or is about to).
-    fn wants_new(&self, desired: &DesiredCa) -> bool {
+    fn wants_new(&self, desired: &DesiredCa, now: SystemTime) -> bool {
         let target = self.next.as_ref().unwrap_or(&self.active);
         match desired {
             DesiredCa::Generated { rotate } => {
-                target.source() != CaSource::Generated || *rotate != self.rotate_token
+                target.source() != CaSource::Generated
+                    || *rotate != self.rotate_token
+                    || now >= renew_at(target.info().not_before, target.info().not_after)
             }
             DesiredCa::User(ca) => ca.info().fingerprint != target.info().fingerprint,
         }
@@ -911,7 +913,8 @@ impl CaState {
     /// Advances the rotation by at most one phase.
     ///
     /// A new CA is wanted when the `Mesh` names another user CA, drops its
-    /// user CA, or changes `rotateCa`. Such a request is taken up in
+    /// user CA, or changes `rotateCa`, and when a generated CA has passed
+    /// two thirds of its lifetime (so it is replaced long before it expires). Such a request is taken up in
     /// `Stable` (or replaces the pending CA in `Trusting`); in `Reissuing`
     /// and `Retiring` it waits until the current rotation has finished.
     pub fn step(
@@ -923,7 +926,7 @@ impl CaState {
         now: SystemTime,
     ) -> Result<StepOutcome, CaError> {
         match self.phase {
-            RotationPhase::Stable | RotationPhase::Trusting if self.wants_new(desired) => {
+            RotationPhase::Stable | RotationPhase::Trusting if self.wants_new(desired, now) => {
                 let next = match desired {
                     DesiredCa::Generated { rotate } => {
                         self.rotate_token = rotate.clone();
@@ -1704,6 +1707,35 @@ mod tests {
         assert_eq!(st.phase, RotationPhase::Stable);
         assert_eq!(st.active.info().fingerprint, new_fp);
         assert_eq!(st.rotate_token.as_deref(), Some("2026-11"));
+    }
+
+    #[test]
+    fn generated_ca_rotates_itself_at_two_thirds_of_its_life() {
+        let td = "cluster.local";
+        let tm = RotationTiming {
+            ca_ttl: 30 * DAY,
+            ..timing()
+        };
+        let now = t0();
+        let want = DesiredCa::Generated { rotate: None };
+        let mut st = CaState::initial(&want, td, &tm, now).expect("initial");
+        let due = renew_at(st.active.info().not_before, st.active.info().not_after);
+        let quiet = Observed::default();
+        assert_eq!(
+            st.step(&want, &quiet, td, &tm, due - Duration::from_secs(1))
+                .expect("step"),
+            StepOutcome::Unchanged
+        );
+        assert!(matches!(
+            st.step(&want, &quiet, td, &tm, due).expect("step"),
+            StepOutcome::Changed(_)
+        ));
+        assert_eq!(st.phase, RotationPhase::Trusting);
+        // The fresh next CA is not replaced again on the next pass.
+        assert_eq!(
+            st.step(&want, &quiet, td, &tm, due).expect("step"),
+            StepOutcome::Unchanged
+        );
     }
 
     #[test]

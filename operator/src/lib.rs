@@ -14,4 +14,5 @@ pub mod ca;
 pub mod config;
 pub mod identity;
 pub mod index;
+pub mod metrics;
 pub mod render;
