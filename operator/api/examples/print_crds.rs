@@ -1,1 +1,5 @@
-fn main() { for (n, y) in weft_api::crds_yaml().unwrap() { println!("=== {n}\n{y}"); } }
+fn main() {
+    for (n, y) in weft_api::crds_yaml().unwrap() {
+        println!("=== {n}\n{y}");
+    }
+}

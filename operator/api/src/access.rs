@@ -61,7 +61,9 @@ pub struct WorkloadSelector {
 }
 
 /// Allow or deny.
-#[derive(schemars::JsonSchema, Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(
+    schemars::JsonSchema, Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize,
+)]
 pub enum Action {
     /// Let matching requests through.
     #[default]

@@ -141,7 +141,9 @@ mod tests {
 
     #[test]
     fn rejects_malformed() {
-        for s in ["", "5", "s", "5x", "-1s", "1.s", ".5s", "1..5s", "5 s", "1d"] {
+        for s in [
+            "", "5", "s", "5x", "-1s", "1.s", ".5s", "1..5s", "5 s", "1d",
+        ] {
             assert!(Duration::new(s).to_std().is_err(), "{s:?} should fail");
         }
     }
@@ -150,7 +152,17 @@ mod tests {
     fn parser_agrees_with_schema_pattern() {
         let re = regex::Regex::new(DURATION_PATTERN).expect("pattern compiles");
         for s in [
-            "250ms", "5s", "1m30s", "1.5h", "5", "1d", "", "1..5s", ".5s", "1msx", "9999999999s",
+            "250ms",
+            "5s",
+            "1m30s",
+            "1.5h",
+            "5",
+            "1d",
+            "",
+            "1..5s",
+            ".5s",
+            "1msx",
+            "9999999999s",
         ] {
             assert_eq!(re.is_match(s), Duration::new(s).to_std().is_ok(), "{s:?}");
         }

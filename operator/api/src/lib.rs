@@ -14,11 +14,13 @@
 //! before weft reads them.
 
 pub mod access;
+pub mod check;
 pub mod common;
 pub mod duration;
 pub mod mesh;
 pub mod policy;
 pub mod route;
+pub mod yaml;
 
 pub use access::{AccessPolicy, AccessPolicySpec};
 pub use common::ResourceStatus;

@@ -34,7 +34,10 @@ pub struct MeshSpec {
     /// `spiffe://<trustDomain>/ns/<namespace>/sa/<serviceaccount>`.
     /// Changing it re-issues every workload certificate.
     #[serde(default = "default_trust_domain")]
-    #[schemars(length(min = 1, max = 253), regex(pattern = r"^[a-z0-9]([a-z0-9.-]*[a-z0-9])?$"))]
+    #[schemars(
+        length(min = 1, max = 253),
+        regex(pattern = r"^[a-z0-9]([a-z0-9.-]*[a-z0-9])?$")
+    )]
     pub trust_domain: String,
 
     /// Mutual TLS between meshed workloads.
@@ -76,7 +79,9 @@ fn default_trust_domain() -> String {
 }
 
 /// How strictly proxies require mutual TLS.
-#[derive(schemars::JsonSchema, Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(
+    schemars::JsonSchema, Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize,
+)]
 pub enum MtlsMode {
     /// Inbound plaintext is refused; only peers with a mesh certificate get in.
     #[default]
@@ -230,7 +235,9 @@ pub enum PullPolicy {
 }
 
 /// Log level of the proxy.
-#[derive(schemars::JsonSchema, Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(
+    schemars::JsonSchema, Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum LogLevel {
     /// Errors only.
@@ -380,7 +387,9 @@ pub struct CaStatus {
 }
 
 /// The phases of a CA rotation.
-#[derive(schemars::JsonSchema, Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(
+    schemars::JsonSchema, Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize,
+)]
 pub enum RotationPhase {
     /// One CA, nothing in progress.
     #[default]

@@ -78,7 +78,10 @@ pub struct ServicePolicySpec {
 #[serde(rename_all = "camelCase")]
 pub struct Subset {
     /// Name, referenced by `ServiceRoute` backends.
-    #[schemars(length(min = 1, max = 63), regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"))]
+    #[schemars(
+        length(min = 1, max = 63),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    )]
     pub name: String,
     /// Pod labels that endpoints of the subset carry (all of them).
     #[schemars(length(min = 1))]
@@ -99,7 +102,9 @@ pub struct LoadBalancer {
 }
 
 /// Load balancing algorithms.
-#[derive(schemars::JsonSchema, Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(
+    schemars::JsonSchema, Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize,
+)]
 pub enum LoadBalancerKind {
     /// Each endpoint in turn.
     RoundRobin,
@@ -230,7 +235,9 @@ pub struct LocalRateLimit {
 }
 
 /// Rate limit units.
-#[derive(schemars::JsonSchema, Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(
+    schemars::JsonSchema, Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize,
+)]
 #[allow(missing_docs)]
 pub enum RateLimitUnit {
     #[default]
@@ -251,7 +258,9 @@ pub struct PortProtocol {
 }
 
 /// Application protocols the proxy understands.
-#[derive(schemars::JsonSchema, Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(
+    schemars::JsonSchema, Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize,
+)]
 pub enum Protocol {
     /// HTTP/1.1.
     #[serde(rename = "HTTP")]

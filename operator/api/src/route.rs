@@ -151,7 +151,10 @@ pub struct PathMatch {
 #[x_kube(validation = Rule::new("[has(self.exact), has(self.prefix), has(self.regex), has(self.present)].filter(x, x).size() == 1").message("exactly one of exact, prefix, regex or present must be set"))]
 pub struct HeaderMatch {
     /// Header name.
-    #[schemars(length(min = 1, max = 256), regex(pattern = r"^[A-Za-z0-9!#$%&'*+\-.^_`|~]+$"))]
+    #[schemars(
+        length(min = 1, max = 256),
+        regex(pattern = r"^[A-Za-z0-9!#$%&'*+\-.^_`|~]+$")
+    )]
     pub name: String,
     /// The value equals this.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -397,7 +400,10 @@ pub struct HeaderModifier {
 #[serde(rename_all = "camelCase")]
 pub struct HeaderValue {
     /// Header name.
-    #[schemars(length(min = 1, max = 256), regex(pattern = r"^[A-Za-z0-9!#$%&'*+\-.^_`|~]+$"))]
+    #[schemars(
+        length(min = 1, max = 256),
+        regex(pattern = r"^[A-Za-z0-9!#$%&'*+\-.^_`|~]+$")
+    )]
     pub name: String,
     /// Header value.
     #[schemars(length(max = 4096))]

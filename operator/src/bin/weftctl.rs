@@ -1,2 +1,129 @@
-//! weftctl.
-fn main() {}
+//! `weftctl`: weft's command line, offline first.
+//!
+//! - `weftctl crds [--out DIR]`: the CRD YAML generated from `weft-api`
+//!   (what `crds/` holds; a test fails when they drift).
+//! - `weftctl check -f FILE...`: validate weft resources against the CRD
+//!   schemas and CEL rules of this build, before they reach a cluster.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser, Debug)]
+#[command(name = "weftctl", version, about = "weft's command line")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Print the weft CRDs, or write one file per CRD into a directory.
+    Crds {
+        /// Directory to write `<plural>.<group>.yaml` files into.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Validate weft resources in YAML files (`-` for stdin).
+    Check {
+        /// Files with one or more YAML documents.
+        #[arg(short = 'f', long = "filename", required = true, num_args = 1..)]
+        files: Vec<PathBuf>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("weftctl: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Crds { out } => {
+            let files = weft_api::crds_yaml().context("serializing CRDs")?;
+            match out {
+                Some(dir) => {
+                    std::fs::create_dir_all(&dir)
+                        .with_context(|| format!("creating {}", dir.display()))?;
+                    for (name, yaml) in files {
+                        let path = dir.join(name);
+                        std::fs::write(&path, yaml)
+                            .with_context(|| format!("writing {}", path.display()))?;
+                        println!("wrote {}", path.display());
+                    }
+                }
+                None => {
+                    for (i, (_, yaml)) in files.iter().enumerate() {
+                        if i > 0 {
+                            println!("---");
+                        }
+                        print!("{yaml}");
+                    }
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Check { files } => check(&files),
+    }
+}
+
+fn read_input(path: &PathBuf) -> anyhow::Result<String> {
+    if path.as_os_str() == "-" {
+        std::io::read_to_string(std::io::stdin()).context("reading stdin")
+    } else {
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))
+    }
+}
+
+fn check(files: &[PathBuf]) -> anyhow::Result<ExitCode> {
+    let checker = weft_api::check::Checker::new();
+    let mut bad = 0usize;
+    let mut good = 0usize;
+    for path in files {
+        let text = read_input(path)?;
+        let docs = weft_api::yaml::documents(&text)
+            .with_context(|| format!("parsing {}", path.display()))?;
+        for doc in docs {
+            if !weft_api::check::Checker::is_weft(&doc) {
+                continue;
+            }
+            let what = format!(
+                "{} {}/{}",
+                doc["kind"].as_str().unwrap_or("?"),
+                doc.pointer("/metadata/namespace")
+                    .and_then(|v| v.as_str())
+                    .unwrap_or("-"),
+                doc.pointer("/metadata/name")
+                    .and_then(|v| v.as_str())
+                    .unwrap_or("?"),
+            );
+            match checker.check(&doc) {
+                Ok(()) => {
+                    good += 1;
+                    println!("ok      {what} ({})", path.display());
+                }
+                Err(problems) => {
+                    bad += 1;
+                    println!("invalid {what} ({})", path.display());
+                    for p in problems {
+                        println!("        - {p}");
+                    }
+                }
+            }
+        }
+    }
+    println!("{good} valid, {bad} invalid");
+    Ok(if bad == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}

@@ -20,6 +20,10 @@
 //! torn or edited file and a writer can skip unchanged writes.
 
 mod model;
+#[cfg(any(test, feature = "test-util"))]
+pub mod testing;
+#[cfg(test)]
+mod tests;
 mod validate;
 
 pub use model::*;
@@ -60,7 +64,9 @@ pub enum LoadError {
         found: u32,
     },
     /// The content does not match its hash: the file is torn or was edited.
-    #[error("proxy.json content hash mismatch (file says {stated}, content is {actual}): torn write or hand edit")]
+    #[error(
+        "proxy.json content hash mismatch (file says {stated}, content is {actual}): torn write or hand edit"
+    )]
     Hash {
         /// The hash in the file.
         stated: String,

@@ -97,10 +97,7 @@ impl ProxyConfig {
         let mut services: BTreeMap<String, &Service> = BTreeMap::new();
         for svc in &self.services {
             if services.insert(svc.key(), svc).is_some() {
-                errs.push(
-                    format!("services[{}]", svc.key()),
-                    "duplicate service",
-                );
+                errs.push(format!("services[{}]", svc.key()), "duplicate service");
             }
         }
         for svc in &self.services {
@@ -189,7 +186,10 @@ fn validate_service(
         }
         for (name, port) in &ep.ports {
             if !names.contains(name.as_str()) {
-                errs.push(&ep_at, format!("port override for unknown port name {name:?}"));
+                errs.push(
+                    &ep_at,
+                    format!("port override for unknown port name {name:?}"),
+                );
             }
             if *port == 0 {
                 errs.push(&ep_at, "port 0 is not a port");
@@ -244,10 +244,7 @@ fn check_backend(at: &str, b: &Backend, services: &BTreeMap<String, &Service>, e
     if let Some(s) = &b.subset
         && !target.subsets.contains(s)
     {
-        errs.push(
-            at,
-            format!("service {:?} has no subset {s:?}", b.service),
-        );
+        errs.push(at, format!("service {:?} has no subset {s:?}", b.service));
     }
     if let Some(p) = b.port
         && !target.ports.iter().any(|sp| sp.port == p)
@@ -272,7 +269,10 @@ fn validate_http_route(
         match &m.path {
             Some(PathMatch::Regex(re)) => errs.regex(&format!("{m_at}.path"), re),
             Some(PathMatch::Exact(p) | PathMatch::Prefix(p)) if !p.starts_with('/') => {
-                errs.push(format!("{m_at}.path"), format!("{p:?} does not start with /"));
+                errs.push(
+                    format!("{m_at}.path"),
+                    format!("{p:?} does not start with /"),
+                );
             }
             _ => {}
         }
@@ -289,7 +289,10 @@ fn validate_http_route(
         if let Some(method) = &m.method
             && (method.is_empty() || method.chars().any(|c| !c.is_ascii_uppercase()))
         {
-            errs.push(format!("{m_at}.method"), format!("{method:?} is not an upper-case method"));
+            errs.push(
+                format!("{m_at}.method"),
+                format!("{method:?} is not an upper-case method"),
+            );
         }
     }
     check_backends(at, &r.backends, services, errs);
@@ -310,7 +313,10 @@ fn validate_http_route(
             && s != "http"
             && s != "https"
         {
-            errs.push(format!("{at}.redirect.scheme"), format!("{s:?} is not http or https"));
+            errs.push(
+                format!("{at}.redirect.scheme"),
+                format!("{s:?} is not http or https"),
+            );
         }
     }
     if let Some(retry) = &r.retry {
@@ -325,7 +331,10 @@ fn validate_http_route(
         }
         for code in &retry.retriable_status_codes {
             if !(100..=599).contains(code) {
-                errs.push(format!("{at}.retry"), format!("{code} is not a status code"));
+                errs.push(
+                    format!("{at}.retry"),
+                    format!("{code} is not a status code"),
+                );
             }
         }
     }
@@ -354,7 +363,10 @@ fn validate_http_route(
         && rw.path.is_some()
         && rw.path_prefix.is_some()
     {
-        errs.push(format!("{at}.rewrite"), "path and pathPrefix are mutually exclusive");
+        errs.push(
+            format!("{at}.rewrite"),
+            "path and pathPrefix are mutually exclusive",
+        );
     }
 }
 
@@ -372,7 +384,10 @@ fn validate_policy(at: &str, p: &ClientPolicy, errs: &mut Errors) {
             );
         }
         if o.interval_ms == 0 {
-            errs.push(format!("{at}.outlierDetection.intervalMs"), "must be above 0");
+            errs.push(
+                format!("{at}.outlierDetection.intervalMs"),
+                "must be above 0",
+            );
         }
     }
     if let Some(b) = &p.retry_budget {
@@ -384,7 +399,10 @@ fn validate_policy(at: &str, p: &ClientPolicy, errs: &mut Errors) {
     if let Some(c) = &p.connection_pool
         && c.connect_timeout_ms == 0
     {
-        errs.push(format!("{at}.connectionPool.connectTimeoutMs"), "must be above 0");
+        errs.push(
+            format!("{at}.connectionPool.connectTimeoutMs"),
+            "must be above 0",
+        );
     }
 }
 
@@ -392,7 +410,10 @@ fn validate_inbound(inbound: &Inbound, errs: &mut Errors) {
     let mut names = BTreeSet::new();
     for p in &inbound.policies {
         if !names.insert(p.name.as_str()) {
-            errs.push(format!("inbound.policies[{}]", p.name), "duplicate policy name");
+            errs.push(
+                format!("inbound.policies[{}]", p.name),
+                "duplicate policy name",
+            );
         }
         for (i, rule) in p.rules.iter().enumerate() {
             for to in &rule.to {

@@ -1,0 +1,483 @@
+//! Contract tests: what the operator writes, the proxy reads back unchanged;
+//! every consistency rule rejects what it guards; no input makes the reader
+//! panic.
+
+use pretty_assertions::assert_eq;
+use proptest::prelude::*;
+
+use crate::testing::sample;
+use crate::*;
+
+#[test]
+fn round_trip_preserves_every_field() {
+    let cfg = sample();
+    cfg.validate().expect("the sample is valid");
+    let bytes = cfg.to_json();
+    let back = ProxyConfig::load(&bytes).expect("loads");
+    assert_eq!(back, cfg);
+    assert_eq!(back.to_json(), bytes, "serialization is byte-stable");
+}
+
+#[test]
+fn gzip_round_trip() {
+    let bytes = sample().to_json();
+    let gz = gzip(&bytes);
+    assert!(gz.len() < bytes.len());
+    assert_eq!(gunzip(&gz).expect("decompresses"), bytes);
+}
+
+#[test]
+fn truncated_gzip_is_an_error() {
+    let gz = gzip(&sample().to_json());
+    let err = gunzip(&gz[..gz.len() / 2]).expect_err("truncated");
+    assert!(matches!(err, LoadError::Gzip(_)), "{err}");
+}
+
+#[test]
+fn gzip_bomb_is_refused() {
+    let zeros = vec![0u8; (MAX_DECODED_BYTES + 10) as usize];
+    let gz = gzip(&zeros);
+    assert!(matches!(gunzip(&gz), Err(LoadError::TooLarge)));
+}
+
+#[test]
+fn hash_is_content_addressed() {
+    let a = sample();
+    let mut b = sample();
+    assert_eq!(a.hash, b.hash);
+    assert!(a.hash.starts_with("sha256:"));
+    b.generation += 1;
+    b.seal();
+    assert_ne!(a.hash, b.hash);
+}
+
+#[test]
+fn edited_file_fails_the_hash_check() {
+    let text = String::from_utf8(sample().to_json()).expect("utf-8");
+    let edited = text.replacen("\"attempts\":3", "\"attempts\":4", 1);
+    assert_ne!(text, edited, "the edit applies");
+    let err = ProxyConfig::load(edited.as_bytes()).expect_err("hash mismatch");
+    assert!(matches!(err, LoadError::Hash { .. }), "{err}");
+}
+
+#[test]
+fn truncated_json_is_a_parse_error() {
+    let bytes = sample().to_json();
+    for cut in [0, 1, bytes.len() / 3, bytes.len() - 1] {
+        let err = ProxyConfig::load(&bytes[..cut]).expect_err("truncated");
+        assert!(matches!(err, LoadError::Parse(_)), "cut at {cut}: {err}");
+    }
+}
+
+#[test]
+fn unknown_version_is_refused_before_parsing_the_rest() {
+    let err = ProxyConfig::load(br#"{"version": 2, "whatever": true}"#).expect_err("v2");
+    assert!(matches!(err, LoadError::Version { found: 2 }), "{err}");
+    assert!(err.to_string().contains("upgrade"));
+}
+
+#[test]
+fn unknown_fields_are_refused() {
+    let mut v: serde_json::Value = serde_json::from_slice(&sample().to_json()).expect("json");
+    v["surprise"] = serde_json::json!(1);
+    let err = ProxyConfig::load(&serde_json::to_vec(&v).expect("json")).expect_err("unknown");
+    assert!(err.to_string().contains("surprise"), "{err}");
+}
+
+/// Applies `edit` to a valid sample, reseals it, and returns the messages.
+fn errors_after(edit: impl FnOnce(&mut ProxyConfig)) -> Vec<String> {
+    let mut cfg = sample();
+    edit(&mut cfg);
+    cfg.seal();
+    let via_load = ProxyConfig::load(&cfg.to_json());
+    match cfg.validate() {
+        Ok(()) => panic!("edit was accepted"),
+        Err(errs) => {
+            assert!(
+                matches!(via_load, Err(LoadError::Invalid(_))),
+                "load agrees"
+            );
+            errs.0.iter().map(ToString::to_string).collect()
+        }
+    }
+}
+
+fn assert_error(edit: impl FnOnce(&mut ProxyConfig), want: &str) {
+    let errs = errors_after(edit);
+    assert!(
+        errs.iter().any(|e| e.contains(want)),
+        "expected an error containing {want:?}, got {errs:#?}"
+    );
+}
+
+fn backend_svc(cfg: &mut ProxyConfig) -> &mut Service {
+    &mut cfg.services[0]
+}
+
+#[test]
+fn every_rule_rejects_what_it_guards() {
+    assert_error(|c| c.namespace.clear(), "namespace: must not be empty");
+    assert_error(
+        |c| c.mesh.trust_domain = "a/b".into(),
+        "is not a trust domain",
+    );
+    assert_error(
+        |c| c.mesh.tracing.as_mut().expect("tracing").sampling_percent = 101.0,
+        "outside 0–100",
+    );
+    assert_error(
+        |c| c.mesh.tracing.as_mut().expect("tracing").otlp_endpoint = "collector:4318".into(),
+        "is not an http(s) URL",
+    );
+    assert_error(
+        |c| {
+            let dup = c.services[1].clone();
+            c.services.push(dup);
+        },
+        "duplicate service",
+    );
+    assert_error(
+        |c| {
+            let p = backend_svc(c).ports[0].clone();
+            backend_svc(c).ports.push(p);
+        },
+        "duplicate port",
+    );
+    assert_error(|c| backend_svc(c).ports[0].port = 0, "port 0 is not a port");
+    assert_error(
+        |c| backend_svc(c).subsets.push("v1".into()),
+        "duplicate subset name",
+    );
+    assert_error(
+        |c| backend_svc(c).endpoints[1].address = backend_svc(c).endpoints[0].address,
+        "duplicate endpoint address",
+    );
+    assert_error(
+        |c| backend_svc(c).endpoints[0].identity = None,
+        "meshed endpoint without identity",
+    );
+    assert_error(
+        |c| backend_svc(c).endpoints[0].identity = Some("spiffe://other.domain/ns/x/sa/y".into()),
+        "is not in trust domain",
+    );
+    assert_error(
+        |c| backend_svc(c).endpoints[0].meshed = false,
+        "identity on a non-meshed endpoint",
+    );
+    assert_error(
+        |c| backend_svc(c).endpoints[0].subsets = vec!["v9".into()],
+        "unknown subset \"v9\"",
+    );
+    assert_error(
+        |c| {
+            backend_svc(c).endpoints[0]
+                .ports
+                .insert("grpc".into(), 9000);
+        },
+        "port override for unknown port name",
+    );
+    assert_error(
+        |c| backend_svc(c).http_routes[0].backends[0].service = "demo/nope".into(),
+        "unknown service \"demo/nope\"",
+    );
+    assert_error(
+        |c| backend_svc(c).http_routes[0].backends[0].subset = Some("v3".into()),
+        "has no subset \"v3\"",
+    );
+    assert_error(
+        |c| backend_svc(c).http_routes[0].backends[0].port = Some(1),
+        "has no port 1",
+    );
+    assert_error(
+        |c| backend_svc(c).http_routes[1].port = Some(9999),
+        "service has no port 9999",
+    );
+    assert_error(
+        |c| {
+            for b in &mut backend_svc(c).http_routes[1].backends {
+                b.weight = 0;
+            }
+        },
+        "every backend has weight 0",
+    );
+    assert_error(
+        |c| backend_svc(c).http_routes[1].matches[0].path = Some(PathMatch::Regex("(".into())),
+        "does not compile",
+    );
+    assert_error(
+        |c| {
+            backend_svc(c).http_routes[0].matches[0].headers[0].value =
+                ValueMatch::Regex("[a-".into());
+        },
+        "does not compile",
+    );
+    assert_error(
+        |c| backend_svc(c).http_routes[2].matches[0].path = Some(PathMatch::Exact("api".into())),
+        "does not start with /",
+    );
+    assert_error(
+        |c| backend_svc(c).http_routes[1].matches[0].method = Some("get".into()),
+        "is not an upper-case method",
+    );
+    assert_error(
+        |c| {
+            let b = backend_svc(c).http_routes[0].backends[0].clone();
+            backend_svc(c).http_routes[2].backends.push(b);
+        },
+        "a redirect route has no backends",
+    );
+    assert_error(
+        |c| {
+            backend_svc(c).http_routes[2]
+                .redirect
+                .as_mut()
+                .expect("redirect")
+                .status = 200
+        },
+        "is not a redirect status",
+    );
+    assert_error(
+        |c| {
+            backend_svc(c).http_routes[2]
+                .redirect
+                .as_mut()
+                .expect("redirect")
+                .scheme = Some("ftp".into())
+        },
+        "is not http or https",
+    );
+    assert_error(
+        |c| backend_svc(c).http_routes[2].rewrite = Some(Rewrite::default()),
+        "redirect and rewrite are mutually exclusive",
+    );
+    assert_error(
+        |c| {
+            backend_svc(c).http_routes[1]
+                .retry
+                .as_mut()
+                .expect("retry")
+                .attempts = 11
+        },
+        "is more than 10",
+    );
+    assert_error(
+        |c| {
+            backend_svc(c).http_routes[1]
+                .retry
+                .as_mut()
+                .expect("retry")
+                .backoff_max_ms = 1
+        },
+        "backoff max is below backoff base",
+    );
+    assert_error(
+        |c| {
+            backend_svc(c).http_routes[1]
+                .retry
+                .as_mut()
+                .expect("retry")
+                .retriable_status_codes = vec![42]
+        },
+        "42 is not a status code",
+    );
+    assert_error(
+        |c| {
+            let f = backend_svc(c).http_routes[1].fault.as_mut().expect("fault");
+            f.delay.as_mut().expect("delay").percent = 100.5;
+        },
+        "percentage 100.5 is outside 0–100",
+    );
+    assert_error(
+        |c| {
+            let f = backend_svc(c).http_routes[1].fault.as_mut().expect("fault");
+            f.abort.as_mut().expect("abort").percent = -1.0;
+        },
+        "percentage -1 is outside 0–100",
+    );
+    assert_error(
+        |c| {
+            let f = backend_svc(c).http_routes[1].fault.as_mut().expect("fault");
+            f.abort.as_mut().expect("abort").status = 100;
+        },
+        "is not an error status",
+    );
+    assert_error(
+        |c| {
+            let f = backend_svc(c).http_routes[1].fault.as_mut().expect("fault");
+            f.abort = None;
+            f.delay = None;
+        },
+        "a fault needs a delay or an abort",
+    );
+    assert_error(
+        |c| {
+            backend_svc(c).http_routes[1]
+                .mirror
+                .as_mut()
+                .expect("mirror")
+                .percent = 200.0
+        },
+        "outside 0–100",
+    );
+    assert_error(
+        |c| {
+            backend_svc(c).http_routes[1]
+                .mirror
+                .as_mut()
+                .expect("mirror")
+                .backend
+                .service = "x/y".into()
+        },
+        "unknown service \"x/y\"",
+    );
+    assert_error(
+        |c| {
+            backend_svc(c).http_routes[1]
+                .rewrite
+                .as_mut()
+                .expect("rewrite")
+                .path = Some("/x".into())
+        },
+        "path and pathPrefix are mutually exclusive",
+    );
+    assert_error(
+        |c| backend_svc(c).http_routes[0].name.clear(),
+        "route name must not be empty",
+    );
+    assert_error(
+        |c| {
+            let r = c.services[1].tcp_routes[0].clone();
+            c.services[1].tcp_routes.push(r);
+        },
+        "more than one TCP route for the same port",
+    );
+    assert_error(
+        |c| c.services[1].tcp_routes[0].backends.clear(),
+        "a TCP route needs backends",
+    );
+    assert_error(
+        |c| {
+            backend_svc(c).policy.load_balancer =
+                LoadBalancer::ConsistentHash(HashKey::Cookie(String::new()));
+        },
+        "empty hash key name",
+    );
+    assert_error(
+        |c| {
+            backend_svc(c)
+                .policy
+                .outlier_detection
+                .as_mut()
+                .expect("od")
+                .max_ejection_percent = 101
+        },
+        "percentage 101 is outside 0–100",
+    );
+    assert_error(
+        |c| {
+            backend_svc(c)
+                .policy
+                .outlier_detection
+                .as_mut()
+                .expect("od")
+                .interval_ms = 0
+        },
+        "intervalMs: must be above 0",
+    );
+    assert_error(
+        |c| {
+            backend_svc(c)
+                .policy
+                .retry_budget
+                .as_mut()
+                .expect("rb")
+                .retry_percent = 120.0
+        },
+        "outside 0–100",
+    );
+    assert_error(
+        |c| {
+            backend_svc(c)
+                .policy
+                .retry_budget
+                .as_mut()
+                .expect("rb")
+                .ttl_ms = 0
+        },
+        "ttlMs: must be above 0",
+    );
+    assert_error(
+        |c| {
+            backend_svc(c)
+                .policy
+                .connection_pool
+                .as_mut()
+                .expect("cp")
+                .connect_timeout_ms = 0
+        },
+        "connectTimeoutMs: must be above 0",
+    );
+    assert_error(
+        |c| {
+            let p = c.inbound.policies[0].clone();
+            c.inbound.policies.push(p);
+        },
+        "duplicate policy name",
+    );
+    assert_error(
+        |c| c.inbound.policies[0].rules[0].to[0].paths = vec!["api".into()],
+        "path \"api\" does not start with /",
+    );
+    assert_error(
+        |c| {
+            let r = c.inbound.rate_limits[0].clone();
+            c.inbound.rate_limits.push(r);
+        },
+        "duplicate rate limit name",
+    );
+    assert_error(
+        |c| c.inbound.rate_limits[0].interval_ms = 0,
+        "requests and interval must be above 0",
+    );
+}
+
+#[test]
+fn all_problems_are_reported_at_once_with_paths() {
+    let errs = errors_after(|c| {
+        c.namespace.clear();
+        backend_svc(c).http_routes[0].backends[0].subset = Some("v3".into());
+    });
+    assert_eq!(errs.len(), 2, "{errs:#?}");
+    assert!(
+        errs[1].starts_with("services[demo/backend].httpRoutes[0].backends[0]"),
+        "{}",
+        errs[1]
+    );
+}
+
+#[test]
+fn selectors_match_by_subset_of_labels() {
+    let sel = std::collections::BTreeMap::from([("app".to_owned(), "backend".to_owned())]);
+    let mut labels = sel.clone();
+    labels.insert("version".into(), "v1".into());
+    assert!(selector_matches(&sel, &labels));
+    assert!(selector_matches(&Selector::new(), &labels));
+    labels.insert("app".into(), "frontend".into());
+    assert!(!selector_matches(&sel, &labels));
+}
+
+proptest! {
+    #[test]
+    fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..4096)) {
+        let _ = ProxyConfig::load(&bytes);
+        let _ = gunzip(&bytes);
+    }
+
+    #[test]
+    fn mutated_valid_config_never_panics(cut in 0usize..4000, byte in any::<u8>()) {
+        let mut bytes = sample().to_json();
+        let i = cut % bytes.len();
+        bytes[i] = byte;
+        let _ = ProxyConfig::load(&bytes);
+    }
+}
