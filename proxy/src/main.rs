@@ -1,2 +1,194 @@
-//! weft proxy (placeholder until the proxy core lands).
-fn main() {}
+//! The `weft-proxy` binary: `init` installs capture rules, `run` runs the
+//! sidecar, `wait-ready` blocks until the local proxy is ready.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use weft_proxy::init::InitArgs;
+use weft_proxy::probes::AppProbes;
+use weft_proxy::{Net, Settings};
+
+#[derive(Parser)]
+#[command(name = "weft-proxy", version, about = "weft's sidecar proxy")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install the iptables capture rules in this network namespace.
+    Init(InitArgs),
+    /// Run the proxy.
+    Run(RunArgs),
+    /// Wait until the local proxy answers /ready (postStart hook).
+    WaitReady {
+        /// Give up after this long (e.g. 120s).
+        #[arg(long, default_value = "120s", value_parser = parse_secs)]
+        timeout: Duration,
+        /// Admin port.
+        #[arg(long, env = "WEFT_ADMIN_PORT", default_value_t = 15020)]
+        admin_port: u16,
+    },
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// The mount with proxy.json and the identity.
+    #[arg(long, env = "WEFT_CONFIG_DIR", default_value = "/var/run/weft")]
+    config_dir: PathBuf,
+    /// Downward-API labels file (`key="value"` lines).
+    #[arg(long, env = "WEFT_LABELS_FILE")]
+    labels_file: Option<PathBuf>,
+    /// This pod's IP.
+    #[arg(long, env = "WEFT_POD_IP")]
+    pod_ip: Option<IpAddr>,
+    #[arg(long, env = "WEFT_OUTBOUND_CAPTURE_PORT", default_value_t = 15001)]
+    outbound_port: u16,
+    #[arg(long, env = "WEFT_INBOUND_CAPTURE_PORT", default_value_t = 15006)]
+    inbound_port: u16,
+    #[arg(long, env = "WEFT_ADMIN_PORT", default_value_t = 15020)]
+    admin_port: u16,
+    /// Extra opaque ports, comma separated.
+    #[arg(long, env = "WEFT_OPAQUE_PORTS", value_delimiter = ',')]
+    opaque_ports: Vec<u16>,
+    /// The app's original probes (JSON, written by the injector).
+    #[arg(long, env = "WEFT_APP_PROBES")]
+    app_probes: Option<String>,
+    /// Log filter (error, warn, info, debug, trace).
+    #[arg(long, env = "WEFT_LOG_LEVEL", default_value = "info")]
+    log_level: String,
+    /// Drain deadline after SIGTERM, seconds.
+    #[arg(long, env = "WEFT_DRAIN_SECONDS", default_value_t = 20)]
+    drain_seconds: u64,
+    /// Protocol detection timeout, milliseconds.
+    #[arg(long, env = "WEFT_DETECT_TIMEOUT_MS", default_value_t = 5000)]
+    detect_timeout_ms: u64,
+}
+
+fn parse_secs(s: &str) -> Result<Duration, String> {
+    let n = s.strip_suffix('s').unwrap_or(s);
+    n.parse::<u64>()
+        .map(Duration::from_secs)
+        .map_err(|e| format!("{s:?}: {e}"))
+}
+
+/// Parses the downward API's labels file: `key="value"` per line.
+fn parse_labels(text: &str) -> BTreeMap<String, String> {
+    text.lines()
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.trim().to_owned(), v.trim().trim_matches('"').to_owned()))
+        .collect()
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.cmd {
+        Cmd::Init(a) => {
+            let report = weft_proxy::init::install(&a)?;
+            print!("{report}");
+            Ok(())
+        }
+        Cmd::WaitReady {
+            timeout,
+            admin_port,
+        } => wait_ready(timeout, admin_port),
+        Cmd::Run(a) => run(a),
+    }
+}
+
+fn wait_ready(timeout: Duration, port: u16) -> anyhow::Result<()> {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        use std::io::{Read, Write};
+        let ok = std::net::TcpStream::connect(SocketAddr::from(([127, 0, 0, 1], port)))
+            .and_then(|mut s| {
+                s.write_all(
+                    b"GET /ready HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n",
+                )?;
+                let mut buf = String::new();
+                s.read_to_string(&mut buf)?;
+                Ok(buf.starts_with("HTTP/1.1 200"))
+            })
+            .unwrap_or(false);
+        if ok {
+            return Ok(());
+        }
+        if std::time::Instant::now() > deadline {
+            anyhow::bail!(
+                "weft-proxy not ready after {timeout:?}; see `kubectl logs <pod> -c weft-proxy`"
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn run(a: RunArgs) -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .json()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_new(&a.log_level).unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let mut s = Settings::new(a.config_dir);
+    let any = IpAddr::from([0, 0, 0, 0]);
+    s.outbound_addr = SocketAddr::new(any, a.outbound_port);
+    s.inbound_addr = SocketAddr::new(any, a.inbound_port);
+    s.admin_addr = SocketAddr::new(any, a.admin_port);
+    s.pod_ip = a.pod_ip;
+    s.opaque_ports = a.opaque_ports;
+    s.drain_timeout = Duration::from_secs(a.drain_seconds);
+    s.detect_timeout = Duration::from_millis(a.detect_timeout_ms);
+    if let Some(f) = a.labels_file {
+        match std::fs::read_to_string(&f) {
+            Ok(t) => s.labels = parse_labels(&t),
+            Err(e) => {
+                tracing::warn!(file = %f.display(), error = %e, "cannot read pod labels; authorization selectors will not match this pod")
+            }
+        }
+    }
+    if let Some(p) = a.app_probes.filter(|p| !p.trim().is_empty()) {
+        s.app_probes = AppProbes::parse(&p).context("WEFT_APP_PROBES is not valid probe JSON")?;
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let proxy = weft_proxy::start(s, Net::default()).await?;
+        let state = proxy.state.clone();
+        tokio::spawn(async move {
+            if let Ok(mut term) =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            {
+                term.recv().await;
+                tracing::info!("SIGTERM: draining");
+                state.begin_shutdown();
+            }
+        });
+        let state = proxy.state.clone();
+        tokio::spawn(async move {
+            if tokio::signal::ctrl_c().await.is_ok() {
+                state.begin_shutdown();
+            }
+        });
+        proxy.run_until_shutdown().await;
+        anyhow::Ok(())
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn downward_api_labels_parse() {
+        let l = parse_labels("app=\"cart\"\npod-template-hash=\"5d4\"\n");
+        assert_eq!(l.get("app").map(String::as_str), Some("cart"));
+        assert_eq!(l.len(), 2);
+    }
+}

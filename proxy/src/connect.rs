@@ -1,0 +1,201 @@
+//! Opening upstream connections: TCP with a deadline, then mTLS when the
+//! upstream is a meshed endpoint, then (for HTTP) the hyper handshake.
+//! Every failure is a [`ConnectError`] naming the step, the address and what
+//! an operator should check.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use http::StatusCode;
+use rustls::pki_types::ServerName;
+use tokio_rustls::TlsConnector;
+
+use crate::http::pool::{Pool, PoolKey, Sender, Version};
+use crate::net::Stream;
+use crate::proxy::State;
+use crate::snapshot::Snapshot;
+use crate::tls::identity::IdentityError;
+use crate::tls::{Alpn, verify::find_identity_mismatch};
+
+/// An upstream connection could not be made.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    /// TCP connect failed.
+    #[error(
+        "connect to {addr} failed: {source}; check that the pod behind it is running and listening on that port (stale endpoint?) and that no NetworkPolicy blocks it"
+    )]
+    Connect {
+        /// Upstream.
+        addr: SocketAddr,
+        /// Why.
+        source: io::Error,
+    },
+    /// TCP connect or TLS handshake took too long.
+    #[error(
+        "connect to {addr} timed out; is the pod overloaded, or is a NetworkPolicy dropping packets?"
+    )]
+    Timeout {
+        /// Upstream.
+        addr: SocketAddr,
+    },
+    /// The TLS handshake failed.
+    #[error(
+        "mTLS handshake with {addr} failed: {source}; check that the peer runs a weft proxy with a certificate from this mesh's CA and that both trust bundles are current"
+    )]
+    Tls {
+        /// Upstream.
+        addr: SocketAddr,
+        /// Why.
+        source: io::Error,
+    },
+    /// The peer's certificate is valid but for another identity.
+    #[error("mTLS to {addr}: {detail}")]
+    IdentityMismatch {
+        /// Upstream.
+        addr: SocketAddr,
+        /// Expected vs presented.
+        detail: String,
+    },
+    /// Our own identity cannot make a client configuration.
+    #[error("local identity unusable: {0}")]
+    Identity(#[from] IdentityError),
+    /// The HTTP handshake failed.
+    #[error("HTTP handshake with {addr} failed: {source}")]
+    Handshake {
+        /// Upstream.
+        addr: SocketAddr,
+        /// Why.
+        source: hyper::Error,
+    },
+}
+
+impl ConnectError {
+    /// The step named in `x-weft-error` and the `errors` metric.
+    pub fn step(&self) -> &'static str {
+        match self {
+            ConnectError::Connect { .. } => "connect",
+            ConnectError::Timeout { .. } => "connect-timeout",
+            ConnectError::Tls { .. } => "tls",
+            ConnectError::IdentityMismatch { .. } => "identity-mismatch",
+            ConnectError::Identity(_) => "local-identity",
+            ConnectError::Handshake { .. } => "http-handshake",
+        }
+    }
+
+    /// The status a client gets.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ConnectError::Connect { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            ConnectError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+            _ => StatusCode::BAD_GATEWAY,
+        }
+    }
+}
+
+/// Connects to `addr`; with `identity`, runs mTLS expecting that peer and
+/// offering `alpn`.
+pub async fn connect(
+    state: &State,
+    snap: &Snapshot,
+    addr: SocketAddr,
+    identity: Option<&crate::tls::SpiffeId>,
+    alpn: Alpn,
+) -> Result<Stream, ConnectError> {
+    let deadline = state.settings.connect_timeout;
+    let tcp = tokio::time::timeout(deadline, state.net.dialer.connect(addr))
+        .await
+        .map_err(|_| ConnectError::Timeout { addr })?
+        .map_err(|source| ConnectError::Connect { addr, source })?;
+    let Some(id) = identity else {
+        return Ok(Stream::Plain(tcp));
+    };
+    let cfg = snap.identity.client_config(id, alpn)?;
+    let name = ServerName::IpAddress(addr.ip().into());
+    let tls = tokio::time::timeout(deadline, TlsConnector::from(cfg).connect(name, tcp))
+        .await
+        .map_err(|_| ConnectError::Timeout { addr })?
+        .map_err(|source| match find_identity_mismatch(&source) {
+            Some(m) => ConnectError::IdentityMismatch {
+                addr,
+                detail: m.to_string(),
+            },
+            None => ConnectError::Tls { addr, source },
+        })?;
+    Ok(Stream::Tls(Box::new(tls)))
+}
+
+/// A sender for one request on `key`: an idle pooled connection, or a new
+/// one. The flag says whether it is fresh (a stale pooled connection may be
+/// retried once on a fresh one).
+pub async fn acquire(
+    state: &State,
+    snap: &Snapshot,
+    pool: &Arc<Pool>,
+    key: &PoolKey,
+    fresh_only: bool,
+) -> Result<(Sender, bool), ConnectError> {
+    if !fresh_only && let Some(s) = pool.checkout() {
+        return Ok((s, false));
+    }
+    let alpn = match key.version {
+        Version::Http1 => Alpn::Http1,
+        Version::Http2 => Alpn::Http2,
+    };
+    let io = connect(state, snap, key.addr, key.identity.as_ref(), alpn).await?;
+    let s = pool
+        .handshake(io)
+        .await
+        .map_err(|source| ConnectError::Handshake {
+            addr: key.addr,
+            source,
+        })?;
+    Ok((s, true))
+}
+
+/// Why a request failed after a connection was acquired.
+#[derive(Debug, thiserror::Error)]
+pub enum SendError {
+    /// A fresh connection for the retry could not be made.
+    #[error(transparent)]
+    Connect(#[from] ConnectError),
+    /// The upstream failed or reset the request.
+    #[error(
+        "{addr} failed the request: {source}; check the upstream's logs (crash, restart, or connection limit)"
+    )]
+    Upstream {
+        /// Upstream.
+        addr: SocketAddr,
+        /// Why.
+        source: hyper::Error,
+    },
+}
+
+/// Sends `req` on `sender`. When a pooled (not fresh) connection turns out
+/// closed before the request left, retries once on a fresh connection.
+pub async fn send_request(
+    state: &State,
+    snap: &Snapshot,
+    pool: &Arc<Pool>,
+    key: &PoolKey,
+    sender: Sender,
+    fresh: bool,
+    req: http::Request<crate::http::Body>,
+) -> Result<http::Response<hyper::body::Incoming>, SendError> {
+    match sender.send(req).await {
+        Ok(r) => Ok(r),
+        Err(crate::http::pool::SendFailed {
+            request: Some(req), ..
+        }) if !fresh => {
+            let (sender, _) = acquire(state, snap, pool, key, true).await?;
+            sender.send(req).await.map_err(|f| SendError::Upstream {
+                addr: key.addr,
+                source: f.error,
+            })
+        }
+        Err(f) => Err(SendError::Upstream {
+            addr: key.addr,
+            source: f.error,
+        }),
+    }
+}

@@ -1,0 +1,98 @@
+//! Turning a request received from a client into one sent upstream, and the
+//! response back: hop-by-hop fields, URI form per HTTP version, streamed
+//! bodies, and `Upgrade`/`CONNECT` tunnels spliced end to end.
+
+use http::header::{self, HeaderValue};
+use http::uri::{Authority, Scheme, Uri};
+use http::{Method, Request, Response, StatusCode};
+use hyper::body::Incoming;
+use hyper::upgrade::OnUpgrade;
+use hyper_util::rt::TokioIo;
+
+use super::pool::Version;
+use super::{Body, boxed, strip_hop_by_hop, wants_upgrade};
+
+/// A request ready for upstream, plus the client side of a pending upgrade.
+#[derive(Debug)]
+pub struct Prepared {
+    /// The upstream request.
+    pub request: Request<Body>,
+    /// Resolves to the client's connection once we answer 101 / 2xx CONNECT.
+    pub client_upgrade: Option<OnUpgrade>,
+}
+
+/// Prepares `req` for an upstream speaking `version`.
+pub fn prepare(mut req: Request<Incoming>, version: Version) -> Prepared {
+    let is_connect = req.method() == Method::CONNECT;
+    let upgrade = is_connect || wants_upgrade(req.headers());
+    let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+    let (mut parts, body) = req.into_parts();
+    strip_hop_by_hop(&mut parts.headers, upgrade && !is_connect);
+    let authority: Option<Authority> = parts.uri.authority().cloned().or_else(|| {
+        parts
+            .headers
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .and_then(|h| h.parse().ok())
+    });
+    match version {
+        Version::Http1 => {
+            if parts.headers.get(header::HOST).is_none()
+                && let Some(a) = &authority
+                && let Ok(v) = HeaderValue::from_str(a.as_str())
+            {
+                parts.headers.insert(header::HOST, v);
+            }
+            if !is_connect {
+                let pq = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+                if let Ok(uri) = pq.parse::<Uri>() {
+                    parts.uri = uri;
+                }
+            }
+            parts.version = http::Version::HTTP_11;
+        }
+        Version::Http2 => {
+            if !is_connect && let Some(a) = authority {
+                let mut b = Uri::builder()
+                    .scheme(parts.uri.scheme().cloned().unwrap_or(Scheme::HTTP))
+                    .authority(a);
+                if let Some(pq) = parts.uri.path_and_query() {
+                    b = b.path_and_query(pq.clone());
+                }
+                if let Ok(uri) = b.build() {
+                    parts.uri = uri;
+                    parts.headers.remove(header::HOST);
+                }
+            }
+            parts.version = http::Version::HTTP_2;
+        }
+    }
+    Prepared {
+        request: Request::from_parts(parts, boxed(body)),
+        client_upgrade,
+    }
+}
+
+/// Turns the upstream response into the client response; when it accepts
+/// an upgrade, splices the two upgraded connections together.
+pub fn finish(mut resp: Response<Incoming>, client_upgrade: Option<OnUpgrade>) -> Response<Body> {
+    let upgraded = resp.status() == StatusCode::SWITCHING_PROTOCOLS
+        || (client_upgrade.is_some() && resp.status().is_success());
+    if upgraded && let Some(client) = client_upgrade {
+        let upstream = hyper::upgrade::on(&mut resp);
+        tokio::spawn(async move {
+            match tokio::try_join!(client, upstream) {
+                Ok((c, u)) => {
+                    let (mut c, mut u) = (TokioIo::new(c), TokioIo::new(u));
+                    if let Err(e) = tokio::io::copy_bidirectional(&mut c, &mut u).await {
+                        tracing::debug!(error = %e, "upgraded tunnel closed with error");
+                    }
+                }
+                Err(e) => tracing::debug!(error = %e, "upgrade did not complete"),
+            }
+        });
+    }
+    let keep_upgrade = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
+    strip_hop_by_hop(resp.headers_mut(), keep_upgrade);
+    resp.map(boxed)
+}

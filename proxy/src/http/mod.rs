@@ -1,0 +1,193 @@
+//! HTTP plumbing shared by both directions: body type, RFC 9110 hop-by-hop
+//! header handling, error responses that name the failed step, connection
+//! pools per endpoint ([`pool`]) and request forwarding with upgrades
+//! ([`forward`]).
+
+pub mod forward;
+pub mod pool;
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Response, StatusCode};
+use http_body_util::{BodyExt, Full, combinators::UnsyncBoxBody};
+
+/// Boxed error of bodies crossing the proxy.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+/// The body type the proxy sends in both directions.
+pub type Body = UnsyncBoxBody<Bytes, BoxError>;
+
+/// Response header naming the step that failed.
+pub const ERROR_HEADER: &str = "x-weft-error";
+/// Request header carrying the verified peer identity to the app.
+pub const PEER_IDENTITY_HEADER: &str = "x-weft-peer-identity";
+
+/// Wraps a hyper body.
+pub fn boxed<B>(body: B) -> Body
+where
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    body.map_err(Into::into).boxed_unsync()
+}
+
+/// A full body.
+pub fn full(bytes: impl Into<Bytes>) -> Body {
+    boxed(Full::new(bytes.into()))
+}
+
+/// A failure response: `status`, header `x-weft-error: <step>`, and the
+/// operator-facing message as the body.
+pub fn error_response(status: StatusCode, step: &str, message: &str) -> Response<Body> {
+    let mut resp = Response::new(full(format!("weft-proxy: {step}: {message}\n")));
+    *resp.status_mut() = status;
+    if let Ok(v) = HeaderValue::from_str(step) {
+        resp.headers_mut().insert(ERROR_HEADER, v);
+    }
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    resp
+}
+
+/// Whether `headers` ask for a protocol upgrade (`Connection: upgrade` + `Upgrade`).
+pub fn wants_upgrade(headers: &HeaderMap) -> bool {
+    headers.contains_key(header::UPGRADE)
+        && headers.get_all(header::CONNECTION).iter().any(|v| {
+            v.to_str().is_ok_and(|s| {
+                s.split(',')
+                    .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+            })
+        })
+}
+
+/// Removes hop-by-hop fields (RFC 9110 §7.6.1): `Connection` and every field
+/// it names, plus the fixed list. With `keep_upgrade`, `Connection: upgrade`
+/// and `Upgrade` survive, because an upgrade is forwarded end to end. `TE:
+/// trailers` survives (gRPC needs it).
+pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|s| s.split(','))
+        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .collect();
+    for name in named {
+        if keep_upgrade && name == header::UPGRADE {
+            continue;
+        }
+        headers.remove(&name);
+    }
+    for name in ["keep-alive", "proxy-connection", "transfer-encoding"] {
+        headers.remove(name);
+    }
+    let te_trailers = headers.get(header::TE).is_some_and(|v| {
+        v.to_str().is_ok_and(|s| {
+            s.split(',')
+                .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
+        })
+    });
+    headers.remove(header::TE);
+    if te_trailers {
+        headers.insert(header::TE, HeaderValue::from_static("trailers"));
+    }
+    headers.remove(header::CONNECTION);
+    headers.remove(header::TRAILER);
+    if keep_upgrade {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    } else {
+        headers.remove(header::UPGRADE);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_fields_and_the_ones_connection_names_are_removed() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            "connection",
+            HeaderValue::from_static("keep-alive, x-private"),
+        );
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert("x-private", HeaderValue::from_static("1"));
+        h.insert("te", HeaderValue::from_static("gzip, trailers"));
+        h.insert("upgrade", HeaderValue::from_static("websocket"));
+        h.insert("host", HeaderValue::from_static("svc"));
+        strip_hop_by_hop(&mut h, false);
+        assert!(h.get("x-private").is_none());
+        assert!(h.get("keep-alive").is_none());
+        assert!(h.get("connection").is_none());
+        assert!(h.get("upgrade").is_none());
+        assert_eq!(h.get("te").map(|v| v.as_bytes()), Some(&b"trailers"[..]));
+        assert_eq!(h.get("host").map(|v| v.as_bytes()), Some(&b"svc"[..]));
+    }
+
+    #[test]
+    fn upgrade_survives_when_kept() {
+        let mut h = HeaderMap::new();
+        h.insert("connection", HeaderValue::from_static("Upgrade"));
+        h.insert("upgrade", HeaderValue::from_static("websocket"));
+        assert!(wants_upgrade(&h));
+        strip_hop_by_hop(&mut h, true);
+        assert_eq!(
+            h.get("upgrade").map(|v| v.as_bytes()),
+            Some(&b"websocket"[..])
+        );
+        assert!(wants_upgrade(&h));
+    }
+}
+
+/// Serves one client connection with hyper until it closes; on shutdown,
+/// asks it to finish gracefully (in-flight requests complete, keep-alive ends).
+pub async fn serve_connection<I, S>(
+    state: &crate::proxy::State,
+    io: I,
+    version: pool::Version,
+    svc: S,
+) where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    S: hyper::service::Service<http::Request<hyper::body::Incoming>, Response = Response<Body>>
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+{
+    let mut shutdown = state.shutdown_signal();
+    let io = hyper_util::rt::TokioIo::new(io);
+    let result = match version {
+        pool::Version::Http1 => {
+            let conn = hyper::server::conn::http1::Builder::new()
+                .serve_connection(io, svc)
+                .with_upgrades();
+            tokio::pin!(conn);
+            tokio::select! {
+                r = conn.as_mut() => r,
+                () = crate::proxy::shutdown_requested(&mut shutdown) => {
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
+                }
+            }
+        }
+        pool::Version::Http2 => {
+            let conn =
+                hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                    .adaptive_window(true)
+                    .serve_connection(io, svc);
+            tokio::pin!(conn);
+            tokio::select! {
+                r = conn.as_mut() => r,
+                () = crate::proxy::shutdown_requested(&mut shutdown) => {
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
+                }
+            }
+        }
+    };
+    if let Err(e) = result {
+        tracing::debug!(error = %e, "client connection ended with error");
+    }
+}

@@ -1,0 +1,95 @@
+//! Opaque TCP: bytes copied both ways, to the original destination
+//! (unknown destinations) or to a balanced endpoint of a known Service
+//! (mTLS with ALPN `weft/tcp` when the endpoint is meshed).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+
+use crate::connect::{ConnectError, connect};
+use crate::metrics::Direction;
+use crate::net::{Prefixed, Stream};
+use crate::proxy::State;
+use crate::snapshot::{ServiceRef, Snapshot, endpoint_port};
+use crate::tls::{Alpn, SpiffeId};
+
+/// Forwards to `dst` itself, untouched.
+pub async fn passthrough(state: &State, client: TcpStream, prefix: Bytes, dst: SocketAddr) {
+    match tokio::time::timeout(
+        state.settings.connect_timeout,
+        state.net.dialer.connect(dst),
+    )
+    .await
+    {
+        Ok(Ok(up)) => splice(client, prefix, Stream::Plain(up)).await,
+        Ok(Err(e)) => {
+            state.metrics.error(Direction::Outbound, "connect");
+            tracing::warn!(%dst, error = %e, "passthrough connect failed; the destination is not in the mesh config, check that it is reachable");
+        }
+        Err(_) => {
+            state.metrics.error(Direction::Outbound, "connect-timeout");
+            tracing::warn!(%dst, "passthrough connect timed out");
+        }
+    }
+}
+
+/// Forwards to an endpoint of the Service behind `dst`; the original
+/// destination when the config lists no endpoints.
+pub async fn to_service(
+    state: Arc<State>,
+    snap: Arc<Snapshot>,
+    target: ServiceRef,
+    client: TcpStream,
+    prefix: Bytes,
+    dst: SocketAddr,
+) {
+    let eps = super::live_endpoints(&snap, target);
+    if eps.is_empty() {
+        tracing::debug!(%dst, "no endpoints in config; falling back to the original destination");
+        return passthrough(&state, client, prefix, dst).await;
+    }
+    let key = client.peer_addr().ok().map(|a| a.ip().to_string());
+    let order = super::attempt_order(&state, &snap, target, &eps, key.as_deref());
+    let (_, port) = snap.service(target);
+    let mut last: Option<ConnectError> = None;
+    for i in order.into_iter().take(super::MAX_ATTEMPTS) {
+        let ep = eps[i];
+        let addr = SocketAddr::new(ep.address, endpoint_port(ep, port));
+        let id = match ep
+            .identity
+            .as_deref()
+            .filter(|_| ep.meshed)
+            .map(SpiffeId::parse)
+            .transpose()
+        {
+            Ok(id) => id,
+            Err(e) => {
+                tracing::error!(%addr, error = %e, "endpoint identity in config is not a SPIFFE ID");
+                continue;
+            }
+        };
+        match connect(&state, &snap, addr, id.as_ref(), Alpn::Tcp).await {
+            Ok(up) => return splice(client, prefix, up).await,
+            Err(e) => {
+                state.metrics.error(Direction::Outbound, e.step());
+                tracing::warn!(error = %e, "endpoint attempt failed; trying another");
+                last = Some(e);
+            }
+        }
+    }
+    if let Some(e) = last {
+        tracing::error!(%dst, error = %e, "no endpoint of the service accepted the connection");
+    }
+}
+
+async fn splice(client: TcpStream, prefix: Bytes, mut upstream: Stream) {
+    let mut client = Prefixed::new(prefix, client);
+    match tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
+        Ok(_) => {}
+        Err(e) => tracing::debug!(error = %e, "tcp stream ended with error"),
+    }
+    let _ = upstream.shutdown().await;
+}

@@ -1,0 +1,73 @@
+//! Reload from files: watch the mount *directory* for kubelet's atomic
+//! `..data` symlink swap and reload the whole snapshot when it changes.
+//!
+//! Why the directory: kubelet never rewrites a file in place. It writes a
+//! new `..<timestamp>` directory, then renames a fresh `..data_tmp` link
+//! over `..data`. Watches on the files (themselves symlinks through
+//! `..data`) would follow the old inodes and miss the swap, or fire half
+//! way through. The rename of `..data` is the one event that means "a
+//! complete new generation is in place".
+//!
+//! Loading (parsing, hashing, validating, building TLS configs) runs on a
+//! blocking thread, off the request path; the result is swapped in
+//! atomically, or rejected with a log line and a metric.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use notify::{EventKind, RecursiveMode, Watcher};
+use tokio::sync::mpsc;
+
+use crate::proxy::State;
+use crate::snapshot::resolve_data_dir;
+
+/// Quiet time after the first event before reloading (coalesces bursts).
+const DEBOUNCE: Duration = Duration::from_millis(10);
+
+/// Watches `state.settings.config_dir` until the process ends.
+pub async fn watch(state: Arc<State>) {
+    let dir = state.settings.config_dir.clone();
+    let (tx, mut rx) = mpsc::unbounded_channel::<()>();
+    let watcher = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| match ev {
+        Ok(ev) => {
+            let swap = !matches!(ev.kind, EventKind::Access(_))
+                && ev
+                    .paths
+                    .iter()
+                    .any(|p| p.file_name().is_some_and(|n| n == "..data"));
+            if swap {
+                let _ = tx.send(());
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "file watch error"),
+    });
+    let mut watcher = match watcher {
+        Ok(w) => w,
+        Err(e) => {
+            tracing::error!(error = %e, dir = %dir.display(), "cannot create a file watcher; config and certificates will not reload (inotify limits?)");
+            return;
+        }
+    };
+    if let Err(e) = watcher.watch(&dir, RecursiveMode::NonRecursive) {
+        tracing::error!(error = %e, dir = %dir.display(), "cannot watch the mount directory; config and certificates will not reload");
+        return;
+    }
+    let mut last: Option<PathBuf> = state.snapshot.load().as_ref().map(|s| s.source.clone());
+    while rx.recv().await.is_some() {
+        tokio::time::sleep(DEBOUNCE).await;
+        while rx.try_recv().is_ok() {}
+        let target = resolve_data_dir(&dir);
+        if last.as_ref() == Some(&target) {
+            continue;
+        }
+        let st = state.clone();
+        let ok = tokio::task::spawn_blocking(move || st.reload().is_ok())
+            .await
+            .unwrap_or(false);
+        // A rejected target is not retried until the next swap.
+        last = Some(target);
+        tracing::debug!(ok, "reload attempt finished");
+    }
+    drop(watcher);
+}

@@ -1,0 +1,180 @@
+//! One consistent view of the mount: the parsed `proxy.json` plus the
+//! identity, loaded and validated together, then published atomically.
+//!
+//! ```text
+//! /var/run/weft/..data ──► <..timestamp dir> ──► proxy.json[.gz], tls.crt, tls.key, ca.crt
+//!                     load_dir() ──► Snapshot ──► ArcSwap (readers: one atomic load per connection)
+//! ```
+//!
+//! kubelet's atomic writer puts every key in a fresh `..<timestamp>`
+//! directory and swaps the `..data` symlink; reading through the resolved
+//! `..data` target gives files of one generation, never a mix.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use rustls::pki_types::UnixTime;
+use weft_proxy_config::{Endpoint, ProxyConfig, Service, ServicePort};
+
+use crate::tls::identity::{Identity, IdentityError, IdentityFiles};
+
+/// Why a snapshot was rejected.
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    /// A file could not be read.
+    #[error("{path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// Neither `proxy.json` nor `proxy.json.gz` exists.
+    #[error(
+        "{0}: neither proxy.json nor proxy.json.gz exists; is the weft-proxy ConfigMap projected into the volume?"
+    )]
+    NoConfig(PathBuf),
+    /// The config did not load.
+    #[error("{path}: {source}")]
+    Config {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: weft_proxy_config::LoadError,
+    },
+    /// The identity did not load.
+    #[error("identity in {dir}: {source}")]
+    Identity {
+        /// The directory.
+        dir: PathBuf,
+        /// Why.
+        source: IdentityError,
+    },
+}
+
+/// Where a Service port is found in the config.
+#[derive(Clone, Copy, Debug)]
+pub struct ServiceRef {
+    /// Index into `config.services`.
+    pub service: usize,
+    /// Index into that service's `ports`.
+    pub port: usize,
+}
+
+/// A loaded, validated config + identity.
+#[derive(Debug)]
+pub struct Snapshot {
+    /// The config.
+    pub config: ProxyConfig,
+    /// The identity.
+    pub identity: Identity,
+    /// Where it was read from (the resolved `..data` target).
+    pub source: PathBuf,
+    by_addr: HashMap<SocketAddr, ServiceRef>,
+}
+
+impl Snapshot {
+    /// Builds a snapshot from parts (tests, and [`load_dir`]).
+    pub fn new(config: ProxyConfig, identity: Identity, source: PathBuf) -> Self {
+        let mut by_addr = HashMap::new();
+        for (si, svc) in config.services.iter().enumerate() {
+            for ip in &svc.cluster_ips {
+                for (pi, port) in svc.ports.iter().enumerate() {
+                    by_addr.insert(
+                        SocketAddr::new(*ip, port.port),
+                        ServiceRef {
+                            service: si,
+                            port: pi,
+                        },
+                    );
+                }
+            }
+        }
+        Snapshot {
+            config,
+            identity,
+            source,
+            by_addr,
+        }
+    }
+
+    /// Where the Service port behind a ClusterIP:port is, if the config knows it.
+    pub fn lookup(&self, dst: SocketAddr) -> Option<ServiceRef> {
+        self.by_addr.get(&dst).copied()
+    }
+
+    /// The Service and port a [`ServiceRef`] points at.
+    pub fn service(&self, r: ServiceRef) -> (&Service, &ServicePort) {
+        let svc = &self.config.services[r.service];
+        (svc, &svc.ports[r.port])
+    }
+}
+
+/// The port to dial on an endpoint for a Service port.
+pub fn endpoint_port(ep: &Endpoint, port: &ServicePort) -> u16 {
+    port.name
+        .as_ref()
+        .and_then(|n| ep.ports.get(n).copied())
+        .unwrap_or(port.target_port)
+}
+
+/// Resolves the directory holding one generation: `dir/..data` when
+/// kubelet's layout is present, else `dir` itself.
+pub fn resolve_data_dir(dir: &Path) -> PathBuf {
+    let data = dir.join("..data");
+    match std::fs::read_link(&data) {
+        Ok(target) if target.is_absolute() => target,
+        Ok(target) => dir.join(target),
+        Err(_) => dir.to_path_buf(),
+    }
+}
+
+/// Loads and validates the whole snapshot under `dir`.
+pub fn load_dir(dir: &Path, now: UnixTime) -> Result<Snapshot, SnapshotError> {
+    let data = resolve_data_dir(dir);
+    let read = |name: &str| {
+        let path = data.join(name);
+        std::fs::read(&path).map_err(|source| SnapshotError::Read { path, source })
+    };
+    let (cfg_path, bytes) = match std::fs::read(data.join(weft_proxy_config::FILE_NAME)) {
+        Ok(b) => (data.join(weft_proxy_config::FILE_NAME), b),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let path = data.join(weft_proxy_config::GZIP_FILE_NAME);
+            let gz = match std::fs::read(&path) {
+                Ok(b) => b,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    return Err(SnapshotError::NoConfig(data));
+                }
+                Err(source) => return Err(SnapshotError::Read { path, source }),
+            };
+            let b = weft_proxy_config::gunzip(&gz).map_err(|source| SnapshotError::Config {
+                path: path.clone(),
+                source,
+            })?;
+            (path, b)
+        }
+        Err(source) => {
+            return Err(SnapshotError::Read {
+                path: data.join(weft_proxy_config::FILE_NAME),
+                source,
+            });
+        }
+    };
+    let config = ProxyConfig::load(&bytes).map_err(|source| SnapshotError::Config {
+        path: cfg_path,
+        source,
+    })?;
+    let files = IdentityFiles {
+        cert_chain: read("tls.crt")?,
+        key: read("tls.key")?,
+        bundle: read("ca.crt")?,
+    };
+    let identity = Identity::load(&files, &config.mesh.trust_domain, now).map_err(|source| {
+        SnapshotError::Identity {
+            dir: data.clone(),
+            source,
+        }
+    })?;
+    Ok(Snapshot::new(config, identity, data))
+}

@@ -1,0 +1,52 @@
+//! Mutual TLS between weft proxies.
+//!
+//! ```text
+//! mount dir ──► identity::Identity::load ──► ServerConfig (inbound, client auth required)
+//!                                        └─► ClientConfig per (expected peer ID, ALPN) (outbound)
+//! ```
+//!
+//! Only TLS 1.3 is offered. Both sides verify the peer's chain against the
+//! mounted trust bundle and read its SPIFFE URI SAN (see [`verify`]); the
+//! client additionally requires the server's SPIFFE ID to equal the identity
+//! the config says the endpoint runs as. ALPN carries the protocol spoken
+//! inside the tunnel ([`Alpn`]).
+
+pub mod identity;
+pub mod verify;
+
+pub use identity::{Identity, IdentityError, SpiffeId};
+
+/// The protocol inside a proxy-to-proxy TLS connection, negotiated by ALPN.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Alpn {
+    /// HTTP/1.1 (upgrades and CONNECT included).
+    Http1,
+    /// HTTP/2 (gRPC).
+    Http2,
+    /// Opaque bytes.
+    Tcp,
+}
+
+impl Alpn {
+    /// Every ALPN id the inbound side accepts, in preference order.
+    pub const ALL: [Alpn; 3] = [Alpn::Http2, Alpn::Http1, Alpn::Tcp];
+
+    /// The ALPN protocol id on the wire.
+    pub fn id(self) -> &'static [u8] {
+        match self {
+            Alpn::Http1 => b"weft/h1",
+            Alpn::Http2 => b"weft/h2",
+            Alpn::Tcp => b"weft/tcp",
+        }
+    }
+
+    /// Parses a negotiated ALPN id.
+    pub fn from_id(id: &[u8]) -> Option<Alpn> {
+        Alpn::ALL.into_iter().find(|a| a.id() == id)
+    }
+}
+
+/// The one crypto provider weft uses (ring).
+pub fn provider() -> std::sync::Arc<rustls::crypto::CryptoProvider> {
+    std::sync::Arc::new(rustls::crypto::ring::default_provider())
+}
