@@ -1,1 +1,1035 @@
-//! Placeholder: owned by the config-rendering engineer (issue 5).
+//! The in-memory index of everything the proxy config is rendered from.
+//!
+//! # What it holds
+//!
+//! The operator's watchers (see [`crate::config`]) and the offline CLI feed
+//! the same [`Index`] with Kubernetes objects, each through
+//! [`Index::apply`] (add or update) or [`Index::delete`]. The index keeps
+//! only what rendering needs, already converted into small plain structs:
+//!
+//! | kind | kept as | notes |
+//! |---|---|---|
+//! | `Mesh` (only `default`) | [`MeshSpec`] | absent: the API defaults |
+//! | `Namespace` | [`NamespaceInfo`] | meshed = label `weft.dev/inject=enabled` |
+//! | `Service` | [`ServiceInfo`] | TCP ports only; `ExternalName` Services are kept but render nothing |
+//! | `EndpointSlice` | [`SliceInfo`] | grouped under the Service named by `kubernetes.io/service-name` |
+//! | `Pod` (metadata) | [`PodInfo`] | labels, meshed = label `weft.dev/proxy=injected`, service account when known |
+//! | `ServiceRoute`, `ServicePolicy`, `AccessPolicy` | [`Tracked`] | the current spec plus the last spec that was accepted |
+//!
+//! Nothing here does I/O or judges a resource: the index is a faithful,
+//! cheap-to-query copy of the cluster, and [`crate::render`] is the pure
+//! function from it to each namespace's `proxy.json`.
+//!
+//! # Dirty marking
+//!
+//! Every mutation returns the set of namespaces whose rendered output may
+//! have changed (a [`Dirty`] set). The rules follow the visibility rule of the
+//! renderer (a meshed namespace sees the Services of every meshed namespace;
+//! any namespace sees its own):
+//!
+//! - a change to a Service, EndpointSlice, Pod, `ServiceRoute` or
+//!   `ServicePolicy` in namespace `X` dirties the *viewers* of `X`: every
+//!   meshed namespace when `X` is meshed, else only `X`;
+//! - an `AccessPolicy` in `X` dirties only `X` (it shapes `X`'s inbound rules);
+//! - a namespace joining or leaving the mesh dirties itself and every meshed
+//!   namespace (before and after), and the `Mesh` dirties every namespace;
+//! - an apply that changes nothing the renderer reads dirties nothing, so a
+//!   watch re-list or a status-only update costs no render.
+//!
+//! The caller debounces dirty namespaces and renders each once.
+//!
+//! # Last accepted versions
+//!
+//! A `ServiceRoute`, `ServicePolicy` or `AccessPolicy` whose new spec is
+//! rejected must not take the working version away. [`Tracked`] keeps the
+//! spec last reported accepted ([`Index::record_accepted`], called after a
+//! render), and the renderer falls back to it. This memory lives only in the
+//! process: after an operator restart a rejected resource renders nothing
+//! until it is fixed.
+//!
+//! # Previous output
+//!
+//! [`Index::set_previous`] records the generation and hash of the ConfigMap
+//! currently in a namespace, so the renderer can keep the generation when
+//! content is unchanged (see [`crate::render`]).
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::IpAddr;
+
+use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use weft_api::mesh::MESH_NAME;
+use weft_api::{AccessPolicy, Mesh, MeshSpec, ServicePolicy, ServiceRoute};
+
+/// Label on a Namespace that puts it in the mesh.
+pub const INJECT_LABEL: &str = "weft.dev/inject";
+/// Value of [`INJECT_LABEL`] that puts a namespace in the mesh.
+pub const INJECT_ENABLED: &str = "enabled";
+/// Label the injector puts on every pod that runs a weft proxy.
+pub const PROXY_LABEL: &str = "weft.dev/proxy";
+/// Value of [`PROXY_LABEL`] on injected pods.
+pub const PROXY_INJECTED: &str = "injected";
+/// Label of an EndpointSlice naming its Service.
+pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+
+/// Namespaces whose rendered output may have changed.
+pub type Dirty = BTreeSet<String>;
+
+/// `(namespace, name)` of a namespaced object; the namespace is empty for
+/// cluster-scoped kinds.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ObjectRef {
+    /// Namespace, empty for cluster-scoped kinds.
+    pub namespace: String,
+    /// Name.
+    pub name: String,
+}
+
+impl ObjectRef {
+    /// A reference to `namespace/name`.
+    pub fn new(namespace: impl Into<String>, name: impl Into<String>) -> Self {
+        Self {
+            namespace: namespace.into(),
+            name: name.into(),
+        }
+    }
+
+    fn of(meta: &ObjectMeta) -> Self {
+        Self::new(
+            meta.namespace.clone().unwrap_or_default(),
+            meta.name.clone().unwrap_or_default(),
+        )
+    }
+}
+
+impl std::fmt::Display for ObjectRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.namespace.is_empty() {
+            f.write_str(&self.name)
+        } else {
+            write!(f, "{}/{}", self.namespace, self.name)
+        }
+    }
+}
+
+/// The kinds the index holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Kind {
+    /// `weft.dev` `Mesh`.
+    Mesh,
+    /// Core `Namespace`.
+    Namespace,
+    /// Core `Service`.
+    Service,
+    /// `discovery.k8s.io` `EndpointSlice`.
+    EndpointSlice,
+    /// Core `Pod` (metadata).
+    Pod,
+    /// `weft.dev` `ServiceRoute`.
+    ServiceRoute,
+    /// `weft.dev` `ServicePolicy`.
+    ServicePolicy,
+    /// `weft.dev` `AccessPolicy`.
+    AccessPolicy,
+}
+
+/// One object to apply to the index.
+#[derive(Clone, Debug)]
+pub enum Object {
+    /// A `Mesh`.
+    Mesh(Box<Mesh>),
+    /// A `Namespace`.
+    Namespace(Box<Namespace>),
+    /// A `Service`.
+    Service(Box<Service>),
+    /// An `EndpointSlice`.
+    EndpointSlice(Box<EndpointSlice>),
+    /// A full `Pod` (offline input, or the watcher of injected pods that
+    /// reads their service account).
+    Pod(Box<Pod>),
+    /// A Pod's metadata only (from a metadata watcher): labels and meshed
+    /// flag; a service account already known is kept.
+    PodMetadata(Box<ObjectMeta>),
+    /// A `ServiceRoute`.
+    ServiceRoute(Box<ServiceRoute>),
+    /// A `ServicePolicy`.
+    ServicePolicy(Box<ServicePolicy>),
+    /// An `AccessPolicy`.
+    AccessPolicy(Box<AccessPolicy>),
+}
+
+impl Object {
+    /// The kind of the object.
+    pub fn kind(&self) -> Kind {
+        match self {
+            Object::Mesh(_) => Kind::Mesh,
+            Object::Namespace(_) => Kind::Namespace,
+            Object::Service(_) => Kind::Service,
+            Object::EndpointSlice(_) => Kind::EndpointSlice,
+            Object::Pod(_) | Object::PodMetadata(_) => Kind::Pod,
+            Object::ServiceRoute(_) => Kind::ServiceRoute,
+            Object::ServicePolicy(_) => Kind::ServicePolicy,
+            Object::AccessPolicy(_) => Kind::AccessPolicy,
+        }
+    }
+
+    /// Its `namespace/name`.
+    pub fn object_ref(&self) -> ObjectRef {
+        let meta = match self {
+            Object::Mesh(o) => &o.metadata,
+            Object::Namespace(o) => &o.metadata,
+            Object::Service(o) => &o.metadata,
+            Object::EndpointSlice(o) => &o.metadata,
+            Object::Pod(o) => &o.metadata,
+            Object::PodMetadata(m) => m,
+            Object::ServiceRoute(o) => &o.metadata,
+            Object::ServicePolicy(o) => &o.metadata,
+            Object::AccessPolicy(o) => &o.metadata,
+        };
+        ObjectRef::of(meta)
+    }
+}
+
+/// What the index keeps of a Namespace.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NamespaceInfo {
+    /// Labelled `weft.dev/inject=enabled`.
+    pub meshed: bool,
+}
+
+/// The target port of a Service port.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TargetPort {
+    /// A container port number.
+    Number(u16),
+    /// A container port name, resolved per pod (EndpointSlices carry the number).
+    Name(String),
+}
+
+/// A TCP port of a Service.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PortInfo {
+    /// Port name (required by Kubernetes when a Service has several ports).
+    pub name: Option<String>,
+    /// The port clients dial.
+    pub port: u16,
+    /// Where it goes on the pods.
+    pub target_port: TargetPort,
+    /// `appProtocol`, if set.
+    pub app_protocol: Option<String>,
+}
+
+/// What the index keeps of a Service.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ServiceInfo {
+    /// Parsed `clusterIPs` (empty for headless Services).
+    pub cluster_ips: Vec<IpAddr>,
+    /// Pod selector; `None` for Services without one (manual endpoints).
+    pub selector: Option<BTreeMap<String, String>>,
+    /// TCP ports (UDP and SCTP ports are not proxied and dropped here).
+    pub ports: Vec<PortInfo>,
+    /// `type: ExternalName`: a DNS alias with no endpoints; not rendered.
+    pub external_name: bool,
+    /// Creation time, for deterministic ordering of ties.
+    pub created: Option<Time>,
+}
+
+/// One endpoint of an EndpointSlice.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SliceEndpoint {
+    /// Addresses (IPv4 or IPv6 slices only).
+    pub addresses: Vec<IpAddr>,
+    /// `conditions.ready` (unset means ready).
+    pub ready: bool,
+    /// The Pod behind it (`targetRef` of kind Pod in the same namespace).
+    pub pod: Option<String>,
+}
+
+/// What the index keeps of an EndpointSlice.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SliceInfo {
+    /// The Service (label `kubernetes.io/service-name`).
+    pub service: String,
+    /// Port name (as in the Service) → port number on these endpoints.
+    pub ports: Vec<(Option<String>, u16)>,
+    /// Endpoints.
+    pub endpoints: Vec<SliceEndpoint>,
+}
+
+/// What the index keeps of a Pod.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PodInfo {
+    /// Labels.
+    pub labels: BTreeMap<String, String>,
+    /// Runs a weft proxy (label `weft.dev/proxy=injected`).
+    pub meshed: bool,
+    /// `spec.serviceAccountName` when known (metadata alone does not carry it).
+    pub service_account: Option<String>,
+}
+
+/// A weft resource as the index tracks it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Tracked<S> {
+    /// `metadata.generation`.
+    pub generation: Option<i64>,
+    /// `metadata.creationTimestamp`; the oldest wins a conflict.
+    pub created: Option<Time>,
+    /// The current spec.
+    pub spec: S,
+    /// The generation and spec last reported accepted, if any.
+    pub last_accepted: Option<(Option<i64>, S)>,
+}
+
+/// The generation and hash of the config currently written in a namespace.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Previous {
+    /// `generation` of the written config.
+    pub generation: u64,
+    /// Its `hash`.
+    pub hash: String,
+}
+
+type Namespaced<T> = BTreeMap<String, BTreeMap<String, T>>;
+
+/// The index. See the module documentation.
+#[derive(Clone, Debug, Default)]
+pub struct Index {
+    mesh: Option<MeshSpec>,
+    namespaces: BTreeMap<String, NamespaceInfo>,
+    services: Namespaced<ServiceInfo>,
+    /// namespace → service → slice name → slice.
+    slices: Namespaced<BTreeMap<String, SliceInfo>>,
+    /// namespace → slice name → service it is filed under.
+    slice_owner: HashMap<String, HashMap<String, String>>,
+    pods: HashMap<String, HashMap<String, PodInfo>>,
+    routes: Namespaced<Tracked<weft_api::ServiceRouteSpec>>,
+    service_policies: Namespaced<Tracked<weft_api::ServicePolicySpec>>,
+    access_policies: Namespaced<Tracked<weft_api::AccessPolicySpec>>,
+    previous: BTreeMap<String, Previous>,
+}
+
+fn insert_namespaced<T: PartialEq>(map: &mut Namespaced<T>, r: &ObjectRef, value: T) -> bool {
+    let slot = map.entry(r.namespace.clone()).or_default();
+    if slot.get(&r.name) == Some(&value) {
+        return false;
+    }
+    slot.insert(r.name.clone(), value);
+    true
+}
+
+fn remove_namespaced<T>(map: &mut Namespaced<T>, r: &ObjectRef) -> bool {
+    let Some(slot) = map.get_mut(&r.namespace) else {
+        return false;
+    };
+    let removed = slot.remove(&r.name).is_some();
+    if slot.is_empty() {
+        map.remove(&r.namespace);
+    }
+    removed
+}
+
+fn tracked<S: Clone + PartialEq>(
+    existing: Option<&Tracked<S>>,
+    meta: &ObjectMeta,
+    spec: &S,
+) -> Tracked<S> {
+    Tracked {
+        generation: meta.generation,
+        created: meta.creation_timestamp.clone(),
+        spec: spec.clone(),
+        last_accepted: existing.and_then(|t| t.last_accepted.clone()),
+    }
+}
+
+impl Index {
+    /// An empty index.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Builds an index from objects, for offline rendering and tests.
+    pub fn from_objects(objects: impl IntoIterator<Item = Object>) -> Self {
+        let mut index = Self::new();
+        for o in objects {
+            index.apply(o);
+        }
+        index
+    }
+
+    /// Adds or updates an object; returns the namespaces to re-render.
+    pub fn apply(&mut self, object: Object) -> Dirty {
+        let r = object.object_ref();
+        match object {
+            Object::Mesh(m) => {
+                if r.name != MESH_NAME || self.mesh.as_ref() == Some(&m.spec) {
+                    return Dirty::new();
+                }
+                self.mesh = Some(m.spec);
+                self.all_namespaces()
+            }
+            Object::Namespace(ns) => {
+                let meshed = ns
+                    .metadata
+                    .labels
+                    .as_ref()
+                    .and_then(|l| l.get(INJECT_LABEL))
+                    .is_some_and(|v| v == INJECT_ENABLED);
+                let info = NamespaceInfo { meshed };
+                let before = self.namespaces.insert(r.name.clone(), info);
+                if before.is_some_and(|b| b.meshed) == meshed {
+                    return Dirty::new();
+                }
+                self.mesh_membership_changed(&r.name)
+            }
+            Object::Service(svc) => {
+                let info = ServiceInfo::from_service(&svc);
+                if insert_namespaced(&mut self.services, &r, info) {
+                    self.viewers(&r.namespace)
+                } else {
+                    Dirty::new()
+                }
+            }
+            Object::EndpointSlice(slice) => {
+                let info = SliceInfo::from_slice(&slice);
+                let mut changed = self.remove_slice_if_moved(&r, &info.service);
+                let slot = self
+                    .slices
+                    .entry(r.namespace.clone())
+                    .or_default()
+                    .entry(info.service.clone())
+                    .or_default();
+                if slot.get(&r.name) != Some(&info) {
+                    self.slice_owner
+                        .entry(r.namespace.clone())
+                        .or_default()
+                        .insert(r.name.clone(), info.service.clone());
+                    slot.insert(r.name.clone(), info);
+                    changed = true;
+                }
+                if changed {
+                    self.viewers(&r.namespace)
+                } else {
+                    Dirty::new()
+                }
+            }
+            Object::Pod(pod) => {
+                let mut info = PodInfo::from_meta(&pod.metadata);
+                info.service_account = Some(
+                    pod.spec
+                        .as_ref()
+                        .and_then(|s| s.service_account_name.clone())
+                        .unwrap_or_else(|| "default".to_owned()),
+                );
+                self.put_pod(&r, info)
+            }
+            Object::PodMetadata(meta) => {
+                let mut info = PodInfo::from_meta(&meta);
+                info.service_account = self
+                    .pod(&r.namespace, &r.name)
+                    .and_then(|p| p.service_account.clone());
+                self.put_pod(&r, info)
+            }
+            Object::ServiceRoute(o) => {
+                let existing = self.routes.get(&r.namespace).and_then(|m| m.get(&r.name));
+                let t = tracked(existing, &o.metadata, &o.spec);
+                if insert_namespaced(&mut self.routes, &r, t) {
+                    self.viewers(&r.namespace)
+                } else {
+                    Dirty::new()
+                }
+            }
+            Object::ServicePolicy(o) => {
+                let existing = self
+                    .service_policies
+                    .get(&r.namespace)
+                    .and_then(|m| m.get(&r.name));
+                let t = tracked(existing, &o.metadata, &o.spec);
+                if insert_namespaced(&mut self.service_policies, &r, t) {
+                    self.viewers(&r.namespace)
+                } else {
+                    Dirty::new()
+                }
+            }
+            Object::AccessPolicy(o) => {
+                let existing = self
+                    .access_policies
+                    .get(&r.namespace)
+                    .and_then(|m| m.get(&r.name));
+                let t = tracked(existing, &o.metadata, &o.spec);
+                if insert_namespaced(&mut self.access_policies, &r, t) {
+                    Dirty::from([r.namespace.clone()])
+                } else {
+                    Dirty::new()
+                }
+            }
+        }
+    }
+
+    /// Removes an object; returns the namespaces to re-render.
+    pub fn delete(&mut self, kind: Kind, r: &ObjectRef) -> Dirty {
+        match kind {
+            Kind::Mesh => {
+                if r.name == MESH_NAME && self.mesh.take().is_some() {
+                    self.all_namespaces()
+                } else {
+                    Dirty::new()
+                }
+            }
+            Kind::Namespace => match self.namespaces.remove(&r.name) {
+                Some(info) if info.meshed => self.mesh_membership_changed(&r.name),
+                Some(_) => Dirty::from([r.name.clone()]),
+                None => Dirty::new(),
+            },
+            Kind::Service => {
+                let removed = remove_namespaced(&mut self.services, r);
+                self.if_changed(removed, r)
+            }
+            Kind::EndpointSlice => {
+                let owner = self
+                    .slice_owner
+                    .get_mut(&r.namespace)
+                    .and_then(|m| m.remove(&r.name));
+                let Some(service) = owner else {
+                    return Dirty::new();
+                };
+                if let Some(by_svc) = self.slices.get_mut(&r.namespace) {
+                    if let Some(slot) = by_svc.get_mut(&service) {
+                        slot.remove(&r.name);
+                        if slot.is_empty() {
+                            by_svc.remove(&service);
+                        }
+                    }
+                    if by_svc.is_empty() {
+                        self.slices.remove(&r.namespace);
+                    }
+                }
+                self.viewers(&r.namespace)
+            }
+            Kind::Pod => {
+                let removed = self
+                    .pods
+                    .get_mut(&r.namespace)
+                    .and_then(|m| m.remove(&r.name))
+                    .is_some();
+                self.if_changed(removed, r)
+            }
+            Kind::ServiceRoute => {
+                let removed = remove_namespaced(&mut self.routes, r);
+                self.if_changed(removed, r)
+            }
+            Kind::ServicePolicy => {
+                let removed = remove_namespaced(&mut self.service_policies, r);
+                self.if_changed(removed, r)
+            }
+            Kind::AccessPolicy => {
+                if remove_namespaced(&mut self.access_policies, r) {
+                    Dirty::from([r.namespace.clone()])
+                } else {
+                    Dirty::new()
+                }
+            }
+        }
+    }
+
+    /// Every object of a kind currently held, to reconcile after a watch
+    /// re-list (delete what the new list no longer contains).
+    pub fn refs(&self, kind: Kind) -> BTreeSet<ObjectRef> {
+        fn of<T>(map: &Namespaced<T>) -> BTreeSet<ObjectRef> {
+            map.iter()
+                .flat_map(|(ns, m)| m.keys().map(move |n| ObjectRef::new(ns.clone(), n.clone())))
+                .collect()
+        }
+        match kind {
+            Kind::Mesh => self
+                .mesh
+                .iter()
+                .map(|_| ObjectRef::new("", MESH_NAME))
+                .collect(),
+            Kind::Namespace => self
+                .namespaces
+                .keys()
+                .map(|n| ObjectRef::new("", n.clone()))
+                .collect(),
+            Kind::Service => of(&self.services),
+            Kind::EndpointSlice => self
+                .slice_owner
+                .iter()
+                .flat_map(|(ns, m)| m.keys().map(move |n| ObjectRef::new(ns.clone(), n.clone())))
+                .collect(),
+            Kind::Pod => self
+                .pods
+                .iter()
+                .flat_map(|(ns, m)| m.keys().map(move |n| ObjectRef::new(ns.clone(), n.clone())))
+                .collect(),
+            Kind::ServiceRoute => of(&self.routes),
+            Kind::ServicePolicy => of(&self.service_policies),
+            Kind::AccessPolicy => of(&self.access_policies),
+        }
+    }
+
+    /// Records that `generation` of a resource was accepted, so a later
+    /// rejected spec falls back to it. Ignored when the resource has moved on
+    /// to another generation meanwhile.
+    pub fn record_accepted(&mut self, kind: Kind, r: &ObjectRef, generation: Option<i64>) {
+        fn record<S: Clone>(map: &mut Namespaced<Tracked<S>>, r: &ObjectRef, g: Option<i64>) {
+            if let Some(t) = map.get_mut(&r.namespace).and_then(|m| m.get_mut(&r.name))
+                && t.generation == g
+            {
+                t.last_accepted = Some((g, t.spec.clone()));
+            }
+        }
+        match kind {
+            Kind::ServiceRoute => record(&mut self.routes, r, generation),
+            Kind::ServicePolicy => record(&mut self.service_policies, r, generation),
+            Kind::AccessPolicy => record(&mut self.access_policies, r, generation),
+            _ => {}
+        }
+    }
+
+    /// Records the generation and hash of the config written in a namespace.
+    pub fn set_previous(&mut self, namespace: &str, previous: Option<Previous>) {
+        match previous {
+            Some(p) => {
+                self.previous.insert(namespace.to_owned(), p);
+            }
+            None => {
+                self.previous.remove(namespace);
+            }
+        }
+    }
+
+    /// The config written in a namespace, if known.
+    pub fn previous(&self, namespace: &str) -> Option<&Previous> {
+        self.previous.get(namespace)
+    }
+
+    /// The mesh settings (API defaults when no `Mesh` exists).
+    pub fn mesh(&self) -> MeshSpec {
+        self.mesh.clone().unwrap_or_default()
+    }
+
+    /// Whether a namespace is in the mesh.
+    pub fn is_meshed(&self, namespace: &str) -> bool {
+        self.namespaces.get(namespace).is_some_and(|n| n.meshed)
+    }
+
+    /// Whether a Namespace object is known at all.
+    pub fn has_namespace(&self, namespace: &str) -> bool {
+        self.namespaces.contains_key(namespace)
+    }
+
+    /// Meshed namespaces, sorted.
+    pub fn meshed_namespaces(&self) -> impl Iterator<Item = &str> {
+        self.namespaces
+            .iter()
+            .filter(|(_, i)| i.meshed)
+            .map(|(n, _)| n.as_str())
+    }
+
+    /// Every namespace the index has heard of (from any object), sorted.
+    pub fn all_namespaces(&self) -> Dirty {
+        let mut all: Dirty = self.namespaces.keys().cloned().collect();
+        all.extend(self.services.keys().cloned());
+        all.extend(self.routes.keys().cloned());
+        all.extend(self.service_policies.keys().cloned());
+        all.extend(self.access_policies.keys().cloned());
+        all
+    }
+
+    /// Services of a namespace, by name.
+    pub fn services(&self, namespace: &str) -> Option<&BTreeMap<String, ServiceInfo>> {
+        self.services.get(namespace)
+    }
+
+    /// One Service.
+    pub fn service(&self, namespace: &str, name: &str) -> Option<&ServiceInfo> {
+        self.services.get(namespace)?.get(name)
+    }
+
+    /// EndpointSlices of a Service, by slice name.
+    pub fn slices(&self, namespace: &str, service: &str) -> Option<&BTreeMap<String, SliceInfo>> {
+        self.slices.get(namespace)?.get(service)
+    }
+
+    /// One Pod.
+    pub fn pod(&self, namespace: &str, name: &str) -> Option<&PodInfo> {
+        self.pods.get(namespace)?.get(name)
+    }
+
+    /// `ServiceRoute`s of a namespace, by name.
+    pub fn routes(
+        &self,
+        namespace: &str,
+    ) -> Option<&BTreeMap<String, Tracked<weft_api::ServiceRouteSpec>>> {
+        self.routes.get(namespace)
+    }
+
+    /// `ServicePolicy`s of a namespace, by name.
+    pub fn service_policies(
+        &self,
+        namespace: &str,
+    ) -> Option<&BTreeMap<String, Tracked<weft_api::ServicePolicySpec>>> {
+        self.service_policies.get(namespace)
+    }
+
+    /// `AccessPolicy`s of a namespace, by name.
+    pub fn access_policies(
+        &self,
+        namespace: &str,
+    ) -> Option<&BTreeMap<String, Tracked<weft_api::AccessPolicySpec>>> {
+        self.access_policies.get(namespace)
+    }
+
+    /// Namespaces whose output shows what lives in `namespace`.
+    pub fn viewers(&self, namespace: &str) -> Dirty {
+        let mut out = Dirty::from([namespace.to_owned()]);
+        if self.is_meshed(namespace) {
+            out.extend(self.meshed_namespaces().map(str::to_owned));
+        }
+        out
+    }
+
+    fn if_changed(&self, changed: bool, r: &ObjectRef) -> Dirty {
+        if changed {
+            self.viewers(&r.namespace)
+        } else {
+            Dirty::new()
+        }
+    }
+
+    fn mesh_membership_changed(&self, namespace: &str) -> Dirty {
+        let mut out: Dirty = self.meshed_namespaces().map(str::to_owned).collect();
+        out.insert(namespace.to_owned());
+        out
+    }
+
+    fn put_pod(&mut self, r: &ObjectRef, info: PodInfo) -> Dirty {
+        let slot = self.pods.entry(r.namespace.clone()).or_default();
+        if slot.get(&r.name) == Some(&info) {
+            return Dirty::new();
+        }
+        slot.insert(r.name.clone(), info);
+        self.viewers(&r.namespace)
+    }
+
+    /// A slice whose service label changed is moved: drop it from the old
+    /// Service. Returns whether something was removed.
+    fn remove_slice_if_moved(&mut self, r: &ObjectRef, service: &str) -> bool {
+        let old = self
+            .slice_owner
+            .get(&r.namespace)
+            .and_then(|m| m.get(&r.name))
+            .filter(|old| old.as_str() != service)
+            .cloned();
+        match old {
+            Some(_) => !self.delete(Kind::EndpointSlice, r).is_empty(),
+            None => false,
+        }
+    }
+}
+
+impl ServiceInfo {
+    /// Converts a Service, keeping what rendering needs.
+    pub fn from_service(svc: &Service) -> Self {
+        let Some(spec) = svc.spec.as_ref() else {
+            return Self {
+                created: svc.metadata.creation_timestamp.clone(),
+                ..Self::default()
+            };
+        };
+        let ips: Vec<&String> = match &spec.cluster_ips {
+            Some(ips) if !ips.is_empty() => ips.iter().collect(),
+            _ => spec.cluster_ip.iter().collect(),
+        };
+        let mut cluster_ips: Vec<IpAddr> = ips.iter().filter_map(|s| s.parse().ok()).collect();
+        cluster_ips.sort();
+        cluster_ips.dedup();
+        let ports = spec
+            .ports
+            .iter()
+            .flatten()
+            .filter(|p| p.protocol.as_deref().unwrap_or("TCP") == "TCP")
+            .filter_map(|p| {
+                let port = u16::try_from(p.port).ok().filter(|&p| p != 0)?;
+                let target_port = match &p.target_port {
+                    Some(IntOrString::Int(n)) => {
+                        TargetPort::Number(u16::try_from(*n).ok().filter(|&n| n != 0)?)
+                    }
+                    Some(IntOrString::String(s)) => match s.parse::<u16>() {
+                        Ok(n) if n != 0 => TargetPort::Number(n),
+                        _ => TargetPort::Name(s.clone()),
+                    },
+                    None => TargetPort::Number(port),
+                };
+                Some(PortInfo {
+                    name: p.name.clone().filter(|n| !n.is_empty()),
+                    port,
+                    target_port,
+                    app_protocol: p.app_protocol.clone(),
+                })
+            })
+            .collect();
+        Self {
+            cluster_ips,
+            selector: spec.selector.clone().filter(|s| !s.is_empty()),
+            ports,
+            external_name: spec.type_.as_deref() == Some("ExternalName"),
+            created: svc.metadata.creation_timestamp.clone(),
+        }
+    }
+}
+
+impl SliceInfo {
+    /// Converts an EndpointSlice, keeping what rendering needs. FQDN slices
+    /// carry no addresses the proxy can use and come out empty.
+    pub fn from_slice(slice: &EndpointSlice) -> Self {
+        let service = slice
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(SERVICE_NAME_LABEL))
+            .cloned()
+            .unwrap_or_default();
+        let ip = matches!(slice.address_type.as_str(), "IPv4" | "IPv6");
+        let ports = slice
+            .ports
+            .iter()
+            .flatten()
+            .filter(|p| p.protocol.as_deref().unwrap_or("TCP") == "TCP")
+            .filter_map(|p| {
+                let n = p
+                    .port
+                    .and_then(|n| u16::try_from(n).ok())
+                    .filter(|&n| n != 0)?;
+                Some((p.name.clone().filter(|n| !n.is_empty()), n))
+            })
+            .collect();
+        let endpoints = if ip {
+            slice
+                .endpoints
+                .iter()
+                .map(|e| SliceEndpoint {
+                    addresses: e.addresses.iter().filter_map(|a| a.parse().ok()).collect(),
+                    ready: e.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true),
+                    pod: e
+                        .target_ref
+                        .as_ref()
+                        .filter(|t| t.kind.as_deref() == Some("Pod"))
+                        .filter(|t| {
+                            t.namespace.is_none() || t.namespace == slice.metadata.namespace
+                        })
+                        .and_then(|t| t.name.clone()),
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
+        Self {
+            service,
+            ports,
+            endpoints,
+        }
+    }
+}
+
+impl PodInfo {
+    /// Labels and meshed flag from a Pod's metadata (service account unknown).
+    pub fn from_meta(meta: &ObjectMeta) -> Self {
+        let labels = meta.labels.clone().unwrap_or_default();
+        let meshed = labels.get(PROXY_LABEL).is_some_and(|v| v == PROXY_INJECTED);
+        Self {
+            labels,
+            meshed,
+            service_account: None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::api::core::v1::{ServicePort, ServiceSpec};
+    use k8s_openapi::api::discovery::v1::{Endpoint, EndpointPort};
+
+    fn ns(name: &str, meshed: bool) -> Object {
+        let mut n = Namespace::default();
+        n.metadata.name = Some(name.into());
+        if meshed {
+            n.metadata.labels = Some(BTreeMap::from([(
+                INJECT_LABEL.to_owned(),
+                INJECT_ENABLED.to_owned(),
+            )]));
+        }
+        Object::Namespace(Box::new(n))
+    }
+
+    fn svc(ns: &str, name: &str, ip: &str) -> Object {
+        Object::Service(Box::new(Service {
+            metadata: ObjectMeta {
+                namespace: Some(ns.into()),
+                name: Some(name.into()),
+                ..Default::default()
+            },
+            spec: Some(ServiceSpec {
+                cluster_ip: Some(ip.into()),
+                ports: Some(vec![ServicePort {
+                    port: 80,
+                    ..Default::default()
+                }]),
+                ..Default::default()
+            }),
+            status: None,
+        }))
+    }
+
+    fn slice(ns: &str, name: &str, service: &str, ip: &str) -> Object {
+        Object::EndpointSlice(Box::new(EndpointSlice {
+            metadata: ObjectMeta {
+                namespace: Some(ns.into()),
+                name: Some(name.into()),
+                labels: Some(BTreeMap::from([(
+                    SERVICE_NAME_LABEL.to_owned(),
+                    service.to_owned(),
+                )])),
+                ..Default::default()
+            },
+            address_type: "IPv4".into(),
+            endpoints: vec![Endpoint {
+                addresses: vec![ip.into()],
+                ..Default::default()
+            }],
+            ports: Some(vec![EndpointPort {
+                port: Some(8080),
+                ..Default::default()
+            }]),
+        }))
+    }
+
+    fn set(names: &[&str]) -> Dirty {
+        names.iter().map(|s| (*s).to_owned()).collect()
+    }
+
+    #[test]
+    fn service_in_meshed_namespace_dirties_every_meshed_namespace() {
+        let mut idx = Index::from_objects([ns("a", true), ns("b", true), ns("c", false)]);
+        assert_eq!(idx.apply(svc("a", "web", "10.0.0.1")), set(&["a", "b"]));
+        assert_eq!(idx.apply(svc("c", "db", "10.0.0.2")), set(&["c"]));
+    }
+
+    #[test]
+    fn unchanged_apply_dirties_nothing() {
+        let mut idx = Index::from_objects([ns("a", true), svc("a", "web", "10.0.0.1")]);
+        assert!(idx.apply(svc("a", "web", "10.0.0.1")).is_empty());
+        assert!(idx.apply(ns("a", true)).is_empty());
+        assert!(!idx.apply(svc("a", "web", "10.0.0.9")).is_empty());
+    }
+
+    #[test]
+    fn namespace_joining_and_leaving_dirties_the_mesh() {
+        let mut idx = Index::from_objects([ns("a", true), ns("b", false)]);
+        assert_eq!(idx.apply(ns("b", true)), set(&["a", "b"]));
+        assert_eq!(idx.apply(ns("b", false)), set(&["a", "b"]));
+        assert!(!idx.is_meshed("b"));
+        assert_eq!(
+            idx.delete(Kind::Namespace, &ObjectRef::new("", "a")),
+            set(&["a"])
+        );
+    }
+
+    #[test]
+    fn slices_are_filed_under_their_service_and_move_with_the_label() {
+        let mut idx = Index::from_objects([ns("a", true)]);
+        assert_eq!(
+            idx.apply(slice("a", "web-1", "web", "10.1.0.1")),
+            set(&["a"])
+        );
+        assert_eq!(idx.slices("a", "web").map(|m| m.len()), Some(1));
+        idx.apply(slice("a", "web-1", "api", "10.1.0.1"));
+        assert!(idx.slices("a", "web").is_none());
+        assert_eq!(idx.slices("a", "api").map(|m| m.len()), Some(1));
+        let r = ObjectRef::new("a", "web-1");
+        assert_eq!(idx.delete(Kind::EndpointSlice, &r), set(&["a"]));
+        assert!(idx.slices("a", "api").is_none());
+        assert!(idx.delete(Kind::EndpointSlice, &r).is_empty());
+    }
+
+    #[test]
+    fn pod_metadata_keeps_a_known_service_account() {
+        let mut pod = Pod::default();
+        pod.metadata.namespace = Some("a".into());
+        pod.metadata.name = Some("p".into());
+        pod.metadata.labels = Some(BTreeMap::from([(
+            PROXY_LABEL.to_owned(),
+            PROXY_INJECTED.to_owned(),
+        )]));
+        pod.spec = Some(k8s_openapi::api::core::v1::PodSpec {
+            service_account_name: Some("cart".into()),
+            ..Default::default()
+        });
+        let mut idx = Index::new();
+        idx.apply(Object::Pod(Box::new(pod.clone())));
+        let mut meta = pod.metadata.clone();
+        meta.labels
+            .as_mut()
+            .expect("labels set above")
+            .insert("version".into(), "v2".into());
+        assert_eq!(idx.apply(Object::PodMetadata(Box::new(meta))), set(&["a"]));
+        let info = idx.pod("a", "p").expect("pod indexed");
+        assert!(info.meshed);
+        assert_eq!(info.service_account.as_deref(), Some("cart"));
+        assert_eq!(info.labels.get("version").map(String::as_str), Some("v2"));
+    }
+
+    #[test]
+    fn access_policy_dirties_only_its_namespace() {
+        let mut idx = Index::from_objects([ns("a", true), ns("b", true)]);
+        let mut ap = AccessPolicy::new("deny-all", Default::default());
+        ap.metadata.namespace = Some("a".into());
+        assert_eq!(idx.apply(Object::AccessPolicy(Box::new(ap))), set(&["a"]));
+    }
+
+    #[test]
+    fn refs_list_what_is_held() {
+        let idx = Index::from_objects([ns("a", true), svc("a", "web", "10.0.0.1")]);
+        assert_eq!(
+            idx.refs(Kind::Service),
+            BTreeSet::from([ObjectRef::new("a", "web")])
+        );
+        assert_eq!(
+            idx.refs(Kind::Namespace),
+            BTreeSet::from([ObjectRef::new("", "a")])
+        );
+    }
+
+    #[test]
+    fn udp_ports_and_bad_addresses_are_dropped() {
+        let mut s = Service::default();
+        s.metadata.namespace = Some("a".into());
+        s.metadata.name = Some("dns".into());
+        s.spec = Some(ServiceSpec {
+            cluster_ips: Some(vec!["10.0.0.10".into(), "not-an-ip".into()]),
+            ports: Some(vec![
+                ServicePort {
+                    port: 53,
+                    protocol: Some("UDP".into()),
+                    ..Default::default()
+                },
+                ServicePort {
+                    port: 53,
+                    name: Some("tcp".into()),
+                    ..Default::default()
+                },
+            ]),
+            ..Default::default()
+        });
+        let info = ServiceInfo::from_service(&s);
+        assert_eq!(
+            info.cluster_ips,
+            vec!["10.0.0.10".parse::<IpAddr>().expect("ip")]
+        );
+        assert_eq!(info.ports.len(), 1);
+        assert_eq!(info.ports[0].target_port, TargetPort::Number(53));
+    }
+}
