@@ -4,6 +4,9 @@
 //!   (what `crds/` holds; a test fails when they drift).
 //! - `weftctl check -f FILE...`: validate weft resources against the CRD
 //!   schemas and CEL rules of this build, before they reach a cluster.
+//! - `weftctl inject -f FILE... [--mesh MESH.yaml]`: add the weft sidecar to
+//!   every pod template, with the webhook's own patch builder, for pipelines
+//!   that inject at render time.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -31,6 +34,17 @@ enum Command {
         /// Files with one or more YAML documents.
         #[arg(short = 'f', long = "filename", required = true, num_args = 1..)]
         files: Vec<PathBuf>,
+    },
+    /// Inject the weft sidecar into Pods and workload templates in YAML
+    /// files (`-` for stdin); the result goes to stdout.
+    Inject {
+        /// Files with one or more YAML documents.
+        #[arg(short = 'f', long = "filename", required = true, num_args = 1..)]
+        files: Vec<PathBuf>,
+        /// A file holding the cluster's `Mesh` resource, whose injection
+        /// defaults apply (default: the built-in defaults).
+        #[arg(long)]
+        mesh: Option<PathBuf>,
     },
 }
 
@@ -72,6 +86,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Check { files } => check(&files),
+        Command::Inject { files, mesh } => inject(&files, mesh.as_ref()),
     }
 }
 
@@ -126,4 +141,31 @@ fn check(files: &[PathBuf]) -> anyhow::Result<ExitCode> {
     } else {
         ExitCode::FAILURE
     })
+}
+
+fn inject(files: &[PathBuf], mesh: Option<&PathBuf>) -> anyhow::Result<ExitCode> {
+    let cfg = match mesh {
+        Some(path) => {
+            let text = read_input(path)?;
+            let doc = weft_api::yaml::documents(&text)
+                .with_context(|| format!("parsing {}", path.display()))?
+                .into_iter()
+                .find(|d| d["kind"] == "Mesh")
+                .with_context(|| format!("{} holds no Mesh resource", path.display()))?;
+            let mesh: weft_api::Mesh = serde_json::from_value(doc)
+                .with_context(|| format!("reading the Mesh in {}", path.display()))?;
+            weft_injector::InjectConfig::from_mesh(&mesh.spec)?
+        }
+        None => weft_injector::InjectConfig::default(),
+    };
+    for (i, path) in files.iter().enumerate() {
+        let text = read_input(path)?;
+        let out = weft_injector::inject_manifests(&text, &cfg)
+            .with_context(|| format!("injecting {}", path.display()))?;
+        if i > 0 {
+            println!("---");
+        }
+        print!("{out}");
+    }
+    Ok(ExitCode::SUCCESS)
 }

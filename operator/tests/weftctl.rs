@@ -1,0 +1,130 @@
+//! `weftctl` as a user runs it: the real binary, real files.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("operator/ sits in the repository root")
+        .to_path_buf()
+}
+
+fn weftctl(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_weftctl"))
+        .args(args)
+        .current_dir(repo())
+        .output()
+        .expect("weftctl runs")
+}
+
+#[test]
+fn crds_writes_what_is_committed() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let out = weftctl(&["crds", "--out", dir.path().to_str().expect("utf-8")]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut n = 0;
+    for entry in std::fs::read_dir(dir.path()).expect("written") {
+        let path = entry.expect("entry").path();
+        let name = path.file_name().expect("name").to_owned();
+        let committed =
+            std::fs::read_to_string(repo().join("crds").join(&name)).expect("committed");
+        assert_eq!(
+            std::fs::read_to_string(&path).expect("generated"),
+            committed
+        );
+        n += 1;
+    }
+    assert_eq!(n, 4);
+}
+
+#[test]
+fn check_accepts_examples_and_rejects_broken_resources() {
+    let good = weftctl(&[
+        "check",
+        "-f",
+        "manifests/examples/backend-route.yaml",
+        "manifests/examples/access.yaml",
+    ]);
+    assert!(
+        good.status.success(),
+        "{}",
+        String::from_utf8_lossy(&good.stdout)
+    );
+    assert!(String::from_utf8_lossy(&good.stdout).contains("3 valid, 0 invalid"));
+
+    let bad = weftctl(&[
+        "check",
+        "-f",
+        "operator/api/tests/invalid/all-weights-zero.yaml",
+    ]);
+    assert_eq!(bad.status.code(), Some(1));
+    let stdout = String::from_utf8_lossy(&bad.stdout);
+    assert!(
+        stdout.contains("at least one backend needs a weight above zero"),
+        "{stdout}"
+    );
+
+    let garbage = weftctl(&["check", "-f", "Cargo.lock"]);
+    assert_eq!(
+        garbage.status.code(),
+        Some(2),
+        "not YAML is an error, not a pass"
+    );
+}
+
+#[test]
+fn inject_adds_the_sidecar_to_workload_templates() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let input = dir.path().join("app.yaml");
+    std::fs::write(
+        &input,
+        "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: web}\nspec:\n  selector: {matchLabels: {app: web}}\n  template:\n    metadata: {labels: {app: web}}\n    spec:\n      containers: [{name: web, image: nginx}]\n---\napiVersion: v1\nkind: Service\nmetadata: {name: web}\nspec: {ports: [{port: 80}]}\n",
+    )
+    .expect("write");
+    let mesh = dir.path().join("mesh.yaml");
+    std::fs::write(
+        &mesh,
+        "apiVersion: weft.dev/v1alpha1\nkind: Mesh\nmetadata: {name: default}\nspec:\n  injection: {proxyImage: registry.example/weft-proxy:test}\n",
+    )
+    .expect("write");
+    let out = weftctl(&[
+        "inject",
+        "-f",
+        input.to_str().expect("utf-8"),
+        "--mesh",
+        mesh.to_str().expect("utf-8"),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let docs = weft_api::yaml::documents(&String::from_utf8_lossy(&out.stdout)).expect("YAML out");
+    assert_eq!(docs.len(), 2);
+    let init = docs[0]
+        .pointer("/spec/template/spec/initContainers")
+        .and_then(|v| v.as_array())
+        .expect("init containers added");
+    assert!(init.iter().any(|c| c["name"] == "weft-init"));
+    assert!(
+        init.iter()
+            .any(|c| c["image"] == "registry.example/weft-proxy:test"),
+        "Mesh defaults apply"
+    );
+    assert_eq!(
+        docs[0].pointer("/spec/template/metadata/labels/weft.dev~1proxy"),
+        Some(&serde_json::json!("injected"))
+    );
+    assert_eq!(docs[1]["kind"], "Service");
+    assert!(
+        docs[1]
+            .get("spec")
+            .is_some_and(|s| s.get("template").is_none()),
+        "non-workloads pass through"
+    );
+}
