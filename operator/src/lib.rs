@@ -10,9 +10,11 @@
 //! The binary `weft-operator` runs both halves behind leader election; the
 //! offline CLI `weftctl` reuses the pure parts.
 
+pub mod admin;
 pub mod ca;
 pub mod config;
 pub mod identity;
 pub mod index;
+pub mod leader;
 pub mod metrics;
 pub mod render;
