@@ -67,7 +67,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 Some(dir) => {
                     std::fs::create_dir_all(&dir)
                         .with_context(|| format!("creating {}", dir.display()))?;
-                    for (name, yaml) in files {
+                    for (name, yaml) in files
+                        .into_iter()
+                        .chain(std::iter::once(weft_api::crds_kustomization()))
+                    {
                         let path = dir.join(name);
                         std::fs::write(&path, yaml)
                             .with_context(|| format!("writing {}", path.display()))?;
