@@ -561,7 +561,8 @@ impl CertificateAuthority {
     }
 
     /// Issues a leaf for `subject`, valid from `now` (backdated by
-    /// [`CLOCK_SKEW`]) for `ttl`, but never beyond the CA's own expiry.
+    /// [`CLOCK_SKEW`], at most a tenth of `ttl`) for `ttl`, but never beyond
+    /// the CA's own expiry.
     pub fn issue(
         &self,
         subject: &LeafSubject,
@@ -610,7 +611,9 @@ impl CertificateAuthority {
         params.is_ca = IsCa::ExplicitNoCa;
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.use_authority_key_identifier_extension = true;
-        let not_before = now - CLOCK_SKEW;
+        // Backdating is capped at a tenth of the TTL, so short-lived
+        // certificates are not due for renewal the moment they are issued.
+        let not_before = now - CLOCK_SKEW.min(ttl / 10);
         let not_after = (now + ttl).min(self.info.not_after);
         params.not_before = offset(not_before);
         params.not_after = offset(not_after);
@@ -1227,6 +1230,25 @@ mod tests {
             LeafInfo::parse(leaf.cert_pem.as_bytes(), leaf.key_pem.as_bytes()).expect("info");
         assert!(info.key_matches);
         assert!(ca.signed(&info));
+    }
+
+    #[test]
+    fn short_lived_leaves_are_not_due_at_once() {
+        let now = t0();
+        let ca = root(now);
+        let subject = workload("cluster.local", "a", "b");
+        let ttl = Duration::from_secs(60);
+        let leaf = ca.issue(&subject, ttl, now).expect("issue");
+        assert_eq!(leaf.not_before, now - Duration::from_secs(6));
+        let LeafDecision::Keep { renew_at } = decide_leaf(
+            Some((leaf.cert_pem.as_bytes(), leaf.key_pem.as_bytes())),
+            &subject,
+            &ca,
+            now,
+        ) else {
+            panic!("a fresh leaf is kept");
+        };
+        assert_eq!(renew_at, now + Duration::from_secs(38));
     }
 
     #[test]
