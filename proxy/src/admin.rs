@@ -20,8 +20,7 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use tokio::net::TcpListener;
 
-use crate::http::pool::Version;
-use crate::http::{Body, full, serve_connection};
+use crate::http::{Body, full};
 use crate::proxy::State;
 
 /// Serves the admin API until shutdown completes.
@@ -42,7 +41,14 @@ pub async fn serve(state: Arc<State>, listener: TcpListener) {
                 let st = svc_state.clone();
                 async move { Ok::<_, Infallible>(route(&st, req).await) }
             });
-            serve_connection(&st, conn, Version::Http1, svc).await;
+            // Not tied to shutdown: /ready must keep answering 503 while draining.
+            let io = hyper_util::rt::TokioIo::new(conn);
+            if let Err(e) = hyper::server::conn::http1::Builder::new()
+                .serve_connection(io, svc)
+                .await
+            {
+                tracing::debug!(error = %e, "admin connection ended with error");
+            }
         });
     }
 }
