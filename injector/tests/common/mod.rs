@@ -1,6 +1,8 @@
 //! Helpers shared by the injector's integration tests.
 #![allow(dead_code)]
 
+pub mod https;
+
 use std::path::PathBuf;
 
 use json_patch::Patch;
