@@ -23,6 +23,7 @@
 pub mod cluster;
 pub mod images;
 pub mod kubelet;
+pub mod mesh;
 pub mod netns;
 
 pub use cluster::{Cluster, ClusterConfig, HarnessError, pod_is_ready};

@@ -42,7 +42,12 @@ enum Cmd {
         port: u16,
     },
     /// One HTTP GET.
-    Get { url: String },
+    Get {
+        url: String,
+        /// Extra request headers, `Name: value` (repeatable).
+        #[arg(long = "header")]
+        headers: Vec<String>,
+    },
     /// Mutating admission webhook over HTTPS.
     Webhook {
         #[arg(long, default_value_t = 8443)]
@@ -64,7 +69,7 @@ async fn main() -> anyhow::Result<()> {
     let _ = rustls::crypto::ring::default_provider().install_default();
     match Cli::parse().cmd {
         Cmd::Echo { port } => echo(port).await,
-        Cmd::Get { url } => get(&url).await,
+        Cmd::Get { url, headers } => get(&url, &headers).await,
         Cmd::Webhook { port, cert, key } => webhook(port, &cert, &key).await,
         Cmd::KubeAccess { namespace } => kube_access(&namespace).await,
     }
@@ -104,7 +109,7 @@ async fn echo(port: u16) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn get(url: &str) -> anyhow::Result<()> {
+async fn get(url: &str, headers: &[String]) -> anyhow::Result<()> {
     let rest = url
         .strip_prefix("http://")
         .context("only http:// URLs are supported")?;
@@ -115,8 +120,14 @@ async fn get(url: &str) -> anyhow::Result<()> {
     let mut s = tokio::net::TcpStream::connect(authority)
         .await
         .with_context(|| format!("connect {authority}"))?;
+    let mut extra = String::new();
+    for h in headers {
+        extra.push_str(h);
+        extra.push_str("\r\n");
+    }
     s.write_all(
-        format!("GET {path} HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\n\r\n").as_bytes(),
+        format!("GET {path} HTTP/1.1\r\nHost: {authority}\r\n{extra}Connection: close\r\n\r\n")
+            .as_bytes(),
     )
     .await?;
     let mut buf = Vec::new();

@@ -1,0 +1,216 @@
+//! `weft-demo`: the local mesh, end to end, on the e2e harness.
+//!
+//! Starts a real control plane and the kubelet simulator in an isolated
+//! network namespace, installs weft from `manifests/` with kubectl, deploys
+//! a frontend and two versions of a backend in a meshed namespace, applies
+//! `manifests/examples/`, sends traffic from the frontend pod through its
+//! sidecar, and prints what happened. `--keep` leaves the cluster running.
+
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+use anyhow::Context as _;
+use clap::Parser;
+use weft_e2e::mesh::{self, Reply};
+use weft_e2e::{Cluster, ClusterConfig};
+
+#[derive(Parser, Debug)]
+#[command(about = "weft's local mesh demo on the e2e cluster harness")]
+struct Args {
+    /// Requests the frontend sends to the backend.
+    #[arg(long, default_value_t = 100)]
+    requests: usize,
+    /// Leave the cluster running after the report (Ctrl-C to stop).
+    #[arg(long)]
+    keep: bool,
+}
+
+fn step(t0: Instant, what: &str) {
+    println!("[{:>5.1}s] {what}", t0.elapsed().as_secs_f64());
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let args = Args::parse();
+    let t0 = Instant::now();
+
+    step(
+        t0,
+        "starting the cluster (etcd, kube-apiserver, controller-manager, scheduler, simulated kubelet)",
+    );
+    let cluster = Cluster::start_with(ClusterConfig::default())
+        .await
+        .context("starting the e2e cluster (run scripts/setup first)")?;
+    let result = run(&cluster, &args, t0).await;
+    if let Err(e) = &result {
+        eprintln!("demo failed: {e:#}");
+        cluster.dump_logs();
+    }
+    if args.keep && result.is_ok() {
+        println!();
+        println!("The cluster keeps running. In another shell:");
+        println!("  export KUBECONFIG={}", cluster.kubeconfig().display());
+        println!("  kubectl get pods -A; kubectl get weft -A");
+        println!(
+            "  ip netns exec {} bash   # the cluster's network",
+            cluster.node_netns()
+        );
+        println!("Ctrl-C stops and cleans up.");
+        tokio::signal::ctrl_c()
+            .await
+            .context("waiting for Ctrl-C")?;
+    }
+    drop(cluster);
+    step(t0, "cleaned up");
+    result
+}
+
+async fn run(cluster: &Cluster, args: &Args, t0: Instant) -> anyhow::Result<()> {
+    step(t0, "kubectl apply --server-side -k manifests/");
+    mesh::install(cluster).await.context("installing weft")?;
+    step(t0, "weft-operator and weft-injector are ready");
+
+    step(t0, "deploying the demo app and manifests/examples/");
+    mesh::deploy_demo(cluster)
+        .await
+        .context("deploying the demo app")?;
+    step(t0, "demo pods are ready");
+
+    let demo_pods = mesh::pods(cluster, "demo", "frontend")
+        .await?
+        .into_iter()
+        .chain(mesh::pods(cluster, "demo", "backend").await?)
+        .collect::<Vec<_>>();
+    let injected = demo_pods
+        .iter()
+        .filter(|p| {
+            p.metadata
+                .labels
+                .as_ref()
+                .and_then(|l| l.get("weft.dev/proxy"))
+                .map(String::as_str)
+                == Some("injected")
+        })
+        .count();
+    let identities = mesh::identity_secrets(cluster, "demo").await?;
+
+    let frontend = mesh::pods(cluster, "demo", "frontend")
+        .await?
+        .into_iter()
+        .find_map(|p| p.metadata.name)
+        .context("no frontend pod")?;
+    let backend_ip = mesh::cluster_ip(cluster, "demo", "backend").await?;
+    step(
+        t0,
+        &format!(
+            "sending {} requests frontend → backend ({backend_ip}:8080/api/items)",
+            args.requests
+        ),
+    );
+    let url = format!("http://{backend_ip}:8080/api/items");
+    let mut per_version: BTreeMap<String, usize> = BTreeMap::new();
+    let mut seen_identity: BTreeMap<String, usize> = BTreeMap::new();
+    let mut failures: BTreeMap<String, usize> = BTreeMap::new();
+    let started = Instant::now();
+    for _ in 0..args.requests {
+        match mesh::get_from_pod(cluster, "demo", &frontend, &url, &[]).await? {
+            Reply::Ok(body) => {
+                let pod = body["pod"].as_str().unwrap_or("?");
+                let version = if pod.starts_with("backend-v2") {
+                    "v2"
+                } else if pod.starts_with("backend-v1") {
+                    "v1"
+                } else {
+                    pod
+                };
+                *per_version.entry(version.to_owned()).or_default() += 1;
+                let id = body["identity"].as_str().unwrap_or("(none)").to_owned();
+                *seen_identity.entry(id).or_default() += 1;
+            }
+            Reply::Failed(why) => {
+                *failures
+                    .entry(why.lines().next().unwrap_or("").to_owned())
+                    .or_default() += 1
+            }
+        }
+    }
+    let elapsed = started.elapsed();
+
+    let hidden = mesh::get_from_pod(
+        cluster,
+        "demo",
+        &frontend,
+        &url,
+        &[("x-weft-release", "canary")],
+    )
+    .await?;
+
+    let backend_pod = mesh::pods(cluster, "outside", "client")
+        .await?
+        .into_iter()
+        .next()
+        .and_then(|p| p.metadata.name)
+        .context("no client pod")?;
+    let target = mesh::pods(cluster, "demo", "backend")
+        .await?
+        .into_iter()
+        .next()
+        .and_then(|p| p.status.and_then(|s| s.pod_ip))
+        .context("no backend pod IP")?;
+    let plaintext = mesh::get_from_pod(
+        cluster,
+        "outside",
+        &backend_pod,
+        &format!("http://{target}:8080/api/items"),
+        &[],
+    )
+    .await?;
+
+    println!();
+    println!("weft demo report");
+    println!(
+        "  pods in demo:           {} ({} injected with the weft sidecar)",
+        demo_pods.len(),
+        injected
+    );
+    println!("  identities issued:      {}", identities.join(", "));
+    println!(
+        "  requests sent:          {} in {:.1}s",
+        args.requests,
+        elapsed.as_secs_f64()
+    );
+    for (v, n) in &per_version {
+        println!(
+            "    served by backend {v}: {n} ({:.0}%)",
+            100.0 * *n as f64 / args.requests as f64
+        );
+    }
+    for (why, n) in &failures {
+        println!("    failed: {n} × {why}");
+    }
+    for (id, n) in &seen_identity {
+        println!("  identity the backend saw: {id} ({n} requests)");
+    }
+    match hidden {
+        Reply::Ok(body) => println!(
+            "  x-weft-release: canary → served by {}",
+            body["pod"].as_str().unwrap_or("?")
+        ),
+        Reply::Failed(why) => println!(
+            "  x-weft-release: canary → failed: {}",
+            why.lines().next().unwrap_or("")
+        ),
+    }
+    match plaintext {
+        Reply::Ok(_) => {
+            println!("  plaintext from the unmeshed namespace: SERVED (Strict mTLS not enforced!)")
+        }
+        Reply::Failed(why) => println!(
+            "  plaintext from the unmeshed namespace: refused ({})",
+            why.lines().next().unwrap_or("").trim()
+        ),
+    }
+    println!("  total time: {:.1}s", t0.elapsed().as_secs_f64());
+    Ok(())
+}
