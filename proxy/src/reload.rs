@@ -25,10 +25,11 @@ use crate::snapshot::resolve_data_dir;
 /// Quiet time after the first event before reloading (coalesces bursts).
 const DEBOUNCE: Duration = Duration::from_millis(10);
 
-/// Watches `state.settings.config_dir` until the process ends.
-pub async fn watch(state: Arc<State>) {
+/// Starts watching `state.settings.config_dir` now (so no swap after this
+/// call is missed) and returns the task that reloads on each swap.
+pub fn watch(state: Arc<State>) -> impl std::future::Future<Output = ()> + Send + 'static {
     let dir = state.settings.config_dir.clone();
-    let (tx, mut rx) = mpsc::unbounded_channel::<()>();
+    let (tx, rx) = mpsc::unbounded_channel::<()>();
     let watcher = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| match ev {
         Ok(ev) => {
             let swap = !matches!(ev.kind, EventKind::Access(_))
@@ -41,18 +42,25 @@ pub async fn watch(state: Arc<State>) {
             }
         }
         Err(e) => tracing::warn!(error = %e, "file watch error"),
-    });
-    let mut watcher = match watcher {
-        Ok(w) => w,
+    })
+    .and_then(|mut w| w.watch(&dir, RecursiveMode::NonRecursive).map(|()| w));
+    let watcher = match watcher {
+        Ok(w) => Some(w),
         Err(e) => {
-            tracing::error!(error = %e, dir = %dir.display(), "cannot create a file watcher; config and certificates will not reload (inotify limits?)");
-            return;
+            tracing::error!(error = %e, dir = %dir.display(), "cannot watch the mount directory; config and certificates will not reload (inotify limits?)");
+            None
         }
     };
-    if let Err(e) = watcher.watch(&dir, RecursiveMode::NonRecursive) {
-        tracing::error!(error = %e, dir = %dir.display(), "cannot watch the mount directory; config and certificates will not reload");
-        return;
-    }
+    run(state, dir, rx, watcher)
+}
+
+async fn run(
+    state: Arc<State>,
+    dir: PathBuf,
+    mut rx: mpsc::UnboundedReceiver<()>,
+    watcher: Option<notify::RecommendedWatcher>,
+) {
+    let Some(watcher) = watcher else { return };
     let mut last: Option<PathBuf> = state.snapshot.load().as_ref().map(|s| s.source.clone());
     while rx.recv().await.is_some() {
         tokio::time::sleep(DEBOUNCE).await;

@@ -79,6 +79,11 @@ impl Dialer for TestDialer {
         Box::pin(async move {
             match route {
                 Some((listener, table)) => table.connect(listener, dst).await,
+                // A safety net: tests never reach beyond loopback.
+                None if !dst.ip().is_loopback() => Err(io::Error::new(
+                    io::ErrorKind::ConnectionRefused,
+                    format!("test dialer: {dst} is not loopback and has no route"),
+                )),
                 None => {
                     let s = TcpStream::connect(dst).await?;
                     s.set_nodelay(true)?;
