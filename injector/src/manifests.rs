@@ -117,6 +117,15 @@ fn inject_document(
     let Some(template) = doc.pointer_mut(template_path) else {
         return Ok(());
     };
+    // Templates may omit metadata; the label and annotations need a home.
+    if let Some(t) = template.as_object_mut() {
+        let meta = t
+            .entry("metadata")
+            .or_insert_with(|| Value::Object(Default::default()));
+        if meta.is_null() {
+            *meta = Value::Object(Default::default());
+        }
+    }
     let pod = pod_of(template).map_err(|source| InjectManifestError::NotAPod {
         index,
         kind: kind.clone(),

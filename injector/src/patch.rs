@@ -105,6 +105,9 @@ pub enum PatchError {
     /// The pod already has a volume with weft's volume name.
     #[error("weft: the pod already has a volume named {VOLUME:?}; rename it to let weft inject")]
     VolumeTaken,
+    /// The pod has no spec.
+    #[error("weft: the pod has no spec")]
+    MissingSpec,
     /// The service account name makes the identity Secret name too long.
     #[error(
         "weft: service account name {0:?} is too long: Secret weft-identity-<name> would exceed 253 characters"
@@ -122,8 +125,10 @@ pub fn patch(pod: &Pod, cfg: &InjectConfig) -> Result<Patch, PatchError> {
 
 /// Selects and, when selected, builds the patch.
 pub fn decide(pod: &Pod, cfg: &InjectConfig) -> Result<Decision, PatchError> {
-    let spec = pod.spec.clone().unwrap_or_default();
     let annotations = pod.metadata.annotations.as_ref();
+    let Some(spec) = pod.spec.as_ref() else {
+        return Err(PatchError::MissingSpec);
+    };
     if spec.host_network == Some(true) {
         return Ok(Decision::Skip(Skip::HostNetwork));
     }
@@ -592,5 +597,22 @@ fn projected_volume(service_account: &str) -> Volume {
             ]),
         }),
         ..Volume::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pointer_tokens_are_escaped() {
+        assert_eq!(
+            pointer(&["metadata", "annotations", "a~b/c"]).as_str(),
+            "/metadata/annotations/a~0b~1c"
+        );
+        assert_eq!(
+            pointer(&["metadata", "labels", PROXY_LABEL]).as_str(),
+            "/metadata/labels/weft.dev~1proxy"
+        );
     }
 }
