@@ -463,3 +463,199 @@ async fn operator_issues_repairs_rotates_and_hands_over() -> anyhow::Result<()> 
     cluster.shutdown();
     Ok(())
 }
+
+/// A self-signed CA certificate and key (PEM) valid over `[nb, na]`.
+fn user_ca(
+    nb: std::time::SystemTime,
+    na: std::time::SystemTime,
+) -> anyhow::Result<(String, String)> {
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+    let mut params = rcgen::CertificateParams::default();
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "user root CA");
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    params.key_usages = vec![
+        rcgen::KeyUsagePurpose::KeyCertSign,
+        rcgen::KeyUsagePurpose::CrlSign,
+    ];
+    params.not_before = time::OffsetDateTime::from(nb);
+    params.not_after = time::OffsetDateTime::from(na);
+    let cert = params.self_signed(&key)?;
+    Ok((cert.pem(), key.serialize_pem()))
+}
+
+async fn put_user_ca(cluster: &Cluster, crt: &str, key: &str) -> anyhow::Result<()> {
+    use base64::Engine as _;
+    let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
+    let yaml = format!(
+        "apiVersion: v1\nkind: Secret\nmetadata: {{name: user-ca, namespace: weft-system}}\ntype: kubernetes.io/tls\ndata:\n  tls.crt: {}\n  tls.key: {}\n",
+        b64(crt),
+        b64(key)
+    );
+    cluster
+        .kubectl_stdin(&["apply", "-f", "-"], Some(&yaml))
+        .await?;
+    Ok(())
+}
+
+async fn ca_valid(meshes: &Api<Mesh>) -> Option<(String, String, String)> {
+    let m = meshes.get_opt("default").await.ok().flatten()?;
+    let c = m
+        .status?
+        .conditions
+        .into_iter()
+        .find(|c| c.type_ == "CAValid")?;
+    Some((c.status, c.reason, c.message))
+}
+
+/// A user CA that is expired (then valid, then paired with the wrong key):
+/// a clear condition and Event, nothing issued from the bad CA, nothing
+/// deleted when a good CA later goes bad.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_user_ca_is_reported_and_nothing_is_issued_or_deleted() -> anyhow::Result<()> {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let cluster = Cluster::start().await?;
+    let client = cluster.client();
+    let dir = tempfile::tempdir()?;
+    let wait = Duration::from_secs(60);
+    let now = std::time::SystemTime::now();
+    let day = Duration::from_secs(24 * 3600);
+
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    crds.create(&PostParams::default(), &Mesh::crd()).await?;
+    cluster
+        .kubectl(&[
+            "wait",
+            "--for=condition=Established",
+            "crd/meshes.weft.dev",
+            "--timeout=60s",
+        ])
+        .await?;
+    for ns in ["weft-system", "meshed"] {
+        cluster.create_namespace(ns).await?;
+    }
+    cluster
+        .kubectl(&["label", "namespace", "meshed", "weft.dev/inject=enabled"])
+        .await?;
+    let (expired_crt, expired_key) = user_ca(now - 10 * day, now - day)?;
+    put_user_ca(&cluster, &expired_crt, &expired_key).await?;
+    cluster
+        .kubectl_stdin(
+            &["apply", "-f", "-"],
+            Some("apiVersion: weft.dev/v1alpha1\nkind: Mesh\nmetadata: {name: default}\nspec:\n  certificates: {caSecretRef: {name: user-ca}}\n"),
+        )
+        .await?;
+    let _op = Operator::start(&cluster, "op-a", dir.path())?;
+    let system: Api<Secret> = Api::namespaced(client.clone(), "weft-system");
+    let meshed: Api<Secret> = Api::namespaced(client.clone(), "meshed");
+    let meshes: Api<Mesh> = Api::all(client.clone());
+
+    // Expired: reported, nothing issued.
+    cluster
+        .wait_until(wait, "CAValid=False InvalidUserCA", || {
+            let meshes = meshes.clone();
+            async move {
+                Ok(ca_valid(&meshes).await.is_some_and(|(s, r, m)| {
+                    s == "False" && r == "InvalidUserCA" && m.contains("expired")
+                }))
+            }
+        })
+        .await?;
+    cluster
+        .wait_until(wait, "a Warning Event InvalidUserCA", || {
+            let c = &cluster;
+            async move {
+                let out = c
+                    .kubectl(&[
+                        "get",
+                        "events",
+                        "-A",
+                        "--field-selector",
+                        "reason=InvalidUserCA",
+                        "-o",
+                        "name",
+                    ])
+                    .await?;
+                Ok(!out.trim().is_empty())
+            }
+        })
+        .await?;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert!(
+        system.get_opt("weft-ca").await?.is_none(),
+        "no CA state from an expired CA"
+    );
+    assert!(
+        meshed
+            .list(&ListParams::default().labels("weft.dev/identity"))
+            .await?
+            .items
+            .is_empty(),
+        "nothing issued from an expired CA"
+    );
+    let m = meshes.get("default").await?;
+    let ready = m
+        .status
+        .as_ref()
+        .and_then(|s| s.conditions.iter().find(|c| c.type_ == "Ready"))
+        .context("Ready")?;
+    assert_eq!(ready.status, "False");
+
+    // A valid user CA: identities chain to it.
+    let (good_crt, good_key) = user_ca(now - day, now + 365 * day)?;
+    put_user_ca(&cluster, &good_crt, &good_key).await?;
+    cluster
+        .wait_until(wait, "identity issued from the user CA", || {
+            let meshed = meshed.clone();
+            async move { Ok(meshed.get_opt("weft-identity-default").await?.is_some()) }
+        })
+        .await?;
+    let id = meshed.get("weft-identity-default").await?;
+    verify_chain(good_crt.as_bytes(), &data(&id, "tls.crt"))?;
+    cluster
+        .wait_until(wait, "CAValid=True with a User CA", || {
+            let meshes = meshes.clone();
+            async move {
+                let m = meshes.get("default").await?;
+                Ok(m.status
+                    .and_then(|s| s.active_ca)
+                    .is_some_and(|a| a.source == "User")
+                    && ca_valid(&meshes).await.is_some_and(|(s, _, _)| s == "True"))
+            }
+        })
+        .await?;
+    let ca_before = system.get("weft-ca").await?;
+
+    // The user swaps in a key that does not match: reported; the CA in use
+    // and every identity stay as they are.
+    let (_, stranger_key) = user_ca(now - day, now + 365 * day)?;
+    put_user_ca(&cluster, &good_crt, &stranger_key).await?;
+    cluster
+        .wait_until(wait, "CAValid=False for a mismatched key", || {
+            let meshes = meshes.clone();
+            async move {
+                Ok(ca_valid(&meshes).await.is_some_and(|(s, r, m)| {
+                    s == "False" && r == "InvalidUserCA" && m.contains("does not belong")
+                }))
+            }
+        })
+        .await?;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let ca_after = system.get("weft-ca").await?;
+    assert_eq!(
+        data(&ca_after, "tls.crt"),
+        data(&ca_before, "tls.crt"),
+        "CA state untouched"
+    );
+    assert_eq!(data(&ca_after, "tls.key"), data(&ca_before, "tls.key"));
+    let id_after = meshed.get("weft-identity-default").await?;
+    assert_eq!(id_after.uid(), id.uid(), "identity not deleted");
+    assert_eq!(
+        data(&id_after, "tls.crt"),
+        data(&id, "tls.crt"),
+        "identity not re-issued"
+    );
+    cluster.shutdown();
+    Ok(())
+}
