@@ -28,6 +28,7 @@ use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use rand::Rng as _;
 
+use crate::hostfs::HostLease;
 use crate::images::ImageMap;
 use crate::kubelet::{Kubelet, NodeConfig, NodeParts, network};
 use crate::netns::{NetNs, NetnsError, NetnsRuntime};
@@ -137,6 +138,8 @@ pub struct Cluster {
     node_ns: Option<NetNs>,
     dir: Option<tempfile::TempDir>,
     started_in: Duration,
+    passed: bool,
+    host: Option<Arc<HostLease>>,
 }
 
 impl Cluster {
@@ -185,6 +188,7 @@ impl Cluster {
             .tempdir()
             .map_err(io("temp dir"))?;
         set_mode(dir.path(), 0o755)?;
+        let host = Arc::new(HostLease::acquire().map_err(io("lock /run/weft-e2e/lock"))?);
         let node_ns = NetNs::create(&format!("weft-{id}"))?;
         network::setup_node(&node_ns, NODE_IP)?;
 
@@ -220,6 +224,8 @@ impl Cluster {
             node_ns: Some(node_ns),
             dir: Some(dir),
             started_in: Duration::ZERO,
+            passed: false,
+            host: Some(host.clone()),
         };
         cluster.wait_controlplane(&admin).await?;
 
@@ -249,6 +255,7 @@ impl Cluster {
             node_ip: NODE_IP,
             kubernetes_service_ip: KUBERNETES_SERVICE_IP.into(),
             id,
+            host,
         })
         .await?;
         cluster.kubelet = Some(kubelet);
@@ -484,6 +491,45 @@ impl Cluster {
         .await
     }
 
+    /// Waits until the node's service rules (kube-proxy's job) send
+    /// Service `ns/name`'s ClusterIP to `endpoints` ready endpoints per port.
+    /// Deployments report Ready before that: wait for this before calling a
+    /// Service.
+    pub async fn wait_service_endpoints(
+        &self,
+        ns: &str,
+        name: &str,
+        endpoints: usize,
+        timeout: Duration,
+    ) -> Result<(), HarnessError> {
+        let svcs: Api<k8s_openapi::api::core::v1::Service> = Api::namespaced(self.client(), ns);
+        self.wait_until(
+            timeout,
+            &format!("service {ns}/{name} with {endpoints} endpoints"),
+            || {
+                let svcs = svcs.clone();
+                async move {
+                    let Some(svc) = svcs.get_opt(name).await? else {
+                        return Ok(false);
+                    };
+                    let spec = svc.spec.unwrap_or_default();
+                    let ip = spec.cluster_ip.unwrap_or_default();
+                    let out = self.exec_in_node(&["iptables-save", "-t", "nat"]).await?;
+                    let rules = String::from_utf8_lossy(&out.stdout);
+                    Ok(spec.ports.iter().flatten().all(|p| {
+                        let needle = format!("-d {ip}/32 -p tcp -m tcp --dport {} ", p.port);
+                        rules
+                            .lines()
+                            .filter(|l| l.contains(&needle) && l.contains("-j DNAT"))
+                            .count()
+                            == endpoints
+                    }))
+                }
+            },
+        )
+        .await
+    }
+
     /// Waits until `get` finds no object (e.g. after a delete or GC).
     pub async fn wait_gone<K>(
         &self,
@@ -611,8 +657,50 @@ impl Cluster {
         files
     }
 
-    /// Prints the tail of every log to stderr.
+    /// Ends a test that passed: tears down without printing logs. A cluster
+    /// dropped without this (a panic, an early `?` return) prints them all.
+    pub fn shutdown(mut self) {
+        self.passed = true;
+    }
+
+    /// Prints the cluster's objects (`kubectl get`), the node's NAT rules
+    /// and the tail of every log to stderr.
     pub fn dump_logs(&self) {
+        if let Ok(out) = crate::netns::run(
+            "ip",
+            &[
+                "netns",
+                "exec",
+                &self.node_netns(),
+                "iptables-save",
+                "-t",
+                "nat",
+            ],
+        ) {
+            eprintln!(
+                "===== node iptables-save -t nat =====\n{}",
+                String::from_utf8_lossy(&out.stdout)
+            );
+        }
+        if let Ok(out) = std::process::Command::new("kubectl")
+            .arg("--kubeconfig")
+            .arg(&self.kubeconfig)
+            .args([
+                "get",
+                "nodes,all,events",
+                "-A",
+                "-o",
+                "wide",
+                "--request-timeout=5s",
+            ])
+            .output()
+        {
+            eprintln!(
+                "===== kubectl get nodes,all,events -A =====\n{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
         for f in self.log_files() {
             let text = std::fs::read_to_string(&f).unwrap_or_default();
             eprintln!("===== {} =====\n{}", f.display(), tail(&text, 80));
@@ -626,7 +714,6 @@ impl Cluster {
                     let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
                 }
             }
-            k.node().remove_mountpoints();
             k
         }));
         if let Some(mut cp) = self.controlplane.take() {
@@ -653,6 +740,13 @@ impl Cluster {
             }
         }
         self.node_ns.take();
+        if let Some(host) = self.host.take() {
+            // The kubelet's tasks may still hold a reference until the
+            // runtime drops them; the last holder releases.
+            if let Ok(host) = Arc::try_unwrap(host) {
+                host.release();
+            }
+        }
         if std::env::var_os("WEFT_E2E_KEEP").is_some()
             && let Some(dir) = self.dir.take()
         {
@@ -673,7 +767,7 @@ impl std::fmt::Debug for Cluster {
 
 impl Drop for Cluster {
     fn drop(&mut self) {
-        if std::thread::panicking() {
+        if !self.passed || std::thread::panicking() {
             eprintln!("weft-e2e: test failed; logs of cluster {}:", self.id);
             self.dump_logs();
         }

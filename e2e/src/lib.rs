@@ -21,6 +21,7 @@
 //! simulated and how it differs from a real kubelet.
 
 pub mod cluster;
+pub mod hostfs;
 pub mod images;
 pub mod kubelet;
 pub mod mesh;

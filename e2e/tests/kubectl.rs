@@ -162,5 +162,6 @@ async fn kubectl_applies_patches_gets_and_deletes_objects_and_crds() -> anyhow::
             Ok(!out.status.success())
         })
         .await?;
+    cluster.shutdown();
     Ok(())
 }

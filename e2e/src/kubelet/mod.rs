@@ -131,7 +131,7 @@ pub struct Node {
     seq: AtomicU32,
     pods: Mutex<HashMap<String, PodRecord>>,
     pids: Mutex<BTreeSet<u32>>,
-    mountpoints: Mutex<Vec<PathBuf>>,
+    host: Arc<crate::hostfs::HostLease>,
 }
 
 impl std::fmt::Debug for Node {
@@ -221,40 +221,11 @@ impl Node {
         guard(&self.pids).iter().copied().collect()
     }
 
-    /// Creates a missing mount point on the host (directory or file),
-    /// remembering the topmost created path for removal at cleanup.
+    /// Creates a missing mount point on the host (see [`crate::hostfs`]).
     fn ensure_mountpoint(&self, dst: &Path, dir: bool) -> Result<(), KubeletError> {
-        if dst.exists() {
-            return Ok(());
-        }
-        let mut top = dst.to_path_buf();
-        while let Some(parent) = top.parent() {
-            if parent.exists() {
-                break;
-            }
-            top = parent.to_path_buf();
-        }
-        let made = if dir {
-            std::fs::create_dir_all(dst)
-        } else {
-            dst.parent()
-                .map_or(Ok(()), std::fs::create_dir_all)
-                .and_then(|()| std::fs::write(dst, b""))
-        };
-        made.map_err(|e| KubeletError::Process(format!("mount point {}: {e}", dst.display())))?;
-        guard(&self.mountpoints).push(top);
-        Ok(())
-    }
-
-    /// Removes the mount points this node created on the host.
-    pub fn remove_mountpoints(&self) {
-        for p in guard(&self.mountpoints).drain(..).rev() {
-            let _ = if p.is_dir() {
-                std::fs::remove_dir_all(&p)
-            } else {
-                std::fs::remove_file(&p)
-            };
-        }
+        self.host
+            .create(dst, dir)
+            .map_err(|e| KubeletError::Process(format!("mount point {}: {e}", dst.display())))
     }
 }
 
@@ -276,6 +247,8 @@ pub struct NodeParts {
     pub kubernetes_service_ip: String,
     /// Cluster id.
     pub id: String,
+    /// The cluster's share of host mount points.
+    pub host: Arc<crate::hostfs::HostLease>,
 }
 
 /// The running simulator; its tasks are aborted on drop.
@@ -306,7 +279,7 @@ impl Kubelet {
             seq: AtomicU32::new(0),
             pods: Mutex::new(HashMap::new()),
             pids: Mutex::new(BTreeSet::new()),
-            mountpoints: Mutex::new(Vec::new()),
+            host: parts.host,
         });
         register(&node).await?;
         let tasks = vec![
@@ -387,6 +360,16 @@ async fn register(node: &Node) -> Result<(), KubeletError> {
             &node.name,
             &PatchParams::default(),
             &Patch::Merge(json!({"status": node_status(node)})),
+        )
+        .await?;
+    // The TaintNodesByCondition admission plugin taints a new node
+    // not-ready; the node lifecycle controller (not run here) would lift
+    // it once the node reports Ready, so the simulator does.
+    nodes
+        .patch(
+            &node.name,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"taints": null}})),
         )
         .await?;
     Ok(())

@@ -6,6 +6,10 @@
 //!  iptables nat WEFT-SERVICES: ClusterIP:port → DNAT podIP:targetPort
 //! ```
 //!
+//! A pod calling its own Service and picked as the endpoint (hairpin) is
+//! masqueraded to the node IP, as with kube-proxy; every other caller keeps
+//! its own address.
+//!
 //! Pod addresses are /32 with the bridge address as their on-link gateway,
 //! so pod-to-pod traffic is *routed* by the node namespace even between
 //! ports of one bridge: conntrack sees both directions and un-DNATs replies
@@ -44,7 +48,9 @@ pub fn setup_node(ns: &NetNs, node_ip: Ipv4Addr) -> Result<(), NetnsError> {
     ns.exec_with_stdin(
         "iptables-restore",
         &["--noflush"],
-        "*nat\n:WEFT-SERVICES - [0:0]\n-A PREROUTING -j WEFT-SERVICES\n-A OUTPUT -j WEFT-SERVICES\nCOMMIT\n",
+        "*nat\n:WEFT-SERVICES - [0:0]\n:WEFT-POSTROUTING - [0:0]\n\
+         -A PREROUTING -j WEFT-SERVICES\n-A OUTPUT -j WEFT-SERVICES\n\
+         -A POSTROUTING -j WEFT-POSTROUTING\nCOMMIT\n",
     )
     .map_err(|e| match e {
         NetnsError::Command { cmd, detail } => NetnsError::Command {
@@ -100,6 +106,19 @@ impl Sandbox {
             &name,
         ])?;
         ip_cmd(&["-n", node_ns, "link", "set", &veth, "master", BRIDGE, "up"])?;
+        // Where br_netfilter is loaded, a Service call DNATed back to the
+        // calling pod is bridged out of the port it came in: allow that.
+        ip_cmd(&[
+            "-n",
+            node_ns,
+            "link",
+            "set",
+            &veth,
+            "type",
+            "bridge_slave",
+            "hairpin",
+            "on",
+        ])?;
         ip_cmd(&[
             "-n",
             &name,
@@ -193,7 +212,8 @@ async fn render_rules(client: &kube::Client) -> Result<String, kube::Error> {
                 .push(s);
         }
     }
-    let mut out = String::from("*nat\n:WEFT-SERVICES - [0:0]\n");
+    let mut out = String::from("*nat\n:WEFT-SERVICES - [0:0]\n:WEFT-POSTROUTING - [0:0]\n");
+    let mut hairpin = std::collections::BTreeSet::new();
     for svc in &services.items {
         let Some(spec) = &svc.spec else { continue };
         let Some(cluster_ip) = spec
@@ -225,6 +245,11 @@ async fn render_rules(client: &kube::Client) -> Result<String, kube::Error> {
                 }
             }
             targets.sort();
+            hairpin.extend(
+                targets
+                    .iter()
+                    .filter_map(|t| t.split_once(':').map(|(ip, _)| ip.to_owned())),
+            );
             let n = targets.len();
             for (i, t) in targets.iter().enumerate() {
                 let stat = if i + 1 < n {
@@ -241,6 +266,15 @@ async fn render_rules(client: &kube::Client) -> Result<String, kube::Error> {
                 ));
             }
         }
+    }
+    // Hairpin: a pod whose call to its own Service was DNATed back to
+    // itself would get a packet from its own address (dropped as martian);
+    // after DNAT such a packet has source == destination: masquerade it to
+    // the node IP, as kube-proxy does.
+    for ip in hairpin {
+        out.push_str(&format!(
+            "-A WEFT-POSTROUTING -s {ip}/32 -d {ip}/32 -j MASQUERADE\n"
+        ));
     }
     out.push_str("COMMIT\n");
     Ok(out)
