@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use base64::Engine as _;
-use common::https::{AtomicDir, Conn, TestPki, client_config, tls_connect};
+use common::https::{AtomicDir, Conn, TestPki, client_config, h2_client_config, tls_connect};
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use weft_injector::InjectConfig;
@@ -394,4 +394,43 @@ async fn start_fails_clearly_without_a_certificate() {
     .await
     .expect_err("no certificate");
     assert!(err.to_string().contains("tls.crt"), "{err}");
+}
+
+/// kube-apiserver negotiates HTTP/2 when offered: the server speaks it.
+#[tokio::test]
+async fn inject_over_http2() {
+    let h = start(ServerOptions::default()).await;
+    let tls = tls_connect(h.server.local_addr, h2_client_config(&h.pki.ca))
+        .await
+        .expect("tls");
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    let (mut sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tls),
+    )
+    .await
+    .expect("h2 handshake");
+    tokio::spawn(conn);
+    let req = http::Request::builder()
+        .method("POST")
+        .uri("https://localhost/inject")
+        .header("content-type", "application/json")
+        .body(http_body_util::Full::new(bytes::Bytes::from(review(
+            "h2",
+            &web_pod(),
+        ))))
+        .expect("request");
+    let resp = tokio::time::timeout(GUARD, sender.send_request(req))
+        .await
+        .expect("in time")
+        .expect("response");
+    assert_eq!(resp.status(), 200);
+    let body = http_body_util::BodyExt::collect(resp.into_body())
+        .await
+        .expect("body")
+        .to_bytes();
+    let out: Value = serde_json::from_slice(&body).expect("json");
+    assert_eq!(out["response"]["uid"], "h2");
+    assert_eq!(out["response"]["patchType"], "JSONPatch");
+    h.server.shutdown().await;
 }

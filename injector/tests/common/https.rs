@@ -145,6 +145,14 @@ pub fn peer_leaf(stream: &TlsStream<TcpStream>) -> CertificateDer<'static> {
         .into_owned()
 }
 
+/// A TLS client config trusting `ca` that offers only HTTP/2 by ALPN, as
+/// Go's HTTP client (kube-apiserver's webhook client) prefers.
+pub fn h2_client_config(ca: &CertificateDer<'static>) -> Arc<rustls::ClientConfig> {
+    let mut cfg = (*client_config(ca)).clone();
+    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    Arc::new(cfg)
+}
+
 /// One keep-alive HTTP/1.1 connection over TLS.
 pub struct Conn {
     sender: http1::SendRequest<Full<Bytes>>,
