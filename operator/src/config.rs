@@ -1,1 +1,1052 @@
-//! Placeholder: owned by the config-rendering engineer (issue 5).
+//! The reconcilers of the traffic half: watch the cluster, keep the
+//! [`Index`] current, and write each meshed namespace's ConfigMap
+//! `weft-proxy` plus the status of every weft resource.
+//!
+//! ```text
+//! watchers (Mesh, Namespaces, Services, EndpointSlices, Pods as metadata,
+//!           injected Pods' service accounts, the weft CRs, weft-proxy ConfigMaps)
+//!     │ apply/delete → Dirty namespaces
+//!     ▼
+//! debounce (first mark opens a window of `debounce`; everything marked
+//!           inside it is one batch, so a burst of endpoint updates is one
+//!           render and at most one write per namespace)
+//!     │
+//!     ▼ for each namespace of the batch
+//! render (pure) ──► encode (plain / gzip / too large) ──► server-side apply
+//!                                                      ──► CR status (Accepted, Ready)
+//! ```
+//!
+//! Decisions that matter to operators:
+//!
+//! - **No write without a change.** The generation and hash of the ConfigMap
+//!   already in a namespace are read back from its annotations
+//!   (`weft.dev/config-generation`, `weft.dev/config-hash`) before the first
+//!   render, so a restarted operator renders the same bytes and writes
+//!   nothing.
+//! - **Size.** `proxy.json` goes in `data`; above
+//!   [`ConfigOptions::gzip_threshold`] it goes gzip-compressed into
+//!   `binaryData` as `proxy.json.gz`; if even that exceeds
+//!   [`ConfigOptions::max_bytes`], nothing is written (the proxies keep the
+//!   last good config), a Warning Event `ConfigTooLarge` is recorded on the
+//!   Namespace and the namespace's weft resources get `Ready=False` with the
+//!   same reason. Never a truncated config.
+//! - **Leaving the mesh** deletes the ConfigMap (only one carrying weft's
+//!   hash annotation).
+//! - **Pods** are watched as metadata only (labels; `Api<PartialObjectMeta<Pod>>`, what
+//!   `metadata_watcher` was) for all pods, plus a full
+//!   watch restricted to `weft.dev/proxy=injected` pods, because a pod's
+//!   service account (its identity) is in its spec, not its metadata. The
+//!   second watch can go once the injector stamps the service account on
+//!   the pod's metadata.
+//! - **No owner reference** on the ConfigMap: its only natural owner, the
+//!   `Mesh`, must not take every proxy config with it when deleted; a
+//!   namespace's deletion removes it anyway.
+//! - `lastTransitionTime` of a condition is set when weft patches the
+//!   condition, which it does only when the verdict or message changes.
+//!
+//! Metrics: [`ConfigMetrics`] (`weft_config_writes_total` and friends),
+//! registered into the operator's registry with [`ConfigMetrics::register`].
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt::Debug;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use futures::{FutureExt, Stream, StreamExt};
+use k8s_openapi::ByteString;
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace, ObjectReference, Pod, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use kube::api::{Api, DeleteParams, Patch, PatchParams};
+use kube::core::PartialObjectMeta;
+use kube::runtime::WatchStreamExt;
+use kube::runtime::events::{Event as KubeEvent, EventType, Recorder, Reporter};
+use kube::runtime::watcher::{self, Event, watcher};
+use kube::{Client, Resource, ResourceExt};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::registry::Registry;
+use serde_json::json;
+use tokio::sync::mpsc;
+use weft_api::{AccessPolicy, Mesh, ServicePolicy, ServiceRoute};
+use weft_proxy_config::{FILE_NAME, GZIP_FILE_NAME, ProxyConfig};
+
+use crate::index::{
+    Dirty, INJECT_LABEL, Index, Kind, Object, ObjectRef, PROXY_INJECTED, PROXY_LABEL, Previous,
+};
+use crate::render::{CrStatus, judge, render};
+
+/// Name of the ConfigMap written in every meshed namespace.
+pub const CONFIG_MAP_NAME: &str = "weft-proxy";
+/// Field manager of every write.
+pub const FIELD_MANAGER: &str = "weft-operator";
+/// Annotation holding the content hash of the written config.
+pub const HASH_ANNOTATION: &str = "weft.dev/config-hash";
+/// Annotation holding the generation of the written config.
+pub const GENERATION_ANNOTATION: &str = "weft.dev/config-generation";
+/// Kubernetes rejects objects above 1 MiB; leave room for metadata.
+pub const DEFAULT_MAX_BYTES: usize = 1024 * 1024 - 16 * 1024;
+
+/// Errors of the config reconcilers.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A write to the API server failed.
+    #[error("{action} {what}: {source}")]
+    Kube {
+        /// What was attempted (`apply`, `delete`, `patch status of`).
+        action: &'static str,
+        /// The object, `kind namespace/name`.
+        what: String,
+        /// The API error.
+        source: kube::Error,
+    },
+    /// The writer's queue closed: every watcher stopped.
+    #[error("every watcher stopped; the operator must restart")]
+    WatchersGone,
+}
+
+/// Counters of the config reconcilers.
+#[derive(Clone, Debug, Default)]
+pub struct ConfigMetrics {
+    /// ConfigMaps written (server-side applies that changed content).
+    pub writes: Counter,
+    /// Namespace renders performed.
+    pub renders: Counter,
+    /// Renders whose result was unchanged, so nothing was written.
+    pub unchanged: Counter,
+    /// Renders too large to write.
+    pub too_large: Counter,
+    /// ConfigMaps deleted because their namespace left the mesh.
+    pub deletes: Counter,
+}
+
+impl ConfigMetrics {
+    /// Registers the counters. In the operator's registry (prefix `weft`)
+    /// they are `weft_config_writes_total`, `weft_config_renders_total`,
+    /// `weft_config_unchanged_total`, `weft_config_too_large_total` and
+    /// `weft_config_deletes_total`.
+    pub fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "config_writes",
+            "weft-proxy ConfigMaps written",
+            self.writes.clone(),
+        );
+        registry.register(
+            "config_renders",
+            "Namespace proxy configs rendered",
+            self.renders.clone(),
+        );
+        registry.register(
+            "config_unchanged",
+            "Renders skipped because the content hash was unchanged",
+            self.unchanged.clone(),
+        );
+        registry.register(
+            "config_too_large",
+            "Renders not written because they exceed the ConfigMap size limit",
+            self.too_large.clone(),
+        );
+        registry.register(
+            "config_deletes",
+            "weft-proxy ConfigMaps deleted when a namespace left the mesh",
+            self.deletes.clone(),
+        );
+    }
+}
+
+/// Settings of [`run`].
+#[derive(Clone, Debug)]
+pub struct ConfigOptions {
+    /// How long changes are collected after the first one before rendering.
+    pub debounce: Duration,
+    /// Above this many bytes, `proxy.json` is written gzip-compressed.
+    pub gzip_threshold: usize,
+    /// Largest payload written; above it the config is not written at all.
+    pub max_bytes: usize,
+    /// Delay before a namespace whose write failed is tried again.
+    pub retry_after: Duration,
+    /// Counters (register them with [`ConfigMetrics::register`]).
+    pub metrics: ConfigMetrics,
+    /// Events are reported as `weft-operator` with this instance (pod name).
+    pub instance: Option<String>,
+}
+
+impl Default for ConfigOptions {
+    fn default() -> Self {
+        Self {
+            debounce: Duration::from_millis(250),
+            gzip_threshold: 256 * 1024,
+            max_bytes: DEFAULT_MAX_BYTES,
+            retry_after: Duration::from_secs(5),
+            metrics: ConfigMetrics::default(),
+            instance: None,
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Pure parts: encoding, the ConfigMap, status patches, debounce.
+
+/// How a config goes into its ConfigMap.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Encoded {
+    /// `data["proxy.json"]`.
+    Plain(String),
+    /// `binaryData["proxy.json.gz"]`.
+    Gzip(Vec<u8>),
+    /// Too large even compressed: not written.
+    TooLarge {
+        /// Size of `proxy.json`.
+        raw: usize,
+        /// Size compressed.
+        gzipped: usize,
+    },
+}
+
+/// Chooses plain, gzip or nothing for a sealed config.
+pub fn encode(config: &ProxyConfig, gzip_threshold: usize, max_bytes: usize) -> Encoded {
+    let json = config.to_json();
+    if json.len() <= gzip_threshold && json.len() <= max_bytes {
+        // serde_json writes UTF-8.
+        return Encoded::Plain(String::from_utf8_lossy(&json).into_owned());
+    }
+    let gz = weft_proxy_config::gzip(&json);
+    if gz.len() <= max_bytes {
+        Encoded::Gzip(gz)
+    } else {
+        Encoded::TooLarge {
+            raw: json.len(),
+            gzipped: gz.len(),
+        }
+    }
+}
+
+/// The ConfigMap holding a config. `None` for [`Encoded::TooLarge`].
+pub fn config_map(namespace: &str, config: &ProxyConfig, encoded: &Encoded) -> Option<ConfigMap> {
+    let (data, binary_data) = match encoded {
+        Encoded::Plain(s) => (
+            Some(BTreeMap::from([(FILE_NAME.to_owned(), s.clone())])),
+            None,
+        ),
+        Encoded::Gzip(b) => (
+            None,
+            Some(BTreeMap::from([(
+                GZIP_FILE_NAME.to_owned(),
+                ByteString(b.clone()),
+            )])),
+        ),
+        Encoded::TooLarge { .. } => return None,
+    };
+    Some(ConfigMap {
+        metadata: ObjectMeta {
+            name: Some(CONFIG_MAP_NAME.to_owned()),
+            namespace: Some(namespace.to_owned()),
+            labels: Some(BTreeMap::from([(
+                "app.kubernetes.io/managed-by".to_owned(),
+                FIELD_MANAGER.to_owned(),
+            )])),
+            annotations: Some(BTreeMap::from([
+                (HASH_ANNOTATION.to_owned(), config.hash.clone()),
+                (
+                    GENERATION_ANNOTATION.to_owned(),
+                    config.generation.to_string(),
+                ),
+            ])),
+            ..Default::default()
+        },
+        data,
+        binary_data,
+        ..Default::default()
+    })
+}
+
+/// The generation and hash a weft ConfigMap announces; `None` for a
+/// ConfigMap weft did not write.
+pub fn previous_from(cm: &ConfigMap) -> Option<Previous> {
+    let a = cm.metadata.annotations.as_ref()?;
+    let hash = a.get(HASH_ANNOTATION)?.clone();
+    let generation = a.get(GENERATION_ANNOTATION)?.parse().ok()?;
+    Some(Previous { generation, hash })
+}
+
+/// What happened to the config of a CR's namespace, for its `Ready` condition.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Delivery {
+    /// The namespace's config is written and current.
+    Written,
+    /// The namespace's config is too large to write.
+    TooLarge,
+    /// The namespace is not in the mesh; nothing is written for it.
+    NotMeshed,
+}
+
+/// The server-side apply body of a CR's status.
+pub fn status_patch(status: &CrStatus, delivery: Delivery, now: &str) -> serde_json::Value {
+    let kind = match status.kind {
+        Kind::ServiceRoute => "ServiceRoute",
+        Kind::ServicePolicy => "ServicePolicy",
+        _ => "AccessPolicy",
+    };
+    let (ready, ready_reason, ready_message) = match (status.rendered(), delivery) {
+        (false, _) => (
+            "False",
+            "NotAccepted",
+            "nothing of this resource is rendered".to_owned(),
+        ),
+        (true, Delivery::Written) => (
+            "True",
+            "Rendered",
+            "rendered into the namespace's weft-proxy ConfigMap".to_owned(),
+        ),
+        (true, Delivery::TooLarge) => (
+            "False",
+            "ConfigTooLarge",
+            "the namespace's proxy config exceeds the ConfigMap size limit and was not written; see the Namespace's events".to_owned(),
+        ),
+        (true, Delivery::NotMeshed) => (
+            "False",
+            "NamespaceNotMeshed",
+            format!("label the namespace {INJECT_LABEL}=enabled to render it"),
+        ),
+    };
+    let mut conditions = vec![json!({
+        "type": "Accepted",
+        "status": if status.accepted() { "True" } else { "False" },
+        "reason": status.reason(),
+        "message": status.message(),
+        "observedGeneration": status.generation,
+        "lastTransitionTime": now,
+    })];
+    conditions.push(json!({
+        "type": "Ready",
+        "status": ready,
+        "reason": ready_reason,
+        "message": ready_message,
+        "observedGeneration": status.generation,
+        "lastTransitionTime": now,
+    }));
+    json!({
+        "apiVersion": "weft.dev/v1alpha1",
+        "kind": kind,
+        "metadata": {"name": status.object.name, "namespace": status.object.namespace},
+        "status": {
+            "observedGeneration": status.generation,
+            "conditions": conditions,
+        }
+    })
+}
+
+/// Waits for the first dirty mark, then collects every further mark for
+/// `window`, and returns them as one batch. `None` when the sender is gone
+/// and nothing is pending.
+pub async fn next_batch(
+    rx: &mut mpsc::UnboundedReceiver<Dirty>,
+    window: Duration,
+) -> Option<Dirty> {
+    let mut batch = rx.recv().await?;
+    let deadline = tokio::time::Instant::now() + window;
+    loop {
+        tokio::select! {
+            more = rx.recv() => match more {
+                Some(d) => batch.merge(d),
+                None => return Some(batch),
+            },
+            () = tokio::time::sleep_until(deadline) => return Some(batch),
+        }
+    }
+}
+
+/// What to do with one namespace after rendering it.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Plan {
+    /// The written config is current.
+    Unchanged,
+    /// Apply this ConfigMap.
+    Write(Box<ConfigMap>),
+    /// Report that the config is too large.
+    TooLarge {
+        /// Size of `proxy.json`.
+        raw: usize,
+        /// Size compressed.
+        gzipped: usize,
+    },
+    /// The namespace left the mesh: delete its ConfigMap.
+    Delete,
+    /// Nothing exists and nothing should.
+    Nothing,
+}
+
+/// Decides what to do for a namespace, from the index alone.
+pub fn plan(index: &Index, namespace: &str, opts: &ConfigOptions) -> (Plan, Vec<CrStatus>) {
+    if !index.is_meshed(namespace) {
+        let action = if index.previous(namespace).is_some() {
+            Plan::Delete
+        } else {
+            Plan::Nothing
+        };
+        return (action, judge(index, namespace));
+    }
+    let out = render(index, namespace);
+    if index.previous(namespace).map(|p| &p.hash) == Some(&out.config.hash) {
+        return (Plan::Unchanged, out.statuses);
+    }
+    let encoded = encode(&out.config, opts.gzip_threshold, opts.max_bytes);
+    let action = match config_map(namespace, &out.config, &encoded) {
+        Some(cm) => Plan::Write(Box::new(cm)),
+        None => match encoded {
+            Encoded::TooLarge { raw, gzipped } => Plan::TooLarge { raw, gzipped },
+            _ => Plan::Nothing,
+        },
+    };
+    (action, out.statuses)
+}
+
+// ---------------------------------------------------------------------------
+// I/O: watchers feeding the index, and the writer.
+
+struct Shared {
+    index: Mutex<Index>,
+    dirty: mpsc::UnboundedSender<Dirty>,
+    synced: tokio::sync::watch::Sender<usize>,
+}
+
+impl Shared {
+    fn index(&self) -> MutexGuard<'_, Index> {
+        // A panic while holding the lock leaves a consistent-enough index:
+        // every mutation is a map insert or remove.
+        self.index.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn mark(&self, dirty: Dirty) {
+        if !dirty.is_empty() {
+            // The writer outlives the watchers; a send error means shutdown.
+            let _ = self.dirty.send(dirty);
+        }
+    }
+}
+
+/// Feeds one watch stream into the index. `owns_lifecycle`: this stream's
+/// re-lists decide which objects of `kind` still exist (false for the
+/// second Pod stream, which only sees injected pods).
+async fn feed<K, S>(
+    shared: Arc<Shared>,
+    stream: S,
+    kind: Kind,
+    owns_lifecycle: bool,
+    to_object: fn(K) -> Object,
+) where
+    K: Resource + Clone + Debug + Send + 'static,
+    S: Stream<Item = Result<Event<K>, watcher::Error>>,
+{
+    let mut stream = std::pin::pin!(stream);
+    let mut seen: Option<BTreeSet<ObjectRef>> = None;
+    let mut first_sync = true;
+    while let Some(event) = stream.next().await {
+        match event {
+            Ok(Event::Init) => seen = Some(BTreeSet::new()),
+            Ok(Event::InitApply(o) | Event::Apply(o)) => {
+                let object = to_object(o);
+                if let Some(seen) = seen.as_mut() {
+                    seen.insert(object.object_ref());
+                }
+                let dirty = shared.index().apply(object);
+                shared.mark(dirty);
+            }
+            Ok(Event::Delete(o)) => {
+                let r = ObjectRef::new(o.namespace().unwrap_or_default(), o.name_any());
+                let dirty = shared.index().delete(kind, &r);
+                shared.mark(dirty);
+            }
+            Ok(Event::InitDone) => {
+                if let Some(seen) = seen.take()
+                    && owns_lifecycle
+                {
+                    let mut index = shared.index();
+                    let mut dirty = Dirty::none();
+                    for gone in index.refs(kind).difference(&seen) {
+                        dirty.merge(index.delete(kind, gone));
+                    }
+                    drop(index);
+                    shared.mark(dirty);
+                }
+                if first_sync {
+                    first_sync = false;
+                    shared.synced.send_modify(|n| *n += 1);
+                }
+            }
+            Err(e) => tracing::warn!(?kind, error = %e, "watch failed; retrying with backoff"),
+        }
+    }
+}
+
+/// Feeds the `weft-proxy` ConfigMaps: their annotations are the previous
+/// output the renderer compares against.
+async fn feed_config_maps<S>(shared: Arc<Shared>, stream: S)
+where
+    S: Stream<Item = Result<Event<ConfigMap>, watcher::Error>>,
+{
+    let mut stream = std::pin::pin!(stream);
+    let mut seen: Option<BTreeSet<String>> = None;
+    let mut known: BTreeSet<String> = BTreeSet::new();
+    let mut first_sync = true;
+    while let Some(event) = stream.next().await {
+        match event {
+            Ok(Event::Init) => seen = Some(BTreeSet::new()),
+            Ok(Event::InitApply(cm) | Event::Apply(cm)) => {
+                let ns = cm.namespace().unwrap_or_default();
+                let previous = previous_from(&cm);
+                if previous.is_some() {
+                    known.insert(ns.clone());
+                    if let Some(seen) = seen.as_mut() {
+                        seen.insert(ns.clone());
+                    }
+                }
+                let mut index = shared.index();
+                let changed = index.previous(&ns) != previous.as_ref();
+                index.set_previous(&ns, previous);
+                drop(index);
+                if changed && !first_sync {
+                    // Edited behind weft's back: render again.
+                    shared.mark(Dirty::one(&ns));
+                }
+            }
+            Ok(Event::Delete(cm)) => {
+                let ns = cm.namespace().unwrap_or_default();
+                known.remove(&ns);
+                shared.index().set_previous(&ns, None);
+                shared.mark(Dirty::one(&ns));
+            }
+            Ok(Event::InitDone) => {
+                if let Some(seen) = seen.take() {
+                    for gone in known.difference(&seen) {
+                        shared.index().set_previous(gone, None);
+                        shared.mark(Dirty::one(gone));
+                    }
+                    known = seen;
+                }
+                if first_sync {
+                    first_sync = false;
+                    shared.synced.send_modify(|n| *n += 1);
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "ConfigMap watch failed; retrying with backoff"),
+        }
+    }
+}
+
+fn pod_metadata(meta: PartialObjectMeta<Pod>) -> Object {
+    Object::PodMetadata(Box::new(meta.metadata))
+}
+
+/// Runs the config reconcilers until a fatal error. Call it only while
+/// leading: two writers would fight over the ConfigMaps.
+pub async fn run(client: Client, opts: ConfigOptions) -> Result<(), Error> {
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let (synced_tx, mut synced_rx) = tokio::sync::watch::channel(0usize);
+    let shared = Arc::new(Shared {
+        index: Mutex::new(Index::new()),
+        dirty: tx,
+        synced: synced_tx,
+    });
+    let cfg = watcher::Config::default;
+    let c = &client;
+    let feeds: Vec<futures::future::BoxFuture<'static, ()>> = vec![
+        Box::pin(feed(
+            shared.clone(),
+            watcher(Api::<Mesh>::all(c.clone()), cfg()).default_backoff(),
+            Kind::Mesh,
+            true,
+            |o| Object::Mesh(Box::new(o)),
+        )),
+        Box::pin(feed(
+            shared.clone(),
+            watcher(Api::<Namespace>::all(c.clone()), cfg()).default_backoff(),
+            Kind::Namespace,
+            true,
+            |o| Object::Namespace(Box::new(o)),
+        )),
+        Box::pin(feed(
+            shared.clone(),
+            watcher(Api::<Service>::all(c.clone()), cfg()).default_backoff(),
+            Kind::Service,
+            true,
+            |o| Object::Service(Box::new(o)),
+        )),
+        Box::pin(feed(
+            shared.clone(),
+            watcher(Api::<EndpointSlice>::all(c.clone()), cfg()).default_backoff(),
+            Kind::EndpointSlice,
+            true,
+            |o| Object::EndpointSlice(Box::new(o)),
+        )),
+        Box::pin(feed(
+            shared.clone(),
+            watcher(Api::<PartialObjectMeta<Pod>>::all(c.clone()), cfg()).default_backoff(),
+            Kind::Pod,
+            true,
+            pod_metadata,
+        )),
+        Box::pin(feed(
+            shared.clone(),
+            watcher(
+                Api::<Pod>::all(c.clone()),
+                cfg().labels(&format!("{PROXY_LABEL}={PROXY_INJECTED}")),
+            )
+            .default_backoff(),
+            Kind::Pod,
+            false,
+            |o| Object::Pod(Box::new(o)),
+        )),
+        Box::pin(feed(
+            shared.clone(),
+            watcher(Api::<ServiceRoute>::all(c.clone()), cfg()).default_backoff(),
+            Kind::ServiceRoute,
+            true,
+            |o| Object::ServiceRoute(Box::new(o)),
+        )),
+        Box::pin(feed(
+            shared.clone(),
+            watcher(Api::<ServicePolicy>::all(c.clone()), cfg()).default_backoff(),
+            Kind::ServicePolicy,
+            true,
+            |o| Object::ServicePolicy(Box::new(o)),
+        )),
+        Box::pin(feed(
+            shared.clone(),
+            watcher(Api::<AccessPolicy>::all(c.clone()), cfg()).default_backoff(),
+            Kind::AccessPolicy,
+            true,
+            |o| Object::AccessPolicy(Box::new(o)),
+        )),
+        Box::pin(feed_config_maps(
+            shared.clone(),
+            watcher(
+                Api::<ConfigMap>::all(c.clone()),
+                cfg().fields(&format!("metadata.name={CONFIG_MAP_NAME}")),
+            )
+            .default_backoff(),
+        )),
+    ];
+    let watchers = feeds.len();
+    let watch_all = futures::future::join_all(feeds);
+
+    let writer = async {
+        // Render nothing before every watcher has listed once: a render
+        // without the existing ConfigMaps' hashes would rewrite them all.
+        if synced_rx.wait_for(|n| *n >= watchers).await.is_err() {
+            return Err(Error::WatchersGone);
+        }
+        tracing::info!("config watchers synced; rendering");
+        let writer = Writer::new(client.clone(), opts.clone(), shared.clone());
+        loop {
+            let Some(batch) = next_batch(&mut rx, opts.debounce).await else {
+                return Err(Error::WatchersGone);
+            };
+            writer.write_batch(batch).await;
+        }
+    };
+    tokio::select! {
+        () = watch_all.map(|_| ()) => Err(Error::WatchersGone),
+        r = writer => r,
+    }
+}
+
+type StatusKey = (Kind, ObjectRef);
+type StatusMemo = (Option<i64>, String, String, Delivery);
+
+struct Writer {
+    client: Client,
+    opts: ConfigOptions,
+    shared: Arc<Shared>,
+    recorder: Recorder,
+    statuses: tokio::sync::Mutex<BTreeMap<StatusKey, StatusMemo>>,
+}
+
+impl Writer {
+    fn new(client: Client, opts: ConfigOptions, shared: Arc<Shared>) -> Self {
+        let recorder = Recorder::new(
+            client.clone(),
+            Reporter {
+                controller: FIELD_MANAGER.to_owned(),
+                instance: opts.instance.clone(),
+            },
+        );
+        Self {
+            client,
+            opts,
+            shared,
+            recorder,
+            statuses: tokio::sync::Mutex::default(),
+        }
+    }
+
+    async fn write_batch(&self, batch: Dirty) {
+        let namespaces = batch.resolve(&self.shared.index());
+        for ns in namespaces {
+            if let Err(e) = self.reconcile(&ns).await {
+                tracing::warn!(namespace = %ns, error = %e, "config reconcile failed; retrying");
+                let shared = self.shared.clone();
+                let after = self.opts.retry_after;
+                tokio::spawn(async move {
+                    tokio::time::sleep(after).await;
+                    shared.mark(Dirty::one(&ns));
+                });
+            }
+        }
+    }
+
+    async fn reconcile(&self, ns: &str) -> Result<(), Error> {
+        let (action, statuses) = {
+            let index = self.shared.index();
+            plan(&index, ns, &self.opts)
+        };
+        let api: Api<ConfigMap> = Api::namespaced(self.client.clone(), ns);
+        let delivery = match action {
+            Plan::Unchanged => {
+                self.opts.metrics.renders.inc();
+                self.opts.metrics.unchanged.inc();
+                Delivery::Written
+            }
+            Plan::Write(cm) => {
+                self.opts.metrics.renders.inc();
+                let previous = previous_from(&cm);
+                api.patch(
+                    CONFIG_MAP_NAME,
+                    &PatchParams::apply(FIELD_MANAGER).force(),
+                    &Patch::Apply(&*cm),
+                )
+                .await
+                .map_err(|source| Error::Kube {
+                    action: "apply",
+                    what: format!("ConfigMap {ns}/{CONFIG_MAP_NAME}"),
+                    source,
+                })?;
+                self.opts.metrics.writes.inc();
+                tracing::info!(namespace = %ns, generation = previous.as_ref().map(|p| p.generation), "wrote proxy config");
+                self.shared.index().set_previous(ns, previous);
+                Delivery::Written
+            }
+            Plan::TooLarge { raw, gzipped } => {
+                self.opts.metrics.renders.inc();
+                self.opts.metrics.too_large.inc();
+                let note = format!(
+                    "proxy.json for namespace {ns} is {raw} bytes ({gzipped} gzip-compressed), above the {} byte ConfigMap budget; it was NOT written and proxies keep their last config. Reduce the Services visible to the namespace.",
+                    self.opts.max_bytes
+                );
+                tracing::error!(namespace = %ns, raw, gzipped, "proxy config too large; not written");
+                let reference = ObjectReference {
+                    api_version: Some("v1".into()),
+                    kind: Some("Namespace".into()),
+                    name: Some(ns.to_owned()),
+                    ..Default::default()
+                };
+                let event = KubeEvent {
+                    type_: EventType::Warning,
+                    reason: "ConfigTooLarge".into(),
+                    note: Some(note),
+                    action: "Render".into(),
+                    secondary: None,
+                };
+                if let Err(e) = self.recorder.publish(&event, &reference).await {
+                    tracing::warn!(namespace = %ns, error = %e, "cannot record ConfigTooLarge event");
+                }
+                Delivery::TooLarge
+            }
+            Plan::Delete => {
+                match api.delete(CONFIG_MAP_NAME, &DeleteParams::default()).await {
+                    Ok(_) => {}
+                    Err(kube::Error::Api(s)) if s.is_not_found() => {}
+                    Err(source) => {
+                        return Err(Error::Kube {
+                            action: "delete",
+                            what: format!("ConfigMap {ns}/{CONFIG_MAP_NAME}"),
+                            source,
+                        });
+                    }
+                }
+                self.opts.metrics.deletes.inc();
+                self.shared.index().set_previous(ns, None);
+                Delivery::NotMeshed
+            }
+            Plan::Nothing => Delivery::NotMeshed,
+        };
+        self.patch_statuses(statuses, delivery).await
+    }
+
+    async fn patch_statuses(
+        &self,
+        statuses: Vec<CrStatus>,
+        delivery: Delivery,
+    ) -> Result<(), Error> {
+        let now = k8s_openapi::jiff::Timestamp::now()
+            .strftime("%Y-%m-%dT%H:%M:%SZ")
+            .to_string();
+        let mut memo = self.statuses.lock().await;
+        for st in statuses {
+            if st.accepted() {
+                self.shared
+                    .index()
+                    .record_accepted(st.kind, &st.object, st.generation);
+            }
+            let key = (st.kind, st.object.clone());
+            let value = (
+                st.generation,
+                st.reason().to_owned(),
+                st.message(),
+                delivery,
+            );
+            if memo.get(&key) == Some(&value) {
+                continue;
+            }
+            let body = status_patch(&st, delivery, &now);
+            let params = PatchParams::apply(FIELD_MANAGER).force();
+            let ns = &st.object.namespace;
+            let name = &st.object.name;
+            let result = match st.kind {
+                Kind::ServiceRoute => Api::<ServiceRoute>::namespaced(self.client.clone(), ns)
+                    .patch_status(name, &params, &Patch::Apply(&body))
+                    .await
+                    .map(|_| ()),
+                Kind::ServicePolicy => Api::<ServicePolicy>::namespaced(self.client.clone(), ns)
+                    .patch_status(name, &params, &Patch::Apply(&body))
+                    .await
+                    .map(|_| ()),
+                _ => Api::<AccessPolicy>::namespaced(self.client.clone(), ns)
+                    .patch_status(name, &params, &Patch::Apply(&body))
+                    .await
+                    .map(|_| ()),
+            };
+            match result {
+                Ok(()) => {
+                    memo.insert(key, value);
+                }
+                // Deleted meanwhile: nothing to report on.
+                Err(kube::Error::Api(s)) if s.is_not_found() => {}
+                Err(source) => {
+                    return Err(Error::Kube {
+                        action: "patch status of",
+                        what: format!("{:?} {}", st.kind, st.object),
+                        source,
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::render::to_object;
+    use serde_json::Value;
+
+    fn obj(v: Value) -> Object {
+        to_object(0, v)
+            .expect("fixture has the right shape")
+            .expect("fixture kind is read")
+    }
+
+    fn ns(name: &str, meshed: bool) -> Value {
+        let labels = if meshed {
+            json!({INJECT_LABEL: "enabled"})
+        } else {
+            json!({})
+        };
+        json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name, "labels": labels}})
+    }
+
+    fn slice(ips: &[&str]) -> Value {
+        let eps: Vec<Value> = ips.iter().map(|ip| json!({"addresses": [ip]})).collect();
+        json!({
+            "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+            "metadata": {"namespace": "shop", "name": "web-1", "labels": {"kubernetes.io/service-name": "web"}},
+            "addressType": "IPv4", "ports": [{"name": "http", "port": 8080}], "endpoints": eps
+        })
+    }
+
+    fn shop() -> Index {
+        Index::from_objects([
+            obj(ns("shop", true)),
+            obj(json!({
+                "apiVersion": "v1", "kind": "Service", "metadata": {"namespace": "shop", "name": "web"},
+                "spec": {"clusterIP": "10.96.0.1", "selector": {"app": "web"}, "ports": [{"name": "http", "port": 80}]}
+            })),
+            obj(slice(&["10.0.0.1", "10.0.0.2"])),
+            obj(json!({
+                "apiVersion": "weft.dev/v1alpha1", "kind": "ServiceRoute",
+                "metadata": {"namespace": "shop", "name": "bad", "generation": 3},
+                "spec": {"service": "nope", "http": [{}]}
+            })),
+        ])
+    }
+
+    fn written(plan: &Plan) -> &ConfigMap {
+        match plan {
+            Plan::Write(cm) => cm,
+            other => panic!("expected a write, got {other:?}"),
+        }
+    }
+
+    fn decoded(cm: &ConfigMap) -> ProxyConfig {
+        let bytes = match (&cm.data, &cm.binary_data) {
+            (Some(d), None) => d[FILE_NAME].as_bytes().to_vec(),
+            (None, Some(b)) => weft_proxy_config::gunzip(&b[GZIP_FILE_NAME].0).expect("valid gzip"),
+            other => panic!("unexpected ConfigMap payload {other:?}"),
+        };
+        ProxyConfig::load(&bytes).expect("what is written loads in the proxy")
+    }
+
+    #[test]
+    fn first_render_writes_and_a_restart_writes_nothing() {
+        let opts = ConfigOptions::default();
+        let index = shop();
+        let (first, statuses) = plan(&index, "shop", &opts);
+        let cm = written(&first);
+        let cfg = decoded(cm);
+        assert_eq!(cfg.generation, 1);
+        let previous = previous_from(cm).expect("weft's annotations");
+        assert_eq!(previous.hash, cfg.hash);
+        assert_eq!(statuses.len(), 1);
+
+        // A restarted operator: a fresh index fed the same objects and the
+        // existing ConfigMap's annotations.
+        let mut restarted = shop();
+        restarted.set_previous("shop", Some(previous.clone()));
+        assert_eq!(plan(&restarted, "shop", &opts).0, Plan::Unchanged);
+
+        // One endpoint more: a new generation.
+        restarted.apply(obj(slice(&["10.0.0.1", "10.0.0.2", "10.0.0.3"])));
+        let (next, _) = plan(&restarted, "shop", &opts);
+        let cfg = decoded(written(&next));
+        assert_eq!(cfg.generation, 2);
+        assert_eq!(cfg.services[0].endpoints.len(), 3);
+    }
+
+    #[test]
+    fn large_configs_are_gzipped_and_too_large_ones_not_written() {
+        let index = shop();
+        let plain = written(&plan(&index, "shop", &ConfigOptions::default()).0).clone();
+        assert!(plain.binary_data.is_none());
+        let gz_opts = ConfigOptions {
+            gzip_threshold: 64,
+            ..Default::default()
+        };
+        let gz = written(&plan(&index, "shop", &gz_opts).0).clone();
+        assert!(gz.data.is_none());
+        assert_eq!(decoded(&gz), decoded(&plain));
+
+        let tiny = ConfigOptions {
+            gzip_threshold: 16,
+            max_bytes: 32,
+            ..Default::default()
+        };
+        match plan(&index, "shop", &tiny).0 {
+            Plan::TooLarge { raw, gzipped } => assert!(raw > 32 && gzipped > 32),
+            other => panic!("expected TooLarge, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn leaving_the_mesh_deletes_only_what_weft_wrote() {
+        let mut index = shop();
+        index.apply(obj(ns("shop", false)));
+        assert_eq!(
+            plan(&index, "shop", &ConfigOptions::default()).0,
+            Plan::Nothing
+        );
+        index.set_previous(
+            "shop",
+            Some(Previous {
+                generation: 4,
+                hash: "sha256:x".into(),
+            }),
+        );
+        let (p, statuses) = plan(&index, "shop", &ConfigOptions::default());
+        assert_eq!(p, Plan::Delete);
+        assert_eq!(statuses.len(), 1, "resources still get a verdict");
+        let mut foreign = ConfigMap::default();
+        foreign.metadata.annotations = Some(BTreeMap::from([("x".to_owned(), "y".to_owned())]));
+        assert_eq!(previous_from(&foreign), None);
+    }
+
+    #[test]
+    fn status_patches_carry_accepted_ready_and_observed_generation() {
+        let index = shop();
+        let statuses = judge(&index, "shop");
+        let body = status_patch(&statuses[0], Delivery::Written, "2026-01-01T00:00:00Z");
+        assert_eq!(body["kind"], "ServiceRoute");
+        assert_eq!(body["status"]["observedGeneration"], 3);
+        let conds = body["status"]["conditions"].as_array().expect("conditions");
+        assert_eq!(conds[0]["type"], "Accepted");
+        assert_eq!(conds[0]["status"], "False");
+        assert_eq!(conds[0]["reason"], "UnknownService");
+        assert_eq!(conds[1]["type"], "Ready");
+        assert_eq!(conds[1]["reason"], "NotAccepted");
+
+        let mut ok = statuses[0].clone();
+        ok.rejection = None;
+        let body = status_patch(&ok, Delivery::TooLarge, "2026-01-01T00:00:00Z");
+        assert_eq!(body["status"]["conditions"][0]["status"], "True");
+        assert_eq!(body["status"]["conditions"][1]["reason"], "ConfigTooLarge");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_burst_is_one_batch() {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let sender = tokio::spawn(async move {
+            for i in 0..100 {
+                tx.send(Dirty::one(&format!("ns-{}", i % 3)))
+                    .expect("receiver alive");
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            tokio::time::sleep(Duration::from_millis(1000)).await;
+            tx.send(Dirty::one("late")).expect("receiver alive");
+        });
+        let window = Duration::from_millis(250);
+        let started = tokio::time::Instant::now();
+        let first = next_batch(&mut rx, window).await.expect("a batch");
+        assert_eq!(started.elapsed(), window, "flushed when the window closes");
+        assert_eq!(first.namespaces.len(), 3);
+        // Marks after the first window form the second batch (100 marks over
+        // 200ms fit in one window; nothing is left but "late").
+        let second = next_batch(&mut rx, window).await.expect("a batch");
+        assert_eq!(second, Dirty::one("late"));
+        sender.await.expect("sender finished");
+        assert_eq!(next_batch(&mut rx, window).await, None);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn continuous_churn_still_flushes_every_window() {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            for _ in 0..1000 {
+                if tx.send(Dirty::one("busy")).is_err() {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        });
+        let window = Duration::from_millis(250);
+        let started = tokio::time::Instant::now();
+        let mut batches = 0;
+        while started.elapsed() < Duration::from_secs(2) {
+            next_batch(&mut rx, window).await.expect("a batch");
+            batches += 1;
+        }
+        // 2 s of churn, one flush per 250 ms window: a bounded write rate,
+        // and no starvation.
+        assert!((7..=9).contains(&batches), "{batches} batches");
+    }
+
+    #[test]
+    fn metrics_are_registered_under_their_documented_names() {
+        let mut registry = Registry::with_prefix("weft");
+        let metrics = ConfigMetrics::default();
+        metrics.register(&mut registry);
+        metrics.writes.inc();
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).expect("encodes");
+        assert!(text.contains("weft_config_writes_total 1"), "{text}");
+        assert!(text.contains("weft_config_too_large_total 0"), "{text}");
+    }
+}

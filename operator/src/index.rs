@@ -75,7 +75,53 @@ pub const PROXY_INJECTED: &str = "injected";
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 
 /// Namespaces whose rendered output may have changed.
-pub type Dirty = BTreeSet<String>;
+///
+/// "Every meshed namespace" is kept as a flag and resolved only when a batch
+/// is rendered ([`Dirty::resolve`]): with hundreds of meshed namespaces,
+/// spelling the set out on every endpoint update would cost more than the
+/// update itself.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Dirty {
+    /// Every namespace meshed at resolution time.
+    pub all_meshed: bool,
+    /// These namespaces, meshed or not.
+    pub namespaces: BTreeSet<String>,
+}
+
+impl Dirty {
+    /// Nothing to re-render.
+    pub fn none() -> Self {
+        Self::default()
+    }
+
+    /// One namespace.
+    pub fn one(namespace: &str) -> Self {
+        Self {
+            all_meshed: false,
+            namespaces: BTreeSet::from([namespace.to_owned()]),
+        }
+    }
+
+    /// Whether nothing is dirty.
+    pub fn is_empty(&self) -> bool {
+        !self.all_meshed && self.namespaces.is_empty()
+    }
+
+    /// Adds another dirty set to this one.
+    pub fn merge(&mut self, other: Dirty) {
+        self.all_meshed |= other.all_meshed;
+        self.namespaces.extend(other.namespaces);
+    }
+
+    /// The namespaces, with "every meshed namespace" spelled out.
+    pub fn resolve(&self, index: &Index) -> BTreeSet<String> {
+        let mut out = self.namespaces.clone();
+        if self.all_meshed {
+            out.extend(index.meshed_namespaces().map(str::to_owned));
+        }
+        out
+    }
+}
 
 /// `(namespace, name)` of a namespaced object; the namespace is empty for
 /// cluster-scoped kinds.
@@ -364,10 +410,13 @@ impl Index {
         match object {
             Object::Mesh(m) => {
                 if r.name != MESH_NAME || self.mesh.as_ref() == Some(&m.spec) {
-                    return Dirty::new();
+                    return Dirty::none();
                 }
                 self.mesh = Some(m.spec);
-                self.all_namespaces()
+                Dirty {
+                    all_meshed: true,
+                    namespaces: self.all_namespaces(),
+                }
             }
             Object::Namespace(ns) => {
                 let meshed = ns
@@ -379,7 +428,7 @@ impl Index {
                 let info = NamespaceInfo { meshed };
                 let before = self.namespaces.insert(r.name.clone(), info);
                 if before.is_some_and(|b| b.meshed) == meshed {
-                    return Dirty::new();
+                    return Dirty::none();
                 }
                 self.mesh_membership_changed(&r.name)
             }
@@ -388,7 +437,7 @@ impl Index {
                 if insert_namespaced(&mut self.services, &r, info) {
                     self.viewers(&r.namespace)
                 } else {
-                    Dirty::new()
+                    Dirty::none()
                 }
             }
             Object::EndpointSlice(slice) => {
@@ -411,7 +460,7 @@ impl Index {
                 if changed {
                     self.viewers(&r.namespace)
                 } else {
-                    Dirty::new()
+                    Dirty::none()
                 }
             }
             Object::Pod(pod) => {
@@ -437,7 +486,7 @@ impl Index {
                 if insert_namespaced(&mut self.routes, &r, t) {
                     self.viewers(&r.namespace)
                 } else {
-                    Dirty::new()
+                    Dirty::none()
                 }
             }
             Object::ServicePolicy(o) => {
@@ -449,7 +498,7 @@ impl Index {
                 if insert_namespaced(&mut self.service_policies, &r, t) {
                     self.viewers(&r.namespace)
                 } else {
-                    Dirty::new()
+                    Dirty::none()
                 }
             }
             Object::AccessPolicy(o) => {
@@ -459,9 +508,9 @@ impl Index {
                     .and_then(|m| m.get(&r.name));
                 let t = tracked(existing, &o.metadata, &o.spec);
                 if insert_namespaced(&mut self.access_policies, &r, t) {
-                    Dirty::from([r.namespace.clone()])
+                    Dirty::one(&r.namespace)
                 } else {
-                    Dirty::new()
+                    Dirty::none()
                 }
             }
         }
@@ -472,15 +521,18 @@ impl Index {
         match kind {
             Kind::Mesh => {
                 if r.name == MESH_NAME && self.mesh.take().is_some() {
-                    self.all_namespaces()
+                    Dirty {
+                        all_meshed: true,
+                        namespaces: self.all_namespaces(),
+                    }
                 } else {
-                    Dirty::new()
+                    Dirty::none()
                 }
             }
             Kind::Namespace => match self.namespaces.remove(&r.name) {
                 Some(info) if info.meshed => self.mesh_membership_changed(&r.name),
-                Some(_) => Dirty::from([r.name.clone()]),
-                None => Dirty::new(),
+                Some(_) => Dirty::one(&r.name),
+                None => Dirty::none(),
             },
             Kind::Service => {
                 let removed = remove_namespaced(&mut self.services, r);
@@ -492,7 +544,7 @@ impl Index {
                     .get_mut(&r.namespace)
                     .and_then(|m| m.remove(&r.name));
                 let Some(service) = owner else {
-                    return Dirty::new();
+                    return Dirty::none();
                 };
                 if let Some(by_svc) = self.slices.get_mut(&r.namespace) {
                     if let Some(slot) = by_svc.get_mut(&service) {
@@ -525,9 +577,9 @@ impl Index {
             }
             Kind::AccessPolicy => {
                 if remove_namespaced(&mut self.access_policies, r) {
-                    Dirty::from([r.namespace.clone()])
+                    Dirty::one(&r.namespace)
                 } else {
-                    Dirty::new()
+                    Dirty::none()
                 }
             }
         }
@@ -629,8 +681,8 @@ impl Index {
     }
 
     /// Every namespace the index has heard of (from any object), sorted.
-    pub fn all_namespaces(&self) -> Dirty {
-        let mut all: Dirty = self.namespaces.keys().cloned().collect();
+    pub fn all_namespaces(&self) -> BTreeSet<String> {
+        let mut all: BTreeSet<String> = self.namespaces.keys().cloned().collect();
         all.extend(self.services.keys().cloned());
         all.extend(self.routes.keys().cloned());
         all.extend(self.service_policies.keys().cloned());
@@ -684,31 +736,31 @@ impl Index {
 
     /// Namespaces whose output shows what lives in `namespace`.
     pub fn viewers(&self, namespace: &str) -> Dirty {
-        let mut out = Dirty::from([namespace.to_owned()]);
-        if self.is_meshed(namespace) {
-            out.extend(self.meshed_namespaces().map(str::to_owned));
+        Dirty {
+            all_meshed: self.is_meshed(namespace),
+            namespaces: BTreeSet::from([namespace.to_owned()]),
         }
-        out
     }
 
     fn if_changed(&self, changed: bool, r: &ObjectRef) -> Dirty {
         if changed {
             self.viewers(&r.namespace)
         } else {
-            Dirty::new()
+            Dirty::none()
         }
     }
 
     fn mesh_membership_changed(&self, namespace: &str) -> Dirty {
-        let mut out: Dirty = self.meshed_namespaces().map(str::to_owned).collect();
-        out.insert(namespace.to_owned());
-        out
+        Dirty {
+            all_meshed: true,
+            namespaces: BTreeSet::from([namespace.to_owned()]),
+        }
     }
 
     fn put_pod(&mut self, r: &ObjectRef, info: PodInfo) -> Dirty {
         let slot = self.pods.entry(r.namespace.clone()).or_default();
         if slot.get(&r.name) == Some(&info) {
-            return Dirty::new();
+            return Dirty::none();
         }
         slot.insert(r.name.clone(), info);
         self.viewers(&r.namespace)
@@ -907,15 +959,17 @@ mod tests {
         }))
     }
 
-    fn set(names: &[&str]) -> Dirty {
+    fn set(names: &[&str]) -> BTreeSet<String> {
         names.iter().map(|s| (*s).to_owned()).collect()
     }
 
     #[test]
     fn service_in_meshed_namespace_dirties_every_meshed_namespace() {
         let mut idx = Index::from_objects([ns("a", true), ns("b", true), ns("c", false)]);
-        assert_eq!(idx.apply(svc("a", "web", "10.0.0.1")), set(&["a", "b"]));
-        assert_eq!(idx.apply(svc("c", "db", "10.0.0.2")), set(&["c"]));
+        let d = idx.apply(svc("a", "web", "10.0.0.1"));
+        assert_eq!(d.resolve(&idx), set(&["a", "b"]));
+        let d = idx.apply(svc("c", "db", "10.0.0.2"));
+        assert_eq!(d.resolve(&idx), set(&["c"]));
     }
 
     #[test]
@@ -929,28 +983,27 @@ mod tests {
     #[test]
     fn namespace_joining_and_leaving_dirties_the_mesh() {
         let mut idx = Index::from_objects([ns("a", true), ns("b", false)]);
-        assert_eq!(idx.apply(ns("b", true)), set(&["a", "b"]));
-        assert_eq!(idx.apply(ns("b", false)), set(&["a", "b"]));
+        let d = idx.apply(ns("b", true));
+        assert_eq!(d.resolve(&idx), set(&["a", "b"]));
+        let d = idx.apply(ns("b", false));
+        assert_eq!(d.resolve(&idx), set(&["a", "b"]));
         assert!(!idx.is_meshed("b"));
-        assert_eq!(
-            idx.delete(Kind::Namespace, &ObjectRef::new("", "a")),
-            set(&["a"])
-        );
+        let d = idx.delete(Kind::Namespace, &ObjectRef::new("", "a"));
+        assert_eq!(d.resolve(&idx), set(&["a"]));
     }
 
     #[test]
     fn slices_are_filed_under_their_service_and_move_with_the_label() {
         let mut idx = Index::from_objects([ns("a", true)]);
-        assert_eq!(
-            idx.apply(slice("a", "web-1", "web", "10.1.0.1")),
-            set(&["a"])
-        );
+        let d = idx.apply(slice("a", "web-1", "web", "10.1.0.1"));
+        assert_eq!(d.resolve(&idx), set(&["a"]));
         assert_eq!(idx.slices("a", "web").map(|m| m.len()), Some(1));
         idx.apply(slice("a", "web-1", "api", "10.1.0.1"));
         assert!(idx.slices("a", "web").is_none());
         assert_eq!(idx.slices("a", "api").map(|m| m.len()), Some(1));
         let r = ObjectRef::new("a", "web-1");
-        assert_eq!(idx.delete(Kind::EndpointSlice, &r), set(&["a"]));
+        let d = idx.delete(Kind::EndpointSlice, &r);
+        assert_eq!(d.resolve(&idx), set(&["a"]));
         assert!(idx.slices("a", "api").is_none());
         assert!(idx.delete(Kind::EndpointSlice, &r).is_empty());
     }
@@ -975,7 +1028,8 @@ mod tests {
             .as_mut()
             .expect("labels set above")
             .insert("version".into(), "v2".into());
-        assert_eq!(idx.apply(Object::PodMetadata(Box::new(meta))), set(&["a"]));
+        let d = idx.apply(Object::PodMetadata(Box::new(meta)));
+        assert_eq!(d.resolve(&idx), set(&["a"]));
         let info = idx.pod("a", "p").expect("pod indexed");
         assert!(info.meshed);
         assert_eq!(info.service_account.as_deref(), Some("cart"));
@@ -987,7 +1041,8 @@ mod tests {
         let mut idx = Index::from_objects([ns("a", true), ns("b", true)]);
         let mut ap = AccessPolicy::new("deny-all", Default::default());
         ap.metadata.namespace = Some("a".into());
-        assert_eq!(idx.apply(Object::AccessPolicy(Box::new(ap))), set(&["a"]));
+        let d = idx.apply(Object::AccessPolicy(Box::new(ap)));
+        assert_eq!(d.resolve(&idx), set(&["a"]));
     }
 
     #[test]

@@ -166,6 +166,14 @@ impl CrStatus {
         self.rejection.is_none()
     }
 
+    /// Whether some version of the resource is rendered: the judged one, or
+    /// the last accepted one in its place.
+    pub fn rendered(&self) -> bool {
+        self.rejection
+            .as_ref()
+            .is_none_or(|r| r.rendering_generation.is_some())
+    }
+
     /// The condition reason (`Accepted` when accepted).
     pub fn reason(&self) -> &'static str {
         self.rejection
