@@ -811,3 +811,168 @@ async fn app_health_runs_the_original_probes() {
         StatusCode::NOT_FOUND
     );
 }
+
+#[tokio::test]
+async fn connect_tunnels_through_the_mesh() {
+    // The destination is an HTTP proxy; the app speaks CONNECT to it.
+    let app = spawn_app(|mut req: Request<Incoming>| async move {
+        assert_eq!(req.method(), http::Method::CONNECT);
+        assert_eq!(
+            req.uri().authority().map(|a| a.as_str()),
+            Some("upstream.example:443")
+        );
+        let on = hyper::upgrade::on(&mut req);
+        tokio::spawn(async move {
+            if let Ok(up) = on.await {
+                let mut io = hyper_util::rt::TokioIo::new(up);
+                let mut buf = [0u8; 4];
+                if io.read_exact(&mut buf).await.is_ok() {
+                    let _ = io.write_all(&buf).await;
+                }
+            }
+        });
+        Response::new(Full::new(Bytes::new()).map_err(|e| match e {}).boxed())
+    })
+    .await;
+    let p = pair(app, Protocol::Detect).await;
+    let mut c = h1(p.client.app_connect(p.dst).await).await;
+    let req = Request::connect("upstream.example:443")
+        .header("host", "upstream.example:443")
+        .body(body(Bytes::new()))
+        .expect("request");
+    let resp = c.send_request(req).await.expect("response");
+    assert_eq!(resp.status(), StatusCode::OK);
+    let up = tokio::time::timeout(LONG, hyper::upgrade::on(resp))
+        .await
+        .expect("in time")
+        .expect("tunnel");
+    let mut io = hyper_util::rt::TokioIo::new(up);
+    io.write_all(b"ping").await.expect("write");
+    let mut buf = [0u8; 4];
+    tokio::time::timeout(LONG, io.read_exact(&mut buf))
+        .await
+        .expect("in time")
+        .expect("read");
+    assert_eq!(&buf, b"ping");
+}
+
+#[tokio::test]
+async fn inbound_access_policy_denies_with_403_and_allows_listed_callers() {
+    init();
+    let ca = TestCa::new("ca");
+    let app = echo_app().await;
+    let svc = service(
+        "echo",
+        cluster_ip(1),
+        80,
+        app.port(),
+        Protocol::Http1,
+        vec![meshed(SERVER_POD_IP, SERVER_ID)],
+    );
+    let mut server_cfg = config(1, MtlsMode::Strict, vec![]);
+    server_cfg.inbound.policies = vec![weft_proxy_config::AccessPolicy {
+        name: "only-web-on-api".into(),
+        selector: [("app".to_owned(), "echo".to_owned())].into(),
+        ports: vec![],
+        action: weft_proxy_config::AccessAction::Allow,
+        rules: vec![weft_proxy_config::AccessRule {
+            from: vec![weft_proxy_config::AccessSource {
+                identities: vec![CLIENT_ID.into()],
+                ..Default::default()
+            }],
+            to: vec![weft_proxy_config::AccessDestination {
+                paths: vec!["/api/*".into()],
+                ..Default::default()
+            }],
+        }],
+    }];
+    server_cfg.seal();
+    let server = Pod::start_with(&server_cfg, &ca.leaf(SERVER_ID, 3600), &ca, |s| {
+        s.labels = [("app".to_owned(), "echo".to_owned())].into();
+    })
+    .await;
+    let client = Pod::start(
+        &config(1, MtlsMode::Strict, vec![svc]),
+        &ca.leaf(CLIENT_ID, 3600),
+        &ca,
+    )
+    .await;
+    client.route_to(
+        SocketAddr::new(IpAddr::V4(SERVER_POD_IP), app.port()),
+        &server,
+    );
+    let mut c = h1(client.app_connect(SocketAddr::new(cluster_ip(1), 80)).await).await;
+    for (path, want) in [
+        ("/api/items", StatusCode::OK),
+        ("/admin", StatusCode::FORBIDDEN),
+    ] {
+        let req = Request::get(path)
+            .header("host", "echo")
+            .body(body(""))
+            .expect("request");
+        let (status, headers, text) = read_text(c.send_request(req).await.expect("resp")).await;
+        assert_eq!(status, want, "{path}: {text}");
+        if want == StatusCode::FORBIDDEN {
+            assert_eq!(
+                headers.get("x-weft-error").map(|v| v.as_bytes()),
+                Some(&b"denied"[..])
+            );
+            assert!(
+                text.contains(CLIENT_ID) && text.contains("only-web-on-api"),
+                "{text}"
+            );
+        }
+    }
+}
+
+#[tokio::test]
+async fn shutdown_stops_accepting_and_lets_in_flight_requests_finish() {
+    let (release_tx, release_rx) = tokio::sync::watch::channel(false);
+    let (arrived_tx, mut arrived_rx) = tokio::sync::mpsc::channel::<()>(1);
+    let app = spawn_app(move |_req: Request<Incoming>| {
+        let mut release = release_rx.clone();
+        let arrived = arrived_tx.clone();
+        async move {
+            let _ = arrived.send(()).await;
+            let _ = release.wait_for(|r| *r).await;
+            Response::new(
+                Full::new(Bytes::from_static(b"done"))
+                    .map_err(|e| match e {})
+                    .boxed(),
+            )
+        }
+    })
+    .await;
+    let p = pair(app, Protocol::Http1).await;
+    let mut c = h1(p.client.app_connect(p.dst).await).await;
+    let req = Request::get("/slow")
+        .header("host", "echo")
+        .body(body(""))
+        .expect("request");
+    let in_flight = tokio::spawn(c.send_request(req));
+    tokio::time::timeout(LONG, arrived_rx.recv())
+        .await
+        .expect("request reached the app");
+
+    p.client.proxy.state.begin_shutdown();
+    let outbound = p.client.proxy.outbound_addr;
+    let mut refused = false;
+    for _ in 0..500 {
+        if tokio::net::TcpStream::connect(outbound).await.is_err() {
+            refused = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(refused, "the outbound listener closes on shutdown");
+    assert!(!p.client.proxy.state.is_ready());
+
+    release_tx.send_replace(true);
+    let resp = tokio::time::timeout(LONG, in_flight)
+        .await
+        .expect("in time")
+        .expect("task")
+        .expect("the in-flight request completes");
+    let (status, _, text) = read_text(resp).await;
+    assert_eq!((status, text.as_str()), (StatusCode::OK, "done"));
+}
