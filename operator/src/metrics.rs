@@ -37,7 +37,15 @@ impl Default for Metrics {
 impl Metrics {
     /// Registers every metric in a fresh registry.
     pub fn new() -> Self {
+        Self::new_with(|_| {})
+    }
+
+    /// Like [`Metrics::new`], letting another part of the operator (the
+    /// config half's counters) register its metrics in the same registry,
+    /// so one `/metrics` serves them all.
+    pub fn new_with(extra: impl FnOnce(&mut Registry)) -> Self {
         let mut registry = Registry::with_prefix("weft");
+        extra(&mut registry);
         let certificates_issued = Counter::default();
         let renewal_failures = Counter::default();
         let earliest_expiry = Gauge::<i64, AtomicI64>::default();
@@ -100,5 +108,13 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("weft_identities 0"), "{text}");
+    }
+
+    #[test]
+    fn other_parts_register_in_the_same_registry() {
+        let extra = Counter::<u64>::default();
+        let m = Metrics::new_with(|r| r.register("config_writes", "writes", extra.clone()));
+        extra.inc();
+        assert!(m.render().contains("weft_config_writes_total 1"));
     }
 }

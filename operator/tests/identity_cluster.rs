@@ -627,6 +627,26 @@ async fn bad_user_ca_is_reported_and_nothing_is_issued_or_deleted() -> anyhow::R
         .await?;
     let ca_before = system.get("weft-ca").await?;
 
+    // Steady state: no write when nothing changed.
+    let versions = || async {
+        Ok::<_, anyhow::Error>((
+            system.get("weft-ca").await?.resource_version(),
+            system.get("weft-injector-tls").await?.resource_version(),
+            meshed
+                .get("weft-identity-default")
+                .await?
+                .resource_version(),
+            meshes.get("default").await?.resource_version(),
+        ))
+    };
+    let before = versions().await?;
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    assert_eq!(
+        versions().await?,
+        before,
+        "nothing rewritten in steady state"
+    );
+
     // The user swaps in a key that does not match: reported; the CA in use
     // and every identity stay as they are.
     let (_, stranger_key) = user_ca(now - day, now + 365 * day)?;
