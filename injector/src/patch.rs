@@ -113,6 +113,21 @@ pub enum PatchError {
         "weft: service account name {0:?} is too long: Secret weft-identity-<name> would exceed 253 characters"
     )]
     ServiceAccountTooLong(String),
+    /// An app container declares a port the proxy listens on.
+    #[error(
+        "weft: container {container:?} declares port {port}, which the weft proxy uses (15001, 15006, 15020); move the app to another port or opt the pod out with weft.dev/inject: \"false\""
+    )]
+    ReservedPort {
+        /// Container name.
+        container: String,
+        /// The port.
+        port: i32,
+    },
+    /// An app container runs as the proxy's uid, whose traffic is never captured.
+    #[error(
+        "weft: {0} runs as uid 1337, which weft reserves for the proxy: its traffic would bypass the mesh; choose another runAsUser"
+    )]
+    ReservedUid(String),
 }
 
 /// The JSON patch that injects `pod`; empty when the pod is skipped.
@@ -154,6 +169,7 @@ pub fn decide(pod: &Pod, cfg: &InjectConfig) -> Result<Decision, PatchError> {
     if IDENTITY_SECRET_PREFIX.len() + sa.len() > 253 {
         return Err(PatchError::ServiceAccountTooLong(sa));
     }
+    check_reserved(spec)?;
     let settings = overrides::pod_settings(cfg, annotations)?;
 
     let mut ops = Vec::new();
@@ -244,6 +260,37 @@ pub fn decide(pod: &Pod, cfg: &InjectConfig) -> Result<Decision, PatchError> {
     }
 
     Ok(Decision::Inject(Patch(ops)))
+}
+
+/// Refuses pods that would collide with the proxy's ports or uid.
+fn check_reserved(spec: &k8s_openapi::api::core::v1::PodSpec) -> Result<(), PatchError> {
+    const RESERVED: [u16; 3] = [OUTBOUND_CAPTURE_PORT, INBOUND_CAPTURE_PORT, ADMIN_PORT];
+    if spec.security_context.as_ref().and_then(|s| s.run_as_user) == Some(PROXY_UID) {
+        return Err(PatchError::ReservedUid(
+            "the pod securityContext".to_owned(),
+        ));
+    }
+    for c in spec
+        .containers
+        .iter()
+        .chain(spec.init_containers.iter().flatten())
+    {
+        if let Some(p) = c
+            .ports
+            .iter()
+            .flatten()
+            .find(|p| RESERVED.iter().any(|r| i32::from(*r) == p.container_port))
+        {
+            return Err(PatchError::ReservedPort {
+                container: c.name.clone(),
+                port: p.container_port,
+            });
+        }
+        if c.security_context.as_ref().and_then(|s| s.run_as_user) == Some(PROXY_UID) {
+            return Err(PatchError::ReservedUid(format!("container {:?}", c.name)));
+        }
+    }
+    Ok(())
 }
 
 /// A pod carries weft when it has the label or either weft container.

@@ -536,7 +536,34 @@ fn unusable_pods_are_denied_with_a_clear_message() {
             "container \"app\" livenessProbe: port \"nope\" names no port",
         ),
     ];
-    for (p, needle) in cases {
+    let more: Vec<(Value, &str)> = vec![
+        (
+            {
+                let mut p = bare();
+                p["spec"]["containers"][0]["ports"] = json!([{"containerPort": 15006}]);
+                p
+            },
+            "container \"app\" declares port 15006",
+        ),
+        (
+            {
+                let mut p = bare();
+                p["spec"]["securityContext"] = json!({"runAsUser": 1337});
+                p
+            },
+            "pod securityContext runs as uid 1337",
+        ),
+        (
+            {
+                let mut p = bare();
+                p["spec"]["initContainers"] =
+                    json!([{"name": "i", "image": "i", "securityContext": {"runAsUser": 1337}}]);
+                p
+            },
+            "container \"i\" runs as uid 1337",
+        ),
+    ];
+    for (p, needle) in cases.into_iter().chain(more) {
         let err: PatchError = decide(&pod(p), &cfg).expect_err(needle);
         let msg = err.to_string();
         assert!(msg.contains(needle), "message {msg:?} lacks {needle:?}");

@@ -28,7 +28,10 @@ fn probe() -> impl Strategy<Value = Option<Value>> {
 }
 
 fn container(name: String, sidecar: bool, allow_probes: bool) -> impl Strategy<Value = Value> {
-    (probe(), probe(), probe(), 1u16..=65535).prop_map(move |(l, r, s, port)| {
+    // Container ports avoid the proxy's own (15001, 15006, 15020): those are
+    // denied, as tested in tests/patch.rs.
+    let port = prop_oneof![1u16..15000, 15021u16..=65535];
+    (probe(), probe(), probe(), port).prop_map(move |(l, r, s, port)| {
         let mut c = json!({
             "name": name, "image": "img:1",
             "ports": [{"name": "main", "containerPort": port}]
