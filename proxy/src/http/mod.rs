@@ -101,46 +101,6 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn hop_by_hop_fields_and_the_ones_connection_names_are_removed() {
-        let mut h = HeaderMap::new();
-        h.insert(
-            "connection",
-            HeaderValue::from_static("keep-alive, x-private"),
-        );
-        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
-        h.insert("x-private", HeaderValue::from_static("1"));
-        h.insert("te", HeaderValue::from_static("gzip, trailers"));
-        h.insert("upgrade", HeaderValue::from_static("websocket"));
-        h.insert("host", HeaderValue::from_static("svc"));
-        strip_hop_by_hop(&mut h, false);
-        assert!(h.get("x-private").is_none());
-        assert!(h.get("keep-alive").is_none());
-        assert!(h.get("connection").is_none());
-        assert!(h.get("upgrade").is_none());
-        assert_eq!(h.get("te").map(|v| v.as_bytes()), Some(&b"trailers"[..]));
-        assert_eq!(h.get("host").map(|v| v.as_bytes()), Some(&b"svc"[..]));
-    }
-
-    #[test]
-    fn upgrade_survives_when_kept() {
-        let mut h = HeaderMap::new();
-        h.insert("connection", HeaderValue::from_static("Upgrade"));
-        h.insert("upgrade", HeaderValue::from_static("websocket"));
-        assert!(wants_upgrade(&h));
-        strip_hop_by_hop(&mut h, true);
-        assert_eq!(
-            h.get("upgrade").map(|v| v.as_bytes()),
-            Some(&b"websocket"[..])
-        );
-        assert!(wants_upgrade(&h));
-    }
-}
-
 /// Serves one client connection with hyper until it closes; on shutdown,
 /// asks it to finish gracefully (in-flight requests complete, keep-alive ends).
 pub async fn serve_connection<I, S>(
@@ -189,5 +149,45 @@ pub async fn serve_connection<I, S>(
     };
     if let Err(e) = result {
         tracing::debug!(error = %e, "client connection ended with error");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_fields_and_the_ones_connection_names_are_removed() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            "connection",
+            HeaderValue::from_static("keep-alive, x-private"),
+        );
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert("x-private", HeaderValue::from_static("1"));
+        h.insert("te", HeaderValue::from_static("gzip, trailers"));
+        h.insert("upgrade", HeaderValue::from_static("websocket"));
+        h.insert("host", HeaderValue::from_static("svc"));
+        strip_hop_by_hop(&mut h, false);
+        assert!(h.get("x-private").is_none());
+        assert!(h.get("keep-alive").is_none());
+        assert!(h.get("connection").is_none());
+        assert!(h.get("upgrade").is_none());
+        assert_eq!(h.get("te").map(|v| v.as_bytes()), Some(&b"trailers"[..]));
+        assert_eq!(h.get("host").map(|v| v.as_bytes()), Some(&b"svc"[..]));
+    }
+
+    #[test]
+    fn upgrade_survives_when_kept() {
+        let mut h = HeaderMap::new();
+        h.insert("connection", HeaderValue::from_static("Upgrade"));
+        h.insert("upgrade", HeaderValue::from_static("websocket"));
+        assert!(wants_upgrade(&h));
+        strip_hop_by_hop(&mut h, true);
+        assert_eq!(
+            h.get("upgrade").map(|v| v.as_bytes()),
+            Some(&b"websocket"[..])
+        );
+        assert!(wants_upgrade(&h));
     }
 }
