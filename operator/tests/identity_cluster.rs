@@ -133,6 +133,15 @@ fn verify_chain(bundle: &[u8], chain: &[u8]) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Clusters are heavy and share host mount points: the tests of this file
+/// run one at a time.
+async fn serial() -> tokio::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::OnceLock<tokio::sync::Mutex<()>> = std::sync::OnceLock::new();
+    LOCK.get_or_init(|| tokio::sync::Mutex::new(()))
+        .lock()
+        .await
+}
+
 async fn secret(api: &Api<Secret>, name: &str) -> anyhow::Result<Option<Secret>> {
     Ok(api.get_opt(name).await?)
 }
@@ -178,6 +187,7 @@ spec:
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn operator_issues_repairs_rotates_and_hands_over() -> anyhow::Result<()> {
+    let _serial = serial().await;
     let _ = rustls::crypto::ring::default_provider().install_default();
     let cluster = Cluster::start().await?;
     let client = cluster.client();
@@ -514,6 +524,7 @@ async fn ca_valid(meshes: &Api<Mesh>) -> Option<(String, String, String)> {
 /// deleted when a good CA later goes bad.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_user_ca_is_reported_and_nothing_is_issued_or_deleted() -> anyhow::Result<()> {
+    let _serial = serial().await;
     let _ = rustls::crypto::ring::default_provider().install_default();
     let cluster = Cluster::start().await?;
     let client = cluster.client();
