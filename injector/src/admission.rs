@@ -4,7 +4,8 @@
 //! the response exactly as kube-apiserver expects it. The response is
 //! serialized here rather than through kube-core's `AdmissionResponse`,
 //! whose `patch: Vec<u8>` serializes as a JSON array of numbers; the API
-//! server's Go type is `[]byte`, whose JSON form is a base64 string.
+//! server's Go type is `[]byte`, whose canonical JSON form is a base64
+//! string (Go's decoder tolerates the array, but nothing promises it).
 //!
 //! Outcomes: a body that is not an AdmissionReview v1 with a request and a
 //! uid is an [`AdmissionError`] (the server answers HTTP 400: there is no uid

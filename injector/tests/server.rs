@@ -434,3 +434,52 @@ async fn inject_over_http2() {
     assert_eq!(out["response"]["patchType"], "JSONPatch");
     h.server.shutdown().await;
 }
+
+/// A new configuration stored in the shared `ArcSwap` (what the Mesh watch
+/// does) applies to the next review, without a restart.
+#[tokio::test]
+async fn mesh_defaults_apply_to_the_next_review() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let pki = TestPki::new("weft test CA");
+    let mut dir = AtomicDir::new();
+    let (cert, key) = pki.leaf("injector");
+    dir.publish(&[("tls.crt", cert.as_bytes()), ("tls.key", key.as_bytes())]);
+    let config = Arc::new(ArcSwap::from_pointee(InjectConfig::default()));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let server = server::start(
+        ServerOptions {
+            tls_dir: dir.path().to_owned(),
+            ..ServerOptions::default()
+        },
+        listener,
+        config.clone(),
+        Arc::new(Metrics::new()),
+    )
+    .await
+    .expect("start");
+    let mut c = Conn::open(server.local_addr, client_config(&pki.ca))
+        .await
+        .expect("connect");
+    let containers_after = |body: &[u8]| -> Vec<String> {
+        let out: Value = serde_json::from_slice(body).expect("json");
+        let raw = base64::engine::general_purpose::STANDARD
+            .decode(out["response"]["patch"].as_str().expect("patch"))
+            .expect("b64");
+        let patch: json_patch::Patch = serde_json::from_slice(&raw).expect("patch");
+        let mut pod = web_pod();
+        json_patch::patch(&mut pod, &patch.0).expect("applies");
+        common::names(&pod, "containers")
+    };
+    let (_, body) = call(&mut c, "POST", "/inject", review("n1", &web_pod())).await;
+    assert_eq!(containers_after(&body), ["web"]);
+
+    config.store(Arc::new(InjectConfig {
+        native_sidecar: false,
+        ..InjectConfig::default()
+    }));
+    let (_, body) = call(&mut c, "POST", "/inject", review("n2", &web_pod())).await;
+    assert_eq!(containers_after(&body), ["weft-proxy", "web"]);
+    server.shutdown().await;
+}
