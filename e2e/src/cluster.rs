@@ -190,7 +190,7 @@ impl Cluster {
         set_mode(dir.path(), 0o755)?;
         let host = Arc::new(HostLease::acquire().map_err(io("lock /run/weft-e2e/lock"))?);
         let node_ns = NetNs::create(&format!("weft-{id}"))?;
-        network::setup_node(&node_ns, NODE_IP)?;
+        network::setup_node(&node_ns, NODE_IP, SERVICE_CIDR)?;
 
         let cp_dir = dir.path().join("controlplane");
         let admin = cp_dir.join("admin.kubeconfig");
@@ -708,14 +708,16 @@ impl Cluster {
     }
 
     fn teardown(&mut self) {
-        drop(self.kubelet.take().map(|k| {
-            for pid in k.node().pids() {
+        if let Some(kubelet) = self.kubelet.take() {
+            // Only live, not yet reaped container processes are tracked, so
+            // these ids cannot have been reused.
+            for pid in kubelet.node().pids() {
                 if let Ok(pid) = i32::try_from(pid) {
                     let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
                 }
             }
-            k
-        }));
+            drop(kubelet);
+        }
         if let Some(mut cp) = self.controlplane.take() {
             if let Ok(pid) = i32::try_from(cp.id()) {
                 let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);

@@ -216,7 +216,11 @@ impl Node {
         guard(&self.pids).insert(pid);
     }
 
-    /// Every container process ever started (for cleanup).
+    fn untrack(&self, pid: u32) {
+        guard(&self.pids).remove(&pid);
+    }
+
+    /// Container processes started and not yet reaped (for cleanup).
     pub fn pids(&self) -> Vec<u32> {
         guard(&self.pids).iter().copied().collect()
     }

@@ -32,12 +32,17 @@ use crate::netns::{NetNs, NetnsError};
 /// The node bridge's name.
 pub const BRIDGE: &str = "weft0";
 
-/// Prepares the node namespace: bridge with the node IP, forwarding, and
+/// Prepares the node namespace: bridge with the node IP, a route for
+/// ClusterIPs, forwarding, and
 /// the service chain hooked into PREROUTING (pods) and OUTPUT (node).
-pub fn setup_node(ns: &NetNs, node_ip: Ipv4Addr) -> Result<(), NetnsError> {
+pub fn setup_node(ns: &NetNs, node_ip: Ipv4Addr, service_cidr: &str) -> Result<(), NetnsError> {
     ns.ip(&["link", "add", BRIDGE, "type", "bridge"])?;
     ns.ip(&["addr", "add", &format!("{node_ip}/24"), "dev", BRIDGE])?;
     ns.ip(&["link", "set", BRIDGE, "up"])?;
+    // The namespace has no default route: give ClusterIPs one, so the
+    // node's own clients (kube-apiserver calling webhooks) get as far as
+    // the OUTPUT chain's DNAT.
+    ns.ip(&["route", "add", service_cidr, "dev", BRIDGE])?;
     for key in [
         "net.ipv4.ip_forward=1",
         "net.ipv4.conf.all.send_redirects=0",

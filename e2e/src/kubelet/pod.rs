@@ -568,6 +568,7 @@ async fn run_container(
         let exit_code: i32 = loop {
             tokio::select! {
                 status = child.wait() => {
+                    untrack(&ctx, pid);
                     break status.ok().and_then(|s| s.code().or_else(|| {
                         use std::os::unix::process::ExitStatusExt;
                         s.signal().map(|sig| 128 + sig)
@@ -576,6 +577,7 @@ async fn run_container(
                 _ = stop.changed() => {
                     let grace = stop.borrow().unwrap_or(30);
                     let code = terminate(&mut child, pid, grace).await;
+                    untrack(&ctx, pid);
                     set_terminated(&st, code);
                     ctx.notify.notify_one();
                     return;
@@ -596,7 +598,9 @@ async fn run_container(
                                     ctx.notify.notify_one();
                                 }
                                 Verdict::Failure => {
-                                    break terminate(&mut child, pid, grace_of(&ctx.pod)).await;
+                                    let code = terminate(&mut child, pid, grace_of(&ctx.pod)).await;
+                                    untrack(&ctx, pid);
+                                    break code;
                                 }
                                 Verdict::Pending => {}
                             }
@@ -606,7 +610,9 @@ async fn run_container(
                     if let Some(p) = liveness.as_mut()
                         && p.tick(&c, &target).await == Verdict::Failure
                     {
-                        break terminate(&mut child, pid, grace_of(&ctx.pod)).await;
+                        let code = terminate(&mut child, pid, grace_of(&ctx.pod)).await;
+                        untrack(&ctx, pid);
+                        break code;
                     }
                     if let Some(p) = readiness.as_mut() {
                         let verdict = p.tick(&c, &target).await;
@@ -654,6 +660,12 @@ async fn run_container(
             _ = stop.changed() => {}
         }
         backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+}
+
+fn untrack(ctx: &PodCtx, pid: Option<i32>) {
+    if let Some(pid) = pid.and_then(|p| u32::try_from(p).ok()) {
+        ctx.node.untrack(pid);
     }
 }
 
