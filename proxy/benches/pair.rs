@@ -153,7 +153,13 @@ async fn constant_rate(
                 if intended.duration_since(start) >= dur {
                     break;
                 }
-                tokio::time::sleep_until(intended.into()).await;
+                // The timer has millisecond granularity: sleep close, then spin.
+                if let Some(early) = intended.checked_sub(Duration::from_millis(1)) {
+                    tokio::time::sleep_until(early.into()).await;
+                }
+                while Instant::now() < intended {
+                    tokio::task::yield_now().await;
+                }
                 let req = http::Request::get("/")
                     .header("host", host)
                     .body(Empty::new())
@@ -496,12 +502,12 @@ fn main() {
     );
     std::fs::create_dir_all(p("tmp")).expect("tmp");
     let haproxy_c = format!(
-        "global\n nbthread 1\n maxconn 10000\ndefaults\n mode http\n timeout connect 5s\n timeout client 30s\n timeout server 30s\n http-reuse always\nfrontend f\n bind 127.0.0.1:18082\n default_backend b\nbackend b\n server s 127.0.0.1:18444 ssl crt {} ca-file {} verify required ssl-min-ver TLSv1.3\n",
+        "global\n nbthread 1\n maxconn 4096\ndefaults\n mode http\n timeout connect 5s\n timeout client 30s\n timeout server 30s\n http-reuse always\nfrontend f\n bind 127.0.0.1:18082\n default_backend b\nbackend b\n server s 127.0.0.1:18444 ssl crt {} ca-file {} verify required ssl-min-ver TLSv1.3\n",
         p("c.pem"),
         p("ca.crt")
     );
     let haproxy_s = format!(
-        "global\n nbthread 1\n maxconn 10000\ndefaults\n mode http\n timeout connect 5s\n timeout client 30s\n timeout server 30s\n http-reuse always\nfrontend f\n bind 127.0.0.1:18444 ssl crt {} ca-file {} verify required ssl-min-ver TLSv1.3\n default_backend b\nbackend b\n server app 127.0.0.1:8080\n",
+        "global\n nbthread 1\n maxconn 4096\ndefaults\n mode http\n timeout connect 5s\n timeout client 30s\n timeout server 30s\n http-reuse always\nfrontend f\n bind 127.0.0.1:18444 ssl crt {} ca-file {} verify required ssl-min-ver TLSv1.3\n default_backend b\nbackend b\n server app 127.0.0.1:8080\n",
         p("s.pem"),
         p("ca.crt")
     );
