@@ -1,13 +1,14 @@
 //! Renders a synthetic cluster and prints what it costs.
 //!
 //! ```text
-//! cargo run --release -p weft-operator --example bench_render -- [services] [endpoints] [namespaces]
+//! cargo run --release -p weft-operator --example bench_render -- [services] [endpoints] [namespaces] [scope]
 //! ```
 //!
 //! Defaults: 10,000 Services, 100,000 endpoints, 500 namespaces, every
 //! namespace meshed, every endpoint a meshed pod; one Service in ten has a
 //! `ServicePolicy` with two subsets and a `ServiceRoute` splitting between
-//! them. Prints: index build time, one namespace's render and its size with
+//! them. With `scope` k, namespace n sees only namespaces n+1..=n+k besides
+//! itself (annotation `weft.dev/visible-namespaces`). Prints: index build time, one namespace's render and its size with
 //! and without gzip, the full render of every namespace (render + seal +
 //! serialize, what the operator does before comparing hashes), the
 //! incremental re-render after one endpoint change (every namespace that
@@ -95,19 +96,35 @@ fn main() -> anyhow::Result<()> {
     let services = args.first().copied().unwrap_or(10_000);
     let endpoints = args.get(1).copied().unwrap_or(100_000);
     let namespaces = args.get(2).copied().unwrap_or(500);
+    // With a scope, namespace n sees n+1..=n+scope (annotation
+    // weft.dev/visible-namespaces); without, every meshed namespace.
+    let scope = args.get(3).copied();
     let per_svc = endpoints / services;
     println!(
-        "synthetic cluster: {services} Services, {} endpoints ({per_svc} per Service), {namespaces} meshed namespaces",
-        per_svc * services
+        "synthetic cluster: {services} Services, {} endpoints ({per_svc} per Service), {namespaces} meshed namespaces, visibility: {}",
+        per_svc * services,
+        scope.map_or_else(
+            || "every meshed namespace".to_owned(),
+            |k| format!("own + {k} others")
+        )
     );
 
     let started = Instant::now();
     let mut objects = Vec::new();
     for n in 0..namespaces {
-        let ns = Namespace {
+        let mut ns = Namespace {
             metadata: meta("", &format!("ns-{n}"), &[("weft.dev/inject", "enabled")]),
             ..Default::default()
         };
+        if let Some(k) = scope {
+            let visible: Vec<String> = (1..=k)
+                .map(|d| format!("ns-{}", (n + d) % namespaces))
+                .collect();
+            ns.metadata.annotations = Some(BTreeMap::from([(
+                "weft.dev/visible-namespaces".to_owned(),
+                visible.join(","),
+            )]));
+        }
         objects.push(Object::Namespace(Box::new(ns)));
     }
     for s in 0..services {

@@ -10,7 +10,7 @@
 //! | kind | kept as | notes |
 //! |---|---|---|
 //! | `Mesh` (only `default`) | [`MeshSpec`] | absent: the API defaults |
-//! | `Namespace` | [`NamespaceInfo`] | meshed = label `weft.dev/inject=enabled` |
+//! | `Namespace` | [`NamespaceInfo`] | meshed = label `weft.dev/inject=enabled`; scope = annotation `weft.dev/visible-namespaces` |
 //! | `Service` | [`ServiceInfo`] | TCP ports only; `ExternalName` Services are kept but render nothing |
 //! | `EndpointSlice` | [`SliceInfo`] | grouped under the Service named by `kubernetes.io/service-name` |
 //! | `Pod` (metadata) | [`PodInfo`] | labels, meshed = label `weft.dev/proxy=injected`, service account when known |
@@ -28,8 +28,9 @@
 //! any namespace sees its own):
 //!
 //! - a change to a Service, EndpointSlice, Pod, `ServiceRoute` or
-//!   `ServicePolicy` in namespace `X` dirties the *viewers* of `X`: every
-//!   meshed namespace when `X` is meshed, else only `X`;
+//!   `ServicePolicy` in namespace `X` dirties the *viewers* of `X`: when `X`
+//!   is meshed, every meshed namespace without a scope plus the scoped ones
+//!   that list `X`; else only `X`;
 //! - an `AccessPolicy` in `X` dirties only `X` (it shapes `X`'s inbound rules);
 //! - a namespace joining or leaving the mesh dirties itself and every meshed
 //!   namespace (before and after), and the `Mesh` dirties every namespace;
@@ -71,6 +72,11 @@ pub const INJECT_ENABLED: &str = "enabled";
 pub const PROXY_LABEL: &str = "weft.dev/proxy";
 /// Value of [`PROXY_LABEL`] on injected pods.
 pub const PROXY_INJECTED: &str = "injected";
+/// Annotation on a meshed Namespace limiting which other meshed namespaces'
+/// Services its config lists: comma-separated names, `*` (the default) for
+/// all. The namespace's own Services are always listed. This is how a large
+/// mesh keeps each namespace's config small (see [`crate::render`]).
+pub const VISIBLE_NAMESPACES_ANNOTATION: &str = "weft.dev/visible-namespaces";
 /// Label of an EndpointSlice naming its Service.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 
@@ -84,6 +90,9 @@ pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 pub struct Dirty {
     /// Every namespace meshed at resolution time.
     pub all_meshed: bool,
+    /// Every meshed namespace without a visibility scope (they see every
+    /// meshed namespace).
+    pub unscoped_meshed: bool,
     /// These namespaces, meshed or not.
     pub namespaces: BTreeSet<String>,
 }
@@ -98,26 +107,34 @@ impl Dirty {
     pub fn one(namespace: &str) -> Self {
         Self {
             all_meshed: false,
+            unscoped_meshed: false,
             namespaces: BTreeSet::from([namespace.to_owned()]),
         }
     }
 
     /// Whether nothing is dirty.
     pub fn is_empty(&self) -> bool {
-        !self.all_meshed && self.namespaces.is_empty()
+        !self.all_meshed && !self.unscoped_meshed && self.namespaces.is_empty()
     }
 
     /// Adds another dirty set to this one.
     pub fn merge(&mut self, other: Dirty) {
         self.all_meshed |= other.all_meshed;
+        self.unscoped_meshed |= other.unscoped_meshed;
         self.namespaces.extend(other.namespaces);
     }
 
     /// The namespaces, with "every meshed namespace" spelled out.
     pub fn resolve(&self, index: &Index) -> BTreeSet<String> {
         let mut out = self.namespaces.clone();
-        if self.all_meshed {
-            out.extend(index.meshed_namespaces().map(str::to_owned));
+        if self.all_meshed || self.unscoped_meshed {
+            out.extend(
+                index
+                    .namespaces
+                    .iter()
+                    .filter(|(_, i)| i.meshed && (self.all_meshed || i.visible.is_none()))
+                    .map(|(n, _)| n.clone()),
+            );
         }
         out
     }
@@ -243,6 +260,32 @@ impl Object {
 pub struct NamespaceInfo {
     /// Labelled `weft.dev/inject=enabled`.
     pub meshed: bool,
+    /// Other namespaces whose Services it sees (`None`: every meshed one).
+    pub visible: Option<BTreeSet<String>>,
+}
+
+impl NamespaceInfo {
+    /// Reads the mesh label and the visibility annotation.
+    pub fn from_meta(meta: &ObjectMeta) -> Self {
+        let meshed = meta
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(INJECT_LABEL))
+            .is_some_and(|v| v == INJECT_ENABLED);
+        let visible = meta
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(VISIBLE_NAMESPACES_ANNOTATION))
+            .filter(|v| v.trim() != "*")
+            .map(|v| {
+                v.split(',')
+                    .map(str::trim)
+                    .filter(|n| !n.is_empty())
+                    .map(str::to_owned)
+                    .collect()
+            });
+        Self { meshed, visible }
+    }
 }
 
 /// The target port of a Service port.
@@ -415,22 +458,20 @@ impl Index {
                 self.mesh = Some(m.spec);
                 Dirty {
                     all_meshed: true,
+                    unscoped_meshed: false,
                     namespaces: self.all_namespaces(),
                 }
             }
             Object::Namespace(ns) => {
-                let meshed = ns
-                    .metadata
-                    .labels
-                    .as_ref()
-                    .and_then(|l| l.get(INJECT_LABEL))
-                    .is_some_and(|v| v == INJECT_ENABLED);
-                let info = NamespaceInfo { meshed };
-                let before = self.namespaces.insert(r.name.clone(), info);
-                if before.is_some_and(|b| b.meshed) == meshed {
-                    return Dirty::none();
+                let info = NamespaceInfo::from_meta(&ns.metadata);
+                let meshed = info.meshed;
+                let before = self.namespaces.insert(r.name.clone(), info.clone());
+                match before {
+                    Some(b) if b == info => Dirty::none(),
+                    Some(b) if b.meshed == meshed => Dirty::one(&r.name),
+                    None if !meshed => Dirty::none(),
+                    _ => self.mesh_membership_changed(&r.name),
                 }
-                self.mesh_membership_changed(&r.name)
             }
             Object::Service(svc) => {
                 let info = ServiceInfo::from_service(&svc);
@@ -523,6 +564,7 @@ impl Index {
                 if r.name == MESH_NAME && self.mesh.take().is_some() {
                     Dirty {
                         all_meshed: true,
+                        unscoped_meshed: false,
                         namespaces: self.all_namespaces(),
                     }
                 } else {
@@ -736,10 +778,38 @@ impl Index {
 
     /// Namespaces whose output shows what lives in `namespace`.
     pub fn viewers(&self, namespace: &str) -> Dirty {
-        Dirty {
-            all_meshed: self.is_meshed(namespace),
-            namespaces: BTreeSet::from([namespace.to_owned()]),
+        let meshed = self.is_meshed(namespace);
+        let mut namespaces = BTreeSet::from([namespace.to_owned()]);
+        if meshed {
+            namespaces.extend(
+                self.namespaces
+                    .iter()
+                    .filter(|(_, i)| {
+                        i.meshed && i.visible.as_ref().is_some_and(|v| v.contains(namespace))
+                    })
+                    .map(|(n, _)| n.clone()),
+            );
         }
+        Dirty {
+            all_meshed: false,
+            unscoped_meshed: meshed,
+            namespaces,
+        }
+    }
+
+    /// The namespaces whose Services the config of `namespace` lists: the
+    /// meshed ones within its scope, and itself.
+    pub fn visible_from<'a>(&'a self, namespace: &'a str) -> BTreeSet<&'a str> {
+        let scope = self
+            .namespaces
+            .get(namespace)
+            .and_then(|i| i.visible.as_ref());
+        let mut out: BTreeSet<&str> = self
+            .meshed_namespaces()
+            .filter(|n| scope.is_none_or(|s| s.contains(*n)))
+            .collect();
+        out.insert(namespace);
+        out
     }
 
     fn if_changed(&self, changed: bool, r: &ObjectRef) -> Dirty {
@@ -753,6 +823,7 @@ impl Index {
     fn mesh_membership_changed(&self, namespace: &str) -> Dirty {
         Dirty {
             all_meshed: true,
+            unscoped_meshed: false,
             namespaces: BTreeSet::from([namespace.to_owned()]),
         }
     }
@@ -970,6 +1041,38 @@ mod tests {
         assert_eq!(d.resolve(&idx), set(&["a", "b"]));
         let d = idx.apply(svc("c", "db", "10.0.0.2"));
         assert_eq!(d.resolve(&idx), set(&["c"]));
+    }
+
+    #[test]
+    fn scoped_namespaces_see_and_are_dirtied_by_what_they_list() {
+        let mut scoped = Namespace::default();
+        scoped.metadata.name = Some("s".into());
+        scoped.metadata.labels = Some(BTreeMap::from([(
+            INJECT_LABEL.to_owned(),
+            INJECT_ENABLED.to_owned(),
+        )]));
+        scoped.metadata.annotations = Some(BTreeMap::from([(
+            VISIBLE_NAMESPACES_ANNOTATION.to_owned(),
+            " a , missing".to_owned(),
+        )]));
+        let mut idx = Index::from_objects([
+            ns("a", true),
+            ns("b", true),
+            ns("c", false),
+            Object::Namespace(Box::new(scoped)),
+        ]);
+        assert_eq!(
+            idx.visible_from("s").into_iter().collect::<Vec<_>>(),
+            vec!["a", "s"]
+        );
+        assert_eq!(
+            idx.visible_from("a").into_iter().collect::<Vec<_>>(),
+            vec!["a", "b", "s"]
+        );
+        let d = idx.apply(svc("a", "x", "10.0.0.1"));
+        assert_eq!(d.resolve(&idx), set(&["a", "b", "s"]));
+        let d = idx.apply(svc("b", "y", "10.0.0.2"));
+        assert_eq!(d.resolve(&idx), set(&["a", "b"]), "s does not see b");
     }
 
     #[test]

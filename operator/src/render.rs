@@ -9,7 +9,11 @@
 //! A meshed namespace's config lists every Service of every meshed namespace
 //! (its pods may call any of them, and a meshed server in `Strict` mode only
 //! accepts mTLS, so the client proxy must know it is meshed) plus the
-//! namespace's own Services. Services of namespaces outside the mesh are not
+//! namespace's own Services. The annotation `weft.dev/visible-namespaces:
+//! a,b` on a Namespace narrows "every meshed namespace" to those listed:
+//! the config size of a namespace then grows with what it calls, not with
+//! the mesh (at 10,000 Services an unscoped config is about 12 MB, far
+//! above the 1 MiB ConfigMap limit before compression). Services of namespaces outside the mesh are not
 //! listed: traffic to them passes through untouched, as to any unknown
 //! destination. `ExternalName` Services have no endpoints and are skipped.
 //!
@@ -226,8 +230,7 @@ pub fn render(index: &Index, namespace: &str) -> RenderOutput {
     let mesh = index.mesh();
     let td = mesh.trust_domain.clone();
 
-    let mut visible: BTreeSet<&str> = index.meshed_namespaces().collect();
-    visible.insert(namespace);
+    let visible = index.visible_from(namespace);
 
     let mut services = Vec::new();
     let mut own = None;

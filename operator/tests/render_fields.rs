@@ -191,6 +191,18 @@ fn visibility_meshed_namespaces_and_own() {
     let a = rendered(&idx, "a").config;
     let keys: Vec<String> = a.services.iter().map(|s| s.key()).collect();
     assert_eq!(keys, vec!["a/x", "b/y"]);
+    let mut scoped = ns("s", true);
+    scoped["metadata"]["annotations"] = json!({"weft.dev/visible-namespaces": "b"});
+    let mut objs = vec![scoped, svc("s", "own", "10.96.1.4", http_port())];
+    objs.extend([
+        ns("a", true),
+        ns("b", true),
+        svc("a", "x", "10.96.1.1", http_port()),
+        svc("b", "y", "10.96.1.2", http_port()),
+    ]);
+    let s = rendered(&index(objs), "s").config;
+    let keys: Vec<String> = s.services.iter().map(|s| s.key()).collect();
+    assert_eq!(keys, vec!["b/y", "s/own"], "scoped to b, plus its own");
     let c = rendered(&idx, "c").config;
     let keys: Vec<String> = c.services.iter().map(|s| s.key()).collect();
     assert_eq!(keys, vec!["a/x", "b/y", "c/z"]);
