@@ -737,6 +737,7 @@ impl Cluster {
             for e in rd.flatten() {
                 let name = e.file_name().to_string_lossy().into_owned();
                 if name.starts_with(&prefix) {
+                    crate::netns::kill_all_in(&name);
                     let _ = crate::netns::run("ip", &["netns", "del", &name]);
                 }
             }

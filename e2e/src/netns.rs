@@ -89,7 +89,8 @@ pub fn run_with_stdin(
     Ok(out)
 }
 
-/// A named network namespace, deleted (with everything in it) on drop.
+/// A named network namespace; on drop every process left in it is killed
+/// and the namespace (with its interfaces) deleted.
 #[derive(Debug)]
 pub struct NetNs {
     name: String,
@@ -151,8 +152,31 @@ impl NetNs {
     }
 }
 
+/// SIGKILLs every process in namespace `name` (all of them were started by
+/// the harness inside it: containers and whatever they forked).
+pub fn kill_all_in(name: &str) {
+    let Ok(out) = run("ip", &["netns", "pids", name]) else {
+        return;
+    };
+    for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+        // Never ourselves: a NetnsRuntime thread of this process may be in it.
+        if let Ok(pid) = pid.parse::<i32>()
+            && u32::try_from(pid).is_ok_and(|p| p != std::process::id())
+        {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
+}
+
 impl Drop for NetNs {
     fn drop(&mut self) {
+        if !self.path().exists() {
+            return;
+        }
+        kill_all_in(&self.name);
         if let Err(e) = run("ip", &["netns", "del", &self.name]) {
             eprintln!("weft-e2e: cleanup: {e}");
         }

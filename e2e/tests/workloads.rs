@@ -169,6 +169,15 @@ async fn init_containers_then_sidecars_then_containers_with_user_and_downward_en
     let _serial = serial().await;
     let cluster = Cluster::start().await?;
     cluster.create_namespace("life").await?;
+    // A descriptor this process holds without close-on-exec (as one
+    // inherited from `flock` would be) must not leak into containers.
+    let marker = tempfile::NamedTempFile::new()?;
+    let _leaky = nix::fcntl::open(
+        marker.path(),
+        nix::fcntl::OFlag::O_RDONLY,
+        nix::sys::stat::Mode::empty(),
+    )?;
+    let orphan: u32 = rand::random::<u32>() % 1_000_000;
     let pod = format!(
         r#"
 apiVersion: v1
@@ -196,7 +205,7 @@ spec:
     image: busybox
     command: [sh, -c]
     args:
-    - 'echo "main $(id -u) $POD_IP $TIER $(hostname) $(pwd)" > /var/run/weft-e2e-work/main; "$APP" get http://127.0.0.1:9000/from-main >> /var/run/weft-e2e-work/main; trap "echo bye >> /var/run/weft-e2e-work/main; exit 0" TERM; while true; do sleep 0.2; done'
+    - 'sleep 86399.{orphan} & ls -l /proc/$$/fd > /var/run/weft-e2e-work/fds; echo "main $(id -u) $POD_IP $TIER $(hostname) $(pwd)" > /var/run/weft-e2e-work/main; "$APP" get http://127.0.0.1:9000/from-main >> /var/run/weft-e2e-work/main; trap "echo bye >> /var/run/weft-e2e-work/main; exit 0" TERM; while true; do sleep 0.2; done'
     workingDir: /tmp
     securityContext: {{runAsUser: 1234, runAsGroup: 1234}}
     env:
@@ -230,6 +239,12 @@ spec:
     // sidecar was serving (startup probe) before the main container ran.
     let order = std::fs::read_to_string(work.join("order"))?;
     assert_eq!(order, "init\nsidecar\n");
+    let fds = std::fs::read_to_string(work.join("fds"))?;
+    let marker_name = marker.path().to_string_lossy().into_owned();
+    assert!(
+        !fds.contains(&marker_name),
+        "a test descriptor leaked into the container: {fds}"
+    );
     let main = std::fs::read_to_string(&main_file)?;
     let lines: Vec<&str> = main.lines().collect();
     assert_eq!(
@@ -255,6 +270,15 @@ spec:
         .await?;
     cluster
         .wait_gone(&pods, "ordered", Duration::from_secs(30))
+        .await?;
+    // A process the container left behind (a daemon's child) dies with the pod.
+    let needle = format!("86399.{orphan}");
+    cluster
+        .wait_until(
+            Duration::from_secs(10),
+            "orphaned process killed",
+            || async { Ok(!processes().iter().any(|c| c.contains(&needle))) },
+        )
         .await?;
     cluster.shutdown();
     Ok(())
@@ -327,4 +351,15 @@ spec:
         .await?;
     cluster.shutdown();
     Ok(())
+}
+
+/// Command lines of every process on the machine.
+fn processes() -> Vec<String> {
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+        .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
+        .collect()
 }

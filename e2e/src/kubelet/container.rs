@@ -2,11 +2,12 @@
 //! API), mounts, working directory and user of a container spec.
 //!
 //! A container is started as
-//! `ip netns exec <pod-netns> unshare --mount --uts --propagation private -- sh -c <setup> ...`:
+//! `ip netns exec <pod-netns> unshare --mount --uts --propagation private -- bash -c <setup> ...`:
 //! the pod's network namespace; a private mount namespace in which each
 //! volume is bind-mounted at its `mountPath`; a UTS namespace whose hostname
 //! is the pod name; then `setpriv` to the spec's `runAsUser`/`runAsGroup`
 //! and `exec` of the program, so the container's PID is the program's.
+//! Inherited file descriptors other than stdio are closed first.
 //! The file system is otherwise the host's (no image root fs).
 
 use std::collections::BTreeMap;
@@ -47,7 +48,11 @@ pub fn sh_quote(s: &str) -> String {
 
 /// Starts the process; it is killed if the returned child is dropped.
 pub fn spawn(spec: &ProcessSpec) -> Result<tokio::process::Child, KubeletError> {
-    let mut script = String::from("set -e\n");
+    // Close every inherited descriptor but stdio first: a container (or a
+    // daemon it forks) must not keep e.g. a build lock held by the test.
+    let mut script = String::from(
+        "for fd in $(ls /proc/$$/fd); do case $fd in 0|1|2) ;; *) eval \"exec $fd>&-\" ;; esac; done\nset -e\n",
+    );
     script.push_str(&format!("hostname {}\n", sh_quote(&spec.hostname)));
     for (src, dst, ro) in &spec.mounts {
         let (s, d) = (
@@ -83,7 +88,7 @@ pub fn spawn(spec: &ProcessSpec) -> Result<tokio::process::Child, KubeletError> 
             "--propagation",
             "private",
             "--",
-            "/bin/sh",
+            "/bin/bash",
             "-c",
             &script,
             "weft-container",
