@@ -36,7 +36,7 @@ const MEASURE: Duration = Duration::from_secs(5);
 const WARMUP: Duration = Duration::from_secs(1);
 const MAX_CONNS: usize = 64;
 const MAX_FOR: Duration = Duration::from_secs(3);
-const ROUNDS: usize = 2;
+const ROUNDS: usize = 3;
 
 fn sh(args: &[&str]) {
     let out = Command::new(args[0])
@@ -62,6 +62,14 @@ impl Drop for Netns {
 struct Procs(Vec<Child>);
 impl Drop for Procs {
     fn drop(&mut self) {
+        // SIGTERM first: an nginx or HAProxy master then stops its workers.
+        for c in &self.0 {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(c.id() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+        }
+        std::thread::sleep(Duration::from_millis(500));
         for c in &mut self.0 {
             let _ = c.kill();
             let _ = c.wait();
