@@ -48,18 +48,35 @@ pub enum LeaderError {
         #[source]
         source: LeaseManagerError,
     },
+    /// The reconcilers stopped by themselves while this replica led.
+    #[error(
+        "the reconcilers stopped on their own (see the errors logged before); the lease was released so another replica can take over"
+    )]
+    WorkStopped,
+}
+
+/// How [`lead`] ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Ended {
+    /// `shutdown` was cancelled or the leadership channel closed.
+    Shutdown,
+    /// The work stopped by itself while leading (a fatal reconciler error).
+    WorkStopped,
 }
 
 /// Runs `work` while `leadership` says this replica leads, until `shutdown`.
 ///
 /// Each run of `work` gets its own cancellation token; when leadership is
 /// lost the token is cancelled and the run is awaited before anything else
-/// happens, so at most one run is ever alive in this process.
+/// happens, so at most one run is ever alive in this process. If a run
+/// ends by itself, `lead` returns [`Ended::WorkStopped`] so the process can
+/// exit and hand the lease to another replica.
 pub async fn lead<W, F>(
     mut leadership: watch::Receiver<bool>,
     shutdown: CancellationToken,
     mut work: W,
-) where
+) -> Ended
+where
     W: FnMut(CancellationToken) -> F,
     F: Future<Output = ()> + Send + 'static,
 {
@@ -67,10 +84,10 @@ pub async fn lead<W, F>(
         // Wait to become the leader.
         while !*leadership.borrow_and_update() {
             tokio::select! {
-                () = shutdown.cancelled() => return,
+                () = shutdown.cancelled() => return Ended::Shutdown,
                 changed = leadership.changed() => {
                     if changed.is_err() {
-                        return;
+                        return Ended::Shutdown;
                     }
                 }
             }
@@ -95,9 +112,13 @@ pub async fn lead<W, F>(
                         tracing::error!(error = %e, "reconcilers ended unexpectedly");
                     }
                     token.cancel();
+                    if shutdown.is_cancelled() {
+                        // The work saw the shutdown first.
+                        return Ended::Shutdown;
+                    }
                     // Let the lease go to another replica rather than
                     // holding it with nothing running.
-                    return;
+                    return Ended::WorkStopped;
                 }
             }
         };
@@ -106,7 +127,7 @@ pub async fn lead<W, F>(
             tracing::error!(error = %e, "reconcilers failed while stopping");
         }
         if stop {
-            return;
+            return Ended::Shutdown;
         }
     }
 }
@@ -142,15 +163,16 @@ where
         .map_err(err)?;
     let (leadership, task) = manager.watch().await;
     on_started();
-    lead(leadership, shutdown, work).await;
+    let ended = lead(leadership, shutdown, work).await;
     // `lead` dropped the receiver: the manager releases the lease and ends.
     match task.await {
-        Ok(Ok(_manager)) => Ok(()),
-        Ok(Err(e)) => Err(err(e)),
-        Err(e) => {
-            tracing::warn!(error = %e, "lease manager task ended abnormally");
-            Ok(())
-        }
+        Ok(Ok(_manager)) => {}
+        Ok(Err(e)) => return Err(err(e)),
+        Err(e) => tracing::warn!(error = %e, "lease manager task ended abnormally"),
+    }
+    match ended {
+        Ended::Shutdown => Ok(()),
+        Ended::WorkStopped => Err(LeaderError::WorkStopped),
     }
 }
 
@@ -236,12 +258,22 @@ mod tests {
         assert_eq!(probe.alive.load(Ordering::SeqCst), 1);
 
         shutdown.cancel();
-        task.await.expect("lead ends on shutdown");
+        assert_eq!(task.await.expect("lead ends on shutdown"), Ended::Shutdown);
         assert_eq!(
             probe.alive.load(Ordering::SeqCst),
             0,
             "shutdown waits for the work to stop"
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn work_that_stops_by_itself_ends_the_leadership() {
+        let (_tx, rx) = watch::channel(true);
+        let ended = lead(rx, CancellationToken::new(), |_token| async {
+            tokio::time::sleep(Duration::from_secs(2)).await;
+        })
+        .await;
+        assert_eq!(ended, Ended::WorkStopped);
     }
 
     /// Two replicas behind one simulated lease: the lease passes from A to

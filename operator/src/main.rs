@@ -4,7 +4,8 @@
 //! Start-up: JSON (or text) logs, the ring crypto provider for rustls, a
 //! Kubernetes client from the in-cluster or kubeconfig environment, the
 //! admin server (`/metrics`, `/healthz`, `/readyz`), then leader election
-//! on a Lease: only the leader runs the reconcilers. SIGTERM or Ctrl-C
+//! on a Lease: only the leader runs the reconcilers, both halves of them
+//! ([`weft_operator::identity::run`] and [`weft_operator::config::run`]). SIGTERM or Ctrl-C
 //! stops the reconcilers, releases the Lease and ends the admin server.
 //!
 //! Every flag can also be set by the environment variable named in
@@ -20,6 +21,7 @@ use clap::{Parser, ValueEnum};
 use kube::runtime::events::Reporter;
 use tokio_util::sync::CancellationToken;
 use weft_operator::admin::{self, AdminState};
+use weft_operator::config;
 use weft_operator::identity::{self, Settings, SystemClock};
 use weft_operator::leader::{self, LeaseSettings};
 use weft_operator::metrics::Metrics;
@@ -138,7 +140,8 @@ async fn main() -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
     tokio::spawn(shutdown_signal(shutdown.clone()));
 
-    let metrics = Arc::new(Metrics::new());
+    let config_metrics = config::ConfigMetrics::default();
+    let metrics = Arc::new(Metrics::new_with(|r| config_metrics.register(r)));
     let admin_state = AdminState::new(metrics.clone());
     let addr = SocketAddr::new(args.admin_address, args.admin_port);
     let listener = tokio::net::TcpListener::bind(addr)
@@ -172,6 +175,11 @@ async fn main() -> anyhow::Result<()> {
         propagation: Duration::from_secs(args.ca_propagation_seconds),
         ..Settings::default()
     };
+    let config_opts = config::ConfigOptions {
+        metrics: config_metrics,
+        instance: Some(identity.clone()),
+        ..config::ConfigOptions::default()
+    };
     let reporter = Reporter {
         controller: "weft-operator".to_owned(),
         instance: Some(identity.clone()),
@@ -196,7 +204,19 @@ async fn main() -> anyhow::Result<()> {
                 Arc::new(SystemClock),
                 reporter.clone(),
             ));
-            identity::run(ctx, token)
+            let config = config::run(client.clone(), config_opts.clone());
+            async move {
+                // Both halves run while leading; if the config half fails
+                // for good, the identity half stops too and the lease goes
+                // to another replica.
+                tokio::select! {
+                    () = identity::run(ctx, token) => {}
+                    res = config => match res {
+                        Ok(()) => tracing::error!("config reconcilers ended"),
+                        Err(e) => tracing::error!(error = %e, "config reconcilers failed"),
+                    },
+                }
+            }
         },
     )
     .await;
