@@ -128,3 +128,64 @@ fn inject_adds_the_sidecar_to_workload_templates() {
         "non-workloads pass through"
     );
 }
+
+#[test]
+fn render_prints_the_config_each_namespace_gets() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let cluster = dir.path().join("cluster.yaml");
+    std::fs::write(
+        &cluster,
+        "apiVersion: v1\nkind: Namespace\nmetadata: {name: demo, labels: {weft.dev/inject: enabled}}\n---\napiVersion: v1\nkind: Service\nmetadata: {name: backend, namespace: demo}\nspec:\n  clusterIP: 10.96.0.20\n  selector: {app: backend}\n  ports: [{name: http, port: 8080, targetPort: 8080, appProtocol: http}]\n",
+    )
+    .expect("write");
+    let route = dir.path().join("route.yaml");
+    std::fs::write(
+        &route,
+        "apiVersion: weft.dev/v1alpha1\nkind: ServiceRoute\nmetadata: {name: backend, namespace: demo}\nspec:\n  service: backend\n  http:\n  - name: slow\n    timeout: 2s\n",
+    )
+    .expect("write");
+    let out_dir = dir.path().join("out");
+    let out = weftctl(&[
+        "render",
+        "-f",
+        cluster.to_str().expect("utf-8"),
+        route.to_str().expect("utf-8"),
+        "--out",
+        out_dir.to_str().expect("utf-8"),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let bytes = std::fs::read(out_dir.join("demo.proxy.json")).expect("demo rendered");
+    let cfg = weft_proxy_config::ProxyConfig::load(&bytes).expect("the proxy would accept it");
+    let svc = cfg
+        .services
+        .iter()
+        .find(|s| s.name == "backend")
+        .expect("backend rendered");
+    assert_eq!(
+        svc.http_routes.first().and_then(|r| r.timeout_ms),
+        Some(2000)
+    );
+
+    let broken = dir.path().join("broken.yaml");
+    std::fs::write(
+        &broken,
+        "apiVersion: weft.dev/v1alpha1\nkind: ServiceRoute\nmetadata: {name: ghost, namespace: demo}\nspec:\n  service: nope\n  http:\n  - timeout: 1s\n",
+    )
+    .expect("write");
+    let out = weftctl(&[
+        "render",
+        "-f",
+        cluster.to_str().expect("utf-8"),
+        broken.to_str().expect("utf-8"),
+    ]);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "a rejected resource fails the command"
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("REJECTED"));
+}

@@ -564,7 +564,7 @@ fn main() {
     std::thread::sleep(Duration::from_secs(2));
     let ids: Vec<u32> = procs.0.iter().map(Child::id).collect();
 
-    let targets = vec![
+    let targets = [
         Target {
             name: "direct",
             ns: nsrv.clone(),

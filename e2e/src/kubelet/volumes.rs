@@ -232,10 +232,13 @@ fn set_mode(path: &Path, mode: u32) -> std::io::Result<()> {
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
 }
 
+/// Picks the listed keys (all keys without a list). A listed key the object
+/// lacks fails the volume unless the source is `optional`, as with kubelet.
 fn select_items(
     all: BTreeMap<String, Vec<u8>>,
     items: Option<&[KeyToPath]>,
     mode: u32,
+    optional: bool,
     what: &str,
 ) -> Result<Payload, String> {
     let mut out = Payload::new();
@@ -247,9 +250,12 @@ fn select_items(
         }
         Some(items) => {
             for it in items {
-                let data = all
-                    .get(&it.key)
-                    .ok_or_else(|| format!("{what} has no key {:?}", it.key))?;
+                let Some(data) = all.get(&it.key) else {
+                    if optional {
+                        continue;
+                    }
+                    return Err(format!("{what} has no key {:?}", it.key));
+                };
                 out.insert(
                     it.path.clone(),
                     FileContent {
@@ -294,7 +300,13 @@ async fn configmap_payload(
             .into_iter()
             .map(|(k, v)| (k, v.0)),
     );
-    select_items(all, items, mode, &format!("configmap {ns}/{name}"))
+    select_items(
+        all,
+        items,
+        mode,
+        optional,
+        &format!("configmap {ns}/{name}"),
+    )
 }
 
 async fn secret_payload(
@@ -328,7 +340,7 @@ async fn secret_payload(
             .into_iter()
             .map(|(k, v)| (k, v.into_bytes())),
     );
-    select_items(all, items, mode, &format!("secret {ns}/{name}"))
+    select_items(all, items, mode, optional, &format!("secret {ns}/{name}"))
 }
 
 fn downward_payload(
@@ -366,4 +378,35 @@ fn map_lines(map: Option<&BTreeMap<String, String>>) -> String {
         .flatten()
         .map(|(k, v)| format!("{k}={}\n", serde_json::Value::String(v.clone())))
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn item(key: &str) -> KeyToPath {
+        KeyToPath {
+            key: key.into(),
+            path: key.into(),
+            mode: None,
+        }
+    }
+
+    #[test]
+    fn missing_listed_key_fails_unless_optional() {
+        let all = BTreeMap::from([("proxy.json".to_owned(), b"{}".to_vec())]);
+        let items = [item("proxy.json"), item("proxy.json.gz")];
+        let err = select_items(
+            all.clone(),
+            Some(&items),
+            0o444,
+            false,
+            "configmap d/weft-proxy",
+        )
+        .expect_err("a required key is missing");
+        assert!(err.contains("proxy.json.gz"), "{err}");
+        let got = select_items(all, Some(&items), 0o444, true, "configmap d/weft-proxy")
+            .expect("optional sources skip missing keys");
+        assert_eq!(got.keys().collect::<Vec<_>>(), ["proxy.json"]);
+    }
 }

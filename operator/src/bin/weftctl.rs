@@ -4,6 +4,9 @@
 //!   (what `crds/` holds; a test fails when they drift).
 //! - `weftctl check -f FILE...`: validate weft resources against the CRD
 //!   schemas and CEL rules of this build, before they reach a cluster.
+//! - `weftctl render -f FILE... [--out DIR]`: the exact `proxy.json` each
+//!   meshed namespace would get from CRs, Services and EndpointSlices, with
+//!   the operator's own renderer, for review in pull requests.
 //! - `weftctl inject -f FILE... [--mesh MESH.yaml]`: add the weft sidecar to
 //!   every pod template, with the webhook's own patch builder, for pipelines
 //!   that inject at render time.
@@ -34,6 +37,18 @@ enum Command {
         /// Files with one or more YAML documents.
         #[arg(short = 'f', long = "filename", required = true, num_args = 1..)]
         files: Vec<PathBuf>,
+    },
+    /// Render the proxy config (`proxy.json`) each meshed namespace would
+    /// get from weft resources, Services, EndpointSlices, Namespaces and Pods
+    /// in YAML files (`-` for stdin). Exits 1 if a resource is rejected.
+    Render {
+        /// Files with one or more YAML documents.
+        #[arg(short = 'f', long = "filename", required = true, num_args = 1..)]
+        files: Vec<PathBuf>,
+        /// Write `<namespace>.proxy.json` files (the exact bytes the
+        /// ConfigMap would hold) into this directory instead of printing.
+        #[arg(long)]
+        out: Option<PathBuf>,
     },
     /// Inject the weft sidecar into Pods and workload templates in YAML
     /// files (`-` for stdin); the result goes to stdout.
@@ -89,6 +104,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Check { files } => check(&files),
+        Command::Render { files, out } => render(&files, out.as_ref()),
         Command::Inject { files, mesh } => inject(&files, mesh.as_ref()),
     }
 }
@@ -171,4 +187,64 @@ fn inject(files: &[PathBuf], mesh: Option<&PathBuf>) -> anyhow::Result<ExitCode>
         print!("{out}");
     }
     Ok(ExitCode::SUCCESS)
+}
+
+fn render(files: &[PathBuf], out: Option<&PathBuf>) -> anyhow::Result<ExitCode> {
+    let mut objects = Vec::new();
+    for path in files {
+        let text = read_input(path)?;
+        objects.extend(
+            weft_operator::render::parse_yaml(&text)
+                .with_context(|| format!("parsing {}", path.display()))?,
+        );
+    }
+    let output = weft_operator::render::render_offline(objects).context("rendering")?;
+    let mut rejected = 0usize;
+    for status in &output.statuses {
+        if status.accepted() {
+            eprintln!("accepted {:?} {}", status.kind, status.object);
+        } else {
+            rejected += 1;
+            eprintln!(
+                "REJECTED {:?} {}: {}: {}",
+                status.kind,
+                status.object,
+                status.reason(),
+                status.message()
+            );
+        }
+    }
+    for ignored in &output.ignored {
+        eprintln!("ignored  {ignored}");
+    }
+    match out {
+        Some(dir) => {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+            for (ns, cfg) in &output.configs {
+                let path = dir.join(format!("{ns}.proxy.json"));
+                std::fs::write(&path, cfg.to_json())
+                    .with_context(|| format!("writing {}", path.display()))?;
+                eprintln!("wrote {}", path.display());
+            }
+        }
+        None => {
+            let map: serde_json::Map<String, serde_json::Value> = output
+                .configs
+                .iter()
+                .map(|(ns, cfg)| {
+                    let value = serde_json::to_value(cfg).expect("a ProxyConfig always serializes");
+                    (ns.clone(), value)
+                })
+                .collect();
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&map).expect("JSON values always serialize")
+            );
+        }
+    }
+    Ok(if rejected == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }
