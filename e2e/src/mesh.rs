@@ -179,3 +179,36 @@ pub async fn get_from_pod(
         )))
     }
 }
+
+/// The last non-empty line of a command's output (where errors end up).
+pub fn last_line(text: &str) -> String {
+    text.lines()
+        .rev()
+        .map(str::trim)
+        .find(|l| !l.is_empty())
+        .unwrap_or("")
+        .to_owned()
+}
+
+/// Waits until a request from `ns/pod` to `url` succeeds: the pod's proxy
+/// has loaded a config with the destination's endpoints (the operator's
+/// write, kubelet's volume sync and the proxy's reload all took place).
+/// Returns how long that took.
+pub async fn wait_for_route(
+    cluster: &Cluster,
+    ns: &str,
+    pod: &str,
+    url: &str,
+    timeout: Duration,
+) -> Result<Duration, HarnessError> {
+    let start = std::time::Instant::now();
+    cluster
+        .wait_until(timeout, &format!("{ns}/{pod} → {url}"), || async {
+            Ok(matches!(
+                get_from_pod(cluster, ns, pod, url, &[]).await?,
+                Reply::Ok(_)
+            ))
+        })
+        .await?;
+    Ok(start.elapsed())
+}

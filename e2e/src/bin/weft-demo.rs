@@ -116,6 +116,22 @@ async fn run(cluster: &Cluster, args: &Args, t0: Instant) -> anyhow::Result<()> 
         ),
     );
     let url = format!("http://{backend_ip}:8080/api/items");
+    let warm = mesh::wait_for_route(
+        cluster,
+        "demo",
+        &frontend,
+        &url,
+        std::time::Duration::from_secs(60),
+    )
+    .await
+    .context("the frontend never reached the backend")?;
+    step(
+        t0,
+        &format!(
+            "the frontend's proxy has the backend's endpoints (after {:.1}s: kubelet volume sync + reload)",
+            warm.as_secs_f64()
+        ),
+    );
     let mut per_version: BTreeMap<String, usize> = BTreeMap::new();
     let mut seen_identity: BTreeMap<String, usize> = BTreeMap::new();
     let mut failures: BTreeMap<String, usize> = BTreeMap::new();
@@ -137,7 +153,7 @@ async fn run(cluster: &Cluster, args: &Args, t0: Instant) -> anyhow::Result<()> 
             }
             Reply::Failed(why) => {
                 *failures
-                    .entry(why.lines().next().unwrap_or("").to_owned())
+                    .entry(mesh::last_line(&why).to_owned())
                     .or_default() += 1
             }
         }
@@ -206,7 +222,7 @@ async fn run(cluster: &Cluster, args: &Args, t0: Instant) -> anyhow::Result<()> 
         ),
         Reply::Failed(why) => println!(
             "  x-weft-release: canary → failed: {}",
-            why.lines().next().unwrap_or("")
+            mesh::last_line(&why)
         ),
     }
     match plaintext {
@@ -215,7 +231,7 @@ async fn run(cluster: &Cluster, args: &Args, t0: Instant) -> anyhow::Result<()> 
         }
         Reply::Failed(why) => println!(
             "  plaintext from the unmeshed namespace: refused ({})",
-            why.lines().next().unwrap_or("").trim()
+            mesh::last_line(&why)
         ),
     }
     println!("  total time: {:.1}s", t0.elapsed().as_secs_f64());
