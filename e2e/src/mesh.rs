@@ -180,12 +180,14 @@ pub async fn get_from_pod(
     }
 }
 
-/// The last non-empty line of a command's output (where errors end up).
+/// The error line of a failed command's output (`Error: ...`), else its
+/// last non-empty line.
 pub fn last_line(text: &str) -> String {
-    text.lines()
-        .rev()
-        .map(str::trim)
-        .find(|l| !l.is_empty())
+    let mut lines = text.lines().map(str::trim).filter(|l| !l.is_empty());
+    lines
+        .clone()
+        .find(|l| l.starts_with("Error"))
+        .or_else(|| lines.next_back())
         .unwrap_or("")
         .to_owned()
 }

@@ -108,13 +108,6 @@ async fn run(cluster: &Cluster, args: &Args, t0: Instant) -> anyhow::Result<()> 
         .find_map(|p| p.metadata.name)
         .context("no frontend pod")?;
     let backend_ip = mesh::cluster_ip(cluster, "demo", "backend").await?;
-    step(
-        t0,
-        &format!(
-            "sending {} requests frontend → backend ({backend_ip}:8080/api/items)",
-            args.requests
-        ),
-    );
     let url = format!("http://{backend_ip}:8080/api/items");
     let warm = mesh::wait_for_route(
         cluster,
@@ -130,6 +123,13 @@ async fn run(cluster: &Cluster, args: &Args, t0: Instant) -> anyhow::Result<()> 
         &format!(
             "the frontend's proxy has the backend's endpoints (after {:.1}s: kubelet volume sync + reload)",
             warm.as_secs_f64()
+        ),
+    );
+    step(
+        t0,
+        &format!(
+            "sending {} requests frontend → backend ({backend_ip}:8080/api/items)",
+            args.requests
         ),
     );
     let mut per_version: BTreeMap<String, usize> = BTreeMap::new();
@@ -212,6 +212,9 @@ async fn run(cluster: &Cluster, args: &Args, t0: Instant) -> anyhow::Result<()> 
     for (why, n) in &failures {
         println!("    failed: {n} × {why}");
     }
+    println!(
+        "    (the split follows the backend endpoints: the proxy does not apply ServiceRoute weights yet)"
+    );
     for (id, n) in &seen_identity {
         println!("  identity the backend saw: {id} ({n} requests)");
     }
