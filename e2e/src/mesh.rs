@@ -48,20 +48,6 @@ pub async fn install(cluster: &Cluster) -> Result<(), HarnessError> {
                     "condition=established",
                     "--timeout=30s",
                     "crd",
-                    "-l",
-                    "app.kubernetes.io/part-of=weft",
-                ],
-                None,
-            )
-            .await?;
-        cluster
-            .kubectl_output(
-                &[
-                    "wait",
-                    "--for",
-                    "condition=established",
-                    "--timeout=30s",
-                    "crd",
                     "--all",
                 ],
                 None,
