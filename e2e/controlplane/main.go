@@ -171,7 +171,18 @@ func supervise() error {
 		return nil
 	}
 
+	// Audit log of every request weft's own service accounts make (the
+	// operator and the injector), so tests can hold the install RBAC to
+	// exactly the calls the code makes. Nothing else is logged.
+	auditPolicy := filepath.Join(o.dataDir, "audit-policy.yaml")
+	if err := os.WriteFile(auditPolicy, []byte(auditPolicyYAML), 0o600); err != nil {
+		return err
+	}
 	if err := spawn("kube-apiserver",
+		"--audit-policy-file="+auditPolicy,
+		"--audit-log-path="+filepath.Join(o.dataDir, "logs", "audit.log"),
+		"--audit-log-format=json",
+		"--audit-log-mode=blocking",
 		"--etcd-servers="+fmt.Sprintf("http://127.0.0.1:%d", o.etcdPort),
 		"--bind-address="+o.bindAddress,
 		"--secure-port="+strconv.Itoa(o.apiPort),
@@ -435,3 +446,14 @@ func firstIP(cidr string) (net.IP, error) {
 	next[3]++
 	return next, nil
 }
+
+// auditPolicyYAML records metadata of the requests of service accounts in
+// weft-system and nothing else.
+const auditPolicyYAML = `apiVersion: audit.k8s.io/v1
+kind: Policy
+omitStages: ["RequestReceived", "ResponseStarted"]
+rules:
+- level: Metadata
+  userGroups: ["system:serviceaccounts:weft-system"]
+- level: None
+`

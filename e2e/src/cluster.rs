@@ -657,6 +657,23 @@ impl Cluster {
         files
     }
 
+    /// The API server's audit events so far: the metadata of every request
+    /// made by a service account of namespace `weft-system` (the policy is
+    /// in `e2e/controlplane/main.go`), one JSON object per request.
+    pub fn audit_events(&self) -> Result<Vec<serde_json::Value>, HarnessError> {
+        let path = self.dir()?.join("controlplane/logs/audit.log");
+        let text = match std::fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+            Err(e) => return Err(io("audit log")(e)),
+        };
+        // The last line may be half-written while the API server runs.
+        Ok(text
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect())
+    }
+
     /// Ends a test that passed: tears down without printing logs. A cluster
     /// dropped without this (a panic, an early `?` return) prints them all.
     pub fn shutdown(mut self) {

@@ -4,6 +4,10 @@
 //!   the pod, the caller address it saw and the `x-weft-peer-identity`
 //!   header it received (`/healthz` answers `ok`).
 //! - `get URL`: plain HTTP/1.1 GET; prints the body; exit 1 unless 2xx.
+//! - `load URL --seconds S --interval-ms I`: sends GETs one after another
+//!   (a new connection each) for S seconds, then prints a JSON summary:
+//!   `sent`, `ok`, `failed`, the first errors, and counts of answers by
+//!   `pod` and by `identity`. Always exits 0; the caller judges.
 //! - `webhook --port P --cert F --key F`: HTTPS mutating admission webhook
 //!   that labels every object `weft-e2e/mutated=true`.
 //! - `kube-access --namespace NS`: authenticates with the pod's service
@@ -48,6 +52,19 @@ enum Cmd {
         #[arg(long = "header")]
         headers: Vec<String>,
     },
+    /// GETs in a loop for a while; prints a JSON summary.
+    Load {
+        url: String,
+        /// How long to send for.
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+        /// Pause between requests.
+        #[arg(long, default_value_t = 20)]
+        interval_ms: u64,
+        /// Extra request headers, `Name: value` (repeatable).
+        #[arg(long = "header")]
+        headers: Vec<String>,
+    },
     /// Mutating admission webhook over HTTPS.
     Webhook {
         #[arg(long, default_value_t = 8443)]
@@ -69,7 +86,16 @@ async fn main() -> anyhow::Result<()> {
     let _ = rustls::crypto::ring::default_provider().install_default();
     match Cli::parse().cmd {
         Cmd::Echo { port } => echo(port).await,
-        Cmd::Get { url, headers } => get(&url, &headers).await,
+        Cmd::Get { url, headers } => {
+            println!("{}", fetch(&url, &headers).await?);
+            Ok(())
+        }
+        Cmd::Load {
+            url,
+            seconds,
+            interval_ms,
+            headers,
+        } => load(&url, seconds, interval_ms, &headers).await,
         Cmd::Webhook { port, cert, key } => webhook(port, &cert, &key).await,
         Cmd::KubeAccess { namespace } => kube_access(&namespace).await,
     }
@@ -109,7 +135,8 @@ async fn echo(port: u16) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn get(url: &str, headers: &[String]) -> anyhow::Result<()> {
+/// One GET on a new connection; the body of a 2xx answer.
+async fn fetch(url: &str, headers: &[String]) -> anyhow::Result<String> {
     let rest = url
         .strip_prefix("http://")
         .context("only http:// URLs are supported")?;
@@ -139,10 +166,51 @@ async fn get(url: &str, headers: &[String]) -> anyhow::Result<()> {
         .nth(1)
         .and_then(|c| c.parse().ok())
         .context("malformed HTTP response")?;
-    println!("{body}");
     if !(200..300).contains(&code) {
-        bail!("HTTP {code}");
+        bail!("HTTP {code}: {}", body.trim());
     }
+    Ok(body.to_owned())
+}
+
+async fn load(url: &str, seconds: u64, interval_ms: u64, headers: &[String]) -> anyhow::Result<()> {
+    use std::collections::BTreeMap;
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(seconds);
+    let (mut sent, mut ok) = (0u64, 0u64);
+    let mut errors: Vec<String> = Vec::new();
+    let mut by_pod: BTreeMap<String, u64> = BTreeMap::new();
+    let mut by_identity: BTreeMap<String, u64> = BTreeMap::new();
+    while tokio::time::Instant::now() < deadline {
+        sent += 1;
+        let answer = tokio::time::timeout(std::time::Duration::from_secs(10), fetch(url, headers))
+            .await
+            .unwrap_or_else(|_| Err(anyhow::anyhow!("no answer within 10 s")))
+            .and_then(|body| Ok(serde_json::from_str::<serde_json::Value>(&body)?));
+        match answer {
+            Ok(v) => {
+                ok += 1;
+                let field = |k: &str| v[k].as_str().unwrap_or("").to_owned();
+                *by_pod.entry(field("pod")).or_default() += 1;
+                *by_identity.entry(field("identity")).or_default() += 1;
+            }
+            Err(e) => {
+                if errors.len() < 10 {
+                    errors.push(format!("request {sent}: {e:#}"));
+                }
+            }
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(interval_ms)).await;
+    }
+    println!(
+        "{}",
+        json!({
+            "sent": sent,
+            "ok": ok,
+            "failed": sent - ok,
+            "errors": errors,
+            "byPod": by_pod,
+            "byIdentity": by_identity,
+        })
+    );
     Ok(())
 }
 
