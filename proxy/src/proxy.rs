@@ -125,6 +125,8 @@ pub struct State {
     pub outbound_pools: Pools,
     /// Pools to the local app.
     pub inbound_pools: Pools,
+    /// Endpoints ejected after a failed connection (passive health).
+    pub outliers: crate::outbound::Outliers,
     /// Bound listener addresses: [outbound, inbound, admin].
     pub listeners: Mutex<Vec<SocketAddr>>,
     listening: AtomicBool,
@@ -255,14 +257,13 @@ pub struct Proxy {
 
 /// Binds the listeners, loads the first snapshot, starts the watcher.
 pub async fn start(settings: Settings, net: Net) -> Result<Proxy, StartError> {
-    let bind = |what: &'static str, addr: SocketAddr| async move {
-        TcpListener::bind(addr)
-            .await
-            .map_err(|source| StartError::Bind { what, addr, source })
+    // `0.0.0.0` binds dual-stack `[::]`: IPv6 captures reach the same listeners.
+    let bind = |what: &'static str, addr: SocketAddr| {
+        crate::net::bind_listener(addr).map_err(|source| StartError::Bind { what, addr, source })
     };
-    let outbound = bind("outbound", settings.outbound_addr).await?;
-    let inbound = bind("inbound", settings.inbound_addr).await?;
-    let admin = bind("admin", settings.admin_addr).await?;
+    let outbound = bind("outbound", settings.outbound_addr)?;
+    let inbound = bind("inbound", settings.inbound_addr)?;
+    let admin = bind("admin", settings.admin_addr)?;
     let addr = |l: &TcpListener, what, a| {
         l.local_addr().map_err(|source| StartError::Bind {
             what,
@@ -283,6 +284,7 @@ pub async fn start(settings: Settings, net: Net) -> Result<Proxy, StartError> {
         metrics: Metrics::default(),
         outbound_pools: Pools::default(),
         inbound_pools: Pools::default(),
+        outliers: crate::outbound::Outliers::default(),
         listeners: Mutex::new(vec![outbound_addr, inbound_addr, admin_addr]),
         listening: AtomicBool::new(false),
         rr: AtomicUsize::new(0),

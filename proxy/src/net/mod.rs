@@ -17,7 +17,7 @@ use std::task::{Context, Poll};
 
 use bytes::{Buf, Bytes};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::TcpStream;
+use tokio::net::{TcpListener, TcpStream};
 
 /// A boxed future returned by the network traits.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -32,6 +32,44 @@ pub trait OrigDst: Send + Sync + std::fmt::Debug {
 pub trait Dialer: Send + Sync + std::fmt::Debug {
     /// Connects to `dst`.
     fn connect(&self, dst: SocketAddr) -> BoxFuture<'_, io::Result<TcpStream>>;
+}
+
+/// Binds a listener. An unspecified address (`0.0.0.0` or `[::]`) becomes
+/// one dual-stack `[::]` socket (`IPV6_V6ONLY` off), so connections captured
+/// by the IPv4 and the IPv6 rules reach the same listener; in a namespace
+/// without IPv6 it falls back to `0.0.0.0`. Other addresses bind as given.
+pub fn bind_listener(addr: SocketAddr) -> io::Result<TcpListener> {
+    if !addr.ip().is_unspecified() {
+        return bind_one(addr, false);
+    }
+    let any6 = SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, addr.port()));
+    match bind_one(any6, true) {
+        Ok(l) => Ok(l),
+        Err(e)
+            if addr.is_ipv4()
+                && matches!(
+                    e.raw_os_error(),
+                    Some(nix::libc::EAFNOSUPPORT | nix::libc::EADDRNOTAVAIL)
+                ) =>
+        {
+            tracing::info!(%addr, error = %e, "no IPv6 here; listening on IPv4 only");
+            bind_one(addr, false)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+fn bind_one(addr: SocketAddr, dual_stack: bool) -> io::Result<TcpListener> {
+    use socket2::{Domain, Socket, Type};
+    let sock = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    if dual_stack {
+        sock.set_only_v6(false)?;
+    }
+    sock.set_reuse_address(true)?;
+    sock.set_nonblocking(true)?;
+    sock.bind(&addr.into())?;
+    sock.listen(1024)?;
+    TcpListener::from_std(sock.into())
 }
 
 /// The production dialer: a plain `connect`, with `TCP_NODELAY`. Traffic of
