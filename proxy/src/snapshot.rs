@@ -17,6 +17,7 @@ use std::path::{Path, PathBuf};
 use rustls::pki_types::UnixTime;
 use weft_proxy_config::{Endpoint, ProxyConfig, Service, ServicePort};
 
+use crate::outbound::route::{RouteError, RouteTable};
 use crate::tls::identity::{Identity, IdentityError, IdentityFiles};
 
 /// Why a snapshot was rejected.
@@ -51,6 +52,14 @@ pub enum SnapshotError {
         /// Why.
         source: IdentityError,
     },
+    /// The routes did not compile (a proxy older or newer than its operator?).
+    #[error("{path}: {source}")]
+    Routes {
+        /// The config file.
+        path: PathBuf,
+        /// Why.
+        source: RouteError,
+    },
 }
 
 /// Where a Service port is found in the config.
@@ -62,7 +71,9 @@ pub struct ServiceRef {
     pub port: usize,
 }
 
-/// A loaded, validated config + identity.
+/// A loaded, validated config + identity, with the state derived from them
+/// once per snapshot (off the request path): the ClusterIP index and the
+/// compiled routes.
 #[derive(Debug)]
 pub struct Snapshot {
     /// The config.
@@ -71,12 +82,20 @@ pub struct Snapshot {
     pub identity: Identity,
     /// Where it was read from (the resolved `..data` target).
     pub source: PathBuf,
+    /// Compiled routes and per-subset endpoint lists.
+    pub routes: RouteTable,
     by_addr: HashMap<SocketAddr, ServiceRef>,
 }
 
 impl Snapshot {
-    /// Builds a snapshot from parts (tests, and [`load_dir`]).
-    pub fn new(config: ProxyConfig, identity: Identity, source: PathBuf) -> Self {
+    /// Builds a snapshot from parts (tests, and [`load_dir`]); fails when
+    /// the config's routes do not compile.
+    pub fn new(
+        config: ProxyConfig,
+        identity: Identity,
+        source: PathBuf,
+    ) -> Result<Self, RouteError> {
+        let routes = RouteTable::build(&config)?;
         let mut by_addr = HashMap::new();
         for (si, svc) in config.services.iter().enumerate() {
             for ip in &svc.cluster_ips {
@@ -91,12 +110,13 @@ impl Snapshot {
                 }
             }
         }
-        Snapshot {
+        Ok(Snapshot {
             config,
             identity,
             source,
+            routes,
             by_addr,
-        }
+        })
     }
 
     /// Where the Service port behind a ClusterIP:port is, if the config knows it.
@@ -161,6 +181,7 @@ pub fn load_dir(dir: &Path, now: UnixTime) -> Result<Snapshot, SnapshotError> {
             });
         }
     };
+    let cfg_path_for_routes = cfg_path.clone();
     let config = ProxyConfig::load(&bytes).map_err(|source| SnapshotError::Config {
         path: cfg_path,
         source,
@@ -176,5 +197,8 @@ pub fn load_dir(dir: &Path, now: UnixTime) -> Result<Snapshot, SnapshotError> {
             source,
         }
     })?;
-    Ok(Snapshot::new(config, identity, data))
+    Snapshot::new(config, identity, data).map_err(|source| SnapshotError::Routes {
+        path: cfg_path_for_routes,
+        source,
+    })
 }

@@ -4,27 +4,38 @@
 //! accept ─► original destination (SO_ORIGINAL_DST) ─► own listener? refuse (loop)
 //!        ─► ClusterIP:port in config? ── no ─► tcp::passthrough (untouched)
 //!                                      └ yes ─► protocol (config, server-first ports, else detect)
-//!                                                 ├ HTTP/1, HTTP/2 ─► http::Outbound (per request: balance ─► pool ─► endpoint)
-//!                                                 └ opaque ─► tcp::to_service (per connection: balance ─► endpoint)
+//!                                                 ├ HTTP/1, HTTP/2 ─► http (per request: route ─► backend ─► balance ─► pool ─► endpoint)
+//!                                                 └ opaque ─► tcp::to_service (per connection: TCP route ─► backend ─► balance ─► endpoint)
 //! ```
-
+//!
+//! [`route`] decides which backend (Service, subset, port) a request or
+//! connection goes to; [`balance`] picks one of that backend's endpoints;
+//! [`Outliers`] keeps endpoints that just refused or black-holed a
+//! connection out of the choice for a while, so a deleted pod costs one
+//! failed attempt (retried on another endpoint), not one per request, until
+//! kubelet delivers a config without it.
 pub mod balance;
 pub mod detect;
 pub mod http;
+pub mod route;
 pub mod tcp;
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use bytes::Bytes;
 use tokio::net::{TcpListener, TcpStream};
-use weft_proxy_config::{Endpoint, LoadBalancer, Protocol};
+use tokio::time::Instant;
+use weft_proxy_config::{LoadBalancer, Protocol};
 
 use crate::http::pool::Version;
 use crate::metrics::{Direction, OpenConn};
 use crate::net::Prefixed;
 use crate::proxy::State;
-use crate::snapshot::{ServiceRef, Snapshot};
+use crate::snapshot::endpoint_port;
 use detect::{Detected, SERVER_FIRST_PORTS, detect};
 
 /// Accepts captured connections until shutdown.
@@ -163,39 +174,118 @@ async fn handle(state: Arc<State>, conn: TcpStream, peer: SocketAddr) {
     }
 }
 
-/// Ready, non-terminating endpoints of a Service, in config order.
-pub(crate) fn live_endpoints(snap: &Snapshot, target: ServiceRef) -> Vec<&Endpoint> {
-    let (svc, _) = snap.service(target);
-    svc.endpoints.iter().filter(|e| !e.terminating).collect()
-}
-
-/// Endpoint attempt order: the balancer's pick first, then the others.
+/// Endpoint attempt order for one request or connection to `dest`: the
+/// balancer's pick among the endpoints not ejected (among all of them when
+/// every one is ejected), then the other non-ejected ones, then the ejected
+/// ones. Indices into `dest.endpoints`.
 pub(crate) fn attempt_order(
     state: &State,
-    snap: &Snapshot,
-    target: ServiceRef,
-    eps: &[&Endpoint],
+    dest: &route::Dest<'_>,
     key: Option<&str>,
 ) -> Vec<usize> {
-    let n = eps.len();
-    if n == 0 {
-        return Vec::new();
+    let eps = &dest.endpoints;
+    let addr = |i: usize| SocketAddr::new(eps[i].address, endpoint_port(eps[i], dest.port));
+    let now = Instant::now();
+    let (mut healthy, ejected): (Vec<usize>, Vec<usize>) =
+        (0..eps.len()).partition(|i| !state.outliers.is_ejected(addr(*i), now));
+    if healthy.is_empty() {
+        healthy = ejected;
+        return order_from(state, dest, healthy, key, &addr);
     }
-    let (svc, port) = snap.service(target);
-    let addr =
-        |i: usize| SocketAddr::new(eps[i].address, crate::snapshot::endpoint_port(eps[i], port));
-    let lb: &LoadBalancer = &svc.policy.load_balancer;
+    let mut order = order_from(state, dest, healthy, key, &addr);
+    order.extend(ejected);
+    order
+}
+
+fn order_from(
+    state: &State,
+    dest: &route::Dest<'_>,
+    set: Vec<usize>,
+    key: Option<&str>,
+    addr: &impl Fn(usize) -> SocketAddr,
+) -> Vec<usize> {
+    let n = set.len();
+    if n == 0 {
+        return set;
+    }
+    let lb: &LoadBalancer = &dest.service.policy.load_balancer;
     let first = balance::pick(
         lb,
         n,
-        |i| state.outbound_pools.load_of(addr(i)),
+        |i| state.outbound_pools.load_of(addr(set[i])),
         state.next_rr(),
         key,
-        |i| addr(i).to_string(),
+        |i| addr(set[i]).to_string(),
         &mut rand::rng(),
     );
-    (0..n).map(|k| (first + k) % n).collect()
+    (0..n).map(|k| set[(first + k) % n]).collect()
 }
 
 /// Most endpoints tried for one request or connection.
 pub(crate) const MAX_ATTEMPTS: usize = 3;
+
+/// How long an endpoint that refused or black-holed a connection is kept
+/// out of the balancer's choice (unless every endpoint is ejected).
+pub const EJECTION: Duration = Duration::from_secs(30);
+
+/// Passive health: endpoints whose last connection attempt failed (refused,
+/// unreachable, timed out), each until a deadline. Shared by every
+/// snapshot, since a dead pod stays listed until kubelet delivers a config
+/// without it. The common case (nothing ejected) costs one atomic load.
+#[derive(Debug, Default)]
+pub struct Outliers {
+    any: AtomicBool,
+    until: Mutex<HashMap<SocketAddr, Instant>>,
+}
+
+impl Outliers {
+    /// Ejects `addr` for [`EJECTION`] from `now`.
+    pub fn eject(&self, addr: SocketAddr, now: Instant) {
+        let mut m = self.until.lock().unwrap_or_else(|p| p.into_inner());
+        m.retain(|_, t| *t > now);
+        m.insert(addr, now + EJECTION);
+        self.any.store(true, Ordering::Release);
+    }
+
+    /// Whether `addr` is ejected at `now`.
+    pub fn is_ejected(&self, addr: SocketAddr, now: Instant) -> bool {
+        if !self.any.load(Ordering::Acquire) {
+            return false;
+        }
+        let m = self.until.lock().unwrap_or_else(|p| p.into_inner());
+        m.get(&addr).is_some_and(|t| *t > now)
+    }
+
+    /// `addr` answered: take it back at once.
+    pub fn restore(&self, addr: SocketAddr) {
+        if !self.any.load(Ordering::Acquire) {
+            return;
+        }
+        let mut m = self.until.lock().unwrap_or_else(|p| p.into_inner());
+        m.remove(&addr);
+        if m.is_empty() {
+            self.any.store(false, Ordering::Release);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn ejection_expires_and_restore_takes_back_at_once() {
+        let o = Outliers::default();
+        let a: SocketAddr = "10.244.0.5:8080".parse().expect("addr");
+        let b: SocketAddr = "10.244.0.6:8080".parse().expect("addr");
+        assert!(!o.is_ejected(a, Instant::now()));
+        o.eject(a, Instant::now());
+        assert!(o.is_ejected(a, Instant::now()));
+        assert!(!o.is_ejected(b, Instant::now()));
+        tokio::time::advance(EJECTION + Duration::from_millis(1)).await;
+        assert!(!o.is_ejected(a, Instant::now()));
+        o.eject(b, Instant::now());
+        o.restore(b);
+        assert!(!o.is_ejected(b, Instant::now()));
+    }
+}

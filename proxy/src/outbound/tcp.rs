@@ -1,6 +1,8 @@
 //! Opaque TCP: bytes copied both ways, to the original destination
 //! (unknown destinations) or to a balanced endpoint of a known Service
-//! (mTLS with ALPN `weft/tcp` when the endpoint is meshed).
+//! (mTLS with ALPN `weft/tcp` when the endpoint is meshed). A TCP route of
+//! the Service port picks the backend (Service, subset) per connection by
+//! weight.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -15,6 +17,8 @@ use crate::net::{Prefixed, Stream};
 use crate::proxy::State;
 use crate::snapshot::{ServiceRef, Snapshot, endpoint_port};
 use crate::tls::{Alpn, SpiffeId};
+
+use super::route;
 
 /// Forwards to `dst` itself, untouched.
 pub async fn passthrough(state: &State, client: TcpStream, prefix: Bytes, dst: SocketAddr) {
@@ -36,8 +40,9 @@ pub async fn passthrough(state: &State, client: TcpStream, prefix: Bytes, dst: S
     }
 }
 
-/// Forwards to an endpoint of the Service behind `dst`; the original
-/// destination when the config lists no endpoints.
+/// Forwards to an endpoint of the Service behind `dst` (of the backend its
+/// TCP route picks); to the original destination (or the backend Service's
+/// ClusterIP) when the config lists no endpoints.
 pub async fn to_service(
     state: Arc<State>,
     snap: Arc<Snapshot>,
@@ -46,18 +51,38 @@ pub async fn to_service(
     prefix: Bytes,
     dst: SocketAddr,
 ) {
-    let eps = super::live_endpoints(&snap, target);
-    if eps.is_empty() {
-        tracing::debug!(%dst, "no endpoints in config; falling back to the original destination");
-        return passthrough(&state, client, prefix, dst).await;
+    let (_, routed_port) = snap.service(target);
+    let backend = snap
+        .routes
+        .tcp(target, routed_port.port)
+        .and_then(|b| b.pick(&mut rand::rng()));
+    let dest = match route::resolve(&snap.config, &snap.routes, target, backend, dst) {
+        Ok(d) => d,
+        Err(e) => {
+            state.metrics.error(Direction::Outbound, "route-backend");
+            tracing::error!(%dst, error = %e, "TCP route backend cannot be resolved; closing the connection");
+            return;
+        }
+    };
+    if dest.endpoints.is_empty() {
+        match dest.fallback {
+            Some(addr) => {
+                tracing::debug!(%dst, %addr, "no endpoints in config; falling back to the original destination or the backend's ClusterIP");
+                return passthrough(&state, client, prefix, addr).await;
+            }
+            None => {
+                state.metrics.error(Direction::Outbound, "no-endpoint");
+                tracing::warn!(%dst, service = %dest.service.key(), subset = dest.subset.unwrap_or(""), "the routed subset has no ready endpoint; closing the connection");
+                return;
+            }
+        }
     }
     let key = client.peer_addr().ok().map(|a| a.ip().to_string());
-    let order = super::attempt_order(&state, &snap, target, &eps, key.as_deref());
-    let (_, port) = snap.service(target);
+    let order = super::attempt_order(&state, &dest, key.as_deref());
     let mut last: Option<ConnectError> = None;
     for i in order.into_iter().take(super::MAX_ATTEMPTS) {
-        let ep = eps[i];
-        let addr = SocketAddr::new(ep.address, endpoint_port(ep, port));
+        let ep = dest.endpoints[i];
+        let addr = SocketAddr::new(ep.address, endpoint_port(ep, dest.port));
         let id = match ep
             .identity
             .as_deref()
@@ -72,9 +97,18 @@ pub async fn to_service(
             }
         };
         match connect(&state, &snap, addr, id.as_ref(), Alpn::Tcp).await {
-            Ok(up) => return splice(client, prefix, up).await,
+            Ok(up) => {
+                state.outliers.restore(addr);
+                return splice(client, prefix, up).await;
+            }
             Err(e) => {
                 state.metrics.error(Direction::Outbound, e.step());
+                if matches!(
+                    e,
+                    ConnectError::Connect { .. } | ConnectError::Timeout { .. }
+                ) {
+                    state.outliers.eject(addr, tokio::time::Instant::now());
+                }
                 tracing::warn!(error = %e, "endpoint attempt failed; trying another");
                 last = Some(e);
             }

@@ -1,0 +1,1175 @@
+//! Routes: which backend a request (or an opaque connection) to a Service
+//! port goes to, compiled once per snapshot.
+//!
+//! ```text
+//! Snapshot::new ──► RouteTable::build (regexes compiled, backends resolved to
+//!                   service indices, endpoint index lists per subset)
+//! request ──► RouteTable::http(target, method, uri, headers)
+//!               first matching HttpRoute (or none: the Service itself)
+//!         ──► HttpRoute::backends.pick(rng) ──► Backend { service, subset, port }
+//!         ──► resolve() ──► Dest { service, port, endpoints } ──► balancer
+//! ```
+//!
+//! Everything here is pure: no I/O, no locks. Matching costs a few string
+//! comparisons per rule; regexes are compiled at build time and never per
+//! request; the query string is parsed only when a rule has query
+//! conditions. Subsets were evaluated by the operator (endpoints carry their
+//! subset names, decision 3 of `docs/architecture.md`); the table turns
+//! them into index lists so a request never looks at labels or names.
+//!
+//! What is applied: matches (path exact / prefix at a segment boundary /
+//! whole-path regex, method, headers, query parameters), weighted backends
+//! (other Services, subsets, ports), request and response header edits,
+//! path and authority rewrites, redirects; for TCP, weighted backends per
+//! port. Timeouts, retries, faults and mirroring are not applied yet (see
+//! `proxy/README.md`).
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+
+use http::header::{HeaderName, HeaderValue};
+use http::{HeaderMap, Method, Uri};
+use rand::Rng;
+use regex::Regex;
+use weft_proxy_config::{
+    self as pc, Endpoint, PathMatch, ProxyConfig, Service, ServicePort, ValueMatch,
+};
+
+use crate::snapshot::ServiceRef;
+
+/// Why a route could not be compiled (the config validated, so this means
+/// a proxy and operator disagree on the rules).
+#[derive(Debug, thiserror::Error)]
+pub enum RouteError {
+    /// A regex did not compile.
+    #[error("{at}: regex {pattern:?} does not compile: {source}")]
+    Regex {
+        /// Where in the config.
+        at: String,
+        /// The pattern.
+        pattern: String,
+        /// Why.
+        source: regex::Error,
+    },
+    /// A backend names a Service or subset the config does not have.
+    #[error("{at}: {what}")]
+    Backend {
+        /// Where in the config.
+        at: String,
+        /// What is missing.
+        what: String,
+    },
+    /// A header name or value cannot be sent.
+    #[error("{at}: {what}")]
+    Header {
+        /// Where in the config.
+        at: String,
+        /// What is wrong.
+        what: String,
+    },
+}
+
+/// The compiled routes of every Service of a snapshot, indexed like
+/// `config.services`.
+#[derive(Debug, Default)]
+pub struct RouteTable {
+    services: Vec<ServiceRoutes>,
+}
+
+#[derive(Debug, Default)]
+struct ServiceRoutes {
+    http: Vec<HttpRoute>,
+    tcp: Vec<TcpRoute>,
+    /// Indices of the endpoints that take new traffic (not terminating).
+    live: Vec<usize>,
+    /// Per subset (in `Service::subsets` order): indices of live endpoints.
+    subsets: Vec<Vec<usize>>,
+}
+
+/// A compiled HTTP route rule.
+#[derive(Debug)]
+pub struct HttpRoute {
+    /// `<ServiceRoute>/<rule>`.
+    pub name: String,
+    port: Option<u16>,
+    matches: Vec<Match>,
+    /// Where matching requests go.
+    pub backends: Backends,
+    /// Request header edits.
+    pub request_headers: HeaderOps,
+    /// Response header edits.
+    pub response_headers: HeaderOps,
+    rewrite: Option<pc::Rewrite>,
+    authority: Option<HeaderValue>,
+    /// Answer with a redirect instead of forwarding.
+    pub redirect: Option<pc::Redirect>,
+}
+
+#[derive(Debug)]
+struct Match {
+    path: Option<PathCond>,
+    headers: Vec<(HeaderName, ValueCond)>,
+    query: Vec<(String, ValueCond)>,
+    method: Option<Method>,
+}
+
+#[derive(Debug)]
+enum PathCond {
+    Exact(String),
+    /// Without a trailing `/`; empty matches every path.
+    Prefix(String),
+    Regex(Regex),
+}
+
+#[derive(Debug)]
+enum ValueCond {
+    Exact(String),
+    Prefix(String),
+    Regex(Regex),
+    Present(bool),
+}
+
+/// A compiled TCP route.
+#[derive(Debug)]
+struct TcpRoute {
+    port: Option<u16>,
+    backends: Backends,
+}
+
+/// Weighted backends; empty means "the routed Service itself".
+#[derive(Debug, Default)]
+pub struct Backends {
+    list: Vec<Backend>,
+    /// Running sums of the weights of `list` (zero weights never picked).
+    cumulative: Vec<u64>,
+}
+
+/// A resolved backend.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Backend {
+    /// Index into `config.services`.
+    pub service: usize,
+    /// Index into that Service's `subsets`.
+    pub subset: Option<usize>,
+    /// Service port; none: the port of the request.
+    pub port: Option<u16>,
+}
+
+/// Compiled header edits.
+#[derive(Debug, Default)]
+pub struct HeaderOps {
+    set: Vec<(HeaderName, HeaderValue)>,
+    add: Vec<(HeaderName, HeaderValue)>,
+    remove: Vec<HeaderName>,
+}
+
+/// The route chosen for a request.
+#[derive(Debug, Clone, Copy)]
+pub struct Selected<'a> {
+    /// The rule.
+    pub route: &'a HttpRoute,
+    /// The prefix its matching condition matched, if it was a prefix
+    /// (for `rewrite.pathPrefix`).
+    pub prefix: Option<&'a str>,
+}
+
+impl RouteTable {
+    /// Compiles every route of `config`.
+    pub fn build(config: &ProxyConfig) -> Result<Self, RouteError> {
+        let index: HashMap<String, usize> = config
+            .services
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (s.key(), i))
+            .collect();
+        let services = config
+            .services
+            .iter()
+            .map(|svc| compile_service(svc, config, &index))
+            .collect::<Result<_, _>>()?;
+        Ok(RouteTable { services })
+    }
+
+    /// The first HTTP route of the target's Service that applies to its
+    /// port and matches the request; `None`: no route (the Service itself).
+    pub fn http<'a>(
+        &'a self,
+        target: ServiceRef,
+        port: u16,
+        method: &Method,
+        uri: &Uri,
+        headers: &HeaderMap,
+    ) -> Option<Selected<'a>> {
+        let routes = &self.services.get(target.service)?.http;
+        if routes.is_empty() {
+            return None;
+        }
+        let mut query: Option<Vec<(String, String)>> = None;
+        for route in routes {
+            if route.port.is_some_and(|p| p != port) {
+                continue;
+            }
+            if route.matches.is_empty() {
+                return Some(Selected {
+                    route,
+                    prefix: None,
+                });
+            }
+            for m in &route.matches {
+                if m.matches(method, uri, headers, &mut query) {
+                    let prefix = match &m.path {
+                        Some(PathCond::Prefix(p)) => Some(p.as_str()),
+                        _ => None,
+                    };
+                    return Some(Selected { route, prefix });
+                }
+            }
+        }
+        None
+    }
+
+    /// The backends of the TCP route for `port` of the target's Service
+    /// (a port-specific route before the all-ports one).
+    pub fn tcp(&self, target: ServiceRef, port: u16) -> Option<&Backends> {
+        let routes = &self.services.get(target.service)?.tcp;
+        routes
+            .iter()
+            .find(|r| r.port == Some(port))
+            .or_else(|| routes.iter().find(|r| r.port.is_none()))
+            .map(|r| &r.backends)
+    }
+
+    /// Endpoints of Service `service` (optionally one subset) that take new
+    /// traffic, in config order.
+    pub fn endpoints<'a>(
+        &self,
+        config: &'a ProxyConfig,
+        service: usize,
+        subset: Option<usize>,
+    ) -> Vec<&'a Endpoint> {
+        let (Some(routes), Some(svc)) = (self.services.get(service), config.services.get(service))
+        else {
+            return Vec::new();
+        };
+        let idx = match subset {
+            None => &routes.live,
+            Some(s) => match routes.subsets.get(s) {
+                Some(l) => l,
+                None => return Vec::new(),
+            },
+        };
+        idx.iter().filter_map(|i| svc.endpoints.get(*i)).collect()
+    }
+}
+
+fn compile_service(
+    svc: &Service,
+    config: &ProxyConfig,
+    index: &HashMap<String, usize>,
+) -> Result<ServiceRoutes, RouteError> {
+    let at = format!("services[{}]", svc.key());
+    let live: Vec<usize> = svc
+        .endpoints
+        .iter()
+        .enumerate()
+        .filter(|(_, e)| !e.terminating)
+        .map(|(i, _)| i)
+        .collect();
+    let subsets = svc
+        .subsets
+        .iter()
+        .map(|name| {
+            live.iter()
+                .copied()
+                .filter(|i| svc.endpoints[*i].subsets.iter().any(|s| s == name))
+                .collect()
+        })
+        .collect();
+    let http = svc
+        .http_routes
+        .iter()
+        .enumerate()
+        .map(|(i, r)| compile_http(&format!("{at}.httpRoutes[{i}]"), r, config, index))
+        .collect::<Result<_, _>>()?;
+    let tcp = svc
+        .tcp_routes
+        .iter()
+        .enumerate()
+        .map(|(i, r)| {
+            Ok(TcpRoute {
+                port: r.port,
+                backends: compile_backends(
+                    &format!("{at}.tcpRoutes[{i}]"),
+                    &r.backends,
+                    config,
+                    index,
+                )?,
+            })
+        })
+        .collect::<Result<_, RouteError>>()?;
+    Ok(ServiceRoutes {
+        http,
+        tcp,
+        live,
+        subsets,
+    })
+}
+
+fn compile_http(
+    at: &str,
+    r: &pc::HttpRoute,
+    config: &ProxyConfig,
+    index: &HashMap<String, usize>,
+) -> Result<HttpRoute, RouteError> {
+    let matches = r
+        .matches
+        .iter()
+        .enumerate()
+        .map(|(i, m)| compile_match(&format!("{at}.matches[{i}]"), m))
+        .collect::<Result<_, _>>()?;
+    let authority = r
+        .rewrite
+        .as_ref()
+        .and_then(|rw| rw.authority.as_deref())
+        .map(|a| {
+            HeaderValue::from_str(a).map_err(|_| RouteError::Header {
+                at: format!("{at}.rewrite.authority"),
+                what: format!("{a:?} is not a valid Host value"),
+            })
+        })
+        .transpose()?;
+    Ok(HttpRoute {
+        name: r.name.clone(),
+        port: r.port,
+        matches,
+        backends: compile_backends(at, &r.backends, config, index)?,
+        request_headers: compile_ops(&format!("{at}.requestHeaders"), &r.request_headers)?,
+        response_headers: compile_ops(&format!("{at}.responseHeaders"), &r.response_headers)?,
+        rewrite: r.rewrite.clone(),
+        authority,
+        redirect: r.redirect.clone(),
+    })
+}
+
+/// Compiles a user regex so it must match the whole input, as the API
+/// documents (the same anchoring `ProxyConfig::validate` checks with).
+fn regex(at: &str, pattern: &str) -> Result<Regex, RouteError> {
+    Regex::new(&format!("^(?:{pattern})$")).map_err(|source| RouteError::Regex {
+        at: at.to_owned(),
+        pattern: pattern.to_owned(),
+        source,
+    })
+}
+
+fn value_cond(at: &str, v: &ValueMatch) -> Result<ValueCond, RouteError> {
+    Ok(match v {
+        ValueMatch::Exact(s) => ValueCond::Exact(s.clone()),
+        ValueMatch::Prefix(s) => ValueCond::Prefix(s.clone()),
+        ValueMatch::Regex(re) => ValueCond::Regex(regex(at, re)?),
+        ValueMatch::Present(p) => ValueCond::Present(*p),
+    })
+}
+
+fn compile_match(at: &str, m: &pc::HttpMatch) -> Result<Match, RouteError> {
+    let path = match &m.path {
+        None => None,
+        Some(PathMatch::Exact(p)) => Some(PathCond::Exact(p.clone())),
+        Some(PathMatch::Prefix(p)) => Some(PathCond::Prefix(p.trim_end_matches('/').to_owned())),
+        Some(PathMatch::Regex(re)) => Some(PathCond::Regex(regex(&format!("{at}.path"), re)?)),
+    };
+    let headers = m
+        .headers
+        .iter()
+        .enumerate()
+        .map(|(i, h)| {
+            let hat = format!("{at}.headers[{i}]");
+            let name =
+                HeaderName::from_bytes(h.name.as_bytes()).map_err(|_| RouteError::Header {
+                    at: hat.clone(),
+                    what: format!("{:?} is not a header name", h.name),
+                })?;
+            Ok((name, value_cond(&hat, &h.value)?))
+        })
+        .collect::<Result<_, RouteError>>()?;
+    let query = m
+        .query_params
+        .iter()
+        .enumerate()
+        .map(|(i, q)| {
+            Ok((
+                q.name.clone(),
+                value_cond(&format!("{at}.queryParams[{i}]"), &q.value)?,
+            ))
+        })
+        .collect::<Result<_, RouteError>>()?;
+    let method = m
+        .method
+        .as_deref()
+        .map(|s| {
+            Method::from_bytes(s.as_bytes()).map_err(|_| RouteError::Header {
+                at: format!("{at}.method"),
+                what: format!("{s:?} is not a method"),
+            })
+        })
+        .transpose()?;
+    Ok(Match {
+        path,
+        headers,
+        query,
+        method,
+    })
+}
+
+fn compile_backends(
+    at: &str,
+    backends: &[pc::Backend],
+    config: &ProxyConfig,
+    index: &HashMap<String, usize>,
+) -> Result<Backends, RouteError> {
+    let mut out = Backends::default();
+    let mut sum = 0u64;
+    for (i, b) in backends.iter().enumerate() {
+        let bat = format!("{at}.backends[{i}]");
+        let service = *index.get(&b.service).ok_or_else(|| RouteError::Backend {
+            at: bat.clone(),
+            what: format!("unknown service {:?}", b.service),
+        })?;
+        let subset = b
+            .subset
+            .as_ref()
+            .map(|s| {
+                config.services[service]
+                    .subsets
+                    .iter()
+                    .position(|n| n == s)
+                    .ok_or_else(|| RouteError::Backend {
+                        at: bat.clone(),
+                        what: format!("service {:?} has no subset {s:?}", b.service),
+                    })
+            })
+            .transpose()?;
+        sum += u64::from(b.weight);
+        out.list.push(Backend {
+            service,
+            subset,
+            port: b.port,
+        });
+        out.cumulative.push(sum);
+    }
+    Ok(out)
+}
+
+fn compile_ops(at: &str, ops: &pc::HeaderOps) -> Result<HeaderOps, RouteError> {
+    let name = |n: &str| {
+        HeaderName::from_bytes(n.as_bytes()).map_err(|_| RouteError::Header {
+            at: at.to_owned(),
+            what: format!("{n:?} is not a header name"),
+        })
+    };
+    let pair = |(n, v): &(String, String)| {
+        Ok((
+            name(n)?,
+            HeaderValue::from_str(v).map_err(|_| RouteError::Header {
+                at: at.to_owned(),
+                what: format!("value of {n:?} is not a valid header value"),
+            })?,
+        ))
+    };
+    Ok(HeaderOps {
+        set: ops.set.iter().map(pair).collect::<Result<_, _>>()?,
+        add: ops.add.iter().map(pair).collect::<Result<_, _>>()?,
+        remove: ops
+            .remove
+            .iter()
+            .map(|n| name(n))
+            .collect::<Result<_, _>>()?,
+    })
+}
+
+impl Match {
+    fn matches(
+        &self,
+        method: &Method,
+        uri: &Uri,
+        headers: &HeaderMap,
+        query: &mut Option<Vec<(String, String)>>,
+    ) -> bool {
+        if self.method.as_ref().is_some_and(|m| m != method) {
+            return false;
+        }
+        if let Some(p) = &self.path
+            && !p.matches(uri.path())
+        {
+            return false;
+        }
+        for (name, cond) in &self.headers {
+            let mut values = headers.get_all(name).iter().peekable();
+            let ok = match cond {
+                ValueCond::Present(want) => values.peek().is_some() == *want,
+                _ => values.any(|v| v.to_str().is_ok_and(|v| cond.matches(v))),
+            };
+            if !ok {
+                return false;
+            }
+        }
+        if !self.query.is_empty() {
+            let params = query.get_or_insert_with(|| {
+                uri.query()
+                    .map(|q| form_urlencoded::parse(q.as_bytes()).into_owned().collect())
+                    .unwrap_or_default()
+            });
+            for (name, cond) in &self.query {
+                let mut values = params
+                    .iter()
+                    .filter(|(k, _)| k == name)
+                    .map(|(_, v)| v.as_str())
+                    .peekable();
+                let ok = match cond {
+                    ValueCond::Present(want) => values.peek().is_some() == *want,
+                    _ => values.any(|v| cond.matches(v)),
+                };
+                if !ok {
+                    return false;
+                }
+            }
+        }
+        true
+    }
+}
+
+impl PathCond {
+    fn matches(&self, path: &str) -> bool {
+        match self {
+            PathCond::Exact(p) => path == p,
+            PathCond::Prefix(p) => {
+                path.starts_with(p.as_str())
+                    && (path.len() == p.len() || path.as_bytes()[p.len()] == b'/')
+            }
+            PathCond::Regex(re) => re.is_match(path),
+        }
+    }
+}
+
+impl ValueCond {
+    fn matches(&self, v: &str) -> bool {
+        match self {
+            ValueCond::Exact(e) => v == e,
+            ValueCond::Prefix(p) => v.starts_with(p.as_str()),
+            ValueCond::Regex(re) => re.is_match(v),
+            ValueCond::Present(want) => *want,
+        }
+    }
+}
+
+impl Backends {
+    /// Whether the route names no backend (traffic goes to the Service itself).
+    pub fn is_empty(&self) -> bool {
+        self.list.is_empty()
+    }
+
+    /// A backend chosen with probability weight / sum of weights; `None`
+    /// when there are no backends (or, which validation forbids, every
+    /// weight is zero).
+    pub fn pick<R: Rng>(&self, rng: &mut R) -> Option<Backend> {
+        let total = *self.cumulative.last()?;
+        if total == 0 {
+            return None;
+        }
+        if self.list.len() == 1 {
+            return self.list.first().copied();
+        }
+        let r = rng.random_range(0..total);
+        let i = self.cumulative.partition_point(|c| *c <= r);
+        self.list.get(i).copied()
+    }
+}
+
+impl HeaderOps {
+    /// Applies set, then add, then remove.
+    pub fn apply(&self, headers: &mut HeaderMap) {
+        for (n, v) in &self.set {
+            headers.insert(n, v.clone());
+        }
+        for (n, v) in &self.add {
+            headers.append(n, v.clone());
+        }
+        for n in &self.remove {
+            headers.remove(n);
+        }
+    }
+
+    /// No edits.
+    pub fn is_empty(&self) -> bool {
+        self.set.is_empty() && self.add.is_empty() && self.remove.is_empty()
+    }
+}
+
+impl HttpRoute {
+    /// Applies the rule's path and authority rewrite to a request about to
+    /// be forwarded. `prefix` is what the matching prefix condition matched.
+    pub fn rewrite(&self, prefix: Option<&str>, uri: &mut Uri, headers: &mut HeaderMap) {
+        let Some(rw) = &self.rewrite else { return };
+        let path = uri.path();
+        let new_path = match (&rw.path, &rw.path_prefix, prefix) {
+            (Some(p), _, _) => Some(p.clone()),
+            (None, Some(replacement), Some(matched)) => {
+                let rest = &path[matched.len().min(path.len())..];
+                let base = replacement.trim_end_matches('/');
+                Some(match (base.is_empty(), rest.is_empty()) {
+                    (true, true) => "/".to_owned(),
+                    (true, false) => rest.to_owned(),
+                    (false, _) => format!("{base}{rest}"),
+                })
+            }
+            _ => None,
+        };
+        let mut parts = uri.clone().into_parts();
+        let mut changed = false;
+        if let Some(p) = new_path {
+            let pq = match uri.query() {
+                Some(q) => format!("{p}?{q}"),
+                None => p,
+            };
+            if let Ok(pq) = pq.parse() {
+                parts.path_and_query = Some(pq);
+                changed = true;
+            }
+        }
+        if let Some(a) = &self.authority {
+            headers.insert(http::header::HOST, a.clone());
+            if parts.authority.is_some()
+                && let Ok(auth) = a.to_str().unwrap_or("").parse()
+            {
+                parts.authority = Some(auth);
+                changed = true;
+            }
+        }
+        if changed && let Ok(u) = Uri::from_parts(parts) {
+            *uri = u;
+        }
+    }
+}
+
+/// The `Location` of a redirect for a request with `uri` and `headers`:
+/// each part the rule does not set is kept from the request.
+pub fn redirect_location(r: &pc::Redirect, uri: &Uri, headers: &HeaderMap) -> String {
+    let scheme_in = uri.scheme_str().unwrap_or("http");
+    let scheme = r.scheme.as_deref().unwrap_or(scheme_in);
+    let authority = uri
+        .authority()
+        .map(|a| a.as_str().to_owned())
+        .or_else(|| {
+            headers
+                .get(http::header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .map(str::to_owned)
+        })
+        .unwrap_or_default();
+    let (host_in, port_in) = split_authority(&authority);
+    let host = r.host.as_deref().unwrap_or(host_in);
+    // A new scheme without a port goes to that scheme's default port.
+    let port = match (r.port, r.scheme.is_some() && scheme != scheme_in) {
+        (Some(p), _) => Some(p),
+        (None, true) => None,
+        (None, false) => port_in,
+    };
+    let default_port = if scheme == "https" { 443 } else { 80 };
+    let path = r.path.as_deref().unwrap_or(uri.path());
+    let mut loc = format!("{scheme}://{host}");
+    if let Some(p) = port.filter(|p| *p != default_port) {
+        loc.push_str(&format!(":{p}"));
+    }
+    loc.push_str(path);
+    if let Some(q) = uri.query() {
+        loc.push('?');
+        loc.push_str(q);
+    }
+    loc
+}
+
+fn split_authority(a: &str) -> (&str, Option<u16>) {
+    match a.rsplit_once(':') {
+        Some((h, p)) if !h.is_empty() && !p.contains(']') => match p.parse() {
+            Ok(port) => (h, Some(port)),
+            Err(_) => (a, None),
+        },
+        _ => (a, None),
+    }
+}
+
+/// Where a chosen backend's traffic goes.
+#[derive(Debug)]
+pub struct Dest<'a> {
+    /// The backend's Service.
+    pub service: &'a Service,
+    /// The Service port dialled (its target port and protocol apply).
+    pub port: &'a ServicePort,
+    /// Its endpoints that take new traffic (the subset's, with a subset).
+    pub endpoints: Vec<&'a Endpoint>,
+    /// Where to send traffic when `endpoints` is empty: the original
+    /// destination, or the backend Service's ClusterIP; none for a subset
+    /// (a ClusterIP would spread over every version).
+    pub fallback: Option<SocketAddr>,
+    /// The subset's name, for messages.
+    pub subset: Option<&'a str>,
+}
+
+/// Why a backend could not be resolved for a request.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "route backend {service} has no port {port}; check the ServiceRoute's backend port against the Service"
+)]
+pub struct NoSuchPort {
+    /// `namespace/name`.
+    pub service: String,
+    /// The port asked for.
+    pub port: u16,
+}
+
+/// Resolves `backend` (none: the target Service itself) for traffic that
+/// was addressed to `dst`, i.e. to Service port `target`.
+pub fn resolve<'a>(
+    config: &'a ProxyConfig,
+    table: &RouteTable,
+    target: ServiceRef,
+    backend: Option<Backend>,
+    dst: SocketAddr,
+) -> Result<Dest<'a>, NoSuchPort> {
+    let routed = &config.services[target.service];
+    let routed_port = &routed.ports[target.port];
+    let Some(b) = backend else {
+        return Ok(Dest {
+            service: routed,
+            port: routed_port,
+            endpoints: table.endpoints(config, target.service, None),
+            fallback: Some(dst),
+            subset: None,
+        });
+    };
+    let service = &config.services[b.service];
+    let want = b.port.unwrap_or(routed_port.port);
+    let port = service
+        .ports
+        .iter()
+        .find(|p| p.port == want)
+        .ok_or_else(|| NoSuchPort {
+            service: service.key(),
+            port: want,
+        })?;
+    let fallback = match b.subset {
+        Some(_) => None,
+        None if b.service == target.service && want == routed_port.port => Some(dst),
+        None => service
+            .cluster_ips
+            .first()
+            .map(|ip| SocketAddr::new(*ip, port.port)),
+    };
+    Ok(Dest {
+        service,
+        port,
+        endpoints: table.endpoints(config, b.service, b.subset),
+        fallback,
+        subset: b
+            .subset
+            .and_then(|s| service.subsets.get(s))
+            .map(String::as_str),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::SeedableRng;
+    use rand::rngs::StdRng;
+    use std::net::{IpAddr, Ipv4Addr};
+    use weft_proxy_config::{ClientPolicy, HttpMatch, NamedMatch, Protocol, Redirect, Rewrite};
+
+    fn ep(n: u8, subsets: &[&str], terminating: bool) -> Endpoint {
+        Endpoint {
+            address: IpAddr::V4(Ipv4Addr::new(10, 244, 0, n)),
+            meshed: false,
+            identity: None,
+            subsets: subsets.iter().map(|s| s.to_string()).collect(),
+            ports: Default::default(),
+            terminating,
+        }
+    }
+
+    fn svc(name: &str, routes: Vec<pc::HttpRoute>) -> Service {
+        Service {
+            name: name.into(),
+            namespace: "shop".into(),
+            cluster_ips: vec![IpAddr::V4(Ipv4Addr::new(10, 96, 0, 1))],
+            ports: vec![ServicePort {
+                port: 80,
+                name: Some("http".into()),
+                target_port: 8080,
+                protocol: Protocol::Http1,
+            }],
+            subsets: vec!["v1".into(), "v2".into()],
+            endpoints: vec![
+                ep(1, &["v1"], false),
+                ep(2, &["v1"], true),
+                ep(3, &["v2"], false),
+            ],
+            http_routes: routes,
+            tcp_routes: vec![],
+            policy: ClientPolicy::default(),
+        }
+    }
+
+    fn config(services: Vec<Service>) -> ProxyConfig {
+        let mut c = weft_proxy_config::ProxyConfig {
+            version: 1,
+            generation: 1,
+            hash: String::new(),
+            namespace: "shop".into(),
+            mesh: pc::MeshSettings {
+                trust_domain: "cluster.local".into(),
+                mtls_mode: pc::MtlsMode::Strict,
+                default_access: Default::default(),
+                access_log: false,
+                tracing: None,
+            },
+            services,
+            inbound: Default::default(),
+        };
+        c.seal();
+        c
+    }
+
+    fn backend(subset: &str, weight: u32) -> pc::Backend {
+        pc::Backend {
+            service: "shop/cart".into(),
+            subset: Some(subset.into()),
+            port: None,
+            weight,
+        }
+    }
+
+    fn route(name: &str, matches: Vec<HttpMatch>, backends: Vec<pc::Backend>) -> pc::HttpRoute {
+        pc::HttpRoute {
+            name: name.into(),
+            matches,
+            backends,
+            ..Default::default()
+        }
+    }
+
+    fn at() -> ServiceRef {
+        ServiceRef {
+            service: 0,
+            port: 0,
+        }
+    }
+
+    fn select<'a>(
+        t: &'a RouteTable,
+        method: &str,
+        uri: &str,
+        hs: &[(&str, &str)],
+    ) -> Option<&'a str> {
+        let mut headers = HeaderMap::new();
+        for (k, v) in hs {
+            headers.append(
+                HeaderName::from_bytes(k.as_bytes()).expect("name"),
+                HeaderValue::from_str(v).expect("value"),
+            );
+        }
+        let uri: Uri = uri.parse().expect("uri");
+        let method = Method::from_bytes(method.as_bytes()).expect("method");
+        t.http(at(), 80, &method, &uri, &headers)
+            .map(|s| s.route.name.as_str())
+    }
+
+    #[test]
+    fn first_matching_rule_wins_in_order() {
+        let routes = vec![
+            route(
+                "canary",
+                vec![HttpMatch {
+                    headers: vec![NamedMatch {
+                        name: "x-release".into(),
+                        value: ValueMatch::Exact("canary".into()),
+                    }],
+                    ..Default::default()
+                }],
+                vec![backend("v2", 1)],
+            ),
+            route(
+                "api",
+                vec![HttpMatch {
+                    path: Some(PathMatch::Prefix("/api/".into())),
+                    method: Some("GET".into()),
+                    ..Default::default()
+                }],
+                vec![backend("v1", 1)],
+            ),
+            route(
+                "search",
+                vec![HttpMatch {
+                    query_params: vec![NamedMatch {
+                        name: "q".into(),
+                        value: ValueMatch::Regex("[a-z ]+".into()),
+                    }],
+                    ..Default::default()
+                }],
+                vec![],
+            ),
+            route(
+                "items",
+                vec![HttpMatch {
+                    path: Some(PathMatch::Regex("/items/[0-9]+".into())),
+                    ..Default::default()
+                }],
+                vec![],
+            ),
+        ];
+        let c = config(vec![svc("cart", routes)]);
+        let t = RouteTable::build(&c).expect("compiles");
+        assert_eq!(
+            select(&t, "GET", "/api/x", &[("x-release", "canary")]),
+            Some("canary")
+        );
+        assert_eq!(select(&t, "GET", "/api", &[]), Some("api"));
+        assert_eq!(select(&t, "GET", "/api/v1/x", &[]), Some("api"));
+        assert_eq!(select(&t, "GET", "/apix", &[]), None, "segment boundary");
+        assert_eq!(select(&t, "POST", "/api/x", &[]), None, "method");
+        assert_eq!(select(&t, "GET", "/s?q=hello+world", &[]), Some("search"));
+        assert_eq!(
+            select(&t, "GET", "/s?q=Hello", &[]),
+            None,
+            "whole-value regex"
+        );
+        assert_eq!(select(&t, "GET", "/items/42", &[]), Some("items"));
+        assert_eq!(
+            select(&t, "GET", "/items/42/x", &[]),
+            None,
+            "whole-path regex"
+        );
+        assert_eq!(
+            select(&t, "GET", "/x", &[("x-release", "canary-2")]),
+            None,
+            "exact header"
+        );
+    }
+
+    #[test]
+    fn presence_and_prefix_conditions() {
+        let routes = vec![
+            route(
+                "absent",
+                vec![HttpMatch {
+                    headers: vec![
+                        NamedMatch {
+                            name: "x-debug".into(),
+                            value: ValueMatch::Present(false),
+                        },
+                        NamedMatch {
+                            name: "user-agent".into(),
+                            value: ValueMatch::Prefix("curl/".into()),
+                        },
+                    ],
+                    ..Default::default()
+                }],
+                vec![],
+            ),
+            route("rest", vec![], vec![]),
+        ];
+        let c = config(vec![svc("cart", routes)]);
+        let t = RouteTable::build(&c).expect("compiles");
+        assert_eq!(
+            select(&t, "GET", "/", &[("user-agent", "curl/8")]),
+            Some("absent")
+        );
+        assert_eq!(
+            select(
+                &t,
+                "GET",
+                "/",
+                &[("user-agent", "curl/8"), ("x-debug", "1")]
+            ),
+            Some("rest")
+        );
+        assert_eq!(select(&t, "GET", "/", &[]), Some("rest"));
+    }
+
+    #[test]
+    fn port_specific_rules_skip_other_ports() {
+        let mut r = route("p81", vec![], vec![]);
+        r.port = Some(81);
+        let c = config(vec![svc("cart", vec![r])]);
+        let t = RouteTable::build(&c).expect("compiles");
+        assert_eq!(select(&t, "GET", "/", &[]), None);
+    }
+
+    #[test]
+    fn weights_split_and_zero_weights_are_never_picked() {
+        let c = config(vec![svc(
+            "cart",
+            vec![route("w", vec![], vec![backend("v1", 0), backend("v2", 5)])],
+        )]);
+        let t = RouteTable::build(&c).expect("compiles");
+        let r = select_route(&t);
+        let mut rng = StdRng::seed_from_u64(3);
+        for _ in 0..200 {
+            assert_eq!(r.backends.pick(&mut rng).and_then(|b| b.subset), Some(1));
+        }
+        let c = config(vec![svc(
+            "cart",
+            vec![route("w", vec![], vec![backend("v1", 3), backend("v2", 1)])],
+        )]);
+        let t = RouteTable::build(&c).expect("compiles");
+        let r = select_route(&t);
+        let mut seen = [0usize; 2];
+        for _ in 0..4000 {
+            seen[r
+                .backends
+                .pick(&mut rng)
+                .and_then(|b| b.subset)
+                .expect("subset")] += 1;
+        }
+        // 3:1 with 4000 draws: v1 near 3000; far outside chance otherwise.
+        assert!((2700..3300).contains(&seen[0]), "{seen:?}");
+    }
+
+    fn select_route(t: &RouteTable) -> &HttpRoute {
+        t.http(
+            at(),
+            80,
+            &Method::GET,
+            &"/".parse().expect("uri"),
+            &HeaderMap::new(),
+        )
+        .expect("route")
+        .route
+    }
+
+    #[test]
+    fn subsets_hold_live_endpoints_only() {
+        let c = config(vec![svc("cart", vec![])]);
+        let t = RouteTable::build(&c).expect("compiles");
+        let addrs = |v: Vec<&Endpoint>| v.iter().map(|e| e.address.to_string()).collect::<Vec<_>>();
+        assert_eq!(addrs(t.endpoints(&c, 0, Some(0))), ["10.244.0.1"]);
+        assert_eq!(addrs(t.endpoints(&c, 0, Some(1))), ["10.244.0.3"]);
+        assert_eq!(
+            addrs(t.endpoints(&c, 0, None)),
+            ["10.244.0.1", "10.244.0.3"]
+        );
+    }
+
+    #[test]
+    fn resolve_falls_back_to_the_original_destination_only_without_subset() {
+        let c = config(vec![svc("cart", vec![])]);
+        let t = RouteTable::build(&c).expect("compiles");
+        let dst: SocketAddr = "10.96.0.1:80".parse().expect("addr");
+        let d = resolve(&c, &t, at(), None, dst).expect("resolves");
+        assert_eq!(d.fallback, Some(dst));
+        let b = Backend {
+            service: 0,
+            subset: Some(1),
+            port: None,
+        };
+        let d = resolve(&c, &t, at(), Some(b), dst).expect("resolves");
+        assert_eq!(d.fallback, None);
+        assert_eq!(d.subset, Some("v2"));
+        let b = Backend {
+            service: 0,
+            subset: None,
+            port: Some(9),
+        };
+        assert!(resolve(&c, &t, at(), Some(b), dst).is_err());
+    }
+
+    #[test]
+    fn unknown_backend_or_bad_header_value_is_an_error_not_a_panic() {
+        let mut c = config(vec![svc(
+            "cart",
+            vec![route("x", vec![], vec![backend("v9", 1)])],
+        )]);
+        assert!(RouteTable::build(&c).is_err());
+        let mut r = route("h", vec![], vec![]);
+        r.request_headers.set = vec![("x-a".into(), "bad\nvalue".into())];
+        c.services[0].http_routes = vec![r];
+        let e = RouteTable::build(&c).expect_err("bad value");
+        assert!(e.to_string().contains("requestHeaders"), "{e}");
+    }
+
+    #[test]
+    fn rewrites_and_header_ops() {
+        let mut r = route(
+            "rw",
+            vec![HttpMatch {
+                path: Some(PathMatch::Prefix("/old".into())),
+                ..Default::default()
+            }],
+            vec![],
+        );
+        r.rewrite = Some(Rewrite {
+            path: None,
+            path_prefix: Some("/new".into()),
+            authority: Some("cart.internal".into()),
+        });
+        r.request_headers.set = vec![("x-route".into(), "rw".into())];
+        r.request_headers.remove = vec!["x-drop".into()];
+        r.request_headers.add = vec![("x-multi".into(), "2".into())];
+        let c = config(vec![svc("cart", vec![r])]);
+        let t = RouteTable::build(&c).expect("compiles");
+        let mut uri: Uri = "/old/a/b?x=1".parse().expect("uri");
+        let mut h = HeaderMap::new();
+        h.insert("x-drop", HeaderValue::from_static("1"));
+        h.insert("x-multi", HeaderValue::from_static("1"));
+        let sel = t.http(at(), 80, &Method::GET, &uri, &h).expect("route");
+        sel.route.rewrite(sel.prefix, &mut uri, &mut h);
+        sel.route.request_headers.apply(&mut h);
+        assert_eq!(uri.to_string(), "/new/a/b?x=1");
+        assert_eq!(
+            h.get("host").map(|v| v.as_bytes()),
+            Some(&b"cart.internal"[..])
+        );
+        assert_eq!(h.get("x-route").map(|v| v.as_bytes()), Some(&b"rw"[..]));
+        assert!(h.get("x-drop").is_none());
+        assert_eq!(h.get_all("x-multi").iter().count(), 2);
+
+        let mut uri: Uri = "/old".parse().expect("uri");
+        let mut r2 = route("p", vec![], vec![]);
+        r2.rewrite = Some(Rewrite {
+            path: None,
+            path_prefix: Some("/".into()),
+            authority: None,
+        });
+        let t2 = RouteTable::build(&config(vec![svc("cart", vec![r2])])).expect("compiles");
+        let sel = t2.http(at(), 80, &Method::GET, &uri, &h).expect("route");
+        sel.route.rewrite(Some("/old"), &mut uri, &mut h);
+        assert_eq!(uri.path(), "/");
+    }
+
+    #[test]
+    fn redirect_keeps_what_the_rule_does_not_set() {
+        let uri: Uri = "/shop/a?x=1".parse().expect("uri");
+        let mut h = HeaderMap::new();
+        h.insert("host", HeaderValue::from_static("frontend:8080"));
+        let r = Redirect {
+            scheme: None,
+            host: None,
+            port: None,
+            path: Some("/store".into()),
+            status: 301,
+        };
+        assert_eq!(
+            redirect_location(&r, &uri, &h),
+            "http://frontend:8080/store?x=1"
+        );
+        let r = Redirect {
+            scheme: Some("https".into()),
+            host: Some("shop.example".into()),
+            port: None,
+            path: None,
+            status: 302,
+        };
+        assert_eq!(
+            redirect_location(&r, &uri, &h),
+            "https://shop.example/shop/a?x=1"
+        );
+    }
+}

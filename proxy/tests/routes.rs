@@ -1,0 +1,588 @@
+//! Component tests of routing: a client proxy on loopback applies the
+//! `httpRoutes` / `tcpRoutes` of `proxy.json` — matches, subsets, weights,
+//! redirects, header edits — and follows a reload that changes them.
+//!
+//! ```text
+//! test client ──stamp 10.96.0.1:80──► client proxy :outbound ──► route ──► backend (subset) ──► endpoint
+//!   plain endpoints: apps on 127.0.0.1x:P;  meshed: 10.244.0.x:P ──mTLS──► server proxy ──► app 127.0.0.1:P
+//! ```
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+use weft_proxy::metrics::Direction;
+use weft_proxy::test_util::TestCa;
+use weft_proxy_config::{
+    Backend, Endpoint, HttpMatch, HttpRoute, MtlsMode, NamedMatch, PathMatch, Protocol,
+    ProxyConfig, Redirect, Rewrite, Service, TcpRoute, ValueMatch,
+};
+
+const PORT: u16 = 80;
+
+fn dst() -> SocketAddr {
+    SocketAddr::new(cluster_ip(1), PORT)
+}
+
+/// An HTTP app on `ip` answering `<name> <path>` plus the headers it got.
+async fn named_app(ip: Ipv4Addr, name: &'static str) -> u16 {
+    let l = TcpListener::bind((ip, 0)).await.expect("bind app");
+    let port = l.local_addr().expect("addr").port();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |req: Request<Incoming>| async move {
+                    let mut text = format!("{name} {}\n", req.uri());
+                    for (k, v) in req.headers() {
+                        text.push_str(&format!("{k}: {}\n", v.to_str().unwrap_or("?")));
+                    }
+                    let mut r = Response::new(Full::new(Bytes::from(text)));
+                    r.headers_mut()
+                        .insert("server", "named-app".parse().expect("value"));
+                    Ok::<_, std::convert::Infallible>(r)
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(s), svc)
+                    .await;
+            });
+        }
+    });
+    port
+}
+
+/// A TCP app on `ip` that greets with its name.
+async fn named_tcp(ip: Ipv4Addr, name: &'static str) -> u16 {
+    let l = TcpListener::bind((ip, 0)).await.expect("bind");
+    let port = l.local_addr().expect("addr").port();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let _ = s.write_all(name.as_bytes()).await;
+                let _ = s.shutdown().await;
+            });
+        }
+    });
+    port
+}
+
+/// A plain endpoint at `ip` listening on `port` (port override of "p").
+fn plain_at(ip: Ipv4Addr, port: u16, subset: &str) -> Endpoint {
+    let mut e = plain(ip);
+    e.subsets = vec![subset.into()];
+    e.ports = BTreeMap::from([("p".to_owned(), port)]);
+    e
+}
+
+fn to(subset: &str, weight: u32) -> Backend {
+    Backend {
+        service: "shop/cart".into(),
+        subset: Some(subset.into()),
+        port: None,
+        weight,
+    }
+}
+
+fn rule(name: &str, matches: Vec<HttpMatch>, backends: Vec<Backend>) -> HttpRoute {
+    HttpRoute {
+        name: format!("cart/{name}"),
+        matches,
+        backends,
+        ..Default::default()
+    }
+}
+
+/// Service `shop/cart` at 10.96.0.1:80 with subsets v1 and v2.
+fn cart(endpoints: Vec<Endpoint>, protocol: Protocol, routes: Vec<HttpRoute>) -> Service {
+    let mut s = service("cart", cluster_ip(1), PORT, 1, protocol, endpoints);
+    s.subsets = vec!["v1".into(), "v2".into()];
+    s.http_routes = routes;
+    s
+}
+
+/// Two plain "pods" per version: v1 on 127.0.0.11/12, v2 on 127.0.0.21/22.
+async fn plain_fleet() -> Vec<Endpoint> {
+    let mut eps = Vec::new();
+    for (ip, name, subset) in [
+        (Ipv4Addr::new(127, 0, 0, 11), "v1-a", "v1"),
+        (Ipv4Addr::new(127, 0, 0, 12), "v1-b", "v1"),
+        (Ipv4Addr::new(127, 0, 0, 21), "v2-a", "v2"),
+        (Ipv4Addr::new(127, 0, 0, 22), "v2-b", "v2"),
+    ] {
+        eps.push(plain_at(ip, named_app(ip, name).await, subset));
+    }
+    eps
+}
+
+struct Client {
+    pod: Pod,
+    ca: TestCa,
+    leaf: weft_proxy::test_util::Leaf,
+}
+
+async fn client(cfg: &ProxyConfig) -> Client {
+    init();
+    let ca = TestCa::new("weft test CA");
+    let leaf = ca.leaf(CLIENT_ID, 3600);
+    let pod = Pod::start(cfg, &leaf, &ca).await;
+    Client { pod, ca, leaf }
+}
+
+impl Client {
+    async fn reload(&self, cfg: &ProxyConfig) {
+        publish(&self.pod.mount, &files(cfg, &self.leaf, &self.ca));
+        let want = cfg.generation;
+        eventually("the new generation is active", || {
+            self.pod.generation() == want
+        })
+        .await;
+    }
+}
+
+/// Sends `n` GETs over one keep-alive connection; counts answers by the
+/// name of the app that served them (`status <code>` for failures).
+async fn count(
+    pod: &Pod,
+    n: usize,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> BTreeMap<String, usize> {
+    let mut c = h1(pod.app_connect(dst()).await).await;
+    let mut seen = BTreeMap::new();
+    for _ in 0..n {
+        let mut b = Request::get(path).header("host", "cart.shop");
+        for (k, v) in headers {
+            b = b.header(*k, *v);
+        }
+        let resp = c
+            .send_request(b.body(body("")).expect("request"))
+            .await
+            .expect("response");
+        let (status, _, text) = read_text(resp).await;
+        let who = if status == StatusCode::OK {
+            text.split_whitespace().next().unwrap_or("?").to_owned()
+        } else {
+            format!("status {status}: {text}")
+        };
+        *seen.entry(who).or_default() += 1;
+    }
+    seen
+}
+
+fn versions(seen: &BTreeMap<String, usize>) -> BTreeMap<&str, usize> {
+    let mut v = BTreeMap::new();
+    for (who, n) in seen {
+        *v.entry(who.split('-').next().unwrap_or("?")).or_default() += n;
+    }
+    v
+}
+
+#[tokio::test]
+async fn header_match_sends_to_the_subset_over_mtls() {
+    init();
+    let ca = TestCa::new("weft test CA");
+    let v1_app = named_app(Ipv4Addr::LOCALHOST, "v1").await;
+    let v2_app = named_app(Ipv4Addr::LOCALHOST, "v2").await;
+    let server_cfg = config(1, MtlsMode::Strict, vec![]);
+    let server = Pod::start(&server_cfg, &ca.leaf(SERVER_ID, 3600), &ca).await;
+    let (v1_ip, v2_ip) = (Ipv4Addr::new(10, 244, 0, 1), Ipv4Addr::new(10, 244, 0, 2));
+    let ep = |ip, port: u16, subset: &str| {
+        let mut e = meshed(ip, SERVER_ID);
+        e.subsets = vec![subset.into()];
+        e.ports = BTreeMap::from([("p".to_owned(), port)]);
+        e
+    };
+    let routes = vec![
+        rule(
+            "hidden-release",
+            vec![HttpMatch {
+                headers: vec![NamedMatch {
+                    name: "x-weft-release".into(),
+                    value: ValueMatch::Exact("canary".into()),
+                }],
+                ..Default::default()
+            }],
+            vec![to("v2", 1)],
+        ),
+        rule("default", vec![], vec![to("v1", 1)]),
+    ];
+    let cfg = config(
+        1,
+        MtlsMode::Strict,
+        vec![cart(
+            vec![ep(v1_ip, v1_app, "v1"), ep(v2_ip, v2_app, "v2")],
+            Protocol::Detect,
+            routes,
+        )],
+    );
+    let client = Pod::start(&cfg, &ca.leaf(CLIENT_ID, 3600), &ca).await;
+    client.route_to(SocketAddr::new(IpAddr::V4(v1_ip), v1_app), &server);
+    client.route_to(SocketAddr::new(IpAddr::V4(v2_ip), v2_app), &server);
+
+    let plain = count(&client, 20, "/", &[]).await;
+    assert_eq!(plain, BTreeMap::from([("v1".to_owned(), 20)]));
+    let canary = count(&client, 20, "/", &[("x-weft-release", "canary")]).await;
+    assert_eq!(canary, BTreeMap::from([("v2".to_owned(), 20)]));
+    let other = count(&client, 10, "/", &[("x-weft-release", "stable")]).await;
+    assert_eq!(other, BTreeMap::from([("v1".to_owned(), 10)]));
+}
+
+#[tokio::test]
+async fn path_prefix_at_a_segment_boundary_picks_the_rule() {
+    let routes = vec![
+        rule(
+            "api",
+            vec![HttpMatch {
+                path: Some(PathMatch::Prefix("/api".into())),
+                ..Default::default()
+            }],
+            vec![to("v2", 1)],
+        ),
+        rule("default", vec![], vec![to("v1", 1)]),
+    ];
+    let cfg = config(
+        1,
+        MtlsMode::Strict,
+        vec![cart(plain_fleet().await, Protocol::Http1, routes)],
+    );
+    let c = client(&cfg).await;
+    for (path, want) in [
+        ("/api", "v2"),
+        ("/api/items?x=1", "v2"),
+        ("/apix", "v1"),
+        ("/", "v1"),
+    ] {
+        let seen = count(&c.pod, 8, path, &[]).await;
+        assert_eq!(
+            versions(&seen),
+            BTreeMap::from([(want, 8)]),
+            "{path}: {seen:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn weights_100_0_and_0_100_go_one_way_and_50_50_reaches_both() {
+    let fleet = plain_fleet().await;
+    let with = |g, w1, w2| {
+        config(
+            g,
+            MtlsMode::Strict,
+            vec![cart(
+                fleet.clone(),
+                Protocol::Detect,
+                vec![rule("split", vec![], vec![to("v1", w1), to("v2", w2)])],
+            )],
+        )
+    };
+    let c = client(&with(1, 100, 0)).await;
+    let seen = count(&c.pod, 60, "/", &[]).await;
+    assert_eq!(versions(&seen), BTreeMap::from([("v1", 60)]), "{seen:?}");
+    // Both endpoints of the subset take part.
+    assert!(
+        seen.contains_key("v1-a") && seen.contains_key("v1-b"),
+        "{seen:?}"
+    );
+
+    c.reload(&with(2, 0, 100)).await;
+    let seen = count(&c.pod, 60, "/", &[]).await;
+    assert_eq!(versions(&seen), BTreeMap::from([("v2", 60)]), "{seen:?}");
+
+    c.reload(&with(3, 50, 50)).await;
+    let seen = count(&c.pod, 200, "/", &[]).await;
+    let v = versions(&seen);
+    // 200 fair coin flips: each side is seen (a miss has odds 2^-199).
+    assert!(v.get("v1").is_some_and(|n| *n > 0), "{seen:?}");
+    assert!(v.get("v2").is_some_and(|n| *n > 0), "{seen:?}");
+    assert_eq!(v.values().sum::<usize>(), 200, "no failures: {seen:?}");
+}
+
+#[tokio::test]
+async fn reload_changing_weights_switches_traffic_on_an_open_connection() {
+    let fleet = plain_fleet().await;
+    let with = |g, w1, w2| {
+        config(
+            g,
+            MtlsMode::Strict,
+            vec![cart(
+                fleet.clone(),
+                Protocol::Http1,
+                vec![rule("split", vec![], vec![to("v1", w1), to("v2", w2)])],
+            )],
+        )
+    };
+    let c = client(&with(1, 1, 0)).await;
+    // One keep-alive client connection across the reload: routing is per
+    // request, so the open connection follows the new weights.
+    let mut conn = h1(c.pod.app_connect(dst()).await).await;
+    let mut send = async || {
+        let resp = conn
+            .send_request(
+                Request::get("/")
+                    .header("host", "cart")
+                    .body(body(""))
+                    .expect("request"),
+            )
+            .await
+            .expect("response");
+        let (status, _, text) = read_text(resp).await;
+        assert_eq!(status, StatusCode::OK, "{text}");
+        text.split('-').next().unwrap_or("?").to_owned()
+    };
+    for _ in 0..10 {
+        assert_eq!(send().await, "v1");
+    }
+    c.reload(&with(2, 0, 1)).await;
+    for _ in 0..10 {
+        assert_eq!(send().await, "v2");
+    }
+}
+
+#[tokio::test]
+async fn backend_on_another_service_and_an_empty_subset() {
+    let fleet = plain_fleet().await;
+    let other_ip = Ipv4Addr::new(127, 0, 0, 31);
+    let other_port = named_app(other_ip, "other").await;
+    let mut other = service(
+        "other",
+        cluster_ip(2),
+        PORT,
+        1,
+        Protocol::Http1,
+        vec![plain_at(other_ip, other_port, "v1")],
+    );
+    other.subsets = vec!["v1".into()];
+    let routes = vec![
+        rule(
+            "elsewhere",
+            vec![HttpMatch {
+                path: Some(PathMatch::Exact("/other".into())),
+                ..Default::default()
+            }],
+            vec![Backend {
+                service: "shop/other".into(),
+                subset: None,
+                port: None,
+                weight: 1,
+            }],
+        ),
+        rule("default", vec![], vec![to("v2", 1)]),
+    ];
+    // v2 has no endpoints: 503 naming the subset, never another version.
+    let v1_only: Vec<Endpoint> = fleet
+        .iter()
+        .filter(|e| e.subsets == ["v1"])
+        .cloned()
+        .collect();
+    let cfg = config(
+        1,
+        MtlsMode::Strict,
+        vec![cart(v1_only, Protocol::Http1, routes), other],
+    );
+    let c = client(&cfg).await;
+    let seen = count(&c.pod, 5, "/other", &[]).await;
+    assert_eq!(seen, BTreeMap::from([("other".to_owned(), 5)]));
+    let seen = count(&c.pod, 3, "/", &[]).await;
+    let (what, n) = seen.iter().next().expect("one answer kind");
+    assert_eq!((seen.len(), *n), (1, 3), "{seen:?}");
+    assert!(
+        what.starts_with("status 503") && what.contains("subset \"v2\""),
+        "{what}"
+    );
+    assert_eq!(c.pod.errors(Direction::Outbound, "no-endpoint"), 3);
+}
+
+#[tokio::test]
+async fn redirect_rewrite_and_header_edits() {
+    let fleet = plain_fleet().await;
+    let mut retired = rule(
+        "retired",
+        vec![HttpMatch {
+            path: Some(PathMatch::Prefix("/shop".into())),
+            method: Some("GET".into()),
+            ..Default::default()
+        }],
+        vec![],
+    );
+    retired.redirect = Some(Redirect {
+        scheme: None,
+        host: None,
+        port: None,
+        path: Some("/store".into()),
+        status: 301,
+    });
+    let mut moved = rule(
+        "moved",
+        vec![HttpMatch {
+            path: Some(PathMatch::Prefix("/old".into())),
+            ..Default::default()
+        }],
+        vec![to("v1", 1)],
+    );
+    moved.rewrite = Some(Rewrite {
+        path: None,
+        path_prefix: Some("/new".into()),
+        authority: Some("cart.internal".into()),
+    });
+    let mut default = rule("default", vec![], vec![to("v2", 1)]);
+    default.request_headers.set = vec![("x-weft-route".into(), "default".into())];
+    default.request_headers.remove = vec!["x-secret".into()];
+    default.response_headers.remove = vec!["server".into()];
+    default.response_headers.add = vec![("x-served-by-route".into(), "default".into())];
+    let cfg = config(
+        1,
+        MtlsMode::Strict,
+        vec![cart(fleet, Protocol::Http1, vec![retired, moved, default])],
+    );
+    let c = client(&cfg).await;
+    let mut conn = h1(c.pod.app_connect(dst()).await).await;
+    let mut get = async |path: &str| {
+        let resp = conn
+            .send_request(
+                Request::get(path)
+                    .header("host", "cart.shop:80")
+                    .header("x-secret", "s3cret")
+                    .body(body(""))
+                    .expect("request"),
+            )
+            .await
+            .expect("response");
+        read_text(resp).await
+    };
+    let (status, headers, _) = get("/shop/cart?id=7").await;
+    assert_eq!(status, StatusCode::MOVED_PERMANENTLY);
+    assert_eq!(
+        headers.get("location").and_then(|v| v.to_str().ok()),
+        Some("http://cart.shop/store?id=7")
+    );
+
+    let (status, _, text) = get("/old/a?b=1").await;
+    assert_eq!(status, StatusCode::OK, "{text}");
+    assert!(
+        text.starts_with("v1-") && text.contains(" /new/a?b=1\n"),
+        "{text}"
+    );
+    assert!(text.contains("host: cart.internal"), "{text}");
+
+    let (status, headers, text) = get("/x").await;
+    assert_eq!(status, StatusCode::OK, "{text}");
+    assert!(text.starts_with("v2-"), "{text}");
+    assert!(text.contains("x-weft-route: default"), "{text}");
+    assert!(!text.contains("s3cret"), "{text}");
+    assert!(headers.get("server").is_none(), "{headers:?}");
+    assert_eq!(
+        headers.get("x-served-by-route").map(|v| v.as_bytes()),
+        Some(&b"default"[..])
+    );
+}
+
+#[tokio::test]
+async fn tcp_route_weights_pick_the_backend_per_connection() {
+    let v1_ip = Ipv4Addr::new(127, 0, 0, 41);
+    let v2_ip = Ipv4Addr::new(127, 0, 0, 42);
+    let eps = vec![
+        plain_at(v1_ip, named_tcp(v1_ip, "v1").await, "v1"),
+        plain_at(v2_ip, named_tcp(v2_ip, "v2").await, "v2"),
+    ];
+    let with = |g, w1, w2| {
+        let mut s = cart(eps.clone(), Protocol::Opaque, vec![]);
+        s.tcp_routes = vec![TcpRoute {
+            name: "cart/tcp".into(),
+            port: Some(PORT),
+            backends: vec![to("v1", w1), to("v2", w2)],
+        }];
+        config(g, MtlsMode::Strict, vec![s])
+    };
+    let c = client(&with(1, 0, 1)).await;
+    let greet = async || {
+        let mut s = c.pod.app_connect(dst()).await;
+        let mut name = String::new();
+        s.read_to_string(&mut name).await.expect("read");
+        name
+    };
+    for _ in 0..10 {
+        assert_eq!(greet().await, "v2");
+    }
+    c.reload(&with(2, 1, 1)).await;
+    let mut seen = BTreeMap::<String, usize>::new();
+    for _ in 0..100 {
+        *seen.entry(greet().await).or_default() += 1;
+    }
+    assert_eq!(seen.keys().collect::<Vec<_>>(), ["v1", "v2"], "{seen:?}");
+}
+
+#[tokio::test]
+async fn a_dead_endpoint_costs_one_attempt_then_is_ejected() {
+    let mut fleet = plain_fleet().await;
+    // v1-b's address refuses connections (nothing listens there).
+    let dead = Ipv4Addr::new(127, 0, 0, 13);
+    let dead_port = {
+        let l = std::net::TcpListener::bind((dead, 0)).expect("bind");
+        l.local_addr().expect("addr").port()
+    };
+    fleet[1] = plain_at(dead, dead_port, "v1");
+    let cfg = config(
+        1,
+        MtlsMode::Strict,
+        vec![cart(
+            fleet,
+            Protocol::Http1,
+            vec![rule("v1", vec![], vec![to("v1", 1)])],
+        )],
+    );
+    let c = client(&cfg).await;
+    let seen = count(&c.pod, 40, "/", &[]).await;
+    assert_eq!(seen, BTreeMap::from([("v1-a".to_owned(), 40)]), "{seen:?}");
+    assert_eq!(
+        c.pod.errors(Direction::Outbound, "connect"),
+        1,
+        "the refused endpoint is tried once, then ejected"
+    );
+}
+
+#[tokio::test]
+async fn a_peer_whose_app_is_gone_is_skipped_without_a_failed_request() {
+    init();
+    let ca = TestCa::new("weft test CA");
+    let live_app = named_app(Ipv4Addr::LOCALHOST, "live").await;
+    // The port of an app that has exited: its proxy still accepts.
+    let gone_app = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        l.local_addr().expect("addr").port()
+    };
+    let server_cfg = config(1, MtlsMode::Strict, vec![]);
+    let server = Pod::start(&server_cfg, &ca.leaf(SERVER_ID, 3600), &ca).await;
+    let (live_ip, gone_ip) = (Ipv4Addr::new(10, 244, 0, 1), Ipv4Addr::new(10, 244, 0, 2));
+    let ep = |ip, port: u16| {
+        let mut e = meshed(ip, SERVER_ID);
+        e.subsets = vec!["v1".into()];
+        e.ports = BTreeMap::from([("p".to_owned(), port)]);
+        e
+    };
+    let cfg = config(
+        1,
+        MtlsMode::Strict,
+        vec![cart(
+            vec![ep(live_ip, live_app), ep(gone_ip, gone_app)],
+            Protocol::Http1,
+            vec![],
+        )],
+    );
+    let client = Pod::start(&cfg, &ca.leaf(CLIENT_ID, 3600), &ca).await;
+    client.route_to(SocketAddr::new(IpAddr::V4(live_ip), live_app), &server);
+    client.route_to(SocketAddr::new(IpAddr::V4(gone_ip), gone_app), &server);
+    let seen = count(&client, 30, "/", &[]).await;
+    assert_eq!(seen, BTreeMap::from([("live".to_owned(), 30)]), "{seen:?}");
+    assert_eq!(
+        client.errors(Direction::Outbound, "peer-app-unavailable"),
+        1,
+        "one attempt reached the peer whose app is gone, then it was ejected"
+    );
+}
