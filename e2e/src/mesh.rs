@@ -200,3 +200,222 @@ pub async fn wait_for_route(
         .await?;
     Ok(start.elapsed())
 }
+
+/// One request of a [`Load`]: when it was sent (since the load started) and
+/// which pod answered (`Ok`), or what went wrong (`Err`: status and body,
+/// or the connection error).
+#[derive(Debug, Clone)]
+pub struct Sample {
+    /// Send time, from the start of the load.
+    pub at: Duration,
+    /// The serving pod's name, or the failure.
+    pub outcome: Result<String, String>,
+}
+
+/// Counts of [`Sample`]s by serving pod, and the failures.
+#[derive(Debug, Clone, Default)]
+pub struct Tally {
+    /// Pod name → requests it served.
+    pub by_pod: std::collections::BTreeMap<String, usize>,
+    /// Failed requests, in order.
+    pub failures: Vec<String>,
+}
+
+impl Tally {
+    /// Tallies `samples`.
+    pub fn of<'a>(samples: impl IntoIterator<Item = &'a Sample>) -> Self {
+        let mut t = Tally::default();
+        for s in samples {
+            match &s.outcome {
+                Ok(pod) => *t.by_pod.entry(pod.clone()).or_default() += 1,
+                Err(e) => t.failures.push(e.clone()),
+            }
+        }
+        t
+    }
+
+    /// Counts by the pod name's Deployment-version part: `backend-v2-…` →
+    /// `v2` (the demo's backends), any other name as is.
+    pub fn by_version(&self) -> std::collections::BTreeMap<String, usize> {
+        let mut v = std::collections::BTreeMap::new();
+        for (pod, n) in &self.by_pod {
+            let key = pod
+                .split('-')
+                .find(|p| {
+                    p.len() >= 2 && p.starts_with('v') && p[1..].bytes().all(|b| b.is_ascii_digit())
+                })
+                .unwrap_or(pod);
+            *v.entry(key.to_owned()).or_default() += n;
+        }
+        v
+    }
+
+    /// Requests answered.
+    pub fn ok(&self) -> usize {
+        self.by_pod.values().sum()
+    }
+}
+
+/// One GET to `addr` (a new connection, `Connection: close`), from wherever
+/// the calling task's sockets live; the `pod` of the echo app's answer.
+async fn echo_get(
+    addr: std::net::SocketAddr,
+    path: &str,
+    headers: &[(String, String)],
+) -> Result<String, String> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let exchange = async {
+        let mut s = tokio::net::TcpStream::connect(addr)
+            .await
+            .map_err(|e| format!("connect {addr}: {e}"))?;
+        let mut req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+        for (k, v) in headers {
+            req.push_str(&format!("{k}: {v}\r\n"));
+        }
+        req.push_str("\r\n");
+        s.write_all(req.as_bytes())
+            .await
+            .map_err(|e| format!("write: {e}"))?;
+        let mut buf = Vec::new();
+        s.read_to_end(&mut buf)
+            .await
+            .map_err(|e| format!("read: {e}"))?;
+        let text = String::from_utf8_lossy(&buf);
+        let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+        let code: u16 = head
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .ok_or_else(|| format!("malformed response: {head:?}"))?;
+        if !(200..300).contains(&code) {
+            return Err(format!("HTTP {code}: {}", last_line(body)));
+        }
+        let v: Value =
+            serde_json::from_str(body.trim()).map_err(|e| format!("not JSON ({e}): {body}"))?;
+        Ok(v["pod"].as_str().unwrap_or("?").to_owned())
+    };
+    tokio::time::timeout(Duration::from_secs(15), exchange)
+        .await
+        .unwrap_or_else(|_| Err("no answer within 15 s".into()))
+}
+
+/// Sends `n` GETs one after another from inside pod `ns/pod` (its network
+/// namespace, so through its sidecar) to the echo app behind `addr`, each
+/// on a new connection; tallies who answered.
+pub async fn send_from_pod(
+    cluster: &Cluster,
+    ns: &str,
+    pod: &str,
+    addr: std::net::SocketAddr,
+    path: &str,
+    headers: &[(&str, &str)],
+    n: usize,
+) -> Result<Tally, HarnessError> {
+    let rt = cluster.pod_runtime(ns, pod)?;
+    let path = path.to_owned();
+    let headers: Vec<(String, String)> = headers
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect();
+    let samples = rt
+        .spawn(async move {
+            let mut out = Vec::with_capacity(n);
+            for _ in 0..n {
+                out.push(Sample {
+                    at: Duration::ZERO,
+                    outcome: echo_get(addr, &path, &headers).await,
+                });
+            }
+            out
+        })
+        .await
+        .map_err(|e| HarnessError::Prerequisite(format!("request task failed: {e}")))?;
+    Ok(Tally::of(&samples))
+}
+
+/// Continuous GETs from inside a pod (through its sidecar) until stopped,
+/// one at a time, each on a new connection, every sample timestamped.
+#[derive(Debug)]
+pub struct Load {
+    _rt: crate::netns::NetnsRuntime,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    task: tokio::task::JoinHandle<Vec<Sample>>,
+    started: std::time::Instant,
+}
+
+impl Load {
+    /// Starts sending from `ns/pod` to `addr` + `path`, pausing `pause`
+    /// between requests.
+    pub fn start(
+        cluster: &Cluster,
+        ns: &str,
+        pod: &str,
+        addr: std::net::SocketAddr,
+        path: &str,
+        pause: Duration,
+    ) -> Result<Self, HarnessError> {
+        let rt = cluster.pod_runtime(ns, pod)?;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let started = std::time::Instant::now();
+        let path = path.to_owned();
+        let flag = stop.clone();
+        let task = rt.spawn(async move {
+            let mut out = Vec::new();
+            while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+                let at = started.elapsed();
+                let outcome = echo_get(addr, &path, &[]).await;
+                out.push(Sample { at, outcome });
+                tokio::time::sleep(pause).await;
+            }
+            out
+        });
+        Ok(Load {
+            _rt: rt,
+            stop,
+            task,
+            started,
+        })
+    }
+
+    /// Time since the load started (the clock of [`Sample::at`]).
+    pub fn elapsed(&self) -> Duration {
+        self.started.elapsed()
+    }
+
+    /// Stops after the request in flight; every sample.
+    pub async fn stop(self) -> Result<Vec<Sample>, HarnessError> {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.task
+            .await
+            .map_err(|e| HarnessError::Prerequisite(format!("load task failed: {e}")))
+    }
+}
+
+/// Applies YAML with `kubectl apply -f -`.
+pub async fn apply_yaml(cluster: &Cluster, yaml: &str) -> Result<String, HarnessError> {
+    cluster
+        .kubectl_stdin(&["apply", "-f", "-"], Some(yaml))
+        .await
+}
+
+/// The demo's `ServiceRoute` for the backend with every request (no
+/// matches) split between subsets v1 and v2 by these weights.
+pub fn backend_split_route(v1: u32, v2: u32) -> String {
+    format!(
+        "apiVersion: weft.dev/v1alpha1
+kind: ServiceRoute
+metadata:
+  name: backend
+  namespace: demo
+spec:
+  service: backend
+  http:
+  - name: split
+    backends:
+    - subset: v1
+      weight: {v1}
+    - subset: v2
+      weight: {v2}
+"
+    )
+}

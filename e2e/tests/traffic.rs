@@ -1,0 +1,366 @@
+//! Traffic management end to end: `ServiceRoute` changes applied with
+//! kubectl reach the proxies through the operator's ConfigMap, kubelet's
+//! volume swap and the proxy's reload, and the split follows; a scale-up is
+//! picked up; a deleted pod stops getting traffic without failed requests,
+//! also before the ConfigMap catches up.
+//!
+//! Requests start in the demo's frontend pod (its network namespace, so
+//! they go through its sidecar) and go to the backend Service's ClusterIP;
+//! the backend echo apps answer with their pod name.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use common::serial;
+use weft_e2e::mesh::{self, Load, Tally};
+use weft_e2e::{Cluster, ClusterConfig};
+
+/// The demo installed and the frontend's proxy routing to the backend.
+struct Demo {
+    cluster: Cluster,
+    frontend: String,
+    backend: SocketAddr,
+}
+
+async fn demo(config: ClusterConfig) -> anyhow::Result<Demo> {
+    let cluster = Cluster::start_with(config).await?;
+    mesh::install(&cluster).await?;
+    mesh::deploy_demo(&cluster).await?;
+    let frontend = mesh::pods(&cluster, "demo", "frontend")
+        .await?
+        .into_iter()
+        .find_map(|p| p.metadata.name)
+        .ok_or_else(|| anyhow::anyhow!("no frontend pod"))?;
+    let ip: IpAddr = mesh::cluster_ip(&cluster, "demo", "backend")
+        .await?
+        .parse()?;
+    let backend = SocketAddr::new(ip, 8080);
+    let url = format!("http://{backend}/");
+    mesh::wait_for_route(&cluster, "demo", &frontend, &url, Duration::from_secs(90)).await?;
+    Ok(Demo {
+        cluster,
+        frontend,
+        backend,
+    })
+}
+
+impl Demo {
+    async fn send(&self, path: &str, headers: &[(&str, &str)], n: usize) -> anyhow::Result<Tally> {
+        Ok(mesh::send_from_pod(
+            &self.cluster,
+            "demo",
+            &self.frontend,
+            self.backend,
+            path,
+            headers,
+            n,
+        )
+        .await?)
+    }
+
+    /// Polls batches of `n` requests until `done` holds for one; returns
+    /// how long that took.
+    async fn until(
+        &self,
+        what: &str,
+        n: usize,
+        done: impl Fn(&Tally) -> bool,
+    ) -> anyhow::Result<Duration> {
+        let start = Instant::now();
+        let mut last = Tally::default();
+        while start.elapsed() < Duration::from_secs(90) {
+            last = self.send("/", &[], n).await?;
+            if done(&last) {
+                return Ok(start.elapsed());
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        anyhow::bail!("timed out waiting for {what}; last batch: {last:?}")
+    }
+
+    /// The frontend's mounted `proxy.json` (what kubelet delivered).
+    fn mounted_config(&self) -> anyhow::Result<serde_json::Value> {
+        let dir = self
+            .cluster
+            .pod_volume_dir("demo", &self.frontend, "weft")?;
+        let text = std::fs::read_to_string(dir.join("proxy.json"))?;
+        Ok(serde_json::from_str(&text)?)
+    }
+}
+
+fn only(tally: &Tally, version: &str, n: usize) -> bool {
+    tally.failures.is_empty() && tally.by_version() == BTreeMap::from([(version.to_owned(), n)])
+}
+
+/// The `backend` Service of a mounted config.
+fn backend_service(cfg: &serde_json::Value) -> Option<&serde_json::Value> {
+    cfg["services"]
+        .as_array()?
+        .iter()
+        .find(|s| s["namespace"] == "demo" && s["name"] == "backend")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn route_weight_change_reaches_the_proxies_and_the_split_follows() -> anyhow::Result<()> {
+    let _serial = serial().await;
+    let d = demo(ClusterConfig::default()).await?;
+
+    // manifests/examples/backend-route.yaml: a canary header goes to v2,
+    // everything else that is not /api to v1.
+    let before = d.send("/", &[], 60).await?;
+    assert!(only(&before, "v1", 60), "before: {before:?}");
+    let canary = d.send("/", &[("x-weft-release", "canary")], 20).await?;
+    assert!(only(&canary, "v2", 20), "canary header: {canary:?}");
+    let api = d.send("/api/items", &[], 100).await?;
+    assert!(api.failures.is_empty(), "{api:?}");
+    println!(
+        "before: / {:?}; canary header {:?}; /api (90/10) {:?}",
+        before.by_version(),
+        canary.by_version(),
+        api.by_version()
+    );
+
+    // The weight change, applied with kubectl like a user would.
+    let generation = d.mounted_config()?["generation"].as_u64().unwrap_or(0);
+    mesh::apply_yaml(&d.cluster, &mesh::backend_split_route(0, 100)).await?;
+    let took = d
+        .until("every request on v2 after 0/100", 20, |t| only(t, "v2", 20))
+        .await?;
+    // It came through kubelet's volume: the mounted file has the new route.
+    let cfg = d.mounted_config()?;
+    assert!(
+        cfg["generation"].as_u64().unwrap_or(0) > generation,
+        "mounted generation did not move: {}",
+        cfg["generation"]
+    );
+    let routes = &backend_service(&cfg).expect("backend in mounted config")["httpRoutes"];
+    assert_eq!(routes.as_array().map(Vec::len), Some(1), "{routes}");
+    assert_eq!(routes[0]["name"], "backend/split", "{routes}");
+    let after = d.send("/", &[], 60).await?;
+    assert!(only(&after, "v2", 60), "after 0/100: {after:?}");
+    println!(
+        "0/100 applied: live after {:.1}s; / {:?}",
+        took.as_secs_f64(),
+        after.by_version()
+    );
+
+    mesh::apply_yaml(&d.cluster, &mesh::backend_split_route(50, 50)).await?;
+    let took = d
+        .until("both versions after 50/50", 20, |t| {
+            t.failures.is_empty() && t.by_version().len() == 2
+        })
+        .await?;
+    let split = d.send("/", &[], 100).await?;
+    assert!(split.failures.is_empty(), "{split:?}");
+    let v = split.by_version();
+    // 100 fair coin flips: both sides seen (a miss has odds 2^-99).
+    assert!(
+        v.get("v1").is_some_and(|n| *n > 0) && v.get("v2").is_some_and(|n| *n > 0),
+        "50/50: {split:?}"
+    );
+    println!(
+        "50/50 applied: live after {:.1}s; / {:?}",
+        took.as_secs_f64(),
+        v
+    );
+    d.cluster.shutdown();
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scale_up_is_picked_up() -> anyhow::Result<()> {
+    let _serial = serial().await;
+    let d = demo(ClusterConfig::default()).await?;
+    mesh::apply_yaml(&d.cluster, &mesh::backend_split_route(0, 100)).await?;
+    d.until("every request on v2", 20, |t| only(t, "v2", 20))
+        .await?;
+    let old: Vec<String> = mesh::pods(&d.cluster, "demo", "backend")
+        .await?
+        .into_iter()
+        .filter_map(|p| p.metadata.name)
+        .collect();
+
+    let scaled = Instant::now();
+    d.cluster
+        .kubectl(&[
+            "scale",
+            "-n",
+            "demo",
+            "deployment/backend-v2",
+            "--replicas=2",
+        ])
+        .await?;
+    d.cluster
+        .wait_deployment_ready("demo", "backend-v2", Duration::from_secs(90))
+        .await?;
+    let new_pod = mesh::pods(&d.cluster, "demo", "backend")
+        .await?
+        .into_iter()
+        .filter_map(|p| p.metadata.name)
+        .find(|n| n.starts_with("backend-v2") && !old.contains(n))
+        .ok_or_else(|| anyhow::anyhow!("no new backend-v2 pod"))?;
+    let ready = scaled.elapsed();
+    let took = d
+        .until("the new pod gets traffic", 20, |t| {
+            t.by_pod.contains_key(&new_pod)
+        })
+        .await?;
+    let after = d.send("/", &[], 60).await?;
+    assert!(after.failures.is_empty(), "{after:?}");
+    assert_eq!(
+        after.by_version().keys().collect::<Vec<_>>(),
+        ["v2"],
+        "{after:?}"
+    );
+    assert_eq!(after.by_pod.len(), 2, "both v2 pods serve: {after:?}");
+    println!(
+        "scale-up: new pod {new_pod} ready after {:.1}s, first traffic {:.1}s later; then {:?}",
+        ready.as_secs_f64(),
+        took.as_secs_f64(),
+        after.by_pod
+    );
+    d.cluster.shutdown();
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_pod_stops_getting_traffic_without_failed_requests() -> anyhow::Result<()> {
+    let _serial = serial().await;
+    // A slow volume refresh, so the proxies learn of the deletion late.
+    let d = demo(ClusterConfig {
+        volume_sync_period: Duration::from_secs(10),
+        ..ClusterConfig::default()
+    })
+    .await?;
+    // "/" goes to v1 (manifests/examples), which has two pods.
+    let warm = d
+        .until("both v1 pods serve", 20, |t| {
+            t.failures.is_empty() && t.by_pod.len() == 2
+        })
+        .await?;
+    let v1 = mesh::pods(&d.cluster, "demo", "backend").await?;
+    let victim = v1
+        .iter()
+        .find(|p| {
+            p.metadata
+                .name
+                .as_deref()
+                .is_some_and(|n| n.starts_with("backend-v1"))
+        })
+        .ok_or_else(|| anyhow::anyhow!("no backend-v1 pod"))?;
+    let victim_name = victim.metadata.name.clone().expect("name");
+    let victim_ip = victim
+        .status
+        .as_ref()
+        .and_then(|s| s.pod_ip.clone())
+        .expect("victim pod IP");
+
+    let load = Load::start(
+        &d.cluster,
+        "demo",
+        &d.frontend,
+        d.backend,
+        "/",
+        Duration::from_millis(10),
+    )?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let deleted_at = load.elapsed();
+    d.cluster
+        .kubectl(&["delete", "pod", "-n", "demo", &victim_name, "--wait=false"])
+        .await?;
+    // Until kubelet delivers a config where the pod takes no new requests.
+    let live_in_config = |cfg: &serde_json::Value| {
+        backend_service(cfg)
+            .and_then(|s| s["endpoints"].as_array())
+            .is_some_and(|eps| {
+                eps.iter()
+                    .any(|e| e["address"] == victim_ip.as_str() && e["terminating"] != true)
+            })
+    };
+    let mut caught_up = None;
+    let mut gone = None;
+    let wait_start = Instant::now();
+    while wait_start.elapsed() < Duration::from_secs(90) && (caught_up.is_none() || gone.is_none())
+    {
+        if caught_up.is_none() && !live_in_config(&d.mounted_config()?) {
+            caught_up = Some(load.elapsed());
+        }
+        if gone.is_none() {
+            let pods = mesh::pods(&d.cluster, "demo", "backend").await?;
+            if !pods
+                .iter()
+                .any(|p| p.metadata.name.as_deref() == Some(victim_name.as_str()))
+            {
+                gone = Some(load.elapsed());
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let caught_up = caught_up
+        .ok_or_else(|| anyhow::anyhow!("the frontend's config never dropped {victim_ip}"))?;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let samples = load.stop().await?;
+
+    let all = Tally::of(&samples);
+    let during = Tally::of(
+        samples
+            .iter()
+            .filter(|s| s.at >= deleted_at && s.at < caught_up),
+    );
+    let after = Tally::of(samples.iter().filter(|s| s.at >= caught_up));
+    let last_by_victim = samples
+        .iter()
+        .filter(|s| s.outcome.as_deref() == Ok(victim_name.as_str()))
+        .map(|s| s.at)
+        .max();
+    println!(
+        "deletion of {victim_name} ({victim_ip}): {} requests, {} failed; warm-up {:.1}s; \
+         config caught up {:.1}s after the delete, pod gone from the API after {}; \
+         last request served by it {} after the delete",
+        samples.len(),
+        all.failures.len(),
+        warm.as_secs_f64(),
+        (caught_up - deleted_at).as_secs_f64(),
+        gone.map_or("(not yet)".into(), |g| format!(
+            "{:.1}s",
+            (g - deleted_at).as_secs_f64()
+        )),
+        last_by_victim.map_or("(none)".into(), |t| format!(
+            "{:+.2}s",
+            t.as_secs_f64() - deleted_at.as_secs_f64()
+        )),
+    );
+    println!("  between the delete and the config: {:?}", during.by_pod);
+    println!("  after the config caught up:        {:?}", after.by_pod);
+    // What the frontend's proxy did about it (its log lines).
+    let log = d.cluster.pod_log("demo", &d.frontend, "weft-proxy")?;
+    for what in [
+        "endpoint attempt failed; trying another",
+        "could not reach its app; trying another endpoint",
+        "connection lost before a response",
+        "every endpoint attempt failed",
+    ] {
+        println!(
+            "  frontend proxy log: {:>3} × {what}",
+            log.matches(what).count()
+        );
+    }
+    assert!(
+        all.failures.is_empty(),
+        "failed requests: {:?}",
+        all.failures
+    );
+    assert!(
+        during.ok() > 0,
+        "no request was sent before the config caught up"
+    );
+    assert!(
+        !after.by_pod.contains_key(&victim_name),
+        "the deleted pod got requests after the config caught up: {after:?}"
+    );
+    d.cluster.shutdown();
+    Ok(())
+}
