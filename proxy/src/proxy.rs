@@ -125,6 +125,8 @@ pub struct State {
     pub outbound_pools: Pools,
     /// Pools to the local app.
     pub inbound_pools: Pools,
+    /// Inbound rate-limit buckets (kept across reloads).
+    pub inbound_limits: crate::inbound::ratelimit::Limiters,
     /// Endpoints ejected after a failed connection (passive health).
     pub outliers: crate::outbound::Outliers,
     /// Bound listener addresses: [outbound, inbound, admin].
@@ -284,6 +286,7 @@ pub async fn start(settings: Settings, net: Net) -> Result<Proxy, StartError> {
         metrics: Metrics::default(),
         outbound_pools: Pools::default(),
         inbound_pools: Pools::default(),
+        inbound_limits: Default::default(),
         outliers: crate::outbound::Outliers::default(),
         listeners: Mutex::new(vec![outbound_addr, inbound_addr, admin_addr]),
         listening: AtomicBool::new(false),

@@ -1,21 +1,34 @@
 //! Inbound: traffic for the app, captured on :15006.
 //!
 //! ```text
-//! accept ─► original destination (the app port) ─► detect first bytes
+//! accept ─► original destination (the app port) ─► port protocol (inbound.ports) ─► peek first bytes
 //!   ├ TLS ─► mTLS handshake (client cert verified against the bundle, SPIFFE ID read)
-//!   │        ─► ALPN: weft/h1 | weft/h2 ─► per request: authz ─► x-weft-peer-identity ─► app 127.0.0.1:port
-//!   │                 weft/tcp          ─► authz once ─► bytes to the app
-//!   └ plaintext ─► Strict: refused │ Permissive: HTTP/1, HTTP/2 or opaque to the app, no identity
+//!   │        ─► ALPN: weft/h1 | weft/h2 ─► per request: authz ─► rate limit ─► x-weft-peer-identity ─► app 127.0.0.1:port
+//!   │                 weft/tcp          ─► authz ─► rate limit (per connection) ─► bytes to the app
+//!   └ plaintext ─► Strict: refused, the app is never dialled
+//!                  Permissive: the port's protocol (HTTP/1, HTTP/2, gRPC, opaque), else detected; no identity
 //! ```
+//!
+//! How long the first bytes are awaited: a peer proxy always speaks first
+//! (its ClientHello, sent as soon as TCP connects), so under Strict, and on
+//! server-first ports (configured `opaque`, the server-first list,
+//! `WEFT_OPAQUE_PORTS`), the wait is [`PEER_HELLO_TIMEOUT`]: a plaintext
+//! client that waits for a banner is refused (Strict) or handed to the app
+//! (Permissive) after that, not after the full detection timeout. Only a
+//! plaintext client of a client-first port under Permissive gets the
+//! detection timeout.
 //!
 //! The identity header is removed from every incoming request and set only
 //! from a verified certificate, so the app can trust it.
 
 pub mod authz;
+pub mod ratelimit;
 
+use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::HeaderValue;
@@ -25,7 +38,7 @@ use hyper::service::service_fn;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
-use weft_proxy_config::MtlsMode;
+use weft_proxy_config::{MtlsMode, Protocol, ProxyConfig, selector_matches};
 
 use crate::connect::{acquire, send_request};
 use crate::http::forward::{finish, prepare};
@@ -33,12 +46,53 @@ use crate::http::pool::{PoolKey, Version};
 use crate::http::{Body, PEER_IDENTITY_HEADER, error_response, serve_connection};
 use crate::metrics::{Direction, OpenConn};
 use crate::net::{Prefixed, Stream};
-use crate::outbound::detect::{Detected, detect};
+use crate::outbound::detect::{Detected, SERVER_FIRST_PORTS, detect};
 use crate::proxy::State;
 use crate::snapshot::Snapshot;
 use crate::tls::identity::spiffe_id_of;
 use crate::tls::{Alpn, SpiffeId};
 use authz::{Decision, authorize};
+use ratelimit::Verdict;
+
+/// How long a connection's first bytes are awaited when only a peer
+/// proxy's ClientHello is worth waiting for (Strict, server-first ports).
+pub const PEER_HELLO_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// The protocol of an inbound target port for this pod: the first
+/// `inbound.ports` entry for `port` whose selector matches `labels`, else
+/// detection.
+pub fn port_protocol(
+    config: &ProxyConfig,
+    labels: &BTreeMap<String, String>,
+    port: u16,
+) -> Protocol {
+    config
+        .inbound
+        .ports
+        .iter()
+        .find(|p| p.port == port && selector_matches(&p.selector, labels))
+        .map_or(Protocol::Detect, |p| p.protocol)
+}
+
+/// How long to wait for the first bytes, and whether the client speaks
+/// first: see the module doc.
+fn first_bytes_wait(
+    mode: MtlsMode,
+    protocol: Protocol,
+    server_first: bool,
+    detect_timeout: Duration,
+) -> Duration {
+    let opaque = match protocol {
+        Protocol::Opaque => true,
+        Protocol::Detect => server_first,
+        Protocol::Http1 | Protocol::Http2 | Protocol::Grpc => false,
+    };
+    if mode == MtlsMode::Strict || opaque {
+        PEER_HELLO_TIMEOUT.min(detect_timeout)
+    } else {
+        detect_timeout
+    }
+}
 
 /// Accepts captured inbound connections until shutdown.
 pub async fn serve(state: Arc<State>, listener: TcpListener) {
@@ -70,14 +124,23 @@ async fn handle(state: Arc<State>, mut conn: TcpStream, peer: SocketAddr) {
         tracing::warn!(%peer, "inbound connection refused: no config/identity loaded yet");
         return;
     };
-    let (prefix, detected) = match detect(&mut conn, state.settings.detect_timeout).await {
+    let port = dst.port();
+    let protocol = port_protocol(&snap.config, &state.settings.labels, port);
+    let server_first =
+        SERVER_FIRST_PORTS.contains(&port) || state.settings.opaque_ports.contains(&port);
+    let wait = first_bytes_wait(
+        snap.config.mesh.mtls_mode,
+        protocol,
+        server_first,
+        state.settings.detect_timeout,
+    );
+    let (prefix, detected) = match detect(&mut conn, wait).await {
         Ok(d) => d,
         Err(e) => {
             tracing::debug!(%peer, error = %e, "client went away during detection");
             return;
         }
     };
-    let port = dst.port();
     if detected == Detected::Tls {
         let _open = OpenConn::new(&state.metrics, Direction::Inbound, true);
         let acceptor = TlsAcceptor::from(snap.identity.server_config());
@@ -125,10 +188,17 @@ async fn handle(state: Arc<State>, mut conn: TcpStream, peer: SocketAddr) {
         return;
     }
     let conn = Prefixed::new(prefix, conn);
-    match detected {
-        Detected::Http1 => serve_http(state, snap, port, None, Version::Http1, conn).await,
-        Detected::Http2 => serve_http(state, snap, port, None, Version::Http2, conn).await,
-        _ => to_app_tcp(&state, &snap, port, None, Bytes::new(), conn).await,
+    // The port's declared protocol wins over what the bytes look like.
+    let version = match (protocol, detected) {
+        (Protocol::Http1, _) | (Protocol::Detect, Detected::Http1) => Some(Version::Http1),
+        (Protocol::Http2 | Protocol::Grpc, _) | (Protocol::Detect, Detected::Http2) => {
+            Some(Version::Http2)
+        }
+        _ => None,
+    };
+    match version {
+        Some(v) => serve_http(state, snap, port, None, v, conn).await,
+        None => to_app_tcp(&state, &snap, port, None, Bytes::new(), conn).await,
     }
 }
 
@@ -151,6 +221,15 @@ async fn to_app_tcp<I>(
     if let Decision::Deny(why) = authorize(&snap.config, &state.settings.labels, &r) {
         state.metrics.error(Direction::Inbound, "denied");
         tracing::warn!(peer = ?id.map(SpiffeId::as_str), port, %why, "inbound connection denied");
+        return;
+    }
+    if let Verdict::Limited { name, retry_after } =
+        state
+            .inbound_limits
+            .check(&snap.config, &state.settings.labels, port)
+    {
+        state.metrics.error(Direction::Inbound, "rate-limited");
+        tracing::warn!(peer = ?id.map(SpiffeId::as_str), port, limit = %name, ?retry_after, "inbound connection refused by a rate limit");
         return;
     }
     let addr = SocketAddr::new(state.settings.app_host, port);
@@ -238,6 +317,26 @@ async fn proxy(ctx: &Ctx, mut req: Request<Incoming>) -> Response<Body> {
             &format!("{who} may not call port {}: {why}", ctx.port),
         );
     }
+    if let Verdict::Limited { name, retry_after } =
+        state
+            .inbound_limits
+            .check(&ctx.snap.config, &state.settings.labels, ctx.port)
+    {
+        state.metrics.error(Direction::Inbound, "rate-limited");
+        tracing::debug!(port = ctx.port, limit = %name, ?retry_after, "inbound request over its rate limit");
+        let mut resp = error_response(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate-limited",
+            &format!(
+                "port {} is over the rate limit of ServicePolicy {name}; retry later",
+                ctx.port
+            ),
+        );
+        let secs = retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0);
+        resp.headers_mut()
+            .insert(http::header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
+        return resp;
+    }
     if let Some(id) = &ctx.peer
         && let Ok(v) = HeaderValue::from_str(id.as_str())
     {
@@ -277,4 +376,83 @@ async fn proxy(ctx: &Ctx, mut req: Request<Incoming>) -> Response<Body> {
             &format!("{e} (the local app on port {})", ctx.port),
         )
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use weft_proxy_config::{Inbound, InboundPort};
+
+    #[test]
+    fn strict_and_server_first_ports_wait_only_for_a_peer_hello() {
+        let long = Duration::from_secs(3600);
+        let w = |mode, protocol, server_first| first_bytes_wait(mode, protocol, server_first, long);
+        for p in [
+            Protocol::Detect,
+            Protocol::Http1,
+            Protocol::Http2,
+            Protocol::Grpc,
+            Protocol::Opaque,
+        ] {
+            assert_eq!(w(MtlsMode::Strict, p, false), PEER_HELLO_TIMEOUT, "{p:?}");
+        }
+        assert_eq!(
+            w(MtlsMode::Permissive, Protocol::Opaque, false),
+            PEER_HELLO_TIMEOUT
+        );
+        assert_eq!(
+            w(MtlsMode::Permissive, Protocol::Detect, true),
+            PEER_HELLO_TIMEOUT
+        );
+        assert_eq!(w(MtlsMode::Permissive, Protocol::Detect, false), long);
+        // A declared HTTP port is client-first even on a "server-first" number.
+        assert_eq!(w(MtlsMode::Permissive, Protocol::Http1, true), long);
+        // Never longer than the configured detection timeout.
+        assert_eq!(
+            first_bytes_wait(
+                MtlsMode::Strict,
+                Protocol::Detect,
+                false,
+                Duration::from_millis(5)
+            ),
+            Duration::from_millis(5)
+        );
+    }
+
+    #[test]
+    fn port_protocol_follows_the_selector() {
+        let c = ProxyConfig {
+            version: 1,
+            generation: 1,
+            hash: String::new(),
+            namespace: "shop".into(),
+            mesh: weft_proxy_config::MeshSettings {
+                trust_domain: "cluster.local".into(),
+                mtls_mode: MtlsMode::Permissive,
+                default_access: Default::default(),
+                access_log: false,
+                tracing: None,
+            },
+            services: vec![],
+            inbound: Inbound {
+                ports: vec![
+                    InboundPort {
+                        selector: [("app".to_owned(), "db".to_owned())].into(),
+                        port: 5432,
+                        protocol: Protocol::Opaque,
+                    },
+                    InboundPort {
+                        selector: [("app".to_owned(), "web".to_owned())].into(),
+                        port: 8080,
+                        protocol: Protocol::Http2,
+                    },
+                ],
+                ..Default::default()
+            },
+        };
+        let web: BTreeMap<String, String> = [("app".to_owned(), "web".to_owned())].into();
+        assert_eq!(port_protocol(&c, &web, 8080), Protocol::Http2);
+        assert_eq!(port_protocol(&c, &web, 5432), Protocol::Detect);
+        assert_eq!(port_protocol(&c, &web, 9090), Protocol::Detect);
+    }
 }
