@@ -257,8 +257,8 @@ impl Tally {
 }
 
 /// One GET to `addr` (a new connection, `Connection: close`), from wherever
-/// the calling task's sockets live; the `pod` of the echo app's answer.
-async fn echo_get(
+/// the calling task's sockets live; the body of a 2xx answer.
+async fn http_get(
     addr: std::net::SocketAddr,
     path: &str,
     headers: &[(String, String)],
@@ -290,13 +290,23 @@ async fn echo_get(
         if !(200..300).contains(&code) {
             return Err(format!("HTTP {code}: {}", last_line(body)));
         }
-        let v: Value =
-            serde_json::from_str(body.trim()).map_err(|e| format!("not JSON ({e}): {body}"))?;
-        Ok(v["pod"].as_str().unwrap_or("?").to_owned())
+        Ok(body.to_owned())
     };
     tokio::time::timeout(Duration::from_secs(15), exchange)
         .await
         .unwrap_or_else(|_| Err("no answer within 15 s".into()))
+}
+
+/// [`http_get`] to the echo app: the `pod` of its answer.
+async fn echo_get(
+    addr: std::net::SocketAddr,
+    path: &str,
+    headers: &[(String, String)],
+) -> Result<String, String> {
+    let body = http_get(addr, path, headers).await?;
+    let v: Value =
+        serde_json::from_str(body.trim()).map_err(|e| format!("not JSON ({e}): {body}"))?;
+    Ok(v["pod"].as_str().unwrap_or("?").to_owned())
 }
 
 /// Sends `n` GETs one after another from inside pod `ns/pod` (its network
@@ -418,4 +428,57 @@ spec:
       weight: {v2}
 "
     )
+}
+
+/// The config the sidecar of `ns/pod` is running (its admin `/config`, read
+/// from inside the pod).
+pub async fn proxy_config(cluster: &Cluster, ns: &str, pod: &str) -> Result<Value, HarnessError> {
+    let rt = cluster.pod_runtime(ns, pod)?;
+    let admin: std::net::SocketAddr = ([127, 0, 0, 1], 15020).into();
+    let body = rt
+        .spawn(async move { http_get(admin, "/config", &[]).await })
+        .await
+        .map_err(|e| HarnessError::Prerequisite(format!("request task failed: {e}")))?
+        .map_err(|e| HarnessError::Prerequisite(format!("{ns}/{pod} admin /config: {e}")))?;
+    serde_json::from_str(&body).map_err(|e| {
+        HarnessError::Prerequisite(format!("{ns}/{pod} admin /config is not JSON: {e}"))
+    })
+}
+
+/// Waits until the sidecar of `ns/pod` runs a config in which Service
+/// `service` (`namespace/name`) has the HTTP route `route`
+/// (`<ServiceRoute>/<rule>`). Returns how long that took.
+pub async fn wait_for_proxy_route(
+    cluster: &Cluster,
+    ns: &str,
+    pod: &str,
+    service: &str,
+    route: &str,
+    timeout: Duration,
+) -> Result<Duration, HarnessError> {
+    let start = std::time::Instant::now();
+    cluster
+        .wait_until(
+            timeout,
+            &format!("{ns}/{pod}'s proxy has route {route} of {service}"),
+            || async {
+                let Ok(cfg) = proxy_config(cluster, ns, pod).await else {
+                    return Ok(false);
+                };
+                Ok(cfg["services"].as_array().into_iter().flatten().any(|s| {
+                    format!(
+                        "{}/{}",
+                        s["namespace"].as_str().unwrap_or(""),
+                        s["name"].as_str().unwrap_or("")
+                    ) == service
+                        && s["httpRoutes"]
+                            .as_array()
+                            .into_iter()
+                            .flatten()
+                            .any(|r| r["name"] == route)
+                }))
+            },
+        )
+        .await?;
+    Ok(start.elapsed())
 }

@@ -68,7 +68,8 @@ async fn main() -> anyhow::Result<()> {
             .await
             .context("waiting for Ctrl-C")?;
     }
-    drop(cluster);
+    // Logs were printed above on failure; stop without dumping them again.
+    cluster.shutdown();
     step(t0, "cleaned up");
     result
 }
@@ -125,6 +126,23 @@ async fn run(cluster: &Cluster, args: &Args, t0: Instant) -> anyhow::Result<()> 
             warm.as_secs_f64()
         ),
     );
+    let routed = mesh::wait_for_proxy_route(
+        cluster,
+        "demo",
+        &frontend,
+        "demo/backend",
+        "backend/api-canary",
+        std::time::Duration::from_secs(60),
+    )
+    .await
+    .context("the frontend's proxy never loaded the backend's ServiceRoute")?;
+    step(
+        t0,
+        &format!(
+            "the frontend's proxy runs the backend's ServiceRoute (after {:.1}s more)",
+            routed.as_secs_f64()
+        ),
+    );
     step(
         t0,
         &format!(
@@ -159,6 +177,7 @@ async fn run(cluster: &Cluster, args: &Args, t0: Instant) -> anyhow::Result<()> 
         }
     }
     let elapsed = started.elapsed();
+    let weights = route_weights(cluster, "api-canary").await;
 
     let hidden = mesh::get_from_pod(
         cluster,
@@ -203,6 +222,24 @@ async fn run(cluster: &Cluster, args: &Args, t0: Instant) -> anyhow::Result<()> 
         args.requests,
         elapsed.as_secs_f64()
     );
+    let total_weight: u64 = weights.values().sum();
+    match &weights {
+        w if w.is_empty() => {
+            println!(
+                "    ServiceRoute demo/backend rule api-canary: not found (split by endpoints)"
+            )
+        }
+        w => println!(
+            "    ServiceRoute demo/backend rule api-canary (/api/*): {}",
+            w.iter()
+                .map(|(v, n)| format!(
+                    "{v} weight {n} ({:.0}%)",
+                    100.0 * *n as f64 / total_weight.max(1) as f64
+                ))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    }
     for (v, n) in &per_version {
         println!(
             "    served by backend {v}: {n} ({:.0}%)",
@@ -213,7 +250,7 @@ async fn run(cluster: &Cluster, args: &Args, t0: Instant) -> anyhow::Result<()> 
         println!("    failed: {n} × {why}");
     }
     println!(
-        "    (the split follows the backend endpoints: the proxy does not apply ServiceRoute weights yet)"
+        "    (the proxy applies the rule's matches and weights; its timeout, retries and mirror are not applied yet)"
     );
     for (id, n) in &seen_identity {
         println!("  identity the backend saw: {id} ({n} requests)");
@@ -239,4 +276,34 @@ async fn run(cluster: &Cluster, args: &Args, t0: Instant) -> anyhow::Result<()> 
     }
     println!("  total time: {:.1}s", t0.elapsed().as_secs_f64());
     Ok(())
+}
+
+/// Subset → weight of the backends of rule `rule` of the applied
+/// `ServiceRoute` demo/backend (as the API server holds it); empty when the
+/// route or rule is missing.
+async fn route_weights(cluster: &Cluster, rule: &str) -> BTreeMap<String, u64> {
+    let out = match cluster
+        .kubectl(&["get", "serviceroute", "-n", "demo", "backend", "-o", "json"])
+        .await
+    {
+        Ok(o) => o,
+        Err(e) => {
+            eprintln!("cannot read ServiceRoute demo/backend: {e}");
+            return BTreeMap::new();
+        }
+    };
+    let route: serde_json::Value = serde_json::from_str(&out).unwrap_or_default();
+    route["spec"]["http"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|r| r["name"] == rule)
+        .flat_map(|r| r["backends"].as_array().cloned().unwrap_or_default())
+        .map(|b| {
+            (
+                b["subset"].as_str().unwrap_or("backend").to_owned(),
+                b["weight"].as_u64().unwrap_or(1),
+            )
+        })
+        .collect()
 }
