@@ -41,7 +41,14 @@ impl StampTable {
 
 impl OrigDst for StampTable {
     fn original_dst(&self, conn: &TcpStream) -> io::Result<SocketAddr> {
-        let peer = conn.peer_addr()?;
+        // A dual-stack listener sees IPv4 clients as `::ffff:a.b.c.d`.
+        let peer = match conn.peer_addr()? {
+            SocketAddr::V6(a) => match a.ip().to_ipv4_mapped() {
+                Some(v4) => SocketAddr::new(v4.into(), a.port()),
+                None => SocketAddr::V6(a),
+            },
+            a => a,
+        };
         let stamped = self
             .0
             .lock()
