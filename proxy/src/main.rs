@@ -68,6 +68,30 @@ struct RunArgs {
     /// Protocol detection timeout, milliseconds.
     #[arg(long, env = "WEFT_DETECT_TIMEOUT_MS", default_value_t = 5000)]
     detect_timeout_ms: u64,
+    /// Worker threads serving traffic. 1 (the default) runs everything on
+    /// one thread with no work stealing; more cores only pay off for pods
+    /// that push several thousand requests per second.
+    #[arg(long, env = "WEFT_PROXY_CORES", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
+    cores: u16,
+}
+
+/// Builds the runtime: one thread by default (a sidecar shares its pod's
+/// CPU budget; a work-stealing pool costs cross-thread wake-ups and per-thread
+/// allocator arenas for nothing at sidecar rates), `cores` workers otherwise.
+/// Blocking work (snapshot reloads) gets one thread that exits when idle.
+fn runtime(cores: u16) -> std::io::Result<tokio::runtime::Runtime> {
+    let mut b = if cores <= 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        b.worker_threads(usize::from(cores));
+        b
+    };
+    b.enable_all()
+        .max_blocking_threads(1)
+        .thread_keep_alive(Duration::from_secs(5))
+        .thread_name("weft-proxy")
+        .build()
 }
 
 fn parse_secs(s: &str) -> Result<Duration, String> {
@@ -155,9 +179,7 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
     if let Some(p) = a.app_probes.filter(|p| !p.trim().is_empty()) {
         s.app_probes = AppProbes::parse(&p).context("WEFT_APP_PROBES is not valid probe JSON")?;
     }
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
+    let rt = runtime(a.cores)?;
     rt.block_on(async move {
         let proxy = weft_proxy::start(s, Net::default()).await?;
         let state = proxy.state.clone();

@@ -3,6 +3,8 @@
 //! Labels are bounded: direction, TLS yes/no, status code, failed step and
 //! reload result. Per-peer labels come with the telemetry issue.
 
+use std::sync::OnceLock;
+
 use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -59,6 +61,19 @@ pub struct ConfigLabels {
     pub hash: String,
 }
 
+/// Counter handles of `requests` by direction and status code, resolved
+/// on first use, so that counting a response is an index and an atomic add
+/// instead of a locked map lookup with a hashed label set.
+#[derive(Debug)]
+struct RequestCounters([Vec<OnceLock<Counter>>; 2]);
+
+impl Default for RequestCounters {
+    fn default() -> Self {
+        let slots = || (0..500).map(|_| OnceLock::new()).collect();
+        RequestCounters([slots(), slots()])
+    }
+}
+
 /// Every metric of the proxy.
 #[derive(Debug, Default)]
 pub struct Metrics {
@@ -78,6 +93,8 @@ pub struct Metrics {
     pub config_info: Family<ConfigLabels, Gauge>,
     /// Expiry of the active leaf certificate, Unix seconds.
     pub cert_expiry: Gauge,
+    /// Resolved handles into `requests`.
+    request_counters: RequestCounters,
 }
 
 impl Metrics {
@@ -135,9 +152,20 @@ impl Metrics {
 
     /// Counts a response.
     pub fn request(&self, direction: Direction, code: u16) {
-        self.requests
-            .get_or_create(&RequestLabels { direction, code })
-            .inc();
+        let d = match direction {
+            Direction::Outbound => 0,
+            Direction::Inbound => 1,
+        };
+        let labels = || RequestLabels { direction, code };
+        match code
+            .checked_sub(100)
+            .and_then(|i| self.request_counters.0[d].get(usize::from(i)))
+        {
+            Some(slot) => slot
+                .get_or_init(|| self.requests.get_or_create(&labels()).clone())
+                .inc(),
+            None => self.requests.get_or_create(&labels()).inc(),
+        };
     }
 
     /// Counts a reload result.
@@ -171,5 +199,48 @@ impl OpenConn {
 impl Drop for OpenConn {
     fn drop(&mut self) {
         self.gauge.dec();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn text(m: &Metrics) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &m.registry()).expect("encode");
+        out
+    }
+
+    #[test]
+    fn responses_are_counted_per_direction_and_code_in_and_out_of_the_cache() {
+        let m = Metrics::default();
+        for _ in 0..3 {
+            m.request(Direction::Outbound, 200);
+        }
+        m.request(Direction::Inbound, 200);
+        m.request(Direction::Inbound, 503);
+        // Outside the cached range: counted through the family directly.
+        m.request(Direction::Outbound, 42);
+        m.request(Direction::Outbound, 42);
+        let t = text(&m);
+        let line = |d: &str, c: u16| {
+            t.lines()
+                .find(|l| {
+                    l.starts_with("weft_proxy_requests_total{")
+                        && l.contains(&format!("direction=\"{d}\""))
+                        && l.contains(&format!("code=\"{c}\""))
+                })
+                .map(|l| l.rsplit(' ').next().unwrap_or_default().to_owned())
+        };
+        assert_eq!(line("Outbound", 200).as_deref(), Some("3"), "{t}");
+        assert_eq!(line("Inbound", 200).as_deref(), Some("1"), "{t}");
+        assert_eq!(line("Inbound", 503).as_deref(), Some("1"), "{t}");
+        assert_eq!(line("Outbound", 42).as_deref(), Some("2"), "{t}");
+        assert_eq!(
+            line("Outbound", 503),
+            None,
+            "no series before a response: {t}"
+        );
     }
 }

@@ -43,7 +43,9 @@ pub fn prepare(mut req: Request<Incoming>, version: Version) -> Prepared {
             {
                 parts.headers.insert(header::HOST, v);
             }
-            if !is_connect {
+            // Origin form (`/path?query`, what clients send to a server)
+            // is kept as is; only absolute form is cut down to it.
+            if !is_connect && (parts.uri.scheme().is_some() || parts.uri.authority().is_some()) {
                 let pq = parts.uri.path_and_query().map_or("/", |p| p.as_str());
                 if let Ok(uri) = pq.parse::<Uri>() {
                     parts.uri = uri;

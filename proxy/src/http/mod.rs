@@ -66,6 +66,25 @@ pub fn wants_upgrade(headers: &HeaderMap) -> bool {
 /// and `Upgrade` survive, because an upgrade is forwarded end to end. `TE:
 /// trailers` survives (gRPC needs it).
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+    const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+    // The common case: none of them is present; one pass over the names
+    // instead of a lookup (and removal) per field.
+    let any = headers.keys().any(|k| {
+        k == header::CONNECTION
+            || k == header::TE
+            || k == header::TRAILER
+            || k == header::UPGRADE
+            || k == header::TRANSFER_ENCODING
+            || k == KEEP_ALIVE
+            || k == PROXY_CONNECTION
+    });
+    if !any {
+        if keep_upgrade {
+            headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        }
+        return;
+    }
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
@@ -79,7 +98,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
         }
         headers.remove(&name);
     }
-    for name in ["keep-alive", "proxy-connection", "transfer-encoding"] {
+    for name in [KEEP_ALIVE, PROXY_CONNECTION, header::TRANSFER_ENCODING] {
         headers.remove(name);
     }
     let te_trailers = headers.get(header::TE).is_some_and(|v| {
@@ -175,6 +194,24 @@ mod tests {
         assert!(h.get("upgrade").is_none());
         assert_eq!(h.get("te").map(|v| v.as_bytes()), Some(&b"trailers"[..]));
         assert_eq!(h.get("host").map(|v| v.as_bytes()), Some(&b"svc"[..]));
+    }
+
+    #[test]
+    fn end_to_end_fields_pass_untouched() {
+        let mut h = HeaderMap::new();
+        h.insert("host", HeaderValue::from_static("svc"));
+        h.insert("x-request-id", HeaderValue::from_static("7"));
+        h.append("accept", HeaderValue::from_static("a"));
+        h.append("accept", HeaderValue::from_static("b"));
+        let before = h.clone();
+        strip_hop_by_hop(&mut h, false);
+        assert_eq!(h, before);
+        strip_hop_by_hop(&mut h, true);
+        assert_eq!(
+            h.get("connection").map(|v| v.as_bytes()),
+            Some(&b"upgrade"[..])
+        );
+        assert_eq!(h.len(), before.len() + 1);
     }
 
     #[test]

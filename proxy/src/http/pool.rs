@@ -1,12 +1,14 @@
 //! Keep-alive connection pools, one per upstream (endpoint address, expected
 //! identity, HTTP version). HTTP/1.1 keeps a stack of idle connections;
-//! HTTP/2 shares one multiplexed connection. Each pool also counts the
-//! requests in flight, which the least-request balancer reads.
+//! HTTP/2 shares one multiplexed connection. Requests in flight are counted
+//! per endpoint address in one atomic shared by that address's pools, which
+//! the least-request balancer reads with one map lookup (no scan, no lock
+//! held while counting).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use http::{Request, Response};
@@ -49,7 +51,9 @@ pub struct Pool {
     version: Version,
     idle: Mutex<Vec<(Instant, http1::SendRequest<Body>)>>,
     h2: Mutex<Option<http2::SendRequest<Body>>>,
-    in_flight: AtomicUsize,
+    /// Requests in flight to this pool's address (shared with the
+    /// address's other pools).
+    in_flight: Arc<AtomicUsize>,
 }
 
 /// A connection ready for one request.
@@ -72,16 +76,16 @@ pub struct SendFailed {
 }
 
 impl Pool {
-    fn new(version: Version) -> Self {
+    fn new(version: Version, in_flight: Arc<AtomicUsize>) -> Self {
         Pool {
             version,
             idle: Mutex::new(Vec::new()),
             h2: Mutex::new(None),
-            in_flight: AtomicUsize::new(0),
+            in_flight,
         }
     }
 
-    /// Requests in flight on this upstream.
+    /// Requests in flight to this pool's address (all its pools).
     pub fn load(&self) -> usize {
         self.in_flight.load(Ordering::Relaxed)
     }
@@ -188,25 +192,81 @@ impl Drop for InFlight {
     }
 }
 
-/// Every pool of one direction.
+/// Every pool of one direction, plus one in-flight counter per address.
+/// Lookups take a shared read lock and clone nothing but an `Arc`; the write
+/// lock is taken only the first time an upstream is used.
 #[derive(Debug, Default)]
-pub struct Pools(Mutex<HashMap<PoolKey, Arc<Pool>>>);
+pub struct Pools {
+    pools: RwLock<HashMap<PoolKey, Arc<Pool>>>,
+    loads: RwLock<HashMap<SocketAddr, Arc<AtomicUsize>>>,
+}
 
 impl Pools {
     /// The pool for `key`, created on first use.
     pub fn get(&self, key: &PoolKey) -> Arc<Pool> {
-        let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        map.entry(key.clone())
-            .or_insert_with(|| Arc::new(Pool::new(key.version)))
+        if let Some(p) = self
+            .pools
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(key)
+        {
+            return p.clone();
+        }
+        let in_flight = self
+            .loads
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(key.addr)
+            .or_default()
+            .clone();
+        let mut pools = self.pools.write().unwrap_or_else(|p| p.into_inner());
+        pools
+            .entry(key.clone())
+            .or_insert_with(|| Arc::new(Pool::new(key.version, in_flight)))
             .clone()
     }
 
-    /// Current load of `addr` across its pools (for the balancer).
+    /// Requests in flight to `addr` across its pools (for the balancer):
+    /// one map lookup and one atomic load.
     pub fn load_of(&self, addr: SocketAddr) -> usize {
-        let map = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        map.iter()
-            .filter(|(k, _)| k.addr == addr)
-            .map(|(_, p)| p.load())
-            .sum()
+        self.loads
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&addr)
+            .map_or(0, |c| c.load(Ordering::Relaxed))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn load_counts_every_pool_of_an_address_and_only_while_tracked() {
+        let pools = Pools::default();
+        let a: SocketAddr = "10.0.0.1:80".parse().expect("addr");
+        let b: SocketAddr = "10.0.0.2:80".parse().expect("addr");
+        let key = |addr, version| PoolKey {
+            addr,
+            identity: None,
+            version,
+        };
+        let h1 = pools.get(&key(a, Version::Http1));
+        let h2 = pools.get(&key(a, Version::Http2));
+        assert!(Arc::ptr_eq(&h1, &pools.get(&key(a, Version::Http1))));
+        let other = pools.get(&key(b, Version::Http1));
+        let g1 = h1.track();
+        let g2 = h2.track();
+        let g3 = h1.track();
+        assert_eq!(pools.load_of(a), 3);
+        assert_eq!(pools.load_of(b), 0);
+        assert_eq!(other.load(), 0);
+        drop(g1);
+        drop(g2);
+        assert_eq!(pools.load_of(a), 1);
+        drop(g3);
+        assert_eq!(pools.load_of(a), 0);
+        let unknown: SocketAddr = "10.0.0.9:80".parse().expect("addr");
+        assert_eq!(pools.load_of(unknown), 0);
     }
 }
