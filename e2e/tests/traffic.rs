@@ -348,6 +348,13 @@ async fn a_deleted_pod_stops_getting_traffic_without_failed_requests() -> anyhow
             log.matches(what).count()
         );
     }
+    for line in log
+        .lines()
+        .filter(|l| l.contains("endpoint attempt failed"))
+        .take(3)
+    {
+        println!("  {line}");
+    }
     assert!(
         all.failures.is_empty(),
         "failed requests: {:?}",
