@@ -685,8 +685,10 @@ fn window(t: &Target, proto: Proto, payload: usize, conns: usize, dur: Duration)
 
 struct Setup {
     targets: Vec<Target>,
-    /// mTLS client settings for the handshake rate: weft's (ALPN weft/tcp)
-    /// and the same without ALPN for nginx/HAProxy.
+    /// mTLS client settings for the handshake rate: weft's (ALPN weft/h1:
+    /// the server proxy waits for a request, as nginx and HAProxy do, instead
+    /// of dialling the app for an opaque stream) and the same without ALPN
+    /// for nginx/HAProxy.
     tls_weft: Arc<rustls::ClientConfig>,
     tls_plain: Arc<rustls::ClientConfig>,
     _work: tempfile::TempDir,
@@ -808,7 +810,7 @@ fn setup(o: &Opts) -> Setup {
         .expect("client identity");
     let server_id = weft_proxy::tls::SpiffeId::parse(sid).expect("id");
     let mut tls_weft = (*ident
-        .client_config(&server_id, weft_proxy::tls::Alpn::Tcp)
+        .client_config(&server_id, weft_proxy::tls::Alpn::Http1)
         .expect("client config"))
     .clone();
     tls_weft.resumption = rustls::client::Resumption::disabled();
