@@ -1172,4 +1172,102 @@ mod tests {
             "https://shop.example/shop/a?x=1"
         );
     }
+
+    mod props {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn table() -> (ProxyConfig, RouteTable) {
+            let m = |path, headers, query| HttpMatch {
+                path,
+                headers,
+                query_params: query,
+                method: None,
+            };
+            let routes = vec![
+                route(
+                    "every-kind",
+                    vec![
+                        m(Some(PathMatch::Regex("/a(/.*)?".into())), vec![], vec![]),
+                        m(
+                            None,
+                            vec![NamedMatch {
+                                name: "x-h".into(),
+                                value: ValueMatch::Regex("[0-9]+".into()),
+                            }],
+                            vec![NamedMatch {
+                                name: "q".into(),
+                                value: ValueMatch::Present(true),
+                            }],
+                        ),
+                        m(Some(PathMatch::Exact("/exact".into())), vec![], vec![]),
+                    ],
+                    vec![backend("v2", 1)],
+                ),
+                route(
+                    "prefix",
+                    vec![m(Some(PathMatch::Prefix("/p/q".into())), vec![], vec![])],
+                    vec![backend("v1", 1)],
+                ),
+            ];
+            let c = config(vec![svc("cart", routes)]);
+            let t = RouteTable::build(&c).expect("compiles");
+            (c, t)
+        }
+
+        proptest! {
+            #[test]
+            fn matching_never_panics(
+                path in "/[ -~&&[^?#]]{0,40}",
+                query in proptest::option::of("[ -~&&[^#]]{0,40}"),
+                header in proptest::option::of("[ -~]{0,20}"),
+            ) {
+                let (_, t) = table();
+                let text = match &query {
+                    Some(q) => format!("{path}?{q}"),
+                    None => path.clone(),
+                };
+                let Ok(uri) = text.parse::<Uri>() else { return Ok(()) };
+                let mut h = HeaderMap::new();
+                if let Some(v) = header.as_deref().and_then(|v| HeaderValue::from_str(v).ok()) {
+                    h.insert("x-h", v);
+                }
+                if let Some(sel) = t.http(at(), 80, &Method::GET, &uri, &h) {
+                    let mut uri = uri.clone();
+                    sel.route.rewrite(sel.prefix, &mut uri, &mut h);
+                }
+            }
+
+            #[test]
+            fn prefix_matches_exactly_at_segment_boundaries(rest in "[a-z0-9/]{0,12}") {
+                let (_, t) = table();
+                let name = |p: String| {
+                    p.parse::<Uri>()
+                        .ok()
+                        .and_then(|u| t.http(at(), 80, &Method::GET, &u, &HeaderMap::new()))
+                        .map(|s| s.route.name.clone())
+                };
+                prop_assert_eq!(name(format!("/p/q/{rest}")), Some("prefix".to_owned()));
+                let glued = format!("/p/qx{rest}");
+                prop_assert_eq!(name(glued), None);
+            }
+
+            #[test]
+            fn zero_weights_are_never_picked(weights in proptest::collection::vec(0u32..4, 1..6), seed: u64) {
+                prop_assume!(weights.iter().any(|w| *w > 0));
+                let mut b = Backends::default();
+                let mut sum = 0u64;
+                for (i, w) in weights.iter().enumerate() {
+                    sum += u64::from(*w);
+                    b.list.push(Backend { service: 0, subset: Some(i), port: None });
+                    b.cumulative.push(sum);
+                }
+                let mut rng = StdRng::seed_from_u64(seed);
+                for _ in 0..50 {
+                    let i = b.pick(&mut rng).and_then(|p| p.subset).expect("a backend");
+                    prop_assert!(weights[i] > 0, "picked weight 0 at {} of {:?}", i, weights);
+                }
+            }
+        }
+    }
 }
