@@ -8,11 +8,20 @@
 //! namespace meshed, every endpoint a meshed pod; one Service in ten has a
 //! `ServicePolicy` with two subsets and a `ServiceRoute` splitting between
 //! them. With `scope` k, namespace n sees only namespaces n+1..=n+k besides
-//! itself (annotation `weft.dev/visible-namespaces`). Prints: index build time, one namespace's render and its size with
-//! and without gzip, the full render of every namespace (render + seal +
-//! serialize, what the operator does before comparing hashes), the
-//! incremental re-render after one endpoint change (every namespace that
-//! sees it), and peak memory (VmHWM).
+//! itself (annotation `weft.dev/visible-namespaces`); without, every meshed
+//! namespace sees every Service (the default visibility).
+//!
+//! Objects are applied to the index as they are generated, the way watch
+//! events arrive, so the peak memory is the operator's (index, renderer,
+//! outputs), not a list of every Kubernetes object at once.
+//!
+//! Prints: index build time; the full render of every meshed namespace with
+//! the operator's [`Renderer`] (render, hash, validate and encode each
+//! namespace, plain or gzip, keeping every payload); the time to copy every
+//! payload into one buffer as a write would; the incremental re-render after
+//! one endpoint change (every namespace that sees it); the largest
+//! ConfigMap raw and gzipped; peak memory (VmHWM). It also checks one
+//! namespace against the uncached renderer, byte for byte.
 
 use std::collections::BTreeMap;
 use std::time::Instant;
@@ -26,8 +35,9 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use weft_api::policy::Subset;
 use weft_api::route::{Backend, HttpRule};
 use weft_api::{ServicePolicy, ServicePolicySpec, ServiceRoute, ServiceRouteSpec};
-use weft_operator::index::{Index, Object};
-use weft_operator::render::render;
+use weft_operator::config::{ConfigOptions, Encoded, encode};
+use weft_operator::index::{Index, Object, Previous};
+use weft_operator::render::{Renderer, render};
 
 fn meta(ns: &str, name: &str, labels: &[(&str, &str)]) -> ObjectMeta {
     ObjectMeta {
@@ -104,13 +114,16 @@ fn main() -> anyhow::Result<()> {
         "synthetic cluster: {services} Services, {} endpoints ({per_svc} per Service), {namespaces} meshed namespaces, visibility: {}",
         per_svc * services,
         scope.map_or_else(
-            || "every meshed namespace".to_owned(),
+            || "every meshed namespace (default)".to_owned(),
             |k| format!("own + {k} others")
         )
     );
 
     let started = Instant::now();
-    let mut objects = Vec::new();
+    let mut index = Index::new();
+    let mut apply = |o: Object| {
+        index.apply(o);
+    };
     for n in 0..namespaces {
         let mut ns = Namespace {
             metadata: meta("", &format!("ns-{n}"), &[("weft.dev/inject", "enabled")]),
@@ -125,12 +138,12 @@ fn main() -> anyhow::Result<()> {
                 visible.join(","),
             )]));
         }
-        objects.push(Object::Namespace(Box::new(ns)));
+        apply(Object::Namespace(Box::new(ns)));
     }
     for s in 0..services {
         let ns = format!("ns-{}", s % namespaces);
         let name = format!("svc-{s}");
-        objects.push(Object::Service(Box::new(Service {
+        apply(Object::Service(Box::new(Service {
             metadata: meta(&ns, &name, &[]),
             spec: Some(ServiceSpec {
                 cluster_ip: Some(ip(s, 96)),
@@ -146,7 +159,7 @@ fn main() -> anyhow::Result<()> {
             }),
             status: None,
         })));
-        objects.push(Object::EndpointSlice(Box::new(slice_for(
+        apply(Object::EndpointSlice(Box::new(slice_for(
             &ns,
             &name,
             s * per_svc,
@@ -155,7 +168,7 @@ fn main() -> anyhow::Result<()> {
         ))));
         for e in 0..per_svc {
             let version = if e % 2 == 0 { "v1" } else { "v2" };
-            objects.push(Object::Pod(Box::new(Pod {
+            apply(Object::Pod(Box::new(Pod {
                 metadata: meta(
                     &ns,
                     &format!("{name}-{e}"),
@@ -188,7 +201,7 @@ fn main() -> anyhow::Result<()> {
                 },
             );
             p.metadata.namespace = Some(ns.clone());
-            objects.push(Object::ServicePolicy(Box::new(p)));
+            apply(Object::ServicePolicy(Box::new(p)));
             let mut r = ServiceRoute::new(
                 &name,
                 ServiceRouteSpec {
@@ -208,60 +221,109 @@ fn main() -> anyhow::Result<()> {
                 },
             );
             r.metadata.namespace = Some(ns.clone());
-            objects.push(Object::ServiceRoute(Box::new(r)));
+            apply(Object::ServiceRoute(Box::new(r)));
         }
     }
-    println!("generate objects: {:.2?}", started.elapsed());
-
-    let started = Instant::now();
-    let mut index = Index::from_objects(objects);
-    println!("index build: {:.2?}", started.elapsed());
-
-    let started = Instant::now();
-    let one = render(&index, "ns-0");
-    let one_render = started.elapsed();
-    let json = one.config.to_json();
-    let started = Instant::now();
-    let gz = weft_proxy_config::gzip(&json);
-    let gzip_time = started.elapsed();
-    one.config.validate()?;
     println!(
-        "one namespace: render+seal {one_render:.2?}; {} services, {} endpoints; proxy.json {} bytes ({:.2} MiB), gzip {} bytes ({:.2} MiB, {gzip_time:.2?}); fits 1 MiB: {}",
-        one.config.services.len(),
-        one.config
-            .services
-            .iter()
-            .map(|s| s.endpoints.len())
-            .sum::<usize>(),
-        json.len(),
-        json.len() as f64 / 1048576.0,
-        gz.len(),
-        gz.len() as f64 / 1048576.0,
-        if json.len() <= 1 << 20 {
-            "raw"
-        } else if gz.len() <= 1 << 20 {
-            "gzip only"
-        } else {
-            "NO"
-        },
+        "index build (generate + apply every object): {:.2?}",
+        started.elapsed()
     );
-    drop((one, json, gz));
+    let after_index = vm_hwm_kib().unwrap_or(0);
 
+    let opts = ConfigOptions::default();
     let all: Vec<String> = index.meshed_namespaces().map(str::to_owned).collect();
+    let mut renderer = Renderer::new();
+    let mut outputs = Vec::with_capacity(all.len());
     let started = Instant::now();
-    let mut largest = 0usize;
     for ns in &all {
-        let out = render(&index, ns);
-        largest = largest.max(out.config.to_json().len());
+        let out = renderer.render(&index, ns);
+        out.document.validate()?;
+        let encoded = encode(&out.document, opts.gzip_threshold, opts.max_bytes);
+        outputs.push((out.document, encoded));
     }
     let full = started.elapsed();
+    let stats = renderer.stats();
     println!(
-        "full render, {} namespaces (render+seal+serialize each): {full:.2?} ({:.2?} per namespace); largest proxy.json {largest} bytes",
+        "FULL RENDER, {} namespaces (render + hash + validate + encode each, payloads kept): {full:.2?} ({:.2?} per namespace)",
         all.len(),
         full / all.len().max(1) as u32
     );
+    println!(
+        "  work done: {} Service entries rendered, {} namespace blocks, {} visible sets, {} chunks compressed",
+        stats.fragments, stats.blocks, stats.sets, stats.chunks_compressed
+    );
+
+    let mut largest_raw = 0usize;
+    let mut largest_gz = 0usize;
+    let mut too_large = 0usize;
+    let started = Instant::now();
+    for (doc, encoded) in &outputs {
+        largest_raw = largest_raw.max(doc.raw_len());
+        match encoded {
+            Encoded::Plain(s) => largest_raw = largest_raw.max(s.len()),
+            Encoded::Gzip(p) => {
+                let bytes = p.to_vec();
+                largest_gz = largest_gz.max(bytes.len());
+            }
+            Encoded::TooLarge { gzipped, .. } => {
+                too_large += 1;
+                largest_gz = largest_gz.max(*gzipped);
+            }
+        }
+    }
+    println!(
+        "  copying every payload into one buffer (what each write serializes): {:.2?}",
+        started.elapsed()
+    );
+    let mib = |n: usize| n as f64 / 1048576.0;
+    println!(
+        "LARGEST CONFIGMAP: proxy.json {largest_raw} bytes ({:.2} MiB) raw, {largest_gz} bytes ({:.2} MiB) gzipped; {}",
+        mib(largest_raw),
+        mib(largest_gz),
+        if largest_raw <= 1 << 20 {
+            "fits 1 MiB raw".to_owned()
+        } else if too_large == 0 {
+            "raw exceeds 1 MiB, the gzip fits (written as binaryData proxy.json.gz)".to_owned()
+        } else {
+            format!("{too_large} namespaces do NOT fit even gzipped")
+        }
+    );
+
+    // One namespace, checked against the uncached renderer.
+    let probe = &all[all.len() / 2];
+    let reference = render(&index, probe).config.to_json();
+    let (doc, encoded) = outputs
+        .iter()
+        .find(|(d, _)| d.namespace() == probe)
+        .expect("every namespace rendered");
+    anyhow::ensure!(
+        doc.to_json() == reference,
+        "cached render of {probe} differs"
+    );
+    if let Encoded::Gzip(p) = encoded {
+        anyhow::ensure!(
+            weft_proxy_config::gunzip(&p.to_vec())? == reference,
+            "gzip of {probe} does not decompress to its JSON"
+        );
+    }
+    println!(
+        "  check: {probe} is byte-identical to the uncached renderer's output (and its gzip decompresses to it)"
+    );
+
+    // What the operator records after writing.
+    for (doc, _) in &outputs {
+        index.set_previous(
+            doc.namespace(),
+            Some(Previous {
+                generation: doc.generation(),
+                hash: doc.hash().to_owned(),
+            }),
+        );
+    }
+    let peak_full = vm_hwm_kib().unwrap_or(0);
 
     // One endpoint turns unready.
+    let before = renderer.stats();
     let started = Instant::now();
     let dirty = index.apply(Object::EndpointSlice(Box::new(slice_for(
         "ns-7",
@@ -270,21 +332,39 @@ fn main() -> anyhow::Result<()> {
         per_svc,
         1,
     ))));
+    let dirty = dirty.resolve(&index);
     let mut rendered = 0;
-    for ns in &dirty.resolve(&index) {
+    let mut changed = 0;
+    for ns in &dirty {
         if index.is_meshed(ns) {
-            let _ = render(&index, ns).config.to_json();
+            let out = renderer.render(&index, ns);
+            out.document.validate()?;
+            if index.previous(ns).map(|p| p.hash.as_str()) != Some(out.document.hash()) {
+                let _ = encode(&out.document, opts.gzip_threshold, opts.max_bytes);
+                changed += 1;
+            }
             rendered += 1;
         }
     }
+    let incremental = started.elapsed();
+    let after = renderer.stats();
     println!(
-        "incremental: one endpoint change dirties {} namespaces; apply + re-render {rendered}: {:.2?}",
-        dirty.resolve(&index).len(),
-        started.elapsed()
+        "INCREMENTAL: one endpoint change dirties {} namespaces; apply + re-render + encode {rendered} ({changed} changed): {incremental:.2?}",
+        dirty.len()
     );
     println!(
-        "peak memory (VmHWM): {} MiB",
-        vm_hwm_kib().unwrap_or(0) / 1024
+        "  work done: {} Service entries rendered, {} namespace blocks, {} visible sets, {} chunks compressed",
+        after.fragments - before.fragments,
+        after.blocks - before.blocks,
+        after.sets - before.sets,
+        after.chunks_compressed - before.chunks_compressed
+    );
+    drop(outputs);
+    println!(
+        "PEAK MEMORY (VmHWM): {} MiB ({} MiB after the index build, {} MiB after the full render with every payload held)",
+        vm_hwm_kib().unwrap_or(0) / 1024,
+        after_index / 1024,
+        peak_full / 1024
     );
     Ok(())
 }

@@ -12,7 +12,7 @@
 //!           render and at most one write per namespace)
 //!     │
 //!     ▼ for each namespace of the batch
-//! render (pure) ──► encode (plain / gzip / too large) ──► server-side apply
+//! render (pure, cached) ──► encode (plain / gzip / too large) ──► server-side apply
 //!                                                      ──► CR status (Accepted, Ready)
 //! ```
 //!
@@ -23,6 +23,9 @@
 //!   (`weft.dev/config-generation`, `weft.dev/config-hash`) before the first
 //!   render, so a restarted operator renders the same bytes and writes
 //!   nothing.
+//! - **One renderer, kept.** The writer keeps a [`Renderer`] across batches:
+//!   what did not change since the last render is not rendered, serialized,
+//!   hashed or compressed again (see [`crate::render::Renderer`]).
 //! - **Size.** `proxy.json` goes in `data`; above
 //!   [`ConfigOptions::gzip_threshold`] it goes gzip-compressed into
 //!   `binaryData` as `proxy.json.gz`; if even that exceeds
@@ -68,12 +71,12 @@ use prometheus_client::registry::Registry;
 use serde_json::json;
 use tokio::sync::mpsc;
 use weft_api::{AccessPolicy, Mesh, ServicePolicy, ServiceRoute};
-use weft_proxy_config::{FILE_NAME, GZIP_FILE_NAME, ProxyConfig};
+use weft_proxy_config::{FILE_NAME, GZIP_FILE_NAME, ValidationErrors};
 
 use crate::index::{
     Dirty, INJECT_LABEL, Index, Kind, Object, ObjectRef, PROXY_INJECTED, PROXY_LABEL, Previous,
 };
-use crate::render::{CrStatus, judge, render};
+use crate::render::{CrStatus, Document, Payload, Renderer, judge};
 
 /// Name of the ConfigMap written in every meshed namespace.
 pub const CONFIG_MAP_NAME: &str = "weft-proxy";
@@ -187,12 +190,12 @@ impl Default for ConfigOptions {
 // Pure parts: encoding, the ConfigMap, status patches, debounce.
 
 /// How a config goes into its ConfigMap.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub enum Encoded {
     /// `data["proxy.json"]`.
     Plain(String),
-    /// `binaryData["proxy.json.gz"]`.
-    Gzip(Vec<u8>),
+    /// `binaryData["proxy.json.gz"]`, as shared parts.
+    Gzip(Payload),
     /// Too large even compressed: not written.
     TooLarge {
         /// Size of `proxy.json`.
@@ -202,26 +205,26 @@ pub enum Encoded {
     },
 }
 
-/// Chooses plain, gzip or nothing for a sealed config.
-pub fn encode(config: &ProxyConfig, gzip_threshold: usize, max_bytes: usize) -> Encoded {
-    let json = config.to_json();
-    if json.len() <= gzip_threshold && json.len() <= max_bytes {
+/// Chooses plain, gzip or nothing for a rendered document.
+pub fn encode(document: &Document, gzip_threshold: usize, max_bytes: usize) -> Encoded {
+    let raw = document.raw_len();
+    if raw <= gzip_threshold && raw <= max_bytes {
         // serde_json writes UTF-8.
-        return Encoded::Plain(String::from_utf8_lossy(&json).into_owned());
+        return Encoded::Plain(String::from_utf8_lossy(&document.to_json()).into_owned());
     }
-    let gz = weft_proxy_config::gzip(&json);
+    let gz = document.gzip();
     if gz.len() <= max_bytes {
         Encoded::Gzip(gz)
     } else {
         Encoded::TooLarge {
-            raw: json.len(),
+            raw,
             gzipped: gz.len(),
         }
     }
 }
 
-/// The ConfigMap holding a config. `None` for [`Encoded::TooLarge`].
-pub fn config_map(namespace: &str, config: &ProxyConfig, encoded: &Encoded) -> Option<ConfigMap> {
+/// The ConfigMap holding a document. `None` for [`Encoded::TooLarge`].
+pub fn config_map(namespace: &str, document: &Document, encoded: &Encoded) -> Option<ConfigMap> {
     let (data, binary_data) = match encoded {
         Encoded::Plain(s) => (
             Some(BTreeMap::from([(FILE_NAME.to_owned(), s.clone())])),
@@ -231,7 +234,7 @@ pub fn config_map(namespace: &str, config: &ProxyConfig, encoded: &Encoded) -> O
             None,
             Some(BTreeMap::from([(
                 GZIP_FILE_NAME.to_owned(),
-                ByteString(b.clone()),
+                ByteString(b.to_vec()),
             )])),
         ),
         Encoded::TooLarge { .. } => return None,
@@ -245,10 +248,10 @@ pub fn config_map(namespace: &str, config: &ProxyConfig, encoded: &Encoded) -> O
                 FIELD_MANAGER.to_owned(),
             )])),
             annotations: Some(BTreeMap::from([
-                (HASH_ANNOTATION.to_owned(), config.hash.clone()),
+                (HASH_ANNOTATION.to_owned(), document.hash().to_owned()),
                 (
                     GENERATION_ANNOTATION.to_owned(),
-                    config.generation.to_string(),
+                    document.generation().to_string(),
                 ),
             ])),
             ..Default::default()
@@ -277,6 +280,8 @@ pub enum Delivery {
     TooLarge,
     /// The namespace is not in the mesh; nothing is written for it.
     NotMeshed,
+    /// The rendered config failed validation (a weft bug) and was not written.
+    Invalid,
 }
 
 /// The server-side apply body of a CR's status.
@@ -306,6 +311,11 @@ pub fn status_patch(status: &CrStatus, delivery: Delivery, now: &str) -> serde_j
             "False",
             "NamespaceNotMeshed",
             format!("label the namespace {INJECT_LABEL}=enabled to render it"),
+        ),
+        (true, Delivery::Invalid) => (
+            "False",
+            "InvalidConfig",
+            "the namespace's rendered proxy config failed validation and was not written; see the operator's log".to_owned(),
         ),
     };
     let mut conditions = vec![json!({
@@ -369,14 +379,22 @@ pub enum Plan {
         /// Size compressed.
         gzipped: usize,
     },
+    /// The rendered config fails validation: not written.
+    Invalid(ValidationErrors),
     /// The namespace left the mesh: delete its ConfigMap.
     Delete,
     /// Nothing exists and nothing should.
     Nothing,
 }
 
-/// Decides what to do for a namespace, from the index alone.
-pub fn plan(index: &Index, namespace: &str, opts: &ConfigOptions) -> (Plan, Vec<CrStatus>) {
+/// Decides what to do for a namespace, from the index alone (and what the
+/// renderer kept of earlier renders).
+pub fn plan(
+    renderer: &mut Renderer,
+    index: &Index,
+    namespace: &str,
+    opts: &ConfigOptions,
+) -> (Plan, Vec<CrStatus>) {
     if !index.is_meshed(namespace) {
         let action = if index.previous(namespace).is_some() {
             Plan::Delete
@@ -385,12 +403,15 @@ pub fn plan(index: &Index, namespace: &str, opts: &ConfigOptions) -> (Plan, Vec<
         };
         return (action, judge(index, namespace));
     }
-    let out = render(index, namespace);
-    if index.previous(namespace).map(|p| &p.hash) == Some(&out.config.hash) {
+    let out = renderer.render(index, namespace);
+    if index.previous(namespace).map(|p| p.hash.as_str()) == Some(out.document.hash()) {
         return (Plan::Unchanged, out.statuses);
     }
-    let encoded = encode(&out.config, opts.gzip_threshold, opts.max_bytes);
-    let action = match config_map(namespace, &out.config, &encoded) {
+    if let Err(e) = out.document.validate() {
+        return (Plan::Invalid(e), out.statuses);
+    }
+    let encoded = encode(&out.document, opts.gzip_threshold, opts.max_bytes);
+    let action = match config_map(namespace, &out.document, &encoded) {
         Some(cm) => Plan::Write(Box::new(cm)),
         None => match encoded {
             Encoded::TooLarge { raw, gzipped } => Plan::TooLarge { raw, gzipped },
@@ -657,6 +678,7 @@ struct Writer {
     client: Client,
     opts: ConfigOptions,
     shared: Arc<Shared>,
+    renderer: Mutex<Renderer>,
     recorder: Recorder,
     statuses: tokio::sync::Mutex<BTreeMap<StatusKey, StatusMemo>>,
 }
@@ -674,6 +696,7 @@ impl Writer {
             client,
             opts,
             shared,
+            renderer: Mutex::new(Renderer::new()),
             recorder,
             statuses: tokio::sync::Mutex::default(),
         }
@@ -692,12 +715,18 @@ impl Writer {
                 });
             }
         }
+        let index = self.shared.index();
+        self.renderer
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .prune(&index);
     }
 
     async fn reconcile(&self, ns: &str) -> Result<(), Error> {
         let (action, statuses) = {
             let index = self.shared.index();
-            plan(&index, ns, &self.opts)
+            let mut renderer = self.renderer.lock().unwrap_or_else(|e| e.into_inner());
+            plan(&mut renderer, &index, ns, &self.opts)
         };
         let api: Api<ConfigMap> = Api::namespaced(self.client.clone(), ns);
         let delivery = match action {
@@ -750,6 +779,11 @@ impl Writer {
                     tracing::warn!(namespace = %ns, error = %e, "cannot record ConfigTooLarge event");
                 }
                 Delivery::TooLarge
+            }
+            Plan::Invalid(errors) => {
+                self.opts.metrics.renders.inc();
+                tracing::error!(namespace = %ns, %errors, "rendered proxy config fails validation (a weft bug); not written, proxies keep their last config");
+                Delivery::Invalid
             }
             Plan::Delete => {
                 match api.delete(CONFIG_MAP_NAME, &DeleteParams::default()).await {
@@ -839,6 +873,7 @@ mod tests {
     use super::*;
     use crate::render::to_object;
     use serde_json::Value;
+    use weft_proxy_config::ProxyConfig;
 
     fn obj(v: Value) -> Object {
         to_object(0, v)
@@ -900,7 +935,7 @@ mod tests {
     fn first_render_writes_and_a_restart_writes_nothing() {
         let opts = ConfigOptions::default();
         let index = shop();
-        let (first, statuses) = plan(&index, "shop", &opts);
+        let (first, statuses) = plan(&mut Renderer::new(), &index, "shop", &opts);
         let cm = written(&first);
         let cfg = decoded(cm);
         assert_eq!(cfg.generation, 1);
@@ -912,11 +947,14 @@ mod tests {
         // existing ConfigMap's annotations.
         let mut restarted = shop();
         restarted.set_previous("shop", Some(previous.clone()));
-        assert_eq!(plan(&restarted, "shop", &opts).0, Plan::Unchanged);
+        assert_eq!(
+            plan(&mut Renderer::new(), &restarted, "shop", &opts).0,
+            Plan::Unchanged
+        );
 
         // One endpoint more: a new generation.
         restarted.apply(obj(slice(&["10.0.0.1", "10.0.0.2", "10.0.0.3"])));
-        let (next, _) = plan(&restarted, "shop", &opts);
+        let (next, _) = plan(&mut Renderer::new(), &restarted, "shop", &opts);
         let cfg = decoded(written(&next));
         assert_eq!(cfg.generation, 2);
         assert_eq!(cfg.services[0].endpoints.len(), 3);
@@ -925,13 +963,22 @@ mod tests {
     #[test]
     fn large_configs_are_gzipped_and_too_large_ones_not_written() {
         let index = shop();
-        let plain = written(&plan(&index, "shop", &ConfigOptions::default()).0).clone();
+        let plain = written(
+            &plan(
+                &mut Renderer::new(),
+                &index,
+                "shop",
+                &ConfigOptions::default(),
+            )
+            .0,
+        )
+        .clone();
         assert!(plain.binary_data.is_none());
         let gz_opts = ConfigOptions {
             gzip_threshold: 64,
             ..Default::default()
         };
-        let gz = written(&plan(&index, "shop", &gz_opts).0).clone();
+        let gz = written(&plan(&mut Renderer::new(), &index, "shop", &gz_opts).0).clone();
         assert!(gz.data.is_none());
         assert_eq!(decoded(&gz), decoded(&plain));
 
@@ -940,7 +987,7 @@ mod tests {
             max_bytes: 32,
             ..Default::default()
         };
-        match plan(&index, "shop", &tiny).0 {
+        match plan(&mut Renderer::new(), &index, "shop", &tiny).0 {
             Plan::TooLarge { raw, gzipped } => assert!(raw > 32 && gzipped > 32),
             other => panic!("expected TooLarge, got {other:?}"),
         }
@@ -951,7 +998,13 @@ mod tests {
         let mut index = shop();
         index.apply(obj(ns("shop", false)));
         assert_eq!(
-            plan(&index, "shop", &ConfigOptions::default()).0,
+            plan(
+                &mut Renderer::new(),
+                &index,
+                "shop",
+                &ConfigOptions::default()
+            )
+            .0,
             Plan::Nothing
         );
         index.set_previous(
@@ -961,7 +1014,12 @@ mod tests {
                 hash: "sha256:x".into(),
             }),
         );
-        let (p, statuses) = plan(&index, "shop", &ConfigOptions::default());
+        let (p, statuses) = plan(
+            &mut Renderer::new(),
+            &index,
+            "shop",
+            &ConfigOptions::default(),
+        );
         assert_eq!(p, Plan::Delete);
         assert_eq!(statuses.len(), 1, "resources still get a verdict");
         let mut foreign = ConfigMap::default();

@@ -53,9 +53,27 @@
 //! [`Index::set_previous`] records the generation and hash of the ConfigMap
 //! currently in a namespace, so the renderer can keep the generation when
 //! content is unchanged (see [`crate::render`]).
+//!
+//! # Content stamps
+//!
+//! The cached renderer ([`crate::render::Renderer`]) must know what changed
+//! without comparing the cluster to its copy. Every change the renderer can
+//! see gives a fresh stamp (from one process-wide counter, so two indexes
+//! never share a stamp for different content):
+//!
+//! - [`Index::namespace_stamp`] changes with anything in the namespace:
+//!   Services, EndpointSlices, Pods, the weft resources and what was last
+//!   accepted of them;
+//! - [`Index::service_stamp`] changes with what one Service's entry is
+//!   rendered from: the Service, its EndpointSlices, and the Pods those
+//!   slices name (the index counts, per Pod, the slice endpoints naming it).
+//!
+//! Routes and policies are not in a Service's stamp: the renderer compares
+//! their judged form, which depends on the whole namespace.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
@@ -397,6 +415,19 @@ pub struct Index {
     service_policies: Namespaced<Tracked<weft_api::ServicePolicySpec>>,
     access_policies: Namespaced<Tracked<weft_api::AccessPolicySpec>>,
     previous: BTreeMap<String, Previous>,
+    /// namespace → content stamp (see the module documentation).
+    namespace_stamps: HashMap<String, u64>,
+    /// namespace → Service name → content stamp.
+    service_stamps: HashMap<String, HashMap<String, u64>>,
+    /// namespace → Pod → (Service, slice endpoints of it naming the Pod).
+    pod_services: HashMap<String, HashMap<String, Vec<(String, u32)>>>,
+}
+
+/// The source of content stamps; 0 means "never stamped".
+static STAMPS: AtomicU64 = AtomicU64::new(1);
+
+fn next_stamp() -> u64 {
+    STAMPS.fetch_add(1, Ordering::Relaxed)
 }
 
 fn insert_namespaced<T: PartialEq>(map: &mut Namespaced<T>, r: &ObjectRef, value: T) -> bool {
@@ -476,6 +507,7 @@ impl Index {
             Object::Service(svc) => {
                 let info = ServiceInfo::from_service(&svc);
                 if insert_namespaced(&mut self.services, &r, info) {
+                    self.touch_service(&r.namespace, &r.name);
                     self.viewers(&r.namespace)
                 } else {
                     Dirty::none()
@@ -491,11 +523,18 @@ impl Index {
                     .entry(info.service.clone())
                     .or_default();
                 if slot.get(&r.name) != Some(&info) {
+                    let service = info.service.clone();
+                    let added = pods_of(&info);
+                    let old = slot.insert(r.name.clone(), info);
                     self.slice_owner
                         .entry(r.namespace.clone())
                         .or_default()
-                        .insert(r.name.clone(), info.service.clone());
-                    slot.insert(r.name.clone(), info);
+                        .insert(r.name.clone(), service.clone());
+                    if let Some(old) = old {
+                        self.count_pods(&r.namespace, &service, pods_of(&old), false);
+                    }
+                    self.count_pods(&r.namespace, &service, added, true);
+                    self.touch_service(&r.namespace, &service);
                     changed = true;
                 }
                 if changed {
@@ -525,6 +564,7 @@ impl Index {
                 let existing = self.routes.get(&r.namespace).and_then(|m| m.get(&r.name));
                 let t = tracked(existing, &o.metadata, &o.spec);
                 if insert_namespaced(&mut self.routes, &r, t) {
+                    self.touch_namespace(&r.namespace);
                     self.viewers(&r.namespace)
                 } else {
                     Dirty::none()
@@ -537,6 +577,7 @@ impl Index {
                     .and_then(|m| m.get(&r.name));
                 let t = tracked(existing, &o.metadata, &o.spec);
                 if insert_namespaced(&mut self.service_policies, &r, t) {
+                    self.touch_namespace(&r.namespace);
                     self.viewers(&r.namespace)
                 } else {
                     Dirty::none()
@@ -549,6 +590,7 @@ impl Index {
                     .and_then(|m| m.get(&r.name));
                 let t = tracked(existing, &o.metadata, &o.spec);
                 if insert_namespaced(&mut self.access_policies, &r, t) {
+                    self.touch_namespace(&r.namespace);
                     Dirty::one(&r.namespace)
                 } else {
                     Dirty::none()
@@ -578,6 +620,9 @@ impl Index {
             },
             Kind::Service => {
                 let removed = remove_namespaced(&mut self.services, r);
+                if removed {
+                    self.touch_service(&r.namespace, &r.name);
+                }
                 self.if_changed(removed, r)
             }
             Kind::EndpointSlice => {
@@ -588,9 +633,10 @@ impl Index {
                 let Some(service) = owner else {
                     return Dirty::none();
                 };
+                let mut old = None;
                 if let Some(by_svc) = self.slices.get_mut(&r.namespace) {
                     if let Some(slot) = by_svc.get_mut(&service) {
-                        slot.remove(&r.name);
+                        old = slot.remove(&r.name);
                         if slot.is_empty() {
                             by_svc.remove(&service);
                         }
@@ -599,6 +645,10 @@ impl Index {
                         self.slices.remove(&r.namespace);
                     }
                 }
+                if let Some(old) = old {
+                    self.count_pods(&r.namespace, &service, pods_of(&old), false);
+                }
+                self.touch_service(&r.namespace, &service);
                 self.viewers(&r.namespace)
             }
             Kind::Pod => {
@@ -607,18 +657,28 @@ impl Index {
                     .get_mut(&r.namespace)
                     .and_then(|m| m.remove(&r.name))
                     .is_some();
+                if removed {
+                    self.touch_pod(&r.namespace, &r.name);
+                }
                 self.if_changed(removed, r)
             }
             Kind::ServiceRoute => {
                 let removed = remove_namespaced(&mut self.routes, r);
+                if removed {
+                    self.touch_namespace(&r.namespace);
+                }
                 self.if_changed(removed, r)
             }
             Kind::ServicePolicy => {
                 let removed = remove_namespaced(&mut self.service_policies, r);
+                if removed {
+                    self.touch_namespace(&r.namespace);
+                }
                 self.if_changed(removed, r)
             }
             Kind::AccessPolicy => {
                 if remove_namespaced(&mut self.access_policies, r) {
+                    self.touch_namespace(&r.namespace);
                     Dirty::one(&r.namespace)
                 } else {
                     Dirty::none()
@@ -667,18 +727,109 @@ impl Index {
     /// rejected spec falls back to it. Ignored when the resource has moved on
     /// to another generation meanwhile.
     pub fn record_accepted(&mut self, kind: Kind, r: &ObjectRef, generation: Option<i64>) {
-        fn record<S: Clone>(map: &mut Namespaced<Tracked<S>>, r: &ObjectRef, g: Option<i64>) {
-            if let Some(t) = map.get_mut(&r.namespace).and_then(|m| m.get_mut(&r.name))
-                && t.generation == g
-            {
-                t.last_accepted = Some((g, t.spec.clone()));
+        /// Whether anything changed.
+        fn record<S: Clone + PartialEq>(
+            map: &mut Namespaced<Tracked<S>>,
+            r: &ObjectRef,
+            g: Option<i64>,
+        ) -> bool {
+            match map.get_mut(&r.namespace).and_then(|m| m.get_mut(&r.name)) {
+                Some(t) if t.generation == g => {
+                    let accepted = Some((g, t.spec.clone()));
+                    let changed = t.last_accepted != accepted;
+                    t.last_accepted = accepted;
+                    changed
+                }
+                _ => false,
             }
         }
-        match kind {
+        let changed = match kind {
             Kind::ServiceRoute => record(&mut self.routes, r, generation),
             Kind::ServicePolicy => record(&mut self.service_policies, r, generation),
             Kind::AccessPolicy => record(&mut self.access_policies, r, generation),
-            _ => {}
+            _ => false,
+        };
+        if changed {
+            self.touch_namespace(&r.namespace);
+        }
+    }
+
+    /// The content stamp of a namespace: equal stamps, equal content (see
+    /// the module documentation); 0 for a namespace never touched.
+    pub fn namespace_stamp(&self, namespace: &str) -> u64 {
+        self.namespace_stamps.get(namespace).copied().unwrap_or(0)
+    }
+
+    /// The content stamp of what one Service's entry is rendered from; 0
+    /// when nothing of it was ever seen.
+    pub fn service_stamp(&self, namespace: &str, service: &str) -> u64 {
+        self.service_stamps
+            .get(namespace)
+            .and_then(|m| m.get(service))
+            .copied()
+            .unwrap_or(0)
+    }
+
+    fn touch_namespace(&mut self, namespace: &str) {
+        self.namespace_stamps
+            .insert(namespace.to_owned(), next_stamp());
+    }
+
+    fn touch_service(&mut self, namespace: &str, service: &str) {
+        let exists =
+            self.service(namespace, service).is_some() || self.slices(namespace, service).is_some();
+        let stamps = self.service_stamps.entry(namespace.to_owned()).or_default();
+        if exists {
+            stamps.insert(service.to_owned(), next_stamp());
+        } else {
+            // Gone entirely: forget it; a new one gets a fresh stamp.
+            stamps.remove(service);
+            if stamps.is_empty() {
+                self.service_stamps.remove(namespace);
+            }
+        }
+        self.touch_namespace(namespace);
+    }
+
+    /// A Pod changed: so did every Service whose slices name it.
+    fn touch_pod(&mut self, namespace: &str, pod: &str) {
+        let services: Vec<String> = self
+            .pod_services
+            .get(namespace)
+            .and_then(|m| m.get(pod))
+            .map(|v| v.iter().map(|(s, _)| s.clone()).collect())
+            .unwrap_or_default();
+        for s in services {
+            self.touch_service(namespace, &s);
+        }
+        self.touch_namespace(namespace);
+    }
+
+    /// Adds (or removes) one reference from `service` to each Pod named.
+    fn count_pods(&mut self, namespace: &str, service: &str, pods: Vec<String>, add: bool) {
+        if pods.is_empty() {
+            return;
+        }
+        let by_pod = self.pod_services.entry(namespace.to_owned()).or_default();
+        for pod in pods {
+            let refs = by_pod.entry(pod.clone()).or_default();
+            match refs.iter().position(|(s, _)| s == service) {
+                Some(i) if add => refs[i].1 += 1,
+                Some(i) => {
+                    refs[i].1 -= 1;
+                    if refs[i].1 == 0 {
+                        refs.swap_remove(i);
+                    }
+                }
+                None if add => refs.push((service.to_owned(), 1)),
+                None => {}
+            }
+            if refs.is_empty() {
+                by_pod.remove(&pod);
+            }
+        }
+        if by_pod.is_empty() {
+            self.pod_services.remove(namespace);
         }
     }
 
@@ -834,6 +985,7 @@ impl Index {
             return Dirty::none();
         }
         slot.insert(r.name.clone(), info);
+        self.touch_pod(&r.namespace, &r.name);
         self.viewers(&r.namespace)
     }
 
@@ -851,6 +1003,15 @@ impl Index {
             None => false,
         }
     }
+}
+
+/// The Pods a slice's endpoints name, once per endpoint.
+fn pods_of(slice: &SliceInfo) -> Vec<String> {
+    slice
+        .endpoints
+        .iter()
+        .filter_map(|e| e.pod.clone())
+        .collect()
 }
 
 impl ServiceInfo {
@@ -1137,6 +1298,81 @@ mod tests {
         assert!(info.meshed);
         assert_eq!(info.service_account.as_deref(), Some("cart"));
         assert_eq!(info.labels.get("version").map(String::as_str), Some("v2"));
+    }
+
+    #[test]
+    fn stamps_follow_what_each_service_is_rendered_from() {
+        let pod = |name: &str, version: &str| {
+            let mut p = Pod::default();
+            p.metadata.namespace = Some("a".into());
+            p.metadata.name = Some(name.into());
+            p.metadata.labels = Some(BTreeMap::from([("version".to_owned(), version.to_owned())]));
+            Object::Pod(Box::new(p))
+        };
+        let mut named = slice("a", "web-1", "web", "10.1.0.1");
+        if let Object::EndpointSlice(s) = &mut named {
+            s.endpoints[0].target_ref = Some(k8s_openapi::api::core::v1::ObjectReference {
+                kind: Some("Pod".into()),
+                name: Some("web-0".into()),
+                ..Default::default()
+            });
+        }
+        let mut idx = Index::from_objects([
+            ns("a", true),
+            svc("a", "web", "10.0.0.1"),
+            svc("a", "api", "10.0.0.2"),
+            named.clone(),
+            pod("web-0", "v1"),
+        ]);
+        let (web, api, space) = (
+            idx.service_stamp("a", "web"),
+            idx.service_stamp("a", "api"),
+            idx.namespace_stamp("a"),
+        );
+        assert!(web > 0 && api > 0 && space > 0);
+
+        // The pod web's slice names: web changes, api does not.
+        idx.apply(pod("web-0", "v2"));
+        assert_ne!(idx.service_stamp("a", "web"), web);
+        assert_eq!(idx.service_stamp("a", "api"), api);
+        assert_ne!(idx.namespace_stamp("a"), space);
+
+        // A pod nobody names: no Service changes.
+        let web = idx.service_stamp("a", "web");
+        idx.apply(pod("stray", "v1"));
+        assert_eq!(idx.service_stamp("a", "web"), web);
+
+        // Once the slice is gone, its pod no longer touches web.
+        idx.delete(Kind::EndpointSlice, &ObjectRef::new("a", "web-1"));
+        let web = idx.service_stamp("a", "web");
+        idx.apply(pod("web-0", "v3"));
+        assert_eq!(idx.service_stamp("a", "web"), web);
+
+        // An unchanged apply stamps nothing; a route stamps the namespace.
+        let space = idx.namespace_stamp("a");
+        idx.apply(svc("a", "api", "10.0.0.2"));
+        assert_eq!(idx.namespace_stamp("a"), space);
+        let mut route = ServiceRoute::new("r", Default::default());
+        route.metadata.namespace = Some("a".into());
+        route.metadata.generation = Some(1);
+        idx.apply(Object::ServiceRoute(Box::new(route)));
+        assert_ne!(idx.namespace_stamp("a"), space);
+
+        // Recording the same acceptance twice stamps once.
+        let r = ObjectRef::new("a", "r");
+        idx.record_accepted(Kind::ServiceRoute, &r, Some(1));
+        let space = idx.namespace_stamp("a");
+        idx.record_accepted(Kind::ServiceRoute, &r, Some(1));
+        assert_eq!(idx.namespace_stamp("a"), space);
+
+        // A copy that diverges gets stamps the original never had.
+        let mut copy = idx.clone();
+        copy.apply(svc("a", "api", "10.0.0.3"));
+        idx.apply(svc("a", "api", "10.0.0.4"));
+        assert_ne!(
+            copy.service_stamp("a", "api"),
+            idx.service_stamp("a", "api")
+        );
     }
 
     #[test]

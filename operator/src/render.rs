@@ -57,6 +57,14 @@
 //! that was accepted (kept by the index) is rendered if it still holds, else
 //! nothing.
 //!
+//! # Two renderers, one output
+//!
+//! [`render`] builds the whole [`ProxyConfig`] from scratch: the reference,
+//! used offline and by tests. [`Renderer`] (module `cache`) produces the
+//! same bytes, hash and verdicts from parts it keeps between renders, so a
+//! mesh where every namespace lists 10,000 Services renders each Service
+//! once per change, not once per namespace; the operator uses it.
+//!
 //! # Determinism, hash and generation
 //!
 //! Every list comes from sorted maps or sorted explicitly, so the same index
@@ -68,8 +76,10 @@
 //! operator reads generation and hash back from the existing ConfigMap, a
 //! restart renders the same bytes and writes nothing.
 
+mod cache;
 mod offline;
 
+pub use cache::{Document, Payload, RenderStats, Rendered, Renderer};
 pub use offline::{OfflineError, OfflineOutput, parse_yaml, render_offline, to_object};
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -250,13 +260,28 @@ pub fn render(index: &Index, namespace: &str) -> RenderOutput {
     let own = own.expect("the namespace itself is always visible");
     let inbound = render_inbound(index, namespace, &own);
 
-    let mut config = ProxyConfig {
+    let mut config = skeleton(&mesh, namespace, inbound);
+    config.services = services;
+    assign_generation(
+        &mut config,
+        index.previous(namespace),
+        ProxyConfig::compute_hash,
+    );
+    RenderOutput {
+        config,
+        statuses: own.statuses,
+    }
+}
+
+/// The document of `namespace` without Services, not sealed.
+fn skeleton(mesh: &weft_api::MeshSpec, namespace: &str, inbound: pc::Inbound) -> ProxyConfig {
+    ProxyConfig {
         version: pc::FORMAT_VERSION,
         generation: 1,
         hash: String::new(),
         namespace: namespace.to_owned(),
         mesh: pc::MeshSettings {
-            trust_domain: td,
+            trust_domain: mesh.trust_domain.clone(),
             mtls_mode: match mesh.mtls.mode {
                 weft_api::mesh::MtlsMode::Strict => pc::MtlsMode::Strict,
                 weft_api::mesh::MtlsMode::Permissive => pc::MtlsMode::Permissive,
@@ -273,13 +298,8 @@ pub fn render(index: &Index, namespace: &str) -> RenderOutput {
                     sampling_percent: mesh.telemetry.tracing.sampling_percent,
                 }),
         },
-        services,
+        services: Vec::new(),
         inbound,
-    };
-    assign_generation(&mut config, index.previous(namespace));
-    RenderOutput {
-        config,
-        statuses: own.statuses,
     }
 }
 
@@ -289,14 +309,20 @@ pub fn judge(index: &Index, namespace: &str) -> Vec<CrStatus> {
     judge_namespace(index, namespace, &index.mesh().trust_domain).statuses
 }
 
-fn assign_generation(config: &mut ProxyConfig, previous: Option<&crate::index::Previous>) {
+/// Seals `config` with `hash`, keeping the previous generation when the
+/// hash is unchanged and taking the next one otherwise.
+fn assign_generation(
+    config: &mut ProxyConfig,
+    previous: Option<&crate::index::Previous>,
+    hash: impl Fn(&ProxyConfig) -> String,
+) {
     config.generation = previous.map_or(1, |p| p.generation.max(1));
-    config.seal();
+    config.hash = hash(config);
     if let Some(p) = previous
         && p.hash != config.hash
     {
         config.generation = p.generation.saturating_add(1);
-        config.seal();
+        config.hash = hash(config);
     }
 }
 
@@ -314,7 +340,7 @@ struct Judged {
     statuses: Vec<CrStatus>,
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 struct EffectivePolicy {
     name: String,
     client: pc::ClientPolicy,
@@ -323,7 +349,7 @@ struct EffectivePolicy {
     rate_limit: Option<(u32, u64, u32)>,
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 struct EffectiveRoute {
     port: Option<u16>,
     http: Vec<pc::HttpRoute>,
@@ -818,6 +844,36 @@ fn backend(
     })
 }
 
+/// Resolves the weighted backends of the rule at `at`; when there are any,
+/// at least one must carry weight.
+fn backends(
+    scope: &Scope<'_>,
+    list: &[weft_api::route::Backend],
+    at: &str,
+) -> Result<Vec<pc::Backend>, Problem> {
+    let out = list
+        .iter()
+        .enumerate()
+        .map(|(j, b)| {
+            backend(
+                scope,
+                b.service.as_deref(),
+                b.subset.as_deref(),
+                b.port,
+                b.weight,
+                &format!("{at}.backends[{j}]"),
+            )
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    if !out.is_empty() && out.iter().all(|b| b.weight == 0) {
+        return Err(problem(
+            Reason::Invalid,
+            format!("{at}: every backend has weight 0"),
+        ));
+    }
+    Ok(out)
+}
+
 fn method(m: HttpMethod) -> &'static str {
     match m {
         HttpMethod::Get => "GET",
@@ -919,27 +975,7 @@ fn judge_route(
                     format!("{at}: a tcp rule needs backends"),
                 ));
             }
-            let backends = rule
-                .backends
-                .iter()
-                .enumerate()
-                .map(|(j, b)| {
-                    backend(
-                        &scope,
-                        b.service.as_deref(),
-                        b.subset.as_deref(),
-                        b.port,
-                        b.weight,
-                        &format!("{at}.backends[{j}]"),
-                    )
-                })
-                .collect::<Result<Vec<_>, _>>()?;
-            if backends.iter().all(|b| b.weight == 0) {
-                return Err(problem(
-                    Reason::Invalid,
-                    format!("{at}: every backend has weight 0"),
-                ));
-            }
+            let backends = backends(&scope, &rule.backends, &at)?;
             Ok(pc::TcpRoute {
                 name: format!("{route_name}/{}", rule.name.as_deref().unwrap_or("tcp")),
                 port: spec.port,
@@ -1040,27 +1076,7 @@ fn http_route(
         });
     }
 
-    let backends = rule
-        .backends
-        .iter()
-        .enumerate()
-        .map(|(j, b)| {
-            backend(
-                &scope,
-                b.service.as_deref(),
-                b.subset.as_deref(),
-                b.port,
-                b.weight,
-                &format!("{at}.backends[{j}]"),
-            )
-        })
-        .collect::<Result<Vec<_>, _>>()?;
-    if !backends.is_empty() && backends.iter().all(|b| b.weight == 0) {
-        return Err(problem(
-            Reason::Invalid,
-            format!("{at}: every backend has weight 0"),
-        ));
-    }
+    let backends = backends(&scope, &rule.backends, &at)?;
 
     let timeout_ms = rule
         .timeout

@@ -15,10 +15,28 @@
 //!
 //! Durations are integer milliseconds and percentages are numbers 0–100, so
 //! the reader never parses unit strings on a hot path. Every list is written
-//! in a deterministic order by the operator, and [`ProxyConfig::hash`] is the
-//! SHA-256 of the document with an empty `hash`, so a reader can detect a
+//! in a deterministic order by the operator, and [`ProxyConfig::hash`] is a
+//! content hash (see [`ProxyConfig::compute_hash`]), so a reader can detect a
 //! torn or edited file and a writer can skip unchanged writes.
+//!
+//! # Built from parts
+//!
+//! At mesh scale every namespace's file lists the same thousands of
+//! Services; only the top (namespace, generation, hash) and `inbound` differ.
+//! So the contract is shaped to let a writer serialize, hash and compress
+//! each Service once and share the result between namespaces:
+//!
+//! - the hash covers each Service through its own digest
+//!   ([`service_digest`], [`services_root`]), and the rest of the document
+//!   through [`ProxyConfig::hash_with_services_root`];
+//! - [`ProxyConfig::json_parts`] gives the bytes around the `services`
+//!   array, so a document is `head ‖ service₁ ‖ , ‖ … ‖ serviceₙ ‖ tail`;
+//! - [`Deflated`] parts compressed on their own concatenate into one
+//!   ordinary gzip member ([`GZIP_HEADER`], parts, [`gzip_trailer`]);
+//! - [`validate_services`] checks a group of Services whose backends resolve
+//!   among themselves, once per change of that group.
 
+mod gzip;
 mod model;
 #[cfg(any(test, feature = "test-util"))]
 pub mod testing;
@@ -26,10 +44,9 @@ pub mod testing;
 mod tests;
 mod validate;
 
+pub use gzip::{Crc, Deflated, GZIP_HEADER, gunzip, gzip, gzip_trailer};
 pub use model::*;
-pub use validate::{ValidationError, ValidationErrors};
-
-use std::io::{Read, Write};
+pub use validate::{ValidationError, ValidationErrors, validate_services};
 
 use sha2::{Digest, Sha256};
 
@@ -78,13 +95,83 @@ pub enum LoadError {
     Invalid(#[from] ValidationErrors),
 }
 
+/// SHA-256 of one Service's JSON (as [`ProxyConfig::to_json`] writes it
+/// inside `services`): a leaf of the content hash.
+pub fn service_digest(service_json: &[u8]) -> [u8; 32] {
+    Sha256::digest(service_json).into()
+}
+
+/// SHA-256 over the [`service_digest`]s of the Services, in document order:
+/// what the content hash knows of the `services` array.
+pub fn services_root<'a>(digests: impl IntoIterator<Item = &'a [u8; 32]>) -> [u8; 32] {
+    let mut h = Sha256::new();
+    for d in digests {
+        h.update(d);
+    }
+    h.finalize().into()
+}
+
+/// The key that opens the `services` array in the serialized document.
+const SERVICES_KEY: &[u8] = b"\"services\":[";
+
 impl ProxyConfig {
-    /// Computes the content hash: SHA-256 over the canonical JSON with `hash` empty.
+    /// Computes the content hash:
+    /// `sha256:` hex of SHA-256(`S` ‖ `R`), where `S` is the JSON of the
+    /// document with `hash` empty and `services` empty, and `R` is
+    /// [`services_root`] of the [`service_digest`] of each Service's JSON.
+    /// Equal to SHA-256 of a flat serialization in what it detects (any
+    /// changed byte changes it), but a writer can keep each Service's digest
+    /// and hash a namespace's document without serializing its Services.
     pub fn compute_hash(&self) -> String {
-        let mut unhashed = self.clone();
-        unhashed.hash = String::new();
-        let bytes = serde_json::to_vec(&unhashed).expect("a ProxyConfig always serializes");
-        format!("sha256:{}", hex::encode(Sha256::digest(&bytes)))
+        let digests: Vec<[u8; 32]> = self
+            .services
+            .iter()
+            .map(|s| service_digest(&serde_json::to_vec(s).expect("a Service always serializes")))
+            .collect();
+        self.hash_with_services_root(&services_root(&digests))
+    }
+
+    /// The content hash of this document with its `services` replaced by
+    /// Services whose [`services_root`] is `root`; `self.services` and
+    /// `self.hash` are ignored.
+    pub fn hash_with_services_root(&self, root: &[u8; 32]) -> String {
+        let skeleton = serde_json::to_vec(&self.skeleton(String::new()))
+            .expect("a ProxyConfig always serializes");
+        let mut h = Sha256::new();
+        h.update(&skeleton);
+        h.update(root);
+        format!("sha256:{}", hex::encode(h.finalize()))
+    }
+
+    /// The serialized document around its Services: `(head, tail)` such that
+    /// the bytes [`ProxyConfig::to_json`] would write for this document with
+    /// Services `s₁…sₙ` are `head ‖ json(s₁) ‖ , ‖ … ‖ json(sₙ) ‖ tail`.
+    /// `self.services` is ignored; `self.hash` is written as it is.
+    pub fn json_parts(&self) -> (Vec<u8>, Vec<u8>) {
+        let mut bytes = serde_json::to_vec(&self.skeleton(self.hash.clone()))
+            .expect("a ProxyConfig always serializes");
+        // The first match is the key: no field before `services` is named
+        // so, and inside JSON strings every quote is escaped.
+        let at = bytes
+            .windows(SERVICES_KEY.len())
+            .position(|w| w == SERVICES_KEY)
+            .expect("the document always has a services array")
+            + SERVICES_KEY.len();
+        let tail = bytes.split_off(at);
+        (bytes, tail)
+    }
+
+    /// This document without Services, with the given hash.
+    fn skeleton(&self, hash: String) -> ProxyConfig {
+        ProxyConfig {
+            version: self.version,
+            generation: self.generation,
+            hash,
+            namespace: self.namespace.clone(),
+            mesh: self.mesh.clone(),
+            services: Vec::new(),
+            inbound: self.inbound.clone(),
+        }
     }
 
     /// Sets [`ProxyConfig::hash`] from the content. Call last, before writing.
@@ -119,24 +206,4 @@ impl ProxyConfig {
         cfg.validate()?;
         Ok(cfg)
     }
-}
-
-/// Gzip-compresses config bytes for a ConfigMap's `binaryData`.
-pub fn gzip(bytes: &[u8]) -> Vec<u8> {
-    let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
-    enc.write_all(bytes).expect("writing to a Vec cannot fail");
-    enc.finish().expect("writing to a Vec cannot fail")
-}
-
-/// Decompresses `proxy.json.gz` bytes, refusing more than [`MAX_DECODED_BYTES`].
-pub fn gunzip(bytes: &[u8]) -> Result<Vec<u8>, LoadError> {
-    let mut out = Vec::new();
-    flate2::read::GzDecoder::new(bytes)
-        .take(MAX_DECODED_BYTES + 1)
-        .read_to_end(&mut out)
-        .map_err(LoadError::Gzip)?;
-    if out.len() as u64 > MAX_DECODED_BYTES {
-        return Err(LoadError::TooLarge);
-    }
-    Ok(out)
 }

@@ -481,3 +481,161 @@ proptest! {
         let _ = ProxyConfig::load(&bytes);
     }
 }
+
+/// The documented hash, computed from its definition by hand: SHA-256 of the
+/// document with `hash` and `services` empty, followed by SHA-256 over the
+/// SHA-256 of each Service's JSON.
+#[test]
+fn hash_follows_its_documented_definition() {
+    use sha2::{Digest, Sha256};
+    let cfg = sample();
+    let mut skeleton = cfg.clone();
+    skeleton.hash.clear();
+    skeleton.services.clear();
+    let mut leaves = Sha256::new();
+    for s in &cfg.services {
+        leaves.update(Sha256::digest(serde_json::to_vec(s).expect("json")));
+    }
+    let mut h = Sha256::new();
+    h.update(serde_json::to_vec(&skeleton).expect("json"));
+    h.update(leaves.finalize());
+    assert_eq!(cfg.hash, format!("sha256:{}", hex::encode(h.finalize())));
+    assert_eq!(cfg.compute_hash(), cfg.hash);
+}
+
+#[test]
+fn hash_covers_every_service_and_their_order() {
+    let cfg = sample();
+    assert!(cfg.services.len() >= 2, "the sample has services to swap");
+    let mut swapped = cfg.clone();
+    swapped.services.swap(0, 1);
+    assert_ne!(swapped.compute_hash(), cfg.hash);
+    let mut edited = cfg.clone();
+    edited.services[1].cluster_ips.clear();
+    assert_ne!(edited.compute_hash(), cfg.hash);
+    let mut moved = cfg.clone();
+    let last = moved.services.pop().expect("a service");
+    moved.services.insert(0, last);
+    assert_ne!(moved.compute_hash(), cfg.hash);
+}
+
+#[test]
+fn hash_from_a_services_root_matches_the_whole_document() {
+    let cfg = sample();
+    let digests: Vec<[u8; 32]> = cfg
+        .services
+        .iter()
+        .map(|s| service_digest(&serde_json::to_vec(s).expect("json")))
+        .collect();
+    let mut without = cfg.clone();
+    without.services.clear();
+    without.hash = "ignored".into();
+    assert_eq!(
+        without.hash_with_services_root(&services_root(&digests)),
+        cfg.hash
+    );
+}
+
+#[test]
+fn json_parts_reassemble_the_document() {
+    let cfg = sample();
+    let mut without = cfg.clone();
+    without.services.clear();
+    let (head, tail) = without.json_parts();
+    let mut bytes = head;
+    for (i, s) in cfg.services.iter().enumerate() {
+        if i > 0 {
+            bytes.push(b',');
+        }
+        bytes.extend(serde_json::to_vec(s).expect("json"));
+    }
+    bytes.extend(tail);
+    assert_eq!(bytes, cfg.to_json());
+
+    // No Services at all, and a namespace whose name could confuse a search.
+    without.namespace = "\"services\":[]".into();
+    let (head, tail) = without.json_parts();
+    assert_eq!([head, tail].concat(), without.to_json());
+}
+
+fn assembled(parts: &[Deflated]) -> Vec<u8> {
+    let mut crc = Crc::new();
+    let mut out = GZIP_HEADER.to_vec();
+    for p in parts {
+        out.extend_from_slice(p.bytes());
+        crc.combine(p.crc());
+    }
+    out.extend(gzip_trailer(&crc));
+    out
+}
+
+#[test]
+fn deflated_parts_form_one_gzip_member() {
+    let json = sample().to_json();
+    let (a, b) = json.split_at(json.len() / 3);
+    let parts = [
+        Deflated::compress([a]),
+        Deflated::compress([]),
+        Deflated::compress([&b[..10], &b[10..]]),
+    ];
+    let gz = assembled(&parts);
+    // `gunzip` reads one member only: the whole document comes back, so the
+    // parts are one member.
+    assert_eq!(gunzip(&gz).expect("decompresses"), json);
+    let mut single = flate2::read::GzDecoder::new(&gz[..]);
+    let mut out = Vec::new();
+    std::io::Read::read_to_end(&mut single, &mut out).expect("one member");
+    assert_eq!(out, json);
+    // A wrong trailer is detected.
+    let mut bad = gz.clone();
+    let n = bad.len();
+    bad[n - 5] ^= 1;
+    assert!(matches!(gunzip(&bad), Err(LoadError::Gzip(_))));
+}
+
+#[test]
+fn a_group_of_services_validates_on_its_own() {
+    let cfg = sample();
+    validate_services(&cfg.services, &cfg.mesh.trust_domain).expect("the sample's services");
+    // A route's backend outside the group is unknown to the group.
+    let mut db = cfg
+        .services
+        .iter()
+        .find(|s| s.name == "db")
+        .expect("the sample's db")
+        .clone();
+    db.tcp_routes[0].backends[0].service = "demo/backend".into();
+    let err = validate_services([&db], &cfg.mesh.trust_domain).expect_err("dangling backend");
+    assert!(err.to_string().contains("unknown service"), "{err}");
+    let backend = cfg
+        .services
+        .iter()
+        .find(|s| s.name == "backend")
+        .expect("the sample's backend");
+    validate_services([backend, &db], &cfg.mesh.trust_domain).expect("resolved in the group");
+    let twice = [cfg.services[0].clone(), cfg.services[0].clone()];
+    let err = validate_services(&twice, &cfg.mesh.trust_domain).expect_err("duplicate");
+    assert!(err.to_string().contains("duplicate service"), "{err}");
+}
+
+proptest! {
+    // Each case builds several compressors; a few dozen cases cover the
+    // boundaries (empty parts, one-byte parts, parts inside a match run).
+    #![proptest_config(ProptestConfig::with_cases(24))]
+
+    #[test]
+    fn any_split_into_deflated_parts_round_trips(
+        bytes in proptest::collection::vec(prop_oneof![Just(b'a'), Just(b'{'), any::<u8>()], 0..5_000),
+        cuts in proptest::collection::vec(any::<prop::sample::Index>(), 0..6),
+    ) {
+        let mut at: Vec<usize> = cuts.iter().map(|c| c.index(bytes.len() + 1)).collect();
+        at.sort_unstable();
+        let mut parts = Vec::new();
+        let mut from = 0;
+        for to in at.into_iter().chain([bytes.len()]) {
+            parts.push(Deflated::compress([&bytes[from..to]]));
+            from = to;
+        }
+        prop_assert_eq!(gunzip(&assembled(&parts)).expect("decompresses"), bytes);
+    }
+}

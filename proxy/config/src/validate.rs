@@ -60,6 +60,14 @@ impl Errors {
         }
     }
 
+    fn into_result(self) -> Result<(), ValidationErrors> {
+        if self.0.is_empty() {
+            Ok(())
+        } else {
+            Err(ValidationErrors(self.0))
+        }
+    }
+
     fn percent(&mut self, path: &str, value: f64) {
         if !(0.0..=100.0).contains(&value) {
             self.push(path, format!("percentage {value} is outside 0–100"));
@@ -94,22 +102,43 @@ impl ProxyConfig {
         }
         validate_mesh(&self.mesh, &mut errs);
 
-        let mut services: BTreeMap<String, &Service> = BTreeMap::new();
-        for svc in &self.services {
-            if services.insert(svc.key(), svc).is_some() {
-                errs.push(format!("services[{}]", svc.key()), "duplicate service");
-            }
-        }
-        for svc in &self.services {
-            validate_service(svc, &services, &self.mesh.trust_domain, &mut errs);
-        }
+        check_services(&self.services, &self.mesh.trust_domain, &mut errs);
         validate_inbound(&self.inbound, &mut errs);
+        errs.into_result()
+    }
+}
 
-        if errs.0.is_empty() {
-            Ok(())
-        } else {
-            Err(ValidationErrors(errs.0))
+/// The rules of [`ProxyConfig::validate`] about Services, for a group of
+/// Services checked on its own: backends and mirrors must resolve within the
+/// group. A writer that assembles documents from groups whose references
+/// stay inside the group (weft's operator: one namespace's Services, whose
+/// routes only name Services of that namespace) checks each group once: a
+/// document whose Services are groups that pass, no Service in two groups,
+/// and whose rest passes [`ProxyConfig::validate`] with no Services, passes
+/// it too.
+pub fn validate_services<'a>(
+    services: impl IntoIterator<Item = &'a Service>,
+    trust_domain: &str,
+) -> Result<(), ValidationErrors> {
+    let mut errs = Errors::default();
+    check_services(services, trust_domain, &mut errs);
+    errs.into_result()
+}
+
+fn check_services<'a>(
+    services: impl IntoIterator<Item = &'a Service>,
+    trust_domain: &str,
+    errs: &mut Errors,
+) {
+    let list: Vec<&Service> = services.into_iter().collect();
+    let mut by_key: BTreeMap<String, &Service> = BTreeMap::new();
+    for svc in &list {
+        if by_key.insert(svc.key(), svc).is_some() {
+            errs.push(format!("services[{}]", svc.key()), "duplicate service");
         }
+    }
+    for svc in list {
+        validate_service(svc, &by_key, trust_domain, errs);
     }
 }
 
