@@ -7,8 +7,8 @@ WORKDIR /src
 COPY . .
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
-    cargo build --release --locked -p weft-proxy \
- && cp target/release/weft-proxy /usr/local/bin/
+    cargo build --profile sidecar --locked -p weft-proxy \
+ && cp target/sidecar/weft-proxy /usr/local/bin/
 
 FROM debian:bookworm-slim
 RUN apt-get update \
