@@ -309,28 +309,23 @@ fn a_pod_change_renders_again_only_the_services_naming_it() {
     let mut idx = index(base());
     let mut renderer = Renderer::new();
     check_all(&mut renderer, &mut idx);
-    let stats = renderer.stats();
-    // a/web-0 moves from subset v1 to v2: a/web's entry changes, a/api's not.
-    idx.apply(object(pod(
-        "a",
-        "web-0",
-        "web",
-        true,
-        json!({"app": "web", "version": "v2"}),
-    )));
-    check_all(&mut renderer, &mut idx);
-    assert_eq!(renderer.stats().fragments - stats.fragments, 1);
-    // A pod no slice names changes nothing rendered.
-    let stats = renderer.stats();
-    idx.apply(object(pod(
-        "a",
-        "stray",
-        "web",
-        true,
-        json!({"app": "stray"}),
-    )));
-    check_all(&mut renderer, &mut idx);
-    assert_eq!(renderer.stats().fragments - stats.fragments, 0);
+    // (pod, labels, Service entries rendered again)
+    let cases = [
+        // a/web-0 moves from subset v1 to v2: a/web's entry changes, a/api's not.
+        ("web-0", json!({"app": "web", "version": "v2"}), 1),
+        // A pod no slice names changes nothing rendered.
+        ("stray", json!({"app": "stray"}), 0),
+    ];
+    for (name, labels, entries) in cases {
+        let stats = renderer.stats();
+        idx.apply(object(pod("a", name, "web", true, labels)));
+        check_all(&mut renderer, &mut idx);
+        assert_eq!(
+            renderer.stats().fragments - stats.fragments,
+            entries,
+            "{name}"
+        );
+    }
 }
 
 #[test]
