@@ -451,7 +451,7 @@ func firstIP(cidr string) (net.IP, error) {
 // weft-system and nothing else.
 const auditPolicyYAML = `apiVersion: audit.k8s.io/v1
 kind: Policy
-omitStages: ["RequestReceived", "ResponseStarted"]
+omitStages: ["RequestReceived"]
 rules:
 - level: Metadata
   userGroups: ["system:serviceaccounts:weft-system"]

@@ -70,6 +70,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::registry::Registry;
 use serde_json::json;
 use tokio::sync::mpsc;
+use weft_api::common::ResourceStatus;
 use weft_api::{AccessPolicy, Mesh, ServicePolicy, ServiceRoute};
 use weft_proxy_config::{FILE_NAME, GZIP_FILE_NAME, ValidationErrors};
 
@@ -343,6 +344,59 @@ pub fn status_patch(status: &CrStatus, delivery: Delivery, now: &str) -> serde_j
             "conditions": conditions,
         }
     })
+}
+
+/// The parts of a condition a status write decides (not its time).
+fn condition_key(c: &serde_json::Value) -> [String; 5] {
+    let text = |k: &str| match &c[k] {
+        serde_json::Value::String(s) => s.clone(),
+        serde_json::Value::Null => String::new(),
+        v => v.to_string(),
+    };
+    ["type", "status", "reason", "message", "observedGeneration"].map(text)
+}
+
+/// Whether `current` already says what the status patch `body` would.
+pub fn status_unchanged(current: &ResourceStatus, body: &serde_json::Value) -> bool {
+    let Ok(current) = serde_json::to_value(current) else {
+        return false;
+    };
+    let desired = &body["status"];
+    if current["observedGeneration"] != desired["observedGeneration"] {
+        return false;
+    }
+    let keys = |v: &serde_json::Value| {
+        let mut k: Vec<[String; 5]> = v
+            .as_array()
+            .map(|a| a.iter().map(condition_key).collect())
+            .unwrap_or_default();
+        k.sort();
+        k
+    };
+    keys(&current["conditions"]) == keys(&desired["conditions"])
+}
+
+/// Keeps the `lastTransitionTime` of every condition whose status does not
+/// change: the time says when the status last flipped, not when it was
+/// last written.
+pub fn keep_transition_times(current: &ResourceStatus, body: &mut serde_json::Value) {
+    let Some(conditions) = body["status"]["conditions"].as_array_mut() else {
+        return;
+    };
+    for c in conditions {
+        let Some(old) = current
+            .conditions
+            .iter()
+            .find(|o| Some(o.type_.as_str()) == c["type"].as_str())
+        else {
+            continue;
+        };
+        if Some(old.status.as_str()) == c["status"].as_str()
+            && let Ok(t) = serde_json::to_value(&old.last_transition_time)
+        {
+            c["lastTransitionTime"] = t;
+        }
+    }
 }
 
 /// Waits for the first dirty mark, then collects every further mark for
@@ -806,6 +860,36 @@ impl Writer {
         self.patch_statuses(statuses, delivery).await
     }
 
+    /// The status a weft resource carries now.
+    async fn current_status(
+        &self,
+        kind: Kind,
+        ns: &str,
+        name: &str,
+    ) -> Result<Option<ResourceStatus>, kube::Error> {
+        let c = self.client.clone();
+        Ok(match kind {
+            Kind::ServiceRoute => {
+                Api::<ServiceRoute>::namespaced(c, ns)
+                    .get(name)
+                    .await?
+                    .status
+            }
+            Kind::ServicePolicy => {
+                Api::<ServicePolicy>::namespaced(c, ns)
+                    .get(name)
+                    .await?
+                    .status
+            }
+            _ => {
+                Api::<AccessPolicy>::namespaced(c, ns)
+                    .get(name)
+                    .await?
+                    .status
+            }
+        })
+    }
+
     async fn patch_statuses(
         &self,
         statuses: Vec<CrStatus>,
@@ -831,10 +915,32 @@ impl Writer {
             if memo.get(&key) == Some(&value) {
                 continue;
             }
-            let body = status_patch(&st, delivery, &now);
-            let params = PatchParams::apply(FIELD_MANAGER).force();
+            let mut body = status_patch(&st, delivery, &now);
             let ns = &st.object.namespace;
             let name = &st.object.name;
+            // Not written by this process yet (e.g. after a restart or a
+            // change of leader): compare with what the object carries, so
+            // an unchanged verdict is not written again, and a condition
+            // whose status holds keeps its lastTransitionTime.
+            match self.current_status(st.kind, ns, name).await {
+                Ok(Some(current)) => {
+                    if status_unchanged(&current, &body) {
+                        memo.insert(key, value);
+                        continue;
+                    }
+                    keep_transition_times(&current, &mut body);
+                }
+                Ok(None) => {}
+                Err(kube::Error::Api(s)) if s.is_not_found() => continue,
+                Err(source) => {
+                    return Err(Error::Kube {
+                        action: "read status of",
+                        what: format!("{:?} {}", st.kind, st.object),
+                        source,
+                    });
+                }
+            }
+            let params = PatchParams::apply(FIELD_MANAGER).force();
             let result = match st.kind {
                 Kind::ServiceRoute => Api::<ServiceRoute>::namespaced(self.client.clone(), ns)
                     .patch_status(name, &params, &Patch::Apply(&body))
@@ -1046,6 +1152,58 @@ mod tests {
         let body = status_patch(&ok, Delivery::TooLarge, "2026-01-01T00:00:00Z");
         assert_eq!(body["status"]["conditions"][0]["status"], "True");
         assert_eq!(body["status"]["conditions"][1]["reason"], "ConfigTooLarge");
+    }
+
+    #[test]
+    fn a_status_already_on_the_object_is_not_written_again() {
+        let index = shop();
+        let statuses = judge(&index, "shop");
+        let written = status_patch(&statuses[0], Delivery::Written, "2026-01-01T00:00:00Z");
+        // What the API server holds after that write.
+        let current: ResourceStatus =
+            serde_json::from_value(written["status"].clone()).expect("a ResourceStatus");
+
+        // A restarted operator computes the same verdict at another time.
+        let later = status_patch(&statuses[0], Delivery::Written, "2026-02-02T00:00:00Z");
+        assert!(status_unchanged(&current, &later));
+
+        // A different verdict is a change; a new generation is a change.
+        let mut ok = statuses[0].clone();
+        ok.rejection = None;
+        let accepted = status_patch(&ok, Delivery::Written, "2026-02-02T00:00:00Z");
+        assert!(!status_unchanged(&current, &accepted));
+        let mut next = statuses[0].clone();
+        next.generation = Some(4);
+        let newer = status_patch(&next, Delivery::Written, "2026-02-02T00:00:00Z");
+        assert!(!status_unchanged(&current, &newer));
+        assert!(!status_unchanged(&ResourceStatus::default(), &later));
+
+        // Only conditions whose status flips get the new time.
+        let mut accepted = accepted;
+        keep_transition_times(&current, &mut accepted);
+        let conds = accepted["status"]["conditions"]
+            .as_array()
+            .expect("conditions");
+        assert_eq!(conds[0]["type"], "Accepted");
+        assert_eq!(conds[0]["lastTransitionTime"], "2026-02-02T00:00:00Z");
+        assert_eq!(conds[1]["type"], "Ready");
+        assert_eq!(conds[1]["status"], "True");
+        assert_eq!(conds[1]["lastTransitionTime"], "2026-02-02T00:00:00Z");
+        let mut same_ready = status_patch(&ok, Delivery::TooLarge, "2026-03-03T00:00:00Z");
+        let after_accept: ResourceStatus =
+            serde_json::from_value(accepted["status"].clone()).expect("a ResourceStatus");
+        keep_transition_times(&after_accept, &mut same_ready);
+        let conds = same_ready["status"]["conditions"]
+            .as_array()
+            .expect("conditions");
+        assert_eq!(
+            conds[0]["lastTransitionTime"], "2026-02-02T00:00:00Z",
+            "Accepted held"
+        );
+        assert_eq!(
+            conds[1]["lastTransitionTime"], "2026-03-03T00:00:00Z",
+            "Ready flipped"
+        );
     }
 
     #[tokio::test(start_paused = true)]

@@ -212,8 +212,6 @@ pub struct Context {
     signer: watch::Sender<Option<Signer>>,
     recorder: Recorder,
     namespaces: Mutex<HashMap<String, bool>>,
-    /// When each service account's leaf is due (see [`renewals_due`]).
-    renewals: Mutex<BTreeMap<(String, String), SystemTime>>,
 }
 
 impl std::fmt::Debug for Context {
@@ -241,34 +239,7 @@ impl Context {
             clock,
             signer: watch::channel(None).0,
             namespaces: Mutex::new(HashMap::new()),
-            renewals: Mutex::new(BTreeMap::new()),
         }
-    }
-
-    fn set_renewal(&self, ns: &str, name: &str, at: Option<SystemTime>) {
-        if let Ok(mut r) = self.renewals.lock() {
-            let key = (ns.to_owned(), name.to_owned());
-            match at {
-                Some(at) => r.insert(key, at),
-                None => r.remove(&key),
-            };
-        }
-    }
-
-    /// Takes the service accounts whose renewal time has come.
-    fn take_due_renewals(&self, now: SystemTime) -> Vec<(String, String)> {
-        let Ok(mut r) = self.renewals.lock() else {
-            return Vec::new();
-        };
-        let due: Vec<(String, String)> = r
-            .iter()
-            .filter(|(_, at)| **at <= now)
-            .map(|(k, _)| k.clone())
-            .collect();
-        for k in &due {
-            r.remove(k);
-        }
-        due
     }
 
     /// The signer the identity reconciler uses now.
@@ -458,7 +429,6 @@ async fn reconcile_identity(sa: Arc<ServiceAccount>, ctx: Arc<Context>) -> Resul
     let name = sa.name_any();
     let secrets = Api::<Secret>::namespaced(ctx.client.clone(), &ns);
     let secret_name = identity_secret_name(&name);
-    ctx.set_renewal(&ns, &name, None);
     match namespace_meshed(&ctx, &ns).await? {
         Some(true) => {}
         Some(false) => {
@@ -516,34 +486,7 @@ async fn reconcile_identity(sa: Arc<ServiceAccount>, ctx: Arc<Context>) -> Resul
             renew_at
         }
     };
-    ctx.set_renewal(&ns, &name, Some(renew_at));
     Ok(Action::requeue(until(renew_at, now)))
-}
-
-/// Every second, the service accounts whose leaf is due for renewal.
-///
-/// The reconciler's own requeue is not enough on its own: kube-runtime
-/// drops a requeue for an object whose next reconcile is already held
-/// pending (the Secret write the reconcile made triggers one), and if that
-/// pending reconcile is itself superseded the renewal time is forgotten.
-/// Renewal times are therefore also kept here and fed back as triggers.
-fn renewals_due(
-    ctx: Arc<Context>,
-) -> impl futures::Stream<Item = ObjectRef<ServiceAccount>> + Send {
-    futures::stream::unfold(ctx, |ctx| async move {
-        loop {
-            tokio::time::sleep(Duration::from_secs(1)).await;
-            let due = ctx.take_due_renewals(ctx.clock.now());
-            if !due.is_empty() {
-                let refs: Vec<ObjectRef<ServiceAccount>> = due
-                    .into_iter()
-                    .map(|(ns, name)| ObjectRef::new(&name).within(&ns))
-                    .collect();
-                return Some((futures::stream::iter(refs), ctx));
-            }
-        }
-    })
-    .flatten()
 }
 
 /// Time from `now` to `at`, at least one second.
@@ -601,7 +544,6 @@ async fn run_identities(ctx: Arc<Context>, shutdown: CancellationToken) {
             },
         )
         .reconcile_all_on(signer_changes)
-        .reconcile_on(renewals_due(ctx.clone()))
         .graceful_shutdown_on(async move { shutdown.cancelled().await })
         .run(reconcile_identity, identity_error_policy, ctx)
         .for_each(|res| async move {
