@@ -586,3 +586,49 @@ async fn a_peer_whose_app_is_gone_is_skipped_without_a_failed_request() {
         "one attempt reached the peer whose app is gone, then it was ejected"
     );
 }
+
+#[tokio::test]
+async fn an_idempotent_request_whose_peer_app_fails_it_goes_to_another_endpoint() {
+    init();
+    let ca = TestCa::new("weft test CA");
+    let live_app = named_app(Ipv4Addr::LOCALHOST, "live").await;
+    // An app that is shutting down: it accepts, reads the request and
+    // closes the connection without answering.
+    let dying = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let dying_app = dying.local_addr().expect("addr").port();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = dying.accept().await {
+            let mut buf = [0u8; 1024];
+            let _ = tokio::io::AsyncReadExt::read(&mut s, &mut buf).await;
+        }
+    });
+    let server_cfg = config(1, MtlsMode::Strict, vec![]);
+    let server = Pod::start(&server_cfg, &ca.leaf(SERVER_ID, 3600), &ca).await;
+    let (live_ip, dying_ip) = (Ipv4Addr::new(10, 244, 0, 1), Ipv4Addr::new(10, 244, 0, 2));
+    let ep = |ip, port: u16| {
+        let mut e = meshed(ip, SERVER_ID);
+        e.subsets = vec!["v1".into()];
+        e.ports = BTreeMap::from([("p".to_owned(), port)]);
+        e
+    };
+    let cfg = config(
+        1,
+        MtlsMode::Strict,
+        vec![cart(
+            vec![ep(live_ip, live_app), ep(dying_ip, dying_app)],
+            Protocol::Http1,
+            vec![],
+        )],
+    );
+    let client = Pod::start(&cfg, &ca.leaf(CLIENT_ID, 3600), &ca).await;
+    client.route_to(SocketAddr::new(IpAddr::V4(live_ip), live_app), &server);
+    client.route_to(SocketAddr::new(IpAddr::V4(dying_ip), dying_app), &server);
+    let seen = count(&client, 30, "/", &[]).await;
+    assert_eq!(seen, BTreeMap::from([("live".to_owned(), 30)]), "{seen:?}");
+    assert!(
+        client.errors(Direction::Outbound, "peer-app-unavailable") >= 1,
+        "the dying app was tried and skipped"
+    );
+}

@@ -13,7 +13,8 @@
 //! - for requests without a body, which can be sent again as they are: the
 //!   peer proxy's answer that it could not reach its app (`x-weft-error:
 //!   connect`/`connect-timeout` from a meshed endpoint: the request never
-//!   reached an app) and, for idempotent methods, a connection lost before
+//!   reached an app) and, for idempotent methods, a peer answer that its
+//!   app failed the request (`x-weft-error: app`) or a connection lost before
 //!   any response, move on to another endpoint. A pod being deleted goes
 //!   through exactly these states (app gone, then proxy gone, then the
 //!   address gone), long before kubelet delivers a config without it.
@@ -240,6 +241,14 @@ fn undelivered(resp: &Response<Incoming>) -> bool {
         .is_some_and(|v| v == "connect" || v == "connect-timeout")
 }
 
+/// The peer proxy answered that its app failed the request before
+/// answering it (`x-weft-error: app`: the app reset or closed the
+/// connection, e.g. while its pod shuts down). The app may have seen the
+/// request, so only an idempotent one is sent to another endpoint.
+fn app_failed(resp: &Response<Incoming>) -> bool {
+    resp.headers().get(ERROR_HEADER).is_some_and(|v| v == "app")
+}
+
 async fn forward(
     ctx: &Ctx,
     snap: &Snapshot,
@@ -345,7 +354,13 @@ async fn forward(
             match sender.send(req).await {
                 Ok(resp) => {
                     state.outliers.restore(addr);
-                    if meshed && more && replay.is_some() && undelivered(&resp) {
+                    let app_failed_idempotent =
+                        app_failed(&resp) && replay.as_ref().is_some_and(Replay::idempotent);
+                    if meshed
+                        && more
+                        && replay.is_some()
+                        && (undelivered(&resp) || app_failed_idempotent)
+                    {
                         state
                             .metrics
                             .error(Direction::Outbound, "peer-app-unavailable");
