@@ -189,13 +189,14 @@ spec:
     assert!(refused.is_empty(), "refused API calls: {refused:#?}");
 
     // Granted but legitimately not exercised by this run, with the reason.
-    let not_exercised: BTreeSet<Call> = [(
+    let not_exercised: BTreeSet<Call> = [
         // kube's event Recorder patches an Event it already created when
         // the same event repeats (an event series).
-        "events.k8s.io",
-        "events",
-        "patch",
-    )]
+        ("events.k8s.io", "events", "patch"),
+        // The identity reconciler reads a namespace its watch has not
+        // delivered yet; whether that happens in a run depends on timing.
+        ("", "namespaces", "get"),
+    ]
     .into_iter()
     .map(|(g, r, v)| (g.to_owned(), r.to_owned(), v.to_owned()))
     .collect();
