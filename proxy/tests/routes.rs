@@ -557,27 +557,7 @@ async fn a_peer_whose_app_is_gone_is_skipped_without_a_failed_request() {
         let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
         l.local_addr().expect("addr").port()
     };
-    let server_cfg = config(1, MtlsMode::Strict, vec![]);
-    let server = Pod::start(&server_cfg, &ca.leaf(SERVER_ID, 3600), &ca).await;
-    let (live_ip, gone_ip) = (Ipv4Addr::new(10, 244, 0, 1), Ipv4Addr::new(10, 244, 0, 2));
-    let ep = |ip, port: u16| {
-        let mut e = meshed(ip, SERVER_ID);
-        e.subsets = vec!["v1".into()];
-        e.ports = BTreeMap::from([("p".to_owned(), port)]);
-        e
-    };
-    let cfg = config(
-        1,
-        MtlsMode::Strict,
-        vec![cart(
-            vec![ep(live_ip, live_app), ep(gone_ip, gone_app)],
-            Protocol::Http1,
-            vec![],
-        )],
-    );
-    let client = Pod::start(&cfg, &ca.leaf(CLIENT_ID, 3600), &ca).await;
-    client.route_to(SocketAddr::new(IpAddr::V4(live_ip), live_app), &server);
-    client.route_to(SocketAddr::new(IpAddr::V4(gone_ip), gone_app), &server);
+    let (client, _server) = client_of_two_meshed_endpoints(&ca, live_app, gone_app).await;
     let seen = count(&client, 30, "/", &[]).await;
     assert_eq!(seen, BTreeMap::from([("live".to_owned(), 30)]), "{seen:?}");
     assert_eq!(
@@ -604,9 +584,21 @@ async fn an_idempotent_request_whose_peer_app_fails_it_goes_to_another_endpoint(
             let _ = tokio::io::AsyncReadExt::read(&mut s, &mut buf).await;
         }
     });
+    let (client, _server) = client_of_two_meshed_endpoints(&ca, live_app, dying_app).await;
+    let seen = count(&client, 30, "/", &[]).await;
+    assert_eq!(seen, BTreeMap::from([("live".to_owned(), 30)]), "{seen:?}");
+    assert!(
+        client.errors(Direction::Outbound, "peer-app-unavailable") >= 1,
+        "the dying app was tried and skipped"
+    );
+}
+
+/// A client pod whose `cart` Service has two meshed endpoints behind one
+/// server proxy: app port `first` at 10.244.0.1 and `second` at 10.244.0.2.
+async fn client_of_two_meshed_endpoints(ca: &TestCa, first: u16, second: u16) -> (Pod, Pod) {
     let server_cfg = config(1, MtlsMode::Strict, vec![]);
-    let server = Pod::start(&server_cfg, &ca.leaf(SERVER_ID, 3600), &ca).await;
-    let (live_ip, dying_ip) = (Ipv4Addr::new(10, 244, 0, 1), Ipv4Addr::new(10, 244, 0, 2));
+    let server = Pod::start(&server_cfg, &ca.leaf(SERVER_ID, 3600), ca).await;
+    let (first_ip, second_ip) = (Ipv4Addr::new(10, 244, 0, 1), Ipv4Addr::new(10, 244, 0, 2));
     let ep = |ip, port: u16| {
         let mut e = meshed(ip, SERVER_ID);
         e.subsets = vec!["v1".into()];
@@ -617,18 +609,13 @@ async fn an_idempotent_request_whose_peer_app_fails_it_goes_to_another_endpoint(
         1,
         MtlsMode::Strict,
         vec![cart(
-            vec![ep(live_ip, live_app), ep(dying_ip, dying_app)],
+            vec![ep(first_ip, first), ep(second_ip, second)],
             Protocol::Http1,
             vec![],
         )],
     );
-    let client = Pod::start(&cfg, &ca.leaf(CLIENT_ID, 3600), &ca).await;
-    client.route_to(SocketAddr::new(IpAddr::V4(live_ip), live_app), &server);
-    client.route_to(SocketAddr::new(IpAddr::V4(dying_ip), dying_app), &server);
-    let seen = count(&client, 30, "/", &[]).await;
-    assert_eq!(seen, BTreeMap::from([("live".to_owned(), 30)]), "{seen:?}");
-    assert!(
-        client.errors(Direction::Outbound, "peer-app-unavailable") >= 1,
-        "the dying app was tried and skipped"
-    );
+    let client = Pod::start(&cfg, &ca.leaf(CLIENT_ID, 3600), ca).await;
+    client.route_to(SocketAddr::new(IpAddr::V4(first_ip), first), &server);
+    client.route_to(SocketAddr::new(IpAddr::V4(second_ip), second), &server);
+    (client, server)
 }
