@@ -482,3 +482,18 @@ pub async fn wait_for_proxy_route(
         .await?;
     Ok(start.elapsed())
 }
+
+/// Merges `spec` (JSON) into the spec of the `Mesh` named `default` with
+/// `kubectl patch --type=merge`, as a user would.
+pub async fn patch_mesh_spec(cluster: &Cluster, spec: &str) -> Result<String, HarnessError> {
+    cluster
+        .kubectl(&[
+            "patch",
+            "mesh",
+            "default",
+            "--type=merge",
+            "-p",
+            &format!(r#"{{"spec":{spec}}}"#),
+        ])
+        .await
+}

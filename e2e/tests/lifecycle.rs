@@ -33,16 +33,7 @@ async fn meshed_demo(cluster: &Cluster) -> anyhow::Result<(String, String)> {
 }
 
 async fn set_mtls_mode(cluster: &Cluster, mode: &str) -> anyhow::Result<()> {
-    cluster
-        .kubectl(&[
-            "patch",
-            "mesh",
-            "default",
-            "--type=merge",
-            "-p",
-            &format!(r#"{{"spec":{{"mtls":{{"mode":"{mode}"}}}}}}"#),
-        ])
-        .await?;
+    mesh::patch_mesh_spec(cluster, &format!(r#"{{"mtls":{{"mode":"{mode}"}}}}"#)).await?;
     Ok(())
 }
 
@@ -349,16 +340,7 @@ async fn certificates_rotate_under_traffic() -> anyhow::Result<()> {
     mesh::install(&cluster).await?;
     // Workload certificates live 18 s, so they are renewed every 12 s:
     // several rotations fit in the traffic window below.
-    cluster
-        .kubectl(&[
-            "patch",
-            "mesh",
-            "default",
-            "--type=merge",
-            "-p",
-            r#"{"spec":{"certificates":{"ttl":"18s"}}}"#,
-        ])
-        .await?;
+    mesh::patch_mesh_spec(&cluster, r#"{"certificates":{"ttl":"18s"}}"#).await?;
     mesh::deploy_demo(&cluster).await?;
     let frontend = mesh::pods(&cluster, "demo", "frontend").await?;
     let fe = frontend[0].metadata.name.clone().expect("frontend name");

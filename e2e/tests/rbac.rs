@@ -143,16 +143,7 @@ spec:
 
     // A CA rotation: the operator rewrites weft-ca, the identity Secrets,
     // the injector's serving Secret and the webhook's caBundle.
-    cluster
-        .kubectl(&[
-            "patch",
-            "mesh",
-            "default",
-            "--type=merge",
-            "-p",
-            r#"{"spec":{"certificates":{"rotateCa":"rbac-test"}}}"#,
-        ])
-        .await?;
+    mesh::patch_mesh_spec(&cluster, r#"{"certificates":{"rotateCa":"rbac-test"}}"#).await?;
     cluster
         .wait_until(Duration::from_secs(60), "CA rotation started", || async {
             let out = cluster
