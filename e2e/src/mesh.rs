@@ -445,44 +445,6 @@ pub async fn proxy_config(cluster: &Cluster, ns: &str, pod: &str) -> Result<Valu
     })
 }
 
-/// Waits until the sidecar of `ns/pod` runs a config in which Service
-/// `service` (`namespace/name`) has the HTTP route `route`
-/// (`<ServiceRoute>/<rule>`). Returns how long that took.
-pub async fn wait_for_proxy_route(
-    cluster: &Cluster,
-    ns: &str,
-    pod: &str,
-    service: &str,
-    route: &str,
-    timeout: Duration,
-) -> Result<Duration, HarnessError> {
-    let start = std::time::Instant::now();
-    cluster
-        .wait_until(
-            timeout,
-            &format!("{ns}/{pod}'s proxy has route {route} of {service}"),
-            || async {
-                let Ok(cfg) = proxy_config(cluster, ns, pod).await else {
-                    return Ok(false);
-                };
-                Ok(cfg["services"].as_array().into_iter().flatten().any(|s| {
-                    format!(
-                        "{}/{}",
-                        s["namespace"].as_str().unwrap_or(""),
-                        s["name"].as_str().unwrap_or("")
-                    ) == service
-                        && s["httpRoutes"]
-                            .as_array()
-                            .into_iter()
-                            .flatten()
-                            .any(|r| r["name"] == route)
-                }))
-            },
-        )
-        .await?;
-    Ok(start.elapsed())
-}
-
 /// Merges `spec` (JSON) into the spec of the `Mesh` named `default` with
 /// `kubectl patch --type=merge`, as a user would.
 pub async fn patch_mesh_spec(cluster: &Cluster, spec: &str) -> Result<String, HarnessError> {
@@ -496,4 +458,94 @@ pub async fn patch_mesh_spec(cluster: &Cluster, spec: &str) -> Result<String, Ha
             &format!(r#"{{"spec":{spec}}}"#),
         ])
         .await
+}
+
+/// Waits until the sidecar of `ns/pod` runs the operator's current view of
+/// namespace `ns`, the way a user checks a rollout settled:
+/// - every weft resource of `ns` has been judged (`status.observedGeneration`
+///   equals `metadata.generation`);
+/// - the proxy runs the config whose hash the `weft-proxy` ConfigMap
+///   announces (kubelet delivered it and the proxy reloaded);
+/// - in that config, each Service of `ns` has exactly the ready addresses
+///   its EndpointSlices list (the operator saw the last endpoint change).
+///
+/// Returns how long that took.
+pub async fn wait_for_proxy_sync(
+    cluster: &Cluster,
+    ns: &str,
+    pod: &str,
+    timeout: Duration,
+) -> Result<Duration, HarnessError> {
+    let start = std::time::Instant::now();
+    cluster
+        .wait_until(
+            timeout,
+            &format!("{ns}/{pod}'s proxy runs the current config of {ns}"),
+            || async { proxy_in_sync(cluster, ns, pod).await },
+        )
+        .await?;
+    Ok(start.elapsed())
+}
+
+async fn proxy_in_sync(cluster: &Cluster, ns: &str, pod: &str) -> Result<bool, HarnessError> {
+    use k8s_openapi::api::core::v1::ConfigMap;
+    use k8s_openapi::api::discovery::v1::EndpointSlice;
+    use kube::api::{ApiResource, DynamicObject, GroupVersionKind};
+    use std::collections::{BTreeMap, BTreeSet};
+
+    for kind in ["ServiceRoute", "ServicePolicy", "AccessPolicy"] {
+        let gvk = GroupVersionKind::gvk("weft.dev", "v1alpha1", kind);
+        let api: Api<DynamicObject> =
+            Api::namespaced_with(cluster.client(), ns, &ApiResource::from_gvk(&gvk));
+        for obj in api.list(&ListParams::default()).await?.items {
+            let observed = obj.data["status"]["observedGeneration"].as_i64();
+            if observed.is_none() || observed != obj.metadata.generation {
+                return Ok(false);
+            }
+        }
+    }
+    let cms: Api<ConfigMap> = Api::namespaced(cluster.client(), ns);
+    let Some(cm) = cms.get_opt("weft-proxy").await? else {
+        return Ok(false);
+    };
+    let announced = cm
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get("weft.dev/config-hash"))
+        .cloned();
+    let Ok(cfg) = proxy_config(cluster, ns, pod).await else {
+        return Ok(false);
+    };
+    if announced.is_none() || cfg["hash"].as_str() != announced.as_deref() {
+        return Ok(false);
+    }
+    let slices: Api<EndpointSlice> = Api::namespaced(cluster.client(), ns);
+    let mut ready: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for slice in slices.list(&ListParams::default()).await?.items {
+        let Some(service) = slice
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get("kubernetes.io/service-name"))
+        else {
+            continue;
+        };
+        let addrs = ready.entry(service.clone()).or_default();
+        for ep in slice.endpoints {
+            if ep.conditions.and_then(|c| c.ready) != Some(false) {
+                addrs.extend(ep.addresses);
+            }
+        }
+    }
+    let services = cfg["services"].as_array().cloned().unwrap_or_default();
+    Ok(ready.iter().all(|(name, want)| {
+        let have: BTreeSet<String> = services
+            .iter()
+            .filter(|s| s["namespace"] == ns && s["name"] == name.as_str())
+            .flat_map(|s| s["endpoints"].as_array().cloned().unwrap_or_default())
+            .filter_map(|e| e["address"].as_str().map(str::to_owned))
+            .collect();
+        &have == want
+    }))
 }

@@ -29,6 +29,7 @@ async fn meshed_demo(cluster: &Cluster) -> anyhow::Result<(String, String)> {
         mesh::cluster_ip(cluster, "demo", "backend").await?
     );
     mesh::wait_for_route(cluster, "demo", &fe, &url, Duration::from_secs(60)).await?;
+    mesh::wait_for_proxy_sync(cluster, "demo", &fe, Duration::from_secs(60)).await?;
     Ok((fe, url))
 }
 
@@ -349,6 +350,7 @@ async fn certificates_rotate_under_traffic() -> anyhow::Result<()> {
         mesh::cluster_ip(&cluster, "demo", "backend").await?
     );
     mesh::wait_for_route(&cluster, "demo", &fe, &url, Duration::from_secs(60)).await?;
+    mesh::wait_for_proxy_sync(&cluster, "demo", &fe, Duration::from_secs(60)).await?;
 
     let mut seen: BTreeMap<&str, Vec<i64>> = BTreeMap::new();
     let watch_serials = async {

@@ -40,6 +40,9 @@ async fn demo(config: ClusterConfig) -> anyhow::Result<Demo> {
     let backend = SocketAddr::new(ip, 8080);
     let url = format!("http://{backend}/");
     mesh::wait_for_route(&cluster, "demo", &frontend, &url, Duration::from_secs(90)).await?;
+    // Reaching the backend is not enough: the examples' route and every
+    // backend endpoint must be in the config the frontend's proxy runs.
+    mesh::wait_for_proxy_sync(&cluster, "demo", &frontend, Duration::from_secs(90)).await?;
     Ok(Demo {
         cluster,
         frontend,

@@ -126,21 +126,19 @@ async fn run(cluster: &Cluster, args: &Args, t0: Instant) -> anyhow::Result<()> 
             warm.as_secs_f64()
         ),
     );
-    let routed = mesh::wait_for_proxy_route(
+    let synced = mesh::wait_for_proxy_sync(
         cluster,
         "demo",
         &frontend,
-        "demo/backend",
-        "backend/api-canary",
         std::time::Duration::from_secs(60),
     )
     .await
-    .context("the frontend's proxy never loaded the backend's ServiceRoute")?;
+    .context("the frontend's proxy never caught up with the namespace's config")?;
     step(
         t0,
         &format!(
-            "the frontend's proxy runs the backend's ServiceRoute (after {:.1}s more)",
-            routed.as_secs_f64()
+            "the frontend's proxy runs the namespace's current config: the backend's ServiceRoute and every endpoint (after {:.1}s more)",
+            synced.as_secs_f64()
         ),
     );
     step(
