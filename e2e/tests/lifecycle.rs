@@ -334,23 +334,39 @@ async fn proxy_not_after(cluster: &Cluster, client: &str, pod_ip: &str) -> anyho
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "fails: on the harness the operator renews each leaf once and then stops renewing it (see the open end-to-end issue)"]
 async fn certificates_rotate_under_traffic() -> anyhow::Result<()> {
     let _serial = serial().await;
     let cluster = Cluster::start().await?;
-    mesh::install(&cluster).await?;
-    // Workload certificates live 18 s, so they are renewed every 12 s:
-    // several rotations fit in the traffic window below.
+    // The demo applies manifests/examples, whose Mesh sets a 24 h TTL.
+    let (fe, url) = meshed_demo(&cluster).await?;
+    let now = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as i64)
+    };
+    for sa in ["frontend", "backend"] {
+        let left = leaf_not_after(&cluster, "demo", sa).await? - now();
+        assert!(left > 3600, "{sa}: a day-long leaf first, {left}s left");
+    }
+    // Shortening the TTL replaces the day-long leaves at once. Workload
+    // certificates then live 18 s and are renewed every 12 s: several
+    // rotations fit in the traffic window below.
     mesh::patch_mesh_spec(&cluster, r#"{"certificates":{"ttl":"18s"}}"#).await?;
-    mesh::deploy_demo(&cluster).await?;
-    let frontend = mesh::pods(&cluster, "demo", "frontend").await?;
-    let fe = frontend[0].metadata.name.clone().expect("frontend name");
-    let url = format!(
-        "http://{}:8080/api/items",
-        mesh::cluster_ip(&cluster, "demo", "backend").await?
-    );
-    mesh::wait_for_route(&cluster, "demo", &fe, &url, Duration::from_secs(60)).await?;
-    mesh::wait_for_proxy_sync(&cluster, "demo", &fe, Duration::from_secs(60)).await?;
+    cluster
+        .wait_until(
+            Duration::from_secs(30),
+            "leaves re-issued for the shortened TTL",
+            || async {
+                for sa in ["frontend", "backend"] {
+                    match leaf_not_after(&cluster, "demo", sa).await {
+                        Ok(at) if at - now() <= 60 => {}
+                        _ => return Ok(false),
+                    }
+                }
+                Ok(true)
+            },
+        )
+        .await?;
 
     let mut seen: BTreeMap<&str, Vec<i64>> = BTreeMap::new();
     let watch_serials = async {

@@ -718,6 +718,8 @@ pub enum IssueReason {
     SignerChanged,
     /// Two thirds of its lifetime have passed.
     Due,
+    /// It lives longer than the TTL now asked for (the TTL was shortened).
+    TtlShortened,
 }
 
 impl fmt::Display for IssueReason {
@@ -729,6 +731,9 @@ impl fmt::Display for IssueReason {
             IssueReason::NamesChanged => f.write_str("identity names changed"),
             IssueReason::SignerChanged => f.write_str("signed by a CA that no longer signs"),
             IssueReason::Due => f.write_str("two thirds of the lifetime passed"),
+            IssueReason::TtlShortened => {
+                f.write_str("lifetime longer than the certificate TTL now set")
+            }
         }
     }
 }
@@ -746,11 +751,16 @@ pub enum LeafDecision {
 }
 
 /// Decides whether the leaf in `existing` (`tls.crt`, `tls.key`) can stay
-/// for `subject` under `signer` at `now`.
+/// for `subject` under `signer` at `now`, when leaves are issued for `ttl`.
+/// A leaf that lives longer than `ttl` allows (plus the backdating
+/// [`CertificateAuthority::issue`] adds) is replaced at once, so shortening
+/// the TTL applies to the certificates already out; lengthening it applies
+/// at the next renewal.
 pub fn decide_leaf(
     existing: Option<(&[u8], &[u8])>,
     subject: &LeafSubject,
     signer: &CertificateAuthority,
+    ttl: Duration,
     now: SystemTime,
 ) -> LeafDecision {
     let Some((crt, key)) = existing else {
@@ -768,6 +778,16 @@ pub fn decide_leaf(
     }
     if !signer.signed(&leaf) {
         return LeafDecision::Issue(IssueReason::SignerChanged);
+    }
+    // Validity times are whole seconds: allow one more.
+    let longest = ttl + CLOCK_SKEW.min(ttl / 10) + Duration::from_secs(1);
+    if leaf
+        .not_after
+        .duration_since(leaf.not_before)
+        .unwrap_or_default()
+        > longest
+    {
+        return LeafDecision::Issue(IssueReason::TtlShortened);
     }
     let due = leaf.renew_at();
     if now >= due {
@@ -1244,6 +1264,7 @@ mod tests {
             Some((leaf.cert_pem.as_bytes(), leaf.key_pem.as_bytes())),
             &subject,
             &ca,
+            ttl,
             now,
         ) else {
             panic!("a fresh leaf is kept");
@@ -1363,31 +1384,31 @@ mod tests {
         let due = renew_at(leaf.not_before, leaf.not_after);
         assert_eq!(due, leaf.not_before + (DAY + CLOCK_SKEW) * 2 / 3);
         assert_eq!(
-            decide_leaf(existing, &subject, &ca, now),
+            decide_leaf(existing, &subject, &ca, DAY, now),
             LeafDecision::Keep { renew_at: due }
         );
         assert_eq!(
-            decide_leaf(existing, &subject, &ca, due - Duration::from_secs(1)),
+            decide_leaf(existing, &subject, &ca, DAY, due - Duration::from_secs(1)),
             LeafDecision::Keep { renew_at: due }
         );
         assert_eq!(
-            decide_leaf(existing, &subject, &ca, due),
+            decide_leaf(existing, &subject, &ca, DAY, due),
             LeafDecision::Issue(IssueReason::Due)
         );
         assert_eq!(
-            decide_leaf(None, &subject, &ca, now),
+            decide_leaf(None, &subject, &ca, DAY, now),
             LeafDecision::Issue(IssueReason::Missing)
         );
         // Trust domain changed: re-issue at once.
         let moved = workload("example.org", "ns", "sa");
         assert_eq!(
-            decide_leaf(existing, &moved, &ca, now),
+            decide_leaf(existing, &moved, &ca, DAY, now),
             LeafDecision::Issue(IssueReason::NamesChanged)
         );
         // Signing CA changed: re-issue at once.
         let other = root(now);
         assert_eq!(
-            decide_leaf(existing, &subject, &other, now),
+            decide_leaf(existing, &subject, &other, DAY, now),
             LeafDecision::Issue(IssueReason::SignerChanged)
         );
         // Hand-edited key or garbage certificate: re-issue.
@@ -1397,6 +1418,7 @@ mod tests {
                 Some((leaf.cert_pem.as_bytes(), stranger.key_pem.as_bytes())),
                 &subject,
                 &ca,
+                DAY,
                 now
             ),
             LeafDecision::Issue(IssueReason::KeyMismatch)
@@ -1406,10 +1428,50 @@ mod tests {
                 Some((b"not pem".as_slice(), leaf.key_pem.as_bytes())),
                 &subject,
                 &ca,
+                DAY,
                 now
             ),
             LeafDecision::Issue(IssueReason::Unreadable(_))
         ));
+    }
+
+    #[test]
+    fn a_shortened_ttl_replaces_longer_lived_leaves_and_a_longer_one_waits() {
+        let now = t0();
+        let ca = root(now);
+        let subject = workload("cluster.local", "ns", "sa");
+        let leaf = ca.issue(&subject, DAY, now).expect("issue");
+        let existing = Some((leaf.cert_pem.as_bytes(), leaf.key_pem.as_bytes()));
+        let due = renew_at(leaf.not_before, leaf.not_after);
+        // The Mesh TTL went from a day to 18 s: replace it now.
+        assert_eq!(
+            decide_leaf(existing, &subject, &ca, Duration::from_secs(18), now),
+            LeafDecision::Issue(IssueReason::TtlShortened)
+        );
+        // Raised to a week: the leaf serves until its renewal.
+        assert_eq!(
+            decide_leaf(existing, &subject, &ca, 7 * DAY, now),
+            LeafDecision::Keep { renew_at: due }
+        );
+        // Short leaves issued for the TTL itself are kept (backdating and
+        // whole-second validity included).
+        for secs in [10, 18, 600, 3600] {
+            let ttl = Duration::from_secs(secs);
+            let short = ca.issue(&subject, ttl, now).expect("issue");
+            assert!(
+                matches!(
+                    decide_leaf(
+                        Some((short.cert_pem.as_bytes(), short.key_pem.as_bytes())),
+                        &subject,
+                        &ca,
+                        ttl,
+                        now
+                    ),
+                    LeafDecision::Keep { .. }
+                ),
+                "a fresh {secs}s leaf is kept"
+            );
+        }
     }
 
     /// The renewal timing driven by tokio's clock: a worker that sleeps
@@ -1427,7 +1489,8 @@ mod tests {
         let mut renewals = Vec::new();
         for _ in 0..3 {
             let existing = Some((leaf.cert_pem.as_bytes(), leaf.key_pem.as_bytes()));
-            let LeafDecision::Keep { renew_at } = decide_leaf(existing, &subject, &ca, clock())
+            let LeafDecision::Keep { renew_at } =
+                decide_leaf(existing, &subject, &ca, DAY, clock())
             else {
                 panic!("fresh leaf must be kept");
             };
@@ -1435,13 +1498,13 @@ mod tests {
             tokio::time::sleep(wait - Duration::from_secs(1)).await;
             let existing = Some((leaf.cert_pem.as_bytes(), leaf.key_pem.as_bytes()));
             assert!(matches!(
-                decide_leaf(existing, &subject, &ca, clock()),
+                decide_leaf(existing, &subject, &ca, DAY, clock()),
                 LeafDecision::Keep { .. }
             ));
             tokio::time::sleep(Duration::from_secs(1)).await;
             let existing = Some((leaf.cert_pem.as_bytes(), leaf.key_pem.as_bytes()));
             assert_eq!(
-                decide_leaf(existing, &subject, &ca, clock()),
+                decide_leaf(existing, &subject, &ca, DAY, clock()),
                 LeafDecision::Issue(IssueReason::Due)
             );
             renewals.push(clock());
@@ -1677,6 +1740,7 @@ mod tests {
                 Some((old_leaf.cert_pem.as_bytes(), old_leaf.key_pem.as_bytes())),
                 &subject,
                 &st.active,
+                DAY,
                 now
             ),
             LeafDecision::Issue(IssueReason::SignerChanged)

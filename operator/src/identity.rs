@@ -332,22 +332,23 @@ pub fn plan_identity(
     let data = existing.and_then(|s| s.data.as_ref());
     let stored =
         data.and_then(|d| Some((d.get(TLS_CRT)?.0.as_slice(), d.get(TLS_KEY)?.0.as_slice())));
-    let (crt, key, renew_at, issued) = match ca::decide_leaf(stored, &subject, &signer.ca, now) {
-        LeafDecision::Keep { renew_at } => {
-            let (c, k) = stored.unwrap_or_default();
-            (c.to_vec(), k.to_vec(), renew_at, None)
-        }
-        LeafDecision::Issue(reason) => {
-            let leaf = signer.ca.issue(&subject, signer.ttl, now)?;
-            let renew_at = ca::renew_at(leaf.not_before, leaf.not_after);
-            (
-                leaf.cert_pem.into_bytes(),
-                leaf.key_pem.into_bytes(),
-                renew_at,
-                Some(reason),
-            )
-        }
-    };
+    let (crt, key, renew_at, issued) =
+        match ca::decide_leaf(stored, &subject, &signer.ca, signer.ttl, now) {
+            LeafDecision::Keep { renew_at } => {
+                let (c, k) = stored.unwrap_or_default();
+                (c.to_vec(), k.to_vec(), renew_at, None)
+            }
+            LeafDecision::Issue(reason) => {
+                let leaf = signer.ca.issue(&subject, signer.ttl, now)?;
+                let renew_at = ca::renew_at(leaf.not_before, leaf.not_after);
+                (
+                    leaf.cert_pem.into_bytes(),
+                    leaf.key_pem.into_bytes(),
+                    renew_at,
+                    Some(reason),
+                )
+            }
+        };
     let desired = Secret {
         metadata: ObjectMeta {
             name: Some(secret_name),
@@ -486,7 +487,9 @@ async fn reconcile_identity(sa: Arc<ServiceAccount>, ctx: Arc<Context>) -> Resul
             renew_at
         }
     };
-    Ok(Action::requeue(until(renew_at, now)))
+    let next = until(renew_at, now);
+    tracing::debug!(namespace = %ns, service_account = %name, next_in = ?next, "identity up to date");
+    Ok(Action::requeue(next))
 }
 
 /// Time from `now` to `at`, at least one second.
@@ -1027,22 +1030,23 @@ async fn reconcile_injector(
     let stored = existing
         .and_then(|s| s.data.as_ref())
         .and_then(|d| Some((d.get(TLS_CRT)?.0.as_slice(), d.get(TLS_KEY)?.0.as_slice())));
-    let (crt, key, renew_at, issued) = match ca::decide_leaf(stored, &subject, &signer.ca, now) {
-        LeafDecision::Keep { renew_at } => {
-            let (c, k) = stored.unwrap_or_default();
-            (c.to_vec(), k.to_vec(), renew_at, false)
-        }
-        LeafDecision::Issue(_) => {
-            let leaf = signer.ca.issue(&subject, signer.ttl, now)?;
-            let at = ca::renew_at(leaf.not_before, leaf.not_after);
-            (
-                leaf.cert_pem.into_bytes(),
-                leaf.key_pem.into_bytes(),
-                at,
-                true,
-            )
-        }
-    };
+    let (crt, key, renew_at, issued) =
+        match ca::decide_leaf(stored, &subject, &signer.ca, signer.ttl, now) {
+            LeafDecision::Keep { renew_at } => {
+                let (c, k) = stored.unwrap_or_default();
+                (c.to_vec(), k.to_vec(), renew_at, false)
+            }
+            LeafDecision::Issue(_) => {
+                let leaf = signer.ca.issue(&subject, signer.ttl, now)?;
+                let at = ca::renew_at(leaf.not_before, leaf.not_after);
+                (
+                    leaf.cert_pem.into_bytes(),
+                    leaf.key_pem.into_bytes(),
+                    at,
+                    true,
+                )
+            }
+        };
     let desired = Secret {
         metadata: ObjectMeta {
             name: Some(INJECTOR_SECRET.to_owned()),
