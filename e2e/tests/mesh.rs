@@ -116,12 +116,29 @@ async fn installed_mesh_injects_pods_and_serves_mtls() -> anyhow::Result<()> {
     }
     assert_eq!(served, 10);
 
-    // Plaintext from an unmeshed pod straight to a backend pod is refused.
     let target = backends[0]
         .status
         .as_ref()
         .and_then(|s| s.pod_ip.clone())
         .expect("backend pod IP");
+    let target_name = backends[0].metadata.name.clone().expect("backend name");
+
+    // Addressed to a backend pod's own IP (as a headless Service resolves),
+    // the request still goes over mTLS: Strict serves it, to that pod.
+    mesh::wait_for_proxy_sync(&cluster, "demo", &fe, Duration::from_secs(60)).await?;
+    let direct = format!("http://{target}:8080/api/items");
+    match mesh::get_from_pod(&cluster, "demo", &fe, &direct, &[]).await? {
+        Reply::Ok(body) => {
+            assert_eq!(
+                body["identity"], "spiffe://cluster.local/ns/demo/sa/frontend",
+                "{body}"
+            );
+            assert_eq!(body["pod"], target_name.as_str(), "{body}");
+        }
+        Reply::Failed(why) => panic!("frontend → backend pod IP failed: {why}"),
+    }
+
+    // Plaintext from an unmeshed pod straight to a backend pod is refused.
     let plain = mesh::get_from_pod(
         &cluster,
         "outside",

@@ -69,6 +69,11 @@ pub struct ServiceRef {
     pub service: usize,
     /// Index into that service's `ports`.
     pub port: usize,
+    /// Set when the destination was one endpoint's own address (a pod IP,
+    /// as headless Services and StatefulSet peers use): the index into that
+    /// service's `endpoints`. Such traffic goes to that endpoint only,
+    /// without routes, with mTLS when it is meshed.
+    pub endpoint: Option<usize>,
 }
 
 /// A loaded, validated config + identity, with the state derived from them
@@ -84,7 +89,10 @@ pub struct Snapshot {
     pub source: PathBuf,
     /// Compiled routes and per-subset endpoint lists.
     pub routes: RouteTable,
+    /// ClusterIP:port → Service port.
     by_addr: HashMap<SocketAddr, ServiceRef>,
+    /// Endpoint IP:port → that endpoint of a Service port.
+    by_endpoint: HashMap<SocketAddr, ServiceRef>,
 }
 
 impl Snapshot {
@@ -97,16 +105,26 @@ impl Snapshot {
     ) -> Result<Self, RouteError> {
         let routes = RouteTable::build(&config)?;
         let mut by_addr = HashMap::new();
+        let mut by_endpoint = HashMap::new();
         for (si, svc) in config.services.iter().enumerate() {
-            for ip in &svc.cluster_ips {
-                for (pi, port) in svc.ports.iter().enumerate() {
-                    by_addr.insert(
-                        SocketAddr::new(*ip, port.port),
-                        ServiceRef {
-                            service: si,
-                            port: pi,
-                        },
-                    );
+            for (pi, port) in svc.ports.iter().enumerate() {
+                let at = ServiceRef {
+                    service: si,
+                    port: pi,
+                    endpoint: None,
+                };
+                for ip in &svc.cluster_ips {
+                    by_addr.insert(SocketAddr::new(*ip, port.port), at);
+                }
+                for (ei, ep) in svc.endpoints.iter().enumerate() {
+                    // A pod behind several Services keeps the first one
+                    // listing it (the config's order is deterministic).
+                    by_endpoint
+                        .entry(SocketAddr::new(ep.address, endpoint_port(ep, port)))
+                        .or_insert(ServiceRef {
+                            endpoint: Some(ei),
+                            ..at
+                        });
                 }
             }
         }
@@ -116,12 +134,17 @@ impl Snapshot {
             source,
             routes,
             by_addr,
+            by_endpoint,
         })
     }
 
-    /// Where the Service port behind a ClusterIP:port is, if the config knows it.
+    /// Where the destination is in the config: the Service port behind a
+    /// ClusterIP:port, else the endpoint whose pod IP:port it is.
     pub fn lookup(&self, dst: SocketAddr) -> Option<ServiceRef> {
-        self.by_addr.get(&dst).copied()
+        self.by_addr
+            .get(&dst)
+            .or_else(|| self.by_endpoint.get(&dst))
+            .copied()
     }
 
     /// The Service and port a [`ServiceRef`] points at.

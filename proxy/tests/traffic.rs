@@ -241,6 +241,54 @@ async fn opaque_tcp_over_mtls() {
     );
 }
 
+/// Pod IPs (headless Services, StatefulSet peers) are meshed too: a
+/// connection addressed to a meshed endpoint's own IP:port goes to that pod
+/// over mTLS, HTTP and opaque alike, and Strict on the server accepts it.
+#[tokio::test]
+async fn a_meshed_pod_ip_destination_gets_mtls() {
+    let app = echo_app().await;
+    let p = pair(app, Protocol::Detect).await;
+    let pod = SocketAddr::new(IpAddr::V4(SERVER_POD_IP), app.port());
+    let mut c = h1(p.client.app_connect(pod).await).await;
+    let req = Request::get("/direct")
+        .header("host", "echo-0.echo.shop.svc.cluster.local")
+        .body(body(""))
+        .expect("request");
+    let (status, _, text) = read_text(c.send_request(req).await.expect("response")).await;
+    assert_eq!(status, StatusCode::OK, "{text}");
+    assert!(text.starts_with("GET /direct HTTP/1.1"), "{text}");
+    assert!(
+        text.contains(&format!("x-weft-peer-identity: {CLIENT_ID}")),
+        "{text}"
+    );
+
+    let tcp = tcp_echo().await;
+    let p = pair(tcp, Protocol::Opaque).await;
+    let pod = SocketAddr::new(IpAddr::V4(SERVER_POD_IP), tcp.port());
+    let mut s = p.client.app_connect(pod).await;
+    s.write_all(b"to the pod").await.expect("write");
+    let mut got = [0u8; 10];
+    tokio::time::timeout(LONG, s.read_exact(&mut got))
+        .await
+        .expect("in time")
+        .expect("read");
+    assert_eq!(&got, b"to the pod");
+    assert_eq!(
+        p.server
+            .proxy
+            .state
+            .metrics
+            .connections
+            .get_or_create(&weft_proxy::metrics::ConnLabels {
+                direction: Direction::Inbound,
+                tls: true
+            })
+            .get(),
+        1,
+        "the opaque connection to the pod IP came over mTLS"
+    );
+}
+
 #[tokio::test]
 async fn detected_non_http_is_forwarded_opaque() {
     let p = pair(tcp_echo().await, Protocol::Detect).await;
@@ -289,8 +337,18 @@ async fn server_first_protocol_on_a_server_first_port_never_waits_for_the_client
         .expect("read");
     assert_eq!(&buf, b"* OK mysql-like greeting\r\n");
 
-    // An unknown destination passes through untouched, also server-first.
+    // Dialled at the endpoint's own address (a pod IP, any target port):
+    // the Service port's server-first default still applies.
     let mut s = client.app_connect(app).await;
+    tokio::time::timeout(LONG, s.read_exact(&mut buf))
+        .await
+        .expect("greeting from the pod IP without client bytes")
+        .expect("read");
+    assert_eq!(&buf, b"* OK mysql-like greeting\r\n");
+
+    // An unknown destination passes through untouched, also server-first.
+    let other = greeter(b"* OK mysql-like greeting\r\n").await;
+    let mut s = client.app_connect(other).await;
     tokio::time::timeout(LONG, s.read_exact(&mut buf))
         .await
         .expect("passthrough greeting")

@@ -134,9 +134,12 @@ async fn handle(state: Arc<State>, conn: TcpStream, peer: SocketAddr) {
             .await
         }
         Protocol::Detect => {
-            if SERVER_FIRST_PORTS.contains(&dst.port())
-                || state.settings.opaque_ports.contains(&dst.port())
-            {
+            // The dialled port, and the Service port when a pod IP was
+            // dialled (its target port may be anything).
+            let server_first = |p: u16| {
+                SERVER_FIRST_PORTS.contains(&p) || state.settings.opaque_ports.contains(&p)
+            };
+            if server_first(dst.port()) || server_first(port.port) {
                 return opaque(conn, Bytes::new()).await;
             }
             let mut conn = conn;

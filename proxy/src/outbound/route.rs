@@ -200,6 +200,9 @@ impl RouteTable {
         uri: &Uri,
         headers: &HeaderMap,
     ) -> Option<Selected<'a>> {
+        if target.endpoint.is_some() {
+            return None;
+        }
         let routes = &self.services.get(target.service)?.http;
         if routes.is_empty() {
             return None;
@@ -231,6 +234,9 @@ impl RouteTable {
     /// The backends of the TCP route for `port` of the target's Service
     /// (a port-specific route before the all-ports one).
     pub fn tcp(&self, target: ServiceRef, port: u16) -> Option<&Backends> {
+        if target.endpoint.is_some() {
+            return None;
+        }
         let routes = &self.services.get(target.service)?.tcp;
         routes
             .iter()
@@ -737,6 +743,16 @@ pub fn resolve<'a>(
 ) -> Result<Dest<'a>, NoSuchPort> {
     let routed = &config.services[target.service];
     let routed_port = &routed.ports[target.port];
+    if let Some(ep) = target.endpoint.and_then(|i| routed.endpoints.get(i)) {
+        // Addressed to one pod: that pod only (routes do not apply).
+        return Ok(Dest {
+            service: routed,
+            port: routed_port,
+            endpoints: vec![ep],
+            fallback: Some(dst),
+            subset: None,
+        });
+    }
     let Some(b) = backend else {
         return Ok(Dest {
             service: routed,
@@ -860,6 +876,7 @@ mod tests {
         ServiceRef {
             service: 0,
             port: 0,
+            endpoint: None,
         }
     }
 
@@ -1079,6 +1096,30 @@ mod tests {
             port: Some(9),
         };
         assert!(resolve(&c, &t, at(), Some(b), dst).is_err());
+    }
+
+    #[test]
+    fn a_pod_ip_target_skips_routes_and_goes_to_that_endpoint_only() {
+        let c = config(vec![svc(
+            "cart",
+            vec![route("all", vec![], vec![backend("v2", 1)])],
+        )]);
+        let t = RouteTable::build(&c).expect("compiles");
+        let uri: Uri = "/".parse().expect("uri");
+        let headers = HeaderMap::new();
+        assert!(t.http(at(), 80, &Method::GET, &uri, &headers).is_some());
+        // The terminating v1 endpoint, addressed by its pod IP.
+        let pinned = ServiceRef {
+            endpoint: Some(1),
+            ..at()
+        };
+        assert!(t.http(pinned, 80, &Method::GET, &uri, &headers).is_none());
+        assert!(t.tcp(pinned, 80).is_none());
+        let dst: SocketAddr = "10.244.0.2:8080".parse().expect("addr");
+        let d = resolve(&c, &t, pinned, None, dst).expect("resolves");
+        let addrs: Vec<IpAddr> = d.endpoints.iter().map(|e| e.address).collect();
+        assert_eq!(addrs, vec![IpAddr::V4(Ipv4Addr::new(10, 244, 0, 2))]);
+        assert_eq!(d.fallback, Some(dst));
     }
 
     #[test]
