@@ -72,6 +72,12 @@ pub enum HarnessError {
     /// A wait ran out of time.
     #[error("timed out after {0:?} waiting for {1}")]
     Timeout(Duration, String),
+    /// What was asked needs the harness's own cluster (its files, audit
+    /// log or network namespaces), not one reached by kubeconfig.
+    #[error(
+        "{0} needs the harness's own cluster; not available on a cluster reached by WEFT_E2E_KUBECONFIG"
+    )]
+    HarnessOnly(&'static str),
     /// A pod is not running on the simulated node.
     #[error("pod {0} is not running on the node")]
     NoSuchPod(String),
@@ -134,7 +140,10 @@ pub struct Cluster {
     kubeconfig: PathBuf,
     controlplane: Option<Child>,
     /// Keeps the apiserver forward alive as long as the cluster.
-    _forward_rt: Arc<NetnsRuntime>,
+    _forward_rt: Option<Arc<NetnsRuntime>>,
+    /// Set for a cluster reached through a kubeconfig only
+    /// ([`Cluster::for_scenario`]).
+    external: Option<External>,
     node_ns: Option<NetNs>,
     dir: Option<tempfile::TempDir>,
     started_in: Duration,
@@ -142,7 +151,155 @@ pub struct Cluster {
     host: Option<Arc<HostLease>>,
 }
 
+/// A cluster the harness did not start: reached through a kubeconfig only,
+/// as the scenarios run against a real cluster (`WEFT_E2E_KUBECONFIG`).
+struct External {
+    /// How commands run inside pods.
+    pods: PodAccess,
+    /// kubectl argument lists run at teardown, last registered first (what
+    /// the scenario installed; see [`Cluster::on_teardown`]).
+    cleanup: std::sync::Mutex<Vec<Vec<String>>>,
+    /// The harness cluster behind it, when [`Cluster::for_scenario`] made
+    /// one for `WEFT_E2E_VIA_KUBECONFIG`; torn down after the clean-up.
+    harness: Option<Box<Cluster>>,
+}
+
+/// How an external cluster's pods are reached.
+enum PodAccess {
+    /// `kubectl exec` / `kubectl logs`: a real cluster.
+    Kubectl,
+    /// The network namespaces of a harness cluster the test also started:
+    /// the external mode's own test on a machine without kubelet streaming.
+    Harness(Arc<crate::kubelet::Node>),
+}
+
+/// The kubeconfig of the cluster to run the scenarios on, if one was given.
+pub fn external_kubeconfig() -> Option<PathBuf> {
+    std::env::var_os("WEFT_E2E_KUBECONFIG")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+}
+
 impl Cluster {
+    /// The cluster a mesh scenario runs on: the one `WEFT_E2E_KUBECONFIG`
+    /// names when set (see [`Cluster::connect`]), else a new harness cluster.
+    pub async fn for_scenario() -> Result<Self, HarnessError> {
+        Self::for_scenario_with(ClusterConfig::default()).await
+    }
+
+    /// [`Cluster::for_scenario`] with a harness configuration (ignored for
+    /// an external cluster).
+    ///
+    /// With `WEFT_E2E_VIA_KUBECONFIG=1` (and no `WEFT_E2E_KUBECONFIG`) it
+    /// starts a harness cluster and returns it reached through its
+    /// kubeconfig only ([`Cluster::connect_to`]): the scenarios' external
+    /// mode, checked on this machine.
+    pub async fn for_scenario_with(config: ClusterConfig) -> Result<Self, HarnessError> {
+        if let Some(path) = external_kubeconfig() {
+            return Self::connect(&path).await;
+        }
+        if std::env::var_os("WEFT_E2E_VIA_KUBECONFIG").is_some_and(|v| !v.is_empty()) {
+            let harness = Self::start_with(config).await?;
+            let mut cluster = Self::connect_to(&harness).await?;
+            if let Some(ext) = cluster.external.as_mut() {
+                ext.harness = Some(Box::new(harness));
+            }
+            return Ok(cluster);
+        }
+        Self::start_with(config).await
+    }
+
+    /// Uses the cluster of `kubeconfig` (its current context): commands in
+    /// pods go through `kubectl exec`, logs through `kubectl logs`. Nothing
+    /// is started; what a scenario installs is removed at teardown.
+    pub async fn connect(kubeconfig: &Path) -> Result<Self, HarnessError> {
+        Self::connect_with(kubeconfig, PodAccess::Kubectl).await
+    }
+
+    /// Uses `harness` through its kubeconfig only, as [`Cluster::connect`]
+    /// would, except that commands run in pods through the harness's
+    /// network namespaces (the simulator serves no `exec`). The external
+    /// mode's own test.
+    pub async fn connect_to(harness: &Cluster) -> Result<Self, HarnessError> {
+        let node = harness
+            .kubelet
+            .as_ref()
+            .map(|k| k.node().clone())
+            .ok_or(HarnessError::HarnessOnly("connect_to"))?;
+        Self::connect_with(harness.kubeconfig(), PodAccess::Harness(node)).await
+    }
+
+    async fn connect_with(kubeconfig: &Path, pods: PodAccess) -> Result<Self, HarnessError> {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let begin = Instant::now();
+        let kc = Kubeconfig::read_from(kubeconfig)
+            .map_err(|e| HarnessError::Kubeconfig(format!("{}: {e}", kubeconfig.display())))?;
+        let kconf = kube::Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
+            .await
+            .map_err(|e| HarnessError::Kubeconfig(e.to_string()))?;
+        let client = kube::Client::try_from(kconf)?;
+        client.apiserver_version().await?;
+        let id: String = format!("ext{:04x}", rand::rng().random::<u16>());
+        Ok(Cluster {
+            id,
+            kubelet: None,
+            client,
+            kubeconfig: kubeconfig.to_path_buf(),
+            controlplane: None,
+            _forward_rt: None,
+            external: Some(External {
+                pods,
+                cleanup: std::sync::Mutex::default(),
+                harness: None,
+            }),
+            node_ns: None,
+            dir: None,
+            started_in: begin.elapsed(),
+            passed: false,
+            host: None,
+        })
+    }
+
+    /// Whether this cluster was reached by kubeconfig rather than started
+    /// by the harness; scenarios skip their harness-only checks then.
+    pub fn is_external(&self) -> bool {
+        self.external.is_some()
+    }
+
+    /// Registers `kubectl <args>` to run when an external cluster is torn
+    /// down (last registered first), so a scenario leaves it as it found
+    /// it. Nothing happens on a harness cluster, which is removed whole.
+    pub fn on_teardown(&self, args: &[&str]) {
+        if let Some(ext) = &self.external
+            && let Ok(mut list) = ext.cleanup.lock()
+        {
+            let args: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
+            if !list.contains(&args) {
+                list.push(args);
+            }
+        }
+    }
+
+    /// The path to run `program` (a test program of [`ImageMap`], e.g.
+    /// `weft-e2e-app`) inside a pod: the host binary on the harness, the
+    /// name in the image's `PATH` through `kubectl exec`.
+    pub fn pod_program(&self, program: &str) -> Result<String, HarnessError> {
+        if matches!(
+            self.external.as_ref().map(|e| &e.pods),
+            Some(PodAccess::Kubectl)
+        ) {
+            return Ok(program.to_owned());
+        }
+        ImageMap::workspace()
+            .program_for_image(program)
+            .map(|p| p.to_string_lossy().into_owned())
+            .ok_or_else(|| {
+                HarnessError::Prerequisite(format!(
+                    "{program} is not built (cargo build -p weft-e2e)"
+                ))
+            })
+    }
+
     /// Starts a cluster with the default configuration.
     pub async fn start() -> Result<Self, HarnessError> {
         Self::start_with(ClusterConfig::default()).await
@@ -220,7 +377,8 @@ impl Cluster {
             client: placeholder_client()?,
             kubeconfig: dir.path().join("kubeconfig"),
             controlplane: Some(child),
-            _forward_rt: node_rt.clone(),
+            _forward_rt: Some(node_rt.clone()),
+            external: None,
             node_ns: Some(node_ns),
             dir: Some(dir),
             started_in: Duration::ZERO,
@@ -548,14 +706,102 @@ impl Cluster {
     }
 
     fn pod_record(&self, ns: &str, pod: &str) -> Result<crate::kubelet::PodRecord, HarnessError> {
-        self.kubelet
-            .as_ref()
-            .and_then(|k| k.node().pod(&format!("{ns}/{pod}")))
+        let node = match (&self.kubelet, &self.external) {
+            (Some(k), _) => Some(k.node()),
+            (
+                None,
+                Some(External {
+                    pods: PodAccess::Harness(node),
+                    ..
+                }),
+            ) => Some(node),
+            _ => None,
+        };
+        node.and_then(|n| n.pod(&format!("{ns}/{pod}")))
             .ok_or_else(|| HarnessError::NoSuchPod(format!("{ns}/{pod}")))
+    }
+
+    /// Harness-only features refuse on an external cluster.
+    fn harness_only(&self, what: &'static str) -> Result<(), HarnessError> {
+        match self.external {
+            Some(_) => Err(HarnessError::HarnessOnly(what)),
+            None => Ok(()),
+        }
+    }
+
+    /// Whether commands reach pods with `kubectl exec`.
+    fn via_kubectl(&self) -> bool {
+        matches!(
+            self.external.as_ref().map(|e| &e.pods),
+            Some(PodAccess::Kubectl)
+        )
+    }
+
+    /// The container `kubectl exec` runs in: the pod's first one that is
+    /// not weft's sidecar.
+    async fn app_container(&self, ns: &str, pod: &str) -> Result<String, HarnessError> {
+        let api: Api<Pod> = Api::namespaced(self.client.clone(), ns);
+        let p = api.get(pod).await?;
+        p.spec
+            .into_iter()
+            .flat_map(|s| s.containers)
+            .map(|c| c.name)
+            .find(|n| n != "weft-proxy")
+            .ok_or_else(|| HarnessError::NoSuchPod(format!("{ns}/{pod} has no app container")))
+    }
+
+    /// `kubectl exec` arguments running `cmd` in the app container.
+    async fn kubectl_exec_args(
+        &self,
+        ns: &str,
+        pod: &str,
+        stdin: bool,
+        cmd: &[&str],
+    ) -> Result<Vec<String>, HarnessError> {
+        let container = self.app_container(ns, pod).await?;
+        let mut args: Vec<String> = vec!["--kubeconfig".into()];
+        args.push(self.kubeconfig.to_string_lossy().into_owned());
+        args.extend(["exec".into(), "-n".into(), ns.into(), pod.into()]);
+        args.extend(["-c".into(), container]);
+        if stdin {
+            args.push("-i".into());
+        }
+        args.push("--".into());
+        args.extend(cmd.iter().map(|c| (*c).to_owned()));
+        Ok(args)
+    }
+
+    /// Starts `cmd` in the pod (as [`Cluster::exec_in_pod`] runs it) with
+    /// stdin and stdout piped, for a program that runs until told to stop
+    /// (its stdin closed).
+    pub async fn spawn_in_pod(
+        &self,
+        ns: &str,
+        pod: &str,
+        cmd: &[&str],
+    ) -> Result<tokio::process::Child, HarnessError> {
+        let mut command = if self.via_kubectl() {
+            let mut c = tokio::process::Command::new("kubectl");
+            c.args(self.kubectl_exec_args(ns, pod, true, cmd).await?);
+            c
+        } else {
+            let rec = self.pod_record(ns, pod)?;
+            let mut c = tokio::process::Command::new("ip");
+            c.args(["netns", "exec", &rec.netns]).args(cmd);
+            c
+        };
+        command
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(io(format!("spawn {cmd:?} in {ns}/{pod}")))
     }
 
     /// The IP of a pod running on the node.
     pub fn pod_ip(&self, ns: &str, pod: &str) -> Result<IpAddr, HarnessError> {
+        self.harness_only("pod_ip")?;
         Ok(self.pod_record(ns, pod)?.ip)
     }
 
@@ -567,24 +813,38 @@ impl Cluster {
         pod: &str,
         volume: &str,
     ) -> Result<PathBuf, HarnessError> {
+        self.harness_only("pod_volume_dir")?;
         Ok(self.pod_record(ns, pod)?.volumes.join(volume))
     }
 
     /// Runs `cmd` (a host program, e.g. `weft-e2e-app get ...` or `curl`)
     /// inside the pod's network namespace; returns its output whatever the
-    /// exit status. The file system is the host's.
+    /// exit status. The file system is the host's. On a cluster reached by
+    /// `WEFT_E2E_KUBECONFIG`, `kubectl exec` runs it in the pod's app
+    /// container instead (see [`Cluster::pod_program`] for the path).
     pub async fn exec_in_pod(
         &self,
         ns: &str,
         pod: &str,
         cmd: &[&str],
     ) -> Result<Output, HarnessError> {
+        if self.via_kubectl() {
+            let args = self.kubectl_exec_args(ns, pod, false, cmd).await?;
+            return tokio::process::Command::new("kubectl")
+                .args(&args)
+                .stdin(Stdio::null())
+                .kill_on_drop(true)
+                .output()
+                .await
+                .map_err(io(format!("kubectl exec {cmd:?}")));
+        }
         let rec = self.pod_record(ns, pod)?;
         self.exec_in_netns(&rec.netns, cmd).await
     }
 
     /// Runs `cmd` in the node (and control plane) network namespace.
     pub async fn exec_in_node(&self, cmd: &[&str]) -> Result<Output, HarnessError> {
+        self.harness_only("exec_in_node")?;
         self.exec_in_netns(&self.node_netns(), cmd).await
     }
 
@@ -602,6 +862,7 @@ impl Cluster {
     /// A runtime whose tasks run in the pod's network namespace, for Rust
     /// client code (e.g. a hyper client) that must originate from the pod.
     pub fn pod_runtime(&self, ns: &str, pod: &str) -> Result<NetnsRuntime, HarnessError> {
+        self.harness_only("pod_runtime")?;
         let rec = self.pod_record(ns, pod)?;
         Ok(NetnsRuntime::enter(
             PathBuf::from("/var/run/netns").join(rec.netns),
@@ -610,6 +871,22 @@ impl Cluster {
 
     /// The current log of one container (latest restart) of a running pod.
     pub fn pod_log(&self, ns: &str, pod: &str, container: &str) -> Result<String, HarnessError> {
+        if self.via_kubectl() {
+            let out = std::process::Command::new("kubectl")
+                .arg("--kubeconfig")
+                .arg(&self.kubeconfig)
+                .args(["logs", "-n", ns, pod, "-c", container])
+                .output()
+                .map_err(io("kubectl logs"))?;
+            if !out.status.success() {
+                return Err(HarnessError::Command {
+                    cmd: format!("kubectl logs -n {ns} {pod} -c {container}"),
+                    status: out.status.to_string(),
+                    stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+                });
+            }
+            return Ok(String::from_utf8_lossy(&out.stdout).into_owned());
+        }
         let rec = self.pod_record(ns, pod)?;
         let mut best: Option<(u32, PathBuf)> = None;
         for e in std::fs::read_dir(&rec.logs)
@@ -661,6 +938,7 @@ impl Cluster {
     /// made by a service account of namespace `weft-system` (the policy is
     /// in `e2e/controlplane/main.go`), one JSON object per request.
     pub fn audit_events(&self) -> Result<Vec<serde_json::Value>, HarnessError> {
+        self.harness_only("the API server's audit log")?;
         let path = self.dir()?.join("controlplane/logs/audit.log");
         let text = match std::fs::read_to_string(&path) {
             Ok(t) => t,
@@ -678,11 +956,18 @@ impl Cluster {
     /// dropped without this (a panic, an early `?` return) prints them all.
     pub fn shutdown(mut self) {
         self.passed = true;
+        if let Some(h) = self.external.as_mut().and_then(|e| e.harness.as_mut()) {
+            h.passed = true;
+        }
     }
 
     /// Prints the cluster's objects (`kubectl get`), the node's NAT rules
     /// and the tail of every log to stderr.
     pub fn dump_logs(&self) {
+        if self.is_external() {
+            self.dump_external();
+            return;
+        }
         if let Ok(out) = crate::netns::run(
             "ip",
             &[
@@ -724,7 +1009,86 @@ impl Cluster {
         }
     }
 
+    /// What an external cluster shows: its objects and weft's logs.
+    fn dump_external(&self) {
+        let kubectl = |args: &[&str]| {
+            std::process::Command::new("kubectl")
+                .arg("--kubeconfig")
+                .arg(&self.kubeconfig)
+                .args(args)
+                .output()
+                .map(|o| {
+                    format!(
+                        "{}{}",
+                        String::from_utf8_lossy(&o.stdout),
+                        String::from_utf8_lossy(&o.stderr)
+                    )
+                })
+                .unwrap_or_else(|e| format!("kubectl: {e}"))
+        };
+        for ns in ["weft-system", "demo", "outside"] {
+            eprintln!(
+                "===== kubectl get all,events -n {ns} =====\n{}",
+                kubectl(&[
+                    "get",
+                    "all,events",
+                    "-n",
+                    ns,
+                    "-o",
+                    "wide",
+                    "--request-timeout=5s"
+                ])
+            );
+        }
+        eprintln!(
+            "===== weft-system logs =====\n{}",
+            kubectl(&[
+                "logs",
+                "-n",
+                "weft-system",
+                "-l",
+                "app.kubernetes.io/part-of=weft",
+                "--all-containers",
+                "--prefix",
+                "--tail=80",
+            ])
+        );
+    }
+
+    /// Runs the registered clean-up of an external cluster, last first.
+    fn clean_external(&mut self) {
+        let Some(ext) = self.external.take() else {
+            return;
+        };
+        let External {
+            cleanup, harness, ..
+        } = ext;
+        let mut list = cleanup.into_inner().unwrap_or_default();
+        if harness.is_some() && !self.passed {
+            // The harness goes whole; keep its pods for its log dump.
+            list.clear();
+        }
+        for args in list.iter().rev() {
+            let out = std::process::Command::new("kubectl")
+                .arg("--kubeconfig")
+                .arg(&self.kubeconfig)
+                .args(args)
+                .output();
+            match out {
+                Ok(o) if o.status.success() => {}
+                Ok(o) => eprintln!(
+                    "weft-e2e: clean-up `kubectl {}` failed: {}",
+                    args.join(" "),
+                    String::from_utf8_lossy(&o.stderr).trim()
+                ),
+                Err(e) => eprintln!("weft-e2e: clean-up `kubectl {}`: {e}", args.join(" ")),
+            }
+        }
+        drop(harness);
+    }
+
     fn teardown(&mut self) {
+        self.clean_external();
         if let Some(kubelet) = self.kubelet.take() {
             // Only live, not yet reaped container processes are tracked, so
             // these ids cannot have been reused.

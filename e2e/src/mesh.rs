@@ -10,7 +10,7 @@ use kube::Api;
 use kube::api::ListParams;
 use serde_json::Value;
 
-use crate::{Cluster, HarnessError, ImageMap};
+use crate::{Cluster, HarnessError};
 
 /// The repository root (manifests, examples and the demo app live there).
 pub fn repo_root() -> PathBuf {
@@ -29,7 +29,13 @@ fn path_arg(p: &Path) -> String {
 /// until the CRDs are established, so the first apply may refuse the
 /// default `Mesh`; like a user, apply again once the CRDs are in.
 pub async fn install(cluster: &Cluster) -> Result<(), HarnessError> {
-    let manifests = path_arg(&repo_root().join("manifests"));
+    let manifests = manifests_dir();
+    if cluster.is_external() {
+        // Start from a clean cluster (an interrupted run may have left
+        // weft or the demo behind) and leave one.
+        uninstall(cluster).await?;
+        cluster.on_teardown(&uninstall_args(&manifests));
+    }
     let mut last = None;
     for _ in 0..5 {
         let out = cluster
@@ -69,11 +75,96 @@ pub async fn install(cluster: &Cluster) -> Result<(), HarnessError> {
     Ok(())
 }
 
+/// The kustomization weft is installed from: `$WEFT_E2E_MANIFESTS` (an
+/// overlay of `manifests/` with the images of a real cluster's registry),
+/// else `manifests/`.
+pub fn manifests_dir() -> String {
+    std::env::var("WEFT_E2E_MANIFESTS")
+        .ok()
+        .filter(|v| !v.is_empty())
+        .unwrap_or_else(|| path_arg(&repo_root().join("manifests")))
+}
+
+fn uninstall_args(manifests: &str) -> [&str; 6] {
+    [
+        "delete",
+        "-k",
+        manifests,
+        "--ignore-not-found",
+        "--wait=true",
+        "--timeout=180s",
+    ]
+}
+
+/// Removes the demo app and weft (what [`deploy_demo`] and [`install`]
+/// applied), waiting until they are gone.
+pub async fn uninstall(cluster: &Cluster) -> Result<(), HarnessError> {
+    let app = path_arg(&repo_root().join("e2e/demo/app.yaml"));
+    cluster
+        .kubectl(&[
+            "delete",
+            "-f",
+            &app,
+            "--ignore-not-found",
+            "--wait=true",
+            "--timeout=180s",
+        ])
+        .await?;
+    // Without weft's CRDs, kubectl cannot map the default Mesh and says
+    // so, after deleting everything else; that is nothing left to delete.
+    let manifests = manifests_dir();
+    let args = uninstall_args(&manifests);
+    let out = cluster.kubectl_output(&args, None).await?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let unmapped = |l: &str| {
+        l.contains("no matches for kind") || l.contains("ensure CRDs are installed first")
+    };
+    if !out.status.success()
+        && !stderr
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .all(unmapped)
+    {
+        return Err(HarnessError::Command {
+            cmd: format!("kubectl {}", args.join(" ")),
+            status: out.status.to_string(),
+            stderr: stderr.into_owned(),
+        });
+    }
+    Ok(())
+}
+
+/// The demo app's YAML: `e2e/demo/app.yaml`, with its image replaced by
+/// `$WEFT_E2E_APP_IMAGE` when set (a real cluster's registry).
+pub fn demo_app_yaml() -> Result<String, HarnessError> {
+    let path = repo_root().join("e2e/demo/app.yaml");
+    let text = std::fs::read_to_string(&path).map_err(|source| HarnessError::Io {
+        what: format!("reading {}", path.display()),
+        source,
+    })?;
+    Ok(match std::env::var("WEFT_E2E_APP_IMAGE") {
+        Ok(image) if !image.is_empty() => {
+            text.replace("image: weft-e2e-app\n", &format!("image: {image}\n"))
+        }
+        _ => text,
+    })
+}
+
 /// Applies the demo app (`e2e/demo/app.yaml`) and the examples, and waits
 /// until every demo Deployment is ready.
 pub async fn deploy_demo(cluster: &Cluster) -> Result<(), HarnessError> {
     let app = path_arg(&repo_root().join("e2e/demo/app.yaml"));
-    cluster.kubectl(&["apply", "-f", &app]).await?;
+    cluster.on_teardown(&[
+        "delete",
+        "-f",
+        &app,
+        "--ignore-not-found",
+        "--wait=true",
+        "--timeout=180s",
+    ]);
+    cluster
+        .kubectl_stdin(&["apply", "-f", "-"], Some(&demo_app_yaml()?))
+        .await?;
     let examples = path_arg(&repo_root().join("manifests/examples"));
     cluster.kubectl(&["apply", "-f", &examples]).await?;
     for (ns, name) in [
@@ -140,11 +231,7 @@ pub async fn get_from_pod(
     url: &str,
     headers: &[(&str, &str)],
 ) -> Result<Reply, HarnessError> {
-    let images = ImageMap::workspace();
-    let app = images
-        .program_for_image("weft-e2e-app")
-        .map(path_arg)
-        .ok_or_else(|| HarnessError::Prerequisite("weft-e2e-app is not built".into()))?;
+    let app = cluster.pod_program("weft-e2e-app")?;
     let mut cmd: Vec<String> = vec![app, "get".into(), url.into()];
     for (k, v) in headers {
         cmd.push("--header".into());
@@ -256,62 +343,18 @@ impl Tally {
     }
 }
 
-/// One GET to `addr` (a new connection, `Connection: close`), from wherever
-/// the calling task's sockets live; the body of a 2xx answer.
-async fn http_get(
-    addr: std::net::SocketAddr,
-    path: &str,
-    headers: &[(String, String)],
-) -> Result<String, String> {
-    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-    let exchange = async {
-        let mut s = tokio::net::TcpStream::connect(addr)
-            .await
-            .map_err(|e| format!("connect {addr}: {e}"))?;
-        let mut req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
-        for (k, v) in headers {
-            req.push_str(&format!("{k}: {v}\r\n"));
-        }
-        req.push_str("\r\n");
-        s.write_all(req.as_bytes())
-            .await
-            .map_err(|e| format!("write: {e}"))?;
-        let mut buf = Vec::new();
-        s.read_to_end(&mut buf)
-            .await
-            .map_err(|e| format!("read: {e}"))?;
-        let text = String::from_utf8_lossy(&buf);
-        let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-        let code: u16 = head
-            .split_whitespace()
-            .nth(1)
-            .and_then(|c| c.parse().ok())
-            .ok_or_else(|| format!("malformed response: {head:?}"))?;
-        if !(200..300).contains(&code) {
-            return Err(format!("HTTP {code}: {}", last_line(body)));
-        }
-        Ok(body.to_owned())
-    };
-    tokio::time::timeout(Duration::from_secs(15), exchange)
-        .await
-        .unwrap_or_else(|_| Err("no answer within 15 s".into()))
+/// One line of `weft-e2e-app send` / `stream`: who answered, or why not.
+fn outcome_of(line: &Value) -> Result<String, String> {
+    match (line["pod"].as_str(), line["error"].as_str()) {
+        (Some(pod), _) => Ok(pod.to_owned()),
+        (None, Some(e)) => Err(e.to_owned()),
+        (None, None) => Err(format!("unexpected client output: {line}")),
+    }
 }
 
-/// [`http_get`] to the echo app: the `pod` of its answer.
-async fn echo_get(
-    addr: std::net::SocketAddr,
-    path: &str,
-    headers: &[(String, String)],
-) -> Result<String, String> {
-    let body = http_get(addr, path, headers).await?;
-    let v: Value =
-        serde_json::from_str(body.trim()).map_err(|e| format!("not JSON ({e}): {body}"))?;
-    Ok(v["pod"].as_str().unwrap_or("?").to_owned())
-}
-
-/// Sends `n` GETs one after another from inside pod `ns/pod` (its network
-/// namespace, so through its sidecar) to the echo app behind `addr`, each
-/// on a new connection; tallies who answered.
+/// Sends `n` GETs one after another from inside pod `ns/pod` (through its
+/// sidecar) to the echo app behind `addr`, each on a new connection, with
+/// `weft-e2e-app send`; tallies who answered.
 pub async fn send_from_pod(
     cluster: &Cluster,
     ns: &str,
@@ -321,42 +364,49 @@ pub async fn send_from_pod(
     headers: &[(&str, &str)],
     n: usize,
 ) -> Result<Tally, HarnessError> {
-    let rt = cluster.pod_runtime(ns, pod)?;
-    let path = path.to_owned();
-    let headers: Vec<(String, String)> = headers
-        .iter()
-        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-        .collect();
-    let samples = rt
-        .spawn(async move {
-            let mut out = Vec::with_capacity(n);
-            for _ in 0..n {
-                out.push(Sample {
-                    at: Duration::ZERO,
-                    outcome: echo_get(addr, &path, &headers).await,
-                });
-            }
-            out
+    let app = cluster.pod_program("weft-e2e-app")?;
+    let count = n.to_string();
+    let url = format!("http://{addr}{path}");
+    let mut cmd: Vec<String> = vec![app, "send".into(), url, "--count".into(), count];
+    for (k, v) in headers {
+        cmd.push("--header".into());
+        cmd.push(format!("{k}: {v}"));
+    }
+    let args: Vec<&str> = cmd.iter().map(String::as_str).collect();
+    let out = cluster.exec_in_pod(ns, pod, &args).await?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let samples: Vec<Sample> = stdout
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .map(|v| Sample {
+            at: Duration::ZERO,
+            outcome: outcome_of(&v),
         })
-        .await
-        .map_err(|e| HarnessError::Prerequisite(format!("request task failed: {e}")))?;
+        .collect();
+    if samples.len() != n {
+        return Err(HarnessError::Command {
+            cmd: format!("weft-e2e-app send in {ns}/{pod}"),
+            status: format!("{} of {n} results", samples.len()),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        });
+    }
     Ok(Tally::of(&samples))
 }
 
 /// Continuous GETs from inside a pod (through its sidecar) until stopped,
-/// one at a time, each on a new connection, every sample timestamped.
+/// one at a time, each on a new connection, every sample timestamped:
+/// `weft-e2e-app stream`, running in the pod until its stdin closes.
 #[derive(Debug)]
 pub struct Load {
-    _rt: crate::netns::NetnsRuntime,
-    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    task: tokio::task::JoinHandle<Vec<Sample>>,
+    child: tokio::process::Child,
     started: std::time::Instant,
 }
 
 impl Load {
     /// Starts sending from `ns/pod` to `addr` + `path`, pausing `pause`
-    /// between requests.
-    pub fn start(
+    /// between requests. [`Sample::at`] is measured by the sender from its
+    /// own start, which is this call's to within the program's start-up.
+    pub async fn start(
         cluster: &Cluster,
         ns: &str,
         pod: &str,
@@ -364,26 +414,15 @@ impl Load {
         path: &str,
         pause: Duration,
     ) -> Result<Self, HarnessError> {
-        let rt = cluster.pod_runtime(ns, pod)?;
-        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let started = std::time::Instant::now();
-        let path = path.to_owned();
-        let flag = stop.clone();
-        let task = rt.spawn(async move {
-            let mut out = Vec::new();
-            while !flag.load(std::sync::atomic::Ordering::Relaxed) {
-                let at = started.elapsed();
-                let outcome = echo_get(addr, &path, &[]).await;
-                out.push(Sample { at, outcome });
-                tokio::time::sleep(pause).await;
-            }
-            out
-        });
+        let app = cluster.pod_program("weft-e2e-app")?;
+        let url = format!("http://{addr}{path}");
+        let interval = pause.as_millis().to_string();
+        let child = cluster
+            .spawn_in_pod(ns, pod, &[&app, "stream", &url, "--interval-ms", &interval])
+            .await?;
         Ok(Load {
-            _rt: rt,
-            stop,
-            task,
-            started,
+            child,
+            started: std::time::Instant::now(),
         })
     }
 
@@ -393,11 +432,32 @@ impl Load {
     }
 
     /// Stops after the request in flight; every sample.
-    pub async fn stop(self) -> Result<Vec<Sample>, HarnessError> {
-        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        self.task
+    pub async fn stop(mut self) -> Result<Vec<Sample>, HarnessError> {
+        drop(self.child.stdin.take());
+        let out = tokio::time::timeout(Duration::from_secs(30), self.child.wait_with_output())
             .await
-            .map_err(|e| HarnessError::Prerequisite(format!("load task failed: {e}")))
+            .map_err(|_| HarnessError::Timeout(Duration::from_secs(30), "the load to stop".into()))?
+            .map_err(|source| HarnessError::Io {
+                what: "load".into(),
+                source,
+            })?;
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let samples: Vec<Sample> = stdout
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .map(|v| Sample {
+                at: Duration::from_millis(v["atMs"].as_u64().unwrap_or(0)),
+                outcome: outcome_of(&v),
+            })
+            .collect();
+        if samples.is_empty() {
+            return Err(HarnessError::Command {
+                cmd: "weft-e2e-app stream".into(),
+                status: out.status.to_string(),
+                stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+            });
+        }
+        Ok(samples)
     }
 }
 
@@ -433,16 +493,12 @@ spec:
 /// The config the sidecar of `ns/pod` is running (its admin `/config`, read
 /// from inside the pod).
 pub async fn proxy_config(cluster: &Cluster, ns: &str, pod: &str) -> Result<Value, HarnessError> {
-    let rt = cluster.pod_runtime(ns, pod)?;
-    let admin: std::net::SocketAddr = ([127, 0, 0, 1], 15020).into();
-    let body = rt
-        .spawn(async move { http_get(admin, "/config", &[]).await })
-        .await
-        .map_err(|e| HarnessError::Prerequisite(format!("request task failed: {e}")))?
-        .map_err(|e| HarnessError::Prerequisite(format!("{ns}/{pod} admin /config: {e}")))?;
-    serde_json::from_str(&body).map_err(|e| {
-        HarnessError::Prerequisite(format!("{ns}/{pod} admin /config is not JSON: {e}"))
-    })
+    match get_from_pod(cluster, ns, pod, "http://127.0.0.1:15020/config", &[]).await? {
+        Reply::Ok(v) => Ok(v),
+        Reply::Failed(why) => Err(HarnessError::Prerequisite(format!(
+            "{ns}/{pod} admin /config: {why}"
+        ))),
+    }
 }
 
 /// Merges `spec` (JSON) into the spec of the `Mesh` named `default` with

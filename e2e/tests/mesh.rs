@@ -15,15 +15,59 @@ use weft_e2e::mesh::{self, Reply};
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn installed_mesh_injects_pods_and_serves_mtls() -> anyhow::Result<()> {
     let _serial = serial().await;
-    let cluster = Cluster::start().await?;
+    let cluster = Cluster::for_scenario().await?;
+    scenario(&cluster).await?;
+    cluster.shutdown();
+    Ok(())
+}
 
-    mesh::install(&cluster).await?;
-    mesh::deploy_demo(&cluster).await?;
+/// The external mode's own test: the same scenario on a harness cluster
+/// reached only through its kubeconfig, as a real one would be
+/// (`WEFT_E2E_KUBECONFIG`): installed from `manifests/` and cleaned up with
+/// kubectl, requests sent by `weft-e2e-app` inside the pods, nothing read
+/// from the harness's files. Only the way commands enter a pod differs
+/// (the harness's network namespaces, where a real cluster uses
+/// `kubectl exec`, which the simulator does not serve).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_scenario_runs_on_a_cluster_reached_by_kubeconfig_only() -> anyhow::Result<()> {
+    if weft_e2e::cluster::external_kubeconfig().is_some() {
+        // Already running against an external cluster.
+        return Ok(());
+    }
+    let _serial = serial().await;
+    let harness = Cluster::start().await?;
+    let external = Cluster::connect_to(&harness).await?;
+    assert!(external.is_external());
+    scenario(&external).await?;
+    // Teardown removes what the scenario installed, as on a real cluster.
+    external.shutdown();
+    let left = harness
+        .kubectl(&["get", "namespaces", "-o", "name"])
+        .await?;
+    for gone in [
+        "namespace/demo",
+        "namespace/outside",
+        "namespace/weft-system",
+    ] {
+        assert!(
+            !left.lines().any(|l| l == gone),
+            "{gone} left behind:\n{left}"
+        );
+    }
+    let crds = harness.kubectl(&["get", "crd", "-o", "name"]).await?;
+    assert!(!crds.contains("weft.dev"), "weft CRDs left behind:\n{crds}");
+    harness.shutdown();
+    Ok(())
+}
+
+async fn scenario(cluster: &Cluster) -> anyhow::Result<()> {
+    mesh::install(cluster).await?;
+    mesh::deploy_demo(cluster).await?;
 
     // Injection: every demo pod carries the sidecar from the patched spec,
     // and the kubelet simulator ran it (the pods are Ready).
-    let frontend = mesh::pods(&cluster, "demo", "frontend").await?;
-    let backends = mesh::pods(&cluster, "demo", "backend").await?;
+    let frontend = mesh::pods(cluster, "demo", "frontend").await?;
+    let backends = mesh::pods(cluster, "demo", "backend").await?;
     assert_eq!((frontend.len(), backends.len()), (1, 3));
     for pod in frontend.iter().chain(&backends) {
         let name = pod.metadata.name.clone().unwrap_or_default();
@@ -48,7 +92,7 @@ async fn installed_mesh_injects_pods_and_serves_mtls() -> anyhow::Result<()> {
         assert!(weft_e2e::pod_is_ready(pod), "{name} is not ready");
     }
     // The unmeshed namespace is left alone.
-    let client = mesh::pods(&cluster, "outside", "client").await?;
+    let client = mesh::pods(cluster, "outside", "client").await?;
     let client_name = client[0].metadata.name.clone().expect("client pod name");
     assert!(
         client[0]
@@ -60,30 +104,34 @@ async fn installed_mesh_injects_pods_and_serves_mtls() -> anyhow::Result<()> {
         "pods outside labelled namespaces are not injected"
     );
 
-    // weft-init installed real iptables rules in the pod's network namespace.
+    // weft-init installed real iptables rules in the pod's network namespace
+    // (read with the host's iptables, so on the harness only; elsewhere the
+    // identities and the Strict refusal below show the capture works).
     let fe = frontend[0].metadata.name.clone().expect("frontend name");
-    let rules = cluster
-        .exec_in_pod("demo", &fe, &["iptables-save", "-t", "nat"])
-        .await?;
-    let legacy = cluster
-        .exec_in_pod("demo", &fe, &["iptables-legacy-save", "-t", "nat"])
-        .await?;
-    let all_rules = format!(
-        "{}{}",
-        String::from_utf8_lossy(&rules.stdout),
-        String::from_utf8_lossy(&legacy.stdout)
-    );
-    assert!(
-        all_rules.contains("--to-ports 15001"),
-        "outbound capture rules missing:\n{all_rules}"
-    );
-    assert!(
-        all_rules.contains("--to-ports 15006"),
-        "inbound capture rules missing:\n{all_rules}"
-    );
+    if !cluster.is_external() {
+        let rules = cluster
+            .exec_in_pod("demo", &fe, &["iptables-save", "-t", "nat"])
+            .await?;
+        let legacy = cluster
+            .exec_in_pod("demo", &fe, &["iptables-legacy-save", "-t", "nat"])
+            .await?;
+        let all_rules = format!(
+            "{}{}",
+            String::from_utf8_lossy(&rules.stdout),
+            String::from_utf8_lossy(&legacy.stdout)
+        );
+        assert!(
+            all_rules.contains("--to-ports 15001"),
+            "outbound capture rules missing:\n{all_rules}"
+        );
+        assert!(
+            all_rules.contains("--to-ports 15006"),
+            "inbound capture rules missing:\n{all_rules}"
+        );
+    }
 
     // Identities were issued for the namespace's service accounts.
-    let ids = mesh::identity_secrets(&cluster, "demo").await?;
+    let ids = mesh::identity_secrets(cluster, "demo").await?;
     assert!(
         ids.contains(&"weft-identity-frontend".to_owned()),
         "{ids:?}"
@@ -94,12 +142,12 @@ async fn installed_mesh_injects_pods_and_serves_mtls() -> anyhow::Result<()> {
     // the frontend's SPIFFE identity from its proxy.
     let url = format!(
         "http://{}:8080/api/items",
-        mesh::cluster_ip(&cluster, "demo", "backend").await?
+        mesh::cluster_ip(cluster, "demo", "backend").await?
     );
-    mesh::wait_for_route(&cluster, "demo", &fe, &url, Duration::from_secs(60)).await?;
+    mesh::wait_for_route(cluster, "demo", &fe, &url, Duration::from_secs(60)).await?;
     let mut served = 0;
     for _ in 0..10 {
-        match mesh::get_from_pod(&cluster, "demo", &fe, &url, &[]).await? {
+        match mesh::get_from_pod(cluster, "demo", &fe, &url, &[]).await? {
             Reply::Ok(body) => {
                 assert_eq!(
                     body["identity"], "spiffe://cluster.local/ns/demo/sa/frontend",
@@ -125,9 +173,9 @@ async fn installed_mesh_injects_pods_and_serves_mtls() -> anyhow::Result<()> {
 
     // Addressed to a backend pod's own IP (as a headless Service resolves),
     // the request still goes over mTLS: Strict serves it, to that pod.
-    mesh::wait_for_proxy_sync(&cluster, "demo", &fe, Duration::from_secs(60)).await?;
+    mesh::wait_for_proxy_sync(cluster, "demo", &fe, Duration::from_secs(60)).await?;
     let direct = format!("http://{target}:8080/api/items");
-    match mesh::get_from_pod(&cluster, "demo", &fe, &direct, &[]).await? {
+    match mesh::get_from_pod(cluster, "demo", &fe, &direct, &[]).await? {
         Reply::Ok(body) => {
             assert_eq!(
                 body["identity"], "spiffe://cluster.local/ns/demo/sa/frontend",
@@ -140,7 +188,7 @@ async fn installed_mesh_injects_pods_and_serves_mtls() -> anyhow::Result<()> {
 
     // Plaintext from an unmeshed pod straight to a backend pod is refused.
     let plain = mesh::get_from_pod(
-        &cluster,
+        cluster,
         "outside",
         &client_name,
         &format!("http://{target}:8080/api/items"),
@@ -152,6 +200,5 @@ async fn installed_mesh_injects_pods_and_serves_mtls() -> anyhow::Result<()> {
         "plaintext was served under Strict: {plain:?}"
     );
 
-    cluster.shutdown();
     Ok(())
 }

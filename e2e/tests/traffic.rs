@@ -26,7 +26,7 @@ struct Demo {
 }
 
 async fn demo(config: ClusterConfig) -> anyhow::Result<Demo> {
-    let cluster = Cluster::start_with(config).await?;
+    let cluster = Cluster::for_scenario_with(config).await?;
     mesh::install(&cluster).await?;
     mesh::deploy_demo(&cluster).await?;
     let frontend = mesh::pods(&cluster, "demo", "frontend")
@@ -84,8 +84,13 @@ impl Demo {
         anyhow::bail!("timed out waiting for {what}; last batch: {last:?}")
     }
 
-    /// The frontend's mounted `proxy.json` (what kubelet delivered).
-    fn mounted_config(&self) -> anyhow::Result<serde_json::Value> {
+    /// The frontend's mounted `proxy.json` (what kubelet delivered); on a
+    /// cluster reached by kubeconfig, what the proxy loaded from it (its
+    /// admin `/config`).
+    async fn mounted_config(&self) -> anyhow::Result<serde_json::Value> {
+        if self.cluster.is_external() {
+            return Ok(mesh::proxy_config(&self.cluster, "demo", &self.frontend).await?);
+        }
         let dir = self
             .cluster
             .pod_volume_dir("demo", &self.frontend, "weft")?;
@@ -127,13 +132,15 @@ async fn route_weight_change_reaches_the_proxies_and_the_split_follows() -> anyh
     );
 
     // The weight change, applied with kubectl like a user would.
-    let generation = d.mounted_config()?["generation"].as_u64().unwrap_or(0);
+    let generation = d.mounted_config().await?["generation"]
+        .as_u64()
+        .unwrap_or(0);
     mesh::apply_yaml(&d.cluster, &mesh::backend_split_route(0, 100)).await?;
     let took = d
         .until("every request on v2 after 0/100", 20, |t| only(t, "v2", 20))
         .await?;
     // It came through kubelet's volume: the mounted file has the new route.
-    let cfg = d.mounted_config()?;
+    let cfg = d.mounted_config().await?;
     assert!(
         cfg["generation"].as_u64().unwrap_or(0) > generation,
         "mounted generation did not move: {}",
@@ -268,7 +275,8 @@ async fn a_deleted_pod_stops_getting_traffic_without_failed_requests() -> anyhow
         d.backend,
         "/",
         Duration::from_millis(10),
-    )?;
+    )
+    .await?;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let deleted_at = load.elapsed();
     d.cluster
@@ -288,7 +296,7 @@ async fn a_deleted_pod_stops_getting_traffic_without_failed_requests() -> anyhow
     let wait_start = Instant::now();
     while wait_start.elapsed() < Duration::from_secs(90) && (caught_up.is_none() || gone.is_none())
     {
-        if caught_up.is_none() && !live_in_config(&d.mounted_config()?) {
+        if caught_up.is_none() && !live_in_config(&d.mounted_config().await?) {
             caught_up = Some(load.elapsed());
         }
         if gone.is_none() {

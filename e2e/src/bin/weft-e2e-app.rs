@@ -65,6 +65,26 @@ enum Cmd {
         #[arg(long = "header")]
         headers: Vec<String>,
     },
+    /// GETs one after another (each on a new connection); prints one JSON
+    /// line per request: `{"pod": ...}` (the echo app that answered) or
+    /// `{"error": ...}`.
+    Send {
+        url: String,
+        /// How many requests.
+        #[arg(long, default_value_t = 1)]
+        count: usize,
+        /// Extra request headers, `Name: value` (repeatable).
+        #[arg(long = "header")]
+        headers: Vec<String>,
+    },
+    /// GETs one after another until stdin closes; prints one JSON line per
+    /// request as it completes: `{"atMs": <send time since start>, "pod"|"error": ...}`.
+    Stream {
+        url: String,
+        /// Pause between requests.
+        #[arg(long, default_value_t = 20)]
+        interval_ms: u64,
+    },
     /// Mutating admission webhook over HTTPS.
     Webhook {
         #[arg(long, default_value_t = 8443)]
@@ -96,6 +116,17 @@ async fn main() -> anyhow::Result<()> {
             interval_ms,
             headers,
         } => load(&url, seconds, interval_ms, &headers).await,
+        Cmd::Send {
+            url,
+            count,
+            headers,
+        } => {
+            for _ in 0..count {
+                println!("{}", outcome(&url, &headers).await);
+            }
+            Ok(())
+        }
+        Cmd::Stream { url, interval_ms } => stream(&url, interval_ms).await,
         Cmd::Webhook { port, cert, key } => webhook(port, &cert, &key).await,
         Cmd::KubeAccess { namespace } => kube_access(&namespace).await,
     }
@@ -170,6 +201,40 @@ async fn fetch(url: &str, headers: &[String]) -> anyhow::Result<String> {
         bail!("HTTP {code}: {}", body.trim());
     }
     Ok(body.to_owned())
+}
+
+/// One request to an echo app, as a JSON object: who answered, or why not.
+async fn outcome(url: &str, headers: &[String]) -> serde_json::Value {
+    let answer = tokio::time::timeout(std::time::Duration::from_secs(15), fetch(url, headers))
+        .await
+        .unwrap_or_else(|_| Err(anyhow::anyhow!("no answer within 15 s")))
+        .and_then(|body| Ok(serde_json::from_str::<serde_json::Value>(body.trim())?));
+    match answer {
+        Ok(v) => json!({"pod": v["pod"].as_str().unwrap_or("?")}),
+        Err(e) => json!({"error": format!("{e:#}")}),
+    }
+}
+
+async fn stream(url: &str, interval_ms: u64) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    let start = tokio::time::Instant::now();
+    let mut stdin_closed = tokio::spawn(async {
+        let mut sink = Vec::new();
+        let _ = tokio::io::stdin().read_to_end(&mut sink).await;
+    });
+    loop {
+        let at = start.elapsed();
+        let mut line = outcome(url, &[]).await;
+        line["atMs"] = json!(u64::try_from(at.as_millis()).unwrap_or(u64::MAX));
+        let mut out = std::io::stdout().lock();
+        writeln!(out, "{line}")?;
+        out.flush()?;
+        drop(out);
+        tokio::select! {
+            _ = &mut stdin_closed => return Ok(()),
+            () = tokio::time::sleep(std::time::Duration::from_millis(interval_ms)) => {}
+        }
+    }
 }
 
 async fn load(url: &str, seconds: u64, interval_ms: u64, headers: &[String]) -> anyhow::Result<()> {
