@@ -94,11 +94,8 @@ use weft_proxy_config::ProxyConfig;
 
 use crate::index::{Index, Kind, ObjectRef, ServiceInfo, TargetPort, Tracked};
 
-/// Ports of server-first or binary protocols treated as opaque unless
-/// configured otherwise: SMTP (25, 587), MySQL (3306), 4444 (Galera),
-/// PostgreSQL (5432), Redis (6379), Elasticsearch transport (9300),
-/// memcached (11211), MongoDB (27017).
-pub const DEFAULT_OPAQUE_PORTS: [u16; 9] = [25, 587, 3306, 4444, 5432, 6379, 9300, 11211, 27017];
+/// Ports rendered opaque unless configured otherwise (shared with the proxy).
+pub use weft_proxy_config::DEFAULT_OPAQUE_PORTS;
 
 const DEFAULT_RETRY_ON: [pc::RetryOn; 4] = [
     pc::RetryOn::ConnectFailure,

@@ -90,7 +90,9 @@ fn protocol_precedence() {
                 {"name": "g", "port": 85, "targetPort": 5432},
                 {"name": "h", "port": 86, "appProtocol": "http"},
                 {"name": "i", "port": 87, "appProtocol": "http"},
-                {"name": "j", "port": 6379, "appProtocol": "http"}
+                {"name": "j", "port": 6379, "appProtocol": "http"},
+                {"name": "k", "port": 9042},
+                {"name": "l", "port": 4444}
             ]),
         ),
         policy(
@@ -122,7 +124,9 @@ fn protocol_precedence() {
             (86, Grpc),
             (87, Opaque),
             (3306, Opaque),
+            (4444, Opaque),
             (6379, Http1),
+            (9042, Opaque),
         ]
     );
 }

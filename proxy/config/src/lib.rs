@@ -52,6 +52,17 @@ use sha2::{Digest, Sha256};
 
 /// The format version this crate reads and writes.
 pub const FORMAT_VERSION: u32 = 1;
+
+/// Ports treated as opaque TCP unless configured otherwise: the operator
+/// renders them `Opaque` (Service port or target port), and the proxy never
+/// waits for client bytes on them, since their servers speak first or their
+/// clients send binary that detection cannot use: FTP (21), SMTP (25, 465,
+/// 587), POP3 (110), IMAP (143), MySQL (3306, 33060), NATS (4222), Galera
+/// (4444), PostgreSQL (5432), Redis (6379), Cassandra (9042), Elasticsearch
+/// transport (9300), memcached (11211), MongoDB (27017).
+pub const DEFAULT_OPAQUE_PORTS: [u16; 16] = [
+    21, 25, 110, 143, 465, 587, 3306, 4222, 4444, 5432, 6379, 9042, 9300, 11211, 27017, 33060,
+];
 /// The key of the uncompressed config in the ConfigMap and mount.
 pub const FILE_NAME: &str = "proxy.json";
 /// The key of the gzip-compressed config (in `binaryData`) and mount.

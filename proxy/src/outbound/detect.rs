@@ -22,12 +22,9 @@ const METHODS: [&[u8]; 9] = [
     b"TRACE ",
 ];
 
-/// Ports whose protocols have the server speak first: the proxy never waits
-/// for client bytes on them (SMTP, POP3, IMAP, FTP, MySQL, PostgreSQL,
-/// Redis, memcached, NATS, MongoDB, ...).
-pub const SERVER_FIRST_PORTS: [u16; 14] = [
-    21, 25, 110, 143, 465, 587, 3306, 4222, 5432, 6379, 11211, 27017, 9042, 33060,
-];
+/// Ports the proxy never waits for client bytes on: the operator's default
+/// opaque ports (one list, in the config contract).
+pub use weft_proxy_config::DEFAULT_OPAQUE_PORTS as SERVER_FIRST_PORTS;
 
 /// What the first bytes say.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
