@@ -47,6 +47,16 @@ pub struct ErrorLabels {
     pub step: String,
 }
 
+/// Labels of route policy counters.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteEventLabels {
+    /// The route (`<ServiceRoute>/<rule>`).
+    pub route: String,
+    /// `retry`, `timeout`, `per-try-timeout`, `fault-delay`, `fault-abort`,
+    /// `mirror`.
+    pub event: &'static str,
+}
+
 /// Labels of reload counters.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReloadLabels {
@@ -85,6 +95,8 @@ pub struct Metrics {
     pub requests: Family<RequestLabels, Counter>,
     /// Failures by step.
     pub errors: Family<ErrorLabels, Counter>,
+    /// What route policies did (retries, timeouts, faults, mirrors).
+    pub route_events: Family<RouteEventLabels, Counter>,
     /// Reload attempts by result.
     pub reloads: Family<ReloadLabels, Counter>,
     /// Generation of the active config.
@@ -118,6 +130,11 @@ impl Metrics {
         );
         r.register("errors", "Failed proxying steps", self.errors.clone());
         r.register(
+            "route_events",
+            "Route policy actions: retries, timeouts, injected faults, mirrored requests",
+            self.route_events.clone(),
+        );
+        r.register(
             "reloads",
             "Config/identity reloads by result",
             self.reloads.clone(),
@@ -146,6 +163,16 @@ impl Metrics {
             .get_or_create(&ErrorLabels {
                 direction,
                 step: step.to_owned(),
+            })
+            .inc();
+    }
+
+    /// Counts what a route policy did.
+    pub fn route_event(&self, route: &str, event: &'static str) {
+        self.route_events
+            .get_or_create(&RouteEventLabels {
+                route: route.to_owned(),
+                event,
             })
             .inc();
     }

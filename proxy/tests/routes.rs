@@ -619,3 +619,305 @@ async fn client_of_two_meshed_endpoints(ca: &TestCa, first: u16, second: u16) ->
     client.route_to(SocketAddr::new(IpAddr::V4(second_ip), second), &server);
     (client, server)
 }
+
+// ---------------------------------------------------------------------------
+// Route policies: retries, timeouts, fault injection, mirroring.
+
+/// What a [`scripted`] app saw: the Host and body of every request.
+type Seen = std::sync::Arc<std::sync::Mutex<Vec<(String, Bytes)>>>;
+
+/// An HTTP app on `ip` answering request `i` with `script[i]` (the last
+/// status repeats); the first `slow` requests hang for a minute first.
+async fn scripted(ip: Ipv4Addr, script: Vec<u16>, slow: usize) -> (u16, Seen) {
+    use http_body_util::BodyExt as _;
+    let l = TcpListener::bind((ip, 0)).await.expect("bind app");
+    let port = l.local_addr().expect("addr").port();
+    let seen: Seen = Seen::default();
+    let log = seen.clone();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = l.accept().await {
+            let (log, script) = (log.clone(), script.clone());
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+                    let (log, script) = (log.clone(), script.clone());
+                    async move {
+                        let host = req
+                            .headers()
+                            .get("host")
+                            .and_then(|h| h.to_str().ok())
+                            .unwrap_or("")
+                            .to_owned();
+                        let bytes = req
+                            .into_body()
+                            .collect()
+                            .await
+                            .map(|c| c.to_bytes())
+                            .unwrap_or_default();
+                        let i = {
+                            let mut l = log.lock().expect("log");
+                            l.push((host, bytes.clone()));
+                            l.len() - 1
+                        };
+                        if i < slow {
+                            tokio::time::sleep(std::time::Duration::from_secs(60)).await;
+                        }
+                        let code = script.get(i).or(script.last()).copied().unwrap_or(200);
+                        let mut r = Response::new(Full::new(Bytes::from(format!(
+                            "attempt {i}: {bytes:?}"
+                        ))));
+                        *r.status_mut() = StatusCode::from_u16(code).expect("status");
+                        Ok::<_, std::convert::Infallible>(r)
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(s), svc)
+                    .await;
+            });
+        }
+    });
+    (port, seen)
+}
+
+/// A client proxy whose `shop/cart` v1 subset is one scripted app and v2
+/// another, with `route` (to v1) as its only rule.
+async fn policy_client(v1: (Ipv4Addr, u16), v2: (Ipv4Addr, u16), route: HttpRoute) -> Client {
+    let eps = vec![plain_at(v1.0, v1.1, "v1"), plain_at(v2.0, v2.1, "v2")];
+    client(&config(
+        1,
+        MtlsMode::Strict,
+        vec![cart(eps, Protocol::Http1, vec![route])],
+    ))
+    .await
+}
+
+async fn post(pod: &Pod, payload: &'static str) -> (StatusCode, http::HeaderMap, String) {
+    let mut c = h1(pod.app_connect(dst()).await).await;
+    let req = Request::post("/order")
+        .header("host", "cart.shop")
+        .body(body(payload))
+        .expect("request");
+    read_text(c.send_request(req).await.expect("response")).await
+}
+
+fn events(pod: &Pod, route: &str, event: &'static str) -> u64 {
+    pod.proxy
+        .state
+        .metrics
+        .route_events
+        .get_or_create(&weft_proxy::metrics::RouteEventLabels {
+            route: route.to_owned(),
+            event,
+        })
+        .get()
+}
+
+fn retry(attempts: u32, on: Vec<weft_proxy_config::RetryOn>) -> weft_proxy_config::RetryPolicy {
+    weft_proxy_config::RetryPolicy {
+        attempts,
+        per_try_timeout_ms: None,
+        retry_on: on,
+        retriable_status_codes: vec![],
+        backoff_base_ms: 1,
+        backoff_max_ms: 5,
+    }
+}
+
+#[tokio::test]
+async fn retries_follow_the_route_policy_and_resend_the_body() {
+    use weft_proxy_config::RetryOn;
+    let ip = Ipv4Addr::new(127, 0, 0, 31);
+    let other = Ipv4Addr::new(127, 0, 0, 32);
+    let (spare, _) = scripted(other, vec![200], 0).await;
+
+    // 503, 503, then 200: two retries on 5xx get the 200, with the body
+    // sent each time.
+    let (port, seen) = scripted(ip, vec![503, 503, 200], 0).await;
+    let mut r = rule("retry", vec![], vec![to("v1", 1)]);
+    r.retry = Some(retry(2, vec![RetryOn::ServerError]));
+    let c = policy_client((ip, port), (other, spare), r).await;
+    let (status, _, text) = post(&c.pod, "one order").await;
+    assert_eq!(status, StatusCode::OK, "{text}");
+    let bodies: Vec<Bytes> = seen
+        .lock()
+        .expect("seen")
+        .iter()
+        .map(|s| s.1.clone())
+        .collect();
+    assert_eq!(bodies, vec![Bytes::from("one order"); 3]);
+    assert_eq!(events(&c.pod, "cart/retry", "retry"), 2);
+
+    // The same app without a retry policy: the first 503 is the answer.
+    let (port, seen) = scripted(ip, vec![503, 200], 0).await;
+    let c = policy_client(
+        (ip, port),
+        (other, spare),
+        rule("plain", vec![], vec![to("v1", 1)]),
+    )
+    .await;
+    let (status, _, _) = post(&c.pod, "x").await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(seen.lock().expect("seen").len(), 1);
+
+    // A status outside the conditions is not retried: 500 is no gateway error.
+    let (port, seen) = scripted(ip, vec![500, 200], 0).await;
+    let mut r = rule("gw", vec![], vec![to("v1", 1)]);
+    r.retry = Some(retry(3, vec![RetryOn::GatewayError]));
+    let c = policy_client((ip, port), (other, spare), r).await;
+    let (status, _, _) = post(&c.pod, "x").await;
+    assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR);
+    assert_eq!(seen.lock().expect("seen").len(), 1);
+
+    // Listed status codes, and the attempt limit: 1 retry, then the answer.
+    let (port, seen) = scripted(ip, vec![429, 429, 200], 0).await;
+    let mut r = rule("codes", vec![], vec![to("v1", 1)]);
+    let mut p = retry(1, vec![RetryOn::RetriableStatusCodes]);
+    p.retriable_status_codes = vec![429];
+    r.retry = Some(p);
+    let c = policy_client((ip, port), (other, spare), r).await;
+    let (status, _, _) = post(&c.pod, "x").await;
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(seen.lock().expect("seen").len(), 2);
+}
+
+#[tokio::test]
+async fn route_and_per_try_timeouts_answer_504_or_retry() {
+    use weft_proxy_config::RetryOn;
+    let ip = Ipv4Addr::new(127, 0, 0, 33);
+    let other = Ipv4Addr::new(127, 0, 0, 34);
+    let (spare, _) = scripted(other, vec![200], 0).await;
+
+    // Every request hangs: the route timeout answers 504.
+    let (port, _) = scripted(ip, vec![200], usize::MAX).await;
+    let mut r = rule("slow", vec![], vec![to("v1", 1)]);
+    r.timeout_ms = Some(300);
+    let c = policy_client((ip, port), (other, spare), r).await;
+    let (status, headers, text) = post(&c.pod, "x").await;
+    assert_eq!(status, StatusCode::GATEWAY_TIMEOUT, "{text}");
+    assert_eq!(headers["x-weft-error"], "timeout");
+    assert_eq!(events(&c.pod, "cart/slow", "timeout"), 1);
+
+    // Only the first request hangs: the per-try timeout gives up on it and
+    // the retry is answered, inside the overall timeout.
+    let (port, seen) = scripted(ip, vec![200], 1).await;
+    let mut r = rule("per-try", vec![], vec![to("v1", 1)]);
+    let mut p = retry(2, vec![RetryOn::GatewayError]);
+    p.per_try_timeout_ms = Some(300);
+    r.retry = Some(p);
+    r.timeout_ms = Some(20_000);
+    let c = policy_client((ip, port), (other, spare), r).await;
+    let (status, _, text) = post(&c.pod, "x").await;
+    assert_eq!(status, StatusCode::OK, "{text}");
+    assert!(text.starts_with("attempt 1"), "{text}");
+    assert_eq!(seen.lock().expect("seen").len(), 2);
+    assert_eq!(events(&c.pod, "cart/per-try", "per-try-timeout"), 1);
+}
+
+#[tokio::test]
+async fn faults_abort_without_reaching_the_app_and_delay_requests() {
+    use weft_proxy_config::{Fault, FaultAbort, FaultDelay};
+    let ip = Ipv4Addr::new(127, 0, 0, 35);
+    let other = Ipv4Addr::new(127, 0, 0, 36);
+    let (spare, _) = scripted(other, vec![200], 0).await;
+    let (port, seen) = scripted(ip, vec![200], 0).await;
+
+    let mut r = rule("abort", vec![], vec![to("v1", 1)]);
+    r.fault = Some(Fault {
+        delay: None,
+        abort: Some(FaultAbort {
+            status: 418,
+            percent: 100.0,
+        }),
+    });
+    let c = policy_client((ip, port), (other, spare), r.clone()).await;
+    for _ in 0..3 {
+        let (status, headers, _) = post(&c.pod, "x").await;
+        assert_eq!(status, StatusCode::IM_A_TEAPOT);
+        assert_eq!(headers["x-weft-error"], "fault");
+    }
+    assert!(
+        seen.lock().expect("seen").is_empty(),
+        "an aborted request reached the app"
+    );
+    assert_eq!(events(&c.pod, "cart/abort", "fault-abort"), 3);
+
+    // At 0 % nothing is injected.
+    r.fault = Some(Fault {
+        delay: Some(FaultDelay {
+            delay_ms: 60_000,
+            percent: 0.0,
+        }),
+        abort: Some(FaultAbort {
+            status: 418,
+            percent: 0.0,
+        }),
+    });
+    c.reload(&config(
+        2,
+        MtlsMode::Strict,
+        vec![cart(
+            vec![plain_at(ip, port, "v1"), plain_at(other, spare, "v2")],
+            Protocol::Http1,
+            vec![r.clone()],
+        )],
+    ))
+    .await;
+    let (status, _, _) = post(&c.pod, "x").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(seen.lock().expect("seen").len(), 1);
+
+    // A one-minute delay on every request: no answer yet after a second,
+    // and the app has not seen the request.
+    r.fault = Some(Fault {
+        delay: Some(FaultDelay {
+            delay_ms: 60_000,
+            percent: 100.0,
+        }),
+        abort: None,
+    });
+    c.reload(&config(
+        3,
+        MtlsMode::Strict,
+        vec![cart(
+            vec![plain_at(ip, port, "v1"), plain_at(other, spare, "v2")],
+            Protocol::Http1,
+            vec![r],
+        )],
+    ))
+    .await;
+    let delayed = tokio::time::timeout(std::time::Duration::from_secs(1), post(&c.pod, "x")).await;
+    assert!(
+        delayed.is_err(),
+        "the delayed request was answered: {delayed:?}"
+    );
+    assert_eq!(seen.lock().expect("seen").len(), 1);
+    assert_eq!(events(&c.pod, "cart/abort", "fault-delay"), 1);
+}
+
+#[tokio::test]
+async fn mirrored_requests_reach_the_mirror_with_a_shadow_host() {
+    let primary_ip = Ipv4Addr::new(127, 0, 0, 37);
+    let mirror_ip = Ipv4Addr::new(127, 0, 0, 38);
+    let (primary, primary_seen) = scripted(primary_ip, vec![200], 0).await;
+    // The mirror fails: its answers never reach the client.
+    let (mirror, mirror_seen) = scripted(mirror_ip, vec![500], 0).await;
+    let mut r = rule("mirror", vec![], vec![to("v1", 1)]);
+    r.mirror = Some(weft_proxy_config::Mirror {
+        backend: to("v2", 0),
+        percent: 100.0,
+    });
+    let c = policy_client((primary_ip, primary), (mirror_ip, mirror), r).await;
+    for i in 0..5 {
+        let (status, _, text) = post(&c.pod, "copy me").await;
+        assert_eq!(status, StatusCode::OK, "request {i}: {text}");
+    }
+    assert_eq!(primary_seen.lock().expect("seen").len(), 5);
+    eventually("the mirror saw every request", || {
+        mirror_seen.lock().expect("seen").len() == 5
+    })
+    .await;
+    for (host, body) in mirror_seen.lock().expect("seen").iter() {
+        assert_eq!(host, "cart.shop-shadow");
+        assert_eq!(body, &Bytes::from("copy me"));
+    }
+    assert_eq!(events(&c.pod, "cart/mirror", "mirror"), 5);
+}

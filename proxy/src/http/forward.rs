@@ -9,8 +9,10 @@ use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 
+use bytes::Bytes;
+
 use super::pool::Version;
-use super::{Body, boxed, strip_hop_by_hop, wants_upgrade};
+use super::{Body, BoxError, boxed, strip_hop_by_hop, wants_upgrade};
 
 /// A request ready for upstream, plus the client side of a pending upgrade.
 #[derive(Debug)]
@@ -22,7 +24,11 @@ pub struct Prepared {
 }
 
 /// Prepares `req` for an upstream speaking `version`.
-pub fn prepare(mut req: Request<Incoming>, version: Version) -> Prepared {
+pub fn prepare<B>(mut req: Request<B>, version: Version) -> Prepared
+where
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
     let is_connect = req.method() == Method::CONNECT;
     let upgrade = is_connect || wants_upgrade(req.headers());
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));

@@ -41,6 +41,7 @@ use crate::tls::SpiffeId;
 
 use super::route::{self, Dest};
 
+#[derive(Clone)]
 struct Ctx {
     state: Arc<State>,
     /// The snapshot the connection started with; each request routes with
@@ -140,25 +141,331 @@ async fn proxy(ctx: &Ctx, req: Request<Incoming>) -> Response<Body> {
         sel.route.request_headers.apply(&mut parts.headers);
         backend = sel.route.backends.pick(&mut rand::rng());
     }
-    let req = Request::from_parts(parts, body);
-    let mut resp = match route::resolve(&snap.config, &snap.routes, target, backend, ctx.dst) {
-        Ok(dest) => forward(ctx, &snap, &dest, req).await,
-        Err(e) => {
-            ctx.state
-                .metrics
-                .error(Direction::Outbound, "route-backend");
-            tracing::error!(error = %e, "route backend cannot be resolved");
-            error_response(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "route-backend",
-                &e.to_string(),
-            )
-        }
+    let route = selected.map(|s| s.route);
+    let mut resp = match route.and_then(|r| r.fault.as_ref().map(|f| (r, f))) {
+        Some((r, fault)) => match inject(ctx, r, fault).await {
+            Some(abort) => abort,
+            None => send_in_time(ctx, &snap, target, backend, route, parts, body).await,
+        },
+        None => send_in_time(ctx, &snap, target, backend, route, parts, body).await,
     };
     if let Some(sel) = selected {
         sel.route.response_headers.apply(resp.headers_mut());
     }
     resp
+}
+
+/// Whether an event of probability `percent` (0–100) happens this time.
+fn chance(percent: f64) -> bool {
+    percent >= 100.0 || (percent > 0.0 && rand::random::<f64>() * 100.0 < percent)
+}
+
+/// Fault injection, decided per request: a delay first (outside the route
+/// timeout: the fault happens before the request is routed), then an
+/// abort, whose response is returned.
+async fn inject(
+    ctx: &Ctx,
+    route: &route::HttpRoute,
+    fault: &weft_proxy_config::Fault,
+) -> Option<Response<Body>> {
+    if let Some(d) = fault.delay.as_ref().filter(|d| chance(d.percent)) {
+        ctx.state.metrics.route_event(&route.name, "fault-delay");
+        tokio::time::sleep(std::time::Duration::from_millis(d.delay_ms)).await;
+    }
+    let a = fault.abort.as_ref().filter(|a| chance(a.percent))?;
+    ctx.state.metrics.route_event(&route.name, "fault-abort");
+    Some(error_response(
+        StatusCode::from_u16(a.status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE),
+        "fault",
+        &format!("fault injected by route {}", route.name),
+    ))
+}
+
+/// [`send`] under the route's timeout, which covers every attempt until
+/// the response headers arrive (the body streams on after).
+async fn send_in_time(
+    ctx: &Ctx,
+    snap: &Arc<Snapshot>,
+    target: ServiceRef,
+    backend: Option<route::Backend>,
+    route: Option<&route::HttpRoute>,
+    parts: http::request::Parts,
+    body: Incoming,
+) -> Response<Body> {
+    let req = Request::from_parts(parts, body);
+    let work = send(ctx, snap, target, backend, route, req);
+    let Some((r, limit)) = route.and_then(|r| r.timeout.map(|t| (r, t))) else {
+        return work.await;
+    };
+    match tokio::time::timeout(limit, work).await {
+        Ok(resp) => resp,
+        Err(_) => {
+            ctx.state.metrics.error(Direction::Outbound, "timeout");
+            ctx.state.metrics.route_event(&r.name, "timeout");
+            error_response(
+                StatusCode::GATEWAY_TIMEOUT,
+                "timeout",
+                &format!(
+                    "no response within {} ms, the timeout of route {}; raise its timeoutMs or look at the backend",
+                    limit.as_millis(),
+                    r.name
+                ),
+            )
+        }
+    }
+}
+
+/// Largest request body kept in memory so a request can be sent more than
+/// once (retries, mirroring). Larger bodies, bodies of unknown length and
+/// upgrades are sent once and not mirrored.
+const MAX_REPLAY_BODY: u64 = 64 * 1024;
+
+/// A request held whole, to be sent more than once.
+struct Copyable {
+    method: Method,
+    uri: http::Uri,
+    version: http::Version,
+    headers: HeaderMap,
+    body: bytes::Bytes,
+}
+
+/// What [`Copyable::read`] made of a request.
+enum Held {
+    Whole(Copyable),
+    /// Not to be copied: sent once as it is.
+    Once(Request<Incoming>),
+    /// The client's body failed while being read.
+    Failed(Response<Body>),
+}
+
+impl Copyable {
+    async fn read(parts: http::request::Parts, body: Incoming) -> Held {
+        use http_body::Body as _;
+        use http_body_util::BodyExt as _;
+        let upgrade =
+            parts.method == Method::CONNECT || parts.headers.contains_key(http::header::UPGRADE);
+        let small = body.is_end_stream()
+            || body
+                .size_hint()
+                .upper()
+                .is_some_and(|n| n <= MAX_REPLAY_BODY);
+        if upgrade || !small {
+            return Held::Once(Request::from_parts(parts, body));
+        }
+        match body.collect().await {
+            Ok(c) => Held::Whole(Copyable {
+                method: parts.method,
+                uri: parts.uri,
+                version: parts.version,
+                headers: parts.headers,
+                body: c.to_bytes(),
+            }),
+            Err(e) => Held::Failed(error_response(
+                StatusCode::BAD_REQUEST,
+                "client-body",
+                &format!("reading the request body: {e}"),
+            )),
+        }
+    }
+
+    fn request(&self) -> Request<http_body_util::Full<bytes::Bytes>> {
+        let mut r = Request::new(http_body_util::Full::new(self.body.clone()));
+        *r.method_mut() = self.method.clone();
+        *r.uri_mut() = self.uri.clone();
+        *r.version_mut() = self.version;
+        *r.headers_mut() = self.headers.clone();
+        r
+    }
+}
+
+/// Sends the request to the routed backend with the route's retry policy,
+/// and a copy to its mirror when this request is mirrored.
+async fn send(
+    ctx: &Ctx,
+    snap: &Arc<Snapshot>,
+    target: ServiceRef,
+    backend: Option<route::Backend>,
+    route: Option<&route::HttpRoute>,
+    req: Request<Incoming>,
+) -> Response<Body> {
+    let dest = match route::resolve(&snap.config, &snap.routes, target, backend, ctx.dst) {
+        Ok(d) => d,
+        Err(e) => {
+            ctx.state
+                .metrics
+                .error(Direction::Outbound, "route-backend");
+            tracing::error!(error = %e, "route backend cannot be resolved");
+            return error_response(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "route-backend",
+                &e.to_string(),
+            );
+        }
+    };
+    let retry = route.and_then(|r| r.retry.as_ref().map(|p| (r, p)));
+    let mirror = route.and_then(|r| {
+        r.mirror
+            .filter(|(_, pct)| chance(*pct))
+            .map(|(b, _)| (r, b))
+    });
+    if retry.is_none() && mirror.is_none() {
+        return forward(ctx, snap, &dest, req).await;
+    }
+    let (parts, body) = req.into_parts();
+    let copy = match Copyable::read(parts, body).await {
+        Held::Whole(c) => c,
+        Held::Once(req) => return forward(ctx, snap, &dest, req).await,
+        Held::Failed(resp) => return resp,
+    };
+    if let Some((r, b)) = mirror {
+        mirror_copy(ctx, snap, target, r, b, &copy);
+    }
+    let Some((r, policy)) = retry else {
+        return forward(ctx, snap, &dest, copy.request()).await;
+    };
+    let mut retries = 0u32;
+    loop {
+        let attempt = forward(ctx, snap, &dest, copy.request());
+        let resp = match policy.per_try_timeout_ms.filter(|ms| *ms > 0) {
+            Some(ms) => {
+                match tokio::time::timeout(std::time::Duration::from_millis(ms), attempt).await {
+                    Ok(resp) => resp,
+                    Err(_) => {
+                        ctx.state.metrics.route_event(&r.name, "per-try-timeout");
+                        error_response(
+                            StatusCode::GATEWAY_TIMEOUT,
+                            "per-try-timeout",
+                            &format!(
+                                "no response within {ms} ms, the per-try timeout of route {}",
+                                r.name
+                            ),
+                        )
+                    }
+                }
+            }
+            None => attempt.await,
+        };
+        if retries >= policy.attempts || !retriable(policy, &resp) {
+            return resp;
+        }
+        retries += 1;
+        ctx.state.metrics.route_event(&r.name, "retry");
+        let wait = backoff(policy, retries);
+        tracing::debug!(route = %r.name, status = resp.status().as_u16(), retry = retries, ?wait, "retrying");
+        drop(resp);
+        tokio::time::sleep(wait).await;
+    }
+}
+
+/// Whether the retry policy covers this response. gRPC statuses are read
+/// from trailers-only responses (a `grpc-status` header).
+fn retriable(policy: &weft_proxy_config::RetryPolicy, resp: &Response<Body>) -> bool {
+    use weft_proxy_config::RetryOn;
+    let status = resp.status().as_u16();
+    let step = resp
+        .headers()
+        .get(ERROR_HEADER)
+        .and_then(|v| v.to_str().ok());
+    let grpc = resp
+        .headers()
+        .get("grpc-status")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u32>().ok());
+    policy.retry_on.iter().any(|on| match on {
+        RetryOn::ServerError => status >= 500,
+        RetryOn::GatewayError => matches!(status, 502..=504),
+        RetryOn::Reset | RetryOn::RefusedStream => step == Some("upstream"),
+        RetryOn::ConnectFailure => matches!(step, Some("connect" | "connect-timeout")),
+        RetryOn::Retriable4xx => status == 409,
+        RetryOn::RetriableStatusCodes => policy.retriable_status_codes.contains(&status),
+        RetryOn::Cancelled => grpc == Some(1),
+        RetryOn::DeadlineExceeded => grpc == Some(4),
+        RetryOn::ResourceExhausted => grpc == Some(8),
+        RetryOn::Unavailable => grpc == Some(14),
+    })
+}
+
+/// Fully jittered exponential backoff before retry `n` (1-based).
+fn backoff(policy: &weft_proxy_config::RetryPolicy, n: u32) -> std::time::Duration {
+    let cap = policy
+        .backoff_base_ms
+        .saturating_mul(1u64 << (n - 1).min(20))
+        .min(policy.backoff_max_ms.max(policy.backoff_base_ms));
+    std::time::Duration::from_millis(if cap == 0 {
+        0
+    } else {
+        rand::random_range(0..=cap)
+    })
+}
+
+/// Sends a copy of the request to the route's mirror backend in the
+/// background; its answer is dropped. The copy's Host (authority) gets a
+/// `-shadow` suffix, so the mirror's logs tell copies from real traffic.
+fn mirror_copy(
+    ctx: &Ctx,
+    snap: &Arc<Snapshot>,
+    target: ServiceRef,
+    route: &route::HttpRoute,
+    backend: route::Backend,
+    copy: &Copyable,
+) {
+    let mut req = copy.request();
+    shadow_authority(&mut req);
+    let ctx = ctx.clone();
+    let snap = Arc::clone(snap);
+    let name = route.name.clone();
+    ctx.state.metrics.route_event(&name, "mirror");
+    tokio::spawn(async move {
+        let dest = match route::resolve(&snap.config, &snap.routes, target, Some(backend), ctx.dst)
+        {
+            Ok(d) => d,
+            Err(e) => {
+                tracing::warn!(route = %name, error = %e, "mirror backend cannot be resolved");
+                return;
+            }
+        };
+        let resp = forward(&ctx, &snap, &dest, req).await;
+        if let Some(step) = resp.headers().get(ERROR_HEADER) {
+            tracing::debug!(route = %name, status = resp.status().as_u16(), ?step, "mirrored request failed");
+        }
+        // Read the answer out, so the pooled connection stays usable.
+        let _ = http_body_util::BodyExt::collect(resp.into_body()).await;
+    });
+}
+
+/// Appends `-shadow` to the host of the request's authority (Host header
+/// for HTTP/1, the URI for absolute-form and HTTP/2 requests).
+fn shadow_authority<B>(req: &mut Request<B>) {
+    fn shadow(authority: &str) -> String {
+        match authority.rsplit_once(':') {
+            Some((host, port)) if !host.ends_with(']') || authority.starts_with('[') => {
+                if port.chars().all(|c| c.is_ascii_digit()) && !host.is_empty() {
+                    format!("{host}-shadow:{port}")
+                } else {
+                    format!("{authority}-shadow")
+                }
+            }
+            _ => format!("{authority}-shadow"),
+        }
+    }
+    if let Some(a) = req.uri().authority().map(|a| shadow(a.as_str())) {
+        let mut parts = req.uri().clone().into_parts();
+        if let Ok(auth) = a.parse() {
+            parts.authority = Some(auth);
+            if let Ok(uri) = http::Uri::from_parts(parts) {
+                *req.uri_mut() = uri;
+            }
+        }
+    }
+    if let Some(h) = req
+        .headers()
+        .get(http::header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .map(shadow)
+        && let Ok(v) = HeaderValue::from_str(&h)
+    {
+        req.headers_mut().insert(http::header::HOST, v);
+    }
 }
 
 fn redirect(
@@ -249,12 +556,11 @@ fn app_failed(resp: &Response<Incoming>) -> bool {
     resp.headers().get(ERROR_HEADER).is_some_and(|v| v == "app")
 }
 
-async fn forward(
-    ctx: &Ctx,
-    snap: &Snapshot,
-    dest: &Dest<'_>,
-    req: Request<Incoming>,
-) -> Response<Body> {
+async fn forward<B>(ctx: &Ctx, snap: &Snapshot, dest: &Dest<'_>, req: Request<B>) -> Response<Body>
+where
+    B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
+    B::Error: Into<crate::http::BoxError>,
+{
     let state = &ctx.state;
     let key = hash_key(
         &dest.service.policy.load_balancer,

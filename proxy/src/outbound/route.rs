@@ -103,6 +103,14 @@ pub struct HttpRoute {
     authority: Option<HeaderValue>,
     /// Answer with a redirect instead of forwarding.
     pub redirect: Option<pc::Redirect>,
+    /// Deadline for the response headers, retries included.
+    pub timeout: Option<std::time::Duration>,
+    /// Retry policy (at least one retry).
+    pub retry: Option<pc::RetryPolicy>,
+    /// Fault injection.
+    pub fault: Option<pc::Fault>,
+    /// Copies of requests: where to, and the share (0–100).
+    pub mirror: Option<(Backend, f64)>,
 }
 
 #[derive(Debug)]
@@ -354,6 +362,26 @@ fn compile_http(
         rewrite: r.rewrite.clone(),
         authority,
         redirect: r.redirect.clone(),
+        timeout: r
+            .timeout_ms
+            .filter(|ms| *ms > 0)
+            .map(std::time::Duration::from_millis),
+        retry: r.retry.clone().filter(|p| p.attempts > 0),
+        fault: r.fault.clone(),
+        mirror: r
+            .mirror
+            .as_ref()
+            .map(|m| {
+                let b = compile_backends(
+                    &format!("{at}.mirror"),
+                    std::slice::from_ref(&m.backend),
+                    config,
+                    index,
+                )?;
+                Ok::<_, RouteError>(b.list.first().map(|b| (*b, m.percent)))
+            })
+            .transpose()?
+            .flatten(),
     })
 }
 
