@@ -129,6 +129,8 @@ pub struct State {
     pub inbound_limits: crate::inbound::ratelimit::Limiters,
     /// Endpoints ejected after a failed connection (passive health).
     pub outliers: crate::outbound::Outliers,
+    /// Requests in flight per Service (connectionPool.maxRequests).
+    pub breakers: crate::outbound::Breakers,
     /// Bound listener addresses: [outbound, inbound, admin].
     pub listeners: Mutex<Vec<SocketAddr>>,
     listening: AtomicBool,
@@ -288,6 +290,7 @@ pub async fn start(settings: Settings, net: Net) -> Result<Proxy, StartError> {
         inbound_pools: Pools::default(),
         inbound_limits: Default::default(),
         outliers: crate::outbound::Outliers::default(),
+        breakers: crate::outbound::Breakers::default(),
         listeners: Mutex::new(vec![outbound_addr, inbound_addr, admin_addr]),
         listening: AtomicBool::new(false),
         rr: AtomicUsize::new(0),

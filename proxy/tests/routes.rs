@@ -921,3 +921,143 @@ async fn mirrored_requests_reach_the_mirror_with_a_shadow_host() {
     }
     assert_eq!(events(&c.pod, "cart/mirror", "mirror"), 5);
 }
+
+// ---------------------------------------------------------------------------
+// Client policies: outlier detection and the circuit breaker.
+
+fn outlier_detection(
+    consecutive_5xx: u32,
+    max_percent: u32,
+) -> weft_proxy_config::OutlierDetection {
+    weft_proxy_config::OutlierDetection {
+        consecutive_5xx: Some(consecutive_5xx),
+        consecutive_gateway_errors: None,
+        interval_ms: 1_000,
+        base_ejection_ms: 60_000,
+        max_ejection_percent: max_percent,
+    }
+}
+
+/// `shop/cart` over the two scripted apps (round robin), with `policy`
+/// edits; `n` GETs one after another; the statuses seen.
+async fn round_robin(
+    apps: [(Ipv4Addr, u16); 2],
+    edit: impl FnOnce(&mut weft_proxy_config::ClientPolicy),
+    n: usize,
+) -> (Client, BTreeMap<u16, usize>) {
+    let eps = apps
+        .iter()
+        .map(|(ip, port)| plain_at(*ip, *port, "v1"))
+        .collect();
+    let mut svc = cart(eps, Protocol::Http1, vec![]);
+    svc.policy.load_balancer = weft_proxy_config::LoadBalancer::RoundRobin;
+    edit(&mut svc.policy);
+    let c = client(&config(1, MtlsMode::Strict, vec![svc])).await;
+    let mut statuses = BTreeMap::new();
+    for _ in 0..n {
+        let (status, _, _) = post(&c.pod, "x").await;
+        *statuses.entry(status.as_u16()).or_default() += 1;
+    }
+    (c, statuses)
+}
+
+#[tokio::test]
+async fn outlier_detection_ejects_an_endpoint_after_consecutive_5xx() {
+    let (bad_ip, good_ip) = (Ipv4Addr::new(127, 0, 0, 41), Ipv4Addr::new(127, 0, 0, 42));
+    let (bad, bad_seen) = scripted(bad_ip, vec![500], 0).await;
+    let (good, _) = scripted(good_ip, vec![200], 0).await;
+
+    // Without it, round robin keeps sending every other request to the
+    // failing endpoint.
+    let (_, plain) = round_robin([(bad_ip, bad), (good_ip, good)], |_| {}, 20).await;
+    assert_eq!(plain, BTreeMap::from([(200, 10), (500, 10)]));
+
+    // With it, two 500s in a row eject it: nothing more goes there.
+    bad_seen.lock().expect("seen").clear();
+    let (c, with) = round_robin(
+        [(bad_ip, bad), (good_ip, good)],
+        |p| p.outlier_detection = Some(outlier_detection(2, 50)),
+        20,
+    )
+    .await;
+    assert_eq!(with, BTreeMap::from([(200, 18), (500, 2)]));
+    assert_eq!(bad_seen.lock().expect("seen").len(), 2);
+    assert_eq!(c.pod.errors(Direction::Outbound, "outlier-ejection"), 1);
+}
+
+#[tokio::test]
+async fn outlier_detection_never_ejects_more_than_its_share() {
+    let (a_ip, b_ip) = (Ipv4Addr::new(127, 0, 0, 43), Ipv4Addr::new(127, 0, 0, 44));
+    let (a, _) = scripted(a_ip, vec![503], 0).await;
+    let (b, _) = scripted(b_ip, vec![503], 0).await;
+    // Both fail; at most 50 % of two endpoints may be out: one.
+    let (c, statuses) = round_robin(
+        [(a_ip, a), (b_ip, b)],
+        |p| p.outlier_detection = Some(outlier_detection(1, 50)),
+        10,
+    )
+    .await;
+    assert_eq!(statuses, BTreeMap::from([(503, 10)]));
+    assert_eq!(c.pod.errors(Direction::Outbound, "outlier-ejection"), 1);
+}
+
+#[tokio::test]
+async fn the_circuit_breaker_refuses_requests_over_max_requests() {
+    let (a_ip, b_ip) = (Ipv4Addr::new(127, 0, 0, 45), Ipv4Addr::new(127, 0, 0, 46));
+    // Each app's first request hangs; later ones are answered.
+    let (a, a_seen) = scripted(a_ip, vec![200], 1).await;
+    let (b, b_seen) = scripted(b_ip, vec![200], 1).await;
+    let eps = vec![plain_at(a_ip, a, "v1"), plain_at(b_ip, b, "v1")];
+    let mut svc = cart(eps, Protocol::Http1, vec![]);
+    svc.policy.load_balancer = weft_proxy_config::LoadBalancer::RoundRobin;
+    svc.policy.connection_pool = Some(weft_proxy_config::ConnectionPool {
+        max_connections: None,
+        max_pending_requests: None,
+        max_requests: Some(2),
+        max_requests_per_connection: None,
+        connect_timeout_ms: 1_000,
+        idle_timeout_ms: 60_000,
+    });
+    let c = client(&config(1, MtlsMode::Strict, vec![svc])).await;
+    let mut hanging = Vec::new();
+    for _ in 0..2 {
+        let conn = c.pod.app_connect(dst()).await;
+        hanging.push(tokio::spawn(async move {
+            let mut s = h1(conn).await;
+            let req = Request::post("/order")
+                .header("host", "cart.shop")
+                .body(body("x"))
+                .expect("request");
+            let _ = s.send_request(req).await;
+        }));
+    }
+    eventually("both apps hold a request", || {
+        a_seen.lock().expect("seen").len() == 1 && b_seen.lock().expect("seen").len() == 1
+    })
+    .await;
+
+    // Two in flight: the third is refused without being sent.
+    let (status, headers, text) = post(&c.pod, "x").await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{text}");
+    assert_eq!(headers["x-weft-error"], "overflow");
+    assert_eq!(c.pod.errors(Direction::Outbound, "overflow"), 1);
+    assert_eq!(
+        a_seen.lock().expect("seen").len() + b_seen.lock().expect("seen").len(),
+        2
+    );
+
+    // The callers give up: their slots are freed and requests flow again.
+    for h in hanging {
+        h.abort();
+    }
+    let mut answered = false;
+    for _ in 0..200 {
+        let (status, _, _) = post(&c.pod, "x").await;
+        if status == StatusCode::OK {
+            answered = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert!(answered, "slots were not given back when the callers left");
+}

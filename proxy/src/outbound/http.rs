@@ -302,6 +302,56 @@ async fn send(
             );
         }
     };
+    // Circuit breaker: a request over connectionPool.maxRequests is not sent.
+    let slot = match dest
+        .service
+        .policy
+        .connection_pool
+        .as_ref()
+        .and_then(|p| p.max_requests)
+    {
+        Some(max) => match ctx
+            .state
+            .breakers
+            .try_acquire(&dest.service.key(), max as usize)
+        {
+            Some(slot) => Some(slot),
+            None => {
+                ctx.state.metrics.error(Direction::Outbound, "overflow");
+                return error_response(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "overflow",
+                    &format!(
+                        "{} already has {max} requests in flight, its connectionPool.maxRequests; this one was not sent",
+                        dest.service.key()
+                    ),
+                );
+            }
+        },
+        None => None,
+    };
+    let resp = send_to(ctx, snap, target, &dest, route, req).await;
+    match slot {
+        // In flight until the response body is done with.
+        Some(slot) => resp.map(|b| {
+            crate::http::boxed(http_body_util::BodyExt::map_frame(b, move |f| {
+                let _held = &slot;
+                f
+            }))
+        }),
+        None => resp,
+    }
+}
+
+/// [`send`] once the destination is known: retries and mirroring.
+async fn send_to(
+    ctx: &Ctx,
+    snap: &Arc<Snapshot>,
+    target: ServiceRef,
+    dest: &Dest<'_>,
+    route: Option<&route::HttpRoute>,
+    req: Request<Incoming>,
+) -> Response<Body> {
     let retry = route.and_then(|r| r.retry.as_ref().map(|p| (r, p)));
     let mirror = route.and_then(|r| {
         r.mirror
@@ -309,23 +359,23 @@ async fn send(
             .map(|(b, _)| (r, b))
     });
     if retry.is_none() && mirror.is_none() {
-        return forward(ctx, snap, &dest, req).await;
+        return forward(ctx, snap, dest, req).await;
     }
     let (parts, body) = req.into_parts();
     let copy = match Copyable::read(parts, body).await {
         Held::Whole(c) => c,
-        Held::Once(req) => return forward(ctx, snap, &dest, req).await,
+        Held::Once(req) => return forward(ctx, snap, dest, req).await,
         Held::Failed(resp) => return resp,
     };
     if let Some((r, b)) = mirror {
         mirror_copy(ctx, snap, target, r, b, &copy);
     }
     let Some((r, policy)) = retry else {
-        return forward(ctx, snap, &dest, copy.request()).await;
+        return forward(ctx, snap, dest, copy.request()).await;
     };
     let mut retries = 0u32;
     loop {
-        let attempt = forward(ctx, snap, &dest, copy.request());
+        let attempt = forward(ctx, snap, dest, copy.request());
         let resp = match policy.per_try_timeout_ms.filter(|ms| *ms > 0) {
             Some(ms) => {
                 match tokio::time::timeout(std::time::Duration::from_millis(ms), attempt).await {
@@ -498,6 +548,51 @@ fn redirect(
     resp
 }
 
+/// Passive health from an answer of `addr`: without outlier detection any
+/// answer takes the endpoint back; with it, a 5xx extends its streak and
+/// a streak at the policy's threshold ejects it for the base ejection time
+/// times its ejections so far, unless that would eject more than the
+/// policy's share of the destination's endpoints.
+fn judge(state: &State, dest: &Dest<'_>, addr: SocketAddr, status: StatusCode) {
+    let Some(od) = dest.service.policy.outlier_detection.as_ref() else {
+        state.outliers.restore(addr);
+        return;
+    };
+    let code = status.as_u16();
+    if code < 500 {
+        state.outliers.healthy(addr);
+        return;
+    }
+    let streak = state.outliers.failed(addr, (502..=504).contains(&code));
+    let reached = |limit: Option<u32>, n: u32| limit.is_some_and(|k| k > 0 && n >= k);
+    if !(reached(od.consecutive_5xx, streak.server_errors)
+        || reached(od.consecutive_gateway_errors, streak.gateway_errors))
+    {
+        return;
+    }
+    let now = tokio::time::Instant::now();
+    let total = dest.endpoints.len();
+    let ejected = dest
+        .endpoints
+        .iter()
+        .filter(|e| {
+            state
+                .outliers
+                .is_ejected(SocketAddr::new(e.address, endpoint_port(e, dest.port)), now)
+        })
+        .count();
+    if (ejected + 1) * 100 > od.max_ejection_percent as usize * total {
+        tracing::debug!(%addr, service = %dest.service.key(), "outlier detection would eject more than maxEjectionPercent; keeping the endpoint");
+        return;
+    }
+    state.outliers.tripped(addr);
+    let times = streak.ejections.saturating_add(1).min(10);
+    let how_long = std::time::Duration::from_millis(od.base_ejection_ms) * times;
+    state.outliers.eject_for(addr, now, how_long);
+    state.metrics.error(Direction::Outbound, "outlier-ejection");
+    tracing::warn!(%addr, service = %dest.service.key(), server_errors = streak.server_errors, gateway_errors = streak.gateway_errors, ?how_long, "endpoint ejected by outlier detection");
+}
+
 /// A body-less request kept to be sent again to another endpoint.
 struct Replay {
     method: Method,
@@ -659,7 +754,7 @@ where
             };
             match sender.send(req).await {
                 Ok(resp) => {
-                    state.outliers.restore(addr);
+                    judge(state, dest, addr, resp.status());
                     let app_failed_idempotent =
                         app_failed(&resp) && replay.as_ref().is_some_and(Replay::idempotent);
                     if meshed

@@ -22,7 +22,7 @@ pub mod tcp;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -239,15 +239,69 @@ pub const EJECTION: Duration = Duration::from_secs(30);
 pub struct Outliers {
     any: AtomicBool,
     until: Mutex<HashMap<SocketAddr, Instant>>,
+    /// Failure streaks, for the outlier detection of ServicePolicies.
+    streaks: Mutex<HashMap<SocketAddr, Streak>>,
+}
+
+/// An endpoint's answers since its last good one.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Streak {
+    /// Consecutive 5xx answers.
+    pub server_errors: u32,
+    /// Consecutive 502/503/504 answers.
+    pub gateway_errors: u32,
+    /// Ejections since its last good answer.
+    pub ejections: u32,
 }
 
 impl Outliers {
     /// Ejects `addr` for [`EJECTION`] from `now`.
     pub fn eject(&self, addr: SocketAddr, now: Instant) {
+        self.eject_for(addr, now, EJECTION);
+    }
+
+    /// Ejects `addr` for `how_long` from `now`.
+    pub fn eject_for(&self, addr: SocketAddr, now: Instant, how_long: Duration) {
         let mut m = self.until.lock().unwrap_or_else(|p| p.into_inner());
         m.retain(|_, t| *t > now);
-        m.insert(addr, now + EJECTION);
+        m.insert(addr, now + how_long);
         self.any.store(true, Ordering::Release);
+    }
+
+    /// Counts a 5xx answer of `addr` (a gateway error when 502–504); the
+    /// streak so far.
+    pub fn failed(&self, addr: SocketAddr, gateway: bool) -> Streak {
+        let mut m = self.streaks.lock().unwrap_or_else(|p| p.into_inner());
+        let s = m.entry(addr).or_default();
+        s.server_errors += 1;
+        if gateway {
+            s.gateway_errors += 1;
+        } else {
+            s.gateway_errors = 0;
+        }
+        *s
+    }
+
+    /// `addr` was ejected for its streak: the streak starts over, the
+    /// ejection count (which lengthens the next ejection) goes up.
+    pub fn tripped(&self, addr: SocketAddr) {
+        let mut m = self.streaks.lock().unwrap_or_else(|p| p.into_inner());
+        let s = m.entry(addr).or_default();
+        *s = Streak {
+            ejections: s.ejections.saturating_add(1),
+            ..Streak::default()
+        };
+    }
+
+    /// `addr` answered well: no streak, and it takes traffic again.
+    pub fn healthy(&self, addr: SocketAddr) {
+        {
+            let mut m = self.streaks.lock().unwrap_or_else(|p| p.into_inner());
+            if !m.is_empty() {
+                m.remove(&addr);
+            }
+        }
+        self.restore(addr);
     }
 
     /// Whether `addr` is ejected at `now`.
@@ -268,6 +322,46 @@ impl Outliers {
         m.remove(&addr);
         if m.is_empty() {
             self.any.store(false, Ordering::Release);
+        }
+    }
+}
+
+/// Requests in flight per Service, for the circuit breaker of a
+/// ServicePolicy's `connectionPool.maxRequests`; kept across reloads.
+#[derive(Debug, Default)]
+pub struct Breakers {
+    counts: Mutex<HashMap<String, Arc<AtomicUsize>>>,
+}
+
+/// A request counted in flight until dropped.
+#[derive(Debug)]
+pub struct Slot(Arc<AtomicUsize>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl Breakers {
+    /// A slot of `service` if fewer than `max` of its requests are in flight.
+    pub fn try_acquire(&self, service: &str, max: usize) -> Option<Slot> {
+        let count = {
+            let mut m = self.counts.lock().unwrap_or_else(|p| p.into_inner());
+            match m.get(service) {
+                Some(c) => c.clone(),
+                None => m.entry(service.to_owned()).or_default().clone(),
+            }
+        };
+        let mut cur = count.load(Ordering::Acquire);
+        loop {
+            if cur >= max {
+                return None;
+            }
+            match count.compare_exchange_weak(cur, cur + 1, Ordering::AcqRel, Ordering::Acquire) {
+                Ok(_) => return Some(Slot(count)),
+                Err(now) => cur = now,
+            }
         }
     }
 }
