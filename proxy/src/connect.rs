@@ -6,6 +6,7 @@
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use http::StatusCode;
 use rustls::pki_types::ServerName;
@@ -93,16 +94,27 @@ impl ConnectError {
     }
 }
 
-/// Connects to `addr`; with `identity`, runs mTLS expecting that peer and
-/// offering `alpn`.
+/// The connect timeout for endpoints of a Service: its ServicePolicy's
+/// `connectionPool.connectTimeout`, else the proxy's own.
+pub fn connect_timeout(state: &State, policy: &weft_proxy_config::ClientPolicy) -> Duration {
+    policy
+        .connection_pool
+        .as_ref()
+        .map(|p| p.connect_timeout_ms)
+        .filter(|ms| *ms > 0)
+        .map_or(state.settings.connect_timeout, Duration::from_millis)
+}
+
+/// Connects to `addr` within `deadline` (TCP, then TLS each); with
+/// `identity`, runs mTLS expecting that peer and offering `alpn`.
 pub async fn connect(
     state: &State,
     snap: &Snapshot,
     addr: SocketAddr,
     identity: Option<&crate::tls::SpiffeId>,
     alpn: Alpn,
+    deadline: Duration,
 ) -> Result<Stream, ConnectError> {
-    let deadline = state.settings.connect_timeout;
     let tcp = tokio::time::timeout(deadline, state.net.dialer.connect(addr))
         .await
         .map_err(|_| ConnectError::Timeout { addr })?
@@ -134,6 +146,7 @@ pub async fn acquire(
     pool: &Arc<Pool>,
     key: &PoolKey,
     fresh_only: bool,
+    deadline: Duration,
 ) -> Result<(Sender, bool), ConnectError> {
     if !fresh_only && let Some(s) = pool.checkout() {
         return Ok((s, false));
@@ -142,7 +155,7 @@ pub async fn acquire(
         Version::Http1 => Alpn::Http1,
         Version::Http2 => Alpn::Http2,
     };
-    let io = connect(state, snap, key.addr, key.identity.as_ref(), alpn).await?;
+    let io = connect(state, snap, key.addr, key.identity.as_ref(), alpn, deadline).await?;
     let s = pool
         .handshake(io)
         .await
@@ -187,7 +200,8 @@ pub async fn send_request(
         Err(crate::http::pool::SendFailed {
             request: Some(req), ..
         }) if !fresh => {
-            let (sender, _) = acquire(state, snap, pool, key, true).await?;
+            let (sender, _) =
+                acquire(state, snap, pool, key, true, state.settings.connect_timeout).await?;
             sender.send(req).await.map_err(|f| SendError::Upstream {
                 addr: key.addr,
                 source: f.error,

@@ -52,8 +52,8 @@ pub struct ErrorLabels {
 pub struct RouteEventLabels {
     /// The route (`<ServiceRoute>/<rule>`).
     pub route: String,
-    /// `retry`, `timeout`, `per-try-timeout`, `fault-delay`, `fault-abort`,
-    /// `mirror`.
+    /// `retry`, `retry-budget-exhausted`, `timeout`, `per-try-timeout`,
+    /// `fault-delay`, `fault-abort`, `mirror`.
     pub event: &'static str,
 }
 

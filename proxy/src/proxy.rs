@@ -131,6 +131,8 @@ pub struct State {
     pub outliers: crate::outbound::Outliers,
     /// Requests in flight per Service (connectionPool.maxRequests).
     pub breakers: crate::outbound::Breakers,
+    /// Retry budgets per Service (retryBudget).
+    pub retry_budgets: crate::outbound::RetryBudgets,
     /// Bound listener addresses: [outbound, inbound, admin].
     pub listeners: Mutex<Vec<SocketAddr>>,
     listening: AtomicBool,
@@ -291,6 +293,7 @@ pub async fn start(settings: Settings, net: Net) -> Result<Proxy, StartError> {
         inbound_limits: Default::default(),
         outliers: crate::outbound::Outliers::default(),
         breakers: crate::outbound::Breakers::default(),
+        retry_budgets: crate::outbound::RetryBudgets::default(),
         listeners: Mutex::new(vec![outbound_addr, inbound_addr, admin_addr]),
         listening: AtomicBool::new(false),
         rr: AtomicUsize::new(0),

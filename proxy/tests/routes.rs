@@ -1061,3 +1061,73 @@ async fn the_circuit_breaker_refuses_requests_over_max_requests() {
     }
     assert!(answered, "slots were not given back when the callers left");
 }
+
+#[tokio::test]
+async fn the_retry_budget_caps_retries_per_service() {
+    use weft_proxy_config::RetryOn;
+    let (ip, other) = (Ipv4Addr::new(127, 0, 0, 47), Ipv4Addr::new(127, 0, 0, 48));
+    let (spare, _) = scripted(other, vec![200], 0).await;
+    let (port, seen) = scripted(ip, vec![503], 0).await;
+    let mut r = rule("budget", vec![], vec![to("v1", 1)]);
+    r.retry = Some(retry(3, vec![RetryOn::ServerError]));
+    let eps = vec![plain_at(ip, port, "v1"), plain_at(other, spare, "v2")];
+    let mut svc = cart(eps, Protocol::Http1, vec![r]);
+    // No share of requests, a floor of 1 retry/s over 5 s: 5 retries.
+    svc.policy.retry_budget = Some(weft_proxy_config::RetryBudget {
+        retry_percent: 0.0,
+        min_retries_per_second: 1,
+        ttl_ms: 5_000,
+    });
+    let c = client(&config(1, MtlsMode::Strict, vec![svc])).await;
+    for _ in 0..4 {
+        let (status, _, _) = post(&c.pod, "x").await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    }
+    // 4 requests and 5 retries reached the app; without the budget, 16.
+    assert_eq!(seen.lock().expect("seen").len(), 9);
+    assert_eq!(events(&c.pod, "cart/budget", "retry"), 5);
+    assert_eq!(events(&c.pod, "cart/budget", "retry-budget-exhausted"), 3);
+}
+
+#[tokio::test]
+async fn a_service_connect_timeout_replaces_the_proxy_default() {
+    init();
+    // A meshed endpoint whose "proxy" accepts and never speaks TLS.
+    let silent = TcpListener::bind((Ipv4Addr::new(127, 0, 0, 49), 0))
+        .await
+        .expect("bind");
+    let port = silent.local_addr().expect("addr").port();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = silent.accept().await {
+            held.push(s);
+        }
+    });
+    let mut ep = meshed(Ipv4Addr::new(127, 0, 0, 49), SERVER_ID);
+    ep.subsets = vec!["v1".into()];
+    ep.ports = BTreeMap::from([("p".to_owned(), port)]);
+    let mut svc = cart(vec![ep], Protocol::Http1, vec![]);
+    svc.policy.connection_pool = Some(weft_proxy_config::ConnectionPool {
+        max_connections: None,
+        max_pending_requests: None,
+        max_requests: None,
+        max_requests_per_connection: None,
+        connect_timeout_ms: 200,
+        idle_timeout_ms: 60_000,
+    });
+    let ca = TestCa::new("weft test CA");
+    // The proxy's own connect timeout is a minute here.
+    let pod = Pod::start_with(
+        &config(1, MtlsMode::Strict, vec![svc]),
+        &ca.leaf(CLIENT_ID, 3600),
+        &ca,
+        |s| s.connect_timeout = std::time::Duration::from_secs(60),
+    )
+    .await;
+    let (status, headers, text) =
+        tokio::time::timeout(std::time::Duration::from_secs(20), post(&pod, "x"))
+            .await
+            .expect("answered well before the proxy's one-minute default");
+    assert_eq!(status, StatusCode::GATEWAY_TIMEOUT, "{text}");
+    assert_eq!(headers["x-weft-error"], "connect-timeout");
+}

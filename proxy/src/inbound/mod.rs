@@ -349,7 +349,16 @@ async fn proxy(ctx: &Ctx, mut req: Request<Incoming>) -> Response<Body> {
     };
     let pool = state.inbound_pools.get(&key);
     let prepared = prepare(req, ctx.version);
-    let result = match acquire(state, &ctx.snap, &pool, &key, false).await {
+    let result = match acquire(
+        state,
+        &ctx.snap,
+        &pool,
+        &key,
+        false,
+        state.settings.connect_timeout,
+    )
+    .await
+    {
         Ok((sender, fresh)) => send_request(
             state,
             &ctx.snap,

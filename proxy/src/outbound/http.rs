@@ -330,6 +330,11 @@ async fn send(
         },
         None => None,
     };
+    if let Some(b) = dest.service.policy.retry_budget.as_ref() {
+        ctx.state
+            .retry_budgets
+            .request(&dest.service.key(), b, tokio::time::Instant::now());
+    }
     let resp = send_to(ctx, snap, target, &dest, route, req).await;
     match slot {
         // In flight until the response body is done with.
@@ -396,6 +401,18 @@ async fn send_to(
             None => attempt.await,
         };
         if retries >= policy.attempts || !retriable(policy, &resp) {
+            return resp;
+        }
+        if let Some(b) = dest.service.policy.retry_budget.as_ref()
+            && !ctx.state.retry_budgets.try_retry(
+                &dest.service.key(),
+                b,
+                tokio::time::Instant::now(),
+            )
+        {
+            ctx.state
+                .metrics
+                .route_event(&r.name, "retry-budget-exhausted");
             return resp;
         }
         retries += 1;
@@ -732,26 +749,28 @@ where
         let mut req = req;
         let mut fresh_only = false;
         loop {
-            let (sender, fresh) = match acquire(state, snap, &pool, &key, fresh_only).await {
-                Ok(s) => s,
-                Err(e) => {
-                    state.metrics.error(Direction::Outbound, e.step());
-                    if matches!(
-                        e,
-                        ConnectError::Connect { .. } | ConnectError::Timeout { .. }
-                    ) {
-                        state.outliers.eject(addr, tokio::time::Instant::now());
+            let deadline = crate::connect::connect_timeout(state, &dest.service.policy);
+            let (sender, fresh) =
+                match acquire(state, snap, &pool, &key, fresh_only, deadline).await {
+                    Ok(s) => s,
+                    Err(e) => {
+                        state.metrics.error(Direction::Outbound, e.step());
+                        if matches!(
+                            e,
+                            ConnectError::Connect { .. } | ConnectError::Timeout { .. }
+                        ) {
+                            state.outliers.eject(addr, tokio::time::Instant::now());
+                        }
+                        if more {
+                            tracing::warn!(error = %e, "endpoint attempt failed; trying another");
+                        } else {
+                            tracing::warn!(error = %e, step = e.step(), "outbound request failed");
+                        }
+                        last = Some(error_response(e.status(), e.step(), &e.to_string()));
+                        request = Some(req);
+                        break;
                     }
-                    if more {
-                        tracing::warn!(error = %e, "endpoint attempt failed; trying another");
-                    } else {
-                        tracing::warn!(error = %e, step = e.step(), "outbound request failed");
-                    }
-                    last = Some(error_response(e.status(), e.step(), &e.to_string()));
-                    request = Some(req);
-                    break;
-                }
-            };
+                };
             match sender.send(req).await {
                 Ok(resp) => {
                     judge(state, dest, addr, resp.status());

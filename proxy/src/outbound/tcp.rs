@@ -96,7 +96,8 @@ pub async fn to_service(
                 continue;
             }
         };
-        match connect(&state, &snap, addr, id.as_ref(), Alpn::Tcp).await {
+        let deadline = crate::connect::connect_timeout(&state, &dest.service.policy);
+        match connect(&state, &snap, addr, id.as_ref(), Alpn::Tcp, deadline).await {
             Ok(up) => {
                 state.outliers.restore(addr);
                 return splice(client, prefix, up).await;
