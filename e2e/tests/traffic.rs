@@ -180,6 +180,66 @@ async fn route_weight_change_reaches_the_proxies_and_the_split_follows() -> anyh
     Ok(())
 }
 
+/// Injected faults and per-route policies travel like routes: a
+/// ServiceRoute applied with kubectl makes the frontend's proxy abort the
+/// requests it matches (without the backend seeing them) and serve the rest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fault_applied_with_kubectl_aborts_the_requests_it_matches() -> anyhow::Result<()> {
+    let _serial = serial().await;
+    let d = demo(ClusterConfig::default()).await?;
+    mesh::apply_yaml(
+        &d.cluster,
+        "apiVersion: weft.dev/v1alpha1
+kind: ServiceRoute
+metadata:
+  name: backend
+  namespace: demo
+spec:
+  service: backend
+  http:
+  - name: chaos
+    matches:
+    - headers:
+      - name: x-chaos
+        exact: abort
+    fault:
+      abort:
+        httpStatus: 418
+        percent: 100
+    backends:
+    - subset: v1
+  - name: default
+    timeout: 5s
+    retries:
+      attempts: 2
+      retryOn: [\"5xx\"]
+    backends:
+    - subset: v1
+",
+    )
+    .await?;
+    mesh::wait_for_proxy_sync(&d.cluster, "demo", &d.frontend, Duration::from_secs(90)).await?;
+    let chaos = d.send("/", &[("x-chaos", "abort")], 10).await?;
+    assert_eq!(chaos.ok(), 0, "{chaos:?}");
+    assert_eq!(chaos.failures.len(), 10, "{chaos:?}");
+    assert!(
+        chaos
+            .failures
+            .iter()
+            .all(|f| f.contains("HTTP 418") && f.contains("fault")),
+        "{chaos:?}"
+    );
+    let calm = d.send("/", &[], 10).await?;
+    assert!(only(&calm, "v1", 10), "{calm:?}");
+    println!(
+        "x-chaos: abort → {:?}; others → {:?}",
+        chaos.failures.first(),
+        calm.by_version()
+    );
+    d.cluster.shutdown();
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_scale_up_is_picked_up() -> anyhow::Result<()> {
     let _serial = serial().await;
