@@ -248,7 +248,7 @@ async fn run(cluster: &Cluster, args: &Args, t0: Instant) -> anyhow::Result<()> 
         println!("    failed: {n} × {why}");
     }
     println!(
-        "    (the proxy applies the rule's matches and weights; its timeout, retries and mirror are not applied yet)"
+        "    (the rule's 2 s timeout and retries apply too, and 5% of its requests are copied to v2 with a -shadow Host, answers dropped)"
     );
     for (id, n) in &seen_identity {
         println!("  identity the backend saw: {id} ({n} requests)");
