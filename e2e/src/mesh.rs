@@ -85,6 +85,18 @@ pub fn manifests_dir() -> String {
         .unwrap_or_else(|| path_arg(&repo_root().join("manifests")))
 }
 
+/// `kubectl delete` of the demo app, waiting until it is gone.
+fn remove_demo_args(app: &str) -> [&str; 6] {
+    [
+        "delete",
+        "-f",
+        app,
+        "--ignore-not-found",
+        "--wait=true",
+        "--timeout=180s",
+    ]
+}
+
 fn uninstall_args(manifests: &str) -> [&str; 6] {
     [
         "delete",
@@ -100,16 +112,7 @@ fn uninstall_args(manifests: &str) -> [&str; 6] {
 /// applied), waiting until they are gone.
 pub async fn uninstall(cluster: &Cluster) -> Result<(), HarnessError> {
     let app = path_arg(&repo_root().join("e2e/demo/app.yaml"));
-    cluster
-        .kubectl(&[
-            "delete",
-            "-f",
-            &app,
-            "--ignore-not-found",
-            "--wait=true",
-            "--timeout=180s",
-        ])
-        .await?;
+    cluster.kubectl(&remove_demo_args(&app)).await?;
     // Without weft's CRDs, kubectl cannot map the default Mesh and says
     // so, after deleting everything else; that is nothing left to delete.
     let manifests = manifests_dir();
@@ -154,14 +157,7 @@ pub fn demo_app_yaml() -> Result<String, HarnessError> {
 /// until every demo Deployment is ready.
 pub async fn deploy_demo(cluster: &Cluster) -> Result<(), HarnessError> {
     let app = path_arg(&repo_root().join("e2e/demo/app.yaml"));
-    cluster.on_teardown(&[
-        "delete",
-        "-f",
-        &app,
-        "--ignore-not-found",
-        "--wait=true",
-        "--timeout=180s",
-    ]);
+    cluster.on_teardown(&remove_demo_args(&app));
     cluster
         .kubectl_stdin(&["apply", "-f", "-"], Some(&demo_app_yaml()?))
         .await?;

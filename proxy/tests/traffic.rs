@@ -64,6 +64,20 @@ async fn pair_with(
     }
 }
 
+/// Connections `server`'s inbound listener took over mTLS.
+fn inbound_mtls_connections(server: &Pod) -> u64 {
+    server
+        .proxy
+        .state
+        .metrics
+        .connections
+        .get_or_create(&weft_proxy::metrics::ConnLabels {
+            direction: Direction::Inbound,
+            tls: true,
+        })
+        .get()
+}
+
 async fn pair(app: SocketAddr, protocol: Protocol) -> Pair {
     pair_with(app, protocol, MtlsMode::Strict, SERVER_ID).await
 }
@@ -96,16 +110,7 @@ async fn http1_over_mtls_preserves_host_strips_hop_by_hop_and_stamps_identity() 
         assert!(text.contains("body-bytes: 9"), "{text}");
     }
     assert_eq!(
-        p.server
-            .proxy
-            .state
-            .metrics
-            .connections
-            .get_or_create(&weft_proxy::metrics::ConnLabels {
-                direction: Direction::Inbound,
-                tls: true
-            })
-            .get(),
+        inbound_mtls_connections(&p.server),
         1,
         "keep-alive pool reuses one mTLS connection"
     );
@@ -226,19 +231,7 @@ async fn opaque_tcp_over_mtls() {
         .expect("in time")
         .expect("read");
     assert_eq!(got, msg);
-    assert_eq!(
-        p.server
-            .proxy
-            .state
-            .metrics
-            .connections
-            .get_or_create(&weft_proxy::metrics::ConnLabels {
-                direction: Direction::Inbound,
-                tls: true
-            })
-            .get(),
-        1
-    );
+    assert_eq!(inbound_mtls_connections(&p.server), 1);
 }
 
 /// Pod IPs (headless Services, StatefulSet peers) are meshed too: a
@@ -274,16 +267,7 @@ async fn a_meshed_pod_ip_destination_gets_mtls() {
         .expect("read");
     assert_eq!(&got, b"to the pod");
     assert_eq!(
-        p.server
-            .proxy
-            .state
-            .metrics
-            .connections
-            .get_or_create(&weft_proxy::metrics::ConnLabels {
-                direction: Direction::Inbound,
-                tls: true
-            })
-            .get(),
+        inbound_mtls_connections(&p.server),
         1,
         "the opaque connection to the pod IP came over mTLS"
     );
