@@ -13,6 +13,7 @@ use rustls::pki_types::ServerName;
 use tokio_rustls::TlsConnector;
 
 use crate::http::pool::{Pool, PoolKey, Sender, Version};
+use crate::limits::{ConnLimits, Reserved};
 use crate::net::Stream;
 use crate::proxy::State;
 use crate::snapshot::Snapshot;
@@ -61,6 +62,19 @@ pub enum ConnectError {
     /// Our own identity cannot make a client configuration.
     #[error("local identity unusable: {0}")]
     Identity(#[from] IdentityError),
+    /// The Service is at its `connectionPool.maxConnections` and
+    /// `maxPendingRequests` requests already wait for a connection.
+    #[error(
+        "{service} has {max_connections} connections open, its connectionPool.maxConnections, and {max_pending} requests waiting for one, its maxPendingRequests; this one was not sent"
+    )]
+    Overflow {
+        /// The Service.
+        service: String,
+        /// Its maxConnections.
+        max_connections: usize,
+        /// Its maxPendingRequests.
+        max_pending: usize,
+    },
     /// The HTTP handshake failed.
     #[error("HTTP handshake with {addr} failed: {source}")]
     Handshake {
@@ -80,6 +94,7 @@ impl ConnectError {
             ConnectError::Tls { .. } => "tls",
             ConnectError::IdentityMismatch { .. } => "identity-mismatch",
             ConnectError::Identity(_) => "local-identity",
+            ConnectError::Overflow { .. } => "overflow",
             ConnectError::Handshake { .. } => "http-handshake",
         }
     }
@@ -87,7 +102,9 @@ impl ConnectError {
     /// The status a client gets.
     pub fn status(&self) -> StatusCode {
         match self {
-            ConnectError::Connect { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            ConnectError::Connect { .. } | ConnectError::Overflow { .. } => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             ConnectError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             _ => StatusCode::BAD_GATEWAY,
         }
@@ -137,9 +154,36 @@ pub async fn connect(
     Ok(Stream::Tls(Box::new(tls)))
 }
 
+/// A Service's `connectionPool.maxConnections` and `maxPendingRequests`
+/// (see [`crate::limits`]).
+#[derive(Clone, Copy, Debug)]
+pub struct Gate<'a> {
+    /// Counts per Service.
+    pub limits: &'a ConnLimits,
+    /// The Service.
+    pub service: &'a weft_proxy_config::Service,
+    /// Its maxConnections.
+    pub max_connections: usize,
+    /// Its maxPendingRequests (none: no limit).
+    pub max_pending: Option<usize>,
+}
+
+impl<'a> Gate<'a> {
+    /// The gate of `service`, when its policy limits connections.
+    pub fn of(limits: &'a ConnLimits, service: &'a weft_proxy_config::Service) -> Option<Self> {
+        let pool = service.policy.connection_pool.as_ref()?;
+        Some(Gate {
+            limits,
+            service,
+            max_connections: pool.max_connections? as usize,
+            max_pending: pool.max_pending_requests.map(|n| n as usize),
+        })
+    }
+}
+
 /// A sender for one request on `key`: an idle pooled connection, or a new
-/// one. The flag says whether it is fresh (a stale pooled connection may be
-/// retried once on a fresh one).
+/// one (under `gate`, room for it first). The flag says whether it is fresh
+/// (a stale pooled connection may be retried once on a fresh one).
 pub async fn acquire(
     state: &State,
     snap: &Snapshot,
@@ -147,17 +191,35 @@ pub async fn acquire(
     key: &PoolKey,
     fresh_only: bool,
     deadline: Duration,
+    gate: Option<Gate<'_>>,
 ) -> Result<(Sender, bool), ConnectError> {
     if !fresh_only && let Some(s) = pool.checkout() {
         return Ok((s, false));
     }
+    let slot = match gate {
+        None => None,
+        Some(g) => {
+            let conns = g.limits.of(&g.service.key());
+            match conns.reserve(pool, g.max_connections, g.max_pending).await {
+                Ok(Reserved::Room(slot)) => Some(slot),
+                Ok(Reserved::Idle(s)) => return Ok((s, false)),
+                Err(o) => {
+                    return Err(ConnectError::Overflow {
+                        service: g.service.key(),
+                        max_connections: o.max_connections,
+                        max_pending: o.max_pending,
+                    });
+                }
+            }
+        }
+    };
     let alpn = match key.version {
         Version::Http1 => Alpn::Http1,
         Version::Http2 => Alpn::Http2,
     };
     let io = connect(state, snap, key.addr, key.identity.as_ref(), alpn, deadline).await?;
     let s = pool
-        .handshake(io)
+        .handshake(io, slot)
         .await
         .map_err(|source| ConnectError::Handshake {
             addr: key.addr,
@@ -200,8 +262,16 @@ pub async fn send_request(
         Err(crate::http::pool::SendFailed {
             request: Some(req), ..
         }) if !fresh => {
-            let (sender, _) =
-                acquire(state, snap, pool, key, true, state.settings.connect_timeout).await?;
+            let (sender, _) = acquire(
+                state,
+                snap,
+                pool,
+                key,
+                true,
+                state.settings.connect_timeout,
+                None,
+            )
+            .await?;
             sender.send(req).await.map_err(|f| SendError::Upstream {
                 addr: key.addr,
                 source: f.error,

@@ -20,6 +20,7 @@ pub mod connect;
 pub mod http;
 pub mod inbound;
 pub mod init;
+pub mod limits;
 pub mod metrics;
 pub mod net;
 pub mod outbound;

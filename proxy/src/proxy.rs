@@ -133,6 +133,8 @@ pub struct State {
     pub breakers: crate::outbound::Breakers,
     /// Retry budgets per Service (retryBudget).
     pub retry_budgets: crate::outbound::RetryBudgets,
+    /// Open connections per Service (connectionPool.maxConnections).
+    pub conn_limits: crate::limits::ConnLimits,
     /// Bound listener addresses: [outbound, inbound, admin].
     pub listeners: Mutex<Vec<SocketAddr>>,
     listening: AtomicBool,
@@ -294,6 +296,7 @@ pub async fn start(settings: Settings, net: Net) -> Result<Proxy, StartError> {
         outliers: crate::outbound::Outliers::default(),
         breakers: crate::outbound::Breakers::default(),
         retry_budgets: crate::outbound::RetryBudgets::default(),
+        conn_limits: crate::limits::ConnLimits::default(),
         listeners: Mutex::new(vec![outbound_addr, inbound_addr, admin_addr]),
         listening: AtomicBool::new(false),
         rr: AtomicUsize::new(0),
@@ -308,6 +311,7 @@ pub async fn start(settings: Settings, net: Net) -> Result<Proxy, StartError> {
         tokio::spawn(crate::inbound::serve(state.clone(), inbound)),
         tokio::spawn(crate::admin::serve(state.clone(), admin)),
         tokio::spawn(crate::reload::watch(state.clone())),
+        tokio::spawn(sweep_pools(Arc::downgrade(&state))),
     ];
     state.listening.store(true, Ordering::Release);
     Ok(Proxy {
@@ -318,6 +322,20 @@ pub async fn start(settings: Settings, net: Net) -> Result<Proxy, StartError> {
         drained: Mutex::new(Some(drain_rx)),
         tasks,
     })
+}
+
+/// Once a second, closes pooled connections past their idle timeout and
+/// forgets unused pools; ends with the proxy.
+async fn sweep_pools(state: std::sync::Weak<State>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Some(state) = state.upgrade() else { return };
+        let now = std::time::Instant::now();
+        state.outbound_pools.sweep(now);
+        state.inbound_pools.sweep(now);
+    }
 }
 
 impl Proxy {

@@ -1131,3 +1131,307 @@ async fn a_service_connect_timeout_replaces_the_proxy_default() {
     assert_eq!(status, StatusCode::GATEWAY_TIMEOUT, "{text}");
     assert_eq!(headers["x-weft-error"], "connect-timeout");
 }
+
+// ---------------------------------------------------------------------------
+// Connection pool limits: maxConnections, maxPendingRequests,
+// maxRequestsPerConnection, idleTimeout.
+
+/// Connections an app has seen.
+#[derive(Default)]
+struct ConnStats {
+    accepted: std::sync::atomic::AtomicUsize,
+    open: std::sync::atomic::AtomicUsize,
+    most_open: std::sync::atomic::AtomicUsize,
+    closed: std::sync::atomic::AtomicUsize,
+    requests: std::sync::atomic::AtomicUsize,
+}
+
+impl ConnStats {
+    fn get(n: &std::sync::atomic::AtomicUsize) -> usize {
+        n.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+/// An HTTP/1 app on `ip` that counts connections; `/hold` requests wait
+/// until `release` turns true.
+async fn counting_app(
+    ip: Ipv4Addr,
+) -> (
+    u16,
+    std::sync::Arc<ConnStats>,
+    tokio::sync::watch::Sender<bool>,
+) {
+    use std::sync::atomic::Ordering::SeqCst;
+    let l = TcpListener::bind((ip, 0)).await.expect("bind app");
+    let port = l.local_addr().expect("addr").port();
+    let stats = std::sync::Arc::new(ConnStats::default());
+    let (release, released) = tokio::sync::watch::channel(false);
+    let st = stats.clone();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = l.accept().await {
+            st.accepted.fetch_add(1, SeqCst);
+            let now = st.open.fetch_add(1, SeqCst) + 1;
+            st.most_open.fetch_max(now, SeqCst);
+            let (st, released) = (st.clone(), released.clone());
+            tokio::spawn(async move {
+                let st2 = st.clone();
+                let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+                    let (st, mut released) = (st2.clone(), released.clone());
+                    async move {
+                        st.requests.fetch_add(1, SeqCst);
+                        if req.uri().path() == "/hold" {
+                            let _ = released.wait_for(|r| *r).await;
+                        }
+                        Ok::<_, std::convert::Infallible>(Response::new(Full::new(Bytes::from(
+                            "ok",
+                        ))))
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(s), svc)
+                    .await;
+                st.open.fetch_sub(1, SeqCst);
+                st.closed.fetch_add(1, SeqCst);
+            });
+        }
+    });
+    (port, stats, release)
+}
+
+fn pool_limits(
+    max_connections: Option<u32>,
+    max_pending_requests: Option<u32>,
+    max_requests_per_connection: Option<u32>,
+    idle_timeout_ms: u64,
+) -> weft_proxy_config::ConnectionPool {
+    weft_proxy_config::ConnectionPool {
+        max_connections,
+        max_pending_requests,
+        max_requests: None,
+        max_requests_per_connection,
+        connect_timeout_ms: 1_000,
+        idle_timeout_ms,
+    }
+}
+
+/// A client proxy whose `shop/cart` has one endpoint per app and `limits`.
+async fn limited_client(
+    apps: &[(Ipv4Addr, u16)],
+    limits: weft_proxy_config::ConnectionPool,
+) -> Client {
+    let eps = apps
+        .iter()
+        .map(|(ip, port)| plain_at(*ip, *port, "v1"))
+        .collect();
+    let mut svc = cart(eps, Protocol::Http1, vec![]);
+    svc.policy.load_balancer = weft_proxy_config::LoadBalancer::RoundRobin;
+    svc.policy.connection_pool = Some(limits);
+    client(&config(1, MtlsMode::Strict, vec![svc])).await
+}
+
+/// A GET of `path` on a connection of its own, answered in the background.
+async fn get_in_background(
+    pod: &Pod,
+    path: &'static str,
+) -> tokio::task::JoinHandle<(StatusCode, http::HeaderMap, String)> {
+    let conn = pod.app_connect(dst()).await;
+    tokio::spawn(async move {
+        let mut c = h1(conn).await;
+        let req = Request::get(path)
+            .header("host", "cart.shop")
+            .body(body(""))
+            .expect("request");
+        read_text(c.send_request(req).await.expect("response")).await
+    })
+}
+
+#[tokio::test]
+async fn max_connections_queues_requests_on_the_connections_it_allows() {
+    let ip = Ipv4Addr::new(127, 0, 0, 51);
+    let (port, stats, release) = counting_app(ip).await;
+    let c = limited_client(&[(ip, port)], pool_limits(Some(1), None, None, 60_000)).await;
+    let mut calls = Vec::new();
+    for _ in 0..3 {
+        calls.push(get_in_background(&c.pod, "/hold").await);
+    }
+    eventually("the app holds the first request", || {
+        ConnStats::get(&stats.requests) == 1
+    })
+    .await;
+    // The other two wait in the proxy for the one connection allowed.
+    let conns = c.pod.proxy.state.conn_limits.of("shop/cart");
+    eventually("two requests wait", || conns.pending() == 2).await;
+    assert_eq!(ConnStats::get(&stats.requests), 1);
+    assert_eq!(ConnStats::get(&stats.accepted), 1);
+    release.send_replace(true);
+    for call in calls {
+        let (status, _, text) = call.await.expect("call");
+        assert_eq!(status, StatusCode::OK, "{text}");
+    }
+    assert_eq!(ConnStats::get(&stats.requests), 3);
+    assert_eq!(
+        ConnStats::get(&stats.accepted),
+        1,
+        "one connection carried all three"
+    );
+    assert_eq!(c.pod.errors(Direction::Outbound, "overflow"), 0);
+}
+
+#[tokio::test]
+async fn requests_over_max_pending_requests_are_refused_unsent() {
+    let ip = Ipv4Addr::new(127, 0, 0, 52);
+    let (port, stats, release) = counting_app(ip).await;
+    let c = limited_client(&[(ip, port)], pool_limits(Some(1), Some(1), None, 60_000)).await;
+    let held = get_in_background(&c.pod, "/hold").await;
+    eventually("the app holds a request", || {
+        ConnStats::get(&stats.requests) == 1
+    })
+    .await;
+    let waiting = get_in_background(&c.pod, "/").await;
+    let conns = c.pod.proxy.state.conn_limits.of("shop/cart");
+    eventually("the second request waits for the connection", || {
+        conns.pending() == 1
+    })
+    .await;
+    // The queue is full: a third is refused.
+    let (status, headers, text) = get_in_background(&c.pod, "/").await.await.expect("call");
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{text}");
+    assert_eq!(headers["x-weft-error"], "overflow", "{text}");
+    assert!(text.contains("maxPendingRequests"), "{text}");
+    assert_eq!(c.pod.errors(Direction::Outbound, "overflow"), 1);
+    assert_eq!(
+        ConnStats::get(&stats.requests),
+        1,
+        "neither waiting nor refused requests were sent"
+    );
+    release.send_replace(true);
+    assert_eq!(held.await.expect("held").0, StatusCode::OK);
+    assert_eq!(waiting.await.expect("waiting").0, StatusCode::OK);
+    assert_eq!(ConnStats::get(&stats.accepted), 1);
+}
+
+#[tokio::test]
+async fn a_request_waiting_for_room_closes_an_idle_connection_elsewhere() {
+    let (a_ip, b_ip) = (Ipv4Addr::new(127, 0, 0, 53), Ipv4Addr::new(127, 0, 0, 54));
+    let (a, a_stats, _ra) = counting_app(a_ip).await;
+    let (b, b_stats, _rb) = counting_app(b_ip).await;
+    let c = limited_client(
+        &[(a_ip, a), (b_ip, b)],
+        pool_limits(Some(1), None, None, 60_000),
+    )
+    .await;
+    // Round robin over two endpoints with room for one connection: each
+    // request closes the other endpoint's idle connection first.
+    for i in 0..6 {
+        let (status, _, text) = tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            get_in_background(&c.pod, "/").await,
+        )
+        .await
+        .unwrap_or_else(|_| panic!("request {i} stranded behind an idle connection"))
+        .expect("call");
+        assert_eq!(status, StatusCode::OK, "{text}");
+    }
+    assert_eq!(ConnStats::get(&a_stats.requests), 3);
+    assert_eq!(ConnStats::get(&b_stats.requests), 3);
+    eventually("the last idle connection is the only one open", || {
+        ConnStats::get(&a_stats.open) + ConnStats::get(&b_stats.open) == 1
+    })
+    .await;
+    assert_eq!(
+        ConnStats::get(&a_stats.accepted) + ConnStats::get(&b_stats.accepted),
+        6
+    );
+}
+
+#[tokio::test]
+async fn max_requests_per_connection_closes_used_up_connections() {
+    let ip = Ipv4Addr::new(127, 0, 0, 55);
+    let (port, stats, _release) = counting_app(ip).await;
+    let c = limited_client(&[(ip, port)], pool_limits(None, None, Some(2), 60_000)).await;
+    let mut conn = h1(c.pod.app_connect(dst()).await).await;
+    for _ in 0..6 {
+        let req = Request::get("/")
+            .header("host", "cart.shop")
+            .body(body(""))
+            .expect("request");
+        let (status, _, text) = read_text(conn.send_request(req).await.expect("response")).await;
+        assert_eq!(status, StatusCode::OK, "{text}");
+    }
+    // Without the limit, one keep-alive connection carries all six.
+    assert_eq!(ConnStats::get(&stats.accepted), 3);
+    eventually("used-up connections are closed", || {
+        ConnStats::get(&stats.closed) == 3
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn idle_connections_close_after_the_services_idle_timeout() {
+    let ip = Ipv4Addr::new(127, 0, 0, 56);
+    let (port, stats, _release) = counting_app(ip).await;
+    let c = limited_client(&[(ip, port)], pool_limits(None, None, None, 300)).await;
+    let (status, _, _) = get_in_background(&c.pod, "/").await.await.expect("call");
+    assert_eq!(status, StatusCode::OK);
+    // The proxy's default keeps it a minute; the policy says 300 ms.
+    eventually("the idle connection is closed", || {
+        ConnStats::get(&stats.closed) == 1
+    })
+    .await;
+    let (status, _, _) = get_in_background(&c.pod, "/").await.await.expect("call");
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(ConnStats::get(&stats.accepted), 2);
+}
+
+#[tokio::test]
+async fn tcp_connections_over_max_connections_are_refused() {
+    init();
+    let ip = Ipv4Addr::new(127, 0, 0, 57);
+    let l = TcpListener::bind((ip, 0)).await.expect("bind");
+    let port = l.local_addr().expect("addr").port();
+    let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = accepted.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut buf = [0u8; 64];
+                while let Ok(n) = s.read(&mut buf).await {
+                    if n == 0 || s.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    let mut svc = cart(vec![plain_at(ip, port, "v1")], Protocol::Opaque, vec![]);
+    svc.policy.connection_pool = Some(pool_limits(Some(1), None, None, 60_000));
+    let c = client(&config(1, MtlsMode::Strict, vec![svc])).await;
+    let echo = |mut s: tokio::net::TcpStream| async move {
+        s.write_all(b"ping").await.expect("write");
+        let mut buf = [0u8; 4];
+        let n = tokio::time::timeout(std::time::Duration::from_secs(10), s.read_exact(&mut buf))
+            .await
+            .expect("no hang");
+        (s, n.is_ok() && &buf == b"ping")
+    };
+    let (first, ok) = echo(c.pod.app_connect(dst()).await).await;
+    assert!(ok, "the first connection is served");
+    let (_, ok) = echo(c.pod.app_connect(dst()).await).await;
+    assert!(!ok, "a second connection over maxConnections is refused");
+    assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 1);
+    assert_eq!(c.pod.errors(Direction::Outbound, "overflow"), 1);
+    drop(first);
+    let mut served = false;
+    for _ in 0..200 {
+        if echo(c.pod.app_connect(dst()).await).await.1 {
+            served = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert!(
+        served,
+        "the slot was not given back when the first connection closed"
+    );
+}

@@ -4,10 +4,14 @@
 //! per endpoint address in one atomic shared by that address's pools, which
 //! the least-request balancer reads with one map lookup (no scan, no lock
 //! held while counting).
+//!
+//! A pool follows the [`ConnPolicy`] of the Service it serves (idle timeout,
+//! requests per connection); [`Pools::sweep`] closes idle connections past
+//! it and forgets pools nothing uses.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -15,13 +19,15 @@ use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::sync::Notify;
 
 use super::Body;
+use crate::limits::ConnSlot;
 use crate::net::Stream;
 use crate::tls::SpiffeId;
 
-/// How long an idle HTTP/1.1 connection is kept.
-const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long an idle connection is kept when no ServicePolicy says.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Most idle HTTP/1.1 connections kept per upstream.
 const MAX_IDLE: usize = 64;
 
@@ -45,22 +51,82 @@ pub struct PoolKey {
     pub version: Version,
 }
 
+/// How a pool treats its connections: a ServicePolicy's
+/// `connectionPool.idleTimeout` and `maxRequestsPerConnection`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConnPolicy {
+    /// An idle connection is closed after this.
+    pub idle_timeout: Duration,
+    /// A connection is closed (HTTP/2: replaced) after this many requests.
+    pub max_requests_per_connection: Option<u32>,
+}
+
+impl Default for ConnPolicy {
+    fn default() -> Self {
+        ConnPolicy {
+            idle_timeout: DEFAULT_IDLE_TIMEOUT,
+            max_requests_per_connection: None,
+        }
+    }
+}
+
+impl ConnPolicy {
+    /// The policy a ServicePolicy's connection pool asks for.
+    pub fn of(pool: Option<&weft_proxy_config::ConnectionPool>) -> Self {
+        match pool {
+            Some(p) => ConnPolicy {
+                idle_timeout: if p.idle_timeout_ms == 0 {
+                    DEFAULT_IDLE_TIMEOUT
+                } else {
+                    Duration::from_millis(p.idle_timeout_ms)
+                },
+                max_requests_per_connection: p.max_requests_per_connection.filter(|n| *n > 0),
+            },
+            None => ConnPolicy::default(),
+        }
+    }
+}
+
+/// An idle HTTP/1.1 connection.
+#[derive(Debug)]
+struct Idle {
+    since: Instant,
+    send: http1::SendRequest<Body>,
+    /// Requests it has carried.
+    served: u32,
+}
+
+/// The shared HTTP/2 connection.
+#[derive(Debug)]
+struct Shared {
+    send: http2::SendRequest<Body>,
+    /// Requests it has carried.
+    served: u32,
+    last_used: Instant,
+}
+
 /// Connections to one upstream.
 #[derive(Debug)]
 pub struct Pool {
     version: Version,
-    idle: Mutex<Vec<(Instant, http1::SendRequest<Body>)>>,
-    h2: Mutex<Option<http2::SendRequest<Body>>>,
+    idle: Mutex<Vec<Idle>>,
+    h2: Mutex<Option<Shared>>,
     /// Requests in flight to this pool's address (shared with the
     /// address's other pools).
     in_flight: Arc<AtomicUsize>,
+    /// [`ConnPolicy`] of the Service whose request used the pool last.
+    idle_timeout_ms: AtomicU64,
+    max_per_connection: AtomicU32,
+    /// Woken when a connection comes back idle.
+    idle_ready: Notify,
 }
 
 /// A connection ready for one request.
 #[derive(Debug)]
 pub enum Sender {
-    /// HTTP/1.1; returned to `pool` once the response is done.
-    H1(http1::SendRequest<Body>, Arc<Pool>),
+    /// HTTP/1.1 and the requests it carried before; returned to `pool`
+    /// once the response is done.
+    H1(http1::SendRequest<Body>, Arc<Pool>, u32),
     /// HTTP/2 handle (cheap clone of the shared connection).
     H2(http2::SendRequest<Body>),
 }
@@ -77,11 +143,15 @@ pub struct SendFailed {
 
 impl Pool {
     fn new(version: Version, in_flight: Arc<AtomicUsize>) -> Self {
+        let d = ConnPolicy::default();
         Pool {
             version,
             idle: Mutex::new(Vec::new()),
             h2: Mutex::new(None),
             in_flight,
+            idle_timeout_ms: AtomicU64::new(d.idle_timeout.as_millis() as u64),
+            max_per_connection: AtomicU32::new(0),
+            idle_ready: Notify::new(),
         }
     }
 
@@ -96,30 +166,70 @@ impl Pool {
         InFlight(self.clone())
     }
 
+    /// Applies the connection policy of the Service being served (two
+    /// atomic loads when it is unchanged).
+    pub fn configure(&self, policy: ConnPolicy) {
+        let idle = policy.idle_timeout.as_millis() as u64;
+        if self.idle_timeout_ms.load(Ordering::Relaxed) != idle {
+            self.idle_timeout_ms.store(idle, Ordering::Relaxed);
+        }
+        let max = policy.max_requests_per_connection.unwrap_or(0);
+        if self.max_per_connection.load(Ordering::Relaxed) != max {
+            self.max_per_connection.store(max, Ordering::Relaxed);
+        }
+    }
+
+    fn idle_timeout(&self) -> Duration {
+        Duration::from_millis(self.idle_timeout_ms.load(Ordering::Relaxed))
+    }
+
+    /// Whether a connection that carried `served` requests is done.
+    fn used_up(&self, served: u32) -> bool {
+        let max = self.max_per_connection.load(Ordering::Relaxed);
+        max > 0 && served >= max
+    }
+
+    /// Woken when a connection of this pool comes back idle.
+    pub fn idle_ready(&self) -> &Notify {
+        &self.idle_ready
+    }
+
     /// An open, idle connection, if any.
     pub fn checkout(self: &Arc<Self>) -> Option<Sender> {
         match self.version {
             Version::Http1 => {
+                let timeout = self.idle_timeout();
                 let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-                while let Some((since, s)) = idle.pop() {
-                    if since.elapsed() < IDLE_TIMEOUT && s.is_ready() {
-                        return Some(Sender::H1(s, self.clone()));
+                while let Some(c) = idle.pop() {
+                    if c.since.elapsed() < timeout && c.send.is_ready() {
+                        return Some(Sender::H1(c.send, self.clone(), c.served));
                     }
                 }
                 None
             }
             Version::Http2 => {
-                let h2 = self.h2.lock().unwrap_or_else(|p| p.into_inner());
-                h2.as_ref()
-                    .filter(|s| !s.is_closed())
-                    .map(|s| Sender::H2(s.clone()))
+                let mut h2 = self.h2.lock().unwrap_or_else(|p| p.into_inner());
+                let shared = h2.as_mut().filter(|s| !s.send.is_closed())?;
+                shared.served += 1;
+                shared.last_used = Instant::now();
+                let send = shared.send.clone();
+                if self.used_up(shared.served) {
+                    // Its open streams finish; new requests get a new one.
+                    *h2 = None;
+                }
+                Some(Sender::H2(send))
             }
         }
     }
 
     /// Runs the HTTP handshake on a fresh connection and keeps the
-    /// connection driven by a task until it closes.
-    pub async fn handshake(self: &Arc<Self>, io: Stream) -> Result<Sender, hyper::Error> {
+    /// connection driven by a task until it closes; `slot` (a Service's
+    /// `maxConnections` count) is held until then.
+    pub async fn handshake(
+        self: &Arc<Self>,
+        io: Stream,
+        slot: Option<ConnSlot>,
+    ) -> Result<Sender, hyper::Error> {
         let io = TokioIo::new(io);
         match self.version {
             Version::Http1 => {
@@ -128,8 +238,9 @@ impl Pool {
                     if let Err(e) = conn.with_upgrades().await {
                         tracing::debug!(error = %e, "upstream HTTP/1 connection closed with error");
                     }
+                    drop(slot);
                 });
-                Ok(Sender::H1(send, self.clone()))
+                Ok(Sender::H1(send, self.clone(), 0))
             }
             Version::Http2 => {
                 let (send, conn) = http2::Builder::new(TokioExecutor::new())
@@ -140,18 +251,95 @@ impl Pool {
                     if let Err(e) = conn.await {
                         tracing::debug!(error = %e, "upstream HTTP/2 connection closed with error");
                     }
+                    drop(slot);
                 });
-                *self.h2.lock().unwrap_or_else(|p| p.into_inner()) = Some(send.clone());
+                if !self.used_up(1) {
+                    *self.h2.lock().unwrap_or_else(|p| p.into_inner()) = Some(Shared {
+                        send: send.clone(),
+                        served: 1,
+                        last_used: Instant::now(),
+                    });
+                }
                 Ok(Sender::H2(send))
             }
         }
     }
 
-    fn put_idle(&self, s: http1::SendRequest<Body>) {
+    fn put_idle(&self, send: http1::SendRequest<Body>, served: u32) {
+        if self.used_up(served) {
+            // Dropping the handle closes the connection.
+            return;
+        }
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
         if idle.len() < MAX_IDLE {
-            idle.push((Instant::now(), s));
+            idle.push(Idle {
+                since: Instant::now(),
+                send,
+                served,
+            });
+            drop(idle);
+            self.idle_ready.notify_one();
         }
+    }
+
+    /// Closes connections idle longer than the idle timeout (HTTP/2: no
+    /// request in flight to the address and none sent for that long).
+    fn sweep(&self, now: Instant) {
+        let timeout = self.idle_timeout();
+        match self.version {
+            Version::Http1 => {
+                let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+                idle.retain(|c| {
+                    now.saturating_duration_since(c.since) < timeout && !c.send.is_closed()
+                });
+            }
+            Version::Http2 => {
+                let mut h2 = self.h2.lock().unwrap_or_else(|p| p.into_inner());
+                if h2.as_ref().is_some_and(|s| {
+                    s.send.is_closed()
+                        || (self.load() == 0
+                            && now.saturating_duration_since(s.last_used) >= timeout)
+                }) {
+                    *h2 = None;
+                }
+            }
+        }
+    }
+
+    /// Closes this pool's longest-idle connection, to make room under a
+    /// Service's `maxConnections`; whether there was one.
+    pub fn close_one_idle(&self) -> bool {
+        match self.version {
+            Version::Http1 => {
+                let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+                if idle.is_empty() {
+                    false
+                } else {
+                    idle.remove(0);
+                    true
+                }
+            }
+            Version::Http2 => {
+                let mut h2 = self.h2.lock().unwrap_or_else(|p| p.into_inner());
+                if h2.is_some() && self.load() == 0 {
+                    *h2 = None;
+                    true
+                } else {
+                    false
+                }
+            }
+        }
+    }
+
+    /// Nothing open or in use.
+    fn unused(&self) -> bool {
+        self.load() == 0
+            && self
+                .idle
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .is_empty()
+            && self.h2.lock().unwrap_or_else(|p| p.into_inner()).is_none()
     }
 }
 
@@ -159,7 +347,7 @@ impl Sender {
     /// Sends one request.
     pub async fn send(self, req: Request<Body>) -> Result<Response<Incoming>, SendFailed> {
         match self {
-            Sender::H1(mut s, pool) => {
+            Sender::H1(mut s, pool, served) => {
                 let resp = s.try_send_request(req).await.map_err(|mut e| SendFailed {
                     request: e.take_message(),
                     error: e.into_error(),
@@ -168,7 +356,7 @@ impl Sender {
                     // Back to the pool once the response body is done.
                     tokio::spawn(async move {
                         if s.ready().await.is_ok() {
-                            pool.put_idle(s);
+                            pool.put_idle(s, served + 1);
                         }
                     });
                 }
@@ -224,6 +412,32 @@ impl Pools {
             .entry(key.clone())
             .or_insert_with(|| Arc::new(Pool::new(key.version, in_flight)))
             .clone()
+    }
+
+    /// Closes connections past their idle timeout and forgets pools (and
+    /// in-flight counters) nothing uses any more, such as those of
+    /// endpoints that left the config. Run every second by the proxy.
+    pub fn sweep(&self, now: Instant) {
+        let mut forget = false;
+        for p in self
+            .pools
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+        {
+            p.sweep(now);
+            forget |= Arc::strong_count(p) == 1 && p.unused();
+        }
+        if !forget {
+            return;
+        }
+        let mut pools = self.pools.write().unwrap_or_else(|p| p.into_inner());
+        pools.retain(|_, p| !(Arc::strong_count(p) == 1 && p.unused()));
+        drop(pools);
+        self.loads
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|_, c| Arc::strong_count(c) > 1);
     }
 
     /// Requests in flight to `addr` across its pools (for the balancer):

@@ -356,6 +356,7 @@ async fn proxy(ctx: &Ctx, mut req: Request<Incoming>) -> Response<Body> {
         &key,
         false,
         state.settings.connect_timeout,
+        None,
     )
     .await
     {

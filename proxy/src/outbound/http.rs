@@ -30,9 +30,9 @@ use hyper::service::service_fn;
 use tokio::io::{AsyncRead, AsyncWrite};
 use weft_proxy_config::{HashKey, LoadBalancer};
 
-use crate::connect::{ConnectError, acquire};
+use crate::connect::{ConnectError, Gate, acquire};
 use crate::http::forward::{finish, prepare};
-use crate::http::pool::{PoolKey, SendFailed, Version};
+use crate::http::pool::{ConnPolicy, PoolKey, SendFailed, Version};
 use crate::http::{Body, ERROR_HEADER, error_response, full, serve_connection};
 use crate::metrics::Direction;
 use crate::proxy::State;
@@ -722,6 +722,8 @@ where
         );
     }
 
+    let conn_policy = ConnPolicy::of(dest.service.policy.connection_pool.as_ref());
+    let gate = Gate::of(&state.conn_limits, dest.service);
     let upgrade = prepared.client_upgrade.is_some();
     let replay = (candidates.len() > 1 && !upgrade)
         .then(|| Replay::of(&prepared.request))
@@ -745,14 +747,20 @@ where
             version: ctx.version,
         };
         let pool = state.outbound_pools.get(&key);
+        pool.configure(conn_policy);
         let _in_flight = pool.track();
         let mut req = req;
         let mut fresh_only = false;
         loop {
             let deadline = crate::connect::connect_timeout(state, &dest.service.policy);
             let (sender, fresh) =
-                match acquire(state, snap, &pool, &key, fresh_only, deadline).await {
+                match acquire(state, snap, &pool, &key, fresh_only, deadline, gate).await {
                     Ok(s) => s,
+                    Err(e @ ConnectError::Overflow { .. }) => {
+                        state.metrics.error(Direction::Outbound, e.step());
+                        tracing::warn!(error = %e, "request not sent: connection limit");
+                        return error_response(e.status(), e.step(), &e.to_string());
+                    }
                     Err(e) => {
                         state.metrics.error(Direction::Outbound, e.step());
                         if matches!(

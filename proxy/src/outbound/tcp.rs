@@ -77,6 +77,18 @@ pub async fn to_service(
             }
         }
     }
+    // connectionPool.maxConnections: over it, the connection is refused.
+    let slot = match crate::connect::Gate::of(&state.conn_limits, dest.service) {
+        Some(g) => match g.limits.of(&dest.service.key()).try_open(g.max_connections) {
+            Some(slot) => Some(slot),
+            None => {
+                state.metrics.error(Direction::Outbound, "overflow");
+                tracing::warn!(%dst, service = %dest.service.key(), max = g.max_connections, "connection refused: the Service has its connectionPool.maxConnections open");
+                return;
+            }
+        },
+        None => None,
+    };
     let key = client.peer_addr().ok().map(|a| a.ip().to_string());
     let order = super::attempt_order(&state, &dest, key.as_deref());
     let mut last: Option<ConnectError> = None;
@@ -100,7 +112,9 @@ pub async fn to_service(
         match connect(&state, &snap, addr, id.as_ref(), Alpn::Tcp, deadline).await {
             Ok(up) => {
                 state.outliers.restore(addr);
-                return splice(client, prefix, up).await;
+                splice(client, prefix, up).await;
+                drop(slot);
+                return;
             }
             Err(e) => {
                 state.metrics.error(Direction::Outbound, e.step());
