@@ -12,7 +12,7 @@ use http::StatusCode;
 use rustls::pki_types::ServerName;
 use tokio_rustls::TlsConnector;
 
-use crate::http::pool::{Pool, PoolKey, Sender, Version};
+use crate::http::pool::{Dial, Pool, PoolKey, Sender, Version};
 use crate::limits::{ConnLimits, Reserved};
 use crate::net::Stream;
 use crate::proxy::State;
@@ -196,6 +196,14 @@ pub async fn acquire(
     if !fresh_only && let Some(s) = pool.checkout() {
         return Ok((s, false));
     }
+    // HTTP/2: one request dials, the others share its connection.
+    let _dialing = match key.version {
+        Version::Http2 if !fresh_only => match pool.dial_or_share().await {
+            Dial::Shared(s) => return Ok((s, false)),
+            Dial::Mine(d) => Some(d),
+        },
+        _ => None,
+    };
     let slot = match gate {
         None => None,
         Some(g) => {

@@ -10,12 +10,21 @@
 //! connections closes; meanwhile an idle connection to another endpoint is
 //! closed to make room, so the limit never strands a request behind
 //! connections nobody uses. An opaque TCP connection over the limit is
-//! refused. Counts are kept across reloads.
+//! refused, unless an idle HTTP connection of the Service can be closed for
+//! it. Counts are kept across reloads.
+//!
+//! Pools are per endpoint address, so two Services sharing pods share
+//! pools: a connection counts against the Service whose request dialled it.
 
 use std::collections::HashMap;
+use std::io;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
+use std::task::{Context, Poll};
+use std::time::Duration;
 
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::Notify;
 
 use crate::http::pool::{Pool, Sender};
@@ -42,7 +51,8 @@ impl ConnLimits {
 pub struct ServiceConns {
     open: AtomicUsize,
     pending: AtomicUsize,
-    /// Woken when one of the Service's connections closes.
+    /// Woken when one of the Service's connections closes or comes back
+    /// idle.
     freed: Notify,
     /// Pools that hold connections of this Service, to close an idle one
     /// when a request waits.
@@ -135,7 +145,7 @@ impl ServiceConns {
         }
     }
 
-    fn register(&self, pool: &Arc<Pool>) {
+    fn register(self: &Arc<Self>, pool: &Arc<Pool>) {
         let mut pools = self.pools.lock().unwrap_or_else(|p| p.into_inner());
         if pools
             .iter()
@@ -145,10 +155,21 @@ impl ServiceConns {
         }
         pools.retain(|w| w.strong_count() > 0);
         pools.push(Arc::downgrade(pool));
+        drop(pools);
+        pool.add_service(self);
     }
 
-    /// Closes an idle connection of another pool of the Service.
-    fn close_idle_elsewhere(&self, pool: &Arc<Pool>) {
+    /// A connection of one of the Service's pools came back idle: requests
+    /// waiting for room look again (and may close it).
+    pub(crate) fn idle_elsewhere(&self) {
+        if self.pending() > 0 {
+            self.freed.notify_waiters();
+        }
+    }
+
+    /// Closes an idle connection of a pool of the Service other than
+    /// `except`; whether there was one.
+    fn close_idle(&self, except: Option<&Arc<Pool>>) -> bool {
         let pools: Vec<Arc<Pool>> = self
             .pools
             .lock()
@@ -156,10 +177,27 @@ impl ServiceConns {
             .iter()
             .filter_map(Weak::upgrade)
             .collect();
-        for p in pools {
-            if !Arc::ptr_eq(&p, pool) && p.close_one_idle() {
-                return;
+        pools
+            .iter()
+            .any(|p| !except.is_some_and(|e| Arc::ptr_eq(p, e)) && p.close_one_idle())
+    }
+
+    /// Room for an opaque TCP connection under `max`: at once, or once an
+    /// idle HTTP connection of the Service, closed for it, is gone (within
+    /// `wait`); none when every connection is in use.
+    pub async fn reserve_now(self: &Arc<Self>, max: usize, wait: Duration) -> Option<ConnSlot> {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let freed = self.freed.notified();
+            tokio::pin!(freed);
+            freed.as_mut().enable();
+            if let Some(slot) = self.try_open(max) {
+                return Some(slot);
             }
+            if !self.close_idle(None) {
+                return None;
+            }
+            tokio::time::timeout_at(deadline, freed).await.ok()?;
         }
     }
 
@@ -192,12 +230,56 @@ impl ServiceConns {
                     max_pending: max_pending.unwrap_or(usize::MAX),
                 })?);
             }
-            self.close_idle_elsewhere(pool);
+            self.close_idle(Some(pool));
             tokio::select! {
                 _ = freed => {}
                 _ = idle => {}
             }
         }
+    }
+}
+
+/// An upstream connection holding its Service's [`ConnSlot`] for as long as
+/// the socket lives: an upgraded HTTP/1 connection or an HTTP/2 connection
+/// whose handles are gone but whose streams still run are still counted.
+#[derive(Debug)]
+pub struct Counted<S> {
+    io: S,
+    _slot: Option<ConnSlot>,
+}
+
+impl<S> Counted<S> {
+    /// `io`, counted under `slot`.
+    pub fn new(io: S, slot: Option<ConnSlot>) -> Self {
+        Counted { io, _slot: slot }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Counted<S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<S> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
     }
 }
 

@@ -938,13 +938,12 @@ fn outlier_detection(
     }
 }
 
-/// `shop/cart` over the two scripted apps (round robin), with `policy`
-/// edits; `n` GETs one after another; the statuses seen.
-async fn round_robin(
-    apps: [(Ipv4Addr, u16); 2],
+/// A client proxy whose `shop/cart` has one v1 endpoint per app, balanced
+/// round robin, with `policy` edits.
+async fn round_robin_client(
+    apps: &[(Ipv4Addr, u16)],
     edit: impl FnOnce(&mut weft_proxy_config::ClientPolicy),
-    n: usize,
-) -> (Client, BTreeMap<u16, usize>) {
+) -> Client {
     let eps = apps
         .iter()
         .map(|(ip, port)| plain_at(*ip, *port, "v1"))
@@ -952,7 +951,17 @@ async fn round_robin(
     let mut svc = cart(eps, Protocol::Http1, vec![]);
     svc.policy.load_balancer = weft_proxy_config::LoadBalancer::RoundRobin;
     edit(&mut svc.policy);
-    let c = client(&config(1, MtlsMode::Strict, vec![svc])).await;
+    client(&config(1, MtlsMode::Strict, vec![svc])).await
+}
+
+/// `shop/cart` over the two scripted apps (round robin), with `policy`
+/// edits; `n` GETs one after another; the statuses seen.
+async fn round_robin(
+    apps: [(Ipv4Addr, u16); 2],
+    edit: impl FnOnce(&mut weft_proxy_config::ClientPolicy),
+    n: usize,
+) -> (Client, BTreeMap<u16, usize>) {
+    let c = round_robin_client(&apps, edit).await;
     let mut statuses = BTreeMap::new();
     for _ in 0..n {
         let (status, _, _) = post(&c.pod, "x").await;
@@ -1161,6 +1170,18 @@ async fn counting_app(
     std::sync::Arc<ConnStats>,
     tokio::sync::watch::Sender<bool>,
 ) {
+    counting_app_of(ip, false).await
+}
+
+/// [`counting_app`] speaking HTTP/2 (prior knowledge) when `h2`.
+async fn counting_app_of(
+    ip: Ipv4Addr,
+    h2: bool,
+) -> (
+    u16,
+    std::sync::Arc<ConnStats>,
+    tokio::sync::watch::Sender<bool>,
+) {
     use std::sync::atomic::Ordering::SeqCst;
     let l = TcpListener::bind((ip, 0)).await.expect("bind app");
     let port = l.local_addr().expect("addr").port();
@@ -1187,9 +1208,18 @@ async fn counting_app(
                         ))))
                     }
                 });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(hyper_util::rt::TokioIo::new(s), svc)
+                let io = hyper_util::rt::TokioIo::new(s);
+                if h2 {
+                    let _ = hyper::server::conn::http2::Builder::new(
+                        hyper_util::rt::TokioExecutor::new(),
+                    )
+                    .serve_connection(io, svc)
                     .await;
+                } else {
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(io, svc)
+                        .await;
+                }
                 st.open.fetch_sub(1, SeqCst);
                 st.closed.fetch_add(1, SeqCst);
             });
@@ -1219,14 +1249,7 @@ async fn limited_client(
     apps: &[(Ipv4Addr, u16)],
     limits: weft_proxy_config::ConnectionPool,
 ) -> Client {
-    let eps = apps
-        .iter()
-        .map(|(ip, port)| plain_at(*ip, *port, "v1"))
-        .collect();
-    let mut svc = cart(eps, Protocol::Http1, vec![]);
-    svc.policy.load_balancer = weft_proxy_config::LoadBalancer::RoundRobin;
-    svc.policy.connection_pool = Some(limits);
-    client(&config(1, MtlsMode::Strict, vec![svc])).await
+    round_robin_client(apps, |p| p.connection_pool = Some(limits)).await
 }
 
 /// A GET of `path` on a connection of its own, answered in the background.
@@ -1350,6 +1373,16 @@ async fn max_requests_per_connection_closes_used_up_connections() {
     let (port, stats, _release) = counting_app(ip).await;
     let c = limited_client(&[(ip, port)], pool_limits(None, None, Some(2), 60_000)).await;
     let mut conn = h1(c.pod.app_connect(dst()).await).await;
+    let pool = c
+        .pod
+        .proxy
+        .state
+        .outbound_pools
+        .get(&weft_proxy::http::pool::PoolKey {
+            addr: SocketAddr::new(IpAddr::V4(ip), port),
+            identity: None,
+            version: weft_proxy::http::pool::Version::Http1,
+        });
     for _ in 0..6 {
         let req = Request::get("/")
             .header("host", "cart.shop")
@@ -1357,6 +1390,12 @@ async fn max_requests_per_connection_closes_used_up_connections() {
             .expect("request");
         let (status, _, text) = read_text(conn.send_request(req).await.expect("response")).await;
         assert_eq!(status, StatusCode::OK, "{text}");
+        // The connection is back in the pool, or closed, before the next.
+        eventually("the connection is pooled or closed", || {
+            pool.idle_count() == 1
+                || ConnStats::get(&stats.closed) == ConnStats::get(&stats.accepted)
+        })
+        .await;
     }
     // Without the limit, one keep-alive connection carries all six.
     assert_eq!(ConnStats::get(&stats.accepted), 3);
@@ -1433,5 +1472,73 @@ async fn tcp_connections_over_max_connections_are_refused() {
     assert!(
         served,
         "the slot was not given back when the first connection closed"
+    );
+}
+
+#[tokio::test]
+async fn http2_requests_share_one_connection_under_max_connections() {
+    let ip = Ipv4Addr::new(127, 0, 0, 58);
+    let (port, stats, release) = counting_app_of(ip, true).await;
+    let mut svc = cart(vec![plain_at(ip, port, "v1")], Protocol::Http2, vec![]);
+    svc.policy.connection_pool = Some(pool_limits(Some(1), None, None, 60_000));
+    let c = client(&config(1, MtlsMode::Strict, vec![svc])).await;
+    let send = h2(c.pod.app_connect(dst()).await).await;
+    // Four streams at once: one dials, the others wait for its connection.
+    let calls: Vec<_> = (0..4)
+        .map(|_| {
+            let mut send = send.clone();
+            tokio::spawn(async move {
+                let req = Request::get("http://cart.shop/hold")
+                    .body(body(""))
+                    .expect("request");
+                read_text(send.send_request(req).await.expect("response")).await
+            })
+        })
+        .collect();
+    eventually("the app holds all four requests", || {
+        ConnStats::get(&stats.requests) == 4
+    })
+    .await;
+    release.send_replace(true);
+    for call in calls {
+        let (status, _, text) = call.await.expect("call");
+        assert_eq!(status, StatusCode::OK, "{text}");
+    }
+    assert_eq!(ConnStats::get(&stats.accepted), 1);
+}
+
+#[tokio::test]
+async fn a_waiting_request_takes_the_room_of_a_connection_that_goes_idle_elsewhere() {
+    let (a_ip, b_ip) = (Ipv4Addr::new(127, 0, 0, 59), Ipv4Addr::new(127, 0, 0, 60));
+    let (a, a_stats, a_release) = counting_app(a_ip).await;
+    let (b, b_stats, b_release) = counting_app(b_ip).await;
+    let c = limited_client(
+        &[(a_ip, a), (b_ip, b)],
+        pool_limits(Some(1), None, None, 60_000),
+    )
+    .await;
+    let requests = || ConnStats::get(&a_stats.requests) + ConnStats::get(&b_stats.requests);
+    // Round robin: the held request uses one endpoint's connection, the
+    // next request wants the other endpoint and waits for room.
+    let held = get_in_background(&c.pod, "/hold").await;
+    eventually("one app holds a request", || requests() == 1).await;
+    let waiting = get_in_background(&c.pod, "/").await;
+    let conns = c.pod.proxy.state.conn_limits.of("shop/cart");
+    eventually("the second request waits", || conns.pending() == 1).await;
+    // The held one is answered: its connection goes idle, and the waiting
+    // request closes it to dial its own endpoint.
+    a_release.send_replace(true);
+    b_release.send_replace(true);
+    assert_eq!(held.await.expect("held").0, StatusCode::OK);
+    let (status, _, text) = tokio::time::timeout(std::time::Duration::from_secs(10), waiting)
+        .await
+        .expect("the waiting request was woken when a connection went idle")
+        .expect("call");
+    assert_eq!(status, StatusCode::OK, "{text}");
+    assert_eq!(ConnStats::get(&a_stats.requests), 1);
+    assert_eq!(ConnStats::get(&b_stats.requests), 1);
+    assert_eq!(
+        ConnStats::get(&a_stats.accepted) + ConnStats::get(&b_stats.accepted),
+        2
     );
 }

@@ -12,7 +12,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::{Duration, Instant};
 
 use http::{Request, Response};
@@ -22,7 +22,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::sync::Notify;
 
 use super::Body;
-use crate::limits::ConnSlot;
+use crate::limits::{ConnSlot, Counted, ServiceConns};
 use crate::net::Stream;
 use crate::tls::SpiffeId;
 
@@ -117,8 +117,35 @@ pub struct Pool {
     /// [`ConnPolicy`] of the Service whose request used the pool last.
     idle_timeout_ms: AtomicU64,
     max_per_connection: AtomicU32,
-    /// Woken when a connection comes back idle.
+    /// Woken when a connection comes back idle (HTTP/1) or the shared
+    /// connection is up or given up (HTTP/2).
     idle_ready: Notify,
+    /// HTTP/2: a request is dialling the shared connection.
+    h2_dialing: std::sync::atomic::AtomicBool,
+    /// Services with `maxConnections` whose connections this pool holds;
+    /// their waiting requests are woken when a connection comes back idle.
+    services: Mutex<Vec<Weak<ServiceConns>>>,
+}
+
+/// What [`Pool::dial_or_share`] got.
+#[derive(Debug)]
+pub enum Dial {
+    /// This request dials the pool's HTTP/2 connection.
+    Mine(Dialing),
+    /// Another request's connection came up meanwhile.
+    Shared(Sender),
+}
+
+/// The right to dial a pool's HTTP/2 connection; dropping it lets the
+/// requests waiting for the connection look again.
+#[derive(Debug)]
+pub struct Dialing(Arc<Pool>);
+
+impl Drop for Dialing {
+    fn drop(&mut self) {
+        self.0.h2_dialing.store(false, Ordering::Release);
+        self.0.idle_ready.notify_waiters();
+    }
 }
 
 /// A connection ready for one request.
@@ -152,6 +179,8 @@ impl Pool {
             idle_timeout_ms: AtomicU64::new(d.idle_timeout.as_millis() as u64),
             max_per_connection: AtomicU32::new(0),
             idle_ready: Notify::new(),
+            h2_dialing: std::sync::atomic::AtomicBool::new(false),
+            services: Mutex::new(Vec::new()),
         }
     }
 
@@ -194,6 +223,41 @@ impl Pool {
         &self.idle_ready
     }
 
+    /// Idle HTTP/1 connections now.
+    pub fn idle_count(&self) -> usize {
+        self.idle.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    /// Remembers a Service that counts this pool's connections.
+    pub(crate) fn add_service(&self, service: &Arc<ServiceConns>) {
+        let mut services = self.services.lock().unwrap_or_else(|p| p.into_inner());
+        if !services
+            .iter()
+            .any(|w| std::ptr::eq(w.as_ptr(), Arc::as_ptr(service)))
+        {
+            services.retain(|w| w.strong_count() > 0);
+            services.push(Arc::downgrade(service));
+        }
+    }
+
+    /// HTTP/2 keeps one connection per upstream: the first request without
+    /// one dials it, and the others wait for it instead of each dialling
+    /// their own.
+    pub async fn dial_or_share(self: &Arc<Self>) -> Dial {
+        loop {
+            let ready = self.idle_ready.notified();
+            tokio::pin!(ready);
+            ready.as_mut().enable();
+            if let Some(s) = self.checkout() {
+                return Dial::Shared(s);
+            }
+            if !self.h2_dialing.swap(true, Ordering::AcqRel) {
+                return Dial::Mine(Dialing(self.clone()));
+            }
+            ready.await;
+        }
+    }
+
     /// An open, idle connection, if any.
     pub fn checkout(self: &Arc<Self>) -> Option<Sender> {
         match self.version {
@@ -224,13 +288,14 @@ impl Pool {
 
     /// Runs the HTTP handshake on a fresh connection and keeps the
     /// connection driven by a task until it closes; `slot` (a Service's
-    /// `maxConnections` count) is held until then.
+    /// `maxConnections` count) lives as long as the socket, upgrades and
+    /// HTTP/2 streams included.
     pub async fn handshake(
         self: &Arc<Self>,
         io: Stream,
         slot: Option<ConnSlot>,
     ) -> Result<Sender, hyper::Error> {
-        let io = TokioIo::new(io);
+        let io = TokioIo::new(Counted::new(io, slot));
         match self.version {
             Version::Http1 => {
                 let (send, conn) = http1::Builder::new().handshake(io).await?;
@@ -238,7 +303,6 @@ impl Pool {
                     if let Err(e) = conn.with_upgrades().await {
                         tracing::debug!(error = %e, "upstream HTTP/1 connection closed with error");
                     }
-                    drop(slot);
                 });
                 Ok(Sender::H1(send, self.clone(), 0))
             }
@@ -251,7 +315,6 @@ impl Pool {
                     if let Err(e) = conn.await {
                         tracing::debug!(error = %e, "upstream HTTP/2 connection closed with error");
                     }
-                    drop(slot);
                 });
                 if !self.used_up(1) {
                     *self.h2.lock().unwrap_or_else(|p| p.into_inner()) = Some(Shared {
@@ -260,6 +323,8 @@ impl Pool {
                         last_used: Instant::now(),
                     });
                 }
+                // Requests waiting for the connection share it now.
+                self.idle_ready.notify_waiters();
                 Ok(Sender::H2(send))
             }
         }
@@ -279,6 +344,17 @@ impl Pool {
             });
             drop(idle);
             self.idle_ready.notify_one();
+            // A request of the Service waiting for room elsewhere may close
+            // this connection now.
+            for service in self
+                .services
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .iter()
+                .filter_map(Weak::upgrade)
+            {
+                service.idle_elsewhere();
+            }
         }
     }
 

@@ -79,7 +79,15 @@ pub async fn to_service(
     }
     // connectionPool.maxConnections: over it, the connection is refused.
     let slot = match crate::connect::Gate::of(&state.conn_limits, dest.service) {
-        Some(g) => match g.limits.of(&dest.service.key()).try_open(g.max_connections) {
+        Some(g) => match g
+            .limits
+            .of(&dest.service.key())
+            .reserve_now(
+                g.max_connections,
+                crate::connect::connect_timeout(&state, &dest.service.policy),
+            )
+            .await
+        {
             Some(slot) => Some(slot),
             None => {
                 state.metrics.error(Direction::Outbound, "overflow");
