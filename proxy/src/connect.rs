@@ -200,7 +200,7 @@ pub async fn acquire(
     let _dialing = match key.version {
         Version::Http2 if !fresh_only => match pool.dial_or_share().await {
             Dial::Shared(s) => return Ok((s, false)),
-            Dial::Mine(d) => Some(d),
+            Dial::Mine(d) => d,
         },
         _ => None,
     };

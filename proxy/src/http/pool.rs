@@ -130,8 +130,9 @@ pub struct Pool {
 /// What [`Pool::dial_or_share`] got.
 #[derive(Debug)]
 pub enum Dial {
-    /// This request dials the pool's HTTP/2 connection.
-    Mine(Dialing),
+    /// This request dials the pool's HTTP/2 connection (alone, with the
+    /// guard; alongside others when the dial it waited for failed).
+    Mine(Option<Dialing>),
     /// Another request's connection came up meanwhile.
     Shared(Sender),
 }
@@ -242,8 +243,10 @@ impl Pool {
 
     /// HTTP/2 keeps one connection per upstream: the first request without
     /// one dials it, and the others wait for it instead of each dialling
-    /// their own.
+    /// their own. When the dial they waited for failed, they dial too (so a
+    /// dead endpoint costs a request at most two connect timeouts).
     pub async fn dial_or_share(self: &Arc<Self>) -> Dial {
+        let mut waited = false;
         loop {
             let ready = self.idle_ready.notified();
             tokio::pin!(ready);
@@ -252,9 +255,13 @@ impl Pool {
                 return Dial::Shared(s);
             }
             if !self.h2_dialing.swap(true, Ordering::AcqRel) {
-                return Dial::Mine(Dialing(self.clone()));
+                return Dial::Mine(Some(Dialing(self.clone())));
+            }
+            if waited {
+                return Dial::Mine(None);
             }
             ready.await;
+            waited = true;
         }
     }
 
