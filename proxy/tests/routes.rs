@@ -1542,3 +1542,70 @@ async fn a_waiting_request_takes_the_room_of_a_connection_that_goes_idle_elsewhe
         2
     );
 }
+
+#[tokio::test]
+async fn an_upgraded_connection_counts_against_max_connections_until_it_closes() {
+    use http_body_util::BodyExt as _;
+    let app = spawn_app(|mut req: Request<Incoming>| async move {
+        if req.headers().contains_key("upgrade") {
+            let on = hyper::upgrade::on(&mut req);
+            tokio::spawn(async move {
+                if let Ok(up) = on.await {
+                    let mut io = hyper_util::rt::TokioIo::new(up);
+                    let mut buf = [0u8; 64];
+                    while let Ok(n) = io.read(&mut buf).await {
+                        if n == 0 || io.write_all(&buf[..n]).await.is_err() {
+                            break;
+                        }
+                    }
+                }
+            });
+            let mut r = Response::new(Full::new(Bytes::new()).map_err(|e| match e {}).boxed());
+            *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+            r.headers_mut()
+                .insert("connection", "upgrade".parse().expect("v"));
+            r.headers_mut()
+                .insert("upgrade", "websocket".parse().expect("v"));
+            return r;
+        }
+        Response::new(Full::new(Bytes::from("ok")).map_err(|e| match e {}).boxed())
+    })
+    .await;
+    let mut svc = cart(
+        vec![plain_at(Ipv4Addr::LOCALHOST, app.port(), "v1")],
+        Protocol::Http1,
+        vec![],
+    );
+    svc.policy.connection_pool = Some(pool_limits(Some(1), Some(0), None, 60_000));
+    let c = client(&config(1, MtlsMode::Strict, vec![svc])).await;
+    let mut ws = h1(c.pod.app_connect(dst()).await).await;
+    let req = Request::get("/ws")
+        .header("host", "cart.shop")
+        .header("connection", "Upgrade")
+        .header("upgrade", "websocket")
+        .body(body(Bytes::new()))
+        .expect("request");
+    let resp = ws.send_request(req).await.expect("response");
+    assert_eq!(resp.status(), StatusCode::SWITCHING_PROTOCOLS);
+    let mut up = hyper_util::rt::TokioIo::new(hyper::upgrade::on(resp).await.expect("upgraded"));
+    up.write_all(b"ping").await.expect("write");
+    let mut buf = [0u8; 4];
+    up.read_exact(&mut buf).await.expect("echo");
+    assert_eq!(&buf, b"ping");
+    // The tunnel holds the one connection allowed: no room, no queue.
+    let (status, headers, text) = get_in_background(&c.pod, "/").await.await.expect("call");
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{text}");
+    assert_eq!(headers["x-weft-error"], "overflow");
+    // Once the tunnel closes, its room is given back.
+    drop(up);
+    let mut served = false;
+    for _ in 0..200 {
+        let (status, _, _) = get_in_background(&c.pod, "/").await.await.expect("call");
+        if status == StatusCode::OK {
+            served = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert!(served, "the closed tunnel's connection still counted");
+}
