@@ -396,7 +396,10 @@ async fn heartbeat(node: Arc<Node>) {
 async fn watch_pods(node: Arc<Node>) {
     let pods: Api<Pod> = Api::all(node.client.clone());
     let cfg = watcher::Config::default().fields(&format!("spec.nodeName={}", node.name));
-    let mut workers: HashMap<String, (watch::Sender<Option<Pod>>, JoinHandle<()>)> = HashMap::new();
+    // Aborting this task (the kubelet is dropped) drops the map, and with it
+    // every pod worker: none outlives the node and calls an API server that
+    // is gone.
+    let mut workers: HashMap<String, (watch::Sender<Option<Pod>>, Worker)> = HashMap::new();
     let mut stream = watcher(pods, cfg).boxed();
     while let Some(ev) = stream.next().await {
         let (pod, deleted) = match ev {
@@ -411,7 +414,7 @@ async fn watch_pods(node: Arc<Node>) {
         let Some(uid) = pod.metadata.uid.clone() else {
             continue;
         };
-        workers.retain(|_, (_, h)| !h.is_finished());
+        workers.retain(|_, (_, w)| !w.0.is_finished());
         if let Some((tx, _)) = workers.get(&uid) {
             let _ = tx.send(if deleted { None } else { Some(pod) });
             continue;
@@ -421,6 +424,15 @@ async fn watch_pods(node: Arc<Node>) {
         }
         let (tx, rx) = watch::channel(Some(pod.clone()));
         let handle = tokio::spawn(pod::run(node.clone(), pod, rx));
-        workers.insert(uid, (tx, handle));
+        workers.insert(uid, (tx, Worker(handle)));
+    }
+}
+
+/// A pod worker, aborted when dropped.
+struct Worker(JoinHandle<()>);
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
