@@ -1252,6 +1252,25 @@ async fn limited_client(
     round_robin_client(apps, |p| p.connection_pool = Some(limits)).await
 }
 
+/// Two [`counting_app`]s behind `shop/cart`, round robin, with room for one
+/// connection; each app's stats and release switch.
+async fn two_apps_one_connection(
+    a_ip: Ipv4Addr,
+    b_ip: Ipv4Addr,
+) -> (
+    Client,
+    [(std::sync::Arc<ConnStats>, tokio::sync::watch::Sender<bool>); 2],
+) {
+    let (a, a_stats, a_release) = counting_app(a_ip).await;
+    let (b, b_stats, b_release) = counting_app(b_ip).await;
+    let c = limited_client(
+        &[(a_ip, a), (b_ip, b)],
+        pool_limits(Some(1), None, None, 60_000),
+    )
+    .await;
+    (c, [(a_stats, a_release), (b_stats, b_release)])
+}
+
 /// A GET of `path` on a connection of its own, answered in the background.
 async fn get_in_background(
     pod: &Pod,
@@ -1335,14 +1354,8 @@ async fn requests_over_max_pending_requests_are_refused_unsent() {
 
 #[tokio::test]
 async fn a_request_waiting_for_room_closes_an_idle_connection_elsewhere() {
-    let (a_ip, b_ip) = (Ipv4Addr::new(127, 0, 0, 53), Ipv4Addr::new(127, 0, 0, 54));
-    let (a, a_stats, _ra) = counting_app(a_ip).await;
-    let (b, b_stats, _rb) = counting_app(b_ip).await;
-    let c = limited_client(
-        &[(a_ip, a), (b_ip, b)],
-        pool_limits(Some(1), None, None, 60_000),
-    )
-    .await;
+    let (c, [(a_stats, _), (b_stats, _)]) =
+        two_apps_one_connection(Ipv4Addr::new(127, 0, 0, 53), Ipv4Addr::new(127, 0, 0, 54)).await;
     // Round robin over two endpoints with room for one connection: each
     // request closes the other endpoint's idle connection first.
     for i in 0..6 {
@@ -1509,14 +1522,8 @@ async fn http2_requests_share_one_connection_under_max_connections() {
 
 #[tokio::test]
 async fn a_waiting_request_takes_the_room_of_a_connection_that_goes_idle_elsewhere() {
-    let (a_ip, b_ip) = (Ipv4Addr::new(127, 0, 0, 59), Ipv4Addr::new(127, 0, 0, 60));
-    let (a, a_stats, a_release) = counting_app(a_ip).await;
-    let (b, b_stats, b_release) = counting_app(b_ip).await;
-    let c = limited_client(
-        &[(a_ip, a), (b_ip, b)],
-        pool_limits(Some(1), None, None, 60_000),
-    )
-    .await;
+    let (c, [(a_stats, a_release), (b_stats, b_release)]) =
+        two_apps_one_connection(Ipv4Addr::new(127, 0, 0, 59), Ipv4Addr::new(127, 0, 0, 60)).await;
     let requests = || ConnStats::get(&a_stats.requests) + ConnStats::get(&b_stats.requests);
     // Round robin: the held request uses one endpoint's connection, the
     // next request wants the other endpoint and waits for room.
