@@ -552,6 +552,24 @@ async fn tls_client(
     leaf: &weft_proxy::test_util::Leaf,
     ca: &TestCa,
 ) -> std::io::Result<Vec<u8>> {
+    let mut t = tls_connect(s, leaf, ca).await?;
+    t.write_all(b"GET / HTTP/1.1\r\nhost: echo\r\n\r\n").await?;
+    let mut buf = vec![0u8; 256];
+    let n = t.read(&mut buf).await?;
+    if n == 0 {
+        return Err(std::io::Error::other("closed"));
+    }
+    buf.truncate(n);
+    Ok(buf)
+}
+
+/// A TLS handshake presenting `leaf`, trusting `ca`, with rustls's default
+/// (ring) cipher suite order, which prefers AES-256-GCM.
+async fn tls_connect(
+    s: tokio::net::TcpStream,
+    leaf: &weft_proxy::test_util::Leaf,
+    ca: &TestCa,
+) -> std::io::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
     use rustls::pki_types::pem::PemObject;
     let chain: Vec<_> = rustls::pki_types::CertificateDer::pem_slice_iter(leaf.cert_pem.as_bytes())
         .collect::<Result<_, _>>()
@@ -573,20 +591,38 @@ async fn tls_client(
         .with_client_auth_cert(chain, key)
         .expect("client cfg");
     cfg.alpn_protocols = vec![b"weft/h1".to_vec()];
-    let mut t = tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg))
+    tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg))
         .connect(
             rustls::pki_types::ServerName::IpAddress(std::net::IpAddr::from([127, 0, 0, 2]).into()),
             s,
         )
-        .await?;
-    t.write_all(b"GET / HTTP/1.1\r\nhost: echo\r\n\r\n").await?;
-    let mut buf = vec![0u8; 256];
-    let n = t.read(&mut buf).await?;
-    if n == 0 {
-        return Err(std::io::Error::other("closed"));
-    }
-    buf.truncate(n);
-    Ok(buf)
+        .await
+}
+
+#[tokio::test]
+async fn the_server_picks_aes_128_gcm_whatever_the_client_prefers() {
+    init();
+    let ca = TestCa::new("ca");
+    let app = echo_app().await;
+    let server = Pod::start(
+        &config(1, MtlsMode::Strict, vec![]),
+        &ca.leaf(SERVER_ID, 3600),
+        &ca,
+    )
+    .await;
+    let s = server
+        .inbound_stamps
+        .connect(
+            server.proxy.inbound_addr,
+            SocketAddr::new(IpAddr::V4(SERVER_POD_IP), app.port()),
+        )
+        .await
+        .expect("connect");
+    let t = tls_connect(s, &ca.leaf(CLIENT_ID, 3600), &ca)
+        .await
+        .expect("handshake");
+    let suite = t.get_ref().1.negotiated_cipher_suite().map(|s| s.suite());
+    assert_eq!(suite, Some(rustls::CipherSuite::TLS13_AES_128_GCM_SHA256));
 }
 
 #[tokio::test]

@@ -216,6 +216,8 @@ impl Identity {
             .with_single_cert(chain.clone(), key.clone_key())
             .map_err(IdentityError::Key)?;
         server.alpn_protocols = Alpn::ALL.iter().map(|a| a.id().to_vec()).collect();
+        // The provider's cipher suite order, whatever the client prefers.
+        server.ignore_client_order = true;
         Ok(Identity {
             id,
             chain,

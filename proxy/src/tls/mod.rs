@@ -46,7 +46,15 @@ impl Alpn {
     }
 }
 
-/// The one crypto provider weft uses (ring).
+/// The one crypto provider weft uses (ring), preferring AES-128-GCM with
+/// SHA-256: every handshake's key schedule then runs on SHA-256 instead of
+/// SHA-384 (the server's handshake profile spent 6 % in SHA-512 blocks), and
+/// records are encrypted with 10 AES rounds instead of 14. AES-256-GCM and
+/// ChaCha20-Poly1305 stay available for peers that only offer those.
 pub fn provider() -> std::sync::Arc<rustls::crypto::CryptoProvider> {
-    std::sync::Arc::new(rustls::crypto::ring::default_provider())
+    use rustls::CipherSuite::TLS13_AES_128_GCM_SHA256;
+    let mut p = rustls::crypto::ring::default_provider();
+    p.cipher_suites
+        .sort_by_key(|s| s.suite() != TLS13_AES_128_GCM_SHA256);
+    std::sync::Arc::new(p)
 }
