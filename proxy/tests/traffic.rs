@@ -491,20 +491,7 @@ async fn expired_or_foreign_peer_certificates_are_rejected() {
     }
 
     // Inbound: a client with an expired certificate cannot reach the app.
-    let server = Pod::start(
-        &config(1, MtlsMode::Strict, vec![]),
-        &ca.leaf(SERVER_ID, 3600),
-        &ca,
-    )
-    .await;
-    let stamped = server
-        .inbound_stamps
-        .connect(
-            server.proxy.inbound_addr,
-            SocketAddr::new(IpAddr::V4(SERVER_POD_IP), app.port()),
-        )
-        .await
-        .expect("connect");
+    let (server, stamped) = strict_server_and_connection(&ca, app.port()).await;
     let r = tls_client(stamped, &ca.leaf(CLIENT_ID, -3600), &ca).await;
     assert!(r.is_err(), "expired client certificate must be refused");
     eventually("inbound tls failure counted", || {
@@ -544,6 +531,26 @@ async fn tls_server(leaf: &weft_proxy::test_util::Leaf, _ca: &TestCa) -> SocketA
         }
     });
     addr
+}
+
+/// A Strict server pod, and a connection to its inbound listener stamped as
+/// addressed to `app_port` on its pod IP.
+async fn strict_server_and_connection(ca: &TestCa, app_port: u16) -> (Pod, tokio::net::TcpStream) {
+    let server = Pod::start(
+        &config(1, MtlsMode::Strict, vec![]),
+        &ca.leaf(SERVER_ID, 3600),
+        ca,
+    )
+    .await;
+    let s = server
+        .inbound_stamps
+        .connect(
+            server.proxy.inbound_addr,
+            SocketAddr::new(IpAddr::V4(SERVER_POD_IP), app_port),
+        )
+        .await
+        .expect("connect");
+    (server, s)
 }
 
 /// A TLS client presenting `leaf`, trusting `ca`, sending one request.
@@ -604,20 +611,7 @@ async fn the_server_picks_aes_128_gcm_whatever_the_client_prefers() {
     init();
     let ca = TestCa::new("ca");
     let app = echo_app().await;
-    let server = Pod::start(
-        &config(1, MtlsMode::Strict, vec![]),
-        &ca.leaf(SERVER_ID, 3600),
-        &ca,
-    )
-    .await;
-    let s = server
-        .inbound_stamps
-        .connect(
-            server.proxy.inbound_addr,
-            SocketAddr::new(IpAddr::V4(SERVER_POD_IP), app.port()),
-        )
-        .await
-        .expect("connect");
+    let (_server, s) = strict_server_and_connection(&ca, app.port()).await;
     let t = tls_connect(s, &ca.leaf(CLIENT_ID, 3600), &ca)
         .await
         .expect("handshake");
