@@ -305,6 +305,51 @@ fn owner_ref(sa: &ServiceAccount) -> Option<OwnerReference> {
     })
 }
 
+/// A leaf certificate and key for a Secret's `tls.crt` and `tls.key`.
+struct StoredLeaf {
+    crt: Vec<u8>,
+    key: Vec<u8>,
+    renew_at: SystemTime,
+    /// Why it was issued now; none when the stored one is kept.
+    issued: Option<ca::IssueReason>,
+}
+
+/// The leaf certificate and key `existing` holds, when `ca::decide_leaf`
+/// keeps them, else a new leaf for `subject`; with its renewal time and,
+/// for a new one, why it was issued.
+fn keep_or_issue(
+    existing: Option<&Secret>,
+    subject: &LeafSubject,
+    signer: &Signer,
+    now: SystemTime,
+) -> Result<StoredLeaf, Error> {
+    let stored = existing
+        .and_then(|s| s.data.as_ref())
+        .and_then(|d| Some((d.get(TLS_CRT)?.0.as_slice(), d.get(TLS_KEY)?.0.as_slice())));
+    Ok(
+        match ca::decide_leaf(stored, subject, &signer.ca, signer.ttl, now) {
+            LeafDecision::Keep { renew_at } => {
+                let (c, k) = stored.unwrap_or_default();
+                StoredLeaf {
+                    crt: c.to_vec(),
+                    key: k.to_vec(),
+                    renew_at,
+                    issued: None,
+                }
+            }
+            LeafDecision::Issue(reason) => {
+                let leaf = signer.ca.issue(subject, signer.ttl, now)?;
+                StoredLeaf {
+                    renew_at: ca::renew_at(leaf.not_before, leaf.not_after),
+                    crt: leaf.cert_pem.into_bytes(),
+                    key: leaf.key_pem.into_bytes(),
+                    issued: Some(reason),
+                }
+            }
+        },
+    )
+}
+
 /// Decides the identity Secret of `sa` (pure; `now` and the stored Secret
 /// are inputs). A new leaf is issued when the stored one is missing,
 /// unreadable, edited, for other names, signed by another CA, or due.
@@ -329,26 +374,12 @@ pub fn plan_identity(
         namespace: ns.clone(),
         service_account: name.clone(),
     };
-    let data = existing.and_then(|s| s.data.as_ref());
-    let stored =
-        data.and_then(|d| Some((d.get(TLS_CRT)?.0.as_slice(), d.get(TLS_KEY)?.0.as_slice())));
-    let (crt, key, renew_at, issued) =
-        match ca::decide_leaf(stored, &subject, &signer.ca, signer.ttl, now) {
-            LeafDecision::Keep { renew_at } => {
-                let (c, k) = stored.unwrap_or_default();
-                (c.to_vec(), k.to_vec(), renew_at, None)
-            }
-            LeafDecision::Issue(reason) => {
-                let leaf = signer.ca.issue(&subject, signer.ttl, now)?;
-                let renew_at = ca::renew_at(leaf.not_before, leaf.not_after);
-                (
-                    leaf.cert_pem.into_bytes(),
-                    leaf.key_pem.into_bytes(),
-                    renew_at,
-                    Some(reason),
-                )
-            }
-        };
+    let StoredLeaf {
+        crt,
+        key,
+        renew_at,
+        issued,
+    } = keep_or_issue(existing, &subject, signer, now)?;
     let desired = Secret {
         metadata: ObjectMeta {
             name: Some(secret_name),
@@ -1027,26 +1058,13 @@ async fn reconcile_injector(
     let subject = LeafSubject::Server {
         dns_names: injector_dns_names(&ctx.settings.namespace),
     };
-    let stored = existing
-        .and_then(|s| s.data.as_ref())
-        .and_then(|d| Some((d.get(TLS_CRT)?.0.as_slice(), d.get(TLS_KEY)?.0.as_slice())));
-    let (crt, key, renew_at, issued) =
-        match ca::decide_leaf(stored, &subject, &signer.ca, signer.ttl, now) {
-            LeafDecision::Keep { renew_at } => {
-                let (c, k) = stored.unwrap_or_default();
-                (c.to_vec(), k.to_vec(), renew_at, false)
-            }
-            LeafDecision::Issue(_) => {
-                let leaf = signer.ca.issue(&subject, signer.ttl, now)?;
-                let at = ca::renew_at(leaf.not_before, leaf.not_after);
-                (
-                    leaf.cert_pem.into_bytes(),
-                    leaf.key_pem.into_bytes(),
-                    at,
-                    true,
-                )
-            }
-        };
+    let StoredLeaf {
+        crt,
+        key,
+        renew_at,
+        issued,
+    } = keep_or_issue(existing, &subject, signer, now)?;
+    let issued = issued.is_some();
     let desired = Secret {
         metadata: ObjectMeta {
             name: Some(INJECTOR_SECRET.to_owned()),
