@@ -46,6 +46,20 @@ impl ConnLimits {
     }
 }
 
+/// Adds one to `count` if it is below `max` (none: no limit); whether it did.
+pub(crate) fn increment_below(count: &AtomicUsize, max: Option<usize>) -> bool {
+    let mut cur = count.load(Ordering::Acquire);
+    loop {
+        if max.is_some_and(|m| cur >= m) {
+            return false;
+        }
+        match count.compare_exchange_weak(cur, cur + 1, Ordering::AcqRel, Ordering::Acquire) {
+            Ok(_) => return true,
+            Err(now) => cur = now,
+        }
+    }
+}
+
 /// One Service's open connections and waiting requests.
 #[derive(Debug, Default)]
 pub struct ServiceConns {
@@ -112,37 +126,11 @@ impl ServiceConns {
 
     /// A slot, if fewer than `max` connections are open.
     pub fn try_open(self: &Arc<Self>, max: usize) -> Option<ConnSlot> {
-        let mut cur = self.open.load(Ordering::Acquire);
-        loop {
-            if cur >= max {
-                return None;
-            }
-            match self
-                .open
-                .compare_exchange_weak(cur, cur + 1, Ordering::AcqRel, Ordering::Acquire)
-            {
-                Ok(_) => return Some(ConnSlot(self.clone())),
-                Err(now) => cur = now,
-            }
-        }
+        increment_below(&self.open, Some(max)).then(|| ConnSlot(self.clone()))
     }
 
     fn try_pend(self: &Arc<Self>, max: Option<usize>) -> Option<Pending> {
-        let mut cur = self.pending.load(Ordering::Acquire);
-        loop {
-            if max.is_some_and(|m| cur >= m) {
-                return None;
-            }
-            match self.pending.compare_exchange_weak(
-                cur,
-                cur + 1,
-                Ordering::AcqRel,
-                Ordering::Acquire,
-            ) {
-                Ok(_) => return Some(Pending(self.clone())),
-                Err(now) => cur = now,
-            }
-        }
+        increment_below(&self.pending, max).then(|| Pending(self.clone()))
     }
 
     fn register(self: &Arc<Self>, pool: &Arc<Pool>) {

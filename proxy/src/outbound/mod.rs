@@ -353,16 +353,7 @@ impl Breakers {
                 None => m.entry(service.to_owned()).or_default().clone(),
             }
         };
-        let mut cur = count.load(Ordering::Acquire);
-        loop {
-            if cur >= max {
-                return None;
-            }
-            match count.compare_exchange_weak(cur, cur + 1, Ordering::AcqRel, Ordering::Acquire) {
-                Ok(_) => return Some(Slot(count)),
-                Err(now) => cur = now,
-            }
-        }
+        crate::limits::increment_below(&count, Some(max)).then(|| Slot(count))
     }
 }
 
