@@ -351,16 +351,7 @@ async fn operator_issues_repairs_rotates_and_hands_over() -> anyhow::Result<()> 
     assert!(op_a.log().contains("leadership acquired"));
 
     // Rotation starts; the leader crashes mid-way; op-b resumes it.
-    cluster
-        .kubectl(&[
-            "patch",
-            "mesh",
-            "default",
-            "--type=merge",
-            "-p",
-            r#"{"spec":{"certificates":{"rotateCa":"r1"}}}"#,
-        ])
-        .await?;
+    weft_e2e::mesh::patch_mesh_spec(&cluster, r#"{"certificates":{"rotateCa":"r1"}}"#).await?;
     cluster
         .wait_until(wait, "rotation under way", || {
             let meshes = meshes.clone();
