@@ -419,6 +419,28 @@ fn every_rule_rejects_what_it_guards() {
     );
     assert_error(
         |c| {
+            backend_svc(c)
+                .policy
+                .connection_pool
+                .as_mut()
+                .expect("cp")
+                .max_connections = Some(0)
+        },
+        "maxConnections: must be above 0 when set",
+    );
+    assert_error(
+        |c| {
+            backend_svc(c)
+                .policy
+                .connection_pool
+                .as_mut()
+                .expect("cp")
+                .max_requests = Some(0)
+        },
+        "maxRequests: must be above 0 when set",
+    );
+    assert_error(
+        |c| {
             let p = c.inbound.policies[0].clone();
             c.inbound.policies.push(p);
         },

@@ -425,13 +425,25 @@ fn validate_policy(at: &str, p: &ClientPolicy, errs: &mut Errors) {
             errs.push(format!("{at}.retryBudget.ttlMs"), "must be above 0");
         }
     }
-    if let Some(c) = &p.connection_pool
-        && c.connect_timeout_ms == 0
-    {
-        errs.push(
-            format!("{at}.connectionPool.connectTimeoutMs"),
-            "must be above 0",
-        );
+    if let Some(c) = &p.connection_pool {
+        if c.connect_timeout_ms == 0 {
+            errs.push(
+                format!("{at}.connectionPool.connectTimeoutMs"),
+                "must be above 0",
+            );
+        }
+        // A limit of 0 would refuse every request or connection.
+        for (field, v) in [
+            ("maxConnections", c.max_connections),
+            ("maxRequests", c.max_requests),
+        ] {
+            if v == Some(0) {
+                errs.push(
+                    format!("{at}.connectionPool.{field}"),
+                    "must be above 0 when set",
+                );
+            }
+        }
     }
 }
 
