@@ -805,6 +805,22 @@ impl Cluster {
         Ok(self.pod_record(ns, pod)?.ip)
     }
 
+    /// Holds (`true`) or resumes (`false`) the kubelet's refresh of a
+    /// running pod's volumes: while held, its mounted Secrets and
+    /// ConfigMaps keep their current content, as with a real kubelet that
+    /// is slow to sync. Harness only.
+    pub fn hold_volume_refresh(&self, ns: &str, pod: &str, hold: bool) -> Result<(), HarnessError> {
+        self.harness_only("hold_volume_refresh")?;
+        let key = format!("{ns}/{pod}");
+        match &self.kubelet {
+            Some(k) if k.node().pod(&key).is_some() => {
+                k.node().hold_volume_refresh(&key, hold);
+                Ok(())
+            }
+            _ => Err(HarnessError::NoSuchPod(key)),
+        }
+    }
+
     /// The host directory of volume `volume` of a running pod (for
     /// Secret/ConfigMap/projected volumes: the atomic-writer layout).
     pub fn pod_volume_dir(

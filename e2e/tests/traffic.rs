@@ -343,14 +343,20 @@ async fn a_deleted_pod_stops_getting_traffic_without_failed_requests() -> anyhow
         .kubectl(&["delete", "pod", "-n", "demo", &victim_name, "--wait=false"])
         .await?;
     // Until kubelet delivers a config where the pod takes no new requests.
+    // The pod is recognised by name: its address may already belong to
+    // another pod.
     let live_in_config = |cfg: &serde_json::Value| {
         backend_service(cfg)
             .and_then(|s| s["endpoints"].as_array())
             .is_some_and(|eps| {
                 eps.iter()
-                    .any(|e| e["address"] == victim_ip.as_str() && e["terminating"] != true)
+                    .any(|e| e["pod"] == victim_name.as_str() && e["terminating"] != true)
             })
     };
+    assert!(
+        live_in_config(&d.mounted_config().await?),
+        "the frontend's config does not name {victim_name} as an endpoint"
+    );
     let mut caught_up = None;
     let mut gone = None;
     let wait_start = Instant::now();
@@ -371,7 +377,7 @@ async fn a_deleted_pod_stops_getting_traffic_without_failed_requests() -> anyhow
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let caught_up = caught_up
-        .ok_or_else(|| anyhow::anyhow!("the frontend's config never dropped {victim_ip}"))?;
+        .ok_or_else(|| anyhow::anyhow!("the frontend's config never dropped pod {victim_name}"))?;
     tokio::time::sleep(Duration::from_secs(3)).await;
     let samples = load.stop().await?;
 
@@ -439,6 +445,116 @@ async fn a_deleted_pod_stops_getting_traffic_without_failed_requests() -> anyhow
         !after.by_pod.contains_key(&victim_name),
         "the deleted pod got requests after the config caught up: {after:?}"
     );
+    d.cluster.shutdown();
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reused_pod_address_with_another_identity_gets_no_request_meant_for_the_old_pod()
+-> anyhow::Result<()> {
+    let _serial = serial().await;
+    let d = demo(ClusterConfig::default()).await?;
+    if d.cluster.is_external() {
+        println!("skipped: forcing a pod address needs the harness's kubelet");
+        return Ok(());
+    }
+    d.until("both v1 pods serve", 20, |t| {
+        t.failures.is_empty() && t.by_pod.len() == 2
+    })
+    .await?;
+    let victim = mesh::pods(&d.cluster, "demo", "backend")
+        .await?
+        .into_iter()
+        .find_map(|p| p.metadata.name.filter(|n| n.starts_with("backend-v1")))
+        .ok_or_else(|| anyhow::anyhow!("no backend-v1 pod"))?;
+    let victim_ip = d.cluster.pod_ip("demo", &victim)?;
+    let names_victim = |cfg: &serde_json::Value| {
+        backend_service(cfg)
+            .and_then(|s| s["endpoints"].as_array())
+            .is_some_and(|eps| {
+                eps.iter().any(|e| {
+                    e["pod"] == victim.as_str() && e["address"] == victim_ip.to_string().as_str()
+                })
+            })
+    };
+    // The frontend's kubelet is slow: its config keeps the victim.
+    d.cluster.hold_volume_refresh("demo", &d.frontend, true)?;
+    d.cluster
+        .kubectl(&["delete", "pod", "-n", "demo", &victim, "--timeout=90s"])
+        .await?;
+    // A pod of another service account gets the victim's address.
+    mesh::apply_yaml(
+        &d.cluster,
+        &format!(
+            "apiVersion: v1\nkind: ServiceAccount\nmetadata: {{name: intruder, namespace: demo}}\n---\n\
+             apiVersion: v1\nkind: Pod\nmetadata:\n  name: intruder\n  namespace: demo\n  labels: {{app: intruder}}\n  \
+             annotations: {{{}: \"{victim_ip}\"}}\nspec:\n  serviceAccountName: intruder\n  containers:\n  \
+             - name: app\n    image: weft-e2e-app\n    args: [\"echo\", \"--port\", \"8080\"]\n    \
+             ports: [{{name: http, containerPort: 8080}}]\n",
+            weft_e2e::kubelet::ipam::POD_IP_ANNOTATION
+        ),
+    )
+    .await?;
+    d.cluster
+        .wait_pod_ready("demo", "intruder", Duration::from_secs(90))
+        .await?;
+    assert_eq!(d.cluster.pod_ip("demo", "intruder")?, victim_ip);
+    assert!(
+        names_victim(&d.mounted_config().await?),
+        "the frontend's config should still list {victim} at {victim_ip}"
+    );
+
+    // Through the Service: the remaining v1 pod answers everything; the
+    // intruder, which the config takes for the victim, gets nothing.
+    let stale = d.send("/", &[], 20).await?;
+    println!("config stale, through the Service: {stale:?}");
+    assert!(stale.failures.is_empty(), "{stale:?}");
+    assert!(!stale.by_pod.contains_key("intruder"), "{stale:?}");
+    // Addressed to the pod IP itself: refused, with the reason.
+    let direct = mesh::get_from_pod(
+        &d.cluster,
+        "demo",
+        &d.frontend,
+        &format!("http://{victim_ip}:8080/"),
+        &[],
+    )
+    .await?;
+    println!("config stale, to {victim_ip} directly: {direct:?}");
+    match &direct {
+        mesh::Reply::Failed(why) => assert!(
+            why.contains("HTTP 502")
+                && why.contains("x-weft-error: identity-mismatch")
+                && why.contains("sa/intruder"),
+            "{why}"
+        ),
+        mesh::Reply::Ok(body) => panic!("the intruder was reached as {victim}: {body}"),
+    }
+    let log = d.cluster.pod_log("demo", &d.frontend, "weft-proxy")?;
+    let refusal = log
+        .lines()
+        .find(|l| l.contains("identity mismatch") && l.contains(victim.as_str()))
+        .ok_or_else(|| anyhow::anyhow!("no identity-mismatch line naming {victim} in:\n{log}"))?;
+    println!("frontend proxy log: {refusal}");
+    assert!(refusal.contains("sa/intruder"), "{refusal}");
+
+    // Once the config catches up, traffic flows to the backend's pods.
+    d.cluster.hold_volume_refresh("demo", &d.frontend, false)?;
+    let took =
+        mesh::wait_for_proxy_sync(&d.cluster, "demo", &d.frontend, Duration::from_secs(90)).await?;
+    assert!(!names_victim(&d.mounted_config().await?));
+    let after = d
+        .until("the caught-up config routes to every v1 pod", 20, |t| {
+            t.failures.is_empty() && t.by_pod.len() == 2
+        })
+        .await?;
+    let fresh = d.send("/", &[], 20).await?;
+    println!(
+        "config caught up {:.1}s after the hold was lifted; all v1 pods served {:.1}s later: {fresh:?}",
+        took.as_secs_f64(),
+        after.as_secs_f64()
+    );
+    assert!(fresh.failures.is_empty(), "{fresh:?}");
+    assert!(!fresh.by_pod.contains_key("intruder"), "{fresh:?}");
     d.cluster.shutdown();
     Ok(())
 }

@@ -1549,6 +1549,7 @@ fn render_service(
                     address: *addr,
                     meshed: identity.is_some(),
                     identity: identity.clone(),
+                    pod: ep.pod.clone(),
                     subsets: ep_subsets.clone(),
                     ports: overrides.clone(),
                     terminating: false,

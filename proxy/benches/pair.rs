@@ -795,6 +795,7 @@ fn setup(o: &Opts) -> Setup {
             address: "10.78.0.2".parse().expect("ip"),
             meshed: true,
             identity: Some(sid.into()),
+            pod: None,
             subsets: vec![],
             ports: Default::default(),
             terminating: false,

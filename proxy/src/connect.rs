@@ -99,6 +99,19 @@ impl ConnectError {
         }
     }
 
+    /// Whether the endpoint should leave balancing for a while: it could
+    /// not be reached, or it answered with another identity than the
+    /// config gives it (its address was most likely handed to a new pod
+    /// before this proxy's config caught up; it stays wrong until then).
+    pub fn ejects_endpoint(&self) -> bool {
+        matches!(
+            self,
+            ConnectError::Connect { .. }
+                | ConnectError::Timeout { .. }
+                | ConnectError::IdentityMismatch { .. }
+        )
+    }
+
     /// The status a client gets.
     pub fn status(&self) -> StatusCode {
         match self {

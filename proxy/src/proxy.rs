@@ -140,6 +140,7 @@ pub struct State {
     listening: AtomicBool,
     rr: AtomicUsize,
     shutdown: watch::Sender<bool>,
+    published: watch::Sender<u64>,
     drain: Mutex<Option<mpsc::Sender<()>>>,
 }
 
@@ -167,6 +168,13 @@ impl State {
             "snapshot active"
         );
         self.snapshot.store(Some(Arc::new(snap)));
+        self.published.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    /// A receiver that changes each time a snapshot is published: open
+    /// connections re-check themselves against the new one.
+    pub fn snapshot_changes(&self) -> watch::Receiver<u64> {
+        self.published.subscribe()
     }
 
     /// Loads the mount and publishes it; a bad snapshot is logged, counted
@@ -301,6 +309,7 @@ pub async fn start(settings: Settings, net: Net) -> Result<Proxy, StartError> {
         listening: AtomicBool::new(false),
         rr: AtomicUsize::new(0),
         shutdown,
+        published: watch::channel(0).0,
         drain: Mutex::new(Some(drain_tx)),
     });
     if let Err(e) = state.reload() {

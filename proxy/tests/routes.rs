@@ -593,9 +593,50 @@ async fn an_idempotent_request_whose_peer_app_fails_it_goes_to_another_endpoint(
     );
 }
 
+#[tokio::test]
+async fn an_endpoint_address_taken_by_another_identity_is_refused_skipped_and_ejected() {
+    // The config still lists 10.244.0.2 as an `echo` pod, but the address
+    // now belongs to a pod of service account `intruder` (reused before
+    // the config caught up).
+    init();
+    let ca = TestCa::new("weft test CA");
+    let live_app = named_app(Ipv4Addr::LOCALHOST, "live").await;
+    let (intruder_app, intruder_conns, _release) = counting_app(Ipv4Addr::LOCALHOST).await;
+    let intruder_id = "spiffe://cluster.local/ns/shop/sa/intruder";
+    let intruder_cfg = config(1, MtlsMode::Strict, vec![]);
+    let intruder = Pod::start(&intruder_cfg, &ca.leaf(intruder_id, 3600), &ca).await;
+    let (client, _server) =
+        client_of_two_endpoints(&ca, live_app, (intruder_app, Some(&intruder))).await;
+    let seen = count(&client, 30, "/", &[]).await;
+    assert_eq!(seen, BTreeMap::from([("live".to_owned(), 30)]), "{seen:?}");
+    assert_eq!(
+        intruder_conns
+            .accepted
+            .load(std::sync::atomic::Ordering::SeqCst),
+        0,
+        "nothing reached the app of the pod with the wrong identity"
+    );
+    assert_eq!(
+        client.errors(Direction::Outbound, "identity-mismatch"),
+        1,
+        "the endpoint with the wrong identity is refused once, then ejected"
+    );
+}
+
 /// A client pod whose `cart` Service has two meshed endpoints behind one
 /// server proxy: app port `first` at 10.244.0.1 and `second` at 10.244.0.2.
 async fn client_of_two_meshed_endpoints(ca: &TestCa, first: u16, second: u16) -> (Pod, Pod) {
+    client_of_two_endpoints(ca, first, (second, None)).await
+}
+
+/// As [`client_of_two_meshed_endpoints`], with the second endpoint's
+/// connections going to `second_server` when given (both are listed as the
+/// server's identity in the client's config).
+async fn client_of_two_endpoints(
+    ca: &TestCa,
+    first: u16,
+    (second, second_server): (u16, Option<&Pod>),
+) -> (Pod, Pod) {
     let server_cfg = config(1, MtlsMode::Strict, vec![]);
     let server = Pod::start(&server_cfg, &ca.leaf(SERVER_ID, 3600), ca).await;
     let (first_ip, second_ip) = (Ipv4Addr::new(10, 244, 0, 1), Ipv4Addr::new(10, 244, 0, 2));
@@ -616,7 +657,10 @@ async fn client_of_two_meshed_endpoints(ca: &TestCa, first: u16, second: u16) ->
     );
     let client = Pod::start(&cfg, &ca.leaf(CLIENT_ID, 3600), ca).await;
     client.route_to(SocketAddr::new(IpAddr::V4(first_ip), first), &server);
-    client.route_to(SocketAddr::new(IpAddr::V4(second_ip), second), &server);
+    client.route_to(
+        SocketAddr::new(IpAddr::V4(second_ip), second),
+        second_server.unwrap_or(&server),
+    );
     (client, server)
 }
 

@@ -198,7 +198,17 @@ async fn fetch(url: &str, headers: &[String]) -> anyhow::Result<String> {
         .and_then(|c| c.parse().ok())
         .context("malformed HTTP response")?;
     if !(200..300).contains(&code) {
-        bail!("HTTP {code}: {}", body.trim());
+        // The step a weft proxy names when it answered itself.
+        let step = head.lines().find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.trim()
+                .eq_ignore_ascii_case("x-weft-error")
+                .then(|| v.trim().to_owned())
+        });
+        match step {
+            Some(step) => bail!("HTTP {code} (x-weft-error: {step}): {}", body.trim()),
+            None => bail!("HTTP {code}: {}", body.trim()),
+        }
     }
     Ok(body.to_owned())
 }

@@ -8,6 +8,7 @@
 
 pub mod atomic;
 pub mod container;
+pub mod ipam;
 pub mod network;
 pub mod pod;
 pub mod probe;
@@ -67,6 +68,10 @@ pub enum KubeletError {
     /// The pod CIDR is exhausted.
     #[error("no free pod IP in 10.244.0.0/24")]
     NoIp,
+    /// The address a pod asked for (annotation [`ipam::POD_IP_ANNOTATION`])
+    /// is outside the node's range or held by another pod.
+    #[error("pod IP {0}")]
+    ForcedIp(String),
 }
 
 impl KubeletError {
@@ -127,10 +132,11 @@ pub struct Node {
     /// Short cluster id used in namespace and interface names.
     pub id: String,
     log_file: PathBuf,
-    used_ips: Mutex<BTreeSet<u8>>,
+    ipam: Mutex<ipam::HostIpam>,
     seq: AtomicU32,
     pods: Mutex<HashMap<String, PodRecord>>,
     pids: Mutex<BTreeSet<u32>>,
+    held_volumes: Mutex<BTreeSet<String>>,
     host: Arc<crate::hostfs::HostLease>,
 }
 
@@ -178,21 +184,15 @@ impl Node {
         }
     }
 
-    fn allocate_ip(&self) -> Result<(u32, Ipv4Addr), KubeletError> {
-        let mut used = guard(&self.used_ips);
-        let host = (2u8..=254)
-            .find(|h| !used.contains(h))
-            .ok_or(KubeletError::NoIp)?;
-        used.insert(host);
-        let o = self.node_ip.octets();
-        Ok((
-            self.seq.fetch_add(1, Ordering::Relaxed),
-            Ipv4Addr::new(o[0], o[1], o[2], host),
-        ))
+    /// The next pod address (round robin over the range, see [`ipam`]),
+    /// or the one the pod asks for; with a sequence number for names.
+    fn allocate_ip(&self, forced: Option<Ipv4Addr>) -> Result<(u32, Ipv4Addr), KubeletError> {
+        let ip = guard(&self.ipam).allocate(forced)?;
+        Ok((self.seq.fetch_add(1, Ordering::Relaxed), ip))
     }
 
     fn release_ip(&self, ip: Ipv4Addr) {
-        guard(&self.used_ips).remove(&ip.octets()[3]);
+        guard(&self.ipam).release(ip);
     }
 
     fn remember(&self, key: &str, rec: PodRecord) {
@@ -218,6 +218,23 @@ impl Node {
 
     fn untrack(&self, pid: u32) {
         guard(&self.pids).remove(&pid);
+    }
+
+    /// Holds (`true`) or resumes the refresh of pod `namespace/name`'s
+    /// volumes: while held, the files stay as they are, as when a real
+    /// kubelet is slow to sync (tests of stale config).
+    pub fn hold_volume_refresh(&self, key: &str, hold: bool) {
+        let mut held = guard(&self.held_volumes);
+        if hold {
+            held.insert(key.to_owned());
+        } else {
+            held.remove(key);
+        }
+    }
+
+    /// Whether pod `namespace/name`'s volume refresh is held.
+    pub fn volume_refresh_held(&self, key: &str) -> bool {
+        guard(&self.held_volumes).contains(key)
     }
 
     /// Container processes started and not yet reaped (for cleanup).
@@ -279,10 +296,11 @@ impl Kubelet {
             sync_period: parts.config.sync_period,
             id: parts.id,
             log_file: parts.dir.join("kubelet.log"),
-            used_ips: Mutex::new(BTreeSet::new()),
+            ipam: Mutex::new(ipam::HostIpam::new(parts.node_ip)),
             seq: AtomicU32::new(0),
             pods: Mutex::new(HashMap::new()),
             pids: Mutex::new(BTreeSet::new()),
+            held_volumes: Mutex::new(BTreeSet::new()),
             host: parts.host,
         });
         register(&node).await?;

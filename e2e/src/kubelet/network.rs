@@ -93,7 +93,21 @@ impl Sandbox {
                 ip: node.node_ip,
             });
         }
-        let (seq, ip) = node.allocate_ip()?;
+        let forced = pod
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(super::ipam::POD_IP_ANNOTATION))
+            .map(|v| {
+                v.parse::<Ipv4Addr>().map_err(|e| {
+                    KubeletError::ForcedIp(format!(
+                        "annotation {}: {v:?}: {e}",
+                        super::ipam::POD_IP_ANNOTATION
+                    ))
+                })
+            })
+            .transpose()?;
+        let (seq, ip) = node.allocate_ip(forced)?;
         let name = format!("weft-{}-p{seq}", node.id);
         let netns = NetNs::create(&name).inspect_err(|_| node.release_ip(ip))?;
         let sandbox = Self {
@@ -111,6 +125,9 @@ impl Sandbox {
             &name,
         ])?;
         ip_cmd(&["-n", node_ns, "link", "set", &veth, "master", BRIDGE, "up"])?;
+        // A reused address has a new MAC behind it: forget the old one at
+        // once, as the bridge plugin's gratuitous ARP would make neighbours do.
+        ip_cmd(&["-n", node_ns, "neigh", "flush", &ip.to_string()])?;
         // Where br_netfilter is loaded, a Service call DNATed back to the
         // calling pod is bridged out of the port it came in: allow that.
         ip_cmd(&[

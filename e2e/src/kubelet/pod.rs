@@ -168,7 +168,8 @@ async fn run_inner(
         .map(|v| (v.name.clone(), volumes.path(&pod, &v.name)))
         .collect();
     let refresher = {
-        let client = node.client.clone();
+        let node = node.clone();
+        let key = key.clone();
         let period = node.sync_period;
         let mut rx = updates.clone();
         tokio::spawn(async move {
@@ -177,10 +178,14 @@ async fn run_inner(
                     _ = tokio::time::sleep(period) => {}
                     r = rx.changed() => if r.is_err() { return },
                 }
+                if node.volume_refresh_held(&key) {
+                    continue;
+                }
+                let client = &node.client;
                 let latest = rx.borrow().clone();
                 if let Some(mut p) = latest {
                     p.status = None;
-                    if let Err(e) = volumes.sync(&client, &p).await {
+                    if let Err(e) = volumes.sync(client, &p).await {
                         tracing::debug!(error = %e, "volume refresh");
                     }
                 }

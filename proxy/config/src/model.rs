@@ -147,6 +147,11 @@ pub struct Endpoint {
     /// The pod's SPIFFE identity; present exactly when `meshed`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub identity: Option<String>,
+    /// The name of the pod behind the address (the EndpointSlice's
+    /// `targetRef`, in the Service's namespace), so a log line or a test
+    /// can name the pod rather than an address that may be reused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod: Option<String>,
     /// Subsets of the Service this endpoint belongs to.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub subsets: Vec<String>,

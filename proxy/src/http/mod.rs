@@ -121,12 +121,15 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
 }
 
 /// Serves one client connection with hyper until it closes; on shutdown,
-/// asks it to finish gracefully (in-flight requests complete, keep-alive ends).
+/// or when `revoked` resolves (the connection may no longer be served, e.g.
+/// plaintext after a switch to Strict), asks it to finish gracefully
+/// (in-flight requests complete, keep-alive ends).
 pub async fn serve_connection<I, S>(
     state: &crate::proxy::State,
     io: I,
     version: pool::Version,
     svc: S,
+    revoked: impl std::future::Future<Output = ()>,
 ) where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     S: hyper::service::Service<http::Request<hyper::body::Incoming>, Response = Response<Body>>
@@ -136,6 +139,12 @@ pub async fn serve_connection<I, S>(
     S::Error: Into<BoxError>,
 {
     let mut shutdown = state.shutdown_signal();
+    let ended = async {
+        tokio::select! {
+            () = crate::proxy::shutdown_requested(&mut shutdown) => {}
+            () = revoked => {}
+        }
+    };
     let io = hyper_util::rt::TokioIo::new(io);
     let result = match version {
         pool::Version::Http1 => {
@@ -143,9 +152,10 @@ pub async fn serve_connection<I, S>(
                 .serve_connection(io, svc)
                 .with_upgrades();
             tokio::pin!(conn);
+            tokio::pin!(ended);
             tokio::select! {
                 r = conn.as_mut() => r,
-                () = crate::proxy::shutdown_requested(&mut shutdown) => {
+                () = &mut ended => {
                     conn.as_mut().graceful_shutdown();
                     conn.await
                 }
@@ -157,9 +167,10 @@ pub async fn serve_connection<I, S>(
                     .adaptive_window(true)
                     .serve_connection(io, svc);
             tokio::pin!(conn);
+            tokio::pin!(ended);
             tokio::select! {
                 r = conn.as_mut() => r,
-                () = crate::proxy::shutdown_requested(&mut shutdown) => {
+                () = &mut ended => {
                     conn.as_mut().graceful_shutdown();
                     conn.await
                 }

@@ -252,17 +252,90 @@ async fn to_app_tcp<I>(
     };
     let mut client = Prefixed::new(prefix, client);
     let mut up = Stream::Plain(up);
-    if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut up).await {
-        tracing::debug!(error = %e, "inbound tcp stream ended with error");
+    let labels = &state.settings.labels;
+    let revoked = until_revoked(state, |snap| connection_revoked(snap, labels, port, id));
+    tokio::select! {
+        r = tokio::io::copy_bidirectional(&mut client, &mut up) => {
+            if let Err(e) = r {
+                tracing::debug!(error = %e, "inbound tcp stream ended with error");
+            }
+        }
+        why = revoked => {
+            state.metrics.error(Direction::Inbound, "revoked");
+            tracing::warn!(peer = ?id.map(SpiffeId::as_str), port, %why, "open inbound connection closed: the new config no longer allows it");
+        }
     }
 }
 
+/// Why an open opaque connection from `id` to `port` may no longer be
+/// served under `snap`: plaintext while the mode is now Strict, or a
+/// policy that now denies it.
+fn connection_revoked(
+    snap: &Snapshot,
+    labels: &BTreeMap<String, String>,
+    port: u16,
+    id: Option<&SpiffeId>,
+) -> Option<String> {
+    plaintext_revoked(snap, id).or_else(|| {
+        let r = authz::Request {
+            identity: id,
+            port,
+            method: None,
+            path: None,
+        };
+        match authorize(&snap.config, labels, &r) {
+            Decision::Deny(why) => Some(why),
+            Decision::Allow => None,
+        }
+    })
+}
+
+/// Why a plaintext connection may no longer be served: the mode is Strict.
+fn plaintext_revoked(snap: &Snapshot, id: Option<&SpiffeId>) -> Option<String> {
+    (id.is_none() && snap.config.mesh.mtls_mode == MtlsMode::Strict)
+        .then(|| "plaintext while the mTLS mode is Strict".to_owned())
+}
+
+/// Resolves, with the reason, once the active snapshot revokes an open
+/// connection (`revoked` says why it may not be served); checked against
+/// the snapshot active now, then at every reload. Never resolves
+/// otherwise.
+async fn until_revoked(state: &State, revoked: impl Fn(&Snapshot) -> Option<String>) -> String {
+    // Subscribe first: a reload between the connection's own check and
+    // this one is not missed.
+    let mut changes = state.snapshot_changes();
+    loop {
+        if let Some(why) = state.snapshot.load_full().and_then(|s| revoked(&s)) {
+            return why;
+        }
+        if changes.changed().await.is_err() {
+            return std::future::pending().await;
+        }
+    }
+}
+
+/// One inbound HTTP connection: what its requests share. Each request is
+/// decided on the snapshot active when it arrives ([`Ctx::current`]), never
+/// on the connection's first one: a reload (a new Deny, Strict) applies to
+/// open keep-alive connections at their next request.
 struct Ctx {
     state: Arc<State>,
+    /// The snapshot the connection was accepted on (used only if none is
+    /// active, which cannot happen once one was).
     snap: Arc<Snapshot>,
     port: u16,
     peer: Option<SpiffeId>,
     version: Version,
+}
+
+impl Ctx {
+    /// The active snapshot.
+    fn current(&self) -> Arc<Snapshot> {
+        self.state
+            .snapshot
+            .load_full()
+            .unwrap_or_else(|| self.snap.clone())
+    }
 }
 
 async fn serve_http<I>(
@@ -275,6 +348,7 @@ async fn serve_http<I>(
 ) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    let peer_is_none = peer.is_none();
     let ctx = Arc::new(Ctx {
         state: state.clone(),
         snap,
@@ -292,11 +366,34 @@ async fn serve_http<I>(
             Ok::<_, Infallible>(resp)
         }
     });
-    serve_connection(&state, io, version, svc).await;
+    let plaintext = peer_is_none;
+    let revoked = async {
+        if plaintext {
+            let why = until_revoked(&state, |snap| plaintext_revoked(snap, None)).await;
+            state.metrics.error(Direction::Inbound, "revoked");
+            tracing::warn!(port, %why, "open plaintext connection closed");
+        } else {
+            std::future::pending::<()>().await;
+        }
+    };
+    serve_connection(&state, io, version, svc, revoked).await;
 }
 
 async fn proxy(ctx: &Ctx, mut req: Request<Incoming>) -> Response<Body> {
     let state = &ctx.state;
+    let snap = ctx.current();
+    if let Some(why) = plaintext_revoked(&snap, ctx.peer.as_ref()) {
+        state.metrics.error(Direction::Inbound, "plaintext-refused");
+        tracing::warn!(port = ctx.port, %why, "plaintext request refused on an open connection");
+        let mut resp = error_response(
+            StatusCode::FORBIDDEN,
+            "plaintext-refused",
+            "mTLS mode is Strict; send through a weft proxy",
+        );
+        resp.headers_mut()
+            .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
+        return resp;
+    }
     req.headers_mut().remove(PEER_IDENTITY_HEADER);
     let r = authz::Request {
         identity: ctx.peer.as_ref(),
@@ -304,7 +401,7 @@ async fn proxy(ctx: &Ctx, mut req: Request<Incoming>) -> Response<Body> {
         method: Some(req.method().as_str()),
         path: Some(req.uri().path()),
     };
-    if let Decision::Deny(why) = authorize(&ctx.snap.config, &state.settings.labels, &r) {
+    if let Decision::Deny(why) = authorize(&snap.config, &state.settings.labels, &r) {
         state.metrics.error(Direction::Inbound, "denied");
         let who = ctx
             .peer
@@ -320,7 +417,7 @@ async fn proxy(ctx: &Ctx, mut req: Request<Incoming>) -> Response<Body> {
     if let Verdict::Limited { name, retry_after } =
         state
             .inbound_limits
-            .check(&ctx.snap.config, &state.settings.labels, ctx.port)
+            .check(&snap.config, &state.settings.labels, ctx.port)
     {
         state.metrics.error(Direction::Inbound, "rate-limited");
         tracing::debug!(port = ctx.port, limit = %name, ?retry_after, "inbound request over its rate limit");
@@ -351,7 +448,7 @@ async fn proxy(ctx: &Ctx, mut req: Request<Incoming>) -> Response<Body> {
     let prepared = prepare(req, ctx.version);
     let result = match acquire(
         state,
-        &ctx.snap,
+        &snap,
         &pool,
         &key,
         false,
@@ -360,17 +457,11 @@ async fn proxy(ctx: &Ctx, mut req: Request<Incoming>) -> Response<Body> {
     )
     .await
     {
-        Ok((sender, fresh)) => send_request(
-            state,
-            &ctx.snap,
-            &pool,
-            &key,
-            sender,
-            fresh,
-            prepared.request,
-        )
-        .await
-        .map(|resp| finish(resp, prepared.client_upgrade)),
+        Ok((sender, fresh)) => {
+            send_request(state, &snap, &pool, &key, sender, fresh, prepared.request)
+                .await
+                .map(|resp| finish(resp, prepared.client_upgrade))
+        }
         Err(e) => Err(e.into()),
     };
     result.unwrap_or_else(|e| {

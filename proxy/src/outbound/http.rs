@@ -83,7 +83,7 @@ pub async fn serve<I>(
             Ok::<_, Infallible>(resp)
         }
     });
-    serve_connection(&state, io, version, svc).await;
+    serve_connection(&state, io, version, svc, std::future::pending()).await;
 }
 
 fn hash_key(lb: &LoadBalancer, headers: &HeaderMap, client: SocketAddr) -> Option<String> {
@@ -683,9 +683,9 @@ where
 
     // Candidates: balanced endpoints, or the fallback when the config knows
     // none (kubelet may not have delivered them yet).
-    let mut candidates: Vec<(SocketAddr, Option<SpiffeId>)> = Vec::new();
+    let mut candidates: Vec<(SocketAddr, Option<SpiffeId>, Option<&str>)> = Vec::new();
     if dest.endpoints.is_empty() {
-        candidates.extend(dest.fallback.map(|a| (a, None)));
+        candidates.extend(dest.fallback.map(|a| (a, None, None)));
     } else {
         for i in super::attempt_order(state, dest, key.as_deref())
             .into_iter()
@@ -700,7 +700,7 @@ where
                 .map(SpiffeId::parse)
                 .transpose()
             {
-                Ok(id) => candidates.push((addr, id)),
+                Ok(id) => candidates.push((addr, id, ep.pod.as_deref())),
                 Err(e) => {
                     tracing::error!(%addr, error = %e, "endpoint identity in config is not a SPIFFE ID; skipping it")
                 }
@@ -732,7 +732,7 @@ where
     let mut request = Some(prepared.request);
     let mut last: Option<Response<Body>> = None;
     let n = candidates.len();
-    for (attempt, (addr, identity)) in candidates.into_iter().enumerate() {
+    for (attempt, (addr, identity, pod)) in candidates.into_iter().enumerate() {
         let more = attempt + 1 < n;
         let Some(req) = request
             .take()
@@ -753,32 +753,33 @@ where
         let mut fresh_only = false;
         loop {
             let deadline = crate::connect::connect_timeout(state, &dest.service.policy);
-            let (sender, fresh) =
-                match acquire(state, snap, &pool, &key, fresh_only, deadline, gate).await {
-                    Ok(s) => s,
-                    Err(e @ ConnectError::Overflow { .. }) => {
-                        state.metrics.error(Direction::Outbound, e.step());
-                        tracing::warn!(error = %e, "request not sent: connection limit");
-                        return error_response(e.status(), e.step(), &e.to_string());
+            let (sender, fresh) = match acquire(
+                state, snap, &pool, &key, fresh_only, deadline, gate,
+            )
+            .await
+            {
+                Ok(s) => s,
+                Err(e @ ConnectError::Overflow { .. }) => {
+                    state.metrics.error(Direction::Outbound, e.step());
+                    tracing::warn!(error = %e, "request not sent: connection limit");
+                    return error_response(e.status(), e.step(), &e.to_string());
+                }
+                Err(e) => {
+                    state.metrics.error(Direction::Outbound, e.step());
+                    if e.ejects_endpoint() {
+                        state.outliers.eject(addr, tokio::time::Instant::now());
                     }
-                    Err(e) => {
-                        state.metrics.error(Direction::Outbound, e.step());
-                        if matches!(
-                            e,
-                            ConnectError::Connect { .. } | ConnectError::Timeout { .. }
-                        ) {
-                            state.outliers.eject(addr, tokio::time::Instant::now());
-                        }
-                        if more {
-                            tracing::warn!(error = %e, "endpoint attempt failed; trying another");
-                        } else {
-                            tracing::warn!(error = %e, step = e.step(), "outbound request failed");
-                        }
-                        last = Some(error_response(e.status(), e.step(), &e.to_string()));
-                        request = Some(req);
-                        break;
+                    let pod = pod.unwrap_or("-");
+                    if more {
+                        tracing::warn!(error = %e, pod, "endpoint attempt failed; trying another");
+                    } else {
+                        tracing::warn!(error = %e, pod, step = e.step(), "outbound request failed");
                     }
-                };
+                    last = Some(error_response(e.status(), e.step(), &e.to_string()));
+                    request = Some(req);
+                    break;
+                }
+            };
             match sender.send(req).await {
                 Ok(resp) => {
                     judge(state, dest, addr, resp.status());

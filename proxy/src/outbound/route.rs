@@ -833,6 +833,7 @@ mod tests {
             address: IpAddr::V4(Ipv4Addr::new(10, 244, 0, n)),
             meshed: false,
             identity: None,
+            pod: None,
             subsets: subsets.iter().map(|s| s.to_string()).collect(),
             ports: Default::default(),
             terminating,

@@ -126,13 +126,10 @@ pub async fn to_service(
             }
             Err(e) => {
                 state.metrics.error(Direction::Outbound, e.step());
-                if matches!(
-                    e,
-                    ConnectError::Connect { .. } | ConnectError::Timeout { .. }
-                ) {
+                if e.ejects_endpoint() {
                     state.outliers.eject(addr, tokio::time::Instant::now());
                 }
-                tracing::warn!(error = %e, "endpoint attempt failed; trying another");
+                tracing::warn!(error = %e, pod = ep.pod.as_deref().unwrap_or("-"), "endpoint attempt failed; trying another");
                 last = Some(e);
             }
         }

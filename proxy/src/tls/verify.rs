@@ -23,7 +23,7 @@ use super::identity::{SpiffeId, spiffe_id_of};
 /// The server presented a valid mesh certificate for another identity.
 #[derive(Debug, thiserror::Error)]
 #[error(
-    "identity mismatch: expected {expected}, peer presented {actual}; check that the endpoint's pod runs with the service account the config says (stale endpoints after a redeploy?)"
+    "identity mismatch: expected {expected}, peer presented {actual}; the request was not sent. Either the endpoint's pod does not run with the service account the config says, or its address now belongs to another pod (reused after a delete, before this proxy's config caught up; that clears with the next config)"
 )]
 pub struct IdentityMismatch {
     /// What the config says the endpoint runs as.
