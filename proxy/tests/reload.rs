@@ -324,3 +324,165 @@ async fn reloads_under_continuous_load_fail_zero_requests() {
     assert_eq!(failed, 0);
     assert!(ok > 0);
 }
+
+/// Connections `pod`'s inbound listener accepted over mTLS (a counter).
+fn inbound_mtls_accepted(pod: &Pod) -> u64 {
+    pod.proxy
+        .state
+        .metrics
+        .connections
+        .get_or_create(&weft_proxy::metrics::ConnLabels {
+            direction: weft_proxy::metrics::Direction::Inbound,
+            tls: true,
+        })
+        .get()
+}
+
+/// Reads until the peer closes (EOF or reset); panics if it stays open.
+async fn expect_closed(s: &mut tokio::net::TcpStream, what: &str) {
+    let closed = tokio::time::timeout(std::time::Duration::from_secs(10), async {
+        let mut buf = [0u8; 64];
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "{what} is still open");
+}
+
+#[tokio::test]
+async fn a_new_deny_applies_to_open_connections_at_their_next_request_and_closes_denied_tunnels() {
+    use weft_proxy_config::{
+        AccessAction, AccessDestination, AccessPolicy, AccessRule, AccessSource,
+    };
+    let w = world().await;
+    // One keep-alive app connection, so every request rides the same
+    // pooled proxy-to-proxy connection.
+    let mut c = h1(w
+        .client
+        .app_connect(SocketAddr::new(cluster_ip(1), 80))
+        .await)
+    .await;
+    let mut send = async |path: &str| {
+        let req = Request::get(path)
+            .header("host", "echo")
+            .body(body(""))
+            .expect("request");
+        let (s, h, t) = read_text(c.send_request(req).await.expect("response")).await;
+        (s, h.get("x-weft-error").cloned(), t)
+    };
+    assert_eq!(send("/api/admin").await.0, StatusCode::OK);
+    let mut tunnel = w
+        .client
+        .app_connect(SocketAddr::new(cluster_ip(2), 9000))
+        .await;
+    tunnel.write_all(b"before").await.expect("write");
+    let mut buf = [0u8; 6];
+    tunnel.read_exact(&mut buf).await.expect("read");
+    let accepted = inbound_mtls_accepted(&w.server);
+    assert_eq!(accepted, 2, "one pooled HTTP connection and one tunnel");
+
+    let mut cfg = config(2, MtlsMode::Strict, vec![]);
+    cfg.inbound.policies = vec![
+        AccessPolicy {
+            name: "no-admin".into(),
+            selector: Default::default(),
+            ports: vec![w.app.port()],
+            action: AccessAction::Deny,
+            rules: vec![AccessRule {
+                from: vec![],
+                to: vec![AccessDestination {
+                    paths: vec!["/api/admin".into()],
+                    ..Default::default()
+                }],
+            }],
+        },
+        AccessPolicy {
+            name: "no-web-on-tcp".into(),
+            selector: Default::default(),
+            ports: vec![w.echo_tcp.port()],
+            action: AccessAction::Deny,
+            rules: vec![AccessRule {
+                from: vec![AccessSource {
+                    identities: vec![CLIENT_ID.into()],
+                    ..Default::default()
+                }],
+                to: vec![],
+            }],
+        },
+    ];
+    cfg.seal();
+    publish(
+        &w.server.mount,
+        &files(&cfg, &w.ca.leaf(SERVER_ID, 3600), &w.ca),
+    );
+    eventually("the server runs generation 2", || {
+        w.server.generation() == 2
+    })
+    .await;
+
+    // The next request on the open connection is decided on the new policy.
+    let (status, step, text) = send("/api/admin").await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{text}");
+    assert_eq!(step.as_ref().map(|v| v.as_bytes()), Some(&b"denied"[..]));
+    assert_eq!(send("/api/other").await.0, StatusCode::OK);
+    assert_eq!(
+        inbound_mtls_accepted(&w.server),
+        accepted,
+        "the requests after the reload rode the connection opened before it"
+    );
+    // The tunnel the new policy denies is closed.
+    expect_closed(&mut tunnel, "the denied tunnel").await;
+    assert_eq!(
+        w.server
+            .errors(weft_proxy::metrics::Direction::Inbound, "revoked"),
+        1
+    );
+}
+
+#[tokio::test]
+async fn open_plaintext_connections_close_when_the_mode_turns_strict() {
+    init();
+    let ca = TestCa::new("ca");
+    let app = echo_app().await;
+    let echo_tcp = tcp_echo().await;
+    let server = Pod::start(
+        &config(1, MtlsMode::Permissive, vec![]),
+        &ca.leaf(SERVER_ID, 3600),
+        &ca,
+    )
+    .await;
+    let plaintext = |port: u16| {
+        server.inbound_stamps.connect(
+            server.proxy.inbound_addr,
+            SocketAddr::new(IpAddr::V4(SERVER_POD_IP), port),
+        )
+    };
+    let mut http = h1(plaintext(app.port()).await.expect("connect")).await;
+    let req = Request::get("/")
+        .header("host", "echo")
+        .body(body(""))
+        .expect("request");
+    let (status, _, _) = read_text(http.send_request(req).await.expect("response")).await;
+    assert_eq!(status, StatusCode::OK);
+    let mut tcp = plaintext(echo_tcp.port()).await.expect("connect");
+    tcp.write_all(b"hello!").await.expect("write");
+    let mut buf = [0u8; 6];
+    tcp.read_exact(&mut buf).await.expect("read");
+
+    let strict = config(2, MtlsMode::Strict, vec![]);
+    publish(
+        &server.mount,
+        &files(&strict, &ca.leaf(SERVER_ID, 3600), &ca),
+    );
+    eventually("the server runs generation 2", || server.generation() == 2).await;
+    expect_closed(&mut tcp, "the plaintext tunnel").await;
+    eventually("the plaintext HTTP connection closes", || http.is_closed()).await;
+    assert_eq!(
+        server.errors(weft_proxy::metrics::Direction::Inbound, "revoked"),
+        2
+    );
+}
