@@ -558,3 +558,111 @@ async fn a_reused_pod_address_with_another_identity_gets_no_request_meant_for_th
     d.cluster.shutdown();
     Ok(())
 }
+
+/// The hash the operator announces on the namespace's `weft-proxy` ConfigMap.
+async fn announced_hash(d: &Demo) -> anyhow::Result<Option<String>> {
+    let cms: kube::Api<k8s_openapi::api::core::v1::ConfigMap> =
+        kube::Api::namespaced(d.cluster.client(), "demo");
+    Ok(cms.get_opt("weft-proxy").await?.and_then(|cm| {
+        cm.metadata
+            .annotations
+            .and_then(|a| a.get("weft.dev/config-hash").cloned())
+    }))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deny_applied_under_load_binds_every_open_connection_once_the_proxies_run_it()
+-> anyhow::Result<()> {
+    let _serial = serial().await;
+    let d = demo(ClusterConfig::default()).await?;
+    let backends: Vec<String> = mesh::pods(&d.cluster, "demo", "backend")
+        .await?
+        .into_iter()
+        .filter_map(|p| p.metadata.name)
+        .collect();
+    let before = announced_hash(&d).await?;
+    // Each request is a new app connection; the frontend's proxy carries
+    // them over the connections it keeps open to the backends' proxies.
+    let load = Load::start(
+        &d.cluster,
+        "demo",
+        &d.frontend,
+        d.backend,
+        "/api/admin",
+        Duration::from_millis(20),
+    )
+    .await?;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let applied_at = load.elapsed();
+    mesh::apply_yaml(
+        &d.cluster,
+        "apiVersion: weft.dev/v1alpha1\nkind: AccessPolicy\nmetadata: {name: deny-admin, namespace: demo}\n\
+         spec:\n  targetService: backend\n  action: Deny\n  rules:\n  - to:\n    - paths: [\"/api/admin\"]\n",
+    )
+    .await?;
+    // From when every backend proxy reports the new hash.
+    let start = Instant::now();
+    let enforced_at = loop {
+        anyhow::ensure!(
+            start.elapsed() < Duration::from_secs(90),
+            "the backend proxies never all ran the new config"
+        );
+        let now = announced_hash(&d).await?;
+        if now.is_some() && now != before {
+            let mut all = true;
+            for pod in &backends {
+                let cfg = mesh::proxy_config(&d.cluster, "demo", pod).await?;
+                all &= cfg["hash"].as_str() == now.as_deref();
+            }
+            if all {
+                break load.elapsed();
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let samples = load.stop().await?;
+    let before_apply = Tally::of(samples.iter().filter(|s| s.at < applied_at));
+    let meanwhile = Tally::of(
+        samples
+            .iter()
+            .filter(|s| s.at >= applied_at && s.at < enforced_at),
+    );
+    let after: Vec<_> = samples.iter().filter(|s| s.at >= enforced_at).collect();
+    let served_after: Vec<_> = after.iter().filter(|s| s.outcome.is_ok()).collect();
+    println!(
+        "{} requests to /api/admin: before the apply {} served, {} failed; \
+         between the apply and all backend proxies running it ({:.1}s) {} served, {} refused; \
+         after that {} sent, {} served",
+        samples.len(),
+        before_apply.ok(),
+        before_apply.failures.len(),
+        (enforced_at - applied_at).as_secs_f64(),
+        meanwhile.ok(),
+        meanwhile.failures.len(),
+        after.len(),
+        served_after.len(),
+    );
+    assert!(
+        before_apply.ok() > 0 && before_apply.failures.is_empty(),
+        "{before_apply:?}"
+    );
+    assert!(
+        after.len() > 50,
+        "too few requests after the reload: {}",
+        after.len()
+    );
+    assert!(
+        served_after.is_empty(),
+        "served after the proxies ran the Deny: {served_after:?}"
+    );
+    for s in &after {
+        let why = s.outcome.as_ref().expect_err("refused");
+        assert!(
+            why.contains("HTTP 403") && why.contains("x-weft-error: denied"),
+            "{why}"
+        );
+    }
+    d.cluster.shutdown();
+    Ok(())
+}
