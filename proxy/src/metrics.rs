@@ -11,13 +11,33 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
-/// Traffic direction.
-#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+/// Traffic direction; the label value is lower case (`outbound`,
+/// `inbound`), as Prometheus label values conventionally are.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
 pub enum Direction {
     /// Leaving the pod (listener 15001).
     Outbound,
     /// Entering the pod (listener 15006).
     Inbound,
+}
+
+impl Direction {
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Direction::Outbound => "outbound",
+            Direction::Inbound => "inbound",
+        }
+    }
+}
+
+impl EncodeLabelValue for Direction {
+    fn encode(
+        &self,
+        encoder: &mut prometheus_client::encoding::LabelValueEncoder<'_>,
+    ) -> Result<(), std::fmt::Error> {
+        std::fmt::Write::write_str(encoder, self.as_str())
+    }
 }
 
 /// Labels of connection counters.
@@ -260,12 +280,12 @@ mod tests {
                 })
                 .map(|l| l.rsplit(' ').next().unwrap_or_default().to_owned())
         };
-        assert_eq!(line("Outbound", 200).as_deref(), Some("3"), "{t}");
-        assert_eq!(line("Inbound", 200).as_deref(), Some("1"), "{t}");
-        assert_eq!(line("Inbound", 503).as_deref(), Some("1"), "{t}");
-        assert_eq!(line("Outbound", 42).as_deref(), Some("2"), "{t}");
+        assert_eq!(line("outbound", 200).as_deref(), Some("3"), "{t}");
+        assert_eq!(line("inbound", 200).as_deref(), Some("1"), "{t}");
+        assert_eq!(line("inbound", 503).as_deref(), Some("1"), "{t}");
+        assert_eq!(line("outbound", 42).as_deref(), Some("2"), "{t}");
         assert_eq!(
-            line("Outbound", 503),
+            line("outbound", 503),
             None,
             "no series before a response: {t}"
         );

@@ -1039,6 +1039,30 @@ async fn outlier_detection_ejects_an_endpoint_after_consecutive_5xx() {
 }
 
 #[tokio::test]
+async fn a_refused_connection_counts_toward_the_outlier_streak() {
+    let (dead_ip, good_ip) = (Ipv4Addr::new(127, 0, 0, 47), Ipv4Addr::new(127, 0, 0, 48));
+    // A port nothing listens on: every connection is refused.
+    let dead = {
+        let l = std::net::TcpListener::bind((dead_ip, 0)).expect("bind");
+        l.local_addr().expect("addr").port()
+    };
+    let (good, _) = scripted(good_ip, vec![200], 0).await;
+    let (c, statuses) = round_robin(
+        [(dead_ip, dead), (good_ip, good)],
+        |p| p.outlier_detection = Some(outlier_detection(1, 50)),
+        10,
+    )
+    .await;
+    // The request that met the refusal went on to the good endpoint.
+    assert_eq!(statuses, BTreeMap::from([(200, 10)]));
+    assert_eq!(c.pod.errors(Direction::Outbound, "connect"), 1);
+    // Its streak (one gateway error) reached the policy's threshold: the
+    // ejection is outlier detection's (base time × ejections), not only
+    // the fixed one for a failed connect.
+    assert_eq!(c.pod.errors(Direction::Outbound, "outlier-ejection"), 1);
+}
+
+#[tokio::test]
 async fn outlier_detection_never_ejects_more_than_its_share() {
     let (a_ip, b_ip) = (Ipv4Addr::new(127, 0, 0, 43), Ipv4Addr::new(127, 0, 0, 44));
     let (a, _) = scripted(a_ip, vec![503], 0).await;

@@ -803,7 +803,7 @@ async fn admin_serves_health_metrics_config_certs_and_shutdown() {
     assert_eq!(s, StatusCode::OK);
     let (_, _, m) = get("/metrics").await;
     assert!(
-        m.contains("weft_proxy_requests_total{direction=\"Outbound\",code=\"200\"} 1"),
+        m.contains("weft_proxy_requests_total{direction=\"outbound\",code=\"200\"} 1"),
         "{m}"
     );
     assert!(m.contains("weft_proxy_config_generation 1"), "{m}");

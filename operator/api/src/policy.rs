@@ -184,7 +184,9 @@ pub struct OutlierDetection {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1))]
     pub consecutive_gateway_errors: Option<u32>,
-    /// How often ejections are reconsidered (default `10s`).
+    /// How often ejections are reconsidered (default `10s`): an ejected
+    /// endpoint comes back at the first interval after its ejection time,
+    /// so an ejection lasts whole intervals.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub interval: Option<Duration>,
     /// Ejection time, multiplied by the number of times the endpoint has been

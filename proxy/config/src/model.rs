@@ -504,7 +504,8 @@ pub struct OutlierDetection {
     /// Consecutive gateway errors before ejection.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub consecutive_gateway_errors: Option<u32>,
-    /// Sweep interval in milliseconds.
+    /// Ejections last whole intervals of this many milliseconds (they are
+    /// reconsidered once per interval).
     pub interval_ms: u64,
     /// Base ejection time in milliseconds.
     pub base_ejection_ms: u64,

@@ -580,7 +580,38 @@ fn judge(state: &State, dest: &Dest<'_>, addr: SocketAddr, status: StatusCode) {
         state.outliers.healthy(addr);
         return;
     }
-    let streak = state.outliers.failed(addr, (502..=504).contains(&code));
+    extend_streak(state, dest, od, addr, (502..=504).contains(&code));
+}
+
+/// A connection to `addr` could not be made (refused, unreachable, timed
+/// out): under outlier detection it counts as a gateway error in the
+/// endpoint's streak, as a 503 would.
+fn judge_connect_failure(state: &State, dest: &Dest<'_>, addr: SocketAddr) {
+    if let Some(od) = dest.service.policy.outlier_detection.as_ref() {
+        extend_streak(state, dest, od, addr, true);
+    }
+}
+
+/// How long the `times`-th ejection in a row lasts: the base ejection time
+/// times `times` (at most 10), rounded up to whole `interval`s, since
+/// ejections are reconsidered once per interval.
+pub(crate) fn ejection_time(base_ms: u64, times: u32, interval_ms: u64) -> std::time::Duration {
+    let raw = base_ms.saturating_mul(u64::from(times.clamp(1, 10)));
+    let rounded = match interval_ms {
+        0 => raw,
+        i => raw.div_ceil(i).saturating_mul(i),
+    };
+    std::time::Duration::from_millis(rounded)
+}
+
+fn extend_streak(
+    state: &State,
+    dest: &Dest<'_>,
+    od: &weft_proxy_config::OutlierDetection,
+    addr: SocketAddr,
+    gateway: bool,
+) {
+    let streak = state.outliers.failed(addr, gateway);
     let reached = |limit: Option<u32>, n: u32| limit.is_some_and(|k| k > 0 && n >= k);
     if !(reached(od.consecutive_5xx, streak.server_errors)
         || reached(od.consecutive_gateway_errors, streak.gateway_errors))
@@ -603,8 +634,11 @@ fn judge(state: &State, dest: &Dest<'_>, addr: SocketAddr, status: StatusCode) {
         return;
     }
     state.outliers.tripped(addr);
-    let times = streak.ejections.saturating_add(1).min(10);
-    let how_long = std::time::Duration::from_millis(od.base_ejection_ms) * times;
+    let how_long = ejection_time(
+        od.base_ejection_ms,
+        streak.ejections.saturating_add(1),
+        od.interval_ms,
+    );
     state.outliers.eject_for(addr, now, how_long);
     state.metrics.error(Direction::Outbound, "outlier-ejection");
     tracing::warn!(%addr, service = %dest.service.key(), server_errors = streak.server_errors, gateway_errors = streak.gateway_errors, ?how_long, "endpoint ejected by outlier detection");
@@ -766,6 +800,12 @@ where
                 }
                 Err(e) => {
                     state.metrics.error(Direction::Outbound, e.step());
+                    if matches!(
+                        e,
+                        ConnectError::Connect { .. } | ConnectError::Timeout { .. }
+                    ) {
+                        judge_connect_failure(state, dest, addr);
+                    }
                     if e.ejects_endpoint() {
                         state.outliers.eject(addr, tokio::time::Instant::now());
                     }

@@ -255,9 +255,14 @@ pub struct Streak {
 }
 
 impl Outliers {
-    /// Ejects `addr` for [`EJECTION`] from `now`.
+    /// Ejects `addr` for [`EJECTION`] from `now`, or longer when it is
+    /// already ejected for longer (by outlier detection).
     pub fn eject(&self, addr: SocketAddr, now: Instant) {
-        self.eject_for(addr, now, EJECTION);
+        let mut m = self.until.lock().unwrap_or_else(|p| p.into_inner());
+        m.retain(|_, t| *t > now);
+        let until = m.entry(addr).or_insert(now);
+        *until = (*until).max(now + EJECTION);
+        self.any.store(true, Ordering::Release);
     }
 
     /// Ejects `addr` for `how_long` from `now`.
@@ -486,6 +491,32 @@ mod tests {
         // Once the window has passed, the floor is back.
         tokio::time::advance(Duration::from_secs(11)).await;
         assert!(budgets.try_retry("shop/cart", &b, Instant::now()));
+    }
+
+    #[test]
+    fn outlier_ejections_last_whole_intervals_and_grow_with_each_ejection() {
+        use super::http::ejection_time;
+        let s = Duration::from_secs;
+        assert_eq!(ejection_time(30_000, 1, 10_000), s(30));
+        // Reconsidered once per interval: rounded up to the next one.
+        assert_eq!(ejection_time(25_000, 1, 10_000), s(30));
+        assert_eq!(ejection_time(25_000, 2, 10_000), s(50));
+        assert_eq!(ejection_time(1_500, 1, 1_000), s(2));
+        // At most ten times the base.
+        assert_eq!(ejection_time(1_000, 20, 1), s(10));
+        assert_eq!(ejection_time(1_000, 0, 1), s(1));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_fixed_ejection_never_shortens_a_longer_one() {
+        let o = Outliers::default();
+        let a: SocketAddr = "10.244.0.5:8080".parse().expect("addr");
+        o.eject_for(a, Instant::now(), EJECTION * 4);
+        o.eject(a, Instant::now());
+        tokio::time::advance(EJECTION * 2).await;
+        assert!(o.is_ejected(a, Instant::now()));
+        tokio::time::advance(EJECTION * 2).await;
+        assert!(!o.is_ejected(a, Instant::now()));
     }
 
     #[tokio::test(start_paused = true)]
