@@ -22,6 +22,7 @@
 
 pub mod admission;
 pub mod config;
+pub mod identity_mounts;
 pub mod manifests;
 pub mod mesh;
 pub mod metrics;

@@ -108,6 +108,17 @@ pub enum PatchError {
     /// The pod has no spec.
     #[error("weft: the pod has no spec")]
     MissingSpec,
+    /// The pod uses the identity Secret of another service account.
+    #[error(
+        "weft: the pod runs as service account {service_account:?} but uses another service account's identity ({}); a pod may only present its own identity: mount nothing named weft-identity-* (weft mounts the pod's own) or run the pod as that service account",
+        .found.join("; ")
+    )]
+    ForeignIdentity {
+        /// The pod's service account.
+        service_account: String,
+        /// Each reference.
+        found: Vec<String>,
+    },
     /// The service account name makes the identity Secret name too long.
     #[error(
         "weft: service account name {0:?} is too long: Secret weft-identity-<name> would exceed 253 characters"
@@ -144,6 +155,14 @@ pub fn decide(pod: &Pod, cfg: &InjectConfig) -> Result<Decision, PatchError> {
     let Some(spec) = pod.spec.as_ref() else {
         return Err(PatchError::MissingSpec);
     };
+    // Before any skip: opting out of injection does not open other identities.
+    let found = crate::identity_mounts::foreign_identity_refs(spec);
+    if !found.is_empty() {
+        return Err(PatchError::ForeignIdentity {
+            service_account: crate::identity_mounts::service_account(spec),
+            found,
+        });
+    }
     if spec.host_network == Some(true) {
         return Ok(Decision::Skip(Skip::HostNetwork));
     }
@@ -160,12 +179,7 @@ pub fn decide(pod: &Pod, cfg: &InjectConfig) -> Result<Decision, PatchError> {
     if spec.volumes.iter().flatten().any(|v| v.name == VOLUME) {
         return Err(PatchError::VolumeTaken);
     }
-    let sa = spec
-        .service_account_name
-        .clone()
-        .or_else(|| spec.service_account.clone())
-        .filter(|s| !s.is_empty())
-        .unwrap_or_else(|| "default".to_owned());
+    let sa = crate::identity_mounts::service_account(spec);
     if IDENTITY_SECRET_PREFIX.len() + sa.len() > 253 {
         return Err(PatchError::ServiceAccountTooLong(sa));
     }

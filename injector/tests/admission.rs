@@ -113,6 +113,35 @@ fn denial_carries_the_reason() {
 }
 
 #[test]
+fn a_pod_using_another_service_accounts_identity_is_denied_even_when_opted_out() {
+    let mut p = web_pod();
+    p["spec"]["volumes"] =
+        json!([{"name": "stolen", "secret": {"secretName": "weft-identity-payments"}}]);
+    for opted_out in [false, true] {
+        if opted_out {
+            p["metadata"]["annotations"] = json!({"weft.dev/inject": "false"});
+        }
+        let (v, out) = decide(&pod_review("u7", &p));
+        assert!(
+            matches!(v, Verdict::Denied(_)),
+            "opted out: {opted_out}: {v:?}"
+        );
+        let msg = out["response"]["status"]["message"]
+            .as_str()
+            .expect("message");
+        assert!(
+            msg.contains("\"web\"")
+                && msg.contains("volume \"stolen\" uses Secret weft-identity-payments"),
+            "{msg}"
+        );
+    }
+    // Its own identity is fine (weft mounts it itself).
+    p["spec"]["volumes"] = json!([{"name": "mine", "secret": {"secretName": "weft-identity-web"}}]);
+    let (v, _) = decide(&pod_review("u8", &p));
+    assert!(matches!(v, Verdict::Skipped(_)), "{v:?}");
+}
+
+#[test]
 fn non_create_operations_pass_unchanged() {
     let mut r = pod_review("u3", &web_pod());
     r["request"]["operation"] = json!("UPDATE");
