@@ -666,3 +666,92 @@ async fn a_deny_applied_under_load_binds_every_open_connection_once_the_proxies_
     d.cluster.shutdown();
     Ok(())
 }
+
+/// `weft_proxy_authz_audit_total{policy}` summed over `pods`' proxies.
+async fn audit_count(d: &Demo, pods: &[String], policy: &str) -> anyhow::Result<u64> {
+    let app = d.cluster.pod_program("weft-e2e-app")?;
+    let series = format!("weft_proxy_authz_audit_total{{policy=\"{policy}\"}} ");
+    let mut total = 0;
+    for pod in pods {
+        let out = d
+            .cluster
+            .exec_in_pod(
+                "demo",
+                pod,
+                &[&app, "get", "http://127.0.0.1:15020/metrics"],
+            )
+            .await?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        total += text
+            .lines()
+            .find_map(|l| l.strip_prefix(series.as_str()))
+            .map_or(Ok(0), |v| v.trim().parse::<u64>())?;
+    }
+    Ok(total)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_audit_mode_policy_refuses_nothing_and_counts_what_it_would_refuse() -> anyhow::Result<()>
+{
+    let _serial = serial().await;
+    let d = demo(ClusterConfig::default()).await?;
+    let backends: Vec<String> = mesh::pods(&d.cluster, "demo", "backend")
+        .await?
+        .into_iter()
+        .filter_map(|p| p.metadata.name)
+        .collect();
+    mesh::apply_yaml(
+        &d.cluster,
+        "apiVersion: weft.dev/v1alpha1\nkind: AccessPolicy\nmetadata: {name: audit-no-root, namespace: demo}\n\
+         spec:\n  targetService: backend\n  action: Deny\n  mode: Audit\n  rules:\n  - to:\n    - paths: [\"/\"]\n",
+    )
+    .await?;
+    for pod in &backends {
+        mesh::wait_for_proxy_sync(&d.cluster, "demo", pod, Duration::from_secs(90)).await?;
+    }
+    let root = d.send("/", &[], 10).await?;
+    let api = d.send("/api/items", &[], 10).await?;
+    println!("with an Audit Deny on \"/\": / {root:?}; /api/items {api:?}");
+    assert!(root.failures.is_empty() && root.ok() == 10, "{root:?}");
+    assert!(api.failures.is_empty() && api.ok() == 10, "{api:?}");
+    let counted = audit_count(&d, &backends, "audit-no-root").await?;
+    println!(
+        "weft_proxy_authz_audit_total{{policy=\"audit-no-root\"}} over the backends: {counted}"
+    );
+    assert_eq!(counted, 10, "exactly the requests to / are counted");
+    let logged: usize = backends
+        .iter()
+        .map(|p| d.cluster.pod_log("demo", p, "weft-proxy"))
+        .collect::<Result<Vec<_>, _>>()?
+        .iter()
+        .map(|log| {
+            log.lines()
+                .filter(|l| l.contains("Audit-mode") && l.contains("audit-no-root"))
+                .count()
+        })
+        .sum();
+    assert_eq!(logged, 10, "one log line per audited request");
+
+    // Enforced, the same policy refuses them.
+    mesh::apply_yaml(
+        &d.cluster,
+        "apiVersion: weft.dev/v1alpha1\nkind: AccessPolicy\nmetadata: {name: audit-no-root, namespace: demo}\n\
+         spec:\n  targetService: backend\n  action: Deny\n  mode: Enforce\n  rules:\n  - to:\n    - paths: [\"/\"]\n",
+    )
+    .await?;
+    for pod in &backends {
+        mesh::wait_for_proxy_sync(&d.cluster, "demo", pod, Duration::from_secs(90)).await?;
+    }
+    let enforced = d.send("/", &[], 10).await?;
+    println!("enforced: {enforced:?}");
+    assert_eq!(enforced.failures.len(), 10, "{enforced:?}");
+    assert!(
+        enforced
+            .failures
+            .iter()
+            .all(|f| f.contains("HTTP 403") && f.contains("audit-no-root")),
+        "{enforced:?}"
+    );
+    d.cluster.shutdown();
+    Ok(())
+}

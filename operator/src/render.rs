@@ -85,7 +85,7 @@ pub use offline::{OfflineError, OfflineOutput, parse_yaml, render_offline, to_ob
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
-use weft_api::access::{AccessRule as ApiAccessRule, Action};
+use weft_api::access::{AccessRule as ApiAccessRule, Action, PolicyMode};
 use weft_api::policy::{LoadBalancerKind, Protocol as ApiProtocol, RateLimitUnit};
 use weft_api::route::{HttpMethod, HttpRule, RetryOn as ApiRetryOn, Scheme};
 use weft_api::{AccessPolicySpec, Duration, ServicePolicySpec, ServiceRouteSpec};
@@ -1354,6 +1354,7 @@ fn judge_access(
         selector,
         ports,
         action: access_action(spec.action),
+        audit: spec.mode == PolicyMode::Audit,
         rules,
     })
 }

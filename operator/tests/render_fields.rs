@@ -607,6 +607,7 @@ fn inbound_access_rate_limits_and_ports() {
         json!({
             "selector": {"matchLabels": {"app": "web"}},
             "action": "Deny",
+            "mode": "Audit",
             "rules": [{"to": [{"paths": ["/debug/*"]}]}]
         }),
     ));
@@ -634,6 +635,7 @@ fn inbound_access_rate_limits_and_ports() {
                 selector: BTreeMap::new(),
                 ports: vec![],
                 action: pc::AccessAction::Allow,
+                audit: false,
                 rules: vec![pc::AccessRule::default()]
             },
             pc::AccessPolicy {
@@ -641,6 +643,7 @@ fn inbound_access_rate_limits_and_ports() {
                 selector: cart_sel.clone(),
                 ports: vec![8080],
                 action: pc::AccessAction::Allow,
+                audit: false,
                 rules: vec![pc::AccessRule {
                     from: vec![
                         pc::AccessSource {
@@ -675,6 +678,7 @@ fn inbound_access_rate_limits_and_ports() {
                 selector: BTreeMap::from([("app".to_owned(), "web".to_owned())]),
                 ports: vec![],
                 action: pc::AccessAction::Deny,
+                audit: true,
                 rules: vec![pc::AccessRule {
                     from: vec![],
                     to: vec![pc::AccessDestination {

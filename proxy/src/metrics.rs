@@ -40,6 +40,13 @@ impl EncodeLabelValue for Direction {
     }
 }
 
+/// Labels of the Audit-mode authorization counter.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AuditLabels {
+    /// The AccessPolicy (of the pod's namespace) that would refuse.
+    pub policy: String,
+}
+
 /// Labels of connection counters.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ConnLabels {
@@ -117,6 +124,8 @@ pub struct Metrics {
     pub errors: Family<ErrorLabels, Counter>,
     /// What route policies did (retries, timeouts, faults, mirrors).
     pub route_events: Family<RouteEventLabels, Counter>,
+    /// Requests and connections an Audit-mode AccessPolicy would refuse.
+    pub authz_audit: Family<AuditLabels, Counter>,
     /// Reload attempts by result.
     pub reloads: Family<ReloadLabels, Counter>,
     /// Generation of the active config.
@@ -153,6 +162,11 @@ impl Metrics {
             "route_events",
             "Route policy actions: retries, timeouts, injected faults, mirrored requests",
             self.route_events.clone(),
+        );
+        r.register(
+            "authz_audit",
+            "Inbound requests (HTTP) and connections (opaque TCP) let through that an Audit-mode AccessPolicy would refuse",
+            self.authz_audit.clone(),
         );
         r.register(
             "reloads",

@@ -392,6 +392,7 @@ async fn a_new_deny_applies_to_open_connections_at_their_next_request_and_closes
             selector: Default::default(),
             ports: vec![w.app.port()],
             action: AccessAction::Deny,
+            audit: false,
             rules: vec![AccessRule {
                 from: vec![],
                 to: vec![AccessDestination {
@@ -405,6 +406,7 @@ async fn a_new_deny_applies_to_open_connections_at_their_next_request_and_closes
             selector: Default::default(),
             ports: vec![w.echo_tcp.port()],
             action: AccessAction::Deny,
+            audit: false,
             rules: vec![AccessRule {
                 from: vec![AccessSource {
                     identities: vec![CLIENT_ID.into()],

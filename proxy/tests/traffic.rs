@@ -947,6 +947,7 @@ async fn inbound_access_policy_denies_with_403_and_allows_listed_callers() {
         selector: [("app".to_owned(), "echo".to_owned())].into(),
         ports: vec![],
         action: weft_proxy_config::AccessAction::Allow,
+        audit: false,
         rules: vec![weft_proxy_config::AccessRule {
             from: vec![weft_proxy_config::AccessSource {
                 identities: vec![CLIENT_ID.into()],

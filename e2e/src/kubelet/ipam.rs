@@ -98,29 +98,41 @@ mod tests {
     #[test]
     fn a_freed_address_is_reused_only_after_the_range_comes_round() {
         let mut i = ipam();
-        let a = i.allocate(None).unwrap();
-        let b = i.allocate(None).unwrap();
+        let a = i.allocate(None).expect("test value");
+        let b = i.allocate(None).expect("test value");
         assert_eq!(
             (a, b),
-            ("10.244.0.2".parse().unwrap(), "10.244.0.3".parse().unwrap())
+            (
+                "10.244.0.2".parse().expect("test value"),
+                "10.244.0.3".parse().expect("test value")
+            )
         );
         i.release(a);
         // Not .2 again: the next after the last handed out.
-        assert_eq!(i.allocate(None).unwrap(), Ipv4Addr::new(10, 244, 0, 4));
+        assert_eq!(
+            i.allocate(None).expect("test value"),
+            Ipv4Addr::new(10, 244, 0, 4)
+        );
         // Round the whole range: .2 comes back after .254, .3 and .4 are held.
         for host in 5..=254 {
-            assert_eq!(i.allocate(None).unwrap(), Ipv4Addr::new(10, 244, 0, host));
+            assert_eq!(
+                i.allocate(None).expect("test value"),
+                Ipv4Addr::new(10, 244, 0, host)
+            );
         }
-        assert_eq!(i.allocate(None).unwrap(), a);
+        assert_eq!(i.allocate(None).expect("test value"), a);
         assert!(matches!(i.allocate(None), Err(KubeletError::NoIp)));
         i.release(Ipv4Addr::new(10, 244, 0, 100));
-        assert_eq!(i.allocate(None).unwrap(), Ipv4Addr::new(10, 244, 0, 100));
+        assert_eq!(
+            i.allocate(None).expect("test value"),
+            Ipv4Addr::new(10, 244, 0, 100)
+        );
     }
 
     #[test]
     fn a_forced_address_is_given_when_free_and_refused_otherwise() {
         let mut i = ipam();
-        let a = i.allocate(None).unwrap();
+        let a = i.allocate(None).expect("test value");
         assert!(matches!(
             i.allocate(Some(a)),
             Err(KubeletError::ForcedIp(_))
@@ -128,15 +140,18 @@ mod tests {
         for bad in ["10.244.1.9", "10.244.0.1", "10.244.0.255"] {
             assert!(
                 matches!(
-                    i.allocate(Some(bad.parse().unwrap())),
+                    i.allocate(Some(bad.parse().expect("test value"))),
                     Err(KubeletError::ForcedIp(_))
                 ),
                 "{bad}"
             );
         }
         i.release(a);
-        assert_eq!(i.allocate(Some(a)).unwrap(), a);
+        assert_eq!(i.allocate(Some(a)).expect("test value"), a);
         // The round goes on after the forced one.
-        assert_eq!(i.allocate(None).unwrap(), Ipv4Addr::new(10, 244, 0, 3));
+        assert_eq!(
+            i.allocate(None).expect("test value"),
+            Ipv4Addr::new(10, 244, 0, 3)
+        );
     }
 }

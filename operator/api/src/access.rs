@@ -22,6 +22,7 @@ use crate::common::{Labels, ResourceStatus};
     category = "weft",
     status = "ResourceStatus",
     printcolumn = r#"{"name":"Action","type":"string","jsonPath":".spec.action"}"#,
+    printcolumn = r#"{"name":"Mode","type":"string","jsonPath":".spec.mode"}"#,
     printcolumn = r#"{"name":"Service","type":"string","jsonPath":".spec.targetService"}"#,
     printcolumn = r#"{"name":"Accepted","type":"string","jsonPath":".status.conditions[?(@.type==\"Accepted\")].status"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
@@ -42,6 +43,14 @@ pub struct AccessPolicySpec {
 
     /// `Allow` or `Deny`.
     pub action: Action,
+
+    /// `Enforce` (default): the policy decides. `Audit`: the policy is
+    /// evaluated as if enforced, and a request or connection it would
+    /// refuse is let through, logged by the proxy and counted in
+    /// `weft_proxy_authz_audit_total{policy}`: a dry run before moving to
+    /// default-deny. Enforced policies decide as if Audit ones were absent.
+    #[serde(default, skip_serializing_if = "is_enforce")]
+    pub mode: PolicyMode,
 
     /// The policy applies to a request matching any rule. An empty list
     /// matches nothing; a rule with neither `from` nor `to` matches every
@@ -70,6 +79,22 @@ pub enum Action {
     Allow,
     /// Refuse matching requests with 403 (HTTP) or a closed connection (TCP).
     Deny,
+}
+
+/// Whether a policy decides or only reports what it would decide.
+#[derive(
+    schemars::JsonSchema, Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize,
+)]
+pub enum PolicyMode {
+    /// The policy decides.
+    #[default]
+    Enforce,
+    /// Evaluated, logged and counted; denies nothing.
+    Audit,
+}
+
+fn is_enforce(m: &PolicyMode) -> bool {
+    *m == PolicyMode::Enforce
 }
 
 /// One rule: it matches when some `from` entry and some `to` entry match

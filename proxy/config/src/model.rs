@@ -557,6 +557,10 @@ pub struct AccessPolicy {
     pub ports: Vec<u16>,
     /// Allow or deny.
     pub action: AccessAction,
+    /// Audit only: evaluated as if enforced; what it would refuse is let
+    /// through, logged and counted, never refused.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub audit: bool,
     /// Any of these (empty: none).
     #[serde(default)]
     pub rules: Vec<AccessRule>,

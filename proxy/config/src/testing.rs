@@ -236,6 +236,7 @@ pub fn sample() -> ProxyConfig {
                     selector: labels(&[("app", "backend")]),
                     ports: vec![8080],
                     action: AccessAction::Allow,
+                    audit: false,
                     rules: vec![AccessRule {
                         from: vec![AccessSource {
                             identities: vec![
@@ -255,6 +256,7 @@ pub fn sample() -> ProxyConfig {
                     selector: BTreeMap::new(),
                     ports: Vec::new(),
                     action: AccessAction::Deny,
+                    audit: false,
                     rules: vec![AccessRule {
                         from: vec![AccessSource {
                             namespaces: vec!["untrusted".to_owned()],

@@ -86,18 +86,56 @@ fn policy_matches(p: &AccessPolicy, r: &Request<'_>) -> bool {
     })
 }
 
-/// Decides `r` for a pod with `labels`.
+/// Decides `r` for a pod with `labels`, on the enforced policies (Audit
+/// ones are left out: see [`audit`]).
 pub fn authorize(
     cfg: &ProxyConfig,
     labels: &BTreeMap<String, String>,
     r: &Request<'_>,
 ) -> Decision {
+    decide(cfg, labels, r, false).0
+}
+
+/// What the Audit policies would change about an allowed `r`: the names of
+/// the Audit policies that would refuse it, when enforcing them would.
+/// Call only for a request the enforced policies allow. Costs one scan of
+/// the policies when none is in Audit mode.
+pub fn audit(
+    cfg: &ProxyConfig,
+    labels: &BTreeMap<String, String>,
+    r: &Request<'_>,
+) -> Option<Vec<String>> {
+    if !cfg.inbound.policies.iter().any(|p| p.audit) {
+        return None;
+    }
+    match decide(cfg, labels, r, true) {
+        (Decision::Deny(_), deciding) => Some(
+            deciding
+                .into_iter()
+                .filter(|p| p.audit)
+                .map(|p| p.name.clone())
+                .collect(),
+        )
+        .filter(|names: &Vec<String>| !names.is_empty()),
+        (Decision::Allow, _) => None,
+    }
+}
+
+/// The decision over the enforced policies (and the Audit ones too with
+/// `with_audit`), with the policies that decided a denial.
+fn decide<'c>(
+    cfg: &'c ProxyConfig,
+    labels: &BTreeMap<String, String>,
+    r: &Request<'_>,
+    with_audit: bool,
+) -> (Decision, Vec<&'c AccessPolicy>) {
     let applicable: Vec<&AccessPolicy> = cfg
         .inbound
         .policies
         .iter()
         .filter(|p| {
-            selector_matches(&p.selector, labels)
+            (with_audit || !p.audit)
+                && selector_matches(&p.selector, labels)
                 && (p.ports.is_empty() || p.ports.contains(&r.port))
         })
         .collect();
@@ -105,31 +143,37 @@ pub fn authorize(
         .iter()
         .find(|p| p.action == AccessAction::Deny && policy_matches(p, r))
     {
-        return Decision::Deny(format!("AccessPolicy {} (Deny)", p.name));
+        return (
+            Decision::Deny(format!("AccessPolicy {} (Deny)", p.name)),
+            vec![*p],
+        );
     }
-    let allows: Vec<&&AccessPolicy> = applicable
+    let allows: Vec<&AccessPolicy> = applicable
         .iter()
+        .copied()
         .filter(|p| p.action == AccessAction::Allow)
         .collect();
     if allows.is_empty() {
         return match cfg.mesh.default_access {
-            AccessAction::Allow => Decision::Allow,
-            AccessAction::Deny => {
-                Decision::Deny("mesh defaultAccess Deny (no Allow policy selects this pod)".into())
-            }
+            AccessAction::Allow => (Decision::Allow, vec![]),
+            AccessAction::Deny => (
+                Decision::Deny("mesh defaultAccess Deny (no Allow policy selects this pod)".into()),
+                vec![],
+            ),
         };
     }
     if allows.iter().any(|p| policy_matches(p, r)) {
-        Decision::Allow
+        (Decision::Allow, vec![])
     } else {
-        Decision::Deny(format!(
+        let why = format!(
             "no rule of the Allow policies ({}) matches",
             allows
                 .iter()
                 .map(|p| p.name.as_str())
                 .collect::<Vec<_>>()
                 .join(", ")
-        ))
+        );
+        (Decision::Deny(why), allows)
     }
 }
 
@@ -165,6 +209,7 @@ mod tests {
             selector: [("app".to_owned(), "cart".to_owned())].into(),
             ports: vec![],
             action: AccessAction::Allow,
+            audit: false,
             rules: vec![AccessRule {
                 from: vec![AccessSource {
                     identities: ids.iter().map(|s| (*s).to_owned()).collect(),
@@ -250,5 +295,47 @@ mod tests {
         assert!(
             matches!(authorize(&c, &labels, &r), Decision::Deny(m) if m.contains("defaultAccess"))
         );
+    }
+
+    #[test]
+    fn audit_policies_decide_nothing_and_name_what_they_would_refuse() {
+        let mut allow_api = allow_from("only-api", &[], &["/api/*"]);
+        allow_api.audit = true;
+        let mut deny_web = allow_from("no-web", &["spiffe://td/ns/shop/sa/web"], &[]);
+        deny_web.action = AccessAction::Deny;
+        deny_web.audit = true;
+        let c = cfg(vec![allow_api, deny_web], AccessAction::Allow);
+        let labels = [("app".to_owned(), "cart".to_owned())].into();
+        let web = SpiffeId::parse("spiffe://td/ns/shop/sa/web").expect("id");
+        let db = SpiffeId::parse("spiffe://td/ns/shop/sa/db").expect("id");
+        let req = |id, path| Request {
+            identity: Some(id),
+            port: 80,
+            method: Some("GET"),
+            path: Some(path),
+        };
+        // Enforced: nothing selects the pod, the default allows everything.
+        for (id, path) in [(&web, "/api/x"), (&web, "/"), (&db, "/"), (&db, "/api/x")] {
+            assert_eq!(authorize(&c, &labels, &req(id, path)), Decision::Allow);
+        }
+        // Audit: what enforcing each would refuse, by name.
+        assert_eq!(audit(&c, &labels, &req(&db, "/api/x")), None);
+        assert_eq!(
+            audit(&c, &labels, &req(&db, "/")),
+            Some(vec!["only-api".to_owned()])
+        );
+        assert_eq!(
+            audit(&c, &labels, &req(&web, "/api/x")),
+            Some(vec!["no-web".to_owned()])
+        );
+        // An enforced Deny is unaffected by an Audit Allow.
+        let mut enforced = allow_from("block-db", &["spiffe://td/ns/shop/sa/db"], &[]);
+        enforced.action = AccessAction::Deny;
+        let mut c2 = c.clone();
+        c2.inbound.policies.push(enforced);
+        assert!(matches!(
+            authorize(&c2, &labels, &req(&db, "/api/x")),
+            Decision::Deny(m) if m.contains("block-db")
+        ));
     }
 }

@@ -223,6 +223,7 @@ async fn to_app_tcp<I>(
         tracing::warn!(peer = ?id.map(SpiffeId::as_str), port, %why, "inbound connection denied");
         return;
     }
+    report_audit(state, snap, &r);
     if let Verdict::Limited { name, retry_after } =
         state
             .inbound_limits
@@ -265,6 +266,32 @@ async fn to_app_tcp<I>(
             tracing::warn!(peer = ?id.map(SpiffeId::as_str), port, %why, "open inbound connection closed: the new config no longer allows it");
         }
     }
+}
+
+/// Counts and logs an allowed request or connection that Audit-mode
+/// policies would refuse (`weft_proxy_authz_audit_total{policy}`).
+fn report_audit(state: &State, snap: &Snapshot, r: &authz::Request<'_>) {
+    let Some(policies) = authz::audit(&snap.config, &state.settings.labels, r) else {
+        return;
+    };
+    for policy in &policies {
+        state
+            .metrics
+            .authz_audit
+            .get_or_create(&crate::metrics::AuditLabels {
+                policy: policy.clone(),
+            })
+            .inc();
+    }
+    tracing::warn!(
+        peer = r.identity.map_or("-", SpiffeId::as_str),
+        port = r.port,
+        method = r.method.unwrap_or("-"),
+        path = r.path.unwrap_or("-"),
+        policies = %policies.join(","),
+        audit = true,
+        "allowed, but enforcing these Audit-mode AccessPolicies would refuse it"
+    );
 }
 
 /// Why an open opaque connection from `id` to `port` may no longer be
@@ -414,6 +441,7 @@ async fn proxy(ctx: &Ctx, mut req: Request<Incoming>) -> Response<Body> {
             &format!("{who} may not call port {}: {why}", ctx.port),
         );
     }
+    report_audit(state, &snap, &r);
     if let Verdict::Limited { name, retry_after } =
         state
             .inbound_limits
