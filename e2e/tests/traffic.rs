@@ -755,3 +755,147 @@ async fn an_audit_mode_policy_refuses_nothing_and_counts_what_it_would_refuse() 
     d.cluster.shutdown();
     Ok(())
 }
+
+/// The `Accepted` condition of a weft resource: (status, reason).
+async fn accepted(
+    d: &Demo,
+    kind: &str,
+    name: &str,
+) -> Result<(String, String), weft_e2e::cluster::HarnessError> {
+    let out = d
+        .cluster
+        .kubectl_output(
+            &[
+                "get",
+                kind,
+                "-n",
+                "demo",
+                name,
+                "-o",
+                "jsonpath={.status.conditions[?(@.type==\"Accepted\")].status} {.status.conditions[?(@.type==\"Accepted\")].reason}",
+            ],
+            None,
+        )
+        .await?;
+    let text = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    let (s, r) = text.split_once(' ').unwrap_or((text.as_str(), ""));
+    Ok((s.to_owned(), r.to_owned()))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_mtls_policy_opens_one_port_of_one_workload_to_plaintext() -> anyhow::Result<()> {
+    let _serial = serial().await;
+    let d = demo(ClusterConfig::default()).await?;
+    // Authorization and the example's MtlsPolicy out of the way: what is
+    // left to decide is this test's mode.
+    d.cluster
+        .kubectl(&["delete", "accesspolicy,mtlspolicy", "-n", "demo", "--all"])
+        .await?;
+    let client = mesh::pods(&d.cluster, "outside", "client")
+        .await?
+        .into_iter()
+        .find_map(|p| p.metadata.name)
+        .ok_or_else(|| anyhow::anyhow!("no outside client"))?;
+    let backends = mesh::pods(&d.cluster, "demo", "backend").await?;
+    let ip_of = |version: &str| {
+        backends
+            .iter()
+            .find(|p| {
+                p.metadata
+                    .labels
+                    .as_ref()
+                    .and_then(|l| l.get("version"))
+                    .is_some_and(|v| v == version)
+            })
+            .and_then(|p| p.status.as_ref()?.pod_ip.clone())
+            .ok_or_else(|| anyhow::anyhow!("no backend {version} pod IP"))
+    };
+    let (v1, v2) = (ip_of("v1")?, ip_of("v2")?);
+    let plain = |ip: String| {
+        let cluster = &d.cluster;
+        let client = client.clone();
+        async move {
+            mesh::get_from_pod(
+                cluster,
+                "outside",
+                &client,
+                &format!("http://{ip}:8080/"),
+                &[],
+            )
+            .await
+        }
+    };
+    let served = |r: &mesh::Reply| matches!(r, mesh::Reply::Ok(body) if body["identity"].is_null());
+    for ip in [&v1, &v2] {
+        let r = plain(ip.clone()).await?;
+        assert!(!served(&r), "Strict served plaintext to {ip}: {r:?}");
+    }
+
+    mesh::apply_yaml(
+        &d.cluster,
+        "apiVersion: weft.dev/v1alpha1\nkind: MtlsPolicy\nmetadata: {name: v1-http-plaintext, namespace: demo}\n\
+         spec:\n  selector: {matchLabels: {app: backend, version: v1}}\n  ports:\n  - {port: 8080, mode: Permissive}\n",
+    )
+    .await?;
+    d.cluster
+        .wait_until(
+            Duration::from_secs(60),
+            "plaintext served by v1",
+            || async { Ok(served(&plain(v1.clone()).await?)) },
+        )
+        .await?;
+    let r = plain(v2.clone()).await?;
+    assert!(!served(&r), "the v2 pod is not selected: {r:?}");
+    assert_eq!(
+        accepted(&d, "mtlspolicy", "v1-http-plaintext").await?.0,
+        "True"
+    );
+    // Meshed callers still come over mTLS with their identity.
+    let from_frontend = mesh::get_from_pod(
+        &d.cluster,
+        "demo",
+        &d.frontend,
+        &format!("http://{v1}:8080/"),
+        &[],
+    )
+    .await?;
+    match &from_frontend {
+        mesh::Reply::Ok(body) => assert_eq!(
+            body["identity"], "spiffe://cluster.local/ns/demo/sa/frontend",
+            "{body}"
+        ),
+        mesh::Reply::Failed(why) => panic!("frontend → v1: {why}"),
+    }
+
+    // A younger policy selecting the same pods conflicts and is not applied.
+    mesh::apply_yaml(
+        &d.cluster,
+        "apiVersion: weft.dev/v1alpha1\nkind: MtlsPolicy\nmetadata: {name: all-backends-permissive, namespace: demo}\n\
+         spec:\n  selector: {matchLabels: {app: backend}}\n  mode: Permissive\n",
+    )
+    .await?;
+    d.cluster
+        .wait_until(Duration::from_secs(60), "the conflict reported", || async {
+            Ok(accepted(&d, "mtlspolicy", "all-backends-permissive").await?
+                == ("False".to_owned(), "Conflicted".to_owned()))
+        })
+        .await?;
+    for pod in backends.iter().filter_map(|p| p.metadata.name.as_deref()) {
+        mesh::wait_for_proxy_sync(&d.cluster, "demo", pod, Duration::from_secs(90)).await?;
+    }
+    let r = plain(v2.clone()).await?;
+    assert!(!served(&r), "the conflicting policy must not apply: {r:?}");
+
+    // Without the policies, v1's port is Strict again (deleting only the
+    // older one would hand v1 to the younger, no longer conflicting).
+    d.cluster
+        .kubectl(&["delete", "mtlspolicy", "-n", "demo", "--all"])
+        .await?;
+    d.cluster
+        .wait_until(Duration::from_secs(60), "v1 Strict again", || async {
+            Ok(!served(&plain(v1.clone()).await?))
+        })
+        .await?;
+    d.cluster.shutdown();
+    Ok(())
+}

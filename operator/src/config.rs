@@ -71,7 +71,7 @@ use prometheus_client::registry::Registry;
 use serde_json::json;
 use tokio::sync::mpsc;
 use weft_api::common::ResourceStatus;
-use weft_api::{AccessPolicy, Mesh, ServicePolicy, ServiceRoute};
+use weft_api::{AccessPolicy, Mesh, MtlsPolicy, ServicePolicy, ServiceRoute};
 use weft_proxy_config::{FILE_NAME, GZIP_FILE_NAME, ValidationErrors};
 
 use crate::index::{
@@ -290,6 +290,7 @@ pub fn status_patch(status: &CrStatus, delivery: Delivery, now: &str) -> serde_j
     let kind = match status.kind {
         Kind::ServiceRoute => "ServiceRoute",
         Kind::ServicePolicy => "ServicePolicy",
+        Kind::MtlsPolicy => "MtlsPolicy",
         _ => "AccessPolicy",
     };
     let (ready, ready_reason, ready_message) = match (status.rendered(), delivery) {
@@ -692,6 +693,13 @@ pub async fn run(client: Client, opts: ConfigOptions) -> Result<(), Error> {
             true,
             |o| Object::AccessPolicy(Box::new(o)),
         )),
+        Box::pin(feed(
+            shared.clone(),
+            watcher(Api::<MtlsPolicy>::all(c.clone()), cfg()).default_backoff(),
+            Kind::MtlsPolicy,
+            true,
+            |o| Object::MtlsPolicy(Box::new(o)),
+        )),
         Box::pin(feed_config_maps(
             shared.clone(),
             watcher(
@@ -881,6 +889,7 @@ impl Writer {
                     .await?
                     .status
             }
+            Kind::MtlsPolicy => Api::<MtlsPolicy>::namespaced(c, ns).get(name).await?.status,
             _ => {
                 Api::<AccessPolicy>::namespaced(c, ns)
                     .get(name)
@@ -947,6 +956,10 @@ impl Writer {
                     .await
                     .map(|_| ()),
                 Kind::ServicePolicy => Api::<ServicePolicy>::namespaced(self.client.clone(), ns)
+                    .patch_status(name, &params, &Patch::Apply(&body))
+                    .await
+                    .map(|_| ()),
+                Kind::MtlsPolicy => Api::<MtlsPolicy>::namespaced(self.client.clone(), ns)
                     .patch_status(name, &params, &Patch::Apply(&body))
                     .await
                     .map(|_| ()),

@@ -14,7 +14,7 @@
 //! | `Service` | [`ServiceInfo`] | TCP ports only; `ExternalName` Services are kept but render nothing |
 //! | `EndpointSlice` | [`SliceInfo`] | grouped under the Service named by `kubernetes.io/service-name` |
 //! | `Pod` (metadata) | [`PodInfo`] | labels, meshed = label `weft.dev/proxy=injected`, service account when known |
-//! | `ServiceRoute`, `ServicePolicy`, `AccessPolicy` | [`Tracked`] | the current spec plus the last spec that was accepted |
+//! | `ServiceRoute`, `ServicePolicy`, `AccessPolicy`, `MtlsPolicy` | [`Tracked`] | the current spec plus the last spec that was accepted |
 //!
 //! Nothing here does I/O or judges a resource: the index is a faithful,
 //! cheap-to-query copy of the cluster, and [`crate::render`] is the pure
@@ -31,7 +31,8 @@
 //!   `ServicePolicy` in namespace `X` dirties the *viewers* of `X`: when `X`
 //!   is meshed, every meshed namespace without a scope plus the scoped ones
 //!   that list `X`; else only `X`;
-//! - an `AccessPolicy` in `X` dirties only `X` (it shapes `X`'s inbound rules);
+//! - an `AccessPolicy` or `MtlsPolicy` in `X` dirties only `X` (it shapes
+//!   `X`'s inbound rules);
 //! - a namespace joining or leaving the mesh dirties itself and every meshed
 //!   namespace (before and after), and the `Mesh` dirties every namespace;
 //! - an apply that changes nothing the renderer reads dirties nothing, so a
@@ -80,7 +81,7 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use weft_api::mesh::MESH_NAME;
-use weft_api::{AccessPolicy, Mesh, MeshSpec, ServicePolicy, ServiceRoute};
+use weft_api::{AccessPolicy, Mesh, MeshSpec, MtlsPolicy, ServicePolicy, ServiceRoute};
 
 /// Label on a Namespace that puts it in the mesh.
 pub const INJECT_LABEL: &str = "weft.dev/inject";
@@ -214,6 +215,8 @@ pub enum Kind {
     ServicePolicy,
     /// `weft.dev` `AccessPolicy`.
     AccessPolicy,
+    /// `weft.dev` `MtlsPolicy`.
+    MtlsPolicy,
 }
 
 /// One object to apply to the index.
@@ -239,6 +242,8 @@ pub enum Object {
     ServicePolicy(Box<ServicePolicy>),
     /// An `AccessPolicy`.
     AccessPolicy(Box<AccessPolicy>),
+    /// An `MtlsPolicy`.
+    MtlsPolicy(Box<MtlsPolicy>),
 }
 
 impl Object {
@@ -253,6 +258,7 @@ impl Object {
             Object::ServiceRoute(_) => Kind::ServiceRoute,
             Object::ServicePolicy(_) => Kind::ServicePolicy,
             Object::AccessPolicy(_) => Kind::AccessPolicy,
+            Object::MtlsPolicy(_) => Kind::MtlsPolicy,
         }
     }
 
@@ -268,6 +274,7 @@ impl Object {
             Object::ServiceRoute(o) => &o.metadata,
             Object::ServicePolicy(o) => &o.metadata,
             Object::AccessPolicy(o) => &o.metadata,
+            Object::MtlsPolicy(o) => &o.metadata,
         };
         ObjectRef::of(meta)
     }
@@ -414,6 +421,7 @@ pub struct Index {
     routes: Namespaced<Tracked<weft_api::ServiceRouteSpec>>,
     service_policies: Namespaced<Tracked<weft_api::ServicePolicySpec>>,
     access_policies: Namespaced<Tracked<weft_api::AccessPolicySpec>>,
+    mtls_policies: Namespaced<Tracked<weft_api::MtlsPolicySpec>>,
     previous: BTreeMap<String, Previous>,
     /// namespace → content stamp (see the module documentation).
     namespace_stamps: HashMap<String, u64>,
@@ -596,6 +604,19 @@ impl Index {
                     Dirty::none()
                 }
             }
+            Object::MtlsPolicy(o) => {
+                let existing = self
+                    .mtls_policies
+                    .get(&r.namespace)
+                    .and_then(|m| m.get(&r.name));
+                let t = tracked(existing, &o.metadata, &o.spec);
+                if insert_namespaced(&mut self.mtls_policies, &r, t) {
+                    self.touch_namespace(&r.namespace);
+                    Dirty::one(&r.namespace)
+                } else {
+                    Dirty::none()
+                }
+            }
         }
     }
 
@@ -684,6 +705,14 @@ impl Index {
                     Dirty::none()
                 }
             }
+            Kind::MtlsPolicy => {
+                if remove_namespaced(&mut self.mtls_policies, r) {
+                    self.touch_namespace(&r.namespace);
+                    Dirty::one(&r.namespace)
+                } else {
+                    Dirty::none()
+                }
+            }
         }
     }
 
@@ -720,6 +749,7 @@ impl Index {
             Kind::ServiceRoute => of(&self.routes),
             Kind::ServicePolicy => of(&self.service_policies),
             Kind::AccessPolicy => of(&self.access_policies),
+            Kind::MtlsPolicy => of(&self.mtls_policies),
         }
     }
 
@@ -747,6 +777,7 @@ impl Index {
             Kind::ServiceRoute => record(&mut self.routes, r, generation),
             Kind::ServicePolicy => record(&mut self.service_policies, r, generation),
             Kind::AccessPolicy => record(&mut self.access_policies, r, generation),
+            Kind::MtlsPolicy => record(&mut self.mtls_policies, r, generation),
             _ => false,
         };
         if changed {
@@ -880,6 +911,7 @@ impl Index {
         all.extend(self.routes.keys().cloned());
         all.extend(self.service_policies.keys().cloned());
         all.extend(self.access_policies.keys().cloned());
+        all.extend(self.mtls_policies.keys().cloned());
         all
     }
 
@@ -901,6 +933,11 @@ impl Index {
     /// One Pod.
     pub fn pod(&self, namespace: &str, name: &str) -> Option<&PodInfo> {
         self.pods.get(namespace)?.get(name)
+    }
+
+    /// The Pods of a namespace, by name (unordered).
+    pub fn pods(&self, namespace: &str) -> impl Iterator<Item = (&String, &PodInfo)> {
+        self.pods.get(namespace).into_iter().flatten()
     }
 
     /// `ServiceRoute`s of a namespace, by name.
@@ -925,6 +962,14 @@ impl Index {
         namespace: &str,
     ) -> Option<&BTreeMap<String, Tracked<weft_api::AccessPolicySpec>>> {
         self.access_policies.get(namespace)
+    }
+
+    /// `MtlsPolicy`s of a namespace, by name.
+    pub fn mtls_policies(
+        &self,
+        namespace: &str,
+    ) -> Option<&BTreeMap<String, Tracked<weft_api::MtlsPolicySpec>>> {
+        self.mtls_policies.get(namespace)
     }
 
     /// Namespaces whose output shows what lives in `namespace`.

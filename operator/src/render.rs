@@ -334,6 +334,8 @@ struct Judged {
     routes: BTreeMap<String, Vec<EffectiveRoute>>,
     /// Accepted access policies, by name.
     access: Vec<pc::AccessPolicy>,
+    /// Accepted mTLS overrides, in the proxy's precedence order.
+    mtls: Vec<pc::MtlsOverride>,
     statuses: Vec<CrStatus>,
 }
 
@@ -514,12 +516,96 @@ fn judge_namespace(index: &Index, ns: &str, td: &str) -> Judged {
         }
     }
 
+    let mtls = judge_mtls_policies(index, ns, &mut statuses);
+
     statuses.sort_by(|a, b| (a.kind, &a.object).cmp(&(b.kind, &b.object)));
     Judged {
         policies,
         routes,
         access,
+        mtls,
         statuses,
+    }
+}
+
+/// MtlsPolicies: one namespace-wide policy, and one workload policy per
+/// pod. The older wins an overlap (two namespace-wide policies, or two
+/// selectors that select a common pod of the namespace); the other is
+/// `Conflicted` and not rendered. Rendered: the workload winners oldest
+/// first, then the namespace-wide one (the proxy takes the first workload
+/// override that selects it).
+fn judge_mtls_policies(
+    index: &Index,
+    ns: &str,
+    statuses: &mut Vec<CrStatus>,
+) -> Vec<pc::MtlsOverride> {
+    let mut cs: Vec<Candidate<pc::MtlsOverride>> = index
+        .mtls_policies(ns)
+        .into_iter()
+        .flatten()
+        .map(|(name, t)| candidate(name, t, |spec| Ok(mtls_override(name, spec))))
+        .collect();
+    cs.sort_by(|a, b| age_key(a).cmp(&age_key(b)));
+    let mut winners: Vec<pc::MtlsOverride> = Vec::new();
+    for c in &cs {
+        let Some(o) = &c.effective else {
+            statuses.push(status_of(Kind::MtlsPolicy, ns, c, None));
+            continue;
+        };
+        let conflict = if o.selector.is_empty() {
+            winners.iter().find(|w| w.selector.is_empty()).map(|w| {
+                format!(
+                    "MtlsPolicy {:?} is older and already applies to the whole namespace",
+                    w.name
+                )
+            })
+        } else {
+            winners
+                .iter()
+                .filter(|w| !w.selector.is_empty())
+                .find_map(|w| {
+                    let mut both = index.pods(ns).filter(|(_, p)| {
+                        pc::selector_matches(&w.selector, &p.labels)
+                            && pc::selector_matches(&o.selector, &p.labels)
+                    });
+                    both.next().map(|(pod, _)| {
+                        format!(
+                            "MtlsPolicy {:?} is older and already selects pod {pod}",
+                            w.name
+                        )
+                    })
+                })
+        };
+        statuses.push(status_of(Kind::MtlsPolicy, ns, c, conflict.as_deref()));
+        if conflict.is_none() {
+            winners.push(o.clone());
+        }
+    }
+    winners.sort_by_key(|w| w.selector.is_empty());
+    winners
+}
+
+fn mtls_override(name: &str, spec: &weft_api::MtlsPolicySpec) -> pc::MtlsOverride {
+    let mode = |m: weft_api::mesh::MtlsMode| match m {
+        weft_api::mesh::MtlsMode::Strict => pc::MtlsMode::Strict,
+        weft_api::mesh::MtlsMode::Permissive => pc::MtlsMode::Permissive,
+    };
+    pc::MtlsOverride {
+        name: name.to_owned(),
+        selector: spec
+            .selector
+            .as_ref()
+            .map(|s| s.match_labels.clone())
+            .unwrap_or_default(),
+        mode: spec.mode.map(mode),
+        ports: spec
+            .ports
+            .iter()
+            .map(|p| pc::PortMtls {
+                port: p.port,
+                mode: mode(p.mode),
+            })
+            .collect(),
     }
 }
 
@@ -1651,5 +1737,6 @@ fn render_inbound(index: &Index, ns: &str, judged: &Judged) -> pc::Inbound {
         policies,
         rate_limits,
         ports,
+        mtls: judged.mtls.clone(),
     }
 }

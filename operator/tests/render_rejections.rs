@@ -477,3 +477,80 @@ fn every_resource_of_the_namespace_gets_a_status_sorted() {
         ]
     );
 }
+
+#[test]
+fn mtls_policies_one_per_namespace_and_per_pod_oldest_wins() {
+    let out = with(vec![
+        mtls_at(
+            "shop",
+            "ns-young",
+            "2026-03-01T00:00:00Z",
+            json!({"mode": "Strict"}),
+        ),
+        mtls_at(
+            "shop",
+            "ns-old",
+            "2026-02-01T00:00:00Z",
+            json!({"mode": "Permissive"}),
+        ),
+        mtls_at(
+            "shop",
+            "cart-all",
+            "2026-02-01T00:00:00Z",
+            json!({"selector": {"matchLabels": {"app": "cart"}}, "ports": [{"port": 8080, "mode": "Strict"}]}),
+        ),
+        mtls_at(
+            "shop",
+            "v1-only",
+            "2026-03-01T00:00:00Z",
+            json!({"selector": {"matchLabels": {"version": "v1"}}, "mode": "Permissive"}),
+        ),
+        mtls_at(
+            "shop",
+            "web",
+            "2026-03-01T00:00:00Z",
+            json!({"selector": {"matchLabels": {"app": "web"}}, "mode": "Permissive"}),
+        ),
+    ]);
+    for accepted in ["ns-old", "cart-all", "web"] {
+        assert!(
+            status(&out, Kind::MtlsPolicy, accepted).accepted(),
+            "{accepted}"
+        );
+    }
+    assert_eq!(
+        reason(&out, Kind::MtlsPolicy, "ns-young"),
+        Some(Reason::Conflicted)
+    );
+    assert!(
+        status(&out, Kind::MtlsPolicy, "ns-young")
+            .message()
+            .contains("\"ns-old\"")
+    );
+    assert_eq!(
+        reason(&out, Kind::MtlsPolicy, "v1-only"),
+        Some(Reason::Conflicted)
+    );
+    let msg = status(&out, Kind::MtlsPolicy, "v1-only").message();
+    assert!(
+        msg.contains("\"cart-all\"") && msg.contains("pod cart-"),
+        "{msg}"
+    );
+    // Workload overrides oldest first, then the namespace-wide one.
+    let rendered: Vec<(&str, Option<weft_proxy_config::MtlsMode>)> = out
+        .config
+        .inbound
+        .mtls
+        .iter()
+        .map(|o| (o.name.as_str(), o.mode))
+        .collect();
+    assert_eq!(
+        rendered,
+        vec![
+            ("cart-all", None),
+            ("web", Some(weft_proxy_config::MtlsMode::Permissive)),
+            ("ns-old", Some(weft_proxy_config::MtlsMode::Permissive)),
+        ]
+    );
+    out.config.validate().expect("valid");
+}

@@ -488,3 +488,65 @@ async fn open_plaintext_connections_close_when_the_mode_turns_strict() {
         2
     );
 }
+
+#[tokio::test]
+async fn an_mtls_override_makes_one_port_of_one_workload_permissive() {
+    use weft_proxy_config::{MtlsOverride, PortMtls, Selector};
+    init();
+    let ca = TestCa::new("ca");
+    let app = echo_app().await;
+    let echo_tcp = tcp_echo().await;
+    let echo = Selector::from([("app".to_owned(), "echo".to_owned())]);
+    let with_override = |generation, selector: &Selector| {
+        let mut c = config(generation, MtlsMode::Strict, vec![]);
+        c.inbound.mtls = vec![MtlsOverride {
+            name: "legacy-http".into(),
+            selector: selector.clone(),
+            mode: None,
+            ports: vec![PortMtls {
+                port: app.port(),
+                mode: MtlsMode::Permissive,
+            }],
+        }];
+        c.seal();
+        c
+    };
+    let server = Pod::start_with(
+        &with_override(1, &echo),
+        &ca.leaf(SERVER_ID, 3600),
+        &ca,
+        |s| s.labels = echo.clone(),
+    )
+    .await;
+    let plaintext = |port: u16| {
+        server.inbound_stamps.connect(
+            server.proxy.inbound_addr,
+            SocketAddr::new(IpAddr::V4(SERVER_POD_IP), port),
+        )
+    };
+    // The overridden port serves plaintext; another port of the same pod
+    // stays Strict.
+    let mut http = h1(plaintext(app.port()).await.expect("connect")).await;
+    let req = Request::get("/")
+        .header("host", "echo")
+        .body(body(""))
+        .expect("request");
+    let (status, _, _) = read_text(http.send_request(req).await.expect("response")).await;
+    assert_eq!(status, StatusCode::OK);
+    let mut tcp = plaintext(echo_tcp.port()).await.expect("connect");
+    let _ = tcp.write_all(b"hello!").await;
+    expect_closed(&mut tcp, "plaintext to a Strict port").await;
+    assert_eq!(
+        server.errors(weft_proxy::metrics::Direction::Inbound, "plaintext-refused"),
+        1
+    );
+    // An override for other pods does not apply here: the port is Strict
+    // again and the open plaintext connection closes.
+    let other = Selector::from([("app".to_owned(), "legacy".to_owned())]);
+    publish(
+        &server.mount,
+        &files(&with_override(2, &other), &ca.leaf(SERVER_ID, 3600), &ca),
+    );
+    eventually("the server runs generation 2", || server.generation() == 2).await;
+    eventually("the plaintext HTTP connection closes", || http.is_closed()).await;
+}

@@ -6,6 +6,7 @@
 //! | [`ServiceRoute`] | namespace | how requests to a Service are routed |
 //! | [`ServicePolicy`] | namespace | how clients talk to a Service: subsets, balancing, limits, health |
 //! | [`AccessPolicy`] | namespace | who may call a workload |
+//! | [`MtlsPolicy`] | namespace | the mTLS mode of a namespace, workloads or ports, over the mesh's |
 //!
 //! The types are plain data (no I/O). Their doc comments become the schema
 //! descriptions of the generated CRDs in `crds/` ([`crds`] and
@@ -18,6 +19,7 @@ pub mod check;
 pub mod common;
 pub mod duration;
 pub mod mesh;
+pub mod mtls;
 pub mod policy;
 pub mod route;
 pub mod yaml;
@@ -26,6 +28,7 @@ pub use access::{AccessPolicy, AccessPolicySpec};
 pub use common::ResourceStatus;
 pub use duration::Duration;
 pub use mesh::{Mesh, MeshSpec, MeshStatus};
+pub use mtls::{MtlsPolicy, MtlsPolicySpec};
 pub use policy::{ServicePolicy, ServicePolicySpec};
 pub use route::{ServiceRoute, ServiceRouteSpec};
 
@@ -42,6 +45,7 @@ pub fn crds() -> Vec<CustomResourceDefinition> {
     vec![
         AccessPolicy::crd(),
         Mesh::crd(),
+        MtlsPolicy::crd(),
         ServicePolicy::crd(),
         ServiceRoute::crd(),
     ]

@@ -134,6 +134,7 @@ pub fn to_object(
         ("weft.dev/v1alpha1", "AccessPolicy") => {
             Object::AccessPolicy(convert(index, &kind, value)?)
         }
+        ("weft.dev/v1alpha1", "MtlsPolicy") => Object::MtlsPolicy(convert(index, &kind, value)?),
         _ => return Ok(None),
     };
     Ok(Some(object))

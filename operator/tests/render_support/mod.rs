@@ -120,6 +120,10 @@ pub fn policy_at(ns: &str, name: &str, created: &str, spec: Value) -> Value {
     cr("ServicePolicy", ns, name, created, spec)
 }
 
+pub fn mtls_at(ns: &str, name: &str, created: &str, spec: Value) -> Value {
+    cr("MtlsPolicy", ns, name, created, spec)
+}
+
 pub fn access(ns: &str, name: &str, spec: Value) -> Value {
     cr("AccessPolicy", ns, name, "2026-01-01T00:00:00Z", spec)
 }

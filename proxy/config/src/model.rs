@@ -538,6 +538,59 @@ pub struct Inbound {
     /// Per-workload port protocols (from Services selecting the pods).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub ports: Vec<InboundPort>,
+    /// mTLS mode overrides (`MtlsPolicy`): the workload ones (non-empty
+    /// selector) in precedence order, then at most one namespace-wide one
+    /// (empty selector). See [`mtls_mode`].
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub mtls: Vec<MtlsOverride>,
+}
+
+/// An mTLS mode override for selected pods (empty selector: the namespace).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct MtlsOverride {
+    /// `MtlsPolicy` name.
+    pub name: String,
+    /// Pods it applies to; empty: every pod of the namespace.
+    #[serde(default, skip_serializing_if = "Selector::is_empty")]
+    pub selector: Selector,
+    /// Mode of every port, unless a port entry says otherwise; none: inherited.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<MtlsMode>,
+    /// Per target port modes.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ports: Vec<PortMtls>,
+}
+
+/// The mTLS mode of one target port.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PortMtls {
+    /// Target port.
+    pub port: u16,
+    /// Its mode.
+    pub mode: MtlsMode,
+}
+
+/// The mTLS mode a pod with `labels` applies to inbound traffic on target
+/// `port`, most specific first: the port entry of the first workload
+/// override selecting the pod, that override's mode, the port entry of the
+/// namespace-wide override, its mode, then the mesh's.
+pub fn mtls_mode(config: &ProxyConfig, labels: &BTreeMap<String, String>, port: u16) -> MtlsMode {
+    let overrides = &config.inbound.mtls;
+    let workload = overrides
+        .iter()
+        .find(|o| !o.selector.is_empty() && selector_matches(&o.selector, labels));
+    let namespace = overrides.iter().find(|o| o.selector.is_empty());
+    for o in [workload, namespace].into_iter().flatten() {
+        if let Some(p) = o.ports.iter().find(|p| p.port == port) {
+            return p.mode;
+        }
+        if let Some(m) = o.mode {
+            return m;
+        }
+    }
+    config.mesh.mtls_mode
 }
 
 /// Pods a rule applies to: all labels must be present with these values.

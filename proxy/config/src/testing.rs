@@ -279,6 +279,15 @@ pub fn sample() -> ProxyConfig {
                 port: 8080,
                 protocol: Protocol::Http1,
             }],
+            mtls: vec![MtlsOverride {
+                name: "legacy-metrics".to_owned(),
+                selector: labels(&[("app", "backend")]),
+                mode: None,
+                ports: vec![PortMtls {
+                    port: 9090,
+                    mode: MtlsMode::Permissive,
+                }],
+            }],
         },
     };
     cfg.seal();

@@ -661,3 +661,65 @@ proptest! {
         prop_assert_eq!(gunzip(&assembled(&parts)).expect("decompresses"), bytes);
     }
 }
+
+#[test]
+fn the_most_specific_mtls_override_wins() {
+    let mut cfg = sample();
+    cfg.mesh.mtls_mode = MtlsMode::Strict;
+    let sel = |app: &str| Selector::from([("app".to_owned(), app.to_owned())]);
+    cfg.inbound.mtls = vec![
+        MtlsOverride {
+            name: "legacy".into(),
+            selector: sel("legacy"),
+            mode: Some(MtlsMode::Permissive),
+            ports: vec![PortMtls {
+                port: 9090,
+                mode: MtlsMode::Strict,
+            }],
+        },
+        MtlsOverride {
+            name: "namespace".into(),
+            selector: Selector::new(),
+            mode: None,
+            ports: vec![PortMtls {
+                port: 8080,
+                mode: MtlsMode::Permissive,
+            }],
+        },
+    ];
+    cfg.validate().expect("valid");
+    let legacy = sel("legacy");
+    let web = sel("web");
+    assert_eq!(
+        mtls_mode(&cfg, &legacy, 9090),
+        MtlsMode::Strict,
+        "workload port"
+    );
+    assert_eq!(
+        mtls_mode(&cfg, &legacy, 8080),
+        MtlsMode::Permissive,
+        "workload mode"
+    );
+    assert_eq!(
+        mtls_mode(&cfg, &web, 8080),
+        MtlsMode::Permissive,
+        "namespace port"
+    );
+    assert_eq!(mtls_mode(&cfg, &web, 80), MtlsMode::Strict, "the mesh's");
+    cfg.mesh.mtls_mode = MtlsMode::Permissive;
+    assert_eq!(
+        mtls_mode(&cfg, &web, 80),
+        MtlsMode::Permissive,
+        "the mesh's"
+    );
+
+    let mut dup = cfg.clone();
+    dup.inbound.mtls.push(MtlsOverride {
+        name: "second".into(),
+        selector: Selector::new(),
+        mode: Some(MtlsMode::Strict),
+        ports: vec![],
+    });
+    let err = dup.validate().expect_err("two namespace-wide overrides");
+    assert!(err.to_string().contains("namespace-wide"), "{err}");
+}

@@ -479,4 +479,24 @@ fn validate_inbound(inbound: &Inbound, errs: &mut Errors) {
             errs.push(&at, "requests and interval must be above 0");
         }
     }
+    let mut names = BTreeSet::new();
+    let mut namespace_wide = 0;
+    for o in &inbound.mtls {
+        let at = format!("inbound.mtls[{}]", o.name);
+        if !names.insert(o.name.as_str()) {
+            errs.push(&at, "duplicate override name");
+        }
+        if o.selector.is_empty() {
+            namespace_wide += 1;
+        }
+        let mut ports = BTreeSet::new();
+        for p in &o.ports {
+            if p.port == 0 || !ports.insert(p.port) {
+                errs.push(&at, format!("port {} is 0 or listed twice", p.port));
+            }
+        }
+    }
+    if namespace_wide > 1 {
+        errs.push("inbound.mtls", "more than one namespace-wide override");
+    }
 }

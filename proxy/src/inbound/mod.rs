@@ -38,7 +38,7 @@ use hyper::service::service_fn;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
-use weft_proxy_config::{MtlsMode, Protocol, ProxyConfig, selector_matches};
+use weft_proxy_config::{MtlsMode, Protocol, ProxyConfig, mtls_mode, selector_matches};
 
 use crate::connect::{acquire, send_request};
 use crate::http::forward::{finish, prepare};
@@ -128,12 +128,8 @@ async fn handle(state: Arc<State>, mut conn: TcpStream, peer: SocketAddr) {
     let protocol = port_protocol(&snap.config, &state.settings.labels, port);
     let server_first =
         SERVER_FIRST_PORTS.contains(&port) || state.settings.opaque_ports.contains(&port);
-    let wait = first_bytes_wait(
-        snap.config.mesh.mtls_mode,
-        protocol,
-        server_first,
-        state.settings.detect_timeout,
-    );
+    let mode = mtls_mode(&snap.config, &state.settings.labels, port);
+    let wait = first_bytes_wait(mode, protocol, server_first, state.settings.detect_timeout);
     let (prefix, detected) = match detect(&mut conn, wait).await {
         Ok(d) => d,
         Err(e) => {
@@ -176,7 +172,7 @@ async fn handle(state: Arc<State>, mut conn: TcpStream, peer: SocketAddr) {
         return;
     }
     let _open = OpenConn::new(&state.metrics, Direction::Inbound, false);
-    if snap.config.mesh.mtls_mode == MtlsMode::Strict {
+    if mode == MtlsMode::Strict {
         state.metrics.error(Direction::Inbound, "plaintext-refused");
         tracing::warn!(%peer, port, "plaintext connection refused: mTLS mode is Strict; send through a weft proxy or set the mesh to Permissive");
         if detected == Detected::Http1 {
@@ -303,7 +299,7 @@ fn connection_revoked(
     port: u16,
     id: Option<&SpiffeId>,
 ) -> Option<String> {
-    plaintext_revoked(snap, id).or_else(|| {
+    plaintext_revoked(snap, labels, port, id).or_else(|| {
         let r = authz::Request {
             identity: id,
             port,
@@ -317,10 +313,16 @@ fn connection_revoked(
     })
 }
 
-/// Why a plaintext connection may no longer be served: the mode is Strict.
-fn plaintext_revoked(snap: &Snapshot, id: Option<&SpiffeId>) -> Option<String> {
-    (id.is_none() && snap.config.mesh.mtls_mode == MtlsMode::Strict)
-        .then(|| "plaintext while the mTLS mode is Strict".to_owned())
+/// Why a plaintext connection to `port` may no longer be served: the mode
+/// of the port (mesh, namespace, workload or port) is Strict.
+fn plaintext_revoked(
+    snap: &Snapshot,
+    labels: &BTreeMap<String, String>,
+    port: u16,
+    id: Option<&SpiffeId>,
+) -> Option<String> {
+    (id.is_none() && mtls_mode(&snap.config, labels, port) == MtlsMode::Strict)
+        .then(|| format!("plaintext while the mTLS mode of port {port} is Strict"))
 }
 
 /// Resolves, with the reason, once the active snapshot revokes an open
@@ -396,7 +398,9 @@ async fn serve_http<I>(
     let plaintext = peer_is_none;
     let revoked = async {
         if plaintext {
-            let why = until_revoked(&state, |snap| plaintext_revoked(snap, None)).await;
+            let labels = &state.settings.labels;
+            let why =
+                until_revoked(&state, |snap| plaintext_revoked(snap, labels, port, None)).await;
             state.metrics.error(Direction::Inbound, "revoked");
             tracing::warn!(port, %why, "open plaintext connection closed");
         } else {
@@ -409,7 +413,8 @@ async fn serve_http<I>(
 async fn proxy(ctx: &Ctx, mut req: Request<Incoming>) -> Response<Body> {
     let state = &ctx.state;
     let snap = ctx.current();
-    if let Some(why) = plaintext_revoked(&snap, ctx.peer.as_ref()) {
+    if let Some(why) = plaintext_revoked(&snap, &state.settings.labels, ctx.port, ctx.peer.as_ref())
+    {
         state.metrics.error(Direction::Inbound, "plaintext-refused");
         tracing::warn!(port = ctx.port, %why, "plaintext request refused on an open connection");
         let mut resp = error_response(
