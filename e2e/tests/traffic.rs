@@ -899,3 +899,190 @@ async fn an_mtls_policy_opens_one_port_of_one_workload_to_plaintext() -> anyhow:
     d.cluster.shutdown();
     Ok(())
 }
+
+/// The `weft-proxy` ConfigMap of `demo` as JSON.
+async fn config_map(d: &Demo) -> anyhow::Result<serde_json::Value> {
+    let out = d
+        .cluster
+        .kubectl(&["get", "configmap", "-n", "demo", "weft-proxy", "-o", "json"])
+        .await?;
+    Ok(serde_json::from_str(&out)?)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hand_edited_proxy_config_is_restored_by_the_operator() -> anyhow::Result<()> {
+    let _serial = serial().await;
+    let d = demo(ClusterConfig::default()).await?;
+    if d.cluster.is_external() {
+        println!("skipped: reads the operator's metrics from its pod's network namespace");
+        return Ok(());
+    }
+    let original = config_map(&d).await?;
+    let text = original["data"]["proxy.json"]
+        .as_str()
+        .ok_or_else(|| anyhow::anyhow!("the demo's config is not plain proxy.json"))?
+        .to_owned();
+    let load = Load::start(
+        &d.cluster,
+        "demo",
+        &d.frontend,
+        d.backend,
+        "/",
+        Duration::from_millis(20),
+    )
+    .await?;
+
+    // 1. Bytes that are not a config at all.
+    d.cluster
+        .kubectl(&[
+            "patch",
+            "configmap",
+            "-n",
+            "demo",
+            "weft-proxy",
+            "--type",
+            "merge",
+            "-p",
+            r#"{"data":{"proxy.json":"{not json"}}"#,
+        ])
+        .await?;
+    let start = Instant::now();
+    while config_map(&d).await?["data"]["proxy.json"].as_str() != Some(text.as_str()) {
+        anyhow::ensure!(
+            start.elapsed() < Duration::from_secs(30),
+            "the invalid edit was not undone"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    println!(
+        "invalid edit undone after {:.1}s",
+        start.elapsed().as_secs_f64()
+    );
+
+    // 2. A valid document that sends every request to v2, with its own
+    //    hash in the document and in the annotation.
+    let mut doc: weft_proxy_config::ProxyConfig = serde_json::from_str(&text)?;
+    for svc in doc.services.iter_mut().filter(|s| s.name == "backend") {
+        for r in &mut svc.http_routes {
+            for b in &mut r.backends {
+                b.subset = Some("v2".into());
+            }
+        }
+    }
+    doc.seal();
+    let forged = String::from_utf8(doc.to_json())?;
+    let patch = serde_json::json!({
+        "metadata": {"annotations": {"weft.dev/config-hash": doc.hash}},
+        "data": {"proxy.json": forged},
+    });
+    d.cluster
+        .kubectl(&[
+            "patch",
+            "configmap",
+            "-n",
+            "demo",
+            "weft-proxy",
+            "--type",
+            "merge",
+            "-p",
+            &patch.to_string(),
+        ])
+        .await?;
+    let start = Instant::now();
+    loop {
+        // Rendered again from the cluster's resources: a new generation of
+        // the original routes, not the forged document.
+        let cm = config_map(&d).await?;
+        let now = cm["data"]["proxy.json"].as_str().unwrap_or_default();
+        if now != forged
+            && let Ok(doc) = serde_json::from_str::<weft_proxy_config::ProxyConfig>(now)
+            && cm["metadata"]["annotations"]["weft.dev/config-hash"] == doc.hash.as_str()
+            && doc
+                .services
+                .iter()
+                .filter(|s| s.name == "backend")
+                .all(|s| {
+                    s.http_routes
+                        .iter()
+                        .flat_map(|r| &r.backends)
+                        .any(|b| b.subset.as_deref() == Some("v1"))
+                })
+        {
+            break;
+        }
+        anyhow::ensure!(
+            start.elapsed() < Duration::from_secs(30),
+            "the forged config was not undone"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    println!(
+        "forged config undone after {:.1}s",
+        start.elapsed().as_secs_f64()
+    );
+    mesh::wait_for_proxy_sync(&d.cluster, "demo", &d.frontend, Duration::from_secs(90)).await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let samples = load.stop().await?;
+    let all = Tally::of(&samples);
+    println!("under load meanwhile: {all:?}");
+    assert!(all.failures.is_empty(), "{:?}", all.failures);
+    let after = d.send("/", &[], 20).await?;
+    assert_eq!(
+        after.by_version(),
+        BTreeMap::from([("v1".to_owned(), 20)]),
+        "{after:?}"
+    );
+
+    // Told, and counted.
+    let events = d
+        .cluster
+        .kubectl(&[
+            "get",
+            "events",
+            "-n",
+            "demo",
+            "--field-selector",
+            "reason=ConfigRestored",
+            "-o",
+            "name",
+        ])
+        .await?;
+    assert!(events.lines().count() >= 1, "no ConfigRestored event");
+    // Two replicas: the leader wrote; sum over both.
+    let operators = d
+        .cluster
+        .kubectl(&[
+            "get",
+            "pods",
+            "-n",
+            "weft-system",
+            "-l",
+            "app.kubernetes.io/name=weft-operator",
+            "-o",
+            "jsonpath={.items[*].metadata.name}",
+        ])
+        .await?;
+    let app = d.cluster.pod_program("weft-e2e-app")?;
+    let mut restored_total = 0u64;
+    for operator in operators.split_whitespace() {
+        let metrics = d
+            .cluster
+            .exec_in_pod(
+                "weft-system",
+                operator,
+                &[&app, "get", "http://127.0.0.1:9090/metrics"],
+            )
+            .await?;
+        restored_total += String::from_utf8_lossy(&metrics.stdout)
+            .lines()
+            .find_map(|l| l.strip_prefix("weft_config_restored_total "))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .unwrap_or(0);
+    }
+    assert!(
+        restored_total >= 2,
+        "weft_config_restored_total {restored_total}"
+    );
+    d.cluster.shutdown();
+    Ok(())
+}

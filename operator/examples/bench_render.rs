@@ -317,6 +317,7 @@ fn main() -> anyhow::Result<()> {
             Some(Previous {
                 generation: doc.generation(),
                 hash: doc.hash().to_owned(),
+                edited: false,
             }),
         );
     }

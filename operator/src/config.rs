@@ -87,6 +87,10 @@ pub const FIELD_MANAGER: &str = "weft-operator";
 pub const HASH_ANNOTATION: &str = "weft.dev/config-hash";
 /// Annotation holding the generation of the written config.
 pub const GENERATION_ANNOTATION: &str = "weft.dev/config-generation";
+/// Annotation holding [`content_digest`] of what weft wrote in the
+/// ConfigMap's `data` and `binaryData`, so a hand edit of the content that
+/// leaves the hash annotation alone is noticed (and undone).
+pub const CONTENT_DIGEST_ANNOTATION: &str = "weft.dev/content-digest";
 /// Kubernetes rejects objects above 1 MiB; leave room for metadata.
 pub const DEFAULT_MAX_BYTES: usize = 1024 * 1024 - 16 * 1024;
 
@@ -121,13 +125,15 @@ pub struct ConfigMetrics {
     pub too_large: Counter,
     /// ConfigMaps deleted because their namespace left the mesh.
     pub deletes: Counter,
+    /// ConfigMaps written again because their content was edited by hand.
+    pub restored: Counter,
 }
 
 impl ConfigMetrics {
     /// Registers the counters. In the operator's registry (prefix `weft`)
     /// they are `weft_config_writes_total`, `weft_config_renders_total`,
-    /// `weft_config_unchanged_total`, `weft_config_too_large_total` and
-    /// `weft_config_deletes_total`.
+    /// `weft_config_unchanged_total`, `weft_config_too_large_total`,
+    /// `weft_config_deletes_total` and `weft_config_restored_total`.
     pub fn register(&self, registry: &mut Registry) {
         registry.register(
             "config_writes",
@@ -153,6 +159,11 @@ impl ConfigMetrics {
             "config_deletes",
             "weft-proxy ConfigMaps deleted when a namespace left the mesh",
             self.deletes.clone(),
+        );
+        registry.register(
+            "config_restored",
+            "weft-proxy ConfigMaps written again because they were edited outside weft",
+            self.restored.clone(),
         );
     }
 }
@@ -240,6 +251,7 @@ pub fn config_map(namespace: &str, document: &Document, encoded: &Encoded) -> Op
         ),
         Encoded::TooLarge { .. } => return None,
     };
+    let digest = digest_of(data.as_ref(), binary_data.as_ref());
     Some(ConfigMap {
         metadata: ObjectMeta {
             name: Some(CONFIG_MAP_NAME.to_owned()),
@@ -254,6 +266,7 @@ pub fn config_map(namespace: &str, document: &Document, encoded: &Encoded) -> Op
                     GENERATION_ANNOTATION.to_owned(),
                     document.generation().to_string(),
                 ),
+                (CONTENT_DIGEST_ANNOTATION.to_owned(), digest),
             ])),
             ..Default::default()
         },
@@ -263,13 +276,49 @@ pub fn config_map(namespace: &str, document: &Document, encoded: &Encoded) -> Op
     })
 }
 
-/// The generation and hash a weft ConfigMap announces; `None` for a
-/// ConfigMap weft did not write.
+/// `sha256:<hex>` over every key and value of a ConfigMap's `data` and
+/// `binaryData`, in key order (each key and value length-prefixed, so no
+/// two contents share a digest by moving bytes between keys).
+pub fn content_digest(cm: &ConfigMap) -> String {
+    digest_of(cm.data.as_ref(), cm.binary_data.as_ref())
+}
+
+fn digest_of(
+    data: Option<&BTreeMap<String, String>>,
+    binary: Option<&BTreeMap<String, ByteString>>,
+) -> String {
+    use sha2::{Digest as _, Sha256};
+    let mut h = Sha256::new();
+    let mut part = |tag: u8, key: &str, value: &[u8]| {
+        h.update([tag]);
+        h.update((key.len() as u64).to_be_bytes());
+        h.update(key.as_bytes());
+        h.update((value.len() as u64).to_be_bytes());
+        h.update(value);
+    };
+    for (k, v) in data.into_iter().flatten() {
+        part(b'd', k, v.as_bytes());
+    }
+    for (k, v) in binary.into_iter().flatten() {
+        part(b'b', k, &v.0);
+    }
+    let hex: String = h.finalize().iter().map(|b| format!("{b:02x}")).collect();
+    format!("sha256:{hex}")
+}
+
+/// The generation and hash a weft ConfigMap announces, and whether its
+/// content is still what weft wrote (its [`CONTENT_DIGEST_ANNOTATION`]);
+/// `None` for a ConfigMap weft did not write.
 pub fn previous_from(cm: &ConfigMap) -> Option<Previous> {
     let a = cm.metadata.annotations.as_ref()?;
     let hash = a.get(HASH_ANNOTATION)?.clone();
     let generation = a.get(GENERATION_ANNOTATION)?.parse().ok()?;
-    Some(Previous { generation, hash })
+    let edited = a.get(CONTENT_DIGEST_ANNOTATION) != Some(&content_digest(cm));
+    Some(Previous {
+        generation,
+        hash,
+        edited,
+    })
 }
 
 /// What happened to the config of a CR's namespace, for its `Ready` condition.
@@ -459,7 +508,10 @@ pub fn plan(
         return (action, judge(index, namespace));
     }
     let out = renderer.render(index, namespace);
-    if index.previous(namespace).map(|p| p.hash.as_str()) == Some(out.document.hash()) {
+    if index
+        .previous(namespace)
+        .is_some_and(|p| !p.edited && p.hash == out.document.hash())
+    {
         return (Plan::Unchanged, out.statuses);
     }
     if let Err(e) = out.document.validate() {
@@ -784,6 +836,33 @@ impl Writer {
             .prune(&index);
     }
 
+    /// A hand-edited ConfigMap was written again: a Warning Event on it, a
+    /// log line and `weft_config_restored_total`.
+    async fn report_restored(&self, ns: &str) {
+        self.opts.metrics.restored.inc();
+        let note = format!(
+            "ConfigMap {ns}/{CONFIG_MAP_NAME} was changed outside weft (its content no longer matched what weft wrote); weft wrote it again from the cluster's resources. Change proxy behaviour with ServiceRoutes, ServicePolicies, AccessPolicies and MtlsPolicies instead."
+        );
+        tracing::warn!(namespace = %ns, "proxy config edited outside weft; restored");
+        let reference = ObjectReference {
+            api_version: Some("v1".into()),
+            kind: Some("ConfigMap".into()),
+            namespace: Some(ns.to_owned()),
+            name: Some(CONFIG_MAP_NAME.to_owned()),
+            ..Default::default()
+        };
+        let event = KubeEvent {
+            type_: EventType::Warning,
+            reason: "ConfigRestored".into(),
+            note: Some(note),
+            action: "Write".into(),
+            secondary: None,
+        };
+        if let Err(e) = self.recorder.publish(&event, &reference).await {
+            tracing::warn!(namespace = %ns, error = %e, "cannot record ConfigRestored event");
+        }
+    }
+
     async fn reconcile(&self, ns: &str) -> Result<(), Error> {
         let (action, statuses) = {
             let index = self.shared.index();
@@ -799,6 +878,7 @@ impl Writer {
             }
             Plan::Write(cm) => {
                 self.opts.metrics.renders.inc();
+                let edited = self.shared.index().previous(ns).is_some_and(|p| p.edited);
                 let previous = previous_from(&cm);
                 api.patch(
                     CONFIG_MAP_NAME,
@@ -814,6 +894,9 @@ impl Writer {
                 self.opts.metrics.writes.inc();
                 tracing::info!(namespace = %ns, generation = previous.as_ref().map(|p| p.generation), "wrote proxy config");
                 self.shared.index().set_previous(ns, previous);
+                if edited {
+                    self.report_restored(ns).await;
+                }
                 Delivery::Written
             }
             Plan::TooLarge { raw, gzipped } => {
@@ -1080,6 +1163,39 @@ mod tests {
     }
 
     #[test]
+    fn a_hand_edited_config_map_is_written_again() {
+        let index = shop();
+        let opts = ConfigOptions::default();
+        let (first, _) = plan(&mut Renderer::new(), &index, "shop", &opts);
+        let cm = written(&first).clone();
+        assert!(!previous_from(&cm).expect("weft's").edited);
+        let mut restarted = shop();
+        // The content changed, the annotations did not: a valid document
+        // someone wrote by hand, or any other bytes.
+        for edit in ["{}".to_owned(), {
+            let mut doc = decoded(&cm);
+            doc.services.clear();
+            doc.seal();
+            String::from_utf8(doc.to_json()).expect("utf-8")
+        }] {
+            let mut edited = cm.clone();
+            edited.data = Some(BTreeMap::from([(FILE_NAME.to_owned(), edit)]));
+            let previous = previous_from(&edited).expect("weft's annotations");
+            assert!(previous.edited);
+            restarted.set_previous("shop", Some(previous));
+            let (again, _) = plan(&mut Renderer::new(), &restarted, "shop", &opts);
+            assert_eq!(written(&again).data, cm.data, "the rendered content again");
+        }
+        // A key added by hand is an edit too.
+        let mut extra = cm.clone();
+        extra
+            .data
+            .get_or_insert_with(BTreeMap::new)
+            .insert("extra".to_owned(), "x".to_owned());
+        assert!(previous_from(&extra).expect("weft's").edited);
+    }
+
+    #[test]
     fn large_configs_are_gzipped_and_too_large_ones_not_written() {
         let index = shop();
         let plain = written(
@@ -1131,6 +1247,7 @@ mod tests {
             Some(Previous {
                 generation: 4,
                 hash: "sha256:x".into(),
+                edited: false,
             }),
         );
         let (p, statuses) = plan(

@@ -403,6 +403,9 @@ pub struct Previous {
     pub generation: u64,
     /// Its `hash`.
     pub hash: String,
+    /// Its content no longer is what weft wrote (edited by hand): write it
+    /// again even when the announced hash equals the rendered one.
+    pub edited: bool,
 }
 
 type Namespaced<T> = BTreeMap<String, BTreeMap<String, T>>;

@@ -233,6 +233,7 @@ fn check_all(renderer: &mut Renderer, idx: &mut Index) -> Vec<(String, Vec<u8>)>
             Some(Previous {
                 generation: r.config.generation,
                 hash: r.config.hash,
+                edited: false,
             }),
         );
     }

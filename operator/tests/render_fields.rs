@@ -779,6 +779,7 @@ fn generation_kept_on_same_content_and_bumped_on_change() {
         Some(Previous {
             generation: 7,
             hash: String::new(),
+            edited: false,
         }),
     );
     let seventh = rendered(&idx, "shop").config;
@@ -788,6 +789,7 @@ fn generation_kept_on_same_content_and_bumped_on_change() {
         Some(Previous {
             generation: 8,
             hash: seventh.hash.clone(),
+            edited: false,
         }),
     );
     let again = rendered(&idx, "shop").config;
