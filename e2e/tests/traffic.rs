@@ -667,6 +667,16 @@ async fn a_deny_applied_under_load_binds_every_open_connection_once_the_proxies_
     Ok(())
 }
 
+/// Applies `yaml` and waits until each of `pods` runs the namespace's new
+/// config.
+async fn apply_and_sync(d: &Demo, yaml: &str, pods: &[String]) -> anyhow::Result<()> {
+    mesh::apply_yaml(&d.cluster, yaml).await?;
+    for pod in pods {
+        mesh::wait_for_proxy_sync(&d.cluster, "demo", pod, Duration::from_secs(90)).await?;
+    }
+    Ok(())
+}
+
 /// `weft_proxy_authz_audit_total{policy}` summed over `pods`' proxies.
 async fn audit_count(d: &Demo, pods: &[String], policy: &str) -> anyhow::Result<u64> {
     let app = d.cluster.pod_program("weft-e2e-app")?;
@@ -700,15 +710,13 @@ async fn an_audit_mode_policy_refuses_nothing_and_counts_what_it_would_refuse() 
         .into_iter()
         .filter_map(|p| p.metadata.name)
         .collect();
-    mesh::apply_yaml(
-        &d.cluster,
-        "apiVersion: weft.dev/v1alpha1\nkind: AccessPolicy\nmetadata: {name: audit-no-root, namespace: demo}\n\
-         spec:\n  targetService: backend\n  action: Deny\n  mode: Audit\n  rules:\n  - to:\n    - paths: [\"/\"]\n",
-    )
-    .await?;
-    for pod in &backends {
-        mesh::wait_for_proxy_sync(&d.cluster, "demo", pod, Duration::from_secs(90)).await?;
-    }
+    let no_root = |mode: &str| {
+        format!(
+            "apiVersion: weft.dev/v1alpha1\nkind: AccessPolicy\nmetadata: {{name: audit-no-root, namespace: demo}}\n\
+             spec:\n  targetService: backend\n  action: Deny\n  mode: {mode}\n  rules:\n  - to:\n    - paths: [\"/\"]\n"
+        )
+    };
+    apply_and_sync(&d, &no_root("Audit"), &backends).await?;
     let root = d.send("/", &[], 10).await?;
     let api = d.send("/api/items", &[], 10).await?;
     println!("with an Audit Deny on \"/\": / {root:?}; /api/items {api:?}");
@@ -733,15 +741,7 @@ async fn an_audit_mode_policy_refuses_nothing_and_counts_what_it_would_refuse() 
     assert_eq!(logged, 10, "one log line per audited request");
 
     // Enforced, the same policy refuses them.
-    mesh::apply_yaml(
-        &d.cluster,
-        "apiVersion: weft.dev/v1alpha1\nkind: AccessPolicy\nmetadata: {name: audit-no-root, namespace: demo}\n\
-         spec:\n  targetService: backend\n  action: Deny\n  mode: Enforce\n  rules:\n  - to:\n    - paths: [\"/\"]\n",
-    )
-    .await?;
-    for pod in &backends {
-        mesh::wait_for_proxy_sync(&d.cluster, "demo", pod, Duration::from_secs(90)).await?;
-    }
+    apply_and_sync(&d, &no_root("Enforce"), &backends).await?;
     let enforced = d.send("/", &[], 10).await?;
     println!("enforced: {enforced:?}");
     assert_eq!(enforced.failures.len(), 10, "{enforced:?}");

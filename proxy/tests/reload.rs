@@ -338,6 +338,35 @@ fn inbound_mtls_accepted(pod: &Pod) -> u64 {
         .get()
 }
 
+/// A plaintext connection captured by `server`'s inbound listener,
+/// addressed to its pod's `port`.
+async fn plaintext_to(server: &Pod, port: u16) -> tokio::net::TcpStream {
+    server
+        .inbound_stamps
+        .connect(
+            server.proxy.inbound_addr,
+            SocketAddr::new(IpAddr::V4(SERVER_POD_IP), port),
+        )
+        .await
+        .expect("connect inbound")
+}
+
+/// A plaintext HTTP/1 connection to `server`'s pod `port`, after one GET
+/// on it was answered 200.
+async fn served_plaintext_http(
+    server: &Pod,
+    port: u16,
+) -> hyper::client::conn::http1::SendRequest<TestBody> {
+    let mut http = h1(plaintext_to(server, port).await).await;
+    let req = Request::get("/")
+        .header("host", "echo")
+        .body(body(""))
+        .expect("request");
+    let (status, _, _) = read_text(http.send_request(req).await.expect("response")).await;
+    assert_eq!(status, StatusCode::OK);
+    http
+}
+
 /// Reads until the peer closes (EOF or reset); panics if it stays open.
 async fn expect_closed(s: &mut tokio::net::TcpStream, what: &str) {
     let closed = tokio::time::timeout(std::time::Duration::from_secs(10), async {
@@ -457,20 +486,8 @@ async fn open_plaintext_connections_close_when_the_mode_turns_strict() {
         &ca,
     )
     .await;
-    let plaintext = |port: u16| {
-        server.inbound_stamps.connect(
-            server.proxy.inbound_addr,
-            SocketAddr::new(IpAddr::V4(SERVER_POD_IP), port),
-        )
-    };
-    let mut http = h1(plaintext(app.port()).await.expect("connect")).await;
-    let req = Request::get("/")
-        .header("host", "echo")
-        .body(body(""))
-        .expect("request");
-    let (status, _, _) = read_text(http.send_request(req).await.expect("response")).await;
-    assert_eq!(status, StatusCode::OK);
-    let mut tcp = plaintext(echo_tcp.port()).await.expect("connect");
+    let http = served_plaintext_http(&server, app.port()).await;
+    let mut tcp = plaintext_to(&server, echo_tcp.port()).await;
     tcp.write_all(b"hello!").await.expect("write");
     let mut buf = [0u8; 6];
     tcp.read_exact(&mut buf).await.expect("read");
@@ -518,22 +535,10 @@ async fn an_mtls_override_makes_one_port_of_one_workload_permissive() {
         |s| s.labels = echo.clone(),
     )
     .await;
-    let plaintext = |port: u16| {
-        server.inbound_stamps.connect(
-            server.proxy.inbound_addr,
-            SocketAddr::new(IpAddr::V4(SERVER_POD_IP), port),
-        )
-    };
     // The overridden port serves plaintext; another port of the same pod
     // stays Strict.
-    let mut http = h1(plaintext(app.port()).await.expect("connect")).await;
-    let req = Request::get("/")
-        .header("host", "echo")
-        .body(body(""))
-        .expect("request");
-    let (status, _, _) = read_text(http.send_request(req).await.expect("response")).await;
-    assert_eq!(status, StatusCode::OK);
-    let mut tcp = plaintext(echo_tcp.port()).await.expect("connect");
+    let http = served_plaintext_http(&server, app.port()).await;
+    let mut tcp = plaintext_to(&server, echo_tcp.port()).await;
     let _ = tcp.write_all(b"hello!").await;
     expect_closed(&mut tcp, "plaintext to a Strict port").await;
     assert_eq!(
