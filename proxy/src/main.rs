@@ -73,6 +73,14 @@ struct RunArgs {
     /// that push several thousand requests per second.
     #[arg(long, env = "WEFT_PROXY_CORES", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
     cores: u16,
+    /// Largest request head (request line and headers) a client may send,
+    /// bytes; over it the client gets 431.
+    #[arg(long, env = "WEFT_MAX_HEADER_BYTES", default_value_t = weft_proxy::proxy::DEFAULT_MAX_HEADER_BYTES as u32, value_parser = clap::value_parser!(u32).range(4096..=262_144))]
+    max_header_bytes: u32,
+    /// Time an HTTP/1 client has to send a whole request head once it has
+    /// started one, milliseconds; 0 turns the limit off.
+    #[arg(long, env = "WEFT_HEADER_READ_TIMEOUT_MS", default_value_t = weft_proxy::proxy::DEFAULT_HEADER_READ_TIMEOUT.as_millis() as u64)]
+    header_read_timeout_ms: u64,
 }
 
 /// Builds the runtime: one thread by default (a sidecar shares its pod's
@@ -168,6 +176,9 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
     s.opaque_ports = a.opaque_ports;
     s.drain_timeout = Duration::from_secs(a.drain_seconds);
     s.detect_timeout = Duration::from_millis(a.detect_timeout_ms);
+    s.max_header_bytes = a.max_header_bytes as usize;
+    s.header_read_timeout =
+        (a.header_read_timeout_ms > 0).then(|| Duration::from_millis(a.header_read_timeout_ms));
     if let Some(f) = a.labels_file {
         match std::fs::read_to_string(&f) {
             Ok(t) => s.labels = parse_labels(&t),

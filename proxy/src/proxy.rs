@@ -57,7 +57,21 @@ pub struct Settings {
     pub drain_timeout: Duration,
     /// The app's original probes.
     pub app_probes: AppProbes,
+    /// Largest request head a client may send on any HTTP connection the
+    /// proxy serves (HTTP/1: request line and header lines; HTTP/2: the
+    /// decoded header list). Over it: 431, and an HTTP/1 connection closes.
+    pub max_header_bytes: usize,
+    /// How long an HTTP/1 client may take to send a whole request head,
+    /// counted from its first byte (an idle keep-alive connection is not
+    /// sending one). Past it the connection closes. `None`: no limit.
+    pub header_read_timeout: Option<Duration>,
 }
+
+/// Default of [`Settings::max_header_bytes`]: 60 KiB, room for large cookies
+/// and tokens while bounding what one client makes the proxy buffer.
+pub const DEFAULT_MAX_HEADER_BYTES: usize = 60 * 1024;
+/// Default of [`Settings::header_read_timeout`].
+pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl Settings {
     /// Defaults for the given mount dir, listening on the standard ports.
@@ -76,6 +90,8 @@ impl Settings {
             connect_timeout: Duration::from_secs(3),
             drain_timeout: Duration::from_secs(20),
             app_probes: AppProbes::default(),
+            max_header_bytes: DEFAULT_MAX_HEADER_BYTES,
+            header_read_timeout: Some(DEFAULT_HEADER_READ_TIMEOUT),
         }
     }
 

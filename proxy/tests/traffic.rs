@@ -37,6 +37,17 @@ async fn pair_with(
     mode: MtlsMode,
     endpoint_identity: &str,
 ) -> Pair {
+    pair_with_settings(app, protocol, mode, endpoint_identity, |_| {}).await
+}
+
+/// [`pair_with`], both proxies started with `tweak` applied to their settings.
+async fn pair_with_settings(
+    app: SocketAddr,
+    protocol: Protocol,
+    mode: MtlsMode,
+    endpoint_identity: &str,
+    tweak: impl Fn(&mut weft_proxy::Settings),
+) -> Pair {
     init();
     let ca = TestCa::new("weft test CA");
     let svc_port = 80;
@@ -50,8 +61,8 @@ async fn pair_with(
     );
     let client_cfg = config(1, mode, vec![svc]);
     let server_cfg = config(1, mode, vec![]);
-    let server = Pod::start(&server_cfg, &ca.leaf(SERVER_ID, 3600), &ca).await;
-    let client = Pod::start(&client_cfg, &ca.leaf(CLIENT_ID, 3600), &ca).await;
+    let server = Pod::start_with(&server_cfg, &ca.leaf(SERVER_ID, 3600), &ca, &tweak).await;
+    let client = Pod::start_with(&client_cfg, &ca.leaf(CLIENT_ID, 3600), &ca, &tweak).await;
     client.route_to(
         SocketAddr::new(IpAddr::V4(SERVER_POD_IP), app.port()),
         &server,
@@ -1048,4 +1059,345 @@ async fn shutdown_stops_accepting_and_lets_in_flight_requests_finish() {
         .expect("the in-flight request completes");
     let (status, _, text) = read_text(resp).await;
     assert_eq!((status, text.as_str()), (StatusCode::OK, "done"));
+}
+
+/// An app that counts the requests it sees and those whose body arrived whole.
+async fn counting_app() -> (
+    SocketAddr,
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+) {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let seen = Arc::new(AtomicUsize::new(0));
+    let whole = Arc::new(AtomicUsize::new(0));
+    let (s, w) = (seen.clone(), whole.clone());
+    let app = spawn_app(move |req: Request<Incoming>| {
+        let (s, w) = (s.clone(), w.clone());
+        async move {
+            s.fetch_add(1, Ordering::SeqCst);
+            let head = req.headers().len();
+            let n = match req.into_body().collect().await {
+                Ok(b) => {
+                    w.fetch_add(1, Ordering::SeqCst);
+                    b.to_bytes().len()
+                }
+                Err(_) => 0,
+            };
+            Response::new(
+                Full::new(Bytes::from(format!("headers: {head}, body-bytes: {n}\n")))
+                    .map_err(|e| match e {})
+                    .boxed(),
+            )
+        }
+    })
+    .await;
+    (app, seen, whole)
+}
+
+/// Writes `bytes` on `s` and reads until the proxy closes the connection.
+async fn exchange(s: &mut tokio::net::TcpStream, bytes: &[u8]) -> String {
+    let _ = s.write_all(bytes).await;
+    let mut buf = Vec::new();
+    let _ = tokio::time::timeout(LONG, s.read_to_end(&mut buf))
+        .await
+        .expect("the proxy answers and closes the connection");
+    String::from_utf8_lossy(&buf).into_owned()
+}
+
+/// The client proxy answers a request whose framing two parsers could read
+/// differently with 400 itself: the app never sees it.
+#[tokio::test]
+async fn requests_with_ambiguous_framing_are_refused_400_by_the_first_proxy() {
+    use std::sync::atomic::Ordering;
+    let (app, seen, whole) = counting_app().await;
+    let p = pair(app, Protocol::Detect).await;
+    let cases: [(&str, &[u8], bool); 4] = [
+        (
+            "Content-Length, then Transfer-Encoding",
+            b"POST /a HTTP/1.1\r\nhost: echo\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+            true,
+        ),
+        (
+            "Transfer-Encoding, then Content-Length",
+            b"POST /a HTTP/1.1\r\nhost: echo\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n0\r\n\r\n",
+            true,
+        ),
+        (
+            "two different Content-Length values",
+            b"POST /a HTTP/1.1\r\nhost: echo\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello!",
+            false,
+        ),
+        (
+            "a malformed chunk size",
+            b"POST /a HTTP/1.1\r\nhost: echo\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n",
+            true,
+        ),
+    ];
+    for (n, (what, request, named)) in cases.into_iter().enumerate() {
+        // A good request first: the refusal is of the request, on an open
+        // keep-alive connection.
+        let mut s = p.client.app_connect(p.dst).await;
+        let mut bytes = b"GET /ok HTTP/1.1\r\nhost: echo\r\n\r\n".to_vec();
+        bytes.extend_from_slice(request);
+        let text = exchange(&mut s, &bytes).await;
+        let second = text
+            .match_indices("HTTP/1.1 ")
+            .nth(1)
+            .map_or("", |(i, _)| &text[i..]);
+        assert!(text.starts_with("HTTP/1.1 200"), "{what}: {text}");
+        assert!(second.starts_with("HTTP/1.1 400"), "{what}: {text}");
+        if named {
+            assert!(
+                second.contains("x-weft-error: bad-request"),
+                "{what}: {text}"
+            );
+        }
+        // The first request only reached the app whole.
+        assert_eq!(whole.load(Ordering::SeqCst), n + 1, "{what}");
+        if what != "a malformed chunk size" {
+            assert_eq!(
+                seen.load(Ordering::SeqCst),
+                whole.load(Ordering::SeqCst),
+                "{what}"
+            );
+        }
+        eventually(what, || {
+            p.client.errors(Direction::Outbound, "bad-request") == n as u64 + 1
+        })
+        .await;
+    }
+    assert_eq!(p.client.errors(Direction::Outbound, "upstream"), 0);
+}
+
+/// A request head over the limit is answered 431 by whichever proxy
+/// receives it (the app's own on its way out, the server's for plaintext)
+/// and never forwarded; one just under it is served.
+#[tokio::test]
+async fn request_heads_over_the_limit_get_431_and_under_it_are_served() {
+    use std::sync::atomic::Ordering;
+    let (app, seen, _) = counting_app().await;
+    let p = pair_with_settings(
+        app,
+        Protocol::Detect,
+        MtlsMode::Permissive,
+        SERVER_ID,
+        |_| {},
+    )
+    .await;
+    let limit = weft_proxy::proxy::DEFAULT_MAX_HEADER_BYTES;
+    let head = |value_len: usize| {
+        let mut h = b"GET /big HTTP/1.1\r\nhost: echo\r\nx-big: ".to_vec();
+        h.extend(std::iter::repeat_n(b'a', value_len));
+        h.extend_from_slice(b"\r\nconnection: close\r\n\r\n");
+        h
+    };
+    let over = head(200 * 1024);
+    let mut s = p.client.app_connect(p.dst).await;
+    let text = exchange(&mut s, &over).await;
+    assert!(text.starts_with("HTTP/1.1 431"), "{text}");
+    eventually("outbound counts it", || {
+        p.client.errors(Direction::Outbound, "header-too-large") == 1
+    })
+    .await;
+    let mut s = p
+        .server
+        .inbound_stamps
+        .connect(
+            p.server.proxy.inbound_addr,
+            SocketAddr::new(IpAddr::V4(SERVER_POD_IP), app.port()),
+        )
+        .await
+        .expect("connect");
+    let text = exchange(&mut s, &over).await;
+    assert!(
+        text.starts_with("HTTP/1.1 431"),
+        "plaintext inbound: {text}"
+    );
+    eventually("inbound counts it", || {
+        p.server.errors(Direction::Inbound, "header-too-large") == 1
+    })
+    .await;
+    assert_eq!(seen.load(Ordering::SeqCst), 0, "the app never saw them");
+
+    let under = head(limit - 512);
+    assert!(under.len() < limit);
+    let mut s = p.client.app_connect(p.dst).await;
+    let text = exchange(&mut s, &under).await;
+    assert!(
+        text.starts_with("HTTP/1.1 200"),
+        "{}",
+        &text[..text.len().min(200)]
+    );
+    assert_eq!(seen.load(Ordering::SeqCst), 1);
+}
+
+/// HTTP/2 has the same limit on the decoded header list: 431, or, for a
+/// list far over it, the connection closes.
+#[tokio::test]
+async fn http2_header_lists_over_the_limit_are_refused() {
+    use std::sync::atomic::Ordering;
+    let (app, seen, _) = counting_app().await;
+    let p = pair(app, Protocol::Http2).await;
+    for (kib, refused_431) in [(70, true), (200, false)] {
+        let mut c = h2(p.client.app_connect(p.dst).await).await;
+        let req = Request::get("http://echo/big")
+            .header("x-big", "a".repeat(kib * 1024))
+            .body(body(""))
+            .expect("request");
+        match c.send_request(req).await {
+            Ok(resp) => assert_eq!(
+                (resp.status(), refused_431),
+                (StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE, true)
+            ),
+            Err(e) => assert!(!refused_431, "{kib} KiB: {e:?}"),
+        }
+    }
+    assert_eq!(seen.load(Ordering::SeqCst), 0, "the app never saw them");
+}
+
+/// A request head not complete `header_read_timeout` after its first byte
+/// closes the connection; an idle keep-alive connection stays open.
+#[tokio::test]
+async fn a_half_sent_request_head_is_closed_after_the_header_read_timeout() {
+    let timeout = Duration::from_millis(300);
+    let p = pair_with_settings(
+        echo_app().await,
+        Protocol::Http1,
+        MtlsMode::Strict,
+        SERVER_ID,
+        |s| s.header_read_timeout = Some(timeout),
+    )
+    .await;
+    let mut idle = h1(p.client.app_connect(p.dst).await).await;
+    let get = || {
+        Request::get("/")
+            .header("host", "echo")
+            .body(body(""))
+            .expect("request")
+    };
+    let (status, _, _) = read_text(idle.send_request(get()).await.expect("response")).await;
+    assert_eq!(status, StatusCode::OK);
+
+    let mut half = p.client.app_connect(p.dst).await;
+    half.write_all(b"GET /slow HTTP/1.1\r\nhost: echo\r\nx-more: ")
+        .await
+        .expect("write");
+    let started = tokio::time::Instant::now();
+    let mut buf = Vec::new();
+    let n = tokio::time::timeout(LONG, half.read_to_end(&mut buf))
+        .await
+        .expect("closed in time")
+        .unwrap_or(0);
+    assert_eq!(n, 0, "closed without an answer");
+    assert!(started.elapsed() >= timeout - Duration::from_millis(50));
+    eventually("counted", || {
+        p.client.errors(Direction::Outbound, "header-timeout") == 1
+    })
+    .await;
+
+    // The idle connection outlived several timeouts and still serves.
+    tokio::time::sleep(4 * timeout).await;
+    let (status, _, _) = read_text(idle.send_request(get()).await.expect("response")).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(p.client.errors(Direction::Outbound, "header-timeout"), 1);
+}
+
+/// The proxy process's resident memory, in KiB.
+fn vm_rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// Opens `n` connections through `p`'s client proxy, each sending `head`
+/// and no more; returns them and the RSS growth per connection, in bytes.
+async fn hold_half_sent(p: &Pair, n: usize, head: &[u8]) -> (Vec<tokio::net::TcpStream>, u64) {
+    let before = vm_rss_kib();
+    let mut conns = Vec::with_capacity(n);
+    for _ in 0..n {
+        let mut s = p.client.app_connect(p.dst).await;
+        // A head over the limit may be refused before it is all written.
+        let _ = s.write_all(head).await;
+        conns.push(s);
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let per = vm_rss_kib().saturating_sub(before) * 1024 / n as u64;
+    (conns, per)
+}
+
+/// How many of `conns` the proxy closed (after an answer or none).
+async fn closed(conns: &mut [tokio::net::TcpStream]) -> usize {
+    let mut n = 0;
+    for s in conns {
+        let mut b = [0u8; 4096];
+        loop {
+            match tokio::time::timeout(Duration::from_millis(10), s.read(&mut b)).await {
+                Ok(Ok(0) | Err(_)) => {
+                    n += 1;
+                    break;
+                }
+                Ok(Ok(_)) => {}
+                Err(_) => break,
+            }
+        }
+    }
+    n
+}
+
+/// Not a check but a measurement: what idle half-sent request heads cost
+/// the client proxy (the RSS growth of this process, which runs it), and
+/// that the limits end them.
+/// `cargo test -p weft-proxy --test traffic -- --ignored --nocapture half_sent`
+#[tokio::test]
+#[ignore = "measurement, prints figures"]
+async fn half_sent_request_heads_memory() {
+    const N: usize = 1000;
+    let timeout = Duration::from_secs(3);
+    let p = pair_with_settings(
+        echo_app().await,
+        Protocol::Http1,
+        MtlsMode::Strict,
+        SERVER_ID,
+        |s| s.header_read_timeout = Some(timeout),
+    )
+    .await;
+    let mut warm = p.client.app_connect(p.dst).await;
+    let _ = warm.write_all(b"GET / HTTP/1.1\r\nhost: echo\r\n").await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let small = b"GET /slow HTTP/1.1\r\nhost: echo\r\nx-half: sent\r\n";
+    let (mut conns, per) = hold_half_sent(&p, N, small).await;
+    println!(
+        "{N} half-sent heads of {} bytes: {per} bytes per connection",
+        small.len()
+    );
+    tokio::time::sleep(timeout).await;
+    println!(
+        "  {} of {N} closed {timeout:?} later",
+        closed(&mut conns).await
+    );
+    drop(conns);
+    let (mut again, per) = hold_half_sent(&p, N, small).await;
+    println!("  {N} more once those closed: {per} bytes per connection (memory reused)");
+    tokio::time::sleep(timeout).await;
+    println!(
+        "  {} of {N} closed {timeout:?} later",
+        closed(&mut again).await
+    );
+    drop(again);
+
+    const BIG: usize = 100;
+    let mut big = b"GET /big HTTP/1.1\r\nhost: echo\r\nx-big: ".to_vec();
+    big.extend(std::iter::repeat_n(b'a', 200 * 1024));
+    let (mut conns, per) = hold_half_sent(&p, BIG, &big).await;
+    println!(
+        "{BIG} half-sent heads of {} bytes: {per} bytes per connection, {} of {BIG} closed at once",
+        big.len(),
+        closed(&mut conns).await
+    );
 }

@@ -23,7 +23,7 @@ pub struct Prepared {
     pub client_upgrade: Option<OnUpgrade>,
 }
 
-/// Prepares `req` for an upstream speaking `version`.
+/// Prepares `req`, received from a client, for an upstream speaking `version`.
 pub fn prepare<B>(mut req: Request<B>, version: Version) -> Prepared
 where
     B: http_body::Body<Data = Bytes> + Send + 'static,
@@ -75,6 +75,9 @@ where
             parts.version = http::Version::HTTP_2;
         }
     }
+    // A body failure is the client's: marked, so that it is answered 400
+    // rather than blamed on the upstream (`super::client_body_error`).
+    let body = http_body_util::BodyExt::map_err(body, |e| super::ClientBodyError(e.into()));
     Prepared {
         request: Request::from_parts(parts, boxed(body)),
         client_upgrade,

@@ -1,15 +1,19 @@
 //! HTTP plumbing shared by both directions: body type, RFC 9110 hop-by-hop
 //! header handling, error responses that name the failed step, connection
-//! pools per endpoint ([`pool`]) and request forwarding with upgrades
-//! ([`forward`]).
+//! pools per endpoint ([`pool`]), request forwarding with upgrades
+//! ([`forward`]), and the server side of client connections with their
+//! limits on request heads ([`serve_connection`], [`framing`]).
 
 pub mod forward;
+mod framing;
 pub mod pool;
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Response, StatusCode};
 use http_body_util::{BodyExt, Full, combinators::UnsyncBoxBody};
+
+use crate::metrics::Direction;
 
 /// Boxed error of bodies crossing the proxy.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -20,6 +24,47 @@ pub type Body = UnsyncBoxBody<Bytes, BoxError>;
 pub const ERROR_HEADER: &str = "x-weft-error";
 /// Request header carrying the verified peer identity to the app.
 pub const PEER_IDENTITY_HEADER: &str = "x-weft-peer-identity";
+
+/// The client's request body failed while the proxy read it (a malformed
+/// chunk, a body cut short): the client's fault, not the upstream's.
+#[derive(Debug, thiserror::Error)]
+#[error("reading the client's request body: {}", chain(.0.as_ref()))]
+pub struct ClientBodyError(#[source] BoxError);
+
+/// `error` and its sources, `: ` between them.
+fn chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut next = error.source();
+    while let Some(e) = next {
+        text.push_str(": ");
+        text.push_str(&e.to_string());
+        next = e.source();
+    }
+    text
+}
+
+/// The [`ClientBodyError`] among `error` and its sources.
+pub fn client_body_error<'a>(
+    error: &'a (dyn std::error::Error + 'static),
+) -> Option<&'a ClientBodyError> {
+    let mut next = Some(error);
+    while let Some(e) = next {
+        if let Some(found) = e.downcast_ref::<ClientBodyError>() {
+            return Some(found);
+        }
+        next = e.source();
+    }
+    None
+}
+
+/// 400 `bad-request`, closing the connection: what the proxy answers a
+/// request it will not forward because of its framing.
+pub fn bad_request(message: &str) -> Response<Body> {
+    let mut resp = error_response(StatusCode::BAD_REQUEST, "bad-request", message);
+    resp.headers_mut()
+        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    resp
+}
 
 /// Wraps a hyper body.
 pub fn boxed<B>(body: B) -> Body
@@ -124,15 +169,24 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
 /// or when `revoked` resolves (the connection may no longer be served, e.g.
 /// plaintext after a switch to Strict), asks it to finish gracefully
 /// (in-flight requests complete, keep-alive ends).
+///
+/// Limits on request heads, from the settings: a head over
+/// `max_header_bytes` is answered 431 (HTTP/1 then closes); an HTTP/1 head
+/// not complete `header_read_timeout` after its first byte closes the
+/// connection; an HTTP/1 head with both `Content-Length` and
+/// `Transfer-Encoding` is answered 400 and never reaches `svc` (see
+/// [`framing`]). Each is counted in the `errors` metric of `direction`.
 pub async fn serve_connection<I, S>(
     state: &crate::proxy::State,
     io: I,
     version: pool::Version,
+    direction: Direction,
     svc: S,
     revoked: impl std::future::Future<Output = ()>,
 ) where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     S: hyper::service::Service<http::Request<hyper::body::Incoming>, Response = Response<Body>>
+        + Clone
         + Send
         + 'static,
     S::Future: Send + 'static,
@@ -145,27 +199,59 @@ pub async fn serve_connection<I, S>(
             () = revoked => {}
         }
     };
-    let io = hyper_util::rt::TokioIo::new(io);
+    let settings = &state.settings;
     let result = match version {
         pool::Version::Http1 => {
-            let conn = hyper::server::conn::http1::Builder::new()
-                .serve_connection(io, svc)
-                .with_upgrades();
+            let watch = std::sync::Arc::new(framing::Watch::new());
+            let io = hyper_util::rt::TokioIo::new(framing::Tracked::new(io, watch.clone()));
+            let refusing = watch.clone();
+            // The service's future is made inside the block, not before it:
+            // hyper keeps room for one per connection, and a future awaited
+            // from outside the block would be held twice.
+            let svc = hyper::service::service_fn(move |req| {
+                let refused = refusing.refuses_next();
+                let svc = svc.clone();
+                async move {
+                    if refused {
+                        return Ok(bad_request(
+                            "the request has both Content-Length and Transfer-Encoding (RFC 9112 section 6.1); send one of them",
+                        ));
+                    }
+                    svc.call(req).await
+                }
+            });
+            let mut builder = hyper::server::conn::http1::Builder::new();
+            builder.max_header_size(settings.max_header_bytes);
+            match settings.header_read_timeout {
+                Some(t) => builder
+                    .timer(framing::HeadTimer::new(watch.clone(), t))
+                    .header_read_timeout(t),
+                None => builder.header_read_timeout(None),
+            };
+            let conn = builder.serve_connection(io, svc).with_upgrades();
             tokio::pin!(conn);
             tokio::pin!(ended);
-            tokio::select! {
+            let result = tokio::select! {
                 r = conn.as_mut() => r,
                 () = &mut ended => {
                     conn.as_mut().graceful_shutdown();
                     conn.await
                 }
+            };
+            if watch.refused_one() {
+                state.metrics.error(direction, "bad-request");
+                tracing::debug!("request with both Content-Length and Transfer-Encoding refused");
             }
+            result
         }
         pool::Version::Http2 => {
             let conn =
                 hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
                     .adaptive_window(true)
-                    .serve_connection(io, svc);
+                    .max_header_list_size(
+                        u32::try_from(settings.max_header_bytes).unwrap_or(u32::MAX),
+                    )
+                    .serve_connection(hyper_util::rt::TokioIo::new(io), svc);
             tokio::pin!(conn);
             tokio::pin!(ended);
             tokio::select! {
@@ -178,7 +264,22 @@ pub async fn serve_connection<I, S>(
         }
     };
     if let Err(e) = result {
-        tracing::debug!(error = %e, "client connection ended with error");
+        let step = if e.is_parse_too_large() {
+            Some("header-too-large")
+        } else if e.is_parse() {
+            Some("bad-request")
+        } else if e.is_timeout() {
+            Some("header-timeout")
+        } else {
+            None
+        };
+        match step {
+            Some(step) => {
+                state.metrics.error(direction, step);
+                tracing::debug!(error = %e, step, "client connection refused");
+            }
+            None => tracing::debug!(error = %e, "client connection ended with error"),
+        }
     }
 }
 

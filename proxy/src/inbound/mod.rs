@@ -407,7 +407,7 @@ async fn serve_http<I>(
             std::future::pending::<()>().await;
         }
     };
-    serve_connection(&state, io, version, svc, revoked).await;
+    serve_connection(&state, io, version, Direction::Inbound, svc, revoked).await;
 }
 
 async fn proxy(ctx: &Ctx, mut req: Request<Incoming>) -> Response<Body> {
@@ -500,6 +500,12 @@ async fn proxy(ctx: &Ctx, mut req: Request<Incoming>) -> Response<Body> {
     result.unwrap_or_else(|e| {
         let (status, step) = match &e {
             crate::connect::SendError::Connect(c) => (c.status(), c.step()),
+            // The client's body failed (a malformed chunk), not the app.
+            crate::connect::SendError::Upstream { source, .. }
+                if crate::http::client_body_error(source).is_some() =>
+            {
+                (StatusCode::BAD_REQUEST, "bad-request")
+            }
             crate::connect::SendError::Upstream { .. } => (StatusCode::BAD_GATEWAY, "app"),
         };
         state.metrics.error(Direction::Inbound, step);

@@ -33,7 +33,9 @@ use weft_proxy_config::{HashKey, LoadBalancer};
 use crate::connect::{ConnectError, Gate, acquire};
 use crate::http::forward::{finish, prepare};
 use crate::http::pool::{ConnPolicy, PoolKey, SendFailed, Version};
-use crate::http::{Body, ERROR_HEADER, error_response, full, serve_connection};
+use crate::http::{
+    Body, ERROR_HEADER, bad_request, client_body_error, error_response, full, serve_connection,
+};
 use crate::metrics::Direction;
 use crate::proxy::State;
 use crate::snapshot::{ServiceRef, Snapshot, endpoint_port};
@@ -83,7 +85,15 @@ pub async fn serve<I>(
             Ok::<_, Infallible>(resp)
         }
     });
-    serve_connection(&state, io, version, svc, std::future::pending()).await;
+    serve_connection(
+        &state,
+        io,
+        version,
+        Direction::Outbound,
+        svc,
+        std::future::pending(),
+    )
+    .await;
 }
 
 fn hash_key(lb: &LoadBalancer, headers: &HeaderMap, client: SocketAddr) -> Option<String> {
@@ -260,11 +270,9 @@ impl Copyable {
                 headers: parts.headers,
                 body: c.to_bytes(),
             }),
-            Err(e) => Held::Failed(error_response(
-                StatusCode::BAD_REQUEST,
-                "client-body",
-                &format!("reading the request body: {e}"),
-            )),
+            Err(e) => Held::Failed(bad_request(&format!(
+                "reading the request body: {e}; the request was not sent"
+            ))),
         }
     }
 
@@ -370,7 +378,10 @@ async fn send_to(
     let copy = match Copyable::read(parts, body).await {
         Held::Whole(c) => c,
         Held::Once(req) => return forward(ctx, snap, dest, req).await,
-        Held::Failed(resp) => return resp,
+        Held::Failed(resp) => {
+            ctx.state.metrics.error(Direction::Outbound, "bad-request");
+            return resp;
+        }
     };
     if let Some((r, b)) = mirror {
         mirror_copy(ctx, snap, target, r, b, &copy);
@@ -861,6 +872,20 @@ where
                     ));
                     request = Some(r);
                     break;
+                }
+                // The client's body failed while it was being sent (a
+                // malformed chunk): its fault, answered as such while no
+                // response has gone out. The upstream connection is closed
+                // mid-request, so no app receives it whole.
+                Err(SendFailed {
+                    request: None,
+                    error,
+                }) if client_body_error(&error).is_some() => {
+                    state.metrics.error(Direction::Outbound, "bad-request");
+                    let e = client_body_error(&error)
+                        .map_or_else(|| error.to_string(), ToString::to_string);
+                    tracing::debug!(%addr, error = %e, "client request body failed");
+                    return bad_request(&format!("{e}; the request was abandoned"));
                 }
                 Err(SendFailed {
                     request: None,
