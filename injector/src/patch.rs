@@ -616,6 +616,15 @@ fn field_file(path: &str, field_path: &str) -> DownwardAPIVolumeFile {
 /// single atomic `..data` rename. Files are world-readable (0444) because
 /// the proxy runs as 1337 while kubelet writes them as root; the volume is
 /// mounted into the proxy container only.
+///
+/// The `weft-proxy` ConfigMap is projected whole (no `items`): it holds
+/// either `data` `proxy.json` or, above the operator's gzip threshold,
+/// `binaryData` `proxy.json.gz`, never both, and kubelet fails a volume
+/// whose non-optional source lists a key the object lacks. Without `items`
+/// whichever key exists appears, and a missing ConfigMap still keeps the
+/// pod from starting (`optional: false`). It comes first: kubelet lets a
+/// later source win a path clash, so no key put in the ConfigMap can
+/// replace the identity or the labels.
 fn projected_volume(service_account: &str) -> Volume {
     Volume {
         name: VOLUME.to_owned(),
@@ -623,26 +632,18 @@ fn projected_volume(service_account: &str) -> Volume {
             default_mode: Some(0o444),
             sources: Some(vec![
                 VolumeProjection {
+                    config_map: Some(ConfigMapProjection {
+                        name: PROXY_CONFIG_MAP.to_owned(),
+                        optional: Some(false),
+                        items: None,
+                    }),
+                    ..VolumeProjection::default()
+                },
+                VolumeProjection {
                     secret: Some(SecretProjection {
                         name: format!("{IDENTITY_SECRET_PREFIX}{service_account}"),
                         optional: Some(false),
                         items: Some(vec![key("tls.crt"), key("tls.key"), key("ca.crt")]),
-                    }),
-                    ..VolumeProjection::default()
-                },
-                VolumeProjection {
-                    config_map: Some(ConfigMapProjection {
-                        name: PROXY_CONFIG_MAP.to_owned(),
-                        optional: Some(false),
-                        items: Some(vec![key("proxy.json")]),
-                    }),
-                    ..VolumeProjection::default()
-                },
-                VolumeProjection {
-                    config_map: Some(ConfigMapProjection {
-                        name: PROXY_CONFIG_MAP.to_owned(),
-                        optional: Some(true),
-                        items: Some(vec![key("proxy.json.gz")]),
                     }),
                     ..VolumeProjection::default()
                 },

@@ -123,23 +123,25 @@ fn bare_pod_gets_everything_as_native_sidecar() {
     let vol = &doc["spec"]["volumes"][0];
     assert_eq!(vol["name"], "weft");
     let sources = vol["projected"]["sources"].as_array().expect("sources");
-    assert_eq!(sources[0]["secret"]["name"], "weft-identity-default");
-    assert_eq!(sources[0]["secret"]["optional"], false);
-    let keys: Vec<&str> = sources[0]["secret"]["items"]
+    assert_eq!(sources.len(), 3, "{sources:?}");
+    // The config first and whole: `proxy.json` or `proxy.json.gz`, whichever
+    // the operator wrote; the ConfigMap itself is required.
+    assert_eq!(
+        sources[0],
+        json!({"configMap": {"name": "weft-proxy", "optional": false}})
+    );
+    assert_eq!(sources[1]["secret"]["name"], "weft-identity-default");
+    assert_eq!(sources[1]["secret"]["optional"], false);
+    let keys: Vec<&str> = sources[1]["secret"]["items"]
         .as_array()
         .expect("items")
         .iter()
         .filter_map(|i| i["key"].as_str())
         .collect();
     assert_eq!(keys, ["tls.crt", "tls.key", "ca.crt"]);
-    assert_eq!(sources[1]["configMap"]["name"], "weft-proxy");
-    assert_eq!(sources[1]["configMap"]["optional"], false);
-    assert_eq!(sources[1]["configMap"]["items"][0]["key"], "proxy.json");
-    assert_eq!(sources[2]["configMap"]["optional"], true);
-    assert_eq!(sources[2]["configMap"]["items"][0]["key"], "proxy.json.gz");
-    assert_eq!(sources[3]["downwardAPI"]["items"][0]["path"], "labels");
+    assert_eq!(sources[2]["downwardAPI"]["items"][0]["path"], "labels");
     assert_eq!(
-        sources[3]["downwardAPI"]["items"][0]["fieldRef"]["fieldPath"],
+        sources[2]["downwardAPI"]["items"][0]["fieldRef"]["fieldPath"],
         "metadata.labels"
     );
 }
@@ -364,7 +366,7 @@ fn existing_volumes_labels_and_slashy_annotations() {
         .collect();
     assert_eq!(vols, ["data", "cfg", "weft"]);
     assert_eq!(
-        doc["spec"]["volumes"][2]["projected"]["sources"][0]["secret"]["name"],
+        doc["spec"]["volumes"][2]["projected"]["sources"][1]["secret"]["name"],
         "weft-identity-web-sa"
     );
     let labels = &doc["metadata"]["labels"];
@@ -580,7 +582,7 @@ fn generate_name_pods_and_deprecated_service_account() {
     });
     let (_, doc) = inject("generate-name", &pod(p), &InjectConfig::default());
     assert_eq!(
-        doc["spec"]["volumes"][0]["projected"]["sources"][0]["secret"]["name"],
+        doc["spec"]["volumes"][0]["projected"]["sources"][1]["secret"]["name"],
         "weft-identity-legacy-sa"
     );
 }

@@ -232,8 +232,11 @@ fn set_mode(path: &Path, mode: u32) -> std::io::Result<()> {
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
 }
 
-/// Picks the listed keys (all keys without a list). A listed key the object
-/// lacks fails the volume unless the source is `optional`, as with kubelet.
+/// Picks the listed keys (all keys without a list or with an empty one).
+/// As with kubelet's `MakePayload`, a listed key the object lacks fails the
+/// whole volume unless the source is `optional` (then it is skipped); a
+/// failed volume keeps a new pod from starting and a running pod's files
+/// as they were. `what` is `configmap` or `secret` and the object's name.
 fn select_items(
     all: BTreeMap<String, Vec<u8>>,
     items: Option<&[KeyToPath]>,
@@ -242,7 +245,7 @@ fn select_items(
     what: &str,
 ) -> Result<Payload, String> {
     let mut out = Payload::new();
-    match items {
+    match items.filter(|items| !items.is_empty()) {
         None => {
             for (k, data) in all {
                 out.insert(k, FileContent { data, mode });
@@ -254,7 +257,16 @@ fn select_items(
                     if optional {
                         continue;
                     }
-                    return Err(format!("{what} has no key {:?}", it.key));
+                    // kubelet's words, so logs read the same.
+                    let kind = if what.starts_with("secret") {
+                        "secret"
+                    } else {
+                        "config"
+                    };
+                    return Err(format!(
+                        "{what}: references non-existent {kind} key: {}",
+                        it.key
+                    ));
                 };
                 out.insert(
                     it.path.clone(),
@@ -404,9 +416,74 @@ mod tests {
             "configmap d/weft-proxy",
         )
         .expect_err("a required key is missing");
-        assert!(err.contains("proxy.json.gz"), "{err}");
+        assert_eq!(
+            err,
+            "configmap d/weft-proxy: references non-existent config key: proxy.json.gz"
+        );
         let got = select_items(all, Some(&items), 0o444, true, "configmap d/weft-proxy")
             .expect("optional sources skip missing keys");
         assert_eq!(got.keys().collect::<Vec<_>>(), ["proxy.json"]);
+    }
+
+    #[test]
+    fn a_large_config_fails_a_source_that_lists_only_the_plain_key() {
+        // The operator writes only `binaryData` `proxy.json.gz` above its
+        // gzip threshold.
+        let gz = BTreeMap::from([("proxy.json.gz".to_owned(), vec![0x1f, 0x8b])]);
+        let err = select_items(
+            gz.clone(),
+            Some(&[item("proxy.json")]),
+            0o444,
+            false,
+            "configmap d/weft-proxy",
+        )
+        .expect_err("a required key is missing");
+        assert!(err.contains("non-existent config key: proxy.json"), "{err}");
+        let err = select_items(
+            BTreeMap::new(),
+            Some(&[item("tls.crt")]),
+            0o444,
+            false,
+            "secret d/weft-identity-default",
+        )
+        .expect_err("a required key is missing");
+        assert!(err.contains("non-existent secret key: tls.crt"), "{err}");
+    }
+
+    #[test]
+    fn without_items_every_key_appears_with_the_default_mode() {
+        let gz = BTreeMap::from([("proxy.json.gz".to_owned(), vec![0x1f, 0x8b])]);
+        for items in [None, Some(&[][..])] {
+            let got = select_items(gz.clone(), items, 0o444, false, "configmap d/weft-proxy")
+                .expect("no key is required");
+            assert_eq!(got.keys().collect::<Vec<_>>(), ["proxy.json.gz"]);
+            assert_eq!(got["proxy.json.gz"].mode, 0o444);
+            assert_eq!(got["proxy.json.gz"].data, [0x1f, 0x8b]);
+        }
+        let got = select_items(
+            BTreeMap::new(),
+            None,
+            0o444,
+            false,
+            "configmap d/weft-proxy",
+        )
+        .expect("an empty object has nothing to miss");
+        assert!(got.is_empty());
+    }
+
+    #[test]
+    fn listed_keys_take_their_path_and_mode() {
+        let all = BTreeMap::from([
+            ("a".to_owned(), b"1".to_vec()),
+            ("b".to_owned(), b"2".to_vec()),
+        ]);
+        let items = [KeyToPath {
+            key: "a".into(),
+            path: "dir/x".into(),
+            mode: Some(0o400),
+        }];
+        let got = select_items(all, Some(&items), 0o444, false, "configmap d/c").expect("present");
+        assert_eq!(got.keys().collect::<Vec<_>>(), ["dir/x"]);
+        assert_eq!(got["dir/x"].mode, 0o400);
     }
 }
