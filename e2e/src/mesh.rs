@@ -249,6 +249,28 @@ pub async fn get_from_pod(
     }
 }
 
+/// Sends one HTTP request with an empty body (`method` as given) from inside
+/// pod `ns/pod` with the harness's test client: the body of a 2xx answer,
+/// else what the client printed (`HTTP <code>: <body>` for an answer).
+pub async fn request_from_pod(
+    cluster: &Cluster,
+    ns: &str,
+    pod: &str,
+    method: &str,
+    url: &str,
+) -> Result<Result<String, String>, HarnessError> {
+    let app = cluster.pod_program("weft-e2e-app")?;
+    let out = cluster
+        .exec_in_pod(ns, pod, &[&app, "get", "--method", method, url])
+        .await?;
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    Ok(if out.status.success() {
+        Ok(stdout)
+    } else {
+        Err(format!("{stdout}{}", String::from_utf8_lossy(&out.stderr)))
+    })
+}
+
 /// The error line of a failed command's output (`Error: ...`), else its
 /// last non-empty line.
 pub fn last_line(text: &str) -> String {

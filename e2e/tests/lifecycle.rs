@@ -325,11 +325,11 @@ async fn leaf_not_after(cluster: &Cluster, ns: &str, sa: &str) -> anyhow::Result
     Ok(cert.validity().not_after.timestamp())
 }
 
-/// `notAfter` of the certificate a pod's proxy serves (admin `/certs`),
-/// asked from the unmeshed client pod.
-async fn proxy_not_after(cluster: &Cluster, client: &str, pod_ip: &str) -> anyhow::Result<i64> {
-    let url = format!("http://{pod_ip}:15020/certs");
-    match mesh::get_from_pod(cluster, "outside", client, &url, &[]).await? {
+/// `notAfter` of the certificate the proxy of `demo/pod` serves (admin
+/// `/certs`, served to loopback clients only: asked from inside the pod).
+async fn proxy_not_after(cluster: &Cluster, pod: &str) -> anyhow::Result<i64> {
+    let url = "http://127.0.0.1:15020/certs";
+    match mesh::get_from_pod(cluster, "demo", pod, url, &[]).await? {
         Reply::Ok(v) => v["notAfter"]
             .as_i64()
             .ok_or_else(|| anyhow::anyhow!("/certs without notAfter: {v}")),
@@ -418,21 +418,15 @@ async fn certificates_rotate_under_traffic() -> anyhow::Result<()> {
     // The proxies serve the renewed certificates: each one's loaded leaf
     // is newer than the first one issued to its service account and is
     // the one in the Secret now (allowing for a renewal in between).
-    let client = mesh::pods(&cluster, "outside", "client").await?;
-    let client = client[0].metadata.name.clone().expect("client name");
     for (app, sa) in [("frontend", "frontend"), ("backend", "backend")] {
         for pod in mesh::pods(&cluster, "demo", app).await? {
-            let ip = pod
-                .status
-                .as_ref()
-                .and_then(|s| s.pod_ip.clone())
-                .expect("pod IP");
+            let name = pod.metadata.name.clone().expect("pod name");
             cluster
                 .wait_until(
                     Duration::from_secs(20),
                     "proxy serves the current certificate",
                     || async {
-                        let served = proxy_not_after(&cluster, &client, &ip).await.ok();
+                        let served = proxy_not_after(&cluster, &name).await.ok();
                         let current = leaf_not_after(&cluster, "demo", sa).await.ok();
                         Ok(served.is_some() && served == current && served > Some(seen[sa][0]))
                     },

@@ -200,5 +200,46 @@ async fn scenario(cluster: &Cluster) -> anyhow::Result<()> {
         "plaintext was served under Strict: {plain:?}"
     );
 
+    // The admin port is never captured, so every pod reaches it: from the
+    // unmeshed pod, a backend's probes and metrics answer, its config,
+    // certificates and shutdown are refused, and its sidecar keeps running.
+    let restarts_before = proxy_restarts(cluster, "demo", &target_name).await?;
+    let admin = |path: &str| format!("http://{target}:15020{path}");
+    for (method, path) in [("POST", "/shutdown"), ("GET", "/config"), ("GET", "/certs")] {
+        let got =
+            mesh::request_from_pod(cluster, "outside", &client_name, method, &admin(path)).await?;
+        match got {
+            Err(out) if out.contains("HTTP 403") => {}
+            other => panic!("{method} {path} from another pod was not refused: {other:?}"),
+        }
+    }
+    for path in ["/ready", "/metrics"] {
+        let got =
+            mesh::request_from_pod(cluster, "outside", &client_name, "GET", &admin(path)).await?;
+        // A started shutdown would answer /ready with 503 (draining).
+        assert!(got.is_ok(), "{path} from another pod: {got:?}");
+    }
+    // Inside the pod (loopback) the config is still served.
+    let config = mesh::proxy_config(cluster, "demo", &target_name).await?;
+    assert!(config["generation"].as_u64().is_some(), "{config}");
+    assert_eq!(
+        proxy_restarts(cluster, "demo", &target_name).await?,
+        restarts_before,
+        "the backend's sidecar restarted"
+    );
+
     Ok(())
+}
+
+/// Restarts of the `weft-proxy` sidecar of `ns/pod`, from the pod's status.
+async fn proxy_restarts(cluster: &Cluster, ns: &str, pod: &str) -> anyhow::Result<i32> {
+    let api: kube::Api<k8s_openapi::api::core::v1::Pod> =
+        kube::Api::namespaced(cluster.client(), ns);
+    let status = api.get(pod).await?.status;
+    status
+        .iter()
+        .flat_map(|s| s.init_container_statuses.iter().flatten())
+        .find(|c| c.name == "weft-proxy")
+        .map(|c| c.restart_count)
+        .ok_or_else(|| anyhow::anyhow!("{ns}/{pod} has no weft-proxy status"))
 }

@@ -4,7 +4,7 @@
 //!  app ──► iptables (init) ──► :15001 outbound ──mTLS, ALPN──► peer :15006 inbound ──► app :port
 //!                                   ▲                                ▲
 //!                      snapshot (proxy.json + identity), reloaded on kubelet's ..data swap
-//!  kubelet ──► :15020 admin (/ready, /live, /metrics, /config, /certs, /shutdown, /app-health)
+//!  kubelet ──► :15020 admin (/ready, /live, /metrics, /app-health; loopback only: /config, /certs, /shutdown)
 //! ```
 //!
 //! The module tree follows a request: [`init`] installs capture; [`net`]

@@ -840,6 +840,122 @@ async fn admin_serves_health_metrics_config_certs_and_shutdown() {
     assert_eq!(get("/ready").await.0, StatusCode::SERVICE_UNAVAILABLE);
 }
 
+/// One request to the admin API, served as to a connection from `peer`:
+/// the proxy's own connection handler over an in-memory stream, so a test
+/// on loopback can be a client in another pod.
+async fn admin_from(
+    pod: &Pod,
+    peer: &str,
+    method: http::Method,
+    path: &str,
+) -> (StatusCode, String) {
+    let peer: SocketAddr = peer.parse().expect("peer address");
+    let (client, server) = tokio::io::duplex(64 * 1024);
+    tokio::spawn(weft_proxy::admin::serve_connection(
+        pod.proxy.state.clone(),
+        server,
+        peer,
+    ));
+    let (mut send, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(client))
+            .await
+            .expect("h1 handshake");
+    tokio::spawn(conn);
+    let req = Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", "admin")
+        .body(body(""))
+        .expect("request");
+    let (status, _, text) = read_text(send.send_request(req).await.expect("response")).await;
+    (status, text)
+}
+
+/// The admin port is exempt from capture and mTLS, so every pod reaches it:
+/// a peer outside the pod gets the probes and metrics and 403 for the rest
+/// (a shutdown it asks for never starts), loopback clients get everything.
+/// The listener is the dual-stack `[::]` a pod's proxy binds, so the IPv4
+/// loopback client is seen as `::ffff:127.0.0.1`.
+#[tokio::test]
+async fn admin_serves_only_probes_and_metrics_outside_the_pod() {
+    init();
+    let ca = TestCa::new("ca");
+    let pod = Pod::start_with(
+        &config(1, MtlsMode::Permissive, vec![]),
+        &ca.leaf(SERVER_ID, 3600),
+        &ca,
+        |s| {
+            *s = s
+                .clone()
+                .ephemeral(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED))
+        },
+    )
+    .await;
+    let peers = [
+        "10.244.0.7:40000",
+        "[::ffff:10.244.0.7]:40000",
+        "[fd00::7]:40000",
+    ];
+    for peer in peers {
+        for (method, path) in [
+            (http::Method::GET, "/config"),
+            (http::Method::GET, "/certs"),
+            (http::Method::POST, "/shutdown"),
+        ] {
+            let (status, text) = admin_from(&pod, peer, method.clone(), path).await;
+            assert_eq!(
+                status,
+                StatusCode::FORBIDDEN,
+                "{method} {path} from {peer}: {text}"
+            );
+            assert!(text.contains("loopback clients in the pod only"), "{text}");
+            assert!(
+                !text.contains(SERVER_ID),
+                "{path} from {peer} leaked: {text}"
+            );
+        }
+        for path in ["/live", "/ready", "/metrics"] {
+            let (status, text) = admin_from(&pod, peer, http::Method::GET, path).await;
+            assert_eq!(status, StatusCode::OK, "{path} from {peer}: {text}");
+        }
+    }
+    assert_eq!(pod.errors(Direction::Inbound, "admin-forbidden"), 9);
+    assert!(
+        pod.proxy.state.is_ready(),
+        "a refused shutdown started draining"
+    );
+
+    // Real sockets from loopback, over both families.
+    let port = pod.proxy.admin_addr.port();
+    let call = |ip: IpAddr, method: http::Method, path: &'static str| async move {
+        let mut c = h1(tokio::net::TcpStream::connect((ip, port))
+            .await
+            .expect("admin"))
+        .await;
+        let req = Request::builder()
+            .method(method)
+            .uri(path)
+            .header("host", "admin")
+            .body(body(""))
+            .expect("request");
+        read_text(c.send_request(req).await.expect("response")).await
+    };
+    let get = |ip: IpAddr, path: &'static str| call(ip, http::Method::GET, path);
+    let v4 = IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
+    let v6 = IpAddr::V6(std::net::Ipv6Addr::LOCALHOST);
+    let (status, _, cfg) = get(v4, "/config").await;
+    assert_eq!(status, StatusCode::OK, "/config from 127.0.0.1: {cfg}");
+    assert!(cfg.contains("\"generation\": 1"), "{cfg}");
+    let (status, _, certs) = get(v6, "/certs").await;
+    assert_eq!(status, StatusCode::OK, "/certs from ::1: {certs}");
+    assert!(certs.contains(SERVER_ID), "{certs}");
+    assert_eq!(get(v4, "/ready").await.0, StatusCode::OK);
+    let (status, _, _) = call(v4, http::Method::POST, "/shutdown").await;
+    assert_eq!(status, StatusCode::OK, "shutdown from loopback");
+    assert_eq!(get(v4, "/ready").await.0, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(pod.errors(Direction::Inbound, "admin-forbidden"), 9);
+}
+
 #[tokio::test]
 async fn app_health_runs_the_original_probes() {
     init();

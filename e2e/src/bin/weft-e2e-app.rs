@@ -3,7 +3,8 @@
 //! - `echo --port P`: HTTP server answering every request with JSON naming
 //!   the pod, the caller address it saw and the `x-weft-peer-identity`
 //!   header it received (`/healthz` answers `ok`).
-//! - `get URL`: plain HTTP/1.1 GET; prints the body; exit 1 unless 2xx.
+//! - `get URL [--method M]`: one plain HTTP/1.1 request (GET unless `M`,
+//!   e.g. `POST`, with an empty body); prints the body; exit 1 unless 2xx.
 //! - `load URL --seconds S --interval-ms I`: sends GETs one after another
 //!   (a new connection each) for S seconds, then prints a JSON summary:
 //!   `sent`, `ok`, `failed`, the first errors, and counts of answers by
@@ -45,9 +46,12 @@ enum Cmd {
         #[arg(long, default_value_t = 8080)]
         port: u16,
     },
-    /// One HTTP GET.
+    /// One HTTP request (GET unless --method).
     Get {
         url: String,
+        /// Request method; any body is empty.
+        #[arg(long, default_value = "GET")]
+        method: String,
         /// Extra request headers, `Name: value` (repeatable).
         #[arg(long = "header")]
         headers: Vec<String>,
@@ -106,8 +110,12 @@ async fn main() -> anyhow::Result<()> {
     let _ = rustls::crypto::ring::default_provider().install_default();
     match Cli::parse().cmd {
         Cmd::Echo { port } => echo(port).await,
-        Cmd::Get { url, headers } => {
-            println!("{}", fetch(&url, &headers).await?);
+        Cmd::Get {
+            url,
+            method,
+            headers,
+        } => {
+            println!("{}", request(&method, &url, &headers).await?);
             Ok(())
         }
         Cmd::Load {
@@ -168,6 +176,12 @@ async fn echo(port: u16) -> anyhow::Result<()> {
 
 /// One GET on a new connection; the body of a 2xx answer.
 async fn fetch(url: &str, headers: &[String]) -> anyhow::Result<String> {
+    request("GET", url, headers).await
+}
+
+/// One request with an empty body on a new connection; the body of a 2xx
+/// answer.
+async fn request(method: &str, url: &str, headers: &[String]) -> anyhow::Result<String> {
     let rest = url
         .strip_prefix("http://")
         .context("only http:// URLs are supported")?;
@@ -184,8 +198,11 @@ async fn fetch(url: &str, headers: &[String]) -> anyhow::Result<String> {
         extra.push_str("\r\n");
     }
     s.write_all(
-        format!("GET {path} HTTP/1.1\r\nHost: {authority}\r\n{extra}Connection: close\r\n\r\n")
-            .as_bytes(),
+        format!(
+            "{method} {path} HTTP/1.1\r\nHost: {authority}\r\n{extra}{length}Connection: close\r\n\r\n",
+            length = if method == "GET" { "" } else { "Content-Length: 0\r\n" }
+        )
+        .as_bytes(),
     )
     .await?;
     let mut buf = Vec::new();
