@@ -29,6 +29,8 @@ pub mod metrics;
 pub mod overrides;
 pub mod patch;
 pub mod probes;
+#[cfg(test)]
+mod prop_tests;
 pub mod server;
 pub mod tls;
 

@@ -108,6 +108,9 @@ pub enum PatchError {
     /// The pod has no spec.
     #[error("weft: the pod has no spec")]
     MissingSpec,
+    /// `spec.containers` is absent, `null` or empty.
+    #[error("weft: the pod has no containers; a Pod needs at least one in spec.containers")]
+    NoContainers,
     /// The pod uses the identity Secret of another service account.
     #[error(
         "weft: the pod runs as service account {service_account:?} but uses another service account's identity ({}); a pod may only present its own identity: mount nothing named weft-identity-* (weft mounts the pod's own) or run the pod as that service account",
@@ -175,6 +178,11 @@ pub fn decide(pod: &Pod, cfg: &InjectConfig) -> Result<Decision, PatchError> {
     }
     if is_injected(pod) {
         return Ok(Decision::Skip(Skip::AlreadyInjected));
+    }
+    // The API server would refuse such a pod; a patch that adds the proxy
+    // would make it valid, or fail on a `null` list.
+    if spec.containers.is_empty() {
+        return Err(PatchError::NoContainers);
     }
     if spec.volumes.iter().flatten().any(|v| v.name == VOLUME) {
         return Err(PatchError::VolumeTaken);

@@ -25,6 +25,8 @@ pub mod metrics;
 pub mod net;
 pub mod outbound;
 pub mod probes;
+#[cfg(test)]
+mod prop_tests;
 pub mod proxy;
 pub mod reload;
 pub mod snapshot;

@@ -38,6 +38,8 @@
 
 mod gzip;
 mod model;
+#[cfg(test)]
+mod prop_tests;
 #[cfg(any(test, feature = "test-util"))]
 pub mod testing;
 #[cfg(test)]
