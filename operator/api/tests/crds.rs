@@ -236,6 +236,9 @@ fn examples_are_valid_and_cover_every_kind() {
                 "AccessPolicy" => {
                     serde_json::from_value::<weft_api::AccessPolicy>(doc.clone()).map(|_| ())
                 }
+                "MtlsPolicy" => {
+                    serde_json::from_value::<weft_api::MtlsPolicy>(doc.clone()).map(|_| ())
+                }
                 other => panic!("unexpected kind {other} in examples"),
             };
             typed
@@ -245,7 +248,7 @@ fn examples_are_valid_and_cover_every_kind() {
     }
     assert_eq!(
         kinds.into_iter().collect::<Vec<_>>(),
-        ["AccessPolicy", "Mesh", "ServicePolicy", "ServiceRoute"]
+        ["AccessPolicy", "Mesh", "MtlsPolicy", "ServicePolicy", "ServiceRoute"]
     );
 }
 
