@@ -294,6 +294,10 @@ fn skeleton(mesh: &weft_api::MeshSpec, namespace: &str, inbound: pc::Inbound) ->
                     otlp_endpoint: e.clone(),
                     sampling_percent: mesh.telemetry.tracing.sampling_percent,
                 }),
+            escaped_slashes: match mesh.access.escaped_slashes {
+                weft_api::mesh::EscapedSlashes::Reject => pc::EscapedSlashes::Reject,
+                weft_api::mesh::EscapedSlashes::Keep => pc::EscapedSlashes::Keep,
+            },
         },
         services: Vec::new(),
         inbound,

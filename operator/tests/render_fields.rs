@@ -742,7 +742,7 @@ fn mesh_settings() {
     objs.push(mesh(json!({
         "trustDomain": "corp.example",
         "mtls": {"mode": "Permissive"},
-        "access": {"defaultAction": "Deny"},
+        "access": {"defaultAction": "Deny", "escapedSlashes": "Keep"},
         "telemetry": {"accessLog": {"enabled": true},
                       "tracing": {"otlpEndpoint": "http://otel.observability:4318", "samplingPercent": 10}}
     })));
@@ -758,12 +758,14 @@ fn mesh_settings() {
                 otlp_endpoint: "http://otel.observability:4318".into(),
                 sampling_percent: 10.0
             }),
+            escaped_slashes: pc::EscapedSlashes::Keep,
         }
     );
     let bare = rendered(&index(shop()), "shop");
     assert_eq!(bare.config.mesh.trust_domain, "cluster.local");
     assert_eq!(bare.config.mesh.mtls_mode, pc::MtlsMode::Strict);
     assert_eq!(bare.config.mesh.tracing, None);
+    assert_eq!(bare.config.mesh.escaped_slashes, pc::EscapedSlashes::Reject);
 }
 
 #[test]

@@ -773,6 +773,7 @@ fn setup(o: &Opts) -> Setup {
                 default_access: Default::default(),
                 access_log: false,
                 tracing: None,
+                escaped_slashes: Default::default(),
             },
             services,
             inbound: Inbound::default(),

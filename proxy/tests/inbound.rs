@@ -1,7 +1,8 @@
 //! Inbound behaviour that depends on the config's `inbound` section and the
 //! mTLS mode: plaintext on server-first ports (refused at once under Strict,
 //! delivered without the detection wait under Permissive), per-port
-//! protocols overriding detection, and local rate limits (HTTP and TCP).
+//! protocols overriding detection, local rate limits (HTTP and TCP), and
+//! path rules judged on the normal form of the path the app receives.
 //!
 //! The detection timeout is set to an hour in these tests, so a proxy that
 //! waited for it would hang until the tests' generous guard fails them.
@@ -20,7 +21,10 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use weft_proxy::metrics::Direction;
 use weft_proxy::test_util::TestCa;
-use weft_proxy_config::{InboundPort, MtlsMode, Protocol, ProxyConfig, RateLimit, Selector};
+use weft_proxy_config::{
+    AccessAction, AccessDestination, AccessPolicy, AccessRule, EscapedSlashes, InboundPort,
+    MtlsMode, Protocol, ProxyConfig, RateLimit, Selector,
+};
 
 /// A hang guard, far above anything the proxy should take.
 const GUARD: Duration = Duration::from_secs(20);
@@ -298,4 +302,214 @@ async fn rate_limit_on_an_opaque_port_counts_connections() {
         "over the limit: closed before reaching the app"
     );
     assert_eq!(pod.errors(Direction::Inbound, "rate-limited"), 1);
+}
+
+/// An app that records the path and query of every request it gets and
+/// answers 200 with them.
+async fn recording_app() -> (SocketAddr, Arc<std::sync::Mutex<Vec<String>>>) {
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen2 = seen.clone();
+    let app = spawn_app(move |req: hyper::Request<hyper::body::Incoming>| {
+        let target = req
+            .uri()
+            .path_and_query()
+            .map_or_else(String::new, |pq| pq.as_str().to_owned());
+        seen2.lock().expect("lock").push(target.clone());
+        async move {
+            http::Response::new(
+                http_body_util::Full::new(bytes::Bytes::from(target))
+                    .map_err(|e| match e {})
+                    .boxed(),
+            )
+        }
+    })
+    .await;
+    (app, seen)
+}
+
+fn path_policy(name: &str, action: AccessAction, paths: &[&str]) -> AccessPolicy {
+    AccessPolicy {
+        name: name.into(),
+        selector: echo_labels(),
+        ports: vec![],
+        action,
+        audit: false,
+        rules: vec![AccessRule {
+            from: vec![],
+            to: vec![AccessDestination {
+                paths: paths.iter().map(|p| (*p).to_owned()).collect(),
+                ..Default::default()
+            }],
+        }],
+    }
+}
+
+/// A server pod with `server_cfg` for `app`, and a client pod whose app
+/// connection (HTTP/1, over mTLS between the proxies) reaches it.
+async fn pair(
+    server_cfg: &ProxyConfig,
+    app: SocketAddr,
+    ca: &TestCa,
+) -> (Pod, Pod, hyper::client::conn::http1::SendRequest<TestBody>) {
+    let svc = service(
+        "echo",
+        cluster_ip(1),
+        80,
+        app.port(),
+        Protocol::Http1,
+        vec![meshed(SERVER_POD_IP, SERVER_ID)],
+    );
+    let server = server(server_cfg, ca, vec![]).await;
+    let client = Pod::start(
+        &config(1, MtlsMode::Strict, vec![svc]),
+        &ca.leaf(CLIENT_ID, 3600),
+        ca,
+    )
+    .await;
+    client.route_to(
+        SocketAddr::new(IpAddr::V4(SERVER_POD_IP), app.port()),
+        &server,
+    );
+    let c = h1(client.app_connect(SocketAddr::new(cluster_ip(1), 80)).await).await;
+    (server, client, c)
+}
+
+async fn get(
+    c: &mut hyper::client::conn::http1::SendRequest<TestBody>,
+    path: &str,
+) -> (StatusCode, Option<String>, String) {
+    let req = Request::get(path)
+        .header("host", "echo")
+        .body(body(""))
+        .expect("request");
+    let resp = tokio::time::timeout(GUARD, c.send_request(req))
+        .await
+        .expect("answer before the guard")
+        .expect("response");
+    let (status, headers, text) = read_text(resp).await;
+    let step = headers
+        .get("x-weft-error")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    (status, step, text)
+}
+
+#[tokio::test]
+async fn spellings_of_a_denied_path_are_denied_or_refused_and_never_reach_the_app() {
+    init();
+    let ca = TestCa::new("ca");
+    let (app, seen) = recording_app().await;
+    let mut cfg = config(1, MtlsMode::Strict, vec![]);
+    cfg.inbound.policies = vec![path_policy(
+        "no-admin",
+        AccessAction::Deny,
+        &["/api/admin", "/api/admin/*"],
+    )];
+    cfg.seal();
+    let (server, _client, mut c) = pair(&cfg, app, &ca).await;
+    let forbidden = (StatusCode::FORBIDDEN, "denied");
+    let ambiguous = (StatusCode::BAD_REQUEST, "ambiguous-path");
+    for (path, (status, step)) in [
+        ("/api//admin", forbidden),
+        ("/api/./admin", forbidden),
+        ("/api/x/../admin", forbidden),
+        ("/api/%61dmin", forbidden),
+        ("/api/admin;x", forbidden),
+        ("/api/%2e%2e/api/admin/users", forbidden),
+        ("/api/admin%2F", ambiguous),
+        ("/api%2Fadmin", ambiguous),
+        ("/api/..;x/admin", ambiguous),
+    ] {
+        let got = get(&mut c, path).await;
+        assert_eq!(
+            (got.0, got.1.as_deref()),
+            (status, Some(step)),
+            "{path}: {got:?}"
+        );
+    }
+    assert_eq!(
+        *seen.lock().expect("lock"),
+        Vec::<String>::new(),
+        "no spelling reached the app"
+    );
+    assert_eq!(server.errors(Direction::Inbound, "denied"), 6);
+    assert_eq!(server.errors(Direction::Inbound, "ambiguous-path"), 3);
+    // Paths next to the denied one are still served.
+    let (status, _, text) = get(&mut c, "/api/administrators").await;
+    assert_eq!(
+        (status, text.as_str()),
+        (StatusCode::OK, "/api/administrators")
+    );
+}
+
+#[tokio::test]
+async fn allowed_paths_are_served_in_normal_form_and_the_app_sees_that_form() {
+    init();
+    let ca = TestCa::new("ca");
+    let (app, seen) = recording_app().await;
+    let mut cfg = config(1, MtlsMode::Strict, vec![]);
+    cfg.inbound.policies = vec![path_policy(
+        "public-only",
+        AccessAction::Allow,
+        &["/api/public/*"],
+    )];
+    cfg.seal();
+    let (_server, _client, mut c) = pair(&cfg, app, &ca).await;
+    for (path, normal) in [
+        ("/api//public/a", "/api/public/a"),
+        (
+            "/api/./public/x/../b?q=%2f&r=/../",
+            "/api/public/b?q=%2f&r=/../",
+        ),
+        ("/api/%70ublic/%7euser", "/api/public/~user"),
+        ("/api/public/caf%c3%a9", "/api/public/caf%C3%A9"),
+        ("/api/public;v=1/c", "/api/public;v=1/c"),
+    ] {
+        let (status, step, text) = get(&mut c, path).await;
+        assert_eq!((status, step), (StatusCode::OK, None), "{path}: {text}");
+        assert_eq!(text, normal, "{path}");
+    }
+    // Spellings that leave the allowed prefix once normalised.
+    for path in [
+        "/api/public/../admin",
+        "/api/public/%2e%2e/admin",
+        "/api/private",
+    ] {
+        let (status, step, _) = get(&mut c, path).await;
+        assert_eq!(
+            (status, step.as_deref()),
+            (StatusCode::FORBIDDEN, Some("denied")),
+            "{path}"
+        );
+    }
+    assert_eq!(
+        seen.lock().expect("lock").len(),
+        5,
+        "only the allowed reached the app"
+    );
+}
+
+#[tokio::test]
+async fn keep_passes_encoded_slashes_to_the_app_as_data() {
+    init();
+    let ca = TestCa::new("ca");
+    let (app, seen) = recording_app().await;
+    let mut cfg = config(1, MtlsMode::Strict, vec![]);
+    cfg.mesh.escaped_slashes = EscapedSlashes::Keep;
+    cfg.inbound.policies = vec![path_policy(
+        "files-only",
+        AccessAction::Allow,
+        &["/api/files/*"],
+    )];
+    cfg.seal();
+    let (server, _client, mut c) = pair(&cfg, app, &ca).await;
+    let (status, step, text) = get(&mut c, "/api/./files/group%2fname").await;
+    assert_eq!((status, step), (StatusCode::OK, None), "{text}");
+    assert_eq!(text, "/api/files/group%2Fname");
+    assert_eq!(
+        *seen.lock().expect("lock"),
+        ["/api/files/group%2Fname"],
+        "the app sees the encoded slash as the policy did"
+    );
+    assert_eq!(server.errors(Direction::Inbound, "ambiguous-path"), 0);
 }

@@ -56,7 +56,8 @@ pub struct MeshSpec {
     #[serde(default)]
     pub telemetry: TelemetrySettings,
 
-    /// What happens to a request no `AccessPolicy` speaks about.
+    /// What happens to a request no `AccessPolicy` speaks about, and to
+    /// request paths that path rules cannot judge.
     #[serde(default)]
     pub access: AccessSettings,
 }
@@ -337,7 +338,7 @@ pub struct AccessLogSettings {
     pub enabled: bool,
 }
 
-/// Mesh-wide authorization default.
+/// Mesh-wide authorization defaults.
 #[derive(KubeSchema, Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct AccessSettings {
@@ -346,6 +347,30 @@ pub struct AccessSettings {
     /// default-deny: every workload needs an explicit Allow.
     #[serde(default)]
     pub default_action: crate::access::Action,
+
+    /// What proxies do with a request path holding an encoded slash or
+    /// backslash (`%2F`, `%5C`) or a raw backslash, which some apps read as
+    /// a path separator and others as data, so `AccessPolicy` path rules
+    /// cannot know which resource the app serves. `Reject` (default)
+    /// answers 400 `ambiguous-path` and the app never sees the request.
+    /// `Keep` passes them on as data of their segment (a raw `\` as
+    /// `%5C`), and path rules match them as such: a Deny on `/a/b` does not
+    /// refuse `/a%2Fb`. Choose `Keep` only when every meshed app treats an
+    /// encoded slash as data.
+    #[serde(default)]
+    pub escaped_slashes: EscapedSlashes,
+}
+
+/// The proxies' answer to a request path with an encoded slash or backslash.
+#[derive(
+    schemars::JsonSchema, Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize,
+)]
+pub enum EscapedSlashes {
+    /// Refuse the request with 400 `ambiguous-path`.
+    #[default]
+    Reject,
+    /// Pass `%2F` and `%5C` on encoded, as data of their path segment.
+    Keep,
 }
 
 /// What the operator reports about the mesh.

@@ -45,6 +45,32 @@ pub struct MeshSettings {
     /// Tracing export, when configured.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tracing: Option<Tracing>,
+    /// What the inbound proxy does with a request path that holds an
+    /// encoded slash or backslash, or a raw backslash. Left out when
+    /// `Reject`, so documents written before the field keep their hash.
+    #[serde(default, skip_serializing_if = "EscapedSlashes::is_reject")]
+    pub escaped_slashes: EscapedSlashes,
+}
+
+/// The inbound proxy's answer to a request path holding `%2F`, `%5C` or a
+/// raw `\`: characters that some apps read as a path separator and others
+/// as data, so a path rule cannot know which resource the app will serve.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum EscapedSlashes {
+    /// Refused with 400 `ambiguous-path`; the app never sees the request.
+    #[default]
+    Reject,
+    /// Passed on as data of their segment, never as separators: `%2F` and
+    /// `%5C` stay encoded, a raw `\` is sent as `%5C`, and path rules see
+    /// the same.
+    Keep,
+}
+
+impl EscapedSlashes {
+    /// The default, which `proxy.json` leaves out.
+    pub fn is_reject(&self) -> bool {
+        *self == Self::Reject
+    }
 }
 
 /// Inbound mTLS mode.

@@ -37,6 +37,7 @@ pub fn sample() -> ProxyConfig {
                 otlp_endpoint: "http://collector.observability:4318".to_owned(),
                 sampling_percent: 1.0,
             }),
+            escaped_slashes: EscapedSlashes::Keep,
         },
         services: vec![
             Service {

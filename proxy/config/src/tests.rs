@@ -19,6 +19,22 @@ fn round_trip_preserves_every_field() {
 }
 
 #[test]
+fn escaped_slashes_default_is_left_out_so_older_documents_keep_their_hash() {
+    let keep = sample();
+    assert!(String::from_utf8_lossy(&keep.to_json()).contains(r#""escapedSlashes":"Keep""#));
+    let mut cfg = sample();
+    cfg.mesh.escaped_slashes = EscapedSlashes::Reject;
+    cfg.seal();
+    let bytes = cfg.to_json();
+    assert!(
+        !String::from_utf8_lossy(&bytes).contains("escapedSlashes"),
+        "a document written before the field looks the same"
+    );
+    let back = ProxyConfig::load(&bytes).expect("loads, hash verified");
+    assert_eq!(back.mesh.escaped_slashes, EscapedSlashes::Reject);
+}
+
+#[test]
 fn gzip_round_trip() {
     let bytes = sample().to_json();
     let gz = gzip(&bytes);

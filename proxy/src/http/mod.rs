@@ -1,11 +1,14 @@
 //! HTTP plumbing shared by both directions: body type, RFC 9110 hop-by-hop
 //! header handling, error responses that name the failed step, connection
 //! pools per endpoint ([`pool`]), request forwarding with upgrades
-//! ([`forward`]), and the server side of client connections with their
-//! limits on request heads ([`serve_connection`], [`framing`]).
+//! ([`forward`]), the server side of client connections with their
+//! limits on request heads ([`serve_connection`], [`framing`]), and the
+//! normal form of request paths that inbound authorization decides on
+//! ([`path`]).
 
 pub mod forward;
 mod framing;
+pub mod path;
 pub mod pool;
 
 use bytes::Bytes;

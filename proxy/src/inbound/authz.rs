@@ -1,7 +1,8 @@
 //! Inbound authorization: the config's `inbound.policies` evaluated against
 //! this pod's labels, the target port and the caller's verified identity
 //! (and, for HTTP, method and path). Pure; the inbound path calls it per
-//! connection (opaque) or per request (HTTP).
+//! connection (opaque) or per request (HTTP), with the request's policy
+//! path ([`crate::http::path`]), never the raw one.
 //!
 //! Order: any applicable Deny rule that matches denies; otherwise, if any
 //! Allow policy applies to the pod and port, one of its rules must match;
@@ -24,7 +25,8 @@ pub struct Request<'a> {
     pub port: u16,
     /// HTTP method; none for opaque TCP.
     pub method: Option<&'a str>,
-    /// HTTP path; none for opaque TCP.
+    /// HTTP path in normal form, without parameters
+    /// ([`crate::http::path::NormalPath::policy`]); none for opaque TCP.
     pub path: Option<&'a str>,
 }
 
@@ -194,6 +196,7 @@ mod tests {
                 default_access,
                 access_log: false,
                 tracing: None,
+                escaped_slashes: Default::default(),
             },
             services: vec![],
             inbound: weft_proxy_config::Inbound {

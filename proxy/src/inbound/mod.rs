@@ -3,7 +3,7 @@
 //! ```text
 //! accept ─► original destination (the app port) ─► port protocol (inbound.ports) ─► peek first bytes
 //!   ├ TLS ─► mTLS handshake (client cert verified against the bundle, SPIFFE ID read)
-//!   │        ─► ALPN: weft/h1 | weft/h2 ─► per request: authz ─► rate limit ─► x-weft-peer-identity ─► app 127.0.0.1:port
+//!   │        ─► ALPN: weft/h1 | weft/h2 ─► per request: normal path (400 if ambiguous) ─► authz ─► rate limit ─► x-weft-peer-identity ─► app 127.0.0.1:port
 //!   │                 weft/tcp          ─► authz ─► rate limit (per connection) ─► bytes to the app
 //!   └ plaintext ─► Strict: refused, the app is never dialled
 //!                  Permissive: the port's protocol (HTTP/1, HTTP/2, gRPC, opaque), else detected; no identity
@@ -42,6 +42,7 @@ use weft_proxy_config::{MtlsMode, Protocol, ProxyConfig, mtls_mode, selector_mat
 
 use crate::connect::{acquire, send_request};
 use crate::http::forward::{finish, prepare};
+use crate::http::path::normalize_uri;
 use crate::http::pool::{PoolKey, Version};
 use crate::http::{Body, PEER_IDENTITY_HEADER, error_response, serve_connection};
 use crate::metrics::{Direction, OpenConn};
@@ -427,11 +428,21 @@ async fn proxy(ctx: &Ctx, mut req: Request<Incoming>) -> Response<Body> {
         return resp;
     }
     req.headers_mut().remove(PEER_IDENTITY_HEADER);
+    // Authorize and forward one normal path, so the app serves what the
+    // policy judged (`http::path`).
+    let path = match normalize_uri(req.uri_mut(), snap.config.mesh.escaped_slashes) {
+        Ok(path) => path,
+        Err(e) => {
+            state.metrics.error(Direction::Inbound, "ambiguous-path");
+            tracing::debug!(port = ctx.port, error = %e, "inbound request path refused");
+            return error_response(StatusCode::BAD_REQUEST, "ambiguous-path", &e.to_string());
+        }
+    };
     let r = authz::Request {
         identity: ctx.peer.as_ref(),
         port: ctx.port,
         method: Some(req.method().as_str()),
-        path: Some(req.uri().path()),
+        path: Some(path.policy()),
     };
     if let Decision::Deny(why) = authorize(&snap.config, &state.settings.labels, &r) {
         state.metrics.error(Direction::Inbound, "denied");
@@ -572,6 +583,7 @@ mod tests {
                 default_access: Default::default(),
                 access_log: false,
                 tracing: None,
+                escaped_slashes: Default::default(),
             },
             services: vec![],
             inbound: Inbound {

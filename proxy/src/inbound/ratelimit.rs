@@ -181,6 +181,7 @@ mod tests {
                 default_access: Default::default(),
                 access_log: false,
                 tracing: None,
+                escaped_slashes: Default::default(),
             },
             services: vec![],
             inbound: Inbound {

@@ -875,6 +875,7 @@ mod tests {
                 default_access: Default::default(),
                 access_log: false,
                 tracing: None,
+                escaped_slashes: Default::default(),
             },
             services,
             inbound: Default::default(),

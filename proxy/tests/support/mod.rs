@@ -107,6 +107,7 @@ pub fn config(generation: u64, mode: MtlsMode, services: Vec<Service>) -> ProxyC
             default_access: Default::default(),
             access_log: false,
             tracing: None,
+            escaped_slashes: Default::default(),
         },
         services,
         inbound: Inbound::default(),
