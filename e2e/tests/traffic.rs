@@ -1086,3 +1086,55 @@ async fn a_hand_edited_proxy_config_is_restored_by_the_operator() -> anyhow::Res
     d.cluster.shutdown();
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn other_spellings_of_a_denied_path_are_refused() -> anyhow::Result<()> {
+    let _serial = serial().await;
+    let d = demo(ClusterConfig::default()).await?;
+    let backends: Vec<String> = mesh::pods(&d.cluster, "demo", "backend")
+        .await?
+        .into_iter()
+        .filter_map(|p| p.metadata.name)
+        .collect();
+    apply_and_sync(
+        &d,
+        "apiVersion: weft.dev/v1alpha1\nkind: AccessPolicy\nmetadata: {name: no-admin, namespace: demo}\n\
+         spec:\n  targetService: backend\n  action: Deny\n  rules:\n  - to:\n    - paths: [\"/api/admin\", \"/api/admin/*\"]\n",
+        &backends,
+    )
+    .await?;
+    let mut refused = BTreeMap::new();
+    for path in [
+        "/api/admin",
+        "/api//admin",
+        "/api/./admin",
+        "/api/x/../admin",
+        "/api/%61dmin",
+        "/api/admin;x",
+        "/api/admin/%2e%2e/admin/users",
+        "/api/admin%2F",
+        "/api%2Fadmin",
+    ] {
+        let t = d.send(path, &[], 1).await?;
+        println!("{path}: {t:?}");
+        assert_eq!(t.ok(), 0, "{path} was served: {t:?}");
+        let why = t.failures.first().cloned().unwrap_or_default();
+        let step = if why.contains("HTTP 403") && why.contains("x-weft-error: denied") {
+            "denied"
+        } else if why.contains("HTTP 400") && why.contains("x-weft-error: ambiguous-path") {
+            "ambiguous-path"
+        } else {
+            panic!("{path}: refused for another reason: {why}")
+        };
+        *refused.entry(step).or_insert(0) += 1;
+    }
+    assert_eq!(
+        refused,
+        BTreeMap::from([("ambiguous-path", 2), ("denied", 7)])
+    );
+    // Paths the rule does not name are served, in their normal form.
+    let served = d.send("/api/./items", &[], 5).await?;
+    assert_eq!(served.ok(), 5, "{served:?}");
+    d.cluster.shutdown();
+    Ok(())
+}
