@@ -24,6 +24,11 @@
 //!   The whole state lives in the `weft-ca` Secret ([`CaState::to_secret`],
 //!   [`CaState::from_secret`]), so an operator restarted at any point resumes
 //!   the rotation where it stood.
+//! - [`DesiredCa::from_mesh`]: the CA the `Mesh` asks for; a generated one
+//!   only when it names no user CA, never in place of a broken user CA.
+//! - [`on_missing_ca`]: what to do when `weft-ca` does not exist: create it
+//!   (first start), regenerate it (deleted; reported, since every identity
+//!   is re-issued), restore it from the user's CA, or issue nothing.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -819,6 +824,71 @@ pub enum DesiredCa {
     },
     /// The user's CA, already loaded and checked.
     User(Arc<CertificateAuthority>),
+}
+
+impl DesiredCa {
+    /// The CA the `Mesh` asks for. `user` is `None` when the `Mesh` names no
+    /// CA Secret, else the outcome of loading the one it names (an error
+    /// message saying what to check). A generated CA is wanted only when no
+    /// user CA is configured: a user CA that is missing or invalid gives its
+    /// error, never a generated CA in its place, so the caller keeps the CA
+    /// in `weft-ca`, or issues nothing.
+    pub fn from_mesh(
+        user: Option<Result<CertificateAuthority, String>>,
+        rotate: Option<String>,
+    ) -> Result<Self, String> {
+        match user {
+            None => Ok(DesiredCa::Generated { rotate }),
+            Some(loaded) => loaded.map(|ca| DesiredCa::User(Arc::new(ca))),
+        }
+    }
+}
+
+/// What shows that the mesh had a CA before, looked at when `weft-ca` does
+/// not exist.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PriorCa {
+    /// Identity Secrets in the cluster: issued by an earlier CA.
+    pub identities: usize,
+    /// Fingerprint of the CA last known to sign: the `Mesh` status's active
+    /// CA, or the signer this process published.
+    pub known_ca: Option<String>,
+}
+
+impl PriorCa {
+    /// Whether a CA signed in this mesh before.
+    pub fn existed(&self) -> bool {
+        self.identities > 0 || self.known_ca.is_some()
+    }
+}
+
+/// What the CA loop does when the `weft-ca` Secret does not exist
+/// ([`on_missing_ca`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MissingCa {
+    /// The first start of the mesh: create `weft-ca` from the desired CA.
+    Create,
+    /// `weft-ca` was deleted while the mesh had a generated CA: a new CA is
+    /// generated, and every identity, the injector's certificate and the
+    /// webhook's `caBundle` are re-issued from it. To be reported.
+    Regenerate,
+    /// `weft-ca` was deleted and a user CA is configured: written again from
+    /// it; identities it signed stay. To be reported.
+    Restore,
+    /// A user CA is configured but missing or invalid: nothing is created
+    /// and nothing issued (never a generated CA in its place).
+    IssueNothing,
+}
+
+/// What to do when `weft-ca` does not exist, from the CA the `Mesh` asks for
+/// ([`DesiredCa::from_mesh`]) and what shows a CA existed before.
+pub fn on_missing_ca(desired: Result<&DesiredCa, &String>, prior: &PriorCa) -> MissingCa {
+    match desired {
+        Err(_) => MissingCa::IssueNothing,
+        Ok(_) if !prior.existed() => MissingCa::Create,
+        Ok(DesiredCa::Generated { .. }) => MissingCa::Regenerate,
+        Ok(DesiredCa::User(_)) => MissingCa::Restore,
+    }
 }
 
 /// What the operator sees in the cluster, fed to [`CaState::step`].
@@ -1852,6 +1922,81 @@ mod tests {
         let next = st.next.as_ref().expect("next");
         assert_eq!(next.source(), CaSource::User);
         assert_eq!(next.info().fingerprint, user.info().fingerprint);
+    }
+
+    #[test]
+    fn a_generated_ca_only_when_no_user_ca_is_configured() {
+        let now = t0();
+        assert!(matches!(
+            DesiredCa::from_mesh(None, Some("r1".into())),
+            Ok(DesiredCa::Generated { rotate: Some(r) }) if r == "r1"
+        ));
+        let user = CertificateAuthority::generate("cluster.local", DAY, now)
+            .expect("generate")
+            .cert_pem();
+        let (crt, key) = self_signed_pem(
+            true,
+            vec![KeyUsagePurpose::KeyCertSign],
+            now - DAY,
+            now + DAY,
+        );
+        let loaded =
+            CertificateAuthority::from_pem(crt.as_bytes(), key.as_bytes(), now, CaSource::User)
+                .expect("a valid user CA");
+        assert!(matches!(
+            DesiredCa::from_mesh(Some(Ok(loaded)), None),
+            Ok(DesiredCa::User(ca)) if ca.source() == CaSource::User
+        ));
+        // Missing or invalid: an error to report, never a generated CA.
+        let missing = DesiredCa::from_mesh(
+            Some(Err(
+                "CA Secret weft-system/user-ca named by the Mesh does not exist".into(),
+            )),
+            None,
+        );
+        assert!(matches!(&missing, Err(m) if m.contains("does not exist")));
+        let invalid = DesiredCa::from_mesh(
+            Some(
+                CertificateAuthority::from_pem(user.as_bytes(), b"junk", now, CaSource::User)
+                    .map_err(|e| e.to_string()),
+            ),
+            None,
+        );
+        assert!(invalid.is_err());
+        let prior = PriorCa {
+            identities: 3,
+            known_ca: Some("ab".into()),
+        };
+        assert_eq!(
+            on_missing_ca(missing.as_ref(), &prior),
+            MissingCa::IssueNothing
+        );
+        assert_eq!(
+            on_missing_ca(invalid.as_ref(), &PriorCa::default()),
+            MissingCa::IssueNothing,
+            "not even on a first start"
+        );
+    }
+
+    #[test]
+    fn a_deleted_weft_ca_is_told_apart_from_a_first_start() {
+        let generated = DesiredCa::Generated { rotate: None };
+        let user = DesiredCa::User(Arc::new(root(t0())));
+        let first = PriorCa::default();
+        assert_eq!(on_missing_ca(Ok(&generated), &first), MissingCa::Create);
+        assert_eq!(on_missing_ca(Ok(&user), &first), MissingCa::Create);
+        let identities_left = PriorCa {
+            identities: 2,
+            known_ca: None,
+        };
+        let bundle_known = PriorCa {
+            identities: 0,
+            known_ca: Some("ab".into()),
+        };
+        for prior in [&identities_left, &bundle_known] {
+            assert_eq!(on_missing_ca(Ok(&generated), prior), MissingCa::Regenerate);
+            assert_eq!(on_missing_ca(Ok(&user), prior), MissingCa::Restore);
+        }
     }
 
     #[test]

@@ -13,7 +13,7 @@
 //!     │
 //!     ▼ for each namespace of the batch
 //! render (pure, cached) ──► encode (plain / gzip / too large) ──► server-side apply
-//!                                                      ──► CR status (Accepted, Ready)
+//!                                                      ──► CR status (Accepted, Rendered)
 //! ```
 //!
 //! Decisions that matter to operators:
@@ -31,8 +31,8 @@
 //!   `binaryData` as `proxy.json.gz`; if even that exceeds
 //!   [`ConfigOptions::max_bytes`], nothing is written (the proxies keep the
 //!   last good config), a Warning Event `ConfigTooLarge` is recorded on the
-//!   Namespace and the namespace's weft resources get `Ready=False` with the
-//!   same reason. Never a truncated config.
+//!   Namespace and the namespace's weft resources get `Rendered=False` with
+//!   the same reason. Never a truncated config.
 //! - **Leaving the mesh** deletes the ConfigMap (only one carrying weft's
 //!   hash annotation).
 //! - **Pods** are watched as metadata only (labels; `Api<PartialObjectMeta<Pod>>`, what
@@ -44,6 +44,14 @@
 //! - **No owner reference** on the ConfigMap: its only natural owner, the
 //!   `Mesh`, must not take every proxy config with it when deleted; a
 //!   namespace's deletion removes it anyway.
+//! - **`Rendered`, never `Ready`.** Proxies never talk to the operator and
+//!   kubelet delivers a ConfigMap to pods a minute or two after it is
+//!   written, so the operator cannot know when proxies run a resource. A
+//!   resource's `Rendered=True` names the config generation and hash of the
+//!   `weft-proxy` ConfigMap that first carried it; a proxy whose `/config`
+//!   shows that generation or a later one runs it. Later renders of the
+//!   namespace (endpoint changes) leave that message alone, so they cost no
+//!   status writes.
 //! - `lastTransitionTime` of a condition is set when weft patches the
 //!   condition, which it does only when the verdict or message changes.
 //!
@@ -59,7 +67,7 @@ use futures::{FutureExt, Stream, StreamExt};
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, ObjectReference, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, ObjectMeta};
 use kube::api::{Api, DeleteParams, Patch, PatchParams};
 use kube::core::PartialObjectMeta;
 use kube::runtime::WatchStreamExt;
@@ -70,7 +78,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::registry::Registry;
 use serde_json::json;
 use tokio::sync::mpsc;
-use weft_api::common::ResourceStatus;
+use weft_api::common::{CONDITION_ACCEPTED, CONDITION_RENDERED, ResourceStatus, find_condition};
 use weft_api::{AccessPolicy, Mesh, MtlsPolicy, ServicePolicy, ServiceRoute};
 use weft_proxy_config::{FILE_NAME, GZIP_FILE_NAME, ValidationErrors};
 
@@ -321,11 +329,18 @@ pub fn previous_from(cm: &ConfigMap) -> Option<Previous> {
     })
 }
 
-/// What happened to the config of a CR's namespace, for its `Ready` condition.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+/// What happened to the config of a CR's namespace, for its `Rendered`
+/// condition.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum Delivery {
-    /// The namespace's config is written and current.
-    Written,
+    /// The namespace's config is written and current: ConfigMap
+    /// `weft-proxy` holds the document of this generation and hash.
+    Written {
+        /// `generation` of the written `proxy.json`.
+        generation: u64,
+        /// Its `hash`, as a proxy's `/config` shows it.
+        hash: String,
+    },
     /// The namespace's config is too large to write.
     TooLarge,
     /// The namespace is not in the mesh; nothing is written for it.
@@ -335,23 +350,25 @@ pub enum Delivery {
 }
 
 /// The server-side apply body of a CR's status.
-pub fn status_patch(status: &CrStatus, delivery: Delivery, now: &str) -> serde_json::Value {
+pub fn status_patch(status: &CrStatus, delivery: &Delivery, now: &str) -> serde_json::Value {
     let kind = match status.kind {
         Kind::ServiceRoute => "ServiceRoute",
         Kind::ServicePolicy => "ServicePolicy",
         Kind::MtlsPolicy => "MtlsPolicy",
         _ => "AccessPolicy",
     };
-    let (ready, ready_reason, ready_message) = match (status.rendered(), delivery) {
+    let (rendered, rendered_reason, rendered_message) = match (status.rendered(), delivery) {
         (false, _) => (
             "False",
             "NotAccepted",
             "nothing of this resource is rendered".to_owned(),
         ),
-        (true, Delivery::Written) => (
+        (true, Delivery::Written { generation, hash }) => (
             "True",
             "Rendered",
-            "rendered into the namespace's weft-proxy ConfigMap".to_owned(),
+            format!(
+                "rendered into ConfigMap {CONFIG_MAP_NAME} at config generation {generation} ({hash}); proxies run it once kubelet has delivered that ConfigMap to their pod, which weft cannot see: a proxy whose /config shows generation {generation} or later runs it"
+            ),
         ),
         (true, Delivery::TooLarge) => (
             "False",
@@ -370,7 +387,7 @@ pub fn status_patch(status: &CrStatus, delivery: Delivery, now: &str) -> serde_j
         ),
     };
     let mut conditions = vec![json!({
-        "type": "Accepted",
+        "type": CONDITION_ACCEPTED,
         "status": if status.accepted() { "True" } else { "False" },
         "reason": status.reason(),
         "message": status.message(),
@@ -378,10 +395,10 @@ pub fn status_patch(status: &CrStatus, delivery: Delivery, now: &str) -> serde_j
         "lastTransitionTime": now,
     })];
     conditions.push(json!({
-        "type": "Ready",
-        "status": ready,
-        "reason": ready_reason,
-        "message": ready_message,
+        "type": CONDITION_RENDERED,
+        "status": rendered,
+        "reason": rendered_reason,
+        "message": rendered_message,
         "observedGeneration": status.generation,
         "lastTransitionTime": now,
     }));
@@ -424,6 +441,45 @@ pub fn status_unchanged(current: &ResourceStatus, body: &serde_json::Value) -> b
         k
     };
     keys(&current["conditions"]) == keys(&desired["conditions"])
+}
+
+/// Keeps the message of a `Rendered=True` condition that already names the
+/// config generation which first carried this verdict on this generation of
+/// the resource: a later render of the namespace (an endpoint change) still
+/// carries it, so the first generation stays the one to compare proxies
+/// with, and the status is not rewritten for every render.
+pub fn keep_rendered_since(current: &ResourceStatus, body: &mut serde_json::Value) {
+    let desired = &body["status"]["conditions"];
+    let find = |type_: &str| {
+        desired
+            .as_array()
+            .and_then(|a| a.iter().position(|c| c["type"] == type_))
+    };
+    let (Some(accepted), Some(rendered)) = (find(CONDITION_ACCEPTED), find(CONDITION_RENDERED))
+    else {
+        return;
+    };
+    let same = |old: &Condition, new: &serde_json::Value| {
+        new["status"] == old.status.as_str()
+            && new["reason"] == old.reason.as_str()
+            && new["message"] == old.message.as_str()
+            && new["observedGeneration"].as_i64() == old.observed_generation
+    };
+    let old_accepted = find_condition(&current.conditions, CONDITION_ACCEPTED);
+    let old_rendered = find_condition(&current.conditions, CONDITION_RENDERED);
+    let (Some(old_accepted), Some(old_rendered)) = (old_accepted, old_rendered) else {
+        return;
+    };
+    let new_rendered = &desired[rendered];
+    if !same(old_accepted, &desired[accepted])
+        || old_rendered.status != "True"
+        || new_rendered["status"] != "True"
+        || new_rendered["reason"] != old_rendered.reason.as_str()
+        || new_rendered["observedGeneration"].as_i64() != old_rendered.observed_generation
+    {
+        return;
+    }
+    body["status"]["conditions"][rendered]["message"] = json!(old_rendered.message);
 }
 
 /// Keeps the `lastTransitionTime` of every condition whose status does not
@@ -472,8 +528,13 @@ pub async fn next_batch(
 /// What to do with one namespace after rendering it.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Plan {
-    /// The written config is current.
-    Unchanged,
+    /// The written config, of this generation and hash, is current.
+    Unchanged {
+        /// Its `generation`.
+        generation: u64,
+        /// Its `hash`.
+        hash: String,
+    },
     /// Apply this ConfigMap.
     Write(Box<ConfigMap>),
     /// Report that the config is too large.
@@ -508,11 +569,15 @@ pub fn plan(
         return (action, judge(index, namespace));
     }
     let out = renderer.render(index, namespace);
-    if index
+    if let Some(p) = index
         .previous(namespace)
-        .is_some_and(|p| !p.edited && p.hash == out.document.hash())
+        .filter(|p| !p.edited && p.hash == out.document.hash())
     {
-        return (Plan::Unchanged, out.statuses);
+        let unchanged = Plan::Unchanged {
+            generation: p.generation,
+            hash: p.hash.clone(),
+        };
+        return (unchanged, out.statuses);
     }
     if let Err(e) = out.document.validate() {
         return (Plan::Invalid(e), out.statuses);
@@ -786,7 +851,16 @@ pub async fn run(client: Client, opts: ConfigOptions) -> Result<(), Error> {
 }
 
 type StatusKey = (Kind, ObjectRef);
-type StatusMemo = (Option<i64>, String, String, Delivery);
+/// What a CR's status was last written for: its generation, verdict and the
+/// kind of delivery. Not the config generation of a `Written` delivery: a
+/// new render of the namespace alone does not rewrite a status (see
+/// [`keep_rendered_since`]).
+type StatusMemo = (
+    Option<i64>,
+    String,
+    String,
+    std::mem::Discriminant<Delivery>,
+);
 
 struct Writer {
     client: Client,
@@ -871,15 +945,22 @@ impl Writer {
         };
         let api: Api<ConfigMap> = Api::namespaced(self.client.clone(), ns);
         let delivery = match action {
-            Plan::Unchanged => {
+            Plan::Unchanged { generation, hash } => {
                 self.opts.metrics.renders.inc();
                 self.opts.metrics.unchanged.inc();
-                Delivery::Written
+                Delivery::Written { generation, hash }
             }
             Plan::Write(cm) => {
                 self.opts.metrics.renders.inc();
                 let edited = self.shared.index().previous(ns).is_some_and(|p| p.edited);
                 let previous = previous_from(&cm);
+                let written = previous.as_ref().expect(
+                    "config_map() annotates every ConfigMap with its generation, hash and digest",
+                );
+                let delivery = Delivery::Written {
+                    generation: written.generation,
+                    hash: written.hash.clone(),
+                };
                 api.patch(
                     CONFIG_MAP_NAME,
                     &PatchParams::apply(FIELD_MANAGER).force(),
@@ -897,7 +978,7 @@ impl Writer {
                 if edited {
                     self.report_restored(ns).await;
                 }
-                Delivery::Written
+                delivery
             }
             Plan::TooLarge { raw, gzipped } => {
                 self.opts.metrics.renders.inc();
@@ -1002,12 +1083,12 @@ impl Writer {
                 st.generation,
                 st.reason().to_owned(),
                 st.message(),
-                delivery,
+                std::mem::discriminant(&delivery),
             );
             if memo.get(&key) == Some(&value) {
                 continue;
             }
-            let mut body = status_patch(&st, delivery, &now);
+            let mut body = status_patch(&st, &delivery, &now);
             let ns = &st.object.namespace;
             let name = &st.object.name;
             // Not written by this process yet (e.g. after a restart or a
@@ -1016,6 +1097,7 @@ impl Writer {
             // whose status holds keeps its lastTransitionTime.
             match self.current_status(st.kind, ns, name).await {
                 Ok(Some(current)) => {
+                    keep_rendered_since(&current, &mut body);
                     if status_unchanged(&current, &body) {
                         memo.insert(key, value);
                         continue;
@@ -1151,7 +1233,10 @@ mod tests {
         restarted.set_previous("shop", Some(previous.clone()));
         assert_eq!(
             plan(&mut Renderer::new(), &restarted, "shop", &opts).0,
-            Plan::Unchanged
+            Plan::Unchanged {
+                generation: 1,
+                hash: cfg.hash.clone()
+            }
         );
 
         // One endpoint more: a new generation.
@@ -1263,76 +1348,202 @@ mod tests {
         assert_eq!(previous_from(&foreign), None);
     }
 
+    fn written_at(generation: u64) -> Delivery {
+        Delivery::Written {
+            generation,
+            hash: format!("sha256:{generation:064x}"),
+        }
+    }
+
+    /// The condition of `type_` in a status patch.
+    fn condition<'a>(body: &'a Value, type_: &str) -> &'a Value {
+        body["status"]["conditions"]
+            .as_array()
+            .and_then(|a| a.iter().find(|c| c["type"] == type_))
+            .unwrap_or_else(|| panic!("no condition {type_} in {body}"))
+    }
+
     #[test]
-    fn status_patches_carry_accepted_ready_and_observed_generation() {
+    fn status_patches_carry_accepted_rendered_and_observed_generation() {
         let index = shop();
         let statuses = judge(&index, "shop");
-        let body = status_patch(&statuses[0], Delivery::Written, "2026-01-01T00:00:00Z");
+        let body = status_patch(&statuses[0], &written_at(7), "2026-01-01T00:00:00Z");
         assert_eq!(body["kind"], "ServiceRoute");
         assert_eq!(body["status"]["observedGeneration"], 3);
-        let conds = body["status"]["conditions"].as_array().expect("conditions");
-        assert_eq!(conds[0]["type"], "Accepted");
-        assert_eq!(conds[0]["status"], "False");
-        assert_eq!(conds[0]["reason"], "UnknownService");
-        assert_eq!(conds[1]["type"], "Ready");
-        assert_eq!(conds[1]["reason"], "NotAccepted");
+        let types: Vec<&Value> = body["status"]["conditions"]
+            .as_array()
+            .expect("conditions")
+            .iter()
+            .map(|c| &c["type"])
+            .collect();
+        assert_eq!(
+            types,
+            ["Accepted", "Rendered"],
+            "no Ready: weft cannot see proxies"
+        );
+        let accepted = condition(&body, "Accepted");
+        assert_eq!(accepted["status"], "False");
+        assert_eq!(accepted["reason"], "UnknownService");
+        assert_eq!(condition(&body, "Rendered")["reason"], "NotAccepted");
 
         let mut ok = statuses[0].clone();
         ok.rejection = None;
-        let body = status_patch(&ok, Delivery::TooLarge, "2026-01-01T00:00:00Z");
-        assert_eq!(body["status"]["conditions"][0]["status"], "True");
-        assert_eq!(body["status"]["conditions"][1]["reason"], "ConfigTooLarge");
+        let body = status_patch(&ok, &Delivery::TooLarge, "2026-01-01T00:00:00Z");
+        assert_eq!(condition(&body, "Accepted")["status"], "True");
+        assert_eq!(condition(&body, "Rendered")["status"], "False");
+        assert_eq!(condition(&body, "Rendered")["reason"], "ConfigTooLarge");
+        assert!(
+            !condition(&body, "Accepted")["message"]
+                .as_str()
+                .expect("a message")
+                .contains("rendered"),
+            "Accepted speaks of validity only"
+        );
+    }
+
+    #[test]
+    fn rendered_names_the_config_generation_and_hash_to_compare_with_proxies() {
+        let index = shop();
+        let mut ok = judge(&index, "shop")[0].clone();
+        ok.rejection = None;
+        let body = status_patch(&ok, &written_at(7), "2026-01-01T00:00:00Z");
+        let rendered = condition(&body, "Rendered");
+        assert_eq!(rendered["status"], "True");
+        assert_eq!(rendered["reason"], "Rendered");
+        assert_eq!(rendered["observedGeneration"], 3);
+        let message = rendered["message"].as_str().expect("a message");
+        assert!(message.contains("config generation 7"), "{message}");
+        assert!(message.contains(&format!("sha256:{:064x}", 7)), "{message}");
+        assert!(message.contains("/config"), "{message}");
+    }
+
+    #[test]
+    fn a_later_render_keeps_the_generation_that_first_carried_the_resource() {
+        let index = shop();
+        let mut ok = judge(&index, "shop")[0].clone();
+        ok.rejection = None;
+        let first = status_patch(&ok, &written_at(7), "2026-01-01T00:00:00Z");
+        let current: ResourceStatus =
+            serde_json::from_value(first["status"].clone()).expect("a ResourceStatus");
+
+        // An endpoint change renders the namespace again: generation 9.
+        let mut later = status_patch(&ok, &written_at(9), "2026-02-02T00:00:00Z");
+        assert!(!status_unchanged(&current, &later));
+        keep_rendered_since(&current, &mut later);
+        assert!(
+            status_unchanged(&current, &later),
+            "no status write for a render that did not change the resource"
+        );
+
+        // A new generation of the resource is stamped with the config
+        // that carries it.
+        let mut next = ok.clone();
+        next.generation = Some(4);
+        let mut newer = status_patch(&next, &written_at(9), "2026-02-02T00:00:00Z");
+        keep_rendered_since(&current, &mut newer);
+        let message = condition(&newer, "Rendered")["message"]
+            .as_str()
+            .expect("a message");
+        assert!(message.contains("config generation 9"), "{message}");
+
+        // So is a verdict that changed on the same generation: a rejected
+        // generation rendered in its last accepted version, then accepted.
+        let mut fallback = ok.clone();
+        fallback.rejection = Some(crate::render::Rejection {
+            reason: judge(&index, "shop")[0]
+                .rejection
+                .clone()
+                .expect("fixture is rejected")
+                .reason,
+            message: "spec.service: Service shop/nope does not exist".to_owned(),
+            rendering_generation: Some(Some(2)),
+        });
+        let on_fallback = status_patch(&fallback, &written_at(7), "2026-01-01T00:00:00Z");
+        let current: ResourceStatus =
+            serde_json::from_value(on_fallback["status"].clone()).expect("a ResourceStatus");
+        let mut accepted = status_patch(&ok, &written_at(8), "2026-02-02T00:00:00Z");
+        keep_rendered_since(&current, &mut accepted);
+        let message = condition(&accepted, "Rendered")["message"]
+            .as_str()
+            .expect("a message");
+        assert!(message.contains("config generation 8"), "{message}");
+
+        // Not rendered any more, then rendered again: a new stamp.
+        let off = status_patch(&ok, &Delivery::NotMeshed, "2026-03-03T00:00:00Z");
+        let current: ResourceStatus =
+            serde_json::from_value(off["status"].clone()).expect("a ResourceStatus");
+        let mut back = status_patch(&ok, &written_at(1), "2026-04-04T00:00:00Z");
+        keep_rendered_since(&current, &mut back);
+        let message = condition(&back, "Rendered")["message"]
+            .as_str()
+            .expect("a message");
+        assert!(message.contains("config generation 1"), "{message}");
     }
 
     #[test]
     fn a_status_already_on_the_object_is_not_written_again() {
         let index = shop();
         let statuses = judge(&index, "shop");
-        let written = status_patch(&statuses[0], Delivery::Written, "2026-01-01T00:00:00Z");
+        let written = status_patch(&statuses[0], &written_at(1), "2026-01-01T00:00:00Z");
         // What the API server holds after that write.
         let current: ResourceStatus =
             serde_json::from_value(written["status"].clone()).expect("a ResourceStatus");
 
         // A restarted operator computes the same verdict at another time.
-        let later = status_patch(&statuses[0], Delivery::Written, "2026-02-02T00:00:00Z");
+        let later = status_patch(&statuses[0], &written_at(1), "2026-02-02T00:00:00Z");
         assert!(status_unchanged(&current, &later));
 
         // A different verdict is a change; a new generation is a change.
         let mut ok = statuses[0].clone();
         ok.rejection = None;
-        let accepted = status_patch(&ok, Delivery::Written, "2026-02-02T00:00:00Z");
+        let accepted = status_patch(&ok, &written_at(1), "2026-02-02T00:00:00Z");
         assert!(!status_unchanged(&current, &accepted));
         let mut next = statuses[0].clone();
         next.generation = Some(4);
-        let newer = status_patch(&next, Delivery::Written, "2026-02-02T00:00:00Z");
+        let newer = status_patch(&next, &written_at(1), "2026-02-02T00:00:00Z");
         assert!(!status_unchanged(&current, &newer));
         assert!(!status_unchanged(&ResourceStatus::default(), &later));
 
         // Only conditions whose status flips get the new time.
         let mut accepted = accepted;
         keep_transition_times(&current, &mut accepted);
-        let conds = accepted["status"]["conditions"]
-            .as_array()
-            .expect("conditions");
-        assert_eq!(conds[0]["type"], "Accepted");
-        assert_eq!(conds[0]["lastTransitionTime"], "2026-02-02T00:00:00Z");
-        assert_eq!(conds[1]["type"], "Ready");
-        assert_eq!(conds[1]["status"], "True");
-        assert_eq!(conds[1]["lastTransitionTime"], "2026-02-02T00:00:00Z");
-        let mut same_ready = status_patch(&ok, Delivery::TooLarge, "2026-03-03T00:00:00Z");
+        assert_eq!(
+            condition(&accepted, "Accepted")["lastTransitionTime"],
+            "2026-02-02T00:00:00Z"
+        );
+        let rendered = condition(&accepted, "Rendered");
+        assert_eq!(rendered["status"], "True");
+        assert_eq!(rendered["lastTransitionTime"], "2026-02-02T00:00:00Z");
+        let mut same_rendered = status_patch(&ok, &Delivery::TooLarge, "2026-03-03T00:00:00Z");
         let after_accept: ResourceStatus =
             serde_json::from_value(accepted["status"].clone()).expect("a ResourceStatus");
-        keep_transition_times(&after_accept, &mut same_ready);
-        let conds = same_ready["status"]["conditions"]
-            .as_array()
-            .expect("conditions");
+        keep_transition_times(&after_accept, &mut same_rendered);
         assert_eq!(
-            conds[0]["lastTransitionTime"], "2026-02-02T00:00:00Z",
+            condition(&same_rendered, "Accepted")["lastTransitionTime"],
+            "2026-02-02T00:00:00Z",
             "Accepted held"
         );
         assert_eq!(
-            conds[1]["lastTransitionTime"], "2026-03-03T00:00:00Z",
-            "Ready flipped"
+            condition(&same_rendered, "Rendered")["lastTransitionTime"],
+            "2026-03-03T00:00:00Z",
+            "Rendered flipped"
+        );
+    }
+
+    #[test]
+    fn a_status_written_before_with_ready_is_rewritten() {
+        let index = shop();
+        let mut ok = judge(&index, "shop")[0].clone();
+        ok.rejection = None;
+        let mut body = status_patch(&ok, &written_at(1), "2026-01-01T00:00:00Z");
+        body["status"]["conditions"][1]["type"] = json!("Ready");
+        let old: ResourceStatus =
+            serde_json::from_value(body["status"].clone()).expect("a ResourceStatus");
+        let mut now = status_patch(&ok, &written_at(1), "2026-02-02T00:00:00Z");
+        keep_rendered_since(&old, &mut now);
+        assert!(
+            !status_unchanged(&old, &now),
+            "Ready is replaced by Rendered"
         );
     }
 

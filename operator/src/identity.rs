@@ -47,7 +47,7 @@ use weft_api::mesh::{CaStatus, MESH_NAME, Mesh, MeshSpec, MeshStatus, RotationPh
 
 use crate::ca::{
     self, CA_CRT, CaError, CaSource, CaState, CertificateAuthority, DesiredCa, LeafDecision,
-    LeafInfo, LeafSubject, Observed, RotationTiming, StepOutcome, TLS_CRT, TLS_KEY,
+    LeafInfo, LeafSubject, MissingCa, Observed, RotationTiming, StepOutcome, TLS_CRT, TLS_KEY,
 };
 use crate::metrics::Metrics;
 
@@ -768,18 +768,17 @@ async fn reconcile_ca(ctx: &Context) -> Result<Duration, Error> {
     let td = spec.trust_domain.clone();
 
     // The CA the Mesh asks for. A user CA that fails its checks is
-    // reported and ignored: the current CA keeps signing.
-    let desired = match &spec.certificates.ca_secret_ref {
-        None => Some(DesiredCa::Generated {
-            rotate: spec.certificates.rotate_ca.clone(),
-        }),
+    // reported and ignored: the CA in weft-ca keeps signing, and without
+    // one nothing is issued; a generated CA never takes its place.
+    let user_ca = match &spec.certificates.ca_secret_ref {
+        None => None,
         Some(r) => {
             let ns = r.namespace.clone().unwrap_or_else(|| op_ns.clone());
             let found = Api::<Secret>::namespaced(client.clone(), &ns)
                 .get_opt(&r.name)
                 .await
                 .map_err(kube_err(format!("reading CA Secret {ns}/{}", r.name)))?;
-            let loaded = match found {
+            Some(match found {
                 None => Err(format!(
                     "CA Secret {ns}/{} named by the Mesh does not exist",
                     r.name
@@ -791,19 +790,10 @@ async fn reconcile_ca(ctx: &Context) -> Result<Duration, Error> {
                     CaSource::User,
                 )
                 .map_err(|e| format!("CA Secret {ns}/{}: {e}", r.name)),
-            };
-            match loaded {
-                Ok(ca) => Some(DesiredCa::User(Arc::new(ca))),
-                Err(msg) => {
-                    conds.push(("CAValid", false, "InvalidUserCA".into(), msg.clone()));
-                    if let Some(m) = &mesh {
-                        ctx.event(m, EventType::Warning, "InvalidUserCA", msg).await;
-                    }
-                    None
-                }
-            }
+            })
         }
     };
+    let desired = DesiredCa::from_mesh(user_ca, spec.certificates.rotate_ca.clone());
 
     // The stored state. A weft-ca Secret that cannot be read is reported
     // and left alone: replacing it would cut every workload off.
@@ -812,6 +802,32 @@ async fn reconcile_ca(ctx: &Context) -> Result<Duration, Error> {
         .get_opt(CA_SECRET)
         .await
         .map_err(kube_err(format!("reading Secret {op_ns}/{CA_SECRET}")))?;
+    let identity_secrets = Api::<Secret>::all(client.clone())
+        .list(&ListParams::default().labels(IDENTITY_LABEL))
+        .await
+        .map_err(kube_err("listing identity Secrets"))?
+        .items;
+    if let Err(msg) = &desired {
+        let (msg, consequence) = if stored.is_some() {
+            (
+                format!("{msg}; the CA in Secret {op_ns}/{CA_SECRET} keeps signing"),
+                "keeping the current CA",
+            )
+        } else {
+            (
+                format!(
+                    "{msg}; Secret {op_ns}/{CA_SECRET} does not exist either, so no CA signs: no identity is issued or renewed until the user CA Secret holds a valid CA (a generated CA never replaces a configured user CA)"
+                ),
+                "issuing nothing",
+            )
+        };
+        tracing::error!(error = %msg, "user CA unusable; {consequence}. Check the Secret named by Mesh {MESH_NAME} spec.certificates.caSecretRef: it must exist and hold tls.crt and tls.key of an unexpired CA with keyCertSign");
+        conds.push(("CAValid", false, "InvalidUserCA".into(), msg.clone()));
+        if let Some(m) = &mesh {
+            ctx.event(m, EventType::Warning, "InvalidUserCA", msg).await;
+        }
+    }
+    let mut missing = None;
     let mut state = match &stored {
         Some(s) => {
             let data: BTreeMap<String, Vec<u8>> = s
@@ -834,21 +850,28 @@ async fn reconcile_ca(ctx: &Context) -> Result<Duration, Error> {
                 }
             }
         }
-        None => match &desired {
-            Some(d) => {
-                let st = CaState::initial(d, &td, &timing, now)?;
-                tracing::info!(subject = %st.active.info().subject, source = st.active.source().as_str(), "mesh CA created");
-                Some(st)
+        None => {
+            let prior = ca::PriorCa {
+                identities: identity_secrets.len(),
+                known_ca: ctx
+                    .signer()
+                    .map(|s| s.ca.info().fingerprint.clone())
+                    .or_else(|| {
+                        mesh.as_ref()
+                            .and_then(|m| m.status.as_ref())
+                            .and_then(|s| s.active_ca.as_ref())
+                            .map(|a| a.fingerprint.clone())
+                    }),
+            };
+            match (&desired, ca::on_missing_ca(desired.as_ref(), &prior)) {
+                (Ok(d), plan) if plan != MissingCa::IssueNothing => {
+                    missing = Some((plan, prior));
+                    Some(CaState::initial(d, &td, &timing, now)?)
+                }
+                _ => None,
             }
-            None => None,
-        },
+        }
     };
-
-    let identity_secrets = Api::<Secret>::all(client.clone())
-        .list(&ListParams::default().labels(IDENTITY_LABEL))
-        .await
-        .map_err(kube_err("listing identity Secrets"))?
-        .items;
     let webhooks = Api::<MutatingWebhookConfiguration>::all(client.clone());
     let webhook = webhooks
         .get_opt(INJECTOR_NAME)
@@ -885,7 +908,7 @@ async fn reconcile_ca(ctx: &Context) -> Result<Duration, Error> {
         extra.push(injector_bundle.as_deref());
         let (observed, leaf_earliest) = observe(&identity_secrets, &extra, st);
         earliest = leaf_earliest;
-        if let Some(d) = &desired
+        if let Ok(d) = &desired
             && let StepOutcome::Changed(msg) = st.step(d, &observed, &td, &timing, now)?
         {
             tracing::info!(phase = ca::phase_name(st.phase), "{msg}");
@@ -923,6 +946,9 @@ async fn reconcile_ca(ctx: &Context) -> Result<Duration, Error> {
                 )
                 .await
                 .map_err(kube_err(format!("writing Secret {op_ns}/{CA_SECRET}")))?;
+        }
+        if let Some((plan, prior)) = &missing {
+            report_missing_ca(ctx, mesh.as_ref(), *plan, prior, st, &op_ns).await;
         }
 
         let active_expired = st.active.info().not_after <= now;
@@ -1034,6 +1060,57 @@ async fn reconcile_ca(ctx: &Context) -> Result<Duration, Error> {
         }
     }
     Ok(wake)
+}
+
+/// Tells what became of a missing `weft-ca`, once it is written again: a
+/// log line for every case, and for a deleted one a Warning Event on the
+/// `Mesh` (`CARegenerated`, counted in `weft_ca_regenerated_total`, or
+/// `CARestored`).
+async fn report_missing_ca(
+    ctx: &Context,
+    mesh: Option<&Mesh>,
+    plan: MissingCa,
+    prior: &ca::PriorCa,
+    st: &CaState,
+    op_ns: &str,
+) {
+    let subject = &st.active.info().subject;
+    let source = st.active.source().as_str();
+    let before = format!(
+        "{} identity Secrets exist{}",
+        prior.identities,
+        prior
+            .known_ca
+            .as_ref()
+            .map_or_else(String::new, |f| format!(", the mesh CA was {f}"))
+    );
+    let (reason, msg) = match plan {
+        MissingCa::Create => {
+            tracing::info!(%subject, source, "mesh CA created");
+            return;
+        }
+        MissingCa::IssueNothing => return,
+        MissingCa::Regenerate => {
+            ctx.metrics.ca_regenerated.inc();
+            (
+                "CARegenerated",
+                format!(
+                    "Secret {op_ns}/{CA_SECRET} was missing although the mesh had a CA ({before}); generated a new CA {subject} ({}): every identity, the injector's certificate and the webhook's caBundle are being re-issued from it, and pods trust it once kubelet has delivered their new Secrets. Find out who deleted the Secret (API audit log) and restrict delete on Secrets in {op_ns}",
+                    st.active.info().fingerprint
+                ),
+            )
+        }
+        MissingCa::Restore => (
+            "CARestored",
+            format!(
+                "Secret {op_ns}/{CA_SECRET} was missing although the mesh had a CA ({before}); written again from the user CA {subject}: identities it signed are kept, any other is re-issued. Find out who deleted the Secret (API audit log) and restrict delete on Secrets in {op_ns}"
+            ),
+        ),
+    };
+    tracing::warn!(reason, "{msg}");
+    if let Some(m) = mesh {
+        ctx.event(m, EventType::Warning, reason, msg).await;
+    }
 }
 
 /// Whether `existing` has no data keys beyond `desired`'s (a finished

@@ -6,6 +6,7 @@
 //! | `weft_certificate_renewal_failures_total` | counter | reconciles of a certificate that failed |
 //! | `weft_certificate_earliest_expiry_seconds` | gauge | Unix time of the earliest `notAfter` among the CA and every issued leaf; alert when it comes close to now |
 //! | `weft_identities` | gauge | identity Secrets currently issued |
+//! | `weft_ca_regenerated_total` | counter | times `weft-ca` was found deleted and a new CA generated, re-issuing every identity (Warning Event `CARegenerated` on the `Mesh`); alert on any increase |
 
 use std::sync::atomic::AtomicI64;
 
@@ -26,6 +27,8 @@ pub struct Metrics {
     pub earliest_expiry: Gauge<i64, AtomicI64>,
     /// Identity Secrets currently issued.
     pub identities: Gauge<i64, AtomicI64>,
+    /// New CAs generated because `weft-ca` was deleted.
+    pub ca_regenerated: Counter,
 }
 
 impl Default for Metrics {
@@ -50,6 +53,7 @@ impl Metrics {
         let renewal_failures = Counter::default();
         let earliest_expiry = Gauge::<i64, AtomicI64>::default();
         let identities = Gauge::<i64, AtomicI64>::default();
+        let ca_regenerated = Counter::default();
         registry.register(
             "certificates_issued",
             "Leaf certificates signed by the mesh CA",
@@ -70,12 +74,18 @@ impl Metrics {
             "Identity Secrets currently issued",
             identities.clone(),
         );
+        registry.register(
+            "ca_regenerated",
+            "New mesh CAs generated because Secret weft-ca was deleted, re-issuing every identity",
+            ca_regenerated.clone(),
+        );
         Self {
             registry,
             certificates_issued,
             renewal_failures,
             earliest_expiry,
             identities,
+            ca_regenerated,
         }
     }
 
@@ -108,6 +118,7 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("weft_identities 0"), "{text}");
+        assert!(text.contains("weft_ca_regenerated_total 0"), "{text}");
     }
 
     #[test]

@@ -195,7 +195,7 @@ impl CrStatus {
     /// A human-readable condition message.
     pub fn message(&self) -> String {
         match &self.rejection {
-            None => "accepted and rendered into the proxy config".to_owned(),
+            None => "valid, and every object it refers to exists".to_owned(),
             Some(r) => match r.rendering_generation {
                 Some(g) => format!(
                     "{}; still rendering generation {}, the last accepted",

@@ -2,8 +2,10 @@
 //! (etcd, kube-apiserver, controller-manager in a private network
 //! namespace): CA and identities for labelled namespaces only, repair of
 //! deleted and hand-edited Secrets, the webhook `caBundle`, a CA rotation
-//! that survives a crash of the leader mid-way, and leadership handed from
-//! one replica to another without the standby ever writing.
+//! that survives a crash of the leader mid-way, leadership handed from one
+//! replica to another without the standby ever writing, and a deleted
+//! `weft-ca`: a new CA reported by a Warning Event and a metric with a
+//! generated CA, never a generated CA in place of a broken user CA.
 //!
 //! Needs root and the control plane binary (`e2e/controlplane/build.sh`);
 //! the harness fails with instructions when either is missing.
@@ -21,7 +23,7 @@ use kube::{CustomResourceExt, ResourceExt};
 use rustls::pki_types::{CertificateDer, UnixTime};
 use rustls::server::WebPkiClientVerifier;
 use weft_api::mesh::{Mesh, RotationPhase};
-use weft_e2e::Cluster;
+use weft_e2e::{Cluster, HarnessError};
 use weft_operator::ca::{LeafInfo, parse_cert_pems};
 
 /// A `weft-operator` process; killed when dropped.
@@ -140,6 +142,22 @@ async fn serial() -> tokio::sync::MutexGuard<'static, ()> {
     LOCK.get_or_init(|| tokio::sync::Mutex::new(()))
         .lock()
         .await
+}
+
+/// The types of the Events with `reason` on Mesh `default`.
+async fn mesh_events(cluster: &Cluster, reason: &str) -> Result<Vec<String>, HarnessError> {
+    let out = cluster
+        .kubectl(&[
+            "get",
+            "events",
+            "-A",
+            "--field-selector",
+            &format!("reason={reason},involvedObject.kind=Mesh,involvedObject.name=default"),
+            "-o",
+            "jsonpath={.items[*].type}",
+        ])
+        .await?;
+    Ok(out.split_whitespace().map(str::to_owned).collect())
 }
 
 async fn secret(api: &Api<Secret>, name: &str) -> anyhow::Result<Option<Secret>> {
@@ -428,6 +446,37 @@ async fn operator_issues_repairs_rotates_and_hands_over() -> anyhow::Result<()> 
         })
         .await?;
 
+    // weft-ca deleted: a new CA, every identity re-issued from it, and the
+    // platform team told (a Warning Event on the Mesh and a metric).
+    assert_eq!(op_b.metric("weft_ca_regenerated_total").await?, 0.0);
+    assert!(mesh_events(&cluster, "CARegenerated").await?.is_empty());
+    cluster
+        .kubectl(&["-n", "weft-system", "delete", "secret", "weft-ca"])
+        .await?;
+    cluster
+        .wait_until(wait, "a Warning Event CARegenerated on the Mesh", || {
+            let c = &cluster;
+            async move {
+                Ok(mesh_events(c, "CARegenerated")
+                    .await?
+                    .iter()
+                    .any(|t| t == "Warning"))
+            }
+        })
+        .await?;
+    assert_eq!(op_b.metric("weft_ca_regenerated_total").await?, 1.0);
+    let ca4 = secret(&system, "weft-ca").await?.context("weft-ca")?;
+    assert_ne!(data(&ca4, "tls.crt"), data(&ca3, "tls.crt"), "a new CA");
+    cluster
+        .wait_until(wait, "identities re-issued from the new CA", || {
+            let (meshed, b) = (meshed.clone(), data(&ca4, "ca.crt"));
+            async move {
+                let s = meshed.get("weft-identity-cart").await?;
+                Ok(data(&s, "ca.crt") == b && verify_chain(&b, &data(&s, "tls.crt")).is_ok())
+            }
+        })
+        .await?;
+
     // Leaving the mesh removes the identities.
     cluster
         .kubectl(&["label", "namespace", "meshed", "weft.dev/inject-"])
@@ -677,6 +726,57 @@ async fn bad_user_ca_is_reported_and_nothing_is_issued_or_deleted() -> anyhow::R
         data(&id_after, "tls.crt"),
         data(&id, "tls.crt"),
         "identity not re-issued"
+    );
+
+    // weft-ca deleted while the user CA is broken: no generated CA in its
+    // place, nothing issued or deleted, and the condition says so.
+    cluster
+        .kubectl(&["-n", "weft-system", "delete", "secret", "weft-ca"])
+        .await?;
+    cluster
+        .wait_until(wait, "CAValid=False saying no CA signs", || {
+            let meshes = meshes.clone();
+            async move {
+                Ok(ca_valid(&meshes).await.is_some_and(|(s, r, m)| {
+                    s == "False" && r == "InvalidUserCA" && m.contains("does not exist either")
+                }))
+            }
+        })
+        .await?;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(
+        system.get_opt("weft-ca").await?.is_none(),
+        "no generated CA in place of the user's"
+    );
+    assert!(mesh_events(&cluster, "CARegenerated").await?.is_empty());
+    let id_kept = meshed.get("weft-identity-default").await?;
+    assert_eq!(id_kept.uid(), id.uid(), "identity not deleted");
+    assert_eq!(data(&id_kept, "tls.crt"), data(&id, "tls.crt"));
+
+    // The user CA fixed: weft-ca written again from it, reported; the
+    // identity it signed stays.
+    put_user_ca(&cluster, &good_crt, &good_key).await?;
+    cluster
+        .wait_until(wait, "weft-ca restored from the user CA", || {
+            let c = &cluster;
+            let system = system.clone();
+            async move {
+                Ok(system.get_opt("weft-ca").await?.is_some()
+                    && mesh_events(c, "CARestored")
+                        .await?
+                        .iter()
+                        .any(|t| t == "Warning"))
+            }
+        })
+        .await?;
+    let ca_restored = system.get("weft-ca").await?;
+    assert_eq!(data(&ca_restored, "tls.crt"), data(&ca_before, "tls.crt"));
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let id_restored = meshed.get("weft-identity-default").await?;
+    assert_eq!(
+        data(&id_restored, "tls.crt"),
+        data(&id, "tls.crt"),
+        "identity signed by the user CA not re-issued"
     );
     cluster.shutdown();
     Ok(())

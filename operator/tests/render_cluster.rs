@@ -2,7 +2,9 @@
 //! node: kubectl-applied resources change the ConfigMap, scaling a
 //! Deployment changes endpoints, a burst of 100 EndpointSlice updates gives
 //! few writes, an invalid resource gets `Accepted=False` while the rest
-//! keeps working, and a restarted operator writes nothing.
+//! keeps working, a rendered one `Rendered=True` naming the config
+//! generation that carries it (never `Ready`: weft cannot see proxies), and
+//! neither renders of other changes nor a restarted operator write again.
 //!
 //! Needs root and the control plane binary (`e2e/controlplane/build.sh`);
 //! the harness fails with instructions when either is missing.
@@ -13,6 +15,7 @@ use anyhow::Context as _;
 use k8s_openapi::api::core::v1::ConfigMap;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::ResourceExt;
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use weft_api::ServiceRoute;
 use weft_e2e::Cluster;
@@ -206,6 +209,50 @@ async fn config_follows_the_cluster() -> anyhow::Result<()> {
         Some(("False".into(), "UnknownService".into()))
     );
 
+    // `Rendered`, not `Ready`: the route is in the ConfigMap, at the config
+    // generation its message names, which a proxy's /config can be
+    // compared with.
+    let conditions = |name: &'static str| {
+        let routes = routes.clone();
+        async move {
+            let r = routes.get(name).await?;
+            anyhow::Ok(r.status.map(|s| s.conditions).unwrap_or_default())
+        }
+    };
+    let web = conditions("web").await?;
+    assert!(web.iter().all(|c| c.type_ != "Ready"), "{web:?}");
+    let rendered = web
+        .iter()
+        .find(|c| c.type_ == "Rendered")
+        .context("Rendered on web")?;
+    assert_eq!(
+        (rendered.status.as_str(), rendered.reason.as_str()),
+        ("True", "Rendered")
+    );
+    let stamped: u64 = rendered
+        .message
+        .split("config generation ")
+        .nth(1)
+        .and_then(|rest| rest.split(' ').next())
+        .and_then(|g| g.parse().ok())
+        .with_context(|| format!("no config generation in {:?}", rendered.message))?;
+    let now = current(&cms).await?.context("config exists")?;
+    assert!(
+        (1..=now.generation).contains(&stamped),
+        "stamped {stamped}, ConfigMap at {}",
+        now.generation
+    );
+    let typo = conditions("typo").await?;
+    let not_rendered = typo
+        .iter()
+        .find(|c| c.type_ == "Rendered")
+        .context("Rendered on typo")?;
+    assert_eq!(
+        (not_rendered.status.as_str(), not_rendered.reason.as_str()),
+        ("False", "NotAccepted")
+    );
+    let web_version = routes.get("web").await?.resource_version();
+
     // A burst of 100 EndpointSlice updates: few writes.
     let slices: Api<EndpointSlice> = Api::namespaced(client.clone(), "shop");
     let ssa = PatchParams::apply("burst-test").force();
@@ -235,6 +282,11 @@ async fn config_follows_the_cluster() -> anyhow::Result<()> {
         (1..=15).contains(&burst_writes),
         "{burst_writes} writes for a burst of 100 updates"
     );
+    assert_eq!(
+        routes.get("web").await?.resource_version(),
+        web_version,
+        "new config generations that do not change the route write no status"
+    );
 
     // Restart: a new operator renders every namespace again and writes nothing.
     operator.abort();
@@ -253,6 +305,11 @@ async fn config_follows_the_cluster() -> anyhow::Result<()> {
     let after = current(&cms).await?.context("config exists")?;
     assert_eq!(after.hash, final_cfg.hash);
     assert_eq!(after.generation, final_cfg.generation);
+    assert_eq!(
+        routes.get("web").await?.resource_version(),
+        web_version,
+        "a restarted operator keeps the route's status"
+    );
 
     // Leaving the mesh removes the ConfigMap.
     cluster

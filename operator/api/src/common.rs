@@ -8,8 +8,11 @@ use serde::{Deserialize, Serialize};
 
 /// Condition type set on every weft resource once the operator has judged it.
 pub const CONDITION_ACCEPTED: &str = "Accepted";
-/// Condition type set once what was accepted has been written for the data plane.
-pub const CONDITION_READY: &str = "Ready";
+/// Condition type set once what was accepted has been written into the
+/// namespace's `weft-proxy` ConfigMap. Not `Ready`: proxies never report to
+/// the operator, and kubelet delivers the ConfigMap to pods later, so weft
+/// cannot know when a proxy runs it.
+pub const CONDITION_RENDERED: &str = "Rendered";
 
 /// The status every namespaced weft resource carries.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
@@ -19,8 +22,9 @@ pub struct ResourceStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
     /// Standard conditions: `Accepted` (the spec is valid and refers to things
-    /// that exist) and `Ready` (it has been rendered into the proxy config of
-    /// every namespace that needs it).
+    /// that exist) and `Rendered` (it is written into the namespace's
+    /// `weft-proxy` ConfigMap; the message names the config generation and
+    /// hash that first carried it, to compare with a proxy's `/config`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,

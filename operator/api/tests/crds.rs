@@ -248,7 +248,13 @@ fn examples_are_valid_and_cover_every_kind() {
     }
     assert_eq!(
         kinds.into_iter().collect::<Vec<_>>(),
-        ["AccessPolicy", "Mesh", "MtlsPolicy", "ServicePolicy", "ServiceRoute"]
+        [
+            "AccessPolicy",
+            "Mesh",
+            "MtlsPolicy",
+            "ServicePolicy",
+            "ServiceRoute"
+        ]
     );
 }
 
