@@ -39,7 +39,7 @@ fn crds_writes_what_is_committed() {
         );
         n += 1;
     }
-    assert_eq!(n, 5, "four CRDs and their kustomization");
+    assert_eq!(n, 6, "five CRDs and their kustomization");
 }
 
 #[test]
