@@ -1083,8 +1083,152 @@ async fn a_hand_edited_proxy_config_is_restored_by_the_operator() -> anyhow::Res
         restored_total >= 2,
         "weft_config_restored_total {restored_total}"
     );
+
+    // 3. With the operator down nothing undoes an edit, and kubelet
+    //    delivers it: the proxies refuse it themselves, since the operator
+    //    did not sign it.
+    let signed = config_map(&d).await?;
+    let running = mesh::proxy_config(&d.cluster, "demo", &d.frontend).await?["hash"].clone();
+    scale_operator(&d, 0).await?;
+    let mut doc: weft_proxy_config::ProxyConfig =
+        serde_json::from_str(signed["data"]["proxy.json"].as_str().unwrap_or_default())?;
+    for svc in doc.services.iter_mut().filter(|s| s.name == "backend") {
+        for r in &mut svc.http_routes {
+            for b in &mut r.backends {
+                b.subset = Some("v2".into());
+            }
+        }
+    }
+    doc.seal();
+    let rejected = |reason: &str| {
+        let series = format!("weft_proxy_config_rejected_total{{reason=\"{reason}\"}} ");
+        let d = &d;
+        async move { proxy_counter(d, "demo", &d.frontend, &series).await }
+    };
+    // Each edit: a valid document sending everything to v2, first next to
+    // the real document's signature (kept by a merge patch), then alone.
+    for (what, data, reason) in [
+        (
+            "the forged document under the original signature",
+            serde_json::json!({"proxy.json": String::from_utf8(doc.to_json())?}),
+            "other-document",
+        ),
+        (
+            "the forged document without a signature",
+            serde_json::json!({"proxy.json": String::from_utf8(doc.to_json())?, "proxy.json.sig": null}),
+            "unsigned",
+        ),
+    ] {
+        let before = rejected(reason).await?;
+        let patch = serde_json::json!({
+            "metadata": {"annotations": {"weft.dev/config-hash": doc.hash}},
+            "data": data,
+        });
+        d.cluster
+            .kubectl(&[
+                "patch",
+                "configmap",
+                "-n",
+                "demo",
+                "weft-proxy",
+                "--type",
+                "merge",
+                "-p",
+                &patch.to_string(),
+            ])
+            .await?;
+        let start = Instant::now();
+        while rejected(reason).await? == before {
+            anyhow::ensure!(
+                start.elapsed() < Duration::from_secs(120),
+                "{what}: the frontend's proxy never refused it (delivered? {})",
+                d.mounted_config().await?["hash"] == doc.hash.as_str()
+            );
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        let mounted = d.mounted_config().await?;
+        assert_eq!(
+            mounted["hash"],
+            doc.hash.as_str(),
+            "{what}: delivered to the pod"
+        );
+        let now = mesh::proxy_config(&d.cluster, "demo", &d.frontend).await?;
+        assert_eq!(
+            now["hash"], running,
+            "{what}: the proxy keeps the signed config"
+        );
+        let tally = d.send("/", &[], 20).await?;
+        assert_eq!(
+            tally.by_version(),
+            BTreeMap::from([("v1".to_owned(), 20)]),
+            "{what}: {tally:?}"
+        );
+        println!(
+            "{what}: delivered and refused ({reason}) {:.1}s after the edit; 20 of 20 requests still to v1",
+            start.elapsed().as_secs_f64()
+        );
+    }
+    // Back up, the operator writes (and signs) the namespace's config again.
+    scale_operator(&d, 2).await?;
+    mesh::wait_for_proxy_sync(&d.cluster, "demo", &d.frontend, Duration::from_secs(120)).await?;
+    let cm = config_map(&d).await?;
+    assert!(
+        cm["data"]["proxy.json.sig"].is_string(),
+        "signed again: {cm}"
+    );
     d.cluster.shutdown();
     Ok(())
+}
+
+/// Scales the operator's Deployment and waits until that many of its pods
+/// exist.
+async fn scale_operator(d: &Demo, replicas: usize) -> anyhow::Result<()> {
+    d.cluster
+        .kubectl(&[
+            "-n",
+            "weft-system",
+            "scale",
+            "deployment/weft-operator",
+            &format!("--replicas={replicas}"),
+        ])
+        .await?;
+    d.cluster
+        .wait_until(
+            Duration::from_secs(90),
+            &format!("{replicas} operator pods"),
+            || async {
+                let running = d
+                    .cluster
+                    .kubectl(&[
+                        "get",
+                        "pods",
+                        "-n",
+                        "weft-system",
+                        "-l",
+                        "app.kubernetes.io/name=weft-operator",
+                        "-o",
+                        "jsonpath={range .items[*]}{.status.phase}{\"\\n\"}{end}",
+                    ])
+                    .await?;
+                let running: Vec<&str> = running.lines().filter(|l| !l.is_empty()).collect();
+                Ok(running.len() == replicas && running.iter().all(|p| *p == "Running"))
+            },
+        )
+        .await?;
+    Ok(())
+}
+
+/// The value of one counter series (`name{labels} `) of `ns/pod`'s proxy.
+async fn proxy_counter(d: &Demo, ns: &str, pod: &str, series: &str) -> anyhow::Result<u64> {
+    let app = d.cluster.pod_program("weft-e2e-app")?;
+    let out = d
+        .cluster
+        .exec_in_pod(ns, pod, &[&app, "get", "http://127.0.0.1:15020/metrics"])
+        .await?;
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find_map(|l| l.strip_prefix(series))
+        .map_or(Ok(0), |v| v.trim().parse::<u64>())?)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

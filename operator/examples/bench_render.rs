@@ -318,6 +318,7 @@ fn main() -> anyhow::Result<()> {
                 generation: doc.generation(),
                 hash: doc.hash().to_owned(),
                 edited: false,
+                signer: None,
             }),
         );
     }

@@ -246,6 +246,15 @@ pub enum LeafSubject {
         /// DNS names, the first one is also the common name.
         dns_names: Vec<String>,
     },
+    /// The operator's config signer: the SPIFFE ID
+    /// `spiffe://<trust_domain>/weft/config-signer`, which no workload can
+    /// have, and the `codeSigning` extended key usage instead of TLS ones,
+    /// so it can sign `proxy.json.sig` and nothing else (see
+    /// [`crate::signing`]).
+    ConfigSigner {
+        /// SPIFFE trust domain.
+        trust_domain: String,
+    },
 }
 
 impl LeafSubject {
@@ -259,6 +268,9 @@ impl LeafSubject {
             } => Some(format!(
                 "spiffe://{trust_domain}/ns/{namespace}/sa/{service_account}"
             )),
+            LeafSubject::ConfigSigner { trust_domain } => {
+                Some(weft_proxy_config::config_signer_id(trust_domain))
+            }
             LeafSubject::Server { .. } => None,
         }
     }
@@ -579,7 +591,7 @@ impl CertificateAuthority {
         let mut dn = DistinguishedName::new();
         dn.push(DnType::OrganizationName, "weft");
         match subject {
-            LeafSubject::Workload { .. } => {
+            LeafSubject::Workload { .. } | LeafSubject::ConfigSigner { .. } => {
                 let id = subject.spiffe_id().unwrap_or_default();
                 let uri =
                     id.clone()
@@ -589,10 +601,13 @@ impl CertificateAuthority {
                             reason: e.to_string(),
                         })?;
                 params.subject_alt_names = vec![SanType::URI(uri)];
-                params.extended_key_usages = vec![
-                    ExtendedKeyUsagePurpose::ServerAuth,
-                    ExtendedKeyUsagePurpose::ClientAuth,
-                ];
+                params.extended_key_usages = match subject {
+                    LeafSubject::ConfigSigner { .. } => vec![ExtendedKeyUsagePurpose::CodeSigning],
+                    _ => vec![
+                        ExtendedKeyUsagePurpose::ServerAuth,
+                        ExtendedKeyUsagePurpose::ClientAuth,
+                    ],
+                };
             }
             LeafSubject::Server { dns_names } => {
                 let mut sans = Vec::new();
@@ -694,7 +709,7 @@ impl LeafInfo {
 
     fn matches(&self, subject: &LeafSubject) -> bool {
         match subject {
-            LeafSubject::Workload { .. } => {
+            LeafSubject::Workload { .. } | LeafSubject::ConfigSigner { .. } => {
                 self.uris == subject.spiffe_id().into_iter().collect::<Vec<_>>()
             }
             LeafSubject::Server { dns_names } => &self.dns_names == dns_names,

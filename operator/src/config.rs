@@ -80,12 +80,13 @@ use serde_json::json;
 use tokio::sync::mpsc;
 use weft_api::common::{CONDITION_ACCEPTED, CONDITION_RENDERED, ResourceStatus, find_condition};
 use weft_api::{AccessPolicy, Mesh, MtlsPolicy, ServicePolicy, ServiceRoute};
-use weft_proxy_config::{FILE_NAME, GZIP_FILE_NAME, ValidationErrors};
+use weft_proxy_config::{FILE_NAME, GZIP_FILE_NAME, SIGNATURE_FILE_NAME, ValidationErrors};
 
 use crate::index::{
     Dirty, INJECT_LABEL, Index, Kind, Object, ObjectRef, PROXY_INJECTED, PROXY_LABEL, Previous,
 };
 use crate::render::{CrStatus, Document, Payload, Renderer, judge};
+use crate::signing::ConfigSigner;
 
 /// Name of the ConfigMap written in every meshed namespace.
 pub const CONFIG_MAP_NAME: &str = "weft-proxy";
@@ -99,6 +100,9 @@ pub const GENERATION_ANNOTATION: &str = "weft.dev/config-generation";
 /// ConfigMap's `data` and `binaryData`, so a hand edit of the content that
 /// leaves the hash annotation alone is noticed (and undone).
 pub const CONTENT_DIGEST_ANNOTATION: &str = "weft.dev/content-digest";
+/// Annotation holding the fingerprint of the config signer that signed
+/// the ConfigMap's `proxy.json.sig` (see [`crate::signing`]).
+pub const SIGNER_ANNOTATION: &str = "weft.dev/config-signer";
 /// Kubernetes rejects objects above 1 MiB; leave room for metadata.
 pub const DEFAULT_MAX_BYTES: usize = 1024 * 1024 - 16 * 1024;
 
@@ -114,6 +118,14 @@ pub enum Error {
         what: String,
         /// The API error.
         source: kube::Error,
+    },
+    /// A document could not be signed (retried).
+    #[error("signing the proxy config of namespace {namespace}: {reason}")]
+    Signing {
+        /// The namespace.
+        namespace: String,
+        /// Why.
+        reason: String,
     },
     /// The writer's queue closed: every watcher stopped.
     #[error("every watcher stopped; the operator must restart")]
@@ -243,15 +255,47 @@ pub fn encode(document: &Document, gzip_threshold: usize, max_bytes: usize) -> E
     }
 }
 
-/// The ConfigMap holding a document. `None` for [`Encoded::TooLarge`].
-pub fn config_map(namespace: &str, document: &Document, encoded: &Encoded) -> Option<ConfigMap> {
+/// A document's `proxy.json.sig` and the fingerprint of its signer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Signed {
+    /// The content of `proxy.json.sig`.
+    pub signature: String,
+    /// [`ConfigSigner::fingerprint`] of the signer.
+    pub signer: String,
+}
+
+impl Signed {
+    /// Signs `document` of `namespace` with `signer`.
+    pub fn new(
+        signer: &ConfigSigner,
+        namespace: &str,
+        document: &Document,
+    ) -> Result<Self, String> {
+        Ok(Self {
+            signature: signer
+                .sign(namespace, document.hash())
+                .map_err(|e| e.to_string())?,
+            signer: signer.fingerprint().to_owned(),
+        })
+    }
+}
+
+/// The ConfigMap holding a document and its signature. `None` for
+/// [`Encoded::TooLarge`].
+pub fn config_map(
+    namespace: &str,
+    document: &Document,
+    encoded: &Encoded,
+    signed: &Signed,
+) -> Option<ConfigMap> {
+    let sig = (SIGNATURE_FILE_NAME.to_owned(), signed.signature.clone());
     let (data, binary_data) = match encoded {
         Encoded::Plain(s) => (
-            Some(BTreeMap::from([(FILE_NAME.to_owned(), s.clone())])),
+            Some(BTreeMap::from([(FILE_NAME.to_owned(), s.clone()), sig])),
             None,
         ),
         Encoded::Gzip(b) => (
-            None,
+            Some(BTreeMap::from([sig])),
             Some(BTreeMap::from([(
                 GZIP_FILE_NAME.to_owned(),
                 ByteString(b.to_vec()),
@@ -275,6 +319,7 @@ pub fn config_map(namespace: &str, document: &Document, encoded: &Encoded) -> Op
                     document.generation().to_string(),
                 ),
                 (CONTENT_DIGEST_ANNOTATION.to_owned(), digest),
+                (SIGNER_ANNOTATION.to_owned(), signed.signer.clone()),
             ])),
             ..Default::default()
         },
@@ -326,6 +371,7 @@ pub fn previous_from(cm: &ConfigMap) -> Option<Previous> {
         generation,
         hash,
         edited,
+        signer: a.get(SIGNER_ANNOTATION).cloned(),
     })
 }
 
@@ -546,6 +592,8 @@ pub enum Plan {
     },
     /// The rendered config fails validation: not written.
     Invalid(ValidationErrors),
+    /// The document could not be signed: not written (retried).
+    SigningFailed(String),
     /// The namespace left the mesh: delete its ConfigMap.
     Delete,
     /// Nothing exists and nothing should.
@@ -553,12 +601,14 @@ pub enum Plan {
 }
 
 /// Decides what to do for a namespace, from the index alone (and what the
-/// renderer kept of earlier renders).
+/// renderer kept of earlier renders); a document to write is signed by
+/// `signer`, and one signed by another signer is written again.
 pub fn plan(
     renderer: &mut Renderer,
     index: &Index,
     namespace: &str,
     opts: &ConfigOptions,
+    signer: &ConfigSigner,
 ) -> (Plan, Vec<CrStatus>) {
     if !index.is_meshed(namespace) {
         let action = if index.previous(namespace).is_some() {
@@ -569,10 +619,11 @@ pub fn plan(
         return (action, judge(index, namespace));
     }
     let out = renderer.render(index, namespace);
-    if let Some(p) = index
-        .previous(namespace)
-        .filter(|p| !p.edited && p.hash == out.document.hash())
-    {
+    if let Some(p) = index.previous(namespace).filter(|p| {
+        !p.edited
+            && p.hash == out.document.hash()
+            && p.signer.as_deref() == Some(signer.fingerprint())
+    }) {
         let unchanged = Plan::Unchanged {
             generation: p.generation,
             hash: p.hash.clone(),
@@ -583,7 +634,11 @@ pub fn plan(
         return (Plan::Invalid(e), out.statuses);
     }
     let encoded = encode(&out.document, opts.gzip_threshold, opts.max_bytes);
-    let action = match config_map(namespace, &out.document, &encoded) {
+    let signed = match Signed::new(signer, namespace, &out.document) {
+        Ok(s) => s,
+        Err(e) => return (Plan::SigningFailed(e), out.statuses),
+    };
+    let action = match config_map(namespace, &out.document, &encoded, &signed) {
         Some(cm) => Plan::Write(Box::new(cm)),
         None => match encoded {
             Encoded::TooLarge { raw, gzipped } => Plan::TooLarge { raw, gzipped },
@@ -731,8 +786,14 @@ fn pod_metadata(meta: PartialObjectMeta<Pod>) -> Object {
 }
 
 /// Runs the config reconcilers until a fatal error. Call it only while
-/// leading: two writers would fight over the ConfigMaps.
-pub async fn run(client: Client, opts: ConfigOptions) -> Result<(), Error> {
+/// leading: two writers would fight over the ConfigMaps. Nothing is written
+/// before `signer` holds a config signer; each new one signs every meshed
+/// namespace's document again.
+pub async fn run(
+    client: Client,
+    opts: ConfigOptions,
+    mut signer: tokio::sync::watch::Receiver<Option<Arc<ConfigSigner>>>,
+) -> Result<(), Error> {
     let (tx, mut rx) = mpsc::unbounded_channel();
     let (synced_tx, mut synced_rx) = tokio::sync::watch::channel(0usize);
     let shared = Arc::new(Shared {
@@ -835,13 +896,36 @@ pub async fn run(client: Client, opts: ConfigOptions) -> Result<(), Error> {
         if synced_rx.wait_for(|n| *n >= watchers).await.is_err() {
             return Err(Error::WatchersGone);
         }
-        tracing::info!("config watchers synced; rendering");
+        tracing::info!("config watchers synced; waiting for the config signer");
+        let mut current = match signer.wait_for(Option::is_some).await {
+            Ok(s) => s.clone().ok_or(Error::WatchersGone)?,
+            Err(_) => return Err(Error::WatchersGone),
+        };
+        tracing::info!(signer = current.fingerprint(), "rendering");
         let writer = Writer::new(client.clone(), opts.clone(), shared.clone());
+        // Without a sender no new signer comes: keep signing with this one.
+        let mut signer_open = true;
         loop {
-            let Some(batch) = next_batch(&mut rx, opts.debounce).await else {
-                return Err(Error::WatchersGone);
-            };
-            writer.write_batch(batch).await;
+            tokio::select! {
+                batch = next_batch(&mut rx, opts.debounce) => {
+                    let Some(batch) = batch else {
+                        return Err(Error::WatchersGone);
+                    };
+                    writer.write_batch(batch, &current).await;
+                }
+                changed = signer.changed(), if signer_open => {
+                    if changed.is_err() {
+                        signer_open = false;
+                        continue;
+                    }
+                    let next = signer.borrow_and_update().clone();
+                    if let Some(next) = next.filter(|n| n.fingerprint() != current.fingerprint()) {
+                        tracing::info!(signer = next.fingerprint(), "new config signer; signing every namespace again");
+                        current = next;
+                        shared.mark(Dirty { all_meshed: true, ..Dirty::none() });
+                    }
+                }
+            }
         }
     };
     tokio::select! {
@@ -890,10 +974,10 @@ impl Writer {
         }
     }
 
-    async fn write_batch(&self, batch: Dirty) {
+    async fn write_batch(&self, batch: Dirty, signer: &ConfigSigner) {
         let namespaces = batch.resolve(&self.shared.index());
         for ns in namespaces {
-            if let Err(e) = self.reconcile(&ns).await {
+            if let Err(e) = self.reconcile(&ns, signer).await {
                 tracing::warn!(namespace = %ns, error = %e, "config reconcile failed; retrying");
                 let shared = self.shared.clone();
                 let after = self.opts.retry_after;
@@ -937,11 +1021,11 @@ impl Writer {
         }
     }
 
-    async fn reconcile(&self, ns: &str) -> Result<(), Error> {
+    async fn reconcile(&self, ns: &str, signer: &ConfigSigner) -> Result<(), Error> {
         let (action, statuses) = {
             let index = self.shared.index();
             let mut renderer = self.renderer.lock().unwrap_or_else(|e| e.into_inner());
-            plan(&mut renderer, &index, ns, &self.opts)
+            plan(&mut renderer, &index, ns, &self.opts, signer)
         };
         let api: Api<ConfigMap> = Api::namespaced(self.client.clone(), ns);
         let delivery = match action {
@@ -1010,6 +1094,12 @@ impl Writer {
                 self.opts.metrics.renders.inc();
                 tracing::error!(namespace = %ns, %errors, "rendered proxy config fails validation (a weft bug); not written, proxies keep their last config");
                 Delivery::Invalid
+            }
+            Plan::SigningFailed(reason) => {
+                return Err(Error::Signing {
+                    namespace: ns.to_owned(),
+                    reason,
+                });
             }
             Plan::Delete => {
                 match api.delete(CONFIG_MAP_NAME, &DeleteParams::default()).await {
@@ -1199,6 +1289,25 @@ mod tests {
         ])
     }
 
+    /// One config signer for every test: key generation is slow in debug.
+    fn signer() -> &'static ConfigSigner {
+        static SIGNER: std::sync::OnceLock<ConfigSigner> = std::sync::OnceLock::new();
+        SIGNER.get_or_init(|| test_signer("td"))
+    }
+
+    fn test_signer(td: &str) -> ConfigSigner {
+        let now = std::time::SystemTime::now();
+        let ca = crate::ca::CertificateAuthority::generate(td, Duration::from_secs(86400), now)
+            .expect("CA");
+        let subject = crate::ca::LeafSubject::ConfigSigner {
+            trust_domain: td.into(),
+        };
+        let leaf = ca
+            .issue(&subject, Duration::from_secs(3600), now)
+            .expect("leaf");
+        ConfigSigner::from_pem(leaf.cert_pem.as_bytes(), leaf.key_pem.as_bytes()).expect("signer")
+    }
+
     fn written(plan: &Plan) -> &ConfigMap {
         match plan {
             Plan::Write(cm) => cm,
@@ -1206,20 +1315,33 @@ mod tests {
         }
     }
 
+    /// The document in a ConfigMap, checked to load and to carry a
+    /// signature of itself by [`signer`].
     fn decoded(cm: &ConfigMap) -> ProxyConfig {
-        let bytes = match (&cm.data, &cm.binary_data) {
-            (Some(d), None) => d[FILE_NAME].as_bytes().to_vec(),
-            (None, Some(b)) => weft_proxy_config::gunzip(&b[GZIP_FILE_NAME].0).expect("valid gzip"),
-            other => panic!("unexpected ConfigMap payload {other:?}"),
+        let data = cm.data.as_ref().expect("data holds proxy.json.sig");
+        let bytes = match &cm.binary_data {
+            None => data[FILE_NAME].as_bytes().to_vec(),
+            Some(b) => {
+                assert!(!data.contains_key(FILE_NAME), "one copy of the document");
+                weft_proxy_config::gunzip(&b[GZIP_FILE_NAME].0).expect("valid gzip")
+            }
         };
-        ProxyConfig::load(&bytes).expect("what is written loads in the proxy")
+        let cfg = ProxyConfig::load(&bytes).expect("what is written loads in the proxy");
+        let sig = weft_proxy_config::ConfigSignature::parse(data[SIGNATURE_FILE_NAME].as_bytes())
+            .expect("a signature");
+        assert_eq!((&sig.namespace, &sig.hash), (&cfg.namespace, &cfg.hash));
+        assert_eq!(
+            previous_from(cm).and_then(|p| p.signer).as_deref(),
+            Some(signer().fingerprint())
+        );
+        cfg
     }
 
     #[test]
     fn first_render_writes_and_a_restart_writes_nothing() {
         let opts = ConfigOptions::default();
         let index = shop();
-        let (first, statuses) = plan(&mut Renderer::new(), &index, "shop", &opts);
+        let (first, statuses) = plan(&mut Renderer::new(), &index, "shop", &opts, signer());
         let cm = written(&first);
         let cfg = decoded(cm);
         assert_eq!(cfg.generation, 1);
@@ -1232,7 +1354,7 @@ mod tests {
         let mut restarted = shop();
         restarted.set_previous("shop", Some(previous.clone()));
         assert_eq!(
-            plan(&mut Renderer::new(), &restarted, "shop", &opts).0,
+            plan(&mut Renderer::new(), &restarted, "shop", &opts, signer()).0,
             Plan::Unchanged {
                 generation: 1,
                 hash: cfg.hash.clone()
@@ -1241,17 +1363,51 @@ mod tests {
 
         // One endpoint more: a new generation.
         restarted.apply(obj(slice(&["10.0.0.1", "10.0.0.2", "10.0.0.3"])));
-        let (next, _) = plan(&mut Renderer::new(), &restarted, "shop", &opts);
+        let (next, _) = plan(&mut Renderer::new(), &restarted, "shop", &opts, signer());
         let cfg = decoded(written(&next));
         assert_eq!(cfg.generation, 2);
         assert_eq!(cfg.services[0].endpoints.len(), 3);
     }
 
     #[test]
+    fn a_new_signer_signs_every_document_again() {
+        let opts = ConfigOptions::default();
+        let index = shop();
+        let (first, _) = plan(&mut Renderer::new(), &index, "shop", &opts, signer());
+        let cm = written(&first).clone();
+        let mut restarted = shop();
+        restarted.set_previous("shop", previous_from(&cm));
+        assert!(matches!(
+            plan(&mut Renderer::new(), &restarted, "shop", &opts, signer()).0,
+            Plan::Unchanged { .. }
+        ));
+        let renewed = test_signer("td");
+        let (again, _) = plan(&mut Renderer::new(), &restarted, "shop", &opts, &renewed);
+        let again = written(&again);
+        assert_eq!(
+            previous_from(again).and_then(|p| p.signer).as_deref(),
+            Some(renewed.fingerprint())
+        );
+        assert_eq!(
+            again.data.as_ref().map(|d| &d[FILE_NAME]),
+            cm.data.as_ref().map(|d| &d[FILE_NAME]),
+            "the same document, signed again"
+        );
+        // A ConfigMap from before signing (no signer annotation) is signed.
+        let mut unsigned = previous_from(&cm).expect("weft's");
+        unsigned.signer = None;
+        restarted.set_previous("shop", Some(unsigned));
+        assert!(matches!(
+            plan(&mut Renderer::new(), &restarted, "shop", &opts, signer()).0,
+            Plan::Write(_)
+        ));
+    }
+
+    #[test]
     fn a_hand_edited_config_map_is_written_again() {
         let index = shop();
         let opts = ConfigOptions::default();
-        let (first, _) = plan(&mut Renderer::new(), &index, "shop", &opts);
+        let (first, _) = plan(&mut Renderer::new(), &index, "shop", &opts, signer());
         let cm = written(&first).clone();
         assert!(!previous_from(&cm).expect("weft's").edited);
         let mut restarted = shop();
@@ -1268,8 +1424,12 @@ mod tests {
             let previous = previous_from(&edited).expect("weft's annotations");
             assert!(previous.edited);
             restarted.set_previous("shop", Some(previous));
-            let (again, _) = plan(&mut Renderer::new(), &restarted, "shop", &opts);
-            assert_eq!(written(&again).data, cm.data, "the rendered content again");
+            let (again, _) = plan(&mut Renderer::new(), &restarted, "shop", &opts, signer());
+            assert_eq!(
+                decoded(written(&again)),
+                decoded(&cm),
+                "the rendered content again"
+            );
         }
         // A key added by hand is an edit too.
         let mut extra = cm.clone();
@@ -1289,6 +1449,7 @@ mod tests {
                 &index,
                 "shop",
                 &ConfigOptions::default(),
+                signer(),
             )
             .0,
         )
@@ -1298,8 +1459,11 @@ mod tests {
             gzip_threshold: 64,
             ..Default::default()
         };
-        let gz = written(&plan(&mut Renderer::new(), &index, "shop", &gz_opts).0).clone();
-        assert!(gz.data.is_none());
+        let gz = written(&plan(&mut Renderer::new(), &index, "shop", &gz_opts, signer()).0).clone();
+        assert_eq!(
+            gz.data.as_ref().map(|d| d.keys().collect::<Vec<_>>()),
+            Some(vec![&SIGNATURE_FILE_NAME.to_owned()])
+        );
         assert_eq!(decoded(&gz), decoded(&plain));
 
         let tiny = ConfigOptions {
@@ -1307,7 +1471,7 @@ mod tests {
             max_bytes: 32,
             ..Default::default()
         };
-        match plan(&mut Renderer::new(), &index, "shop", &tiny).0 {
+        match plan(&mut Renderer::new(), &index, "shop", &tiny, signer()).0 {
             Plan::TooLarge { raw, gzipped } => assert!(raw > 32 && gzipped > 32),
             other => panic!("expected TooLarge, got {other:?}"),
         }
@@ -1322,7 +1486,8 @@ mod tests {
                 &mut Renderer::new(),
                 &index,
                 "shop",
-                &ConfigOptions::default()
+                &ConfigOptions::default(),
+                signer()
             )
             .0,
             Plan::Nothing
@@ -1333,6 +1498,7 @@ mod tests {
                 generation: 4,
                 hash: "sha256:x".into(),
                 edited: false,
+                signer: None,
             }),
         );
         let (p, statuses) = plan(
@@ -1340,6 +1506,7 @@ mod tests {
             &index,
             "shop",
             &ConfigOptions::default(),
+            signer(),
         );
         assert_eq!(p, Plan::Delete);
         assert_eq!(statuses.len(), 1, "resources still get a verdict");

@@ -5,8 +5,10 @@
 //! ```text
 //!  Mesh "default" ─┐                          ┌─▶ Secret weft-ca (state of the CA rotation)
 //!  Secret weft-ca ─┼─▶ CA loop (run_ca) ──────┼─▶ Secret weft-injector-tls
-//!  user CA Secret ─┤   one reconcile at a     ├─▶ MutatingWebhookConfiguration weft-injector caBundle
-//!  webhook config ─┘   time, [`ca`] decides   └─▶ Mesh status, Events
+//!  user CA Secret ─┤   one reconcile at a     ├─▶ Secret weft-config-signer ──▶ ConfigSigner (watch
+//!  webhook config ─┘   time, [`ca`] decides   │     channel) to the config writer ([`crate::signing`])
+//!                            │                ├─▶ MutatingWebhookConfiguration weft-injector caBundle
+//!                            │                └─▶ Mesh status, Events
 //!                            │ Signer (watch channel)
 //!                            ▼
 //!  ServiceAccount ─┐
@@ -50,6 +52,7 @@ use crate::ca::{
     LeafInfo, LeafSubject, MissingCa, Observed, RotationTiming, StepOutcome, TLS_CRT, TLS_KEY,
 };
 use crate::metrics::Metrics;
+use crate::signing::ConfigSigner;
 
 /// Field manager of every write.
 pub const FIELD_MANAGER: &str = "weft-operator";
@@ -57,6 +60,9 @@ pub const FIELD_MANAGER: &str = "weft-operator";
 pub const CA_SECRET: &str = "weft-ca";
 /// The injector's serving certificate.
 pub const INJECTOR_SECRET: &str = "weft-injector-tls";
+/// The config signer's Secret in the operator namespace (see
+/// [`crate::signing`]).
+pub const CONFIG_SIGNER_SECRET: &str = "weft-config-signer";
 /// The injector's Service and MutatingWebhookConfiguration name.
 pub const INJECTOR_NAME: &str = "weft-injector";
 /// Label on identity Secrets: the service account's name.
@@ -210,6 +216,7 @@ pub struct Context {
     /// Time source.
     pub clock: Arc<dyn Clock>,
     signer: watch::Sender<Option<Signer>>,
+    config_signer: watch::Sender<Option<Arc<ConfigSigner>>>,
     recorder: Recorder,
     namespaces: Mutex<HashMap<String, bool>>,
 }
@@ -238,6 +245,7 @@ impl Context {
             metrics,
             clock,
             signer: watch::channel(None).0,
+            config_signer: watch::channel(None).0,
             namespaces: Mutex::new(HashMap::new()),
         }
     }
@@ -245,6 +253,12 @@ impl Context {
     /// The signer the identity reconciler uses now.
     pub fn signer(&self) -> Option<Signer> {
         self.signer.borrow().clone()
+    }
+
+    /// The config signer, now and as it changes (renewal, CA rotation):
+    /// what the config writer signs `proxy.json` with.
+    pub fn config_signer(&self) -> watch::Receiver<Option<Arc<ConfigSigner>>> {
+        self.config_signer.subscribe()
     }
 
     async fn event(
@@ -885,6 +899,12 @@ async fn reconcile_ca(ctx: &Context) -> Result<Duration, Error> {
         .map_err(kube_err(format!(
             "reading Secret {op_ns}/{INJECTOR_SECRET}"
         )))?;
+    let config_signer_secret = ca_secrets
+        .get_opt(CONFIG_SIGNER_SECRET)
+        .await
+        .map_err(kube_err(format!(
+            "reading Secret {op_ns}/{CONFIG_SIGNER_SECRET}"
+        )))?;
 
     let mut wake = ctx.settings.resync;
     let mut earliest: Option<SystemTime> = None;
@@ -982,6 +1002,15 @@ async fn reconcile_ca(ctx: &Context) -> Result<Duration, Error> {
                 reconcile_injector(ctx, &ca_secrets, injector_secret.as_ref(), &signer, now)
                     .await?;
             wake = wake.min(until(injector_renew, now));
+            let signer_renew = reconcile_config_signer(
+                ctx,
+                &ca_secrets,
+                config_signer_secret.as_ref(),
+                &signer,
+                now,
+            )
+            .await?;
+            wake = wake.min(until(signer_renew, now));
             reconcile_webhook(&webhooks, webhook.as_ref(), &signer.bundle).await?;
         }
         let ca_expiry = st.active.info().not_after;
@@ -1125,6 +1154,63 @@ fn same_keys(existing: &Secret, desired: &Secret) -> bool {
     keys(existing) == keys(desired)
 }
 
+/// Keeps a Secret `name` in the operator namespace holding a leaf for
+/// `subject` (`tls.crt`, `tls.key`, and the trust bundle in `ca.crt`),
+/// issuing one when [`ca::decide_leaf`] says so. Returns when to look again
+/// and the `tls.crt` and `tls.key` now in the Secret.
+async fn reconcile_operator_leaf(
+    ctx: &Context,
+    secrets: &Api<Secret>,
+    name: &str,
+    existing: Option<&Secret>,
+    subject: &LeafSubject,
+    signer: &Signer,
+    now: SystemTime,
+) -> Result<StoredLeaf, Error> {
+    let leaf = keep_or_issue(existing, subject, signer, now)?;
+    let desired = Secret {
+        metadata: ObjectMeta {
+            name: Some(name.to_owned()),
+            namespace: Some(ctx.settings.namespace.clone()),
+            labels: Some(BTreeMap::from([(
+                MANAGED_BY_LABEL.to_owned(),
+                FIELD_MANAGER.to_owned(),
+            )])),
+            ..ObjectMeta::default()
+        },
+        type_: Some("kubernetes.io/tls".to_owned()),
+        data: Some(BTreeMap::from([
+            (TLS_CRT.to_owned(), ByteString(leaf.crt.clone())),
+            (TLS_KEY.to_owned(), ByteString(leaf.key.clone())),
+            (
+                CA_CRT.to_owned(),
+                ByteString(signer.bundle.clone().into_bytes()),
+            ),
+        ])),
+        ..Secret::default()
+    };
+    let issued = leaf.issued.is_some();
+    if issued || !existing.is_some_and(|e| covers(e, &desired)) {
+        secrets
+            .patch(
+                name,
+                &PatchParams::apply(FIELD_MANAGER).force(),
+                &Patch::Apply(&desired),
+            )
+            .await
+            .map_err(kube_err(format!(
+                "writing Secret {}/{name}",
+                ctx.settings.namespace
+            )))?;
+        if issued {
+            ctx.metrics.certificates_issued.inc();
+            tracing::info!(secret = name, reason = ?leaf.issued, "operator certificate issued");
+        }
+    }
+    Ok(leaf)
+}
+
+/// The injector's serving certificate; returns when to look again.
 async fn reconcile_injector(
     ctx: &Context,
     secrets: &Api<Secret>,
@@ -1135,52 +1221,55 @@ async fn reconcile_injector(
     let subject = LeafSubject::Server {
         dns_names: injector_dns_names(&ctx.settings.namespace),
     };
-    let StoredLeaf {
-        crt,
-        key,
-        renew_at,
-        issued,
-    } = keep_or_issue(existing, &subject, signer, now)?;
-    let issued = issued.is_some();
-    let desired = Secret {
-        metadata: ObjectMeta {
-            name: Some(INJECTOR_SECRET.to_owned()),
-            namespace: Some(ctx.settings.namespace.clone()),
-            labels: Some(BTreeMap::from([(
-                MANAGED_BY_LABEL.to_owned(),
-                FIELD_MANAGER.to_owned(),
-            )])),
-            ..ObjectMeta::default()
-        },
-        type_: Some("kubernetes.io/tls".to_owned()),
-        data: Some(BTreeMap::from([
-            (TLS_CRT.to_owned(), ByteString(crt)),
-            (TLS_KEY.to_owned(), ByteString(key)),
-            (
-                CA_CRT.to_owned(),
-                ByteString(signer.bundle.clone().into_bytes()),
-            ),
-        ])),
-        ..Secret::default()
+    let leaf = reconcile_operator_leaf(
+        ctx,
+        secrets,
+        INJECTOR_SECRET,
+        existing,
+        &subject,
+        signer,
+        now,
+    )
+    .await?;
+    Ok(leaf.renew_at)
+}
+
+/// The config signer's certificate and key, published to the config
+/// writer when they change; returns when to look again.
+async fn reconcile_config_signer(
+    ctx: &Context,
+    secrets: &Api<Secret>,
+    existing: Option<&Secret>,
+    signer: &Signer,
+    now: SystemTime,
+) -> Result<SystemTime, Error> {
+    let subject = LeafSubject::ConfigSigner {
+        trust_domain: signer.trust_domain.clone(),
     };
-    if issued || !existing.is_some_and(|e| covers(e, &desired)) {
-        secrets
-            .patch(
-                INJECTOR_SECRET,
-                &PatchParams::apply(FIELD_MANAGER).force(),
-                &Patch::Apply(&desired),
-            )
-            .await
-            .map_err(kube_err(format!(
-                "writing Secret {}/{INJECTOR_SECRET}",
-                ctx.settings.namespace
-            )))?;
-        if issued {
-            ctx.metrics.certificates_issued.inc();
-            tracing::info!("injector serving certificate issued");
+    let leaf = reconcile_operator_leaf(
+        ctx,
+        secrets,
+        CONFIG_SIGNER_SECRET,
+        existing,
+        &subject,
+        signer,
+        now,
+    )
+    .await?;
+    let loaded = ConfigSigner::from_pem(&leaf.crt, &leaf.key)?;
+    ctx.config_signer.send_if_modified(|cur| {
+        if cur
+            .as_ref()
+            .is_some_and(|c| c.fingerprint() == loaded.fingerprint())
+        {
+            false
+        } else {
+            tracing::info!(fingerprint = loaded.fingerprint(), "config signer in use");
+            *cur = Some(Arc::new(loaded));
+            true
         }
-    }
-    Ok(renew_at)
+    });
+    Ok(leaf.renew_at)
 }
 
 async fn reconcile_webhook(

@@ -406,6 +406,9 @@ pub struct Previous {
     /// Its content no longer is what weft wrote (edited by hand): write it
     /// again even when the announced hash equals the rendered one.
     pub edited: bool,
+    /// Fingerprint of the config signer whose signature it carries (its
+    /// `weft.dev/config-signer` annotation); a new signer signs again.
+    pub signer: Option<String>,
 }
 
 type Namespaced<T> = BTreeMap<String, BTreeMap<String, T>>;

@@ -18,3 +18,4 @@ pub mod index;
 pub mod leader;
 pub mod metrics;
 pub mod render;
+pub mod signing;

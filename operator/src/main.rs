@@ -204,7 +204,7 @@ async fn main() -> anyhow::Result<()> {
                 Arc::new(SystemClock),
                 reporter.clone(),
             ));
-            let config = config::run(client.clone(), config_opts.clone());
+            let config = config::run(client.clone(), config_opts.clone(), ctx.config_signer());
             async move {
                 // Both halves run while leading; if the config half fails
                 // for good, the identity half stops too and the lease goes

@@ -234,6 +234,7 @@ fn check_all(renderer: &mut Renderer, idx: &mut Index) -> Vec<(String, Vec<u8>)>
                 generation: r.config.generation,
                 hash: r.config.hash,
                 edited: false,
+                signer: None,
             }),
         );
     }

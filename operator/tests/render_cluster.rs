@@ -19,7 +19,9 @@ use kube::ResourceExt;
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use weft_api::ServiceRoute;
 use weft_e2e::Cluster;
+use weft_operator::ca::{CertificateAuthority, LeafSubject};
 use weft_operator::config::{self, ConfigMetrics, ConfigOptions};
+use weft_operator::signing::ConfigSigner;
 use weft_proxy_config::ProxyConfig;
 
 const WORKLOAD: &str = r#"
@@ -130,6 +132,23 @@ fn burst_slice(i: u32) -> serde_json::Value {
     })
 }
 
+/// A config signer issued by a fresh CA, as the identity half publishes it;
+/// the same one across the operator's restart below, as a Secret keeps it.
+fn config_signer() -> tokio::sync::watch::Receiver<Option<std::sync::Arc<ConfigSigner>>> {
+    let now = std::time::SystemTime::now();
+    let ca = CertificateAuthority::generate("cluster.local", Duration::from_secs(86400), now)
+        .expect("CA");
+    let subject = LeafSubject::ConfigSigner {
+        trust_domain: "cluster.local".into(),
+    };
+    let leaf = ca
+        .issue(&subject, Duration::from_secs(3600), now)
+        .expect("signer leaf");
+    let signer =
+        ConfigSigner::from_pem(leaf.cert_pem.as_bytes(), leaf.key_pem.as_bytes()).expect("signer");
+    tokio::sync::watch::channel(Some(std::sync::Arc::new(signer))).1
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn config_follows_the_cluster() -> anyhow::Result<()> {
     let cluster = Cluster::start().await?;
@@ -150,7 +169,12 @@ async fn config_follows_the_cluster() -> anyhow::Result<()> {
         .await?;
 
     let metrics = ConfigMetrics::default();
-    let operator = tokio::spawn(config::run(client.clone(), options(&metrics)));
+    let signer = config_signer();
+    let operator = tokio::spawn(config::run(
+        client.clone(),
+        options(&metrics),
+        signer.clone(),
+    ));
     let cms: Api<ConfigMap> = Api::namespaced(client.clone(), "shop");
 
     // Deployment pods become endpoints, with the identity of their
@@ -292,7 +316,11 @@ async fn config_follows_the_cluster() -> anyhow::Result<()> {
     operator.abort();
     let final_cfg = current(&cms).await?.context("config exists")?;
     let restarted = ConfigMetrics::default();
-    let operator = tokio::spawn(config::run(client.clone(), options(&restarted)));
+    let operator = tokio::spawn(config::run(
+        client.clone(),
+        options(&restarted),
+        signer.clone(),
+    ));
     cluster
         .wait_until(
             Duration::from_secs(60),

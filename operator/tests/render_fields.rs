@@ -782,6 +782,7 @@ fn generation_kept_on_same_content_and_bumped_on_change() {
             generation: 7,
             hash: String::new(),
             edited: false,
+            signer: None,
         }),
     );
     let seventh = rendered(&idx, "shop").config;
@@ -792,6 +793,7 @@ fn generation_kept_on_same_content_and_bumped_on_change() {
             generation: 8,
             hash: seventh.hash.clone(),
             edited: false,
+            signer: None,
         }),
     );
     let again = rendered(&idx, "shop").config;

@@ -809,6 +809,7 @@ fn setup(o: &Opts) -> Setup {
         let d = work.path().join(name);
         std::fs::create_dir(&d).expect("dir");
         std::fs::write(d.join("proxy.json"), c.to_json()).expect("w");
+        std::fs::write(d.join("proxy.json.sig"), ca.sign_config(c)).expect("w");
         std::fs::write(d.join("tls.crt"), &leaf.cert_pem).expect("w");
         std::fs::write(d.join("tls.key"), &leaf.key_pem).expect("w");
         std::fs::write(d.join("ca.crt"), &ca.cert_pem).expect("w");

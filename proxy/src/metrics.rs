@@ -91,6 +91,13 @@ pub struct ReloadLabels {
     pub result: String,
 }
 
+/// Labels of the rejected-snapshot counter.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RejectLabels {
+    /// Why (see [`crate::snapshot::SnapshotError::reason`]).
+    pub reason: &'static str,
+}
+
 /// Labels of the config info gauge.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ConfigLabels {
@@ -128,6 +135,8 @@ pub struct Metrics {
     pub authz_audit: Family<AuditLabels, Counter>,
     /// Reload attempts by result.
     pub reloads: Family<ReloadLabels, Counter>,
+    /// Rejected snapshots by reason.
+    pub config_rejected: Family<RejectLabels, Counter>,
     /// Generation of the active config.
     pub config_generation: Gauge,
     /// 1 for the hash of the active config.
@@ -172,6 +181,11 @@ impl Metrics {
             "reloads",
             "Config/identity reloads by result",
             self.reloads.clone(),
+        );
+        r.register(
+            "config_rejected",
+            "Mounted config/identity generations refused, by reason (unsigned, bad-signature, untrusted-signer, other-document, foreign-namespace, config, identity, ...)",
+            self.config_rejected.clone(),
         );
         r.register(
             "config_generation",

@@ -1,13 +1,13 @@
 //! Property tests of what the proxy reads from outside the process: the
-//! mounted identity (`tls.crt`, `tls.key`, `ca.crt` PEM), the whole mount
-//! through [`load_dir`], and the first bytes a client sends ([`classify`],
+//! mounted identity (`tls.crt`, `tls.key`, `ca.crt` PEM), the config's
+//! signature (`proxy.json.sig`), the whole mount through [`load_dir`], and the first bytes a client sends ([`classify`],
 //! [`detect`]). Whatever the input: a clear error or a sound result, never a
 //! panic. (`proxy.json` itself is fuzzed in `weft-proxy-config`.)
 //!
 //! Bounds, so the module stays within seconds on two slow cores: 128 cases
 //! for the identity properties (a case that loads runs ECDSA verification
 //! and key checks, slow in a debug build), 32 for [`load_dir`] (files
-//! written to a temporary directory), 512 for the detector (pure and cheap),
+//! written to a temporary directory), 64 for the signature, 512 for the detector (pure and cheap),
 //! 128 for `detect` over an in-memory stream.
 
 use std::sync::OnceLock;
@@ -25,18 +25,44 @@ const TRUST_DOMAIN: &str = "cluster.local";
 const ID: &str = "spiffe://cluster.local/ns/demo/sa/web";
 const NAMES: [&str; 3] = ["tls.crt", "tls.key", "ca.crt"];
 
-/// One valid identity, made once: key generation is the slow part.
-fn valid() -> &'static IdentityFiles {
-    static FILES: OnceLock<IdentityFiles> = OnceLock::new();
+/// One valid identity and its CA, made once: key generation is the slow
+/// part.
+fn valid_with_ca() -> &'static (TestCa, IdentityFiles) {
+    static FILES: OnceLock<(TestCa, IdentityFiles)> = OnceLock::new();
     FILES.get_or_init(|| {
         let ca = TestCa::new("weft-prop-ca");
         let leaf = ca.leaf(ID, 3600);
-        IdentityFiles {
+        let files = IdentityFiles {
             cert_chain: leaf.cert_pem.into_bytes(),
             key: leaf.key_pem.into_bytes(),
-            bundle: ca.cert_pem.into_bytes(),
-        }
+            bundle: ca.cert_pem.clone().into_bytes(),
+        };
+        (ca, files)
     })
+}
+
+fn valid() -> &'static IdentityFiles {
+    &valid_with_ca().1
+}
+
+/// Namespace, hash, signature bytes and certificates (DER).
+type Meaning = (String, String, Vec<u8>, Vec<Vec<u8>>);
+
+/// What a `proxy.json.sig` says, for comparing two spellings of it.
+fn meaning(sig: &[u8]) -> Option<Meaning> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    let s = weft_proxy_config::ConfigSignature::parse(sig).ok()?;
+    let certs = CertificateDer::pem_slice_iter(s.certificates.as_bytes())
+        .map(|c| c.map(|c| c.to_vec()))
+        .collect::<Result<Vec<_>, _>>()
+        .ok()?;
+    Some((
+        s.namespace.clone(),
+        s.hash.clone(),
+        s.signature_bytes().ok()?,
+        certs,
+    ))
 }
 
 /// The valid identity with file `which` (index into [`NAMES`]) changed.
@@ -162,6 +188,67 @@ proptest! {
         let err = load_dir(mount.path(), UnixTime::now()).expect_err("junk is refused");
         prop_assert!(err.to_string().contains(files[bad].0), "{} does not name {}", err, files[bad].0);
     }
+}
+
+proptest! {
+    // 64 cases: each writes a mount and most verify a signature chain.
+    #![proptest_config(ProptestConfig::with_cases(64))]
+
+    /// Whatever `proxy.json.sig` holds next to a valid document, the mount
+    /// is refused with an error naming the file, or the bytes changed only
+    /// the spelling of the operator's signature (hex case, say) and it
+    /// loads.
+    #[test]
+    fn a_junk_or_changed_signature_is_refused(
+        junk in proptest::collection::vec(any::<u8>(), 0..1024),
+        flips in proptest::collection::vec((any::<prop::sample::Index>(), 1u8..=255), 1..=3),
+        flip_real in any::<bool>(),
+    ) {
+        let (ca, ids) = valid_with_ca();
+        let config = weft_proxy_config::testing::sample();
+        let real = ca.sign_config(&config);
+        let sig = if flip_real {
+            let mut s = real.clone();
+            let len = s.len();
+            for (at, mask) in &flips {
+                s[at.index(len)] ^= mask;
+            }
+            s
+        } else {
+            junk
+        };
+        let json = config.to_json();
+        let files: Vec<(&str, &[u8])> = vec![
+            (weft_proxy_config::FILE_NAME, json.as_slice()),
+            (weft_proxy_config::SIGNATURE_FILE_NAME, sig.as_slice()),
+            ("tls.crt", ids.cert_chain.as_slice()),
+            ("tls.key", ids.key.as_slice()),
+            ("ca.crt", ids.bundle.as_slice()),
+        ];
+        let mount = MountDir::new();
+        mount.publish(&files);
+        match load_dir(mount.path(), UnixTime::now()) {
+            Ok(_) => prop_assert!(meaning(&sig).is_some() && meaning(&sig) == meaning(&real), "a changed signature loaded"),
+            Err(e) => prop_assert!(e.to_string().contains("proxy.json.sig"), "{}", e),
+        }
+    }
+}
+
+#[test]
+fn the_signed_sample_mount_loads() {
+    let (ca, ids) = valid_with_ca();
+    let config = weft_proxy_config::testing::sample();
+    let sig = ca.sign_config(&config);
+    let json = config.to_json();
+    let mount = MountDir::new();
+    mount.publish(&[
+        (weft_proxy_config::FILE_NAME, json.as_slice()),
+        (weft_proxy_config::SIGNATURE_FILE_NAME, sig.as_slice()),
+        ("tls.crt", ids.cert_chain.as_slice()),
+        ("tls.key", ids.key.as_slice()),
+        ("ca.crt", ids.bundle.as_slice()),
+    ]);
+    load_dir(mount.path(), UnixTime::now()).expect("the signed sample loads");
 }
 
 /// What [`detect`] must decide for `input` sent whole and then closed: the

@@ -204,7 +204,11 @@ impl State {
             }
             Err(e) => {
                 self.metrics.reload(false);
-                tracing::error!(error = %e, "rejected new config/identity snapshot; the previous one keeps serving");
+                self.metrics
+                    .config_rejected
+                    .get_or_create(&crate::metrics::RejectLabels { reason: e.reason() })
+                    .inc();
+                tracing::error!(error = %e, reason = e.reason(), "rejected new config/identity snapshot; the previous one keeps serving");
                 Err(e)
             }
         }

@@ -2,7 +2,7 @@
 //! identity, loaded and validated together, then published atomically.
 //!
 //! ```text
-//! /var/run/weft/..data ──► <..timestamp dir> ──► proxy.json[.gz], tls.crt, tls.key, ca.crt
+//! /var/run/weft/..data ──► <..timestamp dir> ──► proxy.json[.gz], proxy.json.sig, tls.crt, tls.key, ca.crt
 //!                     load_dir() ──► Snapshot ──► ArcSwap (readers: one atomic load per connection)
 //! ```
 //!
@@ -15,9 +15,10 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use rustls::pki_types::UnixTime;
-use weft_proxy_config::{Endpoint, ProxyConfig, Service, ServicePort};
+use weft_proxy_config::{Endpoint, ProxyConfig, SIGNATURE_FILE_NAME, Service, ServicePort};
 
 use crate::outbound::route::{RouteError, RouteTable};
+use crate::tls::config_signature::{self, SignatureError};
 use crate::tls::identity::{Identity, IdentityError, IdentityFiles};
 
 /// Why a snapshot was rejected.
@@ -52,6 +53,27 @@ pub enum SnapshotError {
         /// Why.
         source: IdentityError,
     },
+    /// `proxy.json.sig` is missing or does not make the document one the
+    /// operator issued.
+    #[error("{path}: {source}")]
+    Signature {
+        /// The config file.
+        path: PathBuf,
+        /// Why.
+        source: SignatureError,
+    },
+    /// The document is another namespace's.
+    #[error(
+        "{path} is the config of namespace {config}, but this pod is {identity}: a ConfigMap copied from another namespace?"
+    )]
+    ForeignNamespace {
+        /// The config file.
+        path: PathBuf,
+        /// The document's namespace.
+        config: String,
+        /// This pod's identity.
+        identity: String,
+    },
     /// The routes did not compile (a proxy older or newer than its operator?).
     #[error("{path}: {source}")]
     Routes {
@@ -60,6 +82,21 @@ pub enum SnapshotError {
         /// Why.
         source: RouteError,
     },
+}
+
+impl SnapshotError {
+    /// A short label for metrics and logs.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            SnapshotError::Read { .. } => "read",
+            SnapshotError::NoConfig(_) => "no-config",
+            SnapshotError::Config { .. } => "config",
+            SnapshotError::Identity { .. } => "identity",
+            SnapshotError::Signature { source, .. } => source.reason(),
+            SnapshotError::ForeignNamespace { .. } => "foreign-namespace",
+            SnapshotError::Routes { .. } => "routes",
+        }
+    }
 }
 
 /// Where a Service port is found in the config.
@@ -217,6 +254,29 @@ pub fn load_dir(dir: &Path, now: UnixTime) -> Result<Snapshot, SnapshotError> {
     let identity = Identity::load(&files, &config.mesh.trust_domain, now).map_err(|source| {
         SnapshotError::Identity {
             dir: data.clone(),
+            source,
+        }
+    })?;
+    if identity.id().namespace() != Some(config.namespace.as_str()) {
+        return Err(SnapshotError::ForeignNamespace {
+            path: cfg_path_for_routes,
+            config: config.namespace,
+            identity: identity.id().to_string(),
+        });
+    }
+    let sig = match std::fs::read(data.join(SIGNATURE_FILE_NAME)) {
+        Ok(b) => Some(b),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(source) => {
+            return Err(SnapshotError::Read {
+                path: data.join(SIGNATURE_FILE_NAME),
+                source,
+            });
+        }
+    };
+    config_signature::verify(sig.as_deref(), &config, &identity, now).map_err(|source| {
+        SnapshotError::Signature {
+            path: cfg_path_for_routes.clone(),
             source,
         }
     })?;

@@ -2,13 +2,16 @@
 //! leaves, and a mount directory written with kubelet's atomic-writer
 //! layout. Both clean up on drop.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
     KeyUsagePurpose, SanType,
 };
+use weft_proxy_config::{ConfigSignature, ProxyConfig, config_signer_id};
 
 /// A test certificate authority.
 #[derive(Debug)]
@@ -16,6 +19,8 @@ pub struct TestCa {
     issuer: Issuer<'static, KeyPair>,
     /// The CA certificate (PEM), i.e. `ca.crt`.
     pub cert_pem: String,
+    /// Config signers issued so far, by trust domain: (key, certificate PEM).
+    signers: Mutex<HashMap<String, Arc<(KeyPair, String)>>>,
 }
 
 /// A leaf: `tls.crt` and `tls.key` PEM.
@@ -43,9 +48,64 @@ impl TestCa {
         let cert = p.self_signed(&key).expect("self-signed CA");
         let cert_pem = cert.pem();
         let issuer = Issuer::new(p, key);
-        TestCa { issuer, cert_pem }
+        TestCa {
+            issuer,
+            cert_pem,
+            signers: Mutex::default(),
+        }
     }
 
+    /// A certificate for a config signer: the SPIFFE ID `spiffe_id`, EKU
+    /// codeSigning when `code_signing` (the operator's signer has it),
+    /// else serverAuth and clientAuth (a workload's).
+    pub fn signer_leaf(&self, spiffe_id: &str, code_signing: bool) -> (KeyPair, String) {
+        let key =
+            KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("P-256 key generation");
+        let mut p = CertificateParams::default();
+        p.subject_alt_names = vec![SanType::URI(spiffe_id.try_into().expect("URI SAN"))];
+        p.is_ca = IsCa::ExplicitNoCa;
+        p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        p.extended_key_usages = if code_signing {
+            vec![ExtendedKeyUsagePurpose::CodeSigning]
+        } else {
+            vec![
+                ExtendedKeyUsagePurpose::ServerAuth,
+                ExtendedKeyUsagePurpose::ClientAuth,
+            ]
+        };
+        let now = time_now();
+        p.not_before = now - time::Duration::hours(2);
+        p.not_after = now + time::Duration::days(1);
+        let cert = p.signed_by(&key, &self.issuer).expect("signer signing");
+        (key, cert.pem())
+    }
+
+    /// `proxy.json.sig` for `cfg`, signed by this CA's config signer of
+    /// the config's trust domain (the way weft's operator signs).
+    pub fn sign_config(&self, cfg: &ProxyConfig) -> Vec<u8> {
+        let td = &cfg.mesh.trust_domain;
+        let signer = self
+            .signers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(td.clone())
+            .or_insert_with(|| Arc::new(self.signer_leaf(&config_signer_id(td), true)))
+            .clone();
+        sign_with(&signer.0, &signer.1, &cfg.namespace, &cfg.hash)
+    }
+}
+
+/// `proxy.json.sig` for the document of `namespace` with content hash
+/// `hash`, signed by `key` whose certificates are `certificates`.
+pub fn sign_with(key: &KeyPair, certificates: &str, namespace: &str, hash: &str) -> Vec<u8> {
+    let signature = rcgen::SigningKey::sign(key, &ConfigSignature::message(namespace, hash))
+        .expect("ECDSA signing");
+    ConfigSignature::new(namespace, hash, &signature, certificates.to_owned())
+        .to_json()
+        .into_bytes()
+}
+
+impl TestCa {
     /// A leaf for `spiffe_id`, valid from `now - 1h` for `valid_for`
     /// seconds after now (negative: already expired).
     pub fn leaf(&self, spiffe_id: &str, valid_for_secs: i64) -> Leaf {

@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use http::{Request, StatusCode};
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use weft_proxy::test_util::TestCa;
+use weft_proxy::test_util::{TestCa, sign_with};
 use weft_proxy_config::{MtlsMode, Protocol, ProxyConfig, Service};
 
 struct World {
@@ -248,6 +248,117 @@ async fn bad_snapshots_are_rejected_and_the_last_good_one_keeps_serving() {
     next.seal();
     publish(&w.client.mount, &files(&next, &leaf, &w.ca));
     eventually("recovered", || w.client.generation() == 10).await;
+}
+
+/// A document the operator did not sign is never run, however valid: the
+/// last good snapshot keeps serving, and `weft_proxy_config_rejected_total`
+/// names the reason.
+#[tokio::test]
+async fn a_config_the_operator_did_not_sign_is_refused_and_the_last_good_one_keeps_serving() {
+    let w = world().await;
+    let leaf = w.ca.leaf(CLIENT_ID, 3600);
+    // What every forgery wants: the Service `new` (cluster IP 3) routed.
+    let forged = |generation| {
+        config(
+            generation,
+            MtlsMode::Strict,
+            services(w.app, w.echo_tcp, true),
+        )
+    };
+    let with_sig = |cfg: &ProxyConfig, sig: Vec<u8>| {
+        let mut f = files(cfg, &leaf, &w.ca);
+        match sig.is_empty() {
+            true => f.retain(|(n, _)| *n != "proxy.json.sig"),
+            false => f.last_mut().expect("sig").1 = sig,
+        }
+        f
+    };
+    let td = |path: &str| format!("spiffe://{TD}{path}");
+
+    // A valid document with no signature: a hand-written ConfigMap.
+    let unsigned = with_sig(&forged(2), Vec::new());
+    // An edited document carrying the signature of the one it replaced.
+    let signed = forged(3);
+    let mut edited = forged(3);
+    edited.services[2].cluster_ips = vec![cluster_ip(4)];
+    edited.seal();
+    let replayed_sig = with_sig(&edited, w.ca.sign_config(&signed));
+    // Signed by a workload's certificate (serverAuth/clientAuth, a workload
+    // ID) of the same CA: anyone holding an identity Secret.
+    let (wk, wc) = w.ca.signer_leaf(CLIENT_ID, false);
+    let f4 = forged(4);
+    let by_workload = with_sig(&f4, sign_with(&wk, &wc, &f4.namespace, &f4.hash));
+    // codeSigning, but another SPIFFE ID than the config signer's.
+    let (ok, oc) = w.ca.signer_leaf(&td("/weft/not-the-signer"), true);
+    let f5 = forged(5);
+    let other_id = with_sig(&f5, sign_with(&ok, &oc, &f5.namespace, &f5.hash));
+    // The config signer's ID, from a CA the proxy does not trust.
+    let foreign = TestCa::new("foreign");
+    let f6 = forged(6);
+    let foreign_sig = with_sig(&f6, foreign.sign_config(&f6));
+    // The right signer, one signature byte changed.
+    let f7 = forged(7);
+    let mut sig7: serde_json::Value =
+        serde_json::from_slice(&w.ca.sign_config(&f7)).expect("sig json");
+    let hex = sig7["signature"].as_str().expect("hex").to_owned();
+    let flipped = if hex.ends_with('0') { "1" } else { "0" };
+    sig7["signature"] = format!("{}{flipped}", &hex[..hex.len() - 1]).into();
+    let bad_sig = with_sig(&f7, serde_json::to_vec(&sig7).expect("json"));
+    // Another namespace's document, properly signed for that namespace.
+    let mut elsewhere = forged(8);
+    elsewhere.namespace = "billing".into();
+    elsewhere.seal();
+    let moved = with_sig(&elsewhere, w.ca.sign_config(&elsewhere));
+    // Junk.
+    let junk = with_sig(&forged(9), b"{\"version\":1".to_vec());
+
+    let cases = [
+        ("unsigned", unsigned, "unsigned"),
+        ("edited after signing", replayed_sig, "other-document"),
+        (
+            "signed by a workload identity",
+            by_workload,
+            "untrusted-signer",
+        ),
+        (
+            "signed by another codeSigning ID",
+            other_id,
+            "untrusted-signer",
+        ),
+        ("signed under a foreign CA", foreign_sig, "untrusted-signer"),
+        ("signature bytes changed", bad_sig, "bad-signature"),
+        ("another namespace's document", moved, "foreign-namespace"),
+        ("truncated signature file", junk, "malformed"),
+    ];
+    for (i, (what, bad, reason)) in cases.iter().enumerate() {
+        let before = w.client.rejected(reason);
+        publish(&w.client.mount, bad);
+        let want = i as u64 + 1;
+        eventually(what, || w.client.reloads(false) == want).await;
+        assert_eq!(
+            w.client.rejected(reason),
+            before + 1,
+            "{what}: counted as {reason}"
+        );
+        assert_eq!(
+            w.client.generation(),
+            1,
+            "{what}: the last good snapshot stays active"
+        );
+        assert_eq!(get(&w, cluster_ip(1)).await.0, StatusCode::OK, "{what}");
+        let (s, t) = get(&w, cluster_ip(3)).await;
+        assert_ne!(
+            s,
+            StatusCode::OK,
+            "{what}: the forged route is not taken: {t}"
+        );
+    }
+    // The same document, signed by the operator's signer, is taken.
+    let good = forged(10);
+    publish(&w.client.mount, &files(&good, &leaf, &w.ca));
+    eventually("signed", || w.client.generation() == 10).await;
+    let (s, t) = get(&w, cluster_ip(3)).await;
+    assert_eq!(s, StatusCode::OK, "{t}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

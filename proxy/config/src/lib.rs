@@ -3,8 +3,10 @@
 //!
 //! ```text
 //! operator: render(index, ns) ──► ProxyConfig ──seal()──► JSON ──encode()──► ConfigMap weft-proxy
+//!                                        hash ──sign──► ConfigSignature ──►   (+ proxy.json.sig)
 //!                                                                              │ kubelet projected volume
 //! proxy:    ProxyConfig ◄──validate()── parse() ◄──decode()── /var/run/weft/proxy.json[.gz]
+//!           accepted only if proxy.json.sig verifies (see [`ConfigSignature`])
 //! ```
 //!
 //! One file per meshed namespace holds everything a proxy of that namespace
@@ -40,6 +42,7 @@ mod gzip;
 mod model;
 #[cfg(test)]
 mod prop_tests;
+mod signature;
 #[cfg(any(test, feature = "test-util"))]
 pub mod testing;
 #[cfg(test)]
@@ -48,6 +51,11 @@ mod validate;
 
 pub use gzip::{Crc, Deflated, GZIP_HEADER, gunzip, gzip, gzip_trailer};
 pub use model::*;
+pub use signature::{
+    CODE_SIGNING_OID, CONFIG_SIGNER_PATH, ConfigSignature, MAX_SIGNATURE_BYTES,
+    SIGNATURE_ALGORITHM, SIGNATURE_FILE_NAME, SIGNATURE_VERSION, SignatureFormatError,
+    config_signer_id,
+};
 pub use validate::{ValidationError, ValidationErrors, validate_services};
 
 use sha2::{Digest, Sha256};

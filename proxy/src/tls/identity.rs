@@ -236,6 +236,12 @@ impl Identity {
         &self.id
     }
 
+    /// The trust bundle (`ca.crt`) peers and config signatures are checked
+    /// against.
+    pub fn trust_anchors(&self) -> &RootCertStore {
+        &self.roots
+    }
+
     /// Leaf validity start, Unix seconds.
     pub fn not_before(&self) -> i64 {
         self.not_before

@@ -11,6 +11,7 @@
 //! the config says the endpoint runs as. ALPN carries the protocol spoken
 //! inside the tunnel ([`Alpn`]).
 
+pub mod config_signature;
 pub mod identity;
 pub mod verify;
 

@@ -123,6 +123,7 @@ pub fn files(cfg: &ProxyConfig, leaf: &Leaf, ca: &TestCa) -> Vec<(&'static str, 
         ("tls.crt", leaf.cert_pem.clone().into_bytes()),
         ("tls.key", leaf.key_pem.clone().into_bytes()),
         ("ca.crt", ca.cert_pem.clone().into_bytes()),
+        ("proxy.json.sig", ca.sign_config(cfg)),
     ]
 }
 
@@ -211,6 +212,15 @@ impl Pod {
                 direction,
                 step: step.into(),
             })
+            .get()
+    }
+
+    pub fn rejected(&self, reason: &'static str) -> u64 {
+        self.proxy
+            .state
+            .metrics
+            .config_rejected
+            .get_or_create(&weft_proxy::metrics::RejectLabels { reason })
             .get()
     }
 
