@@ -32,7 +32,7 @@ use tokio::net::TcpListener;
 
 use crate::http::{Body, full};
 use crate::metrics::Direction;
-use crate::proxy::State;
+use crate::state::State;
 
 /// Who an admin request is served to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

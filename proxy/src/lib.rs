@@ -7,31 +7,49 @@
 //!  kubelet ──► :15020 admin (/ready, /live, /metrics, /app-health; loopback only: /config, /certs, /shutdown)
 //! ```
 //!
-//! The module tree follows a request: [`init`] installs capture; [`net`]
-//! finds where a captured connection was going; [`outbound`] detects the
-//! protocol, balances over endpoints and connects ([`connect`], [`tls`]);
-//! [`inbound`] terminates mTLS, authorizes and delivers to the app; [`http`]
-//! holds the forwarding plumbing both share. [`snapshot`] and [`reload`]
-//! keep the config and identity current; [`admin`] and [`metrics`] make it
-//! observable; [`proxy`] assembles a running proxy, in-process for tests.
+//! The module tree follows a request, and imports point down it:
+//!
+//! ```text
+//! app            start(): binds the listeners, first load, tasks; graceful shutdown
+//! outbound  inbound  admin  reload      the listeners and the mount watcher
+//! client         client policy: balance, outliers, breakers, budgets,
+//!                connection limits, connect (TCP, mTLS, pooled HTTP)
+//! state          Settings, Net, State (per process: snapshot slot, pools,
+//!                policy counters, rate-limit buckets, shutdown and drain)
+//! snapshot       per config generation: load_dir, routes, destinations
+//! http  tls      HTTP plumbing (bodies, server, framing, paths, pools);
+//!                identities, peer verification, config signatures
+//! net  metrics  ratelimit  probes  init      sockets, accept, detection;
+//!                counters; token buckets; app probes; iptables
+//! ```
+//!
+//! [`init`] installs capture; [`net`] accepts, finds where a captured
+//! connection was going and detects its protocol; [`outbound`] routes,
+//! balances and connects through [`client`]; [`inbound`] terminates mTLS,
+//! authorizes and delivers to the app; [`http`] and [`tls`] are the
+//! plumbing both share. [`snapshot`] and [`reload`] keep the config and
+//! identity current; [`admin`] and [`metrics`] make it observable; [`app`]
+//! assembles a running proxy, in-process for tests.
 
 pub mod admin;
-pub mod connect;
+pub mod app;
+pub mod client;
 pub mod http;
 pub mod inbound;
 pub mod init;
-pub mod limits;
 pub mod metrics;
 pub mod net;
 pub mod outbound;
 pub mod probes;
 #[cfg(test)]
 mod prop_tests;
-pub mod proxy;
+pub mod ratelimit;
 pub mod reload;
 pub mod snapshot;
+pub mod state;
 #[cfg(any(test, feature = "test-util"))]
 pub mod test_util;
 pub mod tls;
 
-pub use proxy::{Net, Proxy, Settings, State, start};
+pub use app::{Proxy, StartError, start};
+pub use state::{Net, Settings, State};

@@ -75,11 +75,11 @@ struct RunArgs {
     cores: u16,
     /// Largest request head (request line and headers) a client may send,
     /// bytes; over it the client gets 431.
-    #[arg(long, env = "WEFT_MAX_HEADER_BYTES", default_value_t = weft_proxy::proxy::DEFAULT_MAX_HEADER_BYTES as u32, value_parser = clap::value_parser!(u32).range(4096..=262_144))]
+    #[arg(long, env = "WEFT_MAX_HEADER_BYTES", default_value_t = weft_proxy::state::DEFAULT_MAX_HEADER_BYTES as u32, value_parser = clap::value_parser!(u32).range(4096..=262_144))]
     max_header_bytes: u32,
     /// Time an HTTP/1 client has to send a whole request head once it has
     /// started one, milliseconds; 0 turns the limit off.
-    #[arg(long, env = "WEFT_HEADER_READ_TIMEOUT_MS", default_value_t = weft_proxy::proxy::DEFAULT_HEADER_READ_TIMEOUT.as_millis() as u64)]
+    #[arg(long, env = "WEFT_HEADER_READ_TIMEOUT_MS", default_value_t = weft_proxy::state::DEFAULT_HEADER_READ_TIMEOUT.as_millis() as u64)]
     header_read_timeout_ms: u64,
 }
 

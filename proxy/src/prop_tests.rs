@@ -16,7 +16,7 @@ use std::time::Duration;
 use proptest::prelude::*;
 use rustls::pki_types::UnixTime;
 
-use crate::outbound::detect::{Detected, H2_PREFACE, classify, detect};
+use crate::net::detect::{Detected, H2_PREFACE, classify, detect};
 use crate::snapshot::load_dir;
 use crate::test_util::{MountDir, TestCa};
 use crate::tls::identity::{Identity, IdentityFiles};

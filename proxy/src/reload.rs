@@ -19,8 +19,8 @@ use std::time::Duration;
 use notify::{EventKind, RecursiveMode, Watcher};
 use tokio::sync::mpsc;
 
-use crate::proxy::State;
 use crate::snapshot::resolve_data_dir;
+use crate::state::State;
 
 /// Quiet time after the first event before reloading (coalesces bursts).
 const DEBOUNCE: Duration = Duration::from_millis(10);

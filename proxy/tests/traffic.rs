@@ -1301,7 +1301,7 @@ async fn request_heads_over_the_limit_get_431_and_under_it_are_served() {
         |_| {},
     )
     .await;
-    let limit = weft_proxy::proxy::DEFAULT_MAX_HEADER_BYTES;
+    let limit = weft_proxy::state::DEFAULT_MAX_HEADER_BYTES;
     let head = |value_len: usize| {
         let mut h = b"GET /big HTTP/1.1\r\nhost: echo\r\nx-big: ".to_vec();
         h.extend(std::iter::repeat_n(b'a', value_len));

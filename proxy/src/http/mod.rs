@@ -2,7 +2,7 @@
 //! header handling, error responses that name the failed step, connection
 //! pools per endpoint ([`pool`]), request forwarding with upgrades
 //! ([`forward`]), the server side of client connections with their
-//! limits on request heads ([`serve_connection`], [`framing`]), and the
+//! limits on request heads ([`server`], [`framing`]), and the
 //! normal form of request paths that inbound authorization decides on
 //! ([`path`]).
 
@@ -10,13 +10,12 @@ pub mod forward;
 mod framing;
 pub mod path;
 pub mod pool;
+pub mod server;
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Response, StatusCode};
 use http_body_util::{BodyExt, Full, combinators::UnsyncBoxBody};
-
-use crate::metrics::Direction;
 
 /// Boxed error of bodies crossing the proxy.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -165,124 +164,6 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
     } else {
         headers.remove(header::UPGRADE);
-    }
-}
-
-/// Serves one client connection with hyper until it closes; on shutdown,
-/// or when `revoked` resolves (the connection may no longer be served, e.g.
-/// plaintext after a switch to Strict), asks it to finish gracefully
-/// (in-flight requests complete, keep-alive ends).
-///
-/// Limits on request heads, from the settings: a head over
-/// `max_header_bytes` is answered 431 (HTTP/1 then closes); an HTTP/1 head
-/// not complete `header_read_timeout` after its first byte closes the
-/// connection; an HTTP/1 head with both `Content-Length` and
-/// `Transfer-Encoding` is answered 400 and never reaches `svc` (see
-/// [`framing`]). Each is counted in the `errors` metric of `direction`.
-pub async fn serve_connection<I, S>(
-    state: &crate::proxy::State,
-    io: I,
-    version: pool::Version,
-    direction: Direction,
-    svc: S,
-    revoked: impl std::future::Future<Output = ()>,
-) where
-    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
-    S: hyper::service::Service<http::Request<hyper::body::Incoming>, Response = Response<Body>>
-        + Clone
-        + Send
-        + 'static,
-    S::Future: Send + 'static,
-    S::Error: Into<BoxError>,
-{
-    let mut shutdown = state.shutdown_signal();
-    let ended = async {
-        tokio::select! {
-            () = crate::proxy::shutdown_requested(&mut shutdown) => {}
-            () = revoked => {}
-        }
-    };
-    let settings = &state.settings;
-    let result = match version {
-        pool::Version::Http1 => {
-            let watch = std::sync::Arc::new(framing::Watch::new());
-            let io = hyper_util::rt::TokioIo::new(framing::Tracked::new(io, watch.clone()));
-            let refusing = watch.clone();
-            // The service's future is made inside the block, not before it:
-            // hyper keeps room for one per connection, and a future awaited
-            // from outside the block would be held twice.
-            let svc = hyper::service::service_fn(move |req| {
-                let refused = refusing.refuses_next();
-                let svc = svc.clone();
-                async move {
-                    if refused {
-                        return Ok(bad_request(
-                            "the request has both Content-Length and Transfer-Encoding (RFC 9112 section 6.1); send one of them",
-                        ));
-                    }
-                    svc.call(req).await
-                }
-            });
-            let mut builder = hyper::server::conn::http1::Builder::new();
-            builder.max_header_size(settings.max_header_bytes);
-            match settings.header_read_timeout {
-                Some(t) => builder
-                    .timer(framing::HeadTimer::new(watch.clone(), t))
-                    .header_read_timeout(t),
-                None => builder.header_read_timeout(None),
-            };
-            let conn = builder.serve_connection(io, svc).with_upgrades();
-            tokio::pin!(conn);
-            tokio::pin!(ended);
-            let result = tokio::select! {
-                r = conn.as_mut() => r,
-                () = &mut ended => {
-                    conn.as_mut().graceful_shutdown();
-                    conn.await
-                }
-            };
-            if watch.refused_one() {
-                state.metrics.error(direction, "bad-request");
-                tracing::debug!("request with both Content-Length and Transfer-Encoding refused");
-            }
-            result
-        }
-        pool::Version::Http2 => {
-            let conn =
-                hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
-                    .adaptive_window(true)
-                    .max_header_list_size(
-                        u32::try_from(settings.max_header_bytes).unwrap_or(u32::MAX),
-                    )
-                    .serve_connection(hyper_util::rt::TokioIo::new(io), svc);
-            tokio::pin!(conn);
-            tokio::pin!(ended);
-            tokio::select! {
-                r = conn.as_mut() => r,
-                () = &mut ended => {
-                    conn.as_mut().graceful_shutdown();
-                    conn.await
-                }
-            }
-        }
-    };
-    if let Err(e) = result {
-        let step = if e.is_parse_too_large() {
-            Some("header-too-large")
-        } else if e.is_parse() {
-            Some("bad-request")
-        } else if e.is_timeout() {
-            Some("header-timeout")
-        } else {
-            None
-        };
-        match step {
-            Some(step) => {
-                state.metrics.error(direction, step);
-                tracing::debug!(error = %e, step, "client connection refused");
-            }
-            None => tracing::debug!(error = %e, "client connection ended with error"),
-        }
     }
 }
 

@@ -22,8 +22,6 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::sync::Notify;
 
 use super::Body;
-use crate::limits::{ConnSlot, Counted, ServiceConns};
-use crate::net::Stream;
 use crate::tls::SpiffeId;
 
 /// How long an idle connection is kept when no ServicePolicy says.
@@ -124,7 +122,15 @@ pub struct Pool {
     h2_dialing: std::sync::atomic::AtomicBool,
     /// Services with `maxConnections` whose connections this pool holds;
     /// their waiting requests are woken when a connection comes back idle.
-    services: Mutex<Vec<Weak<ServiceConns>>>,
+    services: Mutex<Vec<Weak<dyn IdleWatcher>>>,
+}
+
+/// Told when a connection of a pool comes back idle: connection limits
+/// (`client::limits`) wake the requests waiting for room. The pool knows
+/// no more of them than this.
+pub trait IdleWatcher: Send + Sync + std::fmt::Debug {
+    /// A connection of a pool this watcher was added to is idle again.
+    fn idle_returned(&self);
 }
 
 /// What [`Pool::dial_or_share`] got.
@@ -229,15 +235,13 @@ impl Pool {
         self.idle.lock().unwrap_or_else(|p| p.into_inner()).len()
     }
 
-    /// Remembers a Service that counts this pool's connections.
-    pub(crate) fn add_service(&self, service: &Arc<ServiceConns>) {
+    /// Remembers a watcher (a Service that counts this pool's
+    /// connections) to tell when a connection comes back idle.
+    pub fn add_idle_watcher(&self, watcher: Weak<dyn IdleWatcher>) {
         let mut services = self.services.lock().unwrap_or_else(|p| p.into_inner());
-        if !services
-            .iter()
-            .any(|w| std::ptr::eq(w.as_ptr(), Arc::as_ptr(service)))
-        {
+        if !services.iter().any(|w| Weak::ptr_eq(w, &watcher)) {
             services.retain(|w| w.strong_count() > 0);
-            services.push(Arc::downgrade(service));
+            services.push(watcher);
         }
     }
 
@@ -294,15 +298,14 @@ impl Pool {
     }
 
     /// Runs the HTTP handshake on a fresh connection and keeps the
-    /// connection driven by a task until it closes; `slot` (a Service's
-    /// `maxConnections` count) lives as long as the socket, upgrades and
-    /// HTTP/2 streams included.
-    pub async fn handshake(
-        self: &Arc<Self>,
-        io: Stream,
-        slot: Option<ConnSlot>,
-    ) -> Result<Sender, hyper::Error> {
-        let io = TokioIo::new(Counted::new(io, slot));
+    /// connection driven by a task until it closes: `io` lives as long as
+    /// the socket, upgrades and HTTP/2 streams included (what it holds,
+    /// e.g. a Service's `maxConnections` count, is held as long).
+    pub async fn handshake<I>(self: &Arc<Self>, io: I) -> Result<Sender, hyper::Error>
+    where
+        I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        let io = TokioIo::new(io);
         match self.version {
             Version::Http1 => {
                 let (send, conn) = http1::Builder::new().handshake(io).await?;
@@ -360,7 +363,7 @@ impl Pool {
                 .iter()
                 .filter_map(Weak::upgrade)
             {
-                service.idle_elsewhere();
+                service.idle_returned();
             }
         }
     }

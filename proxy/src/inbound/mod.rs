@@ -20,40 +20,41 @@
 //!
 //! The identity header is removed from every incoming request and set only
 //! from a verified certificate, so the app can trust it.
+//!
+//! This file is the listener (accept, mTLS, detection, opaque TCP);
+//! [`requests`] serves HTTP requests; [`policy`] holds the decisions both take
+//! on the active snapshot (revocation, audit reports) over the pure
+//! evaluation of [`authz`]. In: connections on :15006. Out: requests and
+//! bytes to the app on loopback (`client::connect`).
 
 pub mod authz;
-pub mod ratelimit;
+pub mod policy;
+pub mod requests;
 
 use std::collections::BTreeMap;
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::header::HeaderValue;
-use http::{Request, Response, StatusCode};
-use hyper::body::Incoming;
-use hyper::service::service_fn;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 use weft_proxy_config::{MtlsMode, Protocol, ProxyConfig, mtls_mode, selector_matches};
 
-use crate::connect::{acquire, send_request};
-use crate::http::forward::{finish, prepare};
-use crate::http::path::normalize_uri;
-use crate::http::pool::{PoolKey, Version};
-use crate::http::{Body, PEER_IDENTITY_HEADER, error_response, serve_connection};
+use crate::http::pool::Version;
 use crate::metrics::{Direction, OpenConn};
+use crate::net::detect::{Detected, SERVER_FIRST_PORTS, detect};
+use crate::net::listen::accept_loop;
 use crate::net::{Prefixed, Stream};
-use crate::outbound::detect::{Detected, SERVER_FIRST_PORTS, detect};
-use crate::proxy::State;
+use crate::ratelimit::Verdict;
 use crate::snapshot::Snapshot;
-use crate::tls::identity::spiffe_id_of;
+use crate::state::State;
+use crate::tls::spiffe_id_of;
 use crate::tls::{Alpn, SpiffeId};
 use authz::{Decision, authorize};
-use ratelimit::Verdict;
+use policy::{connection_revoked, report_audit, until_revoked};
+use requests::serve_http;
 
 /// How long a connection's first bytes are awaited when only a peer
 /// proxy's ClientHello is worth waiting for (Strict, server-first ports).
@@ -97,8 +98,9 @@ fn first_bytes_wait(
 
 /// Accepts captured inbound connections until shutdown.
 pub async fn serve(state: Arc<State>, listener: TcpListener) {
-    crate::outbound::accept_loop(state, listener, Direction::Inbound, |s, c, p| {
-        Box::pin(handle(s, c, p))
+    let shutdown = state.shutdown_signal();
+    accept_loop(listener, Direction::Inbound, shutdown, |conn, peer| {
+        state.spawn_drained(handle(state.clone(), conn, peer));
     })
     .await;
 }
@@ -263,270 +265,6 @@ async fn to_app_tcp<I>(
             tracing::warn!(peer = ?id.map(SpiffeId::as_str), port, %why, "open inbound connection closed: the new config no longer allows it");
         }
     }
-}
-
-/// Counts and logs an allowed request or connection that Audit-mode
-/// policies would refuse (`weft_proxy_authz_audit_total{policy}`).
-fn report_audit(state: &State, snap: &Snapshot, r: &authz::Request<'_>) {
-    let Some(policies) = authz::audit(&snap.config, &state.settings.labels, r) else {
-        return;
-    };
-    for policy in &policies {
-        state
-            .metrics
-            .authz_audit
-            .get_or_create(&crate::metrics::AuditLabels {
-                policy: policy.clone(),
-            })
-            .inc();
-    }
-    tracing::warn!(
-        peer = r.identity.map_or("-", SpiffeId::as_str),
-        port = r.port,
-        method = r.method.unwrap_or("-"),
-        path = r.path.unwrap_or("-"),
-        policies = %policies.join(","),
-        audit = true,
-        "allowed, but enforcing these Audit-mode AccessPolicies would refuse it"
-    );
-}
-
-/// Why an open opaque connection from `id` to `port` may no longer be
-/// served under `snap`: plaintext while the mode is now Strict, or a
-/// policy that now denies it.
-fn connection_revoked(
-    snap: &Snapshot,
-    labels: &BTreeMap<String, String>,
-    port: u16,
-    id: Option<&SpiffeId>,
-) -> Option<String> {
-    plaintext_revoked(snap, labels, port, id).or_else(|| {
-        let r = authz::Request {
-            identity: id,
-            port,
-            method: None,
-            path: None,
-        };
-        match authorize(&snap.config, labels, &r) {
-            Decision::Deny(why) => Some(why),
-            Decision::Allow => None,
-        }
-    })
-}
-
-/// Why a plaintext connection to `port` may no longer be served: the mode
-/// of the port (mesh, namespace, workload or port) is Strict.
-fn plaintext_revoked(
-    snap: &Snapshot,
-    labels: &BTreeMap<String, String>,
-    port: u16,
-    id: Option<&SpiffeId>,
-) -> Option<String> {
-    (id.is_none() && mtls_mode(&snap.config, labels, port) == MtlsMode::Strict)
-        .then(|| format!("plaintext while the mTLS mode of port {port} is Strict"))
-}
-
-/// Resolves, with the reason, once the active snapshot revokes an open
-/// connection (`revoked` says why it may not be served); checked against
-/// the snapshot active now, then at every reload. Never resolves
-/// otherwise.
-async fn until_revoked(state: &State, revoked: impl Fn(&Snapshot) -> Option<String>) -> String {
-    // Subscribe first: a reload between the connection's own check and
-    // this one is not missed.
-    let mut changes = state.snapshot_changes();
-    loop {
-        if let Some(why) = state.snapshot.load_full().and_then(|s| revoked(&s)) {
-            return why;
-        }
-        if changes.changed().await.is_err() {
-            return std::future::pending().await;
-        }
-    }
-}
-
-/// One inbound HTTP connection: what its requests share. Each request is
-/// decided on the snapshot active when it arrives ([`Ctx::current`]), never
-/// on the connection's first one: a reload (a new Deny, Strict) applies to
-/// open keep-alive connections at their next request.
-struct Ctx {
-    state: Arc<State>,
-    /// The snapshot the connection was accepted on (used only if none is
-    /// active, which cannot happen once one was).
-    snap: Arc<Snapshot>,
-    port: u16,
-    peer: Option<SpiffeId>,
-    version: Version,
-}
-
-impl Ctx {
-    /// The active snapshot.
-    fn current(&self) -> Arc<Snapshot> {
-        self.state
-            .snapshot
-            .load_full()
-            .unwrap_or_else(|| self.snap.clone())
-    }
-}
-
-async fn serve_http<I>(
-    state: Arc<State>,
-    snap: Arc<Snapshot>,
-    port: u16,
-    peer: Option<SpiffeId>,
-    version: Version,
-    io: I,
-) where
-    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-{
-    let peer_is_none = peer.is_none();
-    let ctx = Arc::new(Ctx {
-        state: state.clone(),
-        snap,
-        port,
-        peer,
-        version,
-    });
-    let svc = service_fn(move |req| {
-        let ctx = ctx.clone();
-        async move {
-            let resp = proxy(&ctx, req).await;
-            ctx.state
-                .metrics
-                .request(Direction::Inbound, resp.status().as_u16());
-            Ok::<_, Infallible>(resp)
-        }
-    });
-    let plaintext = peer_is_none;
-    let revoked = async {
-        if plaintext {
-            let labels = &state.settings.labels;
-            let why =
-                until_revoked(&state, |snap| plaintext_revoked(snap, labels, port, None)).await;
-            state.metrics.error(Direction::Inbound, "revoked");
-            tracing::warn!(port, %why, "open plaintext connection closed");
-        } else {
-            std::future::pending::<()>().await;
-        }
-    };
-    serve_connection(&state, io, version, Direction::Inbound, svc, revoked).await;
-}
-
-async fn proxy(ctx: &Ctx, mut req: Request<Incoming>) -> Response<Body> {
-    let state = &ctx.state;
-    let snap = ctx.current();
-    if let Some(why) = plaintext_revoked(&snap, &state.settings.labels, ctx.port, ctx.peer.as_ref())
-    {
-        state.metrics.error(Direction::Inbound, "plaintext-refused");
-        tracing::warn!(port = ctx.port, %why, "plaintext request refused on an open connection");
-        let mut resp = error_response(
-            StatusCode::FORBIDDEN,
-            "plaintext-refused",
-            "mTLS mode is Strict; send through a weft proxy",
-        );
-        resp.headers_mut()
-            .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
-        return resp;
-    }
-    req.headers_mut().remove(PEER_IDENTITY_HEADER);
-    // Authorize and forward one normal path, so the app serves what the
-    // policy judged (`http::path`).
-    let path = match normalize_uri(req.uri_mut(), snap.config.mesh.escaped_slashes) {
-        Ok(path) => path,
-        Err(e) => {
-            state.metrics.error(Direction::Inbound, "ambiguous-path");
-            tracing::debug!(port = ctx.port, error = %e, "inbound request path refused");
-            return error_response(StatusCode::BAD_REQUEST, "ambiguous-path", &e.to_string());
-        }
-    };
-    let r = authz::Request {
-        identity: ctx.peer.as_ref(),
-        port: ctx.port,
-        method: Some(req.method().as_str()),
-        path: Some(path.policy()),
-    };
-    if let Decision::Deny(why) = authorize(&snap.config, &state.settings.labels, &r) {
-        state.metrics.error(Direction::Inbound, "denied");
-        let who = ctx
-            .peer
-            .as_ref()
-            .map_or("an unauthenticated client", SpiffeId::as_str);
-        tracing::warn!(peer = who, port = ctx.port, %why, "inbound request denied");
-        return error_response(
-            StatusCode::FORBIDDEN,
-            "denied",
-            &format!("{who} may not call port {}: {why}", ctx.port),
-        );
-    }
-    report_audit(state, &snap, &r);
-    if let Verdict::Limited { name, retry_after } =
-        state
-            .inbound_limits
-            .check(&snap.config, &state.settings.labels, ctx.port)
-    {
-        state.metrics.error(Direction::Inbound, "rate-limited");
-        tracing::debug!(port = ctx.port, limit = %name, ?retry_after, "inbound request over its rate limit");
-        let mut resp = error_response(
-            StatusCode::TOO_MANY_REQUESTS,
-            "rate-limited",
-            &format!(
-                "port {} is over the rate limit of ServicePolicy {name}; retry later",
-                ctx.port
-            ),
-        );
-        let secs = retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0);
-        resp.headers_mut()
-            .insert(http::header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
-        return resp;
-    }
-    if let Some(id) = &ctx.peer
-        && let Ok(v) = HeaderValue::from_str(id.as_str())
-    {
-        req.headers_mut().insert(PEER_IDENTITY_HEADER, v);
-    }
-    let key = PoolKey {
-        addr: SocketAddr::new(state.settings.app_host, ctx.port),
-        identity: None,
-        version: ctx.version,
-    };
-    let pool = state.inbound_pools.get(&key);
-    let prepared = prepare(req, ctx.version);
-    let result = match acquire(
-        state,
-        &snap,
-        &pool,
-        &key,
-        false,
-        state.settings.connect_timeout,
-        None,
-    )
-    .await
-    {
-        Ok((sender, fresh)) => {
-            send_request(state, &snap, &pool, &key, sender, fresh, prepared.request)
-                .await
-                .map(|resp| finish(resp, prepared.client_upgrade))
-        }
-        Err(e) => Err(e.into()),
-    };
-    result.unwrap_or_else(|e| {
-        let (status, step) = match &e {
-            crate::connect::SendError::Connect(c) => (c.status(), c.step()),
-            // The client's body failed (a malformed chunk), not the app.
-            crate::connect::SendError::Upstream { source, .. }
-                if crate::http::client_body_error(source).is_some() =>
-            {
-                (StatusCode::BAD_REQUEST, "bad-request")
-            }
-            crate::connect::SendError::Upstream { .. } => (StatusCode::BAD_GATEWAY, "app"),
-        };
-        state.metrics.error(Direction::Inbound, step);
-        tracing::warn!(error = %e, "forwarding to the app failed");
-        error_response(
-            status,
-            step,
-            &format!("{e} (the local app on port {})", ctx.port),
-        )
-    })
 }
 
 #[cfg(test)]

@@ -1,10 +1,16 @@
-//! Sockets under the proxy: where a captured connection was going
-//! ([`OrigDst`]), how the proxy dials out ([`Dialer`]), and replaying bytes
-//! already read for protocol detection ([`Prefixed`]).
+//! Sockets under the proxy, shared by both directions: accepting on a
+//! capture listener ([`listen`]), what the first bytes are ([`detect`]),
+//! where a captured connection was going ([`OrigDst`]), how the proxy
+//! dials out ([`Dialer`]), and replaying bytes already read for protocol
+//! detection ([`Prefixed`]). The bottom of the crate with `tls`,
+//! `metrics` and the config crate: nothing here knows a config or a
+//! listener's policy.
 //!
 //! Both traits exist so that component tests can run the transparent-proxy
 //! logic on loopback without iptables: see [`stamp`].
 
+pub mod detect;
+pub mod listen;
 pub mod orig_dst;
 #[cfg(any(test, feature = "test-util"))]
 pub mod stamp;

@@ -11,14 +11,15 @@ use bytes::Bytes;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
-use crate::connect::{ConnectError, connect};
+use crate::client::balance::{MAX_ATTEMPTS, attempt_order};
+use crate::client::connect::{ConnectError, Gate, connect, connect_timeout};
 use crate::metrics::Direction;
 use crate::net::{Prefixed, Stream};
-use crate::proxy::State;
 use crate::snapshot::{ServiceRef, Snapshot, endpoint_port};
+use crate::state::State;
 use crate::tls::{Alpn, SpiffeId};
 
-use super::route;
+use crate::snapshot::dest::resolve;
 
 /// Forwards to `dst` itself, untouched.
 pub async fn passthrough(state: &State, client: TcpStream, prefix: Bytes, dst: SocketAddr) {
@@ -56,7 +57,7 @@ pub async fn to_service(
         .routes
         .tcp(target, routed_port.port)
         .and_then(|b| b.pick(&mut rand::rng()));
-    let dest = match route::resolve(&snap.config, &snap.routes, target, backend, dst) {
+    let dest = match resolve(&snap.config, &snap.routes, target, backend, dst) {
         Ok(d) => d,
         Err(e) => {
             state.metrics.error(Direction::Outbound, "route-backend");
@@ -78,13 +79,13 @@ pub async fn to_service(
         }
     }
     // connectionPool.maxConnections: over it, the connection is refused.
-    let slot = match crate::connect::Gate::of(&state.conn_limits, dest.service) {
+    let slot = match Gate::of(&state.conn_limits, dest.service) {
         Some(g) => match g
             .limits
             .of(&dest.service.key())
             .reserve_now(
                 g.max_connections,
-                crate::connect::connect_timeout(&state, &dest.service.policy),
+                connect_timeout(state.settings.connect_timeout, &dest.service.policy),
             )
             .await
         {
@@ -98,9 +99,15 @@ pub async fn to_service(
         None => None,
     };
     let key = client.peer_addr().ok().map(|a| a.ip().to_string());
-    let order = super::attempt_order(&state, &dest, key.as_deref());
+    let order = attempt_order(
+        &state.outliers,
+        &state.outbound_pools,
+        || state.next_rr(),
+        &dest,
+        key.as_deref(),
+    );
     let mut last: Option<ConnectError> = None;
-    for i in order.into_iter().take(super::MAX_ATTEMPTS) {
+    for i in order.into_iter().take(MAX_ATTEMPTS) {
         let ep = dest.endpoints[i];
         let addr = SocketAddr::new(ep.address, endpoint_port(ep, dest.port));
         let id = match ep
@@ -116,8 +123,16 @@ pub async fn to_service(
                 continue;
             }
         };
-        let deadline = crate::connect::connect_timeout(&state, &dest.service.policy);
-        match connect(&state, &snap, addr, id.as_ref(), Alpn::Tcp, deadline).await {
+        let deadline = connect_timeout(state.settings.connect_timeout, &dest.service.policy);
+        match connect(
+            state.connector(&snap),
+            addr,
+            id.as_ref(),
+            Alpn::Tcp,
+            deadline,
+        )
+        .await
+        {
             Ok(up) => {
                 state.outliers.restore(addr);
                 splice(client, prefix, up).await;

@@ -21,7 +21,8 @@ use weft_proxy_config::{
     CODE_SIGNING_OID, ConfigSignature, ProxyConfig, SignatureFormatError, config_signer_id,
 };
 
-use super::identity::{Identity, spiffe_id_of};
+use super::identity::Identity;
+use super::spiffe::spiffe_id_of;
 
 /// Why a config's signature was refused.
 #[derive(Debug, thiserror::Error)]

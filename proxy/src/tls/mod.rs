@@ -13,9 +13,11 @@
 
 pub mod config_signature;
 pub mod identity;
+pub mod spiffe;
 pub mod verify;
 
-pub use identity::{Identity, IdentityError, SpiffeId};
+pub use identity::Identity;
+pub use spiffe::{IdentityError, SpiffeId, spiffe_id_of};
 
 /// The protocol inside a proxy-to-proxy TLS connection, negotiated by ALPN.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

@@ -18,7 +18,7 @@ use rustls::{
     SignatureScheme,
 };
 
-use super::identity::{SpiffeId, spiffe_id_of};
+use super::spiffe::{SpiffeId, spiffe_id_of};
 
 /// The server presented a valid mesh certificate for another identity.
 #[derive(Debug, thiserror::Error)]

@@ -7,7 +7,7 @@
 //! request ──► RouteTable::http(target, method, uri, headers)
 //!               first matching HttpRoute (or none: the Service itself)
 //!         ──► HttpRoute::backends.pick(rng) ──► Backend { service, subset, port }
-//!         ──► resolve() ──► Dest { service, port, endpoints } ──► balancer
+//!         ──► dest::resolve() ──► Dest { service, port, endpoints } ──► client policy
 //! ```
 //!
 //! Everything here is pure: no I/O, no locks. Matching costs a few string
@@ -21,21 +21,19 @@
 //! whole-path regex, method, headers, query parameters), weighted backends
 //! (other Services, subsets, ports), request and response header edits,
 //! path and authority rewrites, redirects; for TCP, weighted backends per
-//! port. Timeouts, retries, faults and mirroring are not applied yet (see
-//! `proxy/README.md`).
+//! port; each rule's timeout, retry policy, fault and mirror, which
+//! `outbound::http` applies per request. Out: [`Selected`] routes and
+//! destinations (`super::dest`), handed to the client policy (`client`).
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
 
 use http::header::{HeaderName, HeaderValue};
 use http::{HeaderMap, Method, Uri};
 use rand::Rng;
 use regex::Regex;
-use weft_proxy_config::{
-    self as pc, Endpoint, PathMatch, ProxyConfig, Service, ServicePort, ValueMatch,
-};
+use weft_proxy_config::{self as pc, Endpoint, PathMatch, ProxyConfig, Service, ValueMatch};
 
-use crate::snapshot::ServiceRef;
+use super::services::ServiceRef;
 
 /// Why a route could not be compiled (the config validated, so this means
 /// a proxy and operator disagree on the rules).
@@ -99,8 +97,8 @@ pub struct HttpRoute {
     pub request_headers: HeaderOps,
     /// Response header edits.
     pub response_headers: HeaderOps,
-    rewrite: Option<pc::Rewrite>,
-    authority: Option<HeaderValue>,
+    pub(super) rewrite: Option<pc::Rewrite>,
+    pub(super) authority: Option<HeaderValue>,
     /// Answer with a redirect instead of forwarding.
     pub redirect: Option<pc::Redirect>,
     /// Deadline for the response headers, retries included.
@@ -638,194 +636,16 @@ impl HeaderOps {
     }
 }
 
-impl HttpRoute {
-    /// Applies the rule's path and authority rewrite to a request about to
-    /// be forwarded. `prefix` is what the matching prefix condition matched.
-    pub fn rewrite(&self, prefix: Option<&str>, uri: &mut Uri, headers: &mut HeaderMap) {
-        let Some(rw) = &self.rewrite else { return };
-        let path = uri.path();
-        let new_path = match (&rw.path, &rw.path_prefix, prefix) {
-            (Some(p), _, _) => Some(p.clone()),
-            (None, Some(replacement), Some(matched)) => {
-                let rest = &path[matched.len().min(path.len())..];
-                let base = replacement.trim_end_matches('/');
-                Some(match (base.is_empty(), rest.is_empty()) {
-                    (true, true) => "/".to_owned(),
-                    (true, false) => rest.to_owned(),
-                    (false, _) => format!("{base}{rest}"),
-                })
-            }
-            _ => None,
-        };
-        let mut parts = uri.clone().into_parts();
-        let mut changed = false;
-        if let Some(p) = new_path {
-            let pq = match uri.query() {
-                Some(q) => format!("{p}?{q}"),
-                None => p,
-            };
-            if let Ok(pq) = pq.parse() {
-                parts.path_and_query = Some(pq);
-                changed = true;
-            }
-        }
-        if let Some(a) = &self.authority {
-            headers.insert(http::header::HOST, a.clone());
-            if parts.authority.is_some()
-                && let Ok(auth) = a.to_str().unwrap_or("").parse()
-            {
-                parts.authority = Some(auth);
-                changed = true;
-            }
-        }
-        if changed && let Ok(u) = Uri::from_parts(parts) {
-            *uri = u;
-        }
-    }
-}
-
-/// The `Location` of a redirect for a request with `uri` and `headers`:
-/// each part the rule does not set is kept from the request.
-pub fn redirect_location(r: &pc::Redirect, uri: &Uri, headers: &HeaderMap) -> String {
-    let scheme_in = uri.scheme_str().unwrap_or("http");
-    let scheme = r.scheme.as_deref().unwrap_or(scheme_in);
-    let authority = uri
-        .authority()
-        .map(|a| a.as_str().to_owned())
-        .or_else(|| {
-            headers
-                .get(http::header::HOST)
-                .and_then(|h| h.to_str().ok())
-                .map(str::to_owned)
-        })
-        .unwrap_or_default();
-    let (host_in, port_in) = split_authority(&authority);
-    let host = r.host.as_deref().unwrap_or(host_in);
-    // A new scheme without a port goes to that scheme's default port.
-    let port = match (r.port, r.scheme.is_some() && scheme != scheme_in) {
-        (Some(p), _) => Some(p),
-        (None, true) => None,
-        (None, false) => port_in,
-    };
-    let default_port = if scheme == "https" { 443 } else { 80 };
-    let path = r.path.as_deref().unwrap_or(uri.path());
-    let mut loc = format!("{scheme}://{host}");
-    if let Some(p) = port.filter(|p| *p != default_port) {
-        loc.push_str(&format!(":{p}"));
-    }
-    loc.push_str(path);
-    if let Some(q) = uri.query() {
-        loc.push('?');
-        loc.push_str(q);
-    }
-    loc
-}
-
-fn split_authority(a: &str) -> (&str, Option<u16>) {
-    match a.rsplit_once(':') {
-        Some((h, p)) if !h.is_empty() && !p.contains(']') => match p.parse() {
-            Ok(port) => (h, Some(port)),
-            Err(_) => (a, None),
-        },
-        _ => (a, None),
-    }
-}
-
-/// Where a chosen backend's traffic goes.
-#[derive(Debug)]
-pub struct Dest<'a> {
-    /// The backend's Service.
-    pub service: &'a Service,
-    /// The Service port dialled (its target port and protocol apply).
-    pub port: &'a ServicePort,
-    /// Its endpoints that take new traffic (the subset's, with a subset).
-    pub endpoints: Vec<&'a Endpoint>,
-    /// Where to send traffic when `endpoints` is empty: the original
-    /// destination, or the backend Service's ClusterIP; none for a subset
-    /// (a ClusterIP would spread over every version).
-    pub fallback: Option<SocketAddr>,
-    /// The subset's name, for messages.
-    pub subset: Option<&'a str>,
-}
-
-/// Why a backend could not be resolved for a request.
-#[derive(Debug, thiserror::Error)]
-#[error(
-    "route backend {service} has no port {port}; check the ServiceRoute's backend port against the Service"
-)]
-pub struct NoSuchPort {
-    /// `namespace/name`.
-    pub service: String,
-    /// The port asked for.
-    pub port: u16,
-}
-
-/// Resolves `backend` (none: the target Service itself) for traffic that
-/// was addressed to `dst`, i.e. to Service port `target`.
-pub fn resolve<'a>(
-    config: &'a ProxyConfig,
-    table: &RouteTable,
-    target: ServiceRef,
-    backend: Option<Backend>,
-    dst: SocketAddr,
-) -> Result<Dest<'a>, NoSuchPort> {
-    let routed = &config.services[target.service];
-    let routed_port = &routed.ports[target.port];
-    if let Some(ep) = target.endpoint.and_then(|i| routed.endpoints.get(i)) {
-        // Addressed to one pod: that pod only (routes do not apply).
-        return Ok(Dest {
-            service: routed,
-            port: routed_port,
-            endpoints: vec![ep],
-            fallback: Some(dst),
-            subset: None,
-        });
-    }
-    let Some(b) = backend else {
-        return Ok(Dest {
-            service: routed,
-            port: routed_port,
-            endpoints: table.endpoints(config, target.service, None),
-            fallback: Some(dst),
-            subset: None,
-        });
-    };
-    let service = &config.services[b.service];
-    let want = b.port.unwrap_or(routed_port.port);
-    let port = service
-        .ports
-        .iter()
-        .find(|p| p.port == want)
-        .ok_or_else(|| NoSuchPort {
-            service: service.key(),
-            port: want,
-        })?;
-    let fallback = match b.subset {
-        Some(_) => None,
-        None if b.service == target.service && want == routed_port.port => Some(dst),
-        None => service
-            .cluster_ips
-            .first()
-            .map(|ip| SocketAddr::new(*ip, port.port)),
-    };
-    Ok(Dest {
-        service,
-        port,
-        endpoints: table.endpoints(config, b.service, b.subset),
-        fallback,
-        subset: b
-            .subset
-            .and_then(|s| service.subsets.get(s))
-            .map(String::as_str),
-    })
-}
-
 #[cfg(test)]
 mod tests {
+    use super::super::dest::resolve;
+    use super::super::rewrite::redirect_location;
     use super::*;
     use rand::SeedableRng;
     use rand::rngs::StdRng;
+    use std::net::SocketAddr;
     use std::net::{IpAddr, Ipv4Addr};
+    use weft_proxy_config::ServicePort;
     use weft_proxy_config::{ClientPolicy, HttpMatch, NamedMatch, Protocol, Redirect, Rewrite};
 
     fn ep(n: u8, subsets: &[&str], terminating: bool) -> Endpoint {

@@ -27,7 +27,7 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::Notify;
 
-use crate::http::pool::{Pool, Sender};
+use crate::http::pool::{IdleWatcher, Pool, Sender};
 
 /// Connection counts per Service (`namespace/name`).
 #[derive(Debug, Default)]
@@ -144,15 +144,8 @@ impl ServiceConns {
         pools.retain(|w| w.strong_count() > 0);
         pools.push(Arc::downgrade(pool));
         drop(pools);
-        pool.add_service(self);
-    }
-
-    /// A connection of one of the Service's pools came back idle: requests
-    /// waiting for room look again (and may close it).
-    pub(crate) fn idle_elsewhere(&self) {
-        if self.pending() > 0 {
-            self.freed.notify_waiters();
-        }
+        let me: Arc<dyn IdleWatcher> = self.clone();
+        pool.add_idle_watcher(Arc::downgrade(&me));
     }
 
     /// Closes an idle connection of a pool of the Service other than
@@ -223,6 +216,16 @@ impl ServiceConns {
                 _ = freed => {}
                 _ = idle => {}
             }
+        }
+    }
+}
+
+impl IdleWatcher for ServiceConns {
+    /// A connection of one of the Service's pools came back idle: requests
+    /// waiting for room look again (and may close it).
+    fn idle_returned(&self) {
+        if self.pending() > 0 {
+            self.freed.notify_waiters();
         }
     }
 }

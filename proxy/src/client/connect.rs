@@ -1,7 +1,13 @@
 //! Opening upstream connections: TCP with a deadline, then mTLS when the
-//! upstream is a meshed endpoint, then (for HTTP) the hyper handshake.
-//! Every failure is a [`ConnectError`] naming the step, the address and what
-//! an operator should check.
+//! upstream is a meshed endpoint, then (for HTTP) the hyper handshake,
+//! under the Service's connection limits ([`super::limits`]). Every failure
+//! is a [`ConnectError`] naming the step, the address and what an operator
+//! should check.
+//!
+//! In: an endpoint address, its expected identity, a pool ([`Pool`]) and a
+//! [`Connector`] (the dialer and the snapshot whose identity runs mTLS).
+//! Out: a [`Sender`] for one request, or a plain/TLS [`Stream`] for opaque
+//! TCP. Used by `outbound::http`, `outbound::tcp` and `inbound` (to the app).
 
 use std::io;
 use std::net::SocketAddr;
@@ -12,12 +18,11 @@ use http::StatusCode;
 use rustls::pki_types::ServerName;
 use tokio_rustls::TlsConnector;
 
+use super::limits::{ConnLimits, Counted, Reserved};
 use crate::http::pool::{Dial, Pool, PoolKey, Sender, Version};
-use crate::limits::{ConnLimits, Reserved};
-use crate::net::Stream;
-use crate::proxy::State;
+use crate::net::{Dialer, Stream};
 use crate::snapshot::Snapshot;
-use crate::tls::identity::IdentityError;
+use crate::tls::IdentityError;
 use crate::tls::{Alpn, verify::find_identity_mismatch};
 
 /// An upstream connection could not be made.
@@ -125,34 +130,43 @@ impl ConnectError {
 }
 
 /// The connect timeout for endpoints of a Service: its ServicePolicy's
-/// `connectionPool.connectTimeout`, else the proxy's own.
-pub fn connect_timeout(state: &State, policy: &weft_proxy_config::ClientPolicy) -> Duration {
+/// `connectionPool.connectTimeout`, else the proxy's own (`default`).
+pub fn connect_timeout(default: Duration, policy: &weft_proxy_config::ClientPolicy) -> Duration {
     policy
         .connection_pool
         .as_ref()
         .map(|p| p.connect_timeout_ms)
         .filter(|ms| *ms > 0)
-        .map_or(state.settings.connect_timeout, Duration::from_millis)
+        .map_or(default, Duration::from_millis)
+}
+
+/// What opening a connection needs: how to dial, and the snapshot whose
+/// identity runs mTLS.
+#[derive(Clone, Copy, Debug)]
+pub struct Connector<'a> {
+    /// Outgoing TCP connections.
+    pub dialer: &'a dyn Dialer,
+    /// The snapshot of the request or connection.
+    pub snapshot: &'a Snapshot,
 }
 
 /// Connects to `addr` within `deadline` (TCP, then TLS each); with
 /// `identity`, runs mTLS expecting that peer and offering `alpn`.
 pub async fn connect(
-    state: &State,
-    snap: &Snapshot,
+    via: Connector<'_>,
     addr: SocketAddr,
     identity: Option<&crate::tls::SpiffeId>,
     alpn: Alpn,
     deadline: Duration,
 ) -> Result<Stream, ConnectError> {
-    let tcp = tokio::time::timeout(deadline, state.net.dialer.connect(addr))
+    let tcp = tokio::time::timeout(deadline, via.dialer.connect(addr))
         .await
         .map_err(|_| ConnectError::Timeout { addr })?
         .map_err(|source| ConnectError::Connect { addr, source })?;
     let Some(id) = identity else {
         return Ok(Stream::Plain(tcp));
     };
-    let cfg = snap.identity.client_config(id, alpn)?;
+    let cfg = via.snapshot.identity.client_config(id, alpn)?;
     let name = ServerName::IpAddress(addr.ip().into());
     let tls = tokio::time::timeout(deadline, TlsConnector::from(cfg).connect(name, tcp))
         .await
@@ -198,8 +212,7 @@ impl<'a> Gate<'a> {
 /// one (under `gate`, room for it first). The flag says whether it is fresh
 /// (a stale pooled connection may be retried once on a fresh one).
 pub async fn acquire(
-    state: &State,
-    snap: &Snapshot,
+    via: Connector<'_>,
     pool: &Arc<Pool>,
     key: &PoolKey,
     fresh_only: bool,
@@ -238,9 +251,9 @@ pub async fn acquire(
         Version::Http1 => Alpn::Http1,
         Version::Http2 => Alpn::Http2,
     };
-    let io = connect(state, snap, key.addr, key.identity.as_ref(), alpn, deadline).await?;
+    let io = connect(via, key.addr, key.identity.as_ref(), alpn, deadline).await?;
     let s = pool
-        .handshake(io, slot)
+        .handshake(Counted::new(io, slot))
         .await
         .map_err(|source| ConnectError::Handshake {
             addr: key.addr,
@@ -268,10 +281,11 @@ pub enum SendError {
 }
 
 /// Sends `req` on `sender`. When a pooled (not fresh) connection turns out
-/// closed before the request left, retries once on a fresh connection.
+/// closed before the request left, retries once on a fresh connection
+/// (within `connect_timeout`).
 pub async fn send_request(
-    state: &State,
-    snap: &Snapshot,
+    via: Connector<'_>,
+    connect_timeout: Duration,
     pool: &Arc<Pool>,
     key: &PoolKey,
     sender: Sender,
@@ -283,16 +297,7 @@ pub async fn send_request(
         Err(crate::http::pool::SendFailed {
             request: Some(req), ..
         }) if !fresh => {
-            let (sender, _) = acquire(
-                state,
-                snap,
-                pool,
-                key,
-                true,
-                state.settings.connect_timeout,
-                None,
-            )
-            .await?;
+            let (sender, _) = acquire(via, pool, key, true, connect_timeout, None).await?;
             sender.send(req).await.map_err(|f| SendError::Upstream {
                 addr: key.addr,
                 source: f.error,

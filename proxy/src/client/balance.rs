@@ -1,12 +1,78 @@
-//! Endpoint choice: pure decisions over the ready endpoints of a Service.
-//! The default is power-of-two-choices on requests in flight; round robin,
-//! random and consistent hashing (rendezvous) follow the Service's
-//! `ServicePolicy`.
+//! Endpoint choice: the order in which a request or connection tries the
+//! endpoints of its destination ([`attempt_order`]): the balancer's pick
+//! among endpoints not ejected ([`super::outliers`]), then the others.
+//! The default balancer is power-of-two-choices on requests in flight;
+//! round robin, random and consistent hashing (rendezvous) follow the
+//! Service's `ServicePolicy` ([`pick`], pure).
+//!
+//! In: a resolved destination, the pools' loads, the outliers. Out:
+//! indices into the destination's endpoints, tried in order by
+//! `outbound::http` and `outbound::tcp`, at most [`MAX_ATTEMPTS`].
 
 use std::hash::{DefaultHasher, Hash, Hasher};
+use std::net::SocketAddr;
 
 use rand::Rng;
+use tokio::time::Instant;
 use weft_proxy_config::LoadBalancer;
+
+use super::outliers::Outliers;
+use crate::http::pool::Pools;
+use crate::snapshot::dest::Dest;
+use crate::snapshot::services::endpoint_port;
+
+/// Endpoint attempt order for one request or connection to `dest`: the
+/// balancer's pick among the endpoints not ejected (among all of them when
+/// every one is ejected), then the other non-ejected ones, then the ejected
+/// ones. Indices into `dest.endpoints`.
+pub fn attempt_order(
+    outliers: &Outliers,
+    pools: &Pools,
+    rr: impl FnOnce() -> usize,
+    dest: &Dest<'_>,
+    key: Option<&str>,
+) -> Vec<usize> {
+    let eps = &dest.endpoints;
+    let addr = |i: usize| SocketAddr::new(eps[i].address, endpoint_port(eps[i], dest.port));
+    let now = Instant::now();
+    let (mut healthy, ejected): (Vec<usize>, Vec<usize>) =
+        (0..eps.len()).partition(|i| !outliers.is_ejected(addr(*i), now));
+    if healthy.is_empty() {
+        healthy = ejected;
+        return order_from(pools, rr, dest, healthy, key, &addr);
+    }
+    let mut order = order_from(pools, rr, dest, healthy, key, &addr);
+    order.extend(ejected);
+    order
+}
+
+fn order_from(
+    pools: &Pools,
+    rr: impl FnOnce() -> usize,
+    dest: &Dest<'_>,
+    set: Vec<usize>,
+    key: Option<&str>,
+    addr: &impl Fn(usize) -> SocketAddr,
+) -> Vec<usize> {
+    let n = set.len();
+    if n == 0 {
+        return set;
+    }
+    let lb: &LoadBalancer = &dest.service.policy.load_balancer;
+    let first = pick(
+        lb,
+        n,
+        |i| pools.load_of(addr(set[i])),
+        rr(),
+        key,
+        |i| addr(set[i]).to_string(),
+        &mut rand::rng(),
+    );
+    (0..n).map(|k| set[(first + k) % n]).collect()
+}
+
+/// Most endpoints tried for one request or connection.
+pub const MAX_ATTEMPTS: usize = 3;
 
 /// Picks an index in `0..n` (`n > 0`). `load(i)` is endpoint `i`'s requests
 /// in flight, `rr` a per-Service counter, `key` the consistent-hash key and

@@ -1,14 +1,15 @@
-//! Assembling a running proxy: settings, shared state, the three listeners,
-//! the reload watcher, and graceful shutdown.
+//! The proxy's per-process state: [`Settings`], the network hooks
+//! ([`Net`]) and [`State`], which every listener holds.
 //!
 //! ```text
-//!             ┌──────────── State (ArcSwap<Snapshot>, metrics, pools) ────────────┐
-//! :15001 ──► outbound::serve        :15006 ──► inbound::serve        :15020 ──► admin::serve
-//!                       reload::watch (..data swap) ──► State::publish
+//! State ── snapshot: ArcSwap<Snapshot>  (per config generation; reload publishes)
+//!       ── client policy: pools, outliers, breakers, budgets, connection limits
+//!       ── inbound rate-limit buckets, metrics, shutdown and drain signals
 //! ```
 //!
-//! [`start`] is what `weft-proxy run` calls and what component tests call
-//! in-process, with their own [`Net`].
+//! In: a loaded [`Snapshot`] ([`State::reload`], [`State::publish`]). Out:
+//! what the listeners read per connection and per request. Nothing here
+//! starts a task or knows a listener; [`crate::app`] assembles those.
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -19,14 +20,19 @@ use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
 use rustls::pki_types::UnixTime;
-use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
-use tokio::task::JoinHandle;
 
+use crate::client::breakers::Breakers;
+use crate::client::budgets::RetryBudgets;
+use crate::client::connect::Connector;
+use crate::client::limits::ConnLimits;
+use crate::client::outliers::Outliers;
 use crate::http::pool::Pools;
+use crate::http::server::HeadLimits;
 use crate::metrics::Metrics;
 use crate::net::{Dialer, DirectDialer, OrigDst, orig_dst::SoOriginalDst};
 use crate::probes::AppProbes;
+use crate::ratelimit::Limiters;
 use crate::snapshot::{Snapshot, SnapshotError, load_dir};
 
 /// Everything a proxy is started with. Built from flags/env by the binary,
@@ -74,6 +80,14 @@ pub const DEFAULT_MAX_HEADER_BYTES: usize = 60 * 1024;
 pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl Settings {
+    /// The limits on request heads every HTTP listener applies.
+    pub fn head_limits(&self) -> HeadLimits {
+        HeadLimits {
+            max_header_bytes: self.max_header_bytes,
+            header_read_timeout: self.header_read_timeout,
+        }
+    }
+
     /// Defaults for the given mount dir, listening on the standard ports.
     pub fn new(config_dir: PathBuf) -> Self {
         let any = IpAddr::V4(Ipv4Addr::UNSPECIFIED);
@@ -142,15 +156,15 @@ pub struct State {
     /// Pools to the local app.
     pub inbound_pools: Pools,
     /// Inbound rate-limit buckets (kept across reloads).
-    pub inbound_limits: crate::inbound::ratelimit::Limiters,
+    pub inbound_limits: Limiters,
     /// Endpoints ejected after a failed connection (passive health).
-    pub outliers: crate::outbound::Outliers,
+    pub outliers: Outliers,
     /// Requests in flight per Service (connectionPool.maxRequests).
-    pub breakers: crate::outbound::Breakers,
+    pub breakers: Breakers,
     /// Retry budgets per Service (retryBudget).
-    pub retry_budgets: crate::outbound::RetryBudgets,
+    pub retry_budgets: RetryBudgets,
     /// Open connections per Service (connectionPool.maxConnections).
-    pub conn_limits: crate::limits::ConnLimits,
+    pub conn_limits: ConnLimits,
     /// Bound listener addresses: [outbound, inbound, admin].
     pub listeners: Mutex<Vec<SocketAddr>>,
     listening: AtomicBool,
@@ -161,6 +175,58 @@ pub struct State {
 }
 
 impl State {
+    /// A state with no snapshot yet, for listeners bound at `listeners`
+    /// ([outbound, inbound, admin]); the receiver ends once every drain
+    /// token is dropped (see [`State::drain_token`]).
+    pub fn new(
+        settings: Settings,
+        net: Net,
+        listeners: Vec<SocketAddr>,
+    ) -> (Self, mpsc::Receiver<()>) {
+        let (drain_tx, drain_rx) = mpsc::channel(1);
+        let state = State {
+            settings,
+            net,
+            snapshot: ArcSwapOption::empty(),
+            metrics: Metrics::default(),
+            outbound_pools: Pools::default(),
+            inbound_pools: Pools::default(),
+            inbound_limits: Default::default(),
+            outliers: Outliers::default(),
+            breakers: Breakers::default(),
+            retry_budgets: RetryBudgets::default(),
+            conn_limits: ConnLimits::default(),
+            listeners: Mutex::new(listeners),
+            listening: AtomicBool::new(false),
+            rr: AtomicUsize::new(0),
+            shutdown: watch::channel(false).0,
+            published: watch::channel(0).0,
+            drain: Mutex::new(Some(drain_tx)),
+        };
+        (state, drain_rx)
+    }
+
+    /// Every listener is accepting: ready once a snapshot is active too.
+    pub fn set_listening(&self) {
+        self.listening.store(true, Ordering::Release);
+    }
+
+    /// Drops the state's own drain token: from now on the drain receiver
+    /// ends when the last connection task ends.
+    pub fn close_drain(&self) {
+        self.drain.lock().unwrap_or_else(|p| p.into_inner()).take();
+    }
+
+    /// Runs `task` (one connection) holding a drain token, so shutdown
+    /// waits for it until the drain deadline.
+    pub fn spawn_drained(&self, task: impl std::future::Future<Output = ()> + Send + 'static) {
+        let token = self.drain_token();
+        tokio::spawn(async move {
+            task.await;
+            drop(token);
+        });
+    }
+
     /// Publishes a good snapshot and updates its metrics.
     pub fn publish(&self, snap: Snapshot) {
         let m = &self.metrics;
@@ -227,6 +293,20 @@ impl State {
         self.rr.fetch_add(1, Ordering::Relaxed)
     }
 
+    /// Resolves once shutdown has started.
+    pub async fn shutdown_started(&self) {
+        shutdown_requested(&mut self.shutdown_signal()).await;
+    }
+
+    /// What opening upstream connections for a request or connection of
+    /// `snapshot` needs (see [`crate::client::connect`]).
+    pub fn connector<'a>(&'a self, snapshot: &'a Snapshot) -> Connector<'a> {
+        Connector {
+            dialer: &*self.net.dialer,
+            snapshot,
+        }
+    }
+
     /// A receiver that flips to `true` when shutdown starts.
     pub fn shutdown_signal(&self) -> watch::Receiver<bool> {
         self.shutdown.subscribe()
@@ -256,155 +336,4 @@ impl State {
     }
 }
 
-/// Resolves once shutdown has started (at once if it already has).
-pub async fn shutdown_requested(rx: &mut watch::Receiver<bool>) {
-    let _ = rx.wait_for(|s| *s).await;
-}
-
-/// Why the proxy could not start.
-#[derive(Debug, thiserror::Error)]
-pub enum StartError {
-    /// A listener could not bind.
-    #[error("cannot listen on {addr} ({what}): {source}; is another proxy running in this pod?")]
-    Bind {
-        /// Which listener.
-        what: &'static str,
-        /// Address.
-        addr: SocketAddr,
-        /// Why.
-        source: std::io::Error,
-    },
-}
-
-/// A running proxy.
-#[derive(Debug)]
-pub struct Proxy {
-    /// Shared state (tests read the snapshot and metrics from it).
-    pub state: Arc<State>,
-    /// Bound outbound address.
-    pub outbound_addr: SocketAddr,
-    /// Bound inbound address.
-    pub inbound_addr: SocketAddr,
-    /// Bound admin address.
-    pub admin_addr: SocketAddr,
-    drained: Mutex<Option<mpsc::Receiver<()>>>,
-    tasks: Vec<JoinHandle<()>>,
-}
-
-/// Binds the listeners, loads the first snapshot, starts the watcher.
-pub async fn start(settings: Settings, net: Net) -> Result<Proxy, StartError> {
-    // `0.0.0.0` binds dual-stack `[::]`: IPv6 captures reach the same listeners.
-    let bind = |what: &'static str, addr: SocketAddr| {
-        crate::net::bind_listener(addr).map_err(|source| StartError::Bind { what, addr, source })
-    };
-    let outbound = bind("outbound", settings.outbound_addr)?;
-    let inbound = bind("inbound", settings.inbound_addr)?;
-    let admin = bind("admin", settings.admin_addr)?;
-    let addr = |l: &TcpListener, what, a| {
-        l.local_addr().map_err(|source| StartError::Bind {
-            what,
-            addr: a,
-            source,
-        })
-    };
-    let outbound_addr = addr(&outbound, "outbound", settings.outbound_addr)?;
-    let inbound_addr = addr(&inbound, "inbound", settings.inbound_addr)?;
-    let admin_addr = addr(&admin, "admin", settings.admin_addr)?;
-
-    let (shutdown, _) = watch::channel(false);
-    let (drain_tx, drain_rx) = mpsc::channel(1);
-    let state = Arc::new(State {
-        settings,
-        net,
-        snapshot: ArcSwapOption::empty(),
-        metrics: Metrics::default(),
-        outbound_pools: Pools::default(),
-        inbound_pools: Pools::default(),
-        inbound_limits: Default::default(),
-        outliers: crate::outbound::Outliers::default(),
-        breakers: crate::outbound::Breakers::default(),
-        retry_budgets: crate::outbound::RetryBudgets::default(),
-        conn_limits: crate::limits::ConnLimits::default(),
-        listeners: Mutex::new(vec![outbound_addr, inbound_addr, admin_addr]),
-        listening: AtomicBool::new(false),
-        rr: AtomicUsize::new(0),
-        shutdown,
-        published: watch::channel(0).0,
-        drain: Mutex::new(Some(drain_tx)),
-    });
-    if let Err(e) = state.reload() {
-        tracing::error!(error = %e, "no usable config/identity yet; not ready until the mount holds a good snapshot");
-    }
-    let tasks = vec![
-        tokio::spawn(crate::outbound::serve(state.clone(), outbound)),
-        tokio::spawn(crate::inbound::serve(state.clone(), inbound)),
-        tokio::spawn(crate::admin::serve(state.clone(), admin)),
-        tokio::spawn(crate::reload::watch(state.clone())),
-        tokio::spawn(sweep_pools(Arc::downgrade(&state))),
-    ];
-    state.listening.store(true, Ordering::Release);
-    Ok(Proxy {
-        state,
-        outbound_addr,
-        inbound_addr,
-        admin_addr,
-        drained: Mutex::new(Some(drain_rx)),
-        tasks,
-    })
-}
-
-/// Once a second, closes pooled connections past their idle timeout and
-/// forgets unused pools; ends with the proxy.
-async fn sweep_pools(state: std::sync::Weak<State>) {
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tick.tick().await;
-        let Some(state) = state.upgrade() else { return };
-        let now = std::time::Instant::now();
-        state.outbound_pools.sweep(now);
-        state.inbound_pools.sweep(now);
-    }
-}
-
-impl Proxy {
-    /// Waits until shutdown is requested (SIGTERM or `POST /shutdown`
-    /// call [`State::begin_shutdown`]), then drains.
-    pub async fn run_until_shutdown(self) {
-        let mut sig = self.state.shutdown_signal();
-        while !*sig.borrow_and_update() {
-            if sig.changed().await.is_err() {
-                break;
-            }
-        }
-        self.drain().await;
-    }
-
-    /// Stops accepting, lets in-flight connections finish until the drain
-    /// deadline, then stops everything.
-    pub async fn drain(self) {
-        self.state.begin_shutdown();
-        self.state
-            .drain
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take();
-        let rx = self
-            .drained
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take();
-        if let Some(mut rx) = rx {
-            let deadline = self.state.settings.drain_timeout;
-            if tokio::time::timeout(deadline, rx.recv()).await.is_err() {
-                tracing::warn!(
-                    ?deadline,
-                    "drain deadline reached with connections still open; closing them"
-                );
-            }
-        }
-        for t in &self.tasks {
-            t.abort();
-        }
-    }
-}
+pub use crate::net::listen::shutdown_requested;

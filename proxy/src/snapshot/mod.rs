@@ -9,17 +9,30 @@
 //! kubelet's atomic writer puts every key in a fresh `..<timestamp>`
 //! directory and swaps the `..data` symlink; reading through the resolved
 //! `..data` target gives files of one generation, never a mix.
+//!
+//! Everything derived from one config generation is built here, once, off
+//! the request path, and lives and dies with the snapshot: the destination
+//! index ([`services`]) and the compiled routes ([`routes`]). State that
+//! must outlive a reload (pools, counters, ejections, rate-limit buckets)
+//! is per process and lives in [`crate::state::State`]. In: the mount
+//! directory. Out: a [`Snapshot`], published by `State::reload`.
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use rustls::pki_types::UnixTime;
-use weft_proxy_config::{Endpoint, ProxyConfig, SIGNATURE_FILE_NAME, Service, ServicePort};
+use weft_proxy_config::{ProxyConfig, SIGNATURE_FILE_NAME, Service, ServicePort};
 
-use crate::outbound::route::{RouteError, RouteTable};
+pub mod dest;
+pub mod rewrite;
+pub mod routes;
+pub mod services;
+
+use crate::tls::IdentityError;
 use crate::tls::config_signature::{self, SignatureError};
-use crate::tls::identity::{Identity, IdentityError, IdentityFiles};
+use crate::tls::identity::{Identity, IdentityFiles};
+use routes::{RouteError, RouteTable};
+pub use services::{Destinations, ServiceRef, endpoint_port};
 
 /// Why a snapshot was rejected.
 #[derive(Debug, thiserror::Error)]
@@ -99,20 +112,6 @@ impl SnapshotError {
     }
 }
 
-/// Where a Service port is found in the config.
-#[derive(Clone, Copy, Debug)]
-pub struct ServiceRef {
-    /// Index into `config.services`.
-    pub service: usize,
-    /// Index into that service's `ports`.
-    pub port: usize,
-    /// Set when the destination was one endpoint's own address (a pod IP,
-    /// as headless Services and StatefulSet peers use): the index into that
-    /// service's `endpoints`. Such traffic goes to that endpoint only,
-    /// without routes, with mTLS when it is meshed.
-    pub endpoint: Option<usize>,
-}
-
 /// A loaded, validated config + identity, with the state derived from them
 /// once per snapshot (off the request path): the ClusterIP index and the
 /// compiled routes.
@@ -126,10 +125,8 @@ pub struct Snapshot {
     pub source: PathBuf,
     /// Compiled routes and per-subset endpoint lists.
     pub routes: RouteTable,
-    /// ClusterIP:port → Service port.
-    by_addr: HashMap<SocketAddr, ServiceRef>,
-    /// Endpoint IP:port → that endpoint of a Service port.
-    by_endpoint: HashMap<SocketAddr, ServiceRef>,
+    /// Destination address → Service port.
+    destinations: Destinations,
 }
 
 impl Snapshot {
@@ -141,47 +138,20 @@ impl Snapshot {
         source: PathBuf,
     ) -> Result<Self, RouteError> {
         let routes = RouteTable::build(&config)?;
-        let mut by_addr = HashMap::new();
-        let mut by_endpoint = HashMap::new();
-        for (si, svc) in config.services.iter().enumerate() {
-            for (pi, port) in svc.ports.iter().enumerate() {
-                let at = ServiceRef {
-                    service: si,
-                    port: pi,
-                    endpoint: None,
-                };
-                for ip in &svc.cluster_ips {
-                    by_addr.insert(SocketAddr::new(*ip, port.port), at);
-                }
-                for (ei, ep) in svc.endpoints.iter().enumerate() {
-                    // A pod behind several Services keeps the first one
-                    // listing it (the config's order is deterministic).
-                    by_endpoint
-                        .entry(SocketAddr::new(ep.address, endpoint_port(ep, port)))
-                        .or_insert(ServiceRef {
-                            endpoint: Some(ei),
-                            ..at
-                        });
-                }
-            }
-        }
+        let destinations = Destinations::build(&config);
         Ok(Snapshot {
             config,
             identity,
             source,
             routes,
-            by_addr,
-            by_endpoint,
+            destinations,
         })
     }
 
     /// Where the destination is in the config: the Service port behind a
     /// ClusterIP:port, else the endpoint whose pod IP:port it is.
     pub fn lookup(&self, dst: SocketAddr) -> Option<ServiceRef> {
-        self.by_addr
-            .get(&dst)
-            .or_else(|| self.by_endpoint.get(&dst))
-            .copied()
+        self.destinations.lookup(dst)
     }
 
     /// The Service and port a [`ServiceRef`] points at.
@@ -189,14 +159,6 @@ impl Snapshot {
         let svc = &self.config.services[r.service];
         (svc, &svc.ports[r.port])
     }
-}
-
-/// The port to dial on an endpoint for a Service port.
-pub fn endpoint_port(ep: &Endpoint, port: &ServicePort) -> u16 {
-    port.name
-        .as_ref()
-        .and_then(|n| ep.ports.get(n).copied())
-        .unwrap_or(port.target_port)
 }
 
 /// Resolves the directory holding one generation: `dir/..data` when

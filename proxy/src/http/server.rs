@@ -1,0 +1,142 @@
+//! The server side of client connections, for both directions: hyper
+//! serving one connection, with weft's limits on request heads and the
+//! refusal of ambiguous framing ([`super::framing`]), until the client
+//! closes it or the caller's `ended` resolves (shutdown, a revocation), when
+//! in-flight requests finish and keep-alive ends.
+//!
+//! In: an accepted (possibly decrypted) connection and the listener's
+//! request service. Out: each request to that service; refused heads
+//! counted in the `errors` metric of the direction.
+
+use std::time::Duration;
+
+use http::Response;
+
+use super::framing;
+use super::pool::Version;
+use super::{Body, BoxError, bad_request};
+use crate::metrics::{Direction, Metrics};
+
+/// Limits on the request heads a client may send.
+#[derive(Clone, Copy, Debug)]
+pub struct HeadLimits {
+    /// Largest request head (HTTP/1: request line and header lines;
+    /// HTTP/2: the decoded header list). Over it: 431, and an HTTP/1
+    /// connection closes.
+    pub max_header_bytes: usize,
+    /// How long an HTTP/1 client may take to send a whole request head,
+    /// counted from its first byte. `None`: no limit.
+    pub header_read_timeout: Option<Duration>,
+}
+
+/// Serves one client connection with hyper until it closes; on shutdown,
+/// or when `revoked` resolves (the connection may no longer be served, e.g.
+/// plaintext after a switch to Strict), asks it to finish gracefully
+/// (in-flight requests complete, keep-alive ends).
+///
+/// Limits on request heads ([`HeadLimits`]): a head over
+/// `max_header_bytes` is answered 431 (HTTP/1 then closes); an HTTP/1 head
+/// not complete `header_read_timeout` after its first byte closes the
+/// connection; an HTTP/1 head with both `Content-Length` and
+/// `Transfer-Encoding` is answered 400 and never reaches `svc` (see
+/// [`framing`]). Each is counted in the `errors` metric of `direction`.
+pub async fn serve_connection<I, S>(
+    io: I,
+    version: Version,
+    direction: Direction,
+    limits: HeadLimits,
+    metrics: &Metrics,
+    svc: S,
+    ended: impl std::future::Future<Output = ()>,
+) where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    S: hyper::service::Service<http::Request<hyper::body::Incoming>, Response = Response<Body>>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+{
+    let settings = limits;
+    let result = match version {
+        Version::Http1 => {
+            let watch = std::sync::Arc::new(framing::Watch::new());
+            let io = hyper_util::rt::TokioIo::new(framing::Tracked::new(io, watch.clone()));
+            let refusing = watch.clone();
+            // The service's future is made inside the block, not before it:
+            // hyper keeps room for one per connection, and a future awaited
+            // from outside the block would be held twice.
+            let svc = hyper::service::service_fn(move |req| {
+                let refused = refusing.refuses_next();
+                let svc = svc.clone();
+                async move {
+                    if refused {
+                        return Ok(bad_request(
+                            "the request has both Content-Length and Transfer-Encoding (RFC 9112 section 6.1); send one of them",
+                        ));
+                    }
+                    svc.call(req).await
+                }
+            });
+            let mut builder = hyper::server::conn::http1::Builder::new();
+            builder.max_header_size(settings.max_header_bytes);
+            match settings.header_read_timeout {
+                Some(t) => builder
+                    .timer(framing::HeadTimer::new(watch.clone(), t))
+                    .header_read_timeout(t),
+                None => builder.header_read_timeout(None),
+            };
+            let conn = builder.serve_connection(io, svc).with_upgrades();
+            tokio::pin!(conn);
+            tokio::pin!(ended);
+            let result = tokio::select! {
+                r = conn.as_mut() => r,
+                () = &mut ended => {
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
+                }
+            };
+            if watch.refused_one() {
+                metrics.error(direction, "bad-request");
+                tracing::debug!("request with both Content-Length and Transfer-Encoding refused");
+            }
+            result
+        }
+        Version::Http2 => {
+            let conn =
+                hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                    .adaptive_window(true)
+                    .max_header_list_size(
+                        u32::try_from(settings.max_header_bytes).unwrap_or(u32::MAX),
+                    )
+                    .serve_connection(hyper_util::rt::TokioIo::new(io), svc);
+            tokio::pin!(conn);
+            tokio::pin!(ended);
+            tokio::select! {
+                r = conn.as_mut() => r,
+                () = &mut ended => {
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
+                }
+            }
+        }
+    };
+    if let Err(e) = result {
+        let step = if e.is_parse_too_large() {
+            Some("header-too-large")
+        } else if e.is_parse() {
+            Some("bad-request")
+        } else if e.is_timeout() {
+            Some("header-timeout")
+        } else {
+            None
+        };
+        match step {
+            Some(step) => {
+                metrics.error(direction, step);
+                tracing::debug!(error = %e, step, "client connection refused");
+            }
+            None => tracing::debug!(error = %e, "client connection ended with error"),
+        }
+    }
+}

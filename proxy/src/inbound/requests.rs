@@ -1,0 +1,239 @@
+//! Inbound HTTP: the requests of one connection to the app, each decided
+//! on the snapshot active when it arrives: plaintext under Strict refused,
+//! the path put in normal form (400 if ambiguous), authorization, Audit
+//! reports, the rate limit, then `x-weft-peer-identity` set from the
+//! verified certificate and the request sent to the app on loopback over a
+//! pooled connection.
+//!
+//! In: a connection from [`super`] (decrypted, or plaintext under
+//! Permissive) with its peer identity. Out: requests to the app
+//! (`client::connect`), responses to the peer.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use http::header::HeaderValue;
+use http::{Request, Response, StatusCode};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use super::authz::{self, Decision, authorize};
+use super::policy::{plaintext_revoked, report_audit, until_revoked};
+use crate::client::connect::{SendError, acquire, send_request};
+use crate::http::forward::{finish, prepare};
+use crate::http::path::normalize_uri;
+use crate::http::pool::{PoolKey, Version};
+use crate::http::server::serve_connection;
+use crate::http::{Body, PEER_IDENTITY_HEADER, error_response};
+use crate::metrics::Direction;
+use crate::ratelimit::Verdict;
+use crate::snapshot::Snapshot;
+use crate::state::State;
+use crate::tls::SpiffeId;
+
+/// One inbound HTTP connection: what its requests share. Each request is
+/// decided on the snapshot active when it arrives ([`Ctx::current`]), never
+/// on the connection's first one: a reload (a new Deny, Strict) applies to
+/// open keep-alive connections at their next request.
+struct Ctx {
+    state: Arc<State>,
+    /// The snapshot the connection was accepted on (used only if none is
+    /// active, which cannot happen once one was).
+    snap: Arc<Snapshot>,
+    port: u16,
+    peer: Option<SpiffeId>,
+    version: Version,
+}
+
+impl Ctx {
+    /// The active snapshot.
+    fn current(&self) -> Arc<Snapshot> {
+        self.state
+            .snapshot
+            .load_full()
+            .unwrap_or_else(|| self.snap.clone())
+    }
+}
+
+pub async fn serve_http<I>(
+    state: Arc<State>,
+    snap: Arc<Snapshot>,
+    port: u16,
+    peer: Option<SpiffeId>,
+    version: Version,
+    io: I,
+) where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let peer_is_none = peer.is_none();
+    let ctx = Arc::new(Ctx {
+        state: state.clone(),
+        snap,
+        port,
+        peer,
+        version,
+    });
+    let svc = service_fn(move |req| {
+        let ctx = ctx.clone();
+        async move {
+            let resp = proxy(&ctx, req).await;
+            ctx.state
+                .metrics
+                .request(Direction::Inbound, resp.status().as_u16());
+            Ok::<_, Infallible>(resp)
+        }
+    });
+    let plaintext = peer_is_none;
+    let revoked = async {
+        if plaintext {
+            let labels = &state.settings.labels;
+            let why =
+                until_revoked(&state, |snap| plaintext_revoked(snap, labels, port, None)).await;
+            state.metrics.error(Direction::Inbound, "revoked");
+            tracing::warn!(port, %why, "open plaintext connection closed");
+        } else {
+            std::future::pending::<()>().await;
+        }
+    };
+    let ended = async {
+        tokio::select! {
+            () = state.shutdown_started() => {}
+            () = revoked => {}
+        }
+    };
+    serve_connection(
+        io,
+        version,
+        Direction::Inbound,
+        state.settings.head_limits(),
+        &state.metrics,
+        svc,
+        ended,
+    )
+    .await;
+}
+
+async fn proxy(ctx: &Ctx, mut req: Request<Incoming>) -> Response<Body> {
+    let state = &ctx.state;
+    let snap = ctx.current();
+    if let Some(why) = plaintext_revoked(&snap, &state.settings.labels, ctx.port, ctx.peer.as_ref())
+    {
+        state.metrics.error(Direction::Inbound, "plaintext-refused");
+        tracing::warn!(port = ctx.port, %why, "plaintext request refused on an open connection");
+        let mut resp = error_response(
+            StatusCode::FORBIDDEN,
+            "plaintext-refused",
+            "mTLS mode is Strict; send through a weft proxy",
+        );
+        resp.headers_mut()
+            .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
+        return resp;
+    }
+    req.headers_mut().remove(PEER_IDENTITY_HEADER);
+    // Authorize and forward one normal path, so the app serves what the
+    // policy judged (`http::path`).
+    let path = match normalize_uri(req.uri_mut(), snap.config.mesh.escaped_slashes) {
+        Ok(path) => path,
+        Err(e) => {
+            state.metrics.error(Direction::Inbound, "ambiguous-path");
+            tracing::debug!(port = ctx.port, error = %e, "inbound request path refused");
+            return error_response(StatusCode::BAD_REQUEST, "ambiguous-path", &e.to_string());
+        }
+    };
+    let r = authz::Request {
+        identity: ctx.peer.as_ref(),
+        port: ctx.port,
+        method: Some(req.method().as_str()),
+        path: Some(path.policy()),
+    };
+    if let Decision::Deny(why) = authorize(&snap.config, &state.settings.labels, &r) {
+        state.metrics.error(Direction::Inbound, "denied");
+        let who = ctx
+            .peer
+            .as_ref()
+            .map_or("an unauthenticated client", SpiffeId::as_str);
+        tracing::warn!(peer = who, port = ctx.port, %why, "inbound request denied");
+        return error_response(
+            StatusCode::FORBIDDEN,
+            "denied",
+            &format!("{who} may not call port {}: {why}", ctx.port),
+        );
+    }
+    report_audit(state, &snap, &r);
+    if let Verdict::Limited { name, retry_after } =
+        state
+            .inbound_limits
+            .check(&snap.config, &state.settings.labels, ctx.port)
+    {
+        state.metrics.error(Direction::Inbound, "rate-limited");
+        tracing::debug!(port = ctx.port, limit = %name, ?retry_after, "inbound request over its rate limit");
+        let mut resp = error_response(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate-limited",
+            &format!(
+                "port {} is over the rate limit of ServicePolicy {name}; retry later",
+                ctx.port
+            ),
+        );
+        let secs = retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0);
+        resp.headers_mut()
+            .insert(http::header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
+        return resp;
+    }
+    if let Some(id) = &ctx.peer
+        && let Ok(v) = HeaderValue::from_str(id.as_str())
+    {
+        req.headers_mut().insert(PEER_IDENTITY_HEADER, v);
+    }
+    let key = PoolKey {
+        addr: SocketAddr::new(state.settings.app_host, ctx.port),
+        identity: None,
+        version: ctx.version,
+    };
+    let pool = state.inbound_pools.get(&key);
+    let prepared = prepare(req, ctx.version);
+    let result = match acquire(
+        state.connector(&snap),
+        &pool,
+        &key,
+        false,
+        state.settings.connect_timeout,
+        None,
+    )
+    .await
+    {
+        Ok((sender, fresh)) => send_request(
+            state.connector(&snap),
+            state.settings.connect_timeout,
+            &pool,
+            &key,
+            sender,
+            fresh,
+            prepared.request,
+        )
+        .await
+        .map(|resp| finish(resp, prepared.client_upgrade)),
+        Err(e) => Err(e.into()),
+    };
+    result.unwrap_or_else(|e| {
+        let (status, step) = match &e {
+            SendError::Connect(c) => (c.status(), c.step()),
+            // The client's body failed (a malformed chunk), not the app.
+            SendError::Upstream { source, .. }
+                if crate::http::client_body_error(source).is_some() =>
+            {
+                (StatusCode::BAD_REQUEST, "bad-request")
+            }
+            SendError::Upstream { .. } => (StatusCode::BAD_GATEWAY, "app"),
+        };
+        state.metrics.error(Direction::Inbound, step);
+        tracing::warn!(error = %e, "forwarding to the app failed");
+        error_response(
+            status,
+            step,
+            &format!("{e} (the local app on port {})", ctx.port),
+        )
+    })
+}

@@ -1,0 +1,219 @@
+//! Outbound HTTP: each request of a client connection is routed on its own
+//! (the Service's first matching `httpRoutes` rule: redirect, rewrite,
+//! header edits, a backend chosen by weight), balanced over that backend's
+//! endpoints, and sent over a pooled connection (mTLS + ALPN to meshed
+//! endpoints). Three steps, each a file, each calling only the next:
+//!
+//! ```text
+//! mod.rs      the route: select the rule, redirect, rewrite, header edits,
+//!             fault injection, the route timeout
+//!   ──► retry.rs     the backend: resolve it, circuit breaker, retry budget,
+//!                    retries with backoff, mirroring
+//!     ──► endpoint.rs  the endpoints: attempt order, pooled connection,
+//!                      failover, passive health
+//! ```
+//!
+//! In: requests of a client connection on :15001 whose destination is a
+//! known Service port. Out: responses to the client; requests to endpoints
+//! through `client::connect`.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+mod endpoint;
+mod retry;
+
+use http::header::{HeaderMap, HeaderValue, LOCATION};
+use http::{Request, Response, StatusCode};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use crate::http::pool::Version;
+use crate::http::server::serve_connection;
+use crate::http::{Body, error_response, full};
+use crate::metrics::Direction;
+use crate::snapshot::rewrite::redirect_location;
+use crate::snapshot::routes;
+use crate::snapshot::{ServiceRef, Snapshot};
+use crate::state::State;
+use endpoint::Ctx;
+use retry::{chance, send};
+
+/// Serves HTTP on a captured client connection.
+pub async fn serve<I>(
+    state: Arc<State>,
+    snap: Arc<Snapshot>,
+    target: ServiceRef,
+    dst: SocketAddr,
+    client: SocketAddr,
+    version: Version,
+    io: I,
+) where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let ctx = Arc::new(Ctx {
+        state: state.clone(),
+        snap,
+        target,
+        dst,
+        client,
+        version,
+    });
+    let svc = service_fn(move |req| {
+        let ctx = ctx.clone();
+        async move {
+            let resp = proxy(&ctx, req).await;
+            ctx.state
+                .metrics
+                .request(Direction::Outbound, resp.status().as_u16());
+            Ok::<_, Infallible>(resp)
+        }
+    });
+    serve_connection(
+        io,
+        version,
+        Direction::Outbound,
+        state.settings.head_limits(),
+        &state.metrics,
+        svc,
+        state.shutdown_started(),
+    )
+    .await;
+}
+
+/// The snapshot and Service port a request routes with: the active
+/// snapshot, so a reload applies to open keep-alive connections at their
+/// next request; the connection's own when the active one no longer knows
+/// the destination.
+fn current(ctx: &Ctx) -> (Arc<Snapshot>, ServiceRef) {
+    let active = ctx.state.snapshot.load();
+    match active.as_ref() {
+        Some(cur) if !Arc::ptr_eq(cur, &ctx.snap) => match cur.lookup(ctx.dst) {
+            Some(target) => (cur.clone(), target),
+            None => (ctx.snap.clone(), ctx.target),
+        },
+        _ => (ctx.snap.clone(), ctx.target),
+    }
+}
+
+async fn proxy(ctx: &Ctx, req: Request<Incoming>) -> Response<Body> {
+    let (snap, target) = current(ctx);
+    let (_, routed_port) = snap.service(target);
+    let selected = snap.routes.http(
+        target,
+        routed_port.port,
+        req.method(),
+        req.uri(),
+        req.headers(),
+    );
+    let (mut parts, body) = req.into_parts();
+    let mut backend = None;
+    if let Some(sel) = selected {
+        if let Some(r) = &sel.route.redirect {
+            return redirect(ctx, sel.route, r, &parts.uri, &parts.headers);
+        }
+        sel.route
+            .rewrite(sel.prefix, &mut parts.uri, &mut parts.headers);
+        sel.route.request_headers.apply(&mut parts.headers);
+        backend = sel.route.backends.pick(&mut rand::rng());
+    }
+    let route = selected.map(|s| s.route);
+    let mut resp = match route.and_then(|r| r.fault.as_ref().map(|f| (r, f))) {
+        Some((r, fault)) => match inject(ctx, r, fault).await {
+            Some(abort) => abort,
+            None => send_in_time(ctx, &snap, target, backend, route, parts, body).await,
+        },
+        None => send_in_time(ctx, &snap, target, backend, route, parts, body).await,
+    };
+    if let Some(sel) = selected {
+        sel.route.response_headers.apply(resp.headers_mut());
+    }
+    resp
+}
+
+/// Fault injection, decided per request: a delay first (outside the route
+/// timeout: the fault happens before the request is routed), then an
+/// abort, whose response is returned.
+async fn inject(
+    ctx: &Ctx,
+    route: &routes::HttpRoute,
+    fault: &weft_proxy_config::Fault,
+) -> Option<Response<Body>> {
+    if let Some(d) = fault.delay.as_ref().filter(|d| chance(d.percent)) {
+        ctx.state.metrics.route_event(&route.name, "fault-delay");
+        tokio::time::sleep(std::time::Duration::from_millis(d.delay_ms)).await;
+    }
+    let a = fault.abort.as_ref().filter(|a| chance(a.percent))?;
+    ctx.state.metrics.route_event(&route.name, "fault-abort");
+    Some(error_response(
+        StatusCode::from_u16(a.status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE),
+        "fault",
+        &format!("fault injected by route {}", route.name),
+    ))
+}
+
+/// [`send`] under the route's timeout, which covers every attempt until
+/// the response headers arrive (the body streams on after).
+async fn send_in_time(
+    ctx: &Ctx,
+    snap: &Arc<Snapshot>,
+    target: ServiceRef,
+    backend: Option<routes::Backend>,
+    route: Option<&routes::HttpRoute>,
+    parts: http::request::Parts,
+    body: Incoming,
+) -> Response<Body> {
+    let req = Request::from_parts(parts, body);
+    let work = send(ctx, snap, target, backend, route, req);
+    let Some((r, limit)) = route.and_then(|r| r.timeout.map(|t| (r, t))) else {
+        return work.await;
+    };
+    match tokio::time::timeout(limit, work).await {
+        Ok(resp) => resp,
+        Err(_) => {
+            ctx.state.metrics.error(Direction::Outbound, "timeout");
+            ctx.state.metrics.route_event(&r.name, "timeout");
+            error_response(
+                StatusCode::GATEWAY_TIMEOUT,
+                "timeout",
+                &format!(
+                    "no response within {} ms, the timeout of route {}; raise its timeoutMs or look at the backend",
+                    limit.as_millis(),
+                    r.name
+                ),
+            )
+        }
+    }
+}
+
+fn redirect(
+    ctx: &Ctx,
+    route: &routes::HttpRoute,
+    r: &weft_proxy_config::Redirect,
+    uri: &http::Uri,
+    headers: &HeaderMap,
+) -> Response<Body> {
+    let location = redirect_location(r, uri, headers);
+    let mut resp = Response::new(full(""));
+    *resp.status_mut() = StatusCode::from_u16(r.status).unwrap_or(StatusCode::FOUND);
+    match HeaderValue::from_str(&location) {
+        Ok(v) => {
+            resp.headers_mut().insert(LOCATION, v);
+        }
+        Err(_) => {
+            ctx.state.metrics.error(Direction::Outbound, "redirect");
+            return error_response(
+                StatusCode::BAD_GATEWAY,
+                "redirect",
+                &format!(
+                    "route {} builds an invalid Location {location:?}",
+                    route.name
+                ),
+            );
+        }
+    }
+    route.response_headers.apply(resp.headers_mut());
+    resp
+}
