@@ -58,9 +58,10 @@ fn bulk_services(count: usize) -> String {
 /// How the `weft-proxy` ConfigMap of `demo` holds its config.
 #[derive(Debug, PartialEq)]
 enum Layout {
-    /// `data` `proxy.json` only.
+    /// `data` `proxy.json` only (besides `proxy.json.sig`).
     Plain,
-    /// `binaryData` `proxy.json.gz` only; the size of the JSON inside.
+    /// `binaryData` `proxy.json.gz` only (and `data` `proxy.json.sig`);
+    /// the size of the JSON inside.
     Gzip(usize),
     /// Anything else (missing, both keys, neither).
     Other(String),
@@ -71,8 +72,14 @@ async fn layout(cluster: &Cluster) -> anyhow::Result<Layout> {
     let Some(cm) = api.get_opt("weft-proxy").await? else {
         return Ok(Layout::Other("no ConfigMap".into()));
     };
-    let data: Vec<String> = cm.data.iter().flatten().map(|(k, _)| k.clone()).collect();
+    let mut data: Vec<String> = cm.data.iter().flatten().map(|(k, _)| k.clone()).collect();
+    // Every layout carries the operator's signature next to the document.
+    let signed = data.iter().any(|k| k == "proxy.json.sig");
+    data.retain(|k| k != "proxy.json.sig");
     let binary = cm.binary_data.unwrap_or_default();
+    if !signed {
+        return Ok(Layout::Other(format!("unsigned: data keys {data:?}")));
+    }
     let layout = match (data.as_slice(), binary.get("proxy.json.gz")) {
         ([k], None) if k == "proxy.json" && binary.is_empty() => Layout::Plain,
         ([], Some(gz)) if binary.len() == 1 => {
