@@ -1084,6 +1084,76 @@ async fn a_hand_edited_proxy_config_is_restored_by_the_operator() -> anyhow::Res
         "weft_config_restored_total {restored_total}"
     );
 
+    // An identity Secret edited by hand (a key that is not the
+    // certificate's) is written again, told and counted.
+    let identity = format!("weft-identity-{}", "frontend");
+    let key_before = secret_key(&d, &identity).await?;
+    let junk = serde_json::json!({"data": {"tls.key": "anVuaw=="}});
+    d.cluster
+        .kubectl(&[
+            "patch",
+            "secret",
+            "-n",
+            "demo",
+            &identity,
+            "--type",
+            "merge",
+            "-p",
+            &junk.to_string(),
+        ])
+        .await?;
+    let start = Instant::now();
+    loop {
+        let now = secret_key(&d, &identity).await?;
+        if now != "anVuaw==" && !now.is_empty() {
+            break;
+        }
+        anyhow::ensure!(
+            start.elapsed() < Duration::from_secs(30),
+            "the identity Secret was not restored"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    println!(
+        "identity Secret edit undone after {:.1}s (new key issued: {})",
+        start.elapsed().as_secs_f64(),
+        secret_key(&d, &identity).await? != key_before
+    );
+    let told = d
+        .cluster
+        .kubectl(&[
+            "get",
+            "events",
+            "-n",
+            "demo",
+            "--field-selector",
+            "reason=IdentityRestored",
+            "-o",
+            "name",
+        ])
+        .await?;
+    assert!(told.lines().count() >= 1, "no IdentityRestored event");
+    let mut identity_restored = 0u64;
+    for operator in operators.split_whitespace() {
+        let metrics = d
+            .cluster
+            .exec_in_pod(
+                "weft-system",
+                operator,
+                &[&app, "get", "http://127.0.0.1:9090/metrics"],
+            )
+            .await?;
+        identity_restored += String::from_utf8_lossy(&metrics.stdout)
+            .lines()
+            .find_map(|l| l.strip_prefix("weft_identity_restored_total "))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .unwrap_or(0);
+    }
+    assert!(
+        identity_restored >= 1,
+        "weft_identity_restored_total {identity_restored}"
+    );
+
     // 3. With the operator down nothing undoes an edit, and kubelet
     //    delivers it: the proxies refuse it themselves, since the operator
     //    did not sign it.
@@ -1216,6 +1286,21 @@ async fn scale_operator(d: &Demo, replicas: usize) -> anyhow::Result<()> {
         )
         .await?;
     Ok(())
+}
+
+/// `tls.key` of Secret `demo/name`, base64 as stored.
+async fn secret_key(d: &Demo, name: &str) -> anyhow::Result<String> {
+    Ok(d.cluster
+        .kubectl(&[
+            "get",
+            "secret",
+            "-n",
+            "demo",
+            name,
+            "-o",
+            "jsonpath={.data.tls\\.key}",
+        ])
+        .await?)
 }
 
 /// The value of one counter series (`name{labels} `) of `ns/pod`'s proxy.

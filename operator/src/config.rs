@@ -794,6 +794,7 @@ pub async fn run(
     opts: ConfigOptions,
     mut signer: tokio::sync::watch::Receiver<Option<Arc<ConfigSigner>>>,
 ) -> Result<(), Error> {
+    let signer_changes = signer.clone();
     let (tx, mut rx) = mpsc::unbounded_channel();
     let (synced_tx, mut synced_rx) = tokio::sync::watch::channel(0usize);
     let shared = Arc::new(Shared {
@@ -903,34 +904,37 @@ pub async fn run(
         };
         tracing::info!(signer = current.fingerprint(), "rendering");
         let writer = Writer::new(client.clone(), opts.clone(), shared.clone());
-        // Without a sender no new signer comes: keep signing with this one.
-        let mut signer_open = true;
         loop {
-            tokio::select! {
-                batch = next_batch(&mut rx, opts.debounce) => {
-                    let Some(batch) = batch else {
-                        return Err(Error::WatchersGone);
-                    };
-                    writer.write_batch(batch, &current).await;
-                }
-                changed = signer.changed(), if signer_open => {
-                    if changed.is_err() {
-                        signer_open = false;
-                        continue;
-                    }
-                    let next = signer.borrow_and_update().clone();
-                    if let Some(next) = next.filter(|n| n.fingerprint() != current.fingerprint()) {
-                        tracing::info!(signer = next.fingerprint(), "new config signer; signing every namespace again");
-                        current = next;
-                        shared.mark(Dirty { all_meshed: true, ..Dirty::none() });
-                    }
-                }
+            let Some(batch) = next_batch(&mut rx, opts.debounce).await else {
+                return Err(Error::WatchersGone);
+            };
+            let latest = signer.borrow_and_update().clone();
+            if let Some(next) = latest.filter(|n| n.fingerprint() != current.fingerprint()) {
+                tracing::info!(
+                    signer = next.fingerprint(),
+                    "new config signer; signing every namespace again"
+                );
+                current = next;
             }
+            writer.write_batch(batch, &current).await;
         }
+    };
+    // A new signer marks every meshed namespace dirty, through the same
+    // queue as every other change: nothing collected is ever dropped.
+    let mut changes = signer_changes;
+    let forward_signer = async {
+        while changes.changed().await.is_ok() {
+            shared.mark(Dirty {
+                all_meshed: true,
+                ..Dirty::none()
+            });
+        }
+        std::future::pending::<()>().await;
     };
     tokio::select! {
         () = watch_all.map(|_| ()) => Err(Error::WatchersGone),
         r = writer => r,
+        () = forward_signer => Err(Error::WatchersGone),
     }
 }
 

@@ -217,6 +217,9 @@ pub struct Context {
     pub clock: Arc<dyn Clock>,
     signer: watch::Sender<Option<Signer>>,
     config_signer: watch::Sender<Option<Arc<ConfigSigner>>>,
+    /// The caBundle last written to or found right in the webhook
+    /// configuration: a later difference from the same bundle is an edit.
+    webhook_bundle: Mutex<Option<String>>,
     recorder: Recorder,
     namespaces: Mutex<HashMap<String, bool>>,
 }
@@ -246,6 +249,7 @@ impl Context {
             clock,
             signer: watch::channel(None).0,
             config_signer: watch::channel(None).0,
+            webhook_bundle: Mutex::new(None),
             namespaces: Mutex::new(HashMap::new()),
         }
     }
@@ -259,6 +263,27 @@ impl Context {
     /// what the config writer signs `proxy.json` with.
     pub fn config_signer(&self) -> watch::Receiver<Option<Arc<ConfigSigner>>> {
         self.config_signer.subscribe()
+    }
+
+    /// A Secret weft owns was changed outside weft and is written again:
+    /// a Warning Event `IdentityRestored` on it, a log line and
+    /// `weft_identity_restored_total`.
+    async fn report_restored(&self, secret: &Secret, what: &str, issued: Option<&ca::IssueReason>) {
+        self.metrics.identity_restored.inc();
+        let how = match issued {
+            Some(reason) => {
+                format!("its certificate was replaced ({reason}); weft issued a new one")
+            }
+            None => "its content no longer matched what weft wrote; weft wrote it again".to_owned(),
+        };
+        tracing::warn!(secret = what, "Secret changed outside weft; restored");
+        self.event(
+            secret,
+            EventType::Warning,
+            "IdentityRestored",
+            format!("Secret {what} was changed outside weft: {how}. Identities are issued by weft alone."),
+        )
+        .await;
     }
 
     async fn event(
@@ -430,6 +455,24 @@ pub fn plan_identity(
     })
 }
 
+/// Whether writing a Secret that exists undoes a change made outside
+/// weft: its content no longer covered what weft wrote (no new leaf was
+/// needed), or its certificate or key were replaced by something weft
+/// would not have written (unreadable, another key, other names). A
+/// renewal, a CA rotation or a shortened TTL is not a restore; neither is
+/// a first write.
+pub fn is_restore(existing: Option<&Secret>, issued: Option<&ca::IssueReason>) -> bool {
+    existing.is_some()
+        && matches!(
+            issued,
+            None | Some(
+                ca::IssueReason::Unreadable(_)
+                    | ca::IssueReason::KeyMismatch
+                    | ca::IssueReason::NamesChanged
+            )
+        )
+}
+
 /// Whether `existing` already holds everything `desired` sets.
 fn covers(existing: &Secret, desired: &Secret) -> bool {
     fn sub<V: PartialEq>(
@@ -523,11 +566,15 @@ async fn reconcile_identity(sa: Arc<ServiceAccount>, ctx: Arc<Context>) -> Resul
                 )
                 .await
                 .map_err(kube_err(format!("writing Secret {ns}/{secret_name}")))?;
+            if is_restore(existing.as_ref(), issued.as_ref())
+                && let Some(e) = existing.as_ref()
+            {
+                ctx.report_restored(e, &format!("{ns}/{secret_name}"), issued.as_ref())
+                    .await;
+            }
             if let Some(reason) = issued {
                 ctx.metrics.certificates_issued.inc();
                 tracing::info!(namespace = %ns, service_account = %name, %reason, "identity certificate issued");
-            } else {
-                tracing::info!(namespace = %ns, service_account = %name, "identity Secret repaired");
             }
             renew_at
         }
@@ -1011,7 +1058,7 @@ async fn reconcile_ca(ctx: &Context) -> Result<Duration, Error> {
             )
             .await?;
             wake = wake.min(until(signer_renew, now));
-            reconcile_webhook(&webhooks, webhook.as_ref(), &signer.bundle).await?;
+            reconcile_webhook(ctx, &webhooks, webhook.as_ref(), &signer.bundle).await?;
         }
         let ca_expiry = st.active.info().not_after;
         earliest = Some(earliest.map_or(ca_expiry, |t| t.min(ca_expiry)));
@@ -1191,6 +1238,16 @@ async fn reconcile_operator_leaf(
     };
     let issued = leaf.issued.is_some();
     if issued || !existing.is_some_and(|e| covers(e, &desired)) {
+        if is_restore(existing, leaf.issued.as_ref())
+            && let Some(e) = existing
+        {
+            ctx.report_restored(
+                e,
+                &format!("{}/{name}", ctx.settings.namespace),
+                leaf.issued.as_ref(),
+            )
+            .await;
+        }
         secrets
             .patch(
                 name,
@@ -1273,6 +1330,7 @@ async fn reconcile_config_signer(
 }
 
 async fn reconcile_webhook(
+    ctx: &Context,
     api: &Api<MutatingWebhookConfiguration>,
     existing: Option<&MutatingWebhookConfiguration>,
     bundle: &str,
@@ -1285,7 +1343,15 @@ async fn reconcile_webhook(
     let stale = hooks.iter().any(|w| {
         w.client_config.ca_bundle.as_ref().map(|b| b.0.as_slice()) != Some(bundle.as_bytes())
     });
+    let edited = ctx
+        .webhook_bundle
+        .lock()
+        .map(|last| stale && last.as_deref() == Some(bundle))
+        .unwrap_or(false);
     if !stale {
+        if let Ok(mut last) = ctx.webhook_bundle.lock() {
+            *last = Some(bundle.to_owned());
+        }
         return Ok(());
     }
     use base64::Engine as _;
@@ -1309,6 +1375,20 @@ async fn reconcile_webhook(
         "writing caBundle of MutatingWebhookConfiguration {INJECTOR_NAME}"
     )))?;
     tracing::info!("webhook caBundle updated to the trust bundle");
+    if let Ok(mut last) = ctx.webhook_bundle.lock() {
+        *last = Some(bundle.to_owned());
+    }
+    if edited {
+        ctx.metrics.identity_restored.inc();
+        tracing::warn!("webhook caBundle changed outside weft; restored");
+        ctx.event(
+            cfg,
+            EventType::Warning,
+            "CABundleRestored",
+            format!("the caBundle of MutatingWebhookConfiguration {INJECTOR_NAME} was changed outside weft; weft wrote the mesh trust bundle back"),
+        )
+        .await;
+    }
     Ok(())
 }
 
@@ -1658,6 +1738,27 @@ mod tests {
             changed.conditions[1].last_transition_time,
             first.conditions[1].last_transition_time
         );
+    }
+
+    #[test]
+    fn only_edits_count_as_restores() {
+        let s = Secret::default();
+        assert!(!is_restore(None, None), "a first write");
+        assert!(!is_restore(None, Some(&ca::IssueReason::Missing)));
+        assert!(is_restore(Some(&s), None), "content edited");
+        assert!(is_restore(Some(&s), Some(&ca::IssueReason::KeyMismatch)));
+        assert!(is_restore(Some(&s), Some(&ca::IssueReason::NamesChanged)));
+        assert!(is_restore(
+            Some(&s),
+            Some(&ca::IssueReason::Unreadable("junk".into()))
+        ));
+        for renewal in [
+            ca::IssueReason::Due,
+            ca::IssueReason::SignerChanged,
+            ca::IssueReason::TtlShortened,
+        ] {
+            assert!(!is_restore(Some(&s), Some(&renewal)), "{renewal}");
+        }
     }
 
     #[test]

@@ -6,6 +6,7 @@
 //! | `weft_certificate_renewal_failures_total` | counter | reconciles of a certificate that failed |
 //! | `weft_certificate_earliest_expiry_seconds` | gauge | Unix time of the earliest `notAfter` among the CA and every issued leaf; alert when it comes close to now |
 //! | `weft_identities` | gauge | identity Secrets currently issued |
+//! | `weft_identity_restored_total` | counter | identity Secrets, the operator's own certificate Secrets (`weft-injector-tls`, `weft-config-signer`) and the webhook's `caBundle` found changed outside weft and written again (Warning Events `IdentityRestored`, `CABundleRestored`) |
 //! | `weft_ca_regenerated_total` | counter | times `weft-ca` was found deleted and a new CA generated, re-issuing every identity (Warning Event `CARegenerated` on the `Mesh`); alert on any increase |
 
 use std::sync::atomic::AtomicI64;
@@ -29,6 +30,9 @@ pub struct Metrics {
     pub identities: Gauge<i64, AtomicI64>,
     /// New CAs generated because `weft-ca` was deleted.
     pub ca_regenerated: Counter,
+    /// Identity Secrets, operator certificates and the webhook caBundle
+    /// restored after an edit outside weft.
+    pub identity_restored: Counter,
 }
 
 impl Default for Metrics {
@@ -54,6 +58,12 @@ impl Metrics {
         let earliest_expiry = Gauge::<i64, AtomicI64>::default();
         let identities = Gauge::<i64, AtomicI64>::default();
         let ca_regenerated = Counter::default();
+        let identity_restored = Counter::default();
+        registry.register(
+            "identity_restored",
+            "Identity Secrets, operator certificate Secrets and webhook caBundles changed outside weft and written again",
+            identity_restored.clone(),
+        );
         registry.register(
             "certificates_issued",
             "Leaf certificates signed by the mesh CA",
@@ -86,6 +96,7 @@ impl Metrics {
             earliest_expiry,
             identities,
             ca_regenerated,
+            identity_restored,
         }
     }
 
