@@ -12,7 +12,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
 use rustls::server::ParsedCertificate;
 use rustls::{ClientConfig, RootCertStore, ServerConfig};
 
-use super::Alpn;
+use super::params::{Alpn, provider};
 use super::spiffe::{IdentityError, SpiffeId, spiffe_id_of};
 use super::verify::{ClientIdentityVerifier, ServerIdentityVerifier};
 
@@ -58,7 +58,7 @@ impl Identity {
         trust_domain: &str,
         now: UnixTime,
     ) -> Result<Self, IdentityError> {
-        let provider = super::provider();
+        let provider = provider();
         let chain = certs("tls.crt", &files.cert_chain)?;
         let bundle = certs("ca.crt", &files.bundle)?;
         let key = PrivateKeyDer::from_pem_slice(&files.key).map_err(|e| IdentityError::Pem {
