@@ -1049,36 +1049,7 @@ async fn a_hand_edited_proxy_config_is_restored_by_the_operator() -> anyhow::Res
         .await?;
     assert!(events.lines().count() >= 1, "no ConfigRestored event");
     // Two replicas: the leader wrote; sum over both.
-    let operators = d
-        .cluster
-        .kubectl(&[
-            "get",
-            "pods",
-            "-n",
-            "weft-system",
-            "-l",
-            "app.kubernetes.io/name=weft-operator",
-            "-o",
-            "jsonpath={.items[*].metadata.name}",
-        ])
-        .await?;
-    let app = d.cluster.pod_program("weft-e2e-app")?;
-    let mut restored_total = 0u64;
-    for operator in operators.split_whitespace() {
-        let metrics = d
-            .cluster
-            .exec_in_pod(
-                "weft-system",
-                operator,
-                &[&app, "get", "http://127.0.0.1:9090/metrics"],
-            )
-            .await?;
-        restored_total += String::from_utf8_lossy(&metrics.stdout)
-            .lines()
-            .find_map(|l| l.strip_prefix("weft_config_restored_total "))
-            .and_then(|v| v.trim().parse::<u64>().ok())
-            .unwrap_or(0);
-    }
+    let restored_total = operator_counter(&d, "weft_config_restored_total").await?;
     assert!(
         restored_total >= 2,
         "weft_config_restored_total {restored_total}"
@@ -1133,22 +1104,7 @@ async fn a_hand_edited_proxy_config_is_restored_by_the_operator() -> anyhow::Res
         ])
         .await?;
     assert!(told.lines().count() >= 1, "no IdentityRestored event");
-    let mut identity_restored = 0u64;
-    for operator in operators.split_whitespace() {
-        let metrics = d
-            .cluster
-            .exec_in_pod(
-                "weft-system",
-                operator,
-                &[&app, "get", "http://127.0.0.1:9090/metrics"],
-            )
-            .await?;
-        identity_restored += String::from_utf8_lossy(&metrics.stdout)
-            .lines()
-            .find_map(|l| l.strip_prefix("weft_identity_restored_total "))
-            .and_then(|v| v.trim().parse::<u64>().ok())
-            .unwrap_or(0);
-    }
+    let identity_restored = operator_counter(&d, "weft_identity_restored_total").await?;
     assert!(
         identity_restored >= 1,
         "weft_identity_restored_total {identity_restored}"
@@ -1286,6 +1242,43 @@ async fn scale_operator(d: &Demo, replicas: usize) -> anyhow::Result<()> {
         )
         .await?;
     Ok(())
+}
+
+/// A counter of the operator, summed over its replicas (the leader
+/// counts; a replica that led before may too).
+async fn operator_counter(d: &Demo, name: &str) -> anyhow::Result<u64> {
+    let operators = d
+        .cluster
+        .kubectl(&[
+            "get",
+            "pods",
+            "-n",
+            "weft-system",
+            "-l",
+            "app.kubernetes.io/name=weft-operator",
+            "-o",
+            "jsonpath={.items[*].metadata.name}",
+        ])
+        .await?;
+    let app = d.cluster.pod_program("weft-e2e-app")?;
+    let series = format!("{name} ");
+    let mut total = 0;
+    for operator in operators.split_whitespace() {
+        let metrics = d
+            .cluster
+            .exec_in_pod(
+                "weft-system",
+                operator,
+                &[&app, "get", "http://127.0.0.1:9090/metrics"],
+            )
+            .await?;
+        total += String::from_utf8_lossy(&metrics.stdout)
+            .lines()
+            .find_map(|l| l.strip_prefix(series.as_str()))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .unwrap_or(0);
+    }
+    Ok(total)
 }
 
 /// `tls.key` of Secret `demo/name`, base64 as stored.
