@@ -72,7 +72,7 @@ pub async fn start(settings: Settings, net: Net) -> Result<Proxy, StartError> {
     let inbound_addr = addr(&inbound, "inbound", settings.inbound_addr)?;
     let admin_addr = addr(&admin, "admin", settings.admin_addr)?;
 
-    let (state, drain_rx) =
+    let (state, drain_rx, log_rx) =
         State::new(settings, net, vec![outbound_addr, inbound_addr, admin_addr]);
     let state = Arc::new(state);
     if let Err(e) = state.reload() {
@@ -84,6 +84,10 @@ pub async fn start(settings: Settings, net: Net) -> Result<Proxy, StartError> {
         tokio::spawn(crate::admin::serve(state.clone(), admin)),
         tokio::spawn(crate::reload::watch(state.clone())),
         tokio::spawn(sweep_pools(Arc::downgrade(&state))),
+        tokio::spawn(crate::accesslog::write(
+            log_rx,
+            state.settings.access_log_output.clone(),
+        )),
     ];
     state.set_listening();
     Ok(Proxy {

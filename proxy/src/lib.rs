@@ -31,6 +31,7 @@
 //! identity current; [`admin`] and [`metrics`] make it observable; [`app`]
 //! assembles a running proxy, in-process for tests.
 
+pub mod accesslog;
 pub mod admin;
 pub mod app;
 pub mod client;

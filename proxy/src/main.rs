@@ -160,8 +160,11 @@ fn wait_ready(timeout: Duration, port: u16) -> anyhow::Result<()> {
 }
 
 fn run(a: RunArgs) -> anyhow::Result<()> {
+    // The proxy's own log goes to stderr; stdout carries the access log
+    // alone (`accesslog`), so a collector can tell the two apart.
     tracing_subscriber::fmt()
         .json()
+        .with_writer(std::io::stderr)
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_new(&a.log_level).unwrap_or_else(|_| "info".into()),
         )

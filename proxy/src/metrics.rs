@@ -135,6 +135,8 @@ pub struct Metrics {
     pub authz_audit: Family<AuditLabels, Counter>,
     /// Reload attempts by result.
     pub reloads: Family<ReloadLabels, Counter>,
+    /// Access log lines dropped because the writer fell behind.
+    pub access_log_dropped: Counter,
     /// Rejected snapshots by reason.
     pub config_rejected: Family<RejectLabels, Counter>,
     /// Generation of the active config.
@@ -181,6 +183,11 @@ impl Metrics {
             "reloads",
             "Config/identity reloads by result",
             self.reloads.clone(),
+        );
+        r.register(
+            "access_log_dropped",
+            "Access log lines dropped because the queue to the writer was full",
+            self.access_log_dropped.clone(),
         );
         r.register(
             "config_rejected",

@@ -22,6 +22,7 @@ use arc_swap::ArcSwapOption;
 use rustls::pki_types::UnixTime;
 use tokio::sync::{mpsc, watch};
 
+use crate::accesslog::{ACCESS_LOG_QUEUE, AccessLog};
 use crate::client::breakers::Breakers;
 use crate::client::budgets::RetryBudgets;
 use crate::client::connect::Connector;
@@ -71,6 +72,8 @@ pub struct Settings {
     /// counted from its first byte (an idle keep-alive connection is not
     /// sending one). Past it the connection closes. `None`: no limit.
     pub header_read_timeout: Option<Duration>,
+    /// Where access log lines go (stdout; tests capture them).
+    pub access_log_output: crate::accesslog::Output,
 }
 
 /// Default of [`Settings::max_header_bytes`]: 60 KiB, room for large cookies
@@ -106,6 +109,7 @@ impl Settings {
             app_probes: AppProbes::default(),
             max_header_bytes: DEFAULT_MAX_HEADER_BYTES,
             header_read_timeout: Some(DEFAULT_HEADER_READ_TIMEOUT),
+            access_log_output: crate::accesslog::Output::default(),
         }
     }
 
@@ -165,6 +169,8 @@ pub struct State {
     pub retry_budgets: RetryBudgets,
     /// Open connections per Service (connectionPool.maxConnections).
     pub conn_limits: ConnLimits,
+    /// Access log lines on their way to the writer.
+    pub access_log: AccessLog,
     /// Bound listener addresses: [outbound, inbound, admin].
     pub listeners: Mutex<Vec<SocketAddr>>,
     listening: AtomicBool,
@@ -176,19 +182,23 @@ pub struct State {
 
 impl State {
     /// A state with no snapshot yet, for listeners bound at `listeners`
-    /// ([outbound, inbound, admin]); the receiver ends once every drain
-    /// token is dropped (see [`State::drain_token`]).
+    /// ([outbound, inbound, admin]). The first receiver ends once every
+    /// drain token is dropped (see [`State::drain_token`]); the second
+    /// gets the access log lines (see [`crate::accesslog::write`]).
     pub fn new(
         settings: Settings,
         net: Net,
         listeners: Vec<SocketAddr>,
-    ) -> (Self, mpsc::Receiver<()>) {
+    ) -> (Self, mpsc::Receiver<()>, mpsc::Receiver<String>) {
         let (drain_tx, drain_rx) = mpsc::channel(1);
+        let metrics = Metrics::default();
+        let (access_log, log_rx) =
+            AccessLog::new(ACCESS_LOG_QUEUE, metrics.access_log_dropped.clone());
         let state = State {
             settings,
             net,
             snapshot: ArcSwapOption::empty(),
-            metrics: Metrics::default(),
+            metrics,
             outbound_pools: Pools::default(),
             inbound_pools: Pools::default(),
             inbound_limits: Default::default(),
@@ -196,6 +206,7 @@ impl State {
             breakers: Breakers::default(),
             retry_budgets: RetryBudgets::default(),
             conn_limits: ConnLimits::default(),
+            access_log,
             listeners: Mutex::new(listeners),
             listening: AtomicBool::new(false),
             rr: AtomicUsize::new(0),
@@ -203,7 +214,7 @@ impl State {
             published: watch::channel(0).0,
             drain: Mutex::new(Some(drain_tx)),
         };
-        (state, drain_rx)
+        (state, drain_rx, log_rx)
     }
 
     /// Every listener is accepting: ready once a snapshot is active too.
@@ -291,6 +302,14 @@ impl State {
     /// fairness within each Service's endpoint list).
     pub fn next_rr(&self) -> usize {
         self.rr.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Whether the active snapshot asks for access logs.
+    pub fn access_logging(&self) -> bool {
+        self.snapshot
+            .load()
+            .as_ref()
+            .is_some_and(|s| s.config.mesh.access_log)
     }
 
     /// Resolves once shutdown has started.

@@ -222,7 +222,7 @@ async fn to_app_tcp<I>(
         tracing::warn!(peer = ?id.map(SpiffeId::as_str), port, %why, "inbound connection denied");
         return;
     }
-    report_audit(state, snap, &r);
+    let _ = report_audit(state, snap, &r);
     if let Verdict::Limited { name, retry_after } =
         state
             .inbound_limits

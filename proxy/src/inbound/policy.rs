@@ -18,9 +18,10 @@ use crate::tls::SpiffeId;
 
 /// Counts and logs an allowed request or connection that Audit-mode
 /// policies would refuse (`weft_proxy_authz_audit_total{policy}`).
-pub fn report_audit(state: &State, snap: &Snapshot, r: &authz::Request<'_>) {
+/// Whether it would be refused.
+pub fn report_audit(state: &State, snap: &Snapshot, r: &authz::Request<'_>) -> bool {
     let Some(policies) = authz::audit(&snap.config, &state.settings.labels, r) else {
-        return;
+        return false;
     };
     for policy in &policies {
         state
@@ -40,6 +41,7 @@ pub fn report_audit(state: &State, snap: &Snapshot, r: &authz::Request<'_>) {
         audit = true,
         "allowed, but enforcing these Audit-mode AccessPolicies would refuse it"
     );
+    true
 }
 
 /// Why an open opaque connection from `id` to `port` may no longer be

@@ -21,6 +21,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::authz::{self, Decision, authorize};
 use super::policy::{plaintext_revoked, report_audit, until_revoked};
+use crate::accesslog::{Entry, Logged};
 use crate::client::connect::{SendError, acquire, send_request};
 use crate::http::forward::{finish, prepare};
 use crate::http::path::normalize_uri;
@@ -75,13 +76,17 @@ pub async fn serve_http<I>(
         peer,
         version,
     });
-    let svc = service_fn(move |req| {
+    let svc = service_fn(move |req: Request<Incoming>| {
         let ctx = ctx.clone();
         async move {
+            let logged = ctx.state.access_logging().then(|| Logged::of(&req));
             let resp = proxy(&ctx, req).await;
             ctx.state
                 .metrics
                 .request(Direction::Inbound, resp.status().as_u16());
+            if let Some(l) = logged {
+                log_request(&ctx, &l, &resp);
+            }
             Ok::<_, Infallible>(resp)
         }
     });
@@ -161,7 +166,7 @@ async fn proxy(ctx: &Ctx, mut req: Request<Incoming>) -> Response<Body> {
             &format!("{who} may not call port {}: {why}", ctx.port),
         );
     }
-    report_audit(state, &snap, &r);
+    let audited = report_audit(state, &snap, &r);
     if let Verdict::Limited { name, retry_after } =
         state
             .inbound_limits
@@ -217,7 +222,7 @@ async fn proxy(ctx: &Ctx, mut req: Request<Incoming>) -> Response<Body> {
         .map(|resp| finish(resp, prepared.client_upgrade)),
         Err(e) => Err(e.into()),
     };
-    result.unwrap_or_else(|e| {
+    let mut resp = result.unwrap_or_else(|e| {
         let (status, step) = match &e {
             SendError::Connect(c) => (c.status(), c.step()),
             // The client's body failed (a malformed chunk), not the app.
@@ -235,5 +240,35 @@ async fn proxy(ctx: &Ctx, mut req: Request<Incoming>) -> Response<Body> {
             step,
             &format!("{e} (the local app on port {})", ctx.port),
         )
-    })
+    });
+    if audited {
+        resp.extensions_mut().insert(Audited);
+    }
+    resp
+}
+
+/// Set on a response whose request Audit-mode AccessPolicies would refuse.
+#[derive(Clone, Copy, Debug)]
+struct Audited;
+
+fn log_request(ctx: &Ctx, l: &Logged, resp: &Response<Body>) {
+    let snap = ctx.current();
+    ctx.state.access_log.record(&Entry {
+        direction: Direction::Inbound,
+        start: l.start,
+        duration: l.began.elapsed(),
+        method: &l.method,
+        uri: &l.uri,
+        request_headers: &l.headers,
+        protocol: l.protocol,
+        status: resp.status().as_u16(),
+        response_headers: resp.headers(),
+        source_principal: ctx.peer.as_ref().map(SpiffeId::as_str),
+        destination_principal: Some(snap.identity.id().as_str()),
+        destination_service: None,
+        route: None,
+        upstream: Some(SocketAddr::new(ctx.state.settings.app_host, ctx.port)),
+        retries: 0,
+        audit: resp.extensions().get::<Audited>().is_some(),
+    });
 }

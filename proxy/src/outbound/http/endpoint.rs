@@ -27,6 +27,7 @@ use http::{HeaderMap, Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use weft_proxy_config::{HashKey, LoadBalancer};
 
+use crate::accesslog::{Upstream, UpstreamPrincipal};
 use crate::client::balance::{MAX_ATTEMPTS, attempt_order};
 use crate::client::connect::{ConnectError, Gate, SendError, acquire, connect_timeout};
 use crate::http::forward::{finish, prepare};
@@ -285,7 +286,15 @@ where
                         last = Some(finish(resp, None));
                         break;
                     }
-                    return finish(resp, client_upgrade.take());
+                    let mut out = finish(resp, client_upgrade.take());
+                    if snap.config.mesh.access_log {
+                        out.extensions_mut().insert(Upstream(addr));
+                        if let Some(id) = &key.identity {
+                            out.extensions_mut()
+                                .insert(UpstreamPrincipal(id.to_string()));
+                        }
+                    }
+                    return out;
                 }
                 // A pooled connection closed before the request left: the
                 // same endpoint on a fresh connection.

@@ -30,6 +30,10 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use tokio::io::{AsyncRead, AsyncWrite};
 
+use crate::accesslog::{
+    Entry, Logged, REQUEST_ID_HEADER, Retries, RouteRule, Upstream, UpstreamPrincipal,
+    new_request_id,
+};
 use crate::http::pool::Version;
 use crate::http::server::serve_connection;
 use crate::http::{Body, error_response, full};
@@ -61,13 +65,21 @@ pub async fn serve<I>(
         client,
         version,
     });
-    let svc = service_fn(move |req| {
+    let svc = service_fn(move |mut req: Request<Incoming>| {
         let ctx = ctx.clone();
         async move {
+            if !req.headers().contains_key(REQUEST_ID_HEADER) {
+                req.headers_mut()
+                    .insert(REQUEST_ID_HEADER, new_request_id());
+            }
+            let logged = ctx.state.access_logging().then(|| Logged::of(&req));
             let resp = proxy(&ctx, req).await;
             ctx.state
                 .metrics
                 .request(Direction::Outbound, resp.status().as_u16());
+            if let Some(l) = logged {
+                log_request(&ctx, &l, &resp);
+            }
             Ok::<_, Infallible>(resp)
         }
     });
@@ -81,6 +93,30 @@ pub async fn serve<I>(
         state.shutdown_started(),
     )
     .await;
+}
+
+fn log_request(ctx: &Ctx, l: &Logged, resp: &Response<Body>) {
+    let (snap, target) = current(ctx);
+    let service = snap.service(target).0.key();
+    let ext = resp.extensions();
+    ctx.state.access_log.record(&Entry {
+        direction: Direction::Outbound,
+        start: l.start,
+        duration: l.began.elapsed(),
+        method: &l.method,
+        uri: &l.uri,
+        request_headers: &l.headers,
+        protocol: l.protocol,
+        status: resp.status().as_u16(),
+        response_headers: resp.headers(),
+        source_principal: Some(snap.identity.id().as_str()),
+        destination_principal: ext.get::<UpstreamPrincipal>().map(|p| p.0.as_str()),
+        destination_service: Some(&service),
+        route: ext.get::<RouteRule>().map(|r| r.0.as_str()),
+        upstream: ext.get::<Upstream>().map(|u| u.0),
+        retries: ext.get::<Retries>().map_or(0, |r| r.0),
+        audit: false,
+    });
 }
 
 /// The snapshot and Service port a request routes with: the active
@@ -129,6 +165,10 @@ async fn proxy(ctx: &Ctx, req: Request<Incoming>) -> Response<Body> {
     };
     if let Some(sel) = selected {
         sel.route.response_headers.apply(resp.headers_mut());
+        if snap.config.mesh.access_log {
+            resp.extensions_mut()
+                .insert(RouteRule(sel.route.name.clone()));
+        }
     }
     resp
 }

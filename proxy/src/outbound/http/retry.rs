@@ -14,6 +14,7 @@ use http::{HeaderMap, Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 
 use super::endpoint::{Ctx, forward};
+use crate::accesslog::Retries;
 use crate::http::{Body, ERROR_HEADER, bad_request, error_response};
 use crate::metrics::Direction;
 use crate::snapshot::dest::{Dest, resolve};
@@ -212,7 +213,7 @@ async fn send_to(
             None => attempt.await,
         };
         if retries >= policy.attempts || !retriable(policy, &resp) {
-            return resp;
+            return counted(resp, retries, snap);
         }
         if let Some(b) = dest.service.policy.retry_budget.as_ref()
             && !ctx.state.retry_budgets.try_retry(
@@ -224,7 +225,7 @@ async fn send_to(
             ctx.state
                 .metrics
                 .route_event(&r.name, "retry-budget-exhausted");
-            return resp;
+            return counted(resp, retries, snap);
         }
         retries += 1;
         ctx.state.metrics.route_event(&r.name, "retry");
@@ -233,6 +234,14 @@ async fn send_to(
         drop(resp);
         tokio::time::sleep(wait).await;
     }
+}
+
+/// The response, with the retries made recorded for the access log.
+fn counted(mut resp: Response<Body>, retries: u32, snap: &Snapshot) -> Response<Body> {
+    if retries > 0 && snap.config.mesh.access_log {
+        resp.extensions_mut().insert(Retries(retries));
+    }
+    resp
 }
 
 /// Whether the retry policy covers this response. gRPC statuses are read

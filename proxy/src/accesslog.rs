@@ -1,0 +1,316 @@
+//! Access logs (`Mesh.spec.telemetry.accessLog.enabled`, rendered as
+//! `mesh.accessLog`): one JSON line per HTTP request on each reporter, on
+//! the proxy's stdout, next to (not mixed into) its own log lines.
+//!
+//! ```text
+//! request done (outbound and inbound listeners) ──► Entry ──► to_line()
+//!   ──try_send──► bounded queue (ACCESS_LOG_QUEUE lines) ──► writer task ──► stdout
+//!                 full: the line is dropped and counted, the request never waits
+//! ```
+//!
+//! In: what the listeners know when a response's head is sent (method,
+//! authority, path without its query, status, the failed step, the route
+//! rule and upstream the lower steps recorded in the response's
+//! extensions, principals, the request id). Out: lines on stdout, and
+//! `weft_proxy_access_log_dropped_total`.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use http::{HeaderMap, HeaderValue, Method, Request, Uri};
+use prometheus_client::metrics::counter::Counter;
+use tokio::io::AsyncWriteExt;
+use tokio::sync::mpsc;
+
+use crate::metrics::Direction;
+
+/// Lines held for the writer before new ones are dropped.
+pub const ACCESS_LOG_QUEUE: usize = 4096;
+
+/// The request id header: added by the client proxy when a request has
+/// none, kept when it has one, logged by both proxies.
+pub const REQUEST_ID_HEADER: &str = "x-request-id";
+
+/// Where access log lines go.
+#[derive(Clone, Debug, Default)]
+pub enum Output {
+    /// The proxy's stdout (what kubelet collects).
+    #[default]
+    Stdout,
+    /// Kept in memory (component tests read them).
+    Capture(Arc<Mutex<Vec<String>>>),
+}
+
+/// The sending side, held by [`crate::state::State`].
+#[derive(Debug)]
+pub struct AccessLog {
+    tx: mpsc::Sender<String>,
+    dropped: Counter,
+}
+
+impl AccessLog {
+    /// A log with a queue of `capacity` lines; the receiver goes to
+    /// [`write`]. `dropped` counts lines the full queue refused.
+    pub fn new(capacity: usize, dropped: Counter) -> (Self, mpsc::Receiver<String>) {
+        let (tx, rx) = mpsc::channel(capacity);
+        (AccessLog { tx, dropped }, rx)
+    }
+
+    /// Queues one line; never waits. A full queue drops it and counts it.
+    pub fn record(&self, entry: &Entry<'_>) {
+        if self.tx.try_send(entry.to_line()).is_err() {
+            self.dropped.inc();
+        }
+    }
+}
+
+/// Writes queued lines to `output` until every sender is gone, flushing
+/// whenever the queue is empty.
+pub async fn write(mut rx: mpsc::Receiver<String>, output: Output) {
+    let mut stdout = tokio::io::BufWriter::new(tokio::io::stdout());
+    while let Some(line) = rx.recv().await {
+        let mut next = Some(line);
+        while let Some(line) = next.take() {
+            match &output {
+                Output::Stdout => {
+                    let _ = stdout.write_all(line.as_bytes()).await;
+                    let _ = stdout.write_all(b"\n").await;
+                }
+                Output::Capture(lines) => {
+                    lines.lock().unwrap_or_else(|p| p.into_inner()).push(line)
+                }
+            }
+            next = rx.try_recv().ok();
+        }
+        let _ = stdout.flush().await;
+    }
+}
+
+/// What the access log needs of a request, kept before it is sent.
+#[derive(Debug)]
+pub struct Logged {
+    pub start: SystemTime,
+    pub began: Instant,
+    pub method: http::Method,
+    pub uri: http::Uri,
+    pub headers: HeaderMap,
+    pub protocol: &'static str,
+}
+
+impl Logged {
+    /// Keeps what the access log needs of `req`, at its arrival.
+    pub fn of<B>(req: &Request<B>) -> Self {
+        Logged {
+            start: SystemTime::now(),
+            began: Instant::now(),
+            method: req.method().clone(),
+            uri: req.uri().clone(),
+            headers: req.headers().clone(),
+            protocol: match req.version() {
+                http::Version::HTTP_2 => "HTTP/2",
+                http::Version::HTTP_10 => "HTTP/1.0",
+                _ => "HTTP/1.1",
+            },
+        }
+    }
+}
+
+/// The route rule that answered a request, recorded in the response's
+/// extensions by `outbound::http`.
+#[derive(Clone, Debug)]
+pub struct RouteRule(pub String);
+
+/// The endpoint a response came from, recorded in the response's
+/// extensions where the request was sent.
+#[derive(Clone, Copy, Debug)]
+pub struct Upstream(pub SocketAddr);
+
+/// The SPIFFE ID the upstream endpoint presented, recorded with
+/// [`Upstream`] for meshed endpoints.
+#[derive(Clone, Debug)]
+pub struct UpstreamPrincipal(pub String);
+
+/// Retries made for a request, recorded in the response's extensions by
+/// the retry step.
+#[derive(Clone, Copy, Debug)]
+pub struct Retries(pub u32);
+
+/// One request, as a reporter saw it.
+#[derive(Debug)]
+pub struct Entry<'a> {
+    /// Which proxy reports: the client's (`outbound`) or the server's
+    /// (`inbound`).
+    pub direction: Direction,
+    /// When the request arrived.
+    pub start: SystemTime,
+    /// Until the response's head was sent.
+    pub duration: Duration,
+    /// Request method.
+    pub method: &'a Method,
+    /// Request URI (the query string is not logged).
+    pub uri: &'a Uri,
+    /// Request headers (authority, request id, declared length).
+    pub request_headers: &'a HeaderMap,
+    /// `HTTP/1.1` or `HTTP/2`.
+    pub protocol: &'static str,
+    /// Response status.
+    pub status: u16,
+    /// Response headers (failed step, gRPC status, declared length).
+    pub response_headers: &'a HeaderMap,
+    /// The calling workload's SPIFFE ID, when known (mTLS).
+    pub source_principal: Option<&'a str>,
+    /// The called workload's SPIFFE ID, when known.
+    pub destination_principal: Option<&'a str>,
+    /// The destination Service (`namespace/name`), outbound.
+    pub destination_service: Option<&'a str>,
+    /// The route rule, outbound.
+    pub route: Option<&'a str>,
+    /// The upstream endpoint (outbound) or app address (inbound).
+    pub upstream: Option<SocketAddr>,
+    /// Retries made, outbound.
+    pub retries: u32,
+    /// Whether Audit-mode AccessPolicies would have refused it, inbound.
+    pub audit: bool,
+}
+
+fn header<'h>(h: &'h HeaderMap, name: &str) -> Option<&'h str> {
+    h.get(name).and_then(|v: &HeaderValue| v.to_str().ok())
+}
+
+impl Entry<'_> {
+    /// The JSON line.
+    pub fn to_line(&self) -> String {
+        let start = time::OffsetDateTime::from(self.start)
+            .format(&time::format_description::well_known::Rfc3339)
+            .unwrap_or_default();
+        let authority = self
+            .uri
+            .authority()
+            .map(|a| a.as_str())
+            .or_else(|| header(self.request_headers, "host"));
+        let bytes = |h: &HeaderMap| header(h, "content-length").and_then(|v| v.parse::<u64>().ok());
+        serde_json::json!({
+            "start": start,
+            "reporter": match self.direction {
+                Direction::Outbound => "source",
+                Direction::Inbound => "destination",
+            },
+            "duration_ms": self.duration.as_secs_f64() * 1000.0,
+            "method": self.method.as_str(),
+            "authority": authority,
+            "path": self.uri.path(),
+            "protocol": self.protocol,
+            "status": self.status,
+            "grpc_status": header(self.response_headers, "grpc-status"),
+            "request_bytes": bytes(self.request_headers),
+            "response_bytes": bytes(self.response_headers),
+            "failed_step": header(self.response_headers, crate::http::ERROR_HEADER),
+            "upstream": self.upstream.map(|a| a.to_string()),
+            "source_principal": self.source_principal,
+            "destination_principal": self.destination_principal,
+            "destination_service": self.destination_service,
+            "route": self.route,
+            "retries": self.retries,
+            "request_id": header(self.request_headers, REQUEST_ID_HEADER),
+            "audit": self.audit,
+        })
+        .to_string()
+    }
+}
+
+/// A new request id: 128 random bits as 32 hex digits.
+pub fn new_request_id() -> HeaderValue {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let id: u128 = rand::random();
+    let mut out = [0u8; 32];
+    for (i, b) in out.iter_mut().enumerate() {
+        *b = HEX[((id >> (124 - 4 * i)) & 0xf) as usize];
+    }
+    HeaderValue::from_bytes(&out).expect("hex is a valid header value")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry<'a>(
+        method: &'a Method,
+        uri: &'a Uri,
+        req: &'a HeaderMap,
+        resp: &'a HeaderMap,
+    ) -> Entry<'a> {
+        Entry {
+            direction: Direction::Inbound,
+            start: std::time::UNIX_EPOCH + Duration::from_millis(1_733_400_000_123),
+            duration: Duration::from_micros(1500),
+            method,
+            uri,
+            request_headers: req,
+            protocol: "HTTP/2",
+            status: 200,
+            response_headers: resp,
+            source_principal: Some("spiffe://td/ns/a/sa/b"),
+            destination_principal: None,
+            destination_service: None,
+            route: None,
+            upstream: None,
+            retries: 0,
+            audit: true,
+        }
+    }
+
+    #[test]
+    fn a_line_is_one_json_object_without_the_query() {
+        let (m, u) = (
+            Method::GET,
+            "http://svc.ns:8080/a/b?secret=1"
+                .parse::<Uri>()
+                .expect("uri"),
+        );
+        let mut req = HeaderMap::new();
+        req.insert(REQUEST_ID_HEADER, HeaderValue::from_static("r1"));
+        let mut resp = HeaderMap::new();
+        resp.insert("grpc-status", HeaderValue::from_static("14"));
+        resp.insert("content-length", HeaderValue::from_static("12"));
+        let line = entry(&m, &u, &req, &resp).to_line();
+        assert!(!line.contains('\n') && !line.contains("secret"), "{line}");
+        let v: serde_json::Value = serde_json::from_str(&line).expect("json");
+        assert_eq!(v["start"], "2024-12-05T12:00:00.123Z");
+        assert_eq!(v["reporter"], "destination");
+        assert_eq!(v["authority"], "svc.ns:8080");
+        assert_eq!(v["path"], "/a/b");
+        assert_eq!(v["duration_ms"], 1.5);
+        assert_eq!(v["grpc_status"], "14");
+        assert_eq!(v["response_bytes"], 12);
+        assert!(v["request_bytes"].is_null());
+        assert_eq!(v["request_id"], "r1");
+        assert_eq!(v["audit"], true);
+    }
+
+    #[test]
+    fn a_full_queue_drops_and_counts_without_waiting() {
+        let dropped = Counter::default();
+        let (log, mut rx) = AccessLog::new(2, dropped.clone());
+        let (m, u, h) = (Method::GET, Uri::from_static("/"), HeaderMap::new());
+        for _ in 0..5 {
+            log.record(&entry(&m, &u, &h, &h));
+        }
+        assert_eq!(dropped.get(), 3);
+        assert!(rx.try_recv().is_ok() && rx.try_recv().is_ok());
+        assert!(rx.try_recv().is_err());
+        log.record(&entry(&m, &u, &h, &h));
+        assert_eq!(dropped.get(), 3, "room again once the writer took lines");
+    }
+
+    #[test]
+    fn request_ids_are_32_hex_digits_and_differ() {
+        let (a, b) = (new_request_id(), new_request_id());
+        assert_ne!(a, b);
+        let a = a.to_str().expect("ascii");
+        assert!(
+            a.len() == 32 && a.chars().all(|c| c.is_ascii_hexdigit()),
+            "{a}"
+        );
+    }
+}

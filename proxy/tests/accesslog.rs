@@ -1,0 +1,227 @@
+//! Access logs (`mesh.accessLog`): one JSON line per HTTP request on each
+//! reporter, joined by the request id the client proxy adds; none when the
+//! setting is off.
+
+mod support;
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use http::{Request, StatusCode};
+use support::*;
+use weft_proxy::accesslog::Output;
+use weft_proxy::test_util::TestCa;
+use weft_proxy_config::{
+    AccessAction, AccessDestination, AccessPolicy, AccessRule, MtlsMode, Protocol,
+};
+
+type Lines = Arc<Mutex<Vec<String>>>;
+
+struct Logged {
+    client: Pod,
+    _server: Pod,
+    client_lines: Lines,
+    server_lines: Lines,
+    dst: SocketAddr,
+    _ca: TestCa,
+}
+
+async fn pair(access_log: bool, app: SocketAddr, policies: Vec<AccessPolicy>) -> Logged {
+    init();
+    let ca = TestCa::new("weft test CA");
+    let svc = service(
+        "echo",
+        cluster_ip(1),
+        80,
+        app.port(),
+        Protocol::Http1,
+        vec![meshed(SERVER_POD_IP, SERVER_ID)],
+    );
+    let mut client_cfg = config(1, MtlsMode::Strict, vec![svc]);
+    let mut server_cfg = config(1, MtlsMode::Strict, vec![]);
+    server_cfg.inbound.policies = policies;
+    for c in [&mut client_cfg, &mut server_cfg] {
+        c.mesh.access_log = access_log;
+        c.seal();
+    }
+    let client_lines = Lines::default();
+    let server_lines = Lines::default();
+    let (cl, sl) = (client_lines.clone(), server_lines.clone());
+    let server = Pod::start_with(&server_cfg, &ca.leaf(SERVER_ID, 3600), &ca, move |s| {
+        s.access_log_output = Output::Capture(sl.clone());
+    })
+    .await;
+    let client = Pod::start_with(&client_cfg, &ca.leaf(CLIENT_ID, 3600), &ca, move |s| {
+        s.access_log_output = Output::Capture(cl.clone());
+    })
+    .await;
+    client.route_to(
+        SocketAddr::new(IpAddr::V4(SERVER_POD_IP), app.port()),
+        &server,
+    );
+    Logged {
+        client,
+        _server: server,
+        client_lines,
+        server_lines,
+        dst: SocketAddr::new(cluster_ip(1), 80),
+        _ca: ca,
+    }
+}
+
+fn parsed(lines: &Lines) -> Vec<serde_json::Value> {
+    lines
+        .lock()
+        .expect("lines")
+        .iter()
+        .map(|l| serde_json::from_str(l).expect("each line is one JSON object"))
+        .collect()
+}
+
+async fn until_lines(lines: &Lines, n: usize) -> Vec<serde_json::Value> {
+    for _ in 0..200 {
+        if lines.lock().expect("lines").len() >= n {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    parsed(lines)
+}
+
+#[tokio::test]
+async fn each_request_is_logged_once_by_each_proxy_with_one_request_id() {
+    let p = pair(true, echo_app().await, vec![]).await;
+    let mut c = h1(p.client.app_connect(p.dst).await).await;
+    let mine = Request::get("/orders/7?token=secret")
+        .header("host", "echo")
+        .header("x-request-id", "req-from-the-app")
+        .body(body(""))
+        .expect("request");
+    let (status, _, text) = read_text(c.send_request(mine).await.expect("response")).await;
+    assert_eq!(status, StatusCode::OK, "{text}");
+    assert!(
+        text.contains("x-request-id: req-from-the-app"),
+        "kept: {text}"
+    );
+    let fresh = Request::post("/orders")
+        .header("host", "echo")
+        .body(body("four"))
+        .expect("request");
+    let (status, _, text) = read_text(c.send_request(fresh).await.expect("response")).await;
+    assert_eq!(status, StatusCode::OK, "{text}");
+    let added = text
+        .lines()
+        .find_map(|l| l.strip_prefix("x-request-id: "))
+        .expect("the client proxy adds a request id")
+        .to_owned();
+    assert_eq!(added.len(), 32, "{added}");
+
+    let client = until_lines(&p.client_lines, 2).await;
+    let server = until_lines(&p.server_lines, 2).await;
+    assert_eq!(
+        (client.len(), server.len()),
+        (2, 2),
+        "{client:?} {server:?}"
+    );
+    for (i, id) in ["req-from-the-app", added.as_str()].into_iter().enumerate() {
+        let (c, s) = (&client[i], &server[i]);
+        assert_eq!(c["request_id"], id, "{c}");
+        assert_eq!(s["request_id"], id, "{s}");
+        assert_eq!(c["reporter"], "source");
+        assert_eq!(s["reporter"], "destination");
+        assert_eq!(c["status"], 200);
+        assert_eq!(s["status"], 200);
+        assert_eq!(c["source_principal"], CLIENT_ID);
+        assert_eq!(c["destination_principal"], SERVER_ID);
+        assert_eq!(s["source_principal"], CLIENT_ID);
+        assert_eq!(s["destination_principal"], SERVER_ID);
+        assert_eq!(c["destination_service"], "shop/echo");
+        assert!(
+            c["upstream"]
+                .as_str()
+                .is_some_and(|u| u.starts_with("127.0.0.2:")),
+            "{c}"
+        );
+        assert_eq!(c["protocol"], "HTTP/1.1");
+        assert!(c["failed_step"].is_null(), "{c}");
+        assert!(c["duration_ms"].as_f64().is_some_and(|d| d >= 0.0), "{c}");
+        assert!(c["start"].as_str().is_some_and(|t| t.ends_with('Z')), "{c}");
+    }
+    assert_eq!(client[0]["path"], "/orders/7", "the query is not logged");
+    assert!(!client[0].to_string().contains("secret"));
+    assert_eq!(client[0]["method"], "GET");
+    assert_eq!(client[1]["method"], "POST");
+    assert_eq!(client[1]["request_bytes"], 4);
+    assert_eq!(p.client.proxy.state.metrics.access_log_dropped.get(), 0);
+}
+
+#[tokio::test]
+async fn a_failed_request_names_its_step_and_nothing_is_logged_when_off() {
+    // An app that is gone: the server proxy cannot reach it.
+    let gone = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        l.local_addr().expect("addr")
+    };
+    let p = pair(true, gone, vec![]).await;
+    let mut c = h1(p.client.app_connect(p.dst).await).await;
+    let req = Request::get("/")
+        .header("host", "echo")
+        .body(body(""))
+        .expect("request");
+    let (status, _, text) = read_text(c.send_request(req).await.expect("response")).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{text}");
+    let client = until_lines(&p.client_lines, 1).await;
+    let server = until_lines(&p.server_lines, 1).await;
+    assert_eq!(server[0]["status"], 503, "{server:?}");
+    assert_eq!(server[0]["failed_step"], "connect", "{server:?}");
+    assert_eq!(client[0]["status"], 503, "{client:?}");
+    assert_eq!(client[0]["failed_step"], "connect", "{client:?}");
+    assert_eq!(client[0]["request_id"], server[0]["request_id"]);
+
+    let off = pair(false, echo_app().await, vec![]).await;
+    let mut c = h1(off.client.app_connect(off.dst).await).await;
+    let req = Request::get("/")
+        .header("host", "echo")
+        .body(body(""))
+        .expect("request");
+    let (status, _, _) = read_text(c.send_request(req).await.expect("response")).await;
+    assert_eq!(status, StatusCode::OK);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(off.client_lines.lock().expect("lines").is_empty());
+    assert!(off.server_lines.lock().expect("lines").is_empty());
+}
+
+#[tokio::test]
+async fn a_request_an_audit_policy_would_refuse_is_marked_on_the_server_line() {
+    let audit_deny = AccessPolicy {
+        name: "audit-no-admin".into(),
+        selector: Default::default(),
+        ports: vec![],
+        action: AccessAction::Deny,
+        audit: true,
+        rules: vec![AccessRule {
+            from: vec![],
+            to: vec![AccessDestination {
+                paths: vec!["/admin".into()],
+                ..Default::default()
+            }],
+        }],
+    };
+    let p = pair(true, echo_app().await, vec![audit_deny]).await;
+    let mut c = h1(p.client.app_connect(p.dst).await).await;
+    for path in ["/admin", "/"] {
+        let req = Request::get(path)
+            .header("host", "echo")
+            .body(body(""))
+            .expect("request");
+        let (status, _, text) = read_text(c.send_request(req).await.expect("response")).await;
+        assert_eq!(status, StatusCode::OK, "audit refuses nothing: {text}");
+    }
+    let server = until_lines(&p.server_lines, 2).await;
+    assert_eq!(server[0]["path"], "/admin");
+    assert_eq!(server[0]["audit"], true, "{server:?}");
+    assert_eq!(server[1]["audit"], false, "{server:?}");
+    let client = until_lines(&p.client_lines, 2).await;
+    assert_eq!(client[0]["audit"], false, "only the server decides");
+}
