@@ -182,11 +182,18 @@ async fn route_weight_change_reaches_the_proxies_and_the_split_follows() -> anyh
 
 /// Injected faults and per-route policies travel like routes: a
 /// ServiceRoute applied with kubectl makes the frontend's proxy abort the
-/// requests it matches (without the backend seeing them) and serve the rest.
+/// requests it matches (without the backend seeing them) and serve the rest;
+/// with access logs turned on in the Mesh, both proxies log each request.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fault_applied_with_kubectl_aborts_the_requests_it_matches() -> anyhow::Result<()> {
     let _serial = serial().await;
     let d = demo(ClusterConfig::default()).await?;
+    // Access logs on, as a user turns them on.
+    mesh::patch_mesh_spec(
+        &d.cluster,
+        r#"{"telemetry":{"accessLog":{"enabled":true}}}"#,
+    )
+    .await?;
     mesh::apply_yaml(
         &d.cluster,
         "apiVersion: weft.dev/v1alpha1
@@ -235,6 +242,73 @@ spec:
         "x-chaos: abort → {:?}; others → {:?}",
         chaos.failures.first(),
         calm.by_version()
+    );
+
+    // The access logs: every request on the frontend's proxy, the aborted
+    // ones with their rule and step; each served one also on exactly one
+    // backend proxy, under the same request id.
+    let lines = |pod: &str| -> anyhow::Result<Vec<serde_json::Value>> {
+        Ok(d.cluster
+            .pod_log("demo", pod, "weft-proxy")?
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|v| v.get("reporter").is_some())
+            .collect())
+    };
+    let backends: Vec<String> = mesh::pods(&d.cluster, "demo", "backend")
+        .await?
+        .into_iter()
+        .filter_map(|p| p.metadata.name)
+        .collect();
+    let start = Instant::now();
+    let (front, served) = loop {
+        let front: Vec<serde_json::Value> = lines(&d.frontend)?
+            .into_iter()
+            .filter(|v| v["reporter"] == "source")
+            .collect();
+        let mut served = Vec::new();
+        for b in &backends {
+            served.extend(
+                lines(b)?
+                    .into_iter()
+                    .filter(|v| v["reporter"] == "destination"),
+            );
+        }
+        let aborted = front.iter().filter(|v| v["status"] == 418).count();
+        let ok = front.iter().filter(|v| v["status"] == 200).count();
+        if (aborted >= 10 && ok >= 10) || start.elapsed() > Duration::from_secs(30) {
+            break (front, served);
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    let aborted: Vec<&serde_json::Value> = front.iter().filter(|v| v["status"] == 418).collect();
+    assert_eq!(aborted.len(), 10, "{front:?}");
+    for a in &aborted {
+        assert_eq!(a["route"], "backend/chaos", "{a}");
+        assert_eq!(a["failed_step"], "fault", "{a}");
+        let id = &a["request_id"];
+        assert!(
+            served.iter().all(|s| &s["request_id"] != id),
+            "an aborted request reached a backend: {a}"
+        );
+    }
+    let ok: Vec<&serde_json::Value> = front
+        .iter()
+        .filter(|v| v["status"] == 200 && v["route"] == "backend/default")
+        .collect();
+    assert!(ok.len() >= 10, "{front:?}");
+    for o in &ok {
+        let twins = served
+            .iter()
+            .filter(|s| s["request_id"] == o["request_id"])
+            .count();
+        assert_eq!(twins, 1, "one backend line per served request: {o}");
+    }
+    println!(
+        "access logs: {} frontend lines ({} aborted by the fault, none on a backend), {} backend lines, every served request id on exactly one backend",
+        front.len(),
+        aborted.len(),
+        served.len()
     );
     d.cluster.shutdown();
     Ok(())
