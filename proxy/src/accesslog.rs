@@ -2,6 +2,9 @@
 //! `mesh.accessLog`): one JSON line per HTTP request on each reporter, on
 //! the proxy's stdout, next to (not mixed into) its own log lines.
 //!
+//! TCP connections (opaque, or detected as not HTTP) get one line when they
+//! end ([`TcpEntry`]).
+//!
 //! ```text
 //! request done (outbound and inbound listeners) ──► Entry ──► to_line()
 //!   ──try_send──► bounded queue (ACCESS_LOG_QUEUE lines) ──► writer task ──► stdout
@@ -216,6 +219,65 @@ impl Entry<'_> {
             "audit": self.audit,
         })
         .to_string()
+    }
+}
+
+/// One opaque TCP connection, as a reporter saw it; logged when it ends.
+#[derive(Debug)]
+pub struct TcpEntry<'a> {
+    /// Which proxy reports.
+    pub direction: Direction,
+    /// When the connection was accepted.
+    pub start: SystemTime,
+    /// Until it ended.
+    pub duration: Duration,
+    /// The upstream endpoint (outbound) or app address (inbound).
+    pub upstream: Option<SocketAddr>,
+    /// The calling workload's SPIFFE ID, when known (mTLS).
+    pub source_principal: Option<&'a str>,
+    /// The called workload's SPIFFE ID, when known.
+    pub destination_principal: Option<&'a str>,
+    /// The destination Service (`namespace/name`), outbound.
+    pub destination_service: Option<&'a str>,
+    /// Bytes from the client to the upstream, and back; `None` when the
+    /// connection ended with an error or was closed by the proxy.
+    pub bytes: Option<(u64, u64)>,
+    /// Why the proxy refused or closed it (`connect`, `denied`, `revoked`, …).
+    pub failed_step: Option<&'a str>,
+}
+
+impl TcpEntry<'_> {
+    /// The JSON line.
+    pub fn to_line(&self) -> String {
+        let start = time::OffsetDateTime::from(self.start)
+            .format(&time::format_description::well_known::Rfc3339)
+            .unwrap_or_default();
+        serde_json::json!({
+            "start": start,
+            "reporter": match self.direction {
+                Direction::Outbound => "source",
+                Direction::Inbound => "destination",
+            },
+            "duration_ms": self.duration.as_secs_f64() * 1000.0,
+            "protocol": "tcp",
+            "request_bytes": self.bytes.map(|b| b.0),
+            "response_bytes": self.bytes.map(|b| b.1),
+            "failed_step": self.failed_step,
+            "upstream": self.upstream.map(|a| a.to_string()),
+            "source_principal": self.source_principal,
+            "destination_principal": self.destination_principal,
+            "destination_service": self.destination_service,
+        })
+        .to_string()
+    }
+}
+
+impl AccessLog {
+    /// Queues the line of a TCP connection; never waits.
+    pub fn record_tcp(&self, entry: &TcpEntry<'_>) {
+        if self.tx.try_send(entry.to_line()).is_err() {
+            self.dropped.inc();
+        }
     }
 }
 

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use http::{Request, StatusCode};
 use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use weft_proxy::accesslog::Output;
 use weft_proxy::test_util::TestCa;
 use weft_proxy_config::{
@@ -28,6 +29,15 @@ struct Logged {
 }
 
 async fn pair(access_log: bool, app: SocketAddr, policies: Vec<AccessPolicy>) -> Logged {
+    pair_of(access_log, app, policies, Protocol::Http1).await
+}
+
+async fn pair_of(
+    access_log: bool,
+    app: SocketAddr,
+    policies: Vec<AccessPolicy>,
+    protocol: Protocol,
+) -> Logged {
     init();
     let ca = TestCa::new("weft test CA");
     let svc = service(
@@ -35,7 +45,7 @@ async fn pair(access_log: bool, app: SocketAddr, policies: Vec<AccessPolicy>) ->
         cluster_ip(1),
         80,
         app.port(),
-        Protocol::Http1,
+        protocol,
         vec![meshed(SERVER_POD_IP, SERVER_ID)],
     );
     let mut client_cfg = config(1, MtlsMode::Strict, vec![svc]);
@@ -224,4 +234,32 @@ async fn a_request_an_audit_policy_would_refuse_is_marked_on_the_server_line() {
     assert_eq!(server[1]["audit"], false, "{server:?}");
     let client = until_lines(&p.client_lines, 2).await;
     assert_eq!(client[0]["audit"], false, "only the server decides");
+}
+
+#[tokio::test]
+async fn an_opaque_connection_is_logged_when_it_ends_with_its_bytes() {
+    let p = pair_of(true, tcp_echo().await, vec![], Protocol::Opaque).await;
+    let mut s = p.client.app_connect(p.dst).await;
+    let msg = vec![7u8; 10_000];
+    s.write_all(&msg).await.expect("write");
+    let mut got = vec![0u8; msg.len()];
+    s.read_exact(&mut got).await.expect("echo");
+    s.shutdown().await.expect("half close");
+    let mut rest = Vec::new();
+    s.read_to_end(&mut rest)
+        .await
+        .expect("the server side closes too");
+    drop(s);
+    let client = until_lines(&p.client_lines, 1).await;
+    let server = until_lines(&p.server_lines, 1).await;
+    for (line, reporter) in [(&client[0], "source"), (&server[0], "destination")] {
+        assert_eq!(line["protocol"], "tcp", "{line}");
+        assert_eq!(line["reporter"], reporter, "{line}");
+        assert_eq!(line["request_bytes"], 10_000, "{line}");
+        assert_eq!(line["response_bytes"], 10_000, "{line}");
+        assert_eq!(line["source_principal"], CLIENT_ID, "{line}");
+        assert_eq!(line["destination_principal"], SERVER_ID, "{line}");
+        assert!(line["failed_step"].is_null(), "{line}");
+    }
+    assert_eq!(client[0]["destination_service"], "shop/echo");
 }

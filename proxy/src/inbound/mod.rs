@@ -42,6 +42,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 use weft_proxy_config::{MtlsMode, Protocol, ProxyConfig, mtls_mode, selector_matches};
 
+use crate::accesslog::TcpEntry;
 use crate::http::pool::Version;
 use crate::metrics::{Direction, OpenConn};
 use crate::net::detect::{Detected, SERVER_FIRST_PORTS, detect};
@@ -211,6 +212,23 @@ async fn to_app_tcp<I>(
 ) where
     I: AsyncRead + AsyncWrite + Unpin,
 {
+    let (start, began) = (std::time::SystemTime::now(), std::time::Instant::now());
+    let addr = SocketAddr::new(state.settings.app_host, port);
+    let log = |bytes: Option<(u64, u64)>, failed_step: Option<&str>| {
+        if snap.config.mesh.access_log {
+            state.access_log.record_tcp(&TcpEntry {
+                direction: Direction::Inbound,
+                start,
+                duration: began.elapsed(),
+                upstream: Some(addr),
+                source_principal: id.map(SpiffeId::as_str),
+                destination_principal: Some(snap.identity.id().as_str()),
+                destination_service: None,
+                bytes,
+                failed_step,
+            });
+        }
+    };
     let r = authz::Request {
         identity: id,
         port,
@@ -220,6 +238,7 @@ async fn to_app_tcp<I>(
     if let Decision::Deny(why) = authorize(&snap.config, &state.settings.labels, &r) {
         state.metrics.error(Direction::Inbound, "denied");
         tracing::warn!(peer = ?id.map(SpiffeId::as_str), port, %why, "inbound connection denied");
+        log(None, Some("denied"));
         return;
     }
     let _ = report_audit(state, snap, &r);
@@ -230,9 +249,9 @@ async fn to_app_tcp<I>(
     {
         state.metrics.error(Direction::Inbound, "rate-limited");
         tracing::warn!(peer = ?id.map(SpiffeId::as_str), port, limit = %name, ?retry_after, "inbound connection refused by a rate limit");
+        log(None, Some("rate-limited"));
         return;
     }
-    let addr = SocketAddr::new(state.settings.app_host, port);
     let up = match tokio::time::timeout(
         state.settings.connect_timeout,
         state.net.dialer.connect(addr),
@@ -243,10 +262,12 @@ async fn to_app_tcp<I>(
         Ok(Err(e)) => {
             state.metrics.error(Direction::Inbound, "connect");
             tracing::warn!(%addr, error = %e, "the app does not accept connections on this port; is it listening on 127.0.0.1/0.0.0.0?");
+            log(None, Some("connect"));
             return;
         }
         Err(_) => {
             state.metrics.error(Direction::Inbound, "connect-timeout");
+            log(None, Some("connect-timeout"));
             return;
         }
     };
@@ -255,14 +276,17 @@ async fn to_app_tcp<I>(
     let labels = &state.settings.labels;
     let revoked = until_revoked(state, |snap| connection_revoked(snap, labels, port, id));
     tokio::select! {
-        r = tokio::io::copy_bidirectional(&mut client, &mut up) => {
-            if let Err(e) = r {
+        r = tokio::io::copy_bidirectional(&mut client, &mut up) => match r {
+            Ok(bytes) => log(Some(bytes), None),
+            Err(e) => {
                 tracing::debug!(error = %e, "inbound tcp stream ended with error");
+                log(None, None);
             }
-        }
+        },
         why = revoked => {
             state.metrics.error(Direction::Inbound, "revoked");
             tracing::warn!(peer = ?id.map(SpiffeId::as_str), port, %why, "open inbound connection closed: the new config no longer allows it");
+            log(None, Some("revoked"));
         }
     }
 }

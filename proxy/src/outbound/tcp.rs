@@ -11,6 +11,7 @@ use bytes::Bytes;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
+use crate::accesslog::TcpEntry;
 use crate::client::balance::{MAX_ATTEMPTS, attempt_order};
 use crate::client::connect::{ConnectError, Gate, connect, connect_timeout};
 use crate::metrics::Direction;
@@ -29,7 +30,9 @@ pub async fn passthrough(state: &State, client: TcpStream, prefix: Bytes, dst: S
     )
     .await
     {
-        Ok(Ok(up)) => splice(client, prefix, Stream::Plain(up)).await,
+        Ok(Ok(up)) => {
+            let _ = splice(client, prefix, Stream::Plain(up)).await;
+        }
         Ok(Err(e)) => {
             state.metrics.error(Direction::Outbound, "connect");
             tracing::warn!(%dst, error = %e, "passthrough connect failed; the destination is not in the mesh config, check that it is reachable");
@@ -52,6 +55,11 @@ pub async fn to_service(
     prefix: Bytes,
     dst: SocketAddr,
 ) {
+    let (start, began, log) = (
+        std::time::SystemTime::now(),
+        std::time::Instant::now(),
+        snap.config.mesh.access_log,
+    );
     let (_, routed_port) = snap.service(target);
     let backend = snap
         .routes
@@ -135,8 +143,21 @@ pub async fn to_service(
         {
             Ok(up) => {
                 state.outliers.restore(addr);
-                splice(client, prefix, up).await;
+                let bytes = splice(client, prefix, up).await;
                 drop(slot);
+                if log {
+                    state.access_log.record_tcp(&TcpEntry {
+                        direction: Direction::Outbound,
+                        start,
+                        duration: began.elapsed(),
+                        upstream: Some(addr),
+                        source_principal: Some(snap.identity.id().as_str()),
+                        destination_principal: id.as_ref().map(SpiffeId::as_str),
+                        destination_service: Some(&dest.service.key()),
+                        bytes,
+                        failed_step: None,
+                    });
+                }
                 return;
             }
             Err(e) => {
@@ -151,14 +172,33 @@ pub async fn to_service(
     }
     if let Some(e) = last {
         tracing::error!(%dst, error = %e, "no endpoint of the service accepted the connection");
+        if log {
+            state.access_log.record_tcp(&TcpEntry {
+                direction: Direction::Outbound,
+                start,
+                duration: began.elapsed(),
+                upstream: None,
+                source_principal: Some(snap.identity.id().as_str()),
+                destination_principal: None,
+                destination_service: Some(&dest.service.key()),
+                bytes: None,
+                failed_step: Some(e.step()),
+            });
+        }
     }
 }
 
-async fn splice(client: TcpStream, prefix: Bytes, mut upstream: Stream) {
+/// Copies both ways until both sides are done; the bytes each way, unless
+/// the connection ended with an error.
+async fn splice(client: TcpStream, prefix: Bytes, mut upstream: Stream) -> Option<(u64, u64)> {
     let mut client = Prefixed::new(prefix, client);
-    match tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
-        Ok(_) => {}
-        Err(e) => tracing::debug!(error = %e, "tcp stream ended with error"),
-    }
+    let bytes = match tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
+        Ok(b) => Some(b),
+        Err(e) => {
+            tracing::debug!(error = %e, "tcp stream ended with error");
+            None
+        }
+    };
     let _ = upstream.shutdown().await;
+    bytes
 }
