@@ -226,6 +226,16 @@ spec:
     )
     .await?;
     mesh::wait_for_proxy_sync(&d.cluster, "demo", &d.frontend, Duration::from_secs(90)).await?;
+    // The backends' proxies log too: they must run the config that says so
+    // (kubelet refreshes each pod's volume on its own schedule).
+    let backends: Vec<String> = mesh::pods(&d.cluster, "demo", "backend")
+        .await?
+        .into_iter()
+        .filter_map(|p| p.metadata.name)
+        .collect();
+    for b in &backends {
+        mesh::wait_for_proxy_sync(&d.cluster, "demo", b, Duration::from_secs(90)).await?;
+    }
     let chaos = d.send("/", &[("x-chaos", "abort")], 10).await?;
     assert_eq!(chaos.ok(), 0, "{chaos:?}");
     assert_eq!(chaos.failures.len(), 10, "{chaos:?}");
@@ -255,11 +265,6 @@ spec:
             .filter(|v| v.get("reporter").is_some())
             .collect())
     };
-    let backends: Vec<String> = mesh::pods(&d.cluster, "demo", "backend")
-        .await?
-        .into_iter()
-        .filter_map(|p| p.metadata.name)
-        .collect();
     let start = Instant::now();
     let (front, served) = loop {
         let front: Vec<serde_json::Value> = lines(&d.frontend)?
@@ -275,8 +280,14 @@ spec:
             );
         }
         let aborted = front.iter().filter(|v| v["status"] == 418).count();
-        let ok = front.iter().filter(|v| v["status"] == 200).count();
-        if (aborted >= 10 && ok >= 10) || start.elapsed() > Duration::from_secs(30) {
+        let ok: Vec<&serde_json::Value> = front.iter().filter(|v| v["status"] == 200).collect();
+        // A line is written when its queue drains: wait until the backends'
+        // lines of the served requests are there too.
+        let twinned = ok
+            .iter()
+            .all(|o| served.iter().any(|s| s["request_id"] == o["request_id"]));
+        if (aborted >= 10 && ok.len() >= 10 && twinned) || start.elapsed() > Duration::from_secs(30)
+        {
             break (front, served);
         }
         tokio::time::sleep(Duration::from_millis(500)).await;

@@ -119,6 +119,31 @@ impl Logged {
     }
 }
 
+impl Logged {
+    /// The entry of this request answered by `resp` on `direction`'s side,
+    /// with nothing known yet of peers, route or upstream.
+    pub fn entry<'a, B>(&'a self, direction: Direction, resp: &'a http::Response<B>) -> Entry<'a> {
+        Entry {
+            direction,
+            start: self.start,
+            duration: self.began.elapsed(),
+            method: &self.method,
+            uri: &self.uri,
+            request_headers: &self.headers,
+            protocol: self.protocol,
+            status: resp.status().as_u16(),
+            response_headers: resp.headers(),
+            source_principal: None,
+            destination_principal: None,
+            destination_service: None,
+            route: None,
+            upstream: None,
+            retries: 0,
+            audit: false,
+        }
+    }
+}
+
 /// The route rule that answered a request, recorded in the response's
 /// extensions by `outbound::http`.
 #[derive(Clone, Debug)]
@@ -181,12 +206,26 @@ fn header<'h>(h: &'h HeaderMap, name: &str) -> Option<&'h str> {
     h.get(name).and_then(|v: &HeaderValue| v.to_str().ok())
 }
 
+/// `start` as RFC 3339.
+fn rfc3339(t: SystemTime) -> String {
+    time::OffsetDateTime::from(t)
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
+}
+
+/// The `reporter` value, in the words of Istio's and OpenTelemetry's
+/// conventions: the client's proxy is the source.
+fn reporter(direction: Direction) -> &'static str {
+    match direction {
+        Direction::Outbound => "source",
+        Direction::Inbound => "destination",
+    }
+}
+
 impl Entry<'_> {
     /// The JSON line.
     pub fn to_line(&self) -> String {
-        let start = time::OffsetDateTime::from(self.start)
-            .format(&time::format_description::well_known::Rfc3339)
-            .unwrap_or_default();
+        let start = rfc3339(self.start);
         let authority = self
             .uri
             .authority()
@@ -195,10 +234,7 @@ impl Entry<'_> {
         let bytes = |h: &HeaderMap| header(h, "content-length").and_then(|v| v.parse::<u64>().ok());
         serde_json::json!({
             "start": start,
-            "reporter": match self.direction {
-                Direction::Outbound => "source",
-                Direction::Inbound => "destination",
-            },
+            "reporter": reporter(self.direction),
             "duration_ms": self.duration.as_secs_f64() * 1000.0,
             "method": self.method.as_str(),
             "authority": authority,
@@ -249,15 +285,10 @@ pub struct TcpEntry<'a> {
 impl TcpEntry<'_> {
     /// The JSON line.
     pub fn to_line(&self) -> String {
-        let start = time::OffsetDateTime::from(self.start)
-            .format(&time::format_description::well_known::Rfc3339)
-            .unwrap_or_default();
+        let start = rfc3339(self.start);
         serde_json::json!({
             "start": start,
-            "reporter": match self.direction {
-                Direction::Outbound => "source",
-                Direction::Inbound => "destination",
-            },
+            "reporter": reporter(self.direction),
             "duration_ms": self.duration.as_secs_f64() * 1000.0,
             "protocol": "tcp",
             "request_bytes": self.bytes.map(|b| b.0),

@@ -254,21 +254,10 @@ struct Audited;
 fn log_request(ctx: &Ctx, l: &Logged, resp: &Response<Body>) {
     let snap = ctx.current();
     ctx.state.access_log.record(&Entry {
-        direction: Direction::Inbound,
-        start: l.start,
-        duration: l.began.elapsed(),
-        method: &l.method,
-        uri: &l.uri,
-        request_headers: &l.headers,
-        protocol: l.protocol,
-        status: resp.status().as_u16(),
-        response_headers: resp.headers(),
         source_principal: ctx.peer.as_ref().map(SpiffeId::as_str),
         destination_principal: Some(snap.identity.id().as_str()),
-        destination_service: None,
-        route: None,
         upstream: Some(SocketAddr::new(ctx.state.settings.app_host, ctx.port)),
-        retries: 0,
         audit: resp.extensions().get::<Audited>().is_some(),
+        ..l.entry(Direction::Inbound, resp)
     });
 }

@@ -100,22 +100,13 @@ fn log_request(ctx: &Ctx, l: &Logged, resp: &Response<Body>) {
     let service = snap.service(target).0.key();
     let ext = resp.extensions();
     ctx.state.access_log.record(&Entry {
-        direction: Direction::Outbound,
-        start: l.start,
-        duration: l.began.elapsed(),
-        method: &l.method,
-        uri: &l.uri,
-        request_headers: &l.headers,
-        protocol: l.protocol,
-        status: resp.status().as_u16(),
-        response_headers: resp.headers(),
         source_principal: Some(snap.identity.id().as_str()),
         destination_principal: ext.get::<UpstreamPrincipal>().map(|p| p.0.as_str()),
         destination_service: Some(&service),
         route: ext.get::<RouteRule>().map(|r| r.0.as_str()),
         upstream: ext.get::<Upstream>().map(|u| u.0),
         retries: ext.get::<Retries>().map_or(0, |r| r.0),
-        audit: false,
+        ..l.entry(Direction::Outbound, resp)
     });
 }
 
