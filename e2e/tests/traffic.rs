@@ -1119,20 +1119,10 @@ async fn a_hand_edited_proxy_config_is_restored_by_the_operator() -> anyhow::Res
     );
 
     // Told, and counted.
-    let events = d
-        .cluster
-        .kubectl(&[
-            "get",
-            "events",
-            "-n",
-            "demo",
-            "--field-selector",
-            "reason=ConfigRestored",
-            "-o",
-            "name",
-        ])
-        .await?;
-    assert!(events.lines().count() >= 1, "no ConfigRestored event");
+    assert!(
+        events_of(&d, "ConfigRestored").await? >= 1,
+        "no ConfigRestored event"
+    );
     // Two replicas: the leader wrote; sum over both.
     let restored_total = operator_counter(&d, "weft_config_restored_total").await?;
     assert!(
@@ -1142,7 +1132,7 @@ async fn a_hand_edited_proxy_config_is_restored_by_the_operator() -> anyhow::Res
 
     // An identity Secret edited by hand (a key that is not the
     // certificate's) is written again, told and counted.
-    let identity = format!("weft-identity-{}", "frontend");
+    let identity = "weft-identity-frontend".to_owned();
     let key_before = secret_key(&d, &identity).await?;
     let junk = serde_json::json!({"data": {"tls.key": "anVuaw=="}});
     d.cluster
@@ -1175,20 +1165,10 @@ async fn a_hand_edited_proxy_config_is_restored_by_the_operator() -> anyhow::Res
         start.elapsed().as_secs_f64(),
         secret_key(&d, &identity).await? != key_before
     );
-    let told = d
-        .cluster
-        .kubectl(&[
-            "get",
-            "events",
-            "-n",
-            "demo",
-            "--field-selector",
-            "reason=IdentityRestored",
-            "-o",
-            "name",
-        ])
-        .await?;
-    assert!(told.lines().count() >= 1, "no IdentityRestored event");
+    assert!(
+        events_of(&d, "IdentityRestored").await? >= 1,
+        "no IdentityRestored event"
+    );
     let identity_restored = operator_counter(&d, "weft_identity_restored_total").await?;
     assert!(
         identity_restored >= 1,
@@ -1327,6 +1307,25 @@ async fn scale_operator(d: &Demo, replicas: usize) -> anyhow::Result<()> {
         )
         .await?;
     Ok(())
+}
+
+/// How many Events of `reason` namespace `demo` holds.
+async fn events_of(d: &Demo, reason: &str) -> anyhow::Result<usize> {
+    let selector = format!("reason={reason}");
+    let names = d
+        .cluster
+        .kubectl(&[
+            "get",
+            "events",
+            "-n",
+            "demo",
+            "--field-selector",
+            &selector,
+            "-o",
+            "name",
+        ])
+        .await?;
+    Ok(names.lines().count())
 }
 
 /// A counter of the operator, summed over its replicas (the leader

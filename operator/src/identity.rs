@@ -455,22 +455,47 @@ pub fn plan_identity(
     })
 }
 
-/// Whether writing a Secret that exists undoes a change made outside
-/// weft: its content no longer covered what weft wrote (no new leaf was
-/// needed), or its certificate or key were replaced by something weft
-/// would not have written (unreadable, another key, other names). A
-/// renewal, a CA rotation or a shortened TTL is not a restore; neither is
-/// a first write.
-pub fn is_restore(existing: Option<&Secret>, issued: Option<&ca::IssueReason>) -> bool {
-    existing.is_some()
-        && matches!(
-            issued,
-            None | Some(
-                ca::IssueReason::Unreadable(_)
-                    | ca::IssueReason::KeyMismatch
-                    | ca::IssueReason::NamesChanged
-            )
-        )
+/// Whether writing `desired` over a Secret that exists undoes a change
+/// made outside weft: its certificate or key were replaced by something
+/// weft would not have written (unreadable, another key, other names), or,
+/// with no new leaf needed, something besides the trust bundle differs, or
+/// the stored bundle shares no anchor with the desired one (a CA rotation
+/// grows and shrinks the bundle one CA at a time, so it always shares one).
+/// A renewal, a rotation step or a shortened TTL is not a restore; neither
+/// is a first write.
+pub fn is_restore(
+    existing: Option<&Secret>,
+    desired: &Secret,
+    issued: Option<&ca::IssueReason>,
+) -> bool {
+    let Some(existing) = existing else {
+        return false;
+    };
+    match issued {
+        Some(
+            ca::IssueReason::Unreadable(_)
+            | ca::IssueReason::KeyMismatch
+            | ca::IssueReason::NamesChanged,
+        ) => true,
+        Some(_) => false,
+        None => {
+            let without_bundle = |s: &Secret| {
+                let mut s = s.clone();
+                if let Some(d) = s.data.as_mut() {
+                    d.remove(CA_CRT);
+                }
+                s
+            };
+            let anchors = |s: &Secret| {
+                secret_data(s, CA_CRT)
+                    .and_then(|b| ca::parse_cert_pems(&b, "ca.crt").ok())
+                    .unwrap_or_default()
+            };
+            let (have, want) = (anchors(existing), anchors(desired));
+            !covers(&without_bundle(existing), &without_bundle(desired))
+                || !have.iter().any(|a| want.contains(a))
+        }
+    }
 }
 
 /// Whether `existing` already holds everything `desired` sets.
@@ -566,7 +591,7 @@ async fn reconcile_identity(sa: Arc<ServiceAccount>, ctx: Arc<Context>) -> Resul
                 )
                 .await
                 .map_err(kube_err(format!("writing Secret {ns}/{secret_name}")))?;
-            if is_restore(existing.as_ref(), issued.as_ref())
+            if is_restore(existing.as_ref(), &secret, issued.as_ref())
                 && let Some(e) = existing.as_ref()
             {
                 ctx.report_restored(e, &format!("{ns}/{secret_name}"), issued.as_ref())
@@ -1238,7 +1263,7 @@ async fn reconcile_operator_leaf(
     };
     let issued = leaf.issued.is_some();
     if issued || !existing.is_some_and(|e| covers(e, &desired)) {
-        if is_restore(existing, leaf.issued.as_ref())
+        if is_restore(existing, &desired, leaf.issued.as_ref())
             && let Some(e) = existing
         {
             ctx.report_restored(
@@ -1742,23 +1767,58 @@ mod tests {
 
     #[test]
     fn only_edits_count_as_restores() {
-        let s = Secret::default();
-        assert!(!is_restore(None, None), "a first write");
-        assert!(!is_restore(None, Some(&ca::IssueReason::Missing)));
-        assert!(is_restore(Some(&s), None), "content edited");
-        assert!(is_restore(Some(&s), Some(&ca::IssueReason::KeyMismatch)));
-        assert!(is_restore(Some(&s), Some(&ca::IssueReason::NamesChanged)));
-        assert!(is_restore(
-            Some(&s),
-            Some(&ca::IssueReason::Unreadable("junk".into()))
-        ));
+        let now = t0();
+        let old = signer(now, "td");
+        let desired =
+            |sg: &Signer| match plan_identity(&sa("shop", "web"), None, sg, now).expect("plan") {
+                IdentityPlan::Write { secret, .. } => *secret,
+                other => panic!("{other:?}"),
+            };
+        let stored = desired(&old);
+        let plain = Secret::default();
+        assert!(!is_restore(None, &stored, None), "a first write");
+        assert!(!is_restore(None, &stored, Some(&ca::IssueReason::Missing)));
+        for edit in [
+            ca::IssueReason::KeyMismatch,
+            ca::IssueReason::NamesChanged,
+            ca::IssueReason::Unreadable("junk".into()),
+        ] {
+            assert!(is_restore(Some(&plain), &stored, Some(&edit)), "{edit}");
+        }
         for renewal in [
             ca::IssueReason::Due,
             ca::IssueReason::SignerChanged,
             ca::IssueReason::TtlShortened,
         ] {
-            assert!(!is_restore(Some(&s), Some(&renewal)), "{renewal}");
+            assert!(
+                !is_restore(Some(&stored), &stored, Some(&renewal)),
+                "{renewal}"
+            );
         }
+        // A rotation step: the bundle gains the next CA, the leaf stays.
+        let next = signer(now, "td");
+        let mut grown = stored.clone();
+        let both = ca::trust_bundle([old.bundle.as_str(), next.bundle.as_str()]);
+        grown
+            .data
+            .as_mut()
+            .expect("data")
+            .insert(CA_CRT.to_owned(), ByteString(both.into_bytes()));
+        assert!(
+            !is_restore(Some(&stored), &grown, None),
+            "a rotation step is not a restore"
+        );
+        // A bundle replaced by a foreign CA, or a label removed, is.
+        let mut foreign = stored.clone();
+        foreign.data.as_mut().expect("data").insert(
+            CA_CRT.to_owned(),
+            ByteString(next.bundle.clone().into_bytes()),
+        );
+        assert!(is_restore(Some(&foreign), &stored, None));
+        let mut unlabelled = stored.clone();
+        unlabelled.metadata.labels = None;
+        assert!(is_restore(Some(&unlabelled), &stored, None));
+        assert!(!is_restore(Some(&stored), &stored, None));
     }
 
     #[test]
