@@ -51,6 +51,17 @@ pub const DEFAULT_CONTAINER_ANNOTATION: &str = "kubectl.kubernetes.io/default-co
 pub const INIT_CONTAINER: &str = "weft-init";
 /// Name of the proxy container.
 pub const PROXY_CONTAINER: &str = "weft-proxy";
+/// Prometheus's conventional annotations: scrape this pod, on this port and
+/// path.
+pub const SCRAPE_ANNOTATION: &str = "prometheus.io/scrape";
+/// See [`SCRAPE_ANNOTATION`].
+pub const SCRAPE_PORT_ANNOTATION: &str = "prometheus.io/port";
+/// See [`SCRAPE_ANNOTATION`].
+pub const SCRAPE_PATH_ANNOTATION: &str = "prometheus.io/path";
+/// The proxy's env naming its pod's workload (see `weft_api::workload`).
+pub const WORKLOAD_NAME_ENV: &str = "WEFT_WORKLOAD_NAME";
+/// The proxy's env naming its workload's kind.
+pub const WORKLOAD_KIND_ENV: &str = "WEFT_WORKLOAD_KIND";
 /// Name of the projected volume mounted at [`MOUNT_PATH`].
 pub const VOLUME: &str = "weft";
 /// Identity Secret name prefix; the service account name follows.
@@ -225,7 +236,8 @@ pub fn decide(pod: &Pod, cfg: &InjectConfig) -> Result<Decision, PatchError> {
 
     // 2. Containers.
     let init = init_container(cfg, &settings);
-    let proxy = proxy_container(cfg, &settings, record.as_deref());
+    let workload = weft_api::workload::workload_of(&pod.metadata);
+    let proxy = proxy_container(cfg, &settings, record.as_deref(), workload.as_ref());
     let user_inits = spec.init_containers.as_ref().map_or(0, Vec::len);
     match (cfg.native_sidecar, spec.init_containers.is_some()) {
         (true, false) => ops.push(add(&["spec", "initContainers"], &vec![init, proxy])),
@@ -265,6 +277,13 @@ pub fn decide(pod: &Pod, cfg: &InjectConfig) -> Result<Decision, PatchError> {
     let mut new_annotations: Vec<(&str, String)> = vec![(VERSION_ANNOTATION, cfg.version.clone())];
     if let Some(r) = record {
         new_annotations.push((APP_PROBES_ANNOTATION, r));
+    }
+    // The conventional scrape annotations, for the proxy's metrics, unless
+    // the app already uses them for its own.
+    if !annotations.is_some_and(|a| a.contains_key(SCRAPE_ANNOTATION)) {
+        new_annotations.push((SCRAPE_ANNOTATION, "true".to_owned()));
+        new_annotations.push((SCRAPE_PORT_ANNOTATION, ADMIN_PORT.to_string()));
+        new_annotations.push((SCRAPE_PATH_ANNOTATION, "/metrics".to_owned()));
     }
     if !cfg.native_sidecar
         && !annotations.is_some_and(|a| a.contains_key(DEFAULT_CONTAINER_ANNOTATION))
@@ -494,7 +513,12 @@ fn admin_probe(path: &str, period: i32, failures: i32) -> Probe {
     }
 }
 
-fn proxy_container(cfg: &InjectConfig, s: &PodSettings, app_probes: Option<&str>) -> Container {
+fn proxy_container(
+    cfg: &InjectConfig,
+    s: &PodSettings,
+    app_probes: Option<&str>,
+    workload: Option<&weft_api::workload::Workload>,
+) -> Container {
     let r = &s.resources;
     let mut env = vec![
         field_env("WEFT_POD_NAME", "metadata.name"),
@@ -521,6 +545,10 @@ fn proxy_container(cfg: &InjectConfig, s: &PodSettings, app_probes: Option<&str>
     }
     if let Some(p) = app_probes {
         env.push(value_env(APP_PROBES_ENV, p));
+    }
+    if let Some(w) = workload {
+        env.push(value_env(WORKLOAD_NAME_ENV, &w.name));
+        env.push(value_env(WORKLOAD_KIND_ENV, &w.kind));
     }
     let (restart_policy, startup_probe, lifecycle) = if cfg.native_sidecar {
         (

@@ -607,3 +607,55 @@ fn job_like_pod_with_many_containers() {
     let init = container(&doc, "initContainers", "weft-init");
     assert_eq!(init["securityContext"]["runAsNonRoot"], false);
 }
+
+#[test]
+fn the_proxy_knows_its_workload_and_prometheus_finds_its_metrics() {
+    // A Deployment's pod at admission: no name yet, owned by its ReplicaSet.
+    let deployment_pod = json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {
+            "generateName": "cart-5d4f9c7b8-", "namespace": "shop",
+            "labels": {"app": "cart", "pod-template-hash": "5d4f9c7b8"},
+            "ownerReferences": [{"apiVersion": "apps/v1", "kind": "ReplicaSet",
+                "name": "cart-5d4f9c7b8", "uid": "u1", "controller": true}]
+        },
+        "spec": {"containers": [{"name": "app", "image": "cart:1"}]}
+    });
+    let (_, doc) = inject(
+        "workload-deployment",
+        &pod(deployment_pod),
+        &InjectConfig::default(),
+    );
+    let proxy = container(&doc, "initContainers", "weft-proxy");
+    assert_eq!(
+        env(proxy, "WEFT_WORKLOAD_NAME").map(|e| &e["value"]),
+        Some(&json!("cart"))
+    );
+    assert_eq!(
+        env(proxy, "WEFT_WORKLOAD_KIND").map(|e| &e["value"]),
+        Some(&json!("Deployment"))
+    );
+    let a = &doc["metadata"]["annotations"];
+    assert_eq!(a["prometheus.io/scrape"], "true");
+    assert_eq!(a["prometheus.io/port"], "15020");
+    assert_eq!(a["prometheus.io/path"], "/metrics");
+
+    // A bare pod is its own workload; an app scraping its own metrics keeps
+    // its annotations.
+    let mut own = bare();
+    own["metadata"]["annotations"] =
+        json!({"prometheus.io/scrape": "true", "prometheus.io/port": "9100"});
+    let (_, doc) = inject("workload-bare", &pod(own), &InjectConfig::default());
+    let proxy = container(&doc, "initContainers", "weft-proxy");
+    assert_eq!(
+        env(proxy, "WEFT_WORKLOAD_NAME").map(|e| &e["value"]),
+        Some(&json!("web"))
+    );
+    assert_eq!(
+        env(proxy, "WEFT_WORKLOAD_KIND").map(|e| &e["value"]),
+        Some(&json!("Pod"))
+    );
+    let a = &doc["metadata"]["annotations"];
+    assert_eq!(a["prometheus.io/port"], "9100");
+    assert!(a.get("prometheus.io/path").is_none(), "{a}");
+}

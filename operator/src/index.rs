@@ -381,6 +381,8 @@ pub struct PodInfo {
     pub meshed: bool,
     /// `spec.serviceAccountName` when known (metadata alone does not carry it).
     pub service_account: Option<String>,
+    /// Its workload's name (see `weft_api::workload`).
+    pub workload: Option<String>,
 }
 
 /// A weft resource as the index tracks it.
@@ -1178,6 +1180,7 @@ impl PodInfo {
             labels,
             meshed,
             service_account: None,
+            workload: weft_api::workload::workload_of(meta).map(|w| w.name),
         }
     }
 }

@@ -298,6 +298,11 @@ fn skeleton(mesh: &weft_api::MeshSpec, namespace: &str, inbound: pc::Inbound) ->
                 weft_api::mesh::EscapedSlashes::Reject => pc::EscapedSlashes::Reject,
                 weft_api::mesh::EscapedSlashes::Keep => pc::EscapedSlashes::Keep,
             },
+            metrics_naming: match mesh.telemetry.metrics.naming {
+                weft_api::mesh::MetricsNaming::Weft => pc::MetricsNaming::Weft,
+                weft_api::mesh::MetricsNaming::Istio => pc::MetricsNaming::Istio,
+                weft_api::mesh::MetricsNaming::Both => pc::MetricsNaming::Both,
+            },
         },
         services: Vec::new(),
         inbound,
@@ -1641,6 +1646,13 @@ fn render_service(
                     meshed: identity.is_some(),
                     identity: identity.clone(),
                     pod: ep.pod.clone(),
+                    workload: pod.and_then(|p| p.workload.clone()),
+                    app: pod
+                        .and_then(|p| pc::app_label(&p.labels))
+                        .map(str::to_owned),
+                    version: pod
+                        .and_then(|p| pc::version_label(&p.labels))
+                        .map(str::to_owned),
                     subsets: ep_subsets.clone(),
                     ports: overrides.clone(),
                     terminating: false,

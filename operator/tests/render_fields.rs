@@ -759,6 +759,7 @@ fn mesh_settings() {
                 sampling_percent: 10.0
             }),
             escaped_slashes: pc::EscapedSlashes::Keep,
+            metrics_naming: Default::default(),
         }
     );
     let bare = rendered(&index(shop()), "shop");

@@ -147,12 +147,17 @@ impl Logged {
 /// The route rule that answered a request, recorded in the response's
 /// extensions by `outbound::http`.
 #[derive(Clone, Debug)]
-pub struct RouteRule(pub String);
+pub struct RouteRule(pub std::sync::Arc<str>);
 
 /// The endpoint a response came from, recorded in the response's
 /// extensions where the request was sent.
-#[derive(Clone, Copy, Debug)]
-pub struct Upstream(pub SocketAddr);
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Upstream {
+    /// Its address.
+    pub addr: SocketAddr,
+    /// Its Service's index in the snapshot's `config.services`.
+    pub service: usize,
+}
 
 /// The SPIFFE ID the upstream endpoint presented, recorded with
 /// [`Upstream`] for meshed endpoints.

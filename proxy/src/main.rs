@@ -44,6 +44,13 @@ struct RunArgs {
     /// Downward-API labels file (`key="value"` lines).
     #[arg(long, env = "WEFT_LABELS_FILE")]
     labels_file: Option<PathBuf>,
+    /// This pod's workload (set by the injector).
+    #[arg(long, env = "WEFT_WORKLOAD_NAME")]
+    workload: Option<String>,
+    /// Most label sets of traffic metrics kept; calls beyond are counted
+    /// under `overflow`.
+    #[arg(long, env = "WEFT_MAX_METRIC_SERIES", default_value_t = weft_proxy::metrics::traffic::DEFAULT_SERIES_CAP)]
+    max_metric_series: usize,
     /// This pod's IP.
     #[arg(long, env = "WEFT_POD_IP")]
     pod_ip: Option<IpAddr>,
@@ -176,6 +183,8 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
     s.inbound_addr = SocketAddr::new(any, a.inbound_port);
     s.admin_addr = SocketAddr::new(any, a.admin_port);
     s.pod_ip = a.pod_ip;
+    s.workload = a.workload.filter(|w| !w.is_empty());
+    s.max_metric_series = a.max_metric_series;
     s.opaque_ports = a.opaque_ports;
     s.drain_timeout = Duration::from_secs(a.drain_seconds);
     s.detect_timeout = Duration::from_millis(a.detect_timeout_ms);

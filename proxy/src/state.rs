@@ -31,6 +31,7 @@ use crate::client::outliers::Outliers;
 use crate::http::pool::Pools;
 use crate::http::server::HeadLimits;
 use crate::metrics::Metrics;
+use crate::metrics::traffic::Peer;
 use crate::net::{Dialer, DirectDialer, OrigDst, orig_dst::SoOriginalDst};
 use crate::probes::AppProbes;
 use crate::ratelimit::Limiters;
@@ -52,8 +53,15 @@ pub struct Settings {
     pub app_host: IpAddr,
     /// This pod's IP, for loop detection.
     pub pod_ip: Option<IpAddr>,
-    /// This pod's labels (authorization selectors).
+    /// This pod's labels (authorization selectors; `app` and `version`
+    /// label its traffic metrics).
     pub labels: BTreeMap<String, String>,
+    /// This pod's workload (Deployment, StatefulSet, … or the pod itself),
+    /// as the injector derived it; the `source_workload` of its calls.
+    pub workload: Option<String>,
+    /// Most label sets of traffic metrics kept before calls are counted
+    /// under `overflow`.
+    pub max_metric_series: usize,
     /// Extra opaque ports (annotation), on top of the server-first list.
     pub opaque_ports: Vec<u16>,
     /// How long to wait for a client's first bytes.
@@ -102,6 +110,8 @@ impl Settings {
             app_host: IpAddr::V4(Ipv4Addr::LOCALHOST),
             pod_ip: None,
             labels: BTreeMap::new(),
+            workload: None,
+            max_metric_series: crate::metrics::traffic::DEFAULT_SERIES_CAP,
             opaque_ports: Vec::new(),
             detect_timeout: Duration::from_secs(5),
             connect_timeout: Duration::from_secs(3),
@@ -171,6 +181,9 @@ pub struct State {
     pub conn_limits: ConnLimits,
     /// Access log lines on their way to the writer.
     pub access_log: AccessLog,
+    /// What this proxy tells peer proxies about its workload (see
+    /// [`crate::http::SOURCE_HEADER`]).
+    pub source_header: Option<http::HeaderValue>,
     /// Bound listener addresses: [outbound, inbound, admin].
     pub listeners: Mutex<Vec<SocketAddr>>,
     listening: AtomicBool,
@@ -178,6 +191,28 @@ pub struct State {
     shutdown: watch::Sender<bool>,
     published: watch::Sender<u64>,
     drain: Mutex<Option<mpsc::Sender<()>>>,
+}
+
+/// The value of [`crate::http::SOURCE_HEADER`] this pod sends: its
+/// workload, `app` and `version` (each only if known and a header can
+/// carry it).
+fn source_header(s: &Settings) -> Option<http::HeaderValue> {
+    let fields = [
+        ("workload", s.workload.as_deref()),
+        ("app", weft_proxy_config::app_label(&s.labels)),
+        ("version", weft_proxy_config::version_label(&s.labels)),
+    ];
+    let text: Vec<String> = fields
+        .iter()
+        .filter_map(|(k, v)| {
+            v.filter(|v| !v.is_empty() && !v.contains([';', '=']))
+                .map(|v| format!("{k}={v}"))
+        })
+        .collect();
+    if text.is_empty() {
+        return None;
+    }
+    http::HeaderValue::from_str(&text.join(";")).ok()
 }
 
 impl State {
@@ -192,6 +227,8 @@ impl State {
     ) -> (Self, mpsc::Receiver<()>, mpsc::Receiver<String>) {
         let (drain_tx, drain_rx) = mpsc::channel(1);
         let metrics = Metrics::default();
+        metrics.traffic.set_cap(settings.max_metric_series);
+        let source_header = source_header(&settings);
         let (access_log, log_rx) =
             AccessLog::new(ACCESS_LOG_QUEUE, metrics.access_log_dropped.clone());
         let state = State {
@@ -207,6 +244,7 @@ impl State {
             retry_budgets: RetryBudgets::default(),
             conn_limits: ConnLimits::default(),
             access_log,
+            source_header,
             listeners: Mutex::new(listeners),
             listening: AtomicBool::new(false),
             rr: AtomicUsize::new(0),
@@ -215,6 +253,19 @@ impl State {
             drain: Mutex::new(Some(drain_tx)),
         };
         (state, drain_rx, log_rx)
+    }
+
+    /// This pod as one end of a call, under `snap` (its namespace and
+    /// identity): the source of its outbound calls, the destination of its
+    /// inbound ones.
+    pub fn local_peer(&self, snap: &Snapshot) -> Peer {
+        Peer {
+            workload: self.settings.workload.clone(),
+            namespace: Some(snap.config.namespace.clone()),
+            principal: Some(snap.identity.id().to_string()),
+            app: weft_proxy_config::app_label(&self.settings.labels).map(str::to_owned),
+            version: weft_proxy_config::version_label(&self.settings.labels).map(str::to_owned),
+        }
     }
 
     /// Every listener is accepting: ready once a snapshot is active too.

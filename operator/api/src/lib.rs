@@ -22,6 +22,7 @@ pub mod mesh;
 pub mod mtls;
 pub mod policy;
 pub mod route;
+pub mod workload;
 pub mod yaml;
 
 pub use access::{AccessPolicy, AccessPolicySpec};

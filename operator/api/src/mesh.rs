@@ -308,6 +308,36 @@ pub struct TelemetrySettings {
     /// Access logs as JSON lines on the proxy's stdout.
     #[serde(default)]
     pub access_log: AccessLogSettings,
+    /// The proxies' traffic metrics.
+    #[serde(default)]
+    pub metrics: MetricsSettings,
+}
+
+/// Traffic metrics settings.
+#[derive(KubeSchema, Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct MetricsSettings {
+    /// The names the proxies export traffic metrics under: `Weft`
+    /// (default: `weft_requests_total`, `weft_request_duration_seconds`,
+    /// …), `Istio` (Istio's standard metrics, `istio_requests_total`, …,
+    /// with Istio's label names and values, so existing dashboards and
+    /// alerts keep working), or `Both`.
+    #[serde(default)]
+    pub naming: MetricsNaming,
+}
+
+/// Names of the traffic metrics.
+#[derive(
+    schemars::JsonSchema, Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize,
+)]
+pub enum MetricsNaming {
+    /// weft's names.
+    #[default]
+    Weft,
+    /// Istio's standard metric and label names.
+    Istio,
+    /// Both.
+    Both,
 }
 
 /// Tracing settings.

@@ -39,6 +39,7 @@
 //!   among themselves, once per change of that group.
 
 mod gzip;
+mod labels;
 mod model;
 #[cfg(test)]
 mod prop_tests;
@@ -50,6 +51,7 @@ mod tests;
 mod validate;
 
 pub use gzip::{Crc, Deflated, GZIP_HEADER, gunzip, gzip, gzip_trailer};
+pub use labels::{app_label, version_label};
 pub use model::*;
 pub use signature::{
     CODE_SIGNING_OID, CONFIG_SIGNER_PATH, ConfigSignature, MAX_SIGNATURE_BYTES,

@@ -50,6 +50,42 @@ pub struct MeshSettings {
     /// `Reject`, so documents written before the field keep their hash.
     #[serde(default, skip_serializing_if = "EscapedSlashes::is_reject")]
     pub escaped_slashes: EscapedSlashes,
+    /// Which names the proxies' traffic metrics are exported under. Left
+    /// out when `Weft`, so documents written before the field keep their
+    /// hash.
+    #[serde(default, skip_serializing_if = "MetricsNaming::is_weft")]
+    pub metrics_naming: MetricsNaming,
+}
+
+/// The names of the proxies' traffic metrics.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum MetricsNaming {
+    /// `weft_requests_total`, `weft_request_duration_seconds`, … with
+    /// weft's label names.
+    #[default]
+    Weft,
+    /// Istio's standard metrics (`istio_requests_total`, …) with Istio's
+    /// label names and values, so existing dashboards and alerts work.
+    Istio,
+    /// Both sets.
+    Both,
+}
+
+impl MetricsNaming {
+    /// Whether this is the default.
+    pub fn is_weft(&self) -> bool {
+        *self == MetricsNaming::Weft
+    }
+
+    /// Whether weft's names are exported.
+    pub fn weft(self) -> bool {
+        matches!(self, MetricsNaming::Weft | MetricsNaming::Both)
+    }
+
+    /// Whether Istio's names are exported.
+    pub fn istio(self) -> bool {
+        matches!(self, MetricsNaming::Istio | MetricsNaming::Both)
+    }
 }
 
 /// The inbound proxy's answer to a request path holding `%2F`, `%5C` or a
@@ -178,6 +214,17 @@ pub struct Endpoint {
     /// can name the pod rather than an address that may be reused.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pod: Option<String>,
+    /// The pod's workload (its Deployment, StatefulSet, … or the pod
+    /// itself; see `weft_api::workload`), the `destination_workload`
+    /// metric label.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workload: Option<String>,
+    /// The pod's `app` label (or `app.kubernetes.io/name`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub app: Option<String>,
+    /// The pod's `version` label (or `app.kubernetes.io/version`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
     /// Subsets of the Service this endpoint belongs to.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub subsets: Vec<String>,

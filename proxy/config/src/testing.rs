@@ -38,6 +38,7 @@ pub fn sample() -> ProxyConfig {
                 sampling_percent: 1.0,
             }),
             escaped_slashes: EscapedSlashes::Keep,
+            metrics_naming: Default::default(),
         },
         services: vec![
             Service {
@@ -60,6 +61,9 @@ pub fn sample() -> ProxyConfig {
                         subsets: vec!["v1".to_owned()],
                         ports: BTreeMap::new(),
                         terminating: false,
+                        workload: None,
+                        app: None,
+                        version: None,
                     },
                     Endpoint {
                         address: "10.244.0.12".parse().expect("ip"),
@@ -69,6 +73,9 @@ pub fn sample() -> ProxyConfig {
                         subsets: vec!["v2".to_owned()],
                         ports: BTreeMap::from([("http".to_owned(), 9090)]),
                         terminating: false,
+                        workload: None,
+                        app: None,
+                        version: None,
                     },
                 ],
                 http_routes: vec![
@@ -201,6 +208,9 @@ pub fn sample() -> ProxyConfig {
                     subsets: Vec::new(),
                     ports: BTreeMap::new(),
                     terminating: false,
+                    workload: None,
+                    app: None,
+                    version: None,
                 }],
                 http_routes: Vec::new(),
                 tcp_routes: vec![TcpRoute {

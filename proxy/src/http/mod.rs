@@ -26,6 +26,19 @@ pub type Body = UnsyncBoxBody<Bytes, BoxError>;
 pub const ERROR_HEADER: &str = "x-weft-error";
 /// Request header carrying the verified peer identity to the app.
 pub const PEER_IDENTITY_HEADER: &str = "x-weft-peer-identity";
+/// The declared length of a message's body (0 when not declared).
+pub fn content_length(h: &http::HeaderMap) -> u64 {
+    h.get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Request header a client proxy sends a peer proxy over mTLS naming the
+/// calling workload (`workload=…;app=…;version=…`), for the server side's
+/// traffic metrics. A server proxy reads it only from a verified peer and
+/// removes it before the app; a client proxy removes an app's own.
+pub const SOURCE_HEADER: &str = "x-weft-source";
 
 /// The client's request body failed while the proxy read it (a malformed
 /// chunk, a body cut short): the client's fault, not the upstream's.

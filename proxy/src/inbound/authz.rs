@@ -197,6 +197,7 @@ mod tests {
                 access_log: false,
                 tracing: None,
                 escaped_slashes: Default::default(),
+                metrics_naming: Default::default(),
             },
             services: vec![],
             inbound: weft_proxy_config::Inbound {

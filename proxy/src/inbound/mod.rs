@@ -44,6 +44,7 @@ use weft_proxy_config::{MtlsMode, Protocol, ProxyConfig, mtls_mode, selector_mat
 
 use crate::accesslog::TcpEntry;
 use crate::http::pool::Version;
+use crate::metrics::traffic::{CallLabels, Reporter};
 use crate::metrics::{Direction, OpenConn};
 use crate::net::detect::{Detected, SERVER_FIRST_PORTS, detect};
 use crate::net::listen::accept_loop;
@@ -214,7 +215,30 @@ async fn to_app_tcp<I>(
 {
     let (start, began) = (std::time::SystemTime::now(), std::time::Instant::now());
     let addr = SocketAddr::new(state.settings.app_host, port);
-    let log = |bytes: Option<(u64, u64)>, failed_step: Option<&str>| {
+    // Traffic metrics: the caller is known by its principal only (no
+    // request headers on an opaque stream).
+    let series = |step: Option<&'static str>| {
+        let labels = CallLabels {
+            reporter: Reporter::Destination,
+            source: requests::caller(id, None),
+            destination: state.local_peer(snap),
+            service: requests::serving_service(snap, state.settings.pod_ip, port),
+            route: None,
+            mtls: id.is_some(),
+        };
+        state
+            .metrics
+            .traffic
+            .tcp(&labels, step, snap.config.mesh.metrics_naming)
+    };
+    let log = |bytes: Option<(u64, u64)>, failed_step: Option<&'static str>| {
+        if bytes.is_none()
+            && let Some(step) = failed_step.filter(|s| *s != "revoked")
+        {
+            let refused = series(Some(step));
+            refused.opened();
+            refused.closed(0, 0);
+        }
         if snap.config.mesh.access_log {
             state.access_log.record_tcp(&TcpEntry {
                 direction: Direction::Inbound,
@@ -271,19 +295,26 @@ async fn to_app_tcp<I>(
             return;
         }
     };
+    let connected = series(None);
+    connected.opened();
     let mut client = Prefixed::new(prefix, client);
     let mut up = Stream::Plain(up);
     let labels = &state.settings.labels;
     let revoked = until_revoked(state, |snap| connection_revoked(snap, labels, port, id));
     tokio::select! {
         r = tokio::io::copy_bidirectional(&mut client, &mut up) => match r {
-            Ok(bytes) => log(Some(bytes), None),
+            Ok(bytes) => {
+                connected.closed(bytes.1, bytes.0);
+                log(Some(bytes), None);
+            }
             Err(e) => {
                 tracing::debug!(error = %e, "inbound tcp stream ended with error");
+                connected.closed(0, 0);
                 log(None, None);
             }
         },
         why = revoked => {
+            connected.closed(0, 0);
             state.metrics.error(Direction::Inbound, "revoked");
             tracing::warn!(peer = ?id.map(SpiffeId::as_str), port, %why, "open inbound connection closed: the new config no longer allows it");
             log(None, Some("revoked"));
@@ -346,6 +377,7 @@ mod tests {
                 access_log: false,
                 tracing: None,
                 escaped_slashes: Default::default(),
+                metrics_naming: Default::default(),
             },
             services: vec![],
             inbound: Inbound {

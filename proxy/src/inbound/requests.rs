@@ -12,6 +12,7 @@
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Instant;
 
 use http::header::HeaderValue;
 use http::{Request, Response, StatusCode};
@@ -27,8 +28,14 @@ use crate::http::forward::{finish, prepare};
 use crate::http::path::normalize_uri;
 use crate::http::pool::{PoolKey, Version};
 use crate::http::server::serve_connection;
-use crate::http::{Body, PEER_IDENTITY_HEADER, error_response};
+use crate::http::{
+    Body, ERROR_HEADER, PEER_IDENTITY_HEADER, SOURCE_HEADER, content_length, error_response,
+};
 use crate::metrics::Direction;
+use crate::metrics::traffic::{
+    CallLabels, MeteredBody, Outcome, Peer, Reporter, SeriesCache, failed_step, grpc_status,
+    is_grpc,
+};
 use crate::ratelimit::Verdict;
 use crate::snapshot::Snapshot;
 use crate::state::State;
@@ -46,7 +53,13 @@ struct Ctx {
     port: u16,
     peer: Option<SpiffeId>,
     version: Version,
+    /// The traffic metric series its requests were counted in.
+    series: SeriesCache<SeriesKey>,
 }
+
+/// What a connection's cached series are found by: the snapshot (pointer
+/// and generation) and what the peer proxy said of its workload.
+type SeriesKey = (usize, u64, Option<HeaderValue>);
 
 impl Ctx {
     /// The active snapshot.
@@ -75,12 +88,24 @@ pub async fn serve_http<I>(
         port,
         peer,
         version,
+        series: SeriesCache::default(),
     });
-    let svc = service_fn(move |req: Request<Incoming>| {
+    let svc = service_fn(move |mut req: Request<Incoming>| {
         let ctx = ctx.clone();
         async move {
+            let started = Instant::now();
+            // What the calling proxy says of its workload counts only when
+            // it proved who it is; the app never sees it.
+            let source = req
+                .headers_mut()
+                .remove(SOURCE_HEADER)
+                .filter(|_| ctx.peer.is_some());
             let logged = ctx.state.access_logging().then(|| Logged::of(&req));
-            let resp = proxy(&ctx, req).await;
+            let grpc = is_grpc(req.headers());
+            let request_bytes = content_length(req.headers());
+            let snap = ctx.current();
+            let resp = proxy(&ctx, &snap, req).await;
+            let resp = meter(&ctx, &snap, started, grpc, request_bytes, source, resp);
             ctx.state
                 .metrics
                 .request(Direction::Inbound, resp.status().as_u16());
@@ -120,9 +145,115 @@ pub async fn serve_http<I>(
     .await;
 }
 
-async fn proxy(ctx: &Ctx, mut req: Request<Incoming>) -> Response<Body> {
+/// The response, its body wrapped to count the call in the traffic metrics
+/// when it ends (see [`crate::metrics::traffic`]).
+fn meter(
+    ctx: &Ctx,
+    snap: &Arc<Snapshot>,
+    started: Instant,
+    grpc: bool,
+    request_bytes: u64,
+    source: Option<HeaderValue>,
+    resp: Response<Body>,
+) -> Response<Body> {
+    let key: SeriesKey = (
+        Arc::as_ptr(snap) as usize,
+        snap.config.generation,
+        source.clone(),
+    );
+    let series = ctx.series.get(key, || {
+        let state = &ctx.state;
+        let labels = CallLabels {
+            reporter: Reporter::Destination,
+            source: caller(ctx.peer.as_ref(), source.as_ref()),
+            destination: state.local_peer(snap),
+            service: serving_service(snap, state.settings.pod_ip, ctx.port),
+            route: None,
+            mtls: ctx.peer.is_some(),
+        };
+        state
+            .metrics
+            .traffic
+            .http(&labels, snap.config.mesh.metrics_naming)
+    });
+    let outcome = Outcome {
+        code: resp.status().as_u16(),
+        grpc,
+        grpc_status: grpc_status(resp.headers()),
+        failed_step: resp
+            .headers()
+            .get(ERROR_HEADER)
+            .map(|v| failed_step(v.as_bytes())),
+    };
+    let recording = series.start(started, outcome, request_bytes);
+    resp.map(|b| Body::new(MeteredBody::new(b, recording)))
+}
+
+/// The calling end of an inbound call: its principal (verified) and the
+/// namespace in it, and what its proxy said of its workload (only from a
+/// verified peer: the caller passes `None` otherwise).
+pub(super) fn caller(peer: Option<&SpiffeId>, source: Option<&HeaderValue>) -> Peer {
+    let mut p = Peer {
+        principal: peer.map(|id| id.as_str().to_owned()),
+        namespace: peer
+            .and_then(|id| Peer::namespace_of_principal(id.as_str()))
+            .map(str::to_owned),
+        ..Peer::default()
+    };
+    if peer.is_none() {
+        return p;
+    }
+    let text = source.and_then(|v| v.to_str().ok()).unwrap_or_default();
+    for field in text.split(';') {
+        let Some((k, v)) = field.split_once('=') else {
+            continue;
+        };
+        let v = v.trim();
+        if v.is_empty() || v.len() > 253 {
+            continue;
+        }
+        match k.trim() {
+            "workload" => p.workload = Some(v.to_owned()),
+            "app" => p.app = Some(v.to_owned()),
+            "version" => p.version = Some(v.to_owned()),
+            _ => {}
+        }
+    }
+    p
+}
+
+/// The Service of this pod's namespace whose endpoint this pod is on
+/// `port` (the first by name, if several): the `destination_service` of
+/// inbound calls.
+pub(super) fn serving_service(
+    snap: &Snapshot,
+    pod_ip: Option<std::net::IpAddr>,
+    port: u16,
+) -> Option<(String, String)> {
+    let ip = pod_ip?;
+    snap.config
+        .services
+        .iter()
+        .filter(|s| s.namespace == snap.config.namespace)
+        .find(|s| {
+            s.endpoints.iter().any(|e| {
+                e.address == ip
+                    && s.ports.iter().any(|p| {
+                        p.name
+                            .as_ref()
+                            .and_then(|n| e.ports.get(n))
+                            .copied()
+                            .unwrap_or(p.target_port)
+                            == port
+                    })
+            })
+        })
+        .map(|s| (s.name.clone(), s.namespace.clone()))
+}
+
+async fn proxy(ctx: &Ctx, snap: &Arc<Snapshot>, mut req: Request<Incoming>) -> Response<Body> {
     let state = &ctx.state;
-    let snap = ctx.current();
+    let snap = snap.clone();
     if let Some(why) = plaintext_revoked(&snap, &state.settings.labels, ctx.port, ctx.peer.as_ref())
     {
         state.metrics.error(Direction::Inbound, "plaintext-refused");

@@ -15,12 +15,14 @@ use crate::accesslog::TcpEntry;
 use crate::client::balance::{MAX_ATTEMPTS, attempt_order};
 use crate::client::connect::{ConnectError, Gate, connect, connect_timeout};
 use crate::metrics::Direction;
+use crate::metrics::traffic::{CallLabels, Peer, Reporter, TcpSeries};
 use crate::net::{Prefixed, Stream};
 use crate::snapshot::{ServiceRef, Snapshot, endpoint_port};
 use crate::state::State;
 use crate::tls::{Alpn, SpiffeId};
 
-use crate::snapshot::dest::resolve;
+use crate::snapshot::dest::{Dest, resolve};
+use weft_proxy_config::Endpoint;
 
 /// Forwards to `dst` itself, untouched.
 pub async fn passthrough(state: &State, client: TcpStream, prefix: Bytes, dst: SocketAddr) {
@@ -81,6 +83,7 @@ pub async fn to_service(
             }
             None => {
                 state.metrics.error(Direction::Outbound, "no-endpoint");
+                refused(&state, &snap, &dest, "no-endpoint");
                 tracing::warn!(%dst, service = %dest.service.key(), subset = dest.subset.unwrap_or(""), "the routed subset has no ready endpoint; closing the connection");
                 return;
             }
@@ -100,6 +103,7 @@ pub async fn to_service(
             Some(slot) => Some(slot),
             None => {
                 state.metrics.error(Direction::Outbound, "overflow");
+                refused(&state, &snap, &dest, "overflow");
                 tracing::warn!(%dst, service = %dest.service.key(), max = g.max_connections, "connection refused: the Service has its connectionPool.maxConnections open");
                 return;
             }
@@ -143,8 +147,12 @@ pub async fn to_service(
         {
             Ok(up) => {
                 state.outliers.restore(addr);
+                let series = tcp_series(&state, &snap, &dest, Some(ep), None);
+                series.opened();
                 let bytes = splice(client, prefix, up).await;
                 drop(slot);
+                let (received, sent) = bytes.unwrap_or_default();
+                series.closed(sent, received);
                 if log {
                     state.access_log.record_tcp(&TcpEntry {
                         direction: Direction::Outbound,
@@ -172,6 +180,7 @@ pub async fn to_service(
     }
     if let Some(e) = last {
         tracing::error!(%dst, error = %e, "no endpoint of the service accepted the connection");
+        refused(&state, &snap, &dest, e.step());
         if log {
             state.access_log.record_tcp(&TcpEntry {
                 direction: Direction::Outbound,
@@ -186,6 +195,42 @@ pub async fn to_service(
             });
         }
     }
+}
+
+/// The traffic metrics of connections to `ep` of `dest` (none: not
+/// connected), ended at `step`.
+fn tcp_series(
+    state: &State,
+    snap: &Snapshot,
+    dest: &Dest<'_>,
+    ep: Option<&Endpoint>,
+    step: Option<&'static str>,
+) -> Arc<TcpSeries> {
+    let labels = CallLabels {
+        reporter: Reporter::Source,
+        source: state.local_peer(snap),
+        destination: Peer {
+            workload: ep.and_then(|e| e.workload.clone()),
+            namespace: Some(dest.service.namespace.clone()),
+            principal: ep.and_then(|e| e.identity.clone().filter(|_| e.meshed)),
+            app: ep.and_then(|e| e.app.clone()),
+            version: ep.and_then(|e| e.version.clone()),
+        },
+        service: Some((dest.service.name.clone(), dest.service.namespace.clone())),
+        route: None,
+        mtls: ep.is_some_and(|e| e.meshed),
+    };
+    state
+        .metrics
+        .traffic
+        .tcp(&labels, step, snap.config.mesh.metrics_naming)
+}
+
+/// Counts a connection the proxy closed without connecting it.
+fn refused(state: &State, snap: &Snapshot, dest: &Dest<'_>, step: &'static str) {
+    let series = tcp_series(state, snap, dest, None, Some(step));
+    series.opened();
+    series.closed(0, 0);
 }
 
 /// Copies both ways until both sides are done; the bytes each way, unless

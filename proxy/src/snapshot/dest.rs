@@ -18,6 +18,8 @@ use super::services::ServiceRef;
 pub struct Dest<'a> {
     /// The backend's Service.
     pub service: &'a Service,
+    /// Its index in `config.services`.
+    pub index: usize,
     /// The Service port dialled (its target port and protocol apply).
     pub port: &'a ServicePort,
     /// Its endpoints that take new traffic (the subset's, with a subset).
@@ -57,6 +59,7 @@ pub fn resolve<'a>(
         // Addressed to one pod: that pod only (routes do not apply).
         return Ok(Dest {
             service: routed,
+            index: target.service,
             port: routed_port,
             endpoints: vec![ep],
             fallback: Some(dst),
@@ -66,6 +69,7 @@ pub fn resolve<'a>(
     let Some(b) = backend else {
         return Ok(Dest {
             service: routed,
+            index: target.service,
             port: routed_port,
             endpoints: table.endpoints(config, target.service, None),
             fallback: Some(dst),
@@ -92,6 +96,7 @@ pub fn resolve<'a>(
     };
     Ok(Dest {
         service,
+        index: b.service,
         port,
         endpoints: table.endpoints(config, b.service, b.subset),
         fallback,

@@ -87,8 +87,8 @@ struct ServiceRoutes {
 /// A compiled HTTP route rule.
 #[derive(Debug)]
 pub struct HttpRoute {
-    /// `<ServiceRoute>/<rule>`.
-    pub name: String,
+    /// `<ServiceRoute>/<rule>` (shared: responses carry it).
+    pub name: std::sync::Arc<str>,
     port: Option<u16>,
     matches: Vec<Match>,
     /// Where matching requests go.
@@ -351,7 +351,7 @@ fn compile_http(
         })
         .transpose()?;
     Ok(HttpRoute {
-        name: r.name.clone(),
+        name: r.name.as_str().into(),
         port: r.port,
         matches,
         backends: compile_backends(at, &r.backends, config, index)?,
@@ -654,6 +654,9 @@ mod tests {
             meshed: false,
             identity: None,
             pod: None,
+            workload: None,
+            app: None,
+            version: None,
             subsets: subsets.iter().map(|s| s.to_string()).collect(),
             ports: Default::default(),
             terminating,
@@ -696,6 +699,7 @@ mod tests {
                 access_log: false,
                 tracing: None,
                 escaped_slashes: Default::default(),
+                metrics_naming: Default::default(),
             },
             services,
             inbound: Default::default(),
@@ -746,7 +750,7 @@ mod tests {
         let uri: Uri = uri.parse().expect("uri");
         let method = Method::from_bytes(method.as_bytes()).expect("method");
         t.http(at(), 80, &method, &uri, &headers)
-            .map(|s| s.route.name.as_str())
+            .map(|s| &*s.route.name)
     }
 
     #[test]
@@ -1136,7 +1140,7 @@ mod tests {
                     p.parse::<Uri>()
                         .ok()
                         .and_then(|u| t.http(at(), 80, &Method::GET, &u, &HeaderMap::new()))
-                        .map(|s| s.route.name.clone())
+                        .map(|s| s.route.name.to_string())
                 };
                 prop_assert_eq!(name(format!("/p/q/{rest}")), Some("prefix".to_owned()));
                 let glued = format!("/p/qx{rest}");

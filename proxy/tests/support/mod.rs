@@ -80,6 +80,9 @@ pub fn meshed(ip: Ipv4Addr, identity: &str) -> Endpoint {
         subsets: vec![],
         ports: Default::default(),
         terminating: false,
+        workload: None,
+        app: None,
+        version: None,
     }
 }
 
@@ -92,6 +95,9 @@ pub fn plain(ip: Ipv4Addr) -> Endpoint {
         subsets: vec![],
         ports: Default::default(),
         terminating: false,
+        workload: None,
+        app: None,
+        version: None,
     }
 }
 
@@ -108,6 +114,7 @@ pub fn config(generation: u64, mode: MtlsMode, services: Vec<Service>) -> ProxyC
             access_log: false,
             tracing: None,
             escaped_slashes: Default::default(),
+            metrics_naming: Default::default(),
         },
         services,
         inbound: Inbound::default(),

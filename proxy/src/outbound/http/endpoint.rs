@@ -32,8 +32,11 @@ use crate::client::balance::{MAX_ATTEMPTS, attempt_order};
 use crate::client::connect::{ConnectError, Gate, SendError, acquire, connect_timeout};
 use crate::http::forward::{finish, prepare};
 use crate::http::pool::{ConnPolicy, PoolKey, SendFailed, Version};
-use crate::http::{Body, ERROR_HEADER, bad_request, client_body_error, error_response, full};
+use crate::http::{
+    Body, ERROR_HEADER, SOURCE_HEADER, bad_request, client_body_error, error_response, full,
+};
 use crate::metrics::Direction;
+use crate::metrics::traffic::SeriesCache;
 use crate::snapshot::dest::Dest;
 use crate::snapshot::{ServiceRef, Snapshot, endpoint_port};
 use crate::state::State;
@@ -51,6 +54,8 @@ pub(super) struct Ctx {
     pub(super) dst: SocketAddr,
     pub(super) client: SocketAddr,
     pub(super) version: Version,
+    /// The traffic metric series its requests were counted in.
+    pub(super) series: SeriesCache<super::SeriesKey>,
 }
 
 fn hash_key(lb: &LoadBalancer, headers: &HeaderMap, client: SocketAddr) -> Option<String> {
@@ -223,6 +228,14 @@ where
         pool.configure(conn_policy);
         let _in_flight = pool.track();
         let mut req = req;
+        match (&state.source_header, meshed) {
+            (Some(v), true) => {
+                req.headers_mut().insert(SOURCE_HEADER, v.clone());
+            }
+            _ => {
+                req.headers_mut().remove(SOURCE_HEADER);
+            }
+        }
         let mut fresh_only = false;
         loop {
             let deadline = connect_timeout(state.settings.connect_timeout, &dest.service.policy);
@@ -287,8 +300,11 @@ where
                         break;
                     }
                     let mut out = finish(resp, client_upgrade.take());
+                    out.extensions_mut().insert(Upstream {
+                        addr,
+                        service: dest.index,
+                    });
                     if snap.config.mesh.access_log {
-                        out.extensions_mut().insert(Upstream(addr));
                         if let Some(id) = &key.identity {
                             out.extensions_mut()
                                 .insert(UpstreamPrincipal(id.to_string()));

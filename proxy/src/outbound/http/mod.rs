@@ -20,6 +20,7 @@
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Instant;
 
 mod endpoint;
 mod retry;
@@ -36,8 +37,12 @@ use crate::accesslog::{
 };
 use crate::http::pool::Version;
 use crate::http::server::serve_connection;
-use crate::http::{Body, error_response, full};
+use crate::http::{Body, ERROR_HEADER, SOURCE_HEADER, content_length, error_response, full};
 use crate::metrics::Direction;
+use crate::metrics::traffic::{
+    CallLabels, MeteredBody, Outcome, Peer, Reporter, SeriesCache, failed_step, grpc_status,
+    is_grpc,
+};
 use crate::snapshot::rewrite::redirect_location;
 use crate::snapshot::routes;
 use crate::snapshot::{ServiceRef, Snapshot};
@@ -64,22 +69,30 @@ pub async fn serve<I>(
         dst,
         client,
         version,
+        series: SeriesCache::default(),
     });
     let svc = service_fn(move |mut req: Request<Incoming>| {
         let ctx = ctx.clone();
         async move {
+            let started = Instant::now();
             if !req.headers().contains_key(REQUEST_ID_HEADER) {
                 req.headers_mut()
                     .insert(REQUEST_ID_HEADER, new_request_id());
             }
+            // Only this proxy says which workload calls.
+            req.headers_mut().remove(SOURCE_HEADER);
             let logged = ctx.state.access_logging().then(|| Logged::of(&req));
-            let resp = proxy(&ctx, req).await;
+            let grpc = is_grpc(req.headers());
+            let request_bytes = content_length(req.headers());
+            let (snap, target) = current(&ctx);
+            let resp = proxy(&ctx, &snap, target, req).await;
             ctx.state
                 .metrics
                 .request(Direction::Outbound, resp.status().as_u16());
             if let Some(l) = logged {
                 log_request(&ctx, &l, &resp);
             }
+            let resp = meter(&ctx, &snap, target, started, grpc, request_bytes, resp);
             Ok::<_, Infallible>(resp)
         }
     });
@@ -103,8 +116,8 @@ fn log_request(ctx: &Ctx, l: &Logged, resp: &Response<Body>) {
         source_principal: Some(snap.identity.id().as_str()),
         destination_principal: ext.get::<UpstreamPrincipal>().map(|p| p.0.as_str()),
         destination_service: Some(&service),
-        route: ext.get::<RouteRule>().map(|r| r.0.as_str()),
-        upstream: ext.get::<Upstream>().map(|u| u.0),
+        route: ext.get::<RouteRule>().map(|r| &*r.0),
+        upstream: ext.get::<Upstream>().map(|u| u.addr),
         retries: ext.get::<Retries>().map_or(0, |r| r.0),
         ..l.entry(Direction::Outbound, resp)
     });
@@ -125,8 +138,77 @@ fn current(ctx: &Ctx) -> (Arc<Snapshot>, ServiceRef) {
     }
 }
 
-async fn proxy(ctx: &Ctx, req: Request<Incoming>) -> Response<Body> {
-    let (snap, target) = current(ctx);
+/// What a connection's cached series are found by: the snapshot (pointer
+/// and generation), the route rule and the endpoint that answered.
+type SeriesKey = (usize, u64, usize, Option<Upstream>);
+
+/// The response, its body wrapped to count the call in the traffic metrics
+/// when it ends (see [`crate::metrics::traffic`]).
+fn meter(
+    ctx: &Ctx,
+    snap: &Arc<Snapshot>,
+    target: ServiceRef,
+    started: Instant,
+    grpc: bool,
+    request_bytes: u64,
+    resp: Response<Body>,
+) -> Response<Body> {
+    let ext = resp.extensions();
+    let route = ext.get::<RouteRule>().map(|r| r.0.clone());
+    let upstream = ext.get::<Upstream>().copied();
+    let key: SeriesKey = (
+        Arc::as_ptr(snap) as usize,
+        snap.config.generation,
+        route
+            .as_ref()
+            .map_or(0, |r| Arc::as_ptr(r).cast::<u8>() as usize),
+        upstream,
+    );
+    let series = ctx.series.get(key, || {
+        let state = &ctx.state;
+        let service = &snap.config.services[upstream.map_or(target.service, |u| u.service)];
+        let endpoint =
+            upstream.and_then(|u| service.endpoints.iter().find(|e| e.address == u.addr.ip()));
+        let destination = Peer {
+            workload: endpoint.and_then(|e| e.workload.clone()),
+            namespace: Some(service.namespace.clone()),
+            principal: endpoint.and_then(|e| e.identity.clone().filter(|_| e.meshed)),
+            app: endpoint.and_then(|e| e.app.clone()),
+            version: endpoint.and_then(|e| e.version.clone()),
+        };
+        let labels = CallLabels {
+            reporter: Reporter::Source,
+            source: state.local_peer(snap),
+            destination,
+            service: Some((service.name.clone(), service.namespace.clone())),
+            route,
+            mtls: endpoint.is_some_and(|e| e.meshed),
+        };
+        state
+            .metrics
+            .traffic
+            .http(&labels, snap.config.mesh.metrics_naming)
+    });
+    let outcome = Outcome {
+        code: resp.status().as_u16(),
+        grpc,
+        grpc_status: grpc_status(resp.headers()),
+        failed_step: resp
+            .headers()
+            .get(ERROR_HEADER)
+            .map(|v| failed_step(v.as_bytes())),
+    };
+    let recording = series.start(started, outcome, request_bytes);
+    resp.map(|b| Body::new(MeteredBody::new(b, recording)))
+}
+
+async fn proxy(
+    ctx: &Ctx,
+    snap: &Arc<Snapshot>,
+    target: ServiceRef,
+    req: Request<Incoming>,
+) -> Response<Body> {
+    let snap = snap.clone();
     let (_, routed_port) = snap.service(target);
     let selected = snap.routes.http(
         target,
@@ -156,10 +238,8 @@ async fn proxy(ctx: &Ctx, req: Request<Incoming>) -> Response<Body> {
     };
     if let Some(sel) = selected {
         sel.route.response_headers.apply(resp.headers_mut());
-        if snap.config.mesh.access_log {
-            resp.extensions_mut()
-                .insert(RouteRule(sel.route.name.clone()));
-        }
+        resp.extensions_mut()
+            .insert(RouteRule(sel.route.name.clone()));
     }
     resp
 }

@@ -1,7 +1,12 @@
 //! Proxy telemetry in Prometheus text format, served at `:15020/metrics`.
 //!
-//! Labels are bounded: direction, TLS yes/no, status code, failed step and
-//! reload result. Per-peer labels come with the telemetry issue.
+//! Two kinds: the proxy's own counters here (`weft_proxy_*`: connections,
+//! failed steps, route events, reloads; labels bounded to direction, TLS
+//! yes/no, status code, step and result), and the golden traffic metrics
+//! by source and destination workload in [`traffic`] (`weft_*` and/or
+//! `istio_*`).
+
+pub mod traffic;
 
 use std::sync::OnceLock;
 
@@ -145,14 +150,23 @@ pub struct Metrics {
     pub config_info: Family<ConfigLabels, Gauge>,
     /// Expiry of the active leaf certificate, Unix seconds.
     pub cert_expiry: Gauge,
+    /// Golden traffic metrics by source and destination.
+    pub traffic: traffic::Traffic,
     /// Resolved handles into `requests`.
     request_counters: RequestCounters,
 }
 
 impl Metrics {
-    /// Registers every metric under the `weft_proxy` prefix.
+    /// Registers the proxy's own metrics under the `weft_proxy` prefix and
+    /// the traffic metrics under theirs.
     pub fn registry(&self) -> Registry {
-        let mut r = Registry::with_prefix("weft_proxy");
+        let mut root = Registry::default();
+        self.register_own(root.sub_registry_with_prefix("weft_proxy"));
+        self.traffic.register(&mut root);
+        root
+    }
+
+    fn register_own(&self, r: &mut Registry) {
         r.register(
             "connections",
             "Connections accepted",
@@ -209,7 +223,6 @@ impl Metrics {
             "Expiry of the active identity certificate",
             self.cert_expiry.clone(),
         );
-        r
     }
 
     /// Counts a failed step.
