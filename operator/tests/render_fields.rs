@@ -815,3 +815,43 @@ fn generation_kept_on_same_content_and_bumped_on_change() {
     assert_eq!(changed.generation, 9);
     assert_ne!(changed.hash, again.hash);
 }
+
+#[test]
+fn endpoints_carry_their_workload_app_and_version() {
+    let mut objs = shop();
+    // cart-1 belongs to Deployment cart-v1 (through its ReplicaSet).
+    objs.retain(|o| o["metadata"]["name"] != "cart-1");
+    let mut owned = pod(
+        "shop",
+        "cart-1",
+        "cart",
+        true,
+        json!({"app": "cart", "version": "v1", "pod-template-hash": "7f9d"}),
+    );
+    owned["metadata"]["ownerReferences"] = json!([{
+        "apiVersion": "apps/v1", "kind": "ReplicaSet", "name": "cart-v1-7f9d",
+        "uid": "u1", "controller": true
+    }]);
+    objs.push(owned);
+    objs.push(mesh(json!({"telemetry": {"metrics": {"naming": "Both"}}})));
+    let out = rendered(&index(objs), "shop");
+    assert_eq!(out.config.mesh.metrics_naming, pc::MetricsNaming::Both);
+    let s = service(&out.config, "shop/cart");
+    let of = |ip: &str| {
+        let e = s
+            .endpoints
+            .iter()
+            .find(|e| e.address.to_string() == ip)
+            .expect("endpoint");
+        (
+            e.workload.as_deref(),
+            e.app.as_deref(),
+            e.version.as_deref(),
+        )
+    };
+    assert_eq!(of("10.0.0.1"), (Some("cart-v1"), Some("cart"), Some("v1")));
+    // A pod without a controller is its own workload.
+    assert_eq!(of("10.0.0.2"), (Some("cart-2"), Some("cart"), Some("v2")));
+    let bare = rendered(&index(shop()), "shop");
+    assert_eq!(bare.config.mesh.metrics_naming, pc::MetricsNaming::Weft);
+}
