@@ -441,3 +441,95 @@ async fn opaque_tcp_bytes_are_counted_each_way_on_both_reporters() {
         );
     }
 }
+
+/// Scrapes `/metrics` over the admin port: the status and the body.
+async fn scrape(admin: SocketAddr) -> (StatusCode, String) {
+    let io = tokio::net::TcpStream::connect(admin).await.expect("admin");
+    let mut c = h1(io).await;
+    let resp = c
+        .send_request(
+            Request::get("/metrics")
+                .header("host", "admin")
+                .body(body(""))
+                .expect("request"),
+        )
+        .await
+        .expect("response");
+    let (status, _, text) = read_text(resp).await;
+    (status, text)
+}
+
+/// The sum of every `weft_requests_total` series.
+fn total_requests(text: &str) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with("weft_requests_total{"))
+        .map(|l| {
+            l.rsplit(' ')
+                .next()
+                .and_then(|v| v.parse::<f64>().ok())
+                .unwrap_or_else(|| panic!("not a sample line: {l}"))
+        })
+        .sum()
+}
+
+#[tokio::test]
+async fn a_proxy_scraped_during_reloads_serves_whole_and_growing_counts() {
+    let p = pair(
+        sized_app(Seen::default()).await,
+        Protocol::Http1,
+        MetricsNaming::Weft,
+        MtlsMode::Strict,
+    )
+    .await;
+    let ca = &p._ca;
+    let admin = p.client.proxy.admin_addr;
+    let scraper = tokio::spawn(async move {
+        let mut seen = Vec::new();
+        for _ in 0..60 {
+            let (status, text) = scrape(admin).await;
+            assert_eq!(status, StatusCode::OK);
+            assert!(text.ends_with("# EOF\n"), "a cut exposition: {text}");
+            seen.push(total_requests(&text));
+            tokio::task::yield_now().await;
+        }
+        seen
+    });
+    // Requests while the client's config changes generation (and naming)
+    // under it.
+    for generation in 2..=6 {
+        for _ in 0..4 {
+            assert_eq!(send(&p, "/s/200/1", "", None).await, StatusCode::OK);
+        }
+        let mut cfg = p
+            .client
+            .proxy
+            .state
+            .snapshot
+            .load_full()
+            .expect("snapshot")
+            .config
+            .clone();
+        cfg.generation = generation;
+        cfg.mesh.metrics_naming = if generation % 2 == 0 {
+            MetricsNaming::Both
+        } else {
+            MetricsNaming::Weft
+        };
+        cfg.seal();
+        publish(&p.client.mount, &files(&cfg, &ca.leaf(CLIENT_ID, 3600), ca));
+        eventually("the new generation is active", || {
+            p.client.generation() == generation
+        })
+        .await;
+    }
+    let seen = scraper.await.expect("scraper");
+    assert!(
+        seen.windows(2).all(|w| w[0] <= w[1]),
+        "counts went down between scrapes: {seen:?}"
+    );
+    let (_, last) = scrape(admin).await;
+    assert_eq!(total_requests(&last), 20.0, "{last}");
+    // Generations 2 and 4 export both names: the requests made under them
+    // are in Istio's too.
+    assert!(last.contains("istio_requests_total{"), "{last}");
+}

@@ -11,6 +11,12 @@
 //!   `pod` and by `identity`. Always exits 0; the caller judges.
 //! - `webhook --port P --cert F --key F`: HTTPS mutating admission webhook
 //!   that labels every object `weft-e2e/mutated=true`.
+//! - `tcp-echo --port P`: plain TCP server writing back every byte it
+//!   reads, closing its side when the client closes its own.
+//! - `tcp-send ADDR --bytes N --count C`: C connections one after another,
+//!   each sending N bytes, closing its write side, and reading until the
+//!   server closes; prints one JSON line per connection: `{"sent": N,
+//!   "received": M}` or `{"error": ...}`.
 //! - `kube-access --namespace NS`: authenticates with the pod's service
 //!   account (in-cluster config), tries to list ConfigMaps and Secrets in NS,
 //!   prints `<resource>: allowed` or `<resource>: denied <code>`, then idles.
@@ -98,6 +104,21 @@ enum Cmd {
         #[arg(long)]
         key: std::path::PathBuf,
     },
+    /// TCP echo server.
+    TcpEcho {
+        #[arg(long, default_value_t = 9000)]
+        port: u16,
+    },
+    /// TCP connections sending a known number of bytes each.
+    TcpSend {
+        addr: String,
+        /// Bytes sent on each connection.
+        #[arg(long, default_value_t = 1000)]
+        bytes: usize,
+        /// How many connections.
+        #[arg(long, default_value_t = 1)]
+        count: usize,
+    },
     /// Service-account access check.
     KubeAccess {
         #[arg(long)]
@@ -137,7 +158,52 @@ async fn main() -> anyhow::Result<()> {
         Cmd::Stream { url, interval_ms } => stream(&url, interval_ms).await,
         Cmd::Webhook { port, cert, key } => webhook(port, &cert, &key).await,
         Cmd::KubeAccess { namespace } => kube_access(&namespace).await,
+        Cmd::TcpEcho { port } => tcp_echo(port).await,
+        Cmd::TcpSend { addr, bytes, count } => {
+            for _ in 0..count {
+                let line = match tokio::time::timeout(
+                    std::time::Duration::from_secs(15),
+                    tcp_send(&addr, bytes),
+                )
+                .await
+                {
+                    Ok(Ok(received)) => json!({ "sent": bytes, "received": received }),
+                    Ok(Err(e)) => json!({ "error": format!("{e:#}") }),
+                    Err(_) => json!({ "error": "timed out after 15s" }),
+                };
+                println!("{line}");
+            }
+            Ok(())
+        }
     }
+}
+
+async fn tcp_echo(port: u16) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(("0.0.0.0", port)).await?;
+    eprintln!("tcp echo listening on {}", listener.local_addr()?);
+    loop {
+        let (mut conn, _) = listener.accept().await?;
+        tokio::spawn(async move {
+            let (mut r, mut w) = conn.split();
+            if tokio::io::copy(&mut r, &mut w).await.is_ok() {
+                let _ = w.shutdown().await;
+            }
+        });
+    }
+}
+
+/// One connection: sends `bytes` bytes, closes the write side, reads until
+/// the server closes; returns how many bytes came back.
+async fn tcp_send(addr: &str, bytes: usize) -> anyhow::Result<usize> {
+    let mut s = tokio::net::TcpStream::connect(addr)
+        .await
+        .with_context(|| format!("connect {addr}"))?;
+    let payload: Vec<u8> = (0..bytes).map(|i| b'a' + (i % 26) as u8).collect();
+    s.write_all(&payload).await.context("send")?;
+    s.shutdown().await.context("close the write side")?;
+    let mut back = Vec::new();
+    s.read_to_end(&mut back).await.context("receive")?;
+    Ok(back.len())
 }
 
 async fn echo(port: u16) -> anyhow::Result<()> {
@@ -166,10 +232,21 @@ async fn echo(port: u16) -> anyhow::Result<()> {
         );
     let listener = tokio::net::TcpListener::bind(("0.0.0.0", port)).await?;
     eprintln!("echo listening on {}", listener.local_addr()?);
+    // As a well-behaved server in a pod: on SIGTERM stop accepting and
+    // finish the requests in flight, so a deleted pod cuts no response.
     axum::serve(
         listener,
         app.into_make_service_with_connect_info::<SocketAddr>(),
     )
+    .with_graceful_shutdown(async {
+        if let Ok(mut term) =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        {
+            term.recv().await;
+        } else {
+            std::future::pending::<()>().await;
+        }
+    })
     .await?;
     Ok(())
 }
