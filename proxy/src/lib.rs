@@ -51,6 +51,7 @@ pub mod state;
 #[cfg(any(test, feature = "test-util"))]
 pub mod test_util;
 pub mod tls;
+pub mod trace;
 
 pub use app::{Proxy, StartError, start};
 pub use state::{Net, Settings, State};
