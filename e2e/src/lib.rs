@@ -17,8 +17,10 @@
 //!
 //! Modules: [`netns`] (namespaces, running Rust code inside one),
 //! [`cluster`] (the test-facing API), [`kubelet`] (the node simulator),
-//! [`images`] (image → program table). See `e2e/README.md` for what is
-//! simulated and how it differs from a real kubelet.
+//! [`images`] (image → program table), [`prometheus`] (a real Prometheus
+//! scraping the cluster with weft's shipped scrape jobs). See
+//! `e2e/README.md` for what is simulated and how it differs from a real
+//! kubelet.
 
 pub mod cluster;
 pub mod hostfs;
@@ -26,6 +28,7 @@ pub mod images;
 pub mod kubelet;
 pub mod mesh;
 pub mod netns;
+pub mod prometheus;
 
 pub use cluster::{Cluster, ClusterConfig, HarnessError, pod_is_ready};
 pub use images::ImageMap;
