@@ -135,6 +135,8 @@ impl Logged {
             response_headers: resp.headers(),
             source_principal: None,
             destination_principal: None,
+            source_workload: None,
+            destination_workload: None,
             destination_service: None,
             route: None,
             upstream: None,
@@ -195,6 +197,10 @@ pub struct Entry<'a> {
     pub source_principal: Option<&'a str>,
     /// The called workload's SPIFFE ID, when known.
     pub destination_principal: Option<&'a str>,
+    /// The calling workload (as in the traffic metrics).
+    pub source_workload: Option<&'a str>,
+    /// The called workload (as in the traffic metrics).
+    pub destination_workload: Option<&'a str>,
     /// The destination Service (`namespace/name`), outbound.
     pub destination_service: Option<&'a str>,
     /// The route rule, outbound.
@@ -209,6 +215,14 @@ pub struct Entry<'a> {
 
 fn header<'h>(h: &'h HeaderMap, name: &str) -> Option<&'h str> {
     h.get(name).and_then(|v: &HeaderValue| v.to_str().ok())
+}
+
+/// The trace id of a request whose span the proxy started (its
+/// `traceparent`, as the proxy wrote it).
+fn trace_id(h: &HeaderMap) -> Option<&str> {
+    header(h, "traceparent")
+        .and_then(|t| t.get(3..35))
+        .filter(|t| t.bytes().all(|b| b.is_ascii_hexdigit()))
 }
 
 /// `start` as RFC 3339.
@@ -257,6 +271,9 @@ impl Entry<'_> {
             "route": self.route,
             "retries": self.retries,
             "request_id": header(self.request_headers, REQUEST_ID_HEADER),
+            "trace_id": trace_id(self.request_headers),
+            "source_workload": self.source_workload,
+            "destination_workload": self.destination_workload,
             "audit": self.audit,
         })
         .to_string()
@@ -350,6 +367,8 @@ mod tests {
             response_headers: resp,
             source_principal: Some("spiffe://td/ns/a/sa/b"),
             destination_principal: None,
+            source_workload: Some("web"),
+            destination_workload: None,
             destination_service: None,
             route: None,
             upstream: None,
@@ -368,6 +387,10 @@ mod tests {
         );
         let mut req = HeaderMap::new();
         req.insert(REQUEST_ID_HEADER, HeaderValue::from_static("r1"));
+        req.insert(
+            "traceparent",
+            HeaderValue::from_static("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),
+        );
         let mut resp = HeaderMap::new();
         resp.insert("grpc-status", HeaderValue::from_static("14"));
         resp.insert("content-length", HeaderValue::from_static("12"));
@@ -383,6 +406,9 @@ mod tests {
         assert_eq!(v["response_bytes"], 12);
         assert!(v["request_bytes"].is_null());
         assert_eq!(v["request_id"], "r1");
+        assert_eq!(v["trace_id"], "4bf92f3577b34da6a3ce929d0e0e4736");
+        assert_eq!(v["source_workload"], "web");
+        assert!(v["destination_workload"].is_null());
         assert_eq!(v["audit"], true);
     }
 

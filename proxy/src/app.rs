@@ -72,7 +72,7 @@ pub async fn start(settings: Settings, net: Net) -> Result<Proxy, StartError> {
     let inbound_addr = addr(&inbound, "inbound", settings.inbound_addr)?;
     let admin_addr = addr(&admin, "admin", settings.admin_addr)?;
 
-    let (state, drain_rx, log_rx) =
+    let (state, drain_rx, log_rx, span_rx) =
         State::new(settings, net, vec![outbound_addr, inbound_addr, admin_addr]);
     let state = Arc::new(state);
     if let Err(e) = state.reload() {
@@ -88,6 +88,12 @@ pub async fn start(settings: Settings, net: Net) -> Result<Proxy, StartError> {
             log_rx,
             state.settings.access_log_output.clone(),
         )),
+        tokio::spawn(crate::trace::export::run(
+            span_rx,
+            span_target(Arc::downgrade(&state)),
+            state.net.dialer.clone(),
+            state.metrics.span_export.clone(),
+        )),
     ];
     state.set_listening();
     Ok(Proxy {
@@ -98,6 +104,22 @@ pub async fn start(settings: Settings, net: Net) -> Result<Proxy, StartError> {
         drained: Mutex::new(Some(drain_rx)),
         tasks,
     })
+}
+
+/// Where spans go, read per batch from the active snapshot: none while the
+/// Mesh sets no OTLP endpoint.
+fn span_target(
+    state: std::sync::Weak<State>,
+) -> impl Fn() -> Option<crate::trace::export::Target> + Send {
+    move || {
+        let state = state.upgrade()?;
+        let snap = state.snapshot.load_full()?;
+        let tracing = snap.config.mesh.tracing.as_ref()?;
+        Some(crate::trace::export::Target {
+            endpoint: tracing.otlp_endpoint.clone(),
+            resource: state.trace_resource(&snap),
+        })
+    }
 }
 
 /// Once a second, closes pooled connections past their idle timeout and

@@ -36,6 +36,8 @@ use crate::net::{Dialer, DirectDialer, OrigDst, orig_dst::SoOriginalDst};
 use crate::probes::AppProbes;
 use crate::ratelimit::Limiters;
 use crate::snapshot::{Snapshot, SnapshotError, load_dir};
+use crate::trace::context::{self, Incoming, TraceContext};
+use crate::trace::{Kind, Pending, SPAN_QUEUE, Tracer, Value};
 
 /// Everything a proxy is started with. Built from flags/env by the binary,
 /// directly by tests.
@@ -184,6 +186,8 @@ pub struct State {
     /// What this proxy tells peer proxies about its workload (see
     /// [`crate::http::SOURCE_HEADER`]).
     pub source_header: Option<http::HeaderValue>,
+    /// Where finished spans go.
+    pub tracer: Tracer,
     /// Bound listener addresses: [outbound, inbound, admin].
     pub listeners: Mutex<Vec<SocketAddr>>,
     listening: AtomicBool,
@@ -224,11 +228,17 @@ impl State {
         settings: Settings,
         net: Net,
         listeners: Vec<SocketAddr>,
-    ) -> (Self, mpsc::Receiver<()>, mpsc::Receiver<String>) {
+    ) -> (
+        Self,
+        mpsc::Receiver<()>,
+        mpsc::Receiver<String>,
+        mpsc::Receiver<crate::trace::Span>,
+    ) {
         let (drain_tx, drain_rx) = mpsc::channel(1);
         let metrics = Metrics::default();
         metrics.traffic.set_cap(settings.max_metric_series);
         let source_header = source_header(&settings);
+        let (tracer, span_rx) = Tracer::new(SPAN_QUEUE, metrics.spans_dropped.clone());
         let (access_log, log_rx) =
             AccessLog::new(ACCESS_LOG_QUEUE, metrics.access_log_dropped.clone());
         let state = State {
@@ -245,6 +255,7 @@ impl State {
             conn_limits: ConnLimits::default(),
             access_log,
             source_header,
+            tracer,
             listeners: Mutex::new(listeners),
             listening: AtomicBool::new(false),
             rr: AtomicUsize::new(0),
@@ -252,7 +263,7 @@ impl State {
             published: watch::channel(0).0,
             drain: Mutex::new(Some(drain_tx)),
         };
-        (state, drain_rx, log_rx)
+        (state, drain_rx, log_rx, span_rx)
     }
 
     /// This pod as one end of a call, under `snap` (its namespace and
@@ -266,6 +277,110 @@ impl State {
             app: weft_proxy_config::app_label(&self.settings.labels).map(str::to_owned),
             version: weft_proxy_config::version_label(&self.settings.labels).map(str::to_owned),
         }
+    }
+
+    /// Starts the span of a request when the Mesh traces (`None`
+    /// otherwise, and the headers are left alone): continues the trace the
+    /// request carries (its sampling decision included) or starts one at
+    /// the Mesh's sampling percentage, and writes the new span's context
+    /// into the request in every format. `None` too for an unsampled
+    /// request, whose headers still carry the decision on.
+    pub fn start_span<B>(
+        &self,
+        snap: &Snapshot,
+        kind: Kind,
+        req: &mut http::Request<B>,
+    ) -> Option<Pending> {
+        let tracing = snap.config.mesh.tracing.as_ref()?;
+        let (trace_id, parent, sampled, debug, state) = match context::read(req.headers()) {
+            Incoming::Context(c) => (c.trace_id, Some(c.span_id), c.sampled, c.debug, c.state),
+            Incoming::Decision(d) => (context::new_trace_id(), None, d, false, None),
+            Incoming::None => (
+                context::new_trace_id(),
+                None,
+                context::sample(tracing.sampling_percent),
+                false,
+                None,
+            ),
+        };
+        let ctx = TraceContext {
+            trace_id,
+            span_id: context::new_span_id(),
+            parent_span_id: parent,
+            sampled,
+            debug,
+            state,
+        };
+        ctx.write(req.headers_mut());
+        if !sampled {
+            return None;
+        }
+        let authority = req
+            .uri()
+            .authority()
+            .map(|a| a.as_str().to_owned())
+            .or_else(|| {
+                req.headers()
+                    .get(http::header::HOST)
+                    .and_then(|h| h.to_str().ok())
+                    .map(str::to_owned)
+            });
+        let mut attributes = vec![
+            (
+                "http.request.method",
+                Value::Str(req.method().as_str().to_owned()),
+            ),
+            ("url.path", Value::Str(req.uri().path().to_owned())),
+            (
+                "network.protocol.version",
+                Value::Str(
+                    match req.version() {
+                        http::Version::HTTP_2 => "2",
+                        http::Version::HTTP_10 => "1.0",
+                        _ => "1.1",
+                    }
+                    .to_owned(),
+                ),
+            ),
+        ];
+        if let Some(a) = authority {
+            attributes.push(("server.address", Value::Str(a)));
+        }
+        if let Some(id) = req
+            .headers()
+            .get(crate::accesslog::REQUEST_ID_HEADER)
+            .and_then(|v| v.to_str().ok())
+        {
+            attributes.push(("weft.request_id", Value::Str(id.to_owned())));
+        }
+        Some(Pending {
+            context: ctx,
+            kind,
+            name: req.method().as_str().to_owned(),
+            start: std::time::SystemTime::now(),
+            attributes,
+        })
+    }
+
+    /// The resource of this proxy's spans: `service.name` is the workload's
+    /// `app` (else its name) and namespace, as `<app>.<namespace>`.
+    pub fn trace_resource(&self, snap: &Snapshot) -> Vec<(&'static str, String)> {
+        let local = self.local_peer(snap);
+        let ns = local.namespace.clone().unwrap_or_default();
+        let name = local
+            .app
+            .clone()
+            .or_else(|| local.workload.clone())
+            .unwrap_or_else(|| "unknown".to_owned());
+        let mut r = vec![
+            ("service.name", format!("{name}.{ns}")),
+            ("k8s.namespace.name", ns),
+            ("weft.principal", local.principal.unwrap_or_default()),
+        ];
+        if let Some(w) = local.workload {
+            r.push(("weft.workload", w));
+        }
+        r
     }
 
     /// Every listener is accepting: ready once a snapshot is active too.

@@ -178,7 +178,7 @@ mod tests {
         assert_eq!(workload_of(&p), None);
         // An owner that is not the controller does not count.
         let mut q = pod(Some(("ReplicaSet", "x-1")), &[], Some("solo"));
-        q.owner_references.as_mut().unwrap().pop();
+        q.owner_references.as_mut().expect("present").pop();
         assert_eq!(workload_of(&q), w("Pod", "solo"));
     }
 }

@@ -33,13 +33,14 @@ use crate::http::{
 };
 use crate::metrics::Direction;
 use crate::metrics::traffic::{
-    CallLabels, MeteredBody, Outcome, Peer, Reporter, SeriesCache, failed_step, grpc_status,
-    is_grpc,
+    CallLabels, MeteredBody, Outcome, Peer, Reporter, Series, SeriesCache, failed_step,
+    grpc_status, is_grpc,
 };
 use crate::ratelimit::Verdict;
 use crate::snapshot::Snapshot;
 use crate::state::State;
 use crate::tls::SpiffeId;
+use crate::trace::{Kind, Pending, span_attributes, span_end};
 
 /// One inbound HTTP connection: what its requests share. Each request is
 /// decided on the snapshot active when it arrives ([`Ctx::current`]), never
@@ -100,17 +101,25 @@ pub async fn serve_http<I>(
                 .headers_mut()
                 .remove(SOURCE_HEADER)
                 .filter(|_| ctx.peer.is_some());
+            let snap = ctx.current();
+            let span = ctx.state.start_span(&snap, Kind::Server, &mut req);
             let logged = ctx.state.access_logging().then(|| Logged::of(&req));
             let grpc = is_grpc(req.headers());
             let request_bytes = content_length(req.headers());
-            let snap = ctx.current();
             let resp = proxy(&ctx, &snap, req).await;
-            let resp = meter(&ctx, &snap, started, grpc, request_bytes, source, resp);
+            let start = Start {
+                started,
+                grpc,
+                request_bytes,
+                source,
+                span,
+            };
+            let (resp, series) = meter(&ctx, &snap, start, resp);
             ctx.state
                 .metrics
                 .request(Direction::Inbound, resp.status().as_u16());
             if let Some(l) = logged {
-                log_request(&ctx, &l, &resp);
+                log_request(&ctx, &l, &resp, &series);
             }
             Ok::<_, Infallible>(resp)
         }
@@ -145,17 +154,26 @@ pub async fn serve_http<I>(
     .await;
 }
 
-/// The response, its body wrapped to count the call in the traffic metrics
-/// when it ends (see [`crate::metrics::traffic`]).
-fn meter(
-    ctx: &Ctx,
-    snap: &Arc<Snapshot>,
+/// What a request's metrics and span need from its start.
+struct Start {
     started: Instant,
     grpc: bool,
     request_bytes: u64,
+    /// What the calling proxy said of its workload (verified peers only).
     source: Option<HeaderValue>,
+    span: Option<Pending>,
+}
+
+/// The response, its body wrapped to count the call in the traffic metrics
+/// (see [`crate::metrics::traffic`]) and end its span when it ends; and the
+/// call's series.
+fn meter(
+    ctx: &Ctx,
+    snap: &Arc<Snapshot>,
+    m: Start,
     resp: Response<Body>,
-) -> Response<Body> {
+) -> (Response<Body>, Arc<Series>) {
+    let source = m.source;
     let key: SeriesKey = (
         Arc::as_ptr(snap) as usize,
         snap.config.generation,
@@ -178,15 +196,28 @@ fn meter(
     });
     let outcome = Outcome {
         code: resp.status().as_u16(),
-        grpc,
+        grpc: m.grpc,
         grpc_status: grpc_status(resp.headers()),
         failed_step: resp
             .headers()
             .get(ERROR_HEADER)
             .map(|v| failed_step(v.as_bytes())),
     };
-    let recording = series.start(started, outcome, request_bytes);
-    resp.map(|b| Body::new(MeteredBody::new(b, recording)))
+    let mut recording = series.start(m.started, outcome, m.request_bytes);
+    if let Some(mut span) = m.span {
+        let attributes = span_attributes(&series);
+        if let Some(s) = series.label("destination_service") {
+            span.name = format!("{} {s}", span.name);
+        }
+        let state = ctx.state.clone();
+        recording = recording.on_end(Box::new(move |outcome, _| {
+            state.tracer.record(span_end(span, outcome, attributes));
+        }));
+    }
+    (
+        resp.map(|b| Body::new(MeteredBody::new(b, recording))),
+        series,
+    )
 }
 
 /// The calling end of an inbound call: its principal (verified) and the
@@ -382,9 +413,11 @@ async fn proxy(ctx: &Ctx, snap: &Arc<Snapshot>, mut req: Request<Incoming>) -> R
 #[derive(Clone, Copy, Debug)]
 struct Audited;
 
-fn log_request(ctx: &Ctx, l: &Logged, resp: &Response<Body>) {
+fn log_request(ctx: &Ctx, l: &Logged, resp: &Response<Body>, series: &Series) {
     let snap = ctx.current();
     ctx.state.access_log.record(&Entry {
+        source_workload: series.label("source_workload"),
+        destination_workload: series.label("destination_workload"),
         source_principal: ctx.peer.as_ref().map(SpiffeId::as_str),
         destination_principal: Some(snap.identity.id().as_str()),
         upstream: Some(SocketAddr::new(ctx.state.settings.app_host, ctx.port)),

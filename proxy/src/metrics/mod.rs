@@ -142,6 +142,10 @@ pub struct Metrics {
     pub reloads: Family<ReloadLabels, Counter>,
     /// Access log lines dropped because the writer fell behind.
     pub access_log_dropped: Counter,
+    /// Spans dropped because the exporter fell behind.
+    pub spans_dropped: Counter,
+    /// Spans the collector accepted, and spans of failed exports.
+    pub span_export: crate::trace::export::ExportCounters,
     /// Rejected snapshots by reason.
     pub config_rejected: Family<RejectLabels, Counter>,
     /// Generation of the active config.
@@ -202,6 +206,21 @@ impl Metrics {
             "access_log_dropped",
             "Access log lines dropped because the queue to the writer was full",
             self.access_log_dropped.clone(),
+        );
+        r.register(
+            "spans_dropped",
+            "Spans dropped because the queue to the exporter was full",
+            self.spans_dropped.clone(),
+        );
+        r.register(
+            "spans_exported",
+            "Spans the OTLP collector accepted",
+            self.span_export.exported.clone(),
+        );
+        r.register(
+            "span_export_failed",
+            "Spans in export batches that failed (collector down, slow or refusing)",
+            self.span_export.failed.clone(),
         );
         r.register(
             "config_rejected",

@@ -330,12 +330,15 @@ struct Leaf {
     overflow: bool,
 }
 
+/// A TCP label set: the call, the step it ended at, the naming.
+type TcpKey = (CallLabels, Option<&'static str>, MetricsNaming);
+
 /// The traffic metrics of one proxy.
 #[derive(Debug)]
 pub struct Traffic {
     shared: Arc<Shared>,
     http: Mutex<HashMap<(CallLabels, MetricsNaming), Arc<Series>>>,
-    tcp: Mutex<HashMap<(CallLabels, Option<&'static str>, MetricsNaming), Arc<TcpSeries>>>,
+    tcp: Mutex<HashMap<TcpKey, Arc<TcpSeries>>>,
 }
 
 impl Default for Traffic {
@@ -590,7 +593,17 @@ impl Series {
             started,
             request_bytes,
             response_bytes: 0,
+            on_end: None,
         }
+    }
+
+    /// The value of one of weft's labels of this series (`source_workload`,
+    /// `destination_principal`, …), for access logs and spans.
+    pub fn label(&self, name: &str) -> Option<&str> {
+        self.weft
+            .iter()
+            .find(|(k, _)| *k == name)
+            .map(|(_, v)| v.as_str())
     }
 }
 
@@ -626,16 +639,35 @@ impl TcpSeries {
 }
 
 /// One call being timed.
-#[derive(Debug)]
 pub struct Recording {
     series: Arc<Series>,
     outcome: Outcome,
     started: Instant,
     request_bytes: u64,
     response_bytes: u64,
+    on_end: Option<OnEnd>,
+}
+
+/// Work done when a call ends, with its outcome and response bytes (the
+/// span of a traced request).
+pub type OnEnd = Box<dyn FnOnce(Outcome, u64) + Send + Sync>;
+
+impl std::fmt::Debug for Recording {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Recording")
+            .field("outcome", &self.outcome)
+            .field("response_bytes", &self.response_bytes)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Recording {
+    /// Runs `f` when the call ends, after it is counted.
+    pub fn on_end(mut self, f: OnEnd) -> Self {
+        self.on_end = Some(f);
+        self
+    }
+
     /// Counts the call now.
     fn finish(self) {
         self.series.record(
@@ -644,6 +676,9 @@ impl Recording {
             self.request_bytes,
             self.response_bytes,
         );
+        if let Some(f) = self.on_end {
+            f(self.outcome, self.response_bytes);
+        }
     }
 }
 
@@ -691,10 +726,8 @@ where
                 if let Some(r) = this.recording.as_mut() {
                     if let Some(data) = frame.data_ref() {
                         r.response_bytes += data.len() as u64;
-                    } else if let Some(t) = frame.trailers_ref() {
-                        if let Some(s) = grpc_status(t) {
-                            r.outcome.grpc_status = Some(s);
-                        }
+                    } else if let Some(s) = frame.trailers_ref().and_then(grpc_status) {
+                        r.outcome.grpc_status = Some(s);
                     }
                 }
                 if this.inner.is_end_stream()

@@ -371,7 +371,7 @@ mod tests {
         assert_eq!(hex(&c.span_id), SPAN);
         assert!(c.sampled);
         assert_eq!(
-            c.state.as_ref().map(|v| v.to_str().unwrap()),
+            c.state.as_ref().map(|v| v.to_str().expect("present")),
             Some("congo=t61rcWkgMzE")
         );
         let unsampled = headers(&[("traceparent", &format!("00-{TRACE}-{SPAN}-00"))]);
@@ -485,7 +485,7 @@ mod tests {
             ("x-b3-parentspanid", "ffffffffffffffff"),
         ]);
         child.write(&mut h);
-        let get = |n: &str| h.get(n).map(|v| v.to_str().unwrap().to_owned());
+        let get = |n: &str| h.get(n).map(|v| v.to_str().expect("present").to_owned());
         assert_eq!(
             get("traceparent").as_deref(),
             Some(&*format!("00-{TRACE}-0102030405060708-01"))
@@ -502,7 +502,7 @@ mod tests {
         assert_eq!(get("x-b3-flags"), None);
         // Each format, read back alone, names the same trace and span.
         for name in ["traceparent", "b3"] {
-            let alone = headers(&[(name, &get(name).unwrap())]);
+            let alone = headers(&[(name, &get(name).expect("present"))]);
             let back = ctx(&alone);
             assert_eq!(
                 (back.trace_id, back.span_id),
@@ -511,8 +511,8 @@ mod tests {
             );
         }
         let multi = ctx(&headers(&[
-            ("x-b3-traceid", &get("x-b3-traceid").unwrap()),
-            ("x-b3-spanid", &get("x-b3-spanid").unwrap()),
+            ("x-b3-traceid", &get("x-b3-traceid").expect("present")),
+            ("x-b3-spanid", &get("x-b3-spanid").expect("present")),
         ]));
         assert_eq!(
             (multi.trace_id, multi.span_id),

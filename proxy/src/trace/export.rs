@@ -277,7 +277,7 @@ mod tests {
         );
         assert!(
             p("https://x:4318")
-                .unwrap_err()
+                .expect_err("an error")
                 .contains("not an http:// URL")
         );
         assert!(p("http://x:port").is_err());
@@ -302,7 +302,7 @@ mod tests {
         let back = ExportTraceServiceRequest::decode(bytes.as_slice()).expect("decodes");
         let rs = &back.resource_spans[0];
         assert_eq!(
-            rs.resource.as_ref().unwrap().attributes[0].key,
+            rs.resource.as_ref().expect("present").attributes[0].key,
             "service.name"
         );
         let span = &rs.scope_spans[0].spans[0];

@@ -78,6 +78,8 @@ pub struct Pending {
     pub context: TraceContext,
     /// Client or server.
     pub kind: Kind,
+    /// The span's name (the method; the caller may add to it).
+    pub name: String,
     /// Start.
     pub start: SystemTime,
     /// Attributes known at the start.
@@ -88,7 +90,6 @@ impl Pending {
     /// The finished span.
     pub fn finish(
         self,
-        name: String,
         status: u16,
         failed_step: Option<&str>,
         mut attributes: Vec<(&'static str, Value)>,
@@ -115,13 +116,50 @@ impl Pending {
                 .and_then(|s| s.to_str().ok())
                 .map(str::to_owned),
             kind: self.kind,
-            name,
+            name: self.name,
             start: self.start,
             end: SystemTime::now(),
             attributes: all,
             error,
         }
     }
+}
+
+/// weft's attributes of a call's span, from its metric labels (`weft.`
+/// followed by the label name: workloads, principals, Service, route).
+pub fn span_attributes(labels: &crate::metrics::traffic::Series) -> Vec<(&'static str, Value)> {
+    const NAMES: [(&str, &str); 9] = [
+        ("source_workload", "weft.source_workload"),
+        ("source_namespace", "weft.source_namespace"),
+        ("source_principal", "weft.source_principal"),
+        ("destination_workload", "weft.destination_workload"),
+        ("destination_namespace", "weft.destination_namespace"),
+        ("destination_principal", "weft.destination_principal"),
+        ("destination_service", "weft.destination_service"),
+        ("route", "weft.route"),
+        ("connection_security", "weft.connection_security"),
+    ];
+    NAMES
+        .iter()
+        .filter_map(|(label, attr)| {
+            labels
+                .label(label)
+                .filter(|v| !v.is_empty())
+                .map(|v| (*attr, Value::Str(v.to_owned())))
+        })
+        .collect()
+}
+
+/// The finished span of a call that ended with `outcome`.
+pub fn span_end(
+    span: Pending,
+    outcome: crate::metrics::traffic::Outcome,
+    mut attributes: Vec<(&'static str, Value)>,
+) -> Span {
+    if let Some(g) = outcome.grpc_status {
+        attributes.push(("rpc.grpc.status_code", Value::Int(i64::from(g))));
+    }
+    span.finish(outcome.code, outcome.failed_step, attributes)
 }
 
 /// Where finished spans go: a bounded queue to the export task.
@@ -163,10 +201,11 @@ mod tests {
                 state: None,
             },
             kind: Kind::Client,
+            name: "GET".into(),
             start: SystemTime::now(),
             attributes: vec![],
         }
-        .finish("GET".into(), 200, None, vec![])
+        .finish(200, None, vec![])
     }
 
     #[test]
@@ -194,25 +233,14 @@ mod tests {
                 state: None,
             },
             kind,
+            name: "GET".into(),
             start: SystemTime::now(),
             attributes: vec![],
         };
-        assert!(
-            p(Kind::Client)
-                .finish("GET".into(), 404, None, vec![])
-                .error
-        );
-        assert!(
-            !p(Kind::Server)
-                .finish("GET".into(), 404, None, vec![])
-                .error
-        );
-        assert!(
-            p(Kind::Server)
-                .finish("GET".into(), 503, None, vec![])
-                .error
-        );
-        let s = p(Kind::Client).finish("GET".into(), 503, Some("fault"), vec![]);
+        assert!(p(Kind::Client).finish(404, None, vec![]).error);
+        assert!(!p(Kind::Server).finish(404, None, vec![]).error);
+        assert!(p(Kind::Server).finish(503, None, vec![]).error);
+        let s = p(Kind::Client).finish(503, Some("fault"), vec![]);
         assert!(
             s.attributes
                 .contains(&("weft.failed_step", Value::Str("fault".into())))

@@ -55,8 +55,12 @@ pub(super) struct Ctx {
     pub(super) client: SocketAddr,
     pub(super) version: Version,
     /// The traffic metric series its requests were counted in.
-    pub(super) series: SeriesCache<super::SeriesKey>,
+    pub(super) series: SeriesCache<SeriesKey>,
 }
+
+/// What a connection's cached series are found by: the snapshot (pointer
+/// and generation), the route rule and the endpoint that answered.
+pub(super) type SeriesKey = (usize, u64, usize, Option<Upstream>);
 
 fn hash_key(lb: &LoadBalancer, headers: &HeaderMap, client: SocketAddr) -> Option<String> {
     match lb {
@@ -304,11 +308,11 @@ where
                         addr,
                         service: dest.index,
                     });
-                    if snap.config.mesh.access_log {
-                        if let Some(id) = &key.identity {
-                            out.extensions_mut()
-                                .insert(UpstreamPrincipal(id.to_string()));
-                        }
+                    if snap.config.mesh.access_log
+                        && let Some(id) = &key.identity
+                    {
+                        out.extensions_mut()
+                            .insert(UpstreamPrincipal(id.to_string()));
                     }
                     return out;
                 }

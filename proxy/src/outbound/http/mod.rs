@@ -40,14 +40,15 @@ use crate::http::server::serve_connection;
 use crate::http::{Body, ERROR_HEADER, SOURCE_HEADER, content_length, error_response, full};
 use crate::metrics::Direction;
 use crate::metrics::traffic::{
-    CallLabels, MeteredBody, Outcome, Peer, Reporter, SeriesCache, failed_step, grpc_status,
-    is_grpc,
+    CallLabels, MeteredBody, Outcome, Peer, Reporter, Series, SeriesCache, failed_step,
+    grpc_status, is_grpc,
 };
 use crate::snapshot::rewrite::redirect_location;
 use crate::snapshot::routes;
 use crate::snapshot::{ServiceRef, Snapshot};
 use crate::state::State;
-use endpoint::Ctx;
+use crate::trace::{Kind, Pending, Value, span_attributes, span_end};
+use endpoint::{Ctx, SeriesKey};
 use retry::{chance, send};
 
 /// Serves HTTP on a captured client connection.
@@ -81,18 +82,30 @@ pub async fn serve<I>(
             }
             // Only this proxy says which workload calls.
             req.headers_mut().remove(SOURCE_HEADER);
+            let (snap, target) = current(&ctx);
+            let span = ctx.state.start_span(&snap, Kind::Client, &mut req);
             let logged = ctx.state.access_logging().then(|| Logged::of(&req));
             let grpc = is_grpc(req.headers());
             let request_bytes = content_length(req.headers());
-            let (snap, target) = current(&ctx);
             let resp = proxy(&ctx, &snap, target, req).await;
             ctx.state
                 .metrics
                 .request(Direction::Outbound, resp.status().as_u16());
+            let (resp, series) = meter(
+                &ctx,
+                &snap,
+                target,
+                Metered {
+                    started,
+                    grpc,
+                    request_bytes,
+                    span,
+                },
+                resp,
+            );
             if let Some(l) = logged {
-                log_request(&ctx, &l, &resp);
+                log_request(&ctx, &l, &resp, &series);
             }
-            let resp = meter(&ctx, &snap, target, started, grpc, request_bytes, resp);
             Ok::<_, Infallible>(resp)
         }
     });
@@ -108,11 +121,13 @@ pub async fn serve<I>(
     .await;
 }
 
-fn log_request(ctx: &Ctx, l: &Logged, resp: &Response<Body>) {
+fn log_request(ctx: &Ctx, l: &Logged, resp: &Response<Body>, series: &Series) {
     let (snap, target) = current(ctx);
     let service = snap.service(target).0.key();
     let ext = resp.extensions();
     ctx.state.access_log.record(&Entry {
+        source_workload: series.label("source_workload"),
+        destination_workload: series.label("destination_workload"),
         source_principal: Some(snap.identity.id().as_str()),
         destination_principal: ext.get::<UpstreamPrincipal>().map(|p| p.0.as_str()),
         destination_service: Some(&service),
@@ -138,21 +153,24 @@ fn current(ctx: &Ctx) -> (Arc<Snapshot>, ServiceRef) {
     }
 }
 
-/// What a connection's cached series are found by: the snapshot (pointer
-/// and generation), the route rule and the endpoint that answered.
-type SeriesKey = (usize, u64, usize, Option<Upstream>);
+/// What a request's metrics and span need from its start.
+struct Metered {
+    started: Instant,
+    grpc: bool,
+    request_bytes: u64,
+    span: Option<Pending>,
+}
 
 /// The response, its body wrapped to count the call in the traffic metrics
-/// when it ends (see [`crate::metrics::traffic`]).
+/// (see [`crate::metrics::traffic`]) and end its span when it ends; and the
+/// call's series.
 fn meter(
     ctx: &Ctx,
     snap: &Arc<Snapshot>,
     target: ServiceRef,
-    started: Instant,
-    grpc: bool,
-    request_bytes: u64,
+    m: Metered,
     resp: Response<Body>,
-) -> Response<Body> {
+) -> (Response<Body>, Arc<Series>) {
     let ext = resp.extensions();
     let route = ext.get::<RouteRule>().map(|r| r.0.clone());
     let upstream = ext.get::<Upstream>().copied();
@@ -191,15 +209,34 @@ fn meter(
     });
     let outcome = Outcome {
         code: resp.status().as_u16(),
-        grpc,
+        grpc: m.grpc,
         grpc_status: grpc_status(resp.headers()),
         failed_step: resp
             .headers()
             .get(ERROR_HEADER)
             .map(|v| failed_step(v.as_bytes())),
     };
-    let recording = series.start(started, outcome, request_bytes);
-    resp.map(|b| Body::new(MeteredBody::new(b, recording)))
+    let mut recording = series.start(m.started, outcome, m.request_bytes);
+    if let Some(mut span) = m.span {
+        let mut attributes = span_attributes(&series);
+        if let Some(u) = upstream {
+            attributes.push(("network.peer.address", Value::Str(u.addr.ip().to_string())));
+            attributes.push(("network.peer.port", Value::Int(i64::from(u.addr.port()))));
+        }
+        let retries = resp.extensions().get::<Retries>().map_or(0, |r| r.0);
+        attributes.push(("weft.retries", Value::Int(i64::from(retries))));
+        if let Some(s) = series.label("destination_service") {
+            span.name = format!("{} {s}", span.name);
+        }
+        let state = ctx.state.clone();
+        recording = recording.on_end(Box::new(move |outcome, _| {
+            state.tracer.record(span_end(span, outcome, attributes));
+        }));
+    }
+    (
+        resp.map(|b| Body::new(MeteredBody::new(b, recording))),
+        series,
+    )
 }
 
 async fn proxy(

@@ -213,7 +213,7 @@ async fn send_to(
             None => attempt.await,
         };
         if retries >= policy.attempts || !retriable(policy, &resp) {
-            return counted(resp, retries, snap);
+            return counted(resp, retries);
         }
         if let Some(b) = dest.service.policy.retry_budget.as_ref()
             && !ctx.state.retry_budgets.try_retry(
@@ -225,7 +225,7 @@ async fn send_to(
             ctx.state
                 .metrics
                 .route_event(&r.name, "retry-budget-exhausted");
-            return counted(resp, retries, snap);
+            return counted(resp, retries);
         }
         retries += 1;
         ctx.state.metrics.route_event(&r.name, "retry");
@@ -236,9 +236,9 @@ async fn send_to(
     }
 }
 
-/// The response, with the retries made recorded for the access log.
-fn counted(mut resp: Response<Body>, retries: u32, snap: &Snapshot) -> Response<Body> {
-    if retries > 0 && snap.config.mesh.access_log {
+/// The response, with the retries made recorded (access log, span).
+fn counted(mut resp: Response<Body>, retries: u32) -> Response<Body> {
+    if retries > 0 {
         resp.extensions_mut().insert(Retries(retries));
     }
     resp
