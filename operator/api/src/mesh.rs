@@ -344,10 +344,12 @@ pub enum MetricsNaming {
 #[derive(KubeSchema, Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct TracingSettings {
-    /// OTLP/HTTP endpoint spans are sent to, e.g.
-    /// `http://otel-collector.observability:4318`. Unset: no export.
+    /// OTLP/HTTP endpoint spans are sent to (protobuf, `POST
+    /// <endpoint>/v1/traces`), e.g.
+    /// `http://otel-collector.observability:4318`. Unset: no export. Plain
+    /// `http://` only: run the collector inside the cluster.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(regex(pattern = r"^https?://.+"))]
+    #[schemars(regex(pattern = r"^http://.+"))]
     pub otlp_endpoint: Option<String>,
     /// Percentage of new traces sampled (0–100, default 1).
     #[serde(default = "default_sampling")]
