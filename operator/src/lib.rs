@@ -17,5 +17,6 @@ pub mod identity;
 pub mod index;
 pub mod leader;
 pub mod metrics;
+pub mod observe;
 pub mod render;
 pub mod signing;

@@ -10,12 +10,18 @@
 //! - `weftctl inject -f FILE... [--mesh MESH.yaml]`: add the weft sidecar to
 //!   every pod template, with the webhook's own patch builder, for pipelines
 //!   that inject at render time.
+//! - `weftctl stat --prometheus URL`: golden signals (success rate, rps,
+//!   latency quantiles) per workload, service or route, from the proxies'
+//!   metrics in Prometheus.
+//! - `weftctl graph --prometheus URL -o dot|svg`: who calls whom, with rps,
+//!   success rate and p99 per call, as Graphviz DOT or a drawing.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use weft_operator::observe;
 
 #[derive(Parser, Debug)]
 #[command(name = "weftctl", version, about = "weft's command line")]
@@ -61,6 +67,84 @@ enum Command {
         #[arg(long)]
         mesh: Option<PathBuf>,
     },
+    /// Golden signals from Prometheus: success rate (share of requests not
+    /// answered 5xx), requests per second and p50/p95/p99 latency.
+    Stat {
+        #[command(flatten)]
+        prom: PromArgs,
+        /// Only this namespace (of the serving workload, or of the service).
+        #[arg(short = 'n', long)]
+        namespace: Option<observe::Namespace>,
+        /// One row per serving workload, per destination service, or per
+        /// service and route rule.
+        #[arg(long, value_enum, default_value_t = observe::stat::By::Workload)]
+        by: observe::stat::By,
+        /// Rate window (Prometheus duration).
+        #[arg(long, default_value = "1m")]
+        window: observe::Window,
+        /// Whose count to read [default: destination for workloads, source
+        /// for services and routes].
+        #[arg(long, value_enum)]
+        reporter: Option<observe::Reporter>,
+        /// Output format.
+        #[arg(short = 'o', long, value_enum, default_value_t = StatFormat::Table)]
+        output: StatFormat,
+    },
+    /// The service graph from Prometheus: workloads and the calls between
+    /// them, with rps, success rate and p99 per call.
+    Graph {
+        #[command(flatten)]
+        prom: PromArgs,
+        /// Only calls from or to a workload in this namespace.
+        #[arg(short = 'n', long)]
+        namespace: Option<observe::Namespace>,
+        /// Rate window (Prometheus duration).
+        #[arg(long, default_value = "5m")]
+        window: observe::Window,
+        /// Output format: Graphviz DOT, or an SVG drawing to open in a
+        /// browser.
+        #[arg(short = 'o', long, value_enum, default_value_t = GraphFormat::Dot)]
+        output: GraphFormat,
+        /// Write to this file instead of stdout.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+}
+
+/// Where Prometheus is.
+#[derive(clap::Args, Debug)]
+struct PromArgs {
+    /// Prometheus base URL, e.g. http://127.0.0.1:9090 (after `kubectl
+    /// port-forward`).
+    #[arg(long, env = "WEFT_PROMETHEUS")]
+    prometheus: String,
+    /// How long to wait for each query (Prometheus duration or seconds).
+    #[arg(long, default_value = "10s", value_parser = parse_timeout)]
+    timeout: std::time::Duration,
+}
+
+impl PromArgs {
+    fn client(&self) -> anyhow::Result<observe::Prom> {
+        Ok(observe::Prom::new(&self.prometheus, self.timeout)?)
+    }
+}
+
+fn parse_timeout(s: &str) -> Result<std::time::Duration, String> {
+    observe::parse_duration(s)
+        .filter(|d| !d.is_zero())
+        .ok_or_else(|| format!("{s:?} is not a duration such as 10s or 500ms"))
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+enum StatFormat {
+    Table,
+    Json,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+enum GraphFormat {
+    Dot,
+    Svg,
 }
 
 fn main() -> ExitCode {
@@ -106,7 +190,96 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Check { files } => check(&files),
         Command::Render { files, out } => render(&files, out.as_ref()),
         Command::Inject { files, mesh } => inject(&files, mesh.as_ref()),
+        Command::Stat {
+            prom,
+            namespace,
+            by,
+            window,
+            reporter,
+            output,
+        } => {
+            let prom = prom.client()?;
+            let args = observe::stat::StatArgs {
+                namespace,
+                by,
+                window,
+                reporter,
+            };
+            let rows = block_on(observe::stat::query(&prom, &args))??;
+            match output {
+                StatFormat::Json => emit(&format!("{}\n", observe::stat::json(&rows)))?,
+                StatFormat::Table if rows.is_empty() => eprintln!(
+                    "no {} requests in Prometheus at {} over the last {}{}",
+                    args.reporter().as_str(),
+                    prom.url(),
+                    args.window,
+                    args.namespace
+                        .as_ref()
+                        .map(|ns| format!(" in namespace {ns}"))
+                        .unwrap_or_default()
+                ),
+                StatFormat::Table => emit(&observe::stat::table(by, &rows))?,
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Graph {
+            prom,
+            namespace,
+            window,
+            output,
+            out,
+        } => {
+            let prom = prom.client()?;
+            let args = observe::graph::GraphArgs { namespace, window };
+            let graph = block_on(observe::graph::query(&prom, &args))??;
+            if graph.edges.is_empty() {
+                eprintln!(
+                    "no calls between workloads in Prometheus at {} over the last {}",
+                    prom.url(),
+                    args.window
+                );
+            }
+            let text = match output {
+                GraphFormat::Dot => graph.to_dot(),
+                GraphFormat::Svg => graph.to_svg(),
+            };
+            match out {
+                Some(path) => {
+                    std::fs::write(&path, text)
+                        .with_context(|| format!("writing {}", path.display()))?;
+                    eprintln!(
+                        "wrote {} ({} workloads, {} calls)",
+                        path.display(),
+                        graph.nodes.len(),
+                        graph.edges.len()
+                    );
+                }
+                None => emit(&text)?,
+            }
+            Ok(ExitCode::SUCCESS)
+        }
     }
+}
+
+/// Write to stdout; a reader that went away (`| head`) ends the output
+/// quietly instead of a panic.
+fn emit(text: &str) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        r => r.context("writing to stdout"),
+    }
+}
+
+/// Run a future on a single-threaded runtime (only `stat` and `graph`
+/// need one).
+fn block_on<F: std::future::Future>(f: F) -> anyhow::Result<F::Output> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    Ok(rt.block_on(f))
 }
 
 fn read_input(path: &PathBuf) -> anyhow::Result<String> {
