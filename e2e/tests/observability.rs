@@ -4,8 +4,9 @@
 //! discovery would label the pods weft deploys) keeps exactly the targets
 //! it should; every dashboard parses, every panel has a query, and every
 //! query is valid PromQL (`promtool check rules`); the ConfigMap and the
-//! PodMonitors pass `kubernetes-validate` (the PodMonitor kind has no
-//! schema there: see the README of `manifests/observability/`).
+//! PodMonitors pass `kubernetes-validate`, which has no schema for the
+//! PodMonitor kind: the PodMonitors are decoded strictly into
+//! prometheus-operator's own Go types instead (`e2e/podmonitor-check/`).
 
 #[path = "common/dashboards.rs"]
 mod dashboards;
@@ -577,6 +578,62 @@ fn the_configmap_and_the_podmonitors_pass_kubernetes_validate() {
             l.contains("Couldn't find schema for kind PodMonitor"),
             "unexpected warning: {l}"
         );
+    }
+    println!("{}", text.trim());
+}
+
+/// `e2e/podmonitor-check/build.sh` builds it (scripts/setup runs that).
+fn podmonitor_check() -> std::path::PathBuf {
+    let bin = weft_e2e::mesh::repo_root().join("target/podmonitor-check/weft-podmonitor-check");
+    assert!(
+        bin.exists(),
+        "{} not found: run e2e/podmonitor-check/build.sh (needs Go and the Go module proxy; scripts/setup does)",
+        bin.display()
+    );
+    bin
+}
+
+#[test]
+fn the_podmonitors_decode_strictly_into_prometheus_operator_types() {
+    let dir = weft_e2e::prometheus::observability_dir();
+    let out = Command::new("kubectl")
+        .args(["kustomize", &dir.to_string_lossy()])
+        .output()
+        .expect("kubectl kustomize");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let built = String::from_utf8_lossy(&out.stdout).into_owned();
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let good = tmp.path().join("podmonitors.yaml");
+    std::fs::write(&good, &built).expect("write");
+    let out = Command::new(podmonitor_check())
+        .arg(&good)
+        .output()
+        .expect("run weft-podmonitor-check");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("3 PodMonitors ok"), "{text}");
+    // The check is strict: a field the type lacks, or a scheme it does
+    // not know, fails it.
+    for (from, to) in [
+        ("serverName:", "server_name:"),
+        ("scheme: https", "scheme: ftp"),
+    ] {
+        assert!(built.contains(from), "{from} in the PodMonitors");
+        let bad = tmp.path().join("bad.yaml");
+        std::fs::write(&bad, built.replace(from, to)).expect("write");
+        let out = Command::new(podmonitor_check())
+            .arg(&bad)
+            .output()
+            .expect("run weft-podmonitor-check");
+        assert!(!out.status.success(), "{from} → {to} passed");
     }
     println!("{}", text.trim());
 }
