@@ -33,6 +33,8 @@ pub const PROXY_MEMORY_REQUEST: &str = "weft.dev/proxy-memory-request";
 pub const PROXY_MEMORY_LIMIT: &str = "weft.dev/proxy-memory-limit";
 /// Proxy log level: `error`, `warn`, `info`, `debug`, `trace`.
 pub const PROXY_LOG_LEVEL: &str = "weft.dev/proxy-log-level";
+/// This pod's access logs, over its namespace's: `all`, `errors`, `off`.
+pub const ACCESS_LOG: &str = weft_api::mesh::ACCESS_LOG_ANNOTATION;
 
 /// A rejected setting: which one, its value, and why.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -119,6 +121,8 @@ pub struct PodSettings {
     pub resources: ProxyResources,
     /// Proxy log level.
     pub log_level: LogLevel,
+    /// Access logs of this pod (`all`, `errors`, `off`), when the pod says.
+    pub access_log: Option<&'static str>,
 }
 
 /// Applies the pod's override annotations to the mesh defaults.
@@ -134,6 +138,7 @@ pub fn pod_settings(
         opaque_ports: Vec::new(),
         resources: cfg.resources.clone(),
         log_level: cfg.log_level,
+        access_log: None,
     };
     if let Some(v) = get(EXCLUDE_INBOUND_PORTS) {
         s.exclude_inbound_ports = parse_ports(EXCLUDE_INBOUND_PORTS, v)?;
@@ -170,6 +175,20 @@ pub fn pod_settings(
     check_resources(&s.resources)?;
     if let Some(v) = get(PROXY_LOG_LEVEL) {
         s.log_level = parse_log_level(v)?;
+    }
+    if let Some(v) = get(ACCESS_LOG) {
+        s.access_log = Some(match v.trim() {
+            "all" => "all",
+            "errors" => "errors",
+            "off" => "off",
+            _ => {
+                return Err(OverrideError::new(
+                    ACCESS_LOG,
+                    v,
+                    "must be all, errors or off",
+                ));
+            }
+        });
     }
     Ok(s)
 }
@@ -347,6 +366,7 @@ mod tests {
             (PROXY_MEMORY_REQUEST, "64Mi"),
             (PROXY_MEMORY_LIMIT, "0.5Gi"),
             (PROXY_LOG_LEVEL, "DEBUG"),
+            (ACCESS_LOG, " errors "),
         ]);
         let s = pod_settings(&InjectConfig::default(), Some(&a)).expect("valid");
         assert_eq!(s.exclude_inbound_ports, vec![9100, 8443]);
@@ -362,6 +382,17 @@ mod tests {
         assert_eq!(s.resources.cpu_limit.as_deref(), Some("1"));
         assert_eq!(s.resources.memory_limit, "0.5Gi");
         assert_eq!(s.log_level, LogLevel::Debug);
+        assert_eq!(s.access_log, Some("errors"));
+        let bad = pod_settings(
+            &InjectConfig::default(),
+            Some(&ann(&[(ACCESS_LOG, "loud")])),
+        )
+        .expect_err("refused");
+        assert_eq!(bad.setting, ACCESS_LOG);
+        assert!(
+            bad.to_string().contains("must be all, errors or off"),
+            "{bad}"
+        );
     }
 
     #[test]

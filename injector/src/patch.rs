@@ -546,6 +546,9 @@ fn proxy_container(
     if let Some(p) = app_probes {
         env.push(value_env(APP_PROBES_ENV, p));
     }
+    if let Some(mode) = s.access_log {
+        env.push(value_env("WEFT_ACCESS_LOG", mode));
+    }
     if let Some(w) = workload {
         env.push(value_env(WORKLOAD_NAME_ENV, &w.name));
         env.push(value_env(WORKLOAD_KIND_ENV, &w.kind));

@@ -287,6 +287,9 @@ pub struct NamespaceInfo {
     pub meshed: bool,
     /// Other namespaces whose Services it sees (`None`: every meshed one).
     pub visible: Option<BTreeSet<String>>,
+    /// `weft.dev/access-log`: `Some(None)` off, `Some(Some(errors_only))`
+    /// on; `None` when not set (or not one of `all`, `errors`, `off`).
+    pub access_log: Option<Option<bool>>,
 }
 
 impl NamespaceInfo {
@@ -309,7 +312,28 @@ impl NamespaceInfo {
                     .map(str::to_owned)
                     .collect()
             });
-        Self { meshed, visible }
+        let access_log = meta
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(weft_api::mesh::ACCESS_LOG_ANNOTATION))
+            .and_then(|v| match v.trim() {
+                "all" => Some(Some(false)),
+                "errors" => Some(Some(true)),
+                "off" => Some(None),
+                other => {
+                    tracing::warn!(
+                        namespace = meta.name.as_deref().unwrap_or_default(),
+                        value = other,
+                        "annotation weft.dev/access-log must be all, errors or off; ignored"
+                    );
+                    None
+                }
+            });
+        Self {
+            meshed,
+            visible,
+            access_log,
+        }
     }
 }
 
@@ -897,6 +921,11 @@ impl Index {
     /// Whether a namespace is in the mesh.
     pub fn is_meshed(&self, namespace: &str) -> bool {
         self.namespaces.get(namespace).is_some_and(|n| n.meshed)
+    }
+
+    /// The namespace's access log override (`weft.dev/access-log`).
+    pub fn namespace_access_log(&self, namespace: &str) -> Option<Option<bool>> {
+        self.namespaces.get(namespace).and_then(|n| n.access_log)
     }
 
     /// Whether a Namespace object is known at all.

@@ -257,7 +257,12 @@ pub fn render(index: &Index, namespace: &str) -> RenderOutput {
     let own = own.expect("the namespace itself is always visible");
     let inbound = render_inbound(index, namespace, &own);
 
-    let mut config = skeleton(&mesh, namespace, inbound);
+    let mut config = skeleton(
+        &mesh,
+        namespace,
+        index.namespace_access_log(namespace),
+        inbound,
+    );
     config.services = services;
     assign_generation(
         &mut config,
@@ -271,7 +276,22 @@ pub fn render(index: &Index, namespace: &str) -> RenderOutput {
 }
 
 /// The document of `namespace` without Services, not sealed.
-fn skeleton(mesh: &weft_api::MeshSpec, namespace: &str, inbound: pc::Inbound) -> ProxyConfig {
+fn skeleton(
+    mesh: &weft_api::MeshSpec,
+    namespace: &str,
+    access_log: Option<Option<bool>>,
+    inbound: pc::Inbound,
+) -> ProxyConfig {
+    let log = &mesh.telemetry.access_log;
+    // The namespace's annotation, else the Mesh.
+    let (log_on, errors_only) = match access_log {
+        Some(Some(errors_only)) => (true, errors_only),
+        Some(None) => (false, false),
+        None => (
+            log.enabled,
+            log.filter == weft_api::mesh::AccessLogFilter::Errors,
+        ),
+    };
     ProxyConfig {
         version: pc::FORMAT_VERSION,
         generation: 1,
@@ -284,7 +304,15 @@ fn skeleton(mesh: &weft_api::MeshSpec, namespace: &str, inbound: pc::Inbound) ->
                 weft_api::mesh::MtlsMode::Permissive => pc::MtlsMode::Permissive,
             },
             default_access: access_action(mesh.access.default_action),
-            access_log: mesh.telemetry.access_log.enabled,
+            access_log: log_on,
+            access_log_options: pc::AccessLogOptions {
+                format: match log.format {
+                    weft_api::mesh::AccessLogFormat::Json => pc::AccessLogFormat::Json,
+                    weft_api::mesh::AccessLogFormat::Text => pc::AccessLogFormat::Text,
+                },
+                errors_only,
+                sample_percent: log.sample_percent,
+            },
             tracing: mesh
                 .telemetry
                 .tracing

@@ -754,6 +754,7 @@ fn mesh_settings() {
             mtls_mode: pc::MtlsMode::Permissive,
             default_access: pc::AccessAction::Deny,
             access_log: true,
+            access_log_options: Default::default(),
             tracing: Some(pc::Tracing {
                 otlp_endpoint: "http://otel.observability:4318".into(),
                 sampling_percent: 10.0
@@ -854,4 +855,33 @@ fn endpoints_carry_their_workload_app_and_version() {
     assert_eq!(of("10.0.0.2"), (Some("cart-2"), Some("cart"), Some("v2")));
     let bare = rendered(&index(shop()), "shop");
     assert_eq!(bare.config.mesh.metrics_naming, pc::MetricsNaming::Weft);
+}
+
+#[test]
+fn access_logs_follow_the_mesh_and_a_namespace_turns_them_up_or_down() {
+    let with = |annotation: Option<&str>| {
+        let mut objs = shop();
+        if let Some(a) = annotation {
+            let n = objs
+                .iter_mut()
+                .find(|o| o["kind"] == "Namespace" && o["metadata"]["name"] == "shop")
+                .expect("namespace");
+            n["metadata"]["annotations"] = json!({"weft.dev/access-log": a});
+        }
+        objs.push(mesh(json!({"telemetry": {"accessLog": {
+            "enabled": false, "format": "Text", "filter": "All", "samplePercent": 25
+        }}})));
+        rendered(&index(objs), "shop").config.mesh
+    };
+    let off = with(None);
+    assert!(!off.access_log);
+    assert_eq!(off.access_log_options.format, pc::AccessLogFormat::Text);
+    assert_eq!(off.access_log_options.sample_percent, 25.0);
+    let errors = with(Some("errors"));
+    assert!(errors.access_log && errors.access_log_options.errors_only);
+    let all = with(Some("all"));
+    assert!(all.access_log && !all.access_log_options.errors_only);
+    assert!(!with(Some("off")).access_log);
+    // Not a value: ignored, the Mesh's setting applies.
+    assert!(!with(Some("loud")).access_log);
 }

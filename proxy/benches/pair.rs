@@ -772,6 +772,7 @@ fn setup(o: &Opts) -> Setup {
                 mtls_mode: MtlsMode::Strict,
                 default_access: Default::default(),
                 access_log: false,
+                access_log_options: Default::default(),
                 tracing: None,
                 escaped_slashes: Default::default(),
                 metrics_naming: Default::default(),

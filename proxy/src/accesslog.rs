@@ -27,6 +27,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::sync::mpsc;
 
 use crate::metrics::Direction;
+pub use weft_proxy_config::AccessLogFormat;
 
 /// Lines held for the writer before new ones are dropped.
 pub const ACCESS_LOG_QUEUE: usize = 4096;
@@ -61,8 +62,8 @@ impl AccessLog {
     }
 
     /// Queues one line; never waits. A full queue drops it and counts it.
-    pub fn record(&self, entry: &Entry<'_>) {
-        if self.tx.try_send(entry.to_line()).is_err() {
+    pub fn record(&self, entry: &Entry<'_>, format: AccessLogFormat) {
+        if self.tx.try_send(entry.to_line(format)).is_err() {
             self.dropped.inc();
         }
     }
@@ -90,9 +91,20 @@ pub async fn write(mut rx: mpsc::Receiver<String>, output: Output) {
     }
 }
 
+/// Whether and how a request is logged, decided when it arrives (see
+/// `State::access_log_plan`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Plan {
+    /// Line format.
+    pub format: AccessLogFormat,
+    /// Log it only if it fails.
+    pub errors_only: bool,
+}
+
 /// What the access log needs of a request, kept before it is sent.
 #[derive(Debug)]
 pub struct Logged {
+    pub plan: Plan,
     pub start: SystemTime,
     pub began: Instant,
     pub method: http::Method,
@@ -101,10 +113,85 @@ pub struct Logged {
     pub protocol: &'static str,
 }
 
+/// A request's line whose response head went out: written when the
+/// response body ends (with the bytes sent and the whole duration), or
+/// not at all if only errors are logged and it did not fail.
+#[derive(Debug)]
+pub struct Deferred {
+    /// The request.
+    pub logged: Logged,
+    /// Which proxy reports.
+    pub direction: Direction,
+    /// Response status.
+    pub status: u16,
+    /// Response headers as sent.
+    pub response_headers: HeaderMap,
+    /// Until the response head was sent.
+    pub ttfb: Duration,
+    /// See [`Entry`].
+    pub source_principal: Option<String>,
+    /// See [`Entry`].
+    pub destination_principal: Option<String>,
+    /// See [`Entry`].
+    pub source_workload: Option<String>,
+    /// See [`Entry`].
+    pub destination_workload: Option<String>,
+    /// See [`Entry`].
+    pub destination_service: Option<String>,
+    /// See [`Entry`].
+    pub route: Option<Arc<str>>,
+    /// See [`Entry`].
+    pub upstream: Option<SocketAddr>,
+    /// See [`Entry`].
+    pub retries: u32,
+    /// See [`Entry`].
+    pub audit: bool,
+}
+
+impl Deferred {
+    /// Writes the line of the request that ended with `grpc_status` (from
+    /// trailers, if any) after `response_bytes` body bytes.
+    pub fn finish(self, log: &AccessLog, grpc_status: Option<u16>, response_bytes: u64) {
+        let failed = self.status >= 500
+            || self
+                .response_headers
+                .contains_key(crate::http::ERROR_HEADER);
+        if self.logged.plan.errors_only && !failed {
+            return;
+        }
+        let l = &self.logged;
+        let entry = Entry {
+            direction: self.direction,
+            start: l.start,
+            duration: l.began.elapsed(),
+            ttfb: Some(self.ttfb),
+            method: &l.method,
+            uri: &l.uri,
+            request_headers: &l.headers,
+            protocol: l.protocol,
+            status: self.status,
+            response_headers: &self.response_headers,
+            grpc_status,
+            response_bytes: Some(response_bytes),
+            source_principal: self.source_principal.as_deref(),
+            destination_principal: self.destination_principal.as_deref(),
+            source_workload: self.source_workload.as_deref(),
+            destination_workload: self.destination_workload.as_deref(),
+            destination_service: self.destination_service.as_deref(),
+            route: self.route.as_deref(),
+            upstream: self.upstream,
+            retries: self.retries,
+            audit: self.audit,
+        };
+        log.record(&entry, l.plan.format);
+    }
+}
+
 impl Logged {
     /// Keeps what the access log needs of `req`, at its arrival.
-    pub fn of<B>(req: &Request<B>) -> Self {
+    pub fn of<B>(req: &Request<B>, plan: Plan) -> Self {
         Logged {
+            plan,
             start: SystemTime::now(),
             began: Instant::now(),
             method: req.method().clone(),
@@ -127,12 +214,15 @@ impl Logged {
             direction,
             start: self.start,
             duration: self.began.elapsed(),
+            ttfb: None,
             method: &self.method,
             uri: &self.uri,
             request_headers: &self.headers,
             protocol: self.protocol,
             status: resp.status().as_u16(),
             response_headers: resp.headers(),
+            grpc_status: None,
+            response_bytes: None,
             source_principal: None,
             destination_principal: None,
             source_workload: None,
@@ -161,11 +251,6 @@ pub struct Upstream {
     pub service: usize,
 }
 
-/// The SPIFFE ID the upstream endpoint presented, recorded with
-/// [`Upstream`] for meshed endpoints.
-#[derive(Clone, Debug)]
-pub struct UpstreamPrincipal(pub String);
-
 /// Retries made for a request, recorded in the response's extensions by
 /// the retry step.
 #[derive(Clone, Copy, Debug)]
@@ -179,8 +264,11 @@ pub struct Entry<'a> {
     pub direction: Direction,
     /// When the request arrived.
     pub start: SystemTime,
-    /// Until the response's head was sent.
+    /// Until the response's body ended (or its head, where no body is
+    /// awaited).
     pub duration: Duration,
+    /// Until the response's head was sent.
+    pub ttfb: Option<Duration>,
     /// Request method.
     pub method: &'a Method,
     /// Request URI (the query string is not logged).
@@ -193,6 +281,10 @@ pub struct Entry<'a> {
     pub status: u16,
     /// Response headers (failed step, gRPC status, declared length).
     pub response_headers: &'a HeaderMap,
+    /// `grpc-status` of the trailers (else of the headers).
+    pub grpc_status: Option<u16>,
+    /// Body bytes sent (else the declared length).
+    pub response_bytes: Option<u64>,
     /// The calling workload's SPIFFE ID, when known (mTLS).
     pub source_principal: Option<&'a str>,
     /// The called workload's SPIFFE ID, when known.
@@ -201,7 +293,7 @@ pub struct Entry<'a> {
     pub source_workload: Option<&'a str>,
     /// The called workload (as in the traffic metrics).
     pub destination_workload: Option<&'a str>,
-    /// The destination Service (`namespace/name`), outbound.
+    /// The destination Service (`<name>.<namespace>`).
     pub destination_service: Option<&'a str>,
     /// The route rule, outbound.
     pub route: Option<&'a str>,
@@ -242,27 +334,97 @@ fn reporter(direction: Direction) -> &'static str {
 }
 
 impl Entry<'_> {
-    /// The JSON line.
-    pub fn to_line(&self) -> String {
-        let start = rfc3339(self.start);
-        let authority = self
-            .uri
+    /// The line, in `format`.
+    pub fn to_line(&self, format: AccessLogFormat) -> String {
+        match format {
+            AccessLogFormat::Json => self.to_json(),
+            AccessLogFormat::Text => self.to_text(),
+        }
+    }
+
+    fn authority(&self) -> Option<&str> {
+        self.uri
             .authority()
             .map(|a| a.as_str())
-            .or_else(|| header(self.request_headers, "host"));
+            .or_else(|| header(self.request_headers, "host"))
+    }
+
+    fn grpc(&self) -> Option<String> {
+        self.grpc_status
+            .map(|g| g.to_string())
+            .or_else(|| header(self.response_headers, "grpc-status").map(str::to_owned))
+    }
+
+    fn sizes(&self) -> (Option<u64>, Option<u64>) {
         let bytes = |h: &HeaderMap| header(h, "content-length").and_then(|v| v.parse::<u64>().ok());
+        (
+            bytes(self.request_headers),
+            self.response_bytes.or_else(|| bytes(self.response_headers)),
+        )
+    }
+
+    /// One line of space-separated fields in a fixed order (`-` for none):
+    /// start, reporter, "method path protocol", status, gRPC status,
+    /// failed step, request bytes, response bytes, duration ms, time to
+    /// first byte ms, "authority", upstream, source workload, destination
+    /// workload, source principal, destination principal, destination
+    /// Service, route, retries, request id, trace id.
+    pub fn to_text(&self) -> String {
+        let opt = |v: Option<&str>| v.filter(|v| !v.is_empty()).unwrap_or("-").to_owned();
+        let num = |v: Option<u64>| v.map_or_else(|| "-".to_owned(), |n| n.to_string());
+        let (req_bytes, resp_bytes) = self.sizes();
+        [
+            rfc3339(self.start),
+            reporter(self.direction).to_owned(),
+            format!(
+                "\"{} {} {}\"",
+                self.method.as_str(),
+                self.uri.path(),
+                self.protocol
+            ),
+            self.status.to_string(),
+            opt(self.grpc().as_deref()),
+            opt(header(self.response_headers, crate::http::ERROR_HEADER)),
+            num(req_bytes),
+            num(resp_bytes),
+            format!("{:.3}", self.duration.as_secs_f64() * 1000.0),
+            self.ttfb.map_or_else(
+                || "-".to_owned(),
+                |t| format!("{:.3}", t.as_secs_f64() * 1000.0),
+            ),
+            format!("\"{}\"", self.authority().unwrap_or("-")),
+            self.upstream
+                .map_or_else(|| "-".to_owned(), |a| a.to_string()),
+            opt(self.source_workload),
+            opt(self.destination_workload),
+            opt(self.source_principal),
+            opt(self.destination_principal),
+            opt(self.destination_service),
+            opt(self.route),
+            self.retries.to_string(),
+            opt(header(self.request_headers, REQUEST_ID_HEADER)),
+            opt(trace_id(self.request_headers)),
+        ]
+        .join(" ")
+    }
+
+    /// The JSON line.
+    pub fn to_json(&self) -> String {
+        let start = rfc3339(self.start);
+        let (req_bytes, resp_bytes) = self.sizes();
         serde_json::json!({
             "start": start,
             "reporter": reporter(self.direction),
             "duration_ms": self.duration.as_secs_f64() * 1000.0,
+            "ttfb_ms": self.ttfb.map(|t| t.as_secs_f64() * 1000.0),
             "method": self.method.as_str(),
-            "authority": authority,
+            "authority": self.authority(),
             "path": self.uri.path(),
             "protocol": self.protocol,
             "status": self.status,
-            "grpc_status": header(self.response_headers, "grpc-status"),
-            "request_bytes": bytes(self.request_headers),
-            "response_bytes": bytes(self.response_headers),
+            "grpc_status": self.grpc(),
+            "request_bytes": req_bytes,
+            "response_bytes": resp_bytes,
             "failed_step": header(self.response_headers, crate::http::ERROR_HEADER),
             "upstream": self.upstream.map(|a| a.to_string()),
             "source_principal": self.source_principal,
@@ -295,7 +457,7 @@ pub struct TcpEntry<'a> {
     pub source_principal: Option<&'a str>,
     /// The called workload's SPIFFE ID, when known.
     pub destination_principal: Option<&'a str>,
-    /// The destination Service (`namespace/name`), outbound.
+    /// The destination Service (`<name>.<namespace>`).
     pub destination_service: Option<&'a str>,
     /// Bytes from the client to the upstream, and back; `None` when the
     /// connection ended with an error or was closed by the proxy.
@@ -305,8 +467,38 @@ pub struct TcpEntry<'a> {
 }
 
 impl TcpEntry<'_> {
-    /// The JSON line.
-    pub fn to_line(&self) -> String {
+    /// The line, in `format`: JSON, or the text fields of an HTTP line
+    /// (`"tcp"` for the request, `-` where TCP has nothing).
+    pub fn to_line(&self, format: AccessLogFormat) -> String {
+        if format == AccessLogFormat::Text {
+            let opt = |v: Option<&str>| v.unwrap_or("-").to_owned();
+            let num = |v: Option<u64>| v.map_or_else(|| "-".to_owned(), |n| n.to_string());
+            return [
+                rfc3339(self.start),
+                reporter(self.direction).to_owned(),
+                "\"tcp\"".to_owned(),
+                "-".to_owned(),
+                "-".to_owned(),
+                opt(self.failed_step),
+                num(self.bytes.map(|b| b.0)),
+                num(self.bytes.map(|b| b.1)),
+                format!("{:.3}", self.duration.as_secs_f64() * 1000.0),
+                "-".to_owned(),
+                "\"-\"".to_owned(),
+                self.upstream
+                    .map_or_else(|| "-".to_owned(), |a| a.to_string()),
+                "-".to_owned(),
+                "-".to_owned(),
+                opt(self.source_principal),
+                opt(self.destination_principal),
+                opt(self.destination_service),
+                "-".to_owned(),
+                "0".to_owned(),
+                "-".to_owned(),
+                "-".to_owned(),
+            ]
+            .join(" ");
+        }
         let start = rfc3339(self.start);
         serde_json::json!({
             "start": start,
@@ -326,9 +518,14 @@ impl TcpEntry<'_> {
 }
 
 impl AccessLog {
-    /// Queues the line of a TCP connection; never waits.
-    pub fn record_tcp(&self, entry: &TcpEntry<'_>) {
-        if self.tx.try_send(entry.to_line()).is_err() {
+    /// Queues the line of a TCP connection as `plan` says (a connection
+    /// that ended well is skipped when only errors are logged); never
+    /// waits.
+    pub fn record_tcp(&self, entry: &TcpEntry<'_>, plan: Plan) {
+        if plan.errors_only && entry.failed_step.is_none() {
+            return;
+        }
+        if self.tx.try_send(entry.to_line(plan.format)).is_err() {
             self.dropped.inc();
         }
     }
@@ -359,12 +556,15 @@ mod tests {
             direction: Direction::Inbound,
             start: std::time::UNIX_EPOCH + Duration::from_millis(1_733_400_000_123),
             duration: Duration::from_micros(1500),
+            ttfb: Some(Duration::from_micros(500)),
             method,
             uri,
             request_headers: req,
             protocol: "HTTP/2",
             status: 200,
             response_headers: resp,
+            grpc_status: None,
+            response_bytes: None,
             source_principal: Some("spiffe://td/ns/a/sa/b"),
             destination_principal: None,
             source_workload: Some("web"),
@@ -394,7 +594,7 @@ mod tests {
         let mut resp = HeaderMap::new();
         resp.insert("grpc-status", HeaderValue::from_static("14"));
         resp.insert("content-length", HeaderValue::from_static("12"));
-        let line = entry(&m, &u, &req, &resp).to_line();
+        let line = entry(&m, &u, &req, &resp).to_line(AccessLogFormat::Json);
         assert!(!line.contains('\n') && !line.contains("secret"), "{line}");
         let v: serde_json::Value = serde_json::from_str(&line).expect("json");
         assert_eq!(v["start"], "2024-12-05T12:00:00.123Z");
@@ -410,6 +610,85 @@ mod tests {
         assert_eq!(v["source_workload"], "web");
         assert!(v["destination_workload"].is_null());
         assert_eq!(v["audit"], true);
+        assert_eq!(v["ttfb_ms"], 0.5);
+        // The text format: the same facts, space separated, in a fixed order.
+        let text = entry(&m, &u, &req, &resp).to_line(AccessLogFormat::Text);
+        let fields: Vec<&str> = text.split(' ').collect();
+        assert_eq!(
+            fields,
+            [
+                "2024-12-05T12:00:00.123Z",
+                "destination",
+                "\"GET",
+                "/a/b",
+                "HTTP/2\"",
+                "200",
+                "14",
+                "-",
+                "-",
+                "12",
+                "1.500",
+                "0.500",
+                "\"svc.ns:8080\"",
+                "-",
+                "web",
+                "-",
+                "spiffe://td/ns/a/sa/b",
+                "-",
+                "-",
+                "-",
+                "0",
+                "r1",
+                "4bf92f3577b34da6a3ce929d0e0e4736",
+            ],
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn a_deferred_line_has_the_bytes_sent_and_skips_successes_when_only_errors_are_logged() {
+        let (log, mut rx) = AccessLog::new(8, Counter::default());
+        let req = Request::get("/x").body(()).expect("request");
+        let line = |errors_only: bool, status: u16, failed: Option<&'static str>| {
+            let mut response_headers = HeaderMap::new();
+            if let Some(f) = failed {
+                response_headers.insert(crate::http::ERROR_HEADER, HeaderValue::from_static(f));
+            }
+            Deferred {
+                logged: Logged::of(
+                    &req,
+                    Plan {
+                        format: AccessLogFormat::Json,
+                        errors_only,
+                    },
+                ),
+                direction: Direction::Outbound,
+                status,
+                response_headers,
+                ttfb: Duration::from_millis(2),
+                source_principal: None,
+                destination_principal: None,
+                source_workload: None,
+                destination_workload: None,
+                destination_service: None,
+                route: None,
+                upstream: None,
+                retries: 0,
+                audit: false,
+            }
+        };
+        line(false, 200, None).finish(&log, Some(0), 4096);
+        let v: serde_json::Value =
+            serde_json::from_str(&rx.try_recv().expect("a line")).expect("json");
+        assert_eq!(v["response_bytes"], 4096);
+        assert_eq!(v["grpc_status"], "0");
+        assert_eq!(v["ttfb_ms"], 2.0);
+        line(true, 200, None).finish(&log, None, 1);
+        line(true, 404, None).finish(&log, None, 1);
+        assert!(rx.try_recv().is_err(), "successes are not errors");
+        line(true, 503, None).finish(&log, None, 1);
+        line(true, 429, Some("rate-limited")).finish(&log, None, 1);
+        assert!(rx.try_recv().is_ok() && rx.try_recv().is_ok());
     }
 
     #[test]
@@ -418,12 +697,12 @@ mod tests {
         let (log, mut rx) = AccessLog::new(2, dropped.clone());
         let (m, u, h) = (Method::GET, Uri::from_static("/"), HeaderMap::new());
         for _ in 0..5 {
-            log.record(&entry(&m, &u, &h, &h));
+            log.record(&entry(&m, &u, &h, &h), AccessLogFormat::Json);
         }
         assert_eq!(dropped.get(), 3);
         assert!(rx.try_recv().is_ok() && rx.try_recv().is_ok());
         assert!(rx.try_recv().is_err());
-        log.record(&entry(&m, &u, &h, &h));
+        log.record(&entry(&m, &u, &h, &h), AccessLogFormat::Json);
         assert_eq!(dropped.get(), 3, "room again once the writer took lines");
     }
 

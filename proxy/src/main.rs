@@ -44,6 +44,10 @@ struct RunArgs {
     /// Downward-API labels file (`key="value"` lines).
     #[arg(long, env = "WEFT_LABELS_FILE")]
     labels_file: Option<PathBuf>,
+    /// This pod's access log setting (`all`, `errors`, `off`), over the
+    /// namespace's (set by the injector from `weft.dev/access-log`).
+    #[arg(long, env = "WEFT_ACCESS_LOG", value_parser = ["all", "errors", "off"])]
+    access_log: Option<String>,
     /// This pod's workload (set by the injector).
     #[arg(long, env = "WEFT_WORKLOAD_NAME")]
     workload: Option<String>,
@@ -184,6 +188,12 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
     s.admin_addr = SocketAddr::new(any, a.admin_port);
     s.pod_ip = a.pod_ip;
     s.workload = a.workload.filter(|w| !w.is_empty());
+    s.access_log_override = match a.access_log.as_deref() {
+        Some("all") => Some(Some(false)),
+        Some("errors") => Some(Some(true)),
+        Some("off") => Some(None),
+        _ => None,
+    };
     s.max_metric_series = a.max_metric_series;
     s.opaque_ports = a.opaque_ports;
     s.drain_timeout = Duration::from_secs(a.drain_seconds);

@@ -180,6 +180,7 @@ mod tests {
                 mtls_mode: MtlsMode::Strict,
                 default_access: Default::default(),
                 access_log: false,
+                access_log_options: Default::default(),
                 tracing: None,
                 escaped_slashes: Default::default(),
                 metrics_naming: Default::default(),

@@ -22,7 +22,7 @@ use arc_swap::ArcSwapOption;
 use rustls::pki_types::UnixTime;
 use tokio::sync::{mpsc, watch};
 
-use crate::accesslog::{ACCESS_LOG_QUEUE, AccessLog};
+use crate::accesslog::{ACCESS_LOG_QUEUE, AccessLog, Plan};
 use crate::client::breakers::Breakers;
 use crate::client::budgets::RetryBudgets;
 use crate::client::connect::Connector;
@@ -64,6 +64,10 @@ pub struct Settings {
     /// Most label sets of traffic metrics kept before calls are counted
     /// under `overflow`.
     pub max_metric_series: usize,
+    /// The pod's `weft.dev/access-log` annotation (through the injector's
+    /// `WEFT_ACCESS_LOG`): `Some(None)` off, `Some(Some(errors_only))` on,
+    /// over the namespace's and the Mesh's setting.
+    pub access_log_override: Option<Option<bool>>,
     /// Extra opaque ports (annotation), on top of the server-first list.
     pub opaque_ports: Vec<u16>,
     /// How long to wait for a client's first bytes.
@@ -114,6 +118,7 @@ impl Settings {
             labels: BTreeMap::new(),
             workload: None,
             max_metric_series: crate::metrics::traffic::DEFAULT_SERIES_CAP,
+            access_log_override: None,
             opaque_ports: Vec::new(),
             detect_timeout: Duration::from_secs(5),
             connect_timeout: Duration::from_secs(3),
@@ -475,7 +480,28 @@ impl State {
         self.snapshot
             .load()
             .as_ref()
-            .is_some_and(|s| s.config.mesh.access_log)
+            .is_some_and(|s| self.access_log_plan(s).is_some())
+    }
+
+    /// Whether (and how) a request or connection arriving now under `snap`
+    /// is logged: the pod's override, else the namespace's document; the
+    /// sample share decided here, once per request.
+    pub fn access_log_plan(&self, snap: &Snapshot) -> Option<Plan> {
+        let mesh = &snap.config.mesh;
+        let opts = &mesh.access_log_options;
+        let errors_only = match self.settings.access_log_override {
+            Some(None) => return None,
+            Some(Some(errors_only)) => errors_only,
+            None if !mesh.access_log => return None,
+            None => opts.errors_only,
+        };
+        if opts.sample_percent < 100.0 && !context::sample(opts.sample_percent) {
+            return None;
+        }
+        Some(Plan {
+            format: opts.format,
+            errors_only,
+        })
     }
 
     /// Resolves once shutdown has started.

@@ -146,7 +146,7 @@ async fn each_request_is_logged_once_by_each_proxy_with_one_request_id() {
         assert_eq!(c["destination_principal"], SERVER_ID);
         assert_eq!(s["source_principal"], CLIENT_ID);
         assert_eq!(s["destination_principal"], SERVER_ID);
-        assert_eq!(c["destination_service"], "shop/echo");
+        assert_eq!(c["destination_service"], "echo.shop");
         assert!(
             c["upstream"]
                 .as_str()
@@ -261,5 +261,152 @@ async fn an_opaque_connection_is_logged_when_it_ends_with_its_bytes() {
         assert_eq!(line["destination_principal"], SERVER_ID, "{line}");
         assert!(line["failed_step"].is_null(), "{line}");
     }
-    assert_eq!(client[0]["destination_service"], "shop/echo");
+    assert_eq!(client[0]["destination_service"], "echo.shop");
+}
+
+async fn send_get(client: &Pod, dst: SocketAddr, path: &'static str) -> StatusCode {
+    let mut c = h1(client.app_connect(dst).await).await;
+    let req = Request::get(path)
+        .header("host", "echo")
+        .body(body(""))
+        .expect("request");
+    c.send_request(req).await.expect("response").status()
+}
+
+#[tokio::test]
+async fn a_pod_turns_logs_down_to_errors_and_a_namespace_to_text_or_a_sample() {
+    init();
+    let ca = TestCa::new("weft test CA");
+    let app = echo_app().await;
+    let svc = service(
+        "echo",
+        cluster_ip(1),
+        80,
+        app.port(),
+        Protocol::Http1,
+        vec![meshed(SERVER_POD_IP, SERVER_ID)],
+    );
+    // A Service whose only endpoint refuses connections.
+    let gone = service(
+        "gone",
+        cluster_ip(2),
+        80,
+        1,
+        Protocol::Http1,
+        vec![meshed(SERVER_POD_IP, SERVER_ID)],
+    );
+    let start =
+        |options: weft_proxy_config::AccessLogOptions, pod: Option<Option<bool>>, lines: Lines| {
+            let mut cfg = config(1, MtlsMode::Strict, vec![svc.clone(), gone.clone()]);
+            cfg.mesh.access_log = true;
+            cfg.mesh.access_log_options = options;
+            cfg.seal();
+            let leaf = ca.leaf(CLIENT_ID, 3600);
+            let ca = &ca;
+            async move {
+                Pod::start_with(&cfg, &leaf, ca, move |s| {
+                    s.access_log_output = Output::Capture(lines.clone());
+                    s.access_log_override = pod;
+                })
+                .await
+            }
+        };
+    let server_lines = Lines::default();
+    let mut server_cfg = config(1, MtlsMode::Strict, vec![]);
+    server_cfg.seal();
+    let server = Pod::start_with(&server_cfg, &ca.leaf(SERVER_ID, 3600), &ca, move |s| {
+        s.access_log_output = Output::Capture(server_lines.clone());
+    })
+    .await;
+    let dst = SocketAddr::new(cluster_ip(1), 80);
+    // The pod says "errors": the successes go unlogged, a failure is.
+    let lines = Lines::default();
+    let client = start(Default::default(), Some(Some(true)), lines.clone()).await;
+    client.route_to(
+        SocketAddr::new(IpAddr::V4(SERVER_POD_IP), app.port()),
+        &server,
+    );
+    for _ in 0..3 {
+        assert_eq!(send_get(&client, dst, "/ok").await, StatusCode::OK);
+    }
+    // An endpoint that refuses: 503 from the client proxy itself.
+    let refused = SocketAddr::new(cluster_ip(2), 80);
+    assert_eq!(
+        send_get(&client, refused, "/gone").await,
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+    let got = until_lines(&lines, 1).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let got_after = parsed(&lines);
+    assert_eq!(got_after.len(), 1, "{got_after:#?}");
+    assert_eq!(got[0]["path"], "/gone");
+    assert_eq!(got[0]["failed_step"], "connect");
+
+    // The pod says "off".
+    let lines = Lines::default();
+    let client = start(Default::default(), Some(None), lines.clone()).await;
+    client.route_to(
+        SocketAddr::new(IpAddr::V4(SERVER_POD_IP), app.port()),
+        &server,
+    );
+    assert_eq!(send_get(&client, dst, "/ok").await, StatusCode::OK);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(parsed(&lines).is_empty());
+
+    // Text lines, from the namespace's document.
+    let lines = Lines::default();
+    let text = weft_proxy_config::AccessLogOptions {
+        format: weft_proxy_config::AccessLogFormat::Text,
+        ..Default::default()
+    };
+    let client = start(text, None, lines.clone()).await;
+    client.route_to(
+        SocketAddr::new(IpAddr::V4(SERVER_POD_IP), app.port()),
+        &server,
+    );
+    assert_eq!(send_get(&client, dst, "/t").await, StatusCode::OK);
+    eventually("a text line", || !lines.lock().expect("lines").is_empty()).await;
+    let line = lines.lock().expect("lines")[0].clone();
+    assert!(line.contains(" source \"GET /t HTTP/1.1\" 200 "), "{line}");
+    assert!(
+        serde_json::from_str::<serde_json::Value>(&line).is_err(),
+        "{line}"
+    );
+
+    // A 0 % sample logs nothing; 100 % everything.
+    let lines = Lines::default();
+    let none = weft_proxy_config::AccessLogOptions {
+        sample_percent: 0.0,
+        ..Default::default()
+    };
+    let client = start(none, None, lines.clone()).await;
+    client.route_to(
+        SocketAddr::new(IpAddr::V4(SERVER_POD_IP), app.port()),
+        &server,
+    );
+    for _ in 0..5 {
+        assert_eq!(send_get(&client, dst, "/s").await, StatusCode::OK);
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(parsed(&lines).is_empty());
+}
+
+#[tokio::test]
+async fn a_line_has_the_bytes_sent_and_the_time_to_first_byte() {
+    let p = pair(true, echo_app().await, vec![]).await;
+    let mut c = h1(p.client.app_connect(p.dst).await).await;
+    let req = Request::post("/bytes")
+        .header("host", "echo")
+        .body(body("0123456789"))
+        .expect("request");
+    let (status, _, text) = read_text(c.send_request(req).await.expect("response")).await;
+    assert_eq!(status, StatusCode::OK);
+    let client = until_lines(&p.client_lines, 1).await;
+    assert_eq!(client[0]["response_bytes"], text.len(), "{:#?}", client[0]);
+    assert!(client[0]["ttfb_ms"].as_f64().is_some_and(|t| t > 0.0));
+    assert!(
+        client[0]["duration_ms"].as_f64() >= client[0]["ttfb_ms"].as_f64(),
+        "{:#?}",
+        client[0]
+    );
 }

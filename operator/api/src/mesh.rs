@@ -361,14 +361,72 @@ fn default_sampling() -> f64 {
     1.0
 }
 
-/// Access log settings.
-#[derive(KubeSchema, Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+/// Access log settings. A namespace can turn them up or down with the
+/// annotation `weft.dev/access-log: all | errors | off`, and a pod with the
+/// same annotation.
+#[derive(KubeSchema, Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct AccessLogSettings {
-    /// Write one JSON line per request (default false).
+    /// Write one line per request and per TCP connection on each proxy's
+    /// stdout (default false).
     #[serde(default)]
     pub enabled: bool,
+    /// `Json` (default) or `Text`.
+    #[serde(default)]
+    pub format: AccessLogFormat,
+    /// `All` (default) or `Errors`: only requests answered 5xx or by a
+    /// proxy itself, and TCP connections a proxy refused or closed.
+    #[serde(default)]
+    pub filter: AccessLogFilter,
+    /// Share of requests logged, 0–100 (default 100), so a busy service
+    /// can log less.
+    #[serde(default = "default_log_sampling")]
+    #[schemars(range(min = 0.0, max = 100.0))]
+    pub sample_percent: f64,
 }
+
+impl Default for AccessLogSettings {
+    fn default() -> Self {
+        AccessLogSettings {
+            enabled: false,
+            format: AccessLogFormat::default(),
+            filter: AccessLogFilter::default(),
+            sample_percent: default_log_sampling(),
+        }
+    }
+}
+
+fn default_log_sampling() -> f64 {
+    100.0
+}
+
+/// Access log line format.
+#[derive(
+    schemars::JsonSchema, Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize,
+)]
+pub enum AccessLogFormat {
+    /// One JSON object per line.
+    #[default]
+    Json,
+    /// One space-separated line per request.
+    Text,
+}
+
+/// Which requests are logged.
+#[derive(
+    schemars::JsonSchema, Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize,
+)]
+pub enum AccessLogFilter {
+    /// Every request.
+    #[default]
+    All,
+    /// Failed requests only.
+    Errors,
+}
+
+/// The annotation (on a Namespace or a Pod) that turns access logs up or
+/// down there: `all`, `errors` or `off`.
+pub const ACCESS_LOG_ANNOTATION: &str = "weft.dev/access-log";
 
 /// Mesh-wide authorization defaults.
 #[derive(KubeSchema, Clone, Debug, Default, PartialEq, Serialize, Deserialize)]

@@ -204,7 +204,12 @@ impl Renderer {
         }
         let own = &self.namespaces[namespace];
         let statuses = own.statuses.clone();
-        let mut config = skeleton(&mesh, namespace, own.inbound.clone());
+        let mut config = skeleton(
+            &mesh,
+            namespace,
+            index.namespace_access_log(namespace),
+            own.inbound.clone(),
+        );
         let services = self.services_part(key, blocks);
 
         let mut problems: Vec<pc::ValidationError> = Vec::new();

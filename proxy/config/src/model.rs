@@ -39,9 +39,13 @@ pub struct MeshSettings {
     /// Decision when no Allow policy selects a workload.
     #[serde(default)]
     pub default_access: AccessAction,
-    /// Write JSON access logs.
+    /// Write access logs.
     #[serde(default)]
     pub access_log: bool,
+    /// How access logs are written and filtered. Left out when default, so
+    /// documents written before the field keep their hash.
+    #[serde(default, skip_serializing_if = "AccessLogOptions::is_default")]
+    pub access_log_options: AccessLogOptions,
     /// Tracing export, when configured.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tracing: Option<Tracing>,
@@ -55,6 +59,54 @@ pub struct MeshSettings {
     /// hash.
     #[serde(default, skip_serializing_if = "MetricsNaming::is_weft")]
     pub metrics_naming: MetricsNaming,
+}
+
+/// How access logs are written and which requests are.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AccessLogOptions {
+    /// Line format.
+    #[serde(default)]
+    pub format: AccessLogFormat,
+    /// Only requests that failed (5xx, or answered by a proxy itself) and
+    /// TCP connections a proxy refused or closed.
+    #[serde(default)]
+    pub errors_only: bool,
+    /// Share of requests (and connections) logged, 0–100, decided per
+    /// request.
+    #[serde(default = "hundred")]
+    pub sample_percent: f64,
+}
+
+fn hundred() -> f64 {
+    100.0
+}
+
+impl Default for AccessLogOptions {
+    fn default() -> Self {
+        AccessLogOptions {
+            format: AccessLogFormat::Json,
+            errors_only: false,
+            sample_percent: 100.0,
+        }
+    }
+}
+
+impl AccessLogOptions {
+    /// Whether these are the defaults (JSON, every request).
+    pub fn is_default(&self) -> bool {
+        *self == AccessLogOptions::default()
+    }
+}
+
+/// The format of access log lines.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum AccessLogFormat {
+    /// One JSON object per line.
+    #[default]
+    Json,
+    /// One space-separated line, fields in a fixed order.
+    Text,
 }
 
 /// The names of the proxies' traffic metrics.

@@ -33,6 +33,7 @@ pub fn sample() -> ProxyConfig {
             mtls_mode: MtlsMode::Strict,
             default_access: AccessAction::Allow,
             access_log: true,
+            access_log_options: Default::default(),
             tracing: Some(Tracing {
                 otlp_endpoint: "http://collector.observability:4318".to_owned(),
                 sampling_percent: 1.0,

@@ -195,6 +195,7 @@ mod tests {
                 mtls_mode: MtlsMode::Strict,
                 default_access,
                 access_log: false,
+                access_log_options: Default::default(),
                 tracing: None,
                 escaped_slashes: Default::default(),
                 metrics_naming: Default::default(),

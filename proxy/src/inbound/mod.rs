@@ -231,6 +231,7 @@ async fn to_app_tcp<I>(
             .traffic
             .tcp(&labels, step, snap.config.mesh.metrics_naming)
     };
+    let plan = state.access_log_plan(snap);
     let log = |bytes: Option<(u64, u64)>, failed_step: Option<&'static str>| {
         if bytes.is_none()
             && let Some(step) = failed_step.filter(|s| *s != "revoked")
@@ -239,18 +240,21 @@ async fn to_app_tcp<I>(
             refused.opened();
             refused.closed(0, 0);
         }
-        if snap.config.mesh.access_log {
-            state.access_log.record_tcp(&TcpEntry {
-                direction: Direction::Inbound,
-                start,
-                duration: began.elapsed(),
-                upstream: Some(addr),
-                source_principal: id.map(SpiffeId::as_str),
-                destination_principal: Some(snap.identity.id().as_str()),
-                destination_service: None,
-                bytes,
-                failed_step,
-            });
+        if let Some(plan) = plan {
+            state.access_log.record_tcp(
+                &TcpEntry {
+                    direction: Direction::Inbound,
+                    start,
+                    duration: began.elapsed(),
+                    upstream: Some(addr),
+                    source_principal: id.map(SpiffeId::as_str),
+                    destination_principal: Some(snap.identity.id().as_str()),
+                    destination_service: None,
+                    bytes,
+                    failed_step,
+                },
+                plan,
+            );
         }
     };
     let r = authz::Request {
@@ -375,6 +379,7 @@ mod tests {
                 mtls_mode: MtlsMode::Permissive,
                 default_access: Default::default(),
                 access_log: false,
+                access_log_options: Default::default(),
                 tracing: None,
                 escaped_slashes: Default::default(),
                 metrics_naming: Default::default(),

@@ -22,7 +22,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::authz::{self, Decision, authorize};
 use super::policy::{plaintext_revoked, report_audit, until_revoked};
-use crate::accesslog::{Entry, Logged};
+use crate::accesslog::{Deferred, Logged};
 use crate::client::connect::{SendError, acquire, send_request};
 use crate::http::forward::{finish, prepare};
 use crate::http::path::normalize_uri;
@@ -33,7 +33,7 @@ use crate::http::{
 };
 use crate::metrics::Direction;
 use crate::metrics::traffic::{
-    CallLabels, MeteredBody, Outcome, Peer, Reporter, Series, SeriesCache, failed_step,
+    CallLabels, MeteredBody, OnEnd, Outcome, Peer, Reporter, Series, SeriesCache, failed_step,
     grpc_status, is_grpc,
 };
 use crate::ratelimit::Verdict;
@@ -103,7 +103,10 @@ pub async fn serve_http<I>(
                 .filter(|_| ctx.peer.is_some());
             let snap = ctx.current();
             let span = ctx.state.start_span(&snap, Kind::Server, &mut req);
-            let logged = ctx.state.access_logging().then(|| Logged::of(&req));
+            let logged = ctx
+                .state
+                .access_log_plan(&snap)
+                .map(|plan| Logged::of(&req, plan));
             let grpc = is_grpc(req.headers());
             let request_bytes = content_length(req.headers());
             let resp = proxy(&ctx, &snap, req).await;
@@ -113,14 +116,12 @@ pub async fn serve_http<I>(
                 request_bytes,
                 source,
                 span,
+                logged,
             };
-            let (resp, series) = meter(&ctx, &snap, start, resp);
+            let (resp, _) = meter(&ctx, &snap, start, resp);
             ctx.state
                 .metrics
                 .request(Direction::Inbound, resp.status().as_u16());
-            if let Some(l) = logged {
-                log_request(&ctx, &l, &resp, &series);
-            }
             Ok::<_, Infallible>(resp)
         }
     });
@@ -162,6 +163,7 @@ struct Start {
     /// What the calling proxy said of its workload (verified peers only).
     source: Option<HeaderValue>,
     span: Option<Pending>,
+    logged: Option<Logged>,
 }
 
 /// The response, its body wrapped to count the call in the traffic metrics
@@ -213,6 +215,9 @@ fn meter(
         recording = recording.on_end(Box::new(move |outcome, _| {
             state.tracer.record(span_end(span, outcome, attributes));
         }));
+    }
+    if let Some(l) = m.logged {
+        recording = recording.on_end(deferred(ctx, l, &resp, &series));
     }
     (
         resp.map(|b| Body::new(MeteredBody::new(b, recording))),
@@ -413,15 +418,25 @@ async fn proxy(ctx: &Ctx, snap: &Arc<Snapshot>, mut req: Request<Incoming>) -> R
 #[derive(Clone, Copy, Debug)]
 struct Audited;
 
-fn log_request(ctx: &Ctx, l: &Logged, resp: &Response<Body>, series: &Series) {
-    let snap = ctx.current();
-    ctx.state.access_log.record(&Entry {
-        source_workload: series.label("source_workload"),
-        destination_workload: series.label("destination_workload"),
-        source_principal: ctx.peer.as_ref().map(SpiffeId::as_str),
-        destination_principal: Some(snap.identity.id().as_str()),
+/// The access log line of a request whose response head is `resp`, to be
+/// written when the response ends.
+fn deferred(ctx: &Ctx, l: Logged, resp: &Response<Body>, series: &Series) -> OnEnd {
+    let line = Deferred {
+        direction: Direction::Inbound,
+        status: resp.status().as_u16(),
+        response_headers: resp.headers().clone(),
+        ttfb: l.began.elapsed(),
+        source_principal: series.known("source_principal"),
+        destination_principal: series.known("destination_principal"),
+        source_workload: series.known("source_workload"),
+        destination_workload: series.known("destination_workload"),
+        destination_service: series.known("destination_service"),
+        route: None,
         upstream: Some(SocketAddr::new(ctx.state.settings.app_host, ctx.port)),
+        retries: 0,
         audit: resp.extensions().get::<Audited>().is_some(),
-        ..l.entry(Direction::Inbound, resp)
-    });
+        logged: l,
+    };
+    let state = ctx.state.clone();
+    Box::new(move |outcome, bytes| line.finish(&state.access_log, outcome.grpc_status, bytes))
 }

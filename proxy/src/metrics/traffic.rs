@@ -605,6 +605,13 @@ impl Series {
             .find(|(k, _)| *k == name)
             .map(|(_, v)| v.as_str())
     }
+
+    /// [`Series::label`], owned, and `None` when not known.
+    pub fn known(&self, name: &str) -> Option<String> {
+        self.label(name)
+            .filter(|v| !v.is_empty() && *v != UNKNOWN)
+            .map(str::to_owned)
+    }
 }
 
 /// The counters of opaque TCP connections of one label set.
@@ -662,9 +669,16 @@ impl std::fmt::Debug for Recording {
 }
 
 impl Recording {
-    /// Runs `f` when the call ends, after it is counted.
+    /// Runs `f` when the call ends, after it is counted (and after what
+    /// was added before).
     pub fn on_end(mut self, f: OnEnd) -> Self {
-        self.on_end = Some(f);
+        self.on_end = Some(match self.on_end.take() {
+            None => f,
+            Some(earlier) => Box::new(move |o, b| {
+                earlier(o, b);
+                f(o, b);
+            }),
+        });
         self
     }
 

@@ -60,7 +60,7 @@ pub async fn to_service(
     let (start, began, log) = (
         std::time::SystemTime::now(),
         std::time::Instant::now(),
-        snap.config.mesh.access_log,
+        state.access_log_plan(&snap),
     );
     let (_, routed_port) = snap.service(target);
     let backend = snap
@@ -153,18 +153,24 @@ pub async fn to_service(
                 drop(slot);
                 let (received, sent) = bytes.unwrap_or_default();
                 series.closed(sent, received);
-                if log {
-                    state.access_log.record_tcp(&TcpEntry {
-                        direction: Direction::Outbound,
-                        start,
-                        duration: began.elapsed(),
-                        upstream: Some(addr),
-                        source_principal: Some(snap.identity.id().as_str()),
-                        destination_principal: id.as_ref().map(SpiffeId::as_str),
-                        destination_service: Some(&dest.service.key()),
-                        bytes,
-                        failed_step: None,
-                    });
+                if let Some(plan) = log {
+                    state.access_log.record_tcp(
+                        &TcpEntry {
+                            direction: Direction::Outbound,
+                            start,
+                            duration: began.elapsed(),
+                            upstream: Some(addr),
+                            source_principal: Some(snap.identity.id().as_str()),
+                            destination_principal: id.as_ref().map(SpiffeId::as_str),
+                            destination_service: Some(&format!(
+                                "{}.{}",
+                                dest.service.name, dest.service.namespace
+                            )),
+                            bytes,
+                            failed_step: None,
+                        },
+                        plan,
+                    );
                 }
                 return;
             }
@@ -181,18 +187,24 @@ pub async fn to_service(
     if let Some(e) = last {
         tracing::error!(%dst, error = %e, "no endpoint of the service accepted the connection");
         refused(&state, &snap, &dest, e.step());
-        if log {
-            state.access_log.record_tcp(&TcpEntry {
-                direction: Direction::Outbound,
-                start,
-                duration: began.elapsed(),
-                upstream: None,
-                source_principal: Some(snap.identity.id().as_str()),
-                destination_principal: None,
-                destination_service: Some(&dest.service.key()),
-                bytes: None,
-                failed_step: Some(e.step()),
-            });
+        if let Some(plan) = log {
+            state.access_log.record_tcp(
+                &TcpEntry {
+                    direction: Direction::Outbound,
+                    start,
+                    duration: began.elapsed(),
+                    upstream: None,
+                    source_principal: Some(snap.identity.id().as_str()),
+                    destination_principal: None,
+                    destination_service: Some(&format!(
+                        "{}.{}",
+                        dest.service.name, dest.service.namespace
+                    )),
+                    bytes: None,
+                    failed_step: Some(e.step()),
+                },
+                plan,
+            );
         }
     }
 }

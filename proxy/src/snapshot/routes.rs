@@ -697,6 +697,7 @@ mod tests {
                 mtls_mode: pc::MtlsMode::Strict,
                 default_access: Default::default(),
                 access_log: false,
+                access_log_options: Default::default(),
                 tracing: None,
                 escaped_slashes: Default::default(),
                 metrics_naming: Default::default(),

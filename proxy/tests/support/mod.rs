@@ -112,6 +112,7 @@ pub fn config(generation: u64, mode: MtlsMode, services: Vec<Service>) -> ProxyC
             mtls_mode: mode,
             default_access: Default::default(),
             access_log: false,
+            access_log_options: Default::default(),
             tracing: None,
             escaped_slashes: Default::default(),
             metrics_naming: Default::default(),

@@ -27,7 +27,7 @@ use http::{HeaderMap, Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use weft_proxy_config::{HashKey, LoadBalancer};
 
-use crate::accesslog::{Upstream, UpstreamPrincipal};
+use crate::accesslog::Upstream;
 use crate::client::balance::{MAX_ATTEMPTS, attempt_order};
 use crate::client::connect::{ConnectError, Gate, SendError, acquire, connect_timeout};
 use crate::http::forward::{finish, prepare};
@@ -308,12 +308,6 @@ where
                         addr,
                         service: dest.index,
                     });
-                    if snap.config.mesh.access_log
-                        && let Some(id) = &key.identity
-                    {
-                        out.extensions_mut()
-                            .insert(UpstreamPrincipal(id.to_string()));
-                    }
                     return out;
                 }
                 // A pooled connection closed before the request left: the

@@ -32,15 +32,14 @@ use hyper::service::service_fn;
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::accesslog::{
-    Entry, Logged, REQUEST_ID_HEADER, Retries, RouteRule, Upstream, UpstreamPrincipal,
-    new_request_id,
+    Deferred, Logged, REQUEST_ID_HEADER, Retries, RouteRule, Upstream, new_request_id,
 };
 use crate::http::pool::Version;
 use crate::http::server::serve_connection;
 use crate::http::{Body, ERROR_HEADER, SOURCE_HEADER, content_length, error_response, full};
 use crate::metrics::Direction;
 use crate::metrics::traffic::{
-    CallLabels, MeteredBody, Outcome, Peer, Reporter, Series, SeriesCache, failed_step,
+    CallLabels, MeteredBody, OnEnd, Outcome, Peer, Reporter, Series, SeriesCache, failed_step,
     grpc_status, is_grpc,
 };
 use crate::snapshot::rewrite::redirect_location;
@@ -84,14 +83,17 @@ pub async fn serve<I>(
             req.headers_mut().remove(SOURCE_HEADER);
             let (snap, target) = current(&ctx);
             let span = ctx.state.start_span(&snap, Kind::Client, &mut req);
-            let logged = ctx.state.access_logging().then(|| Logged::of(&req));
+            let logged = ctx
+                .state
+                .access_log_plan(&snap)
+                .map(|plan| Logged::of(&req, plan));
             let grpc = is_grpc(req.headers());
             let request_bytes = content_length(req.headers());
             let resp = proxy(&ctx, &snap, target, req).await;
             ctx.state
                 .metrics
                 .request(Direction::Outbound, resp.status().as_u16());
-            let (resp, series) = meter(
+            let (resp, _) = meter(
                 &ctx,
                 &snap,
                 target,
@@ -100,12 +102,10 @@ pub async fn serve<I>(
                     grpc,
                     request_bytes,
                     span,
+                    logged,
                 },
                 resp,
             );
-            if let Some(l) = logged {
-                log_request(&ctx, &l, &resp, &series);
-            }
             Ok::<_, Infallible>(resp)
         }
     });
@@ -121,21 +121,28 @@ pub async fn serve<I>(
     .await;
 }
 
-fn log_request(ctx: &Ctx, l: &Logged, resp: &Response<Body>, series: &Series) {
-    let (snap, target) = current(ctx);
-    let service = snap.service(target).0.key();
+/// The access log line of a request whose response head is `resp`, to be
+/// written when the response ends.
+fn deferred(ctx: &Ctx, l: Logged, resp: &Response<Body>, series: &Series) -> OnEnd {
     let ext = resp.extensions();
-    ctx.state.access_log.record(&Entry {
-        source_workload: series.label("source_workload"),
-        destination_workload: series.label("destination_workload"),
-        source_principal: Some(snap.identity.id().as_str()),
-        destination_principal: ext.get::<UpstreamPrincipal>().map(|p| p.0.as_str()),
-        destination_service: Some(&service),
-        route: ext.get::<RouteRule>().map(|r| &*r.0),
+    let line = Deferred {
+        direction: Direction::Outbound,
+        status: resp.status().as_u16(),
+        response_headers: resp.headers().clone(),
+        ttfb: l.began.elapsed(),
+        source_principal: series.known("source_principal"),
+        destination_principal: series.known("destination_principal"),
+        source_workload: series.known("source_workload"),
+        destination_workload: series.known("destination_workload"),
+        destination_service: series.known("destination_service"),
+        route: ext.get::<RouteRule>().map(|r| r.0.clone()),
         upstream: ext.get::<Upstream>().map(|u| u.addr),
         retries: ext.get::<Retries>().map_or(0, |r| r.0),
-        ..l.entry(Direction::Outbound, resp)
-    });
+        audit: false,
+        logged: l,
+    };
+    let state = ctx.state.clone();
+    Box::new(move |outcome, bytes| line.finish(&state.access_log, outcome.grpc_status, bytes))
 }
 
 /// The snapshot and Service port a request routes with: the active
@@ -159,6 +166,7 @@ struct Metered {
     grpc: bool,
     request_bytes: u64,
     span: Option<Pending>,
+    logged: Option<Logged>,
 }
 
 /// The response, its body wrapped to count the call in the traffic metrics
@@ -232,6 +240,9 @@ fn meter(
         recording = recording.on_end(Box::new(move |outcome, _| {
             state.tracer.record(span_end(span, outcome, attributes));
         }));
+    }
+    if let Some(l) = m.logged {
+        recording = recording.on_end(deferred(ctx, l, &resp, &series));
     }
     (
         resp.map(|b| Body::new(MeteredBody::new(b, recording))),
