@@ -13,7 +13,8 @@
 //! `--measure-secs N` (constant-rate window, 5), `--only weft,direct`
 //! (targets), `--core` (main comparison only: no matrix, handshakes or idle
 //! connections), `--full` (the whole payload × protocol × connections
-//! matrix instead of one axis at a time).
+//! matrix instead of one axis at a time), `--telemetry` (weft's access logs
+//! on and tracing at 1 %, to price them against the default).
 //!
 //! Topology. weft runs for real: two network namespaces joined by a veth,
 //! `weft-proxy init` in each, both proxies as uid 1337 subprocesses; the
@@ -73,6 +74,9 @@ struct Opts {
     only: Option<Vec<String>>,
     core: bool,
     full: bool,
+    /// weft with access logs on and tracing at 1 % (to a collector that
+    /// refuses, so export costs nothing but attempts).
+    telemetry: bool,
 }
 
 fn opts() -> Opts {
@@ -82,6 +86,7 @@ fn opts() -> Opts {
         only: None,
         core: false,
         full: false,
+        telemetry: false,
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -99,6 +104,7 @@ fn opts() -> Opts {
             }
             "--core" => o.core = true,
             "--full" => o.full = true,
+            "--telemetry" => o.telemetry = true,
             // cargo bench passes --bench; anything else is ignored with a note.
             "--bench" => {}
             other => eprintln!("pair: ignoring unknown argument {other:?}"),
@@ -771,9 +777,12 @@ fn setup(o: &Opts) -> Setup {
                 trust_domain: td.into(),
                 mtls_mode: MtlsMode::Strict,
                 default_access: Default::default(),
-                access_log: false,
+                access_log: o.telemetry,
                 access_log_options: Default::default(),
-                tracing: None,
+                tracing: o.telemetry.then(|| weft_proxy_config::Tracing {
+                    otlp_endpoint: "http://127.0.0.1:9".into(),
+                    sampling_percent: 1.0,
+                }),
                 escaped_slashes: Default::default(),
                 metrics_naming: Default::default(),
             },

@@ -19,8 +19,10 @@
 //! snapshot       per config generation: load_dir, routes, destinations
 //! http  tls      HTTP plumbing (bodies, server, framing, paths, pools);
 //!                identities, peer verification, config signatures
-//! net  metrics  ratelimit  probes  init      sockets, accept, detection;
-//!                counters; token buckets; app probes; iptables
+//! net  metrics  trace  accesslog  ratelimit  probes  init
+//!                sockets, accept, detection; counters and golden metrics;
+//!                trace context, spans, OTLP export; access log lines;
+//!                token buckets; app probes; iptables
 //! ```
 //!
 //! [`init`] installs capture; [`net`] accepts, finds where a captured

@@ -4,7 +4,10 @@
 //! network namespace, installs weft from `manifests/` with kubectl, deploys
 //! a frontend and two versions of a backend in a meshed namespace, applies
 //! `manifests/examples/`, sends traffic from the frontend pod through its
-//! sidecar, and prints what happened. `--keep` leaves the cluster running.
+//! sidecar, and prints what happened: routing, identities, and the golden
+//! signals and service graph a real Prometheus scraped from the proxies
+//! (through `weftctl stat` and `weftctl graph`). `--keep` leaves the
+//! cluster running.
 
 use std::collections::BTreeMap;
 use std::time::Instant;
@@ -12,6 +15,7 @@ use std::time::Instant;
 use anyhow::Context as _;
 use clap::Parser;
 use weft_e2e::mesh::{self, Reply};
+use weft_e2e::prometheus::{Prometheus, samples};
 use weft_e2e::{Cluster, ClusterConfig};
 
 #[derive(Parser, Debug)]
@@ -20,6 +24,10 @@ struct Args {
     /// Requests the frontend sends to the backend.
     #[arg(long, default_value_t = 100)]
     requests: usize,
+    /// Pause between requests, so that Prometheus (scraping every second)
+    /// sees the counters grow and can compute rates.
+    #[arg(long, default_value_t = 50)]
+    interval_ms: u64,
     /// Leave the cluster running after the report (Ctrl-C to stop).
     #[arg(long)]
     keep: bool,
@@ -78,6 +86,16 @@ async fn run(cluster: &Cluster, args: &Args, t0: Instant) -> anyhow::Result<()> 
     step(t0, "kubectl apply --server-side -k manifests/");
     mesh::install(cluster).await.context("installing weft")?;
     step(t0, "weft-operator and weft-injector are ready");
+    let prometheus = Prometheus::start(cluster)
+        .await
+        .context("starting Prometheus (scripts/setup installs it)")?;
+    step(
+        t0,
+        &format!(
+            "Prometheus scrapes the proxies, operator and injector with manifests/observability's jobs ({})",
+            prometheus.url()
+        ),
+    );
 
     step(t0, "deploying the demo app and manifests/examples/");
     mesh::deploy_demo(cluster)
@@ -153,6 +171,7 @@ async fn run(cluster: &Cluster, args: &Args, t0: Instant) -> anyhow::Result<()> 
     let mut failures: BTreeMap<String, usize> = BTreeMap::new();
     let started = Instant::now();
     for _ in 0..args.requests {
+        tokio::time::sleep(std::time::Duration::from_millis(args.interval_ms)).await;
         match mesh::get_from_pod(cluster, "demo", &frontend, &url, &[]).await? {
             Reply::Ok(body) => {
                 let pod = body["pod"].as_str().unwrap_or("?");
@@ -176,6 +195,7 @@ async fn run(cluster: &Cluster, args: &Args, t0: Instant) -> anyhow::Result<()> 
     }
     let elapsed = started.elapsed();
     let weights = route_weights(cluster, "api-canary").await;
+    let observed = observe(&prometheus, args.requests, t0).await;
 
     let hidden = mesh::get_from_pod(
         cluster,
@@ -272,8 +292,110 @@ async fn run(cluster: &Cluster, args: &Args, t0: Instant) -> anyhow::Result<()> 
             mesh::last_line(&why)
         ),
     }
+    match observed {
+        Ok(o) => {
+            println!(
+                "  Prometheus counted {} requests frontend → backend (reporter=source)",
+                o.counted
+            );
+            println!("  golden signals in namespace demo (weftctl stat --namespace demo):");
+            for line in o.stat.lines() {
+                println!("    {line}");
+            }
+            println!(
+                "  service graph (weftctl graph): {} (open it in a browser), DOT: {}",
+                o.svg.display(),
+                o.dot.display()
+            );
+        }
+        Err(e) => println!("  metrics: not shown: {e:#}"),
+    }
     println!("  total time: {:.1}s", t0.elapsed().as_secs_f64());
     Ok(())
+}
+
+/// What the demo shows of the metrics.
+struct Observed {
+    counted: f64,
+    stat: String,
+    svg: std::path::PathBuf,
+    dot: std::path::PathBuf,
+}
+
+/// Waits until Prometheus has scraped the demo's requests, then runs
+/// `weftctl stat` and `weftctl graph` against it as a user would.
+async fn observe(prom: &Prometheus, requests: usize, t0: Instant) -> anyhow::Result<Observed> {
+    step(t0, "waiting for Prometheus to scrape the demo's requests");
+    let query = r#"sum(weft_requests_total{reporter="source", source_workload="frontend", destination_service="backend.demo"})"#;
+    #[allow(clippy::cast_precision_loss)]
+    let want = requests as f64;
+    let data = prom
+        .wait_for(
+            query,
+            |d| samples(d).first().is_some_and(|(_, v)| *v >= want),
+            std::time::Duration::from_secs(60),
+        )
+        .await
+        .context("Prometheus never counted the demo's requests")?;
+    let counted = samples(&data).first().map_or(0.0, |(_, v)| *v);
+    // Two more scrapes, so every series has a sample after the last request.
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    let weftctl = std::env::current_exe()
+        .context("locating the demo binary")?
+        .with_file_name("weftctl");
+    let run = |args: Vec<String>| {
+        let weftctl = weftctl.clone();
+        async move {
+            let out = tokio::process::Command::new(&weftctl)
+                .args(&args)
+                .output()
+                .await
+                .with_context(|| format!("running {}", weftctl.display()))?;
+            anyhow::ensure!(
+                out.status.success(),
+                "weftctl {} failed: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+            Ok::<_, anyhow::Error>(String::from_utf8_lossy(&out.stdout).into_owned())
+        }
+    };
+    let url = prom.url().to_owned();
+    let stat = run([
+        "stat",
+        "--prometheus",
+        &url,
+        "--namespace",
+        "demo",
+        "--window",
+        "1m",
+    ]
+    .map(str::to_owned)
+    .to_vec())
+    .await?;
+    let dir = weft_e2e::mesh::repo_root().join("target/demo");
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let (svg, dot) = (dir.join("graph.svg"), dir.join("graph.dot"));
+    for (format, path) in [("svg", &svg), ("dot", &dot)] {
+        run(vec![
+            "graph".into(),
+            "--prometheus".into(),
+            url.clone(),
+            "--namespace".into(),
+            "demo".into(),
+            "-o".into(),
+            format.into(),
+            "--out".into(),
+            path.display().to_string(),
+        ])
+        .await?;
+    }
+    Ok(Observed {
+        counted,
+        stat,
+        svg,
+        dot,
+    })
 }
 
 /// Subset → weight of the backends of rule `rule` of the applied
