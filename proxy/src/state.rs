@@ -192,7 +192,7 @@ pub struct State {
     /// [`crate::http::SOURCE_HEADER`]).
     pub source_header: Option<http::HeaderValue>,
     /// Where finished spans go.
-    pub tracer: Tracer,
+    pub tracer: Arc<Tracer>,
     /// Bound listener addresses: [outbound, inbound, admin].
     pub listeners: Mutex<Vec<SocketAddr>>,
     listening: AtomicBool,
@@ -260,7 +260,7 @@ impl State {
             conn_limits: ConnLimits::default(),
             access_log,
             source_header,
-            tracer,
+            tracer: Arc::new(tracer),
             listeners: Mutex::new(listeners),
             listening: AtomicBool::new(false),
             rr: AtomicUsize::new(0),

@@ -26,6 +26,21 @@ pub type Body = UnsyncBoxBody<Bytes, BoxError>;
 pub const ERROR_HEADER: &str = "x-weft-error";
 /// Request header carrying the verified peer identity to the app.
 pub const PEER_IDENTITY_HEADER: &str = "x-weft-peer-identity";
+/// How a request ended, for the traffic metrics: status, gRPC status of
+/// the head, the failed step a proxy named.
+pub fn outcome<B>(resp: &http::Response<B>, grpc: bool) -> crate::metrics::traffic::Outcome {
+    use crate::metrics::traffic::{Outcome, failed_step, grpc_status};
+    Outcome {
+        code: resp.status().as_u16(),
+        grpc,
+        grpc_status: grpc_status(resp.headers()),
+        failed_step: resp
+            .headers()
+            .get(ERROR_HEADER)
+            .map(|v| failed_step(v.as_bytes())),
+    }
+}
+
 /// The declared length of a message's body (0 when not declared).
 pub fn content_length(h: &http::HeaderMap) -> u64 {
     h.get(http::header::CONTENT_LENGTH)

@@ -29,18 +29,17 @@ use crate::http::path::normalize_uri;
 use crate::http::pool::{PoolKey, Version};
 use crate::http::server::serve_connection;
 use crate::http::{
-    Body, ERROR_HEADER, PEER_IDENTITY_HEADER, SOURCE_HEADER, content_length, error_response,
+    Body, PEER_IDENTITY_HEADER, SOURCE_HEADER, content_length, error_response, outcome,
 };
 use crate::metrics::Direction;
 use crate::metrics::traffic::{
-    CallLabels, MeteredBody, OnEnd, Outcome, Peer, Reporter, Series, SeriesCache, failed_step,
-    grpc_status, is_grpc,
+    CallLabels, MeteredBody, OnEnd, Peer, Reporter, Series, SeriesCache, is_grpc,
 };
 use crate::ratelimit::Verdict;
 use crate::snapshot::Snapshot;
 use crate::state::State;
 use crate::tls::SpiffeId;
-use crate::trace::{Kind, Pending, span_attributes, span_end};
+use crate::trace::{Kind, Pending, ending};
 
 /// One inbound HTTP connection: what its requests share. Each request is
 /// decided on the snapshot active when it arrives ([`Ctx::current`]), never
@@ -196,25 +195,9 @@ fn meter(
             .traffic
             .http(&labels, snap.config.mesh.metrics_naming)
     });
-    let outcome = Outcome {
-        code: resp.status().as_u16(),
-        grpc: m.grpc,
-        grpc_status: grpc_status(resp.headers()),
-        failed_step: resp
-            .headers()
-            .get(ERROR_HEADER)
-            .map(|v| failed_step(v.as_bytes())),
-    };
-    let mut recording = series.start(m.started, outcome, m.request_bytes);
-    if let Some(mut span) = m.span {
-        let attributes = span_attributes(&series);
-        if let Some(s) = series.label("destination_service") {
-            span.name = format!("{} {s}", span.name);
-        }
-        let state = ctx.state.clone();
-        recording = recording.on_end(Box::new(move |outcome, _| {
-            state.tracer.record(span_end(span, outcome, attributes));
-        }));
+    let mut recording = series.start(m.started, outcome(&resp, m.grpc), m.request_bytes);
+    if let Some(span) = m.span {
+        recording = recording.on_end(ending(ctx.state.tracer.clone(), span, &series, Vec::new()));
     }
     if let Some(l) = m.logged {
         recording = recording.on_end(deferred(ctx, l, &resp, &series));

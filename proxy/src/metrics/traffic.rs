@@ -144,6 +144,18 @@ pub struct Peer {
 }
 
 impl Peer {
+    /// An endpoint of a Service in `namespace` as the callee (none: not
+    /// connected, only the namespace is known).
+    pub fn endpoint(ep: Option<&weft_proxy_config::Endpoint>, namespace: &str) -> Peer {
+        Peer {
+            workload: ep.and_then(|e| e.workload.clone()),
+            namespace: Some(namespace.to_owned()),
+            principal: ep.and_then(|e| e.identity.clone().filter(|_| e.meshed)),
+            app: ep.and_then(|e| e.app.clone()),
+            version: ep.and_then(|e| e.version.clone()),
+        }
+    }
+
     /// The namespace part of a SPIFFE ID `spiffe://<td>/ns/<ns>/sa/<sa>`.
     pub fn namespace_of_principal(principal: &str) -> Option<&str> {
         let path = principal.strip_prefix("spiffe://")?;
@@ -377,50 +389,46 @@ impl Traffic {
     /// was counted in yet shows only its HELP and TYPE lines.
     pub fn register(&self, root: &mut Registry) {
         let s = &self.shared;
-        let weft = root.sub_registry_with_prefix("weft");
-        weft.register(
-            "requests",
-            "HTTP requests by source and destination workload, route and outcome",
-            s.weft_http.requests.clone(),
+        register_http(
+            root.sub_registry_with_prefix("weft"),
+            &s.weft_http,
+            &s.weft_tcp,
+            [
+                (
+                    "requests",
+                    "HTTP requests by source and destination workload, route and outcome",
+                ),
+                (
+                    "request_duration_seconds",
+                    "HTTP request duration: from the request's head to the end of the response body",
+                ),
+                (
+                    "request_bytes",
+                    "HTTP request body size (as declared by content-length)",
+                ),
+                ("response_bytes", "HTTP response body size (bytes sent)"),
+            ],
         );
-        weft.register(
-            "request_duration_seconds",
-            "HTTP request duration: from the request's head to the end of the response body",
-            s.weft_http.duration.clone(),
+        register_http(
+            root.sub_registry_with_prefix("istio"),
+            &s.istio_http,
+            &s.istio_tcp,
+            [
+                ("requests", "HTTP requests (Istio standard metric)"),
+                (
+                    "request_duration_milliseconds",
+                    "HTTP request duration in milliseconds (Istio standard metric)",
+                ),
+                (
+                    "request_bytes",
+                    "HTTP request body size (Istio standard metric)",
+                ),
+                (
+                    "response_bytes",
+                    "HTTP response body size (Istio standard metric)",
+                ),
+            ],
         );
-        weft.register(
-            "request_bytes",
-            "HTTP request body size (as declared by content-length)",
-            s.weft_http.request_bytes.clone(),
-        );
-        weft.register(
-            "response_bytes",
-            "HTTP response body size (bytes sent)",
-            s.weft_http.response_bytes.clone(),
-        );
-        register_tcp(weft, &s.weft_tcp);
-        let istio = root.sub_registry_with_prefix("istio");
-        istio.register(
-            "requests",
-            "HTTP requests (Istio standard metric)",
-            s.istio_http.requests.clone(),
-        );
-        istio.register(
-            "request_duration_milliseconds",
-            "HTTP request duration in milliseconds (Istio standard metric)",
-            s.istio_http.duration.clone(),
-        );
-        istio.register(
-            "request_bytes",
-            "HTTP request body size (Istio standard metric)",
-            s.istio_http.request_bytes.clone(),
-        );
-        istio.register(
-            "response_bytes",
-            "HTTP response body size (Istio standard metric)",
-            s.istio_http.response_bytes.clone(),
-        );
-        register_tcp(istio, &s.istio_tcp);
         root.sub_registry_with_prefix("weft_proxy").register(
             "metric_series_overflow",
             "Calls counted under the overflow label set because the proxy's cap on label sets was reached",
@@ -491,6 +499,27 @@ impl Traffic {
         map.insert(key, series.clone());
         series
     }
+}
+
+/// Registers one naming's families: the four HTTP ones under `names`
+/// (requests, duration, request bytes, response bytes: name and help), and
+/// the TCP ones.
+fn register_http(
+    r: &mut Registry,
+    http: &HttpFamilies,
+    tcp: &TcpFamilies,
+    names: [(&str, &str); 4],
+) {
+    let [requests, duration, request_bytes, response_bytes] = names;
+    r.register(requests.0, requests.1, http.requests.clone());
+    r.register(duration.0, duration.1, http.duration.clone());
+    r.register(request_bytes.0, request_bytes.1, http.request_bytes.clone());
+    r.register(
+        response_bytes.0,
+        response_bytes.1,
+        http.response_bytes.clone(),
+    );
+    register_tcp(r, tcp);
 }
 
 fn register_tcp(r: &mut Registry, f: &TcpFamilies) {

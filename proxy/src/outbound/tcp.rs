@@ -221,13 +221,7 @@ fn tcp_series(
     let labels = CallLabels {
         reporter: Reporter::Source,
         source: state.local_peer(snap),
-        destination: Peer {
-            workload: ep.and_then(|e| e.workload.clone()),
-            namespace: Some(dest.service.namespace.clone()),
-            principal: ep.and_then(|e| e.identity.clone().filter(|_| e.meshed)),
-            app: ep.and_then(|e| e.app.clone()),
-            version: ep.and_then(|e| e.version.clone()),
-        },
+        destination: Peer::endpoint(ep, &dest.service.namespace),
         service: Some((dest.service.name.clone(), dest.service.namespace.clone())),
         route: None,
         mtls: ep.is_some_and(|e| e.meshed),

@@ -17,6 +17,7 @@
 pub mod context;
 pub mod export;
 
+use std::sync::Arc;
 use std::time::SystemTime;
 
 use prometheus_client::metrics::counter::Counter;
@@ -150,6 +151,23 @@ pub fn span_attributes(labels: &crate::metrics::traffic::Series) -> Vec<(&'stati
         .collect()
 }
 
+/// Ends `span` when its call ends (the name gets the destination Service,
+/// the attributes weft's labels of `series` and `extra`), and hands it to
+/// `tracer`.
+pub fn ending(
+    tracer: Arc<Tracer>,
+    mut span: Pending,
+    series: &crate::metrics::traffic::Series,
+    mut extra: Vec<(&'static str, Value)>,
+) -> crate::metrics::traffic::OnEnd {
+    let mut attributes = span_attributes(series);
+    attributes.append(&mut extra);
+    if let Some(s) = series.label("destination_service") {
+        span.name = format!("{} {s}", span.name);
+    }
+    Box::new(move |outcome, _| tracer.record(span_end(span, outcome, attributes)))
+}
+
 /// The finished span of a call that ended with `outcome`.
 pub fn span_end(
     span: Pending,
@@ -190,7 +208,7 @@ impl Tracer {
 mod tests {
     use super::*;
 
-    fn span() -> Span {
+    fn pending(kind: Kind) -> Pending {
         Pending {
             context: TraceContext {
                 trace_id: [1; 16],
@@ -200,12 +218,15 @@ mod tests {
                 debug: false,
                 state: None,
             },
-            kind: Kind::Client,
+            kind,
             name: "GET".into(),
             start: SystemTime::now(),
             attributes: vec![],
         }
-        .finish(200, None, vec![])
+    }
+
+    fn span() -> Span {
+        pending(Kind::Client).finish(200, None, vec![])
     }
 
     #[test]
@@ -223,20 +244,7 @@ mod tests {
 
     #[test]
     fn errors_follow_the_kind() {
-        let p = |kind| Pending {
-            context: TraceContext {
-                trace_id: [1; 16],
-                span_id: [2; 8],
-                parent_span_id: None,
-                sampled: true,
-                debug: false,
-                state: None,
-            },
-            kind,
-            name: "GET".into(),
-            start: SystemTime::now(),
-            attributes: vec![],
-        };
+        let p = pending;
         assert!(p(Kind::Client).finish(404, None, vec![]).error);
         assert!(!p(Kind::Server).finish(404, None, vec![]).error);
         assert!(p(Kind::Server).finish(503, None, vec![]).error);

@@ -36,17 +36,16 @@ use crate::accesslog::{
 };
 use crate::http::pool::Version;
 use crate::http::server::serve_connection;
-use crate::http::{Body, ERROR_HEADER, SOURCE_HEADER, content_length, error_response, full};
+use crate::http::{Body, SOURCE_HEADER, content_length, error_response, full, outcome};
 use crate::metrics::Direction;
 use crate::metrics::traffic::{
-    CallLabels, MeteredBody, OnEnd, Outcome, Peer, Reporter, Series, SeriesCache, failed_step,
-    grpc_status, is_grpc,
+    CallLabels, MeteredBody, OnEnd, Peer, Reporter, Series, SeriesCache, is_grpc,
 };
 use crate::snapshot::rewrite::redirect_location;
 use crate::snapshot::routes;
 use crate::snapshot::{ServiceRef, Snapshot};
 use crate::state::State;
-use crate::trace::{Kind, Pending, Value, span_attributes, span_end};
+use crate::trace::{Kind, Pending, Value, ending};
 use endpoint::{Ctx, SeriesKey};
 use retry::{chance, send};
 
@@ -195,17 +194,10 @@ fn meter(
         let service = &snap.config.services[upstream.map_or(target.service, |u| u.service)];
         let endpoint =
             upstream.and_then(|u| service.endpoints.iter().find(|e| e.address == u.addr.ip()));
-        let destination = Peer {
-            workload: endpoint.and_then(|e| e.workload.clone()),
-            namespace: Some(service.namespace.clone()),
-            principal: endpoint.and_then(|e| e.identity.clone().filter(|_| e.meshed)),
-            app: endpoint.and_then(|e| e.app.clone()),
-            version: endpoint.and_then(|e| e.version.clone()),
-        };
         let labels = CallLabels {
             reporter: Reporter::Source,
             source: state.local_peer(snap),
-            destination,
+            destination: Peer::endpoint(endpoint, &service.namespace),
             service: Some((service.name.clone(), service.namespace.clone())),
             route,
             mtls: endpoint.is_some_and(|e| e.meshed),
@@ -215,31 +207,16 @@ fn meter(
             .traffic
             .http(&labels, snap.config.mesh.metrics_naming)
     });
-    let outcome = Outcome {
-        code: resp.status().as_u16(),
-        grpc: m.grpc,
-        grpc_status: grpc_status(resp.headers()),
-        failed_step: resp
-            .headers()
-            .get(ERROR_HEADER)
-            .map(|v| failed_step(v.as_bytes())),
-    };
-    let mut recording = series.start(m.started, outcome, m.request_bytes);
-    if let Some(mut span) = m.span {
-        let mut attributes = span_attributes(&series);
+    let mut recording = series.start(m.started, outcome(&resp, m.grpc), m.request_bytes);
+    if let Some(span) = m.span {
+        let mut extra = Vec::new();
         if let Some(u) = upstream {
-            attributes.push(("network.peer.address", Value::Str(u.addr.ip().to_string())));
-            attributes.push(("network.peer.port", Value::Int(i64::from(u.addr.port()))));
+            extra.push(("network.peer.address", Value::Str(u.addr.ip().to_string())));
+            extra.push(("network.peer.port", Value::Int(i64::from(u.addr.port()))));
         }
         let retries = resp.extensions().get::<Retries>().map_or(0, |r| r.0);
-        attributes.push(("weft.retries", Value::Int(i64::from(retries))));
-        if let Some(s) = series.label("destination_service") {
-            span.name = format!("{} {s}", span.name);
-        }
-        let state = ctx.state.clone();
-        recording = recording.on_end(Box::new(move |outcome, _| {
-            state.tracer.record(span_end(span, outcome, attributes));
-        }));
+        extra.push(("weft.retries", Value::Int(i64::from(retries))));
+        recording = recording.on_end(ending(ctx.state.tracer.clone(), span, &series, extra));
     }
     if let Some(l) = m.logged {
         recording = recording.on_end(deferred(ctx, l, &resp, &series));
