@@ -99,7 +99,7 @@ fn pods() -> Vec<Pod> {
             &json!({}),
         ),
         // The app's own scrape annotations, which the injector leaves alone:
-        // not the proxies' job.
+        // its proxy is scraped all the same (by its port).
         meshed_pod(
             "demo",
             "exporter-6f5-qwert",
@@ -107,7 +107,8 @@ fn pods() -> Vec<Pod> {
             json!({"app": "exporter"}),
             &json!({"prometheus.io/port": "8080"}),
         ),
-        // Opted out.
+        // Annotated not to be scraped (for an annotation-driven job): the
+        // proxies' job goes by the port.
         meshed_pod(
             "demo",
             "quiet-55f-asdfg",
@@ -252,7 +253,12 @@ fn the_shipped_relabeling_keeps_one_target_per_proxy_operator_and_injector() {
     let proxies = kept_targets(&path, "weft-proxies");
     assert_eq!(
         proxies.keys().collect::<Vec<_>>(),
-        ["10.244.0.5:15020", "10.244.0.6:15020"],
+        [
+            "10.244.0.5:15020",
+            "10.244.0.6:15020",
+            "10.244.0.7:15020",
+            "10.244.0.8:15020"
+        ],
         "{proxies:#?}"
     );
     let public = |l: &BTreeMap<String, String>| -> BTreeMap<String, String> {
