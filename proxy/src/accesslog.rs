@@ -135,6 +135,10 @@ pub struct Deferred {
     /// See [`Entry`].
     pub source_workload: Option<String>,
     /// See [`Entry`].
+    pub source_namespace: Option<String>,
+    /// See [`Entry`].
+    pub destination_namespace: Option<String>,
+    /// See [`Entry`].
     pub destination_workload: Option<String>,
     /// See [`Entry`].
     pub destination_service: Option<String>,
@@ -176,6 +180,8 @@ impl Deferred {
             source_principal: self.source_principal.as_deref(),
             destination_principal: self.destination_principal.as_deref(),
             source_workload: self.source_workload.as_deref(),
+            source_namespace: self.source_namespace.as_deref(),
+            destination_namespace: self.destination_namespace.as_deref(),
             destination_workload: self.destination_workload.as_deref(),
             destination_service: self.destination_service.as_deref(),
             route: self.route.as_deref(),
@@ -226,6 +232,8 @@ impl Logged {
             source_principal: None,
             destination_principal: None,
             source_workload: None,
+            source_namespace: None,
+            destination_namespace: None,
             destination_workload: None,
             destination_service: None,
             route: None,
@@ -291,6 +299,10 @@ pub struct Entry<'a> {
     pub destination_principal: Option<&'a str>,
     /// The calling workload (as in the traffic metrics).
     pub source_workload: Option<&'a str>,
+    /// The calling workload's namespace.
+    pub source_namespace: Option<&'a str>,
+    /// The called workload's namespace.
+    pub destination_namespace: Option<&'a str>,
     /// The called workload (as in the traffic metrics).
     pub destination_workload: Option<&'a str>,
     /// The destination Service (`<name>.<namespace>`).
@@ -366,8 +378,8 @@ impl Entry<'_> {
     /// One line of space-separated fields in a fixed order (`-` for none):
     /// start, reporter, "method path protocol", status, gRPC status,
     /// failed step, request bytes, response bytes, duration ms, time to
-    /// first byte ms, "authority", upstream, source workload, destination
-    /// workload, source principal, destination principal, destination
+    /// first byte ms, "authority", upstream, source workload and namespace,
+    /// destination workload and namespace, source principal, destination principal, destination
     /// Service, route, retries, request id, trace id.
     pub fn to_text(&self) -> String {
         let opt = |v: Option<&str>| v.filter(|v| !v.is_empty()).unwrap_or("-").to_owned();
@@ -396,7 +408,9 @@ impl Entry<'_> {
             self.upstream
                 .map_or_else(|| "-".to_owned(), |a| a.to_string()),
             opt(self.source_workload),
+            opt(self.source_namespace),
             opt(self.destination_workload),
+            opt(self.destination_namespace),
             opt(self.source_principal),
             opt(self.destination_principal),
             opt(self.destination_service),
@@ -435,6 +449,8 @@ impl Entry<'_> {
             "request_id": header(self.request_headers, REQUEST_ID_HEADER),
             "trace_id": trace_id(self.request_headers),
             "source_workload": self.source_workload,
+            "source_namespace": self.source_namespace,
+            "destination_namespace": self.destination_namespace,
             "destination_workload": self.destination_workload,
             "audit": self.audit,
         })
@@ -487,6 +503,8 @@ impl TcpEntry<'_> {
                 "\"-\"".to_owned(),
                 self.upstream
                     .map_or_else(|| "-".to_owned(), |a| a.to_string()),
+                "-".to_owned(),
+                "-".to_owned(),
                 "-".to_owned(),
                 "-".to_owned(),
                 opt(self.source_principal),
@@ -568,6 +586,8 @@ mod tests {
             source_principal: Some("spiffe://td/ns/a/sa/b"),
             destination_principal: None,
             source_workload: Some("web"),
+            source_namespace: Some("a"),
+            destination_namespace: None,
             destination_workload: None,
             destination_service: None,
             route: None,
@@ -632,6 +652,8 @@ mod tests {
                 "\"svc.ns:8080\"",
                 "-",
                 "web",
+                "a",
+                "-",
                 "-",
                 "spiffe://td/ns/a/sa/b",
                 "-",
@@ -643,6 +665,32 @@ mod tests {
             ],
             "{text}"
         );
+    }
+
+    #[test]
+    fn tcp_text_lines_have_the_fields_of_http_ones() {
+        let (m, u, h) = (Method::GET, Uri::from_static("/"), HeaderMap::new());
+        let http = entry(&m, &u, &h, &h).to_line(AccessLogFormat::Text);
+        let tcp = TcpEntry {
+            direction: Direction::Inbound,
+            start: std::time::UNIX_EPOCH,
+            duration: Duration::from_millis(3),
+            upstream: None,
+            source_principal: Some("spiffe://td/ns/a/sa/b"),
+            destination_principal: None,
+            destination_service: None,
+            bytes: Some((10, 20)),
+            failed_step: None,
+        }
+        .to_line(AccessLogFormat::Text);
+        // `"GET / HTTP/2"` is three space-separated words, `"tcp"` one.
+        assert_eq!(
+            http.split(' ').count(),
+            tcp.split(' ').count() + 2,
+            "{http}\n{tcp}"
+        );
+        let f: Vec<&str> = tcp.split(' ').collect();
+        assert_eq!((f[2], f[6], f[7]), ("\"tcp\"", "10", "20"), "{tcp}");
     }
 
     #[test]
@@ -669,6 +717,8 @@ mod tests {
                 source_principal: None,
                 destination_principal: None,
                 source_workload: None,
+                source_namespace: None,
+                destination_namespace: None,
                 destination_workload: None,
                 destination_service: None,
                 route: None,

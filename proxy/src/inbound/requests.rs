@@ -412,6 +412,8 @@ fn deferred(ctx: &Ctx, l: Logged, resp: &Response<Body>, series: &Series) -> OnE
         source_principal: series.known("source_principal"),
         destination_principal: series.known("destination_principal"),
         source_workload: series.known("source_workload"),
+        source_namespace: series.known("source_namespace"),
+        destination_namespace: series.known("destination_namespace"),
         destination_workload: series.known("destination_workload"),
         destination_service: series.known("destination_service"),
         route: None,
