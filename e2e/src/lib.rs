@@ -18,13 +18,15 @@
 //! Modules: [`netns`] (namespaces, running Rust code inside one),
 //! [`cluster`] (the test-facing API), [`kubelet`] (the node simulator),
 //! [`images`] (image → program table), [`prometheus`] (a real Prometheus
-//! scraping the cluster with weft's shipped scrape jobs). See
+//! scraping the cluster with weft's shipped scrape jobs), [`jaeger`] (a
+//! real Jaeger receiving the proxies' spans). See
 //! `e2e/README.md` for what is simulated and how it differs from a real
 //! kubelet.
 
 pub mod cluster;
 pub mod hostfs;
 pub mod images;
+pub mod jaeger;
 pub mod kubelet;
 pub mod mesh;
 pub mod netns;

@@ -167,6 +167,7 @@ pub async fn deploy_demo(cluster: &Cluster) -> Result<(), HarnessError> {
         ("demo", "frontend"),
         ("demo", "backend-v1"),
         ("demo", "backend-v2"),
+        ("demo", "store"),
         ("outside", "client"),
     ] {
         cluster

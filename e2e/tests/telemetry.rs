@@ -144,7 +144,7 @@ async fn golden_metrics_read_through_prometheus_match_the_traffic_sent() -> anyh
 
     // Every scrape target up: both replicas of the operator and of the
     // injector (over HTTPS, verified with the mesh CA), every proxy.
-    let meshed = ["frontend", "backend", "tcp-echo"];
+    let meshed = ["frontend", "backend", "store", "tcp-echo"];
     let mut proxies = 0;
     for app in meshed {
         proxies += mesh::pods(&cluster, "demo", app).await?.len();

@@ -1,8 +1,14 @@
 //! weft-e2e-app: the small programs e2e pods run (image `weft-e2e-app`).
 //!
-//! - `echo --port P`: HTTP server answering every request with JSON naming
-//!   the pod, the caller address it saw and the `x-weft-peer-identity`
-//!   header it received (`/healthz` answers `ok`).
+//! - `echo --port P [--next URL]`: HTTP server answering every request with
+//!   JSON naming the pod, the caller address it saw and the
+//!   `x-weft-peer-identity` header it received (`/healthz` answers `ok`).
+//!   A request whose path starts with `/chain` is a traced call chain: its
+//!   answer also holds the trace headers and `x-request-id` it came with
+//!   (`headers`), and with `--next` the app first GETs URL (a new
+//!   connection), passing those headers on as an app in a traced mesh must,
+//!   and adds the answer (`next`: the JSON, or `{"error": ...}` with status
+//!   502).
 //! - `get URL [--method M]`: one plain HTTP/1.1 request (GET unless `M`,
 //!   e.g. `POST`, with an empty body); prints the body; exit 1 unless 2xx.
 //! - `load URL --seconds S --interval-ms I`: sends GETs one after another
@@ -51,6 +57,10 @@ enum Cmd {
     Echo {
         #[arg(long, default_value_t = 8080)]
         port: u16,
+        /// For `/chain…` requests: GET this `http://` URL first, passing the
+        /// trace headers on, and include its answer.
+        #[arg(long)]
+        next: Option<String>,
     },
     /// One HTTP request (GET unless --method).
     Get {
@@ -130,7 +140,7 @@ enum Cmd {
 async fn main() -> anyhow::Result<()> {
     let _ = rustls::crypto::ring::default_provider().install_default();
     match Cli::parse().cmd {
-        Cmd::Echo { port } => echo(port).await,
+        Cmd::Echo { port, next } => echo(port, next).await,
         Cmd::Get {
             url,
             method,
@@ -206,7 +216,22 @@ async fn tcp_send(addr: &str, bytes: usize) -> anyhow::Result<usize> {
     Ok(back.len())
 }
 
-async fn echo(port: u16) -> anyhow::Result<()> {
+/// The headers an app passes from an incoming request to the requests it
+/// makes because of it, so the mesh's proxies put them in one trace: W3C
+/// trace context, B3 (single and multi header) and the request id.
+const PROPAGATED: [&str; 9] = [
+    "traceparent",
+    "tracestate",
+    "b3",
+    "x-b3-traceid",
+    "x-b3-spanid",
+    "x-b3-parentspanid",
+    "x-b3-sampled",
+    "x-b3-flags",
+    "x-request-id",
+];
+
+async fn echo(port: u16, next: Option<String>) -> anyhow::Result<()> {
     let pod = std::env::var("POD_NAME")
         .or_else(|_| std::env::var("HOSTNAME"))
         .unwrap_or_default();
@@ -215,18 +240,31 @@ async fn echo(port: u16) -> anyhow::Result<()> {
         .fallback(
             move |ConnectInfo(peer): ConnectInfo<SocketAddr>, req: Request| {
                 let pod = pod.clone();
+                let next = next.clone();
                 async move {
                     let identity = req
                         .headers()
                         .get("x-weft-peer-identity")
                         .and_then(|v| v.to_str().ok())
                         .map(str::to_owned);
-                    axum::Json(json!({
+                    let mut answer = json!({
                         "pod": pod,
                         "peer": peer.to_string(),
                         "identity": identity,
                         "path": req.uri().path(),
-                    }))
+                    });
+                    let mut status = axum::http::StatusCode::OK;
+                    if req.uri().path().starts_with("/chain") {
+                        let (received, next_answer) = chain(req.headers(), next.as_deref()).await;
+                        answer["headers"] = received;
+                        if let Some(n) = next_answer {
+                            if n.get("error").is_some() {
+                                status = axum::http::StatusCode::BAD_GATEWAY;
+                            }
+                            answer["next"] = n;
+                        }
+                    }
+                    (status, axum::Json(answer))
                 }
             },
         );
@@ -249,6 +287,35 @@ async fn echo(port: u16) -> anyhow::Result<()> {
     })
     .await?;
     Ok(())
+}
+
+/// A `/chain` request: the propagated headers it came with (name → value),
+/// and, with a next hop, that hop's answer (its JSON, or `{"error": ...}`)
+/// to a GET carrying the same headers.
+async fn chain(
+    headers: &axum::http::HeaderMap,
+    next: Option<&str>,
+) -> (serde_json::Value, Option<serde_json::Value>) {
+    let mut received = serde_json::Map::new();
+    let mut pass_on = Vec::new();
+    for name in PROPAGATED {
+        if let Some(v) = headers.get(name).and_then(|v| v.to_str().ok()) {
+            received.insert(name.to_owned(), json!(v));
+            pass_on.push(format!("{name}: {v}"));
+        }
+    }
+    let Some(url) = next else {
+        return (received.into(), None);
+    };
+    let answer = tokio::time::timeout(std::time::Duration::from_secs(10), fetch(url, &pass_on))
+        .await
+        .unwrap_or_else(|_| Err(anyhow::anyhow!("no answer within 10 s")))
+        .and_then(|body| Ok(serde_json::from_str::<serde_json::Value>(body.trim())?));
+    let next = match answer {
+        Ok(v) => v,
+        Err(e) => json!({ "url": url, "error": format!("{e:#}") }),
+    };
+    (received.into(), Some(next))
 }
 
 /// One GET on a new connection; the body of a 2xx answer.
