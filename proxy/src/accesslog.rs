@@ -23,7 +23,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use http::{HeaderMap, HeaderValue, Method, Request, Uri};
 use prometheus_client::metrics::counter::Counter;
-use tokio::io::AsyncWriteExt;
+use std::io::Write as _;
 use tokio::sync::mpsc;
 
 use crate::metrics::Direction;
@@ -70,16 +70,18 @@ impl AccessLog {
 }
 
 /// Writes queued lines to `output` until every sender is gone, flushing
-/// whenever the queue is empty.
-pub async fn write(mut rx: mpsc::Receiver<String>, output: Output) {
-    let mut stdout = tokio::io::BufWriter::new(tokio::io::stdout());
-    while let Some(line) = rx.recv().await {
+/// whenever the queue is empty. Runs on its own thread with blocking
+/// writes: through the runtime, each flush of stdout would hop to a
+/// blocking-pool thread and back.
+pub fn write(mut rx: mpsc::Receiver<String>, output: &Output) {
+    let mut out = std::io::BufWriter::with_capacity(64 * 1024, std::io::stdout());
+    while let Some(line) = rx.blocking_recv() {
         let mut next = Some(line);
         while let Some(line) = next.take() {
-            match &output {
+            match output {
                 Output::Stdout => {
-                    let _ = stdout.write_all(line.as_bytes()).await;
-                    let _ = stdout.write_all(b"\n").await;
+                    let _ = out.write_all(line.as_bytes());
+                    let _ = out.write_all(b"\n");
                 }
                 Output::Capture(lines) => {
                     lines.lock().unwrap_or_else(|p| p.into_inner()).push(line)
@@ -87,8 +89,17 @@ pub async fn write(mut rx: mpsc::Receiver<String>, output: Output) {
             }
             next = rx.try_recv().ok();
         }
-        let _ = stdout.flush().await;
+        let _ = out.flush();
     }
+}
+
+/// Starts [`write`] on its own thread.
+pub fn spawn_writer(rx: mpsc::Receiver<String>, output: Output) -> std::io::Result<()> {
+    std::thread::Builder::new()
+        .name("weft-access-log".into())
+        .stack_size(64 * 1024)
+        .spawn(move || write(rx, &output))
+        .map(drop)
 }
 
 /// Whether and how a request is logged, decided when it arrives (see
@@ -424,38 +435,69 @@ impl Entry<'_> {
 
     /// The JSON line.
     pub fn to_json(&self) -> String {
-        let start = rfc3339(self.start);
-        let (req_bytes, resp_bytes) = self.sizes();
-        serde_json::json!({
-            "start": start,
-            "reporter": reporter(self.direction),
-            "duration_ms": self.duration.as_secs_f64() * 1000.0,
-            "ttfb_ms": self.ttfb.map(|t| t.as_secs_f64() * 1000.0),
-            "method": self.method.as_str(),
-            "authority": self.authority(),
-            "path": self.uri.path(),
-            "protocol": self.protocol,
-            "status": self.status,
-            "grpc_status": self.grpc(),
-            "request_bytes": req_bytes,
-            "response_bytes": resp_bytes,
-            "failed_step": header(self.response_headers, crate::http::ERROR_HEADER),
-            "upstream": self.upstream.map(|a| a.to_string()),
-            "source_principal": self.source_principal,
-            "destination_principal": self.destination_principal,
-            "destination_service": self.destination_service,
-            "route": self.route,
-            "retries": self.retries,
-            "request_id": header(self.request_headers, REQUEST_ID_HEADER),
-            "trace_id": trace_id(self.request_headers),
-            "source_workload": self.source_workload,
-            "source_namespace": self.source_namespace,
-            "destination_namespace": self.destination_namespace,
-            "destination_workload": self.destination_workload,
-            "audit": self.audit,
-        })
-        .to_string()
+        let (request_bytes, response_bytes) = self.sizes();
+        let line = JsonLine {
+            start: rfc3339(self.start),
+            reporter: reporter(self.direction),
+            duration_ms: self.duration.as_secs_f64() * 1000.0,
+            ttfb_ms: self.ttfb.map(|t| t.as_secs_f64() * 1000.0),
+            method: self.method.as_str(),
+            authority: self.authority(),
+            path: self.uri.path(),
+            protocol: self.protocol,
+            status: self.status,
+            grpc_status: self.grpc(),
+            request_bytes,
+            response_bytes,
+            failed_step: header(self.response_headers, crate::http::ERROR_HEADER),
+            upstream: self.upstream.map(|a| a.to_string()),
+            source_workload: self.source_workload,
+            source_namespace: self.source_namespace,
+            source_principal: self.source_principal,
+            destination_workload: self.destination_workload,
+            destination_namespace: self.destination_namespace,
+            destination_principal: self.destination_principal,
+            destination_service: self.destination_service,
+            route: self.route,
+            retries: self.retries,
+            request_id: header(self.request_headers, REQUEST_ID_HEADER),
+            trace_id: trace_id(self.request_headers),
+            audit: self.audit,
+        };
+        serde_json::to_string(&line).unwrap_or_default()
     }
+}
+
+/// The fields of a JSON line, in the order they are written (serialized
+/// straight from the request's data, without an intermediate map).
+#[derive(serde::Serialize)]
+struct JsonLine<'a> {
+    start: String,
+    reporter: &'static str,
+    duration_ms: f64,
+    ttfb_ms: Option<f64>,
+    method: &'a str,
+    authority: Option<&'a str>,
+    path: &'a str,
+    protocol: &'static str,
+    status: u16,
+    grpc_status: Option<String>,
+    request_bytes: Option<u64>,
+    response_bytes: Option<u64>,
+    failed_step: Option<&'a str>,
+    upstream: Option<String>,
+    source_workload: Option<&'a str>,
+    source_namespace: Option<&'a str>,
+    source_principal: Option<&'a str>,
+    destination_workload: Option<&'a str>,
+    destination_namespace: Option<&'a str>,
+    destination_principal: Option<&'a str>,
+    destination_service: Option<&'a str>,
+    route: Option<&'a str>,
+    retries: u32,
+    request_id: Option<&'a str>,
+    trace_id: Option<&'a str>,
+    audit: bool,
 }
 
 /// One opaque TCP connection, as a reporter saw it; logged when it ends.

@@ -35,6 +35,12 @@ pub enum StartError {
         /// Why.
         source: std::io::Error,
     },
+    /// The access log writer's thread could not start.
+    #[error("cannot start the access log writer thread: {source}")]
+    Thread {
+        /// Why.
+        source: std::io::Error,
+    },
 }
 
 /// A running proxy.
@@ -78,16 +84,14 @@ pub async fn start(settings: Settings, net: Net) -> Result<Proxy, StartError> {
     if let Err(e) = state.reload() {
         tracing::error!(error = %e, "no usable config/identity yet; not ready until the mount holds a good snapshot");
     }
+    crate::accesslog::spawn_writer(log_rx, state.settings.access_log_output.clone())
+        .map_err(|source| StartError::Thread { source })?;
     let tasks = vec![
         tokio::spawn(crate::outbound::serve(state.clone(), outbound)),
         tokio::spawn(crate::inbound::serve(state.clone(), inbound)),
         tokio::spawn(crate::admin::serve(state.clone(), admin)),
         tokio::spawn(crate::reload::watch(state.clone())),
         tokio::spawn(sweep_pools(Arc::downgrade(&state))),
-        tokio::spawn(crate::accesslog::write(
-            log_rx,
-            state.settings.access_log_output.clone(),
-        )),
         tokio::spawn(crate::trace::export::run(
             span_rx,
             span_target(Arc::downgrade(&state)),

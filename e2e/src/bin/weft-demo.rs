@@ -6,7 +6,8 @@
 //! `manifests/examples/`, sends traffic from the frontend pod through its
 //! sidecar, and prints what happened: routing, identities, and the golden
 //! signals and service graph a real Prometheus scraped from the proxies
-//! (through `weftctl stat` and `weftctl graph`). `--keep` leaves the
+//! (through `weftctl stat` and `weftctl graph`), and one trace through
+//! frontend, backend and store as Jaeger holds it. `--keep` leaves the
 //! cluster running.
 
 use std::collections::BTreeMap;
@@ -14,6 +15,7 @@ use std::time::Instant;
 
 use anyhow::Context as _;
 use clap::Parser;
+use weft_e2e::jaeger::Jaeger;
 use weft_e2e::mesh::{self, Reply};
 use weft_e2e::prometheus::{Prometheus, samples};
 use weft_e2e::{Cluster, ClusterConfig};
@@ -97,6 +99,26 @@ async fn run(cluster: &Cluster, args: &Args, t0: Instant) -> anyhow::Result<()> 
         ),
     );
 
+    let jaeger = Jaeger::start(cluster)
+        .await
+        .context("starting Jaeger (scripts/setup builds it)")?;
+    mesh::patch_mesh_spec(
+        cluster,
+        &format!(
+            r#"{{"telemetry":{{"tracing":{{"otlpEndpoint":"{}"}}}}}}"#,
+            jaeger.otlp_endpoint()
+        ),
+    )
+    .await
+    .context("pointing the Mesh's tracing at Jaeger")?;
+    step(
+        t0,
+        &format!(
+            "Jaeger receives the proxies' spans (Mesh telemetry.tracing.otlpEndpoint {}; UI and API {})",
+            jaeger.otlp_endpoint(),
+            jaeger.url()
+        ),
+    );
     step(t0, "deploying the demo app and manifests/examples/");
     mesh::deploy_demo(cluster)
         .await
@@ -107,6 +129,7 @@ async fn run(cluster: &Cluster, args: &Args, t0: Instant) -> anyhow::Result<()> 
         .await?
         .into_iter()
         .chain(mesh::pods(cluster, "demo", "backend").await?)
+        .chain(mesh::pods(cluster, "demo", "store").await?)
         .collect::<Vec<_>>();
     let injected = demo_pods
         .iter()
@@ -196,6 +219,7 @@ async fn run(cluster: &Cluster, args: &Args, t0: Instant) -> anyhow::Result<()> 
     let elapsed = started.elapsed();
     let weights = route_weights(cluster, "api-canary").await;
     let observed = observe(&prometheus, args.requests, t0).await;
+    let traced = trace(cluster, &jaeger, &frontend, &backend_ip, t0).await;
 
     let hidden = mesh::get_from_pod(
         cluster,
@@ -310,8 +334,104 @@ async fn run(cluster: &Cluster, args: &Args, t0: Instant) -> anyhow::Result<()> 
         }
         Err(e) => println!("  metrics: not shown: {e:#}"),
     }
+    match traced {
+        Ok(t) => {
+            println!(
+                "  one traced request frontend → backend → store: trace {}, {} spans ({})",
+                t.id,
+                t.spans,
+                t.services.join(", ")
+            );
+            println!("    look it up: {}/trace/{}", jaeger.url(), t.id);
+            if !args.keep {
+                println!("    (the URL lives as long as the cluster: run with --keep to open it)");
+            }
+        }
+        Err(e) => println!("  tracing: not shown: {e:#}"),
+    }
     println!("  total time: {:.1}s", t0.elapsed().as_secs_f64());
     Ok(())
+}
+
+/// One trace as Jaeger holds it.
+struct Traced {
+    id: String,
+    spans: usize,
+    services: Vec<String>,
+}
+
+/// Sends one request frontend → backend → store that starts a sampled
+/// trace (the frontend app sends `traceparent` with the sampled flag, as an
+/// app's tracing library would), and waits until Jaeger has the spans of
+/// all four proxies on the way.
+async fn trace(
+    cluster: &Cluster,
+    jaeger: &Jaeger,
+    frontend: &str,
+    backend_ip: &str,
+    t0: Instant,
+) -> anyhow::Result<Traced> {
+    step(t0, "one traced request frontend → backend → store");
+    let id: String = (0..16)
+        .map(|_| format!("{:02x}", rand::random::<u8>()))
+        .collect();
+    let parent: String = (0..8)
+        .map(|_| format!("{:02x}", rand::random::<u8>()))
+        .collect();
+    let traceparent = format!("00-{id}-{parent}-01");
+    // Every proxy on the way must run the config that traces.
+    for app in ["frontend", "backend", "store"] {
+        for pod in mesh::pods(cluster, "demo", app).await? {
+            if let Some(name) = pod.metadata.name {
+                mesh::wait_for_proxy_sync(
+                    cluster,
+                    "demo",
+                    &name,
+                    std::time::Duration::from_secs(90),
+                )
+                .await
+                .with_context(|| format!("{name}'s proxy never ran the tracing config"))?;
+            }
+        }
+    }
+    let url = format!("http://{backend_ip}:8080/api/chain");
+    match mesh::get_from_pod(
+        cluster,
+        "demo",
+        frontend,
+        &url,
+        &[("traceparent", &traceparent)],
+    )
+    .await?
+    {
+        Reply::Ok(_) => {}
+        Reply::Failed(why) => anyhow::bail!("the traced request failed: {}", mesh::last_line(&why)),
+    }
+    let deadline = Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let trace = jaeger.trace(&id).await?;
+        let spans = trace["spans"].as_array().map_or(0, Vec::len);
+        if spans >= 4 {
+            let mut services: Vec<String> = trace["processes"]
+                .as_object()
+                .into_iter()
+                .flat_map(|p| p.values())
+                .filter_map(|p| p["serviceName"].as_str().map(str::to_owned))
+                .collect();
+            services.sort();
+            services.dedup();
+            return Ok(Traced {
+                id,
+                spans,
+                services,
+            });
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "Jaeger has {spans} spans of trace {id} after 30 s"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    }
 }
 
 /// What the demo shows of the metrics.

@@ -3,7 +3,8 @@
 //! - `echo --port P [--next URL]`: HTTP server answering every request with
 //!   JSON naming the pod, the caller address it saw and the
 //!   `x-weft-peer-identity` header it received (`/healthz` answers `ok`).
-//!   A request whose path starts with `/chain` is a traced call chain: its
+//!   A request whose path has a segment `chain` (`/chain`, `/api/chain`)
+//!   is a traced call chain: its
 //!   answer also holds the trace headers and `x-request-id` it came with
 //!   (`headers`), and with `--next` the app first GETs URL (a new
 //!   connection), passing those headers on as an app in a traced mesh must,
@@ -57,7 +58,7 @@ enum Cmd {
     Echo {
         #[arg(long, default_value_t = 8080)]
         port: u16,
-        /// For `/chain…` requests: GET this `http://` URL first, passing the
+        /// For `…/chain…` requests: GET this `http://` URL first, passing the
         /// trace headers on, and include its answer.
         #[arg(long)]
         next: Option<String>,
@@ -254,7 +255,7 @@ async fn echo(port: u16, next: Option<String>) -> anyhow::Result<()> {
                         "path": req.uri().path(),
                     });
                     let mut status = axum::http::StatusCode::OK;
-                    if req.uri().path().starts_with("/chain") {
+                    if req.uri().path().split('/').any(|s| s == "chain") {
                         let (received, next_answer) = chain(req.headers(), next.as_deref()).await;
                         answer["headers"] = received;
                         if let Some(n) = next_answer {
