@@ -294,6 +294,91 @@ async fn golden_metrics_read_through_prometheus_match_the_traffic_sent() -> anyh
         println!("{q}\n  = {want}");
     }
 
+    // weftctl, as a user runs it against this Prometheus: the golden
+    // signals and the graph's edges (HTTP and opaque TCP). Rates need the
+    // counters to grow between scrapes, so this traffic is spread over
+    // several seconds (the exact counts above are already checked).
+    for _ in 0..6 {
+        mesh::send_from_pod(&cluster, "demo", &frontend, backend, "/", &[], 3).await?;
+        mesh::send_from_pod(
+            &cluster,
+            "demo",
+            &frontend,
+            backend,
+            "/",
+            &[("x-chaos", "abort")],
+            1,
+        )
+        .await?;
+        cluster
+            .exec_in_pod(
+                "demo",
+                &frontend,
+                &[&app, "tcp-send", &format!("{tcp_ip}:9000"), "--bytes", "100"],
+            )
+            .await?;
+        tokio::time::sleep(Duration::from_millis(700)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let weftctl = weft_e2e::images::target_dir().join("weftctl");
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(&weftctl)
+            .args(args)
+            .output()
+            .map_err(|e| anyhow::anyhow!("{}: {e}", weftctl.display()))?;
+        anyhow::ensure!(
+            out.status.success(),
+            "weftctl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok::<_, anyhow::Error>(String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    let url = prom.url().to_owned();
+    let stat = run(&[
+        "stat",
+        "--prometheus",
+        &url,
+        "--namespace",
+        "demo",
+        "--window",
+        "1m",
+    ])?;
+    println!("weftctl stat --namespace demo:\n{stat}");
+    assert!(
+        stat.lines()
+            .any(|l| l.split_whitespace().nth(1) == Some("backend-v1")),
+        "{stat}"
+    );
+    let dot = run(&[
+        "graph",
+        "--prometheus",
+        &url,
+        "--namespace",
+        "demo",
+        "--window",
+        "5m",
+        "-o",
+        "dot",
+    ])?;
+    println!("weftctl graph --namespace demo -o dot:\n{dot}");
+    for edge in [
+        "\"demo/frontend\" -> \"demo/backend-v1\"",
+        "\"demo/frontend\" -> \"demo/unknown\"",
+        "\"demo/frontend\" -> \"demo/tcp-echo\"",
+    ] {
+        assert!(dot.contains(edge), "no edge {edge} in:\n{dot}");
+    }
+    // Prometheus down: a clear error, no panic.
+    let down = std::process::Command::new(&weftctl)
+        .args(["stat", "--prometheus", "http://127.0.0.1:9"])
+        .output()?;
+    assert!(!down.status.success());
+    assert!(
+        String::from_utf8_lossy(&down.stderr).contains("cannot reach Prometheus"),
+        "{}",
+        String::from_utf8_lossy(&down.stderr)
+    );
+
     // Every dashboard query, with the demo's values for its variables,
     // returns data; those that count events this scenario does not cause
     // must still be accepted by Prometheus.

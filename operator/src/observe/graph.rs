@@ -2,7 +2,9 @@
 //! (`namespace/workload`), an edge is "A called B" with its requests per
 //! second, success rate and p99 latency over a window.
 //!
-//! Edges come from the calling proxies' counts (`reporter="source"`); a
+//! Edges come from the calling proxies' counts (`reporter="source"`) of
+//! HTTP requests and of opaque TCP connections (connections and bytes per
+//! second; an edge may carry both); a
 //! caller only the serving proxy saw (outside the mesh, or whose proxy is
 //! not scraped) is added from `reporter="destination"` and marked so.
 //! [`Graph::to_dot`] writes Graphviz DOT, [`Graph::to_svg`] a drawing laid
@@ -53,6 +55,30 @@ pub fn queries(args: &GraphArgs, reporter: Reporter) -> [String; 3] {
             "histogram_quantile(0.99, sum by (le, {by}) (rate(weft_request_duration_seconds_bucket{{{sel}}}[{w}])))"
         ),
     ]
+}
+
+/// The PromQL for the calling proxies' opaque TCP edges: connections
+/// opened per second, bytes per second both ways.
+pub fn tcp_queries(args: &GraphArgs) -> [String; 2] {
+    let by = EDGE_LABELS.join(", ");
+    let w = &args.window;
+    [
+        format!(
+            "sum by ({by}) (rate(weft_tcp_connections_opened_total{{reporter=\"source\"}}[{w}]))"
+        ),
+        format!(
+            "sum by ({by}) (rate(weft_tcp_sent_bytes_total{{reporter=\"source\"}}[{w}]) + rate(weft_tcp_received_bytes_total{{reporter=\"source\"}}[{w}]))"
+        ),
+    ]
+}
+
+/// Answers to [`tcp_queries`], in the same order.
+#[derive(Clone, Debug, Default)]
+pub struct TcpAnswers {
+    /// Connections opened per second per edge.
+    pub connections: Vec<Sample>,
+    /// Bytes per second (both ways) per edge.
+    pub bytes: Vec<Sample>,
 }
 
 /// One reporter's answers to [`queries`], in the same order.
@@ -121,18 +147,37 @@ pub struct Edge {
     /// Whose count this is: `source` normally, `destination` for a caller
     /// only the serving proxy saw.
     pub seen_by: Reporter,
+    /// Opaque TCP between the two: connections opened and bytes (both
+    /// ways) per second.
+    pub tcp: Option<TcpRates>,
+}
+
+/// An edge's opaque TCP traffic.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+pub struct TcpRates {
+    /// Connections opened per second.
+    pub connections: f64,
+    /// Bytes per second, both ways.
+    pub bytes: f64,
 }
 
 impl Edge {
-    /// `12.00 rps`.
+    /// `12.00 rps`, `0.50 conn/s (tcp)`, or both.
     pub fn rps_text(&self) -> String {
-        format!("{:.2} rps", self.rps)
+        match (self.tcp, self.rps > 0.0 || self.success_rate.is_some()) {
+            (Some(t), false) => format!("{:.2} conn/s (tcp)", t.connections),
+            (Some(t), true) => format!("{:.2} rps · {:.2} conn/s", self.rps, t.connections),
+            (None, _) => format!("{:.2} rps", self.rps),
+        }
     }
 
-    /// `99.50% · p99 23.5ms`, or `no requests`.
+    /// `99.50% · p99 23.5ms`, `tcp 1.2 kB/s`, or `no requests`.
     pub fn quality_text(&self) -> String {
         if self.success_rate.is_none() {
-            return "no requests".to_owned();
+            return match self.tcp {
+                Some(t) => format!("tcp {}", fmt_bytes_rate(t.bytes)),
+                None => "no requests".to_owned(),
+            };
         }
         format!(
             "{} · p99 {}",
@@ -192,9 +237,51 @@ fn by_edge(a: &Answers) -> BTreeMap<Key, Stats> {
     m
 }
 
+/// `512 B/s`, `1.2 kB/s`, `3.4 MB/s`.
+fn fmt_bytes_rate(b: f64) -> String {
+    if b >= 1e6 {
+        format!("{:.1} MB/s", b / 1e6)
+    } else if b >= 1e3 {
+        format!("{:.1} kB/s", b / 1e3)
+    } else {
+        format!("{b:.0} B/s")
+    }
+}
+
 impl Graph {
-    /// Build the graph from both reporters' answers.
+    /// Build the graph from both reporters' answers, HTTP only.
     pub fn build(args: &GraphArgs, source: &Answers, destination: &Answers) -> Self {
+        Self::build_with_tcp(args, source, destination, &TcpAnswers::default())
+    }
+
+    /// Build the graph from both reporters' HTTP answers and the callers'
+    /// TCP answers: a pair with TCP traffic gets it on its edge (a new edge
+    /// when no HTTP went between them).
+    pub fn build_with_tcp(
+        args: &GraphArgs,
+        source: &Answers,
+        destination: &Answers,
+        tcp: &TcpAnswers,
+    ) -> Self {
+        let key = |s: &Sample| EDGE_LABELS.map(|l| s.label(l).to_owned());
+        let mut tcp_rates: BTreeMap<Key, TcpRates> = tcp
+            .connections
+            .iter()
+            .map(|s| {
+                (
+                    key(s),
+                    TcpRates {
+                        connections: finite(s.value).unwrap_or(0.0),
+                        bytes: 0.0,
+                    },
+                )
+            })
+            .collect();
+        for s in &tcp.bytes {
+            if let Some(t) = tcp_rates.get_mut(&key(s)) {
+                t.bytes = finite(s.value).unwrap_or(0.0);
+            }
+        }
         let from_source = by_edge(source);
         let from_destination = by_edge(destination);
         let wanted = |k: &Key| {
@@ -213,6 +300,13 @@ impl Graph {
                 .into_iter()
                 .filter(|(k, _)| wanted(k) && !known.contains(k))
                 .map(|(k, s)| (k, s, Reporter::Destination)),
+        );
+        let known: BTreeSet<Key> = chosen.iter().map(|(k, _, _)| k.clone()).collect();
+        chosen.extend(
+            tcp_rates
+                .keys()
+                .filter(|k| wanted(k) && !known.contains(*k))
+                .map(|k| (k.clone(), Stats::default(), Reporter::Source)),
         );
         let nodes: BTreeSet<Node> = chosen
             .iter()
@@ -245,6 +339,7 @@ impl Graph {
                 success_rate: (s.rps > 0.0).then(|| (s.ok / s.rps).clamp(0.0, 1.0)),
                 p99_ms: s.p99,
                 seen_by: *seen_by,
+                tcp: tcp_rates.get(k).copied(),
             })
             .collect();
         edges.sort_by_key(|e| (e.from, e.to));
@@ -374,6 +469,7 @@ impl Health {
 /// The colour class of an edge.
 pub fn health(e: &Edge) -> Health {
     match e.success_rate {
+        None if e.tcp.is_some_and(|t| t.connections > 0.0 || t.bytes > 0.0) => Health::Good,
         None => Health::Idle,
         Some(r) if r >= 0.99 => Health::Good,
         Some(r) if r >= 0.95 => Health::Degraded,
@@ -403,6 +499,7 @@ fn dot_escape(s: &str) -> String {
 pub async fn query(prom: &Prom, args: &GraphArgs) -> Result<Graph, Error> {
     let [s_total, s_ok, s_p99] = queries(args, Reporter::Source);
     let [d_total, d_ok, d_p99] = queries(args, Reporter::Destination);
+    let [tcp_conns, tcp_bytes] = tcp_queries(args);
     let t = Some(prom.now().await?);
     let (st, so, sp, dt, dok, dp) = tokio::try_join!(
         prom.query_at(&s_total, t),
@@ -412,10 +509,11 @@ pub async fn query(prom: &Prom, args: &GraphArgs) -> Result<Graph, Error> {
         prom.query_at(&d_ok, t),
         prom.query_at(&d_p99, t),
     )?;
-    if st.is_empty() && dt.is_empty() {
+    let (tc, tb) = tokio::try_join!(prom.query_at(&tcp_conns, t), prom.query_at(&tcp_bytes, t),)?;
+    if st.is_empty() && dt.is_empty() && tc.is_empty() {
         prom.require_weft_series().await?;
     }
-    Ok(Graph::build(
+    Ok(Graph::build_with_tcp(
         args,
         &Answers {
             total: st,
@@ -426,6 +524,10 @@ pub async fn query(prom: &Prom, args: &GraphArgs) -> Result<Graph, Error> {
             total: dt,
             success: dok,
             p99: dp,
+        },
+        &TcpAnswers {
+            connections: tc,
+            bytes: tb,
         },
     ))
 }
@@ -478,6 +580,41 @@ pub(crate) mod tests {
             p99: vec![edge(outside, fe, 0.3)],
         };
         Graph::build(&GraphArgs::default(), &source, &destination)
+    }
+
+    #[test]
+    fn tcp_traffic_joins_its_edge_or_makes_one() {
+        let fe = ("demo", "frontend");
+        let v1 = ("demo", "backend-v1");
+        let db = ("demo", "tcp-echo");
+        let source = Answers {
+            total: vec![edge(fe, v1, 2.0)],
+            success: vec![edge(fe, v1, 2.0)],
+            p99: vec![edge(fe, v1, 0.01)],
+        };
+        let tcp = TcpAnswers {
+            connections: vec![edge(fe, db, 0.5), edge(fe, v1, 0.25)],
+            bytes: vec![edge(fe, db, 1500.0), edge(fe, v1, 10.0)],
+        };
+        let g = Graph::build_with_tcp(&GraphArgs::default(), &source, &Answers::default(), &tcp);
+        let ends: Vec<(String, String)> = g.edges.iter().map(|e| g.ends(e)).collect();
+        assert_eq!(
+            ends,
+            [
+                ("demo/frontend".to_owned(), "demo/backend-v1".to_owned()),
+                ("demo/frontend".to_owned(), "demo/tcp-echo".to_owned()),
+            ]
+        );
+        let http = &g.edges[0];
+        assert_eq!(http.rps_text(), "2.00 rps · 0.25 conn/s");
+        let opaque = &g.edges[1];
+        assert_eq!(opaque.rps_text(), "0.50 conn/s (tcp)");
+        assert_eq!(opaque.quality_text(), "tcp 1.5 kB/s");
+        assert_eq!(health(opaque), Health::Good);
+        assert!(g.to_dot().contains("0.50 conn/s (tcp)"));
+        assert!(
+            tcp_queries(&GraphArgs::default())[0].contains("weft_tcp_connections_opened_total")
+        );
     }
 
     #[test]

@@ -489,6 +489,7 @@ pub(crate) mod tests {
             success_rate: Some(1.0),
             p99_ms: Some(5.0),
             seen_by: Reporter::Source,
+            tcp: None,
         };
         let cyclic = Graph {
             nodes: vec![node("a&b"), node("<c>"), node("d")],
@@ -539,6 +540,7 @@ pub(crate) mod tests {
             } else {
                 Reporter::Source
             },
+            tcp: None,
         };
         let g = Graph {
             nodes,
