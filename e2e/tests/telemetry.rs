@@ -314,7 +314,13 @@ async fn golden_metrics_read_through_prometheus_match_the_traffic_sent() -> anyh
             .exec_in_pod(
                 "demo",
                 &frontend,
-                &[&app, "tcp-send", &format!("{tcp_ip}:9000"), "--bytes", "100"],
+                &[
+                    &app,
+                    "tcp-send",
+                    &format!("{tcp_ip}:9000"),
+                    "--bytes",
+                    "100",
+                ],
             )
             .await?;
         tokio::time::sleep(Duration::from_millis(700)).await;
