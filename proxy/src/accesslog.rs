@@ -204,6 +204,26 @@ impl Deferred {
     }
 }
 
+/// The request headers a line is made of.
+const REQUEST_FIELDS: [&'static str; 4] =
+    ["host", REQUEST_ID_HEADER, "content-length", "traceparent"];
+/// The response headers a line is made of.
+pub const RESPONSE_FIELDS: [&'static str; 3] =
+    ["grpc-status", crate::http::ERROR_HEADER, "content-length"];
+
+/// A copy of `h` with only the headers `names` (their values are shared,
+/// not copied): what a line needs, without cloning every header of every
+/// logged request.
+pub fn slim(h: &HeaderMap, names: &[&'static str]) -> HeaderMap {
+    let mut out = HeaderMap::with_capacity(names.len());
+    for name in names {
+        if let Some(v) = h.get(*name) {
+            out.insert(http::header::HeaderName::from_static(name), v.clone());
+        }
+    }
+    out
+}
+
 impl Logged {
     /// Keeps what the access log needs of `req`, at its arrival.
     pub fn of<B>(req: &Request<B>, plan: Plan) -> Self {
@@ -213,7 +233,7 @@ impl Logged {
             began: Instant::now(),
             method: req.method().clone(),
             uri: req.uri().clone(),
-            headers: req.headers().clone(),
+            headers: slim(req.headers(), &REQUEST_FIELDS),
             protocol: match req.version() {
                 http::Version::HTTP_2 => "HTTP/2",
                 http::Version::HTTP_10 => "HTTP/1.0",

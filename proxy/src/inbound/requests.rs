@@ -407,7 +407,10 @@ fn deferred(ctx: &Ctx, l: Logged, resp: &Response<Body>, series: &Series) -> OnE
     let line = Deferred {
         direction: Direction::Inbound,
         status: resp.status().as_u16(),
-        response_headers: resp.headers().clone(),
+        response_headers: crate::accesslog::slim(
+            resp.headers(),
+            &crate::accesslog::RESPONSE_FIELDS,
+        ),
         ttfb: l.began.elapsed(),
         source_principal: series.known("source_principal"),
         destination_principal: series.known("destination_principal"),
