@@ -205,11 +205,9 @@ impl Deferred {
 }
 
 /// The request headers a line is made of.
-const REQUEST_FIELDS: [&'static str; 4] =
-    ["host", REQUEST_ID_HEADER, "content-length", "traceparent"];
+const REQUEST_FIELDS: [&str; 4] = ["host", REQUEST_ID_HEADER, "content-length", "traceparent"];
 /// The response headers a line is made of.
-pub const RESPONSE_FIELDS: [&'static str; 3] =
-    ["grpc-status", crate::http::ERROR_HEADER, "content-length"];
+pub const RESPONSE_FIELDS: [&str; 3] = ["grpc-status", crate::http::ERROR_HEADER, "content-length"];
 
 /// A copy of `h` with only the headers `names` (their values are shared,
 /// not copied): what a line needs, without cloning every header of every
