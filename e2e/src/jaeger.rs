@@ -16,19 +16,14 @@
 //! health check are forwarded to host loopback; the receiver is reached by
 //! the pods at the node's address, inside the cluster's namespaces.
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Stdio};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use http_body_util::{BodyExt as _, Full};
 use hyper::body::Bytes;
-use hyper_util::client::legacy::Client as HttpClient;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
 use serde_json::Value;
 
 use crate::cluster::NODE_IP;
-use crate::netns::NetnsRuntime;
+use crate::node_service::{NodeService, io};
 use crate::{Cluster, HarnessError};
 
 /// The OTLP/HTTP receiver's port, on every address of the node namespace.
@@ -42,19 +37,6 @@ pub const HEALTH_LISTEN: &str = "127.0.0.1:13133";
 
 const BUILD_HINT: &str =
     "build it with e2e/jaeger/build.sh (needs Go and the Go module proxy; scripts/setup does)";
-
-fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> HarnessError {
-    let what = what.into();
-    move |source| HarnessError::Io { what, source }
-}
-
-fn failed(what: impl Into<String>, why: impl Into<String>) -> HarnessError {
-    HarnessError::Command {
-        cmd: what.into(),
-        status: "failed".into(),
-        stderr: why.into(),
-    }
-}
 
 /// The Jaeger binary: `$WEFT_JAEGER_BIN`, else
 /// `<repo>/target/jaeger/jaeger` (what `e2e/jaeger/build.sh` builds).
@@ -114,23 +96,11 @@ exporters:
 
 /// A Jaeger all-in-one in a harness cluster's node namespace, with
 /// in-memory storage (see the module docs). Killed on drop.
+#[derive(Debug)]
 pub struct Jaeger {
-    child: Option<Child>,
+    svc: NodeService,
     url: String,
     health_url: String,
-    dir: tempfile::TempDir,
-    http: HttpClient<HttpConnector, Full<Bytes>>,
-    /// Keeps the forwards from host loopback alive.
-    _forward: NetnsRuntime,
-}
-
-impl std::fmt::Debug for Jaeger {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Jaeger")
-            .field("url", &self.url)
-            .field("dir", &self.dir.path())
-            .finish_non_exhaustive()
-    }
 }
 
 impl Jaeger {
@@ -150,70 +120,37 @@ impl Jaeger {
                 bin.display()
             )));
         }
-        let dir = tempfile::Builder::new()
-            .prefix(&format!("weft-e2e-{}-jaeger-", cluster.id()))
-            .tempdir()
-            .map_err(io("jaeger temp dir"))?;
+        let dir = NodeService::temp_dir(cluster, "jaeger")?;
         let config_path = dir.path().join("jaeger.yaml");
         std::fs::write(&config_path, config_yaml()).map_err(io("writing jaeger.yaml"))?;
-        let log = std::fs::File::create(dir.path().join("jaeger.log")).map_err(io("jaeger log"))?;
-        let log2 = log.try_clone().map_err(io("jaeger log"))?;
-        let child = std::process::Command::new("ip")
-            .args(["netns", "exec", &cluster.node_netns()])
-            .arg(&bin)
-            .arg("--config")
-            .arg(&config_path)
-            .current_dir(dir.path())
-            .stdin(Stdio::null())
-            .stdout(log)
-            .stderr(log2)
-            .spawn()
-            .map_err(io("start jaeger"))?;
-        let forward =
-            NetnsRuntime::enter(PathBuf::from("/var/run/netns").join(cluster.node_netns()))?;
-        let parse = |a: &str| {
-            a.parse()
-                .map_err(|e| failed("jaeger listen address", format!("{a}: {e}")))
-        };
-        let query = forward
-            .forward(parse(QUERY_LISTEN)?)
-            .map_err(io("jaeger query forward"))?;
-        let health = forward
-            .forward(parse(HEALTH_LISTEN)?)
-            .map_err(io("jaeger health forward"))?;
-        let mut jaeger = Jaeger {
-            child: Some(child),
-            url: format!("http://{query}"),
-            health_url: format!("http://{health}"),
+        let svc = NodeService::spawn(
+            cluster,
+            "jaeger",
             dir,
-            http: HttpClient::builder(TokioExecutor::new()).build_http(),
-            _forward: forward,
+            &bin,
+            &["--config".into(), config_path.into_os_string()],
+        )?;
+        let mut jaeger = Jaeger {
+            url: svc.forward(QUERY_LISTEN)?,
+            health_url: svc.forward(HEALTH_LISTEN)?,
+            svc,
         };
-        jaeger.wait_ready(&bin).await?;
+        let (health, query) = (
+            format!("{}/status", jaeger.health_url),
+            format!("{}/api/services", jaeger.url),
+        );
+        let svc = &mut jaeger.svc;
+        let probe = svc.prober();
+        svc.wait_ready(|| {
+            let probe = probe.clone();
+            let (health, query) = (health.clone(), query.clone());
+            async move {
+                matches!(probe.get(&health).await, Ok((200, _)))
+                    && matches!(probe.get(&query).await, Ok((200, _)))
+            }
+        })
+        .await?;
         Ok(jaeger)
-    }
-
-    async fn wait_ready(&mut self, bin: &Path) -> Result<(), HarnessError> {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            let health = self.get_from(&self.health_url, "/status").await;
-            let query = self.get("/api/services").await;
-            if matches!(health, Ok((200, _))) && matches!(query, Ok((200, _))) {
-                return Ok(());
-            }
-            let exited = self
-                .child
-                .as_mut()
-                .and_then(|c| c.try_wait().ok().flatten());
-            if exited.is_some() || Instant::now() > deadline {
-                return Err(HarnessError::Command {
-                    cmd: bin.display().to_string(),
-                    status: exited.map_or("not ready after 60s".into(), |s| s.to_string()),
-                    stderr: self.log(),
-                });
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
     }
 
     /// The OTLP/HTTP endpoint pods export to (the node's address): the
@@ -229,35 +166,16 @@ impl Jaeger {
 
     /// The configuration Jaeger runs.
     pub fn config_path(&self) -> PathBuf {
-        self.dir.path().join("jaeger.yaml")
+        self.svc.dir().join("jaeger.yaml")
     }
 
     /// Jaeger's own log.
     pub fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("jaeger.log")).unwrap_or_default()
-    }
-
-    async fn get_from(&self, base: &str, path: &str) -> Result<(u16, Bytes), HarnessError> {
-        let what = format!("jaeger GET {base}{path}");
-        let req = http::Request::get(format!("{base}{path}"))
-            .body(Full::new(Bytes::new()))
-            .map_err(|e| failed(&what, e.to_string()))?;
-        let resp = tokio::time::timeout(Duration::from_secs(30), self.http.request(req))
-            .await
-            .map_err(|_| failed(&what, "no answer in 30s"))?
-            .map_err(|e| failed(&what, e.to_string()))?;
-        let code = resp.status().as_u16();
-        let body = resp
-            .into_body()
-            .collect()
-            .await
-            .map_err(|e| failed(&what, e.to_string()))?
-            .to_bytes();
-        Ok((code, body))
+        self.svc.log()
     }
 
     async fn get(&self, path: &str) -> Result<(u16, Bytes), HarnessError> {
-        self.get_from(&self.url, path).await
+        self.svc.get(&format!("{}{path}", self.url)).await
     }
 
     /// A query API call (`/api/...`): its JSON answer, whatever the status.
@@ -321,23 +239,6 @@ impl Jaeger {
                 ));
             }
             tokio::time::sleep(Duration::from_millis(250)).await;
-        }
-    }
-}
-
-impl Drop for Jaeger {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-        if std::thread::panicking() {
-            let log = self.log();
-            let lines: Vec<&str> = log.lines().collect();
-            eprintln!(
-                "===== jaeger.log =====\n{}",
-                lines[lines.len().saturating_sub(60)..].join("\n")
-            );
         }
     }
 }

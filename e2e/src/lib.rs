@@ -30,6 +30,7 @@ pub mod jaeger;
 pub mod kubelet;
 pub mod mesh;
 pub mod netns;
+pub mod node_service;
 pub mod prometheus;
 
 pub use cluster::{Cluster, ClusterConfig, HarnessError, pod_is_ready};

@@ -20,22 +20,17 @@
 //! injector's certificate is verified as the shipped job intends.
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
-use http_body_util::{BodyExt as _, Full};
+use http_body_util::Full;
 use hyper::body::Bytes;
-use hyper_util::client::legacy::Client as HttpClient;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
 use k8s_openapi::api::core::v1::{ContainerStatus, Pod, Secret};
 use kube::Api;
 use kube::api::ListParams;
 use serde_json::{Value, json};
 
-use crate::netns::NetnsRuntime;
+use crate::node_service::{NodeService, io};
 use crate::{Cluster, HarnessError};
 
 /// Debian's Prometheus server.
@@ -51,11 +46,6 @@ pub const INJECTOR_CA_SECRET: (&str, &str) = ("weft-system", "weft-injector-tls"
 
 const INSTALL_HINT: &str =
     "apt-get install -y --no-install-recommends prometheus (scripts/setup does)";
-
-fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> HarnessError {
-    let what = what.into();
-    move |source| HarnessError::Io { what, source }
-}
 
 fn invalid(what: impl Into<String>) -> HarnessError {
     HarnessError::Command {
@@ -397,23 +387,11 @@ async fn refresh(
 
 /// A Prometheus server scraping a harness cluster with weft's shipped jobs
 /// (see the module docs). Killed, with its discovery refresher, on drop.
+#[derive(Debug)]
 pub struct Prometheus {
-    child: Option<Child>,
+    svc: NodeService,
     url: String,
-    dir: tempfile::TempDir,
     refresher: tokio::task::JoinHandle<()>,
-    http: HttpClient<HttpConnector, Full<Bytes>>,
-    /// Keeps the forward from host loopback alive.
-    _forward: NetnsRuntime,
-}
-
-impl std::fmt::Debug for Prometheus {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Prometheus")
-            .field("url", &self.url)
-            .field("dir", &self.dir.path())
-            .finish_non_exhaustive()
-    }
 }
 
 impl Prometheus {
@@ -432,10 +410,7 @@ impl Prometheus {
                 "{PROMETHEUS_BIN} not found: {INSTALL_HINT}"
             )));
         }
-        let dir = tempfile::Builder::new()
-            .prefix(&format!("weft-e2e-{}-prometheus-", cluster.id()))
-            .tempdir()
-            .map_err(io("prometheus temp dir"))?;
+        let dir = NodeService::temp_dir(cluster, "prometheus")?;
         std::fs::create_dir_all(dir.path().join("sd")).map_err(io("prometheus sd dir"))?;
         let hc = harness_config(
             &shipped_scrape_configs()?,
@@ -482,59 +457,31 @@ impl Prometheus {
             })
         };
 
-        let log = std::fs::File::create(dir.path().join("prometheus.log"))
-            .map_err(io("prometheus log"))?;
-        let log2 = log.try_clone().map_err(io("prometheus log"))?;
-        let child = std::process::Command::new("ip")
-            .args(["netns", "exec", &cluster.node_netns(), PROMETHEUS_BIN])
-            .arg(format!("--config.file={}", config_path.display()))
-            .arg(format!(
-                "--storage.tsdb.path={}",
-                dir.path().join("data").display()
-            ))
-            .arg(format!("--web.listen-address={LISTEN}"))
-            .stdin(Stdio::null())
-            .stdout(log)
-            .stderr(log2)
-            .spawn()
-            .map_err(io("start prometheus"))?;
-        let forward =
-            NetnsRuntime::enter(PathBuf::from("/var/run/netns").join(cluster.node_netns()))?;
-        let listen: SocketAddr = LISTEN
-            .parse()
-            .map_err(|e| invalid(format!("listen address: {e}")))?;
-        let host = forward.forward(listen).map_err(io("prometheus forward"))?;
-        let mut prom = Prometheus {
-            child: Some(child),
-            url: format!("http://{host}"),
+        let data = dir.path().join("data");
+        let svc = NodeService::spawn(
+            cluster,
+            "prometheus",
             dir,
+            Path::new(PROMETHEUS_BIN),
+            &[
+                format!("--config.file={}", config_path.display()).into(),
+                format!("--storage.tsdb.path={}", data.display()).into(),
+                format!("--web.listen-address={LISTEN}").into(),
+            ],
+        )?;
+        let mut prom = Prometheus {
+            url: svc.forward(LISTEN)?,
+            svc,
             refresher,
-            http: HttpClient::builder(TokioExecutor::new()).build_http(),
-            _forward: forward,
         };
-        prom.wait_ready().await?;
+        let (probe, ready) = (prom.svc.prober(), format!("{}/-/ready", prom.url));
+        prom.svc
+            .wait_ready(|| {
+                let (probe, ready) = (probe.clone(), ready.clone());
+                async move { matches!(probe.get(&ready).await, Ok((200, _))) }
+            })
+            .await?;
         Ok(prom)
-    }
-
-    async fn wait_ready(&mut self) -> Result<(), HarnessError> {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            if let Ok((200, _)) = self.get("/-/ready").await {
-                return Ok(());
-            }
-            let exited = self
-                .child
-                .as_mut()
-                .and_then(|c| c.try_wait().ok().flatten());
-            if exited.is_some() || Instant::now() > deadline {
-                return Err(HarnessError::Command {
-                    cmd: PROMETHEUS_BIN.into(),
-                    status: exited.map_or("not ready after 60s".into(), |s| s.to_string()),
-                    stderr: self.log(),
-                });
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
     }
 
     /// The HTTP API's base URL, on host loopback.
@@ -544,32 +491,16 @@ impl Prometheus {
 
     /// The `prometheus.yml` Prometheus runs.
     pub fn config_path(&self) -> PathBuf {
-        self.dir.path().join("prometheus.yml")
+        self.svc.dir().join("prometheus.yml")
     }
 
     /// Prometheus's own log.
     pub fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("prometheus.log")).unwrap_or_default()
+        self.svc.log()
     }
 
     async fn send(&self, req: http::Request<Full<Bytes>>) -> Result<(u16, Bytes), HarnessError> {
-        let fail = |e: String| HarnessError::Command {
-            cmd: format!("prometheus {}", self.url),
-            status: "request failed".into(),
-            stderr: e,
-        };
-        let resp = tokio::time::timeout(Duration::from_secs(30), self.http.request(req))
-            .await
-            .map_err(|_| fail("no answer in 30s".into()))?
-            .map_err(|e| fail(e.to_string()))?;
-        let code = resp.status().as_u16();
-        let body = resp
-            .into_body()
-            .collect()
-            .await
-            .map_err(|e| fail(e.to_string()))?
-            .to_bytes();
-        Ok((code, body))
+        self.svc.send(req).await
     }
 
     async fn get(&self, path: &str) -> Result<(u16, Bytes), HarnessError> {
@@ -676,17 +607,5 @@ pub fn samples(data: &Value) -> Vec<(BTreeMap<String, String>, f64)> {
 impl Drop for Prometheus {
     fn drop(&mut self) {
         self.refresher.abort();
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-        if std::thread::panicking() {
-            let log = self.log();
-            let lines: Vec<&str> = log.lines().collect();
-            eprintln!(
-                "===== prometheus.log =====\n{}",
-                lines[lines.len().saturating_sub(60)..].join("\n")
-            );
-        }
     }
 }
