@@ -173,6 +173,36 @@ pub struct Deferred {
 }
 
 impl Deferred {
+    /// The line of request `l` answered by the head `resp` on
+    /// `direction`'s side, with the call's workloads, namespaces,
+    /// principals and Service from its metric `series`; no route,
+    /// upstream, retries or audit mark yet.
+    pub fn new<B>(
+        l: Logged,
+        direction: Direction,
+        resp: &http::Response<B>,
+        series: &crate::metrics::traffic::Series,
+    ) -> Self {
+        Deferred {
+            direction,
+            status: resp.status().as_u16(),
+            response_headers: slim(resp.headers(), &RESPONSE_FIELDS),
+            ttfb: l.began.elapsed(),
+            source_principal: series.known("source_principal"),
+            destination_principal: series.known("destination_principal"),
+            source_workload: series.known("source_workload"),
+            source_namespace: series.known("source_namespace"),
+            destination_namespace: series.known("destination_namespace"),
+            destination_workload: series.known("destination_workload"),
+            destination_service: series.known("destination_service"),
+            route: None,
+            upstream: None,
+            retries: 0,
+            audit: false,
+            logged: l,
+        }
+    }
+
     /// Writes the line of the request that ended with `grpc_status` (from
     /// trailers, if any) after `response_bytes` body bytes.
     pub fn finish(self, log: &AccessLog, grpc_status: Option<u16>, response_bytes: u64) {
@@ -216,12 +246,12 @@ impl Deferred {
 /// The request headers a line is made of.
 const REQUEST_FIELDS: [&str; 4] = ["host", REQUEST_ID_HEADER, "content-length", "traceparent"];
 /// The response headers a line is made of.
-pub const RESPONSE_FIELDS: [&str; 3] = ["grpc-status", crate::http::ERROR_HEADER, "content-length"];
+const RESPONSE_FIELDS: [&str; 3] = ["grpc-status", crate::http::ERROR_HEADER, "content-length"];
 
 /// A copy of `h` with only the headers `names` (their values are shared,
 /// not copied): what a line needs, without cloning every header of every
 /// logged request.
-pub fn slim(h: &HeaderMap, names: &[&'static str]) -> HeaderMap {
+fn slim(h: &HeaderMap, names: &[&'static str]) -> HeaderMap {
     let mut out = HeaderMap::with_capacity(names.len());
     for name in names {
         if let Some(v) = h.get(*name) {

@@ -404,27 +404,9 @@ struct Audited;
 /// The access log line of a request whose response head is `resp`, to be
 /// written when the response ends.
 fn deferred(ctx: &Ctx, l: Logged, resp: &Response<Body>, series: &Series) -> OnEnd {
-    let line = Deferred {
-        direction: Direction::Inbound,
-        status: resp.status().as_u16(),
-        response_headers: crate::accesslog::slim(
-            resp.headers(),
-            &crate::accesslog::RESPONSE_FIELDS,
-        ),
-        ttfb: l.began.elapsed(),
-        source_principal: series.known("source_principal"),
-        destination_principal: series.known("destination_principal"),
-        source_workload: series.known("source_workload"),
-        source_namespace: series.known("source_namespace"),
-        destination_namespace: series.known("destination_namespace"),
-        destination_workload: series.known("destination_workload"),
-        destination_service: series.known("destination_service"),
-        route: None,
-        upstream: Some(SocketAddr::new(ctx.state.settings.app_host, ctx.port)),
-        retries: 0,
-        audit: resp.extensions().get::<Audited>().is_some(),
-        logged: l,
-    };
+    let mut line = Deferred::new(l, Direction::Inbound, resp, series);
+    line.upstream = Some(SocketAddr::new(ctx.state.settings.app_host, ctx.port));
+    line.audit = resp.extensions().get::<Audited>().is_some();
     let state = ctx.state.clone();
     Box::new(move |outcome, bytes| line.finish(&state.access_log, outcome.grpc_status, bytes))
 }

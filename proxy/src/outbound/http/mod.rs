@@ -124,27 +124,10 @@ pub async fn serve<I>(
 /// written when the response ends.
 fn deferred(ctx: &Ctx, l: Logged, resp: &Response<Body>, series: &Series) -> OnEnd {
     let ext = resp.extensions();
-    let line = Deferred {
-        direction: Direction::Outbound,
-        status: resp.status().as_u16(),
-        response_headers: crate::accesslog::slim(
-            resp.headers(),
-            &crate::accesslog::RESPONSE_FIELDS,
-        ),
-        ttfb: l.began.elapsed(),
-        source_principal: series.known("source_principal"),
-        destination_principal: series.known("destination_principal"),
-        source_workload: series.known("source_workload"),
-        source_namespace: series.known("source_namespace"),
-        destination_namespace: series.known("destination_namespace"),
-        destination_workload: series.known("destination_workload"),
-        destination_service: series.known("destination_service"),
-        route: ext.get::<RouteRule>().map(|r| r.0.clone()),
-        upstream: ext.get::<Upstream>().map(|u| u.addr),
-        retries: ext.get::<Retries>().map_or(0, |r| r.0),
-        audit: false,
-        logged: l,
-    };
+    let mut line = Deferred::new(l, Direction::Outbound, resp, series);
+    line.route = ext.get::<RouteRule>().map(|r| r.0.clone());
+    line.upstream = ext.get::<Upstream>().map(|u| u.addr);
+    line.retries = ext.get::<Retries>().map_or(0, |r| r.0);
     let state = ctx.state.clone();
     Box::new(move |outcome, bytes| line.finish(&state.access_log, outcome.grpc_status, bytes))
 }
