@@ -45,9 +45,10 @@ use crate::snapshot::rewrite::redirect_location;
 use crate::snapshot::routes;
 use crate::snapshot::{ServiceRef, Snapshot};
 use crate::state::State;
+use crate::trace::context::sample;
 use crate::trace::{Kind, Pending, Value, ending};
 use endpoint::{Ctx, SeriesKey};
-use retry::{chance, send};
+use retry::send;
 
 /// Serves HTTP on a captured client connection.
 pub async fn serve<I>(
@@ -265,11 +266,11 @@ async fn inject(
     route: &routes::HttpRoute,
     fault: &weft_proxy_config::Fault,
 ) -> Option<Response<Body>> {
-    if let Some(d) = fault.delay.as_ref().filter(|d| chance(d.percent)) {
+    if let Some(d) = fault.delay.as_ref().filter(|d| sample(d.percent)) {
         ctx.state.metrics.route_event(&route.name, "fault-delay");
         tokio::time::sleep(std::time::Duration::from_millis(d.delay_ms)).await;
     }
-    let a = fault.abort.as_ref().filter(|a| chance(a.percent))?;
+    let a = fault.abort.as_ref().filter(|a| sample(a.percent))?;
     ctx.state.metrics.route_event(&route.name, "fault-abort");
     Some(error_response(
         StatusCode::from_u16(a.status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE),

@@ -20,11 +20,7 @@ use crate::metrics::Direction;
 use crate::snapshot::dest::{Dest, resolve};
 use crate::snapshot::routes;
 use crate::snapshot::{ServiceRef, Snapshot};
-
-/// Whether an event of probability `percent` (0–100) happens this time.
-pub(super) fn chance(percent: f64) -> bool {
-    percent >= 100.0 || (percent > 0.0 && rand::random::<f64>() * 100.0 < percent)
-}
+use crate::trace::context::sample;
 
 /// Largest request body kept in memory so a request can be sent more than
 /// once (retries, mirroring). Larger bodies, bodies of unknown length and
@@ -169,7 +165,7 @@ async fn send_to(
     let retry = route.and_then(|r| r.retry.as_ref().map(|p| (r, p)));
     let mirror = route.and_then(|r| {
         r.mirror
-            .filter(|(_, pct)| chance(*pct))
+            .filter(|(_, pct)| sample(*pct))
             .map(|(b, _)| (r, b))
     });
     if retry.is_none() && mirror.is_none() {
