@@ -55,6 +55,10 @@ struct RunArgs {
     /// under `overflow`.
     #[arg(long, env = "WEFT_MAX_METRIC_SERIES", default_value_t = weft_proxy::metrics::traffic::DEFAULT_SERIES_CAP)]
     max_metric_series: usize,
+    /// HTTP/1.1 requests to weft peers share one HTTP/2 connection per
+    /// peer (`true`), or each takes an HTTP/1.1 connection of its own.
+    #[arg(long, env = "WEFT_PROXY_MUX", default_value_t = true, action = clap::ArgAction::Set)]
+    mux: bool,
     /// This pod's IP.
     #[arg(long, env = "WEFT_POD_IP")]
     pod_ip: Option<IpAddr>,
@@ -195,6 +199,7 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
         _ => None,
     };
     s.max_metric_series = a.max_metric_series;
+    s.mux = a.mux;
     s.opaque_ports = a.opaque_ports;
     s.drain_timeout = Duration::from_secs(a.drain_seconds);
     s.detect_timeout = Duration::from_millis(a.detect_timeout_ms);

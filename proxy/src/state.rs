@@ -64,6 +64,9 @@ pub struct Settings {
     /// Most label sets of traffic metrics kept before calls are counted
     /// under `overflow`.
     pub max_metric_series: usize,
+    /// HTTP/1.1 requests to weft peers are multiplexed on one HTTP/2
+    /// connection per peer ([`crate::http::pool::PoolKey::mux`]).
+    pub mux: bool,
     /// The pod's `weft.dev/access-log` annotation (through the injector's
     /// `WEFT_ACCESS_LOG`): `Some(None)` off, `Some(Some(errors_only))` on,
     /// over the namespace's and the Mesh's setting.
@@ -118,6 +121,7 @@ impl Settings {
             labels: BTreeMap::new(),
             workload: None,
             max_metric_series: crate::metrics::traffic::DEFAULT_SERIES_CAP,
+            mux: true,
             access_log_override: None,
             opaque_ports: Vec::new(),
             detect_timeout: Duration::from_secs(5),
@@ -515,6 +519,7 @@ impl State {
         Connector {
             dialer: &*self.net.dialer,
             snapshot,
+            metrics: &self.metrics,
         }
     }
 

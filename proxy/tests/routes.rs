@@ -1463,6 +1463,7 @@ async fn max_requests_per_connection_closes_used_up_connections() {
             addr: SocketAddr::new(IpAddr::V4(ip), port),
             identity: None,
             version: weft_proxy::http::pool::Version::Http1,
+            mux: false,
         });
     for _ in 0..6 {
         let req = Request::get("/")

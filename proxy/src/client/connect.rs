@@ -20,6 +20,7 @@ use tokio_rustls::TlsConnector;
 
 use super::limits::{ConnLimits, Counted, Reserved};
 use crate::http::pool::{Dial, Pool, PoolKey, Sender, Version};
+use crate::metrics::Direction;
 use crate::net::{Dialer, Stream};
 use crate::snapshot::Snapshot;
 use crate::tls::IdentityError;
@@ -148,6 +149,8 @@ pub struct Connector<'a> {
     pub dialer: &'a dyn Dialer,
     /// The snapshot of the request or connection.
     pub snapshot: &'a Snapshot,
+    /// Where handshakes are counted.
+    pub metrics: &'a crate::metrics::Metrics,
 }
 
 /// Connects to `addr` within `deadline` (TCP, then TLS each); with
@@ -178,6 +181,8 @@ pub async fn connect(
             },
             None => ConnectError::Tls { addr, source },
         })?;
+    via.metrics
+        .handshake(Direction::Outbound, tls.get_ref().1.handshake_kind());
     Ok(Stream::Tls(Box::new(tls)))
 }
 
@@ -222,9 +227,10 @@ pub async fn acquire(
     if !fresh_only && let Some(s) = pool.checkout() {
         return Ok((s, false));
     }
-    // HTTP/2: one request dials, the others share its connection.
-    let _dialing = match key.version {
-        Version::Http2 if !fresh_only => match pool.dial_or_share().await {
+    // HTTP/2 (and multiplexed HTTP/1.1): one request dials, the others
+    // share its connection.
+    let _dialing = match pool.shared() {
+        true if !fresh_only => match pool.dial_or_share().await {
             Dial::Shared(s) => return Ok((s, false)),
             Dial::Mine(d) => d,
         },
@@ -248,12 +254,14 @@ pub async fn acquire(
         }
     };
     let alpn = match key.version {
+        Version::Http1 if key.mux => Alpn::Mux,
         Version::Http1 => Alpn::Http1,
         Version::Http2 => Alpn::Http2,
     };
     let io = connect(via, key.addr, key.identity.as_ref(), alpn, deadline).await?;
+    let wire = pool.wire(io.alpn().and_then(Alpn::from_id));
     let s = pool
-        .handshake(Counted::new(io, slot))
+        .handshake(Counted::new(io, slot), wire)
         .await
         .map_err(|source| ConnectError::Handshake {
             addr: key.addr,

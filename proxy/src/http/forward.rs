@@ -2,8 +2,6 @@
 //! response back: hop-by-hop fields, URI form per HTTP version, streamed
 //! bodies, and `Upgrade`/`CONNECT` tunnels spliced end to end.
 
-use http::header::{self, HeaderValue};
-use http::uri::{Authority, Scheme, Uri};
 use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
@@ -11,6 +9,7 @@ use hyper_util::rt::TokioIo;
 
 use bytes::Bytes;
 
+use super::form::set_form;
 use super::pool::Version;
 use super::{Body, BoxError, boxed, strip_hop_by_hop, wants_upgrade};
 
@@ -34,47 +33,13 @@ where
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
     strip_hop_by_hop(&mut parts.headers, upgrade && !is_connect);
-    let authority: Option<Authority> = parts.uri.authority().cloned().or_else(|| {
-        parts
-            .headers
-            .get(header::HOST)
-            .and_then(|h| h.to_str().ok())
-            .and_then(|h| h.parse().ok())
-    });
-    match version {
-        Version::Http1 => {
-            if parts.headers.get(header::HOST).is_none()
-                && let Some(a) = &authority
-                && let Ok(v) = HeaderValue::from_str(a.as_str())
-            {
-                parts.headers.insert(header::HOST, v);
-            }
-            // Origin form (`/path?query`, what clients send to a server)
-            // is kept as is; only absolute form is cut down to it.
-            if !is_connect && (parts.uri.scheme().is_some() || parts.uri.authority().is_some()) {
-                let pq = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-                if let Ok(uri) = pq.parse::<Uri>() {
-                    parts.uri = uri;
-                }
-            }
-            parts.version = http::Version::HTTP_11;
-        }
-        Version::Http2 => {
-            if !is_connect && let Some(a) = authority {
-                let mut b = Uri::builder()
-                    .scheme(parts.uri.scheme().cloned().unwrap_or(Scheme::HTTP))
-                    .authority(a);
-                if let Some(pq) = parts.uri.path_and_query() {
-                    b = b.path_and_query(pq.clone());
-                }
-                if let Ok(uri) = b.build() {
-                    parts.uri = uri;
-                    parts.headers.remove(header::HOST);
-                }
-            }
-            parts.version = http::Version::HTTP_2;
-        }
-    }
+    set_form(
+        &mut parts,
+        match version {
+            Version::Http1 => http::Version::HTTP_11,
+            Version::Http2 => http::Version::HTTP_2,
+        },
+    );
     // A body failure is the client's: marked, so that it is answered 400
     // rather than blamed on the upstream (`super::client_body_error`).
     let body = http_body_util::BodyExt::map_err(body, |e| super::ClientBodyError(e.into()));

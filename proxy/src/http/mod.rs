@@ -6,6 +6,7 @@
 //! normal form of request paths that inbound authorization decides on
 //! ([`path`]).
 
+pub mod form;
 pub mod forward;
 mod framing;
 pub mod path;
@@ -73,14 +74,24 @@ fn chain(error: &(dyn std::error::Error + 'static)) -> String {
     text
 }
 
-/// The [`ClientBodyError`] among `error` and its sources.
-pub fn client_body_error<'a>(
-    error: &'a (dyn std::error::Error + 'static),
-) -> Option<&'a ClientBodyError> {
+/// What failed in the client's request body, when that is why `error`
+/// ended a request: the [`ClientBodyError`] among `error` and its sources,
+/// or, on an HTTP/2 upstream connection, the stream this side reset with
+/// `INTERNAL_ERROR`, which hyper does when the body it sends fails (the
+/// body's own error is then logged, not returned).
+pub fn client_body_error(error: &(dyn std::error::Error + 'static)) -> Option<String> {
     let mut next = Some(error);
     while let Some(e) = next {
         if let Some(found) = e.downcast_ref::<ClientBodyError>() {
-            return Some(found);
+            return Some(found.to_string());
+        }
+        if let Some(h2) = e.downcast_ref::<h2::Error>()
+            && h2.is_reset()
+            && !h2.is_remote()
+            && !h2.is_library()
+            && h2.reason() == Some(h2::Reason::INTERNAL_ERROR)
+        {
+            return Some("the request body failed while it was sent upstream".to_owned());
         }
         next = e.source();
     }
@@ -139,7 +150,9 @@ pub fn wants_upgrade(headers: &HeaderMap) -> bool {
 /// Removes hop-by-hop fields (RFC 9110 §7.6.1): `Connection` and every field
 /// it names, plus the fixed list. With `keep_upgrade`, `Connection: upgrade`
 /// and `Upgrade` survive, because an upgrade is forwarded end to end. `TE:
-/// trailers` survives (gRPC needs it).
+/// trailers` survives (gRPC needs it), and so does `Trailer`: it is an
+/// end-to-end field naming the trailer fields to come, without which an
+/// HTTP/1.1 hop drops them.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
     const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
@@ -148,7 +161,6 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     let any = headers.keys().any(|k| {
         k == header::CONNECTION
             || k == header::TE
-            || k == header::TRAILER
             || k == header::UPGRADE
             || k == header::TRANSFER_ENCODING
             || k == KEEP_ALIVE
@@ -187,7 +199,6 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
         headers.insert(header::TE, HeaderValue::from_static("trailers"));
     }
     headers.remove(header::CONNECTION);
-    headers.remove(header::TRAILER);
     if keep_upgrade {
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
     } else {
@@ -225,6 +236,7 @@ mod tests {
         let mut h = HeaderMap::new();
         h.insert("host", HeaderValue::from_static("svc"));
         h.insert("x-request-id", HeaderValue::from_static("7"));
+        h.insert("trailer", HeaderValue::from_static("x-checksum"));
         h.append("accept", HeaderValue::from_static("a"));
         h.append("accept", HeaderValue::from_static("b"));
         let before = h.clone();

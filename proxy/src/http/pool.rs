@@ -1,6 +1,10 @@
 //! Keep-alive connection pools, one per upstream (endpoint address, expected
-//! identity, HTTP version). HTTP/1.1 keeps a stack of idle connections;
-//! HTTP/2 shares one multiplexed connection. Requests in flight are counted
+//! identity, HTTP version, multiplexing). HTTP/1.1 keeps a stack of idle
+//! connections; HTTP/2 shares one multiplexed connection. HTTP/1.1 requests
+//! to a weft peer are multiplexed too ([`PoolKey::mux`]): they travel as
+//! streams of one shared HTTP/2 connection (ALPN `weft/h2m`), and the peer
+//! hands them to its app as HTTP/1.1 again; a peer that does not offer it
+//! gets HTTP/1.1 connections from the same pool. Requests in flight are counted
 //! per endpoint address in one atomic shared by that address's pools, which
 //! the least-request balancer reads with one map lookup (no scan, no lock
 //! held while counting).
@@ -22,6 +26,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::sync::Notify;
 
 use super::Body;
+use super::form::into_form;
 use crate::tls::SpiffeId;
 
 /// How long an idle connection is kept when no ServicePolicy says.
@@ -45,8 +50,12 @@ pub struct PoolKey {
     pub addr: SocketAddr,
     /// Expected peer identity (mTLS), or plaintext.
     pub identity: Option<SpiffeId>,
-    /// HTTP version spoken.
+    /// HTTP version of the requests (what the app on the far side speaks).
     pub version: Version,
+    /// HTTP/1.1 requests carried as streams of one HTTP/2 connection to a
+    /// weft peer, which offers ALPN `weft/h2m` (never for upgrades or
+    /// CONNECT, whose bytes after the head are a tunnel).
+    pub mux: bool,
 }
 
 /// How a pool treats its connections: a ServicePolicy's
@@ -107,6 +116,11 @@ struct Shared {
 #[derive(Debug)]
 pub struct Pool {
     version: Version,
+    /// Offers the peer multiplexed HTTP/1.1 ([`PoolKey::mux`]).
+    mux: bool,
+    /// The peer chose plain HTTP/1.1 connections instead of `weft/h2m`:
+    /// this pool keeps idle HTTP/1.1 connections from now on.
+    fell_back: std::sync::atomic::AtomicBool,
     idle: Mutex<Vec<Idle>>,
     h2: Mutex<Option<Shared>>,
     /// Requests in flight to this pool's address (shared with the
@@ -176,10 +190,12 @@ pub struct SendFailed {
 }
 
 impl Pool {
-    fn new(version: Version, in_flight: Arc<AtomicUsize>) -> Self {
+    fn new(version: Version, mux: bool, in_flight: Arc<AtomicUsize>) -> Self {
         let d = ConnPolicy::default();
         Pool {
             version,
+            mux,
+            fell_back: std::sync::atomic::AtomicBool::new(false),
             idle: Mutex::new(Vec::new()),
             h2: Mutex::new(None),
             in_flight,
@@ -188,6 +204,33 @@ impl Pool {
             idle_ready: Notify::new(),
             h2_dialing: std::sync::atomic::AtomicBool::new(false),
             services: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Whether requests share one HTTP/2 connection: HTTP/2, or HTTP/1.1
+    /// multiplexed to a peer that took it.
+    pub fn shared(&self) -> bool {
+        self.version == Version::Http2 || (self.mux && !self.fell_back.load(Ordering::Relaxed))
+    }
+
+    /// What a new connection speaks, given the ALPN id the peer chose
+    /// (`None`: plaintext). A multiplexing pool whose peer chose HTTP/1.1
+    /// falls back to it for good.
+    pub fn wire(&self, alpn: Option<crate::tls::Alpn>) -> Version {
+        use crate::tls::Alpn;
+        match (self.version, self.mux, alpn) {
+            (Version::Http2, _, _) => Version::Http2,
+            (Version::Http1, true, Some(Alpn::Mux)) => Version::Http2,
+            (Version::Http1, true, _) => {
+                if !self.fell_back.swap(true, Ordering::Relaxed) {
+                    tracing::debug!(
+                        ?alpn,
+                        "peer proxy does not multiplex HTTP/1.1; using HTTP/1.1 connections"
+                    );
+                }
+                Version::Http1
+            }
+            (Version::Http1, false, _) => Version::Http1,
         }
     }
 
@@ -271,7 +314,11 @@ impl Pool {
 
     /// An open, idle connection, if any.
     pub fn checkout(self: &Arc<Self>) -> Option<Sender> {
-        match self.version {
+        match if self.shared() {
+            Version::Http2
+        } else {
+            Version::Http1
+        } {
             Version::Http1 => {
                 let timeout = self.idle_timeout();
                 let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
@@ -297,16 +344,21 @@ impl Pool {
         }
     }
 
-    /// Runs the HTTP handshake on a fresh connection and keeps the
-    /// connection driven by a task until it closes: `io` lives as long as
-    /// the socket, upgrades and HTTP/2 streams included (what it holds,
-    /// e.g. a Service's `maxConnections` count, is held as long).
-    pub async fn handshake<I>(self: &Arc<Self>, io: I) -> Result<Sender, hyper::Error>
+    /// Runs the HTTP handshake of `wire` (see [`Pool::wire`]) on a fresh
+    /// connection and keeps the connection driven by a task until it
+    /// closes: `io` lives as long as the socket, upgrades and HTTP/2
+    /// streams included (what it holds, e.g. a Service's `maxConnections`
+    /// count, is held as long).
+    pub async fn handshake<I>(
+        self: &Arc<Self>,
+        io: I,
+        wire: Version,
+    ) -> Result<Sender, hyper::Error>
     where
         I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     {
         let io = TokioIo::new(io);
-        match self.version {
+        match wire {
             Version::Http1 => {
                 let (send, conn) = http1::Builder::new().handshake(io).await?;
                 tokio::spawn(async move {
@@ -372,48 +424,35 @@ impl Pool {
     /// request in flight to the address and none sent for that long).
     fn sweep(&self, now: Instant) {
         let timeout = self.idle_timeout();
-        match self.version {
-            Version::Http1 => {
-                let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-                idle.retain(|c| {
-                    now.saturating_duration_since(c.since) < timeout && !c.send.is_closed()
-                });
-            }
-            Version::Http2 => {
-                let mut h2 = self.h2.lock().unwrap_or_else(|p| p.into_inner());
-                if h2.as_ref().is_some_and(|s| {
-                    s.send.is_closed()
-                        || (self.load() == 0
-                            && now.saturating_duration_since(s.last_used) >= timeout)
-                }) {
-                    *h2 = None;
-                }
-            }
+        // A multiplexing pool that fell back holds both kinds for a while.
+        self.idle
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|c| now.saturating_duration_since(c.since) < timeout && !c.send.is_closed());
+        let mut h2 = self.h2.lock().unwrap_or_else(|p| p.into_inner());
+        if h2.as_ref().is_some_and(|s| {
+            s.send.is_closed()
+                || (self.load() == 0 && now.saturating_duration_since(s.last_used) >= timeout)
+        }) {
+            *h2 = None;
         }
     }
 
     /// Closes this pool's longest-idle connection, to make room under a
     /// Service's `maxConnections`; whether there was one.
     pub fn close_one_idle(&self) -> bool {
-        match self.version {
-            Version::Http1 => {
-                let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-                if idle.is_empty() {
-                    false
-                } else {
-                    idle.remove(0);
-                    true
-                }
-            }
-            Version::Http2 => {
-                let mut h2 = self.h2.lock().unwrap_or_else(|p| p.into_inner());
-                if h2.is_some() && self.load() == 0 {
-                    *h2 = None;
-                    true
-                } else {
-                    false
-                }
-            }
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        if !idle.is_empty() {
+            idle.remove(0);
+            return true;
+        }
+        drop(idle);
+        let mut h2 = self.h2.lock().unwrap_or_else(|p| p.into_inner());
+        if h2.is_some() && self.load() == 0 {
+            *h2 = None;
+            true
+        } else {
+            false
         }
     }
 
@@ -434,6 +473,12 @@ impl Sender {
     pub async fn send(self, req: Request<Body>) -> Result<Response<Incoming>, SendFailed> {
         match self {
             Sender::H1(mut s, pool, served) => {
+                // Back from an attempt on a multiplexed connection.
+                let req = if req.version() == http::Version::HTTP_11 {
+                    req
+                } else {
+                    into_form(req, http::Version::HTTP_11)
+                };
                 let resp = s.try_send_request(req).await.map_err(|mut e| SendFailed {
                     request: e.take_message(),
                     error: e.into_error(),
@@ -448,10 +493,18 @@ impl Sender {
                 }
                 Ok(resp)
             }
-            Sender::H2(mut s) => s.try_send_request(req).await.map_err(|mut e| SendFailed {
-                request: e.take_message(),
-                error: e.into_error(),
-            }),
+            Sender::H2(mut s) => {
+                // HTTP/1.1 multiplexed to a weft peer.
+                let req = if req.version() == http::Version::HTTP_2 {
+                    req
+                } else {
+                    into_form(req, http::Version::HTTP_2)
+                };
+                s.try_send_request(req).await.map_err(|mut e| SendFailed {
+                    request: e.take_message(),
+                    error: e.into_error(),
+                })
+            }
         }
     }
 }
@@ -496,7 +549,7 @@ impl Pools {
         let mut pools = self.pools.write().unwrap_or_else(|p| p.into_inner());
         pools
             .entry(key.clone())
-            .or_insert_with(|| Arc::new(Pool::new(key.version, in_flight)))
+            .or_insert_with(|| Arc::new(Pool::new(key.version, key.mux, in_flight)))
             .clone()
     }
 
@@ -550,6 +603,7 @@ mod tests {
             addr,
             identity: None,
             version,
+            mux: false,
         };
         let h1 = pools.get(&key(a, Version::Http1));
         let h2 = pools.get(&key(a, Version::Http2));

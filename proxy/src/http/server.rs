@@ -29,6 +29,13 @@ pub struct HeadLimits {
     pub header_read_timeout: Option<Duration>,
 }
 
+/// Concurrent streams a peer may open on one HTTP/2 connection. A client
+/// proxy multiplexes every HTTP/1.1 request of its pod to this pod on one
+/// connection ([`super::pool::PoolKey::mux`]), long polls included, so the
+/// limit is well above what one app connection at a time would need;
+/// requests past it wait in the client proxy for a stream to end.
+const MAX_STREAMS: u32 = 1024;
+
 /// Serves one client connection with hyper until it closes; on shutdown,
 /// or when `revoked` resolves (the connection may no longer be served, e.g.
 /// plaintext after a switch to Strict), asks it to finish gracefully
@@ -106,6 +113,7 @@ pub async fn serve_connection<I, S>(
             let conn =
                 hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
                     .adaptive_window(true)
+                    .max_concurrent_streams(MAX_STREAMS)
                     .max_header_list_size(
                         u32::try_from(settings.max_header_bytes).unwrap_or(u32::MAX),
                     )

@@ -154,6 +154,9 @@ async fn handle(state: Arc<State>, mut conn: TcpStream, peer: SocketAddr) {
             }
         };
         let (_, session) = tls.get_ref();
+        state
+            .metrics
+            .handshake(Direction::Inbound, session.handshake_kind());
         let alpn = session.alpn_protocol().and_then(Alpn::from_id);
         let id = session
             .peer_certificates()
@@ -168,8 +171,42 @@ async fn handle(state: Arc<State>, mut conn: TcpStream, peer: SocketAddr) {
             }
         };
         match alpn {
-            Some(Alpn::Http1) => serve_http(state, snap, port, Some(id), Version::Http1, tls).await,
-            Some(Alpn::Http2) => serve_http(state, snap, port, Some(id), Version::Http2, tls).await,
+            Some(Alpn::Http1) => {
+                serve_http(
+                    state,
+                    snap,
+                    port,
+                    Some(id),
+                    Version::Http1,
+                    Version::Http1,
+                    tls,
+                )
+                .await;
+            }
+            Some(Alpn::Http2) => {
+                serve_http(
+                    state,
+                    snap,
+                    port,
+                    Some(id),
+                    Version::Http2,
+                    Version::Http2,
+                    tls,
+                )
+                .await;
+            }
+            Some(Alpn::Mux) => {
+                serve_http(
+                    state,
+                    snap,
+                    port,
+                    Some(id),
+                    Version::Http2,
+                    Version::Http1,
+                    tls,
+                )
+                .await;
+            }
             Some(Alpn::Tcp) | None => {
                 to_app_tcp(&state, &snap, port, Some(&id), Bytes::new(), tls).await
             }
@@ -198,7 +235,7 @@ async fn handle(state: Arc<State>, mut conn: TcpStream, peer: SocketAddr) {
         _ => None,
     };
     match version {
-        Some(v) => serve_http(state, snap, port, None, v, conn).await,
+        Some(v) => serve_http(state, snap, port, None, v, v, conn).await,
         None => to_app_tcp(&state, &snap, port, None, Bytes::new(), conn).await,
     }
 }

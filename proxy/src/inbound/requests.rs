@@ -24,6 +24,7 @@ use super::authz::{self, Decision, authorize};
 use super::policy::{plaintext_revoked, report_audit, until_revoked};
 use crate::accesslog::{Deferred, Logged};
 use crate::client::connect::{SendError, acquire, send_request};
+use crate::http::form::into_form;
 use crate::http::forward::{finish, prepare};
 use crate::http::path::normalize_uri;
 use crate::http::pool::{PoolKey, Version};
@@ -52,7 +53,9 @@ struct Ctx {
     snap: Arc<Snapshot>,
     port: u16,
     peer: Option<SpiffeId>,
-    version: Version,
+    /// What the app speaks: the connection's version, except HTTP/1.1
+    /// multiplexed by a peer proxy over HTTP/2.
+    app: Version,
     /// The traffic metric series its requests were counted in.
     series: SeriesCache<SeriesKey>,
 }
@@ -76,7 +79,8 @@ pub async fn serve_http<I>(
     snap: Arc<Snapshot>,
     port: u16,
     peer: Option<SpiffeId>,
-    version: Version,
+    wire: Version,
+    app: Version,
     io: I,
 ) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -87,13 +91,20 @@ pub async fn serve_http<I>(
         snap,
         port,
         peer,
-        version,
+        app,
         series: SeriesCache::default(),
     });
-    let svc = service_fn(move |mut req: Request<Incoming>| {
+    let svc = service_fn(move |req: Request<Incoming>| {
         let ctx = ctx.clone();
         async move {
             let started = Instant::now();
+            // HTTP/1.1 multiplexed by the peer proxy: from here on the
+            // request is what its client sent, `Host` and all.
+            let mut req = if ctx.app == Version::Http1 && req.version() != http::Version::HTTP_11 {
+                into_form(req, http::Version::HTTP_11)
+            } else {
+                req
+            };
             // What the calling proxy says of its workload counts only when
             // it proved who it is; the app never sees it.
             let source = req
@@ -144,7 +155,7 @@ pub async fn serve_http<I>(
     };
     serve_connection(
         io,
-        version,
+        wire,
         Direction::Inbound,
         state.settings.head_limits(),
         &state.metrics,
@@ -345,10 +356,11 @@ async fn proxy(ctx: &Ctx, snap: &Arc<Snapshot>, mut req: Request<Incoming>) -> R
     let key = PoolKey {
         addr: SocketAddr::new(state.settings.app_host, ctx.port),
         identity: None,
-        version: ctx.version,
+        version: ctx.app,
+        mux: false,
     };
     let pool = state.inbound_pools.get(&key);
-    let prepared = prepare(req, ctx.version);
+    let prepared = prepare(req, ctx.app);
     let result = match acquire(
         state.connector(&snap),
         &pool,

@@ -61,6 +61,17 @@ pub struct ConnLabels {
     pub tls: bool,
 }
 
+/// Labels of the mTLS handshake counter.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HandshakeLabels {
+    /// `outbound`: this proxy dialled; `inbound`: a peer dialled it.
+    pub direction: Direction,
+    /// `full` (certificates exchanged and verified) or `resumed` (a
+    /// session ticket of an earlier full handshake between the same two
+    /// identities).
+    pub kind: &'static str,
+}
+
 /// Labels of request counters.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
@@ -130,6 +141,8 @@ pub struct Metrics {
     pub connections: Family<ConnLabels, Counter>,
     /// Connections open now.
     pub connections_open: Family<ConnLabels, Gauge>,
+    /// Completed mTLS handshakes, full or resumed.
+    pub tls_handshakes: Family<HandshakeLabels, Counter>,
     /// HTTP responses sent to clients.
     pub requests: Family<RequestLabels, Counter>,
     /// Failures by step.
@@ -180,6 +193,11 @@ impl Metrics {
             "connections_open",
             "Connections open now",
             self.connections_open.clone(),
+        );
+        r.register(
+            "tls_handshakes",
+            "Completed proxy-to-proxy mTLS handshakes by direction and kind (full or resumed)",
+            self.tls_handshakes.clone(),
         );
         r.register(
             "requests",
@@ -242,6 +260,19 @@ impl Metrics {
             "Expiry of the active identity certificate",
             self.cert_expiry.clone(),
         );
+    }
+
+    /// Counts a completed mTLS handshake of `kind` (`None`: not finished,
+    /// not counted).
+    pub fn handshake(&self, direction: Direction, kind: Option<rustls::HandshakeKind>) {
+        let kind = match kind {
+            Some(rustls::HandshakeKind::Resumed) => "resumed",
+            Some(_) => "full",
+            None => return,
+        };
+        self.tls_handshakes
+            .get_or_create(&HandshakeLabels { direction, kind })
+            .inc();
     }
 
     /// Counts a failed step.

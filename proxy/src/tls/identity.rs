@@ -165,7 +165,7 @@ impl Identity {
             .with_custom_certificate_verifier(Arc::new(verifier))
             .with_client_auth_cert(self.chain.clone(), self.key.clone_key())
             .map_err(IdentityError::Key)?;
-        cfg.alpn_protocols = vec![alpn.id().to_vec()];
+        cfg.alpn_protocols = alpn.offer();
         let cfg = Arc::new(cfg);
         clients.insert((peer.clone(), alpn), cfg.clone());
         Ok(cfg)

@@ -10,20 +10,33 @@ pub enum Alpn {
     Http1,
     /// HTTP/2 (gRPC).
     Http2,
+    /// HTTP/1.1 requests as streams of one HTTP/2 connection: the server
+    /// proxy hands them to its app as HTTP/1.1. A client offering it also
+    /// offers [`Alpn::Http1`], which a proxy that predates it chooses.
+    Mux,
     /// Opaque bytes.
     Tcp,
 }
 
 impl Alpn {
     /// Every ALPN id the inbound side accepts, in preference order.
-    pub const ALL: [Alpn; 3] = [Alpn::Http2, Alpn::Http1, Alpn::Tcp];
+    pub const ALL: [Alpn; 4] = [Alpn::Http2, Alpn::Mux, Alpn::Http1, Alpn::Tcp];
 
     /// The ALPN protocol id on the wire.
     pub fn id(self) -> &'static [u8] {
         match self {
             Alpn::Http1 => b"weft/h1",
             Alpn::Http2 => b"weft/h2",
+            Alpn::Mux => b"weft/h2m",
             Alpn::Tcp => b"weft/tcp",
+        }
+    }
+
+    /// The ids a client offers for it, most preferred first.
+    pub fn offer(self) -> Vec<Vec<u8>> {
+        match self {
+            Alpn::Mux => vec![Alpn::Mux.id().to_vec(), Alpn::Http1.id().to_vec()],
+            a => vec![a.id().to_vec()],
         }
     }
 

@@ -227,6 +227,9 @@ where
             addr,
             identity,
             version: ctx.version,
+            // A weft peer takes HTTP/1.1 as streams of one shared HTTP/2
+            // connection; a tunnel needs a connection of its own.
+            mux: meshed && state.settings.mux && !upgrade,
         };
         let pool = state.outbound_pools.get(&key);
         pool.configure(conn_policy);
@@ -341,8 +344,7 @@ where
                     error,
                 }) if client_body_error(&error).is_some() => {
                     state.metrics.error(Direction::Outbound, "bad-request");
-                    let e = client_body_error(&error)
-                        .map_or_else(|| error.to_string(), ToString::to_string);
+                    let e = client_body_error(&error).unwrap_or_else(|| error.to_string());
                     tracing::debug!(%addr, error = %e, "client request body failed");
                     return bad_request(&format!("{e}; the request was abandoned"));
                 }
