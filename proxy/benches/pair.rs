@@ -5,34 +5,75 @@
 //! root, holding the build lock so nothing builds during the measurement:
 //!
 //! ```text
-//! flock /tmp/weft-build.lock cargo bench -p weft-proxy --bench pair            # ~4 min
-//! flock /tmp/weft-build.lock cargo bench -p weft-proxy --bench pair -- --full  # whole matrix
+//! flock /tmp/weft-build.lock cargo bench -p weft-proxy --bench pair --profile sidecar            # ~6 min
+//! flock /tmp/weft-build.lock cargo bench -p weft-proxy --bench pair --profile sidecar -- --core  # ~2 min
 //! ```
 //!
 //! Flags: `--rounds N` (interleaved rounds of the main comparison, 3),
-//! `--measure-secs N` (constant-rate window, 5), `--only weft,direct`
-//! (targets), `--core` (main comparison only: no matrix, handshakes or idle
-//! connections), `--full` (the whole payload × protocol × connections
-//! matrix instead of one axis at a time), `--telemetry` (weft's access logs
-//! on and tracing at 1 %, to price them against the default).
+//! `--measure-secs N` (constant-rate window, 5), `--only weft,nginx`
+//! (targets; direct always runs, as the baseline), `--core` (main comparison
+//! only: no matrix, handshakes or idle connections), `--full` (the whole
+//! payload × protocol × connections matrix instead of one axis at a time),
+//! `--telemetry` (weft's access logs on and tracing at 1 %, to price them
+//! against the default), `--loopback` (the second, unfair layout below),
+//! `--syscalls` (syscalls per request per sidecar under `strace -c -f`, in a
+//! table of its own).
 //!
-//! Topology. weft runs for real: two network namespaces joined by a veth,
-//! `weft-proxy init` in each, both proxies as uid 1337 subprocesses; the
-//! load generator dials ClusterIPs in the client namespace and is captured.
-//! nginx and HAProxy pairs (Debian packages, one worker/thread each, TLS 1.3,
-//! client certificates required by the server side, keep-alive upstream
-//! pools) and the direct baseline run on loopback inside the server
-//! namespace. Every proxy and the app are pinned to CPU 1, the load
-//! generator to CPU 0 (`taskset`, `sched_setaffinity`).
+//! Topology (the default, "fair": every target pays the same kernel path).
+//! Every target gets its own pair of network namespaces, a client namespace
+//! and a server namespace, joined by its own veth: 10.78.N.1 (client) and
+//! 10.78.N.2 (server) on 10.78.N.0/24, N = 1 direct, 2 weft, 3 nginx,
+//! 4 HAProxy, with `lo` up in both. Each server namespace runs its own app
+//! (HTTP/1.1 on :8080, HTTP/2 on :8081, the raw TCP rows' HTTP/1.1 bytes on
+//! :8082, the streaming echo on :8083). The load generator runs in the client
+//! namespace and dials Service ClusterIPs, one per protocol (10.96.0.1 h1,
+//! .2 h2, .3 raw TCP, .4 streaming, port 80).
+//! - weft: `weft-proxy init --iptables nft` in both namespaces (its real
+//!   capture rules: every outbound TCP connection REDIRECTed to :15001 but
+//!   uid 1337's, every inbound one to :15006), both proxies as uid 1337.
+//! - nginx and HAProxy: both peers as uid 1337 (`setpriv --reuid=1337
+//!   --regid=1337 --clear-groups`, as weft), behind capture rules of the same
+//!   shape, with iptables-nft: in the client namespace nat OUTPUT REDIRECTs
+//!   TCP to each ClusterIP:80 to the client peer's listener for that
+//!   protocol, except uid 1337's (`-m owner ! --uid-owner 1337`); in the
+//!   server namespace nat PREROUTING REDIRECTs TCP arriving on the veth for
+//!   each app port to the server peer's TLS listener for that protocol. The
+//!   client peer dials the server pod's IP and app port (10.78.N.2:8080 …),
+//!   as weft's does, and the server namespace's capture delivers it.
+//! - direct: the load generator dials the app's pod IP across its veth. Its
+//!   namespaces have no capture rules (an unmeshed pod pair: no NAT, so no
+//!   conntrack), so "added" latency includes what capture costs.
+//!
+//! `--loopback`: the old layout, reported under its own title. nginx, HAProxy
+//! and direct each run in a single namespace of their own on 127.0.0.1 (load
+//! generator, peers and app), without veth or capture; weft still runs
+//! across its two namespaces, veth and capture rules, so it pays kernel work
+//! the others do not.
+//!
+//! Every proxy and the app are pinned to CPU 1, the load generator to CPU 0
+//! (`taskset`, `sched_setaffinity`). nginx and HAProxy run one worker/thread
+//! each, TLS 1.3, client certificates required by the server side,
+//! keep-alive upstream pools; nginx streams large bodies through its buffers
+//! (`proxy_max_temp_file_size 0`) instead of spilling them to temp files.
+//!
+//! The matrix: payload 0 B / 1 KiB / 16 KiB / 1 MiB (1 MiB at
+//! [`BIG_RATE`] rps, so a cell stays bounded in time), HTTP/1.1, HTTP/2,
+//! gRPC-style streaming (one long-lived HTTP/2 stream per connection carrying
+//! length-prefixed messages that the app echoes back; messages per second and
+//! per-message latency) and raw TCP (HTTP/1.1 bytes through an opaque TCP
+//! proxy), 1 / 16 / 64 connections. A target lacking a protocol is n/a:
+//! nginx has no raw TCP in Debian's base package, and its HTTP/2 row is h2
+//! in, HTTP/1.1 over the mTLS hop (its streaming row uses `grpc_pass`, h2 on
+//! both hops).
 //!
 //! Hygiene. Peers must never outlive the benchmark (an inherited lock fd
 //! once held the build lock for 25 minutes): at start the benchmark re-execs
-//! itself without any inherited descriptor beyond stdio, every peer is
-//! started under `setpriv --pdeathsig KILL` (it dies with the benchmark,
-//! whatever the exit path), SIGINT/SIGTERM/SIGHUP run the cleanup (kill the
-//! peers, delete the namespaces), and a panic or normal exit runs it through
-//! `Drop`. nginx runs without a master process, HAProxy in the foreground, so
-//! each peer is exactly one process.
+//! itself without any inherited descriptor beyond stdio, every peer (and
+//! strace) is started under `setpriv --pdeathsig KILL` (it dies with the
+//! benchmark, whatever the exit path), SIGINT/SIGTERM/SIGHUP run the cleanup
+//! (kill the peers, delete the namespaces), and a panic or normal exit runs
+//! it through `Drop`. nginx runs without a master process, HAProxy in the
+//! foreground, so each peer is exactly one process.
 //!
 //! CPU time is read from `/proc/<pid>/task/*/schedstat` (nanoseconds, the same
 //! quantity as utime+stime in `/proc/<pid>/stat`, without its 10 ms ticks).
@@ -41,15 +82,18 @@ use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::os::unix::process::CommandExt as _;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty, Full};
+use hyper::body::{Frame, Incoming};
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use weft_proxy::test_util::TestCa;
+use weft_proxy::test_util::{Leaf, TestCa};
 use weft_proxy_config::{
     ClientPolicy, Endpoint, Inbound, MeshSettings, MtlsMode, Protocol, ProxyConfig, Service,
     ServicePort,
@@ -64,9 +108,40 @@ const CELL_FOR: Duration = Duration::from_secs(2);
 const HANDSHAKE_FOR: Duration = Duration::from_secs(3);
 const HANDSHAKE_CONC: usize = 8;
 const IDLE_CONNS: usize = 1000;
-const PAYLOADS: [usize; 3] = [0, 1024, 16384];
+const BIG: usize = 1 << 20;
+const PAYLOADS: [usize; 4] = [0, 1024, 16384, BIG];
+/// The constant rate of 1 MiB cells (1000 rps would be 1 GB/s per hop).
+const BIG_RATE: u64 = 50;
+/// A request, a streamed message or a connection that takes longer fails.
+const OP_TIMEOUT: Duration = Duration::from_secs(5);
+/// Slots still queued this long after a constant-rate window count as
+/// errors without being sent, so a stuck target cannot stall the run.
+const DRAIN_FOR: Duration = Duration::from_secs(5);
+
+/// The app's ports, per protocol (h1, h2, raw TCP, streaming).
+const APP_PORTS: [u16; 4] = [8080, 8081, 8082, 8083];
+/// The Services' ClusterIPs (port 80), per protocol.
+const CLUSTER_IPS: [&str; 4] = ["10.96.0.1", "10.96.0.2", "10.96.0.3", "10.96.0.4"];
+/// nginx's and HAProxy's client listeners (plain), per protocol.
+const PEER_IN: [u16; 4] = [18081, 18091, 18093, 18094];
+/// nginx's and HAProxy's server listeners (mTLS), per protocol.
+const PEER_TLS: [u16; 4] = [18443, 18453, 18463, 18473];
+/// The uid every sidecar runs as (exempt from capture).
+const PROXY_UID: &str = "1337";
+
+fn rate_for(payload: usize) -> u64 {
+    if payload >= BIG { BIG_RATE } else { RATE }
+}
 
 // ---------------------------------------------------------------- options
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Topology {
+    /// Every target in its own namespace pair, veth and capture rules.
+    Fair,
+    /// nginx, HAProxy and direct on loopback in one namespace each.
+    Loopback,
+}
 
 struct Opts {
     rounds: usize,
@@ -77,6 +152,8 @@ struct Opts {
     /// weft with access logs on and tracing at 1 % (to a collector that
     /// refuses, so export costs nothing but attempts).
     telemetry: bool,
+    topology: Topology,
+    syscalls: bool,
 }
 
 fn opts() -> Opts {
@@ -87,6 +164,8 @@ fn opts() -> Opts {
         core: false,
         full: false,
         telemetry: false,
+        topology: Topology::Fair,
+        syscalls: false,
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -105,6 +184,8 @@ fn opts() -> Opts {
             "--core" => o.core = true,
             "--full" => o.full = true,
             "--telemetry" => o.telemetry = true,
+            "--loopback" => o.topology = Topology::Loopback,
+            "--syscalls" => o.syscalls = true,
             // cargo bench passes --bench; anything else is ignored with a note.
             "--bench" => {}
             other => eprintln!("pair: ignoring unknown argument {other:?}"),
@@ -151,6 +232,23 @@ impl Drop for Cleanup {
     }
 }
 
+fn remember(pid: u32) {
+    LEFTOVERS
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .0
+        .push(pid);
+}
+
+/// A child that has been reaped: never signal its (reusable) pid again.
+fn forget(pid: u32) {
+    LEFTOVERS
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .0
+        .retain(|p| *p != pid);
+}
+
 /// Re-executes the benchmark with every descriptor above stdio closed, so
 /// that nothing it starts inherits (and holds) the build lock.
 fn drop_inherited_fds() {
@@ -194,7 +292,9 @@ fn drop_inherited_fds() {
 
 /// SIGINT/SIGTERM/SIGHUP: clean up and exit. The signals are blocked in
 /// every thread (the mask is inherited by threads started later) and waited
-/// for here; children get a fresh mask from `Command`.
+/// for here. Children inherit the mask (SIGINT/SIGTERM/SIGHUP stay blocked
+/// in them): [`cleanup`] ends peers with SIGKILL after its SIGTERM, and
+/// strace is stopped with SIGQUIT.
 fn handle_signals() {
     use nix::sys::signal::{SigSet, SigmaskHow, Signal, pthread_sigmask};
     let mut set = SigSet::empty();
@@ -225,8 +325,9 @@ fn sh(args: &[&str]) {
     );
 }
 
-/// Starts `cmd` in namespace `ns` pinned to CPU 1, dying with the benchmark.
-fn spawn_peer(ns: &str, setpriv: &[&str], cmd: &[String]) -> u32 {
+/// Starts `cmd` in namespace `ns` pinned to CPU 1, dying with the benchmark,
+/// its stderr to `log`.
+fn spawn_peer(ns: &str, setpriv: &[&str], cmd: &[String], log: &Path) -> u32 {
     let mut c = Command::new("ip");
     c.args(["netns", "exec", ns, "taskset", "-c", "1", "setpriv"])
         .args(["--pdeathsig", "KILL"])
@@ -234,18 +335,30 @@ fn spawn_peer(ns: &str, setpriv: &[&str], cmd: &[String]) -> u32 {
         .args(cmd)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(Stdio::null());
+        .stderr(std::fs::File::create(log).expect("peer log"));
     let child = c.spawn().expect("spawn peer");
     let pid = child.id();
-    LEFTOVERS
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .0
-        .push(pid);
+    remember(pid);
     // Killed and reaped by pid in `cleanup`; dropping the handle neither
     // kills nor waits.
     drop(child);
     pid
+}
+
+/// Panics (and so cleans up) with the peer's log when it is not running.
+fn check_alive(name: &str, pid: u32, log: &Path) {
+    use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
+    let st = waitpid(
+        nix::unistd::Pid::from_raw(pid as i32),
+        Some(WaitPidFlag::WNOHANG),
+    );
+    if !matches!(st, Ok(WaitStatus::StillAlive)) {
+        forget(pid);
+        panic!(
+            "{name} (pid {pid}) is not running ({st:?}); its stderr:\n{}",
+            std::fs::read_to_string(log).unwrap_or_default()
+        );
+    }
 }
 
 /// Runs `f` on a thread in `ns` pinned to `cpu`.
@@ -279,8 +392,46 @@ fn load<T: Send + 'static, F: std::future::Future<Output = T> + 'static>(
 
 // ---------------------------------------------------------------- the app
 
-/// The app in `ns`: HTTP/1.1 on :8080 and HTTP/2 (prior knowledge) on :8081;
-/// `GET /<n>` answers `n` bytes.
+/// The streaming app's response body: the request's data frames echoed as
+/// they arrive (so every length-prefixed message comes straight back), then
+/// `grpc-status: 0` when the client ends its stream.
+struct Echo {
+    req: Incoming,
+    done: bool,
+}
+
+impl hyper::body::Body for Echo {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        loop {
+            if self.done {
+                return Poll::Ready(None);
+            }
+            match std::task::ready!(Pin::new(&mut self.req).poll_frame(cx)) {
+                Some(Ok(f)) if f.is_data() => return Poll::Ready(Some(Ok(f))),
+                // Request trailers: nothing to echo.
+                Some(Ok(_)) => {}
+                Some(Err(e)) => return Poll::Ready(Some(Err(e))),
+                None => {
+                    self.done = true;
+                    let mut t = http::HeaderMap::new();
+                    t.insert("grpc-status", http::HeaderValue::from_static("0"));
+                    return Poll::Ready(Some(Ok(Frame::trailers(t))));
+                }
+            }
+        }
+    }
+}
+
+/// The app in `ns` (one per server namespace), pinned to CPU 1: HTTP/1.1 on
+/// :8080 and :8082 (the raw TCP rows), HTTP/2 (prior knowledge) on :8081,
+/// where `GET /<n>` answers `n` bytes; the streaming echo (HTTP/2, any
+/// request) on :8083.
 fn spawn_app(ns: &str) {
     let path = format!("/var/run/netns/{ns}");
     let (tx, rx) = std::sync::mpsc::channel();
@@ -303,7 +454,7 @@ fn spawn_app(ns: &str) {
             );
             let svc = move || {
                 let bodies = bodies.clone();
-                hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                hyper::service::service_fn(move |req: http::Request<Incoming>| {
                     let n = req.uri().path()[1..].parse::<usize>().unwrap_or(1024);
                     let body = bodies.get(&n).cloned().unwrap_or_default();
                     async move {
@@ -311,18 +462,37 @@ fn spawn_app(ns: &str) {
                     }
                 })
             };
-            let h1 = tokio::net::TcpListener::bind("0.0.0.0:8080")
-                .await
-                .expect("bind app");
-            let h2 = tokio::net::TcpListener::bind("0.0.0.0:8081")
-                .await
-                .expect("bind app h2");
+            let bind = |port: u16| async move {
+                tokio::net::TcpListener::bind(("0.0.0.0", port))
+                    .await
+                    .expect("bind app")
+            };
+            let [h1, h2, tcp, stream] = APP_PORTS;
+            let (h1, h2, tcp, stream) = (
+                bind(h1).await,
+                bind(h2).await,
+                bind(tcp).await,
+                bind(stream).await,
+            );
             let _ = tx.send(());
-            let svc2 = svc.clone();
+            for l in [h1, tcp] {
+                let svc = svc.clone();
+                tokio::spawn(async move {
+                    while let Ok((s, _)) = l.accept().await {
+                        let _ = s.set_nodelay(true);
+                        let svc = svc();
+                        tokio::spawn(async move {
+                            let _ = hyper::server::conn::http1::Builder::new()
+                                .serve_connection(TokioIo::new(s), svc)
+                                .await;
+                        });
+                    }
+                });
+            }
             tokio::spawn(async move {
                 while let Ok((s, _)) = h2.accept().await {
                     let _ = s.set_nodelay(true);
-                    let svc = svc2();
+                    let svc = svc();
                     tokio::spawn(async move {
                         let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
                             .serve_connection(TokioIo::new(s), svc)
@@ -330,12 +500,21 @@ fn spawn_app(ns: &str) {
                     });
                 }
             });
-            while let Ok((s, _)) = h1.accept().await {
+            while let Ok((s, _)) = stream.accept().await {
                 let _ = s.set_nodelay(true);
-                let svc = svc();
+                let echo = hyper::service::service_fn(|req: http::Request<Incoming>| async move {
+                    let resp = http::Response::builder()
+                        .header(http::header::CONTENT_TYPE, "application/grpc")
+                        .body(Echo {
+                            req: req.into_body(),
+                            done: false,
+                        })
+                        .expect("response");
+                    Ok::<_, std::convert::Infallible>(resp)
+                });
                 tokio::spawn(async move {
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(s), svc)
+                    let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(s), echo)
                         .await;
                 });
             }
@@ -350,6 +529,9 @@ fn spawn_app(ns: &str) {
 enum Proto {
     H1,
     H2,
+    /// gRPC-style: one long-lived HTTP/2 stream per connection, one
+    /// length-prefixed message at a time, echoed back.
+    Stream,
     Tcp,
 }
 
@@ -358,8 +540,103 @@ impl Proto {
         match self {
             Proto::H1 => "HTTP/1.1",
             Proto::H2 => "HTTP/2",
+            Proto::Stream => "HTTP/2 stream",
             Proto::Tcp => "TCP",
         }
+    }
+
+    /// Index into the per-protocol port and address tables.
+    fn index(self) -> usize {
+        match self {
+            Proto::H1 => 0,
+            Proto::H2 => 1,
+            Proto::Tcp => 2,
+            Proto::Stream => 3,
+        }
+    }
+}
+
+/// A streaming request body fed from a channel.
+struct ChanBody(tokio::sync::mpsc::Receiver<Bytes>);
+
+impl hyper::body::Body for ChanBody {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        self.0.poll_recv(cx).map(|m| m.map(|b| Ok(Frame::data(b))))
+    }
+}
+
+/// A gRPC-framed message: flag byte, 4-byte big-endian length, payload.
+fn message(payload: usize) -> Bytes {
+    let mut v = Vec::with_capacity(5 + payload);
+    v.push(0);
+    v.extend_from_slice(&(payload as u32).to_be_bytes());
+    v.resize(5 + payload, b'x');
+    Bytes::from(v)
+}
+
+/// One long-lived HTTP/2 stream: each message sent is read back in full
+/// before the next one goes.
+struct StreamConn {
+    _send: hyper::client::conn::http2::SendRequest<ChanBody>,
+    tx: tokio::sync::mpsc::Sender<Bytes>,
+    rx: Incoming,
+    msg: Bytes,
+}
+
+impl StreamConn {
+    /// Opens the connection and the stream, and echoes a first message (so
+    /// a proxy that waits for request data before answering is served).
+    async fn open(target: SocketAddr, payload: usize) -> Option<StreamConn> {
+        let s = tokio::net::TcpStream::connect(target).await.ok()?;
+        let _ = s.set_nodelay(true);
+        let (mut send, conn) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(s))
+                .await
+                .ok()?;
+        tokio::spawn(conn);
+        let (tx, body) = tokio::sync::mpsc::channel(1);
+        let msg = message(payload);
+        tx.send(msg.clone()).await.ok()?;
+        let req = http::Request::post("http://app/bench.Echo/Stream")
+            .header(http::header::CONTENT_TYPE, "application/grpc")
+            .header("te", "trailers")
+            .body(ChanBody(body))
+            .ok()?;
+        let resp = send.send_request(req).await.ok()?;
+        if !resp.status().is_success() {
+            return None;
+        }
+        let mut c = StreamConn {
+            _send: send,
+            tx,
+            rx: resp.into_body(),
+            msg,
+        };
+        c.read_echo().await.then_some(c)
+    }
+
+    async fn read_echo(&mut self) -> bool {
+        let mut need = self.msg.len();
+        while need > 0 {
+            match self.rx.frame().await {
+                Some(Ok(f)) => match f.into_data() {
+                    Ok(d) => need = need.saturating_sub(d.len()),
+                    Err(_) => return false,
+                },
+                _ => return false,
+            }
+        }
+        true
+    }
+
+    async fn message(&mut self) -> bool {
+        self.tx.send(self.msg.clone()).await.is_ok() && self.read_echo().await
     }
 }
 
@@ -367,10 +644,25 @@ impl Proto {
 enum Conn {
     H1(hyper::client::conn::http1::SendRequest<Empty<Bytes>>),
     H2(hyper::client::conn::http2::SendRequest<Empty<Bytes>>),
+    Stream(Box<StreamConn>),
 }
 
 impl Conn {
-    async fn open(target: SocketAddr, proto: Proto) -> Option<Conn> {
+    /// Opens a connection (for streams, with `payload`-byte messages);
+    /// None on failure or after [`OP_TIMEOUT`].
+    async fn open(target: SocketAddr, proto: Proto, payload: usize) -> Option<Conn> {
+        tokio::time::timeout(OP_TIMEOUT, Self::open_inner(target, proto, payload))
+            .await
+            .ok()
+            .flatten()
+    }
+
+    async fn open_inner(target: SocketAddr, proto: Proto, payload: usize) -> Option<Conn> {
+        if proto == Proto::Stream {
+            return Some(Conn::Stream(Box::new(
+                StreamConn::open(target, payload).await?,
+            )));
+        }
         let s = tokio::net::TcpStream::connect(target).await.ok()?;
         let _ = s.set_nodelay(true);
         let io = TokioIo::new(s);
@@ -380,7 +672,7 @@ impl Conn {
                 tokio::spawn(conn);
                 Conn::H1(send)
             }
-            Proto::H2 => {
+            _ => {
                 let (send, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), io)
                     .await
                     .ok()?;
@@ -390,8 +682,15 @@ impl Conn {
         })
     }
 
-    /// One GET of `payload` bytes; false on any failure.
-    async fn get(&mut self, payload: usize) -> bool {
+    /// One GET of `payload` bytes, or one streamed message echoed back;
+    /// false on any failure or after [`OP_TIMEOUT`].
+    async fn once(&mut self, payload: usize) -> bool {
+        tokio::time::timeout(OP_TIMEOUT, self.once_inner(payload))
+            .await
+            .unwrap_or(false)
+    }
+
+    async fn once_inner(&mut self, payload: usize) -> bool {
         let resp = match self {
             Conn::H1(s) => {
                 let req = http::Request::get(format!("/{payload}"))
@@ -406,6 +705,7 @@ impl Conn {
                     .expect("req");
                 s.send_request(req).await
             }
+            Conn::Stream(s) => return s.message().await,
         };
         match resp {
             Ok(r) if r.status().is_success() => r.into_body().collect().await.is_ok(),
@@ -418,6 +718,7 @@ impl Conn {
 /// a pacer thread releases request slots on schedule (round robin over the
 /// connections) and each latency is measured from the slot's intended time,
 /// so a slow response delays and is charged to the requests behind it.
+/// Slots still queued [`DRAIN_FOR`] after the window are errors, unsent.
 async fn constant_rate(
     target: SocketAddr,
     proto: Proto,
@@ -426,6 +727,7 @@ async fn constant_rate(
     conns: usize,
     dur: Duration,
 ) -> (Vec<u64>, u64) {
+    let give_up = Instant::now() + dur + DRAIN_FOR;
     let mut txs = Vec::new();
     let mut tasks = Vec::new();
     for _ in 0..conns {
@@ -434,17 +736,21 @@ async fn constant_rate(
         tasks.push(tokio::spawn(async move {
             let mut lat = Vec::new();
             let mut errors = 0u64;
-            let mut conn = Conn::open(target, proto).await;
+            let mut conn = Conn::open(target, proto, payload).await;
             while let Some(intended) = rx.recv().await {
+                if Instant::now() > give_up {
+                    errors += 1;
+                    continue;
+                }
                 let ok = match conn.as_mut() {
-                    Some(c) => c.get(payload).await,
+                    Some(c) => c.once(payload).await,
                     None => false,
                 };
                 if ok {
                     lat.push(intended.elapsed().as_micros() as u64);
                 } else {
                     errors += 1;
-                    conn = Conn::open(target, proto).await;
+                    conn = Conn::open(target, proto, payload).await;
                 }
             }
             (lat, errors)
@@ -475,7 +781,8 @@ async fn constant_rate(
     (all, errors)
 }
 
-/// Requests per second with `conns` closed-loop connections.
+/// Requests (or streamed messages) per second with `conns` closed-loop
+/// connections.
 async fn max_throughput(
     target: SocketAddr,
     proto: Proto,
@@ -487,12 +794,12 @@ async fn max_throughput(
     let mut tasks = Vec::new();
     for _ in 0..conns {
         tasks.push(tokio::spawn(async move {
-            let Some(mut c) = Conn::open(target, proto).await else {
+            let Some(mut c) = Conn::open(target, proto, payload).await else {
                 return 0;
             };
             let mut n = 0u64;
             while Instant::now() < end {
-                if !c.get(payload).await {
+                if !c.once(payload).await {
                     break;
                 }
                 n += 1;
@@ -519,11 +826,14 @@ async fn handshakes(target: SocketAddr, cfg: Arc<rustls::ClientConfig>, dur: Dur
             let name = rustls::pki_types::ServerName::IpAddress(target.ip().into());
             let mut n = 0u64;
             while Instant::now() < end {
-                let Ok(s) = tokio::net::TcpStream::connect(target).await else {
-                    break;
+                let hs = async {
+                    let s = tokio::net::TcpStream::connect(target).await.ok()?;
+                    connector.connect(name.clone(), s).await.ok()
                 };
-                if connector.connect(name.clone(), s).await.is_ok() {
-                    n += 1;
+                match tokio::time::timeout(OP_TIMEOUT, hs).await {
+                    Ok(Some(_)) => n += 1,
+                    Ok(None) => {}
+                    Err(_) => break,
                 }
             }
             n
@@ -546,8 +856,8 @@ async fn idle_conns(
 ) {
     let mut conns = Vec::new();
     for _ in 0..n {
-        if let Some(mut c) = Conn::open(target, Proto::H1).await
-            && c.get(0).await
+        if let Some(mut c) = Conn::open(target, Proto::H1, 0).await
+            && c.once(0).await
         {
             conns.push(c);
         }
@@ -618,11 +928,13 @@ fn median(v: &[f64]) -> f64 {
 
 struct Target {
     name: &'static str,
+    /// Where the load generator runs (the client namespace).
     ns: String,
-    h1: SocketAddr,
-    h2: Option<SocketAddr>,
-    tcp: Option<SocketAddr>,
-    /// The server side's TLS listener, for the handshake rate.
+    /// What the load generator dials, per protocol (see [`Proto::index`]);
+    /// None where the target lacks the protocol.
+    addrs: [Option<SocketAddr>; 4],
+    /// The server side's TLS listener as a peer proxy reaches it, for the
+    /// handshake rate.
     tls: Option<SocketAddr>,
     /// Client sidecar, server sidecar.
     sidecars: Vec<u32>,
@@ -630,11 +942,11 @@ struct Target {
 
 impl Target {
     fn addr(&self, p: Proto) -> Option<SocketAddr> {
-        match p {
-            Proto::H1 => Some(self.h1),
-            Proto::H2 => self.h2,
-            Proto::Tcp => self.tcp,
-        }
+        self.addrs[p.index()]
+    }
+
+    fn h1(&self) -> SocketAddr {
+        self.addr(Proto::H1).expect("every target speaks HTTP/1.1")
     }
 }
 
@@ -660,16 +972,18 @@ struct Row {
 struct Window {
     lat: Vec<u64>,
     errors: u64,
+    secs: f64,
     vcpu: f64,
     rss: f64,
 }
 
 fn window(t: &Target, proto: Proto, payload: usize, conns: usize, dur: Duration) -> Window {
     let addr = t.addr(proto).expect("protocol offered");
+    let rate = rate_for(payload);
     let before = cpu_secs(&t.sidecars);
     let t0 = Instant::now();
     let (lat, errors) = load(&t.ns, move || {
-        constant_rate(addr, proto, payload, RATE, conns, dur)
+        constant_rate(addr, proto, payload, rate, conns, dur)
     });
     let secs = t0.elapsed().as_secs_f64();
     let cpu = cpu_secs(&t.sidecars) - before;
@@ -682,12 +996,257 @@ fn window(t: &Target, proto: Proto, payload: usize, conns: usize, dur: Duration)
     Window {
         lat,
         errors,
+        secs,
         vcpu,
         rss: mb(&t.sidecars, "VmRSS:"),
     }
 }
 
 // ---------------------------------------------------------------- setup
+
+/// A target's network: where the load generator runs and where the app and
+/// the server side run.
+struct Net {
+    client: String,
+    server: String,
+    /// The server pod's IP (10.78.N.2), or 127.0.0.1 on loopback.
+    server_ip: String,
+}
+
+impl Net {
+    fn fair(&self) -> bool {
+        self.client != self.server
+    }
+}
+
+/// A new namespace with `lo` up, deleted on every exit path.
+fn netns(name: String) -> String {
+    sh(&["ip", "netns", "add", &name]);
+    LEFTOVERS
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .1
+        .push(name.clone());
+    sh(&["ip", "-n", &name, "link", "set", "lo", "up"]);
+    name
+}
+
+/// A client and a server namespace joined by a veth (vb0 10.78.n.1, vb1
+/// 10.78.n.2, 10.78.n.0/24); a meshed client routes the ClusterIP range
+/// over the veth (the capture rewrites it before it leaves).
+fn veth_pair(tag: &str, n: u8, meshed: bool) -> Net {
+    let id = std::process::id();
+    let client = netns(format!("weftb-{id}-{tag}-c"));
+    let server = netns(format!("weftb-{id}-{tag}-s"));
+    sh(&[
+        "ip", "-n", &client, "link", "add", "vb0", "type", "veth", "peer", "name", "vb1", "netns",
+        &server,
+    ]);
+    for (ns, dev, host) in [(&client, "vb0", 1), (&server, "vb1", 2)] {
+        let ip = format!("10.78.{n}.{host}/24");
+        sh(&["ip", "-n", ns, "addr", "add", &ip, "dev", dev]);
+        sh(&["ip", "-n", ns, "link", "set", dev, "up"]);
+    }
+    if meshed {
+        sh(&[
+            "ip",
+            "-n",
+            &client,
+            "route",
+            "add",
+            "10.96.0.0/16",
+            "dev",
+            "vb0",
+        ]);
+    }
+    Net {
+        client,
+        server,
+        server_ip: format!("10.78.{n}.2"),
+    }
+}
+
+/// One namespace, loopback only (the `--loopback` layout).
+fn loopback_ns(tag: &str) -> Net {
+    let ns = netns(format!("weftb-{}-{tag}", std::process::id()));
+    Net {
+        client: ns.clone(),
+        server: ns,
+        server_ip: "127.0.0.1".into(),
+    }
+}
+
+/// nginx's or HAProxy's capture, the shape of `weft-proxy init`'s, with
+/// iptables-nft: in the client namespace, nat OUTPUT REDIRECTs TCP to each
+/// ClusterIP:80 to the client peer's listener for that protocol, except
+/// uid 1337's; in the server namespace, nat PREROUTING REDIRECTs TCP
+/// arriving on the veth for each app port to the server peer's TLS listener
+/// for that protocol. (Rules for a protocol the peer lacks stay, unused.)
+fn peer_capture(net: &Net) {
+    let nat = |ns: &str, rule: &[&str]| {
+        let mut a = vec!["ip", "netns", "exec", ns, "iptables-nft", "-t", "nat", "-A"];
+        a.extend_from_slice(rule);
+        sh(&a);
+    };
+    for i in 0..4 {
+        let (to_in, to_tls, app) = (
+            PEER_IN[i].to_string(),
+            PEER_TLS[i].to_string(),
+            APP_PORTS[i].to_string(),
+        );
+        nat(
+            &net.client,
+            &[
+                "OUTPUT",
+                "-p",
+                "tcp",
+                "-d",
+                CLUSTER_IPS[i],
+                "--dport",
+                "80",
+                "-m",
+                "owner",
+                "!",
+                "--uid-owner",
+                PROXY_UID,
+                "-j",
+                "REDIRECT",
+                "--to-ports",
+                &to_in,
+            ],
+        );
+        nat(
+            &net.server,
+            &[
+                "PREROUTING",
+                "-i",
+                "vb1",
+                "-p",
+                "tcp",
+                "--dport",
+                &app,
+                "-j",
+                "REDIRECT",
+                "--to-ports",
+                &to_tls,
+            ],
+        );
+    }
+}
+
+/// Where a peer pair listens and dials, per protocol.
+struct PeerNet {
+    /// Where the client peer dials the server peer: the server pod's app
+    /// port (captured there), or its TLS listener on loopback.
+    dial: [String; 4],
+    /// The server peer's TLS listeners' address.
+    listen: &'static str,
+}
+
+impl PeerNet {
+    fn new(net: &Net) -> PeerNet {
+        if net.fair() {
+            PeerNet {
+                dial: std::array::from_fn(|i| format!("{}:{}", net.server_ip, APP_PORTS[i])),
+                listen: "0.0.0.0",
+            }
+        } else {
+            PeerNet {
+                dial: std::array::from_fn(|i| format!("127.0.0.1:{}", PEER_TLS[i])),
+                listen: "127.0.0.1",
+            }
+        }
+    }
+}
+
+/// A peer's directory, owned by uid 1337: certificates, keys, configs, pid
+/// and temp files, logs.
+fn peer_dir(work: &Path, name: &str, ca: &TestCa, cl: &Leaf, sl: &Leaf) -> PathBuf {
+    let d = work.join(name);
+    std::fs::create_dir_all(d.join("tmp")).expect("peer dir");
+    for (f, body) in [
+        ("ca.crt", ca.cert_pem.clone()),
+        ("c.crt", cl.cert_pem.clone()),
+        ("c.key", cl.key_pem.clone()),
+        ("s.crt", sl.cert_pem.clone()),
+        ("s.key", sl.key_pem.clone()),
+        ("c.pem", format!("{}{}", cl.cert_pem, cl.key_pem)),
+        ("s.pem", format!("{}{}", sl.cert_pem, sl.key_pem)),
+    ] {
+        std::fs::write(d.join(f), body).expect("write");
+    }
+    let owner = format!("{PROXY_UID}:{PROXY_UID}");
+    sh(&["chown", "-R", &owner, d.to_str().expect("utf8")]);
+    d
+}
+
+/// nginx's client and server configs. nginx 1.22 speaks HTTP/2 only towards
+/// clients on `proxy_pass` (its upstreams are HTTP/1.1) and has no stream
+/// module in Debian's base package: its HTTP/2 row is h2 in, HTTP/1.1 over
+/// the mTLS hop; no raw TCP row. Its streaming row uses `grpc_pass`, HTTP/2
+/// on both hops.
+fn nginx_confs(d: &Path, n: &PeerNet) -> (String, String) {
+    let p = |f: &str| d.join(f).to_string_lossy().into_owned();
+    let common = |name: &str| {
+        let t = p("tmp");
+        format!(
+            "worker_processes 1; master_process off; daemon off; pid {pid}; error_log {err} error;\nevents {{ worker_connections 4096; }}\nhttp {{ access_log off; client_body_temp_path {t}; proxy_temp_path {t}; fastcgi_temp_path {t}; uwsgi_temp_path {t}; scgi_temp_path {t}; keepalive_requests 1000000;\n",
+            pid = p(&format!("{name}.pid")),
+            err = p(&format!("{name}.err")),
+        )
+    };
+    let [in_h1, in_h2, _, in_st] = PEER_IN;
+    let [tls_h1, _, _, tls_st] = PEER_TLS;
+    let [app_h1, _, _, app_st] = APP_PORTS;
+    let client = format!(
+        "{common} upstream srv {{ server {h1}; keepalive 64; keepalive_requests 1000000; }}\n upstream srv_stream {{ server {st}; keepalive 64; keepalive_requests 1000000; }}\n server {{ listen 127.0.0.1:{in_h1}; listen 127.0.0.1:{in_h2} http2; location / {{ proxy_pass https://srv; proxy_http_version 1.1; proxy_set_header Connection \"\"; proxy_max_temp_file_size 0; proxy_ssl_certificate {cc}; proxy_ssl_certificate_key {ck}; proxy_ssl_protocols TLSv1.3; proxy_ssl_session_reuse on; }} }}\n server {{ listen 127.0.0.1:{in_st} http2; location / {{ grpc_pass grpcs://srv_stream; grpc_ssl_certificate {cc}; grpc_ssl_certificate_key {ck}; grpc_ssl_protocols TLSv1.3; grpc_ssl_session_reuse on; }} }} }}\n",
+        common = common("nc"),
+        h1 = n.dial[0],
+        st = n.dial[3],
+        cc = p("c.crt"),
+        ck = p("c.key"),
+    );
+    let ssl = format!(
+        "ssl_certificate {}; ssl_certificate_key {}; ssl_protocols TLSv1.3; ssl_verify_client on; ssl_client_certificate {};",
+        p("s.crt"),
+        p("s.key"),
+        p("ca.crt")
+    );
+    let server = format!(
+        "{common} upstream app {{ server 127.0.0.1:{app_h1}; keepalive 64; keepalive_requests 1000000; }}\n upstream app_stream {{ server 127.0.0.1:{app_st}; keepalive 64; keepalive_requests 1000000; }}\n server {{ listen {l}:{tls_h1} ssl; {ssl} location / {{ proxy_pass http://app; proxy_http_version 1.1; proxy_set_header Connection \"\"; proxy_max_temp_file_size 0; }} }}\n server {{ listen {l}:{tls_st} ssl http2; {ssl} location / {{ grpc_pass grpc://app_stream; }} }} }}\n",
+        common = common("ns"),
+        l = n.listen,
+    );
+    (client, server)
+}
+
+/// HAProxy's client and server configs: HTTP/1.1, HTTP/2 (h2 on both
+/// hops), the stream (h2 on both hops) and raw TCP.
+fn haproxy_confs(d: &Path, n: &PeerNet) -> (String, String) {
+    let p = |f: &str| d.join(f).to_string_lossy().into_owned();
+    let head = "global\n nbthread 1\n maxconn 4096\ndefaults\n timeout connect 5s\n timeout client 30s\n timeout server 30s\n";
+    let (c, s, ca) = (p("c.pem"), p("s.pem"), p("ca.crt"));
+    let ssl_c = format!("ssl crt {c} ca-file {ca} verify required ssl-min-ver TLSv1.3");
+    let ssl_s = format!("ssl crt {s} ca-file {ca} verify required ssl-min-ver TLSv1.3");
+    let [in_h1, in_h2, in_tcp, in_st] = PEER_IN;
+    let [tls_h1, tls_h2, tls_tcp, tls_st] = PEER_TLS;
+    let [app_h1, app_h2, app_tcp, app_st] = APP_PORTS;
+    let [d_h1, d_h2, d_tcp, d_st] = &n.dial;
+    let client = format!(
+        "{head}frontend f\n mode http\n bind 127.0.0.1:{in_h1}\n default_backend b\nbackend b\n mode http\n http-reuse always\n server s {d_h1} {ssl_c}\n\
+         frontend f2\n mode http\n bind 127.0.0.1:{in_h2} proto h2\n default_backend b2\nbackend b2\n mode http\n http-reuse always\n server s {d_h2} {ssl_c} alpn h2\n\
+         frontend fs\n mode http\n bind 127.0.0.1:{in_st} proto h2\n default_backend bs\nbackend bs\n mode http\n http-reuse always\n server s {d_st} {ssl_c} alpn h2\n\
+         frontend ft\n mode tcp\n bind 127.0.0.1:{in_tcp}\n default_backend bt\nbackend bt\n mode tcp\n server s {d_tcp} {ssl_c}\n"
+    );
+    let l = n.listen;
+    let server = format!(
+        "{head}frontend f\n mode http\n bind {l}:{tls_h1} {ssl_s}\n default_backend b\nbackend b\n mode http\n http-reuse always\n server app 127.0.0.1:{app_h1}\n\
+         frontend f2\n mode http\n bind {l}:{tls_h2} {ssl_s} alpn h2\n default_backend b2\nbackend b2\n mode http\n http-reuse always\n server app 127.0.0.1:{app_h2} proto h2\n\
+         frontend fs\n mode http\n bind {l}:{tls_st} {ssl_s} alpn h2\n default_backend bs\nbackend bs\n mode http\n http-reuse always\n server app 127.0.0.1:{app_st} proto h2\n\
+         frontend ft\n mode tcp\n bind {l}:{tls_tcp} {ssl_s}\n default_backend bt\nbackend bt\n mode tcp\n server app 127.0.0.1:{app_tcp}\n"
+    );
+    (client, server)
+}
 
 struct Setup {
     targets: Vec<Target>,
@@ -697,149 +1256,37 @@ struct Setup {
     /// for nginx/HAProxy.
     tls_weft: Arc<rustls::ClientConfig>,
     tls_plain: Arc<rustls::ClientConfig>,
-    _work: tempfile::TempDir,
+    work: tempfile::TempDir,
 }
 
 fn setup(o: &Opts) -> Setup {
     let bin = env!("CARGO_BIN_EXE_weft-proxy");
     let work = tempfile::tempdir().expect("tmp");
     sh(&["chmod", "755", work.path().to_str().expect("utf8")]);
-    let id = std::process::id();
-    let (nc, nsrv) = (format!("weftb-c-{id}"), format!("weftb-s-{id}"));
-    for n in [&nc, &nsrv] {
-        sh(&["ip", "netns", "add", n]);
-        LEFTOVERS
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .1
-            .push(n.clone());
-    }
-    sh(&[
-        "ip", "-n", &nc, "link", "add", "vb0", "type", "veth", "peer", "name", "vb1", "netns",
-        &nsrv,
-    ]);
-    for (n, dev, ip) in [(&nc, "vb0", "10.78.0.1/24"), (&nsrv, "vb1", "10.78.0.2/24")] {
-        sh(&["ip", "-n", n, "addr", "add", ip, "dev", dev]);
-        sh(&["ip", "-n", n, "link", "set", dev, "up"]);
-        sh(&["ip", "-n", n, "link", "set", "lo", "up"]);
-    }
-    sh(&[
-        "ip",
-        "-n",
-        &nc,
-        "route",
-        "add",
-        "10.96.0.0/16",
-        "dev",
-        "vb0",
-    ]);
-    // The handshake clients dial the server pod's port 8080 from the client
-    // namespace: excluded from the client sidecar's capture, they reach the
-    // server sidecar's inbound listener as a peer proxy would (captured,
-    // the client sidecar would wrap their TLS in its own mTLS, as it does
-    // for any meshed pod IP).
-    sh(&[
-        "ip",
-        "netns",
-        "exec",
-        &nc,
-        bin,
-        "init",
-        "--iptables",
-        "nft",
-        "--exclude-outbound-ports",
-        "8080",
-    ]);
-    sh(&[
-        "ip",
-        "netns",
-        "exec",
-        &nsrv,
-        bin,
-        "init",
-        "--iptables",
-        "nft",
-    ]);
+    let want = |name: &str| o.only.as_ref().is_none_or(|v| v.iter().any(|x| x == name));
+    let fair = o.topology == Topology::Fair;
+    let net = |tag: &str, n: u8, meshed: bool| {
+        if fair {
+            veth_pair(tag, n, meshed)
+        } else {
+            loopback_ns(tag)
+        }
+    };
+    let uid1337 = [
+        format!("--reuid={PROXY_UID}"),
+        format!("--regid={PROXY_UID}"),
+        "--clear-groups".to_owned(),
+    ];
+    let uid1337: Vec<&str> = uid1337.iter().map(String::as_str).collect();
+    let a = |s: String| -> SocketAddr { s.parse().expect("addr") };
+    let cluster = |i: usize| Some(a(format!("{}:80", CLUSTER_IPS[i])));
 
-    // Identities and configs.
+    // Identities.
     let ca = TestCa::new("bench CA");
     let td = "cluster.local";
     let cid = "spiffe://cluster.local/ns/bench/sa/client";
     let sid = "spiffe://cluster.local/ns/bench/sa/server";
     let (cl, sl) = (ca.leaf(cid, 86400), ca.leaf(sid, 86400));
-    let cfg = |services: Vec<Service>| {
-        let mut c = ProxyConfig {
-            version: 1,
-            generation: 1,
-            hash: String::new(),
-            namespace: "bench".into(),
-            mesh: MeshSettings {
-                trust_domain: td.into(),
-                mtls_mode: MtlsMode::Strict,
-                default_access: Default::default(),
-                access_log: o.telemetry,
-                access_log_options: Default::default(),
-                tracing: o.telemetry.then(|| weft_proxy_config::Tracing {
-                    otlp_endpoint: "http://127.0.0.1:9".into(),
-                    sampling_percent: 1.0,
-                }),
-                escaped_slashes: Default::default(),
-                metrics_naming: Default::default(),
-            },
-            services,
-            inbound: Inbound::default(),
-        };
-        c.seal();
-        c
-    };
-    let svc = |name: &str, ip: &str, target_port: u16, protocol: Protocol| Service {
-        name: name.into(),
-        namespace: "bench".into(),
-        cluster_ips: vec![ip.parse().expect("ip")],
-        ports: vec![ServicePort {
-            port: 80,
-            name: Some("web".into()),
-            target_port,
-            protocol,
-        }],
-        subsets: vec![],
-        endpoints: vec![Endpoint {
-            address: "10.78.0.2".parse().expect("ip"),
-            meshed: true,
-            identity: Some(sid.into()),
-            pod: None,
-            subsets: vec![],
-            ports: Default::default(),
-            terminating: false,
-            workload: None,
-            app: None,
-            version: None,
-        }],
-        http_routes: vec![],
-        tcp_routes: vec![],
-        policy: ClientPolicy::default(),
-    };
-    let mk_dir = |name: &str, c: &ProxyConfig, leaf: &weft_proxy::test_util::Leaf| {
-        let d = work.path().join(name);
-        std::fs::create_dir(&d).expect("dir");
-        std::fs::write(d.join("proxy.json"), c.to_json()).expect("w");
-        std::fs::write(d.join("proxy.json.sig"), ca.sign_config(c)).expect("w");
-        std::fs::write(d.join("tls.crt"), &leaf.cert_pem).expect("w");
-        std::fs::write(d.join("tls.key"), &leaf.key_pem).expect("w");
-        std::fs::write(d.join("ca.crt"), &ca.cert_pem).expect("w");
-        sh(&["chmod", "-R", "a+rX", d.to_str().expect("utf8")]);
-        d
-    };
-    let cdir = mk_dir(
-        "client",
-        &cfg(vec![
-            svc("app", "10.96.0.1", 8080, Protocol::Http1),
-            svc("app-h2", "10.96.0.2", 8081, Protocol::Http2),
-            svc("app-tcp", "10.96.0.3", 8080, Protocol::Opaque),
-        ]),
-        &cl,
-    );
-    let sdir = mk_dir("server", &cfg(vec![]), &sl);
 
     // The client TLS settings weft itself uses, without resumption.
     let files = weft_proxy::tls::identity::IdentityFiles {
@@ -858,150 +1305,355 @@ fn setup(o: &Opts) -> Setup {
     let mut tls_plain = tls_weft.clone();
     tls_plain.alpn_protocols.clear();
 
-    spawn_app(&nsrv);
-    let weft = |ns: &str, dir: &Path| {
-        spawn_peer(
-            ns,
-            &["--reuid=1337", "--regid=1337", "--clear-groups"],
-            &[
-                bin.to_owned(),
-                "run".into(),
-                "--config-dir".into(),
-                dir.to_string_lossy().into_owned(),
-                "--log-level".into(),
-                "warn".into(),
-            ],
-        )
-    };
-    let weft_pids = vec![weft(&nc, &cdir), weft(&nsrv, &sdir)];
+    let mut targets = Vec::new();
+    let mut logs: Vec<(&'static str, u32, PathBuf)> = Vec::new();
 
-    // nginx and HAProxy pairs on loopback in the server namespace.
-    let p = |f: &str| work.path().join(f).to_string_lossy().into_owned();
-    let write = |name: &str, body: &str| {
-        let path = work.path().join(name);
-        std::fs::write(&path, body).expect("write");
-        path.to_string_lossy().into_owned()
-    };
-    write("ca.crt", &ca.cert_pem);
-    write("c.crt", &cl.cert_pem);
-    write("c.key", &cl.key_pem);
-    write("s.crt", &sl.cert_pem);
-    write("s.key", &sl.key_pem);
-    write("c.pem", &format!("{}{}", cl.cert_pem, cl.key_pem));
-    write("s.pem", &format!("{}{}", sl.cert_pem, sl.key_pem));
-    std::fs::create_dir_all(p("tmp")).expect("tmp");
-    let nginx_common = |name: &str| {
-        format!(
-            "worker_processes 1; master_process off; daemon off; pid {pid}; error_log {err} error;\nevents {{ worker_connections 4096; }}\n",
-            pid = p(&format!("{name}.pid")),
-            err = p(&format!("{name}.err"))
-        )
-    };
-    // nginx 1.22 speaks HTTP/2 only towards clients (its upstreams are
-    // HTTP/1.1) and has no stream module in Debian's base package: its
-    // HTTP/2 row is h2 in, HTTP/1.1 over the mTLS hop; no raw TCP row.
-    let nginx_c = format!(
-        "{}http {{ access_log off; client_body_temp_path {t}; proxy_temp_path {t}; keepalive_requests 1000000;\n upstream srv {{ server 127.0.0.1:18443; keepalive 64; keepalive_requests 1000000; }}\n server {{ listen 127.0.0.1:18081; listen 127.0.0.1:18091 http2; location / {{ proxy_pass https://srv; proxy_http_version 1.1; proxy_set_header Connection \"\"; proxy_ssl_certificate {cc}; proxy_ssl_certificate_key {ck}; proxy_ssl_protocols TLSv1.3; proxy_ssl_session_reuse on; }} }} }}\n",
-        nginx_common("nc"),
-        t = p("tmp"),
-        cc = p("c.crt"),
-        ck = p("c.key")
-    );
-    let nginx_s = format!(
-        "{}http {{ access_log off; client_body_temp_path {t}; proxy_temp_path {t}; keepalive_requests 1000000;\n upstream app {{ server 127.0.0.1:8080; keepalive 64; keepalive_requests 1000000; }}\n server {{ listen 127.0.0.1:18443 ssl; ssl_certificate {sc}; ssl_certificate_key {sk}; ssl_protocols TLSv1.3; ssl_verify_client on; ssl_client_certificate {ca}; location / {{ proxy_pass http://app; proxy_http_version 1.1; proxy_set_header Connection \"\"; }} }} }}\n",
-        nginx_common("ns"),
-        t = p("tmp"),
-        sc = p("s.crt"),
-        sk = p("s.key"),
-        ca = p("ca.crt")
-    );
-    let haproxy_c = format!(
-        "global\n nbthread 1\n maxconn 4096\ndefaults\n timeout connect 5s\n timeout client 30s\n timeout server 30s\nfrontend f\n mode http\n http-reuse always\n bind 127.0.0.1:18082\n default_backend b\nfrontend f2\n mode http\n bind 127.0.0.1:18092 proto h2\n default_backend b2\nbackend b\n mode http\n http-reuse always\n server s 127.0.0.1:18444 ssl crt {c} ca-file {ca} verify required ssl-min-ver TLSv1.3\nbackend b2\n mode http\n http-reuse always\n server s 127.0.0.1:18454 ssl crt {c} ca-file {ca} verify required ssl-min-ver TLSv1.3 alpn h2\nfrontend ft\n mode tcp\n bind 127.0.0.1:18093\n default_backend bt\nbackend bt\n mode tcp\n server s 127.0.0.1:18464 ssl crt {c} ca-file {ca} verify required ssl-min-ver TLSv1.3\n",
-        c = p("c.pem"),
-        ca = p("ca.crt")
-    );
-    let haproxy_s = format!(
-        "global\n nbthread 1\n maxconn 4096\ndefaults\n timeout connect 5s\n timeout client 30s\n timeout server 30s\nfrontend f\n mode http\n bind 127.0.0.1:18444 ssl crt {s} ca-file {ca} verify required ssl-min-ver TLSv1.3\n default_backend b\nbackend b\n mode http\n http-reuse always\n server app 127.0.0.1:8080\nfrontend f2\n mode http\n bind 127.0.0.1:18454 ssl crt {s} ca-file {ca} verify required ssl-min-ver TLSv1.3 alpn h2\n default_backend b2\nbackend b2\n mode http\n http-reuse always\n server app 127.0.0.1:8081 proto h2\nfrontend ft\n mode tcp\n bind 127.0.0.1:18464 ssl crt {s} ca-file {ca} verify required ssl-min-ver TLSv1.3\n default_backend bt\nbackend bt\n mode tcp\n server app 127.0.0.1:8080\n",
-        s = p("s.pem"),
-        ca = p("ca.crt")
-    );
-    let want = |name: &str| o.only.as_ref().is_none_or(|v| v.iter().any(|x| x == name));
-    let mut nginx_pids = Vec::new();
-    let mut haproxy_pids = Vec::new();
-    if want("nginx") {
-        for conf in [write("nc.conf", &nginx_c), write("ns.conf", &nginx_s)] {
-            nginx_pids.push(spawn_peer(&nsrv, &[], &["nginx".into(), "-c".into(), conf]));
+    // The baseline: no proxy, no capture.
+    let dn = net("direct", 1, false);
+    spawn_app(&dn.server);
+    targets.push(Target {
+        name: "direct",
+        ns: dn.client.clone(),
+        addrs: std::array::from_fn(|i| Some(a(format!("{}:{}", dn.server_ip, APP_PORTS[i])))),
+        tls: None,
+        sidecars: vec![],
+    });
+
+    if want("weft") {
+        let wn = veth_pair("weft", 2, true);
+        // The handshake clients dial the server pod's port 8080 from the
+        // client namespace: excluded from the client sidecar's capture, they
+        // reach the server sidecar's inbound listener as a peer proxy would
+        // (captured, the client sidecar would wrap their TLS in its own
+        // mTLS, as it does for any meshed pod IP).
+        let exclude = APP_PORTS[0].to_string();
+        sh(&[
+            "ip",
+            "netns",
+            "exec",
+            &wn.client,
+            bin,
+            "init",
+            "--iptables",
+            "nft",
+            "--exclude-outbound-ports",
+            &exclude,
+        ]);
+        sh(&[
+            "ip",
+            "netns",
+            "exec",
+            &wn.server,
+            bin,
+            "init",
+            "--iptables",
+            "nft",
+        ]);
+        let cfg = |services: Vec<Service>| {
+            let mut c = ProxyConfig {
+                version: 1,
+                generation: 1,
+                hash: String::new(),
+                namespace: "bench".into(),
+                mesh: MeshSettings {
+                    trust_domain: td.into(),
+                    mtls_mode: MtlsMode::Strict,
+                    default_access: Default::default(),
+                    access_log: o.telemetry,
+                    access_log_options: Default::default(),
+                    tracing: o.telemetry.then(|| weft_proxy_config::Tracing {
+                        otlp_endpoint: "http://127.0.0.1:9".into(),
+                        sampling_percent: 1.0,
+                    }),
+                    escaped_slashes: Default::default(),
+                    metrics_naming: Default::default(),
+                },
+                services,
+                inbound: Inbound::default(),
+            };
+            c.seal();
+            c
+        };
+        let svc = |name: &str, i: usize, protocol: Protocol| Service {
+            name: name.into(),
+            namespace: "bench".into(),
+            cluster_ips: vec![CLUSTER_IPS[i].parse().expect("ip")],
+            ports: vec![ServicePort {
+                port: 80,
+                name: Some("web".into()),
+                target_port: APP_PORTS[i],
+                protocol,
+            }],
+            subsets: vec![],
+            endpoints: vec![Endpoint {
+                address: wn.server_ip.parse().expect("ip"),
+                meshed: true,
+                identity: Some(sid.into()),
+                pod: None,
+                subsets: vec![],
+                ports: Default::default(),
+                terminating: false,
+                workload: None,
+                app: None,
+                version: None,
+            }],
+            http_routes: vec![],
+            tcp_routes: vec![],
+            policy: ClientPolicy::default(),
+        };
+        let mk_dir = |name: &str, c: &ProxyConfig, leaf: &Leaf| {
+            let d = work.path().join(name);
+            std::fs::create_dir(&d).expect("dir");
+            std::fs::write(d.join("proxy.json"), c.to_json()).expect("w");
+            std::fs::write(d.join("proxy.json.sig"), ca.sign_config(c)).expect("w");
+            std::fs::write(d.join("tls.crt"), &leaf.cert_pem).expect("w");
+            std::fs::write(d.join("tls.key"), &leaf.key_pem).expect("w");
+            std::fs::write(d.join("ca.crt"), &ca.cert_pem).expect("w");
+            sh(&["chmod", "-R", "a+rX", d.to_str().expect("utf8")]);
+            d
+        };
+        let cdir = mk_dir(
+            "weft-client",
+            &cfg(vec![
+                svc("app", 0, Protocol::Http1),
+                svc("app-h2", 1, Protocol::Http2),
+                svc("app-tcp", 2, Protocol::Opaque),
+                svc("app-stream", 3, Protocol::Grpc),
+            ]),
+            &cl,
+        );
+        let sdir = mk_dir("weft-server", &cfg(vec![]), &sl);
+        spawn_app(&wn.server);
+        let mut sidecars = Vec::new();
+        for (ns, dir, side) in [(&wn.client, &cdir, "client"), (&wn.server, &sdir, "server")] {
+            let log = work.path().join(format!("weft-{side}.log"));
+            let pid = spawn_peer(
+                ns,
+                &uid1337,
+                &[
+                    bin.to_owned(),
+                    "run".into(),
+                    "--config-dir".into(),
+                    dir.to_string_lossy().into_owned(),
+                    "--log-level".into(),
+                    "warn".into(),
+                ],
+                &log,
+            );
+            logs.push(("weft", pid, log));
+            sidecars.push(pid);
         }
+        targets.push(Target {
+            name: "weft",
+            ns: wn.client.clone(),
+            addrs: std::array::from_fn(cluster),
+            // Captured by the server sidecar's inbound listener.
+            tls: Some(a(format!("{}:{}", wn.server_ip, APP_PORTS[0]))),
+            sidecars,
+        });
     }
-    if want("haproxy") {
-        for conf in [write("hc.cfg", &haproxy_c), write("hs.cfg", &haproxy_s)] {
-            haproxy_pids.push(spawn_peer(
-                &nsrv,
-                &[],
-                &["haproxy".into(), "-db".into(), "-f".into(), conf],
-            ));
+
+    // nginx and HAProxy: the same namespaces, veth and capture shape as weft
+    // (or loopback with --loopback), as uid 1337.
+    for (name, n) in [("nginx", 3u8), ("haproxy", 4u8)] {
+        if !want(name) {
+            continue;
         }
+        let pn = net(name, n, true);
+        if pn.fair() {
+            peer_capture(&pn);
+        }
+        let d = peer_dir(work.path(), name, &ca, &cl, &sl);
+        let pnet = PeerNet::new(&pn);
+        let (cconf, sconf) = if name == "nginx" {
+            nginx_confs(&d, &pnet)
+        } else {
+            haproxy_confs(&d, &pnet)
+        };
+        spawn_app(&pn.server);
+        let mut sidecars = Vec::new();
+        for (ns, conf, side) in [(&pn.client, cconf, "client"), (&pn.server, sconf, "server")] {
+            let path = d.join(format!("{side}.conf"));
+            std::fs::write(&path, conf).expect("write conf");
+            let path = path.to_string_lossy().into_owned();
+            let log = d.join(format!("{side}.log"));
+            let cmd: Vec<String> = if name == "nginx" {
+                let early = d.join(format!("{side}.early.err"));
+                vec![
+                    "nginx".into(),
+                    "-e".into(),
+                    early.to_string_lossy().into_owned(),
+                    "-c".into(),
+                    path,
+                ]
+            } else {
+                vec!["haproxy".into(), "-db".into(), "-f".into(), path]
+            };
+            let pid = spawn_peer(ns, &uid1337, &cmd, &log);
+            logs.push((name, pid, log));
+            sidecars.push(pid);
+        }
+        let addr = |i: usize| {
+            if pn.fair() {
+                cluster(i)
+            } else {
+                Some(a(format!("127.0.0.1:{}", PEER_IN[i])))
+            }
+        };
+        let mut addrs: [Option<SocketAddr>; 4] = std::array::from_fn(addr);
+        if name == "nginx" {
+            addrs[Proto::Tcp.index()] = None;
+        }
+        targets.push(Target {
+            name,
+            ns: pn.client.clone(),
+            addrs,
+            tls: Some(a(if pn.fair() {
+                format!("{}:{}", pn.server_ip, APP_PORTS[0])
+            } else {
+                format!("127.0.0.1:{}", PEER_TLS[0])
+            })),
+            sidecars,
+        });
     }
     std::thread::sleep(Duration::from_secs(2));
-
-    let a = |s: &str| -> SocketAddr { s.parse().expect("addr") };
-    let mut targets = vec![
-        Target {
-            name: "direct",
-            ns: nsrv.clone(),
-            h1: a("127.0.0.1:8080"),
-            h2: Some(a("127.0.0.1:8081")),
-            tcp: Some(a("127.0.0.1:8080")),
-            tls: None,
-            sidecars: vec![],
-        },
-        Target {
-            name: "weft",
-            ns: nc.clone(),
-            h1: a("10.96.0.1:80"),
-            h2: Some(a("10.96.0.2:80")),
-            tcp: Some(a("10.96.0.3:80")),
-            // Captured by the server sidecar's inbound listener (from the
-            // client namespace, port 8080 excluded from its capture).
-            tls: Some(a("10.78.0.2:8080")),
-            sidecars: weft_pids,
-        },
-    ];
-    if want("nginx") {
-        targets.push(Target {
-            name: "nginx",
-            ns: nsrv.clone(),
-            h1: a("127.0.0.1:18081"),
-            h2: Some(a("127.0.0.1:18091")),
-            tcp: None,
-            tls: Some(a("127.0.0.1:18443")),
-            sidecars: nginx_pids,
-        });
-    }
-    if want("haproxy") {
-        targets.push(Target {
-            name: "haproxy",
-            ns: nsrv.clone(),
-            h1: a("127.0.0.1:18082"),
-            h2: Some(a("127.0.0.1:18092")),
-            tcp: Some(a("127.0.0.1:18093")),
-            tls: Some(a("127.0.0.1:18444")),
-            sidecars: haproxy_pids,
-        });
-    }
-    // direct stays as the baseline; weft only when asked for (or by default).
-    if !want("weft") {
-        targets.retain(|t| t.name != "weft");
+    for (name, pid, log) in &logs {
+        check_alive(name, *pid, log);
     }
     Setup {
         targets,
         tls_weft: Arc::new(tls_weft),
         tls_plain: Arc::new(tls_plain),
-        _work: work,
+        work,
     }
 }
 
+// ---------------------------------------------------------------- syscalls
+
+/// One sidecar's syscalls over the `--syscalls` window.
+struct Sys {
+    target: &'static str,
+    side: &'static str,
+    requests: usize,
+    errors: u64,
+    rps: f64,
+    /// (syscall, calls), most frequent first; empty when strace failed.
+    calls: Vec<(String, u64)>,
+}
+
+/// `strace -c` output: (syscall, calls) per line, most frequent first.
+fn parse_strace(text: &str) -> Vec<(String, u64)> {
+    let mut v: Vec<(String, u64)> = text
+        .lines()
+        .filter_map(|l| {
+            // % time, seconds, usecs/call, calls, [errors], syscall
+            let f: Vec<&str> = l.split_whitespace().collect();
+            if f.len() < 5 || f[0].parse::<f64>().is_err() {
+                return None;
+            }
+            let name = *f.last()?;
+            if name == "total" {
+                return None;
+            }
+            Some((name.to_owned(), f[3].parse().ok()?))
+        })
+        .collect();
+    v.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+    v
+}
+
+/// The main point's window (HTTP/1.1, 1 KiB, [`RATE`] rps over [`CONNS`]
+/// connections) with `strace -c -f -p` attached to every thread of each
+/// sidecar. strace runs unpinned (it stops the tracee at every syscall and
+/// would otherwise starve the proxies' core).
+fn strace_window(t: &Target, o: &Opts, dir: &Path) -> Vec<Sys> {
+    use nix::sys::signal::{Signal, kill};
+    use nix::unistd::Pid;
+    let addr = t.h1();
+    load(&t.ns, move || {
+        constant_rate(addr, Proto::H1, 1024, RATE, CONNS, WARMUP)
+    });
+    let mut tracers = Vec::new();
+    for (k, pid) in t.sidecars.iter().enumerate() {
+        let out = dir.join(format!("strace-{}-{k}.txt", t.name));
+        let log = dir.join(format!("strace-{}-{k}.log", t.name));
+        let child = Command::new("setpriv")
+            .args([
+                "--pdeathsig",
+                "KILL",
+                "strace",
+                "-c",
+                "-f",
+                "-q",
+                "-S",
+                "calls",
+                "-o",
+            ])
+            .arg(&out)
+            .args(["-p", &pid.to_string()])
+            // strace re-raises SIGQUIT after its summary: a core, if any,
+            // lands in the temporary directory.
+            .current_dir(dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("strace log"))
+            .spawn()
+            .expect("spawn strace");
+        remember(child.id());
+        tracers.push((child, out, log));
+    }
+    // Attached to every thread before the window opens.
+    std::thread::sleep(Duration::from_secs(1));
+    let w = window(t, Proto::H1, 1024, CONNS, o.measure);
+    for (child, _, _) in &tracers {
+        // Not SIGINT: it is blocked in children (see `handle_signals`).
+        let _ = kill(Pid::from_raw(child.id() as i32), Signal::SIGQUIT);
+    }
+    let mut rows = Vec::new();
+    for (k, (mut child, out, log)) in tracers.into_iter().enumerate() {
+        let give_up = Instant::now() + Duration::from_secs(10);
+        while matches!(child.try_wait(), Ok(None)) && Instant::now() < give_up {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        if matches!(child.try_wait(), Ok(None)) {
+            let _ = child.kill();
+        }
+        let status = child.wait();
+        forget(child.id());
+        let text = std::fs::read_to_string(&out).unwrap_or_default();
+        let calls = parse_strace(&text);
+        if calls.is_empty() {
+            eprintln!(
+                "{}: strace ({status:?}) gave no counts: {text}{}",
+                t.name,
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+        }
+        rows.push(Sys {
+            target: t.name,
+            side: if k == 0 { "client" } else { "server" },
+            requests: w.lat.len(),
+            errors: w.errors,
+            rps: w.lat.len() as f64 / w.secs,
+            calls,
+        });
+    }
+    rows
+}
+
 // ---------------------------------------------------------------- main
+
+/// A matrix cell: latencies from one constant-rate window, vCPU per 1000
+/// requests (or messages) per second per sidecar, max throughput.
+#[derive(Clone, Copy)]
+struct Cell {
+    p50: f64,
+    p99: f64,
+    vcpu: f64,
+    max: f64,
+    ok: usize,
+    errors: u64,
+}
 
 fn main() {
     drop_inherited_fds();
@@ -1009,28 +1661,33 @@ fn main() {
         eprintln!("the pair benchmark needs root (network namespaces, iptables); run it as root");
         std::process::exit(1);
     }
-    for bin in [
-        "nginx",
-        "haproxy",
-        "taskset",
-        "setpriv",
-        "iptables-nft",
-        "bash",
-    ] {
+    let o = opts();
+    let mut needed = vec![
+        ("nginx", "nginx"),
+        ("haproxy", "haproxy"),
+        ("taskset", "util-linux"),
+        ("setpriv", "util-linux"),
+        ("iptables-nft", "iptables"),
+        ("bash", "bash"),
+    ];
+    if o.syscalls {
+        needed.push(("strace", "strace"));
+    }
+    for (bin, package) in needed {
         if Command::new("sh")
             .args(["-c", &format!("command -v {bin}")])
             .output()
             .map(|o| !o.status.success())
             .unwrap_or(true)
         {
-            eprintln!("{bin} missing: apt-get install -y nginx haproxy util-linux iptables bash");
+            eprintln!("{bin} missing: apt-get install -y {package}");
             std::process::exit(1);
         }
     }
     handle_signals();
     let _cleanup = Cleanup;
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let o = opts();
+    eprintln!("pair: {} topology", topology_title(o.topology));
     let started = Instant::now();
     let s = setup(&o);
     let targets = &s.targets;
@@ -1044,7 +1701,7 @@ fn main() {
     // maximum with 64 connections. Interleaved rounds.
     for round in 0..o.rounds {
         for (ti, t) in targets.iter().enumerate() {
-            let addr = t.h1;
+            let addr = t.h1();
             load(&t.ns, move || {
                 constant_rate(addr, Proto::H1, 1024, RATE, CONNS, WARMUP)
             });
@@ -1104,7 +1761,7 @@ fn main() {
             let before: Vec<f64> = t.sidecars.iter().map(|p| mb(&[*p], "VmRSS:")).collect();
             let (otx, orx) = std::sync::mpsc::channel();
             let (htx, hrx) = std::sync::mpsc::channel();
-            let addr = t.h1;
+            let addr = t.h1();
             let ns = t.ns.clone();
             let holder = std::thread::spawn(move || {
                 load(&ns, move || idle_conns(addr, IDLE_CONNS, otx, hrx))
@@ -1131,18 +1788,22 @@ fn main() {
     let mut cells: Vec<(Proto, usize, usize)> = Vec::new();
     if !o.core {
         if o.full {
-            for proto in [Proto::H1, Proto::H2, Proto::Tcp] {
+            for proto in [Proto::H1, Proto::H2, Proto::Stream, Proto::Tcp] {
                 for payload in PAYLOADS {
+                    // Streams carry small messages.
+                    if proto == Proto::Stream && payload >= BIG {
+                        continue;
+                    }
                     for conns in [1, 16, 64] {
                         cells.push((proto, payload, conns));
                     }
                 }
             }
         } else {
-            for payload in [0, 16384] {
+            for payload in [0, 16384, BIG] {
                 cells.push((Proto::H1, payload, CONNS));
             }
-            for proto in [Proto::H2, Proto::Tcp] {
+            for proto in [Proto::H2, Proto::Stream, Proto::Tcp] {
                 cells.push((proto, 1024, CONNS));
             }
             for conns in [1, 64] {
@@ -1150,39 +1811,72 @@ fn main() {
             }
         }
     }
-    // (cell, target) → (p50, p99, vCPU, max rps)
-    let mut matrix: HashMap<(usize, usize), (f64, f64, f64, f64)> = HashMap::new();
+    let mut matrix: HashMap<(usize, usize), Cell> = HashMap::new();
     for (ci, &(proto, payload, conns)) in cells.iter().enumerate() {
         for (ti, t) in targets.iter().enumerate() {
             let Some(addr) = t.addr(proto) else { continue };
+            let rate = rate_for(payload);
             load(&t.ns, move || {
                 constant_rate(
                     addr,
                     proto,
                     payload,
-                    RATE,
+                    rate,
                     conns,
                     Duration::from_millis(300),
                 )
             });
             let w = window(t, proto, payload, conns, CELL_FOR);
-            let maxrps = load(&t.ns, move || {
+            let max = load(&t.ns, move || {
                 max_throughput(addr, proto, payload, conns.max(16), CELL_FOR)
             });
             matrix.insert(
                 (ci, ti),
-                (pct(&w.lat, 0.5), pct(&w.lat, 0.99), w.vcpu, maxrps),
+                Cell {
+                    p50: pct(&w.lat, 0.5),
+                    p99: pct(&w.lat, 0.99),
+                    vcpu: w.vcpu,
+                    max,
+                    ok: w.lat.len(),
+                    errors: w.errors,
+                },
             );
+            if w.errors > 0 {
+                eprintln!(
+                    "matrix {} {payload} B {conns} conns {}: {} ok, {} errors",
+                    proto.name(),
+                    t.name,
+                    w.lat.len(),
+                    w.errors
+                );
+            }
         }
         eprintln!("matrix {} {} B {} conns done", proto.name(), payload, conns);
     }
 
-    let md = report(&o, targets, &rows, &cells, &matrix, started.elapsed());
+    let mut sys = Vec::new();
+    if o.syscalls {
+        for t in targets.iter().filter(|t| !t.sidecars.is_empty()) {
+            let rows = strace_window(t, &o, s.work.path());
+            for r in &rows {
+                eprintln!(
+                    "syscalls {} {}: {} requests, {} syscalls",
+                    r.target,
+                    r.side,
+                    r.requests,
+                    r.calls.iter().map(|c| c.1).sum::<u64>()
+                );
+            }
+            sys.extend(rows);
+        }
+    }
+
+    let md = report(&o, targets, &rows, &cells, &matrix, &sys, started.elapsed());
     println!("{md}");
     let out = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
     let _ = std::fs::create_dir_all(&out);
     let _ = std::fs::write(out.join("pair.md"), &md);
-    let _ = std::fs::write(out.join("pair.svg"), plot(targets, &rows));
+    let _ = std::fs::write(out.join("pair.svg"), plot(o.topology, targets, &rows));
     eprintln!(
         "wrote {} and {}",
         out.join("pair.md").display(),
@@ -1192,21 +1886,61 @@ fn main() {
 
 // ---------------------------------------------------------------- report
 
+fn topology_title(t: Topology) -> &'static str {
+    match t {
+        Topology::Fair => "fair",
+        Topology::Loopback => "loopback",
+    }
+}
+
+fn topology_text(t: Topology) -> &'static str {
+    match t {
+        Topology::Fair => {
+            "Topology: fair. Every target has its own pair of network namespaces (client, server) joined by its own veth (10.78.N.0/24), with its own app in the server namespace; the load generator runs in the client namespace. weft: `weft-proxy init` capture rules in both namespaces. nginx and HAProxy: both sidecars as uid 1337, behind iptables-nft rules of the same shape (client namespace: nat OUTPUT REDIRECT of TCP to the ClusterIPs to the client peer's listeners, uid 1337 exempt; server namespace: nat PREROUTING REDIRECT of TCP arriving on the veth to the server peer's TLS listeners); the client peer dials the server pod's IP. direct: the load generator dials the app's pod IP across its veth, with no capture rules in its namespaces (an unmeshed pod pair: no NAT, no conntrack), so added latency includes what capture costs."
+        }
+        Topology::Loopback => {
+            "Topology: loopback (not fair). nginx, HAProxy and direct each run in one namespace of their own on 127.0.0.1 (load generator, sidecars, app), without veth or capture rules; weft alone runs across two namespaces, a veth and its capture rules, so it pays kernel work (NAT, conntrack, veth) the others do not."
+        }
+    }
+}
+
+fn ratio(v: f64) -> String {
+    if v.is_finite() {
+        format!("{v:.2}")
+    } else if v == f64::INFINITY {
+        "∞".to_owned()
+    } else {
+        "–".to_owned()
+    }
+}
+
 fn report(
     o: &Opts,
     targets: &[Target],
     rows: &[Row],
     cells: &[(Proto, usize, usize)],
-    matrix: &HashMap<(usize, usize), (f64, f64, f64, f64)>,
+    matrix: &HashMap<(usize, usize), Cell>,
+    sys: &[Sys],
     took: Duration,
 ) -> String {
     let mut md = String::new();
     let _ = writeln!(
         md,
-        "HTTP/1.1, 1 KiB responses, {RATE} rps over {CONNS} connections for {}s (latency from the intended send time: no coordinated omission), max throughput with {MAX_CONNS} closed-loop connections for {}s; medians of {} interleaved rounds. Proxies and the app pinned to CPU 1, the load generator to CPU 0. vCPU from schedstat over the constant-rate window, per sidecar. Run took {:.0} s.\n",
+        "# Sidecar pair benchmark, {} topology\n\n{}\n",
+        topology_title(o.topology),
+        topology_text(o.topology)
+    );
+    let _ = writeln!(
+        md,
+        "HTTP/1.1, 1 KiB responses, {RATE} rps over {CONNS} connections for {}s (latency from the intended send time: no coordinated omission), max throughput with {MAX_CONNS} closed-loop connections for {}s; medians of {} interleaved rounds. Proxies and the apps pinned to CPU 1, the load generator to CPU 0. vCPU from schedstat over the constant-rate window, per sidecar.{} Run took {:.0} s.\n",
         o.measure.as_secs(),
         MAX_FOR.as_secs(),
         o.rounds,
+        if o.telemetry {
+            " weft with access logs on and tracing at 1 %."
+        } else {
+            ""
+        },
         took.as_secs_f64()
     );
     md.push_str("| target | added p50 ms | added p90 ms | added p99 ms | added p99.9 ms | added max ms | vCPU/1000 rps per sidecar | RSS idle MB | RSS at 1000 rps MB | RSS peak MB | max rps | % of direct | mTLS handshakes per server-core-s | RSS per 1000 idle conns MB (client, server) | errors |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
@@ -1261,30 +1995,48 @@ fn report(
             r.errors
         );
     }
-    if let Some(w) = targets.iter().position(|t| t.name == "weft") {
-        md.push('\n');
+    if let Some(w) = targets.iter().position(|t| t.name == "weft")
+        && targets
+            .iter()
+            .any(|t| t.name != "weft" && !t.sidecars.is_empty())
+    {
+        let _ = writeln!(
+            md,
+            "\nRatios weft / peer, same run, {} topology (the bar: ≤ 0.7 for vCPU and added latency, ≥ 1.3 for max rps, ≥ 2 for handshakes vs nginx, < 1 for RSS per idle connection).\n",
+            topology_title(o.topology)
+        );
+        md.push_str("| weft / peer | vCPU per 1000 rps | added p50 | added p99 | max rps | RSS idle | mTLS handshakes per server-core-s | RSS per 1000 idle conns (client, server) |\n|---|---|---|---|---|---|---|---|\n");
         for (pi, p) in targets.iter().enumerate() {
             if p.sidecars.is_empty() || pi == w {
                 continue;
             }
-            let ratio = |f: fn(&Row) -> &Vec<f64>| median(f(&rows[w])) / median(f(&rows[pi]));
+            let r = |f: fn(&Row) -> &Vec<f64>| median(f(&rows[w])) / median(f(&rows[pi]));
+            let idle = match (rows[w].idle_per_1000, rows[pi].idle_per_1000) {
+                (Some((wc, ws)), Some((pc, ps))) => format!(
+                    "{} ({wc:.1} vs {pc:.1} MB), {} ({ws:.1} vs {ps:.1} MB)",
+                    ratio(wc / pc),
+                    ratio(ws / ps)
+                ),
+                _ => "–".to_owned(),
+            };
             let _ = writeln!(
                 md,
-                "weft / {}: added p50 {:.2}, added p99 {:.2}, vCPU {:.2}, RSS idle {:.2}, max rps {:.2}, handshakes {:.2}",
+                "| / {} | {} | {} | {} | {} | {} | {} | {} |",
                 p.name,
-                d(w, |r| &r.p50) / d(pi, |r| &r.p50),
-                d(w, |r| &r.p99) / d(pi, |r| &r.p99),
-                ratio(|r| &r.vcpu),
-                rows[w].rss_idle / rows[pi].rss_idle,
-                ratio(|r| &r.maxrps),
-                rows[w].handshakes / rows[pi].handshakes,
+                ratio(r(|r| &r.vcpu)),
+                ratio(d(w, |r| &r.p50) / d(pi, |r| &r.p50)),
+                ratio(d(w, |r| &r.p99) / d(pi, |r| &r.p99)),
+                ratio(r(|r| &r.maxrps)),
+                ratio(rows[w].rss_idle / rows[pi].rss_idle),
+                ratio(rows[w].handshakes / rows[pi].handshakes),
+                idle,
             );
         }
     }
     if !cells.is_empty() {
         let _ = writeln!(
             md,
-            "\nMatrix ({RATE} rps for {}s per cell, one window; max rps with max(16, conns) closed-loop connections for {}s). Cells: added p50 / added p99 ms, vCPU/1000 rps per sidecar, max rps. nginx has no HTTP/2 upstream (h2 in, HTTP/1.1 over mTLS) and no raw TCP in Debian's base package.\n",
+            "\nMatrix ({RATE} rps, 1 MiB cells {BIG_RATE} rps, for {}s per cell, one window; max with max(16, conns) closed-loop connections for {}s). Cells: added p50 / added p99 ms, vCPU per 1000 rps per sidecar, max rps; direct in absolute figures. HTTP/2 stream rows count messages, not requests: one long-lived HTTP/2 stream per connection carrying gRPC-framed messages of the payload size (plus 5 bytes), each echoed back by the app before the next is sent; latency per message, vCPU per 1000 messages/s, max messages/s. TCP rows: HTTP/1.1 bytes through an opaque TCP proxy. nginx: HTTP/2 row is h2 in, HTTP/1.1 over mTLS (no HTTP/2 upstream for `proxy_pass`); stream row via `grpc_pass` (h2 on both hops); no raw TCP in Debian's base package (n/a).\n",
             CELL_FOR.as_secs(),
             CELL_FOR.as_secs()
         );
@@ -1298,19 +2050,45 @@ fn report(
         }
         md.push('\n');
         for (ci, (proto, payload, conns)) in cells.iter().enumerate() {
-            let _ = write!(md, "| {} | {payload} B | {conns} |", proto.name());
+            let size = if *payload >= BIG {
+                format!("{} MiB", payload >> 20)
+            } else if *payload >= 1024 {
+                format!("{} KiB", payload >> 10)
+            } else {
+                format!("{payload} B")
+            };
+            let unit = if *proto == Proto::Stream {
+                "msg/s"
+            } else {
+                "rps"
+            };
+            let _ = write!(md, "| {} | {size} | {conns} |", proto.name());
             let base = matrix.get(&(ci, 0)).copied();
             for ti in 0..targets.len() {
                 match (matrix.get(&(ci, ti)), base) {
-                    (Some(&(p50, p99, _, max)), _) if ti == 0 => {
-                        let _ = write!(md, " {p50:.3} / {p99:.3} abs, {max:.0} rps |");
+                    (Some(c), _) if c.ok == 0 => {
+                        let _ = write!(md, " failed ({} errors) |", c.errors);
                     }
-                    (Some(&(p50, p99, vcpu, max)), Some((b50, b99, _, _))) => {
+                    (Some(c), _) if ti == 0 => {
                         let _ = write!(
                             md,
-                            " {:.3} / {:.3}, {vcpu:.3}, {max:.0} rps |",
-                            p50 - b50,
-                            p99 - b99
+                            " {:.3} / {:.3} abs, {:.0} {unit} |",
+                            c.p50, c.p99, c.max
+                        );
+                    }
+                    (Some(c), Some(b)) => {
+                        let _ = write!(
+                            md,
+                            " {:.3} / {:.3}, {:.3}, {:.0} {unit}{} |",
+                            c.p50 - b.p50,
+                            c.p99 - b.p99,
+                            c.vcpu,
+                            c.max,
+                            if c.errors > 0 {
+                                format!(" ({} errors)", c.errors)
+                            } else {
+                                String::new()
+                            }
                         );
                     }
                     _ => md.push_str(" n/a |"),
@@ -1319,12 +2097,68 @@ fn report(
             md.push('\n');
         }
     }
+    if !sys.is_empty() {
+        let _ = writeln!(
+            md,
+            "\nSyscalls per request, {} topology: one window of HTTP/1.1, 1 KiB, {RATE} rps over {CONNS} connections for {}s per target, with `strace -c -f -p` attached to every thread of each sidecar (strace unpinned). strace stops the sidecar at every syscall: this window's latency and CPU are not reported, and nothing in the tables above was measured under strace. Per request: syscalls counted over the window (and the second before it, when strace attaches) divided by the requests completed.\n",
+            topology_title(o.topology),
+            o.measure.as_secs()
+        );
+        md.push_str("| target | sidecar | requests (rps, errors) | syscalls per request | top 5 by count, per request |\n|---|---|---|---|---|\n");
+        for s in sys {
+            let n = s.requests.max(1) as f64;
+            let total: u64 = s.calls.iter().map(|c| c.1).sum();
+            let top: Vec<String> = s
+                .calls
+                .iter()
+                .take(5)
+                .map(|(name, c)| format!("{name} {:.2}", *c as f64 / n))
+                .collect();
+            let _ = writeln!(
+                md,
+                "| {} | {} | {} ({:.0} rps, {} errors) | {} | {} |",
+                s.target,
+                s.side,
+                s.requests,
+                s.rps,
+                s.errors,
+                if s.calls.is_empty() {
+                    "strace failed".to_owned()
+                } else {
+                    format!("{:.2}", total as f64 / n)
+                },
+                top.join(", ")
+            );
+        }
+        let pair_total = |name: &str| -> f64 {
+            sys.iter()
+                .filter(|s| s.target == name)
+                .map(|s| s.calls.iter().map(|c| c.1).sum::<u64>() as f64 / s.requests.max(1) as f64)
+                .sum()
+        };
+        if sys.iter().any(|s| s.target == "weft") {
+            md.push('\n');
+            for p in targets
+                .iter()
+                .filter(|t| t.name != "weft" && !t.sidecars.is_empty())
+            {
+                let _ = writeln!(
+                    md,
+                    "weft / {}: syscalls per request, both sidecars: {:.1} / {:.1} = {}",
+                    p.name,
+                    pair_total("weft"),
+                    pair_total(p.name),
+                    ratio(pair_total("weft") / pair_total(p.name))
+                );
+            }
+        }
+    }
     md
 }
 
 /// Four bar groups (added p50, added p99, vCPU/1000 rps, max rps % of
 /// direct), one bar per proxy, as a self-contained SVG.
-fn plot(targets: &[Target], rows: &[Row]) -> String {
+fn plot(topology: Topology, targets: &[Target], rows: &[Row]) -> String {
     let colors = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728"];
     let (b50, b99) = (median(&rows[0].p50), median(&rows[0].p99));
     let direct_max = median(&rows[0].maxrps);
@@ -1347,7 +2181,8 @@ fn plot(targets: &[Target], rows: &[Row]) -> String {
     let (w, h, pad) = (900.0, 320.0, 40.0);
     let gw = (w - pad) / metrics.len() as f64;
     let mut svg = format!(
-        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"11\">\n<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n<text x=\"{pad}\" y=\"18\" font-size=\"14\">sidecar pair, HTTP/1.1 1 KiB, 1000 rps / 16 conns (medians)</text>\n"
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"11\">\n<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n<text x=\"{pad}\" y=\"18\" font-size=\"14\">sidecar pair, {} topology, HTTP/1.1 1 KiB, 1000 rps / 16 conns (medians)</text>\n",
+        topology_title(topology)
     );
     let proxies: Vec<usize> = (1..targets.len()).collect();
     for (mi, (label, f)) in metrics.iter().enumerate() {
