@@ -5,8 +5,8 @@
 //! root, holding the build lock so nothing builds during the measurement:
 //!
 //! ```text
-//! flock /tmp/weft-build.lock cargo bench -p weft-proxy --bench pair --profile sidecar            # ~6 min
-//! flock /tmp/weft-build.lock cargo bench -p weft-proxy --bench pair --profile sidecar -- --core  # ~2 min
+//! flock /tmp/weft-build.lock cargo bench -p weft-proxy --bench pair --profile sidecar            # ~5 min
+//! flock /tmp/weft-build.lock cargo bench -p weft-proxy --bench pair --profile sidecar -- --core  # ~2.5 min
 //! ```
 //!
 //! Flags: `--rounds N` (interleaved rounds of the main comparison, 3),
@@ -1932,7 +1932,7 @@ fn report(
     );
     let _ = writeln!(
         md,
-        "HTTP/1.1, 1 KiB responses, {RATE} rps over {CONNS} connections for {}s (latency from the intended send time: no coordinated omission), max throughput with {MAX_CONNS} closed-loop connections for {}s; medians of {} interleaved rounds. Proxies and the apps pinned to CPU 1, the load generator to CPU 0. vCPU from schedstat over the constant-rate window, per sidecar.{} Run took {:.0} s.\n",
+        "HTTP/1.1, 1 KiB responses, {RATE} rps over {CONNS} connections for {}s (latency from the intended send time: no coordinated omission), max throughput with {MAX_CONNS} closed-loop connections for {}s; medians of {} interleaved rounds. Proxies and the apps pinned to CPU 1, the load generator to CPU 0. vCPU from schedstat over the constant-rate window, per sidecar. RSS per 1000 idle connections: each sidecar's RSS growth while {IDLE_CONNS} idle HTTP/1.1 connections (one request each) are held open; memory its allocator freed earlier in the run is reused first, so a small cost can read 0.0.{} Run took {:.0} s.\n",
         o.measure.as_secs(),
         MAX_FOR.as_secs(),
         o.rounds,
