@@ -1,0 +1,908 @@
+//! Heap allocations per request through a weft proxy pair, in process.
+//!
+//! ```text
+//! load client ──stamp 10.96.0.x:80──► client proxy ──mTLS──► server proxy ──► app 127.0.0.1:P
+//! load client ─────────────────────────────────────────────────────────────► app 127.0.0.1:P   (direct)
+//! ```
+//!
+//! Both proxies, the app and the load client share one current-thread
+//! runtime (the sidecar's default flavour) on loopback, with real mTLS and
+//! stamped original destinations instead of iptables, as the component tests
+//! do. Each load (HTTP/1.1 POST with a 1 KiB body and a 1 KiB answer; HTTP/2
+//! gRPC-style POST, 1 KiB each way with trailers, to a Service with protocol
+//! Http2) is warmed up, so pools, caches and metric series exist, then
+//! measured: N requests one after the other on one connection, then N
+//! requests 16 at a time (16 HTTP/1 connections; 16 streams on one HTTP/2
+//! connection). HTTP/1.1 runs twice: through a pair that carries it between
+//! the proxies as HTTP/2 streams (the default) and through one with that off
+//! (`Settings::mux`). The same loads against the app directly, in the same
+//! run, give what the app and the load client cost; the difference is what
+//! the two proxies add. Counts cover the whole process during the window.
+//!
+//! The counting global allocator wraps the system allocator; weft forbids
+//! `unsafe` code, so the wrapping comes from two small crates: `stats_alloc`
+//! counts allocations, reallocations and bytes with atomics, and
+//! `tracking-allocator` below it calls a hook on every allocation while
+//! tracking is on (never re-entrantly: allocations made by the hook itself are
+//! not seen by it), which `--sites` uses. Below the counting layer each block
+//! carries a one-word header and a reallocation becomes an allocation, a copy
+//! and a free; the counts, taken above it, are what the code asks for.
+//!
+//! ```text
+//! flock /tmp/weft-build.lock cargo bench -p weft-proxy --bench allocs
+//! CARGO_PROFILE_BENCH_DEBUG=line-tables-only flock /tmp/weft-build.lock \
+//!     cargo bench -p weft-proxy --bench allocs -- --sites      # file:line in sites
+//! ```
+//!
+//! Flags: `--requests N` (measured requests per load, 20000), `--warmup N`
+//! (2000), `--conc N` (16), `--sites` (or `WEFT_ALLOCS_SITES=1`: after the
+//! counts, run each load again with a backtrace taken for every `--every N`th
+//! allocation (97) over `--site-requests N` requests (5000), against the pair
+//! and against the app directly, and print the top `--top N` (20) weft
+//! frames and sites by what the pair adds per request). Prints Markdown and
+//! writes it to `target/bench/allocs.md`. Figures only; nothing is asserted.
+
+#[path = "../tests/support/mod.rs"]
+mod support;
+
+use std::alloc::System;
+use std::backtrace::Backtrace;
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::fmt::Write as _;
+use std::net::{IpAddr, SocketAddr};
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::header::{CONTENT_TYPE, HOST, TE};
+use http::{HeaderMap, HeaderValue, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, StreamBody, combinators::BoxBody};
+use hyper::body::{Frame, Incoming};
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use stats_alloc::{Stats, StatsAlloc};
+use support::{CLIENT_ID, Pod, SERVER_ID, SERVER_POD_IP, cluster_ip, config, meshed, service};
+use tokio::net::{TcpListener, TcpStream};
+use tracking_allocator::{AllocationGroupId, AllocationRegistry, AllocationTracker, Allocator};
+use weft_proxy::test_util::TestCa;
+use weft_proxy_config::{MtlsMode, Protocol};
+
+#[global_allocator]
+static HEAP: StatsAlloc<Allocator<System>> = StatsAlloc::new(Allocator::system());
+
+static PAYLOAD: [u8; 1024] = [b'x'; 1024];
+
+// ---------------------------------------------------------------- options
+
+struct Opts {
+    requests: usize,
+    warmup: usize,
+    conc: usize,
+    sites: bool,
+    site_requests: usize,
+    every: u64,
+    top: usize,
+}
+
+fn opts() -> Opts {
+    let mut o = Opts {
+        requests: 20_000,
+        warmup: 2_000,
+        conc: 16,
+        sites: std::env::var_os("WEFT_ALLOCS_SITES").is_some_and(|v| v != "0"),
+        site_requests: 5_000,
+        every: 97,
+        top: 20,
+    };
+    let mut args = std::env::args().skip(1);
+    let num = |v: Option<String>, d: usize| v.and_then(|v| v.parse().ok()).unwrap_or(d).max(1);
+    while let Some(a) = args.next() {
+        match a.as_str() {
+            "--requests" => o.requests = num(args.next(), o.requests),
+            "--warmup" => o.warmup = num(args.next(), o.warmup),
+            "--conc" => o.conc = num(args.next(), o.conc),
+            "--sites" => o.sites = true,
+            "--site-requests" => o.site_requests = num(args.next(), o.site_requests),
+            "--every" => o.every = num(args.next(), o.every as usize) as u64,
+            "--top" => o.top = num(args.next(), o.top),
+            // cargo bench passes --bench.
+            "--bench" => {}
+            other => eprintln!("allocs: ignoring unknown argument {other:?}"),
+        }
+    }
+    o
+}
+
+// ---------------------------------------------------------------- sampling
+
+/// Allocations the sampler saw while tracking was on (reallocations
+/// included: below the counting layer they are an allocation and a free).
+static SEEN: AtomicU64 = AtomicU64::new(0);
+static EVERY: AtomicU64 = AtomicU64::new(97);
+/// Sampled allocations: where, and how many bytes.
+static SAMPLES: Mutex<Vec<(Backtrace, usize)>> = Mutex::new(Vec::new());
+
+/// Takes a backtrace of every `EVERY`th allocation. The tracking allocator
+/// never calls it re-entrantly, so the capture's own allocations are neither
+/// sampled nor recursed into.
+struct Sampler;
+
+impl AllocationTracker for Sampler {
+    fn allocated(&self, _addr: usize, size: usize, _wrapped: usize, _group: AllocationGroupId) {
+        let n = SEEN.fetch_add(1, Ordering::Relaxed);
+        if n.is_multiple_of(EVERY.load(Ordering::Relaxed)) {
+            let bt = Backtrace::force_capture();
+            SAMPLES
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .push((bt, size));
+        }
+    }
+
+    fn deallocated(
+        &self,
+        _addr: usize,
+        _size: usize,
+        _wrapped: usize,
+        _source: AllocationGroupId,
+        _current: AllocationGroupId,
+    ) {
+    }
+}
+
+// ---------------------------------------------------------------- app and load
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Proto {
+    H1,
+    H2,
+}
+
+impl Proto {
+    fn label(self) -> &'static str {
+        match self {
+            Proto::H1 => "HTTP/1.1, 1 KiB",
+            Proto::H2 => "HTTP/2 gRPC-style, 1 KiB",
+        }
+    }
+}
+
+type AppBody = BoxBody<Bytes, hyper::Error>;
+
+/// An app that reads the request body and answers 1 KiB (gRPC-style: with
+/// `grpc-status` trailers). HTTP/1 and HTTP/2 (auto); no Nagle delay, as a
+/// gRPC server or any latency-minded app sets.
+async fn app(grpc: bool) -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind app");
+    let addr = l.local_addr().expect("app addr");
+    tokio::spawn(async move {
+        while let Ok((s, _)) = l.accept().await {
+            let _ = s.set_nodelay(true);
+            tokio::spawn(async move {
+                let svc = service_fn(move |req: Request<Incoming>| async move {
+                    let mut body = req.into_body();
+                    while let Some(f) = body.frame().await {
+                        if f.is_err() {
+                            break;
+                        }
+                    }
+                    Ok::<_, Infallible>(answer(grpc))
+                });
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(s), svc)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+fn answer(grpc: bool) -> Response<AppBody> {
+    let data = Bytes::from_static(&PAYLOAD);
+    if !grpc {
+        return Response::new(Full::new(data).map_err(|e| match e {}).boxed());
+    }
+    let mut trailers = HeaderMap::new();
+    trailers.insert("grpc-status", HeaderValue::from_static("0"));
+    let frames = [
+        Ok::<_, hyper::Error>(Frame::data(data)),
+        Ok(Frame::trailers(trailers)),
+    ];
+    let mut r = Response::new(StreamBody::new(futures::stream::iter(frames)).boxed());
+    r.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+    r
+}
+
+enum Client {
+    H1(hyper::client::conn::http1::SendRequest<Full<Bytes>>),
+    H2(hyper::client::conn::http2::SendRequest<Full<Bytes>>),
+}
+
+async fn handshake(proto: Proto, io: TcpStream) -> Client {
+    let io = TokioIo::new(io);
+    match proto {
+        Proto::H1 => {
+            let (send, conn) = hyper::client::conn::http1::handshake(io)
+                .await
+                .expect("h1 handshake");
+            tokio::spawn(conn);
+            Client::H1(send)
+        }
+        Proto::H2 => {
+            let (send, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), io)
+                .await
+                .expect("h2 handshake");
+            tokio::spawn(conn);
+            Client::H2(send)
+        }
+    }
+}
+
+/// One request; the answer is read to its end.
+async fn one(client: &mut Client) {
+    let body = Full::new(Bytes::from_static(&PAYLOAD));
+    let resp = match client {
+        Client::H1(send) => {
+            let req = Request::post("/echo")
+                .header(HOST, "echo.shop.svc.cluster.local")
+                .body(body)
+                .expect("request");
+            send.ready().await.expect("h1 ready");
+            send.send_request(req).await.expect("h1 response")
+        }
+        Client::H2(send) => {
+            let req = Request::post("http://grpc.shop.svc.cluster.local/weft.bench.Echo/Say")
+                .header(CONTENT_TYPE, "application/grpc")
+                .header(TE, "trailers")
+                .body(body)
+                .expect("request");
+            send.ready().await.expect("h2 ready");
+            send.send_request(req).await.expect("h2 response")
+        }
+    };
+    assert_eq!(resp.status(), StatusCode::OK, "the load must succeed");
+    let mut body = resp.into_body();
+    while let Some(f) = body.frame().await {
+        f.expect("response body");
+    }
+}
+
+/// Where the load goes: the app directly, or the pair's client proxy.
+struct Via<'a> {
+    name: &'static str,
+    pod: Option<&'a Pod>,
+    h1: SocketAddr,
+    h2: SocketAddr,
+}
+
+impl Via<'_> {
+    async fn connect(&self, proto: Proto) -> TcpStream {
+        let dst = match proto {
+            Proto::H1 => self.h1,
+            Proto::H2 => self.h2,
+        };
+        let s = match self.pod {
+            Some(pod) => pod.app_connect(dst).await,
+            None => TcpStream::connect(dst).await.expect("connect to app"),
+        };
+        s.set_nodelay(true).expect("nodelay");
+        s
+    }
+
+    /// Clients for `conc` concurrent requests: as many HTTP/1 connections, or
+    /// one HTTP/2 connection shared by as many streams.
+    async fn clients(&self, proto: Proto, conc: usize) -> Vec<Client> {
+        match proto {
+            Proto::H1 => {
+                let mut v = Vec::with_capacity(conc);
+                for _ in 0..conc {
+                    v.push(handshake(proto, self.connect(proto).await).await);
+                }
+                v
+            }
+            Proto::H2 => match handshake(proto, self.connect(proto).await).await {
+                Client::H2(send) => (0..conc).map(|_| Client::H2(send.clone())).collect(),
+                Client::H1(_) => unreachable!("an HTTP/2 handshake"),
+            },
+        }
+    }
+}
+
+/// `total` requests spread over `clients`, each client one at a time.
+async fn drive(clients: &mut [Client], total: usize) {
+    let n = clients.len();
+    let per = total / n;
+    let extra = total % n;
+    futures::future::join_all(clients.iter_mut().enumerate().map(|(i, c)| async move {
+        for _ in 0..per + usize::from(i < extra) {
+            one(c).await;
+        }
+    }))
+    .await;
+}
+
+/// Lets connection tasks finish what the last answer left them to do.
+async fn settle() {
+    for _ in 0..10 {
+        tokio::task::yield_now().await;
+    }
+    tokio::time::sleep(Duration::from_millis(20)).await;
+}
+
+/// Counts of one measured window.
+#[derive(Clone, Copy, Default)]
+struct Window {
+    stats: Stats,
+    requests: usize,
+    took: Duration,
+}
+
+impl Window {
+    fn per(&self, v: usize) -> f64 {
+        v as f64 / self.requests as f64
+    }
+    fn allocs(&self) -> f64 {
+        self.per(self.stats.allocations)
+    }
+    fn reallocs(&self) -> f64 {
+        self.per(self.stats.reallocations)
+    }
+    fn bytes(&self) -> f64 {
+        self.per(self.stats.bytes_allocated)
+    }
+}
+
+async fn measure(via: &Via<'_>, proto: Proto, conc: usize, o: &Opts) -> Window {
+    let mut clients = via.clients(proto, conc).await;
+    drive(&mut clients, o.warmup).await;
+    settle().await;
+    let start = Instant::now();
+    let before = HEAP.stats();
+    drive(&mut clients, o.requests).await;
+    let after = HEAP.stats();
+    let took = start.elapsed();
+    settle().await;
+    Window {
+        stats: after - before,
+        requests: o.requests,
+        took,
+    }
+}
+
+/// Samples of one window with tracking on, and the allocations seen.
+async fn sample(
+    via: &Via<'_>,
+    proto: Proto,
+    conc: usize,
+    o: &Opts,
+) -> (Vec<(Backtrace, usize)>, u64) {
+    let mut clients = via.clients(proto, conc).await;
+    drive(&mut clients, o.warmup).await;
+    settle().await;
+    SAMPLES
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .clear();
+    SEEN.store(0, Ordering::Relaxed);
+    AllocationRegistry::enable_tracking();
+    drive(&mut clients, o.site_requests).await;
+    AllocationRegistry::disable_tracking();
+    let seen = SEEN.load(Ordering::Relaxed);
+    let samples = std::mem::take(&mut *SAMPLES.lock().unwrap_or_else(PoisonError::into_inner));
+    settle().await;
+    (samples, seen)
+}
+
+// ---------------------------------------------------------------- sites
+
+/// Frames of the counting machinery, above every allocation's own.
+const MACHINERY: &[&str] = &["stats_alloc", "tracking_allocator"];
+/// Frames outside the standard library in a site's key (innermost first).
+const KEY_FRAMES: usize = 3;
+/// Longest symbol shown (generic arguments make some very long).
+const SYMBOL_CHARS: usize = 110;
+
+struct Frame_ {
+    symbol: String,
+    at: Option<String>,
+}
+
+impl Frame_ {
+    /// The crate a frame belongs to, from its file when known (inlined
+    /// frames carry a bare function name), else from its symbol.
+    fn krate(&self) -> String {
+        if let Some(at) = &self.at {
+            for (prefix, name) in [
+                ("proxy/src/", "weft_proxy"),
+                ("proxy/config/src/", "weft_proxy_config"),
+                ("proxy/benches/", "allocs"),
+                ("proxy/tests/", "allocs"),
+                ("alloc/", "std"),
+                ("core/", "std"),
+                ("std/", "std"),
+                ("/rust/deps/", "std"),
+            ] {
+                if at.starts_with(prefix) {
+                    return name.into();
+                }
+            }
+            if at.contains("/rustc/") {
+                return "std".into();
+            }
+            // `hyper-1.12.0/src/…`
+            if let Some((dir, _)) = at.split_once('/')
+                && let Some((name, version)) = dir.rsplit_once('-')
+                && version.starts_with(|c: char| c.is_ascii_digit())
+            {
+                return name.replace('-', "_");
+            }
+        }
+        let s = self.symbol.trim_start_matches('<');
+        let head = s.split("::").next().unwrap_or(s);
+        head.split('[').next().unwrap_or(head).into()
+    }
+
+    fn is_machinery(&self) -> bool {
+        MACHINERY.contains(&self.krate().as_str())
+            || ["__rust_alloc", "__rust_realloc", "__rg_", "__rdl_"]
+                .iter()
+                .any(|p| self.symbol.starts_with(p))
+    }
+
+    fn is_std(&self) -> bool {
+        matches!(self.krate().as_str(), "std" | "core" | "alloc")
+    }
+
+    fn render(&self) -> String {
+        let mut sym: String = self.symbol.chars().take(SYMBOL_CHARS).collect();
+        if sym.len() < self.symbol.len() {
+            sym.push('…');
+        }
+        match &self.at {
+            Some(at) => format!("`{sym}` {at}"),
+            None => format!("`{sym}`"),
+        }
+    }
+}
+
+/// The frames of a backtrace, innermost first, from its printed form
+/// (`N: symbol` lines, each followed by `at file:line:col` when known).
+fn frames(bt: &Backtrace) -> Vec<Frame_> {
+    let text = bt.to_string();
+    let mut out: Vec<Frame_> = Vec::new();
+    for line in text.lines() {
+        let t = line.trim_start();
+        if let Some(at) = t.strip_prefix("at ") {
+            if let Some(last) = out.last_mut() {
+                last.at = Some(short_path(at));
+            }
+        } else if let Some((idx, sym)) = t.split_once(": ")
+            && !idx.is_empty()
+            && idx.bytes().all(|b| b.is_ascii_digit())
+        {
+            // Full format puts the address first: `0x55d4… - symbol`.
+            let sym = match sym.split_once(" - ") {
+                Some((addr, s)) if addr.starts_with("0x") => s,
+                _ => sym,
+            };
+            out.push(Frame_ {
+                symbol: strip_hash(sym.trim()),
+                at: None,
+            });
+        }
+    }
+    out
+}
+
+/// `foo::bar::h0123456789abcdef` → `foo::bar`.
+fn strip_hash(sym: &str) -> String {
+    match sym.rsplit_once("::h") {
+        Some((head, h)) if h.len() == 16 && h.bytes().all(|b| b.is_ascii_hexdigit()) => head.into(),
+        _ => sym.into(),
+    }
+}
+
+/// Registry and toolchain paths shortened to `crate-1.2.3/src/x.rs:12`,
+/// weft's to `proxy/src/x.rs:12` (the short format prints paths under the
+/// working directory, the package's, as `./…`); the column dropped.
+fn short_path(at: &str) -> String {
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let under_cwd = std::env::current_dir()
+        .ok()
+        .and_then(|cwd| {
+            let root = repo.parent()?;
+            Some(cwd.strip_prefix(root).ok()?.display().to_string())
+        })
+        .unwrap_or_else(|| "proxy".into());
+    let p = if let Some(rest) = at.strip_prefix("./") {
+        format!("{under_cwd}/{rest}")
+    } else if let Some(rest) = repo
+        .parent()
+        .and_then(|r| Path::new(at).strip_prefix(r).ok())
+    {
+        rest.display().to_string()
+    } else if let Some((_, rest)) = at.split_once("/registry/src/") {
+        rest.split_once('/').map_or(rest, |(_, r)| r).into()
+    } else if let Some((_, rest)) = at.split_once("/library/") {
+        rest.into()
+    } else {
+        at.into()
+    };
+    // file:line:col → file:line
+    match p.rsplit_once(':') {
+        Some((head, col)) if col.bytes().all(|b| b.is_ascii_digit()) && head.contains(':') => {
+            head.into()
+        }
+        _ => p,
+    }
+}
+
+/// A site: what was allocated (the outermost standard-library frame under
+/// the caller, e.g. `Box::new<T>`), then the innermost `KEY_FRAMES` frames
+/// outside the standard library, then the first weft frame if not among them.
+fn site_key(frames: &[Frame_]) -> String {
+    let start = frames
+        .iter()
+        .rposition(Frame_::is_machinery)
+        .map_or(0, |i| i + 1);
+    let rest = &frames[start..];
+    let caller = rest.iter().position(|f| !f.is_std());
+    let mut key: Vec<String> = Vec::new();
+    if let Some(i) = caller.and_then(|i| i.checked_sub(1)) {
+        key.push(rest[i].render());
+    }
+    let outside: Vec<&Frame_> = rest.iter().filter(|f| !f.is_std()).collect();
+    key.extend(outside.iter().take(KEY_FRAMES).map(|f| f.render()));
+    if !outside
+        .iter()
+        .take(KEY_FRAMES)
+        .any(|f| f.krate() == "weft_proxy")
+        && let Some(w) = outside.iter().find(|f| f.krate() == "weft_proxy")
+    {
+        key.push(format!("… {}", w.render()));
+    }
+    if key.is_empty() {
+        return "(standard library only)".into();
+    }
+    key.join(" ← ")
+}
+
+/// The innermost weft frame: the line in proxy/src that led to the
+/// allocation. Allocations with no weft frame on the stack (tasks that hyper
+/// spawns itself, the app's and the load client's) are named by their first
+/// frame outside the standard library and the task they ran in.
+fn weft_key(frames: &[Frame_]) -> String {
+    let start = frames
+        .iter()
+        .rposition(Frame_::is_machinery)
+        .map_or(0, |i| i + 1);
+    let rest = &frames[start..];
+    if let Some(w) = rest.iter().find(|f| f.krate() == "weft_proxy") {
+        return w.render();
+    }
+    // The task: the outermost frame outside the standard library and the
+    // runtime under the runtime's poll of a task, e.g. a connection future
+    // hyper spawned.
+    let harness = rest.iter().position(|f| {
+        f.krate() == "tokio"
+            && f.at
+                .as_deref()
+                .is_some_and(|a| a.contains("/runtime/task/"))
+    });
+    let task = rest[..harness.unwrap_or(rest.len())]
+        .iter()
+        .rev()
+        .find(|f| !f.is_std() && f.krate() != "tokio")
+        .map_or_else(String::new, |t| format!(" … in {}", t.render()));
+    match rest.iter().find(|f| !f.is_std()) {
+        Some(f) => format!("(no weft frame) {}{task}", f.render()),
+        None => "(standard library only)".into(),
+    }
+}
+
+/// Sampled allocations and bytes per key.
+type Tally = HashMap<String, (u64, u64)>;
+
+/// Tallies by site and by weft frame.
+fn tally(samples: &[(Backtrace, usize)]) -> (Tally, Tally) {
+    let (mut sites, mut weft) = (Tally::new(), Tally::new());
+    for (bt, size) in samples {
+        let f = frames(bt);
+        for (m, k) in [(&mut sites, site_key(&f)), (&mut weft, weft_key(&f))] {
+            let e = m.entry(k).or_default();
+            e.0 += 1;
+            e.1 += *size as u64;
+        }
+    }
+    (sites, weft)
+}
+
+// ---------------------------------------------------------------- pair
+
+/// The services the client proxy knows: `echo` (detected, HTTP/1) and
+/// `grpc` (protocol Http2), both on the server pod. `mux`: HTTP/1.1 between
+/// the proxies as HTTP/2 streams (the default) or as HTTP/1.1.
+async fn pair(app_h1: SocketAddr, app_h2: SocketAddr, ca: &TestCa, mux: bool) -> (Pod, Pod) {
+    let ep = || vec![meshed(SERVER_POD_IP, SERVER_ID)];
+    let echo = service(
+        "echo",
+        cluster_ip(1),
+        80,
+        app_h1.port(),
+        Protocol::Detect,
+        ep(),
+    );
+    let grpc = service(
+        "grpc",
+        cluster_ip(2),
+        80,
+        app_h2.port(),
+        Protocol::Http2,
+        ep(),
+    );
+    let client_cfg = config(1, MtlsMode::Strict, vec![echo, grpc]);
+    let server_cfg = config(1, MtlsMode::Strict, vec![]);
+    let tweak = |s: &mut weft_proxy::Settings| s.mux = mux;
+    let server = Pod::start_with(&server_cfg, &ca.leaf(SERVER_ID, 3600), ca, tweak).await;
+    let client = Pod::start_with(&client_cfg, &ca.leaf(CLIENT_ID, 3600), ca, tweak).await;
+    for app in [app_h1, app_h2] {
+        client.route_to(
+            SocketAddr::new(IpAddr::V4(SERVER_POD_IP), app.port()),
+            &server,
+        );
+    }
+    (client, server)
+}
+
+// ---------------------------------------------------------------- report
+
+fn fmt_n(v: f64) -> String {
+    if v.abs() >= 100.0 {
+        format!("{v:.0}")
+    } else {
+        format!("{v:.1}")
+    }
+}
+
+struct Row {
+    load: String,
+    weft: Window,
+    direct: Window,
+}
+
+fn table(rows: &[Row], o: &Opts) -> String {
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "## Heap allocations per request\n\n\
+         {} measured requests per load after {} warm-up requests; concurrent: {} at a time \
+         (HTTP/1: {} connections; HTTP/2: {} streams on one connection). One current-thread \
+         runtime for both proxies, the app and the load client. \"whole process\": the run \
+         through the weft pair; \"app + client\": the same load against the app directly; \
+         \"both proxies\": the difference. Bytes: requested by allocations plus growth by \
+         reallocations.\n",
+        o.requests, o.warmup, o.conc, o.conc, o.conc
+    );
+    let _ = writeln!(
+        s,
+        "| load | whole process allocs/req | reallocs/req | bytes/req | app + client allocs/req | reallocs/req | bytes/req | **both proxies allocs/req** | **reallocs/req** | **bytes/req** |"
+    );
+    let _ = writeln!(s, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    for r in rows {
+        let (w, d) = (&r.weft, &r.direct);
+        let _ = writeln!(
+            s,
+            "| {} | {} | {} | {} | {} | {} | {} | **{}** | **{}** | **{}** |",
+            r.load,
+            fmt_n(w.allocs()),
+            fmt_n(w.reallocs()),
+            fmt_n(w.bytes()),
+            fmt_n(d.allocs()),
+            fmt_n(d.reallocs()),
+            fmt_n(d.bytes()),
+            fmt_n(w.allocs() - d.allocs()),
+            fmt_n(w.reallocs() - d.reallocs()),
+            fmt_n(w.bytes() - d.bytes()),
+        );
+    }
+    s
+}
+
+/// Keys by what the pair adds per request: pair samples minus direct
+/// samples of the same key, scaled by the sampling stride; the top `top`.
+fn top_rows(weft: &Tally, direct: &Tally, o: &Opts, what: &str) -> String {
+    let scale = o.every as f64 / o.site_requests as f64;
+    let mut rows: Vec<(f64, f64, &str)> = weft
+        .iter()
+        .map(|(k, (n, b))| {
+            let (dn, db) = direct.get(k).copied().unwrap_or_default();
+            (
+                (*n as f64 - dn as f64) * scale,
+                (*b as f64 - db as f64) * scale,
+                k.as_str(),
+            )
+        })
+        .filter(|r| r.0 > 0.0)
+        .collect();
+    rows.sort_by(|a, b| b.0.total_cmp(&a.0).then_with(|| a.2.cmp(b.2)));
+    let mut s = String::new();
+    let _ = writeln!(s, "| # | allocs/req | bytes/req | {what} |");
+    let _ = writeln!(s, "|---:|---:|---:|---|");
+    for (i, (n, b, k)) in rows.iter().take(o.top).enumerate() {
+        let _ = writeln!(
+            s,
+            "| {} | {} | {} | {} |",
+            i + 1,
+            fmt_n(*n),
+            fmt_n(*b),
+            k.replace('|', "\\|")
+        );
+    }
+    s
+}
+
+/// The sites section of one load.
+fn sites_section(
+    load: &str,
+    weft: &(Tally, Tally),
+    direct: &(Tally, Tally),
+    seen: (u64, u64),
+    o: &Opts,
+) -> String {
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "### {load}\n\n\
+         Allocations seen with tracking on (reallocations included): {} per request through \
+         the pair, {} directly. One backtrace every {} allocations over {} requests; figures \
+         are what the pair adds (its samples less the direct run's, per request).\n",
+        fmt_n(seen.0 as f64 / o.site_requests as f64),
+        fmt_n(seen.1 as f64 / o.site_requests as f64),
+        o.every,
+        o.site_requests,
+    );
+    let _ = writeln!(
+        s,
+        "By the innermost weft frame (the line in proxy/src that led to the allocation):\n"
+    );
+    s.push_str(&top_rows(&weft.1, &direct.1, o, "weft frame"));
+    let _ = writeln!(
+        s,
+        "\nBy site: what was allocated (the outermost standard-library frame), then the \
+         innermost {KEY_FRAMES} frames outside the standard library (weft, hyper, h2, rustls, \
+         tokio, …), innermost first, then the first weft frame further out:\n"
+    );
+    s.push_str(&top_rows(&weft.0, &direct.0, o, "site"));
+    s
+}
+
+// ---------------------------------------------------------------- main
+
+fn main() {
+    let o = opts();
+    EVERY.store(o.every, Ordering::Relaxed);
+    if o.sites {
+        AllocationRegistry::set_global_tracker(Sampler).expect("one tracker");
+    }
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    // As the sidecar logs by default: JSON on stderr at info.
+    tracing_subscriber::fmt()
+        .json()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_new(
+                std::env::var("WEFT_LOG_LEVEL").unwrap_or_else(|_| "info".into()),
+            )
+            .unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let report = rt.block_on(Box::pin(run(&o)));
+    print!("{report}");
+    let out = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
+    let _ = std::fs::create_dir_all(&out);
+    let file = out.join("allocs.md");
+    match std::fs::write(&file, &report) {
+        Ok(()) => eprintln!("allocs: wrote {}", file.display()),
+        Err(e) => eprintln!("allocs: cannot write {}: {e}", file.display()),
+    }
+}
+
+async fn run(o: &Opts) -> String {
+    let app_h1 = app(false).await;
+    let app_h2 = app(true).await;
+    let ca = TestCa::new("weft bench CA");
+    let (client, _server) = pair(app_h1, app_h2, &ca, true).await;
+    let (client_h1, _server_h1) = pair(app_h1, app_h2, &ca, false).await;
+    let weft = |pod| Via {
+        name: "weft pair",
+        pod: Some(pod),
+        h1: SocketAddr::new(cluster_ip(1), 80),
+        h2: SocketAddr::new(cluster_ip(2), 80),
+    };
+    let (mux, no_mux) = (weft(&client), weft(&client_h1));
+    let direct = Via {
+        name: "direct",
+        pod: None,
+        h1: app_h1,
+        h2: app_h2,
+    };
+    // (protocol, concurrency, the pair, what the label adds)
+    let loads = [
+        (Proto::H1, 1, &mux, ""),
+        (Proto::H1, o.conc, &mux, ""),
+        (
+            Proto::H1,
+            1,
+            &no_mux,
+            ", HTTP/1.1 between the proxies (mux off)",
+        ),
+        (
+            Proto::H1,
+            o.conc,
+            &no_mux,
+            ", HTTP/1.1 between the proxies (mux off)",
+        ),
+        (Proto::H2, 1, &mux, ""),
+        (Proto::H2, o.conc, &mux, ""),
+    ];
+    let label = |proto: Proto, conc: usize, extra: &str| {
+        if conc == 1 {
+            format!("{}, sequential{extra}", proto.label())
+        } else {
+            format!("{}, {conc} concurrent{extra}", proto.label())
+        }
+    };
+
+    let mut rows = Vec::new();
+    for (proto, conc, pair, extra) in loads {
+        let mut w = [Window::default(); 2];
+        for (i, via) in [&direct, pair].into_iter().enumerate() {
+            w[i] = measure(via, proto, conc, o).await;
+            eprintln!(
+                "allocs: {} via {}: {} allocs/req ({:.1} s)",
+                label(proto, conc, extra),
+                via.name,
+                fmt_n(w[i].allocs()),
+                w[i].took.as_secs_f64()
+            );
+        }
+        rows.push(Row {
+            load: label(proto, conc, extra),
+            direct: w[0],
+            weft: w[1],
+        });
+    }
+    let mut report = table(&rows, o);
+
+    if o.sites {
+        let _ = writeln!(report, "\n## Allocation sites\n");
+        for (proto, conc, pair, extra) in loads {
+            let (ws, wseen) = sample(pair, proto, conc, o).await;
+            let (ds, dseen) = sample(&direct, proto, conc, o).await;
+            eprintln!(
+                "allocs: resolving {} + {} backtraces of {}",
+                ws.len(),
+                ds.len(),
+                label(proto, conc, extra)
+            );
+            let (wt, dt) = (tally(&ws), tally(&ds));
+            report.push_str(&sites_section(
+                &label(proto, conc, extra),
+                &wt,
+                &dt,
+                (wseen, dseen),
+                o,
+            ));
+            report.push('\n');
+        }
+    }
+    report
+}
