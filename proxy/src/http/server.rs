@@ -112,7 +112,8 @@ pub async fn serve_connection<I, S>(
         Version::Http2 => {
             let conn =
                 hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
-                    .adaptive_window(true)
+                    // Fixed windows (1 MiB): see the client side in `pool`.
+                    .adaptive_window(false)
                     .max_concurrent_streams(MAX_STREAMS)
                     .max_header_list_size(
                         u32::try_from(settings.max_header_bytes).unwrap_or(u32::MAX),
