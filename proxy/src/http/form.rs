@@ -44,8 +44,16 @@ pub fn set_form(parts: &mut http::request::Parts, version: http::Version) {
         // Origin form (`/path?query`, what clients send to a server) is
         // kept as is; only absolute form is cut down to it.
         if !is_connect && (parts.uri.scheme().is_some() || parts.uri.authority().is_some()) {
-            let pq = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-            if let Ok(uri) = pq.parse::<Uri>() {
+            // The path and query are shared, not copied.
+            let mut origin = http::uri::Parts::default();
+            origin.path_and_query = Some(
+                parts
+                    .uri
+                    .path_and_query()
+                    .cloned()
+                    .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/")),
+            );
+            if let Ok(uri) = Uri::from_parts(origin) {
                 parts.uri = uri;
             }
         }

@@ -474,6 +474,20 @@ impl hyper::rt::Timer for HeadTimer {
         })
     }
 
+    /// Moves the deadline of a sleep this timer made, in place: hyper
+    /// re-arms its header deadline before every head, and a new sleep each
+    /// time would cost two allocations per request.
+    fn reset(&self, sleep: &mut Pin<Box<dyn hyper::rt::Sleep>>, new_deadline: std::time::Instant) {
+        match sleep.as_mut().downcast_mut_pin::<HeadSleep>() {
+            Some(mut head) => {
+                let asked = Instant::from_std(new_deadline);
+                head.asked = asked;
+                head.sleep.as_mut().reset(asked);
+            }
+            None => *sleep = self.sleep_until(new_deadline),
+        }
+    }
+
     /// tokio's clock, so that tests with paused time see the same one.
     fn now(&self) -> std::time::Instant {
         Instant::now().into_std()

@@ -53,6 +53,8 @@ struct Ctx {
     snap: Arc<Snapshot>,
     port: u16,
     peer: Option<SpiffeId>,
+    /// `peer` as the value of `x-weft-peer-identity`, made once.
+    peer_header: Option<HeaderValue>,
     /// What the app speaks: the connection's version, except HTTP/1.1
     /// multiplexed by a peer proxy over HTTP/2.
     app: Version,
@@ -90,6 +92,9 @@ pub async fn serve_http<I>(
         state: state.clone(),
         snap,
         port,
+        peer_header: peer
+            .as_ref()
+            .and_then(|id| HeaderValue::from_str(id.as_str()).ok()),
         peer,
         app,
         series: SeriesCache::default(),
@@ -348,10 +353,10 @@ async fn proxy(ctx: &Ctx, snap: &Arc<Snapshot>, mut req: Request<Incoming>) -> R
             .insert(http::header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
         return resp;
     }
-    if let Some(id) = &ctx.peer
-        && let Ok(v) = HeaderValue::from_str(id.as_str())
-    {
-        req.headers_mut().insert(PEER_IDENTITY_HEADER, v);
+    if let Some(v) = &ctx.peer_header {
+        // A static name and a shared value: nothing is copied.
+        const NAME: http::HeaderName = http::HeaderName::from_static(PEER_IDENTITY_HEADER);
+        req.headers_mut().insert(NAME, v.clone());
     }
     let key = PoolKey {
         addr: SocketAddr::new(state.settings.app_host, ctx.port),

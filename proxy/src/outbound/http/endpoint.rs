@@ -237,7 +237,8 @@ where
         let mut req = req;
         match (&state.source_header, meshed) {
             (Some(v), true) => {
-                req.headers_mut().insert(SOURCE_HEADER, v.clone());
+                const NAME: http::HeaderName = http::HeaderName::from_static(SOURCE_HEADER);
+                req.headers_mut().insert(NAME, v.clone());
             }
             _ => {
                 req.headers_mut().remove(SOURCE_HEADER);

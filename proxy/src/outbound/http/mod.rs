@@ -76,8 +76,9 @@ pub async fn serve<I>(
         async move {
             let started = Instant::now();
             if !req.headers().contains_key(REQUEST_ID_HEADER) {
-                req.headers_mut()
-                    .insert(REQUEST_ID_HEADER, new_request_id());
+                // A static name: inserting it copies nothing.
+                const NAME: http::HeaderName = http::HeaderName::from_static(REQUEST_ID_HEADER);
+                req.headers_mut().insert(NAME, new_request_id());
             }
             // Only this proxy says which workload calls.
             req.headers_mut().remove(SOURCE_HEADER);
