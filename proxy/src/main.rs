@@ -12,6 +12,13 @@ use weft_proxy::init::InitArgs;
 use weft_proxy::probes::AppProbes;
 use weft_proxy::{Net, Settings};
 
+/// With the `mimalloc` feature the proxy allocates with mimalloc (the
+/// allocator comparison of docs/architecture.md); by default with the C
+/// library's.
+#[cfg(feature = "mimalloc")]
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(name = "weft-proxy", version, about = "weft's sidecar proxy")]
 struct Cli {
