@@ -523,6 +523,43 @@ async fn a_peer_that_does_not_offer_multiplexing_gets_http1_connections() {
 }
 
 #[tokio::test]
+async fn a_service_with_max_connections_keeps_http1_connections_and_its_limit() {
+    let pool = ConnectionPool {
+        max_connections: Some(2),
+        max_pending_requests: None,
+        max_requests: None,
+        max_requests_per_connection: None,
+        connect_timeout_ms: 5_000,
+        idle_timeout_ms: 60_000,
+    };
+    let app_conns = Arc::new(AtomicUsize::new(0));
+    let app = slow_echo(Duration::from_millis(50), app_conns.clone()).await;
+    let p = pair(app, true, Some(pool)).await;
+    let mut tasks = Vec::new();
+    for i in 0..6 {
+        let mut c = h1(p.client.app_connect(p.dst).await).await;
+        tasks.push(tokio::spawn(async move {
+            let req = Request::get(format!("/q{i}"))
+                .header("host", "echo")
+                .body(body(Bytes::new()))
+                .expect("request");
+            let (status, _, text) = read_text(c.send_request(req).await.expect("resp")).await;
+            assert_eq!(status, StatusCode::OK, "{text}");
+        }));
+    }
+    for t in tasks {
+        tokio::time::timeout(LONG, t)
+            .await
+            .expect("in time")
+            .expect("task");
+    }
+    // Two HTTP/1.1 connections carried the six requests, two at a time, so
+    // the app never had more than two in flight.
+    assert_eq!(inbound_mtls_connections(&p.server), 2);
+    assert!(app_conns.load(Ordering::SeqCst) <= 2);
+}
+
+#[tokio::test]
 async fn a_reconnect_resumes_the_tls_session_and_keeps_the_peer_identity() {
     // One request per connection: every request after the first reconnects.
     let pool = ConnectionPool {

@@ -228,8 +228,10 @@ where
             identity,
             version: ctx.version,
             // A weft peer takes HTTP/1.1 as streams of one shared HTTP/2
-            // connection; a tunnel needs a connection of its own.
-            mux: meshed && state.settings.mux && !upgrade,
+            // connection; a tunnel needs a connection of its own, and a
+            // Service with `maxConnections` keeps HTTP/1.1 connections, so
+            // that the limit still bounds its requests in flight.
+            mux: meshed && state.settings.mux && !upgrade && gate.is_none(),
         };
         let pool = state.outbound_pools.get(&key);
         pool.configure(conn_policy);
