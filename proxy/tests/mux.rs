@@ -259,6 +259,23 @@ async fn tunnel_app() -> SocketAddr {
     .await
 }
 
+/// Sends `out` through the tunnel `resp` opened and reads back as many
+/// bytes.
+async fn through_tunnel(resp: Response<Incoming>, out: &[u8; 5]) -> [u8; 5] {
+    let up = tokio::time::timeout(LONG, hyper::upgrade::on(resp))
+        .await
+        .expect("in time")
+        .expect("tunnel");
+    let mut io = hyper_util::rt::TokioIo::new(up);
+    io.write_all(out).await.expect("write");
+    let mut buf = [0u8; 5];
+    tokio::time::timeout(LONG, io.read_exact(&mut buf))
+        .await
+        .expect("in time")
+        .expect("read");
+    buf
+}
+
 #[tokio::test]
 async fn upgrades_connect_trailers_and_large_bodies_work_beside_the_multiplexed_connection() {
     let p = pair(tunnel_app().await, true, None).await;
@@ -313,18 +330,7 @@ async fn upgrades_connect_trailers_and_large_bodies_work_beside_the_multiplexed_
         .expect("request");
     let resp = c2.send_request(req).await.expect("response");
     assert_eq!(resp.status(), StatusCode::SWITCHING_PROTOCOLS);
-    let up = tokio::time::timeout(LONG, hyper::upgrade::on(resp))
-        .await
-        .expect("in time")
-        .expect("upgraded");
-    let mut io = hyper_util::rt::TokioIo::new(up);
-    io.write_all(b"hello").await.expect("write");
-    let mut buf = [0u8; 5];
-    tokio::time::timeout(LONG, io.read_exact(&mut buf))
-        .await
-        .expect("in time")
-        .expect("read");
-    assert_eq!(&buf, b"HELLO");
+    assert_eq!(&through_tunnel(resp, b"hello").await, b"HELLO");
     assert_eq!(inbound_mtls_connections(&p.server), 2);
 
     // So does CONNECT.
@@ -334,18 +340,7 @@ async fn upgrades_connect_trailers_and_large_bodies_work_beside_the_multiplexed_
         .expect("request");
     let resp = c3.send_request(req).await.expect("response");
     assert_eq!(resp.status(), StatusCode::OK);
-    let up = tokio::time::timeout(LONG, hyper::upgrade::on(resp))
-        .await
-        .expect("in time")
-        .expect("tunnel");
-    let mut io = hyper_util::rt::TokioIo::new(up);
-    io.write_all(b"abcde").await.expect("write");
-    let mut buf = [0u8; 5];
-    tokio::time::timeout(LONG, io.read_exact(&mut buf))
-        .await
-        .expect("in time")
-        .expect("read");
-    assert_eq!(&buf, b"ABCDE");
+    assert_eq!(&through_tunnel(resp, b"abcde").await, b"ABCDE");
     assert_eq!(inbound_mtls_connections(&p.server), 3);
 
     // The first connection still multiplexes.

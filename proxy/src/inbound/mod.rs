@@ -170,46 +170,16 @@ async fn handle(state: Arc<State>, mut conn: TcpStream, peer: SocketAddr) {
                 return;
             }
         };
-        match alpn {
-            Some(Alpn::Http1) => {
-                serve_http(
-                    state,
-                    snap,
-                    port,
-                    Some(id),
-                    Version::Http1,
-                    Version::Http1,
-                    tls,
-                )
-                .await;
-            }
-            Some(Alpn::Http2) => {
-                serve_http(
-                    state,
-                    snap,
-                    port,
-                    Some(id),
-                    Version::Http2,
-                    Version::Http2,
-                    tls,
-                )
-                .await;
-            }
-            Some(Alpn::Mux) => {
-                serve_http(
-                    state,
-                    snap,
-                    port,
-                    Some(id),
-                    Version::Http2,
-                    Version::Http1,
-                    tls,
-                )
-                .await;
-            }
-            Some(Alpn::Tcp) | None => {
-                to_app_tcp(&state, &snap, port, Some(&id), Bytes::new(), tls).await
-            }
+        // (what the peer speaks, what the app speaks)
+        let http = match alpn {
+            Some(Alpn::Http1) => Some((Version::Http1, Version::Http1)),
+            Some(Alpn::Http2) => Some((Version::Http2, Version::Http2)),
+            Some(Alpn::Mux) => Some((Version::Http2, Version::Http1)),
+            Some(Alpn::Tcp) | None => None,
+        };
+        match http {
+            Some((wire, app)) => serve_http(state, snap, port, Some(id), wire, app, tls).await,
+            None => to_app_tcp(&state, &snap, port, Some(&id), Bytes::new(), tls).await,
         }
         return;
     }
