@@ -21,7 +21,7 @@ use http_body_util::{BodyExt, Full, StreamBody};
 use hyper::body::{Frame, Incoming};
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use weft_proxy::metrics::{ConnLabels, Direction, HandshakeLabels};
+use weft_proxy::metrics::{Direction, HandshakeLabels};
 use weft_proxy::test_util::TestCa;
 use weft_proxy_config::{ConnectionPool, MtlsMode, Protocol};
 
@@ -68,17 +68,16 @@ async fn pair(app: SocketAddr, mux: bool, pool: Option<ConnectionPool>) -> Pair 
     }
 }
 
-fn inbound_mtls_connections(server: &Pod) -> u64 {
-    server
-        .proxy
-        .state
-        .metrics
-        .connections
-        .get_or_create(&ConnLabels {
-            direction: Direction::Inbound,
-            tls: true,
-        })
-        .get()
+/// A connection pool policy with no limit, to set one field of.
+fn pool_policy() -> ConnectionPool {
+    ConnectionPool {
+        max_connections: None,
+        max_pending_requests: None,
+        max_requests: None,
+        max_requests_per_connection: None,
+        connect_timeout_ms: 5_000,
+        idle_timeout_ms: 60_000,
+    }
 }
 
 fn handshakes(pod: &Pod, direction: Direction, kind: &'static str) -> u64 {
@@ -521,11 +520,7 @@ async fn a_peer_that_does_not_offer_multiplexing_gets_http1_connections() {
 async fn a_service_with_max_connections_keeps_http1_connections_and_its_limit() {
     let pool = ConnectionPool {
         max_connections: Some(2),
-        max_pending_requests: None,
-        max_requests: None,
-        max_requests_per_connection: None,
-        connect_timeout_ms: 5_000,
-        idle_timeout_ms: 60_000,
+        ..pool_policy()
     };
     let app_conns = Arc::new(AtomicUsize::new(0));
     let app = slow_echo(Duration::from_millis(50), app_conns.clone()).await;
@@ -558,12 +553,8 @@ async fn a_service_with_max_connections_keeps_http1_connections_and_its_limit() 
 async fn a_reconnect_resumes_the_tls_session_and_keeps_the_peer_identity() {
     // One request per connection: every request after the first reconnects.
     let pool = ConnectionPool {
-        max_connections: None,
-        max_pending_requests: None,
-        max_requests: None,
         max_requests_per_connection: Some(1),
-        connect_timeout_ms: 5_000,
-        idle_timeout_ms: 60_000,
+        ..pool_policy()
     };
     let p = pair(echo_app().await, true, Some(pool)).await;
     let mut c = h1(p.client.app_connect(p.dst).await).await;

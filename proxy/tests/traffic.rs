@@ -75,20 +75,6 @@ async fn pair_with_settings(
     }
 }
 
-/// Connections `server`'s inbound listener took over mTLS.
-fn inbound_mtls_connections(server: &Pod) -> u64 {
-    server
-        .proxy
-        .state
-        .metrics
-        .connections
-        .get_or_create(&weft_proxy::metrics::ConnLabels {
-            direction: Direction::Inbound,
-            tls: true,
-        })
-        .get()
-}
-
 async fn pair(app: SocketAddr, protocol: Protocol) -> Pair {
     pair_with(app, protocol, MtlsMode::Strict, SERVER_ID).await
 }

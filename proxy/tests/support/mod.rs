@@ -244,6 +244,20 @@ impl Pod {
     }
 }
 
+/// Connections `server`'s inbound listener took over mTLS.
+pub fn inbound_mtls_connections(server: &Pod) -> u64 {
+    server
+        .proxy
+        .state
+        .metrics
+        .connections
+        .get_or_create(&weft_proxy::metrics::ConnLabels {
+            direction: weft_proxy::metrics::Direction::Inbound,
+            tls: true,
+        })
+        .get()
+}
+
 /// Polls `cond` until true; panics with `what` after a generous bound.
 pub async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
     for _ in 0..1000 {
