@@ -253,6 +253,17 @@ mod tests {
     use super::*;
 
     #[test]
+    fn multiplexing_is_on_unless_turned_off() {
+        let mux = |args: &[&str]| match Cli::try_parse_from(args).expect("parses").cmd {
+            Cmd::Run(r) => r.mux,
+            _ => unreachable!("run"),
+        };
+        assert!(mux(&["weft-proxy", "run"]));
+        assert!(!mux(&["weft-proxy", "run", "--mux", "false"]));
+        assert!(mux(&["weft-proxy", "run", "--mux", "true"]));
+    }
+
+    #[test]
     fn downward_api_labels_parse() {
         let l = parse_labels("app=\"cart\"\npod-template-hash=\"5d4\"\n");
         assert_eq!(l.get("app").map(String::as_str), Some("cart"));

@@ -352,6 +352,61 @@ async fn upgrades_connect_trailers_and_large_bodies_work_beside_the_multiplexed_
     assert_eq!(inbound_mtls_connections(&p.server), 3);
 }
 
+#[tokio::test]
+async fn more_requests_in_flight_than_hyper_s_default_stream_limit_share_the_connection() {
+    // 300 requests, each held by the app until all 300 have arrived: with
+    // fewer streams allowed per connection the last ones would wait for
+    // streams that never end (the app gives up after 10 s with 504).
+    const N: usize = 300;
+    let arrived = Arc::new(AtomicUsize::new(0));
+    let all_in = Arc::new(tokio::sync::Notify::new());
+    let (a, n) = (arrived.clone(), all_in.clone());
+    let app = spawn_app(move |_req: Request<Incoming>| {
+        let (arrived, all_in) = (a.clone(), n.clone());
+        async move {
+            let wait = all_in.notified();
+            tokio::pin!(wait);
+            wait.as_mut().enable();
+            let status = if arrived.fetch_add(1, Ordering::SeqCst) + 1 >= N {
+                all_in.notify_waiters();
+                StatusCode::OK
+            } else if tokio::time::timeout(Duration::from_secs(10), wait)
+                .await
+                .is_ok()
+            {
+                StatusCode::OK
+            } else {
+                StatusCode::GATEWAY_TIMEOUT
+            };
+            let mut r = Response::new(Full::new(Bytes::new()).map_err(|e| match e {}).boxed());
+            *r.status_mut() = status;
+            r
+        }
+    })
+    .await;
+    let p = pair(app, true, None).await;
+    let mut tasks = Vec::new();
+    for i in 0..N {
+        let mut c = h1(p.client.app_connect(p.dst).await).await;
+        tasks.push(tokio::spawn(async move {
+            let req = Request::get(format!("/held/{i}"))
+                .header("host", "echo")
+                .body(body(Bytes::new()))
+                .expect("request");
+            c.send_request(req).await.expect("response").status()
+        }));
+    }
+    for t in tasks {
+        let status = tokio::time::timeout(LONG, t)
+            .await
+            .expect("in time")
+            .expect("task");
+        assert_eq!(status, StatusCode::OK);
+    }
+    assert_eq!(arrived.load(Ordering::SeqCst), N);
+    assert_eq!(inbound_mtls_connections(&p.server), 1);
+}
+
 /// Dropped when the app's handler future is dropped unfinished.
 struct Cancelled(Arc<AtomicUsize>);
 

@@ -1403,6 +1403,33 @@ async fn a_half_sent_request_head_is_closed_after_the_header_read_timeout() {
     let (status, _, _) = read_text(idle.send_request(get()).await.expect("response")).await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(p.client.errors(Direction::Outbound, "header-timeout"), 1);
+
+    // On a keep-alive connection the deadline of a later head counts from
+    // that head's first byte, not from the first request.
+    let mut later = p.client.app_connect(p.dst).await;
+    later
+        .write_all(b"GET / HTTP/1.1\r\nhost: echo\r\n\r\n")
+        .await
+        .expect("write");
+    let mut first = [0u8; 64];
+    let n = tokio::time::timeout(LONG, later.read(&mut first))
+        .await
+        .expect("answered in time")
+        .expect("read");
+    assert!(first[..n].starts_with(b"HTTP/1.1 200"));
+    tokio::time::sleep(2 * timeout).await;
+    later
+        .write_all(b"GET /slow HTTP/1.1\r\nhost: echo\r\nx-more: ")
+        .await
+        .expect("write");
+    let started = tokio::time::Instant::now();
+    let mut rest = Vec::new();
+    tokio::time::timeout(LONG, later.read_to_end(&mut rest))
+        .await
+        .expect("closed in time")
+        .expect("read");
+    assert!(started.elapsed() >= timeout - Duration::from_millis(50));
+    assert_eq!(p.client.errors(Direction::Outbound, "header-timeout"), 2);
 }
 
 /// The proxy process's resident memory, in KiB.

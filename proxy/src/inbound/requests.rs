@@ -105,7 +105,7 @@ pub async fn serve_http<I>(
             let started = Instant::now();
             // HTTP/1.1 multiplexed by the peer proxy: from here on the
             // request is what its client sent, `Host` and all.
-            let mut req = if ctx.app == Version::Http1 && req.version() != http::Version::HTTP_11 {
+            let mut req = if ctx.app == Version::Http1 && req.version() == http::Version::HTTP_2 {
                 into_form(req, http::Version::HTTP_11)
             } else {
                 req
