@@ -14,7 +14,8 @@
 //! | `Service` | [`ServiceInfo`] | TCP ports only; `ExternalName` Services are kept but render nothing |
 //! | `EndpointSlice` | [`SliceInfo`] | grouped under the Service named by `kubernetes.io/service-name` |
 //! | `Pod` (metadata) | [`PodInfo`] | labels, meshed = label `weft.dev/proxy=injected`, service account when known |
-//! | `ServiceRoute`, `ServicePolicy`, `AccessPolicy`, `MtlsPolicy` | [`Tracked`] | the current spec plus the last spec that was accepted |
+//! | `ServiceRoute`, `ServicePolicy`, `AccessPolicy`, `MtlsPolicy`, Gateway API `HTTPRoute` | [`Tracked`] | the current spec plus the last spec that was accepted |
+//! | Gateway API `ReferenceGrant` | its spec | who may send to a Service of its namespace |
 //!
 //! Nothing here does I/O or judges a resource: the index is a faithful,
 //! cheap-to-query copy of the cluster, and [`crate::render`] is the pure
@@ -27,12 +28,14 @@
 //! renderer (a meshed namespace sees the Services of every meshed namespace;
 //! any namespace sees its own):
 //!
-//! - a change to a Service, EndpointSlice, Pod, `ServiceRoute` or
-//!   `ServicePolicy` in namespace `X` dirties the *viewers* of `X`: when `X`
+//! - a change to a Service, EndpointSlice, Pod, `ServiceRoute`,
+//!   `ServicePolicy` or `HTTPRoute` in namespace `X` dirties the *viewers* of `X`: when `X`
 //!   is meshed, every meshed namespace without a scope plus the scoped ones
 //!   that list `X`; else only `X`;
 //! - an `AccessPolicy` or `MtlsPolicy` in `X` dirties only `X` (it shapes
 //!   `X`'s inbound rules);
+//! - a `ReferenceGrant` dirties the viewers of every namespace with
+//!   `HTTPRoute`s (any of them may send to the namespace it grants);
 //! - a namespace joining or leaving the mesh dirties itself and every meshed
 //!   namespace (before and after), and the `Mesh` dirties every namespace;
 //! - an apply that changes nothing the renderer reads dirties nothing, so a
@@ -82,6 +85,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use weft_api::mesh::MESH_NAME;
 use weft_api::{AccessPolicy, Mesh, MeshSpec, MtlsPolicy, ServicePolicy, ServiceRoute};
+use weft_api::gateway::{HTTPRoute, HttpRouteSpec, ReferenceGrant, ReferenceGrantSpec};
 
 /// Label on a Namespace that puts it in the mesh.
 pub const INJECT_LABEL: &str = "weft.dev/inject";
@@ -217,6 +221,10 @@ pub enum Kind {
     AccessPolicy,
     /// `weft.dev` `MtlsPolicy`.
     MtlsPolicy,
+    /// `gateway.networking.k8s.io` `HTTPRoute`.
+    HttpRoute,
+    /// `gateway.networking.k8s.io` `ReferenceGrant`.
+    ReferenceGrant,
 }
 
 /// One object to apply to the index.
@@ -244,6 +252,10 @@ pub enum Object {
     AccessPolicy(Box<AccessPolicy>),
     /// An `MtlsPolicy`.
     MtlsPolicy(Box<MtlsPolicy>),
+    /// A Gateway API `HTTPRoute`.
+    HttpRoute(Box<HTTPRoute>),
+    /// A Gateway API `ReferenceGrant`.
+    ReferenceGrant(Box<ReferenceGrant>),
 }
 
 impl Object {
@@ -259,6 +271,8 @@ impl Object {
             Object::ServicePolicy(_) => Kind::ServicePolicy,
             Object::AccessPolicy(_) => Kind::AccessPolicy,
             Object::MtlsPolicy(_) => Kind::MtlsPolicy,
+            Object::HttpRoute(_) => Kind::HttpRoute,
+            Object::ReferenceGrant(_) => Kind::ReferenceGrant,
         }
     }
 
@@ -275,6 +289,8 @@ impl Object {
             Object::ServicePolicy(o) => &o.metadata,
             Object::AccessPolicy(o) => &o.metadata,
             Object::MtlsPolicy(o) => &o.metadata,
+            Object::HttpRoute(o) => &o.metadata,
+            Object::ReferenceGrant(o) => &o.metadata,
         };
         ObjectRef::of(meta)
     }
@@ -454,6 +470,8 @@ pub struct Index {
     service_policies: Namespaced<Tracked<weft_api::ServicePolicySpec>>,
     access_policies: Namespaced<Tracked<weft_api::AccessPolicySpec>>,
     mtls_policies: Namespaced<Tracked<weft_api::MtlsPolicySpec>>,
+    http_routes: Namespaced<Tracked<HttpRouteSpec>>,
+    grants: Namespaced<ReferenceGrantSpec>,
     previous: BTreeMap<String, Previous>,
     /// namespace → content stamp (see the module documentation).
     namespace_stamps: HashMap<String, u64>,
@@ -649,7 +667,39 @@ impl Index {
                     Dirty::none()
                 }
             }
+            Object::HttpRoute(o) => {
+                let existing = self
+                    .http_routes
+                    .get(&r.namespace)
+                    .and_then(|m| m.get(&r.name));
+                let t = tracked(existing, &o.metadata, &o.spec);
+                if insert_namespaced(&mut self.http_routes, &r, t) {
+                    self.touch_namespace(&r.namespace);
+                    self.viewers(&r.namespace)
+                } else {
+                    Dirty::none()
+                }
+            }
+            Object::ReferenceGrant(o) => {
+                if insert_namespaced(&mut self.grants, &r, o.spec.clone()) {
+                    self.grants_changed()
+                } else {
+                    Dirty::none()
+                }
+            }
         }
+    }
+
+    /// A `ReferenceGrant` changed: every namespace with `HTTPRoute`s may
+    /// now resolve a backend differently.
+    fn grants_changed(&mut self) -> Dirty {
+        let mut dirty = Dirty::none();
+        let namespaces: Vec<String> = self.http_routes.keys().cloned().collect();
+        for ns in namespaces {
+            self.touch_namespace(&ns);
+            dirty.merge(self.viewers(&ns));
+        }
+        dirty
     }
 
     /// Removes an object; returns the namespaces to re-render.
@@ -745,6 +795,20 @@ impl Index {
                     Dirty::none()
                 }
             }
+            Kind::HttpRoute => {
+                let removed = remove_namespaced(&mut self.http_routes, r);
+                if removed {
+                    self.touch_namespace(&r.namespace);
+                }
+                self.if_changed(removed, r)
+            }
+            Kind::ReferenceGrant => {
+                if remove_namespaced(&mut self.grants, r) {
+                    self.grants_changed()
+                } else {
+                    Dirty::none()
+                }
+            }
         }
     }
 
@@ -782,6 +846,8 @@ impl Index {
             Kind::ServicePolicy => of(&self.service_policies),
             Kind::AccessPolicy => of(&self.access_policies),
             Kind::MtlsPolicy => of(&self.mtls_policies),
+            Kind::HttpRoute => of(&self.http_routes),
+            Kind::ReferenceGrant => of(&self.grants),
         }
     }
 
@@ -810,6 +876,7 @@ impl Index {
             Kind::ServicePolicy => record(&mut self.service_policies, r, generation),
             Kind::AccessPolicy => record(&mut self.access_policies, r, generation),
             Kind::MtlsPolicy => record(&mut self.mtls_policies, r, generation),
+            Kind::HttpRoute => record(&mut self.http_routes, r, generation),
             _ => false,
         };
         if changed {
@@ -1007,6 +1074,26 @@ impl Index {
         namespace: &str,
     ) -> Option<&BTreeMap<String, Tracked<weft_api::MtlsPolicySpec>>> {
         self.mtls_policies.get(namespace)
+    }
+
+    /// Gateway API `HTTPRoute`s of a namespace, by name.
+    pub fn http_routes(
+        &self,
+        namespace: &str,
+    ) -> Option<&BTreeMap<String, Tracked<HttpRouteSpec>>> {
+        self.http_routes.get(namespace)
+    }
+
+    /// Whether a `ReferenceGrant` of `to_ns` lets an `HTTPRoute` of
+    /// `from_ns` send to Service `service` of `to_ns`.
+    pub fn route_may_reach(&self, from_ns: &str, to_ns: &str, service: &str) -> bool {
+        from_ns == to_ns
+            || self
+                .grants
+                .get(to_ns)
+                .into_iter()
+                .flat_map(|m| m.values())
+                .any(|g| g.allows_route_to_service(from_ns, service))
     }
 
     /// Namespaces whose output shows what lives in `namespace`.

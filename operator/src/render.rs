@@ -1344,6 +1344,7 @@ fn http_route(
         host: r.host.clone(),
         port: r.port,
         path: r.path.clone(),
+        path_prefix: None,
         status: r.status_code,
     });
     if let Some(r) = &redirect {
@@ -1380,6 +1381,7 @@ fn http_route(
         response_headers: header_ops(rule.response_headers.as_ref()),
         rewrite,
         redirect,
+        unresolved_weight: 0,
     })
 }
 

@@ -361,6 +361,7 @@ fn http_route_every_field() {
             authority: Some("cart.internal".into()),
         }),
         redirect: None,
+        unresolved_weight: 0,
     };
     assert_eq!(routes[0], want);
     // Rule without a name is named by its index; retry defaults.
@@ -388,6 +389,7 @@ fn http_route_every_field() {
             host: Some("new.example.com".into()),
             port: Some(8443),
             path: Some("/new".into()),
+            path_prefix: None,
             status: 301
         })
     );

@@ -416,6 +416,7 @@ async fn redirect_rewrite_and_header_edits() {
         host: None,
         port: None,
         path: Some("/store".into()),
+        path_prefix: None,
         status: 301,
     });
     let mut moved = rule(
@@ -480,6 +481,133 @@ async fn redirect_rewrite_and_header_edits() {
     assert_eq!(
         headers.get("x-served-by-route").map(|v| v.as_bytes()),
         Some(&b"default"[..])
+    );
+}
+
+/// Gateway API semantics: the weight of backends that do not resolve is
+/// answered 500; a backend in another namespace the config does not list
+/// (a granted reference out of this namespace's scope) is such a backend,
+/// not an invalid config; a redirect can replace the matched prefix.
+#[tokio::test]
+async fn unresolved_and_foreign_backends_answer_500_for_their_share() {
+    let fleet = plain_fleet().await;
+    let mut split = rule(
+        "split",
+        vec![HttpMatch {
+            path: Some(PathMatch::Prefix("/split".into())),
+            ..Default::default()
+        }],
+        vec![to("v1", 1)],
+    );
+    split.unresolved_weight = 1;
+    let mut foreign = rule(
+        "foreign",
+        vec![HttpMatch {
+            path: Some(PathMatch::Prefix("/foreign".into())),
+            ..Default::default()
+        }],
+        vec![Backend {
+            service: "elsewhere/api".into(),
+            subset: None,
+            port: Some(8080),
+            weight: 1,
+        }],
+    );
+    foreign.response_headers.set = vec![("x-route".into(), "foreign".into())];
+    let mut none = rule(
+        "none",
+        vec![HttpMatch {
+            path: Some(PathMatch::Exact("/none".into())),
+            ..Default::default()
+        }],
+        vec![],
+    );
+    none.unresolved_weight = 1;
+    let mut moved = rule(
+        "moved",
+        vec![HttpMatch {
+            path: Some(PathMatch::Prefix("/old".into())),
+            ..Default::default()
+        }],
+        vec![],
+    );
+    moved.redirect = Some(Redirect {
+        scheme: None,
+        host: None,
+        port: None,
+        path: None,
+        path_prefix: Some("/new".into()),
+        status: 302,
+    });
+    let cfg = config(
+        1,
+        MtlsMode::Strict,
+        vec![cart(
+            fleet,
+            Protocol::Http1,
+            vec![split, foreign, none, moved],
+        )],
+    );
+    cfg.validate().expect("a foreign backend is valid");
+    let c = client(&cfg).await;
+
+    let seen = count(&c.pod, 200, "/split/x", &[]).await;
+    let failed: usize = seen
+        .iter()
+        .filter(|(k, _)| k.starts_with("status 500"))
+        .map(|(_, n)| n)
+        .sum();
+    let served = versions(&seen).get("v1").copied().unwrap_or(0);
+    assert_eq!(failed + served, 200, "{seen:?}");
+    assert!(failed > 40 && served > 40, "about half each: {seen:?}");
+
+    let seen = count(&c.pod, 5, "/none", &[]).await;
+    assert_eq!(seen.len(), 1, "{seen:?}");
+    assert!(
+        seen.keys().all(|k| k.starts_with("status 500") && k.contains("unresolved")),
+        "{seen:?}"
+    );
+
+    let mut conn = h1(c.pod.app_connect(dst()).await).await;
+    let resp = conn
+        .send_request(
+            Request::get("/foreign/a")
+                .header("host", "cart.shop")
+                .body(body(""))
+                .expect("request"),
+        )
+        .await
+        .expect("response");
+    let (status, headers, _) = read_text(resp).await;
+    assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR);
+    assert_eq!(
+        headers.get("x-weft-error").and_then(|v| v.to_str().ok()),
+        Some("unresolved-backend")
+    );
+    assert_eq!(
+        headers.get("x-route").and_then(|v| v.to_str().ok()),
+        Some("foreign"),
+        "response header edits apply to the 500 too"
+    );
+
+    let resp = conn
+        .send_request(
+            Request::get("/old/a/b?q=1")
+                .header("host", "cart.shop")
+                .body(body(""))
+                .expect("request"),
+        )
+        .await
+        .expect("response");
+    let (status, headers, _) = read_text(resp).await;
+    assert_eq!(status, StatusCode::FOUND);
+    assert_eq!(
+        headers.get("location").and_then(|v| v.to_str().ok()),
+        Some("http://cart.shop/new/a/b?q=1")
+    );
+    assert!(
+        c.pod.errors(Direction::Outbound, "unresolved-backend") >= 7,
+        "counted"
     );
 }
 

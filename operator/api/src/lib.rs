@@ -8,6 +8,9 @@
 //! | [`AccessPolicy`] | namespace | who may call a workload |
 //! | [`MtlsPolicy`] | namespace | the mTLS mode of a namespace, workloads or ports, over the mesh's |
 //!
+//! [`gateway`] holds the Gateway API kinds weft reads but does not own
+//! (`HTTPRoute`, `ReferenceGrant`).
+//!
 //! The types are plain data (no I/O). Their doc comments become the schema
 //! descriptions of the generated CRDs in `crds/` ([`crds`] and
 //! [`crds_yaml`]); validation lives in the schema (OpenAPI constraints plus
@@ -18,6 +21,7 @@ pub mod access;
 pub mod check;
 pub mod common;
 pub mod duration;
+pub mod gateway;
 pub mod mesh;
 pub mod mtls;
 pub mod policy;

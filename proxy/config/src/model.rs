@@ -301,9 +301,16 @@ pub struct HttpRoute {
     /// Any of these; empty matches everything.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub matches: Vec<HttpMatch>,
-    /// Weighted backends; empty: the Service itself (unless redirecting).
+    /// Weighted backends; empty: the Service itself (unless redirecting,
+    /// or unless `unresolvedWeight` is set).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub backends: Vec<Backend>,
+    /// The weight of backends the route names but that do not resolve
+    /// (Gateway API `ResolvedRefs=False`): that share of requests is
+    /// answered 500, as the Gateway API requires. With no `backends` every
+    /// request is.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub unresolved_weight: u32,
     /// Overall timeout in milliseconds, retries included.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout_ms: Option<u64>,
@@ -535,6 +542,10 @@ pub struct Redirect {
     /// Path.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub path: Option<String>,
+    /// Replacement of the prefix the rule's path condition matched
+    /// (exclusive with `path`; without a prefix condition the path is kept).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path_prefix: Option<String>,
     /// 301, 302, 303, 307 or 308.
     pub status: u16,
 }
@@ -830,4 +841,8 @@ pub struct InboundPort {
 /// Whether every label of `selector` is present with its value in `labels`.
 pub fn selector_matches(selector: &Selector, labels: &BTreeMap<String, String>) -> bool {
     selector.iter().all(|(k, v)| labels.get(k) == Some(v))
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }

@@ -146,6 +146,7 @@ pub fn sample() -> ProxyConfig {
                             path: None,
                         }),
                         redirect: None,
+                        unresolved_weight: 0,
                     },
                     HttpRoute {
                         name: "backend/moved".to_owned(),
@@ -158,6 +159,7 @@ pub fn sample() -> ProxyConfig {
                             host: None,
                             port: None,
                             path: Some("/new".to_owned()),
+                            path_prefix: None,
                             status: 301,
                         }),
                         ..HttpRoute::default()

@@ -110,9 +110,10 @@ impl ProxyConfig {
 
 /// The rules of [`ProxyConfig::validate`] about Services, for a group of
 /// Services checked on its own: backends and mirrors must resolve within the
-/// group. A writer that assembles documents from groups whose references
-/// stay inside the group (weft's operator: one namespace's Services, whose
-/// routes only name Services of that namespace) checks each group once: a
+/// group, except an HTTP route's backends and mirror in another namespace,
+/// which may be absent from any document. A writer that assembles documents
+/// from groups whose references stay inside the group or leave the
+/// namespace (weft's operator: one namespace's Services) checks each group once: a
 /// document whose Services are groups that pass, no Service in two groups,
 /// and whose rest passes [`ProxyConfig::validate`] with no Services, passes
 /// it too.
@@ -238,7 +239,7 @@ fn validate_service(
         if r.backends.is_empty() {
             errs.push(&r_at, "a TCP route needs backends");
         }
-        check_backends(&r_at, &r.backends, services, errs);
+        check_backends(&r_at, &r.backends, None, services, errs);
     }
     validate_policy(&format!("{at}.policy"), &svc.policy, errs);
 }
@@ -251,23 +252,42 @@ fn check_route_port(at: &str, port: Option<u16>, svc: &Service, errs: &mut Error
     }
 }
 
+/// Checks weighted backends. `foreign_from`: the namespace of the routed
+/// Service of an HTTP route, whose backends may name a Service of another
+/// namespace that the document does not list (a Gateway API route with a
+/// `ReferenceGrant`, seen from a namespace whose scope leaves that
+/// namespace out): the proxy answers that share 500.
 fn check_backends(
     at: &str,
     backends: &[Backend],
+    foreign_from: Option<&str>,
     services: &BTreeMap<String, &Service>,
     errs: &mut Errors,
 ) {
     for (i, b) in backends.iter().enumerate() {
-        check_backend(&format!("{at}.backends[{i}]"), b, services, errs);
+        check_backend(&format!("{at}.backends[{i}]"), b, foreign_from, services, errs);
     }
     if !backends.is_empty() && backends.iter().all(|b| b.weight == 0) {
         errs.push(at, "every backend has weight 0");
     }
 }
 
-fn check_backend(at: &str, b: &Backend, services: &BTreeMap<String, &Service>, errs: &mut Errors) {
+fn check_backend(
+    at: &str,
+    b: &Backend,
+    foreign_from: Option<&str>,
+    services: &BTreeMap<String, &Service>,
+    errs: &mut Errors,
+) {
     let Some(target) = services.get(&b.service) else {
-        errs.push(at, format!("unknown service {:?}", b.service));
+        let foreign = foreign_from.is_some_and(|own| {
+            b.service
+                .split_once('/')
+                .is_some_and(|(ns, name)| ns != own && !ns.is_empty() && !name.is_empty())
+        });
+        if !foreign {
+            errs.push(at, format!("unknown service {:?}", b.service));
+        }
         return;
     };
     if let Some(s) = &b.subset
@@ -324,8 +344,17 @@ fn validate_http_route(
             );
         }
     }
-    check_backends(at, &r.backends, services, errs);
+    check_backends(at, &r.backends, Some(&svc.namespace), services, errs);
     if let Some(redirect) = &r.redirect {
+        if r.unresolved_weight > 0 {
+            errs.push(at, "a redirect route has no unresolved backends");
+        }
+        if redirect.path.is_some() && redirect.path_prefix.is_some() {
+            errs.push(
+                format!("{at}.redirect"),
+                "path and pathPrefix are mutually exclusive",
+            );
+        }
         if !r.backends.is_empty() {
             errs.push(at, "a redirect route has no backends");
         }
@@ -386,7 +415,13 @@ fn validate_http_route(
     }
     if let Some(m) = &r.mirror {
         errs.percent(&format!("{at}.mirror.percent"), m.percent);
-        check_backend(&format!("{at}.mirror.backend"), &m.backend, services, errs);
+        check_backend(
+            &format!("{at}.mirror.backend"),
+            &m.backend,
+            Some(&svc.namespace),
+            services,
+            errs,
+        );
     }
     if let Some(rw) = &r.rewrite
         && rw.path.is_some()

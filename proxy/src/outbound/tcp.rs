@@ -66,7 +66,7 @@ pub async fn to_service(
     let backend = snap
         .routes
         .tcp(target, routed_port.port)
-        .and_then(|b| b.pick(&mut rand::rng()));
+        .and_then(|b| b.pick_resolved(&mut rand::rng()));
     let dest = match resolve(&snap.config, &snap.routes, target, backend, dst) {
         Ok(d) => d,
         Err(e) => {

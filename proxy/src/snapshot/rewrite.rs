@@ -12,6 +12,18 @@ use weft_proxy_config as pc;
 
 use super::routes::HttpRoute;
 
+/// The path after replacing the `matched` prefix of `path` with
+/// `replacement` (a trailing `/` of the replacement is not doubled).
+fn replace_prefix(path: &str, matched: &str, replacement: &str) -> String {
+    let rest = &path[matched.len().min(path.len())..];
+    let base = replacement.trim_end_matches('/');
+    match (base.is_empty(), rest.is_empty()) {
+        (true, true) => "/".to_owned(),
+        (true, false) => rest.to_owned(),
+        (false, _) => format!("{base}{rest}"),
+    }
+}
+
 impl HttpRoute {
     /// Applies the rule's path and authority rewrite to a request about to
     /// be forwarded. `prefix` is what the matching prefix condition matched.
@@ -21,13 +33,7 @@ impl HttpRoute {
         let new_path = match (&rw.path, &rw.path_prefix, prefix) {
             (Some(p), _, _) => Some(p.clone()),
             (None, Some(replacement), Some(matched)) => {
-                let rest = &path[matched.len().min(path.len())..];
-                let base = replacement.trim_end_matches('/');
-                Some(match (base.is_empty(), rest.is_empty()) {
-                    (true, true) => "/".to_owned(),
-                    (true, false) => rest.to_owned(),
-                    (false, _) => format!("{base}{rest}"),
-                })
+                Some(replace_prefix(path, matched, replacement))
             }
             _ => None,
         };
@@ -59,8 +65,14 @@ impl HttpRoute {
 }
 
 /// The `Location` of a redirect for a request with `uri` and `headers`:
-/// each part the rule does not set is kept from the request.
-pub fn redirect_location(r: &pc::Redirect, uri: &Uri, headers: &HeaderMap) -> String {
+/// each part the rule does not set is kept from the request. `prefix` is
+/// what the matching prefix condition matched (for `pathPrefix`).
+pub fn redirect_location(
+    r: &pc::Redirect,
+    prefix: Option<&str>,
+    uri: &Uri,
+    headers: &HeaderMap,
+) -> String {
     let scheme_in = uri.scheme_str().unwrap_or("http");
     let scheme = r.scheme.as_deref().unwrap_or(scheme_in);
     let authority = uri
@@ -82,7 +94,15 @@ pub fn redirect_location(r: &pc::Redirect, uri: &Uri, headers: &HeaderMap) -> St
         (None, false) => port_in,
     };
     let default_port = if scheme == "https" { 443 } else { 80 };
-    let path = r.path.as_deref().unwrap_or(uri.path());
+    let replaced = match (&r.path_prefix, prefix) {
+        (Some(replacement), Some(matched)) => Some(replace_prefix(uri.path(), matched, replacement)),
+        _ => None,
+    };
+    let path = r
+        .path
+        .as_deref()
+        .or(replaced.as_deref())
+        .unwrap_or(uri.path());
     let mut loc = format!("{scheme}://{host}");
     if let Some(p) = port.filter(|p| *p != default_port) {
         loc.push_str(&format!(":{p}"));

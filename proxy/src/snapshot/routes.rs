@@ -142,12 +142,27 @@ struct TcpRoute {
     backends: Backends,
 }
 
-/// Weighted backends; empty means "the routed Service itself".
+/// Weighted backends; empty (and nothing unresolved) means "the routed
+/// Service itself".
 #[derive(Debug, Default)]
 pub struct Backends {
     list: Vec<Backend>,
     /// Running sums of the weights of `list` (zero weights never picked).
     cumulative: Vec<u64>,
+    /// The weight of backends that do not resolve: that share is answered
+    /// 500 (Gateway API semantics).
+    unresolved: u64,
+}
+
+/// What [`Backends::pick`] chose.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Pick {
+    /// No backends: the routed Service itself.
+    Service,
+    /// This backend.
+    Backend(Backend),
+    /// A backend the route names that does not resolve: answer 500.
+    Unresolved,
 }
 
 /// A resolved backend.
@@ -301,7 +316,7 @@ fn compile_service(
         .http_routes
         .iter()
         .enumerate()
-        .map(|(i, r)| compile_http(&format!("{at}.httpRoutes[{i}]"), r, config, index))
+        .map(|(i, r)| compile_http(&format!("{at}.httpRoutes[{i}]"), r, svc, config, index))
         .collect::<Result<_, _>>()?;
     let tcp = svc
         .tcp_routes
@@ -313,6 +328,7 @@ fn compile_service(
                 backends: compile_backends(
                     &format!("{at}.tcpRoutes[{i}]"),
                     &r.backends,
+                    None,
                     config,
                     index,
                 )?,
@@ -330,6 +346,7 @@ fn compile_service(
 fn compile_http(
     at: &str,
     r: &pc::HttpRoute,
+    svc: &Service,
     config: &ProxyConfig,
     index: &HashMap<String, usize>,
 ) -> Result<HttpRoute, RouteError> {
@@ -354,7 +371,11 @@ fn compile_http(
         name: r.name.as_str().into(),
         port: r.port,
         matches,
-        backends: compile_backends(at, &r.backends, config, index)?,
+        backends: {
+            let mut b = compile_backends(at, &r.backends, Some(&svc.namespace), config, index)?;
+            b.add_unresolved(r.unresolved_weight);
+            b
+        },
         request_headers: compile_ops(&format!("{at}.requestHeaders"), &r.request_headers)?,
         response_headers: compile_ops(&format!("{at}.responseHeaders"), &r.response_headers)?,
         rewrite: r.rewrite.clone(),
@@ -373,6 +394,7 @@ fn compile_http(
                 let b = compile_backends(
                     &format!("{at}.mirror"),
                     std::slice::from_ref(&m.backend),
+                    Some(&svc.namespace),
                     config,
                     index,
                 )?;
@@ -452,9 +474,14 @@ fn compile_match(at: &str, m: &pc::HttpMatch) -> Result<Match, RouteError> {
     })
 }
 
+/// `foreign_from`: the routed Service's namespace when a backend of another
+/// namespace may be missing from the config (HTTP routes: a Gateway API
+/// route's granted backend outside this namespace's scope); its weight then
+/// counts as unresolved.
 fn compile_backends(
     at: &str,
     backends: &[pc::Backend],
+    foreign_from: Option<&str>,
     config: &ProxyConfig,
     index: &HashMap<String, usize>,
 ) -> Result<Backends, RouteError> {
@@ -462,10 +489,21 @@ fn compile_backends(
     let mut sum = 0u64;
     for (i, b) in backends.iter().enumerate() {
         let bat = format!("{at}.backends[{i}]");
-        let service = *index.get(&b.service).ok_or_else(|| RouteError::Backend {
-            at: bat.clone(),
-            what: format!("unknown service {:?}", b.service),
-        })?;
+        let Some(&service) = index.get(&b.service) else {
+            let foreign = foreign_from.is_some_and(|own| {
+                b.service
+                    .split_once('/')
+                    .is_some_and(|(ns, _)| ns != own)
+            });
+            if !foreign {
+                return Err(RouteError::Backend {
+                    at: bat,
+                    what: format!("unknown service {:?}", b.service),
+                });
+            }
+            out.unresolved += u64::from(b.weight);
+            continue;
+        };
         let subset = b
             .subset
             .as_ref()
@@ -601,8 +639,8 @@ impl Backends {
 
     /// A backend chosen with probability weight / sum of weights; `None`
     /// when there are no backends (or, which validation forbids, every
-    /// weight is zero).
-    pub fn pick<R: Rng>(&self, rng: &mut R) -> Option<Backend> {
+    /// weight is zero). Unresolved weight is never picked here.
+    pub fn pick_resolved<R: Rng>(&self, rng: &mut R) -> Option<Backend> {
         let total = *self.cumulative.last()?;
         if total == 0 {
             return None;
@@ -613,6 +651,22 @@ impl Backends {
         let r = rng.random_range(0..total);
         let i = self.cumulative.partition_point(|c| *c <= r);
         self.list.get(i).copied()
+    }
+
+    /// A backend chosen by weight, unresolved backends included.
+    pub fn pick<R: Rng>(&self, rng: &mut R) -> Pick {
+        if self.unresolved == 0 {
+            return self.pick_resolved(rng).map_or(Pick::Service, Pick::Backend);
+        }
+        let resolved = self.cumulative.last().copied().unwrap_or(0);
+        if rng.random_range(0..resolved + self.unresolved) >= resolved {
+            return Pick::Unresolved;
+        }
+        self.pick_resolved(rng).map_or(Pick::Unresolved, Pick::Backend)
+    }
+
+    fn add_unresolved(&mut self, weight: u32) {
+        self.unresolved += u64::from(weight);
     }
 }
 
@@ -885,7 +939,7 @@ mod tests {
         let r = select_route(&t);
         let mut rng = StdRng::seed_from_u64(3);
         for _ in 0..200 {
-            assert_eq!(r.backends.pick(&mut rng).and_then(|b| b.subset), Some(1));
+            assert_eq!(r.backends.pick_resolved(&mut rng).and_then(|b| b.subset), Some(1));
         }
         let c = config(vec![svc(
             "cart",
@@ -897,7 +951,7 @@ mod tests {
         for _ in 0..4000 {
             seen[r
                 .backends
-                .pick(&mut rng)
+                .pick_resolved(&mut rng)
                 .and_then(|b| b.subset)
                 .expect("subset")] += 1;
         }
@@ -1050,10 +1104,11 @@ mod tests {
             host: None,
             port: None,
             path: Some("/store".into()),
+            path_prefix: None,
             status: 301,
         };
         assert_eq!(
-            redirect_location(&r, &uri, &h),
+            redirect_location(&r, None, &uri, &h),
             "http://frontend:8080/store?x=1"
         );
         let r = Redirect {
@@ -1061,10 +1116,11 @@ mod tests {
             host: Some("shop.example".into()),
             port: None,
             path: None,
+            path_prefix: None,
             status: 302,
         };
         assert_eq!(
-            redirect_location(&r, &uri, &h),
+            redirect_location(&r, None, &uri, &h),
             "https://shop.example/shop/a?x=1"
         );
     }
@@ -1160,7 +1216,7 @@ mod tests {
                 }
                 let mut rng = StdRng::seed_from_u64(seed);
                 for _ in 0..50 {
-                    let i = b.pick(&mut rng).and_then(|p| p.subset).expect("a backend");
+                    let i = b.pick_resolved(&mut rng).and_then(|p| p.subset).expect("a backend");
                     prop_assert!(weights[i] > 0, "picked weight 0 at {} of {:?}", i, weights);
                 }
             }

@@ -236,12 +236,32 @@ async fn proxy(
     let mut backend = None;
     if let Some(sel) = selected {
         if let Some(r) = &sel.route.redirect {
-            return redirect(ctx, sel.route, r, &parts.uri, &parts.headers);
+            return redirect(ctx, sel, r, &parts.uri, &parts.headers);
         }
         sel.route
             .rewrite(sel.prefix, &mut parts.uri, &mut parts.headers);
         sel.route.request_headers.apply(&mut parts.headers);
-        backend = sel.route.backends.pick(&mut rand::rng());
+        backend = match sel.route.backends.pick(&mut rand::rng()) {
+            routes::Pick::Service => None,
+            routes::Pick::Backend(b) => Some(b),
+            routes::Pick::Unresolved => {
+                ctx.state
+                    .metrics
+                    .error(Direction::Outbound, "unresolved-backend");
+                let mut resp = error_response(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "unresolved-backend",
+                    &format!(
+                        "route {} sends this share of its requests to a backend that does not resolve; see the route's ResolvedRefs condition",
+                        sel.route.name
+                    ),
+                );
+                sel.route.response_headers.apply(resp.headers_mut());
+                resp.extensions_mut()
+                    .insert(RouteRule(sel.route.name.clone()));
+                return resp;
+            }
+        };
     }
     let route = selected.map(|s| s.route);
     let mut resp = match route.and_then(|r| r.fault.as_ref().map(|f| (r, f))) {
@@ -316,12 +336,13 @@ async fn send_in_time(
 
 fn redirect(
     ctx: &Ctx,
-    route: &routes::HttpRoute,
+    sel: routes::Selected<'_>,
     r: &weft_proxy_config::Redirect,
     uri: &http::Uri,
     headers: &HeaderMap,
 ) -> Response<Body> {
-    let location = redirect_location(r, uri, headers);
+    let route = sel.route;
+    let location = redirect_location(r, sel.prefix, uri, headers);
     let mut resp = Response::new(full(""));
     *resp.status_mut() = StatusCode::from_u16(r.status).unwrap_or(StatusCode::FOUND);
     match HeaderValue::from_str(&location) {
