@@ -85,6 +85,76 @@ pub fn manifests_dir() -> String {
         .unwrap_or_else(|| path_arg(&repo_root().join("manifests")))
 }
 
+/// Installs the Kubernetes Gateway API CRDs (`gateway.networking.k8s.io`,
+/// standard channel), whose `HTTPRoute`s and `ReferenceGrant`s weft reads.
+/// They are not weft's to ship: a cluster holds one copy of them, users
+/// install the upstream standard-channel release, and weft's manifests
+/// never write them. The harness installs that same release, from the
+/// module pinned in `e2e/gateway-api/go.mod` (`crds.sh` prints where its
+/// CRDs are), with `kubectl apply --server-side`, and waits until the kinds
+/// weft meets are established.
+///
+/// Applying again changes nothing, so a second call, or a cluster that
+/// already has this release, is fine; on a cluster with another release
+/// the apply fails on the conflicting fields rather than replace it. The
+/// CRDs stay when an external cluster is torn down: deleting one would
+/// delete every object of its kind, not only the harness's.
+pub async fn install_gateway_api(cluster: &Cluster) -> Result<(), HarnessError> {
+    let crds = gateway_api_crds_dir().await?;
+    let apply = [
+        "apply",
+        "--server-side",
+        "--field-manager=weft-e2e",
+        "-f",
+        &crds,
+    ];
+    let out = cluster.kubectl_output(&apply, None).await?;
+    if !out.status.success() {
+        return Err(HarnessError::Command {
+            cmd: format!("kubectl {}", apply.join(" ")),
+            status: out.status.to_string(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        });
+    }
+    cluster
+        .kubectl(&[
+            "wait",
+            "--for",
+            "condition=established",
+            "--timeout=60s",
+            "crd/httproutes.gateway.networking.k8s.io",
+            "crd/referencegrants.gateway.networking.k8s.io",
+            "crd/gateways.gateway.networking.k8s.io",
+            "crd/gatewayclasses.gateway.networking.k8s.io",
+        ])
+        .await?;
+    Ok(())
+}
+
+/// The directory of the pinned Gateway API release's standard-channel CRDs:
+/// what `e2e/gateway-api/crds.sh` prints (it downloads the module first
+/// when Go's module cache lacks it).
+async fn gateway_api_crds_dir() -> Result<String, HarnessError> {
+    let script = repo_root().join("e2e/gateway-api/crds.sh");
+    let out = tokio::process::Command::new(&script)
+        .kill_on_drop(true)
+        .output()
+        .await
+        .map_err(|source| HarnessError::Io {
+            what: format!("running {}", script.display()),
+            source,
+        })?;
+    let dir = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    if !out.status.success() || dir.is_empty() {
+        return Err(HarnessError::Command {
+            cmd: path_arg(&script),
+            status: out.status.to_string(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        });
+    }
+    Ok(dir)
+}
+
 /// `kubectl delete` of the demo app, waiting until it is gone.
 fn remove_demo_args(app: &str) -> [&str; 6] {
     [

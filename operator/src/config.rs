@@ -67,8 +67,8 @@ use futures::{FutureExt, Stream, StreamExt};
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, ObjectReference, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, ObjectMeta};
-use kube::api::{Api, DeleteParams, Patch, PatchParams};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, ObjectMeta, Time};
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use kube::core::PartialObjectMeta;
 use kube::runtime::WatchStreamExt;
 use kube::runtime::events::{Event as KubeEvent, EventType, Recorder, Reporter};
@@ -79,6 +79,7 @@ use prometheus_client::registry::Registry;
 use serde_json::json;
 use tokio::sync::mpsc;
 use weft_api::common::{CONDITION_ACCEPTED, CONDITION_RENDERED, ResourceStatus, find_condition};
+use weft_api::gateway::{HTTPRoute, MESH_CONTROLLER, ReferenceGrant, RouteParentStatus};
 use weft_api::{AccessPolicy, Mesh, MtlsPolicy, ServicePolicy, ServiceRoute};
 use weft_proxy_config::{FILE_NAME, GZIP_FILE_NAME, SIGNATURE_FILE_NAME, ValidationErrors};
 
@@ -459,6 +460,74 @@ pub fn status_patch(status: &CrStatus, delivery: &Delivery, now: &str) -> serde_
     })
 }
 
+/// The `status.parents` of an HTTPRoute with weft's verdict `st`: every
+/// other controller's entry kept as it is and where it is, weft's entries
+/// (controller [`MESH_CONTROLLER`]) replaced by one per Service parent
+/// judged. A condition whose status, reason, message and generation hold
+/// keeps its `lastTransitionTime`, so an unchanged verdict writes nothing.
+pub fn route_parents(
+    current: &[RouteParentStatus],
+    st: &CrStatus,
+    now: &Time,
+) -> Vec<RouteParentStatus> {
+    let mut out: Vec<RouteParentStatus> = current
+        .iter()
+        .filter(|p| p.controller_name != MESH_CONTROLLER)
+        .cloned()
+        .collect();
+    for v in &st.parents {
+        let old = current
+            .iter()
+            .find(|p| p.controller_name == MESH_CONTROLLER && p.parent_ref == v.parent);
+        let condition =
+            |type_: &str, verdict: &Option<(&'static str, String)>, ok: &str, ok_msg: &str| {
+                let (status, reason, message) = match verdict {
+                    None => ("True", ok.to_owned(), ok_msg.to_owned()),
+                    Some((r, m)) => ("False", (*r).to_owned(), m.clone()),
+                };
+                let mut c = Condition {
+                    type_: type_.to_owned(),
+                    status: status.to_owned(),
+                    reason,
+                    message,
+                    observed_generation: st.generation,
+                    last_transition_time: now.clone(),
+                };
+                if let Some(o) = old.and_then(|o| o.conditions.iter().find(|c| c.type_ == type_))
+                    && o.status == c.status
+                {
+                    c.last_transition_time = o.last_transition_time.clone();
+                    if o.reason == c.reason
+                        && o.message == c.message
+                        && o.observed_generation == c.observed_generation
+                    {
+                        c = o.clone();
+                    }
+                }
+                c
+            };
+        out.push(RouteParentStatus {
+            parent_ref: v.parent.clone(),
+            controller_name: MESH_CONTROLLER.to_owned(),
+            conditions: vec![
+                condition(
+                    "Accepted",
+                    &v.refused,
+                    "Accepted",
+                    "weft routes this Service's mesh traffic by this route",
+                ),
+                condition(
+                    "ResolvedRefs",
+                    &v.unresolved,
+                    "ResolvedRefs",
+                    "every backend reference resolves",
+                ),
+            ],
+        });
+    }
+    out
+}
+
 /// The parts of a condition a status write decides (not its time).
 fn condition_key(c: &serde_json::Value) -> [String; 5] {
     let text = |k: &str| match &c[k] {
@@ -804,7 +873,7 @@ pub async fn run(
     });
     let cfg = watcher::Config::default;
     let c = &client;
-    let feeds: Vec<futures::future::BoxFuture<'static, ()>> = vec![
+    let mut feeds: Vec<futures::future::BoxFuture<'static, ()>> = vec![
         Box::pin(feed(
             shared.clone(),
             watcher(Api::<Mesh>::all(c.clone()), cfg()).default_backoff(),
@@ -888,8 +957,30 @@ pub async fn run(
             .default_backoff(),
         )),
     ];
+    // Gateway API routes, when their CRDs are installed: counted among the
+    // watchers to sync before the first render when they are there at
+    // start, else watched from the moment they appear.
+    let gateway_now = gateway_api_served(c).await;
+    if gateway_now {
+        feeds.extend(gateway_feeds(&shared, c));
+    } else {
+        tracing::info!("the Gateway API CRDs are not installed; HTTPRoutes are read once they are");
+    }
     let watchers = feeds.len();
     let watch_all = futures::future::join_all(feeds);
+    let late_gateway = async {
+        if !gateway_now {
+            loop {
+                tokio::time::sleep(GATEWAY_API_POLL).await;
+                if gateway_api_served(c).await {
+                    tracing::info!("the Gateway API CRDs appeared; watching HTTPRoutes");
+                    futures::future::join_all(gateway_feeds(&shared, c)).await;
+                    break;
+                }
+            }
+        }
+        std::future::pending::<()>().await;
+    };
 
     let writer = async {
         // Render nothing before every watcher has listed once: a render
@@ -935,7 +1026,47 @@ pub async fn run(
         () = watch_all.map(|_| ()) => Err(Error::WatchersGone),
         r = writer => r,
         () = forward_signer => Err(Error::WatchersGone),
+        () = late_gateway => Err(Error::WatchersGone),
     }
+}
+
+/// How often the operator looks for the Gateway API CRDs while they are
+/// not installed.
+const GATEWAY_API_POLL: Duration = Duration::from_secs(30);
+
+/// Whether the API server serves `HTTPRoute` (v1) and `ReferenceGrant`
+/// (v1beta1) of the Gateway API.
+async fn gateway_api_served(client: &Client) -> bool {
+    let has = async |version: &str, plural: &str| {
+        client
+            .list_api_group_resources(&format!("{}/{version}", weft_api::gateway::GROUP))
+            .await
+            .is_ok_and(|l| l.resources.iter().any(|r| r.name == plural))
+    };
+    has("v1", "httproutes").await && has("v1beta1", "referencegrants").await
+}
+
+fn gateway_feeds(
+    shared: &Arc<Shared>,
+    client: &Client,
+) -> Vec<futures::future::BoxFuture<'static, ()>> {
+    let cfg = watcher::Config::default;
+    vec![
+        Box::pin(feed(
+            shared.clone(),
+            watcher(Api::<HTTPRoute>::all(client.clone()), cfg()).default_backoff(),
+            Kind::HttpRoute,
+            true,
+            |o| Object::HttpRoute(Box::new(o)),
+        )),
+        Box::pin(feed(
+            shared.clone(),
+            watcher(Api::<ReferenceGrant>::all(client.clone()), cfg()).default_backoff(),
+            Kind::ReferenceGrant,
+            true,
+            |o| Object::ReferenceGrant(Box::new(o)),
+        )),
+    ]
 }
 
 type StatusKey = (Kind, ObjectRef);
@@ -1157,6 +1288,38 @@ impl Writer {
         })
     }
 
+    /// Writes weft's entries of an HTTPRoute's `status.parents`, keeping
+    /// every other controller's: the list is replaced whole by the API
+    /// server, so read it, merge, and write it back at that
+    /// resourceVersion (again on a conflict).
+    async fn patch_route_status(&self, st: &CrStatus) -> Result<(), kube::Error> {
+        let api = Api::<HTTPRoute>::namespaced(self.client.clone(), &st.object.namespace);
+        let now = Time(k8s_openapi::jiff::Timestamp::now());
+        for _ in 0..3 {
+            let mut route = match api.get_status(&st.object.name).await {
+                Ok(r) => r,
+                Err(kube::Error::Api(s)) if s.is_not_found() => return Ok(()),
+                Err(e) => return Err(e),
+            };
+            let current = route.status.take().unwrap_or_default();
+            let parents = route_parents(&current.parents, st, &now);
+            if parents == current.parents {
+                return Ok(());
+            }
+            route.status = Some(weft_api::gateway::RouteStatus { parents });
+            match api
+                .replace_status(&st.object.name, &PostParams::default(), &route)
+                .await
+            {
+                Ok(_) => return Ok(()),
+                Err(kube::Error::Api(s)) if s.is_not_found() => return Ok(()),
+                Err(kube::Error::Api(s)) if s.code == 409 => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
     async fn patch_statuses(
         &self,
         statuses: Vec<CrStatus>,
@@ -1176,10 +1339,29 @@ impl Writer {
             let value = (
                 st.generation,
                 st.reason().to_owned(),
-                st.message(),
+                if st.kind == Kind::HttpRoute {
+                    format!("{:?}", st.parents)
+                } else {
+                    st.message()
+                },
                 std::mem::discriminant(&delivery),
             );
             if memo.get(&key) == Some(&value) {
+                continue;
+            }
+            if st.kind == Kind::HttpRoute {
+                match self.patch_route_status(&st).await {
+                    Ok(()) => {
+                        memo.insert(key, value);
+                    }
+                    Err(source) => {
+                        return Err(Error::Kube {
+                            action: "update status of",
+                            what: format!("HTTPRoute {}", st.object),
+                            source,
+                        });
+                    }
+                }
                 continue;
             }
             let mut body = status_patch(&st, &delivery, &now);

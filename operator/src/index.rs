@@ -83,9 +83,9 @@ use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use weft_api::gateway::{HTTPRoute, HttpRouteSpec, ReferenceGrant, ReferenceGrantSpec};
 use weft_api::mesh::MESH_NAME;
 use weft_api::{AccessPolicy, Mesh, MeshSpec, MtlsPolicy, ServicePolicy, ServiceRoute};
-use weft_api::gateway::{HTTPRoute, HttpRouteSpec, ReferenceGrant, ReferenceGrantSpec};
 
 /// Label on a Namespace that puts it in the mesh.
 pub const INJECT_LABEL: &str = "weft.dev/inject";
@@ -1016,6 +1016,7 @@ impl Index {
         all.extend(self.service_policies.keys().cloned());
         all.extend(self.access_policies.keys().cloned());
         all.extend(self.mtls_policies.keys().cloned());
+        all.extend(self.http_routes.keys().cloned());
         all
     }
 

@@ -77,9 +77,11 @@
 //! restart renders the same bytes and writes nothing.
 
 mod cache;
+mod gamma;
 mod offline;
 
 pub use cache::{Document, Payload, RenderStats, Rendered, Renderer};
+pub use gamma::ParentVerdict;
 pub use offline::{OfflineError, OfflineOutput, parse_yaml, render_offline, to_object};
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -141,6 +143,11 @@ pub enum Reason {
     InvalidDuration,
     /// Some other inconsistency, explained in the message.
     Invalid,
+    /// A Gateway API route asks for something weft does not do (a filter
+    /// type, filters on one backend).
+    UnsupportedValue,
+    /// A Gateway API rule combines filters that exclude each other.
+    IncompatibleFilters,
 }
 
 impl Reason {
@@ -154,6 +161,8 @@ impl Reason {
             Reason::InvalidRegex => "InvalidRegex",
             Reason::InvalidDuration => "InvalidDuration",
             Reason::Invalid => "Invalid",
+            Reason::UnsupportedValue => "UnsupportedValue",
+            Reason::IncompatibleFilters => "IncompatibleFilters",
         }
     }
 }
@@ -169,6 +178,9 @@ pub struct CrStatus {
     pub generation: Option<i64>,
     /// `None` when accepted, else why not.
     pub rejection: Option<Rejection>,
+    /// Gateway API routes: the verdict of each parent weft serves (their
+    /// `status.parents` entries); empty for weft's own kinds.
+    pub parents: Vec<ParentVerdict>,
 }
 
 impl CrStatus {
@@ -471,6 +483,7 @@ fn status_of<T>(kind: Kind, namespace: &str, c: &Candidate<T>, conflict: Option<
         object: ObjectRef::new(namespace, c.name.clone()),
         generation: c.generation,
         rejection,
+        parents: Vec::new(),
     }
 }
 
@@ -538,6 +551,8 @@ fn judge_namespace(index: &Index, ns: &str, td: &str) -> Judged {
             routes.entry(svc).or_default().push(r);
         }
     }
+    // HTTPRoutes (GAMMA) on Services no ServiceRoute routes.
+    gamma::judge(index, ns, &mut routes, &mut statuses);
     for rs in routes.values_mut() {
         // BTreeMap order put None first; port-specific rules go first.
         rs.sort_by_key(|r| (r.port.is_none(), r.port));

@@ -564,7 +564,8 @@ async fn unresolved_and_foreign_backends_answer_500_for_their_share() {
     let seen = count(&c.pod, 5, "/none", &[]).await;
     assert_eq!(seen.len(), 1, "{seen:?}");
     assert!(
-        seen.keys().all(|k| k.starts_with("status 500") && k.contains("unresolved")),
+        seen.keys()
+            .all(|k| k.starts_with("status 500") && k.contains("unresolved")),
         "{seen:?}"
     );
 

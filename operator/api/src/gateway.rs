@@ -75,7 +75,8 @@ pub struct ParentReference {
 impl ParentReference {
     /// Whether this parent is a core `Service` (a GAMMA mesh route).
     pub fn is_service(&self) -> bool {
-        matches!(self.group.as_deref(), Some("" | "core")) && self.kind.as_deref() == Some("Service")
+        matches!(self.group.as_deref(), Some("" | "core"))
+            && self.kind.as_deref() == Some("Service")
     }
 }
 
@@ -165,7 +166,11 @@ pub struct HttpRouteFilter {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub request_redirect: Option<RequestRedirect>,
     /// For `URLRewrite`.
-    #[serde(default, rename = "urlRewrite", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        rename = "urlRewrite",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub url_rewrite: Option<UrlRewrite>,
 }
 

@@ -386,6 +386,26 @@ fn render(files: &[PathBuf], out: Option<&PathBuf>) -> anyhow::Result<ExitCode> 
                 status.message()
             );
         }
+        for parent in &status.parents {
+            let p = &parent.parent;
+            let port = p.port.map(|p| format!(":{p}")).unwrap_or_default();
+            match (&parent.refused, &parent.unresolved) {
+                (None, None) => {
+                    eprintln!("  parent Service {}{port}: Accepted, ResolvedRefs", p.name)
+                }
+                (Some((reason, message)), _) => {
+                    rejected += 1;
+                    eprintln!(
+                        "  parent Service {}{port}: NOT Accepted: {reason}: {message}",
+                        p.name
+                    );
+                }
+                (None, Some((reason, message))) => eprintln!(
+                    "  parent Service {}{port}: Accepted, refs NOT resolved ({reason}, answered 500): {message}",
+                    p.name
+                ),
+            }
+        }
     }
     for ignored in &output.ignored {
         eprintln!("ignored  {ignored}");

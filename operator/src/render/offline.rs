@@ -135,6 +135,13 @@ pub fn to_object(
             Object::AccessPolicy(convert(index, &kind, value)?)
         }
         ("weft.dev/v1alpha1", "MtlsPolicy") => Object::MtlsPolicy(convert(index, &kind, value)?),
+        ("gateway.networking.k8s.io/v1", "HTTPRoute") => {
+            Object::HttpRoute(convert(index, &kind, value)?)
+        }
+        (
+            "gateway.networking.k8s.io/v1beta1" | "gateway.networking.k8s.io/v1",
+            "ReferenceGrant",
+        ) => Object::ReferenceGrant(convert(index, &kind, value)?),
         _ => return Ok(None),
     };
     Ok(Some(object))

@@ -265,7 +265,13 @@ fn check_backends(
     errs: &mut Errors,
 ) {
     for (i, b) in backends.iter().enumerate() {
-        check_backend(&format!("{at}.backends[{i}]"), b, foreign_from, services, errs);
+        check_backend(
+            &format!("{at}.backends[{i}]"),
+            b,
+            foreign_from,
+            services,
+            errs,
+        );
     }
     if !backends.is_empty() && backends.iter().all(|b| b.weight == 0) {
         errs.push(at, "every backend has weight 0");

@@ -95,7 +95,9 @@ pub fn redirect_location(
     };
     let default_port = if scheme == "https" { 443 } else { 80 };
     let replaced = match (&r.path_prefix, prefix) {
-        (Some(replacement), Some(matched)) => Some(replace_prefix(uri.path(), matched, replacement)),
+        (Some(replacement), Some(matched)) => {
+            Some(replace_prefix(uri.path(), matched, replacement))
+        }
         _ => None,
     };
     let path = r

@@ -490,11 +490,8 @@ fn compile_backends(
     for (i, b) in backends.iter().enumerate() {
         let bat = format!("{at}.backends[{i}]");
         let Some(&service) = index.get(&b.service) else {
-            let foreign = foreign_from.is_some_and(|own| {
-                b.service
-                    .split_once('/')
-                    .is_some_and(|(ns, _)| ns != own)
-            });
+            let foreign = foreign_from
+                .is_some_and(|own| b.service.split_once('/').is_some_and(|(ns, _)| ns != own));
             if !foreign {
                 return Err(RouteError::Backend {
                     at: bat,
@@ -662,7 +659,8 @@ impl Backends {
         if rng.random_range(0..resolved + self.unresolved) >= resolved {
             return Pick::Unresolved;
         }
-        self.pick_resolved(rng).map_or(Pick::Unresolved, Pick::Backend)
+        self.pick_resolved(rng)
+            .map_or(Pick::Unresolved, Pick::Backend)
     }
 
     fn add_unresolved(&mut self, weight: u32) {
@@ -939,7 +937,10 @@ mod tests {
         let r = select_route(&t);
         let mut rng = StdRng::seed_from_u64(3);
         for _ in 0..200 {
-            assert_eq!(r.backends.pick_resolved(&mut rng).and_then(|b| b.subset), Some(1));
+            assert_eq!(
+                r.backends.pick_resolved(&mut rng).and_then(|b| b.subset),
+                Some(1)
+            );
         }
         let c = config(vec![svc(
             "cart",
