@@ -1717,6 +1717,86 @@ mod tests {
     }
 
     #[test]
+    fn http_route_parents_keep_other_controllers_and_unchanged_times() {
+        use crate::render::ParentVerdict;
+        use weft_api::gateway::ParentReference;
+        let svc = |name: &str| ParentReference {
+            group: Some(String::new()),
+            kind: Some("Service".into()),
+            name: name.into(),
+            ..Default::default()
+        };
+        let t = |s: &str| Time(s.parse().expect("timestamp"));
+        let st = |generation: i64, cart: Option<(&'static str, String)>| CrStatus {
+            kind: Kind::HttpRoute,
+            object: ObjectRef::new("shop", "r"),
+            generation: Some(generation),
+            rejection: None,
+            parents: vec![
+                ParentVerdict {
+                    parent: svc("cart"),
+                    refused: cart,
+                    unresolved: None,
+                },
+                ParentVerdict {
+                    parent: svc("web"),
+                    refused: None,
+                    unresolved: Some(("BackendNotFound", "rules[0]: gone".into())),
+                },
+            ],
+        };
+        let gateway = RouteParentStatus {
+            parent_ref: ParentReference {
+                name: "public".into(),
+                ..Default::default()
+            },
+            controller_name: "example.com/gateway".into(),
+            conditions: Vec::new(),
+        };
+        let stale = RouteParentStatus {
+            parent_ref: svc("removed"),
+            controller_name: MESH_CONTROLLER.into(),
+            conditions: Vec::new(),
+        };
+        let first = route_parents(
+            &[gateway.clone(), stale],
+            &st(1, None),
+            &t("2026-01-01T00:00:00Z"),
+        );
+        assert_eq!(first.len(), 3, "{first:?}");
+        assert_eq!(first[0], gateway, "another controller's entry stays first");
+        let cond = |p: &RouteParentStatus, type_: &str| {
+            p.conditions
+                .iter()
+                .find(|c| c.type_ == type_)
+                .cloned()
+                .expect("condition")
+        };
+        assert_eq!(first[1].parent_ref.name, "cart");
+        assert_eq!(cond(&first[1], "Accepted").status, "True");
+        assert_eq!(cond(&first[2], "ResolvedRefs").reason, "BackendNotFound");
+        assert_eq!(cond(&first[2], "ResolvedRefs").observed_generation, Some(1));
+
+        // The same verdict later: nothing changes, times included.
+        let again = route_parents(&first, &st(1, None), &t("2026-02-01T00:00:00Z"));
+        assert_eq!(again, first);
+
+        // A new generation refused on cart: its Accepted flips with the new
+        // time; web's conditions keep their transition time.
+        let refused = st(2, Some(("NoMatchingParent", "no port 81".into())));
+        let next = route_parents(&first, &refused, &t("2026-03-01T00:00:00Z"));
+        let accepted = cond(&next[1], "Accepted");
+        assert_eq!(
+            (accepted.status.as_str(), accepted.reason.as_str()),
+            ("False", "NoMatchingParent")
+        );
+        assert_eq!(accepted.last_transition_time, t("2026-03-01T00:00:00Z"));
+        let web = cond(&next[2], "Accepted");
+        assert_eq!(web.last_transition_time, t("2026-01-01T00:00:00Z"));
+        assert_eq!(web.observed_generation, Some(2));
+    }
+
+    #[test]
     fn status_patches_carry_accepted_rendered_and_observed_generation() {
         let index = shop();
         let statuses = judge(&index, "shop");
