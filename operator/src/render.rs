@@ -305,6 +305,7 @@ fn skeleton(
         ),
     };
     ProxyConfig {
+        gateway: None,
         version: pc::FORMAT_VERSION,
         generation: 1,
         hash: String::new(),

@@ -1351,6 +1351,7 @@ fn setup(o: &Opts) -> Setup {
         ]);
         let cfg = |services: Vec<Service>| {
             let mut c = ProxyConfig {
+                gateway: None,
                 version: 1,
                 generation: 1,
                 hash: String::new(),

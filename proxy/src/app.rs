@@ -91,6 +91,7 @@ pub async fn start(settings: Settings, net: Net) -> Result<Proxy, StartError> {
         tokio::spawn(crate::inbound::serve(state.clone(), inbound)),
         tokio::spawn(crate::admin::serve(state.clone(), admin)),
         tokio::spawn(crate::reload::watch(state.clone())),
+        tokio::spawn(crate::gateway::serve(state.clone())),
         tokio::spawn(sweep_pools(Arc::downgrade(&state))),
         tokio::spawn(crate::trace::export::run(
             span_rx,

@@ -11,6 +11,7 @@
 //!
 //! ```text
 //! app            start(): binds the listeners, first load, tasks; graceful shutdown
+//! gateway        an ingress gateway's listeners (TLS by SNI, route by host)
 //! outbound  inbound  admin  reload      the listeners and the mount watcher
 //! client         client policy: balance, outliers, breakers, budgets,
 //!                connection limits, connect (TCP, mTLS, pooled HTTP)
@@ -37,6 +38,7 @@ pub mod accesslog;
 pub mod admin;
 pub mod app;
 pub mod client;
+pub mod gateway;
 pub mod http;
 pub mod inbound;
 pub mod init;

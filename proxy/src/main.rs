@@ -103,6 +103,10 @@ struct RunArgs {
     /// started one, milliseconds; 0 turns the limit off.
     #[arg(long, env = "WEFT_HEADER_READ_TIMEOUT_MS", default_value_t = weft_proxy::state::DEFAULT_HEADER_READ_TIMEOUT.as_millis() as u64)]
     header_read_timeout_ms: u64,
+    /// Where an ingress gateway's certificates are mounted (one directory
+    /// per certificate; only read when the config has a gateway section).
+    #[arg(long, env = "WEFT_GATEWAY_CERT_DIR", default_value = weft_proxy::state::DEFAULT_GATEWAY_CERT_DIR)]
+    gateway_cert_dir: PathBuf,
 }
 
 /// Builds the runtime: one thread by default (a sidecar shares its pod's
@@ -197,6 +201,7 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
     s.outbound_addr = SocketAddr::new(any, a.outbound_port);
     s.inbound_addr = SocketAddr::new(any, a.inbound_port);
     s.admin_addr = SocketAddr::new(any, a.admin_port);
+    s.gateway_cert_dir = a.gateway_cert_dir;
     s.pod_ip = a.pod_ip;
     s.workload = a.workload.filter(|w| !w.is_empty());
     s.access_log_override = match a.access_log.as_deref() {

@@ -171,6 +171,7 @@ mod tests {
 
     fn config(limits: Vec<RateLimit>) -> ProxyConfig {
         let mut c = ProxyConfig {
+            gateway: None,
             version: 1,
             generation: 1,
             hash: String::new(),

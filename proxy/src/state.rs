@@ -91,7 +91,16 @@ pub struct Settings {
     pub header_read_timeout: Option<Duration>,
     /// Where access log lines go (stdout; tests capture them).
     pub access_log_output: crate::accesslog::Output,
+    /// The address an ingress gateway's listeners bind (their ports come
+    /// from the config).
+    pub gateway_ip: IpAddr,
+    /// Where an ingress gateway's certificates are mounted: one directory
+    /// per certificate, named as the config names it.
+    pub gateway_cert_dir: PathBuf,
 }
+
+/// Default of [`Settings::gateway_cert_dir`].
+pub const DEFAULT_GATEWAY_CERT_DIR: &str = "/var/run/weft-gateway/certs";
 
 /// Default of [`Settings::max_header_bytes`]: 60 KiB, room for large cookies
 /// and tokens while bounding what one client makes the proxy buffer.
@@ -131,6 +140,8 @@ impl Settings {
             max_header_bytes: DEFAULT_MAX_HEADER_BYTES,
             header_read_timeout: Some(DEFAULT_HEADER_READ_TIMEOUT),
             access_log_output: crate::accesslog::Output::default(),
+            gateway_ip: any,
+            gateway_cert_dir: PathBuf::from(DEFAULT_GATEWAY_CERT_DIR),
         }
     }
 

@@ -106,6 +106,30 @@ pub fn sign_with(key: &KeyPair, certificates: &str, namespace: &str, hash: &str)
 }
 
 impl TestCa {
+    /// A web server certificate for DNS `names` (an ingress gateway's
+    /// listener certificate), valid for a day.
+    pub fn server_leaf(&self, names: &[&str]) -> Leaf {
+        let key =
+            KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("P-256 key generation");
+        let mut p =
+            CertificateParams::new(names.iter().map(|n| (*n).to_owned()).collect::<Vec<_>>())
+                .expect("DNS names");
+        p.distinguished_name.push(
+            DnType::CommonName,
+            names.first().copied().unwrap_or("server"),
+        );
+        p.is_ca = IsCa::ExplicitNoCa;
+        p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        let now = time_now();
+        p.not_before = now - time::Duration::hours(2);
+        p.not_after = now + time::Duration::days(1);
+        let cert = p.signed_by(&key, &self.issuer).expect("leaf signing");
+        Leaf {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+        }
+    }
+
     /// A leaf for `spiffe_id`, valid from `now - 1h` for `valid_for`
     /// seconds after now (negative: already expired).
     pub fn leaf(&self, spiffe_id: &str, valid_for_secs: i64) -> Leaf {

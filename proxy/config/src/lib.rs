@@ -187,6 +187,7 @@ impl ProxyConfig {
     /// This document without Services, with the given hash.
     fn skeleton(&self, hash: String) -> ProxyConfig {
         ProxyConfig {
+            gateway: self.gateway.clone(),
             version: self.version,
             generation: self.generation,
             hash,

@@ -26,6 +26,87 @@ pub struct ProxyConfig {
     /// Rules for traffic into the namespace's pods.
     #[serde(default)]
     pub inbound: Inbound,
+    /// Present in the document of an ingress gateway (a `Gateway` of
+    /// weft's `GatewayClass`): the listeners it serves. A sidecar's
+    /// document has none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway: Option<Gateway>,
+}
+
+/// What an ingress gateway serves: listeners that route each request by
+/// its host name to one of the document's Services, whose `httpRoutes`
+/// route it on (a Service made for that listener and host name, with no
+/// addresses of its own).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Gateway {
+    /// `namespace/name` of the `Gateway` resource.
+    pub name: String,
+    /// Listeners, in the Gateway's order.
+    pub listeners: Vec<Listener>,
+}
+
+/// One listener of a gateway.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Listener {
+    /// The listener's name in the Gateway (metric and log label).
+    pub name: String,
+    /// The port it listens on; listeners may share a port when they all
+    /// speak the same protocol, and are then told apart by host name (TLS
+    /// SNI, then the request's host).
+    pub port: u16,
+    /// `http` or `https` (TLS terminated here).
+    pub protocol: ListenerProtocol,
+    /// The host names it answers: exact or `*.suffix`; none: any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hostname: Option<String>,
+    /// HTTPS: certificates, each a directory name under the gateway's
+    /// certificate directory holding `tls.crt` and `tls.key`; the first
+    /// whose names cover the client's SNI is presented, else the first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub certificates: Vec<String>,
+    /// Host names routed, most specific first; the first that matches the
+    /// request's host routes it. None matching: 404.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub hosts: Vec<VirtualHost>,
+}
+
+/// How a listener's connections are served.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ListenerProtocol {
+    /// HTTP/1.1 or HTTP/2 (prior knowledge) in plaintext.
+    Http,
+    /// TLS terminated with the listener's certificates, then HTTP/1.1 or
+    /// HTTP/2 (ALPN).
+    Https,
+}
+
+/// Requests for one host name (pattern) of a listener.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct VirtualHost {
+    /// Exact host, `*.suffix` (one or more labels), or none: any host.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hostname: Option<String>,
+    /// `namespace/name` of the Service in [`ProxyConfig::services`] whose
+    /// `httpRoutes` route these requests.
+    pub service: String,
+}
+
+/// Whether `host` (no port, lower case) matches a Gateway API host name
+/// pattern: exact, or `*.suffix` matching one or more labels before the
+/// suffix.
+pub fn host_matches(pattern: &str, host: &str) -> bool {
+    match pattern.strip_prefix("*.") {
+        Some(suffix) => {
+            host.len() > suffix.len() + 1
+                && host.ends_with(suffix)
+                && host.as_bytes()[host.len() - suffix.len() - 1] == b'.'
+        }
+        None => pattern.eq_ignore_ascii_case(host),
+    }
 }
 
 /// Mesh-wide settings.

@@ -24,6 +24,7 @@ fn backend(service: &str, subset: Option<&str>, weight: u32) -> Backend {
 /// backend with routes and policies, a TCP database, and inbound rules.
 pub fn sample() -> ProxyConfig {
     let mut cfg = ProxyConfig {
+        gateway: None,
         version: crate::FORMAT_VERSION,
         generation: 7,
         hash: String::new(),

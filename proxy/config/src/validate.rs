@@ -104,7 +104,85 @@ impl ProxyConfig {
 
         check_services(&self.services, &self.mesh.trust_domain, &mut errs);
         validate_inbound(&self.inbound, &mut errs);
+        if let Some(g) = &self.gateway {
+            validate_gateway(g, &self.services, &mut errs);
+        }
         errs.into_result()
+    }
+}
+
+fn validate_gateway(g: &Gateway, services: &[Service], errs: &mut Errors) {
+    if g.name.is_empty() {
+        errs.push("gateway.name", "must not be empty");
+    }
+    let keys: BTreeSet<String> = services.iter().map(Service::key).collect();
+    let mut names = BTreeSet::new();
+    let mut port_protocol: BTreeMap<u16, ListenerProtocol> = BTreeMap::new();
+    for (i, l) in g.listeners.iter().enumerate() {
+        let at = format!("gateway.listeners[{i}]");
+        if l.name.is_empty() || !names.insert(l.name.as_str()) {
+            errs.push(
+                &at,
+                format!("listener name {:?} is empty or repeated", l.name),
+            );
+        }
+        if l.port == 0 {
+            errs.push(&at, "port 0 is not a port");
+        }
+        if *port_protocol.entry(l.port).or_insert(l.protocol) != l.protocol {
+            errs.push(
+                &at,
+                format!("port {} is already a listener of another protocol", l.port),
+            );
+        }
+        if let Some(h) = &l.hostname {
+            check_hostname(&format!("{at}.hostname"), h, errs);
+        }
+        match l.protocol {
+            ListenerProtocol::Https if l.certificates.is_empty() => {
+                errs.push(&at, "an https listener needs a certificate");
+            }
+            ListenerProtocol::Http if !l.certificates.is_empty() => {
+                errs.push(&at, "an http listener has no certificates");
+            }
+            _ => {}
+        }
+        for c in &l.certificates {
+            if c.is_empty() || c.contains('/') || c.starts_with('.') {
+                errs.push(
+                    format!("{at}.certificates"),
+                    format!("{c:?} is not a directory name"),
+                );
+            }
+        }
+        for (j, h) in l.hosts.iter().enumerate() {
+            let h_at = format!("{at}.hosts[{j}]");
+            if let Some(name) = &h.hostname {
+                check_hostname(&h_at, name, errs);
+            }
+            if !keys.contains(&h.service) {
+                errs.push(&h_at, format!("unknown service {:?}", h.service));
+            }
+        }
+    }
+}
+
+fn check_hostname(at: &str, h: &str, errs: &mut Errors) {
+    let name = h.strip_prefix("*.").unwrap_or(h);
+    let ok = !name.is_empty()
+        && name.len() <= 253
+        && name.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        });
+    if !ok {
+        errs.push(
+            at,
+            format!("{h:?} is not a lower-case host name or *.suffix"),
+        );
     }
 }
 

@@ -186,6 +186,7 @@ mod tests {
 
     fn cfg(policies: Vec<AccessPolicy>, default_access: AccessAction) -> ProxyConfig {
         ProxyConfig {
+            gateway: None,
             version: 1,
             generation: 1,
             hash: String::new(),

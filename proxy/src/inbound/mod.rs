@@ -377,6 +377,7 @@ mod tests {
     #[test]
     fn port_protocol_follows_the_selector() {
         let c = ProxyConfig {
+            gateway: None,
             version: 1,
             generation: 1,
             hash: String::new(),

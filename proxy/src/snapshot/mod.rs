@@ -24,6 +24,7 @@ use rustls::pki_types::UnixTime;
 use weft_proxy_config::{ProxyConfig, SIGNATURE_FILE_NAME, Service, ServicePort};
 
 pub mod dest;
+pub mod gateway;
 pub mod rewrite;
 pub mod routes;
 pub mod services;
@@ -127,6 +128,8 @@ pub struct Snapshot {
     pub routes: RouteTable,
     /// Destination address → Service port.
     destinations: Destinations,
+    /// An ingress gateway's listeners (none for a sidecar).
+    pub gateway: Option<gateway::GatewayTable>,
 }
 
 impl Snapshot {
@@ -139,12 +142,14 @@ impl Snapshot {
     ) -> Result<Self, RouteError> {
         let routes = RouteTable::build(&config)?;
         let destinations = Destinations::build(&config);
+        let gateway = gateway::GatewayTable::build(&config);
         Ok(Snapshot {
             config,
             identity,
             source,
             routes,
             destinations,
+            gateway,
         })
     }
 

@@ -740,6 +740,7 @@ mod tests {
 
     fn config(services: Vec<Service>) -> ProxyConfig {
         let mut c = weft_proxy_config::ProxyConfig {
+            gateway: None,
             version: 1,
             generation: 1,
             hash: String::new(),

@@ -103,6 +103,7 @@ pub fn plain(ip: Ipv4Addr) -> Endpoint {
 
 pub fn config(generation: u64, mode: MtlsMode, services: Vec<Service>) -> ProxyConfig {
     let mut c = ProxyConfig {
+        gateway: None,
         version: 1,
         generation,
         hash: String::new(),

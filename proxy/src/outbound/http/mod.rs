@@ -90,7 +90,7 @@ pub async fn serve<I>(
                 .map(|plan| Logged::of(&req, plan));
             let grpc = is_grpc(req.headers());
             let request_bytes = content_length(req.headers());
-            let resp = proxy(&ctx, &snap, target, req).await;
+            let resp = proxy(&ctx, &snap, target, req, NoRoute::Service).await;
             ctx.state
                 .metrics
                 .request(Direction::Outbound, resp.status().as_u16());
@@ -120,6 +120,142 @@ pub async fn serve<I>(
         state.shutdown_started(),
     )
     .await;
+}
+
+/// Serves HTTP on a connection of an ingress gateway listener on `port`
+/// (after TLS for HTTPS): each request is routed by its host to the Service
+/// of the listener and host name it matches (see
+/// `snapshot::gateway::GatewayTable::route`), whose routes handle it like
+/// any outbound request. A request no listener, host name or rule takes is
+/// answered 404. The client's address is appended to `x-forwarded-for`
+/// and the listener's scheme set in `x-forwarded-proto`.
+pub async fn serve_gateway<I>(
+    state: Arc<State>,
+    port: u16,
+    local: SocketAddr,
+    client: SocketAddr,
+    version: Version,
+    scheme: &'static str,
+    io: I,
+) where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let series = SeriesCache::default();
+    let shared = state.clone();
+    let svc = service_fn(move |mut req: Request<Incoming>| {
+        let state = shared.clone();
+        let series = series.clone();
+        async move {
+            let started = Instant::now();
+            if !req.headers().contains_key(REQUEST_ID_HEADER) {
+                const NAME: http::HeaderName = http::HeaderName::from_static(REQUEST_ID_HEADER);
+                req.headers_mut().insert(NAME, new_request_id());
+            }
+            req.headers_mut().remove(SOURCE_HEADER);
+            forwarded(req.headers_mut(), client, scheme);
+            let host = request_host(&req);
+            let snap = state.snapshot.load_full();
+            let routed = snap.as_ref().and_then(|s| {
+                let (_, target) = s.gateway.as_ref()?.route(port, host.as_deref())?;
+                Some((s.clone(), target))
+            });
+            let Some((snap, target)) = routed else {
+                state.metrics.error(Direction::Inbound, "gateway-no-route");
+                state.metrics.request(Direction::Inbound, 404);
+                return Ok::<_, Infallible>(error_response(
+                    StatusCode::NOT_FOUND,
+                    "no-route",
+                    &format!(
+                        "no listener of port {port} routes host {:?}",
+                        host.as_deref().unwrap_or("")
+                    ),
+                ));
+            };
+            let ctx = Ctx {
+                state: state.clone(),
+                snap: snap.clone(),
+                target,
+                dst: local,
+                client,
+                version,
+                series,
+            };
+            let span = ctx.state.start_span(&snap, Kind::Client, &mut req);
+            let logged = ctx
+                .state
+                .access_log_plan(&snap)
+                .map(|plan| Logged::of(&req, plan));
+            let grpc = is_grpc(req.headers());
+            let request_bytes = content_length(req.headers());
+            let resp = proxy(&ctx, &snap, target, req, NoRoute::NotFound).await;
+            ctx.state
+                .metrics
+                .request(Direction::Outbound, resp.status().as_u16());
+            let (resp, _) = meter(
+                &ctx,
+                &snap,
+                target,
+                Metered {
+                    started,
+                    grpc,
+                    request_bytes,
+                    span,
+                    logged,
+                },
+                resp,
+            );
+            Ok::<_, Infallible>(resp)
+        }
+    });
+    serve_connection(
+        io,
+        version,
+        Direction::Inbound,
+        state.settings.head_limits(),
+        &state.metrics,
+        svc,
+        state.shutdown_started(),
+    )
+    .await;
+}
+
+/// The host a request is for (its URI's authority, else `Host`), lower
+/// case, without port.
+fn request_host<B>(req: &Request<B>) -> Option<String> {
+    let raw = req.uri().host().map(str::to_owned).or_else(|| {
+        req.headers()
+            .get(http::header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .map(|h| match h.rsplit_once(':') {
+                Some((name, port)) if port.bytes().all(|b| b.is_ascii_digit()) => name.to_owned(),
+                _ => h.to_owned(),
+            })
+    })?;
+    Some(raw.trim_end_matches('.').to_ascii_lowercase())
+}
+
+/// Appends the client to `x-forwarded-for` and sets `x-forwarded-proto`.
+fn forwarded(headers: &mut HeaderMap, client: SocketAddr, scheme: &'static str) {
+    const XFF: http::HeaderName = http::HeaderName::from_static("x-forwarded-for");
+    const XFP: http::HeaderName = http::HeaderName::from_static("x-forwarded-proto");
+    let ip = client.ip().to_canonical().to_string();
+    let value = match headers.get(&XFF).and_then(|v| v.to_str().ok()) {
+        Some(prev) if !prev.is_empty() => format!("{prev}, {ip}"),
+        _ => ip,
+    };
+    if let Ok(v) = HeaderValue::from_str(&value) {
+        headers.insert(XFF, v);
+    }
+    headers.insert(XFP, HeaderValue::from_static(scheme));
+}
+
+/// What a request that no rule of its Service matches gets.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum NoRoute {
+    /// The Service itself (a sidecar's outbound request).
+    Service,
+    /// 404 (a gateway's request: its Service has no addresses).
+    NotFound,
 }
 
 /// The access log line of a request whose response head is `resp`, to be
@@ -222,6 +358,7 @@ async fn proxy(
     snap: &Arc<Snapshot>,
     target: ServiceRef,
     req: Request<Incoming>,
+    no_route: NoRoute,
 ) -> Response<Body> {
     let snap = snap.clone();
     let (_, routed_port) = snap.service(target);
@@ -232,6 +369,21 @@ async fn proxy(
         req.uri(),
         req.headers(),
     );
+    if selected.is_none() && no_route == NoRoute::NotFound {
+        ctx.state
+            .metrics
+            .error(Direction::Inbound, "gateway-no-route");
+        return error_response(
+            StatusCode::NOT_FOUND,
+            "no-route",
+            &format!(
+                "no rule of {} matches {} {}",
+                snap.service(target).0.key(),
+                req.method(),
+                req.uri().path()
+            ),
+        );
+    }
     let (mut parts, body) = req.into_parts();
     let mut backend = None;
     if let Some(sel) = selected {

@@ -1,0 +1,200 @@
+//! Ingress gateway mode: a proxy whose `proxy.json` has a `gateway`
+//! section listens on that section's ports, terminates TLS on HTTPS
+//! listeners with the certificate the client's SNI selects, and routes each
+//! request by its host to a Service's routes, then on like any outbound
+//! request (balancing, retries, timeouts, mTLS to meshed endpoints with its
+//! own SPIFFE identity, metrics, logs and spans).
+//!
+//! ```text
+//! snapshot.gateway ──► ports to bind (re-read at every reload)
+//! accept :port ──► HTTPS: TLS (certs::SniResolver) ─┐
+//!             └──► HTTP: detect h1 / h2 ────────────┴─► outbound::http::serve_gateway
+//! ```
+//!
+//! A sidecar's document has no gateway section, and this task then binds
+//! nothing. In: the active snapshot. Out: connections handed to
+//! `outbound::http`.
+
+pub mod certs;
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::net::TcpStream;
+use tokio::task::JoinHandle;
+use tokio_rustls::TlsAcceptor;
+use weft_proxy_config::ListenerProtocol;
+
+use crate::http::pool::Version;
+use crate::metrics::{Direction, OpenConn};
+use crate::net::Prefixed;
+use crate::net::detect::{Detected, detect};
+use crate::net::listen::accept_loop;
+use crate::state::State;
+use certs::{CertStore, SniResolver};
+
+/// How long a TLS client may take to finish its handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often a port that could not be bound is tried again.
+const REBIND: Duration = Duration::from_secs(5);
+
+/// Keeps the gateway's ports bound to what the active snapshot lists,
+/// until shutdown.
+pub async fn serve(state: Arc<State>) {
+    let mut changes = state.snapshot_changes();
+    let store = Arc::new(CertStore::new(state.settings.gateway_cert_dir.clone()));
+    let mut bound: HashMap<u16, (ListenerProtocol, JoinHandle<()>)> = HashMap::new();
+    let mut shutdown = state.shutdown_signal();
+    loop {
+        let want: BTreeMap<u16, ListenerProtocol> = state
+            .snapshot
+            .load()
+            .as_ref()
+            .and_then(|s| s.gateway.as_ref())
+            .map(|g| g.ports().collect())
+            .unwrap_or_default();
+        bound.retain(|port, (protocol, task)| {
+            let keep = want.get(port) == Some(protocol);
+            if !keep {
+                tracing::info!(port, "gateway listener closed");
+                task.abort();
+            }
+            keep
+        });
+        let mut failed = false;
+        for (port, protocol) in want {
+            if bound.contains_key(&port) {
+                continue;
+            }
+            let addr = SocketAddr::new(state.settings.gateway_ip, port);
+            match crate::net::bind_listener(addr) {
+                Ok(listener) => {
+                    tracing::info!(%addr, ?protocol, "gateway listener bound");
+                    let task = tokio::spawn(accept(
+                        state.clone(),
+                        store.clone(),
+                        listener,
+                        port,
+                        protocol,
+                    ));
+                    bound.insert(port, (protocol, task));
+                }
+                Err(e) => {
+                    failed = true;
+                    state.metrics.error(Direction::Inbound, "gateway-bind");
+                    tracing::error!(%addr, error = %e, "cannot bind a gateway listener; retrying");
+                }
+            }
+        }
+        tokio::select! {
+            r = changes.changed() => if r.is_err() { break },
+            () = tokio::time::sleep(REBIND), if failed => {}
+            () = crate::net::listen::shutdown_requested(&mut shutdown) => break,
+        }
+    }
+    for (_, (_, task)) in bound {
+        task.abort();
+    }
+}
+
+async fn accept(
+    state: Arc<State>,
+    store: Arc<CertStore>,
+    listener: tokio::net::TcpListener,
+    port: u16,
+    protocol: ListenerProtocol,
+) {
+    let tls = match protocol {
+        ListenerProtocol::Http => None,
+        ListenerProtocol::Https => {
+            let resolver = Arc::new(SniResolver {
+                state: state.clone(),
+                store,
+                port,
+            });
+            let mut cfg =
+                rustls::ServerConfig::builder_with_provider(crate::tls::params::provider())
+                    .with_safe_default_protocol_versions()
+                    .map(|b| b.with_no_client_auth().with_cert_resolver(resolver));
+            match &mut cfg {
+                Ok(c) => c.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()],
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot build the gateway's TLS configuration");
+                    return;
+                }
+            }
+            cfg.ok().map(|c| TlsAcceptor::from(Arc::new(c)))
+        }
+    };
+    let shutdown = state.shutdown_signal();
+    accept_loop(listener, Direction::Inbound, shutdown, |conn, peer| {
+        state.spawn_drained(handle(state.clone(), tls.clone(), port, conn, peer));
+    })
+    .await;
+}
+
+async fn handle(
+    state: Arc<State>,
+    tls: Option<TlsAcceptor>,
+    port: u16,
+    conn: TcpStream,
+    peer: SocketAddr,
+) {
+    let _ = conn.set_nodelay(true);
+    let Ok(local) = conn.local_addr() else { return };
+    let _open = OpenConn::new(&state.metrics, Direction::Inbound, false);
+    match tls {
+        Some(acceptor) => {
+            let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(conn)).await
+            {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => {
+                    state.metrics.error(Direction::Inbound, "gateway-tls");
+                    tracing::debug!(%peer, error = %e, "gateway TLS handshake failed");
+                    return;
+                }
+                Err(_) => {
+                    state.metrics.error(Direction::Inbound, "gateway-tls");
+                    return;
+                }
+            };
+            let (_, session) = stream.get_ref();
+            let version = match session.alpn_protocol() {
+                Some(b"h2") => Version::Http2,
+                _ => Version::Http1,
+            };
+            crate::outbound::http::serve_gateway(
+                state.clone(),
+                port,
+                local,
+                peer,
+                version,
+                "https",
+                stream,
+            )
+            .await;
+        }
+        None => {
+            let mut conn = conn;
+            let version = match detect(&mut conn, state.settings.detect_timeout).await {
+                Ok((prefix, Detected::Http2)) => (prefix, Version::Http2),
+                Ok((prefix, _)) => (prefix, Version::Http1),
+                Err(_) => (Bytes::new(), Version::Http1),
+            };
+            let (prefix, version) = version;
+            crate::outbound::http::serve_gateway(
+                state.clone(),
+                port,
+                local,
+                peer,
+                version,
+                "http",
+                Prefixed::new(prefix, conn),
+            )
+            .await;
+        }
+    }
+}
