@@ -79,7 +79,9 @@ use prometheus_client::registry::Registry;
 use serde_json::json;
 use tokio::sync::mpsc;
 use weft_api::common::{CONDITION_ACCEPTED, CONDITION_RENDERED, ResourceStatus, find_condition};
-use weft_api::gateway::{HTTPRoute, MESH_CONTROLLER, ReferenceGrant, RouteParentStatus};
+use weft_api::gateway::{
+    GATEWAY_CONTROLLER, HTTPRoute, MESH_CONTROLLER, ReferenceGrant, RouteParentStatus,
+};
 use weft_api::{AccessPolicy, Mesh, MtlsPolicy, ServicePolicy, ServiceRoute};
 use weft_proxy_config::{FILE_NAME, GZIP_FILE_NAME, SIGNATURE_FILE_NAME, ValidationErrors};
 
@@ -462,23 +464,24 @@ pub fn status_patch(status: &CrStatus, delivery: &Delivery, now: &str) -> serde_
 
 /// The `status.parents` of an HTTPRoute with weft's verdict `st`: every
 /// other controller's entry kept as it is and where it is, weft's entries
-/// (controller [`MESH_CONTROLLER`]) replaced by one per Service parent
-/// judged. A condition whose status, reason, message and generation hold
+/// (controllers [`MESH_CONTROLLER`] and [`GATEWAY_CONTROLLER`]) replaced by
+/// one per parent judged. A condition whose status, reason, message and generation hold
 /// keeps its `lastTransitionTime`, so an unchanged verdict writes nothing.
 pub fn route_parents(
     current: &[RouteParentStatus],
     st: &CrStatus,
     now: &Time,
 ) -> Vec<RouteParentStatus> {
+    let ours = |c: &str| c == MESH_CONTROLLER || c == GATEWAY_CONTROLLER;
     let mut out: Vec<RouteParentStatus> = current
         .iter()
-        .filter(|p| p.controller_name != MESH_CONTROLLER)
+        .filter(|p| !ours(&p.controller_name))
         .cloned()
         .collect();
     for v in &st.parents {
         let old = current
             .iter()
-            .find(|p| p.controller_name == MESH_CONTROLLER && p.parent_ref == v.parent);
+            .find(|p| p.controller_name == v.controller && p.parent_ref == v.parent);
         let condition =
             |type_: &str, verdict: &Option<(&'static str, String)>, ok: &str, ok_msg: &str| {
                 let (status, reason, message) = match verdict {
@@ -508,13 +511,17 @@ pub fn route_parents(
             };
         out.push(RouteParentStatus {
             parent_ref: v.parent.clone(),
-            controller_name: MESH_CONTROLLER.to_owned(),
+            controller_name: v.controller.to_owned(),
             conditions: vec![
                 condition(
                     "Accepted",
                     &v.refused,
                     "Accepted",
-                    "weft routes this Service's mesh traffic by this route",
+                    if v.controller == MESH_CONTROLLER {
+                        "weft routes this Service's mesh traffic by this route"
+                    } else {
+                        "attached to the Gateway's listeners"
+                    },
                 ),
                 condition(
                     "ResolvedRefs",
@@ -1735,11 +1742,13 @@ mod tests {
             parents: vec![
                 ParentVerdict {
                     parent: svc("cart"),
+                    controller: MESH_CONTROLLER,
                     refused: cart,
                     unresolved: None,
                 },
                 ParentVerdict {
                     parent: svc("web"),
+                    controller: MESH_CONTROLLER,
                     refused: None,
                     unresolved: Some(("BackendNotFound", "rules[0]: gone".into())),
                 },

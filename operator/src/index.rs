@@ -83,7 +83,10 @@ use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
-use weft_api::gateway::{HTTPRoute, HttpRouteSpec, ReferenceGrant, ReferenceGrantSpec};
+use weft_api::gateway::{
+    Gateway, GatewayClass, GatewayClassSpec, GatewaySpec, HTTPRoute, HttpRouteSpec, ReferenceGrant,
+    ReferenceGrantSpec,
+};
 use weft_api::mesh::MESH_NAME;
 use weft_api::{AccessPolicy, Mesh, MeshSpec, MtlsPolicy, ServicePolicy, ServiceRoute};
 
@@ -225,6 +228,10 @@ pub enum Kind {
     HttpRoute,
     /// `gateway.networking.k8s.io` `ReferenceGrant`.
     ReferenceGrant,
+    /// `gateway.networking.k8s.io` `Gateway`.
+    Gateway,
+    /// `gateway.networking.k8s.io` `GatewayClass`.
+    GatewayClass,
 }
 
 /// One object to apply to the index.
@@ -256,6 +263,10 @@ pub enum Object {
     HttpRoute(Box<HTTPRoute>),
     /// A Gateway API `ReferenceGrant`.
     ReferenceGrant(Box<ReferenceGrant>),
+    /// A Gateway API `Gateway`.
+    Gateway(Box<Gateway>),
+    /// A Gateway API `GatewayClass`.
+    GatewayClass(Box<GatewayClass>),
 }
 
 impl Object {
@@ -273,6 +284,8 @@ impl Object {
             Object::MtlsPolicy(_) => Kind::MtlsPolicy,
             Object::HttpRoute(_) => Kind::HttpRoute,
             Object::ReferenceGrant(_) => Kind::ReferenceGrant,
+            Object::Gateway(_) => Kind::Gateway,
+            Object::GatewayClass(_) => Kind::GatewayClass,
         }
     }
 
@@ -291,6 +304,8 @@ impl Object {
             Object::MtlsPolicy(o) => &o.metadata,
             Object::HttpRoute(o) => &o.metadata,
             Object::ReferenceGrant(o) => &o.metadata,
+            Object::Gateway(o) => &o.metadata,
+            Object::GatewayClass(o) => &o.metadata,
         };
         ObjectRef::of(meta)
     }
@@ -306,6 +321,8 @@ pub struct NamespaceInfo {
     /// `weft.dev/access-log`: `Some(None)` off, `Some(Some(errors_only))`
     /// on; `None` when not set (or not one of `all`, `errors`, `off`).
     pub access_log: Option<Option<bool>>,
+    /// Its labels (a Gateway listener's `allowedRoutes` selector reads them).
+    pub labels: BTreeMap<String, String>,
 }
 
 impl NamespaceInfo {
@@ -349,6 +366,7 @@ impl NamespaceInfo {
             meshed,
             visible,
             access_log,
+            labels: meta.labels.clone().unwrap_or_default(),
         }
     }
 }
@@ -472,6 +490,8 @@ pub struct Index {
     mtls_policies: Namespaced<Tracked<weft_api::MtlsPolicySpec>>,
     http_routes: Namespaced<Tracked<HttpRouteSpec>>,
     grants: Namespaced<ReferenceGrantSpec>,
+    gateways: Namespaced<Tracked<GatewaySpec>>,
+    gateway_classes: BTreeMap<String, GatewayClassSpec>,
     previous: BTreeMap<String, Previous>,
     /// namespace → content stamp (see the module documentation).
     namespace_stamps: HashMap<String, u64>,
@@ -557,7 +577,12 @@ impl Index {
                 let before = self.namespaces.insert(r.name.clone(), info.clone());
                 match before {
                     Some(b) if b == info => Dirty::none(),
-                    Some(b) if b.meshed == meshed => Dirty::one(&r.name),
+                    Some(b) if b.meshed == meshed => {
+                        // Labels may decide which Gateway listeners take
+                        // its routes.
+                        self.touch_namespace(&r.name);
+                        Dirty::one(&r.name)
+                    }
                     None if !meshed => Dirty::none(),
                     _ => self.mesh_membership_changed(&r.name),
                 }
@@ -687,7 +712,37 @@ impl Index {
                     Dirty::none()
                 }
             }
+            Object::Gateway(o) => {
+                let t = tracked(None, &o.metadata, &o.spec);
+                if insert_namespaced(&mut self.gateways, &r, t) {
+                    let mut dirty = self.grants_changed();
+                    self.touch_namespace(&r.namespace);
+                    dirty.merge(Dirty::one(&r.namespace));
+                    dirty
+                } else {
+                    Dirty::none()
+                }
+            }
+            Object::GatewayClass(o) => {
+                if self.gateway_classes.get(&r.name) == Some(&o.spec) {
+                    return Dirty::none();
+                }
+                self.gateway_classes.insert(r.name.clone(), o.spec.clone());
+                self.gateways_changed()
+            }
         }
+    }
+
+    /// A `GatewayClass` changed: every namespace with Gateways or
+    /// `HTTPRoute`s may be judged differently.
+    fn gateways_changed(&mut self) -> Dirty {
+        let mut dirty = self.grants_changed();
+        let namespaces: Vec<String> = self.gateways.keys().cloned().collect();
+        for ns in namespaces {
+            self.touch_namespace(&ns);
+            dirty.merge(Dirty::one(&ns));
+        }
+        dirty
     }
 
     /// A `ReferenceGrant` changed: every namespace with `HTTPRoute`s may
@@ -809,6 +864,23 @@ impl Index {
                     Dirty::none()
                 }
             }
+            Kind::Gateway => {
+                if remove_namespaced(&mut self.gateways, r) {
+                    let mut dirty = self.grants_changed();
+                    self.touch_namespace(&r.namespace);
+                    dirty.merge(Dirty::one(&r.namespace));
+                    dirty
+                } else {
+                    Dirty::none()
+                }
+            }
+            Kind::GatewayClass => {
+                if self.gateway_classes.remove(&r.name).is_some() {
+                    self.gateways_changed()
+                } else {
+                    Dirty::none()
+                }
+            }
         }
     }
 
@@ -848,6 +920,12 @@ impl Index {
             Kind::MtlsPolicy => of(&self.mtls_policies),
             Kind::HttpRoute => of(&self.http_routes),
             Kind::ReferenceGrant => of(&self.grants),
+            Kind::Gateway => of(&self.gateways),
+            Kind::GatewayClass => self
+                .gateway_classes
+                .keys()
+                .map(|n| ObjectRef::new("", n.clone()))
+                .collect(),
         }
     }
 
@@ -1017,6 +1095,7 @@ impl Index {
         all.extend(self.access_policies.keys().cloned());
         all.extend(self.mtls_policies.keys().cloned());
         all.extend(self.http_routes.keys().cloned());
+        all.extend(self.gateways.keys().cloned());
         all
     }
 
@@ -1083,6 +1162,41 @@ impl Index {
         namespace: &str,
     ) -> Option<&BTreeMap<String, Tracked<HttpRouteSpec>>> {
         self.http_routes.get(namespace)
+    }
+
+    /// Every `Gateway` of the cluster whose class is weft's, by namespace
+    /// and name.
+    pub fn weft_gateways(&self) -> impl Iterator<Item = (&str, &str, &Tracked<GatewaySpec>)> {
+        self.gateways.iter().flat_map(move |(ns, m)| {
+            m.iter()
+                .filter(|(_, g)| self.is_weft_class(&g.spec.gateway_class_name))
+                .map(move |(n, g)| (ns.as_str(), n.as_str(), g))
+        })
+    }
+
+    /// A `Gateway`, whatever its class.
+    pub fn gateway(&self, namespace: &str, name: &str) -> Option<&Tracked<GatewaySpec>> {
+        self.gateways.get(namespace).and_then(|m| m.get(name))
+    }
+
+    /// Whether `GatewayClass` `name` is implemented by weft.
+    pub fn is_weft_class(&self, name: &str) -> bool {
+        self.gateway_classes
+            .get(name)
+            .is_some_and(|c| c.controller_name == weft_api::gateway::GATEWAY_CONTROLLER)
+    }
+
+    /// `GatewayClass`es implemented by weft.
+    pub fn weft_classes(&self) -> impl Iterator<Item = &str> {
+        self.gateway_classes
+            .iter()
+            .filter(|(_, c)| c.controller_name == weft_api::gateway::GATEWAY_CONTROLLER)
+            .map(|(n, _)| n.as_str())
+    }
+
+    /// The labels of a Namespace, when known.
+    pub fn namespace_labels(&self, namespace: &str) -> Option<&BTreeMap<String, String>> {
+        self.namespaces.get(namespace).map(|n| &n.labels)
     }
 
     /// Whether a `ReferenceGrant` of `to_ns` lets an `HTTPRoute` of

@@ -78,6 +78,7 @@
 
 mod cache;
 mod gamma;
+pub mod gateway;
 mod offline;
 
 pub use cache::{Document, Payload, RenderStats, Rendered, Renderer};

@@ -347,6 +347,180 @@ pub struct RouteParentStatus {
     pub conditions: Vec<Condition>,
 }
 
+/// The controller name of weft's `GatewayClass` (its `spec.controllerName`)
+/// and of the `status.parents` entries weft writes for Gateway parents.
+pub const GATEWAY_CONTROLLER: &str = "weft.dev/gateway-controller";
+
+/// `GatewayClass` (`gateway.networking.k8s.io/v1`, cluster-scoped).
+#[derive(CustomResource, Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[kube(
+    group = "gateway.networking.k8s.io",
+    version = "v1",
+    kind = "GatewayClass",
+    plural = "gatewayclasses",
+    status = "GatewayClassStatus",
+    schema = "disabled"
+)]
+#[serde(rename_all = "camelCase")]
+pub struct GatewayClassSpec {
+    /// The controller that implements the class; weft's is
+    /// [`GATEWAY_CONTROLLER`].
+    pub controller_name: String,
+}
+
+/// The status of a `GatewayClass`.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct GatewayClassStatus {
+    /// `Accepted`.
+    #[serde(default)]
+    pub conditions: Vec<Condition>,
+}
+
+/// `Gateway` (`gateway.networking.k8s.io/v1`).
+#[derive(CustomResource, Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[kube(
+    group = "gateway.networking.k8s.io",
+    version = "v1",
+    kind = "Gateway",
+    plural = "gateways",
+    namespaced,
+    status = "GatewayStatus",
+    schema = "disabled"
+)]
+#[serde(rename_all = "camelCase")]
+pub struct GatewaySpec {
+    /// The `GatewayClass`.
+    pub gateway_class_name: String,
+    /// Listeners.
+    #[serde(default)]
+    pub listeners: Vec<GatewayListener>,
+}
+
+/// One listener of a `Gateway`.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct GatewayListener {
+    /// Name, unique in the Gateway.
+    pub name: String,
+    /// Host name (exact or `*.suffix`); unset: any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hostname: Option<String>,
+    /// Port.
+    pub port: i32,
+    /// `HTTP`, `HTTPS`, `TLS`, `TCP`, `UDP`, …
+    pub protocol: String,
+    /// TLS settings (HTTPS, TLS).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<GatewayTls>,
+    /// Which routes may attach.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allowed_routes: Option<AllowedRoutes>,
+}
+
+/// TLS settings of a listener.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct GatewayTls {
+    /// `Terminate` (default) or `Passthrough`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<String>,
+    /// Certificates (Secrets of type `kubernetes.io/tls`).
+    #[serde(default)]
+    pub certificate_refs: Vec<SecretObjectReference>,
+}
+
+/// A reference to a Secret.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SecretObjectReference {
+    /// Group; unset or `""`: core.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
+    /// Kind; unset: `Secret`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<String>,
+    /// Name.
+    pub name: String,
+    /// Namespace; unset: the Gateway's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+}
+
+/// Which routes may attach to a listener.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AllowedRoutes {
+    /// From which namespaces.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespaces: Option<RouteNamespaces>,
+    /// Which kinds; unset: the protocol's (HTTPRoute for HTTP and HTTPS).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub kinds: Vec<RouteGroupKind>,
+}
+
+/// Namespaces routes may come from.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RouteNamespaces {
+    /// `Same` (default), `All` or `Selector`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from: Option<String>,
+    /// For `Selector`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector>,
+}
+
+/// A route group and kind.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RouteGroupKind {
+    /// Group; unset: `gateway.networking.k8s.io`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
+    /// Kind.
+    pub kind: String,
+}
+
+/// The status of a `Gateway`.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct GatewayStatus {
+    /// Where it can be reached.
+    #[serde(default)]
+    pub addresses: Vec<GatewayStatusAddress>,
+    /// `Accepted`, `Programmed`.
+    #[serde(default)]
+    pub conditions: Vec<Condition>,
+    /// Per listener.
+    #[serde(default)]
+    pub listeners: Vec<ListenerStatus>,
+}
+
+/// An address of a Gateway.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GatewayStatusAddress {
+    /// `IPAddress` or `Hostname`.
+    #[serde(rename = "type")]
+    pub type_: String,
+    /// The address.
+    pub value: String,
+}
+
+/// The status of one listener.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ListenerStatus {
+    /// The listener's name.
+    pub name: String,
+    /// Route kinds it accepts.
+    pub supported_kinds: Vec<RouteGroupKind>,
+    /// Routes attached.
+    pub attached_routes: i32,
+    /// `Accepted`, `Programmed`, `ResolvedRefs`, `Conflicted`.
+    pub conditions: Vec<Condition>,
+}
+
 /// `ReferenceGrant` (`gateway.networking.k8s.io/v1beta1`): lets objects of
 /// other namespaces refer to objects of its own.
 #[derive(CustomResource, Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]

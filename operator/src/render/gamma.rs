@@ -46,8 +46,8 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use weft_api::gateway::{
-    BackendObjectReference, HttpRouteFilter, HttpRouteRule, HttpRouteSpec, ParentReference,
-    PathModifier,
+    BackendObjectReference, GATEWAY_CONTROLLER, HttpRouteFilter, HttpRouteRule, HttpRouteSpec,
+    MESH_CONTROLLER, ParentReference, PathModifier,
 };
 use weft_proxy_config as pc;
 
@@ -63,6 +63,9 @@ use crate::index::{Index, Kind, ObjectRef};
 pub struct ParentVerdict {
     /// The parent as the route names it.
     pub parent: ParentReference,
+    /// The controller whose verdict it is: `weft.dev/mesh` for Services,
+    /// `weft.dev/gateway-controller` for Gateways of weft's class.
+    pub controller: &'static str,
     /// `None`: `Accepted=True`; else the reason and message of `False`.
     pub refused: Option<(&'static str, String)>,
     /// `None`: `ResolvedRefs=True`; else the reason and message of `False`.
@@ -80,7 +83,7 @@ struct Translated {
 }
 
 /// The Gateway API's precedence of one match; smaller sorts first.
-type Precedence = (u8, Reverse<usize>, bool, Reverse<usize>, Reverse<usize>);
+pub(super) type Precedence = (u8, Reverse<usize>, bool, Reverse<usize>, Reverse<usize>);
 
 /// Judges the `HTTPRoute`s of `ns` with Service parents, adds their rules to
 /// `routes` (Services a `ServiceRoute` does not already route on those
@@ -98,18 +101,36 @@ pub(super) fn judge(
     type Key = (Precedence, (bool, Option<Time>), String, usize);
     let mut by_service: BTreeMap<String, Vec<(Key, pc::HttpRoute)>> = BTreeMap::new();
     for (name, t) in all {
-        if !t.spec.parent_refs.iter().any(ParentReference::is_service) {
+        if !t
+            .spec
+            .parent_refs
+            .iter()
+            .any(|p| p.is_service() || super::gateway::is_weft_gateway_parent(index, ns, p))
+        {
             continue;
         }
         let c: Candidate<Translated> =
             candidate(name, t, |spec| translate(index, ns, name, spec, routes));
         let parents = match (&c.current, &c.effective) {
             (Ok(()), Some(tr)) => tr.parents.clone(),
-            (Err(p), _) => service_parents(&t.spec)
-                .map(|parent| ParentVerdict {
-                    parent: parent.clone(),
-                    refused: Some((gateway_reason(p.reason), rejected_message(p, &c))),
-                    unresolved: None,
+            (Err(p), _) => t
+                .spec
+                .parent_refs
+                .iter()
+                .filter_map(|parent| {
+                    let controller = if parent.is_service() {
+                        MESH_CONTROLLER
+                    } else if super::gateway::is_weft_gateway_parent(index, ns, parent) {
+                        GATEWAY_CONTROLLER
+                    } else {
+                        return None;
+                    };
+                    Some(ParentVerdict {
+                        parent: parent.clone(),
+                        controller,
+                        refused: Some((gateway_reason(p.reason), rejected_message(p, &c))),
+                        unresolved: None,
+                    })
                 })
                 .collect(),
             (Ok(()), None) => Vec::new(),
@@ -148,10 +169,6 @@ pub(super) fn judge(
     }
 }
 
-fn service_parents(spec: &HttpRouteSpec) -> impl Iterator<Item = &ParentReference> {
-    spec.parent_refs.iter().filter(|p| p.is_service())
-}
-
 fn rejected_message(p: &Problem, c: &Candidate<Translated>) -> String {
     match c.fallback_generation {
         Some(g) => format!(
@@ -172,13 +189,14 @@ pub(super) fn gateway_reason(r: Reason) -> &'static str {
     }
 }
 
-fn translate(
-    index: &Index,
-    ns: &str,
-    name: &str,
-    spec: &HttpRouteSpec,
-    service_routes: &BTreeMap<String, Vec<EffectiveRoute>>,
-) -> Result<Translated, Problem> {
+/// The proxy rules of a route (without port), with their precedence, and
+/// the backend references that do not resolve.
+type Rules = (
+    Vec<(Precedence, pc::HttpRoute)>,
+    Vec<(&'static str, String)>,
+);
+
+fn rules_of(index: &Index, ns: &str, name: &str, spec: &HttpRouteSpec) -> Result<Rules, Problem> {
     let mut unresolved: Vec<(&'static str, String)> = Vec::new();
     let mut entries = Vec::new();
     let default_rule;
@@ -191,6 +209,35 @@ fn translate(
     for (i, rule) in rules.iter().enumerate() {
         entries.extend(rule_entries(index, ns, name, i, rule, &mut unresolved)?);
     }
+    Ok((entries, unresolved))
+}
+
+/// The proxy rules a route renders (for a Gateway): those of its current
+/// spec, else of the last accepted one, else none.
+pub(super) fn route_entries(
+    index: &Index,
+    ns: &str,
+    name: &str,
+    t: &crate::index::Tracked<HttpRouteSpec>,
+) -> Option<Vec<(Precedence, pc::HttpRoute)>> {
+    match rules_of(index, ns, name, &t.spec) {
+        Ok((entries, _)) => Some(entries),
+        Err(_) => t
+            .last_accepted
+            .as_ref()
+            .and_then(|(_, spec)| rules_of(index, ns, name, spec).ok())
+            .map(|(entries, _)| entries),
+    }
+}
+
+fn translate(
+    index: &Index,
+    ns: &str,
+    name: &str,
+    spec: &HttpRouteSpec,
+    service_routes: &BTreeMap<String, Vec<EffectiveRoute>>,
+) -> Result<Translated, Problem> {
+    let (entries, unresolved) = rules_of(index, ns, name, spec)?;
     let resolved = match unresolved.first() {
         None => None,
         Some((reason, _)) => Some((
@@ -204,7 +251,19 @@ fn translate(
     };
     let mut parents = Vec::new();
     let mut attach = Vec::new();
-    for parent in service_parents(spec) {
+    for parent in &spec.parent_refs {
+        if !parent.is_service() {
+            if super::gateway::is_weft_gateway_parent(index, ns, parent) {
+                parents.push(super::gateway::parent_verdict(
+                    index,
+                    ns,
+                    spec,
+                    parent,
+                    resolved.clone(),
+                ));
+            }
+            continue;
+        }
         let refused = match attach_to(index, ns, parent, service_routes) {
             Ok(a) => {
                 if !attach.contains(&a) {
@@ -216,6 +275,7 @@ fn translate(
         };
         parents.push(ParentVerdict {
             parent: parent.clone(),
+            controller: MESH_CONTROLLER,
             unresolved: refused.is_none().then(|| resolved.clone()).flatten(),
             refused,
         });

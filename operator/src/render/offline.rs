@@ -110,7 +110,7 @@ pub fn to_object(
     ) else {
         return Err(OfflineError::NotAnObject { index });
     };
-    let namespaced = !matches!(kind.as_str(), "Namespace" | "Mesh");
+    let namespaced = !matches!(kind.as_str(), "Namespace" | "Mesh" | "GatewayClass");
     if namespaced
         && let Some(meta) = value.get_mut("metadata").and_then(|m| m.as_object_mut())
         && !meta.contains_key("namespace")
@@ -142,6 +142,12 @@ pub fn to_object(
             "gateway.networking.k8s.io/v1beta1" | "gateway.networking.k8s.io/v1",
             "ReferenceGrant",
         ) => Object::ReferenceGrant(convert(index, &kind, value)?),
+        ("gateway.networking.k8s.io/v1", "Gateway") => {
+            Object::Gateway(convert(index, &kind, value)?)
+        }
+        ("gateway.networking.k8s.io/v1", "GatewayClass") => {
+            Object::GatewayClass(convert(index, &kind, value)?)
+        }
         _ => return Ok(None),
     };
     Ok(Some(object))

@@ -1,0 +1,648 @@
+//! Gateway API `Gateway`s of weft's `GatewayClass`, rendered into the
+//! `proxy.json` of their ingress gateway proxy, and the verdicts on their
+//! listeners and on the `HTTPRoute`s that name them.
+//!
+//! # The document
+//!
+//! A gateway's document is its namespace's (the Services its proxies may
+//! reach: every meshed namespace in scope, plus the namespaces of the
+//! routes attached to it and of their backends) with a `gateway` section:
+//! per listener, the host names its routes answer, each served by a
+//! Service made for it (named `<gateway>:<listener>:<n>`, a name no
+//! Kubernetes Service can have) whose `httpRoutes` are the rules of the
+//! routes for that host name, in the Gateway API's order: routes of an
+//! exact host name first, then of the longest wildcard, then of none; then
+//! the precedence of [`super::gamma`] (path, method, headers, query, age,
+//! name, rule order).
+//!
+//! # Attaching a route
+//!
+//! An `HTTPRoute` parent of kind `Gateway` (group
+//! `gateway.networking.k8s.io`) naming a Gateway of a weft class attaches
+//! to each of its listeners that `sectionName` and `port` select (all when
+//! unset), whose `allowedRoutes` admit the route's namespace (`Same`,
+//! `All`, or a label `Selector`) and kind, and whose host name intersects
+//! the route's. Otherwise the parent is `Accepted=False`:
+//! `NoMatchingParent`, `NotAllowedByListeners` or
+//! `NoMatchingListenerHostname`, in that order of checks.
+//!
+//! # Listeners
+//!
+//! `HTTP` and `HTTPS` (TLS terminated with `certificateRefs`: Secrets of
+//! the Gateway's namespace, mounted into the gateway's pods) are served.
+//! Another protocol is `Accepted=False` `UnsupportedProtocol`; a missing
+//! or foreign certificate Secret `ResolvedRefs=False`
+//! `InvalidCertificateRef` (`RefNotPermitted` for another namespace);
+//! route kinds other than `HTTPRoute` `InvalidRouteKinds`; listeners on one
+//! port with different protocols, or the same host name, `Conflicted`.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use weft_api::gateway::{
+    GATEWAY_CONTROLLER, GROUP, GatewayListener, GatewaySpec, HttpRouteSpec, ParentReference,
+};
+use weft_proxy_config as pc;
+
+use super::gamma::{self, ParentVerdict};
+use crate::index::{Index, Tracked};
+
+/// The verdict on one listener.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ListenerVerdict {
+    /// Its name.
+    pub name: String,
+    /// Routes attached to it.
+    pub attached: i32,
+    /// `None`: `Accepted=True`; else reason and message.
+    pub refused: Option<(&'static str, String)>,
+    /// `None`: `ResolvedRefs=True`.
+    pub unresolved: Option<(&'static str, String)>,
+    /// `None`: `Conflicted=False`.
+    pub conflicted: Option<(&'static str, String)>,
+}
+
+impl ListenerVerdict {
+    /// Whether the gateway serves it.
+    pub fn programmed(&self) -> bool {
+        self.refused.is_none() && self.unresolved.is_none() && self.conflicted.is_none()
+    }
+}
+
+/// What one weft `Gateway` renders to.
+#[derive(Clone, Debug, PartialEq)]
+pub struct GatewayRender {
+    /// Its namespace.
+    pub namespace: String,
+    /// Its name.
+    pub name: String,
+    /// The `metadata.generation` judged.
+    pub generation: Option<i64>,
+    /// The gateway proxy's document, sealed (generation 1; the writer
+    /// sets it).
+    pub config: pc::ProxyConfig,
+    /// `None`: `Accepted=True`.
+    pub refused: Option<(&'static str, String)>,
+    /// Per listener, in the Gateway's order.
+    pub listeners: Vec<ListenerVerdict>,
+    /// Names of the certificate Secrets the pods mount.
+    pub certificates: Vec<String>,
+    /// The ports the gateway's Service exposes: (listener name, port).
+    pub ports: Vec<(String, u16)>,
+}
+
+/// A route attached to a listener: its namespace, name, tracked spec and
+/// the host names it answers there.
+type Attached<'a> = (
+    String,
+    String,
+    &'a Tracked<HttpRouteSpec>,
+    Vec<Option<String>>,
+);
+
+/// Whether a parent reference names a Gateway (group and kind defaults).
+pub fn is_gateway_ref(p: &ParentReference) -> bool {
+    p.group.as_deref().is_none_or(|g| g == GROUP)
+        && p.kind.as_deref().is_none_or(|k| k == "Gateway")
+}
+
+/// The Gateway of a weft class a parent names, if it is one.
+fn weft_gateway<'a>(
+    index: &'a Index,
+    route_ns: &str,
+    p: &ParentReference,
+) -> Option<(&'a str, &'a str, &'a Tracked<GatewaySpec>)> {
+    if !is_gateway_ref(p) {
+        return None;
+    }
+    let ns = p.namespace.as_deref().unwrap_or(route_ns);
+    index
+        .weft_gateways()
+        .find(|(n, name, _)| *n == ns && *name == p.name)
+}
+
+/// Whether `p` names a Gateway weft implements.
+pub fn is_weft_gateway_parent(index: &Index, route_ns: &str, p: &ParentReference) -> bool {
+    weft_gateway(index, route_ns, p).is_some()
+}
+
+/// The listeners of its Gateway a route's parent attaches to (by index),
+/// or why none.
+pub fn attach(
+    index: &Index,
+    route_ns: &str,
+    spec: &HttpRouteSpec,
+    p: &ParentReference,
+) -> Result<Vec<usize>, (&'static str, String)> {
+    let Some((gw_ns, gw_name, gw)) = weft_gateway(index, route_ns, p) else {
+        return Err((
+            "NoMatchingParent",
+            format!("no Gateway {} of a weft class", p.name),
+        ));
+    };
+    let selected: Vec<(usize, &GatewayListener)> = gw
+        .spec
+        .listeners
+        .iter()
+        .enumerate()
+        .filter(|(_, l)| p.section_name.as_ref().is_none_or(|s| *s == l.name))
+        .filter(|(_, l)| p.port.is_none_or(|port| port == l.port))
+        .filter(|(_, l)| matches!(l.protocol.as_str(), "HTTP" | "HTTPS"))
+        .collect();
+    if selected.is_empty() {
+        return Err((
+            "NoMatchingParent",
+            format!(
+                "Gateway {gw_ns}/{gw_name} has no HTTP or HTTPS listener that sectionName and port select"
+            ),
+        ));
+    }
+    let allowed: Vec<(usize, &GatewayListener)> = selected
+        .into_iter()
+        .filter(|(_, l)| allows(index, gw_ns, route_ns, l))
+        .collect();
+    if allowed.is_empty() {
+        return Err((
+            "NotAllowedByListeners",
+            format!(
+                "no listener of Gateway {gw_ns}/{gw_name} allows HTTPRoutes of namespace {route_ns}"
+            ),
+        ));
+    }
+    let matching: Vec<usize> = allowed
+        .into_iter()
+        .filter(|(_, l)| !route_hosts(spec, l).is_empty())
+        .map(|(i, _)| i)
+        .collect();
+    if matching.is_empty() {
+        return Err((
+            "NoMatchingListenerHostname",
+            format!(
+                "no host name of the route is one a listener of Gateway {gw_ns}/{gw_name} answers"
+            ),
+        ));
+    }
+    Ok(matching)
+}
+
+fn allows(index: &Index, gw_ns: &str, route_ns: &str, l: &GatewayListener) -> bool {
+    let ar = l.allowed_routes.as_ref();
+    let kinds_ok = ar.is_none_or(|a| {
+        a.kinds.is_empty()
+            || a.kinds
+                .iter()
+                .any(|k| k.kind == "HTTPRoute" && k.group.as_deref().is_none_or(|g| g == GROUP))
+    });
+    let from = ar
+        .and_then(|a| a.namespaces.as_ref())
+        .and_then(|n| n.from.as_deref())
+        .unwrap_or("Same");
+    let ns_ok = match from {
+        "All" => true,
+        "Same" => gw_ns == route_ns,
+        "Selector" => {
+            let selector = ar
+                .and_then(|a| a.namespaces.as_ref())
+                .and_then(|n| n.selector.as_ref());
+            let labels = index.namespace_labels(route_ns);
+            match (selector, labels) {
+                (Some(s), Some(labels)) => selector_matches(s, labels),
+                _ => false,
+            }
+        }
+        _ => false,
+    };
+    kinds_ok && ns_ok
+}
+
+fn selector_matches(
+    s: &k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector,
+    labels: &BTreeMap<String, String>,
+) -> bool {
+    let exact = s
+        .match_labels
+        .iter()
+        .flatten()
+        .all(|(k, v)| labels.get(k) == Some(v));
+    let exprs = s.match_expressions.iter().flatten().all(|e| {
+        let have = labels.get(&e.key);
+        let values = e.values.as_deref().unwrap_or_default();
+        match e.operator.as_str() {
+            "In" => have.is_some_and(|v| values.contains(v)),
+            "NotIn" => have.is_none_or(|v| !values.contains(v)),
+            "Exists" => have.is_some(),
+            "DoesNotExist" => have.is_none(),
+            _ => false,
+        }
+    });
+    exact && exprs
+}
+
+/// The host names a route answers on a listener: each route host name
+/// intersected with the listener's; a route without host names takes the
+/// listener's (`None`: any). Empty: the route does not fit the listener.
+fn route_hosts(spec: &HttpRouteSpec, l: &GatewayListener) -> Vec<Option<String>> {
+    let lh = l.hostname.as_deref();
+    if spec.hostnames.is_empty() {
+        return vec![lh.map(str::to_owned)];
+    }
+    let mut out = Vec::new();
+    for h in &spec.hostnames {
+        let h = h.to_ascii_lowercase();
+        let i = match lh {
+            None => Some(h),
+            Some(lh) => intersect(&h, lh),
+        };
+        if let Some(i) = i
+            && !out.contains(&Some(i.clone()))
+        {
+            out.push(Some(i));
+        }
+    }
+    out
+}
+
+/// The narrower of two host name patterns when one includes the other.
+fn intersect(a: &str, b: &str) -> Option<String> {
+    let within = |narrow: &str, wide: &str| {
+        narrow == wide
+            || (wide.starts_with("*.") && pc::host_matches(wide, narrow.trim_start_matches("*.")))
+            || (wide.starts_with("*.")
+                && !narrow.starts_with("*.")
+                && pc::host_matches(wide, narrow))
+    };
+    if within(a, b) {
+        Some(a.to_owned())
+    } else if within(b, a) {
+        Some(b.to_owned())
+    } else {
+        None
+    }
+}
+
+/// How well host pattern `h` of a route fits virtual host `v`: `None` when
+/// it does not; smaller is more specific.
+fn fits(h: Option<&str>, v: Option<&str>) -> Option<(u8, std::cmp::Reverse<usize>)> {
+    match (h, v) {
+        (None, _) => Some((2, std::cmp::Reverse(0))),
+        (Some(h), Some(v)) if h == v => Some((0, std::cmp::Reverse(h.len()))),
+        (Some(h), Some(v)) if h.starts_with("*.") && intersect(h, v).as_deref() == Some(v) => {
+            Some((1, std::cmp::Reverse(h.len())))
+        }
+        _ => None,
+    }
+}
+
+/// Renders a Gateway of a weft class; `None` when it is not one.
+/// `secret_ok(name)`: whether Secret `name` of the Gateway's namespace is
+/// a usable TLS Secret (the writer reads it; the renderer does no I/O).
+pub fn render_gateway(
+    index: &Index,
+    ns: &str,
+    name: &str,
+    secret_ok: &dyn Fn(&str) -> bool,
+) -> Option<GatewayRender> {
+    let (_, _, gw) = index
+        .weft_gateways()
+        .find(|(n, m, _)| *n == ns && *m == name)?;
+    let spec = &gw.spec;
+
+    // Listener verdicts.
+    let mut listeners: Vec<ListenerVerdict> = Vec::new();
+    let mut usable = BTreeSet::new();
+    for l in &spec.listeners {
+        let mut v = ListenerVerdict {
+            name: l.name.clone(),
+            attached: 0,
+            refused: None,
+            unresolved: None,
+            conflicted: None,
+        };
+        match l.protocol.as_str() {
+            "HTTP" => {}
+            "HTTPS" => {
+                let tls = l.tls.as_ref();
+                if tls
+                    .and_then(|t| t.mode.as_deref())
+                    .is_some_and(|m| m != "Terminate")
+                {
+                    v.refused = Some((
+                        "UnsupportedProtocol",
+                        "an HTTPS listener terminates TLS (mode Terminate)".to_owned(),
+                    ));
+                }
+                let refs = tls
+                    .map(|t| t.certificate_refs.as_slice())
+                    .unwrap_or_default();
+                if refs.is_empty() {
+                    v.unresolved = Some((
+                        "InvalidCertificateRef",
+                        "an HTTPS listener needs a certificateRef".to_owned(),
+                    ));
+                }
+                for r in refs {
+                    let bad = if !matches!(r.group.as_deref(), None | Some("" | "core"))
+                        || r.kind.as_deref().is_some_and(|k| k != "Secret")
+                    {
+                        Some((
+                            "InvalidCertificateRef",
+                            format!("{}: only Secrets hold certificates", r.name),
+                        ))
+                    } else if r.namespace.as_deref().is_some_and(|n| n != ns) {
+                        Some((
+                            "RefNotPermitted",
+                            format!(
+                                "Secret {}/{}: weft mounts certificates of the Gateway's own namespace only",
+                                r.namespace.as_deref().unwrap_or_default(),
+                                r.name
+                            ),
+                        ))
+                    } else if !secret_ok(&r.name) {
+                        Some((
+                            "InvalidCertificateRef",
+                            format!(
+                                "Secret {ns}/{} does not exist or holds no tls.crt and tls.key",
+                                r.name
+                            ),
+                        ))
+                    } else {
+                        None
+                    };
+                    match bad {
+                        Some(b) => {
+                            v.unresolved.get_or_insert(b);
+                        }
+                        None => {
+                            usable.insert(r.name.clone());
+                        }
+                    }
+                }
+            }
+            other => {
+                v.refused = Some((
+                    "UnsupportedProtocol",
+                    format!(
+                        "protocol {other:?} is not served by weft's gateway (HTTP and HTTPS are)"
+                    ),
+                ));
+            }
+        }
+        if let Some(ar) = &l.allowed_routes
+            && ar
+                .kinds
+                .iter()
+                .any(|k| k.kind != "HTTPRoute" || k.group.as_deref().is_some_and(|g| g != GROUP))
+        {
+            v.unresolved.get_or_insert((
+                "InvalidRouteKinds",
+                "weft's gateway attaches HTTPRoutes only".to_owned(),
+            ));
+        }
+        listeners.push(v);
+    }
+    // Conflicts between listeners sharing a port.
+    for (i, a) in spec.listeners.iter().enumerate() {
+        for (j, b) in spec.listeners.iter().enumerate() {
+            if i == j || a.port != b.port {
+                continue;
+            }
+            if a.protocol != b.protocol {
+                listeners[i].conflicted = Some((
+                    "ProtocolConflict",
+                    format!(
+                        "listener {:?} uses port {} with protocol {}",
+                        b.name, b.port, b.protocol
+                    ),
+                ));
+            } else if a.hostname == b.hostname {
+                listeners[i].conflicted = Some((
+                    "HostnameConflict",
+                    format!("listener {:?} has the same port and host name", b.name),
+                ));
+            }
+        }
+    }
+
+    // Routes attached to each listener, with their host names.
+    let mut attached: Vec<Vec<Attached<'_>>> = vec![Vec::new(); spec.listeners.len()];
+    for route_ns in index.all_namespaces() {
+        for (rname, t) in index.http_routes(&route_ns).into_iter().flatten() {
+            let parents = t.spec.parent_refs.iter().filter(|p| {
+                weft_gateway(index, &route_ns, p).is_some_and(|(n, m, _)| n == ns && m == name)
+            });
+            let mut on = BTreeSet::new();
+            for p in parents {
+                if let Ok(ls) = attach(index, &route_ns, &t.spec, p) {
+                    on.extend(ls);
+                }
+            }
+            for i in on {
+                let hosts = route_hosts(&t.spec, &spec.listeners[i]);
+                attached[i].push((route_ns.clone(), rname.clone(), t, hosts));
+            }
+        }
+    }
+
+    let mut config = super::render(index, ns).config;
+    config.inbound = pc::Inbound::default();
+    let mut have: BTreeSet<String> = config.services.iter().map(pc::Service::key).collect();
+    let mut extra_namespaces = BTreeSet::new();
+    let mut gw_listeners = Vec::new();
+    let mut made = Vec::new();
+    for (i, l) in spec.listeners.iter().enumerate() {
+        listeners[i].attached = attached[i].len() as i32;
+        if !listeners[i].programmed() {
+            continue;
+        }
+        let Ok(port) = u16::try_from(l.port) else {
+            continue;
+        };
+        // Virtual hosts: every host name a route answers here.
+        let mut vhosts: Vec<Option<String>> = Vec::new();
+        for (_, _, _, hosts) in &attached[i] {
+            for h in hosts {
+                if !vhosts.contains(h) {
+                    vhosts.push(h.clone());
+                }
+            }
+        }
+        vhosts.sort_by_key(|h| match h {
+            Some(h) if !h.starts_with("*.") => (0, std::cmp::Reverse(h.len()), h.clone()),
+            Some(h) => (1, std::cmp::Reverse(h.len()), h.clone()),
+            None => (2, std::cmp::Reverse(0), String::new()),
+        });
+        let mut hosts = Vec::new();
+        for (n, v) in vhosts.iter().enumerate() {
+            let mut entries = Vec::new();
+            for (route_ns, rname, t, rhosts) in &attached[i] {
+                let Some(fit) = rhosts
+                    .iter()
+                    .filter_map(|h| fits(h.as_deref(), v.as_deref()))
+                    .min()
+                else {
+                    continue;
+                };
+                let Some(rules) = gamma::route_entries(index, route_ns, rname, t) else {
+                    continue;
+                };
+                let age = (t.created.is_none(), t.created.clone());
+                for (k, (prec, mut e)) in rules.into_iter().enumerate() {
+                    e.name = format!("{route_ns}/{}", e.name);
+                    for b in &e.backends {
+                        if let Some((bns, _)) = b.service.split_once('/') {
+                            extra_namespaces.insert(bns.to_owned());
+                        }
+                    }
+                    entries.push((
+                        (fit, prec, age.clone(), format!("{route_ns}/{rname}"), k),
+                        e,
+                    ));
+                }
+            }
+            entries.sort_by(|a, b| a.0.cmp(&b.0));
+            let svc_name = format!("{name}:{}:{n}", l.name);
+            made.push(pc::Service {
+                name: svc_name.clone(),
+                namespace: ns.to_owned(),
+                cluster_ips: Vec::new(),
+                ports: vec![pc::ServicePort {
+                    port,
+                    name: None,
+                    target_port: port,
+                    protocol: pc::Protocol::Http1,
+                }],
+                subsets: Vec::new(),
+                endpoints: Vec::new(),
+                http_routes: entries.into_iter().map(|(_, e)| e).collect(),
+                tcp_routes: Vec::new(),
+                policy: pc::ClientPolicy::default(),
+            });
+            hosts.push(pc::VirtualHost {
+                hostname: v.clone(),
+                service: format!("{ns}/{svc_name}"),
+            });
+        }
+        let certs: Vec<String> = l
+            .tls
+            .iter()
+            .flat_map(|t| &t.certificate_refs)
+            .map(|r| r.name.clone())
+            .filter(|n| usable.contains(n))
+            .collect();
+        gw_listeners.push(pc::Listener {
+            name: l.name.clone(),
+            port,
+            protocol: if l.protocol == "HTTPS" {
+                pc::ListenerProtocol::Https
+            } else {
+                pc::ListenerProtocol::Http
+            },
+            hostname: l.hostname.clone(),
+            certificates: certs,
+            hosts,
+        });
+    }
+    // Backends in namespaces outside the scope (not meshed, or scoped out):
+    // their Services are listed too, so the gateway reaches them.
+    let td = index.mesh().trust_domain;
+    for bns in extra_namespaces {
+        if index.visible_from(ns).contains(bns.as_str()) {
+            continue;
+        }
+        let judged = super::judge_namespace(index, &bns, &td);
+        for (sname, info) in index.services(&bns).into_iter().flatten() {
+            if let Some(s) = super::render_service(index, &td, &bns, sname, info, &judged)
+                && have.insert(s.key())
+            {
+                config.services.push(s);
+            }
+        }
+    }
+    config.services.extend(made);
+    let certificates: BTreeSet<String> = gw_listeners
+        .iter()
+        .flat_map(|l| l.certificates.iter().cloned())
+        .collect();
+    config
+        .services
+        .sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+    let ports: Vec<(String, u16)> = {
+        let mut seen = BTreeSet::new();
+        gw_listeners
+            .iter()
+            .filter(|l| seen.insert(l.port))
+            .map(|l| (l.name.clone(), l.port))
+            .collect()
+    };
+    config.gateway = Some(pc::Gateway {
+        name: format!("{ns}/{name}"),
+        listeners: gw_listeners,
+    });
+    config.generation = 1;
+    config.seal();
+
+    let refused = if listeners.iter().any(ListenerVerdict::programmed) || listeners.is_empty() {
+        None
+    } else {
+        Some(("ListenersNotValid", "no listener can be served".to_owned()))
+    };
+    Some(GatewayRender {
+        namespace: ns.to_owned(),
+        name: name.to_owned(),
+        generation: gw.generation,
+        config,
+        refused,
+        listeners,
+        certificates: certificates.into_iter().collect(),
+        ports,
+    })
+}
+
+/// The verdict of a Gateway parent of a route, for `status.parents`.
+pub fn parent_verdict(
+    index: &Index,
+    route_ns: &str,
+    spec: &HttpRouteSpec,
+    p: &ParentReference,
+    unresolved: Option<(&'static str, String)>,
+) -> ParentVerdict {
+    let refused = attach(index, route_ns, spec, p).err();
+    ParentVerdict {
+        parent: p.clone(),
+        controller: GATEWAY_CONTROLLER,
+        unresolved: if refused.is_none() { unresolved } else { None },
+        refused,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_names_intersect_to_the_narrower() {
+        assert_eq!(
+            intersect("a.example.com", "*.example.com").as_deref(),
+            Some("a.example.com")
+        );
+        assert_eq!(
+            intersect("*.example.com", "a.example.com").as_deref(),
+            Some("a.example.com")
+        );
+        assert_eq!(
+            intersect("*.a.example.com", "*.example.com").as_deref(),
+            Some("*.a.example.com")
+        );
+        assert_eq!(intersect("a.example.com", "b.example.com"), None);
+        assert_eq!(intersect("*.example.com", "*.example.org"), None);
+        assert_eq!(intersect("x.com", "x.com").as_deref(), Some("x.com"));
+    }
+
+    #[test]
+    fn routes_fit_exact_then_wildcard_then_any() {
+        let v = Some("a.example.com");
+        assert!(fits(Some("a.example.com"), v) < fits(Some("*.example.com"), v));
+        assert!(fits(Some("*.example.com"), v) < fits(None, v));
+        assert_eq!(fits(Some("b.example.com"), v), None);
+        assert_eq!(fits(Some("a.example.com"), None), None);
+    }
+}
