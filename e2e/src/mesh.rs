@@ -131,6 +131,14 @@ pub async fn install_gateway_api(cluster: &Cluster) -> Result<(), HarnessError> 
     Ok(())
 }
 
+/// Applies weft's `GatewayClass` (`manifests/gateway/`), as a user does
+/// after the Gateway API CRDs.
+pub async fn install_gateway_class(cluster: &Cluster) -> Result<(), HarnessError> {
+    let dir = path_arg(&repo_root().join("manifests/gateway"));
+    cluster.kubectl(&["apply", "-k", &dir]).await?;
+    Ok(())
+}
+
 /// The directory of the pinned Gateway API release's standard-channel CRDs:
 /// what `e2e/gateway-api/crds.sh` prints (it downloads the module first
 /// when Go's module cache lacks it).

@@ -211,3 +211,218 @@ async fn a_gamma_http_route_routes_frontend_to_backend_traffic() -> anyhow::Resu
     cluster.shutdown();
     Ok(())
 }
+
+/// weft's ingress gateway for the demo: HTTPS for `demo.example.com` with
+/// a certificate from Secret `demo-tls`, plain HTTP, one route to the
+/// backend, and the AccessPolicy that lets the gateway's identity call it.
+const INGRESS: &str = r#"
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata:
+  name: public
+  namespace: demo
+  annotations: {weft.dev/gateway-service-type: ClusterIP}
+spec:
+  gatewayClassName: weft
+  listeners:
+  - name: https
+    port: 443
+    protocol: HTTPS
+    hostname: demo.example.com
+    tls:
+      certificateRefs: [{name: demo-tls}]
+  - name: http
+    port: 80
+    protocol: HTTP
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: site, namespace: demo}
+spec:
+  parentRefs: [{name: public}]
+  hostnames: [demo.example.com]
+  rules:
+  - backendRefs: [{name: backend, port: 8080}]
+---
+apiVersion: weft.dev/v1alpha1
+kind: AccessPolicy
+metadata: {name: backend-allow-gateway, namespace: demo}
+spec:
+  targetService: backend
+  action: Allow
+  rules:
+  - from:
+    - serviceAccounts: ["demo/weft-gateway-public"]
+"#;
+
+/// A CA and a server certificate for `demo.example.com`, as PEM:
+/// (CA certificate, leaf certificate, leaf key).
+fn demo_certificate() -> anyhow::Result<(String, String, String)> {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+    let ca_key = KeyPair::generate()?;
+    let mut ca = CertificateParams::new(Vec::<String>::new())?;
+    ca.distinguished_name
+        .push(DnType::CommonName, "demo web CA");
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca_cert = ca.self_signed(&ca_key)?;
+    let issuer = Issuer::new(ca, ca_key);
+    let key = KeyPair::generate()?;
+    let mut leaf = CertificateParams::new(vec!["demo.example.com".to_owned()])?;
+    leaf.distinguished_name
+        .push(DnType::CommonName, "demo.example.com");
+    let leaf = leaf.signed_by(&key, &issuer)?;
+    Ok((ca_cert.pem(), leaf.pem(), key.serialize_pem()))
+}
+
+async fn gateway_condition(cluster: &Cluster, type_: &str) -> anyhow::Result<String> {
+    Ok(cluster
+        .kubectl(&[
+            "get",
+            "gateway",
+            "public",
+            "-n",
+            "demo",
+            "-o",
+            &format!("jsonpath={{.status.conditions[?(@.type==\"{type_}\")].status}}"),
+        ])
+        .await?)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_https_gateway_brings_outside_clients_to_the_demo_over_mtls() -> anyhow::Result<()> {
+    let _serial = serial().await;
+    let cluster = Cluster::for_scenario_with(ClusterConfig::default()).await?;
+    mesh::install_gateway_api(&cluster).await?;
+    mesh::install(&cluster).await?;
+    mesh::deploy_demo(&cluster).await?;
+    mesh::install_gateway_class(&cluster).await?;
+
+    let dir = tempfile::tempdir()?;
+    let (ca, crt, key) = demo_certificate()?;
+    let path = |n: &str| dir.path().join(n).to_string_lossy().into_owned();
+    std::fs::write(path("ca.crt"), &ca)?;
+    std::fs::write(path("tls.crt"), &crt)?;
+    std::fs::write(path("tls.key"), &key)?;
+    cluster
+        .kubectl(&[
+            "create",
+            "secret",
+            "tls",
+            "demo-tls",
+            "-n",
+            "demo",
+            &format!("--cert={}", path("tls.crt")),
+            &format!("--key={}", path("tls.key")),
+        ])
+        .await?;
+    mesh::apply_yaml(&cluster, INGRESS).await?;
+    let start = std::time::Instant::now();
+    cluster
+        .wait_until(Duration::from_secs(120), "Gateway programmed", || async {
+            Ok(gateway_condition(&cluster, "Programmed")
+                .await
+                .is_ok_and(|s| s == "True"))
+        })
+        .await?;
+    eprintln!("Gateway programmed after {:?}", start.elapsed());
+    assert_eq!(gateway_condition(&cluster, "Accepted").await?, "True");
+
+    let vip = cluster
+        .kubectl(&[
+            "get",
+            "service",
+            "weft-gateway-public",
+            "-n",
+            "demo",
+            "-o",
+            "jsonpath={.spec.clusterIP}",
+        ])
+        .await?;
+    // A client outside the mesh: curl in the node's network namespace,
+    // verifying the gateway's certificate for the SNI it sends.
+    let curl = |url: String, resolve: String| {
+        let ca = path("ca.crt");
+        let cluster = &cluster;
+        async move {
+            cluster
+                .exec_in_node(&[
+                    "curl",
+                    "-sS",
+                    "--max-time",
+                    "5",
+                    "--cacert",
+                    &ca,
+                    "--resolve",
+                    &resolve,
+                    &url,
+                ])
+                .await
+        }
+    };
+    let mut last = String::new();
+    let mut answer = None;
+    while start.elapsed() < Duration::from_secs(180) {
+        let out = curl(
+            "https://demo.example.com/".to_owned(),
+            format!("demo.example.com:443:{vip}"),
+        )
+        .await?;
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        if out.status.success()
+            && let Ok(v) = serde_json::from_str::<serde_json::Value>(&text)
+        {
+            answer = Some(v);
+            break;
+        }
+        last = format!("{text}{}", String::from_utf8_lossy(&out.stderr));
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let Some(v) = answer else {
+        anyhow::bail!("no answer through the gateway; last: {last}");
+    };
+    eprintln!("through the gateway after {:?}: {v}", start.elapsed());
+    assert!(
+        v["pod"].as_str().is_some_and(|p| p.starts_with("backend-")),
+        "{v}"
+    );
+    assert_eq!(
+        v["identity"], "spiffe://cluster.local/ns/demo/sa/weft-gateway-public",
+        "the backend sees the gateway's identity over mTLS"
+    );
+
+    // The same route on the HTTP listener (no host name: any).
+    let out = curl(
+        "http://demo.example.com/".to_owned(),
+        format!("demo.example.com:80:{vip}"),
+    )
+    .await?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("\"pod\":\"backend-"), "{text}");
+
+    let route = cluster
+        .kubectl(&[
+            "get",
+            "httproute",
+            "site",
+            "-n",
+            "demo",
+            "-o",
+            r#"jsonpath={.status.parents[?(@.controllerName=="weft.dev/gateway-controller")].conditions[?(@.type=="Accepted")].status}"#,
+        ])
+        .await?;
+    assert_eq!(route, "True");
+    let attached = cluster
+        .kubectl(&[
+            "get",
+            "gateway",
+            "public",
+            "-n",
+            "demo",
+            "-o",
+            "jsonpath={.status.listeners[*].attachedRoutes}",
+        ])
+        .await?;
+    assert_eq!(attached, "1 1");
+    cluster.shutdown();
+    Ok(())
+}

@@ -665,6 +665,13 @@ fn field_file(path: &str, field_path: &str) -> DownwardAPIVolumeFile {
 /// later source win a path clash, so no key put in the ConfigMap can
 /// replace the identity or the labels.
 fn projected_volume(service_account: &str) -> Volume {
+    projected_config_volume(PROXY_CONFIG_MAP, service_account)
+}
+
+/// The projected volume `weft` of a proxy that reads ConfigMap
+/// `config_map` (a sidecar's is the namespace's `weft-proxy`; an ingress
+/// gateway's is its own) with the identity of `service_account`.
+pub fn projected_config_volume(config_map: &str, service_account: &str) -> Volume {
     Volume {
         name: VOLUME.to_owned(),
         projected: Some(ProjectedVolumeSource {
@@ -672,7 +679,7 @@ fn projected_volume(service_account: &str) -> Volume {
             sources: Some(vec![
                 VolumeProjection {
                     config_map: Some(ConfigMapProjection {
-                        name: PROXY_CONFIG_MAP.to_owned(),
+                        name: config_map.to_owned(),
                         optional: Some(false),
                         items: None,
                     }),

@@ -80,7 +80,8 @@ use serde_json::json;
 use tokio::sync::mpsc;
 use weft_api::common::{CONDITION_ACCEPTED, CONDITION_RENDERED, ResourceStatus, find_condition};
 use weft_api::gateway::{
-    GATEWAY_CONTROLLER, HTTPRoute, MESH_CONTROLLER, ReferenceGrant, RouteParentStatus,
+    GATEWAY_CONTROLLER, Gateway, GatewayClass, HTTPRoute, MESH_CONTROLLER, ReferenceGrant,
+    RouteParentStatus,
 };
 use weft_api::{AccessPolicy, Mesh, MtlsPolicy, ServicePolicy, ServiceRoute};
 use weft_proxy_config::{FILE_NAME, GZIP_FILE_NAME, SIGNATURE_FILE_NAME, ValidationErrors};
@@ -1002,8 +1003,19 @@ pub async fn run(
         };
         tracing::info!(signer = current.fingerprint(), "rendering");
         let writer = Writer::new(client.clone(), opts.clone(), shared.clone());
+        let gateways = crate::gateway::Gateways::new(client.clone());
+        // Gateways' status follows their pods, which the index does not
+        // watch: look again now and then.
+        let mut gateway_tick = tokio::time::interval(GATEWAY_STATUS_PERIOD);
         loop {
-            let Some(batch) = next_batch(&mut rx, opts.debounce).await else {
+            let batch = tokio::select! {
+                b = next_batch(&mut rx, opts.debounce) => b,
+                _ = gateway_tick.tick() => {
+                    reconcile_gateways(&shared, &gateways, &current).await;
+                    continue;
+                }
+            };
+            let Some(batch) = batch else {
                 return Err(Error::WatchersGone);
             };
             let latest = signer.borrow_and_update().clone();
@@ -1015,6 +1027,7 @@ pub async fn run(
                 current = next;
             }
             writer.write_batch(batch, &current).await;
+            reconcile_gateways(&shared, &gateways, &current).await;
         }
     };
     // A new signer marks every meshed namespace dirty, through the same
@@ -1037,12 +1050,32 @@ pub async fn run(
     }
 }
 
+/// How often the status of Gateways is looked at without a change.
+const GATEWAY_STATUS_PERIOD: Duration = Duration::from_secs(5);
+
+/// Renders and applies every Gateway of weft's class, from a copy of the
+/// index (taken only when there is one).
+async fn reconcile_gateways(
+    shared: &Shared,
+    gateways: &crate::gateway::Gateways,
+    signer: &ConfigSigner,
+) {
+    let index = {
+        let index = shared.index();
+        if index.weft_classes().next().is_none() {
+            return;
+        }
+        index.clone()
+    };
+    gateways.reconcile(&index, signer).await;
+}
+
 /// How often the operator looks for the Gateway API CRDs while they are
 /// not installed.
 const GATEWAY_API_POLL: Duration = Duration::from_secs(30);
 
-/// Whether the API server serves `HTTPRoute` (v1) and `ReferenceGrant`
-/// (v1beta1) of the Gateway API.
+/// Whether the API server serves `HTTPRoute`, `Gateway`, `GatewayClass`
+/// (v1) and `ReferenceGrant` (v1beta1) of the Gateway API.
 async fn gateway_api_served(client: &Client) -> bool {
     let has = async |version: &str, plural: &str| {
         client
@@ -1050,7 +1083,10 @@ async fn gateway_api_served(client: &Client) -> bool {
             .await
             .is_ok_and(|l| l.resources.iter().any(|r| r.name == plural))
     };
-    has("v1", "httproutes").await && has("v1beta1", "referencegrants").await
+    has("v1", "httproutes").await
+        && has("v1", "gateways").await
+        && has("v1", "gatewayclasses").await
+        && has("v1beta1", "referencegrants").await
 }
 
 fn gateway_feeds(
@@ -1072,6 +1108,20 @@ fn gateway_feeds(
             Kind::ReferenceGrant,
             true,
             |o| Object::ReferenceGrant(Box::new(o)),
+        )),
+        Box::pin(feed(
+            shared.clone(),
+            watcher(Api::<Gateway>::all(client.clone()), cfg()).default_backoff(),
+            Kind::Gateway,
+            true,
+            |o| Object::Gateway(Box::new(o)),
+        )),
+        Box::pin(feed(
+            shared.clone(),
+            watcher(Api::<GatewayClass>::all(client.clone()), cfg()).default_backoff(),
+            Kind::GatewayClass,
+            true,
+            |o| Object::GatewayClass(Box::new(o)),
         )),
     ]
 }

@@ -6,6 +6,8 @@
 //! - [`index`] and [`render`]: an in-memory index of the cluster and the pure
 //!   renderer of each meshed namespace's `proxy.json` (the traffic half);
 //!   [`config`] runs the reconcilers and writes the ConfigMaps.
+//! - [`gateway`]: the ingress gateways of weft's `GatewayClass` (their
+//!   Deployments, Services, signed configs and Gateway API status).
 //!
 //! The binary `weft-operator` runs both halves behind leader election; the
 //! offline CLI `weftctl` reuses the pure parts.
@@ -13,6 +15,7 @@
 pub mod admin;
 pub mod ca;
 pub mod config;
+pub mod gateway;
 pub mod identity;
 pub mod index;
 pub mod leader;

@@ -157,6 +157,21 @@ impl Sandbox {
         ip_cmd(&[
             "-n", &name, "route", "add", "default", "via", &node_ip, "dev", "eth0",
         ])?;
+        // The pod's network sysctls (`securityContext.sysctls`, e.g. a
+        // gateway's `net.ipv4.ip_unprivileged_port_start`), which are per
+        // network namespace, as kubelet sets them in the pod sandbox.
+        let sysctls = pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.security_context.as_ref())
+            .and_then(|s| s.sysctls.as_ref());
+        if let Some(ns) = sandbox.netns.as_ref() {
+            for s in sysctls.into_iter().flatten() {
+                if s.name.starts_with("net.") {
+                    ns.exec("sysctl", &["-q", "-w", &format!("{}={}", s.name, s.value)])?;
+                }
+            }
+        }
         Ok(sandbox)
     }
 
