@@ -355,7 +355,7 @@ pub fn gateway_status(
     r: &GatewayRender,
     meshed: bool,
     ready: bool,
-    addresses: Vec<GatewayStatusAddress>,
+    addresses: &[GatewayStatusAddress],
     now: &Time,
 ) -> serde_json::Value {
     let g = r.generation;
@@ -655,7 +655,7 @@ impl Gateways {
             .await?
             .map(|s| service_addresses(&s))
             .unwrap_or_default();
-        let mut body = gateway_status(&r, meshed, ready, addresses, now);
+        let mut body = gateway_status(&r, meshed, ready, &addresses, now);
         if let Some(current) = gw.status.as_ref() {
             if let Ok(mut conditions) =
                 serde_json::from_value::<Vec<Condition>>(body["status"]["conditions"].clone())
