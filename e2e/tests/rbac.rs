@@ -98,8 +98,67 @@ fn used(cluster: &Cluster) -> anyhow::Result<(CallsByUser, Vec<String>)> {
 async fn rbac_grants_exactly_the_calls_weft_makes() -> anyhow::Result<()> {
     let _serial = serial().await;
     let cluster = Cluster::start().await?;
+    // The Gateway API CRDs first, so the operator watches them from the
+    // start, and its gateway calls are part of the record.
+    mesh::install_gateway_api(&cluster).await?;
     mesh::install(&cluster).await?;
     mesh::deploy_demo(&cluster).await?;
+
+    // A Gateway of weft's class and a route on it and on a Service: the
+    // operator runs the gateway (Deployment, Service, ServiceAccount,
+    // ConfigMap) and writes Gateway, GatewayClass and HTTPRoute status.
+    mesh::install_gateway_class(&cluster).await?;
+    mesh::apply_yaml(
+        &cluster,
+        r#"apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: rbac, namespace: demo, annotations: {weft.dev/gateway-service-type: ClusterIP}}
+spec:
+  gatewayClassName: weft
+  listeners:
+  - {name: http, port: 8081, protocol: HTTP}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: rbac, namespace: demo}
+spec:
+  parentRefs:
+  - {name: rbac}
+  - {group: "", kind: Service, name: store, port: 8080}
+  rules:
+  - backendRefs: [{name: store, port: 8080}]
+"#,
+    )
+    .await?;
+    cluster
+        .wait_until(Duration::from_secs(90), "route judged by both controllers", || async {
+            let out = cluster
+                .kubectl(&[
+                    "get",
+                    "httproute",
+                    "-n",
+                    "demo",
+                    "rbac",
+                    "-o",
+                    "jsonpath={.status.parents[*].controllerName}",
+                ])
+                .await?;
+            let gateway = cluster
+                .kubectl(&[
+                    "get",
+                    "gateway",
+                    "-n",
+                    "demo",
+                    "rbac",
+                    "-o",
+                    "jsonpath={.status.conditions[?(@.type==\"Programmed\")].status}",
+                ])
+                .await?;
+            Ok(out.contains("weft.dev/mesh")
+                && out.contains("weft.dev/gateway-controller")
+                && gateway == "True")
+        })
+        .await?;
 
     // An invalid resource: the operator reports Accepted=False on its
     // status and records an Event.
