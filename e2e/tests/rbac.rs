@@ -104,15 +104,17 @@ async fn rbac_grants_exactly_the_calls_weft_makes() -> anyhow::Result<()> {
     mesh::install(&cluster).await?;
     mesh::deploy_demo(&cluster).await?;
 
-    // A Gateway of weft's class and a route on it and on a Service: the
-    // operator runs the gateway (Deployment, Service, ServiceAccount,
-    // ConfigMap) and writes Gateway, GatewayClass and HTTPRoute status.
+    // A Gateway of weft's class in a namespace outside the mesh (its
+    // service account still gets an identity), a route on it, and a route
+    // on a Service: the operator runs the gateway (Deployment, Service,
+    // ServiceAccount, ConfigMap) and writes Gateway, GatewayClass and
+    // HTTPRoute status.
     mesh::install_gateway_class(&cluster).await?;
     mesh::apply_yaml(
         &cluster,
         r#"apiVersion: gateway.networking.k8s.io/v1
 kind: Gateway
-metadata: {name: rbac, namespace: demo, annotations: {weft.dev/gateway-service-type: ClusterIP}}
+metadata: {name: rbac, namespace: outside, annotations: {weft.dev/gateway-service-type: ClusterIP}}
 spec:
   gatewayClassName: weft
   listeners:
@@ -120,44 +122,66 @@ spec:
 ---
 apiVersion: gateway.networking.k8s.io/v1
 kind: HTTPRoute
-metadata: {name: rbac, namespace: demo}
+metadata: {name: rbac, namespace: outside}
 spec:
-  parentRefs:
-  - {name: rbac}
-  - {group: "", kind: Service, name: store, port: 8080}
+  parentRefs: [{name: rbac}]
+  rules:
+  - backendRefs: [{name: client, port: 8080}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: rbac-mesh, namespace: demo}
+spec:
+  parentRefs: [{group: "", kind: Service, name: store, port: 8080}]
   rules:
   - backendRefs: [{name: store, port: 8080}]
 "#,
     )
     .await?;
+    let status = async |ns: &str, kind: &str, name: &str, path: &str| {
+        cluster
+            .kubectl(&[
+                "get",
+                kind,
+                "-n",
+                ns,
+                name,
+                "-o",
+                &format!("jsonpath={path}"),
+            ])
+            .await
+    };
     cluster
-        .wait_until(Duration::from_secs(90), "route judged by both controllers", || async {
-            let out = cluster
-                .kubectl(&[
-                    "get",
-                    "httproute",
-                    "-n",
-                    "demo",
-                    "rbac",
-                    "-o",
-                    "jsonpath={.status.parents[*].controllerName}",
-                ])
-                .await?;
-            let gateway = cluster
-                .kubectl(&[
-                    "get",
+        .wait_until(
+            Duration::from_secs(90),
+            "gateway programmed, routes judged",
+            || async {
+                let gateway = status(
+                    "outside",
                     "gateway",
-                    "-n",
-                    "demo",
                     "rbac",
-                    "-o",
-                    "jsonpath={.status.conditions[?(@.type==\"Programmed\")].status}",
-                ])
+                    r#"{.status.conditions[?(@.type=="Programmed")].status}"#,
+                )
                 .await?;
-            Ok(out.contains("weft.dev/mesh")
-                && out.contains("weft.dev/gateway-controller")
-                && gateway == "True")
-        })
+                let on_gateway = status(
+                    "outside",
+                    "httproute",
+                    "rbac",
+                    "{.status.parents[*].controllerName}",
+                )
+                .await?;
+                let on_service = status(
+                    "demo",
+                    "httproute",
+                    "rbac-mesh",
+                    "{.status.parents[*].controllerName}",
+                )
+                .await?;
+                Ok(gateway == "True"
+                    && on_gateway == "weft.dev/gateway-controller"
+                    && on_service == "weft.dev/mesh")
+            },
+        )
         .await?;
 
     // An invalid resource: the operator reports Accepted=False on its

@@ -13,9 +13,10 @@
 //!
 //! Every object carries the Gateway as owner, so deleting it deletes them.
 //! The gateway proxy never calls the API: certificates and config reach it
-//! through kubelet's volume updates, like a sidecar's (decision 1). Its
-//! namespace must be meshed, since identities are issued to service
-//! accounts of meshed namespaces. Object builders are pure
+//! through kubelet's volume updates, like a sidecar's (decision 1). It
+//! runs in any namespace: the identity controller issues its service
+//! account an identity also outside the mesh (`identity::is_gateway_account`).
+//! Object builders are pure
 //! ([`objects`]); [`Gateways::reconcile`] does the I/O after each config
 //! batch.
 
@@ -353,23 +354,14 @@ fn condition(
 /// its listeners and addresses.
 pub fn gateway_status(
     r: &GatewayRender,
-    meshed: bool,
     ready: bool,
     addresses: &[GatewayStatusAddress],
     now: &Time,
 ) -> serde_json::Value {
     let g = r.generation;
-    let (accepted, reason, message) = match (&r.refused, meshed) {
-        (_, false) => (
-            false,
-            "InvalidParameters",
-            format!(
-                "namespace {} is not meshed: label it weft.dev/inject=enabled so weft issues the gateway's identity",
-                r.namespace
-            ),
-        ),
-        (Some((reason, message)), true) => (false, *reason, message.clone()),
-        (None, true) => (true, "Accepted", "weft runs this Gateway".to_owned()),
+    let (accepted, reason, message) = match &r.refused {
+        Some((reason, message)) => (false, *reason, message.clone()),
+        None => (true, "Accepted", "weft runs this Gateway".to_owned()),
     };
     let programmed = accepted && ready;
     let conditions = vec![
@@ -570,10 +562,9 @@ impl Gateways {
         }) else {
             return Ok(());
         };
-        let meshed = index.is_meshed(ns);
         let params = PatchParams::apply(FIELD_MANAGER).force();
         let object_name = format!("{PREFIX}{name}");
-        if meshed {
+        {
             // The generation: the written one while the content is the
             // same, the next one when it changed.
             let cm_api = Api::<ConfigMap>::namespaced(self.client.clone(), ns);
@@ -655,7 +646,7 @@ impl Gateways {
             .await?
             .map(|s| service_addresses(&s))
             .unwrap_or_default();
-        let mut body = gateway_status(&r, meshed, ready, &addresses, now);
+        let mut body = gateway_status(&r, ready, &addresses, now);
         if let Some(current) = gw.status.as_ref() {
             if let Ok(mut conditions) =
                 serde_json::from_value::<Vec<Condition>>(body["status"]["conditions"].clone())

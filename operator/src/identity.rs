@@ -538,12 +538,49 @@ async fn namespace_meshed(ctx: &Context, ns: &str) -> Result<Option<bool>, Error
     Ok(meshed)
 }
 
+/// Whether `sa` is the service account weft made for a Gateway of its own
+/// class (it owns it, by name, and the Gateway exists with that uid): such
+/// a gateway is a mesh client wherever it runs, so it gets an identity in
+/// a namespace outside the mesh too (decision 28).
+async fn is_gateway_account(ctx: &Context, sa: &ServiceAccount) -> bool {
+    let ns = sa.namespace().unwrap_or_default();
+    let Some(owner) = sa.owner_references().iter().find(|o| {
+        o.kind == "Gateway"
+            && o.api_version == "gateway.networking.k8s.io/v1"
+            && o.controller == Some(true)
+    }) else {
+        return false;
+    };
+    if sa.name_any() != format!("{}{}", crate::gateway::PREFIX, owner.name) {
+        return false;
+    }
+    let Ok(Some(gw)) = Api::<weft_api::gateway::Gateway>::namespaced(ctx.client.clone(), &ns)
+        .get_opt(&owner.name)
+        .await
+    else {
+        return false;
+    };
+    if gw.uid().as_deref() != Some(owner.uid.as_str()) {
+        return false;
+    }
+    Api::<weft_api::gateway::GatewayClass>::all(ctx.client.clone())
+        .get_opt(&gw.spec.gateway_class_name)
+        .await
+        .ok()
+        .flatten()
+        .is_some_and(|c| c.spec.controller_name == weft_api::gateway::GATEWAY_CONTROLLER)
+}
+
 async fn reconcile_identity(sa: Arc<ServiceAccount>, ctx: Arc<Context>) -> Result<Action, Error> {
     let ns = sa.namespace().unwrap_or_default();
     let name = sa.name_any();
     let secrets = Api::<Secret>::namespaced(ctx.client.clone(), &ns);
     let secret_name = identity_secret_name(&name);
-    match namespace_meshed(&ctx, &ns).await? {
+    let mut meshed = namespace_meshed(&ctx, &ns).await?;
+    if meshed == Some(false) && is_gateway_account(&ctx, &sa).await {
+        meshed = Some(true);
+    }
+    match meshed {
         Some(true) => {}
         Some(false) => {
             // The namespace left the mesh (or never was in it): remove a
