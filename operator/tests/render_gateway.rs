@@ -347,3 +347,37 @@ fn listener_verdicts() {
     assert_eq!(served, ["ok"]);
     assert!(out.certificates.is_empty(), "{:?}", out.certificates);
 }
+
+#[test]
+fn weftctl_render_writes_the_gateway_document() {
+    let docs: Vec<Value> = vec![
+        ns("shop", true),
+        svc("shop", "web", "10.96.0.11", http_port()),
+        class("weft", "weft.dev/gateway-controller"),
+        gateway(
+            "shop",
+            "public",
+            "weft",
+            json!([{"name": "http", "port": 80, "protocol": "HTTP"}]),
+        ),
+        http_route(
+            "shop",
+            "site",
+            "2026-01-01T00:00:00Z",
+            json!({"parentRefs": [{"name": "public"}], "rules": [{"backendRefs": [{"name": "web", "port": 80}]}]}),
+        ),
+    ];
+    let text = docs
+        .iter()
+        .map(|d| serde_json::to_string(d).expect("json"))
+        .collect::<Vec<_>>()
+        .join("\n---\n");
+    let objects = weft_operator::render::parse_yaml(&text).expect("parses");
+    let out = weft_operator::render::render_offline(objects).expect("renders");
+    assert!(out.ignored.is_empty(), "{:?}", out.ignored);
+    let g = &out.gateways["shop/public"];
+    assert_eq!(g.refused, None);
+    let cfg = &g.config;
+    cfg.validate().expect("validates");
+    assert_eq!(vhost_routes(cfg, "http", None), ["shop/site/0"]);
+}

@@ -189,3 +189,62 @@ fn render_prints_the_config_each_namespace_gets() {
     );
     assert!(String::from_utf8_lossy(&out.stderr).contains("REJECTED"));
 }
+
+/// The upstream Gateway API CRDs of the release the harness pins (where
+/// `e2e/gateway-api/crds.sh` finds them in Go's module cache).
+fn gateway_api_crds() -> String {
+    let out = Command::new(repo().join("e2e/gateway-api/crds.sh"))
+        .output()
+        .expect("crds.sh runs (Go is installed by scripts/setup)");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+#[test]
+fn check_validates_gateway_api_resources_with_their_crds() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let routes = dir.path().join("routes.yaml");
+    std::fs::write(
+        &routes,
+        r#"apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: ok, namespace: shop}
+spec:
+  parentRefs: [{group: "", kind: Service, name: cart, port: 80}]
+  rules:
+  - backendRefs: [{name: cart, port: 80}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: bad, namespace: shop}
+spec:
+  parentRefs: [{name: public}]
+  rules:
+  - matches: [{path: {type: Sideways, value: /x}}]
+    bogus: 1
+"#,
+    )
+    .expect("write");
+    let routes = routes.to_str().expect("utf-8");
+    // Without the CRDs the routes are not weft's: skipped.
+    let out = weftctl(&["check", "-f", routes]);
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("0 valid, 0 invalid"));
+
+    let crds = gateway_api_crds();
+    let out = weftctl(&["check", "--crds", &crds, "-f", routes]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success(), "{text}");
+    assert!(text.contains("ok      HTTPRoute shop/ok"), "{text}");
+    assert!(text.contains("invalid HTTPRoute shop/bad"), "{text}");
+    assert!(text.contains("\"Sideways\" is not one of"), "{text}");
+    assert!(
+        text.contains("spec.rules[0].bogus: unknown field"),
+        "{text}"
+    );
+    assert!(text.contains("1 valid, 1 invalid"), "{text}");
+}

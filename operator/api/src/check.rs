@@ -12,6 +12,8 @@ use std::collections::BTreeMap;
 use kube_cel::{CompiledSchema, Validator};
 use serde_json::Value;
 
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+
 use crate::{GROUP, VERSION, crds};
 
 /// One problem found in a resource.
@@ -39,18 +41,30 @@ struct KindSchema {
     cel: CompiledSchema,
 }
 
-/// Validates weft resources against the CRDs of this build.
+/// Validates weft resources against the CRDs of this build, and resources
+/// of other CRDs given to it ([`Checker::add_crd`], e.g. the Gateway API's).
 pub struct Checker {
-    kinds: BTreeMap<String, KindSchema>,
+    /// `apiVersion` → kind → schema.
+    kinds: BTreeMap<String, BTreeMap<String, KindSchema>>,
     cel: Validator,
 }
 
 impl std::fmt::Debug for Checker {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Checker")
-            .field("kinds", &self.kinds.keys().collect::<Vec<_>>())
+            .field("api_versions", &self.kinds.keys().collect::<Vec<_>>())
             .finish()
     }
+}
+
+/// Why a CRD given to [`Checker::add_crd`] cannot be used.
+#[derive(Debug, thiserror::Error)]
+#[error("CRD {name}: {message}")]
+pub struct CrdError {
+    /// The CRD's name.
+    pub name: String,
+    /// What is wrong.
+    pub message: String,
 }
 
 impl Default for Checker {
@@ -62,7 +76,7 @@ impl Default for Checker {
 impl Checker {
     /// Compiles the schemas of every weft CRD.
     pub fn new() -> Self {
-        let mut kinds = BTreeMap::new();
+        let mut kinds: BTreeMap<String, BTreeMap<String, KindSchema>> = BTreeMap::new();
         for crd in crds() {
             let version = crd
                 .spec
@@ -79,10 +93,13 @@ impl Checker {
             let openapi = jsonschema::draft4::new(&raw)
                 .expect("the generated schema is a valid JSON schema (tested)");
             let cel = kube_cel::compile_schema(&raw);
-            kinds.insert(
-                crd.spec.names.kind.clone(),
-                KindSchema { raw, openapi, cel },
-            );
+            kinds
+                .entry(format!("{GROUP}/{VERSION}"))
+                .or_default()
+                .insert(
+                    crd.spec.names.kind.clone(),
+                    KindSchema { raw, openapi, cel },
+                );
         }
         Self {
             kinds,
@@ -90,11 +107,51 @@ impl Checker {
         }
     }
 
+    /// Adds every served version of `crd` (a CRD weft does not own, e.g.
+    /// the Gateway API's `HTTPRoute`), so resources of it are checked too.
+    pub fn add_crd(&mut self, crd: &CustomResourceDefinition) -> Result<(), CrdError> {
+        let name = crd.metadata.name.clone().unwrap_or_default();
+        let err = |message: String| CrdError {
+            name: name.clone(),
+            message,
+        };
+        for v in crd.spec.versions.iter().filter(|v| v.served) {
+            let Some(schema) = v
+                .schema
+                .as_ref()
+                .and_then(|s| s.open_api_v3_schema.as_ref())
+            else {
+                return Err(err(format!("version {} has no schema", v.name)));
+            };
+            let raw = serde_json::to_value(schema).map_err(|e| err(e.to_string()))?;
+            let openapi = jsonschema::draft4::new(&raw).map_err(|e| err(e.to_string()))?;
+            let cel = kube_cel::compile_schema(&raw);
+            self.kinds
+                .entry(format!("{}/{}", crd.spec.group, v.name))
+                .or_default()
+                .insert(
+                    crd.spec.names.kind.clone(),
+                    KindSchema { raw, openapi, cel },
+                );
+        }
+        Ok(())
+    }
+
     /// Whether `apiVersion`/`kind` name a weft resource.
     pub fn is_weft(obj: &Value) -> bool {
         obj.get("apiVersion")
             .and_then(Value::as_str)
             .is_some_and(|v| v.starts_with(&format!("{GROUP}/")))
+    }
+
+    /// Whether the checker has a schema for the object's `apiVersion` (a
+    /// weft resource, or one of a CRD added).
+    pub fn knows(&self, obj: &Value) -> bool {
+        Self::is_weft(obj)
+            || obj
+                .get("apiVersion")
+                .and_then(Value::as_str)
+                .is_some_and(|v| self.kinds.contains_key(v))
     }
 
     /// Checks one resource; `Ok` or every problem found.
@@ -105,19 +162,19 @@ impl Checker {
         };
         let api_version = obj.get("apiVersion").and_then(Value::as_str).unwrap_or("");
         let want = format!("{GROUP}/{VERSION}");
-        if api_version != want {
+        let Some(kinds) = self.kinds.get(api_version) else {
             return Err(vec![problem(
                 "apiVersion",
-                format!("{api_version:?} is not {want:?}"),
+                format!("{api_version:?} is not {want:?} (nor of a CRD given)"),
             )]);
-        }
+        };
         let kind = obj.get("kind").and_then(Value::as_str).unwrap_or("");
-        let Some(schema) = self.kinds.get(kind) else {
+        let Some(schema) = kinds.get(kind) else {
             return Err(vec![problem(
                 "kind",
                 format!(
-                    "{kind:?} is not a weft kind (one of {})",
-                    self.kinds.keys().cloned().collect::<Vec<_>>().join(", ")
+                    "{kind:?} is not a kind of {api_version} (one of {})",
+                    kinds.keys().cloned().collect::<Vec<_>>().join(", ")
                 ),
             )]);
         };

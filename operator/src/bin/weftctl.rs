@@ -43,6 +43,12 @@ enum Command {
         /// Files with one or more YAML documents.
         #[arg(short = 'f', long = "filename", required = true, num_args = 1..)]
         files: Vec<PathBuf>,
+        /// CRDs of other APIs to check resources of too (files or
+        /// directories of YAML), e.g. the Gateway API's standard-install.yaml
+        /// for `Gateway` and `HTTPRoute`; resources of APIs without a CRD
+        /// are skipped.
+        #[arg(long = "crds", num_args = 1..)]
+        crds: Vec<PathBuf>,
     },
     /// Render the proxy config (`proxy.json`) each meshed namespace would
     /// get from weft resources, Services, EndpointSlices, Namespaces and Pods
@@ -187,7 +193,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Check { files } => check(&files),
+        Command::Check { files, crds } => check(&files, &crds),
         Command::Render { files, out } => render(&files, out.as_ref()),
         Command::Inject { files, mesh } => inject(&files, mesh.as_ref()),
         Command::Stat {
@@ -290,8 +296,35 @@ fn read_input(path: &PathBuf) -> anyhow::Result<String> {
     }
 }
 
-fn check(files: &[PathBuf]) -> anyhow::Result<ExitCode> {
-    let checker = weft_api::check::Checker::new();
+fn check(files: &[PathBuf], crds: &[PathBuf]) -> anyhow::Result<ExitCode> {
+    let mut checker = weft_api::check::Checker::new();
+    let mut crd_files = Vec::new();
+    for p in crds {
+        if p.is_dir() {
+            let mut entries: Vec<PathBuf> = std::fs::read_dir(p)
+                .with_context(|| format!("reading {}", p.display()))?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|f| f.extension().is_some_and(|x| x == "yaml" || x == "yml"))
+                .collect();
+            entries.sort();
+            crd_files.extend(entries);
+        } else {
+            crd_files.push(p.clone());
+        }
+    }
+    for path in &crd_files {
+        let text = read_input(path)?;
+        for doc in weft_api::yaml::documents(&text)
+            .with_context(|| format!("parsing {}", path.display()))?
+        {
+            if doc["kind"] != "CustomResourceDefinition" {
+                continue;
+            }
+            let crd: k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition =
+                serde_json::from_value(doc).with_context(|| format!("reading a CRD of {}", path.display()))?;
+            checker.add_crd(&crd)?;
+        }
+    }
     let mut bad = 0usize;
     let mut good = 0usize;
     for path in files {
@@ -299,7 +332,7 @@ fn check(files: &[PathBuf]) -> anyhow::Result<ExitCode> {
         let docs = weft_api::yaml::documents(&text)
             .with_context(|| format!("parsing {}", path.display()))?;
         for doc in docs {
-            if !weft_api::check::Checker::is_weft(&doc) {
+            if !checker.knows(&doc) {
                 continue;
             }
             let what = format!(
@@ -410,11 +443,42 @@ fn render(files: &[PathBuf], out: Option<&PathBuf>) -> anyhow::Result<ExitCode> 
     for ignored in &output.ignored {
         eprintln!("ignored  {ignored}");
     }
+    for (key, g) in &output.gateways {
+        match &g.refused {
+            None => eprintln!("gateway  {key}: Accepted"),
+            Some((reason, message)) => {
+                rejected += 1;
+                eprintln!("gateway  {key}: NOT Accepted: {reason}: {message}");
+            }
+        }
+        for l in &g.listeners {
+            let problems: Vec<String> = [&l.refused, &l.unresolved, &l.conflicted]
+                .into_iter()
+                .flatten()
+                .map(|(r, m)| format!("{r}: {m}"))
+                .collect();
+            if problems.is_empty() {
+                eprintln!(
+                    "  listener {}: served, {} route(s) attached",
+                    l.name, l.attached
+                );
+            } else {
+                eprintln!("  listener {}: NOT served: {}", l.name, problems.join("; "));
+            }
+        }
+    }
     match out {
         Some(dir) => {
             std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-            for (ns, cfg) in &output.configs {
-                let path = dir.join(format!("{ns}.proxy.json"));
+            let files = output
+                .configs
+                .iter()
+                .map(|(ns, cfg)| (format!("{ns}.proxy.json"), cfg))
+                .chain(output.gateways.iter().map(|(key, g)| {
+                    (format!("{}.gateway.json", key.replace('/', ".")), &g.config)
+                }));
+            for (file, cfg) in files {
+                let path = dir.join(file);
                 std::fs::write(&path, cfg.to_json())
                     .with_context(|| format!("writing {}", path.display()))?;
                 eprintln!("wrote {}", path.display());
@@ -424,9 +488,16 @@ fn render(files: &[PathBuf], out: Option<&PathBuf>) -> anyhow::Result<ExitCode> 
             let map: serde_json::Map<String, serde_json::Value> = output
                 .configs
                 .iter()
-                .map(|(ns, cfg)| {
+                .map(|(ns, cfg)| (ns.clone(), cfg))
+                .chain(
+                    output
+                        .gateways
+                        .iter()
+                        .map(|(key, g)| (format!("gateway {key}"), &g.config)),
+                )
+                .map(|(key, cfg)| {
                     let value = serde_json::to_value(cfg).expect("a ProxyConfig always serializes");
-                    (ns.clone(), value)
+                    (key, value)
                 })
                 .collect();
             println!(

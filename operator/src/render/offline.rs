@@ -48,6 +48,11 @@ pub enum OfflineError {
 pub struct OfflineOutput {
     /// Namespace → its sealed config.
     pub configs: BTreeMap<String, ProxyConfig>,
+    /// `namespace/name` of each Gateway of weft's class → its gateway
+    /// proxy's config (listeners' certificate Secrets assumed present:
+    /// offline there is no cluster to read them from) and the verdict on
+    /// its listeners.
+    pub gateways: BTreeMap<String, super::gateway::GatewayRender>,
     /// The verdict on every weft resource given, sorted by kind, namespace, name.
     pub statuses: Vec<CrStatus>,
     /// `kind namespace/name` of objects skipped because weft does not read them.
@@ -200,8 +205,16 @@ pub fn render_offline(objects: Vec<serde_json::Value>) -> Result<OfflineOutput, 
         }
     }
     statuses.sort_by(|a, b| (a.kind, &a.object).cmp(&(b.kind, &b.object)));
+    let gateways = index
+        .weft_gateways()
+        .filter_map(|(ns, name, _)| {
+            super::gateway::render_gateway(&index, ns, name, &|_| true)
+                .map(|g| (format!("{ns}/{name}"), g))
+        })
+        .collect();
     Ok(OfflineOutput {
         configs,
+        gateways,
         statuses,
         ignored,
     })
