@@ -1,10 +1,13 @@
 //go:build tools
 
-// Package gatewayapi pins the upstream Gateway API release whose
-// standard-channel CRDs the e2e harness installs (crds.sh prints where
-// they are). Nothing here is built: the blank import keeps
-// sigs.k8s.io/gateway-api in go.mod and go.sum. pkg/consts imports only
-// the standard library, so pinning it pulls in no other module's code.
+// Package gatewayapi pins the upstream Gateway API release (go.mod): the
+// harness installs its standard-channel CRDs (crds.sh prints where they
+// are), builds its conformance suite (conformance/) and the suite's echo
+// backend (echo-basic) with build.sh. The blank import keeps the echo
+// backend's packages in go.sum.
 package gatewayapi
 
-import _ "sigs.k8s.io/gateway-api/pkg/consts"
+import (
+	_ "sigs.k8s.io/gateway-api/conformance/echo-basic/grpc"
+	_ "sigs.k8s.io/gateway-api/pkg/consts"
+)

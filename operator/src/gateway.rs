@@ -46,6 +46,11 @@ use crate::index::Index;
 use crate::render::gateway::{GatewayRender, ListenerVerdict, render_gateway};
 use crate::signing::ConfigSigner;
 
+/// The Gateway API features weft's gateway supports, as its GatewayClass
+/// reports them (`status.supportedFeatures`, sorted by name); the
+/// conformance suite runs the tests of these.
+pub const SUPPORTED_FEATURES: &[&str] = &["Gateway", "HTTPRoute", "ReferenceGrant"];
+
 /// Prefix of every object made for a Gateway.
 pub const PREFIX: &str = "weft-gateway-";
 /// Annotation on a Gateway choosing its Service's type.
@@ -492,18 +497,33 @@ impl Gateways {
     pub async fn reconcile(&self, index: &Index, signer: &ConfigSigner) {
         let now = Time(k8s_openapi::jiff::Timestamp::now());
         for class in index.weft_classes().map(str::to_owned).collect::<Vec<_>>() {
-            let body = json!({"status": {"conditions": [condition(
-                "Accepted", true, "Accepted", "weft's gateway controller implements this class", None, &now)]}});
+            let features: Vec<serde_json::Value> = SUPPORTED_FEATURES
+                .iter()
+                .map(|f| json!({"name": f}))
+                .collect();
             let api = Api::<GatewayClass>::all(self.client.clone());
-            if let Ok(current) = api.get_status(&class).await
-                && current.status.as_ref().is_some_and(|s| {
-                    s.conditions
-                        .iter()
-                        .any(|c| c.type_ == "Accepted" && c.status == "True")
-                })
-            {
+            let Ok(current) = api.get_status(&class).await else {
+                continue;
+            };
+            let generation = current.metadata.generation;
+            if current.status.as_ref().is_some_and(|s| {
+                s.conditions.iter().any(|c| {
+                    c.type_ == "Accepted"
+                        && c.status == "True"
+                        && c.observed_generation == generation
+                }) && s
+                    .supported_features
+                    .iter()
+                    .map(|f| f.name.as_str())
+                    .eq(SUPPORTED_FEATURES.iter().copied())
+            }) {
                 continue;
             }
+            let body = json!({"status": {
+                "conditions": [condition(
+                    "Accepted", true, "Accepted", "weft's gateway controller implements this class", generation, &now)],
+                "supportedFeatures": features,
+            }});
             if let Err(e) = api
                 .patch_status(&class, &PatchParams::default(), &Patch::Merge(&body))
                 .await

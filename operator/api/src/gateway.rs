@@ -375,6 +375,16 @@ pub struct GatewayClassStatus {
     /// `Accepted`.
     #[serde(default)]
     pub conditions: Vec<Condition>,
+    /// The features the class's implementation supports.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub supported_features: Vec<SupportedFeature>,
+}
+
+/// A feature named by the Gateway API's conformance profiles.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SupportedFeature {
+    /// Its name, e.g. `HTTPRoute`.
+    pub name: String,
 }
 
 /// `Gateway` (`gateway.networking.k8s.io/v1`).
