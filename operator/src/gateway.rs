@@ -549,7 +549,10 @@ impl Gateways {
             let ok = api.get_opt(n).await.ok().flatten().is_some_and(|s| {
                 s.data
                     .as_ref()
-                    .is_some_and(|d| d.contains_key("tls.crt") && d.contains_key("tls.key"))
+                    .is_some_and(|d| match (d.get("tls.crt"), d.get("tls.key")) {
+                        (Some(crt), Some(key)) => usable_certificate(&crt.0, &key.0),
+                        _ => false,
+                    })
             });
             out.insert(n.clone(), ok);
         }
@@ -584,7 +587,8 @@ impl Gateways {
         };
         let params = PatchParams::apply(FIELD_MANAGER).force();
         let object_name = format!("{PREFIX}{name}");
-        {
+        // The objects first; the status is written whatever became of them.
+        let applied: Result<(), kube::Error> = async {
             // The generation: the written one while the content is the
             // same, the next one when it changed.
             let cm_api = Api::<ConfigMap>::namespaced(self.client.clone(), ns);
@@ -644,14 +648,20 @@ impl Gateways {
             Api::<Deployment>::namespaced(self.client.clone(), ns)
                 .patch(&object_name, &params, &Patch::Apply(&o.deployment))
                 .await?;
-            Api::<Service>::namespaced(self.client.clone(), ns)
-                .patch(&object_name, &params, &Patch::Apply(&o.service))
-                .await?;
+            // A Service needs a port: with no listener served there is
+            // nothing to expose (an existing one keeps its last ports).
+            if !r.ports.is_empty() {
+                Api::<Service>::namespaced(self.client.clone(), ns)
+                    .patch(&object_name, &params, &Patch::Apply(&o.service))
+                    .await?;
+            }
             self.written.lock().await.insert(
                 (ns.to_owned(), name.to_owned()),
                 (r.config.hash.clone(), generation),
             );
+            Ok(())
         }
+        .await;
 
         // Status.
         let ready = Api::<Deployment>::namespaced(self.client.clone(), ns)
@@ -685,14 +695,25 @@ impl Gateways {
                 body["status"]["listeners"] = json!(ls);
             }
             if serde_json::to_value(current).ok().as_ref() == Some(&body["status"]) {
-                return Ok(());
+                return applied;
             }
         }
         gw_api
             .patch_status(name, &PatchParams::default(), &Patch::Merge(&body))
             .await?;
-        Ok(())
+        applied
     }
+}
+
+/// Whether a TLS Secret's `tls.crt` and `tls.key` are a PEM certificate
+/// and a PEM private key (what the gateway can serve).
+pub fn usable_certificate(crt: &[u8], key: &[u8]) -> bool {
+    use rustls::pki_types::pem::PemObject;
+    let cert = rustls::pki_types::CertificateDer::pem_slice_iter(crt)
+        .next()
+        .and_then(Result::ok)
+        .is_some_and(|der| x509_parser::parse_x509_certificate(&der).is_ok());
+    cert && rustls::pki_types::PrivateKeyDer::from_pem_slice(key).is_ok()
 }
 
 /// The addresses of a gateway's Service: its load balancer's, else its
@@ -736,6 +757,23 @@ pub fn service_addresses(s: &Service) -> Vec<GatewayStatusAddress> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_malformed_certificate_is_not_usable() {
+        let key = rcgen::KeyPair::generate().expect("key");
+        let cert = rcgen::CertificateParams::new(vec!["a.example.com".to_owned()])
+            .expect("params")
+            .self_signed(&key)
+            .expect("cert");
+        let (crt, key) = (cert.pem(), key.serialize_pem());
+        assert!(usable_certificate(crt.as_bytes(), key.as_bytes()));
+        assert!(!usable_certificate(
+            b"-----BEGIN CERTIFICATE-----\nnot base64\n",
+            key.as_bytes()
+        ));
+        assert!(!usable_certificate(crt.as_bytes(), b"garbage"));
+        assert!(!usable_certificate(b"", b""));
+    }
 
     #[test]
     fn port_names_are_valid_service_port_names() {
