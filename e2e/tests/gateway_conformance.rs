@@ -104,13 +104,14 @@ async fn gateway_http_conformance() -> anyhow::Result<()> {
         eprintln!("{line}");
     }
     // The operator's and the gateways' logs, for a failure's cause.
-    for f in cluster.log_files() {
-        let name = f
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        if name.contains("weft-operator") || name.contains("weft-gateway") {
-            let _ = std::fs::copy(&f, out_dir.join(format!("log-{name}")));
+    for (i, f) in cluster.log_files().iter().enumerate() {
+        let path = f.to_string_lossy();
+        if path.contains("weft-operator") || path.contains("weft-gateway") {
+            let name = f
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            let _ = std::fs::copy(f, out_dir.join(format!("log-{i}-{name}")));
         }
     }
     let text = std::fs::read_to_string(&report)
