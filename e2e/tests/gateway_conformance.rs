@@ -81,6 +81,11 @@ async fn gateway_http_conformance() -> anyhow::Result<()> {
         "--contact=https://github.com/weft-mesh/weft/issues".to_owned(),
         format!("--report-output={}", report.display()),
     ];
+    let mut args = args.to_vec();
+    // WEFT_CONFORMANCE_RUN_TEST=<name> runs one test of the suite.
+    if let Ok(t) = std::env::var("WEFT_CONFORMANCE_RUN_TEST") {
+        args.push(format!("--run-test={t}"));
+    }
     let argv: Vec<&str> = args.iter().map(String::as_str).collect();
     let out = tokio::time::timeout(Duration::from_secs(45 * 60), cluster.exec_in_node(&argv))
         .await
@@ -106,7 +111,7 @@ async fn gateway_http_conformance() -> anyhow::Result<()> {
     // The operator's and the gateways' logs, for a failure's cause.
     for (i, f) in cluster.log_files().iter().enumerate() {
         let path = f.to_string_lossy();
-        if path.contains("weft-operator") || path.contains("weft-gateway") {
+        if path.contains("operator") || path.contains("weft-gateway") {
             let name = f
                 .file_name()
                 .map(|n| n.to_string_lossy().into_owned())

@@ -1386,6 +1386,10 @@ impl Writer {
             .strftime("%Y-%m-%dT%H:%M:%SZ")
             .to_string();
         let mut memo = self.statuses.lock().await;
+        // One status that cannot be written does not hold up the others:
+        // the first error is returned (the namespace is tried again) after
+        // every other status had its turn.
+        let mut failed: Option<Error> = None;
         for st in statuses {
             if st.accepted() {
                 self.shared
@@ -1412,11 +1416,12 @@ impl Writer {
                         memo.insert(key, value);
                     }
                     Err(source) => {
-                        return Err(Error::Kube {
+                        failed.get_or_insert(Error::Kube {
                             action: "update status of",
                             what: format!("HTTPRoute {}", st.object),
                             source,
                         });
+                        continue;
                     }
                 }
                 continue;
@@ -1440,11 +1445,12 @@ impl Writer {
                 Ok(None) => {}
                 Err(kube::Error::Api(s)) if s.is_not_found() => continue,
                 Err(source) => {
-                    return Err(Error::Kube {
+                    failed.get_or_insert(Error::Kube {
                         action: "read status of",
                         what: format!("{:?} {}", st.kind, st.object),
                         source,
                     });
+                    continue;
                 }
             }
             let params = PatchParams::apply(FIELD_MANAGER).force();
@@ -1473,15 +1479,16 @@ impl Writer {
                 // Deleted meanwhile: nothing to report on.
                 Err(kube::Error::Api(s)) if s.is_not_found() => {}
                 Err(source) => {
-                    return Err(Error::Kube {
+                    failed.get_or_insert(Error::Kube {
                         action: "patch status of",
                         what: format!("{:?} {}", st.kind, st.object),
                         source,
                     });
+                    continue;
                 }
             }
         }
-        Ok(())
+        failed.map_or(Ok(()), Err)
     }
 }
 

@@ -413,7 +413,7 @@ fn listener_status(
     let served = l.programmed() && programmed;
     ListenerStatus {
         name: l.name.clone(),
-        supported_kinds: if l.refused.is_some() {
+        supported_kinds: if l.refused.is_some() || !l.http_routes {
             Vec::new()
         } else {
             vec![RouteGroupKind {
@@ -542,19 +542,25 @@ impl Gateways {
         }
     }
 
-    async fn secrets_ok(&self, ns: &str, names: &[String]) -> BTreeMap<String, bool> {
-        let api = Api::<Secret>::namespaced(self.client.clone(), ns);
+    /// The certificate Secrets among `refs` (namespace, name) that exist
+    /// and hold a PEM certificate and key, with their `data`.
+    async fn usable_secrets(
+        &self,
+        refs: &[(String, String)],
+    ) -> BTreeMap<(String, String), BTreeMap<String, k8s_openapi::ByteString>> {
         let mut out = BTreeMap::new();
-        for n in names {
-            let ok = api.get_opt(n).await.ok().flatten().is_some_and(|s| {
-                s.data
-                    .as_ref()
-                    .is_some_and(|d| match (d.get("tls.crt"), d.get("tls.key")) {
-                        (Some(crt), Some(key)) => usable_certificate(&crt.0, &key.0),
-                        _ => false,
-                    })
-            });
-            out.insert(n.clone(), ok);
+        for (sns, sname) in refs {
+            let api = Api::<Secret>::namespaced(self.client.clone(), sns);
+            let Some(data) = api.get_opt(sname).await.ok().flatten().and_then(|s| s.data) else {
+                continue;
+            };
+            let ok = match (data.get("tls.crt"), data.get("tls.key")) {
+                (Some(crt), Some(key)) => usable_certificate(&crt.0, &key.0),
+                _ => false,
+            };
+            if ok {
+                out.insert((sns.clone(), sname.clone()), data);
+            }
         }
         out
     }
@@ -571,17 +577,24 @@ impl Gateways {
         let Some(gw) = gw_api.get_opt(name).await? else {
             return Ok(());
         };
-        let refs: Vec<String> = gw
+        // Certificate Secrets the Gateway may use (its namespace's, or
+        // another's that a ReferenceGrant there allows), read and checked.
+        let refs: Vec<(String, String)> = gw
             .spec
             .listeners
             .iter()
             .flat_map(|l| l.tls.iter().flat_map(|t| &t.certificate_refs))
-            .filter(|r| r.namespace.as_deref().is_none_or(|n| n == ns))
-            .map(|r| r.name.clone())
+            .map(|r| {
+                (
+                    r.namespace.clone().unwrap_or_else(|| ns.to_owned()),
+                    r.name.clone(),
+                )
+            })
+            .filter(|(sns, sname)| index.gateway_may_use(ns, sns, sname))
             .collect();
-        let secrets = self.secrets_ok(ns, &refs).await;
-        let Some(mut r) = render_gateway(index, ns, name, &|s| {
-            secrets.get(s).copied().unwrap_or(false)
+        let secrets = self.usable_secrets(&refs).await;
+        let Some(mut r) = render_gateway(index, ns, name, &|sns, sname| {
+            secrets.contains_key(&(sns.to_owned(), sname.to_owned()))
         }) else {
             return Ok(());
         };
@@ -637,6 +650,42 @@ impl Gateways {
                 &service_type,
             );
             let unchanged = previous.as_ref().is_some_and(|p| p.0 == r.config.hash);
+            // Certificates of other namespaces: a copy here, kept equal.
+            for (sns, sname, copy) in &r.copies {
+                let Some(data) = secrets.get(&(sns.clone(), sname.clone())) else {
+                    continue;
+                };
+                let secret = Secret {
+                    metadata: ObjectMeta {
+                        name: Some(copy.clone()),
+                        namespace: Some(ns.to_owned()),
+                        labels: Some(BTreeMap::from([
+                            (
+                                "app.kubernetes.io/managed-by".to_owned(),
+                                FIELD_MANAGER.to_owned(),
+                            ),
+                            (GATEWAY_NAME_LABEL.to_owned(), name.to_owned()),
+                        ])),
+                        annotations: Some(BTreeMap::from([(
+                            "weft.dev/copied-from".to_owned(),
+                            format!("{sns}/{sname}"),
+                        )])),
+                        owner_references: Some(vec![owner.clone()]),
+                        ..ObjectMeta::default()
+                    },
+                    type_: Some("kubernetes.io/tls".to_owned()),
+                    data: Some(
+                        data.iter()
+                            .filter(|(k, _)| *k == "tls.crt" || *k == "tls.key")
+                            .map(|(k, v)| (k.clone(), v.clone()))
+                            .collect(),
+                    ),
+                    ..Secret::default()
+                };
+                Api::<Secret>::namespaced(self.client.clone(), ns)
+                    .patch(copy, &params, &Patch::Apply(&secret))
+                    .await?;
+            }
             Api::<ServiceAccount>::namespaced(self.client.clone(), ns)
                 .patch(&object_name, &params, &Patch::Apply(&o.service_account))
                 .await?;

@@ -1211,6 +1211,18 @@ impl Index {
                 .any(|g| g.allows_route_to_service(from_ns, service))
     }
 
+    /// Whether a `ReferenceGrant` of `to_ns` lets a `Gateway` of `from_ns`
+    /// use Secret `secret` of `to_ns` as a certificate.
+    pub fn gateway_may_use(&self, from_ns: &str, to_ns: &str, secret: &str) -> bool {
+        from_ns == to_ns
+            || self
+                .grants
+                .get(to_ns)
+                .into_iter()
+                .flat_map(|m| m.values())
+                .any(|g| g.allows_gateway_to_secret(from_ns, secret))
+    }
+
     /// Namespaces whose output shows what lives in `namespace`.
     pub fn viewers(&self, namespace: &str) -> Dirty {
         let meshed = self.is_meshed(namespace);

@@ -80,7 +80,8 @@ fn cluster(extra: Vec<Value>) -> Index {
 }
 
 fn rendered_gateway(idx: &Index, name: &str) -> GatewayRender {
-    let out = render_gateway(idx, "shop", name, &|s| s == "wild-cert").expect("a weft Gateway");
+    let out = render_gateway(idx, "shop", name, &|ns, s| ns == "shop" && s == "wild-cert")
+        .expect("a weft Gateway");
     out.config
         .validate()
         .expect("the gateway's document validates");
@@ -285,7 +286,7 @@ fn routes_that_do_not_fit_a_listener_are_refused_with_the_reason() {
         parents(&shop_out, "theirs").is_empty(),
         "a Gateway of another class is not weft's to judge"
     );
-    assert!(render_gateway(&idx, "shop", "internal", &|_| true).is_none());
+    assert!(render_gateway(&idx, "shop", "internal", &|_, _| true).is_none());
     let out = rendered_gateway(&idx, "public");
     assert!(
         out.listeners.iter().all(|l| l.attached == 0),

@@ -576,6 +576,19 @@ pub struct GrantTo {
 }
 
 impl ReferenceGrantSpec {
+    /// Whether a `Gateway` of namespace `from_ns` may refer to Secret
+    /// `name` of the grant's namespace (a listener's certificate).
+    pub fn allows_gateway_to_secret(&self, from_ns: &str, name: &str) -> bool {
+        self.from
+            .iter()
+            .any(|f| f.group == GROUP && f.kind == "Gateway" && f.namespace == from_ns)
+            && self.to.iter().any(|t| {
+                matches!(t.group.as_str(), "" | "core")
+                    && t.kind == "Secret"
+                    && t.name.as_deref().is_none_or(|n| n == name)
+            })
+    }
+
     /// Whether an `HTTPRoute` of namespace `from_ns` may refer to Service
     /// `name` of the grant's namespace.
     pub fn allows_route_to_service(&self, from_ns: &str, name: &str) -> bool {

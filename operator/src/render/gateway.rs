@@ -30,9 +30,12 @@
 //!
 //! `HTTP` and `HTTPS` (TLS terminated with `certificateRefs`: Secrets of
 //! the Gateway's namespace, mounted into the gateway's pods) are served.
-//! Another protocol is `Accepted=False` `UnsupportedProtocol`; a missing
-//! or foreign certificate Secret `ResolvedRefs=False`
-//! `InvalidCertificateRef` (`RefNotPermitted` for another namespace);
+//! A certificate Secret of another namespace needs a `ReferenceGrant` there
+//! (else `RefNotPermitted`); the writer keeps a copy of it in the Gateway's
+//! namespace, which the pods mount (kubelet mounts Secrets of the pod's own
+//! namespace only). Another protocol is `Accepted=False`
+//! `UnsupportedProtocol`; a missing or malformed certificate Secret
+//! `ResolvedRefs=False` `InvalidCertificateRef`;
 //! route kinds other than `HTTPRoute` `InvalidRouteKinds`; listeners on one
 //! port with different protocols, or the same host name, `Conflicted`.
 
@@ -59,6 +62,9 @@ pub struct ListenerVerdict {
     pub unresolved: Option<(&'static str, String)>,
     /// `None`: `Conflicted=False`.
     pub conflicted: Option<(&'static str, String)>,
+    /// Whether it takes `HTTPRoute`s (its `allowedRoutes.kinds` name it or
+    /// are unset): its `supportedKinds`.
+    pub http_routes: bool,
 }
 
 impl ListenerVerdict {
@@ -84,8 +90,14 @@ pub struct GatewayRender {
     pub refused: Option<(&'static str, String)>,
     /// Per listener, in the Gateway's order.
     pub listeners: Vec<ListenerVerdict>,
-    /// Names of the certificate Secrets the pods mount.
+    /// Names of the certificate Secrets the pods mount (of the Gateway's
+    /// namespace; a certificate of another namespace is mounted from the
+    /// copy named in `copies`).
     pub certificates: Vec<String>,
+    /// Certificates of other namespaces a `ReferenceGrant` lets the
+    /// Gateway use: (namespace, Secret, name of its copy in the Gateway's
+    /// namespace, which the writer keeps equal to it).
+    pub copies: Vec<(String, String, String)>,
     /// The ports the gateway's Service exposes: (listener name, port).
     pub ports: Vec<(String, u16)>,
 }
@@ -299,7 +311,7 @@ pub fn render_gateway(
     index: &Index,
     ns: &str,
     name: &str,
-    secret_ok: &dyn Fn(&str) -> bool,
+    secret_ok: &dyn Fn(&str, &str) -> bool,
 ) -> Option<GatewayRender> {
     let (_, _, gw) = index
         .weft_gateways()
@@ -309,13 +321,17 @@ pub fn render_gateway(
     // Listener verdicts.
     let mut listeners: Vec<ListenerVerdict> = Vec::new();
     let mut usable = BTreeSet::new();
+    let mut copies: Vec<(String, String, String)> = Vec::new();
+    let mut cert_names: Vec<Vec<String>> = Vec::new();
     for l in &spec.listeners {
+        let mut names = Vec::new();
         let mut v = ListenerVerdict {
             name: l.name.clone(),
             attached: 0,
             refused: None,
             unresolved: None,
             conflicted: None,
+            http_routes: true,
         };
         match l.protocol.as_str() {
             "HTTP" => {}
@@ -347,20 +363,22 @@ pub fn render_gateway(
                             "InvalidCertificateRef",
                             format!("{}: only Secrets hold certificates", r.name),
                         ))
-                    } else if r.namespace.as_deref().is_some_and(|n| n != ns) {
+                    } else if let Some(other) = r.namespace.as_deref().filter(|n| *n != ns)
+                        && !index.gateway_may_use(ns, other, &r.name)
+                    {
                         Some((
                             "RefNotPermitted",
                             format!(
-                                "Secret {}/{}: weft mounts certificates of the Gateway's own namespace only",
-                                r.namespace.as_deref().unwrap_or_default(),
+                                "Secret {other}/{}: no ReferenceGrant in {other} lets Gateways of {ns} use it",
                                 r.name
                             ),
                         ))
-                    } else if !secret_ok(&r.name) {
+                    } else if !secret_ok(r.namespace.as_deref().unwrap_or(ns), &r.name) {
                         Some((
                             "InvalidCertificateRef",
                             format!(
-                                "Secret {ns}/{} does not exist or holds no tls.crt and tls.key",
+                                "Secret {}/{} does not exist or holds no PEM tls.crt and tls.key",
+                                r.namespace.as_deref().unwrap_or(ns),
                                 r.name
                             ),
                         ))
@@ -372,7 +390,22 @@ pub fn render_gateway(
                             v.unresolved.get_or_insert(b);
                         }
                         None => {
-                            usable.insert(r.name.clone());
+                            let mounted = match r.namespace.as_deref().filter(|n| *n != ns) {
+                                None => r.name.clone(),
+                                Some(other) => {
+                                    let copy = copy_name(name, other, &r.name);
+                                    if !copies.iter().any(|c| c.2 == copy) {
+                                        copies.push((
+                                            other.to_owned(),
+                                            r.name.clone(),
+                                            copy.clone(),
+                                        ));
+                                    }
+                                    copy
+                                }
+                            };
+                            usable.insert(mounted.clone());
+                            names.push(mounted);
                         }
                     }
                 }
@@ -387,6 +420,14 @@ pub fn render_gateway(
             }
         }
         if let Some(ar) = &l.allowed_routes
+            && !ar.kinds.is_empty()
+        {
+            v.http_routes = ar
+                .kinds
+                .iter()
+                .any(|k| k.kind == "HTTPRoute" && k.group.as_deref().is_none_or(|g| g == GROUP));
+        }
+        if let Some(ar) = &l.allowed_routes
             && ar
                 .kinds
                 .iter()
@@ -398,6 +439,7 @@ pub fn render_gateway(
             ));
         }
         listeners.push(v);
+        cert_names.push(names);
     }
     // Conflicts between listeners sharing a port.
     for (i, a) in spec.listeners.iter().enumerate() {
@@ -521,12 +563,10 @@ pub fn render_gateway(
                 service: format!("{ns}/{svc_name}"),
             });
         }
-        let certs: Vec<String> = l
-            .tls
+        let certs: Vec<String> = cert_names[i]
             .iter()
-            .flat_map(|t| &t.certificate_refs)
-            .map(|r| r.name.clone())
-            .filter(|n| usable.contains(n))
+            .filter(|n| usable.contains(*n))
+            .cloned()
             .collect();
         gw_listeners.push(pc::Listener {
             name: l.name.clone(),
@@ -592,9 +632,26 @@ pub fn render_gateway(
         config,
         refused,
         listeners,
+        copies: copies
+            .into_iter()
+            .filter(|c| certificates.contains(&c.2))
+            .collect(),
         certificates: certificates.into_iter().collect(),
         ports,
     })
+}
+
+/// The name of the copy of certificate Secret `ns/secret` that Gateway
+/// `gateway` mounts (a Secret name: at most 253 characters).
+pub fn copy_name(gateway: &str, ns: &str, secret: &str) -> String {
+    let full = format!("weft-gateway-{gateway}-cert-{ns}-{secret}");
+    if full.len() <= 253 {
+        return full;
+    }
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    full.hash(&mut h);
+    format!("{}-{:016x}", &full[..230], h.finish())
 }
 
 /// The verdict of a Gateway parent of a route, for `status.parents`.

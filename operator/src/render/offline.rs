@@ -208,7 +208,7 @@ pub fn render_offline(objects: Vec<serde_json::Value>) -> Result<OfflineOutput, 
     let gateways = index
         .weft_gateways()
         .filter_map(|(ns, name, _)| {
-            super::gateway::render_gateway(&index, ns, name, &|_| true)
+            super::gateway::render_gateway(&index, ns, name, &|_, _| true)
                 .map(|g| (format!("{ns}/{name}"), g))
         })
         .collect();
