@@ -1352,7 +1352,7 @@ impl Writer {
     async fn patch_route_status(&self, st: &CrStatus) -> Result<(), kube::Error> {
         let api = Api::<HTTPRoute>::namespaced(self.client.clone(), &st.object.namespace);
         let now = Time(k8s_openapi::jiff::Timestamp::now());
-        for _ in 0..3 {
+        for attempt in 0..3 {
             let mut route = match api.get_status(&st.object.name).await {
                 Ok(r) => r,
                 Err(kube::Error::Api(s)) if s.is_not_found() => return Ok(()),
@@ -1370,7 +1370,7 @@ impl Writer {
             {
                 Ok(_) => return Ok(()),
                 Err(kube::Error::Api(s)) if s.is_not_found() => return Ok(()),
-                Err(kube::Error::Api(s)) if s.code == 409 => continue,
+                Err(kube::Error::Api(s)) if s.code == 409 && attempt < 2 => continue,
                 Err(e) => return Err(e),
             }
         }
