@@ -1008,11 +1008,18 @@ pub async fn run(
         // watch: look again now and then.
         let mut gateway_tick = tokio::time::interval(GATEWAY_STATUS_PERIOD);
         loop {
-            let batch = tokio::select! {
-                b = next_batch(&mut rx, opts.debounce) => b,
-                _ = gateway_tick.tick() => {
-                    reconcile_gateways(&shared, &gateways, &current).await;
-                    continue;
+            // The batch being collected is kept across ticks: dropping it
+            // would lose the marks it already took from the queue.
+            let batch = {
+                let next = next_batch(&mut rx, opts.debounce);
+                tokio::pin!(next);
+                loop {
+                    tokio::select! {
+                        b = &mut next => break b,
+                        _ = gateway_tick.tick() => {
+                            reconcile_gateways(&shared, &gateways, &current).await;
+                        }
+                    }
                 }
             };
             let Some(batch) = batch else {
