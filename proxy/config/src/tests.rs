@@ -131,6 +131,24 @@ fn backend_svc(cfg: &mut ProxyConfig) -> &mut Service {
 }
 
 #[test]
+fn an_http_backend_of_another_namespace_may_be_absent() {
+    // A Gateway API route's granted backend outside this document's scope:
+    // valid; the proxy answers that share 500. In the routed Service's own
+    // namespace, or on a TCP route, it stays an error.
+    let mut cfg = sample();
+    let svc = backend_svc(&mut cfg);
+    svc.http_routes[0].backends[0].service = "elsewhere/api".into();
+    svc.http_routes[1]
+        .mirror
+        .as_mut()
+        .expect("mirror")
+        .backend
+        .service = "elsewhere/api".into();
+    cfg.seal();
+    cfg.validate().expect("a foreign backend is valid");
+}
+
+#[test]
 fn every_rule_rejects_what_it_guards() {
     assert_error(|c| c.namespace.clear(), "namespace: must not be empty");
     assert_error(
@@ -342,9 +360,9 @@ fn every_rule_rejects_what_it_guards() {
                 .as_mut()
                 .expect("mirror")
                 .backend
-                .service = "x/y".into()
+                .service = "demo/y".into()
         },
-        "unknown service \"x/y\"",
+        "unknown service \"demo/y\"",
     );
     assert_error(
         |c| {
