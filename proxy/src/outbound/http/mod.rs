@@ -75,39 +75,9 @@ pub async fn serve<I>(
         let ctx = ctx.clone();
         async move {
             let started = Instant::now();
-            if !req.headers().contains_key(REQUEST_ID_HEADER) {
-                // A static name: inserting it copies nothing.
-                const NAME: http::HeaderName = http::HeaderName::from_static(REQUEST_ID_HEADER);
-                req.headers_mut().insert(NAME, new_request_id());
-            }
-            // Only this proxy says which workload calls.
-            req.headers_mut().remove(SOURCE_HEADER);
+            stamp(&mut req);
             let (snap, target) = current(&ctx);
-            let span = ctx.state.start_span(&snap, Kind::Client, &mut req);
-            let logged = ctx
-                .state
-                .access_log_plan(&snap)
-                .map(|plan| Logged::of(&req, plan));
-            let grpc = is_grpc(req.headers());
-            let request_bytes = content_length(req.headers());
-            let resp = proxy(&ctx, &snap, target, req, NoRoute::Service).await;
-            ctx.state
-                .metrics
-                .request(Direction::Outbound, resp.status().as_u16());
-            let (resp, _) = meter(
-                &ctx,
-                &snap,
-                target,
-                Metered {
-                    started,
-                    grpc,
-                    request_bytes,
-                    span,
-                    logged,
-                },
-                resp,
-            );
-            Ok::<_, Infallible>(resp)
+            Ok::<_, Infallible>(handle(&ctx, &snap, target, req, started, NoRoute::Service).await)
         }
     });
     serve_connection(
@@ -147,11 +117,7 @@ pub async fn serve_gateway<I>(
         let series = series.clone();
         async move {
             let started = Instant::now();
-            if !req.headers().contains_key(REQUEST_ID_HEADER) {
-                const NAME: http::HeaderName = http::HeaderName::from_static(REQUEST_ID_HEADER);
-                req.headers_mut().insert(NAME, new_request_id());
-            }
-            req.headers_mut().remove(SOURCE_HEADER);
+            stamp(&mut req);
             forwarded(req.headers_mut(), client, scheme);
             let host = request_host(&req);
             let snap = state.snapshot.load_full();
@@ -180,31 +146,7 @@ pub async fn serve_gateway<I>(
                 version,
                 series,
             };
-            let span = ctx.state.start_span(&snap, Kind::Client, &mut req);
-            let logged = ctx
-                .state
-                .access_log_plan(&snap)
-                .map(|plan| Logged::of(&req, plan));
-            let grpc = is_grpc(req.headers());
-            let request_bytes = content_length(req.headers());
-            let resp = proxy(&ctx, &snap, target, req, NoRoute::NotFound).await;
-            ctx.state
-                .metrics
-                .request(Direction::Outbound, resp.status().as_u16());
-            let (resp, _) = meter(
-                &ctx,
-                &snap,
-                target,
-                Metered {
-                    started,
-                    grpc,
-                    request_bytes,
-                    span,
-                    logged,
-                },
-                resp,
-            );
-            Ok::<_, Infallible>(resp)
+            Ok::<_, Infallible>(handle(&ctx, &snap, target, req, started, NoRoute::NotFound).await)
         }
     });
     serve_connection(
@@ -217,6 +159,54 @@ pub async fn serve_gateway<I>(
         state.shutdown_started(),
     )
     .await;
+}
+
+/// Gives a request an `x-request-id` when it has none, and removes a
+/// caller's `x-weft-source`: only this proxy says which workload calls.
+fn stamp(req: &mut Request<Incoming>) {
+    if !req.headers().contains_key(REQUEST_ID_HEADER) {
+        // A static name: inserting it copies nothing.
+        const NAME: http::HeaderName = http::HeaderName::from_static(REQUEST_ID_HEADER);
+        req.headers_mut().insert(NAME, new_request_id());
+    }
+    req.headers_mut().remove(SOURCE_HEADER);
+}
+
+/// One request routed to `target` under `snap`, sent, and counted: its
+/// span, access log line and traffic metrics end with its response body.
+async fn handle(
+    ctx: &Ctx,
+    snap: &Arc<Snapshot>,
+    target: ServiceRef,
+    mut req: Request<Incoming>,
+    started: Instant,
+    no_route: NoRoute,
+) -> Response<Body> {
+    let span = ctx.state.start_span(snap, Kind::Client, &mut req);
+    let logged = ctx
+        .state
+        .access_log_plan(snap)
+        .map(|plan| Logged::of(&req, plan));
+    let grpc = is_grpc(req.headers());
+    let request_bytes = content_length(req.headers());
+    let resp = proxy(ctx, snap, target, req, no_route).await;
+    ctx.state
+        .metrics
+        .request(Direction::Outbound, resp.status().as_u16());
+    let (resp, _) = meter(
+        ctx,
+        snap,
+        target,
+        Metered {
+            started,
+            grpc,
+            request_bytes,
+            span,
+            logged,
+        },
+        resp,
+    );
+    resp
 }
 
 /// The host a request is for (its URI's authority, else `Host`), lower
