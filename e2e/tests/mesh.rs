@@ -145,6 +145,33 @@ async fn scenario(cluster: &Cluster) -> anyhow::Result<()> {
         mesh::cluster_ip(cluster, "demo", "backend").await?
     );
     mesh::wait_for_route(cluster, "demo", &fe, &url, Duration::from_secs(60)).await?;
+    // The first answer proves one subset is reachable; the split route sends
+    // to both, so wait until the frontend's proxy runs the current config
+    // and lists every backend pod before asking for ten answers in a row.
+    mesh::wait_for_proxy_sync(cluster, "demo", &fe, Duration::from_secs(60)).await?;
+    let backend_ips: Vec<String> = backends
+        .iter()
+        .filter_map(|p| p.status.as_ref().and_then(|s| s.pod_ip.clone()))
+        .collect();
+    assert_eq!(backend_ips.len(), 3, "backend pod IPs");
+    cluster
+        .wait_until(
+            Duration::from_secs(60),
+            "the frontend's proxy lists every backend pod",
+            || async {
+                let cfg = mesh::proxy_config(cluster, "demo", &fe).await?;
+                let listed: Vec<String> = cfg["services"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter(|s| s["namespace"] == "demo" && s["name"] == "backend")
+                    .flat_map(|s| s["endpoints"].as_array().cloned().unwrap_or_default())
+                    .filter_map(|e| e["address"].as_str().map(str::to_owned))
+                    .collect();
+                Ok(backend_ips.iter().all(|ip| listed.contains(ip)))
+            },
+        )
+        .await?;
     let mut served = 0;
     for _ in 0..10 {
         match mesh::get_from_pod(cluster, "demo", &fe, &url, &[]).await? {
