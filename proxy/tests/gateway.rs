@@ -2,11 +2,14 @@
 //! has a `gateway` section terminates TLS with the certificate the client's
 //! SNI picks (two certificates on one port), routes by host, and forwards
 //! over mTLS to a backend proxy, which sees the gateway's SPIFFE identity;
-//! certificates follow the files; unrouted hosts get 404.
+//! certificates follow the files; unrouted hosts get 404. A TLS passthrough
+//! listener routes by SNI alone and hands the backend the client's own
+//! handshake, inside mTLS.
 //!
 //! ```text
 //! test client ──TLS (SNI a|b.example.com)──► gateway :P ──route by host──► cart ──mTLS──► server proxy ──► app
 //! test client ──HTTP──► gateway :Q (redirect to https)
+//! test client ──TLS (SNI vault.example.com)──► gateway :T ──SNI──► vault ──mTLS──► server proxy ──► TLS app
 //! ```
 
 mod support;
@@ -26,7 +29,7 @@ use weft_proxy::metrics::Direction;
 use weft_proxy::test_util::{Leaf, TestCa};
 use weft_proxy_config::{
     Backend, Gateway, HttpMatch, HttpRoute, Listener, ListenerProtocol, MtlsMode, PathMatch,
-    Protocol, ProxyConfig, Redirect, Service, ServicePort, VirtualHost,
+    Protocol, ProxyConfig, Redirect, Service, ServicePort, TcpRoute, VirtualHost,
 };
 
 const GATEWAY_ID: &str = "spiffe://cluster.local/ns/shop/sa/weft-gateway-public";
@@ -69,6 +72,45 @@ async fn app(name: &'static str) -> u16 {
                 let _ = hyper::server::conn::http1::Builder::new()
                     .serve_connection(hyper_util::rt::TokioIo::new(s), svc)
                     .await;
+            });
+        }
+    });
+    port
+}
+
+/// An app that terminates TLS itself with `leaf` and answers each line
+/// `<line>` with `vault:<line>`.
+async fn tls_app(leaf: &Leaf) -> u16 {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+    let certs = vec![CertificateDer::from_pem_slice(leaf.cert_pem.as_bytes()).expect("pem")];
+    let key =
+        rustls::pki_types::PrivateKeyDer::from_pem_slice(leaf.key_pem.as_bytes()).expect("key pem");
+    let cfg = rustls::ServerConfig::builder()
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .expect("server config");
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
+    let l = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+        .await
+        .expect("bind tls app");
+    let port = l.local_addr().expect("addr").port();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = l.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(s).await else {
+                    return;
+                };
+                let (r, mut w) = tokio::io::split(tls);
+                let mut lines = tokio::io::BufReader::new(r).lines();
+                while let Ok(Some(line)) = lines.next_line().await {
+                    if w.write_all(format!("vault:{line}\n").as_bytes())
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
             });
         }
     });
@@ -122,6 +164,7 @@ struct Fixture {
     web_ca: TestCa,
     https: u16,
     http: u16,
+    passthrough: u16,
 }
 
 fn write_cert(dir: &std::path::Path, name: &str, leaf: &Leaf) {
@@ -166,7 +209,34 @@ async fn fixture() -> Fixture {
         vec![ep],
     );
 
-    let (https, http) = (free_port(), free_port());
+    // Behind the passthrough listener: an app with its own certificate,
+    // which the gateway never holds.
+    let vault_port = tls_app(&web_ca.server_leaf(&["vault.example.com"])).await;
+    let vault_ip = Ipv4Addr::new(10, 244, 0, 10);
+    let mut vault_ep = meshed(vault_ip, SERVER_ID);
+    vault_ep.ports = [("p".to_owned(), vault_port)].into();
+    let vault = service(
+        "vault",
+        cluster_ip(2),
+        443,
+        vault_port,
+        Protocol::Opaque,
+        vec![vault_ep],
+    );
+
+    let (https, http, passthrough) = (free_port(), free_port(), free_port());
+    let mut vault_host = vhost_service("public.tls", passthrough, vec![]);
+    vault_host.ports[0].protocol = Protocol::Opaque;
+    vault_host.tcp_routes = vec![TcpRoute {
+        name: "public/vault".into(),
+        port: None,
+        backends: vec![Backend {
+            service: "shop/vault".into(),
+            subset: None,
+            port: Some(443),
+            weight: 1,
+        }],
+    }];
     let mut b_route = to_cart("public/b");
     b_route.request_headers.set = vec![("x-vhost".into(), "b".into())];
     let moved = HttpRoute {
@@ -193,6 +263,8 @@ async fn fixture() -> Fixture {
             vhost_service("public.https.a", https, vec![to_cart("public/a")]),
             vhost_service("public.https.b", https, vec![b_route]),
             vhost_service("public.http", http, vec![moved]),
+            vault,
+            vault_host,
         ],
     );
     cfg.gateway = Some(Gateway {
@@ -226,6 +298,17 @@ async fn fixture() -> Fixture {
                     service: "shop/public.http".into(),
                 }],
             },
+            Listener {
+                name: "tls".into(),
+                port: passthrough,
+                protocol: ListenerProtocol::Tls,
+                hostname: None,
+                certificates: vec![],
+                hosts: vec![VirtualHost {
+                    hostname: Some("vault.example.com".into()),
+                    service: "shop/public.tls".into(),
+                }],
+            },
         ],
     });
     cfg.seal();
@@ -238,6 +321,7 @@ async fn fixture() -> Fixture {
     })
     .await;
     gateway.route_to(SocketAddr::new(IpAddr::V4(cart_ip), app_port), &server);
+    gateway.route_to(SocketAddr::new(IpAddr::V4(vault_ip), vault_port), &server);
     Fixture {
         gateway,
         gateway_leaf,
@@ -247,6 +331,7 @@ async fn fixture() -> Fixture {
         web_ca,
         https,
         http,
+        passthrough,
     }
 }
 
@@ -259,6 +344,24 @@ async fn connect(port: u16) -> TcpStream {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     panic!("gateway port {port} never listened");
+}
+
+/// A TLS handshake with SNI `sni` on gateway port `port`.
+async fn handshake(
+    f: &Fixture,
+    port: u16,
+    sni: &str,
+) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(CertificateDer::from_pem_slice(f.web_ca.cert_pem.as_bytes()).expect("pem"))
+        .expect("root");
+    let cfg = rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(cfg));
+    let name = ServerName::try_from(sni.to_owned()).expect("server name");
+    connector.connect(name, connect(port).await).await
 }
 
 /// A TLS handshake with SNI `sni`; the presented leaf's DNS names, and
@@ -425,4 +528,67 @@ async fn a_reload_closes_listeners_the_config_drops() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert!(closed, "the HTTPS port no longer listens");
+}
+
+#[tokio::test]
+async fn a_passthrough_listener_routes_by_sni_and_leaves_tls_to_the_backend() {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+    let f = fixture().await;
+
+    // The client's handshake reaches the app: the certificate it verifies
+    // is the app's (vault.example.com), which the gateway does not have.
+    let s = handshake(&f, f.passthrough, "vault.example.com")
+        .await
+        .expect("the app's certificate verifies for vault.example.com");
+    let leaf = s.get_ref().1.peer_certificates().expect("certs")[0].clone();
+    let (_, cert) = x509_parser::parse_x509_certificate(&leaf).expect("x509");
+    let sans = format!("{:?}", cert.subject_alternative_name());
+    assert!(sans.contains("vault.example.com"), "{sans}");
+    let (r, mut w) = tokio::io::split(s);
+    let mut lines = tokio::io::BufReader::new(r).lines();
+    for msg in ["one", "two"] {
+        w.write_all(format!("{msg}\n").as_bytes())
+            .await
+            .expect("write");
+        let got = lines.next_line().await.expect("read").expect("a line");
+        assert_eq!(got, format!("vault:{msg}"));
+    }
+    drop(w);
+
+    // The backend Service's TCP series counts the connection, sent over
+    // mTLS with the gateway's identity.
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, &f.gateway.proxy.state.metrics.registry())
+        .expect("encode");
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("weft_tcp_connections_opened_total{")
+                && l.contains("destination_service=\"vault.shop\"")
+                && l.contains(&format!("source_principal=\"{GATEWAY_ID}\""))
+                && l.contains("connection_security=\"mutual_tls\"")
+                && l.ends_with("} 1")),
+        "no TCP series for vault:\n{text}"
+    );
+
+    // An SNI that no host of the listener routes: the connection is
+    // closed without an answer, and counted.
+    assert!(
+        handshake(&f, f.passthrough, "other.example.com")
+            .await
+            .is_err()
+    );
+    assert!(f.gateway.errors(Direction::Inbound, "gateway-no-route") >= 1);
+
+    // Not TLS at all: closed, counted.
+    let mut plain = connect(f.passthrough).await;
+    plain
+        .write_all(b"GET / HTTP/1.1\r\nhost: vault.example.com\r\n\r\n")
+        .await
+        .expect("write");
+    let mut buf = [0u8; 16];
+    let n = tokio::io::AsyncReadExt::read(&mut plain, &mut buf)
+        .await
+        .unwrap_or(0);
+    assert_eq!(n, 0, "closed without an answer");
+    assert!(f.gateway.errors(Direction::Inbound, "gateway-tls") >= 1);
 }

@@ -56,7 +56,8 @@ pub struct Listener {
     /// speak the same protocol, and are then told apart by host name (TLS
     /// SNI, then the request's host).
     pub port: u16,
-    /// `http` or `https` (TLS terminated here).
+    /// `http`, `https` (TLS terminated here) or `tls` (TLS passed through
+    /// to the backend untouched).
     pub protocol: ListenerProtocol,
     /// The host names it answers: exact or `*.suffix`; none: any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -67,7 +68,8 @@ pub struct Listener {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub certificates: Vec<String>,
     /// Host names routed, most specific first; the first that matches the
-    /// request's host routes it. None matching: 404.
+    /// request's host (TLS passthrough: the ClientHello's SNI) routes it.
+    /// None matching: 404 (TLS passthrough: the connection is closed).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub hosts: Vec<VirtualHost>,
 }
@@ -81,6 +83,10 @@ pub enum ListenerProtocol {
     /// TLS terminated with the listener's certificates, then HTTP/1.1 or
     /// HTTP/2 (ALPN).
     Https,
+    /// TLS passthrough: the ClientHello's SNI picks the host, whose
+    /// Service's `tcpRoutes` pick the backend; the bytes, ClientHello
+    /// included, go to it untouched (inside mTLS to a meshed endpoint).
+    Tls,
 }
 
 /// Requests for one host name (pattern) of a listener.
@@ -91,7 +97,7 @@ pub struct VirtualHost {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hostname: Option<String>,
     /// `namespace/name` of the Service in [`ProxyConfig::services`] whose
-    /// `httpRoutes` route these requests.
+    /// `httpRoutes` (TLS passthrough: `tcpRoutes`) route these requests.
     pub service: String,
 }
 

@@ -115,7 +115,6 @@ fn validate_gateway(g: &Gateway, services: &[Service], errs: &mut Errors) {
     if g.name.is_empty() {
         errs.push("gateway.name", "must not be empty");
     }
-    let keys: BTreeSet<String> = services.iter().map(Service::key).collect();
     let mut names = BTreeSet::new();
     let mut port_protocol: BTreeMap<u16, ListenerProtocol> = BTreeMap::new();
     for (i, l) in g.listeners.iter().enumerate() {
@@ -145,6 +144,12 @@ fn validate_gateway(g: &Gateway, services: &[Service], errs: &mut Errors) {
             ListenerProtocol::Http if !l.certificates.is_empty() => {
                 errs.push(&at, "an http listener has no certificates");
             }
+            ListenerProtocol::Tls if !l.certificates.is_empty() => {
+                errs.push(
+                    &at,
+                    "a tls (passthrough) listener has no certificates: the backend terminates TLS",
+                );
+            }
             _ => {}
         }
         for c in &l.certificates {
@@ -160,8 +165,18 @@ fn validate_gateway(g: &Gateway, services: &[Service], errs: &mut Errors) {
             if let Some(name) = &h.hostname {
                 check_hostname(&h_at, name, errs);
             }
-            if !keys.contains(&h.service) {
-                errs.push(&h_at, format!("unknown service {:?}", h.service));
+            match services.iter().find(|s| s.key() == h.service) {
+                None => errs.push(&h_at, format!("unknown service {:?}", h.service)),
+                Some(s) if l.protocol == ListenerProtocol::Tls && !s.http_routes.is_empty() => {
+                    errs.push(
+                        &h_at,
+                        format!(
+                            "service {:?} of a tls (passthrough) listener has httpRoutes; its connections take tcpRoutes",
+                            h.service
+                        ),
+                    );
+                }
+                Some(_) => {}
             }
         }
     }

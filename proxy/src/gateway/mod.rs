@@ -1,14 +1,17 @@
 //! Ingress gateway mode: a proxy whose `proxy.json` has a `gateway`
 //! section listens on that section's ports, terminates TLS on HTTPS
-//! listeners with the certificate the client's SNI selects, and routes each
-//! request by its host to a Service's routes, then on like any outbound
+//! listeners with the certificate the client's SNI selects (on TLS
+//! passthrough listeners it only reads the SNI and forwards the connection
+//! by its Service's TCP routes), and routes each request by its host to a
+//! Service's routes, then on like any outbound
 //! request (balancing, retries, timeouts, mTLS to meshed endpoints with its
 //! own SPIFFE identity, metrics, logs and spans).
 //!
 //! ```text
 //! snapshot.gateway ──► ports to bind (re-read at every reload)
 //! accept :port ──► HTTPS: TLS (certs::SniResolver) ─┐
-//!             └──► HTTP: detect h1 / h2 ────────────┴─► outbound::http::serve_gateway
+//!             ├──► HTTP: detect h1 / h2 ────────────┴─► outbound::http::serve_gateway
+//!             └──► TLS passthrough: ClientHello SNI (sni) ─► outbound::tcp::to_service
 //! ```
 //!
 //! A sidecar's document has no gateway section, and this task then binds
@@ -16,6 +19,7 @@
 //! `outbound::http`.
 
 pub mod certs;
+pub mod sni;
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
@@ -108,7 +112,7 @@ async fn accept(
     protocol: ListenerProtocol,
 ) {
     let tls = match protocol {
-        ListenerProtocol::Http => None,
+        ListenerProtocol::Http | ListenerProtocol::Tls => None,
         ListenerProtocol::Https => {
             let resolver = Arc::new(SniResolver {
                 state: state.clone(),
@@ -131,9 +135,49 @@ async fn accept(
     };
     let shutdown = state.shutdown_signal();
     accept_loop(listener, Direction::Inbound, shutdown, |conn, peer| {
-        state.spawn_drained(handle(state.clone(), tls.clone(), port, conn, peer));
+        if protocol == ListenerProtocol::Tls {
+            state.spawn_drained(passthrough(state.clone(), port, conn, peer));
+        } else {
+            state.spawn_drained(handle(state.clone(), tls.clone(), port, conn, peer));
+        }
     })
     .await;
+}
+
+/// A TLS passthrough connection: routed by its ClientHello's SNI, then
+/// forwarded untouched like any opaque outbound connection (TCP route,
+/// balancing, mTLS to a meshed endpoint, TCP metrics and access log).
+async fn passthrough(state: Arc<State>, port: u16, mut conn: TcpStream, peer: SocketAddr) {
+    let _ = conn.set_nodelay(true);
+    let Ok(local) = conn.local_addr() else { return };
+    let _open = OpenConn::new(&state.metrics, Direction::Inbound, false);
+    let (hello, name) =
+        match tokio::time::timeout(HANDSHAKE_TIMEOUT, sni::read_client_hello(&mut conn)).await {
+            Ok(Ok(read)) => read,
+            Ok(Err(e)) => {
+                state.metrics.error(Direction::Inbound, "gateway-tls");
+                tracing::debug!(%peer, error = %e, "TLS passthrough: no ClientHello");
+                return;
+            }
+            Err(_) => {
+                state.metrics.error(Direction::Inbound, "gateway-tls");
+                return;
+            }
+        };
+    let Some(snap) = state.snapshot.load_full() else {
+        return;
+    };
+    let routed = snap.gateway.as_ref().and_then(|g| {
+        let (_, target) = g.route(port, name.as_deref())?;
+        let (_, service_port) = snap.service(target);
+        snap.routes.tcp(target, service_port.port).map(|_| target)
+    });
+    let Some(target) = routed else {
+        state.metrics.error(Direction::Inbound, "gateway-no-route");
+        tracing::debug!(%peer, port, sni = name.as_deref().unwrap_or(""), "TLS passthrough: no listener routes this server name; closing");
+        return;
+    };
+    crate::outbound::tcp::to_service(state.clone(), snap, target, conn, hello, local).await;
 }
 
 async fn handle(
