@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# Prints the absolute path of the upstream Gateway API standard-channel CRDs
-# (config/crd/standard of sigs.k8s.io/gateway-api, the release pinned in
+# Usage: crds.sh [standard|experimental]   (default: standard)
+# Prints the absolute path of the upstream Gateway API CRDs of that channel
+# (config/crd/<channel> of sigs.k8s.io/gateway-api, the release pinned in
 # go.mod), downloading the module into Go's module cache first if it is not
-# there yet. weft does not ship these CRDs: the e2e harness installs them
+# there yet. TLSRoute, which TLS passthrough listeners take, is of the
+# experimental channel. weft does not ship these CRDs: the e2e harness installs them
 # from here (`weft_e2e::mesh::install_gateway_api`, `kubectl apply
 # --server-side -f <dir>`), the same release a user installs.
 set -euo pipefail
@@ -16,9 +18,14 @@ if [ -z "$dir" ] || [ ! -d "$dir" ]; then
   go mod download "$module"
   dir="$(go list -m -f '{{.Dir}}' "$module")"
 fi
-crds="$dir/config/crd/standard"
+channel="${1:-standard}"
+case "$channel" in
+  standard|experimental) ;;
+  *) echo "crds.sh: channel must be standard or experimental, not $channel" >&2; exit 2 ;;
+esac
+crds="$dir/config/crd/$channel"
 if [ ! -f "$crds/gateway.networking.k8s.io_httproutes.yaml" ]; then
-  echo "crds.sh: no standard-channel CRDs in $crds" >&2
+  echo "crds.sh: no $channel-channel CRDs in $crds" >&2
   exit 1
 fi
 echo "$crds"

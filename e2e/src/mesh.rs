@@ -85,10 +85,31 @@ pub fn manifests_dir() -> String {
         .unwrap_or_else(|| path_arg(&repo_root().join("manifests")))
 }
 
-/// Installs the Kubernetes Gateway API CRDs (`gateway.networking.k8s.io`,
-/// standard channel), whose `HTTPRoute`s and `ReferenceGrant`s weft reads.
+/// A release channel of the Gateway API CRDs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Channel {
+    /// What most users install: `HTTPRoute`, `Gateway`, `GatewayClass`,
+    /// `ReferenceGrant`, `GRPCRoute`.
+    Standard,
+    /// The standard kinds plus experimental ones, among them `TLSRoute`
+    /// (TLS passthrough listeners).
+    Experimental,
+}
+
+impl Channel {
+    fn as_str(self) -> &'static str {
+        match self {
+            Channel::Standard => "standard",
+            Channel::Experimental => "experimental",
+        }
+    }
+}
+
+/// Installs the Kubernetes Gateway API CRDs (`gateway.networking.k8s.io`)
+/// of `channel`, whose `HTTPRoute`s, `TLSRoute`s (experimental) and
+/// `ReferenceGrant`s weft reads.
 /// They are not weft's to ship: a cluster holds one copy of them, users
-/// install the upstream standard-channel release, and weft's manifests
+/// install the upstream release, and weft's manifests
 /// never write them. The harness installs that same release, from the
 /// module pinned in `e2e/gateway-api/go.mod` (`crds.sh` prints where its
 /// CRDs are), with `kubectl apply --server-side`, and waits until the kinds
@@ -99,8 +120,8 @@ pub fn manifests_dir() -> String {
 /// the apply fails on the conflicting fields rather than replace it. The
 /// CRDs stay when an external cluster is torn down: deleting one would
 /// delete every object of its kind, not only the harness's.
-pub async fn install_gateway_api(cluster: &Cluster) -> Result<(), HarnessError> {
-    let crds = gateway_api_crds_dir().await?;
+pub async fn install_gateway_api(cluster: &Cluster, channel: Channel) -> Result<(), HarnessError> {
+    let crds = gateway_api_crds_dir(channel).await?;
     let apply = [
         "apply",
         "--server-side",
@@ -116,18 +137,20 @@ pub async fn install_gateway_api(cluster: &Cluster) -> Result<(), HarnessError> 
             stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
         });
     }
-    cluster
-        .kubectl(&[
-            "wait",
-            "--for",
-            "condition=established",
-            "--timeout=60s",
-            "crd/httproutes.gateway.networking.k8s.io",
-            "crd/referencegrants.gateway.networking.k8s.io",
-            "crd/gateways.gateway.networking.k8s.io",
-            "crd/gatewayclasses.gateway.networking.k8s.io",
-        ])
-        .await?;
+    let mut wait = vec![
+        "wait",
+        "--for",
+        "condition=established",
+        "--timeout=60s",
+        "crd/httproutes.gateway.networking.k8s.io",
+        "crd/referencegrants.gateway.networking.k8s.io",
+        "crd/gateways.gateway.networking.k8s.io",
+        "crd/gatewayclasses.gateway.networking.k8s.io",
+    ];
+    if channel == Channel::Experimental {
+        wait.push("crd/tlsroutes.gateway.networking.k8s.io");
+    }
+    cluster.kubectl(&wait).await?;
     Ok(())
 }
 
@@ -139,12 +162,13 @@ pub async fn install_gateway_class(cluster: &Cluster) -> Result<(), HarnessError
     Ok(())
 }
 
-/// The directory of the pinned Gateway API release's standard-channel CRDs:
+/// The directory of the pinned Gateway API release's CRDs of `channel`:
 /// what `e2e/gateway-api/crds.sh` prints (it downloads the module first
 /// when Go's module cache lacks it).
-async fn gateway_api_crds_dir() -> Result<String, HarnessError> {
+async fn gateway_api_crds_dir(channel: Channel) -> Result<String, HarnessError> {
     let script = repo_root().join("e2e/gateway-api/crds.sh");
     let out = tokio::process::Command::new(&script)
+        .arg(channel.as_str())
         .kill_on_drop(true)
         .output()
         .await

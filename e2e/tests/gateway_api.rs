@@ -32,10 +32,10 @@ async fn pinned_gateway_api_crds_install_and_serve_httproutes() -> anyhow::Resul
     let cluster = Cluster::start().await?;
 
     let start = std::time::Instant::now();
-    mesh::install_gateway_api(&cluster).await?;
+    mesh::install_gateway_api(&cluster, mesh::Channel::Standard).await?;
     eprintln!("Gateway API CRDs installed in {:?}", start.elapsed());
     // Idempotent: installing again changes nothing and succeeds.
-    mesh::install_gateway_api(&cluster).await?;
+    mesh::install_gateway_api(&cluster, mesh::Channel::Standard).await?;
 
     let version = cluster
         .kubectl(&[
@@ -120,7 +120,7 @@ async fn accepted(cluster: &Cluster) -> anyhow::Result<String> {
 async fn a_gamma_http_route_routes_frontend_to_backend_traffic() -> anyhow::Result<()> {
     let _serial = serial().await;
     let cluster = Cluster::for_scenario_with(ClusterConfig::default()).await?;
-    mesh::install_gateway_api(&cluster).await?;
+    mesh::install_gateway_api(&cluster, mesh::Channel::Standard).await?;
     mesh::install(&cluster).await?;
     mesh::deploy_demo(&cluster).await?;
     let frontend = mesh::pods(&cluster, "demo", "frontend")
@@ -292,7 +292,7 @@ async fn gateway_condition(cluster: &Cluster, type_: &str) -> anyhow::Result<Str
 async fn an_https_gateway_brings_outside_clients_to_the_demo_over_mtls() -> anyhow::Result<()> {
     let _serial = serial().await;
     let cluster = Cluster::for_scenario_with(ClusterConfig::default()).await?;
-    mesh::install_gateway_api(&cluster).await?;
+    mesh::install_gateway_api(&cluster, mesh::Channel::Standard).await?;
     mesh::install(&cluster).await?;
     mesh::deploy_demo(&cluster).await?;
     mesh::install_gateway_class(&cluster).await?;

@@ -33,7 +33,7 @@ async fn gateway_http_conformance() -> anyhow::Result<()> {
         ..ClusterConfig::default()
     })
     .await?;
-    mesh::install_gateway_api(&cluster).await?;
+    mesh::install_gateway_api(&cluster, mesh::Channel::Experimental).await?;
     mesh::install(&cluster).await?;
     mesh::install_gateway_class(&cluster).await?;
     // As a user would: the class is accepted, with the features weft
@@ -73,7 +73,7 @@ async fn gateway_http_conformance() -> anyhow::Result<()> {
         "-test.v".to_owned(),
         "-test.timeout=40m".to_owned(),
         "--gateway-class=weft".to_owned(),
-        "--conformance-profiles=GATEWAY-HTTP".to_owned(),
+        "--conformance-profiles=GATEWAY-HTTP,GATEWAY-TLS".to_owned(),
         "--organization=weft-mesh".to_owned(),
         "--project=weft".to_owned(),
         "--url=https://github.com/weft-mesh/weft".to_owned(),

@@ -100,15 +100,15 @@ async fn rbac_grants_exactly_the_calls_weft_makes() -> anyhow::Result<()> {
     let cluster = Cluster::start().await?;
     // The Gateway API CRDs first, so the operator watches them from the
     // start, and its gateway calls are part of the record.
-    mesh::install_gateway_api(&cluster).await?;
+    mesh::install_gateway_api(&cluster, mesh::Channel::Experimental).await?;
     mesh::install(&cluster).await?;
     mesh::deploy_demo(&cluster).await?;
 
     // A Gateway of weft's class in a namespace outside the mesh (its
-    // service account still gets an identity), a route on it, and a route
-    // on a Service: the operator runs the gateway (Deployment, Service,
-    // ServiceAccount, ConfigMap) and writes Gateway, GatewayClass and
-    // HTTPRoute status.
+    // service account still gets an identity), an HTTPRoute and a TLSRoute
+    // (experimental channel) on it, and a route on a Service: the operator
+    // runs the gateway (Deployment, Service, ServiceAccount, ConfigMap) and
+    // writes Gateway, GatewayClass, HTTPRoute and TLSRoute status.
     mesh::install_gateway_class(&cluster).await?;
     mesh::apply_yaml(
         &cluster,
@@ -119,6 +119,16 @@ spec:
   gatewayClassName: weft
   listeners:
   - {name: http, port: 8081, protocol: HTTP}
+  - {name: tls, port: 8443, protocol: TLS, tls: {mode: Passthrough}}
+---
+apiVersion: gateway.networking.k8s.io/v1alpha2
+kind: TLSRoute
+metadata: {name: rbac, namespace: outside}
+spec:
+  parentRefs: [{name: rbac, sectionName: tls}]
+  hostnames: [client.example.com]
+  rules:
+  - backendRefs: [{name: client, port: 8080}]
 ---
 apiVersion: gateway.networking.k8s.io/v1
 kind: HTTPRoute
@@ -170,6 +180,13 @@ spec:
                     "{.status.parents[*].controllerName}",
                 )
                 .await?;
+                let tls_route = status(
+                    "outside",
+                    "tlsroute",
+                    "rbac",
+                    "{.status.parents[*].controllerName}",
+                )
+                .await?;
                 let on_service = status(
                     "demo",
                     "httproute",
@@ -179,6 +196,7 @@ spec:
                 .await?;
                 Ok(gateway == "True"
                     && on_gateway == "weft.dev/gateway-controller"
+                    && tls_route == "weft.dev/gateway-controller"
                     && on_service == "weft.dev/mesh")
             },
         )

@@ -81,7 +81,7 @@ use tokio::sync::mpsc;
 use weft_api::common::{CONDITION_ACCEPTED, CONDITION_RENDERED, ResourceStatus, find_condition};
 use weft_api::gateway::{
     GATEWAY_CONTROLLER, Gateway, GatewayClass, HTTPRoute, MESH_CONTROLLER, ReferenceGrant,
-    RouteParentStatus,
+    RouteParentStatus, TLSRoute,
 };
 use weft_api::{AccessPolicy, Mesh, MtlsPolicy, ServicePolicy, ServiceRoute};
 use weft_proxy_config::{FILE_NAME, GZIP_FILE_NAME, SIGNATURE_FILE_NAME, ValidationErrors};
@@ -974,8 +974,27 @@ pub async fn run(
     } else {
         tracing::info!("the Gateway API CRDs are not installed; HTTPRoutes are read once they are");
     }
+    // TLSRoute is of the experimental channel: watched when it is served
+    // (at start, or from the moment it appears).
+    let tls_now = gateway_now && tls_routes_served(c).await;
+    if tls_now {
+        feeds.push(Box::pin(tls_route_feed(&shared, c)));
+    }
     let watchers = feeds.len();
     let watch_all = futures::future::join_all(feeds);
+    let late_tls = async {
+        if !tls_now {
+            loop {
+                tokio::time::sleep(GATEWAY_API_POLL).await;
+                if gateway_api_served(c).await && tls_routes_served(c).await {
+                    tracing::info!("the TLSRoute CRD appeared; watching TLSRoutes");
+                    tls_route_feed(&shared, c).await;
+                    break;
+                }
+            }
+        }
+        std::future::pending::<()>().await;
+    };
     let late_gateway = async {
         if !gateway_now {
             loop {
@@ -1054,6 +1073,7 @@ pub async fn run(
         r = writer => r,
         () = forward_signer => Err(Error::WatchersGone),
         () = late_gateway => Err(Error::WatchersGone),
+        () = late_tls => Err(Error::WatchersGone),
     }
 }
 
@@ -1077,6 +1097,29 @@ async fn reconcile_gateways(
     gateways.reconcile(&index, signer).await;
 }
 
+/// A Gateway API route kind whose `status.parents` weft writes.
+trait GatewayRoute:
+    kube::Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
+    + Clone
+    + Debug
+    + serde::de::DeserializeOwned
+    + serde::Serialize
+{
+    fn status_mut(&mut self) -> &mut Option<weft_api::gateway::RouteStatus>;
+}
+
+impl GatewayRoute for HTTPRoute {
+    fn status_mut(&mut self) -> &mut Option<weft_api::gateway::RouteStatus> {
+        &mut self.status
+    }
+}
+
+impl GatewayRoute for TLSRoute {
+    fn status_mut(&mut self) -> &mut Option<weft_api::gateway::RouteStatus> {
+        &mut self.status
+    }
+}
+
 /// How often the operator looks for the Gateway API CRDs while they are
 /// not installed.
 const GATEWAY_API_POLL: Duration = Duration::from_secs(30);
@@ -1094,6 +1137,29 @@ async fn gateway_api_served(client: &Client) -> bool {
         && has("v1", "gateways").await
         && has("v1", "gatewayclasses").await
         && has("v1beta1", "referencegrants").await
+}
+
+/// Whether the API server serves `TLSRoute` (v1alpha2, experimental
+/// channel).
+async fn tls_routes_served(client: &Client) -> bool {
+    client
+        .list_api_group_resources(&format!("{}/v1alpha2", weft_api::gateway::GROUP))
+        .await
+        .is_ok_and(|l| l.resources.iter().any(|r| r.name == "tlsroutes"))
+}
+
+fn tls_route_feed(shared: &Arc<Shared>, client: &Client) -> impl Future<Output = ()> + use<> {
+    feed(
+        shared.clone(),
+        watcher(
+            Api::<TLSRoute>::all(client.clone()),
+            watcher::Config::default(),
+        )
+        .default_backoff(),
+        Kind::TlsRoute,
+        true,
+        |o| Object::TlsRoute(Box::new(o)),
+    )
 }
 
 fn gateway_feeds(
@@ -1352,12 +1418,12 @@ impl Writer {
         })
     }
 
-    /// Writes weft's entries of an HTTPRoute's `status.parents`, keeping
-    /// every other controller's: the list is replaced whole by the API
-    /// server, so read it, merge, and write it back at that
-    /// resourceVersion (again on a conflict).
-    async fn patch_route_status(&self, st: &CrStatus) -> Result<(), kube::Error> {
-        let api = Api::<HTTPRoute>::namespaced(self.client.clone(), &st.object.namespace);
+    /// Writes weft's entries of a route's (`K`: HTTPRoute, TLSRoute)
+    /// `status.parents`, keeping every other controller's: the list is
+    /// replaced whole by the API server, so read it, merge, and write it
+    /// back at that resourceVersion (again on a conflict).
+    async fn patch_route_status<K: GatewayRoute>(&self, st: &CrStatus) -> Result<(), kube::Error> {
+        let api = Api::<K>::namespaced(self.client.clone(), &st.object.namespace);
         let now = Time(k8s_openapi::jiff::Timestamp::now());
         for attempt in 0..3 {
             let mut route = match api.get_status(&st.object.name).await {
@@ -1365,12 +1431,12 @@ impl Writer {
                 Err(kube::Error::Api(s)) if s.is_not_found() => return Ok(()),
                 Err(e) => return Err(e),
             };
-            let current = route.status.take().unwrap_or_default();
+            let current = route.status_mut().take().unwrap_or_default();
             let parents = route_parents(&current.parents, st, &now);
             if parents == current.parents {
                 return Ok(());
             }
-            route.status = Some(weft_api::gateway::RouteStatus { parents });
+            *route.status_mut() = Some(weft_api::gateway::RouteStatus { parents });
             match api
                 .replace_status(&st.object.name, &PostParams::default(), &route)
                 .await
@@ -1407,7 +1473,7 @@ impl Writer {
             let value = (
                 st.generation,
                 st.reason().to_owned(),
-                if st.kind == Kind::HttpRoute {
+                if matches!(st.kind, Kind::HttpRoute | Kind::TlsRoute) {
                     format!("{:?}", st.parents)
                 } else {
                     st.message()
@@ -1417,18 +1483,22 @@ impl Writer {
             if memo.get(&key) == Some(&value) {
                 continue;
             }
-            if st.kind == Kind::HttpRoute {
-                match self.patch_route_status(&st).await {
+            if matches!(st.kind, Kind::HttpRoute | Kind::TlsRoute) {
+                let (written, kind) = if st.kind == Kind::HttpRoute {
+                    (self.patch_route_status::<HTTPRoute>(&st).await, "HTTPRoute")
+                } else {
+                    (self.patch_route_status::<TLSRoute>(&st).await, "TLSRoute")
+                };
+                match written {
                     Ok(()) => {
                         memo.insert(key, value);
                     }
                     Err(source) => {
                         failed.get_or_insert(Error::Kube {
                             action: "update status of",
-                            what: format!("HTTPRoute {}", st.object),
+                            what: format!("{kind} {}", st.object),
                             source,
                         });
-                        continue;
                     }
                 }
                 continue;

@@ -49,7 +49,7 @@ use crate::signing::ConfigSigner;
 /// The Gateway API features weft's gateway supports, as its GatewayClass
 /// reports them (`status.supportedFeatures`, sorted by name); the
 /// conformance suite runs the tests of these.
-pub const SUPPORTED_FEATURES: &[&str] = &["Gateway", "HTTPRoute", "ReferenceGrant"];
+pub const SUPPORTED_FEATURES: &[&str] = &["Gateway", "HTTPRoute", "ReferenceGrant", "TLSRoute"];
 
 /// Prefix of every object made for a Gateway.
 pub const PREFIX: &str = "weft-gateway-";
@@ -413,13 +413,16 @@ fn listener_status(
     let served = l.programmed() && programmed;
     ListenerStatus {
         name: l.name.clone(),
-        supported_kinds: if l.refused.is_some() || !l.http_routes {
+        supported_kinds: if l.refused.is_some() {
             Vec::new()
         } else {
-            vec![RouteGroupKind {
-                group: Some(weft_api::gateway::GROUP.to_owned()),
-                kind: "HTTPRoute".to_owned(),
-            }]
+            l.kinds
+                .iter()
+                .map(|k| RouteGroupKind {
+                    group: Some(weft_api::gateway::GROUP.to_owned()),
+                    kind: (*k).to_owned(),
+                })
+                .collect()
         },
         attached_routes: l.attached,
         conditions: vec![

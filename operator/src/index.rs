@@ -14,7 +14,7 @@
 //! | `Service` | [`ServiceInfo`] | TCP ports only; `ExternalName` Services are kept but render nothing |
 //! | `EndpointSlice` | [`SliceInfo`] | grouped under the Service named by `kubernetes.io/service-name` |
 //! | `Pod` (metadata) | [`PodInfo`] | labels, meshed = label `weft.dev/proxy=injected`, service account when known |
-//! | `ServiceRoute`, `ServicePolicy`, `AccessPolicy`, `MtlsPolicy`, Gateway API `HTTPRoute` | [`Tracked`] | the current spec plus the last spec that was accepted |
+//! | `ServiceRoute`, `ServicePolicy`, `AccessPolicy`, `MtlsPolicy`, Gateway API `HTTPRoute`, `TLSRoute` | [`Tracked`] | the current spec plus the last spec that was accepted |
 //! | Gateway API `ReferenceGrant` | its spec | who may send to a Service of its namespace |
 //!
 //! Nothing here does I/O or judges a resource: the index is a faithful,
@@ -85,7 +85,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use weft_api::gateway::{
     Gateway, GatewayClass, GatewayClassSpec, GatewaySpec, HTTPRoute, HttpRouteSpec, ReferenceGrant,
-    ReferenceGrantSpec,
+    ReferenceGrantSpec, TLSRoute, TlsRouteSpec,
 };
 use weft_api::mesh::MESH_NAME;
 use weft_api::{AccessPolicy, Mesh, MeshSpec, MtlsPolicy, ServicePolicy, ServiceRoute};
@@ -226,6 +226,8 @@ pub enum Kind {
     MtlsPolicy,
     /// `gateway.networking.k8s.io` `HTTPRoute`.
     HttpRoute,
+    /// `gateway.networking.k8s.io` `TLSRoute` (experimental channel).
+    TlsRoute,
     /// `gateway.networking.k8s.io` `ReferenceGrant`.
     ReferenceGrant,
     /// `gateway.networking.k8s.io` `Gateway`.
@@ -261,6 +263,8 @@ pub enum Object {
     MtlsPolicy(Box<MtlsPolicy>),
     /// A Gateway API `HTTPRoute`.
     HttpRoute(Box<HTTPRoute>),
+    /// A Gateway API `TLSRoute`.
+    TlsRoute(Box<TLSRoute>),
     /// A Gateway API `ReferenceGrant`.
     ReferenceGrant(Box<ReferenceGrant>),
     /// A Gateway API `Gateway`.
@@ -283,6 +287,7 @@ impl Object {
             Object::AccessPolicy(_) => Kind::AccessPolicy,
             Object::MtlsPolicy(_) => Kind::MtlsPolicy,
             Object::HttpRoute(_) => Kind::HttpRoute,
+            Object::TlsRoute(_) => Kind::TlsRoute,
             Object::ReferenceGrant(_) => Kind::ReferenceGrant,
             Object::Gateway(_) => Kind::Gateway,
             Object::GatewayClass(_) => Kind::GatewayClass,
@@ -303,6 +308,7 @@ impl Object {
             Object::AccessPolicy(o) => &o.metadata,
             Object::MtlsPolicy(o) => &o.metadata,
             Object::HttpRoute(o) => &o.metadata,
+            Object::TlsRoute(o) => &o.metadata,
             Object::ReferenceGrant(o) => &o.metadata,
             Object::Gateway(o) => &o.metadata,
             Object::GatewayClass(o) => &o.metadata,
@@ -489,6 +495,7 @@ pub struct Index {
     access_policies: Namespaced<Tracked<weft_api::AccessPolicySpec>>,
     mtls_policies: Namespaced<Tracked<weft_api::MtlsPolicySpec>>,
     http_routes: Namespaced<Tracked<HttpRouteSpec>>,
+    tls_routes: Namespaced<Tracked<TlsRouteSpec>>,
     grants: Namespaced<ReferenceGrantSpec>,
     gateways: Namespaced<Tracked<GatewaySpec>>,
     gateway_classes: BTreeMap<String, GatewayClassSpec>,
@@ -705,6 +712,19 @@ impl Index {
                     Dirty::none()
                 }
             }
+            Object::TlsRoute(o) => {
+                let existing = self
+                    .tls_routes
+                    .get(&r.namespace)
+                    .and_then(|m| m.get(&r.name));
+                let t = tracked(existing, &o.metadata, &o.spec);
+                if insert_namespaced(&mut self.tls_routes, &r, t) {
+                    self.touch_namespace(&r.namespace);
+                    self.viewers(&r.namespace)
+                } else {
+                    Dirty::none()
+                }
+            }
             Object::ReferenceGrant(o) => {
                 if insert_namespaced(&mut self.grants, &r, o.spec.clone()) {
                     self.grants_changed()
@@ -745,11 +765,16 @@ impl Index {
         dirty
     }
 
-    /// A `ReferenceGrant` changed: every namespace with `HTTPRoute`s may
-    /// now resolve a backend differently.
+    /// A `ReferenceGrant` changed: every namespace with `HTTPRoute`s or
+    /// `TLSRoute`s may now resolve a backend differently.
     fn grants_changed(&mut self) -> Dirty {
         let mut dirty = Dirty::none();
-        let namespaces: Vec<String> = self.http_routes.keys().cloned().collect();
+        let namespaces: BTreeSet<String> = self
+            .http_routes
+            .keys()
+            .chain(self.tls_routes.keys())
+            .cloned()
+            .collect();
         for ns in namespaces {
             self.touch_namespace(&ns);
             dirty.merge(self.viewers(&ns));
@@ -857,6 +882,13 @@ impl Index {
                 }
                 self.if_changed(removed, r)
             }
+            Kind::TlsRoute => {
+                let removed = remove_namespaced(&mut self.tls_routes, r);
+                if removed {
+                    self.touch_namespace(&r.namespace);
+                }
+                self.if_changed(removed, r)
+            }
             Kind::ReferenceGrant => {
                 if remove_namespaced(&mut self.grants, r) {
                     self.grants_changed()
@@ -919,6 +951,7 @@ impl Index {
             Kind::AccessPolicy => of(&self.access_policies),
             Kind::MtlsPolicy => of(&self.mtls_policies),
             Kind::HttpRoute => of(&self.http_routes),
+            Kind::TlsRoute => of(&self.tls_routes),
             Kind::ReferenceGrant => of(&self.grants),
             Kind::Gateway => of(&self.gateways),
             Kind::GatewayClass => self
@@ -955,6 +988,7 @@ impl Index {
             Kind::AccessPolicy => record(&mut self.access_policies, r, generation),
             Kind::MtlsPolicy => record(&mut self.mtls_policies, r, generation),
             Kind::HttpRoute => record(&mut self.http_routes, r, generation),
+            Kind::TlsRoute => record(&mut self.tls_routes, r, generation),
             _ => false,
         };
         if changed {
@@ -1095,6 +1129,7 @@ impl Index {
         all.extend(self.access_policies.keys().cloned());
         all.extend(self.mtls_policies.keys().cloned());
         all.extend(self.http_routes.keys().cloned());
+        all.extend(self.tls_routes.keys().cloned());
         all.extend(self.gateways.keys().cloned());
         all
     }
@@ -1164,6 +1199,11 @@ impl Index {
         self.http_routes.get(namespace)
     }
 
+    /// Gateway API `TLSRoute`s of a namespace, by name.
+    pub fn tls_routes(&self, namespace: &str) -> Option<&BTreeMap<String, Tracked<TlsRouteSpec>>> {
+        self.tls_routes.get(namespace)
+    }
+
     /// Every `Gateway` of the cluster whose class is weft's, by namespace
     /// and name.
     pub fn weft_gateways(&self) -> impl Iterator<Item = (&str, &str, &Tracked<GatewaySpec>)> {
@@ -1199,16 +1239,23 @@ impl Index {
         self.namespaces.get(namespace).map(|n| &n.labels)
     }
 
-    /// Whether a `ReferenceGrant` of `to_ns` lets an `HTTPRoute` of
-    /// `from_ns` send to Service `service` of `to_ns`.
-    pub fn route_may_reach(&self, from_ns: &str, to_ns: &str, service: &str) -> bool {
+    /// Whether a `ReferenceGrant` of `to_ns` lets a route of kind
+    /// `route_kind` (`HTTPRoute`, `TLSRoute`) of `from_ns` send to Service
+    /// `service` of `to_ns`.
+    pub fn route_may_reach(
+        &self,
+        route_kind: &str,
+        from_ns: &str,
+        to_ns: &str,
+        service: &str,
+    ) -> bool {
         from_ns == to_ns
             || self
                 .grants
                 .get(to_ns)
                 .into_iter()
                 .flat_map(|m| m.values())
-                .any(|g| g.allows_route_to_service(from_ns, service))
+                .any(|g| g.allows_route_to_service(route_kind, from_ns, service))
     }
 
     /// Whether a `ReferenceGrant` of `to_ns` lets a `Gateway` of `from_ns`

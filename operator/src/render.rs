@@ -555,6 +555,8 @@ fn judge_namespace(index: &Index, ns: &str, td: &str) -> Judged {
     }
     // HTTPRoutes (GAMMA) on Services no ServiceRoute routes.
     gamma::judge(index, ns, &mut routes, &mut statuses);
+    // TLSRoutes of this namespace (their Gateways render them).
+    gateway::judge_tls_routes(index, ns, &mut statuses);
     for rs in routes.values_mut() {
         // BTreeMap order put None first; port-specific rules go first.
         rs.sort_by_key(|r| (r.port.is_none(), r.port));

@@ -382,3 +382,200 @@ fn weftctl_render_writes_the_gateway_document() {
     cfg.validate().expect("validates");
     assert_eq!(vhost_routes(cfg, "http", None), ["shop/site/0"]);
 }
+
+fn tls_route(ns: &str, name: &str, created: &str, spec: Value) -> Value {
+    json!({
+        "apiVersion": "gateway.networking.k8s.io/v1alpha2", "kind": "TLSRoute",
+        "metadata": {"namespace": ns, "name": name, "generation": 1, "creationTimestamp": created},
+        "spec": spec
+    })
+}
+
+fn tls_parents(out: &RenderOutput, route: &str) -> Vec<ParentVerdict> {
+    out.statuses
+        .iter()
+        .find(|s| s.kind == Kind::TlsRoute && s.object.name == route)
+        .map(|s| s.parents.clone())
+        .unwrap_or_default()
+}
+
+/// TLS passthrough: a `TLS` listener in `Passthrough` mode takes
+/// `TLSRoute`s; per SNI host name the oldest route wins and its weighted
+/// backends become the TCP route of the host's Service; a TLS listener
+/// that would terminate is refused; an HTTPRoute cannot attach to it nor a
+/// TLSRoute to an HTTP listener; a backend of another namespace needs a
+/// ReferenceGrant that names TLSRoute.
+#[test]
+fn tls_passthrough_listeners_route_sni_host_names_by_tls_routes() {
+    let idx = cluster(vec![
+        gateway(
+            "shop",
+            "edge",
+            "weft",
+            json!([
+                {"name": "tls", "port": 8443, "protocol": "TLS", "hostname": "*.example.com",
+                 "tls": {"mode": "Passthrough"},
+                 "allowedRoutes": {"namespaces": {"from": "All"}}},
+                {"name": "terminate", "port": 9443, "protocol": "TLS"},
+                {"name": "http", "port": 80, "protocol": "HTTP"},
+                {"name": "wrong-kinds", "port": 7443, "protocol": "TLS", "tls": {"mode": "Passthrough"},
+                 "allowedRoutes": {"kinds": [{"kind": "HTTPRoute"}]}}
+            ]),
+        ),
+        tls_route(
+            "shop",
+            "vault",
+            "2026-01-01T00:00:00Z",
+            json!({
+                "parentRefs": [{"name": "edge", "sectionName": "tls"}],
+                "hostnames": ["vault.example.com"],
+                "rules": [{"backendRefs": [
+                    {"name": "cart", "port": 80, "weight": 3},
+                    {"name": "web", "port": 80}
+                ]}]
+            }),
+        ),
+        // Newer, same host name: the older route keeps it.
+        tls_route(
+            "shop",
+            "vault-late",
+            "2026-02-01T00:00:00Z",
+            json!({
+                "parentRefs": [{"name": "edge"}],
+                "hostnames": ["vault.example.com"],
+                "rules": [{"backendRefs": [{"name": "web", "port": 80}]}]
+            }),
+        ),
+        // Any other name under the listener's, to another namespace
+        // without a grant for TLSRoutes (there is one for HTTPRoutes).
+        tls_route(
+            "shop",
+            "rest",
+            "2026-01-01T00:00:00Z",
+            json!({
+                "parentRefs": [{"name": "edge", "sectionName": "tls"}],
+                "rules": [{"backendRefs": [{"name": "api", "namespace": "other", "port": 8080}]}]
+            }),
+        ),
+        json!({
+            "apiVersion": "gateway.networking.k8s.io/v1beta1", "kind": "ReferenceGrant",
+            "metadata": {"namespace": "other", "name": "http-only"},
+            "spec": {
+                "from": [{"group": "gateway.networking.k8s.io", "kind": "HTTPRoute", "namespace": "shop"}],
+                "to": [{"group": "", "kind": "Service"}]
+            }
+        }),
+        tls_route(
+            "shop",
+            "on-http",
+            "2026-01-01T00:00:00Z",
+            json!({"parentRefs": [{"name": "edge", "sectionName": "http"}], "rules": [{}]}),
+        ),
+        http_route(
+            "shop",
+            "http-on-tls",
+            "2026-01-01T00:00:00Z",
+            json!({"parentRefs": [{"name": "edge", "sectionName": "tls"}], "rules": [{}]}),
+        ),
+    ]);
+    let out = rendered_gateway(&idx, "edge");
+    let summary: Vec<(&str, Option<&str>, Option<&str>, Vec<&str>, i32)> = out
+        .listeners
+        .iter()
+        .map(|l| {
+            (
+                l.name.as_str(),
+                l.refused.as_ref().map(|r| r.0),
+                l.unresolved.as_ref().map(|r| r.0),
+                l.kinds.clone(),
+                l.attached,
+            )
+        })
+        .collect();
+    assert_eq!(
+        summary,
+        [
+            ("tls", None, None, vec!["TLSRoute"], 3),
+            // vault-late names no section: it attaches here too (the
+            // count follows allowedRoutes and parentRefs alone).
+            (
+                "terminate",
+                Some("UnsupportedProtocol"),
+                None,
+                vec!["TLSRoute"],
+                1
+            ),
+            ("http", None, None, vec!["HTTPRoute"], 0),
+            ("wrong-kinds", None, Some("InvalidRouteKinds"), vec![], 0),
+        ]
+    );
+
+    let l = listener(&out.config, "tls");
+    assert_eq!(l.protocol, pc::ListenerProtocol::Tls);
+    assert!(l.certificates.is_empty());
+    let hosts: Vec<Option<&str>> = l.hosts.iter().map(|h| h.hostname.as_deref()).collect();
+    assert_eq!(hosts, [Some("vault.example.com"), Some("*.example.com")]);
+    let vault = service(&out.config, &l.hosts[0].service);
+    assert!(vault.http_routes.is_empty());
+    assert_eq!(vault.ports[0].protocol, pc::Protocol::Opaque);
+    assert_eq!(vault.ports[0].port, 8443);
+    let tcp: Vec<(String, Vec<(String, u32)>)> = vault
+        .tcp_routes
+        .iter()
+        .map(|r| {
+            (
+                r.name.clone(),
+                r.backends
+                    .iter()
+                    .map(|b| (b.service.clone(), b.weight))
+                    .collect(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        tcp,
+        [(
+            "shop/vault".to_owned(),
+            vec![("shop/cart".to_owned(), 3), ("shop/web".to_owned(), 1)]
+        )]
+    );
+    // No backend of `rest` resolves: its host name's connections are closed.
+    assert!(
+        service(&out.config, &l.hosts[1].service)
+            .tcp_routes
+            .is_empty()
+    );
+    assert!(out.ports.contains(&("tls".to_owned(), 8443)));
+
+    let shop_out = rendered(&idx, "shop");
+    let verdict = |r: &str| {
+        tls_parents(&shop_out, r).first().map(|p| {
+            (
+                p.controller,
+                p.refused.as_ref().map(|x| x.0),
+                p.unresolved.as_ref().map(|x| x.0),
+            )
+        })
+    };
+    assert_eq!(
+        verdict("vault"),
+        Some(("weft.dev/gateway-controller", None, None))
+    );
+    assert_eq!(
+        verdict("rest"),
+        Some(("weft.dev/gateway-controller", None, Some("RefNotPermitted")))
+    );
+    assert_eq!(
+        verdict("on-http"),
+        Some((
+            "weft.dev/gateway-controller",
+            Some("NoMatchingParent"),
+            None
+        ))
+    );
+    let http_on_tls = parents(&shop_out, "http-on-tls");
+    assert_eq!(
+        http_on_tls[0].refused.as_ref().map(|r| r.0),
+        Some("NoMatchingParent")
+    );
+}

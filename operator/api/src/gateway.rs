@@ -325,6 +325,57 @@ pub struct HttpRouteTimeouts {
     pub backend_request: Option<String>,
 }
 
+/// `TLSRoute` (`gateway.networking.k8s.io/v1alpha2`, experimental
+/// channel): TLS connections a Gateway's passthrough listener routes by
+/// the client's SNI, untouched.
+#[derive(CustomResource, Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[kube(
+    group = "gateway.networking.k8s.io",
+    version = "v1alpha2",
+    kind = "TLSRoute",
+    plural = "tlsroutes",
+    namespaced,
+    status = "RouteStatus",
+    schema = "disabled"
+)]
+#[serde(rename_all = "camelCase")]
+pub struct TlsRouteSpec {
+    /// The Gateways it attaches to.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub parent_refs: Vec<ParentReference>,
+    /// SNI host names it answers (exact or `*.suffix`); none: any the
+    /// listener answers.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub hostnames: Vec<String>,
+    /// The rules: their weighted backends share the connections.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rules: Vec<TlsRouteRule>,
+}
+
+/// One rule of a `TLSRoute`.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TlsRouteRule {
+    /// Name (metric label).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// Weighted backends.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub backend_refs: Vec<BackendRef>,
+}
+
+/// A weighted backend of a stream route.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct BackendRef {
+    /// The backend.
+    #[serde(flatten)]
+    pub backend: BackendObjectReference,
+    /// Relative weight (default 1; 0: no traffic).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub weight: Option<i32>,
+}
+
 /// The status of a route: one entry per parent and controller.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -589,12 +640,13 @@ impl ReferenceGrantSpec {
             })
     }
 
-    /// Whether an `HTTPRoute` of namespace `from_ns` may refer to Service
-    /// `name` of the grant's namespace.
-    pub fn allows_route_to_service(&self, from_ns: &str, name: &str) -> bool {
+    /// Whether a route of kind `route_kind` (`HTTPRoute`, `TLSRoute`) of
+    /// namespace `from_ns` may refer to Service `name` of the grant's
+    /// namespace.
+    pub fn allows_route_to_service(&self, route_kind: &str, from_ns: &str, name: &str) -> bool {
         self.from
             .iter()
-            .any(|f| f.group == GROUP && f.kind == "HTTPRoute" && f.namespace == from_ns)
+            .any(|f| f.group == GROUP && f.kind == route_kind && f.namespace == from_ns)
             && self.to.iter().any(|t| {
                 matches!(t.group.as_str(), "" | "core")
                     && t.kind == "Service"
@@ -651,8 +703,38 @@ mod tests {
                 name: Some("api".into()),
             }],
         };
-        assert!(grant.allows_route_to_service("web", "api"));
-        assert!(!grant.allows_route_to_service("web", "db"));
-        assert!(!grant.allows_route_to_service("other", "api"));
+        assert!(grant.allows_route_to_service("HTTPRoute", "web", "api"));
+        assert!(!grant.allows_route_to_service("HTTPRoute", "web", "db"));
+        assert!(!grant.allows_route_to_service("HTTPRoute", "other", "api"));
+        assert!(
+            !grant.allows_route_to_service("TLSRoute", "web", "api"),
+            "a grant names the route kind it admits"
+        );
+    }
+
+    #[test]
+    fn a_tls_route_reads_parents_host_names_and_weighted_backends() {
+        let route: TLSRoute = serde_json::from_value(serde_json::json!({
+            "apiVersion": "gateway.networking.k8s.io/v1alpha2",
+            "kind": "TLSRoute",
+            "metadata": {"name": "vault", "namespace": "shop"},
+            "spec": {
+                "parentRefs": [{"name": "public", "sectionName": "tls"}],
+                "hostnames": ["vault.example.com"],
+                "rules": [{"backendRefs": [
+                    {"name": "vault", "port": 443, "weight": 3},
+                    {"name": "vault-next", "port": 443}
+                ]}]
+            }
+        }))
+        .expect("deserializes");
+        assert_eq!(
+            route.spec.parent_refs[0].section_name.as_deref(),
+            Some("tls")
+        );
+        assert_eq!(route.spec.hostnames, ["vault.example.com"]);
+        let refs = &route.spec.rules[0].backend_refs;
+        assert_eq!((refs[0].weight, refs[1].weight), (Some(3), None));
+        assert_eq!(refs[1].backend.port, Some(443));
     }
 }

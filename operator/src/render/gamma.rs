@@ -363,10 +363,12 @@ fn attach_to(
     Ok((parent.name.clone(), port))
 }
 
-/// Resolves a backend reference; the error is a `ResolvedRefs` reason and
+/// Resolves a backend reference of a route of kind `route_kind`
+/// (`HTTPRoute`, `TLSRoute`); the error is a `ResolvedRefs` reason and
 /// message.
-fn backend_ref(
+pub(super) fn backend_ref(
     index: &Index,
+    route_kind: &str,
     ns: &str,
     b: &BackendObjectReference,
     weight: u32,
@@ -383,11 +385,11 @@ fn backend_ref(
         ));
     }
     let target_ns = b.namespace.as_deref().unwrap_or(ns);
-    if !index.route_may_reach(ns, target_ns, &b.name) {
+    if !index.route_may_reach(route_kind, ns, target_ns, &b.name) {
         return Err((
             "RefNotPermitted",
             format!(
-                "{at}: Service {target_ns}/{} is in another namespace and no ReferenceGrant there allows HTTPRoutes of {ns}",
+                "{at}: Service {target_ns}/{} is in another namespace and no ReferenceGrant there allows {route_kind}s of {ns}",
                 b.name
             ),
         ));
@@ -469,7 +471,7 @@ fn rule_entries(
                 format!("{b_at}.weight: must not be negative"),
             )
         })?;
-        match backend_ref(index, ns, &b.backend, weight, &b_at) {
+        match backend_ref(index, "HTTPRoute", ns, &b.backend, weight, &b_at) {
             Ok(backend) => route.backends.push(backend),
             Err(r) => {
                 route.unresolved_weight = route.unresolved_weight.saturating_add(weight);
@@ -733,6 +735,7 @@ fn apply_filter(
             }
             match backend_ref(
                 index,
+                "HTTPRoute",
                 ns,
                 &m.backend_ref,
                 1,

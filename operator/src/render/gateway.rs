@@ -29,7 +29,13 @@
 //! # Listeners
 //!
 //! `HTTP` and `HTTPS` (TLS terminated with `certificateRefs`: Secrets of
-//! the Gateway's namespace, mounted into the gateway's pods) are served.
+//! the Gateway's namespace, mounted into the gateway's pods) take
+//! `HTTPRoute`s; `TLS` with `tls.mode: Passthrough` takes `TLSRoute`s
+//! (experimental channel): per SNI host name, the oldest route answering
+//! it wins, and its backends share the connections by weight as a TCP
+//! route; the client's TLS goes to them untouched (inside mTLS to meshed
+//! ones). Unresolved backends are left out (`ResolvedRefs=False`); with
+//! none left, connections for that name are closed.
 //! A certificate Secret of another namespace needs a `ReferenceGrant` there
 //! (else `RefNotPermitted`); the writer keeps a copy of it in the Gateway's
 //! namespace, which the pods mount (kubelet mounts Secrets of the pod's own
@@ -43,6 +49,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use weft_api::gateway::{
     GATEWAY_CONTROLLER, GROUP, GatewayListener, GatewaySpec, HttpRouteSpec, ParentReference,
+    TlsRouteSpec,
 };
 use weft_proxy_config as pc;
 
@@ -62,9 +69,10 @@ pub struct ListenerVerdict {
     pub unresolved: Option<(&'static str, String)>,
     /// `None`: `Conflicted=False`.
     pub conflicted: Option<(&'static str, String)>,
-    /// Whether it takes `HTTPRoute`s (its `allowedRoutes.kinds` name it or
-    /// are unset): its `supportedKinds`.
-    pub http_routes: bool,
+    /// The route kinds it takes (`HTTPRoute` on HTTP and HTTPS, `TLSRoute`
+    /// on TLS passthrough, as far as `allowedRoutes.kinds` lists them): its
+    /// `supportedKinds`.
+    pub kinds: Vec<&'static str>,
 }
 
 impl ListenerVerdict {
@@ -111,6 +119,14 @@ type Attached<'a> = (
     Vec<Option<String>>,
 );
 
+/// A `TLSRoute` attached to a passthrough listener, likewise.
+type AttachedTls<'a> = (
+    String,
+    String,
+    &'a Tracked<TlsRouteSpec>,
+    Vec<Option<String>>,
+);
+
 /// Whether a parent reference names a Gateway (group and kind defaults).
 pub fn is_gateway_ref(p: &ParentReference) -> bool {
     p.group.as_deref().is_none_or(|g| g == GROUP)
@@ -137,12 +153,31 @@ pub fn is_weft_gateway_parent(index: &Index, route_ns: &str, p: &ParentReference
     weft_gateway(index, route_ns, p).is_some()
 }
 
-/// The listeners of its Gateway a route's parent attaches to (by index),
-/// or why none.
+/// The protocols whose listeners take routes of `kind`.
+fn protocols_of(kind: &str) -> &'static [&'static str] {
+    match kind {
+        "HTTPRoute" => &["HTTP", "HTTPS"],
+        "TLSRoute" => &["TLS"],
+        _ => &[],
+    }
+}
+
+/// The route kinds a listener of `protocol` can take.
+fn kinds_of(protocol: &str) -> &'static [&'static str] {
+    match protocol {
+        "HTTP" | "HTTPS" => &["HTTPRoute"],
+        "TLS" => &["TLSRoute"],
+        _ => &[],
+    }
+}
+
+/// The listeners of its Gateway a parent of a route of `kind` with host
+/// names `hostnames` attaches to (by index), or why none.
 pub fn attach(
     index: &Index,
     route_ns: &str,
-    spec: &HttpRouteSpec,
+    kind: &str,
+    hostnames: &[String],
     p: &ParentReference,
 ) -> Result<Vec<usize>, (&'static str, String)> {
     let Some((gw_ns, gw_name, gw)) = weft_gateway(index, route_ns, p) else {
@@ -158,31 +193,32 @@ pub fn attach(
         .enumerate()
         .filter(|(_, l)| p.section_name.as_ref().is_none_or(|s| *s == l.name))
         .filter(|(_, l)| p.port.is_none_or(|port| port == l.port))
-        .filter(|(_, l)| matches!(l.protocol.as_str(), "HTTP" | "HTTPS"))
+        .filter(|(_, l)| protocols_of(kind).contains(&l.protocol.as_str()))
         .collect();
     if selected.is_empty() {
         return Err((
             "NoMatchingParent",
             format!(
-                "Gateway {gw_ns}/{gw_name} has no HTTP or HTTPS listener that sectionName and port select"
+                "Gateway {gw_ns}/{gw_name} has no {} listener that sectionName and port select",
+                protocols_of(kind).join(" or ")
             ),
         ));
     }
     let allowed: Vec<(usize, &GatewayListener)> = selected
         .into_iter()
-        .filter(|(_, l)| allows(index, gw_ns, route_ns, l))
+        .filter(|(_, l)| allows(index, gw_ns, route_ns, kind, l))
         .collect();
     if allowed.is_empty() {
         return Err((
             "NotAllowedByListeners",
             format!(
-                "no listener of Gateway {gw_ns}/{gw_name} allows HTTPRoutes of namespace {route_ns}"
+                "no listener of Gateway {gw_ns}/{gw_name} allows {kind}s of namespace {route_ns}"
             ),
         ));
     }
     let matching: Vec<usize> = allowed
         .into_iter()
-        .filter(|(_, l)| !route_hosts(spec, l).is_empty())
+        .filter(|(_, l)| !route_hosts(hostnames, l).is_empty())
         .map(|(i, _)| i)
         .collect();
     if matching.is_empty() {
@@ -196,13 +232,13 @@ pub fn attach(
     Ok(matching)
 }
 
-fn allows(index: &Index, gw_ns: &str, route_ns: &str, l: &GatewayListener) -> bool {
+fn allows(index: &Index, gw_ns: &str, route_ns: &str, kind: &str, l: &GatewayListener) -> bool {
     let ar = l.allowed_routes.as_ref();
     let kinds_ok = ar.is_none_or(|a| {
         a.kinds.is_empty()
             || a.kinds
                 .iter()
-                .any(|k| k.kind == "HTTPRoute" && k.group.as_deref().is_none_or(|g| g == GROUP))
+                .any(|k| k.kind == kind && k.group.as_deref().is_none_or(|g| g == GROUP))
     });
     let from = ar
         .and_then(|a| a.namespaces.as_ref())
@@ -252,13 +288,13 @@ fn selector_matches(
 /// The host names a route answers on a listener: each route host name
 /// intersected with the listener's; a route without host names takes the
 /// listener's (`None`: any). Empty: the route does not fit the listener.
-fn route_hosts(spec: &HttpRouteSpec, l: &GatewayListener) -> Vec<Option<String>> {
+fn route_hosts(hostnames: &[String], l: &GatewayListener) -> Vec<Option<String>> {
     let lh = l.hostname.as_deref();
-    if spec.hostnames.is_empty() {
+    if hostnames.is_empty() {
         return vec![lh.map(str::to_owned)];
     }
     let mut out = Vec::new();
-    for h in &spec.hostnames {
+    for h in hostnames {
         let h = h.to_ascii_lowercase();
         let i = match lh {
             None => Some(h),
@@ -331,10 +367,18 @@ pub fn render_gateway(
             refused: None,
             unresolved: None,
             conflicted: None,
-            http_routes: true,
+            kinds: kinds_of(&l.protocol).to_vec(),
         };
         match l.protocol.as_str() {
             "HTTP" => {}
+            "TLS" => {
+                if l.tls.as_ref().and_then(|t| t.mode.as_deref()) != Some("Passthrough") {
+                    v.refused = Some((
+                        "UnsupportedProtocol",
+                        "a TLS listener of weft's gateway passes TLS through to the backend (tls.mode Passthrough); it does not terminate TLS for TCP".to_owned(),
+                    ));
+                }
+            }
             "HTTPS" => {
                 let tls = l.tls.as_ref();
                 if tls
@@ -414,29 +458,34 @@ pub fn render_gateway(
                 v.refused = Some((
                     "UnsupportedProtocol",
                     format!(
-                        "protocol {other:?} is not served by weft's gateway (HTTP and HTTPS are)"
+                        "protocol {other:?} is not served by weft's gateway (HTTP, HTTPS and TLS passthrough are)"
                     ),
                 ));
             }
         }
+        let takes = kinds_of(&l.protocol);
+        let fits_protocol = |k: &weft_api::gateway::RouteGroupKind| {
+            takes.contains(&k.kind.as_str()) && k.group.as_deref().is_none_or(|g| g == GROUP)
+        };
         if let Some(ar) = &l.allowed_routes
             && !ar.kinds.is_empty()
         {
-            v.http_routes = ar
-                .kinds
-                .iter()
-                .any(|k| k.kind == "HTTPRoute" && k.group.as_deref().is_none_or(|g| g == GROUP));
-        }
-        if let Some(ar) = &l.allowed_routes
-            && ar
-                .kinds
-                .iter()
-                .any(|k| k.kind != "HTTPRoute" || k.group.as_deref().is_some_and(|g| g != GROUP))
-        {
-            v.unresolved.get_or_insert((
-                "InvalidRouteKinds",
-                "weft's gateway attaches HTTPRoutes only".to_owned(),
-            ));
+            v.kinds
+                .retain(|kind| ar.kinds.iter().any(|k| fits_protocol(k) && k.kind == *kind));
+            if !ar.kinds.iter().all(fits_protocol) {
+                v.unresolved.get_or_insert((
+                    "InvalidRouteKinds",
+                    format!(
+                        "a {} listener of weft's gateway takes {} only",
+                        l.protocol,
+                        if takes.is_empty() {
+                            "no routes".to_owned()
+                        } else {
+                            takes.join(" and ")
+                        }
+                    ),
+                ));
+            }
         }
         listeners.push(v);
         cert_names.push(names);
@@ -466,6 +515,7 @@ pub fn render_gateway(
 
     // Routes attached to each listener, with their host names.
     let mut attached: Vec<Vec<Attached<'_>>> = vec![Vec::new(); spec.listeners.len()];
+    let mut attached_tls: Vec<Vec<AttachedTls<'_>>> = vec![Vec::new(); spec.listeners.len()];
     for route_ns in index.all_namespaces() {
         for (rname, t) in index.http_routes(&route_ns).into_iter().flatten() {
             let parents = t.spec.parent_refs.iter().filter(|p| {
@@ -473,13 +523,28 @@ pub fn render_gateway(
             });
             let mut on = BTreeSet::new();
             for p in parents {
-                if let Ok(ls) = attach(index, &route_ns, &t.spec, p) {
+                if let Ok(ls) = attach(index, &route_ns, "HTTPRoute", &t.spec.hostnames, p) {
                     on.extend(ls);
                 }
             }
             for i in on {
-                let hosts = route_hosts(&t.spec, &spec.listeners[i]);
+                let hosts = route_hosts(&t.spec.hostnames, &spec.listeners[i]);
                 attached[i].push((route_ns.clone(), rname.clone(), t, hosts));
+            }
+        }
+        for (rname, t) in index.tls_routes(&route_ns).into_iter().flatten() {
+            let parents = t.spec.parent_refs.iter().filter(|p| {
+                weft_gateway(index, &route_ns, p).is_some_and(|(n, m, _)| n == ns && m == name)
+            });
+            let mut on = BTreeSet::new();
+            for p in parents {
+                if let Ok(ls) = attach(index, &route_ns, "TLSRoute", &t.spec.hostnames, p) {
+                    on.extend(ls);
+                }
+            }
+            for i in on {
+                let hosts = route_hosts(&t.spec.hostnames, &spec.listeners[i]);
+                attached_tls[i].push((route_ns.clone(), rname.clone(), t, hosts));
             }
         }
     }
@@ -491,13 +556,34 @@ pub fn render_gateway(
     let mut gw_listeners = Vec::new();
     let mut made = Vec::new();
     for (i, l) in spec.listeners.iter().enumerate() {
-        listeners[i].attached = attached[i].len() as i32;
+        listeners[i].attached = (attached[i].len() + attached_tls[i].len()) as i32;
         if !listeners[i].programmed() {
             continue;
         }
         let Ok(port) = u16::try_from(l.port) else {
             continue;
         };
+        if l.protocol == "TLS" {
+            let (hosts, services) = passthrough_hosts(
+                index,
+                ns,
+                name,
+                l,
+                port,
+                &attached_tls[i],
+                &mut extra_namespaces,
+            );
+            made.extend(services);
+            gw_listeners.push(pc::Listener {
+                name: l.name.clone(),
+                port,
+                protocol: pc::ListenerProtocol::Tls,
+                hostname: l.hostname.clone(),
+                certificates: Vec::new(),
+                hosts,
+            });
+            continue;
+        }
         // Virtual hosts: every host name a route answers here.
         let mut vhosts: Vec<Option<String>> = Vec::new();
         for (_, _, _, hosts) in &attached[i] {
@@ -641,6 +727,163 @@ pub fn render_gateway(
     })
 }
 
+/// The virtual hosts of a TLS passthrough listener and the Services made
+/// for them: per SNI host name its routes answer (most specific first),
+/// the TCP route of the one route that wins it (the oldest, then by
+/// namespace and name, as the Gateway API orders conflicting routes),
+/// whose rules' resolved backends share the connections by weight. A host
+/// whose route resolves no backend keeps its Service without a route: the
+/// gateway closes its connections.
+fn passthrough_hosts(
+    index: &Index,
+    ns: &str,
+    gateway: &str,
+    l: &GatewayListener,
+    port: u16,
+    attached: &[AttachedTls<'_>],
+    extra_namespaces: &mut BTreeSet<String>,
+) -> (Vec<pc::VirtualHost>, Vec<pc::Service>) {
+    let mut vhosts: Vec<Option<String>> = Vec::new();
+    for (_, _, _, hosts) in attached {
+        for h in hosts {
+            if !vhosts.contains(h) {
+                vhosts.push(h.clone());
+            }
+        }
+    }
+    vhosts.sort_by_key(|h| match h {
+        Some(h) if !h.starts_with("*.") => (0, std::cmp::Reverse(h.len()), h.clone()),
+        Some(h) => (1, std::cmp::Reverse(h.len()), h.clone()),
+        None => (2, std::cmp::Reverse(0), String::new()),
+    });
+    let (mut hosts, mut services) = (Vec::new(), Vec::new());
+    for (n, v) in vhosts.iter().enumerate() {
+        let winner = attached
+            .iter()
+            .filter_map(|(rns, rname, t, rhosts)| {
+                let fit = rhosts
+                    .iter()
+                    .filter_map(|h| fits(h.as_deref(), v.as_deref()))
+                    .min()?;
+                Some((
+                    (fit, t.created.is_none(), t.created.clone(), rns, rname),
+                    (rns, rname, t),
+                ))
+            })
+            .min_by(|a, b| a.0.cmp(&b.0))
+            .map(|(_, r)| r);
+        let mut tcp_routes = Vec::new();
+        if let Some((rns, rname, t)) = winner {
+            let (backends, _) = tls_backends(index, rns, &t.spec);
+            for b in &backends {
+                if let Some((bns, _)) = b.service.split_once('/') {
+                    extra_namespaces.insert(bns.to_owned());
+                }
+            }
+            if backends.iter().any(|b| b.weight > 0) {
+                tcp_routes.push(pc::TcpRoute {
+                    name: format!("{rns}/{rname}"),
+                    port: None,
+                    backends,
+                });
+            }
+        }
+        let svc_name = format!("{gateway}:{}:{n}", l.name);
+        services.push(pc::Service {
+            name: svc_name.clone(),
+            namespace: ns.to_owned(),
+            cluster_ips: Vec::new(),
+            ports: vec![pc::ServicePort {
+                port,
+                name: None,
+                target_port: port,
+                protocol: pc::Protocol::Opaque,
+            }],
+            subsets: Vec::new(),
+            endpoints: Vec::new(),
+            http_routes: Vec::new(),
+            tcp_routes,
+            policy: pc::ClientPolicy::default(),
+        });
+        hosts.push(pc::VirtualHost {
+            hostname: v.clone(),
+            service: format!("{ns}/{svc_name}"),
+        });
+    }
+    (hosts, services)
+}
+
+/// The backends a `TLSRoute`'s rules resolve to, and why the others do
+/// not (`ResolvedRefs` reason, message).
+fn tls_backends(
+    index: &Index,
+    ns: &str,
+    spec: &TlsRouteSpec,
+) -> (Vec<pc::Backend>, Vec<(&'static str, String)>) {
+    let (mut backends, mut unresolved) = (Vec::new(), Vec::new());
+    for (i, rule) in spec.rules.iter().enumerate() {
+        for (k, b) in rule.backend_refs.iter().enumerate() {
+            let at = format!("rules[{i}].backendRefs[{k}]");
+            let Ok(weight) = u32::try_from(b.weight.unwrap_or(1)) else {
+                unresolved.push(("UnsupportedValue", format!("{at}.weight: negative")));
+                continue;
+            };
+            match gamma::backend_ref(index, "TLSRoute", ns, &b.backend, weight, &at) {
+                Ok(backend) => backends.push(backend),
+                Err(r) => unresolved.push(r),
+            }
+        }
+    }
+    (backends, unresolved)
+}
+
+/// The verdicts on the `TLSRoute`s of `ns`: per parent naming a weft
+/// Gateway, whether it attaches and whether its backends resolve.
+pub(super) fn judge_tls_routes(index: &Index, ns: &str, statuses: &mut Vec<super::CrStatus>) {
+    for (rname, t) in index.tls_routes(ns).into_iter().flatten() {
+        let (_, unresolved) = tls_backends(index, ns, &t.spec);
+        let resolved = unresolved.first().map(|(reason, _)| {
+            (
+                *reason,
+                unresolved
+                    .iter()
+                    .map(|(_, m)| m.as_str())
+                    .collect::<Vec<_>>()
+                    .join("; "),
+            )
+        });
+        let parents: Vec<ParentVerdict> = t
+            .spec
+            .parent_refs
+            .iter()
+            .filter(|p| is_weft_gateway_parent(index, ns, p))
+            .map(|p| {
+                let refused = attach(index, ns, "TLSRoute", &t.spec.hostnames, p).err();
+                ParentVerdict {
+                    parent: p.clone(),
+                    controller: GATEWAY_CONTROLLER,
+                    unresolved: if refused.is_none() {
+                        resolved.clone()
+                    } else {
+                        None
+                    },
+                    refused,
+                }
+            })
+            .collect();
+        if parents.is_empty() {
+            continue;
+        }
+        statuses.push(super::CrStatus {
+            kind: crate::index::Kind::TlsRoute,
+            object: crate::index::ObjectRef::new(ns, rname.clone()),
+            generation: t.generation,
+            rejection: None,
+            parents,
+        });
+    }
+}
+
 /// The name of the copy of certificate Secret `ns/secret` that Gateway
 /// `gateway` mounts (a Secret name: at most 253 characters).
 pub fn copy_name(gateway: &str, ns: &str, secret: &str) -> String {
@@ -662,7 +905,7 @@ pub fn parent_verdict(
     p: &ParentReference,
     unresolved: Option<(&'static str, String)>,
 ) -> ParentVerdict {
-    let refused = attach(index, route_ns, spec, p).err();
+    let refused = attach(index, route_ns, "HTTPRoute", &spec.hostnames, p).err();
     ParentVerdict {
         parent: p.clone(),
         controller: GATEWAY_CONTROLLER,

@@ -144,6 +144,10 @@ pub fn to_object(
             Object::HttpRoute(convert(index, &kind, value)?)
         }
         (
+            "gateway.networking.k8s.io/v1alpha2" | "gateway.networking.k8s.io/v1alpha3",
+            "TLSRoute",
+        ) => Object::TlsRoute(convert(index, &kind, value)?),
+        (
             "gateway.networking.k8s.io/v1beta1" | "gateway.networking.k8s.io/v1",
             "ReferenceGrant",
         ) => Object::ReferenceGrant(convert(index, &kind, value)?),
