@@ -122,11 +122,21 @@ impl Channel {
 /// delete every object of its kind, not only the harness's.
 pub async fn install_gateway_api(cluster: &Cluster, channel: Channel) -> Result<(), HarnessError> {
     let crds = gateway_api_crds_dir(channel).await?;
+    // The experimental directory is a kustomization (its file lists the
+    // CRDs); the standard one holds the CRDs alone.
+    let how = if std::path::Path::new(&crds)
+        .join("kustomization.yaml")
+        .exists()
+    {
+        "-k"
+    } else {
+        "-f"
+    };
     let apply = [
         "apply",
         "--server-side",
         "--field-manager=weft-e2e",
-        "-f",
+        how,
         &crds,
     ];
     let out = cluster.kubectl_output(&apply, None).await?;

@@ -569,13 +569,13 @@ fn tls_passthrough_listeners_route_sni_host_names_by_tls_routes() {
         verdict("on-http"),
         Some((
             "weft.dev/gateway-controller",
-            Some("NoMatchingParent"),
+            Some("NotAllowedByListeners"),
             None
         ))
     );
     let http_on_tls = parents(&shop_out, "http-on-tls");
     assert_eq!(
         http_on_tls[0].refused.as_ref().map(|r| r.0),
-        Some("NoMatchingParent")
+        Some("NotAllowedByListeners")
     );
 }

@@ -193,19 +193,18 @@ pub fn attach(
         .enumerate()
         .filter(|(_, l)| p.section_name.as_ref().is_none_or(|s| *s == l.name))
         .filter(|(_, l)| p.port.is_none_or(|port| port == l.port))
-        .filter(|(_, l)| protocols_of(kind).contains(&l.protocol.as_str()))
         .collect();
     if selected.is_empty() {
         return Err((
             "NoMatchingParent",
-            format!(
-                "Gateway {gw_ns}/{gw_name} has no {} listener that sectionName and port select",
-                protocols_of(kind).join(" or ")
-            ),
+            format!("Gateway {gw_ns}/{gw_name} has no listener that sectionName and port select"),
         ));
     }
+    // A listener of another protocol does not allow the kind, like one
+    // whose allowedRoutes leaves it out.
     let allowed: Vec<(usize, &GatewayListener)> = selected
         .into_iter()
+        .filter(|(_, l)| protocols_of(kind).contains(&l.protocol.as_str()))
         .filter(|(_, l)| allows(index, gw_ns, route_ns, kind, l))
         .collect();
     if allowed.is_empty() {
