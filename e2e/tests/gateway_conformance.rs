@@ -1,10 +1,11 @@
 //! The upstream Gateway API conformance suite against weft, on the
-//! harness: the suite's `GATEWAY-HTTP` profile, unchanged, from the release
+//! harness: the suite's `GATEWAY-HTTP` and `GATEWAY-TLS` profiles (on the
+//! experimental channel's CRDs, where TLSRoute is), unchanged, from the release
 //! pinned in `e2e/gateway-api/go.mod` (`e2e/gateway-api/build.sh` builds
 //! it and its echo backend), run in the node's network namespace like a
 //! client outside the mesh. Its report is written to
 //! `target/gateway-api/report.yaml` (published as
-//! `docs/conformance/gateway-http-report.yaml`) and its log next to it.
+//! `docs/conformance/gateway-v1.4.1-report.yaml`) and its log next to it.
 
 mod common;
 
