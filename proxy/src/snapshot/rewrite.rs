@@ -64,6 +64,27 @@ impl HttpRoute {
     }
 }
 
+/// Where a request arrived, for what a redirect keeps: the scheme a
+/// request in origin form was sent with, and the port of the listener that
+/// took it (an ingress gateway's; the Gateway API keeps the listener port
+/// when a redirect sets neither scheme nor port). A sidecar's outbound
+/// requests arrive as `http`, and keep the port their `Host` names.
+#[derive(Clone, Copy, Debug)]
+pub struct Arrival {
+    /// `http` or `https`.
+    pub scheme: &'static str,
+    /// The listener's port; `None`: the `Host` header's.
+    pub port: Option<u16>,
+}
+
+impl Arrival {
+    /// A sidecar's outbound request.
+    pub const SIDECAR: Arrival = Arrival {
+        scheme: "http",
+        port: None,
+    };
+}
+
 /// The `Location` of a redirect for a request with `uri` and `headers`:
 /// each part the rule does not set is kept from the request. `prefix` is
 /// what the matching prefix condition matched (for `pathPrefix`).
@@ -72,8 +93,9 @@ pub fn redirect_location(
     prefix: Option<&str>,
     uri: &Uri,
     headers: &HeaderMap,
+    arrival: Arrival,
 ) -> String {
-    let scheme_in = uri.scheme_str().unwrap_or("http");
+    let scheme_in = uri.scheme_str().unwrap_or(arrival.scheme);
     let scheme = r.scheme.as_deref().unwrap_or(scheme_in);
     let authority = uri
         .authority()
@@ -86,6 +108,7 @@ pub fn redirect_location(
         })
         .unwrap_or_default();
     let (host_in, port_in) = split_authority(&authority);
+    let port_in = arrival.port.or(port_in);
     let host = r.host.as_deref().unwrap_or(host_in);
     // A new scheme without a port goes to that scheme's default port.
     let port = match (r.port, r.scheme.is_some() && scheme != scheme_in) {

@@ -691,7 +691,7 @@ impl HeaderOps {
 #[cfg(test)]
 mod tests {
     use super::super::dest::resolve;
-    use super::super::rewrite::redirect_location;
+    use super::super::rewrite::{Arrival, redirect_location};
     use super::*;
     use rand::SeedableRng;
     use rand::rngs::StdRng;
@@ -1110,7 +1110,7 @@ mod tests {
             status: 301,
         };
         assert_eq!(
-            redirect_location(&r, None, &uri, &h),
+            redirect_location(&r, None, &uri, &h, Arrival::SIDECAR),
             "http://frontend:8080/store?x=1"
         );
         let r = Redirect {
@@ -1122,8 +1122,34 @@ mod tests {
             status: 302,
         };
         assert_eq!(
-            redirect_location(&r, None, &uri, &h),
+            redirect_location(&r, None, &uri, &h, Arrival::SIDECAR),
             "https://shop.example/shop/a?x=1"
+        );
+        // On a gateway's HTTPS listener of port 8443, a redirect that sets
+        // neither scheme nor port keeps https and the listener's port.
+        let gateway = Arrival {
+            scheme: "https",
+            port: Some(8443),
+        };
+        let r = Redirect {
+            scheme: None,
+            host: Some("example.org".into()),
+            port: None,
+            path: None,
+            path_prefix: None,
+            status: 302,
+        };
+        assert_eq!(
+            redirect_location(&r, None, &uri, &h, gateway),
+            "https://example.org:8443/shop/a?x=1"
+        );
+        let on_443 = Arrival {
+            scheme: "https",
+            port: Some(443),
+        };
+        assert_eq!(
+            redirect_location(&r, None, &uri, &h, on_443),
+            "https://example.org/shop/a?x=1"
         );
     }
 

@@ -54,6 +54,9 @@ pub(super) struct Ctx {
     pub(super) dst: SocketAddr,
     pub(super) client: SocketAddr,
     pub(super) version: Version,
+    /// How requests arrived (scheme, a gateway's listener port), for
+    /// redirects.
+    pub(super) arrival: crate::snapshot::rewrite::Arrival,
     /// The traffic metric series its requests were counted in.
     pub(super) series: SeriesCache<SeriesKey>,
 }

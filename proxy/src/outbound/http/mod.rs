@@ -41,7 +41,7 @@ use crate::metrics::Direction;
 use crate::metrics::traffic::{
     CallLabels, MeteredBody, OnEnd, Peer, Reporter, Series, SeriesCache, is_grpc,
 };
-use crate::snapshot::rewrite::redirect_location;
+use crate::snapshot::rewrite::{Arrival, redirect_location};
 use crate::snapshot::routes;
 use crate::snapshot::{ServiceRef, Snapshot};
 use crate::state::State;
@@ -69,6 +69,7 @@ pub async fn serve<I>(
         dst,
         client,
         version,
+        arrival: Arrival::SIDECAR,
         series: SeriesCache::default(),
     });
     let svc = service_fn(move |mut req: Request<Incoming>| {
@@ -144,6 +145,10 @@ pub async fn serve_gateway<I>(
                 dst: local,
                 client,
                 version,
+                arrival: Arrival {
+                    scheme,
+                    port: Some(port),
+                },
                 series,
             };
             Ok::<_, Infallible>(handle(&ctx, &snap, target, req, started, NoRoute::NotFound).await)
@@ -484,7 +489,7 @@ fn redirect(
     headers: &HeaderMap,
 ) -> Response<Body> {
     let route = sel.route;
-    let location = redirect_location(r, sel.prefix, uri, headers);
+    let location = redirect_location(r, sel.prefix, uri, headers, ctx.arrival);
     let mut resp = Response::new(full(""));
     *resp.status_mut() = StatusCode::from_u16(r.status).unwrap_or(StatusCode::FOUND);
     match HeaderValue::from_str(&location) {
