@@ -36,6 +36,11 @@ pub struct HeadLimits {
 /// requests past it wait in the client proxy for a stream to end.
 const MAX_STREAMS: u32 = 1024;
 
+/// A request's response future, boxed (see the HTTP/1 branch of
+/// [`serve_connection`]).
+type BoxedResponse<E> =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<Response<Body>, E>> + Send>>;
+
 /// Serves one client connection with hyper until it closes; on shutdown,
 /// or when `revoked` resolves (the connection may no longer be served, e.g.
 /// plaintext after a switch to Strict), asks it to finish gracefully
@@ -70,20 +75,23 @@ pub async fn serve_connection<I, S>(
             let watch = std::sync::Arc::new(framing::Watch::new());
             let io = hyper_util::rt::TokioIo::new(framing::Tracked::new(io, watch.clone()));
             let refusing = watch.clone();
-            // The service's future is made inside the block, not before it:
-            // hyper keeps room for one per connection, and a future awaited
-            // from outside the block would be held twice.
+            // hyper keeps a slot the size of the service's future for the
+            // whole life of an HTTP/1 connection, idle or not. Boxed, that
+            // slot is a pointer and a request's state is freed when it ends:
+            // one allocation per request against the request pipeline's
+            // whole state per idle connection (docs/performance.md).
             let svc = hyper::service::service_fn(move |req| {
                 let refused = refusing.refuses_next();
                 let svc = svc.clone();
-                async move {
+                let fut: BoxedResponse<S::Error> = Box::pin(async move {
                     if refused {
                         return Ok(bad_request(
                             "the request has both Content-Length and Transfer-Encoding (RFC 9112 section 6.1); send one of them",
                         ));
                     }
                     svc.call(req).await
-                }
+                });
+                fut
             });
             let mut builder = hyper::server::conn::http1::Builder::new();
             builder.max_header_size(settings.max_header_bytes);
