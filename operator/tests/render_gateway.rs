@@ -359,13 +359,23 @@ fn weftctl_render_writes_the_gateway_document() {
             "shop",
             "public",
             "weft",
-            json!([{"name": "http", "port": 80, "protocol": "HTTP"}]),
+            json!([
+                {"name": "http", "port": 80, "protocol": "HTTP"},
+                {"name": "tls", "port": 443, "protocol": "TLS", "tls": {"mode": "Passthrough"}}
+            ]),
         ),
         http_route(
             "shop",
             "site",
             "2026-01-01T00:00:00Z",
             json!({"parentRefs": [{"name": "public"}], "rules": [{"backendRefs": [{"name": "web", "port": 80}]}]}),
+        ),
+        tls_route(
+            "shop",
+            "secure",
+            "2026-01-01T00:00:00Z",
+            json!({"parentRefs": [{"name": "public"}], "hostnames": ["web.example.com"],
+                   "rules": [{"backendRefs": [{"name": "web", "port": 80}]}]}),
         ),
     ];
     let text = docs
@@ -381,6 +391,16 @@ fn weftctl_render_writes_the_gateway_document() {
     let cfg = &g.config;
     cfg.validate().expect("validates");
     assert_eq!(vhost_routes(cfg, "http", None), ["shop/site/0"]);
+    // The TLSRoute (v1alpha2) is read offline too.
+    let tls = listener(cfg, "tls");
+    assert_eq!(tls.protocol, pc::ListenerProtocol::Tls);
+    assert_eq!(tls.hosts[0].hostname.as_deref(), Some("web.example.com"));
+    let routes: Vec<&str> = service(cfg, &tls.hosts[0].service)
+        .tcp_routes
+        .iter()
+        .map(|r| r.name.as_str())
+        .collect();
+    assert_eq!(routes, ["shop/secure"]);
 }
 
 fn tls_route(ns: &str, name: &str, created: &str, spec: Value) -> Value {
