@@ -227,6 +227,22 @@ pub async fn acquire(
     if !fresh_only && let Some(s) = pool.checkout() {
         return Ok((s, false));
     }
+    // Dialling holds a TCP connect's and a TLS handshake's state. Boxed, it
+    // costs an allocation per new connection, and the future of every
+    // request (which hyper keeps per client connection) stays small.
+    Box::pin(dial(via, pool, key, fresh_only, deadline, gate)).await
+}
+
+/// [`acquire`] without an idle pooled connection: share a connection being
+/// dialled, or dial one.
+async fn dial(
+    via: Connector<'_>,
+    pool: &Arc<Pool>,
+    key: &PoolKey,
+    fresh_only: bool,
+    deadline: Duration,
+    gate: Option<Gate<'_>>,
+) -> Result<(Sender, bool), ConnectError> {
     // HTTP/2 (and multiplexed HTTP/1.1): one request dials, the others
     // share its connection.
     let _dialing = match pool.shared() {
