@@ -517,31 +517,15 @@ pub fn render_gateway(
     let mut attached_tls: Vec<Vec<AttachedTls<'_>>> = vec![Vec::new(); spec.listeners.len()];
     for route_ns in index.all_namespaces() {
         for (rname, t) in index.http_routes(&route_ns).into_iter().flatten() {
-            let parents = t.spec.parent_refs.iter().filter(|p| {
-                weft_gateway(index, &route_ns, p).is_some_and(|(n, m, _)| n == ns && m == name)
-            });
-            let mut on = BTreeSet::new();
-            for p in parents {
-                if let Ok(ls) = attach(index, &route_ns, "HTTPRoute", &t.spec.hostnames, p) {
-                    on.extend(ls);
-                }
-            }
-            for i in on {
+            let (parents, hostnames) = (&t.spec.parent_refs, &t.spec.hostnames);
+            for i in attached_to(index, ns, name, &route_ns, "HTTPRoute", parents, hostnames) {
                 let hosts = route_hosts(&t.spec.hostnames, &spec.listeners[i]);
                 attached[i].push((route_ns.clone(), rname.clone(), t, hosts));
             }
         }
         for (rname, t) in index.tls_routes(&route_ns).into_iter().flatten() {
-            let parents = t.spec.parent_refs.iter().filter(|p| {
-                weft_gateway(index, &route_ns, p).is_some_and(|(n, m, _)| n == ns && m == name)
-            });
-            let mut on = BTreeSet::new();
-            for p in parents {
-                if let Ok(ls) = attach(index, &route_ns, "TLSRoute", &t.spec.hostnames, p) {
-                    on.extend(ls);
-                }
-            }
-            for i in on {
+            let (parents, hostnames) = (&t.spec.parent_refs, &t.spec.hostnames);
+            for i in attached_to(index, ns, name, &route_ns, "TLSRoute", parents, hostnames) {
                 let hosts = route_hosts(&t.spec.hostnames, &spec.listeners[i]);
                 attached_tls[i].push((route_ns.clone(), rname.clone(), t, hosts));
             }
@@ -584,19 +568,7 @@ pub fn render_gateway(
             continue;
         }
         // Virtual hosts: every host name a route answers here.
-        let mut vhosts: Vec<Option<String>> = Vec::new();
-        for (_, _, _, hosts) in &attached[i] {
-            for h in hosts {
-                if !vhosts.contains(h) {
-                    vhosts.push(h.clone());
-                }
-            }
-        }
-        vhosts.sort_by_key(|h| match h {
-            Some(h) if !h.starts_with("*.") => (0, std::cmp::Reverse(h.len()), h.clone()),
-            Some(h) => (1, std::cmp::Reverse(h.len()), h.clone()),
-            None => (2, std::cmp::Reverse(0), String::new()),
-        });
+        let vhosts = virtual_hosts(attached[i].iter().map(|(_, _, _, h)| h));
         let mut hosts = Vec::new();
         for (n, v) in vhosts.iter().enumerate() {
             let mut entries = Vec::new();
@@ -726,6 +698,44 @@ pub fn render_gateway(
     })
 }
 
+/// Every host name the attached routes answer, once, most specific first:
+/// exact names (longest first), then wildcards (longest first), then any.
+fn virtual_hosts<'a>(routes: impl Iterator<Item = &'a Vec<Option<String>>>) -> Vec<Option<String>> {
+    let mut vhosts: Vec<Option<String>> = Vec::new();
+    for h in routes.flatten() {
+        if !vhosts.contains(h) {
+            vhosts.push(h.clone());
+        }
+    }
+    vhosts.sort_by_key(|h| match h {
+        Some(h) if !h.starts_with("*.") => (0, std::cmp::Reverse(h.len()), h.clone()),
+        Some(h) => (1, std::cmp::Reverse(h.len()), h.clone()),
+        None => (2, std::cmp::Reverse(0), String::new()),
+    });
+    vhosts
+}
+
+/// The listeners (by index) of Gateway `ns/name` that a route of `kind` in
+/// `route_ns`, with these parents and host names, attaches to.
+fn attached_to(
+    index: &Index,
+    ns: &str,
+    name: &str,
+    route_ns: &str,
+    kind: &str,
+    parents: &[ParentReference],
+    hostnames: &[String],
+) -> BTreeSet<usize> {
+    let mut on = BTreeSet::new();
+    for p in parents {
+        let ours = weft_gateway(index, route_ns, p).is_some_and(|(n, m, _)| n == ns && m == name);
+        if ours && let Ok(ls) = attach(index, route_ns, kind, hostnames, p) {
+            on.extend(ls);
+        }
+    }
+    on
+}
+
 /// The virtual hosts of a TLS passthrough listener and the Services made
 /// for them: per SNI host name its routes answer (most specific first),
 /// the TCP route of the one route that wins it (the oldest, then by
@@ -742,19 +752,7 @@ fn passthrough_hosts(
     attached: &[AttachedTls<'_>],
     extra_namespaces: &mut BTreeSet<String>,
 ) -> (Vec<pc::VirtualHost>, Vec<pc::Service>) {
-    let mut vhosts: Vec<Option<String>> = Vec::new();
-    for (_, _, _, hosts) in attached {
-        for h in hosts {
-            if !vhosts.contains(h) {
-                vhosts.push(h.clone());
-            }
-        }
-    }
-    vhosts.sort_by_key(|h| match h {
-        Some(h) if !h.starts_with("*.") => (0, std::cmp::Reverse(h.len()), h.clone()),
-        Some(h) => (1, std::cmp::Reverse(h.len()), h.clone()),
-        None => (2, std::cmp::Reverse(0), String::new()),
-    });
+    let vhosts = virtual_hosts(attached.iter().map(|(_, _, _, h)| h));
     let (mut hosts, mut services) = (Vec::new(), Vec::new());
     for (n, v) in vhosts.iter().enumerate() {
         let winner = attached
