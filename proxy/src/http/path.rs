@@ -135,7 +135,7 @@ pub fn normalize(path: &str, escaped: EscapedSlashes) -> Result<NormalPath, Path
     if !path.starts_with('/') {
         return Err(PathError::NotAbsolute);
     }
-    let path = merge_and_remove_dots(&decode(path, escaped)?);
+    let path = merge_and_remove_dots(decode(path, escaped)?);
     let policy = without_parameters(&path)?;
     Ok(NormalPath { path, policy })
 }
@@ -223,8 +223,14 @@ fn decode(path: &str, escaped: EscapedSlashes) -> Result<String, PathError> {
 }
 
 /// Steps 2 and 3 on a path starting with `/`: repeated slashes merged, dot
-/// segments removed. The result has no empty, `.` or `..` segment.
-fn merge_and_remove_dots(path: &str) -> String {
+/// segments removed. The result has no empty, `.` or `..` segment. A path
+/// that has none already (most requests) is returned as it is, without
+/// copying it.
+fn merge_and_remove_dots(path: String) -> String {
+    if is_merged_and_dotless(&path) {
+        return path;
+    }
+    let path = path.as_str();
     let mut kept: Vec<&str> = Vec::new();
     let mut trailing_slash = false;
     let mut segments = path.strip_prefix('/').unwrap_or(path).split('/').peekable();
@@ -253,6 +259,24 @@ fn merge_and_remove_dots(path: &str) -> String {
     out
 }
 
+/// Whether [`merge_and_remove_dots`] would return `path` unchanged: it
+/// starts with `/`, and has no `.` or `..` segment and no empty one but
+/// the last (a trailing slash).
+fn is_merged_and_dotless(path: &str) -> bool {
+    let Some(rest) = path.strip_prefix('/') else {
+        return false;
+    };
+    let mut segments = rest.split('/').peekable();
+    while let Some(segment) = segments.next() {
+        match segment {
+            "." | ".." => return false,
+            "" if segments.peek().is_some() => return false,
+            _ => {}
+        }
+    }
+    true
+}
+
 /// Where `segment`'s parameters start: its first `;` or `%3B`.
 fn parameters_start(segment: &str) -> Option<usize> {
     match (segment.find(';'), segment.find("%3B")) {
@@ -279,7 +303,7 @@ fn without_parameters(path: &str) -> Result<Option<String>, PathError> {
     }
     // Only empty segments (`/;x/`) are left to merge: dot segments are
     // gone from `path`, and dots with parameters are refused above.
-    Ok(Some(merge_and_remove_dots(&names)))
+    Ok(Some(merge_and_remove_dots(names)))
 }
 
 #[cfg(test)]
@@ -300,6 +324,20 @@ mod tests {
                 .next()
                 .unwrap_or_default()
                 .to_owned(),
+        }
+    }
+
+    #[test]
+    fn a_path_already_normal_is_not_copied() {
+        for p in ["/", "/a", "/api/admin", "/api/admin/", "/a/.../b/..c/.d"] {
+            let path = p.to_owned();
+            let at = path.as_ptr();
+            let out = merge_and_remove_dots(path);
+            assert_eq!(out, p);
+            assert_eq!(out.as_ptr(), at, "{p} was copied");
+        }
+        for p in ["/a//b", "//", "/a/./b", "/a/..", "/."] {
+            assert!(!is_merged_and_dotless(p), "{p}");
         }
     }
 
