@@ -598,27 +598,12 @@ pub fn render_gateway(
                 }
             }
             entries.sort_by(|a, b| a.0.cmp(&b.0));
-            let svc_name = format!("{name}:{}:{n}", l.name);
+            let (svc, host) = host_service(ns, name, l, n, port, v, pc::Protocol::Http1);
             made.push(pc::Service {
-                name: svc_name.clone(),
-                namespace: ns.to_owned(),
-                cluster_ips: Vec::new(),
-                ports: vec![pc::ServicePort {
-                    port,
-                    name: None,
-                    target_port: port,
-                    protocol: pc::Protocol::Http1,
-                }],
-                subsets: Vec::new(),
-                endpoints: Vec::new(),
                 http_routes: entries.into_iter().map(|(_, e)| e).collect(),
-                tcp_routes: Vec::new(),
-                policy: pc::ClientPolicy::default(),
+                ..svc
             });
-            hosts.push(pc::VirtualHost {
-                hostname: v.clone(),
-                service: format!("{ns}/{svc_name}"),
-            });
+            hosts.push(host);
         }
         let certs: Vec<String> = cert_names[i]
             .iter()
@@ -785,29 +770,47 @@ fn passthrough_hosts(
                 });
             }
         }
-        let svc_name = format!("{gateway}:{}:{n}", l.name);
-        services.push(pc::Service {
-            name: svc_name.clone(),
-            namespace: ns.to_owned(),
-            cluster_ips: Vec::new(),
-            ports: vec![pc::ServicePort {
-                port,
-                name: None,
-                target_port: port,
-                protocol: pc::Protocol::Opaque,
-            }],
-            subsets: Vec::new(),
-            endpoints: Vec::new(),
-            http_routes: Vec::new(),
-            tcp_routes,
-            policy: pc::ClientPolicy::default(),
-        });
-        hosts.push(pc::VirtualHost {
-            hostname: v.clone(),
-            service: format!("{ns}/{svc_name}"),
-        });
+        let (svc, host) = host_service(ns, gateway, l, n, port, v, pc::Protocol::Opaque);
+        services.push(pc::Service { tcp_routes, ..svc });
+        hosts.push(host);
     }
     (hosts, services)
+}
+
+/// The Service made for host name `hostname` (the `n`th) of listener `l`
+/// of Gateway `ns/gateway` (named `<gateway>:<listener>:<n>`, no addresses,
+/// the listener's port, no routes yet), and the virtual host naming it.
+fn host_service(
+    ns: &str,
+    gateway: &str,
+    l: &GatewayListener,
+    n: usize,
+    port: u16,
+    hostname: &Option<String>,
+    protocol: pc::Protocol,
+) -> (pc::Service, pc::VirtualHost) {
+    let name = format!("{gateway}:{}:{n}", l.name);
+    let host = pc::VirtualHost {
+        hostname: hostname.clone(),
+        service: format!("{ns}/{name}"),
+    };
+    let svc = pc::Service {
+        name,
+        namespace: ns.to_owned(),
+        cluster_ips: Vec::new(),
+        ports: vec![pc::ServicePort {
+            port,
+            name: None,
+            target_port: port,
+            protocol,
+        }],
+        subsets: Vec::new(),
+        endpoints: Vec::new(),
+        http_routes: Vec::new(),
+        tcp_routes: Vec::new(),
+        policy: pc::ClientPolicy::default(),
+    };
+    (svc, host)
 }
 
 /// The backends a `TLSRoute`'s rules resolve to, and why the others do

@@ -757,3 +757,56 @@ fn the_most_specific_mtls_override_wins() {
     let err = dup.validate().expect_err("two namespace-wide overrides");
     assert!(err.to_string().contains("namespace-wide"), "{err}");
 }
+
+/// The gateway section's rules: what each listener protocol may carry, and
+/// what a TLS passthrough host's Service may route with.
+#[test]
+fn gateway_listener_rules() {
+    fn listener(protocol: ListenerProtocol, certs: &[&str], service: &str) -> Listener {
+        Listener {
+            name: format!("{protocol:?}"),
+            port: 8443,
+            protocol,
+            hostname: None,
+            certificates: certs.iter().map(|c| (*c).to_owned()).collect(),
+            hosts: vec![VirtualHost {
+                hostname: Some("a.example.com".into()),
+                service: service.into(),
+            }],
+        }
+    }
+    let with = |l: Listener| {
+        move |c: &mut ProxyConfig| {
+            c.gateway = Some(Gateway {
+                name: "demo/public".into(),
+                listeners: vec![l],
+            })
+        }
+    };
+    // A passthrough host's Service routes by TCP routes (db has them).
+    let mut ok = sample();
+    with(listener(ListenerProtocol::Tls, &[], "demo/db"))(&mut ok);
+    ok.seal();
+    ok.validate()
+        .expect("a tls listener onto a Service with tcpRoutes is valid");
+    assert_error(
+        with(listener(ListenerProtocol::Tls, &["cert"], "demo/db")),
+        "a tls (passthrough) listener has no certificates",
+    );
+    assert_error(
+        with(listener(ListenerProtocol::Tls, &[], "demo/backend")),
+        "of a tls (passthrough) listener has httpRoutes",
+    );
+    assert_error(
+        with(listener(ListenerProtocol::Https, &[], "demo/backend")),
+        "an https listener needs a certificate",
+    );
+    assert_error(
+        with(listener(ListenerProtocol::Http, &["cert"], "demo/backend")),
+        "an http listener has no certificates",
+    );
+    assert_error(
+        with(listener(ListenerProtocol::Http, &[], "demo/nope")),
+        "unknown service",
+    );
+}

@@ -44,7 +44,11 @@ pub async fn read_client_hello<R: AsyncRead + Unpin>(
             return Err(HelloError::Io(io::ErrorKind::UnexpectedEof.into()));
         }
         while fed < buf.len() {
-            fed += acceptor.read_tls(&mut &buf[fed..])?;
+            match acceptor.read_tls(&mut &buf[fed..])? {
+                // No room taken: the hello is larger than rustls buffers.
+                0 => return Err(HelloError::TooLarge),
+                n => fed += n,
+            }
         }
         match acceptor.accept() {
             Ok(Some(accepted)) => {
