@@ -326,6 +326,13 @@ async fn an_https_gateway_brings_outside_clients_to_the_demo_over_mtls() -> anyh
         .await?;
     eprintln!("Gateway programmed after {:?}", start.elapsed());
     assert_eq!(gateway_condition(&cluster, "Accepted").await?, "True");
+    // The AccessPolicy that lets the gateway in must be in force on every
+    // backend pod, not only on the one that answers first: the requests
+    // below may reach any of them.
+    for pod in mesh::pods(&cluster, "demo", "backend").await? {
+        let name = pod.metadata.name.clone().unwrap_or_default();
+        mesh::wait_for_proxy_sync(&cluster, "demo", &name, Duration::from_secs(90)).await?;
+    }
 
     let vip = cluster
         .kubectl(&[
