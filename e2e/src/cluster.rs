@@ -950,6 +950,40 @@ impl Cluster {
         files
     }
 
+    /// Every WARN or ERROR line that a container of a pod logged, each
+    /// prefixed with the pod and container, in time order.
+    pub fn weft_warnings(&self) -> String {
+        let mut lines: Vec<(String, String)> = Vec::new();
+        for f in self.log_files() {
+            let Some(pod) = f
+                .parent()
+                .and_then(Path::parent)
+                .filter(|d| d.parent().is_some_and(|p| p.ends_with("pods")))
+                .and_then(|d| d.file_name())
+            else {
+                continue;
+            };
+            let who = format!(
+                "{}/{}",
+                pod.to_string_lossy(),
+                f.file_stem().unwrap_or_default().to_string_lossy()
+            );
+            for l in std::fs::read_to_string(&f).unwrap_or_default().lines() {
+                if l.contains("\"level\":\"WARN\"") || l.contains("\"level\":\"ERROR\"") {
+                    let at = l
+                        .split("\"timestamp\":\"")
+                        .nth(1)
+                        .and_then(|r| r.split('"').next())
+                        .unwrap_or_default()
+                        .to_owned();
+                    lines.push((at, format!("{who}: {l}")));
+                }
+            }
+        }
+        lines.sort();
+        lines.into_iter().map(|(_, l)| l + "\n").collect()
+    }
+
     /// The API server's audit events so far: the metadata of every request
     /// made by a service account of namespace `weft-system` (the policy is
     /// in `e2e/controlplane/main.go`), one JSON object per request.
@@ -984,6 +1018,12 @@ impl Cluster {
             self.dump_external();
             return;
         }
+        // First, and short: what the pods' weft containers warned about,
+        // which names the cause of most failures before the long tails.
+        eprintln!(
+            "===== weft warnings and errors, every pod =====\n{}",
+            tail(&self.weft_warnings(), 60)
+        );
         if let Ok(out) = crate::netns::run(
             "ip",
             &[

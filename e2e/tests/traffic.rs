@@ -1018,6 +1018,7 @@ async fn a_hand_edited_proxy_config_is_restored_by_the_operator() -> anyhow::Res
     .await?;
 
     // 1. Bytes that are not a config at all.
+    let mut edits = vec![("invalid edit", load.elapsed())];
     d.cluster
         .kubectl(&[
             "patch",
@@ -1060,6 +1061,7 @@ async fn a_hand_edited_proxy_config_is_restored_by_the_operator() -> anyhow::Res
         "metadata": {"annotations": {"weft.dev/config-hash": doc.hash}},
         "data": {"proxy.json": forged},
     });
+    edits.push(("forged config", load.elapsed()));
     d.cluster
         .kubectl(&[
             "patch",
@@ -1110,7 +1112,13 @@ async fn a_hand_edited_proxy_config_is_restored_by_the_operator() -> anyhow::Res
     let samples = load.stop().await?;
     let all = Tally::of(&samples);
     println!("under load meanwhile: {all:?}");
-    assert!(all.failures.is_empty(), "{:?}", all.failures);
+    // When, next to the edits, each failure was sent.
+    let when: Vec<String> = samples
+        .iter()
+        .filter(|s| s.outcome.is_err())
+        .map(|s| format!("{:?} at {:?}", s.outcome, s.at))
+        .collect();
+    assert!(all.failures.is_empty(), "{when:?}; edits at {edits:?}");
     let after = d.send("/", &[], 20).await?;
     assert_eq!(
         after.by_version(),

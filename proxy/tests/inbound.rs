@@ -119,6 +119,62 @@ async fn strict_refuses_silent_plaintext_clients_without_dialling_the_app() {
     assert_eq!(pod.errors(Direction::Inbound, "plaintext-refused"), 2);
 }
 
+/// A plaintext HTTP/1 request with a body that Strict refuses: the client
+/// sends all of it, reads the 403 that says why, and sees the connection
+/// end in an orderly close. A proxy that closed with the body unread
+/// would reset the connection, and the reset can destroy the answer.
+#[tokio::test]
+async fn strict_refusal_of_a_request_with_a_body_reaches_the_client_and_closes_cleanly() {
+    init();
+    let ca = TestCa::new("ca");
+    let (app, accepted) = counting_greeter().await;
+    let pod = server(&config(1, MtlsMode::Strict, vec![]), &ca, vec![]).await;
+    let c = plaintext(&pod, app.port()).await;
+    let (mut rd, mut wr) = c.into_split();
+    const BODY: usize = 512 * 1024;
+    let writer = tokio::spawn(async move {
+        wr.write_all(
+            format!("POST /upload HTTP/1.1\r\nhost: echo\r\ncontent-length: {BODY}\r\n\r\n")
+                .as_bytes(),
+        )
+        .await?;
+        for _ in 0..BODY / 8192 {
+            wr.write_all(&[b'x'; 8192]).await?;
+        }
+        wr.shutdown().await
+    });
+    let mut got = Vec::new();
+    let end = tokio::time::timeout(GUARD, async {
+        let mut buf = [0u8; 4096];
+        loop {
+            match rd.read(&mut buf).await {
+                Ok(0) => return Ok(()),
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+                Err(e) => return Err(e),
+            }
+        }
+    })
+    .await
+    .expect("the proxy kept a refused connection open");
+    let text = String::from_utf8_lossy(&got);
+    assert!(
+        text.starts_with("HTTP/1.1 403") && text.contains("x-weft-error: plaintext-refused"),
+        "{text:?} ({end:?})"
+    );
+    assert!(end.is_ok(), "the refusal ended in {end:?}, not a close");
+    let sent = tokio::time::timeout(GUARD, writer)
+        .await
+        .expect("writer hung")
+        .expect("writer panicked");
+    assert!(sent.is_ok(), "the body could not be sent: {sent:?}");
+    assert_eq!(
+        accepted.load(Ordering::SeqCst),
+        0,
+        "app dialled under Strict"
+    );
+    assert_eq!(pod.errors(Direction::Inbound, "plaintext-refused"), 1);
+}
+
 #[tokio::test]
 async fn permissive_server_first_ports_get_the_banner_without_the_detection_wait() {
     init();

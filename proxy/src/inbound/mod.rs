@@ -37,7 +37,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 use weft_proxy_config::{MtlsMode, Protocol, ProxyConfig, mtls_mode, selector_matches};
@@ -188,10 +188,11 @@ async fn handle(state: Arc<State>, mut conn: TcpStream, peer: SocketAddr) {
         state.metrics.error(Direction::Inbound, "plaintext-refused");
         tracing::warn!(%peer, port, "plaintext connection refused: mTLS mode is Strict; send through a weft proxy or set the mesh to Permissive");
         if detected == Detected::Http1 {
-            let mut conn = conn;
-            let _ = conn
-                .write_all(b"HTTP/1.1 403 Forbidden\r\nx-weft-error: plaintext-refused\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
-                .await;
+            crate::net::close_after_answer(
+                conn,
+                b"HTTP/1.1 403 Forbidden\r\nx-weft-error: plaintext-refused\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
+            )
+            .await;
         }
         return;
     }

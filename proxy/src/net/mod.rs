@@ -40,6 +40,36 @@ pub trait Dialer: Send + Sync + std::fmt::Debug {
     fn connect(&self, dst: SocketAddr) -> BoxFuture<'_, io::Result<TcpStream>>;
 }
 
+/// How long [`close_after_answer`] keeps reading what the client still
+/// sends, and how much of it.
+const LINGER: std::time::Duration = std::time::Duration::from_secs(2);
+const LINGER_BYTES: usize = 1 << 20;
+
+/// Writes `answer`, ends the write side, then reads and drops what the
+/// client still sends (the rest of its request) until it closes, for at
+/// most [`LINGER`] and 1 MiB. Closing a socket with unread bytes makes the
+/// kernel reset the connection, and a reset destroys the answer the client
+/// has not read yet: without this a refused request with a body, or one
+/// that arrived in several segments, sees "connection reset" instead of
+/// the answer that says why.
+pub async fn close_after_answer(mut conn: TcpStream, answer: &[u8]) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    if conn.write_all(answer).await.is_err() || conn.shutdown().await.is_err() {
+        return;
+    }
+    let _ = tokio::time::timeout(LINGER, async {
+        let mut buf = [0u8; 8192];
+        let mut left = LINGER_BYTES;
+        while left > 0 {
+            match conn.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => left = left.saturating_sub(n),
+            }
+        }
+    })
+    .await;
+}
+
 /// Binds a listener. An unspecified address (`0.0.0.0` or `[::]`) becomes
 /// one dual-stack `[::]` socket (`IPV6_V6ONLY` off), so connections captured
 /// by the IPv4 and the IPv6 rules reach the same listener; in a namespace
