@@ -213,7 +213,8 @@ async fn scenario(cluster: &Cluster) -> anyhow::Result<()> {
         Reply::Failed(why) => panic!("frontend → backend pod IP failed: {why}"),
     }
 
-    // Plaintext from an unmeshed pod straight to a backend pod is refused.
+    // Plaintext from an unmeshed pod straight to a backend pod is refused
+    // by the backend's proxy, which says so.
     let plain = mesh::get_from_pod(
         cluster,
         "outside",
@@ -223,8 +224,8 @@ async fn scenario(cluster: &Cluster) -> anyhow::Result<()> {
     )
     .await?;
     assert!(
-        matches!(plain, Reply::Failed(_)),
-        "plaintext was served under Strict: {plain:?}"
+        matches!(&plain, Reply::Failed(why) if why.contains("x-weft-error: plaintext-refused")),
+        "plaintext was not refused by the proxy under Strict: {plain:?}"
     );
 
     // The admin port is never captured, so every pod reaches it: from the
