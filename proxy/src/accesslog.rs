@@ -312,13 +312,22 @@ impl Logged {
     }
 }
 
-/// The route rule that answered a request, recorded in the response's
-/// extensions by `outbound::http`.
-#[derive(Clone, Debug)]
-pub struct RouteRule(pub std::sync::Arc<str>);
+/// What the client proxy learnt while sending a request, written by the
+/// steps that learn it (the route rule, the endpoint the response came
+/// from, the retries made) into one value the request's future owns, and
+/// read by its metrics, span and access log line: carrying these in the
+/// response's extensions cost three allocations per request.
+#[derive(Debug, Default)]
+pub struct Sent {
+    /// The route rule that answered.
+    pub route: Option<Arc<str>>,
+    /// The endpoint the response came from.
+    pub upstream: Option<Upstream>,
+    /// Retries made.
+    pub retries: u32,
+}
 
-/// The endpoint a response came from, recorded in the response's
-/// extensions where the request was sent.
+/// The endpoint a response came from (see [`Sent`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Upstream {
     /// Its address.
@@ -326,11 +335,6 @@ pub struct Upstream {
     /// Its Service's index in the snapshot's `config.services`.
     pub service: usize,
 }
-
-/// Retries made for a request, recorded in the response's extensions by
-/// the retry step.
-#[derive(Clone, Copy, Debug)]
-pub struct Retries(pub u32);
 
 /// One request, as a reporter saw it.
 #[derive(Debug)]

@@ -918,6 +918,19 @@ async fn retries_follow_the_route_policy_and_resend_the_body() {
         .collect();
     assert_eq!(bodies, vec![Bytes::from("one order"); 3]);
     assert_eq!(events(&c.pod, "cart/retry", "retry"), 2);
+    // The call is counted once, under the rule that answered it.
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, &c.pod.proxy.state.metrics.registry())
+        .expect("encode");
+    let calls: Vec<&str> = text
+        .lines()
+        .filter(|l| l.starts_with("weft_requests_total{") && l.contains("reporter=\"source\""))
+        .collect();
+    assert_eq!(calls.len(), 1, "{calls:#?}");
+    assert!(
+        calls[0].contains("route=\"cart/retry\"") && calls[0].ends_with(" 1"),
+        "{calls:#?}"
+    );
 
     // The same app without a retry policy: the first 503 is the answer.
     let (port, seen) = scripted(ip, vec![503, 200], 0).await;

@@ -195,6 +195,10 @@ fn every_rule_rejects_what_it_guards() {
         "is not in trust domain",
     );
     assert_error(
+        |c| backend_svc(c).endpoints[0].identity = Some("spiffe://cluster.local/".into()),
+        "has no path",
+    );
+    assert_error(
         |c| backend_svc(c).endpoints[0].meshed = false,
         "identity on a non-meshed endpoint",
     );

@@ -298,6 +298,9 @@ fn validate_service(
                 &ep_at,
                 format!("identity {id:?} is not in trust domain {trust_domain:?}"),
             ),
+            (Some(id), true) if id.len() == spiffe_prefix.len() => {
+                errs.push(&ep_at, format!("identity {id:?} has no path"));
+            }
             (None, true) => errs.push(&ep_at, "meshed endpoint without identity"),
             (Some(_), false) => errs.push(&ep_at, "identity on a non-meshed endpoint"),
             _ => {}

@@ -10,9 +10,10 @@
 //! `outbound::http` and `outbound::tcp`, at most [`MAX_ATTEMPTS`].
 
 use std::hash::{DefaultHasher, Hash, Hasher};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 
 use rand::Rng;
+use smallvec::SmallVec;
 use tokio::time::Instant;
 use weft_proxy_config::LoadBalancer;
 
@@ -21,69 +22,88 @@ use crate::http::pool::Pools;
 use crate::snapshot::dest::Dest;
 use crate::snapshot::services::endpoint_port;
 
+/// Indices into a destination's endpoints in the order to try them: at
+/// most [`MAX_ATTEMPTS`], held inline (no allocation per request).
+pub type Attempts = SmallVec<[usize; MAX_ATTEMPTS]>;
+
+/// Most endpoints tried for one request or connection.
+pub const MAX_ATTEMPTS: usize = 3;
+
 /// Endpoint attempt order for one request or connection to `dest`: the
 /// balancer's pick among the endpoints not ejected (among all of them when
 /// every one is ejected), then the other non-ejected ones, then the ejected
-/// ones. Indices into `dest.endpoints`.
+/// ones; the first [`MAX_ATTEMPTS`] of that order.
 pub fn attempt_order(
     outliers: &Outliers,
     pools: &Pools,
     rr: impl FnOnce() -> usize,
     dest: &Dest<'_>,
     key: Option<&str>,
-) -> Vec<usize> {
+) -> Attempts {
     let eps = &dest.endpoints;
-    let addr = |i: usize| SocketAddr::new(eps[i].address, endpoint_port(eps[i], dest.port));
+    let addr = |i: usize| {
+        let ep = eps.get(i);
+        SocketAddr::new(ep.address, endpoint_port(ep, dest.port))
+    };
     let now = Instant::now();
-    let (mut healthy, ejected): (Vec<usize>, Vec<usize>) =
-        (0..eps.len()).partition(|i| !outliers.is_ejected(addr(*i), now));
-    if healthy.is_empty() {
-        healthy = ejected;
-        return order_from(pools, rr, dest, healthy, key, &addr);
+    // Inline up to 16 endpoints; a larger Service spills to the heap.
+    let mut healthy: SmallVec<[usize; 16]> = SmallVec::new();
+    let mut ejected = Attempts::new();
+    for i in 0..eps.len() {
+        if !outliers.is_ejected(addr(i), now) {
+            healthy.push(i);
+        } else if ejected.len() < MAX_ATTEMPTS {
+            ejected.push(i);
+        }
     }
-    let mut order = order_from(pools, rr, dest, healthy, key, &addr);
-    order.extend(ejected);
+    if healthy.is_empty() {
+        return order_from(pools, rr, dest, eps.len(), |i| i, key, &addr);
+    }
+    let mut order = order_from(pools, rr, dest, healthy.len(), |i| healthy[i], key, &addr);
+    let room = MAX_ATTEMPTS - order.len();
+    order.extend(ejected.into_iter().take(room));
     order
 }
 
+/// The first [`MAX_ATTEMPTS`] of `n` endpoints (the `k`-th is endpoint
+/// `at(k)`), starting at the balancer's pick and going round.
 fn order_from(
     pools: &Pools,
     rr: impl FnOnce() -> usize,
     dest: &Dest<'_>,
-    set: Vec<usize>,
+    n: usize,
+    at: impl Fn(usize) -> usize,
     key: Option<&str>,
     addr: &impl Fn(usize) -> SocketAddr,
-) -> Vec<usize> {
-    let n = set.len();
+) -> Attempts {
     if n == 0 {
-        return set;
+        return Attempts::new();
     }
     let lb: &LoadBalancer = &dest.service.policy.load_balancer;
     let first = pick(
         lb,
         n,
-        |i| pools.load_of(addr(set[i])),
+        |i| pools.load_of(addr(at(i))),
         rr(),
         key,
-        |i| addr(set[i]).to_string(),
+        |i| addr(at(i)),
         &mut rand::rng(),
     );
-    (0..n).map(|k| set[(first + k) % n]).collect()
+    (0..n.min(MAX_ATTEMPTS))
+        .map(|k| at((first + k) % n))
+        .collect()
 }
-
-/// Most endpoints tried for one request or connection.
-pub const MAX_ATTEMPTS: usize = 3;
 
 /// Picks an index in `0..n` (`n > 0`). `load(i)` is endpoint `i`'s requests
 /// in flight, `rr` a per-Service counter, `key` the consistent-hash key and
-/// `ids(i)` a stable name of endpoint `i`.
+/// `ids(i)` endpoint `i`'s address, which names it stably.
 pub fn pick<R: Rng>(
     lb: &LoadBalancer,
     n: usize,
     load: impl Fn(usize) -> usize,
     rr: usize,
     key: Option<&str>,
-    ids: impl Fn(usize) -> String,
+    ids: impl Fn(usize) -> SocketAddr,
     rng: &mut R,
 ) -> usize {
     if n <= 1 {
@@ -95,8 +115,16 @@ pub fn pick<R: Rng>(
         LoadBalancer::ConsistentHash(_) => match key {
             Some(k) => (0..n)
                 .max_by_key(|i| {
+                    // The address as bytes: the same on every proxy and
+                    // release, and no string built per endpoint.
+                    let a = ids(*i);
                     let mut h = DefaultHasher::new();
-                    (k, ids(*i)).hash(&mut h);
+                    k.hash(&mut h);
+                    match a.ip() {
+                        IpAddr::V4(ip) => h.write(&ip.octets()),
+                        IpAddr::V6(ip) => h.write(&ip.octets()),
+                    }
+                    h.write_u16(a.port());
                     h.finish()
                 })
                 .unwrap_or(0),
@@ -131,7 +159,7 @@ mod tests {
                 |i| loads[i],
                 0,
                 None,
-                |i| i.to_string(),
+                |i| SocketAddr::from(([10, 0, 0, i as u8], 80)),
                 &mut rng,
             );
             assert_eq!(i, 1);
@@ -149,7 +177,7 @@ mod tests {
                 |_| 0,
                 0,
                 None,
-                |i| i.to_string(),
+                |i| SocketAddr::from(([10, 0, 0, i as u8], 80)),
                 &mut rng,
             )] += 1;
         }
@@ -167,7 +195,7 @@ mod tests {
                     |_| 0,
                     rr,
                     None,
-                    |i| i.to_string(),
+                    |i| SocketAddr::from(([10, 0, 0, i as u8], 80)),
                     &mut rng,
                 )
             })
@@ -185,7 +213,7 @@ mod tests {
             |_| 0,
             0,
             Some("alice"),
-            |i| format!("10.0.0.{i}"),
+            |i| SocketAddr::from(([10, 0, 0, i as u8], 80)),
             &mut rng,
         );
         for _ in 0..20 {
@@ -196,7 +224,7 @@ mod tests {
                     |_| 0,
                     0,
                     Some("alice"),
-                    |i| format!("10.0.0.{i}"),
+                    |i| SocketAddr::from(([10, 0, 0, i as u8], 80)),
                     &mut rng
                 ),
                 first

@@ -13,15 +13,18 @@ use http::{Method, Request};
 /// when it is in the other form.
 pub fn set_form(parts: &mut http::request::Parts, version: http::Version) {
     let is_connect = parts.method == Method::CONNECT;
-    let authority: Option<Authority> = parts.uri.authority().cloned().or_else(|| {
-        parts
-            .headers
-            .get(header::HOST)
-            .and_then(|h| h.to_str().ok())
-            .and_then(|h| h.parse().ok())
-    });
+    // Parsing `Host` copies it: done only where the authority is needed.
+    let authority = |parts: &http::request::Parts| -> Option<Authority> {
+        parts.uri.authority().cloned().or_else(|| {
+            parts
+                .headers
+                .get(header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .and_then(|h| h.parse().ok())
+        })
+    };
     if version == http::Version::HTTP_2 {
-        if !is_connect && let Some(a) = authority {
+        if !is_connect && let Some(a) = authority(parts) {
             let mut b = Uri::builder()
                 .scheme(parts.uri.scheme().cloned().unwrap_or(Scheme::HTTP))
                 .authority(a);
@@ -36,7 +39,7 @@ pub fn set_form(parts: &mut http::request::Parts, version: http::Version) {
         parts.version = http::Version::HTTP_2;
     } else {
         if parts.headers.get(header::HOST).is_none()
-            && let Some(a) = &authority
+            && let Some(a) = parts.uri.authority()
             && let Ok(v) = HeaderValue::from_str(a.as_str())
         {
             parts.headers.insert(header::HOST, v);

@@ -12,7 +12,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 use crate::accesslog::TcpEntry;
-use crate::client::balance::{MAX_ATTEMPTS, attempt_order};
+use crate::client::balance::attempt_order;
 use crate::client::connect::{ConnectError, Gate, connect, connect_timeout};
 use crate::metrics::Direction;
 use crate::metrics::traffic::{CallLabels, Peer, Reporter, TcpSeries};
@@ -119,32 +119,12 @@ pub async fn to_service(
         key.as_deref(),
     );
     let mut last: Option<ConnectError> = None;
-    for i in order.into_iter().take(MAX_ATTEMPTS) {
-        let ep = dest.endpoints[i];
+    for i in order {
+        let ep = dest.endpoints.get(i);
         let addr = SocketAddr::new(ep.address, endpoint_port(ep, dest.port));
-        let id = match ep
-            .identity
-            .as_deref()
-            .filter(|_| ep.meshed)
-            .map(SpiffeId::parse)
-            .transpose()
-        {
-            Ok(id) => id,
-            Err(e) => {
-                tracing::error!(%addr, error = %e, "endpoint identity in config is not a SPIFFE ID");
-                continue;
-            }
-        };
+        let id = dest.endpoints.identity(i);
         let deadline = connect_timeout(state.settings.connect_timeout, &dest.service.policy);
-        match connect(
-            state.connector(&snap),
-            addr,
-            id.as_ref(),
-            Alpn::Tcp,
-            deadline,
-        )
-        .await
-        {
+        match connect(state.connector(&snap), addr, id, Alpn::Tcp, deadline).await {
             Ok(up) => {
                 state.outliers.restore(addr);
                 let series = tcp_series(&state, &snap, &dest, Some(ep), None);
@@ -161,7 +141,7 @@ pub async fn to_service(
                             duration: began.elapsed(),
                             upstream: Some(addr),
                             source_principal: Some(snap.identity.id().as_str()),
-                            destination_principal: id.as_ref().map(SpiffeId::as_str),
+                            destination_principal: id.map(SpiffeId::as_str),
                             destination_service: Some(&format!(
                                 "{}.{}",
                                 dest.service.name, dest.service.namespace

@@ -31,9 +31,10 @@ use http::header::{HeaderName, HeaderValue};
 use http::{HeaderMap, Method, Uri};
 use rand::Rng;
 use regex::Regex;
-use weft_proxy_config::{self as pc, Endpoint, PathMatch, ProxyConfig, Service, ValueMatch};
+use weft_proxy_config::{self as pc, PathMatch, ProxyConfig, Service, ValueMatch};
 
 use super::services::ServiceRef;
+use crate::tls::{IdentityError, SpiffeId};
 
 /// Why a route could not be compiled (the config validated, so this means
 /// a proxy and operator disagree on the rules).
@@ -56,6 +57,14 @@ pub enum RouteError {
         at: String,
         /// What is missing.
         what: String,
+    },
+    /// A meshed endpoint's identity is not a SPIFFE ID.
+    #[error("{at}: {source}")]
+    Identity {
+        /// Where in the config.
+        at: String,
+        /// Why.
+        source: IdentityError,
     },
     /// A header name or value cannot be sent.
     #[error("{at}: {what}")]
@@ -82,6 +91,10 @@ struct ServiceRoutes {
     live: Vec<usize>,
     /// Per subset (in `Service::subsets` order): indices of live endpoints.
     subsets: Vec<Vec<usize>>,
+    /// Per endpoint (in config order): its identity, parsed once here so
+    /// that a request clones a shared ID instead of parsing a string; none
+    /// for an endpoint outside the mesh.
+    identities: Vec<Option<SpiffeId>>,
 }
 
 /// A compiled HTTP route rule.
@@ -266,26 +279,25 @@ impl RouteTable {
             .map(|r| &r.backends)
     }
 
-    /// Endpoints of Service `service` (optionally one subset) that take new
-    /// traffic, in config order.
-    pub fn endpoints<'a>(
-        &self,
-        config: &'a ProxyConfig,
-        service: usize,
-        subset: Option<usize>,
-    ) -> Vec<&'a Endpoint> {
-        let (Some(routes), Some(svc)) = (self.services.get(service), config.services.get(service))
-        else {
-            return Vec::new();
+    /// Indices (into the Service's endpoints, in config order) of the
+    /// endpoints of Service `service` (optionally one subset) that take new
+    /// traffic.
+    pub fn live_endpoints(&self, service: usize, subset: Option<usize>) -> &[usize] {
+        let Some(routes) = self.services.get(service) else {
+            return &[];
         };
-        let idx = match subset {
+        match subset {
             None => &routes.live,
-            Some(s) => match routes.subsets.get(s) {
-                Some(l) => l,
-                None => return Vec::new(),
-            },
-        };
-        idx.iter().filter_map(|i| svc.endpoints.get(*i)).collect()
+            Some(s) => routes.subsets.get(s).map_or(&[], Vec::as_slice),
+        }
+    }
+
+    /// The identity of each endpoint of Service `service`, in config order
+    /// (none outside the mesh).
+    pub fn identities(&self, service: usize) -> &[Option<SpiffeId>] {
+        self.services
+            .get(service)
+            .map_or(&[], |r| r.identities.as_slice())
     }
 }
 
@@ -312,6 +324,19 @@ fn compile_service(
                 .collect()
         })
         .collect();
+    let identities = svc
+        .endpoints
+        .iter()
+        .map(|e| match e.identity.as_deref().filter(|_| e.meshed) {
+            Some(id) => SpiffeId::parse(id)
+                .map(Some)
+                .map_err(|source| RouteError::Identity {
+                    at: format!("{at}.endpoints[{}].identity", e.address),
+                    source,
+                }),
+            None => Ok(None),
+        })
+        .collect::<Result<_, _>>()?;
     let http = svc
         .http_routes
         .iter()
@@ -340,6 +365,7 @@ fn compile_service(
         tcp,
         live,
         subsets,
+        identities,
     })
 }
 
@@ -697,8 +723,8 @@ mod tests {
     use rand::rngs::StdRng;
     use std::net::SocketAddr;
     use std::net::{IpAddr, Ipv4Addr};
-    use weft_proxy_config::ServicePort;
     use weft_proxy_config::{ClientPolicy, HttpMatch, NamedMatch, Protocol, Redirect, Rewrite};
+    use weft_proxy_config::{Endpoint, ServicePort};
 
     fn ep(n: u8, subsets: &[&str], terminating: bool) -> Endpoint {
         Endpoint {
@@ -977,13 +1003,19 @@ mod tests {
     fn subsets_hold_live_endpoints_only() {
         let c = config(vec![svc("cart", vec![])]);
         let t = RouteTable::build(&c).expect("compiles");
-        let addrs = |v: Vec<&Endpoint>| v.iter().map(|e| e.address.to_string()).collect::<Vec<_>>();
-        assert_eq!(addrs(t.endpoints(&c, 0, Some(0))), ["10.244.0.1"]);
-        assert_eq!(addrs(t.endpoints(&c, 0, Some(1))), ["10.244.0.3"]);
+        let addrs = |v: &[usize]| {
+            v.iter()
+                .map(|i| c.services[0].endpoints[*i].address.to_string())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(addrs(t.live_endpoints(0, Some(0))), ["10.244.0.1"]);
+        assert_eq!(addrs(t.live_endpoints(0, Some(1))), ["10.244.0.3"]);
         assert_eq!(
-            addrs(t.endpoints(&c, 0, None)),
+            addrs(t.live_endpoints(0, None)),
             ["10.244.0.1", "10.244.0.3"]
         );
+        assert!(t.live_endpoints(0, Some(9)).is_empty());
+        assert!(t.live_endpoints(7, None).is_empty());
     }
 
     #[test]

@@ -5,12 +5,14 @@
 //! In: DER certificates. Out: the `spiffe://` URI SAN as a [`SpiffeId`].
 
 use std::fmt;
+use std::sync::Arc;
 
 use rustls::pki_types::CertificateDer;
 
-/// A SPIFFE ID `spiffe://<trust domain>/<path>`.
+/// A SPIFFE ID `spiffe://<trust domain>/<path>`. Shared: a clone (a pool
+/// key per request, a peer per connection) copies no bytes.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct SpiffeId(String);
+pub struct SpiffeId(Arc<str>);
 
 impl SpiffeId {
     /// Parses `spiffe://td/path`.
@@ -19,7 +21,7 @@ impl SpiffeId {
             .strip_prefix("spiffe://")
             .ok_or_else(|| IdentityError::NotSpiffe(s.to_owned()))?;
         match rest.split_once('/') {
-            Some((td, path)) if !td.is_empty() && !path.is_empty() => Ok(SpiffeId(s.to_owned())),
+            Some((td, path)) if !td.is_empty() && !path.is_empty() => Ok(SpiffeId(Arc::from(s))),
             _ => Err(IdentityError::NotSpiffe(s.to_owned())),
         }
     }

@@ -25,9 +25,10 @@ use std::sync::Arc;
 
 use http::{HeaderMap, Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
+use smallvec::SmallVec;
 use weft_proxy_config::{HashKey, LoadBalancer};
 
-use crate::accesslog::Upstream;
+use crate::accesslog::{Sent, Upstream};
 use crate::client::balance::{MAX_ATTEMPTS, attempt_order};
 use crate::client::connect::{ConnectError, Gate, SendError, acquire, connect_timeout};
 use crate::http::forward::{finish, prepare};
@@ -83,6 +84,10 @@ fn hash_key(lb: &LoadBalancer, headers: &HeaderMap, client: SocketAddr) -> Optio
         _ => None,
     }
 }
+
+/// An endpoint to try: its address, its identity (none outside the mesh)
+/// and its pod's name.
+type Candidate<'a> = (SocketAddr, Option<SpiffeId>, Option<&'a str>);
 
 /// A body-less request kept to be sent again to another endpoint.
 struct Replay {
@@ -147,6 +152,7 @@ pub(super) async fn forward<B>(
     snap: &Snapshot,
     dest: &Dest<'_>,
     req: Request<B>,
+    sent: &mut Sent,
 ) -> Response<Body>
 where
     B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
@@ -161,8 +167,9 @@ where
     let prepared = prepare(req, ctx.version);
 
     // Candidates: balanced endpoints, or the fallback when the config knows
-    // none (kubelet may not have delivered them yet).
-    let mut candidates: Vec<(SocketAddr, Option<SpiffeId>, Option<&str>)> = Vec::new();
+    // none (kubelet may not have delivered them yet). Inline, and each
+    // identity a shared clone: nothing here allocates.
+    let mut candidates: SmallVec<[Candidate<'_>; MAX_ATTEMPTS]> = SmallVec::new();
     if dest.endpoints.is_empty() {
         candidates.extend(dest.fallback.map(|a| (a, None, None)));
     } else {
@@ -172,24 +179,10 @@ where
             || state.next_rr(),
             dest,
             key.as_deref(),
-        )
-        .into_iter()
-        .take(MAX_ATTEMPTS)
-        {
-            let ep = dest.endpoints[i];
+        ) {
+            let ep = dest.endpoints.get(i);
             let addr = SocketAddr::new(ep.address, endpoint_port(ep, dest.port));
-            match ep
-                .identity
-                .as_deref()
-                .filter(|_| ep.meshed)
-                .map(SpiffeId::parse)
-                .transpose()
-            {
-                Ok(id) => candidates.push((addr, id, ep.pod.as_deref())),
-                Err(e) => {
-                    tracing::error!(%addr, error = %e, "endpoint identity in config is not a SPIFFE ID; skipping it")
-                }
-            }
+            candidates.push((addr, dest.endpoints.identity(i).cloned(), ep.pod.as_deref()));
         }
     }
     if candidates.is_empty() {
@@ -312,8 +305,8 @@ where
                         last = Some(finish(resp, None));
                         break;
                     }
-                    let mut out = finish(resp, client_upgrade.take());
-                    out.extensions_mut().insert(Upstream {
+                    let out = finish(resp, client_upgrade.take());
+                    sent.upstream = Some(Upstream {
                         addr,
                         service: dest.index,
                     });

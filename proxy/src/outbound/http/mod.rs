@@ -31,9 +31,7 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use tokio::io::{AsyncRead, AsyncWrite};
 
-use crate::accesslog::{
-    Deferred, Logged, REQUEST_ID_HEADER, Retries, RouteRule, Upstream, new_request_id,
-};
+use crate::accesslog::{Deferred, Logged, REQUEST_ID_HEADER, Sent, new_request_id};
 use crate::http::pool::Version;
 use crate::http::server::serve_connection;
 use crate::http::{Body, SOURCE_HEADER, content_length, error_response, full, outcome};
@@ -194,7 +192,8 @@ async fn handle(
         .map(|plan| Logged::of(&req, plan));
     let grpc = is_grpc(req.headers());
     let request_bytes = content_length(req.headers());
-    let resp = proxy(ctx, snap, target, req, no_route).await;
+    let mut sent = Sent::default();
+    let resp = proxy(ctx, snap, target, req, no_route, &mut sent).await;
     ctx.state
         .metrics
         .request(Direction::Outbound, resp.status().as_u16());
@@ -209,6 +208,7 @@ async fn handle(
             span,
             logged,
         },
+        &sent,
         resp,
     );
     resp
@@ -255,12 +255,11 @@ enum NoRoute {
 
 /// The access log line of a request whose response head is `resp`, to be
 /// written when the response ends.
-fn deferred(ctx: &Ctx, l: Logged, resp: &Response<Body>, series: &Series) -> OnEnd {
-    let ext = resp.extensions();
+fn deferred(ctx: &Ctx, l: Logged, sent: &Sent, resp: &Response<Body>, series: &Series) -> OnEnd {
     let mut line = Deferred::new(l, Direction::Outbound, resp, series);
-    line.route = ext.get::<RouteRule>().map(|r| r.0.clone());
-    line.upstream = ext.get::<Upstream>().map(|u| u.addr);
-    line.retries = ext.get::<Retries>().map_or(0, |r| r.0);
+    line.route = sent.route.clone();
+    line.upstream = sent.upstream.map(|u| u.addr);
+    line.retries = sent.retries;
     let state = ctx.state.clone();
     Box::new(move |outcome, bytes| line.finish(&state.access_log, outcome.grpc_status, bytes))
 }
@@ -297,11 +296,12 @@ fn meter(
     snap: &Arc<Snapshot>,
     target: ServiceRef,
     m: Metered,
+    sent: &Sent,
     resp: Response<Body>,
 ) -> (Response<Body>, Arc<Series>) {
-    let ext = resp.extensions();
-    let route = ext.get::<RouteRule>().map(|r| r.0.clone());
-    let upstream = ext.get::<Upstream>().copied();
+    let route = sent.route.clone();
+    let upstream = sent.upstream;
+    let retries = sent.retries;
     let key: SeriesKey = (
         Arc::as_ptr(snap) as usize,
         snap.config.generation,
@@ -335,12 +335,11 @@ fn meter(
             extra.push(("network.peer.address", Value::Str(u.addr.ip().to_string())));
             extra.push(("network.peer.port", Value::Int(i64::from(u.addr.port()))));
         }
-        let retries = resp.extensions().get::<Retries>().map_or(0, |r| r.0);
         extra.push(("weft.retries", Value::Int(i64::from(retries))));
         recording = recording.on_end(ending(ctx.state.tracer.clone(), span, &series, extra));
     }
     if let Some(l) = m.logged {
-        recording = recording.on_end(deferred(ctx, l, &resp, &series));
+        recording = recording.on_end(deferred(ctx, l, sent, &resp, &series));
     }
     (
         resp.map(|b| Body::new(MeteredBody::new(b, recording))),
@@ -354,6 +353,7 @@ async fn proxy(
     target: ServiceRef,
     req: Request<Incoming>,
     no_route: NoRoute,
+    sent: &mut Sent,
 ) -> Response<Body> {
     let snap = snap.clone();
     let (_, routed_port) = snap.service(target);
@@ -404,8 +404,7 @@ async fn proxy(
                     ),
                 );
                 sel.route.response_headers.apply(resp.headers_mut());
-                resp.extensions_mut()
-                    .insert(RouteRule(sel.route.name.clone()));
+                sent.route = Some(sel.route.name.clone());
                 return resp;
             }
         };
@@ -414,14 +413,35 @@ async fn proxy(
     let mut resp = match route.and_then(|r| r.fault.as_ref().map(|f| (r, f))) {
         Some((r, fault)) => match inject(ctx, r, fault).await {
             Some(abort) => abort,
-            None => send_in_time(ctx, &snap, target, backend, route, parts, body).await,
+            None => {
+                send_in_time(
+                    ctx,
+                    &snap,
+                    target,
+                    backend,
+                    route,
+                    Request::from_parts(parts, body),
+                    sent,
+                )
+                .await
+            }
         },
-        None => send_in_time(ctx, &snap, target, backend, route, parts, body).await,
+        None => {
+            send_in_time(
+                ctx,
+                &snap,
+                target,
+                backend,
+                route,
+                Request::from_parts(parts, body),
+                sent,
+            )
+            .await
+        }
     };
     if let Some(sel) = selected {
         sel.route.response_headers.apply(resp.headers_mut());
-        resp.extensions_mut()
-            .insert(RouteRule(sel.route.name.clone()));
+        sent.route = Some(sel.route.name.clone());
     }
     resp
 }
@@ -455,11 +475,10 @@ async fn send_in_time(
     target: ServiceRef,
     backend: Option<routes::Backend>,
     route: Option<&routes::HttpRoute>,
-    parts: http::request::Parts,
-    body: Incoming,
+    req: Request<Incoming>,
+    sent: &mut Sent,
 ) -> Response<Body> {
-    let req = Request::from_parts(parts, body);
-    let work = send(ctx, snap, target, backend, route, req);
+    let work = send(ctx, snap, target, backend, route, req, sent);
     let Some((r, limit)) = route.and_then(|r| r.timeout.map(|t| (r, t))) else {
         return work.await;
     };

@@ -14,7 +14,7 @@ use http::{HeaderMap, Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 
 use super::endpoint::{Ctx, forward};
-use crate::accesslog::Retries;
+use crate::accesslog::Sent;
 use crate::http::{Body, ERROR_HEADER, bad_request, error_response};
 use crate::metrics::Direction;
 use crate::snapshot::dest::{Dest, resolve};
@@ -92,6 +92,7 @@ pub(super) async fn send(
     backend: Option<routes::Backend>,
     route: Option<&routes::HttpRoute>,
     req: Request<Incoming>,
+    sent: &mut Sent,
 ) -> Response<Body> {
     let dest = match resolve(&snap.config, &snap.routes, target, backend, ctx.dst) {
         Ok(d) => d,
@@ -140,7 +141,7 @@ pub(super) async fn send(
             .retry_budgets
             .request(&dest.service.key(), b, tokio::time::Instant::now());
     }
-    let resp = send_to(ctx, snap, target, &dest, route, req).await;
+    let resp = send_to(ctx, snap, target, &dest, route, req, sent).await;
     match slot {
         // In flight until the response body is done with.
         Some(slot) => resp.map(|b| {
@@ -161,6 +162,7 @@ async fn send_to(
     dest: &Dest<'_>,
     route: Option<&routes::HttpRoute>,
     req: Request<Incoming>,
+    sent: &mut Sent,
 ) -> Response<Body> {
     let retry = route.and_then(|r| r.retry.as_ref().map(|p| (r, p)));
     let mirror = route.and_then(|r| {
@@ -169,12 +171,12 @@ async fn send_to(
             .map(|(b, _)| (r, b))
     });
     if retry.is_none() && mirror.is_none() {
-        return forward(ctx, snap, dest, req).await;
+        return forward(ctx, snap, dest, req, sent).await;
     }
     let (parts, body) = req.into_parts();
     let copy = match Copyable::read(parts, body).await {
         Held::Whole(c) => c,
-        Held::Once(req) => return forward(ctx, snap, dest, req).await,
+        Held::Once(req) => return forward(ctx, snap, dest, req, sent).await,
         Held::Failed(resp) => {
             ctx.state.metrics.error(Direction::Outbound, "bad-request");
             return resp;
@@ -184,11 +186,11 @@ async fn send_to(
         mirror_copy(ctx, snap, target, r, b, &copy);
     }
     let Some((r, policy)) = retry else {
-        return forward(ctx, snap, dest, copy.request()).await;
+        return forward(ctx, snap, dest, copy.request(), sent).await;
     };
     let mut retries = 0u32;
     loop {
-        let attempt = forward(ctx, snap, dest, copy.request());
+        let attempt = forward(ctx, snap, dest, copy.request(), sent);
         let resp = match policy.per_try_timeout_ms.filter(|ms| *ms > 0) {
             Some(ms) => {
                 match tokio::time::timeout(std::time::Duration::from_millis(ms), attempt).await {
@@ -209,7 +211,8 @@ async fn send_to(
             None => attempt.await,
         };
         if retries >= policy.attempts || !retriable(policy, &resp) {
-            return counted(resp, retries);
+            sent.retries = retries;
+            return resp;
         }
         if let Some(b) = dest.service.policy.retry_budget.as_ref()
             && !ctx.state.retry_budgets.try_retry(
@@ -221,7 +224,8 @@ async fn send_to(
             ctx.state
                 .metrics
                 .route_event(&r.name, "retry-budget-exhausted");
-            return counted(resp, retries);
+            sent.retries = retries;
+            return resp;
         }
         retries += 1;
         ctx.state.metrics.route_event(&r.name, "retry");
@@ -230,14 +234,6 @@ async fn send_to(
         drop(resp);
         tokio::time::sleep(wait).await;
     }
-}
-
-/// The response, with the retries made recorded (access log, span).
-fn counted(mut resp: Response<Body>, retries: u32) -> Response<Body> {
-    if retries > 0 {
-        resp.extensions_mut().insert(Retries(retries));
-    }
-    resp
 }
 
 /// Whether the retry policy covers this response. gRPC statuses are read
@@ -306,7 +302,7 @@ fn mirror_copy(
                 return;
             }
         };
-        let resp = forward(&ctx, &snap, &dest, req).await;
+        let resp = forward(&ctx, &snap, &dest, req, &mut Sent::default()).await;
         if let Some(step) = resp.headers().get(ERROR_HEADER) {
             tracing::debug!(route = %name, status = resp.status().as_u16(), ?step, "mirrored request failed");
         }
