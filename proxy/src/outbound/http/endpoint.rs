@@ -25,11 +25,10 @@ use std::sync::Arc;
 
 use http::{HeaderMap, Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
-use smallvec::SmallVec;
 use weft_proxy_config::{HashKey, LoadBalancer};
 
 use crate::accesslog::{Sent, Upstream};
-use crate::client::balance::{MAX_ATTEMPTS, attempt_order};
+use crate::client::balance::{Attempts, attempt_order};
 use crate::client::connect::{ConnectError, Gate, SendError, acquire, connect_timeout};
 use crate::http::forward::{finish, prepare};
 use crate::http::pool::{ConnPolicy, PoolKey, SendFailed, Version};
@@ -167,25 +166,39 @@ where
     let prepared = prepare(req, ctx.version);
 
     // Candidates: balanced endpoints, or the fallback when the config knows
-    // none (kubelet may not have delivered them yet). Inline, and each
-    // identity a shared clone: nothing here allocates.
-    let mut candidates: SmallVec<[Candidate<'_>; MAX_ATTEMPTS]> = SmallVec::new();
-    if dest.endpoints.is_empty() {
-        candidates.extend(dest.fallback.map(|a| (a, None, None)));
+    // none (kubelet may not have delivered them yet). Only their indices
+    // are kept (inline); each attempt reads its endpoint from the snapshot,
+    // its identity a shared clone. The request's future holds this state
+    // for its whole life, so it stays small.
+    let order = if dest.endpoints.is_empty() {
+        Attempts::new()
     } else {
-        for i in attempt_order(
+        attempt_order(
             &state.outliers,
             &state.outbound_pools,
             || state.next_rr(),
             dest,
             key.as_deref(),
-        ) {
-            let ep = dest.endpoints.get(i);
-            let addr = SocketAddr::new(ep.address, endpoint_port(ep, dest.port));
-            candidates.push((addr, dest.endpoints.identity(i).cloned(), ep.pod.as_deref()));
+        )
+    };
+    let candidate = |k: usize| -> Option<Candidate<'_>> {
+        if dest.endpoints.is_empty() {
+            return dest.fallback.filter(|_| k == 0).map(|a| (a, None, None));
         }
-    }
-    if candidates.is_empty() {
+        let i = *order.get(k)?;
+        let ep = dest.endpoints.get(i);
+        Some((
+            SocketAddr::new(ep.address, endpoint_port(ep, dest.port)),
+            dest.endpoints.identity(i).cloned(),
+            ep.pod.as_deref(),
+        ))
+    };
+    let n = if dest.endpoints.is_empty() {
+        usize::from(dest.fallback.is_some())
+    } else {
+        order.len()
+    };
+    if n == 0 {
         state.metrics.error(Direction::Outbound, "no-endpoint");
         let what = match dest.subset {
             Some(s) => format!("subset {s:?} of service {}", dest.service.key()),
@@ -203,14 +216,16 @@ where
     let conn_policy = ConnPolicy::of(dest.service.policy.connection_pool.as_ref());
     let gate = Gate::of(&state.conn_limits, dest.service);
     let upgrade = prepared.client_upgrade.is_some();
-    let replay = (candidates.len() > 1 && !upgrade)
+    let replay = (n > 1 && !upgrade)
         .then(|| Replay::of(&prepared.request))
         .flatten();
     let mut client_upgrade = prepared.client_upgrade;
     let mut request = Some(prepared.request);
     let mut last: Option<Response<Body>> = None;
-    let n = candidates.len();
-    for (attempt, (addr, identity, pod)) in candidates.into_iter().enumerate() {
+    for attempt in 0..n {
+        let Some((addr, identity, pod)) = candidate(attempt) else {
+            break;
+        };
         let more = attempt + 1 < n;
         let Some(req) = request
             .take()
