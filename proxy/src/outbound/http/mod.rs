@@ -410,33 +410,15 @@ async fn proxy(
         };
     }
     let route = selected.map(|s| s.route);
-    let mut resp = match route.and_then(|r| r.fault.as_ref().map(|f| (r, f))) {
-        Some((r, fault)) => match inject(ctx, r, fault).await {
-            Some(abort) => abort,
-            None => {
-                send_in_time(
-                    ctx,
-                    &snap,
-                    target,
-                    backend,
-                    route,
-                    Request::from_parts(parts, body),
-                    sent,
-                )
-                .await
-            }
-        },
+    let abort = match route.and_then(|r| r.fault.as_ref().map(|f| (r, f))) {
+        Some((r, fault)) => inject(ctx, r, fault).await,
+        None => None,
+    };
+    let mut resp = match abort {
+        Some(abort) => abort,
         None => {
-            send_in_time(
-                ctx,
-                &snap,
-                target,
-                backend,
-                route,
-                Request::from_parts(parts, body),
-                sent,
-            )
-            .await
+            let req = Request::from_parts(parts, body);
+            send_in_time(ctx, &snap, target, backend, route, req, sent).await
         }
     };
     if let Some(sel) = selected {
