@@ -144,9 +144,84 @@ pub fn pick<R: Rng>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::snapshot::ServiceRef;
+    use crate::snapshot::dest::resolve;
+    use crate::snapshot::routes::RouteTable;
     use rand::SeedableRng;
     use rand::rngs::StdRng;
-    use weft_proxy_config::HashKey;
+    use weft_proxy_config::{HashKey, ProxyConfig};
+
+    /// The sample config with the backend Service's endpoints replaced by
+    /// `n` meshed ones at 10.244.1.1…, balanced round robin.
+    fn backend_of(n: u8) -> ProxyConfig {
+        let mut c = weft_proxy_config::testing::sample();
+        let svc = c
+            .services
+            .iter_mut()
+            .find(|s| s.name == "backend")
+            .expect("backend");
+        let first = svc.endpoints[0].clone();
+        svc.endpoints = (1..=n)
+            .map(|i| {
+                let mut e = first.clone();
+                e.address = IpAddr::from([10, 244, 1, i]);
+                e.pod = Some(format!("backend-{i}"));
+                e.terminating = false;
+                e
+            })
+            .collect();
+        svc.policy.load_balancer = LoadBalancer::RoundRobin;
+        c
+    }
+
+    fn order(c: &ProxyConfig, outliers: &Outliers) -> Vec<String> {
+        let table = RouteTable::build(c).expect("routes");
+        let service = c
+            .services
+            .iter()
+            .position(|s| s.name == "backend")
+            .expect("backend");
+        let target = ServiceRef {
+            service,
+            port: 0,
+            endpoint: None,
+        };
+        let dst = SocketAddr::from(([10, 96, 0, 20], 8080));
+        let dest = resolve(c, &table, target, None, dst).expect("resolves");
+        attempt_order(outliers, &Pools::default(), || 0, &dest, None)
+            .iter()
+            .map(|i| {
+                assert!(dest.endpoints.identity(*i).is_some());
+                dest.endpoints.get(*i).address.to_string()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn an_attempt_order_is_the_pick_then_the_healthy_then_the_ejected_at_most_three() {
+        let c = backend_of(5);
+        let outliers = Outliers::default();
+        assert_eq!(
+            order(&c, &outliers),
+            ["10.244.1.1", "10.244.1.2", "10.244.1.3"]
+        );
+        let now = Instant::now();
+        for i in [1, 2, 4] {
+            outliers.eject(SocketAddr::from(([10, 244, 1, i], 8080)), now);
+        }
+        assert_eq!(
+            order(&c, &outliers),
+            ["10.244.1.3", "10.244.1.5", "10.244.1.1"]
+        );
+        outliers.eject(SocketAddr::from(([10, 244, 1, 3], 8080)), now);
+        outliers.eject(SocketAddr::from(([10, 244, 1, 5], 8080)), now);
+        // Every endpoint ejected: balanced over all of them again.
+        assert_eq!(
+            order(&c, &outliers),
+            ["10.244.1.1", "10.244.1.2", "10.244.1.3"]
+        );
+        assert_eq!(order(&backend_of(2), &Outliers::default()).len(), 2);
+    }
 
     #[test]
     fn least_request_never_picks_the_busiest_of_two() {
