@@ -69,8 +69,18 @@ async fn handle(state: Arc<State>, conn: TcpStream, peer: SocketAddr) {
         return;
     };
     let (_, port) = snap.service(target);
-    let opaque =
-        |conn, prefix| tcp::to_service(state.clone(), snap.clone(), target, conn, prefix, dst);
+    // Boxed: the connection's task is as large as its largest branch, and
+    // an idle HTTP connection should not carry the TCP forwarder's state.
+    let opaque = |conn, prefix| {
+        Box::pin(tcp::to_service(
+            state.clone(),
+            snap.clone(),
+            target,
+            conn,
+            prefix,
+            dst,
+        ))
+    };
     match port.protocol {
         Protocol::Opaque => opaque(conn, Bytes::new()).await,
         Protocol::Http1 => {
