@@ -23,6 +23,7 @@ use crate::http::pool::{Dial, Pool, PoolKey, Sender, Version};
 use crate::metrics::Direction;
 use crate::net::{Dialer, Stream};
 use crate::snapshot::Snapshot;
+use crate::snapshot::dest::Dest;
 use crate::tls::IdentityError;
 use crate::tls::{Alpn, verify::find_identity_mismatch};
 
@@ -192,8 +193,8 @@ pub async fn connect(
 pub struct Gate<'a> {
     /// Counts per Service.
     pub limits: &'a ConnLimits,
-    /// The Service.
-    pub service: &'a weft_proxy_config::Service,
+    /// The Service's `namespace/name`.
+    pub service: &'a str,
     /// Its maxConnections.
     pub max_connections: usize,
     /// Its maxPendingRequests (none: no limit).
@@ -201,12 +202,12 @@ pub struct Gate<'a> {
 }
 
 impl<'a> Gate<'a> {
-    /// The gate of `service`, when its policy limits connections.
-    pub fn of(limits: &'a ConnLimits, service: &'a weft_proxy_config::Service) -> Option<Self> {
-        let pool = service.policy.connection_pool.as_ref()?;
+    /// The gate of `dest`'s Service, when its policy limits connections.
+    pub fn of(limits: &'a ConnLimits, dest: &Dest<'a>) -> Option<Self> {
+        let pool = dest.service.policy.connection_pool.as_ref()?;
         Some(Gate {
             limits,
-            service,
+            service: dest.key,
             max_connections: pool.max_connections? as usize,
             max_pending: pool.max_pending_requests.map(|n| n as usize),
         })
@@ -255,13 +256,13 @@ async fn dial(
     let slot = match gate {
         None => None,
         Some(g) => {
-            let conns = g.limits.of(&g.service.key());
+            let conns = g.limits.of(g.service);
             match conns.reserve(pool, g.max_connections, g.max_pending).await {
                 Ok(Reserved::Room(slot)) => Some(slot),
                 Ok(Reserved::Idle(s)) => return Ok((s, false)),
                 Err(o) => {
                     return Err(ConnectError::Overflow {
-                        service: g.service.key(),
+                        service: g.service.to_owned(),
                         max_connections: o.max_connections,
                         max_pending: o.max_pending,
                     });

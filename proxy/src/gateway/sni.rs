@@ -44,10 +44,11 @@ pub async fn read_client_hello<R: AsyncRead + Unpin>(
             return Err(HelloError::Io(io::ErrorKind::UnexpectedEof.into()));
         }
         while fed < buf.len() {
-            match acceptor.read_tls(&mut &buf[fed..])? {
-                // No room taken: the hello is larger than rustls buffers.
-                0 => return Err(HelloError::TooLarge),
-                n => fed += n,
+            // Reading from a slice cannot fail: an error, or no byte taken,
+            // is rustls' buffer for the hello being full.
+            match acceptor.read_tls(&mut &buf[fed..]) {
+                Ok(0) | Err(_) => return Err(HelloError::TooLarge),
+                Ok(n) => fed += n,
             }
         }
         match acceptor.accept() {
@@ -118,6 +119,43 @@ mod tests {
             read_client_hello(&mut &half[..]).await,
             Err(HelloError::Io(_))
         ));
+    }
+
+    /// A hello whose handshake message claims `len` bytes, sent as full
+    /// 16 KiB records of zeros, more than [`MAX_HELLO`] in all.
+    fn endless_hello(len: u32) -> Vec<u8> {
+        let mut out = Vec::new();
+        let mut first = true;
+        while out.len() < MAX_HELLO + 32 * 1024 {
+            let mut payload = vec![0u8; 16 * 1024];
+            if first {
+                payload[0] = 1; // ClientHello
+                payload[1..4].copy_from_slice(&len.to_be_bytes()[1..]);
+                first = false;
+            }
+            out.extend_from_slice(&[22, 3, 1]);
+            out.extend_from_slice(&(16u16 * 1024).to_be_bytes());
+            out.extend_from_slice(&payload);
+        }
+        out
+    }
+
+    #[tokio::test]
+    async fn a_hello_that_never_ends_is_refused_as_too_large() {
+        for len in [0xFFFF, 0x1_0000, 0xF0_0000] {
+            let bytes = endless_hello(len);
+            let got = tokio::time::timeout(
+                std::time::Duration::from_secs(10),
+                read_client_hello(&mut chunked(&bytes, 4096)),
+            )
+            .await
+            .expect("the reader hung on an endless hello");
+            assert!(
+                matches!(got, Err(HelloError::TooLarge)),
+                "{len:#x}: {:?}",
+                got.map(|(b, s)| (b.len(), s))
+            );
+        }
     }
 
     /// A reader that yields `data` at most `chunk` bytes at a time.

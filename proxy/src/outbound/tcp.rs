@@ -90,10 +90,10 @@ pub async fn to_service(
         }
     }
     // connectionPool.maxConnections: over it, the connection is refused.
-    let slot = match Gate::of(&state.conn_limits, dest.service) {
+    let slot = match Gate::of(&state.conn_limits, &dest) {
         Some(g) => match g
             .limits
-            .of(&dest.service.key())
+            .of(dest.key)
             .reserve_now(
                 g.max_connections,
                 connect_timeout(state.settings.connect_timeout, &dest.service.policy),

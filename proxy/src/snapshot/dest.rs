@@ -21,6 +21,9 @@ pub struct Dest<'a> {
     pub service: &'a Service,
     /// Its index in `config.services`.
     pub index: usize,
+    /// Its `namespace/name`: the key of its breakers, retry budget and
+    /// connection limits.
+    pub key: &'a str,
     /// The Service port dialled (its target port and protocol apply).
     pub port: &'a ServicePort,
     /// Its endpoints that take new traffic (the subset's, with a subset).
@@ -135,6 +138,7 @@ pub fn resolve<'a>(
         return Ok(Dest {
             service: routed,
             index: target.service,
+            key: table.key(target.service),
             port: routed_port,
             endpoints: Endpoints::of(config, table, target.service, Chosen::One(i)),
             fallback: Some(dst),
@@ -145,6 +149,7 @@ pub fn resolve<'a>(
         return Ok(Dest {
             service: routed,
             index: target.service,
+            key: table.key(target.service),
             port: routed_port,
             endpoints: Endpoints::of(
                 config,
@@ -177,6 +182,7 @@ pub fn resolve<'a>(
     Ok(Dest {
         service,
         index: b.service,
+        key: table.key(b.service),
         port,
         endpoints: Endpoints::of(
             config,

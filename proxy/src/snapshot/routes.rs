@@ -95,6 +95,9 @@ struct ServiceRoutes {
     /// that a request clones a shared ID instead of parsing a string; none
     /// for an endpoint outside the mesh.
     identities: Vec<Option<SpiffeId>>,
+    /// `namespace/name`, the key of the Service's breakers, budgets and
+    /// connection limits, built here rather than per request.
+    key: String,
 }
 
 /// A compiled HTTP route rule.
@@ -292,6 +295,11 @@ impl RouteTable {
         }
     }
 
+    /// `namespace/name` of Service `service` (empty for an unknown index).
+    pub fn key(&self, service: usize) -> &str {
+        self.services.get(service).map_or("", |r| r.key.as_str())
+    }
+
     /// The identity of each endpoint of Service `service`, in config order
     /// (none outside the mesh).
     pub fn identities(&self, service: usize) -> &[Option<SpiffeId>] {
@@ -366,6 +374,7 @@ fn compile_service(
         live,
         subsets,
         identities,
+        key: svc.key(),
     })
 }
 
@@ -1025,6 +1034,8 @@ mod tests {
         let dst: SocketAddr = "10.96.0.1:80".parse().expect("addr");
         let d = resolve(&c, &t, at(), None, dst).expect("resolves");
         assert_eq!(d.fallback, Some(dst));
+        assert_eq!(d.key, c.services[0].key());
+        assert!(d.key.ends_with("/cart"), "{}", d.key);
         let b = Backend {
             service: 0,
             subset: Some(1),

@@ -214,7 +214,7 @@ where
     }
 
     let conn_policy = ConnPolicy::of(dest.service.policy.connection_pool.as_ref());
-    let gate = Gate::of(&state.conn_limits, dest.service);
+    let gate = Gate::of(&state.conn_limits, dest);
     let upgrade = prepared.client_upgrade.is_some();
     let replay = (n > 1 && !upgrade)
         .then(|| Replay::of(&prepared.request))

@@ -116,11 +116,7 @@ pub(super) async fn send(
         .as_ref()
         .and_then(|p| p.max_requests)
     {
-        Some(max) => match ctx
-            .state
-            .breakers
-            .try_acquire(&dest.service.key(), max as usize)
-        {
+        Some(max) => match ctx.state.breakers.try_acquire(dest.key, max as usize) {
             Some(slot) => Some(slot),
             None => {
                 ctx.state.metrics.error(Direction::Outbound, "overflow");
@@ -139,7 +135,7 @@ pub(super) async fn send(
     if let Some(b) = dest.service.policy.retry_budget.as_ref() {
         ctx.state
             .retry_budgets
-            .request(&dest.service.key(), b, tokio::time::Instant::now());
+            .request(dest.key, b, tokio::time::Instant::now());
     }
     let resp = send_to(ctx, snap, target, &dest, route, req, sent).await;
     match slot {
@@ -215,11 +211,10 @@ async fn send_to(
             return resp;
         }
         if let Some(b) = dest.service.policy.retry_budget.as_ref()
-            && !ctx.state.retry_budgets.try_retry(
-                &dest.service.key(),
-                b,
-                tokio::time::Instant::now(),
-            )
+            && !ctx
+                .state
+                .retry_budgets
+                .try_retry(dest.key, b, tokio::time::Instant::now())
         {
             ctx.state
                 .metrics
