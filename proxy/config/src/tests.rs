@@ -93,6 +93,40 @@ fn unknown_version_is_refused_before_parsing_the_rest() {
 }
 
 #[test]
+fn a_document_in_another_layout_loads_by_the_hash_as_defined() {
+    // The operator writes compact JSON and the proxy hashes the bytes of each
+    // Service as written; a pretty-printed document (another producer, a
+    // hand copy) is checked against the hash's definition instead.
+    let cfg = sample();
+    assert!(!cfg.services.is_empty());
+    let pretty = serde_json::to_vec_pretty(&cfg).expect("json");
+    assert_ne!(pretty, cfg.to_json());
+    assert_eq!(ProxyConfig::load(&pretty).expect("loads"), cfg);
+    // An edit inside a Service is still caught in that layout.
+    let text = String::from_utf8(pretty).expect("utf-8");
+    let edited = text.replacen("\"attempts\": 3", "\"attempts\": 4", 1);
+    assert_ne!(text, edited, "the edit applies");
+    let err = ProxyConfig::load(edited.as_bytes()).expect_err("hash mismatch");
+    assert!(matches!(err, LoadError::Hash { .. }), "{err}");
+}
+
+#[test]
+fn a_malformed_service_is_named_by_its_place() {
+    let mut v: serde_json::Value = serde_json::from_slice(&sample().to_json()).expect("json");
+    let last = v["services"].as_array().expect("services").len() - 1;
+    v["services"][last]["ports"] = serde_json::json!("eighty");
+    let err = ProxyConfig::load(&serde_json::to_vec(&v).expect("json")).expect_err("malformed");
+    assert!(
+        matches!(err, LoadError::Service { index, .. } if index == last),
+        "{err}"
+    );
+    assert!(
+        err.to_string().contains(&format!("services[{last}]")),
+        "{err}"
+    );
+}
+
+#[test]
 fn unknown_fields_are_refused() {
     let mut v: serde_json::Value = serde_json::from_slice(&sample().to_json()).expect("json");
     v["surprise"] = serde_json::json!(1);

@@ -289,36 +289,37 @@ fn validate_service(
     let spiffe_prefix = format!("spiffe://{trust_domain}/");
     let mut addrs = BTreeSet::new();
     for ep in &svc.endpoints {
-        let ep_at = format!("{at}.endpoints[{}]", ep.address);
+        // Named only when something is wrong: a mesh lists 100,000s of endpoints.
+        let ep_at = || format!("{at}.endpoints[{}]", ep.address);
         if !addrs.insert(ep.address) {
-            errs.push(&ep_at, "duplicate endpoint address");
+            errs.push(ep_at(), "duplicate endpoint address");
         }
         match (&ep.identity, ep.meshed) {
             (Some(id), true) if !id.starts_with(&spiffe_prefix) => errs.push(
-                &ep_at,
+                ep_at(),
                 format!("identity {id:?} is not in trust domain {trust_domain:?}"),
             ),
             (Some(id), true) if id.len() == spiffe_prefix.len() => {
-                errs.push(&ep_at, format!("identity {id:?} has no path"));
+                errs.push(ep_at(), format!("identity {id:?} has no path"));
             }
-            (None, true) => errs.push(&ep_at, "meshed endpoint without identity"),
-            (Some(_), false) => errs.push(&ep_at, "identity on a non-meshed endpoint"),
+            (None, true) => errs.push(ep_at(), "meshed endpoint without identity"),
+            (Some(_), false) => errs.push(ep_at(), "identity on a non-meshed endpoint"),
             _ => {}
         }
         for s in &ep.subsets {
             if !subsets.contains(s.as_str()) {
-                errs.push(&ep_at, format!("unknown subset {s:?}"));
+                errs.push(ep_at(), format!("unknown subset {s:?}"));
             }
         }
         for (name, port) in &ep.ports {
             if !names.contains(name.as_str()) {
                 errs.push(
-                    &ep_at,
+                    ep_at(),
                     format!("port override for unknown port name {name:?}"),
                 );
             }
             if *port == 0 {
-                errs.push(&ep_at, "port 0 is not a port");
+                errs.push(ep_at(), "port 0 is not a port");
             }
         }
     }

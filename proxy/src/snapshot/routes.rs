@@ -332,16 +332,24 @@ fn compile_service(
                 .collect()
         })
         .collect();
+    // The pods of a workload share one identity and are listed together:
+    // parsed and stored once per run of equal identities.
+    let mut last: Option<(&str, SpiffeId)> = None;
     let identities = svc
         .endpoints
         .iter()
         .map(|e| match e.identity.as_deref().filter(|_| e.meshed) {
-            Some(id) => SpiffeId::parse(id)
-                .map(Some)
-                .map_err(|source| RouteError::Identity {
-                    at: format!("{at}.endpoints[{}].identity", e.address),
-                    source,
-                }),
+            Some(id) => match &last {
+                Some((seen, parsed)) if *seen == id => Ok(Some(parsed.clone())),
+                _ => {
+                    let parsed = SpiffeId::parse(id).map_err(|source| RouteError::Identity {
+                        at: format!("{at}.endpoints[{}].identity", e.address),
+                        source,
+                    })?;
+                    last = Some((id, parsed.clone()));
+                    Ok(Some(parsed))
+                }
+            },
             None => Ok(None),
         })
         .collect::<Result<_, _>>()?;

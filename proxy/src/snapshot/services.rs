@@ -37,8 +37,13 @@ pub struct Destinations {
 impl Destinations {
     /// Indexes every ClusterIP:port and endpoint IP:port of `config`.
     pub fn build(config: &ProxyConfig) -> Self {
-        let mut by_addr = HashMap::new();
-        let mut by_endpoint = HashMap::new();
+        let (mut addrs, mut endpoints) = (0, 0);
+        for svc in &config.services {
+            addrs += svc.ports.len() * svc.cluster_ips.len();
+            endpoints += svc.ports.len() * svc.endpoints.len();
+        }
+        let mut by_addr = HashMap::with_capacity(addrs);
+        let mut by_endpoint = HashMap::with_capacity(endpoints);
         for (si, svc) in config.services.iter().enumerate() {
             for (pi, port) in svc.ports.iter().enumerate() {
                 let at = ServiceRef {
