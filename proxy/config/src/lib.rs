@@ -281,8 +281,8 @@ impl ProxyConfig {
 
 /// `proxy.json` as [`ProxyConfig::load`] reads it: [`ProxyConfig`]'s fields
 /// with the same names and defaults, each Service still its bytes in the
-/// document. A field added to [`ProxyConfig`] is added here too (the
-/// round-trip tests fail on a document this cannot read).
+/// document. A field added to [`ProxyConfig`] must be added here too: the
+/// struct literal in `load` does not compile without it.
 #[derive(serde::Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 struct Wire<'a> {
