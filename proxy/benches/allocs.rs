@@ -19,12 +19,21 @@
 //! run, give what the app and the load client cost; the difference is what
 //! the two proxies add. Counts cover the whole process during the window.
 //!
+//! Then the heap an idle connection holds: a second pair, each proxy on a
+//! thread of its own with its own current-thread runtime, so every block
+//! it allocates is attributed to it (an allocation group of the tracking
+//! allocator); `--idle N` HTTP/1.1 connections (1000) are opened through it
+//! one after another, one request each, and held open; counted is what
+//! each proxy allocated meanwhile and still holds, per connection. With
+//! `--sites`, `--site-idle N` connections (200) again, with where each held
+//! block was allocated.
+//!
 //! The counting global allocator wraps the system allocator; weft forbids
 //! `unsafe` code, so the wrapping comes from two small crates: `stats_alloc`
 //! counts allocations, reallocations and bytes with atomics, and
 //! `tracking-allocator` below it calls a hook on every allocation while
 //! tracking is on (never re-entrantly: allocations made by the hook itself are
-//! not seen by it), which `--sites` uses. Below the counting layer each block
+//! not seen by it), which `--sites` and the idle measurement use. Below the counting layer each block
 //! carries a one-word header and a reallocation becomes an allocation, a copy
 //! and a free; the counts, taken above it, are what the code asks for.
 //!
@@ -35,11 +44,12 @@
 //! ```
 //!
 //! Flags: `--requests N` (measured requests per load, 20000), `--warmup N`
-//! (2000), `--conc N` (16), `--sites` (or `WEFT_ALLOCS_SITES=1`: after the
+//! (2000), `--conc N` (16), `--idle N` and `--site-idle N` (above), `--sites` (or `WEFT_ALLOCS_SITES=1`: after the
 //! counts, run each load again with a backtrace taken for every `--every N`th
 //! allocation (97) over `--site-requests N` requests (5000), against the pair
 //! and against the app directly, and print the top `--top N` (20) weft
-//! frames and sites by what the pair adds per request). Prints Markdown and
+//! frames and sites by what the pair adds per request; then the idle
+//! connections' held blocks by site). Prints Markdown and
 //! writes it to `target/bench/allocs.md`. Figures only; nothing is asserted.
 
 #[path = "../tests/support/mod.rs"]
@@ -52,7 +62,7 @@ use std::convert::Infallible;
 use std::fmt::Write as _;
 use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -66,7 +76,9 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use stats_alloc::{Stats, StatsAlloc};
 use support::{CLIENT_ID, Pod, SERVER_ID, SERVER_POD_IP, cluster_ip, config, meshed, service};
 use tokio::net::{TcpListener, TcpStream};
-use tracking_allocator::{AllocationGroupId, AllocationRegistry, AllocationTracker, Allocator};
+use tracking_allocator::{
+    AllocationGroupId, AllocationGroupToken, AllocationRegistry, AllocationTracker, Allocator,
+};
 use weft_proxy::test_util::TestCa;
 use weft_proxy_config::{MtlsMode, Protocol};
 
@@ -85,6 +97,8 @@ struct Opts {
     site_requests: usize,
     every: u64,
     top: usize,
+    idle: usize,
+    site_idle: usize,
 }
 
 fn opts() -> Opts {
@@ -96,6 +110,8 @@ fn opts() -> Opts {
         site_requests: 5_000,
         every: 97,
         top: 20,
+        idle: 1_000,
+        site_idle: 200,
     };
     let mut args = std::env::args().skip(1);
     let num = |v: Option<String>, d: usize| v.and_then(|v| v.parse().ok()).unwrap_or(d).max(1);
@@ -108,6 +124,8 @@ fn opts() -> Opts {
             "--site-requests" => o.site_requests = num(args.next(), o.site_requests),
             "--every" => o.every = num(args.next(), o.every as usize) as u64,
             "--top" => o.top = num(args.next(), o.top),
+            "--idle" => o.idle = num(args.next(), o.idle),
+            "--site-idle" => o.site_idle = num(args.next(), o.site_idle),
             // cargo bench passes --bench.
             "--bench" => {}
             other => eprintln!("allocs: ignoring unknown argument {other:?}"),
@@ -118,20 +136,37 @@ fn opts() -> Opts {
 
 // ---------------------------------------------------------------- sampling
 
-/// Allocations the sampler saw while tracking was on (reallocations
+/// Allocations the sampler saw while sampling was on (reallocations
 /// included: below the counting layer they are an allocation and a free).
 static SEEN: AtomicU64 = AtomicU64::new(0);
 static EVERY: AtomicU64 = AtomicU64::new(97);
+/// Whether allocations outside the idle measurement's proxies are sampled.
+static SAMPLING: AtomicBool = AtomicBool::new(false);
 /// Sampled allocations: where, and how many bytes.
 static SAMPLES: Mutex<Vec<(Backtrace, usize)>> = Mutex::new(Vec::new());
 
-/// Takes a backtrace of every `EVERY`th allocation. The tracking allocator
+/// While tracking is on: counts what the idle measurement's proxies
+/// allocate and free (by their allocation groups), and, while sampling, takes
+/// a backtrace of every `EVERY`th other allocation. The tracking allocator
 /// never calls it re-entrantly, so the capture's own allocations are neither
-/// sampled nor recursed into.
-struct Sampler;
+/// seen nor recursed into.
+struct Tracker;
 
-impl AllocationTracker for Sampler {
-    fn allocated(&self, _addr: usize, size: usize, _wrapped: usize, _group: AllocationGroupId) {
+impl AllocationTracker for Tracker {
+    fn allocated(&self, addr: usize, size: usize, _wrapped: usize, group: AllocationGroupId) {
+        if let Some(role) = role_of(&group) {
+            let held = &HELD[role as usize];
+            held[0].fetch_add(size as u64, Ordering::Relaxed);
+            held[1].fetch_add(1, Ordering::Relaxed);
+            let mut live = LIVE.lock().unwrap_or_else(PoisonError::into_inner);
+            if let Some(live) = live.as_mut() {
+                live.insert(addr, (role, Backtrace::force_capture(), size));
+            }
+            return;
+        }
+        if !SAMPLING.load(Ordering::Relaxed) {
+            return;
+        }
         let n = SEEN.fetch_add(1, Ordering::Relaxed);
         if n.is_multiple_of(EVERY.load(Ordering::Relaxed)) {
             let bt = Backtrace::force_capture();
@@ -144,12 +179,20 @@ impl AllocationTracker for Sampler {
 
     fn deallocated(
         &self,
-        _addr: usize,
-        _size: usize,
+        addr: usize,
+        size: usize,
         _wrapped: usize,
-        _source: AllocationGroupId,
+        source: AllocationGroupId,
         _current: AllocationGroupId,
     ) {
+        if let Some(role) = role_of(&source) {
+            let held = &HELD[role as usize];
+            held[2].fetch_add(size as u64, Ordering::Relaxed);
+            held[3].fetch_add(1, Ordering::Relaxed);
+            if let Some(live) = LIVE.lock().unwrap_or_else(PoisonError::into_inner).as_mut() {
+                live.remove(&addr);
+            }
+        }
     }
 }
 
@@ -388,9 +431,11 @@ async fn sample(
         .unwrap_or_else(PoisonError::into_inner)
         .clear();
     SEEN.store(0, Ordering::Relaxed);
+    SAMPLING.store(true, Ordering::Relaxed);
     AllocationRegistry::enable_tracking();
     drive(&mut clients, o.site_requests).await;
     AllocationRegistry::disable_tracking();
+    SAMPLING.store(false, Ordering::Relaxed);
     let seen = SEEN.load(Ordering::Relaxed);
     let samples = std::mem::take(&mut *SAMPLES.lock().unwrap_or_else(PoisonError::into_inner));
     settle().await;
@@ -658,6 +703,220 @@ async fn pair(app_h1: SocketAddr, app_h2: SocketAddr, ca: &TestCa, mux: bool) ->
     (client, server)
 }
 
+// ---------------------------------------------------------------- idle connections
+
+/// The two proxies of the idle measurement, each on a thread of its own
+/// whose allocations count in an allocation group of its own.
+#[derive(Clone, Copy, Debug)]
+enum Role {
+    Client = 0,
+    Server = 1,
+}
+
+/// Each role's allocation group (0 until registered).
+static GROUPS: [AtomicUsize; 2] = [const { AtomicUsize::new(0) }; 2];
+/// Per role, while tracking is on: bytes and blocks allocated, then bytes
+/// and blocks of those freed again (by any thread).
+static HELD: [[AtomicU64; 4]; 2] = [const { [const { AtomicU64::new(0) }; 4] }; 2];
+/// With `--sites`: the blocks each role allocated while tracking was on and
+/// has not freed, by address: the role, where, and the size.
+type Live = HashMap<usize, (Role, Backtrace, usize)>;
+static LIVE: Mutex<Option<Live>> = Mutex::new(None);
+
+fn role_of(group: &AllocationGroupId) -> Option<Role> {
+    let id = group.as_usize().get();
+    if GROUPS[Role::Client as usize].load(Ordering::Relaxed) == id {
+        Some(Role::Client)
+    } else if GROUPS[Role::Server as usize].load(Ordering::Relaxed) == id {
+        Some(Role::Server)
+    } else {
+        None
+    }
+}
+
+/// Starts a proxy on a thread of its own with its own current-thread
+/// runtime (as a sidecar runs), its allocations counted as `role`'s.
+fn start_on_thread(
+    role: Role,
+    cfg: weft_proxy_config::ProxyConfig,
+    identity: &'static str,
+    ca: std::sync::Arc<TestCa>,
+) -> Pod {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::Builder::new()
+        .name(format!("{role:?}").to_lowercase())
+        .spawn(move || {
+            let mut token = AllocationGroupToken::register().expect("an allocation group");
+            GROUPS[role as usize].store(token.id().as_usize().get(), Ordering::Relaxed);
+            let _in_group = token.enter();
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            rt.block_on(async move {
+                let pod = Pod::start(&cfg, &ca.leaf(identity, 3600), &ca).await;
+                let _ = tx.send(pod);
+                // Serves until the process ends.
+                std::future::pending::<()>().await;
+            });
+        })
+        .expect("proxy thread");
+    rx.recv().expect("the proxy starts")
+}
+
+/// A client and a server proxy, each on its own thread, HTTP/1.1 between
+/// them multiplexed as HTTP/2 streams (the default).
+fn threaded_pair(app_h1: SocketAddr, ca: &std::sync::Arc<TestCa>) -> (Pod, Pod) {
+    let echo = service(
+        "echo",
+        cluster_ip(1),
+        80,
+        app_h1.port(),
+        Protocol::Detect,
+        vec![meshed(SERVER_POD_IP, SERVER_ID)],
+    );
+    let client_cfg = config(1, MtlsMode::Strict, vec![echo]);
+    let server_cfg = config(1, MtlsMode::Strict, vec![]);
+    let server = start_on_thread(Role::Server, server_cfg, SERVER_ID, ca.clone());
+    let client = start_on_thread(Role::Client, client_cfg, CLIENT_ID, ca.clone());
+    client.route_to(
+        SocketAddr::new(IpAddr::V4(SERVER_POD_IP), app_h1.port()),
+        &server,
+    );
+    (client, server)
+}
+
+/// What each proxy allocated while `n` idle connections were opened and
+/// still holds.
+#[derive(Clone, Copy, Default)]
+struct Held {
+    /// Per role: bytes, blocks.
+    kept: [(u64, u64); 2],
+    conns: usize,
+}
+
+impl Held {
+    fn per_conn(&self, role: Role) -> (f64, f64) {
+        let (b, n) = self.kept[role as usize];
+        let c = self.conns.max(1) as f64;
+        (b as f64 / c, n as f64 / c)
+    }
+}
+
+/// Opens `n` HTTP/1.1 connections through `via`, one request on each, and
+/// counts what each proxy allocated meanwhile and still holds while they
+/// stay open (a block allocated before the window and freed in it is not
+/// counted: the window's own growth). With `live`, keeps where each held
+/// block was allocated.
+async fn idle(via: &Via<'_>, n: usize, live: bool) -> (Held, Live) {
+    // A first connection warms up what the proxies keep once (pools,
+    // caches, metric series).
+    let mut warm = handshake(Proto::H1, via.connect(Proto::H1).await).await;
+    one(&mut warm).await;
+    drop(warm);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    for role in &HELD {
+        for c in role {
+            c.store(0, Ordering::Relaxed);
+        }
+    }
+    if live {
+        *LIVE.lock().unwrap_or_else(PoisonError::into_inner) = Some(Live::new());
+    }
+    AllocationRegistry::enable_tracking();
+    let mut conns = Vec::with_capacity(n);
+    for _ in 0..n {
+        let mut c = handshake(Proto::H1, via.connect(Proto::H1).await).await;
+        one(&mut c).await;
+        conns.push(c);
+    }
+    // Lets both proxies' threads finish what the last answer left them.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    AllocationRegistry::disable_tracking();
+    let live = LIVE
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .take()
+        .unwrap_or_default();
+    let mut held = Held {
+        conns: conns.len(),
+        ..Held::default()
+    };
+    for (i, role) in HELD.iter().enumerate() {
+        let [ab, an, fb, fnum] = role.each_ref().map(|c| c.load(Ordering::Relaxed));
+        held.kept[i] = (ab.saturating_sub(fb), an.saturating_sub(fnum));
+    }
+    drop(conns);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    (held, live)
+}
+
+fn idle_table(held: &Held) -> String {
+    let (cb, cn) = held.per_conn(Role::Client);
+    let (sb, sn) = held.per_conn(Role::Server);
+    format!(
+        "## Heap held per idle connection\n\n\
+         {} HTTP/1.1 connections opened one after another through the pair, one 1 KiB request \
+         each, then held open. Each proxy runs on a thread of its own (its own current-thread \
+         runtime) whose allocations are attributed to it; counted: what it allocated while the \
+         connections were opened and still holds while they are open, as requested (the \
+         allocator's own overhead per block not included).\n\n\
+         | proxy | bytes per idle connection | blocks per idle connection |\n|---|---:|---:|\n\
+         | client (the app's connections) | {} | {} |\n\
+         | server (one multiplexed connection from the client proxy) | {} | {} |\n",
+        held.conns,
+        fmt_n(cb),
+        fmt_n(cn),
+        fmt_n(sb),
+        fmt_n(sn),
+    )
+}
+
+/// Held bytes and blocks by site and by weft frame, per role, per connection.
+fn live_section(live: &Live, conns: usize, o: &Opts) -> String {
+    let mut s = format!("\n### Where the held blocks were allocated ({conns} idle connections)\n");
+    for role in [Role::Client, Role::Server] {
+        let mut sites = Tally::new();
+        let mut weft = Tally::new();
+        for (r, bt, size) in live.values() {
+            if *r as usize != role as usize {
+                continue;
+            }
+            let f = frames(bt);
+            for (m, k) in [(&mut sites, site_key(&f)), (&mut weft, weft_key(&f))] {
+                let e = m.entry(k).or_default();
+                e.0 += 1;
+                e.1 += *size as u64;
+            }
+        }
+        let _ = writeln!(s, "\n{role:?} proxy, by the innermost weft frame:\n");
+        s.push_str(&held_rows(&weft, conns, o.top, "weft frame"));
+        let _ = writeln!(s, "\n{role:?} proxy, by site:\n");
+        s.push_str(&held_rows(&sites, conns, o.top, "site"));
+    }
+    s
+}
+
+/// The top `top` keys by bytes held, per connection.
+fn held_rows(t: &Tally, conns: usize, top: usize, what: &str) -> String {
+    let mut rows: Vec<(&String, &(u64, u64))> = t.iter().collect();
+    rows.sort_by(|a, b| b.1.1.cmp(&a.1.1).then_with(|| a.0.cmp(b.0)));
+    let c = conns.max(1) as f64;
+    let mut s =
+        format!("| # | bytes per conn | blocks per conn | {what} |\n|---:|---:|---:|---|\n");
+    for (i, (k, (n, b))) in rows.iter().take(top).enumerate() {
+        let _ = writeln!(
+            s,
+            "| {} | {} | {} | {} |",
+            i + 1,
+            fmt_n(*b as f64 / c),
+            fmt_n(*n as f64 / c),
+            k.replace('|', "\\|")
+        );
+    }
+    s
+}
+
 // ---------------------------------------------------------------- report
 
 fn fmt_n(v: f64) -> String {
@@ -785,9 +1044,7 @@ fn sites_section(
 fn main() {
     let o = opts();
     EVERY.store(o.every, Ordering::Relaxed);
-    if o.sites {
-        AllocationRegistry::set_global_tracker(Sampler).expect("one tracker");
-    }
+    AllocationRegistry::set_global_tracker(Tracker).expect("one tracker");
     let _ = rustls::crypto::ring::default_provider().install_default();
     // As the sidecar logs by default: JSON on stderr at info.
     tracing_subscriber::fmt()
@@ -882,6 +1139,24 @@ async fn run(o: &Opts) -> String {
     }
     let mut report = table(&rows, o);
 
+    let ca = std::sync::Arc::new(ca);
+    let (idle_client, _idle_server) = threaded_pair(app_h1, &ca);
+    let idle_via = Via {
+        name: "weft pair, a thread per proxy",
+        pod: Some(&idle_client),
+        h1: SocketAddr::new(cluster_ip(1), 80),
+        h2: SocketAddr::new(cluster_ip(2), 80),
+    };
+    let (held, _) = idle(&idle_via, o.idle, false).await;
+    eprintln!(
+        "allocs: {} idle connections: client proxy {} bytes each, server proxy {}",
+        held.conns,
+        fmt_n(held.per_conn(Role::Client).0),
+        fmt_n(held.per_conn(Role::Server).0)
+    );
+    report.push('\n');
+    report.push_str(&idle_table(&held));
+
     if o.sites {
         let _ = writeln!(report, "\n## Allocation sites\n");
         for (proto, conc, pair, extra) in loads {
@@ -903,6 +1178,9 @@ async fn run(o: &Opts) -> String {
             ));
             report.push('\n');
         }
+        let (held, live) = idle(&idle_via, o.site_idle, true).await;
+        eprintln!("allocs: resolving {} held blocks", live.len());
+        report.push_str(&live_section(&live, held.conns, o));
     }
     report
 }

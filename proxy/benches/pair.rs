@@ -867,6 +867,41 @@ async fn idle_conns(
     drop(conns);
 }
 
+/// Each sidecar's RSS growth per 1000 connections while `IDLE_CONNS` idle
+/// HTTP/1.1 connections (one request each) to `t` are held open: (client,
+/// server), MB. None for a target without sidecars or when none opened.
+fn idle_rss(t: &Target, when: &str) -> Option<(f64, f64)> {
+    if t.sidecars.is_empty() {
+        return None;
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let before: Vec<f64> = t.sidecars.iter().map(|p| mb(&[*p], "VmRSS:")).collect();
+    let (otx, orx) = std::sync::mpsc::channel();
+    let (htx, hrx) = std::sync::mpsc::channel();
+    let addr = t.h1();
+    let ns = t.ns.clone();
+    let holder =
+        std::thread::spawn(move || load(&ns, move || idle_conns(addr, IDLE_CONNS, otx, hrx)));
+    let opened = orx.recv().unwrap_or(0);
+    std::thread::sleep(Duration::from_millis(500));
+    let after: Vec<f64> = t.sidecars.iter().map(|p| mb(&[*p], "VmRSS:")).collect();
+    let _ = htx.send(());
+    let _ = holder.join();
+    eprintln!(
+        "{} ({when}): {opened} idle connections, RSS client {:.1} → {:.1} MB, server {:.1} → {:.1} MB",
+        t.name, before[0], after[0], before[1], after[1]
+    );
+    (opened > 0).then(|| {
+        let k = 1000.0 / opened as f64;
+        ((after[0] - before[0]) * k, (after[1] - before[1]) * k)
+    })
+}
+
+/// "client, server" MB, or "–".
+fn pair_mb(v: Option<(f64, f64)>) -> String {
+    v.map_or("–".to_owned(), |(c, s)| format!("{c:.1}, {s:.1}"))
+}
+
 // ---------------------------------------------------------------- /proc
 
 fn pct(v: &[u64], p: f64) -> f64 {
@@ -964,7 +999,10 @@ struct Row {
     maxrps: Vec<f64>,
     errors: u64,
     handshakes: f64,
+    /// Measured after the load.
     idle_per_1000: Option<(f64, f64)>,
+    /// Measured before any load.
+    idle_fresh_per_1000: Option<(f64, f64)>,
 }
 
 /// One constant-rate window: latencies, vCPU per 1000 rps per sidecar, RSS
@@ -1697,6 +1735,14 @@ fn main() {
         rows[ti].rss_idle = mb(&t.sidecars, "VmRSS:");
         rows[ti].handshakes = f64::NAN;
     }
+    // RSS per 1000 idle connections of a fresh proxy, before any load: what
+    // an allocator freed during a load is reused first, so measured after
+    // one, a cost smaller than that reads 0.0 (the second measurement).
+    if !o.core {
+        for (ti, t) in targets.iter().enumerate() {
+            rows[ti].idle_fresh_per_1000 = idle_rss(t, "fresh");
+        }
+    }
 
     // Main comparison: HTTP/1.1, 1 KiB, 1000 rps, 16 connections; then the
     // maximum with 64 connections. Interleaved rounds.
@@ -1755,32 +1801,7 @@ fn main() {
             );
         }
         for (ti, t) in targets.iter().enumerate() {
-            if t.sidecars.is_empty() {
-                continue;
-            }
-            std::thread::sleep(Duration::from_millis(500));
-            let before: Vec<f64> = t.sidecars.iter().map(|p| mb(&[*p], "VmRSS:")).collect();
-            let (otx, orx) = std::sync::mpsc::channel();
-            let (htx, hrx) = std::sync::mpsc::channel();
-            let addr = t.h1();
-            let ns = t.ns.clone();
-            let holder = std::thread::spawn(move || {
-                load(&ns, move || idle_conns(addr, IDLE_CONNS, otx, hrx))
-            });
-            let opened = orx.recv().unwrap_or(0);
-            std::thread::sleep(Duration::from_millis(500));
-            let after: Vec<f64> = t.sidecars.iter().map(|p| mb(&[*p], "VmRSS:")).collect();
-            let _ = htx.send(());
-            let _ = holder.join();
-            if opened > 0 {
-                let k = 1000.0 / opened as f64;
-                rows[ti].idle_per_1000 =
-                    Some(((after[0] - before[0]) * k, (after[1] - before[1]) * k));
-            }
-            eprintln!(
-                "{}: {opened} idle connections, RSS client {:.1} → {:.1} MB, server {:.1} → {:.1} MB",
-                t.name, before[0], after[0], before[1], after[1]
-            );
+            rows[ti].idle_per_1000 = idle_rss(t, "after the load");
         }
     }
 
@@ -1933,7 +1954,7 @@ fn report(
     );
     let _ = writeln!(
         md,
-        "HTTP/1.1, 1 KiB responses, {RATE} rps over {CONNS} connections for {}s (latency from the intended send time: no coordinated omission), max throughput with {MAX_CONNS} closed-loop connections for {}s; medians of {} interleaved rounds. Proxies and the apps pinned to CPU 1, the load generator to CPU 0. vCPU from schedstat over the constant-rate window, per sidecar. RSS per 1000 idle connections: each sidecar's RSS growth while {IDLE_CONNS} idle HTTP/1.1 connections (one request each) are held open; memory its allocator freed earlier in the run is reused first, so a small cost can read 0.0.{} Run took {:.0} s.\n",
+        "HTTP/1.1, 1 KiB responses, {RATE} rps over {CONNS} connections for {}s (latency from the intended send time: no coordinated omission), max throughput with {MAX_CONNS} closed-loop connections for {}s; medians of {} interleaved rounds. Proxies and the apps pinned to CPU 1, the load generator to CPU 0. vCPU from schedstat over the constant-rate window, per sidecar. RSS per 1000 idle connections: each sidecar's RSS growth while {IDLE_CONNS} idle HTTP/1.1 connections (one request each) are held open, once on the fresh proxy before any load and once after the load (then memory its allocator freed earlier in the run is reused first, so a cost smaller than that reads 0.0).{} Run took {:.0} s.\n",
         o.measure.as_secs(),
         MAX_FOR.as_secs(),
         o.rounds,
@@ -1944,7 +1965,7 @@ fn report(
         },
         took.as_secs_f64()
     );
-    md.push_str("| target | added p50 ms | added p90 ms | added p99 ms | added p99.9 ms | added max ms | vCPU/1000 rps per sidecar | RSS idle MB | RSS at 1000 rps MB | RSS peak MB | max rps | % of direct | mTLS handshakes per server-core-s | RSS per 1000 idle conns MB (client, server) | errors |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
+    md.push_str("| target | added p50 ms | added p90 ms | added p99 ms | added p99.9 ms | added max ms | vCPU/1000 rps per sidecar | RSS idle MB | RSS at 1000 rps MB | RSS peak MB | max rps | % of direct | mTLS handshakes per server-core-s | RSS per 1000 idle conns MB fresh (client, server) | after the load | errors |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
     let direct_max = median(&rows[0].maxrps);
     let d = |ti: usize, f: fn(&Row) -> &Vec<f64>| median(f(&rows[ti])) - median(f(&rows[0]));
     for (ti, t) in targets.iter().enumerate() {
@@ -1976,7 +1997,7 @@ fn report(
         };
         let _ = writeln!(
             md,
-            "| {}{} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {} | {} | {} | {} | {:.0} | {:.0}% | {} | {} | {} |",
+            "| {}{} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {} | {} | {} | {} | {:.0} | {:.0}% | {} | {} | {} | {} |",
             t.name,
             if ti == 0 { " (absolute)" } else { "" },
             lat[0],
@@ -1991,8 +2012,8 @@ fn report(
             median(&r.maxrps),
             100.0 * median(&r.maxrps) / direct_max,
             opt(r.handshakes, 0),
-            r.idle_per_1000
-                .map_or("–".to_owned(), |(c, s)| format!("{c:.1}, {s:.1}")),
+            pair_mb(r.idle_fresh_per_1000),
+            pair_mb(r.idle_per_1000),
             r.errors
         );
     }
@@ -2006,13 +2027,13 @@ fn report(
             "\nRatios weft / peer, same run, {} topology (the bar: ≤ 0.7 for vCPU and added latency, ≥ 1.3 for max rps, ≥ 2 for handshakes vs nginx, < 1 for RSS per idle connection).\n",
             topology_title(o.topology)
         );
-        md.push_str("| weft / peer | vCPU per 1000 rps | added p50 | added p99 | max rps | RSS idle | mTLS handshakes per server-core-s | RSS per 1000 idle conns (client, server) |\n|---|---|---|---|---|---|---|---|\n");
+        md.push_str("| weft / peer | vCPU per 1000 rps | added p50 | added p99 | max rps | RSS idle | mTLS handshakes per server-core-s | RSS per 1000 idle conns, fresh (client, server) |\n|---|---|---|---|---|---|---|---|\n");
         for (pi, p) in targets.iter().enumerate() {
             if p.sidecars.is_empty() || pi == w {
                 continue;
             }
             let r = |f: fn(&Row) -> &Vec<f64>| median(f(&rows[w])) / median(f(&rows[pi]));
-            let idle = match (rows[w].idle_per_1000, rows[pi].idle_per_1000) {
+            let idle = match (rows[w].idle_fresh_per_1000, rows[pi].idle_fresh_per_1000) {
                 (Some((wc, ws)), Some((pc, ps))) => format!(
                     "{} ({wc:.1} vs {pc:.1} MB), {} ({ws:.1} vs {ps:.1} MB)",
                     ratio(wc / pc),

@@ -417,10 +417,9 @@ impl State {
     /// Runs `task` (one connection) holding a drain token, so shutdown
     /// waits for it until the drain deadline.
     pub fn spawn_drained(&self, task: impl std::future::Future<Output = ()> + Send + 'static) {
-        let token = self.drain_token();
-        tokio::spawn(async move {
-            task.await;
-            drop(token);
+        tokio::spawn(Drained {
+            task,
+            token: self.drain_token(),
         });
     }
 
@@ -564,3 +563,30 @@ impl State {
 }
 
 pub use crate::net::listen::shutdown_requested;
+
+pin_project_lite::pin_project! {
+    /// A connection's task: its future, and the drain token it holds until
+    /// the future ends. The future stays in place: an `async` block that
+    /// awaits a captured future keeps two slots for it (the captured value
+    /// and the one being awaited), which doubled every connection task's
+    /// memory (docs/performance.md).
+    struct Drained<F> {
+        #[pin]
+        task: F,
+        token: Option<mpsc::Sender<()>>,
+    }
+}
+
+impl<F: std::future::Future<Output = ()>> std::future::Future for Drained<F> {
+    type Output = ();
+
+    fn poll(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<()> {
+        let this = self.project();
+        std::task::ready!(this.task.poll(cx));
+        this.token.take();
+        std::task::Poll::Ready(())
+    }
+}

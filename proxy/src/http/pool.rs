@@ -361,11 +361,7 @@ impl Pool {
         match wire {
             Version::Http1 => {
                 let (send, conn) = http1::Builder::new().handshake(io).await?;
-                tokio::spawn(async move {
-                    if let Err(e) = conn.with_upgrades().await {
-                        tracing::debug!(error = %e, "upstream HTTP/1 connection closed with error");
-                    }
-                });
+                drive(conn.with_upgrades(), "HTTP/1");
                 Ok(Sender::H1(send, self.clone(), 0))
             }
             Version::Http2 => {
@@ -377,11 +373,7 @@ impl Pool {
                     .adaptive_window(false)
                     .handshake(io)
                     .await?;
-                tokio::spawn(async move {
-                    if let Err(e) = conn.await {
-                        tracing::debug!(error = %e, "upstream HTTP/2 connection closed with error");
-                    }
-                });
+                drive(conn, "HTTP/2");
                 if !self.used_up(1) {
                     *self.h2.lock().unwrap_or_else(|p| p.into_inner()) = Some(Shared {
                         send: send.clone(),
@@ -592,6 +584,24 @@ impl Pools {
             .get(&addr)
             .map_or(0, |c| c.load(Ordering::Relaxed))
     }
+}
+
+/// Drives an upstream connection in a task of its own until it closes
+/// (`wire`: its protocol, for the log). Polled in place: an `async` block
+/// that awaits a captured future keeps two slots for it (the captured value
+/// and the one being awaited), doubling the task's memory.
+fn drive<F, E>(mut conn: F, wire: &'static str)
+where
+    F: std::future::Future<Output = Result<(), E>> + Unpin + Send + 'static,
+    E: std::fmt::Display,
+{
+    tokio::spawn(std::future::poll_fn(move |cx| {
+        std::pin::Pin::new(&mut conn).poll(cx).map(|r| {
+            if let Err(e) = r {
+                tracing::debug!(error = %e, wire, "upstream connection closed with error");
+            }
+        })
+    }));
 }
 
 #[cfg(test)]

@@ -847,6 +847,10 @@ impl<K: PartialEq> SeriesCache<K> {
         let s = resolve();
         if entries.len() >= CACHE_ENTRIES {
             entries.remove(0);
+        } else if entries.is_empty() {
+            // Most connections meet one series: room for one, not the
+            // four a first push makes, while the connection lives.
+            entries.reserve_exact(1);
         }
         entries.push((key, s.clone()));
         s

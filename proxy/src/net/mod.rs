@@ -125,16 +125,30 @@ impl Dialer for DirectDialer {
 
 /// An I/O stream that first yields `prefix` (bytes consumed while detecting
 /// the protocol), then reads from the inner stream.
+///
+/// The read that returns the end of the prefix also takes what the inner
+/// stream already holds, so a request head that arrived in one segment
+/// reaches the reader in one read, as it would without detection. hyper
+/// sizes an HTTP/1 connection's read buffer by its reads: a head that comes
+/// in two reads (the prefix, then the rest) grew the buffer from 8 to 16
+/// KiB, which the connection then kept while idle (docs/performance.md).
 #[derive(Debug)]
 pub struct Prefixed<T> {
     prefix: Bytes,
     inner: T,
+    /// An error of the inner stream met after the prefix was returned,
+    /// reported by the next read.
+    error: Option<io::Error>,
 }
 
 impl<T> Prefixed<T> {
     /// Wraps `inner`, replaying `prefix` first.
     pub fn new(prefix: Bytes, inner: T) -> Self {
-        Prefixed { prefix, inner }
+        Prefixed {
+            prefix,
+            inner,
+            error: None,
+        }
     }
 
     /// The wrapped stream.
@@ -149,13 +163,28 @@ impl<T: AsyncRead + Unpin> AsyncRead for Prefixed<T> {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        if self.prefix.has_remaining() {
-            let n = self.prefix.len().min(buf.remaining());
-            buf.put_slice(&self.prefix[..n]);
-            self.prefix.advance(n);
-            return Poll::Ready(Ok(()));
+        if let Some(e) = self.error.take() {
+            return Poll::Ready(Err(e));
         }
-        Pin::new(&mut self.inner).poll_read(cx, buf)
+        if !self.prefix.has_remaining() {
+            return Pin::new(&mut self.inner).poll_read(cx, buf);
+        }
+        let n = self.prefix.len().min(buf.remaining());
+        buf.put_slice(&self.prefix[..n]);
+        self.prefix.advance(n);
+        if !self.prefix.has_remaining() {
+            // The prefix is done with: its buffer is freed, and whatever
+            // followed it and has arrived joins it in this read. Pending
+            // leaves the inner stream to wake the task when more arrives;
+            // this read returns the prefix alone.
+            self.prefix = Bytes::new();
+            if buf.remaining() > 0
+                && let Poll::Ready(Err(e)) = Pin::new(&mut self.inner).poll_read(cx, buf)
+            {
+                self.error = Some(e);
+            }
+        }
+        Poll::Ready(Ok(()))
     }
 }
 
@@ -266,5 +295,81 @@ impl AsyncWrite for Stream {
             Stream::Plain(s) => Pin::new(s).poll_shutdown(cx),
             Stream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// What arrived after the prefix comes in the read that ends the prefix.
+    #[tokio::test]
+    async fn the_read_that_ends_the_prefix_takes_what_followed_it() {
+        let (inner, mut peer) = tokio::io::duplex(256);
+        peer.write_all(b" /x HTTP/1.1\r\nhost: a\r\n\r\n")
+            .await
+            .expect("write");
+        drop(peer);
+        let mut io = Prefixed::new(Bytes::from_static(b"GET"), inner);
+        let mut buf = [0u8; 64];
+        let n = io.read(&mut buf).await.expect("read");
+        assert_eq!(&buf[..n], b"GET /x HTTP/1.1\r\nhost: a\r\n\r\n");
+        assert_eq!(io.read(&mut buf).await.expect("read"), 0, "then the end");
+    }
+
+    /// Nothing after the prefix yet: the prefix alone, and the rest when it
+    /// arrives.
+    #[tokio::test]
+    async fn the_prefix_alone_when_nothing_followed_it_yet() {
+        let (inner, mut peer) = tokio::io::duplex(256);
+        let mut io = Prefixed::new(Bytes::from_static(b"GET"), inner);
+        let mut buf = [0u8; 64];
+        assert_eq!(io.read(&mut buf).await.expect("read"), 3);
+        assert_eq!(&buf[..3], b"GET");
+        peer.write_all(b" /y").await.expect("write");
+        let n = io.read(&mut buf).await.expect("read");
+        assert_eq!(&buf[..n], b" /y");
+    }
+
+    /// A prefix longer than the reader's buffer comes in pieces, the rest
+    /// of the stream after it.
+    #[tokio::test]
+    async fn a_prefix_larger_than_the_buffer_comes_in_pieces() {
+        let (inner, mut peer) = tokio::io::duplex(256);
+        peer.write_all(b"DEF").await.expect("write");
+        drop(peer);
+        let mut io = Prefixed::new(Bytes::from_static(b"ABC"), inner);
+        let mut buf = [0u8; 2];
+        assert_eq!(io.read(&mut buf).await.expect("read"), 2);
+        assert_eq!(&buf, b"AB");
+        let mut out = Vec::new();
+        io.read_to_end(&mut out).await.expect("read to the end");
+        assert_eq!(out, b"CDEF");
+    }
+
+    /// A stream whose every read fails.
+    struct Failing;
+
+    impl AsyncRead for Failing {
+        fn poll_read(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            _: &mut ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            Poll::Ready(Err(io::Error::new(io::ErrorKind::ConnectionReset, "reset")))
+        }
+    }
+
+    /// An error of the inner stream met in the read that ends the prefix
+    /// does not take the prefix with it: the prefix is read, then the error.
+    #[tokio::test]
+    async fn an_error_after_the_prefix_comes_in_the_next_read() {
+        let mut io = Prefixed::new(Bytes::from_static(b"PRI"), Failing);
+        let mut buf = [0u8; 16];
+        assert_eq!(io.read(&mut buf).await.expect("read"), 3);
+        assert_eq!(&buf[..3], b"PRI");
+        let e = io.read(&mut buf).await.expect_err("the inner error");
+        assert_eq!(e.kind(), io::ErrorKind::ConnectionReset);
     }
 }
