@@ -34,12 +34,20 @@ use weft_proxy_config::{
 
 const GATEWAY_ID: &str = "spiffe://cluster.local/ns/shop/sa/weft-gateway-public";
 
-/// A free loopback port for a listener the config names.
+/// A free port for a listener the config names, which the proxy binds
+/// later. Taken outside the kernel's ephemeral range (32768-60999 by
+/// default: what binding port 0 and every outgoing connection get), so the
+/// tests running in parallel cannot take it meanwhile; a new one per call.
 fn free_port() -> u16 {
-    std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
+    static NEXT: std::sync::atomic::AtomicU16 = std::sync::atomic::AtomicU16::new(0);
+    let base = 20_000 + (std::process::id() % 5_000) as u16;
+    loop {
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let port = base + n % 10_000;
+        if std::net::TcpListener::bind((Ipv4Addr::UNSPECIFIED, port)).is_ok() {
+            return port;
+        }
+    }
 }
 
 /// An app answering `<name> host=<host> peer=<identity> proto=<xfp> vhost=<x-vhost>`.

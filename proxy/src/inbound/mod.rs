@@ -145,8 +145,11 @@ async fn handle(state: Arc<State>, mut conn: TcpStream, peer: SocketAddr) {
     if detected == Detected::Tls {
         let _open = OpenConn::new(&state.metrics, Direction::Inbound, true);
         let acceptor = TlsAcceptor::from(snap.identity.server_config());
+        // Boxed: every async fn the stream passes through on its way to
+        // hyper keeps a slot of its size (rustls' connection state is
+        // large), so inline it multiplied the connection task's memory.
         let tls = match acceptor.accept(Prefixed::new(prefix, conn)).await {
-            Ok(t) => t,
+            Ok(t) => Box::new(t),
             Err(e) => {
                 state.metrics.error(Direction::Inbound, "tls");
                 tracing::warn!(%peer, error = %e, "inbound mTLS handshake failed; the client must be a weft proxy with a current certificate from this mesh's CA");

@@ -58,7 +58,9 @@ pub async fn close_after_answer(mut conn: TcpStream, answer: &[u8]) {
         return;
     }
     let _ = tokio::time::timeout(LINGER, async {
-        let mut buf = [0u8; 8192];
+        // On the heap: a buffer in the future would make every inbound
+        // connection's task, which may take this path, 8 KiB larger.
+        let mut buf = vec![0u8; 8192];
         let mut left = LINGER_BYTES;
         while left > 0 {
             match conn.read(&mut buf).await {
