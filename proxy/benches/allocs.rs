@@ -668,19 +668,25 @@ fn tally(samples: &[(Backtrace, usize)]) -> (Tally, Tally) {
 
 // ---------------------------------------------------------------- pair
 
-/// The services the client proxy knows: `echo` (detected, HTTP/1) and
-/// `grpc` (protocol Http2), both on the server pod. `mux`: HTTP/1.1 between
-/// the proxies as HTTP/2 streams (the default) or as HTTP/1.1.
-async fn pair(app_h1: SocketAddr, app_h2: SocketAddr, ca: &TestCa, mux: bool) -> (Pod, Pod) {
-    let ep = || vec![meshed(SERVER_POD_IP, SERVER_ID)];
-    let echo = service(
+/// `echo`: ClusterIP 1, port 80, detected protocol, to the app `app_h1` on
+/// the server pod.
+fn echo_service(app_h1: SocketAddr) -> weft_proxy_config::Service {
+    service(
         "echo",
         cluster_ip(1),
         80,
         app_h1.port(),
         Protocol::Detect,
-        ep(),
-    );
+        vec![meshed(SERVER_POD_IP, SERVER_ID)],
+    )
+}
+
+/// The services the client proxy knows: `echo` (detected, HTTP/1) and
+/// `grpc` (protocol Http2), both on the server pod. `mux`: HTTP/1.1 between
+/// the proxies as HTTP/2 streams (the default) or as HTTP/1.1.
+async fn pair(app_h1: SocketAddr, app_h2: SocketAddr, ca: &TestCa, mux: bool) -> (Pod, Pod) {
+    let ep = || vec![meshed(SERVER_POD_IP, SERVER_ID)];
+    let echo = echo_service(app_h1);
     let grpc = service(
         "grpc",
         cluster_ip(2),
@@ -767,15 +773,7 @@ fn start_on_thread(
 /// A client and a server proxy, each on its own thread, HTTP/1.1 between
 /// them multiplexed as HTTP/2 streams (the default).
 fn threaded_pair(app_h1: SocketAddr, ca: &std::sync::Arc<TestCa>) -> (Pod, Pod) {
-    let echo = service(
-        "echo",
-        cluster_ip(1),
-        80,
-        app_h1.port(),
-        Protocol::Detect,
-        vec![meshed(SERVER_POD_IP, SERVER_ID)],
-    );
-    let client_cfg = config(1, MtlsMode::Strict, vec![echo]);
+    let client_cfg = config(1, MtlsMode::Strict, vec![echo_service(app_h1)]);
     let server_cfg = config(1, MtlsMode::Strict, vec![]);
     let server = start_on_thread(Role::Server, server_cfg, SERVER_ID, ca.clone());
     let client = start_on_thread(Role::Client, client_cfg, CLIENT_ID, ca.clone());

@@ -108,6 +108,8 @@ const CELL_FOR: Duration = Duration::from_secs(2);
 const HANDSHAKE_FOR: Duration = Duration::from_secs(3);
 const HANDSHAKE_CONC: usize = 8;
 const IDLE_CONNS: usize = 1000;
+/// Requests per warm-up connection before idle connections are measured.
+const IDLE_WARMUP: usize = 50;
 const BIG: usize = 1 << 20;
 const PAYLOADS: [usize; 4] = [0, 1024, 16384, BIG];
 /// The constant rate of 1 MiB cells (1000 rps would be 1 GB/s per hop).
@@ -846,6 +848,20 @@ async fn handshakes(target: SocketAddr, cfg: Arc<rustls::ClientConfig>, dur: Dur
     total
 }
 
+/// Sends `IDLE_WARMUP` requests over each of 4 connections, one after
+/// another, and closes them.
+async fn warm_up(target: SocketAddr) {
+    for _ in 0..4 {
+        if let Some(mut c) = Conn::open(target, Proto::H1, 0).await {
+            for _ in 0..IDLE_WARMUP {
+                if !c.once(0).await {
+                    break;
+                }
+            }
+        }
+    }
+}
+
 /// Opens `n` connections, sends one request on each, and keeps them open
 /// until `hold` is signalled.
 async fn idle_conns(
@@ -874,6 +890,11 @@ fn idle_rss(t: &Target, when: &str) -> Option<(f64, f64)> {
     if t.sidecars.is_empty() {
         return None;
     }
+    // What a proxy allocates once (its first upstream connection and TLS
+    // session, metric series, the runtime's slabs) is paid before the
+    // measurement, not counted per connection.
+    let (addr, ns) = (t.h1(), t.ns.clone());
+    load(&ns, move || warm_up(addr));
     std::thread::sleep(Duration::from_millis(500));
     let before: Vec<f64> = t.sidecars.iter().map(|p| mb(&[*p], "VmRSS:")).collect();
     let (otx, orx) = std::sync::mpsc::channel();
@@ -1954,7 +1975,7 @@ fn report(
     );
     let _ = writeln!(
         md,
-        "HTTP/1.1, 1 KiB responses, {RATE} rps over {CONNS} connections for {}s (latency from the intended send time: no coordinated omission), max throughput with {MAX_CONNS} closed-loop connections for {}s; medians of {} interleaved rounds. Proxies and the apps pinned to CPU 1, the load generator to CPU 0. vCPU from schedstat over the constant-rate window, per sidecar. RSS per 1000 idle connections: each sidecar's RSS growth while {IDLE_CONNS} idle HTTP/1.1 connections (one request each) are held open, once on the fresh proxy before any load and once after the load (then memory its allocator freed earlier in the run is reused first, so a cost smaller than that reads 0.0).{} Run took {:.0} s.\n",
+        "HTTP/1.1, 1 KiB responses, {RATE} rps over {CONNS} connections for {}s (latency from the intended send time: no coordinated omission), max throughput with {MAX_CONNS} closed-loop connections for {}s; medians of {} interleaved rounds. Proxies and the apps pinned to CPU 1, the load generator to CPU 0. vCPU from schedstat over the constant-rate window, per sidecar. RSS per 1000 idle connections: each sidecar's RSS growth while {IDLE_CONNS} idle HTTP/1.1 connections (one request each) are held open, after 4 × {IDLE_WARMUP} warm-up requests; once on the fresh proxy before any load and once after the load (then memory its allocator freed earlier in the run is reused first, so a cost smaller than that reads 0.0).{} Run took {:.0} s.\n",
         o.measure.as_secs(),
         MAX_FOR.as_secs(),
         o.rounds,
@@ -2034,11 +2055,21 @@ fn report(
             }
             let r = |f: fn(&Row) -> &Vec<f64>| median(f(&rows[w])) / median(f(&rows[pi]));
             let idle = match (rows[w].idle_fresh_per_1000, rows[pi].idle_fresh_per_1000) {
-                (Some((wc, ws)), Some((pc, ps))) => format!(
-                    "{} ({wc:.1} vs {pc:.1} MB), {} ({ws:.1} vs {ps:.1} MB)",
-                    ratio(wc / pc),
-                    ratio(ws / ps)
-                ),
+                (Some((wc, ws)), Some((pc, ps))) => {
+                    // Growth under 0.05 MB reads 0.0: no ratio of two of those.
+                    let r = |a: f64, b: f64| {
+                        if a.abs() < 0.05 && b.abs() < 0.05 {
+                            "–".to_owned()
+                        } else {
+                            ratio(a / b)
+                        }
+                    };
+                    format!(
+                        "{} ({wc:.1} vs {pc:.1} MB), {} ({ws:.1} vs {ps:.1} MB)",
+                        r(wc, pc),
+                        r(ws, ps)
+                    )
+                }
                 _ => "–".to_owned(),
             };
             let _ = writeln!(
