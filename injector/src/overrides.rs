@@ -31,7 +31,9 @@ pub const PROXY_CPU_LIMIT: &str = "weft.dev/proxy-cpu-limit";
 pub const PROXY_MEMORY_REQUEST: &str = "weft.dev/proxy-memory-request";
 /// Proxy memory limit.
 pub const PROXY_MEMORY_LIMIT: &str = "weft.dev/proxy-memory-limit";
-/// Proxy log level: `error`, `warn`, `info`, `debug`, `trace`.
+/// Proxy log level: `error`, `warn`, `info`, `debug`, `trace` (the
+/// dependencies' internals; the default release sidecar compiles them out,
+/// so there it shows what `debug` shows: architecture decision 13).
 pub const PROXY_LOG_LEVEL: &str = "weft.dev/proxy-log-level";
 /// This pod's access logs, over its namespace's: `all`, `errors`, `off`.
 pub const ACCESS_LOG: &str = weft_api::mesh::ACCESS_LOG_ANNOTATION;
