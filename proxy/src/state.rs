@@ -590,3 +590,27 @@ impl<F: std::future::Future<Output = ()>> std::future::Future for Drained<F> {
         std::task::Poll::Ready(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The drain token is held while the connection's future runs and
+    /// released when it ends: shutdown waits for exactly that.
+    #[tokio::test]
+    async fn a_drained_task_holds_its_token_until_its_future_ends() {
+        let (token, mut drained) = mpsc::channel::<()>(1);
+        let (end, ended) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(Drained {
+            task: async move {
+                let _ = ended.await;
+            },
+            token: Some(token),
+        });
+        let early = tokio::time::timeout(Duration::from_millis(50), drained.recv()).await;
+        assert!(early.is_err(), "the token is held while the future runs");
+        end.send(()).expect("the task waits");
+        task.await.expect("the task ends");
+        assert_eq!(drained.recv().await, None, "the token is released");
+    }
+}

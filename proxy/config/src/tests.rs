@@ -92,6 +92,33 @@ fn unknown_version_is_refused_before_parsing_the_rest() {
     assert!(err.to_string().contains("upgrade"));
 }
 
+/// `load` checks the hash over each Service's bytes as the document holds
+/// them and re-serializes only when that fails. For what the operator
+/// writes, those bytes must give the hash as defined, or every reload
+/// would take the slow way without any test noticing.
+#[test]
+fn the_operator_s_layout_is_hashed_by_its_own_bytes() {
+    #[derive(serde::Deserialize)]
+    struct Services<'a> {
+        #[serde(borrow)]
+        services: Vec<&'a serde_json::value::RawValue>,
+    }
+    let cfg = sample();
+    assert!(cfg.services.len() > 1);
+    let json = cfg.to_json();
+    let doc: Services<'_> = serde_json::from_slice(&json).expect("json");
+    let digests: Vec<[u8; 32]> = doc
+        .services
+        .iter()
+        .map(|raw| service_digest(raw.get().as_bytes()))
+        .collect();
+    assert_eq!(
+        cfg.hash_with_services_root(&services_root(&digests)),
+        cfg.compute_hash()
+    );
+    assert_eq!(cfg.hash, cfg.compute_hash());
+}
+
 #[test]
 fn a_document_in_another_layout_loads_by_the_hash_as_defined() {
     // The operator writes compact JSON and the proxy hashes the bytes of each
