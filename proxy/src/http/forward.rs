@@ -4,7 +4,6 @@
 
 use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
-use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 
 use bytes::Bytes;
@@ -19,7 +18,33 @@ pub struct Prepared {
     /// The upstream request.
     pub request: Request<Body>,
     /// Resolves to the client's connection once we answer 101 / 2xx CONNECT.
-    pub client_upgrade: Option<OnUpgrade>,
+    pub client_upgrade: Option<ClientUpgrade>,
+}
+
+/// The client side of a pending upgrade, from whichever server read the
+/// request.
+#[derive(Debug)]
+pub enum ClientUpgrade {
+    Hyper(hyper::upgrade::OnUpgrade),
+    H1(super::h1::OnUpgrade),
+}
+
+impl ClientUpgrade {
+    /// Takes the pending upgrade out of `req`.
+    fn of<B>(req: &mut Request<B>) -> Self {
+        match req.extensions_mut().remove::<super::h1::OnUpgrade>() {
+            Some(u) => ClientUpgrade::H1(u),
+            None => ClientUpgrade::Hyper(hyper::upgrade::on(req)),
+        }
+    }
+
+    /// The client's connection, once the upgrade is answered.
+    async fn connection(self) -> Result<super::h1::Upgraded, BoxError> {
+        match self {
+            ClientUpgrade::Hyper(u) => Ok(Box::new(TokioIo::new(u.await?))),
+            ClientUpgrade::H1(u) => u.await,
+        }
+    }
 }
 
 /// Prepares `req`, received from a client, for an upstream speaking `version`.
@@ -30,7 +55,7 @@ where
 {
     let is_connect = req.method() == Method::CONNECT;
     let upgrade = is_connect || wants_upgrade(req.headers());
-    let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+    let client_upgrade = upgrade.then(|| ClientUpgrade::of(&mut req));
     let (mut parts, body) = req.into_parts();
     strip_hop_by_hop(&mut parts.headers, upgrade && !is_connect);
     set_form(
@@ -51,15 +76,19 @@ where
 
 /// Turns the upstream response into the client response; when it accepts
 /// an upgrade, splices the two upgraded connections together.
-pub fn finish(mut resp: Response<Incoming>, client_upgrade: Option<OnUpgrade>) -> Response<Body> {
+pub fn finish(
+    mut resp: Response<Incoming>,
+    client_upgrade: Option<ClientUpgrade>,
+) -> Response<Body> {
     let upgraded = resp.status() == StatusCode::SWITCHING_PROTOCOLS
         || (client_upgrade.is_some() && resp.status().is_success());
     if upgraded && let Some(client) = client_upgrade {
         let upstream = hyper::upgrade::on(&mut resp);
         tokio::spawn(async move {
-            match tokio::try_join!(client, upstream) {
-                Ok((c, u)) => {
-                    let (mut c, mut u) = (TokioIo::new(c), TokioIo::new(u));
+            let upstream = async { upstream.await.map_err(BoxError::from) };
+            match tokio::try_join!(client.connection(), upstream) {
+                Ok((mut c, u)) => {
+                    let mut u = TokioIo::new(u);
                     if let Err(e) = tokio::io::copy_bidirectional(&mut c, &mut u).await {
                         tracing::debug!(error = %e, "upgraded tunnel closed with error");
                     }

@@ -9,6 +9,7 @@
 pub mod form;
 pub mod forward;
 mod framing;
+pub mod h1;
 pub mod path;
 pub mod pool;
 pub mod server;
@@ -22,6 +23,45 @@ use http_body_util::{BodyExt, Full, combinators::UnsyncBoxBody};
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// The body type the proxy sends in both directions.
 pub type Body = UnsyncBoxBody<Bytes, BoxError>;
+
+/// A request body as a server connection received it: from hyper (HTTP/2,
+/// TLS listeners) or from weft's HTTP/1 server ([`h1`]).
+#[derive(Debug)]
+pub enum ReqBody {
+    Hyper(hyper::body::Incoming),
+    H1(h1::body::RecvBody),
+}
+
+impl http_body::Body for ReqBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            ReqBody::Hyper(b) => std::pin::Pin::new(b)
+                .poll_frame(cx)
+                .map(|f| f.map(|r| r.map_err(Into::into))),
+            ReqBody::H1(b) => std::pin::Pin::new(b).poll_frame(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ReqBody::Hyper(b) => b.is_end_stream(),
+            ReqBody::H1(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        match self {
+            ReqBody::Hyper(b) => b.size_hint(),
+            ReqBody::H1(b) => b.size_hint(),
+        }
+    }
+}
 
 /// Response header naming the step that failed.
 pub const ERROR_HEADER: &str = "x-weft-error";

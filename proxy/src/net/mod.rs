@@ -157,6 +157,12 @@ impl<T> Prefixed<T> {
     pub fn get_ref(&self) -> &T {
         &self.inner
     }
+
+    /// Whether the next read returns without touching the wrapped stream
+    /// (prefix bytes, or an error kept for it).
+    pub fn has_buffered(&self) -> bool {
+        self.prefix.has_remaining() || self.error.is_some()
+    }
 }
 
 impl<T: AsyncRead + Unpin> AsyncRead for Prefixed<T> {

@@ -32,9 +32,10 @@ use hyper::service::service_fn;
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::accesslog::{Deferred, Logged, REQUEST_ID_HEADER, Sent, new_request_id};
+use crate::http::h1::Readiness;
 use crate::http::pool::Version;
-use crate::http::server::serve_connection;
-use crate::http::{Body, SOURCE_HEADER, content_length, error_response, full, outcome};
+use crate::http::server::{serve_app, serve_connection};
+use crate::http::{Body, ReqBody, SOURCE_HEADER, content_length, error_response, full, outcome};
 use crate::metrics::Direction;
 use crate::metrics::traffic::{
     CallLabels, MeteredBody, OnEnd, Peer, Reporter, Series, SeriesCache, is_grpc,
@@ -58,7 +59,7 @@ pub async fn serve<I>(
     version: Version,
     io: I,
 ) where
-    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    I: AsyncRead + AsyncWrite + Readiness + Unpin + Send + 'static,
 {
     let ctx = Arc::new(Ctx {
         state: state.clone(),
@@ -70,16 +71,16 @@ pub async fn serve<I>(
         arrival: Arrival::SIDECAR,
         series: SeriesCache::default(),
     });
-    let svc = service_fn(move |mut req: Request<Incoming>| {
+    let svc = move |mut req: Request<ReqBody>| {
         let ctx = ctx.clone();
         async move {
             let started = Instant::now();
             stamp(&mut req);
             let (snap, target) = current(&ctx);
-            Ok::<_, Infallible>(handle(&ctx, &snap, target, req, started, NoRoute::Service).await)
+            handle(&ctx, &snap, target, req, started, NoRoute::Service).await
         }
-    });
-    serve_connection(
+    };
+    serve_app(
         io,
         version,
         Direction::Outbound,
@@ -111,9 +112,10 @@ pub async fn serve_gateway<I>(
 {
     let series = SeriesCache::default();
     let shared = state.clone();
-    let svc = service_fn(move |mut req: Request<Incoming>| {
+    let svc = service_fn(move |req: Request<Incoming>| {
         let state = shared.clone();
         let series = series.clone();
+        let mut req = req.map(ReqBody::Hyper);
         async move {
             let started = Instant::now();
             stamp(&mut req);
@@ -166,7 +168,7 @@ pub async fn serve_gateway<I>(
 
 /// Gives a request an `x-request-id` when it has none, and removes a
 /// caller's `x-weft-source`: only this proxy says which workload calls.
-fn stamp(req: &mut Request<Incoming>) {
+fn stamp(req: &mut Request<ReqBody>) {
     if !req.headers().contains_key(REQUEST_ID_HEADER) {
         // A static name: inserting it copies nothing.
         const NAME: http::HeaderName = http::HeaderName::from_static(REQUEST_ID_HEADER);
@@ -181,7 +183,7 @@ async fn handle(
     ctx: &Ctx,
     snap: &Arc<Snapshot>,
     target: ServiceRef,
-    mut req: Request<Incoming>,
+    mut req: Request<ReqBody>,
     started: Instant,
     no_route: NoRoute,
 ) -> Response<Body> {
@@ -351,7 +353,7 @@ async fn proxy(
     ctx: &Ctx,
     snap: &Arc<Snapshot>,
     target: ServiceRef,
-    req: Request<Incoming>,
+    req: Request<ReqBody>,
     no_route: NoRoute,
     sent: &mut Sent,
 ) -> Response<Body> {
@@ -457,7 +459,7 @@ async fn send_in_time(
     target: ServiceRef,
     backend: Option<routes::Backend>,
     route: Option<&routes::HttpRoute>,
-    req: Request<Incoming>,
+    req: Request<ReqBody>,
     sent: &mut Sent,
 ) -> Response<Body> {
     let work = send(ctx, snap, target, backend, route, req, sent);

@@ -11,11 +11,10 @@ use std::sync::Arc;
 
 use http::header::HeaderValue;
 use http::{HeaderMap, Method, Request, Response, StatusCode};
-use hyper::body::Incoming;
 
 use super::endpoint::{Ctx, forward};
 use crate::accesslog::Sent;
-use crate::http::{Body, ERROR_HEADER, bad_request, error_response};
+use crate::http::{Body, ERROR_HEADER, ReqBody, bad_request, error_response};
 use crate::metrics::Direction;
 use crate::snapshot::dest::{Dest, resolve};
 use crate::snapshot::routes;
@@ -40,13 +39,13 @@ struct Copyable {
 enum Held {
     Whole(Copyable),
     /// Not to be copied: sent once as it is.
-    Once(Request<Incoming>),
+    Once(Request<ReqBody>),
     /// The client's body failed while being read.
     Failed(Response<Body>),
 }
 
 impl Copyable {
-    async fn read(parts: http::request::Parts, body: Incoming) -> Held {
+    async fn read(parts: http::request::Parts, body: ReqBody) -> Held {
         use http_body::Body as _;
         use http_body_util::BodyExt as _;
         let upgrade =
@@ -91,7 +90,7 @@ pub(super) async fn send(
     target: ServiceRef,
     backend: Option<routes::Backend>,
     route: Option<&routes::HttpRoute>,
-    req: Request<Incoming>,
+    req: Request<ReqBody>,
     sent: &mut Sent,
 ) -> Response<Body> {
     let dest = match resolve(&snap.config, &snap.routes, target, backend, ctx.dst) {
@@ -157,7 +156,7 @@ async fn send_to(
     target: ServiceRef,
     dest: &Dest<'_>,
     route: Option<&routes::HttpRoute>,
-    req: Request<Incoming>,
+    req: Request<ReqBody>,
     sent: &mut Sent,
 ) -> Response<Body> {
     let retry = route.and_then(|r| r.retry.as_ref().map(|p| (r, p)));

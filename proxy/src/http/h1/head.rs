@@ -1,0 +1,638 @@
+//! Request heads in, response heads out: parsing with `httparse` into an
+//! `http::Request` whose URI and header values share the bytes read, the
+//! framing of its body, and the encoding of the response's head with the
+//! framing of its body.
+
+use std::cell::RefCell;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use bytes::{BufMut, Bytes, BytesMut};
+use http::header::{self, HeaderName, HeaderValue};
+use http::{HeaderMap, Method, Request, StatusCode, Version};
+
+use super::body::Framing;
+
+/// Most header fields in a request head (as hyper).
+const MAX_HEADERS: usize = 100;
+/// Longest request target.
+const MAX_URI_LEN: usize = (u16::MAX - 1) as usize;
+
+/// Why a request head was refused.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum Refused {
+    /// Over the head size limit or the field count: 431.
+    TooLarge,
+    /// A request target over [`MAX_URI_LEN`]: 414.
+    UriTooLong,
+    /// Not a valid HTTP/1 request head: 400.
+    Malformed(&'static str),
+}
+
+/// A parsed request head and what the connection needs to know of it.
+#[derive(Debug)]
+pub(super) struct Head {
+    pub request: Request<()>,
+    pub framing: Framing,
+    /// Both `Content-Length` and `Transfer-Encoding` (refused, RFC 9112
+    /// §6.1: they are how two parsers are made to disagree on where a
+    /// request ends).
+    pub ambiguous: bool,
+    pub keep_alive: bool,
+    pub expect_continue: bool,
+    /// `CONNECT`, or `Upgrade` on HTTP/1.1.
+    pub upgrade: bool,
+}
+
+/// Where one field of the head lies in the buffer.
+#[derive(Clone, Copy, Default)]
+struct Field {
+    name: (usize, usize),
+    value: (usize, usize),
+}
+
+/// Offset of `part` within `whole` (a sub-slice of it).
+fn offset(whole: &[u8], part: &[u8]) -> (usize, usize) {
+    let start = part.as_ptr() as usize - whole.as_ptr() as usize;
+    (start, start + part.len())
+}
+
+/// Parses the request head at the start of `buf`. `Ok(None)`: incomplete.
+/// On success the head's bytes are taken out of `buf`.
+pub(super) fn parse(buf: &mut BytesMut, max_head: usize) -> Result<Option<Head>, Refused> {
+    let mut fields = [Field::default(); MAX_HEADERS];
+    let (len, method, path, minor, count) = {
+        let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let mut req = httparse::Request::new(&mut headers);
+        let len = match req.parse(buf) {
+            Ok(httparse::Status::Complete(n)) => n,
+            Ok(httparse::Status::Partial) => {
+                return if buf.len() > max_head {
+                    Err(Refused::TooLarge)
+                } else {
+                    Ok(None)
+                };
+            }
+            Err(httparse::Error::TooManyHeaders) => return Err(Refused::TooLarge),
+            Err(e) => return Err(Refused::Malformed(parse_error(e))),
+        };
+        if len > max_head {
+            return Err(Refused::TooLarge);
+        }
+        let (Some(method), Some(path), Some(minor)) = (req.method, req.path, req.version) else {
+            return Err(Refused::Malformed("incomplete request line"));
+        };
+        if path.len() > MAX_URI_LEN {
+            return Err(Refused::UriTooLong);
+        }
+        let method = Method::from_bytes(method.as_bytes())
+            .map_err(|_| Refused::Malformed("invalid method"))?;
+        for (f, h) in fields.iter_mut().zip(req.headers.iter()) {
+            f.name = offset(buf, h.name.as_bytes());
+            f.value = offset(buf, h.value);
+        }
+        (
+            len,
+            method,
+            offset(buf, path.as_bytes()),
+            minor,
+            req.headers.len(),
+        )
+    };
+    let head = buf.split_to(len).freeze();
+    let uri = http::Uri::from_maybe_shared(head.slice(path.0..path.1))
+        .map_err(|_| Refused::Malformed("invalid request target"))?;
+    let http11 = minor == 1;
+
+    let mut headers = HeaderMap::with_capacity(count);
+    let mut framing = Framing::Empty;
+    let mut keep_alive = http11;
+    let mut close = false;
+    let mut expect_continue = false;
+    let mut upgrade = method == Method::CONNECT;
+    let (mut te, mut te_chunked, mut cl) = (false, false, None::<u64>);
+    for f in &fields[..count] {
+        let name = HeaderName::from_bytes(&head[f.name.0..f.name.1])
+            .map_err(|_| Refused::Malformed("invalid header name"))?;
+        let value = HeaderValue::from_maybe_shared(head.slice(f.value.0..f.value.1))
+            .map_err(|_| Refused::Malformed("invalid header value"))?;
+        match name {
+            header::TRANSFER_ENCODING => {
+                if !http11 {
+                    return Err(Refused::Malformed(
+                        "Transfer-Encoding in an HTTP/1.0 request",
+                    ));
+                }
+                te = true;
+                te_chunked = last_token_is(&value, "chunked");
+            }
+            header::CONTENT_LENGTH => {
+                let n =
+                    content_length(&value).ok_or(Refused::Malformed("invalid Content-Length"))?;
+                if cl.is_some_and(|m| m != n) {
+                    return Err(Refused::Malformed("differing Content-Length values"));
+                }
+                cl = Some(n);
+            }
+            header::CONNECTION => {
+                if close || has_token(&value, "close") {
+                    close = true;
+                    keep_alive = false;
+                } else if !http11 && has_token(&value, "keep-alive") {
+                    keep_alive = true;
+                }
+            }
+            header::EXPECT => {
+                expect_continue = value.as_bytes().eq_ignore_ascii_case(b"100-continue");
+            }
+            header::UPGRADE => upgrade = http11,
+            _ => {}
+        }
+        headers.append(name, value);
+    }
+    if te && !te_chunked {
+        return Err(Refused::Malformed(
+            "Transfer-Encoding whose last coding is not chunked",
+        ));
+    }
+    let ambiguous = te && cl.is_some();
+    if te {
+        framing = Framing::Chunked;
+    } else if let Some(n) = cl {
+        framing = Framing::Length(n);
+    }
+    let mut request = Request::new(());
+    *request.method_mut() = method;
+    *request.uri_mut() = uri;
+    *request.version_mut() = if http11 {
+        Version::HTTP_11
+    } else {
+        Version::HTTP_10
+    };
+    *request.headers_mut() = headers;
+    Ok(Some(Head {
+        request,
+        framing,
+        ambiguous,
+        keep_alive: keep_alive && !ambiguous,
+        expect_continue,
+        upgrade,
+    }))
+}
+
+fn parse_error(e: httparse::Error) -> &'static str {
+    match e {
+        httparse::Error::HeaderName => "invalid header name",
+        httparse::Error::HeaderValue => "invalid header value",
+        httparse::Error::NewLine => "invalid line ending",
+        httparse::Error::Status => "invalid status",
+        httparse::Error::Token => "invalid token in the request line",
+        httparse::Error::Version => "invalid HTTP version",
+        httparse::Error::TooManyHeaders => "too many header fields",
+    }
+}
+
+fn content_length(v: &HeaderValue) -> Option<u64> {
+    // Digits only (no sign, no blanks inside): what a length is.
+    let b = v.as_bytes();
+    if b.is_empty() || b.len() > 19 || !b.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    std::str::from_utf8(b).ok()?.parse().ok()
+}
+
+fn tokens(v: &HeaderValue) -> impl DoubleEndedIterator<Item = &[u8]> {
+    v.as_bytes().split(|&b| b == b',').map(<[u8]>::trim_ascii)
+}
+
+fn has_token(v: &HeaderValue, token: &str) -> bool {
+    tokens(v).any(|t| t.eq_ignore_ascii_case(token.as_bytes()))
+}
+
+fn last_token_is(v: &HeaderValue, token: &str) -> bool {
+    tokens(v)
+        .next_back()
+        .is_some_and(|t| t.eq_ignore_ascii_case(token.as_bytes()))
+}
+
+/// The framing of a response body on the wire.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Out {
+    /// Exactly this many bytes (0: none, also when the message cannot
+    /// have a body: HEAD, 1xx, 204, 304, a tunnel's 2xx).
+    Length(u64),
+    Chunked,
+    /// Until the connection closes (an HTTP/1.0 client, length unknown).
+    Close,
+}
+
+/// What the request said that shapes the response's head.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Asked {
+    pub head: bool,
+    pub connect: bool,
+    pub http10: bool,
+    pub keep_alive: bool,
+}
+
+/// The encoded response head's consequences.
+#[derive(Debug)]
+pub(super) struct Encoded {
+    pub out: Out,
+    pub keep_alive: bool,
+    /// Trailer fields the response declared (`Trailer`): only those are
+    /// sent, and only with chunked framing.
+    pub trailers: Option<Vec<HeaderName>>,
+}
+
+/// Writes the head of a response with `status` and `headers` to a request
+/// as `asked`, its body's length being `length` when known. Framing fields
+/// are the proxy's to set: `Content-Length` is kept when the body may have
+/// one, `Transfer-Encoding` is chosen here.
+pub(super) fn encode(
+    status: StatusCode,
+    headers: &HeaderMap,
+    length: Option<u64>,
+    asked: Asked,
+    dst: &mut BytesMut,
+) -> Encoded {
+    let informational = status.is_informational();
+    let tunnel = asked.connect && status.is_success();
+    let no_body = asked.head
+        || informational
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED
+        || tunnel;
+    let may_have_length = !(informational || status == StatusCode::NO_CONTENT || tunnel);
+
+    dst.reserve(64 + headers.len() * 32);
+    dst.put_slice(if asked.http10 {
+        b"HTTP/1.0 "
+    } else {
+        b"HTTP/1.1 "
+    });
+    dst.put_slice(status.as_str().as_bytes());
+    dst.put_u8(b' ');
+    dst.put_slice(status.canonical_reason().unwrap_or("<none>").as_bytes());
+    dst.put_slice(b"\r\n");
+
+    let mut keep_alive = asked.keep_alive;
+    let mut declared = None::<u64>;
+    let (mut date, mut connection_close, mut connection_keep_alive) = (false, false, false);
+    let mut trailers: Option<Vec<HeaderName>> = None;
+    for (name, value) in headers {
+        match *name {
+            header::CONTENT_LENGTH => {
+                if !may_have_length {
+                    continue;
+                }
+                let n = content_length(value);
+                if declared.is_some() || n.is_none() {
+                    // One valid length or none: a second or a broken one
+                    // would make the client frame it otherwise.
+                    continue;
+                }
+                declared = n;
+            }
+            header::TRANSFER_ENCODING => continue,
+            header::CONNECTION => {
+                connection_close |= has_token(value, "close");
+                connection_keep_alive |= has_token(value, "keep-alive");
+            }
+            header::DATE => date = true,
+            header::TRAILER => {
+                let names = tokens(value).filter_map(|t| HeaderName::from_bytes(t).ok());
+                trailers.get_or_insert_default().extend(names);
+            }
+            _ => {}
+        }
+        dst.put_slice(name.as_str().as_bytes());
+        dst.put_slice(b": ");
+        dst.put_slice(value.as_bytes());
+        dst.put_slice(b"\r\n");
+    }
+    if connection_close {
+        keep_alive = false;
+    }
+
+    let out = if no_body {
+        if declared.is_none()
+            && length.is_some()
+            && may_have_length
+            && !asked.head
+            && !informational
+        {
+            put_length(dst, 0);
+        }
+        Out::Length(0)
+    } else if let Some(n) = declared {
+        Out::Length(n)
+    } else if let Some(n) = length {
+        put_length(dst, n);
+        Out::Length(n)
+    } else if asked.http10 {
+        keep_alive = false;
+        Out::Close
+    } else {
+        dst.put_slice(b"transfer-encoding: chunked\r\n");
+        Out::Chunked
+    };
+
+    if !keep_alive && !asked.http10 && !connection_close && !tunnel && !informational {
+        dst.put_slice(b"connection: close\r\n");
+    } else if keep_alive && asked.http10 && !connection_keep_alive {
+        dst.put_slice(b"connection: keep-alive\r\n");
+    }
+    if !date {
+        dst.put_slice(b"date: ");
+        put_date(dst);
+        dst.put_slice(b"\r\n");
+    }
+    dst.put_slice(b"\r\n");
+    Encoded {
+        out,
+        keep_alive,
+        trailers: trailers.filter(|_| out == Out::Chunked),
+    }
+}
+
+fn put_length(dst: &mut BytesMut, n: u64) {
+    dst.put_slice(b"content-length: ");
+    dst.put_slice(n.to_string().as_bytes());
+    dst.put_slice(b"\r\n");
+}
+
+/// Writes the trailer section ending a chunked body: the fields of
+/// `trailers` that the response declared and that may be trailers.
+pub(super) fn encode_trailers(trailers: &HeaderMap, allowed: &[HeaderName], dst: &mut BytesMut) {
+    dst.put_slice(b"0\r\n");
+    for (name, value) in trailers {
+        if allowed.contains(name) && may_trail(name) {
+            dst.put_slice(name.as_str().as_bytes());
+            dst.put_slice(b": ");
+            dst.put_slice(value.as_bytes());
+            dst.put_slice(b"\r\n");
+        }
+    }
+    dst.put_slice(b"\r\n");
+}
+
+/// Fields that framing, routing or authentication depend on never come as
+/// trailers (RFC 9110 §6.5.1).
+fn may_trail(name: &HeaderName) -> bool {
+    !matches!(
+        *name,
+        header::AUTHORIZATION
+            | header::CACHE_CONTROL
+            | header::CONTENT_ENCODING
+            | header::CONTENT_LENGTH
+            | header::CONTENT_RANGE
+            | header::CONTENT_TYPE
+            | header::HOST
+            | header::MAX_FORWARDS
+            | header::SET_COOKIE
+            | header::TRAILER
+            | header::TRANSFER_ENCODING
+            | header::TE
+    )
+}
+
+thread_local! {
+    /// The Date value of the current second, formatted once per second.
+    static DATE: RefCell<(u64, Bytes)> = const { RefCell::new((u64::MAX, Bytes::new())) };
+}
+
+fn put_date(dst: &mut BytesMut) {
+    let now = SystemTime::now();
+    let secs = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    DATE.with(|d| {
+        let mut d = d.borrow_mut();
+        if d.0 != secs {
+            *d = (secs, Bytes::from(httpdate::fmt_http_date(now)));
+        }
+        dst.put_slice(&d.1);
+    });
+}
+
+/// A whole response for a refused head, after which the connection closes.
+pub(super) fn refusal(status: StatusCode, dst: &mut BytesMut) {
+    let asked = Asked {
+        head: false,
+        connect: false,
+        http10: false,
+        keep_alive: false,
+    };
+    encode(status, &HeaderMap::new(), Some(0), asked, dst);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse_str(s: &str) -> Result<Option<Head>, Refused> {
+        parse(&mut BytesMut::from(s), 60 * 1024)
+    }
+
+    #[test]
+    fn a_head_parses_into_a_request_sharing_its_bytes() {
+        let mut buf = BytesMut::from(
+            "POST /a?b=c HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nX-A: 1\r\nx-a: 2\r\n\r\nhello",
+        );
+        let head = parse(&mut buf, 1024).expect("valid").expect("complete");
+        assert_eq!(&buf[..], b"hello", "the body stays in the buffer");
+        assert_eq!(head.request.method(), Method::POST);
+        assert_eq!(head.request.uri(), "/a?b=c");
+        assert_eq!(head.request.version(), Version::HTTP_11);
+        let all: Vec<_> = head.request.headers().get_all("x-a").iter().collect();
+        assert_eq!(all, ["1", "2"]);
+        assert_eq!(head.framing, Framing::Length(5));
+        assert!(head.keep_alive && !head.upgrade && !head.ambiguous);
+    }
+
+    #[test]
+    fn an_incomplete_head_waits_and_an_oversized_one_is_refused() {
+        assert!(matches!(
+            parse_str("GET / HTTP/1.1\r\nHost: x\r\n"),
+            Ok(None)
+        ));
+        let mut big = BytesMut::from(format!("GET / HTTP/1.1\r\nx: {}", "a".repeat(2000)).as_str());
+        assert_eq!(parse(&mut big, 1024).err(), Some(Refused::TooLarge));
+        let mut fields = String::from("GET / HTTP/1.1\r\n");
+        for i in 0..=MAX_HEADERS {
+            fields.push_str(&format!("x-{i}: 1\r\n"));
+        }
+        fields.push_str("\r\n");
+        assert_eq!(parse_str(&fields).err(), Some(Refused::TooLarge));
+    }
+
+    #[test]
+    fn framing_follows_rfc_9112() {
+        let chunked = parse_str("POST / HTTP/1.1\r\nTransfer-Encoding: gzip, chunked\r\n\r\n")
+            .expect("valid")
+            .expect("complete");
+        assert_eq!(chunked.framing, Framing::Chunked);
+        let both =
+            parse_str("POST / HTTP/1.1\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n")
+                .expect("valid")
+                .expect("complete");
+        assert!(both.ambiguous && !both.keep_alive);
+        for bad in [
+            "POST / HTTP/1.1\r\nTransfer-Encoding: gzip\r\n\r\n",
+            "POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n",
+            "POST / HTTP/1.1\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\n",
+            "POST / HTTP/1.1\r\nContent-Length: +3\r\n\r\n",
+            "GET / HTTP/1.1\r\nbad header\r\n\r\n",
+        ] {
+            assert!(
+                matches!(parse_str(bad), Err(Refused::Malformed(_))),
+                "{bad}"
+            );
+        }
+        let get = parse_str("GET / HTTP/1.1\r\n\r\n")
+            .expect("valid")
+            .expect("complete");
+        assert_eq!(get.framing, Framing::Empty);
+    }
+
+    #[test]
+    fn keep_alive_upgrade_and_expect_are_read_from_the_head() {
+        let h10 = parse_str("GET / HTTP/1.0\r\n\r\n")
+            .expect("valid")
+            .expect("complete");
+        assert!(!h10.keep_alive);
+        let h10ka = parse_str("GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+            .expect("valid")
+            .expect("complete");
+        assert!(h10ka.keep_alive);
+        let close = parse_str("GET / HTTP/1.1\r\nConnection: keep-alive, close\r\n\r\n")
+            .expect("valid")
+            .expect("complete");
+        assert!(!close.keep_alive);
+        let ws = parse_str("GET / HTTP/1.1\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n")
+            .expect("valid")
+            .expect("complete");
+        assert!(ws.upgrade);
+        let connect = parse_str("CONNECT a:443 HTTP/1.1\r\n\r\n")
+            .expect("valid")
+            .expect("complete");
+        assert!(connect.upgrade);
+        let expect =
+            parse_str("PUT / HTTP/1.1\r\nExpect: 100-Continue\r\nContent-Length: 1\r\n\r\n")
+                .expect("valid")
+                .expect("complete");
+        assert!(expect.expect_continue);
+    }
+
+    fn asked() -> Asked {
+        Asked {
+            head: false,
+            connect: false,
+            http10: false,
+            keep_alive: true,
+        }
+    }
+
+    fn encode_str(
+        status: u16,
+        headers: &[(&str, &str)],
+        length: Option<u64>,
+        asked: Asked,
+    ) -> (String, Encoded) {
+        let mut map = HeaderMap::new();
+        for (k, v) in headers {
+            map.append(
+                HeaderName::from_bytes(k.as_bytes()).expect("name"),
+                HeaderValue::from_str(v).expect("value"),
+            );
+        }
+        let mut dst = BytesMut::new();
+        let e = encode(
+            StatusCode::from_u16(status).expect("status"),
+            &map,
+            length,
+            asked,
+            &mut dst,
+        );
+        (String::from_utf8(dst.to_vec()).expect("utf-8"), e)
+    }
+
+    #[test]
+    fn a_response_is_framed_by_its_length_or_chunked() {
+        let (s, e) = encode_str(200, &[("x-a", "1")], Some(5), asked());
+        assert!(
+            s.starts_with("HTTP/1.1 200 OK\r\nx-a: 1\r\ncontent-length: 5\r\ndate: "),
+            "{s}"
+        );
+        assert!(s.ends_with("\r\n\r\n"));
+        assert_eq!(e.out, Out::Length(5));
+        let (s, e) = encode_str(200, &[("transfer-encoding", "gzip")], None, asked());
+        assert!(
+            s.contains("transfer-encoding: chunked\r\n") && !s.contains("gzip"),
+            "{s}"
+        );
+        assert_eq!(e.out, Out::Chunked);
+        let (s, e) = encode_str(
+            200,
+            &[("content-length", "9")],
+            None,
+            Asked {
+                head: true,
+                ..asked()
+            },
+        );
+        assert!(s.contains("content-length: 9\r\n"), "{s}");
+        assert_eq!(e.out, Out::Length(0), "HEAD: no body");
+        let (s, e) = encode_str(204, &[("content-length", "9")], Some(0), asked());
+        assert!(!s.contains("content-length"), "{s}");
+        assert_eq!(e.out, Out::Length(0));
+    }
+
+    #[test]
+    fn connection_management_follows_the_client_s_version() {
+        let h10 = Asked {
+            http10: true,
+            keep_alive: false,
+            ..asked()
+        };
+        let (s, e) = encode_str(200, &[], None, h10);
+        assert!(s.starts_with("HTTP/1.0 200 OK\r\n"), "{s}");
+        assert_eq!(e.out, Out::Close);
+        let (s, e) = encode_str(
+            200,
+            &[],
+            Some(2),
+            Asked {
+                keep_alive: true,
+                ..h10
+            },
+        );
+        assert!(
+            s.contains("connection: keep-alive\r\n") && e.keep_alive,
+            "{s}"
+        );
+        let (s, e) = encode_str(200, &[("connection", "close")], Some(2), asked());
+        assert!(!e.keep_alive && s.matches("connection").count() == 1, "{s}");
+        let (s, _) = encode_str(
+            200,
+            &[],
+            Some(2),
+            Asked {
+                keep_alive: false,
+                ..asked()
+            },
+        );
+        assert!(s.contains("connection: close\r\n"), "{s}");
+    }
+
+    #[test]
+    fn only_declared_trailers_that_may_trail_are_sent() {
+        let (_, e) = encode_str(200, &[("trailer", "x-sum, content-type")], None, asked());
+        let allowed = e.trailers.expect("declared");
+        let mut t = HeaderMap::new();
+        t.insert("x-sum", HeaderValue::from_static("1"));
+        t.insert("x-other", HeaderValue::from_static("2"));
+        t.insert(header::CONTENT_TYPE, HeaderValue::from_static("a/b"));
+        let mut dst = BytesMut::new();
+        encode_trailers(&t, &allowed, &mut dst);
+        assert_eq!(&dst[..], b"0\r\nx-sum: 1\r\n\r\n");
+    }
+}

@@ -1,0 +1,788 @@
+//! weft's HTTP/1 server for the connections of the pod's own apps.
+//!
+//! An app keeps its HTTP/1 connections to the sidecar open between
+//! requests, often by the thousand. hyper keeps 16 KiB of buffers and its
+//! whole connection state for each of them while they sit idle; this
+//! server holds, between requests, only the socket and the connection's
+//! context: it waits for the socket to become readable without a buffer
+//! (`Readiness`), and everything a request needs (buffers, parser, the
+//! exchange's state) lives in one allocation made when its first byte
+//! arrives and freed when its response has been written.
+//!
+//! ```text
+//! idle ──readable──► cycle (boxed): read head ─► service ─► write response ─┐
+//!  ▲                         │ request body: Decoder ─► pipe ─► RecvBody     │
+//!  └────────── keep-alive ◄──┴───────────────────────────────────────────────┘
+//!                            upgrade / CONNECT: the socket goes to OnUpgrade
+//! ```
+//!
+//! What it speaks, as hyper's server does: HTTP/1.0 and 1.1, keep-alive and
+//! pipelining, `Content-Length` and chunked bodies with trailers both
+//! ways, `Expect: 100-continue` (sent when the body is first asked for),
+//! `Upgrade` and `CONNECT` handed over with the bytes read past the head,
+//! `HEAD`/`204`/`304` without bodies, a `Date` on every response. A client
+//! that closes its side while its request is in flight cancels it.
+//! Limits: the head size (431), the header read timeout counted from the
+//! head's first byte (the connection closes), heads with both
+//! `Content-Length` and `Transfer-Encoding` refused with 400.
+
+pub mod body;
+mod head;
+
+use std::future::{Future, poll_fn};
+use std::io;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
+
+use bytes::{Buf, Bytes, BytesMut};
+use http::{Method, Request, Response, StatusCode};
+use http_body::Frame;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::oneshot;
+
+use crate::net::Prefixed;
+use body::{BodyError, BoxError, Decoded, Decoder, Ready, RecvBody, Sender};
+use head::{Asked, Out, Refused};
+
+/// Bytes reserved for reading a head (and what follows it).
+const READ_SIZE: usize = 8 * 1024;
+/// Response body data at least this large is written from its own buffer
+/// rather than copied next to the framing.
+const COPY_LIMIT: usize = 4 * 1024;
+const CONTINUE: &[u8] = b"HTTP/1.1 100 Continue\r\n\r\n";
+
+/// A connection that can say when it has bytes to read without being read.
+pub trait Readiness {
+    /// Ready when a read would not wait (or would fail).
+    fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
+}
+
+impl Readiness for TcpStream {
+    fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        TcpStream::poll_read_ready(self, cx)
+    }
+}
+
+impl<T: Readiness> Readiness for Prefixed<T> {
+    fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if self.has_buffered() {
+            return Poll::Ready(Ok(()));
+        }
+        self.get_ref().poll_read_ready(cx)
+    }
+}
+
+/// A client connection taken over by an upgrade or a CONNECT tunnel: the
+/// socket, after the bytes the server read past the request's head.
+pub type Upgraded = Box<dyn Io>;
+
+/// What an upgraded connection is.
+pub trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+
+/// Found in the extensions of a request that asks for an upgrade or a
+/// tunnel: resolves to the client's connection once the response (101, or
+/// 2xx to CONNECT) has been written; fails when the response was another.
+/// (Extensions are `Clone`: clones share the one connection.)
+#[derive(Clone, Debug)]
+pub struct OnUpgrade(Arc<Mutex<oneshot::Receiver<Upgraded>>>);
+
+impl Future for OnUpgrade {
+    type Output = Result<Upgraded, BoxError>;
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut rx = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        Pin::new(&mut *rx)
+            .poll(cx)
+            .map_err(|_| "the connection was not upgraded".into())
+    }
+}
+
+impl std::fmt::Debug for dyn Io {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Upgraded")
+    }
+}
+
+/// Limits of a connection.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    pub max_header_bytes: usize,
+    pub header_read_timeout: Option<Duration>,
+}
+
+/// Why a connection's server closed it early, for the caller's metrics.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Closed {
+    /// A head over the size limit (answered 431).
+    HeaderTooLarge,
+    /// A malformed head (answered 400, or 414 for a long target).
+    BadRequest,
+    /// A head with both `Content-Length` and `Transfer-Encoding`
+    /// (answered 400).
+    Ambiguous,
+    /// A head not complete within the header read timeout.
+    HeaderTimeout,
+}
+
+/// What the connection's owner decides besides the requests.
+#[allow(missing_debug_implementations)] // closures
+pub struct Hooks<R, C> {
+    /// The answer to a head with both `Content-Length` and
+    /// `Transfer-Encoding`, given why it is refused.
+    pub ambiguous: R,
+    /// Hears why a connection was refused.
+    pub closed: C,
+}
+
+/// Serves HTTP/1 on `io` until the client closes it, `ended` resolves
+/// (in-flight requests finish, keep-alive ends), or a head is refused.
+/// Each request goes to `svc`.
+pub async fn serve<I, S, F, B, R, C>(
+    mut io: I,
+    limits: Limits,
+    svc: S,
+    ended: impl Future<Output = ()>,
+    hooks: Hooks<R, C>,
+) where
+    I: AsyncRead + AsyncWrite + Readiness + Unpin + Send + 'static,
+    S: Fn(Request<RecvBody>) -> F,
+    F: Future<Output = Response<B>>,
+    B: http_body::Body<Data = Bytes> + Unpin,
+    B::Error: std::fmt::Display,
+    R: Fn(&'static str) -> Response<B>,
+    C: Fn(Closed),
+{
+    let mut ended = std::pin::pin!(ended);
+    let mut ending = false;
+    let mut buf = BytesMut::new();
+    loop {
+        if buf.is_empty() {
+            // Idle: no buffer held while waiting for the next request.
+            buf = BytesMut::new();
+            let ready = poll_fn(|cx| {
+                if !ending && ended.as_mut().poll(cx).is_ready() {
+                    ending = true;
+                }
+                if ending {
+                    return Poll::Ready(None);
+                }
+                io.poll_read_ready(cx).map(Some)
+            })
+            .await;
+            match ready {
+                Some(Ok(())) => {}
+                Some(Err(_)) | None => break,
+            }
+        }
+        let cycle = Box::pin(cycle(
+            &mut io,
+            &mut buf,
+            limits,
+            &svc,
+            &hooks.ambiguous,
+            ending,
+        ));
+        let next = Cycle {
+            cycle,
+            ended: ended.as_mut(),
+            ending: &mut ending,
+        }
+        .await;
+        match next {
+            Next::KeepAlive if !ending => {}
+            Next::KeepAlive | Next::Close => break,
+            Next::Refused(why) => {
+                (hooks.closed)(why);
+                break;
+            }
+            Next::Drop => return,
+            Next::Upgrade(to) => {
+                let rest = std::mem::take(&mut buf).freeze();
+                let _ = to.send(Box::new(Prefixed::new(rest, io)));
+                return;
+            }
+        }
+    }
+    let _ = io.shutdown().await;
+}
+
+/// Runs one cycle while watching `ended`: once it resolves, the cycle is
+/// told (its response says `connection: close`).
+struct Cycle<'a, C, E> {
+    cycle: Pin<Box<C>>,
+    ended: Pin<&'a mut E>,
+    ending: &'a mut bool,
+}
+
+impl<C: Future<Output = Next>, E: Future<Output = ()>> Future for Cycle<'_, C, E> {
+    type Output = Next;
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Next> {
+        let this = &mut *self;
+        if !*this.ending && this.ended.as_mut().poll(cx).is_ready() {
+            *this.ending = true;
+        }
+        this.cycle.as_mut().poll(cx)
+    }
+}
+
+/// How a cycle left the connection.
+enum Next {
+    KeepAlive,
+    /// Close after flushing (a graceful end).
+    Close,
+    Refused(Closed),
+    /// Drop without a word (the client went away, a write failed).
+    Drop,
+    Upgrade(oneshot::Sender<Upgraded>),
+}
+
+/// One request: its head read, answered, and its response written.
+async fn cycle<I, S, F, B, R>(
+    io: &mut I,
+    buf: &mut BytesMut,
+    limits: Limits,
+    svc: &S,
+    ambiguous_answer: &R,
+    ending: bool,
+) -> Next
+where
+    I: AsyncRead + AsyncWrite + Unpin,
+    S: Fn(Request<RecvBody>) -> F,
+    F: Future<Output = Response<B>>,
+    B: http_body::Body<Data = Bytes> + Unpin,
+    B::Error: std::fmt::Display,
+    R: Fn(&'static str) -> Response<B>,
+{
+    let head = match read_head(io, buf, limits).await {
+        Ok(Some(h)) => h,
+        Ok(None) => return Next::Close,
+        Err(HeadFailed::Refused(r)) => {
+            let (status, why) = match r {
+                Refused::TooLarge => (
+                    StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                    Closed::HeaderTooLarge,
+                ),
+                Refused::UriTooLong => (StatusCode::URI_TOO_LONG, Closed::BadRequest),
+                Refused::Malformed(what) => {
+                    tracing::debug!(what, "malformed request head");
+                    (StatusCode::BAD_REQUEST, Closed::BadRequest)
+                }
+            };
+            let mut out = BytesMut::new();
+            head::refusal(status, &mut out);
+            let _ = io.write_all(&out).await;
+            return Next::Refused(why);
+        }
+        Err(HeadFailed::Timeout) => return Next::Refused(Closed::HeaderTimeout),
+        Err(HeadFailed::Io) => return Next::Drop,
+    };
+    let head::Head {
+        request,
+        framing,
+        ambiguous,
+        keep_alive,
+        expect_continue,
+        upgrade,
+    } = head;
+    let asked = Asked {
+        head: request.method() == Method::HEAD,
+        connect: request.method() == Method::CONNECT,
+        http10: request.version() == http::Version::HTTP_10,
+        keep_alive: keep_alive && !ending,
+    };
+    if ambiguous {
+        let resp = ambiguous_answer(
+            "the request has both Content-Length and Transfer-Encoding (RFC 9112 section 6.1); send one of them",
+        );
+        let mut ex = Exchange::new(None, Decoder::Done, false, limits);
+        return match ex.respond(io, buf, resp, asked, false).await {
+            Next::Drop => Next::Drop,
+            _ => Next::Refused(Closed::Ambiguous),
+        };
+    }
+    let (body, sender) = body::pipe(framing);
+    let mut request = request.map(|()| body);
+    let upgrade = upgrade.then(|| {
+        let (tx, rx) = oneshot::channel();
+        request
+            .extensions_mut()
+            .insert(OnUpgrade(Arc::new(Mutex::new(rx))));
+        tx
+    });
+    let mut ex = Exchange::new(sender, Decoder::new(framing), expect_continue, limits);
+    let resp = {
+        let mut fut = std::pin::pin!(svc(request));
+        match poll_fn(|cx| ex.poll_until(io, buf, cx, fut.as_mut())).await {
+            Some(r) => r,
+            None => return Next::Drop,
+        }
+    };
+    let tunnel = resp.status() == StatusCode::SWITCHING_PROTOCOLS
+        || (asked.connect && resp.status().is_success());
+    match (tunnel, upgrade) {
+        (true, Some(to)) => {
+            let mut out = BytesMut::new();
+            head::encode(resp.status(), resp.headers(), None, asked, &mut out);
+            if io.write_all(&out).await.is_err() || io.flush().await.is_err() {
+                return Next::Drop;
+            }
+            Next::Upgrade(to)
+        }
+        (true, None) => {
+            // Nothing this server can frame: the response is the start of
+            // another protocol.
+            tracing::debug!("a 101 response to a request that asked for no upgrade");
+            Next::Drop
+        }
+        (false, _) => ex.respond(io, buf, resp, asked, true).await,
+    }
+}
+
+enum HeadFailed {
+    Refused(Refused),
+    Timeout,
+    Io,
+}
+
+/// Reads until `buf` holds a whole head. `Ok(None)`: the client closed
+/// the connection before a head began.
+async fn read_head<I: AsyncRead + Unpin>(
+    io: &mut I,
+    buf: &mut BytesMut,
+    limits: Limits,
+) -> Result<Option<head::Head>, HeadFailed> {
+    // The timeout runs from the head's first byte.
+    let mut deadline = None;
+    loop {
+        if !buf.is_empty() {
+            if let Some(h) =
+                head::parse(buf, limits.max_header_bytes).map_err(HeadFailed::Refused)?
+            {
+                return Ok(Some(h));
+            }
+            if deadline.is_none()
+                && let Some(t) = limits.header_read_timeout
+            {
+                deadline = Some(tokio::time::Instant::now() + t);
+            }
+        }
+        buf.reserve(READ_SIZE);
+        let read = poll_fn(|cx| tokio_util::io::poll_read_buf(Pin::new(&mut *io), cx, buf));
+        let n = match deadline {
+            Some(d) => match tokio::time::timeout_at(d, read).await {
+                Ok(r) => r,
+                Err(_) => return Err(HeadFailed::Timeout),
+            },
+            None => read.await,
+        };
+        match n {
+            Ok(0) if buf.iter().all(|&b| b == b'\r' || b == b'\n') => return Ok(None),
+            Ok(0) => return Err(HeadFailed::Io),
+            Ok(_) => {}
+            Err(_) => return Err(HeadFailed::Io),
+        }
+    }
+}
+
+/// Bytes waiting to be written: small pieces copied together, large body
+/// data kept in its own buffer, in order.
+#[derive(Default)]
+struct Outbox {
+    staging: BytesMut,
+    queue: std::collections::VecDeque<Bytes>,
+}
+
+impl Outbox {
+    fn put(&mut self, b: &[u8]) {
+        self.staging.extend_from_slice(b);
+    }
+
+    fn put_data(&mut self, data: Bytes) {
+        if data.len() < COPY_LIMIT {
+            self.staging.extend_from_slice(&data);
+        } else {
+            self.seal();
+            self.queue.push_back(data);
+        }
+    }
+
+    fn seal(&mut self) {
+        if !self.staging.is_empty() {
+            self.queue.push_back(self.staging.split().freeze());
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.staging.is_empty() && self.queue.is_empty()
+    }
+
+    /// Writes everything out.
+    fn poll_flush<I: AsyncWrite + Unpin>(
+        &mut self,
+        io: &mut I,
+        cx: &mut Context<'_>,
+    ) -> Poll<io::Result<()>> {
+        self.seal();
+        while !self.queue.is_empty() {
+            let n = {
+                let slices: Vec<io::IoSlice<'_>> = self
+                    .queue
+                    .iter()
+                    .take(16)
+                    .map(|b| io::IoSlice::new(b))
+                    .collect();
+                ready!(Pin::new(&mut *io).poll_write_vectored(cx, &slices))?
+            };
+            if n == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            let mut n = n;
+            while n > 0 {
+                let Some(front) = self.queue.front_mut() else {
+                    break;
+                };
+                if front.len() <= n {
+                    n -= front.len();
+                    self.queue.pop_front();
+                } else {
+                    front.advance(n);
+                    n = 0;
+                }
+            }
+        }
+        Pin::new(&mut *io).poll_flush(cx)
+    }
+}
+
+/// The request body's side of an exchange: decoding it off the
+/// connection into the pipe, as the consumer takes it.
+struct Exchange {
+    sender: Option<Sender>,
+    decoder: Decoder,
+    expect_continue: bool,
+    limits: Limits,
+    out: Outbox,
+    /// The request body was read to its end.
+    body_done: bool,
+    /// The request body failed or was abandoned by its consumer before
+    /// its end: the connection cannot carry another request.
+    body_broken: bool,
+    /// The client closed its side.
+    eof: bool,
+}
+
+impl Exchange {
+    fn new(
+        sender: Option<Sender>,
+        decoder: Decoder,
+        expect_continue: bool,
+        limits: Limits,
+    ) -> Self {
+        let body_done = sender.is_none();
+        Exchange {
+            sender,
+            decoder,
+            expect_continue,
+            limits,
+            out: Outbox::default(),
+            body_done,
+            body_broken: false,
+            eof: false,
+        }
+    }
+
+    /// Moves the request body along: decodes what `buf` holds and reads
+    /// more while the consumer has room. With no body to read, watches for
+    /// the client closing its side (and reads pipelined bytes ahead).
+    /// Returns an error only when the client went away.
+    fn poll_read_side<I: AsyncRead + Unpin>(
+        &mut self,
+        io: &mut I,
+        buf: &mut BytesMut,
+        cx: &mut Context<'_>,
+    ) -> Result<(), ()> {
+        let Some(sender) = &self.sender else {
+            return self.poll_eof(io, buf, cx);
+        };
+        loop {
+            match sender.poll_ready(cx, self.expect_continue) {
+                Poll::Pending => return Ok(()),
+                Poll::Ready(Ready::Gone) => {
+                    self.sender = None;
+                    self.body_broken = !self.decoder.is_done();
+                    return Ok(());
+                }
+                Poll::Ready(Ready::Free) => {}
+            }
+            if self.expect_continue {
+                self.expect_continue = false;
+                if buf.is_empty() {
+                    self.out.put(CONTINUE);
+                }
+            }
+            match self.decoder.decode(buf, self.limits.max_header_bytes) {
+                Ok(Decoded::Data(d)) => sender.send(Ok(Frame::data(d))),
+                Ok(Decoded::Trailers(t)) => sender.send(Ok(Frame::trailers(t))),
+                Ok(Decoded::End) => self.decoder = Decoder::Done,
+                Ok(Decoded::More) => {
+                    buf.reserve(READ_SIZE);
+                    match tokio_util::io::poll_read_buf(Pin::new(&mut *io), cx, buf) {
+                        Poll::Pending => return Ok(()),
+                        Poll::Ready(Ok(0)) => {
+                            self.fail_body(BodyError::Incomplete);
+                            self.eof = true;
+                            return Err(());
+                        }
+                        Poll::Ready(Ok(_)) => {}
+                        Poll::Ready(Err(e)) => {
+                            self.fail_body(BodyError::Io(e));
+                            return Err(());
+                        }
+                    }
+                    continue;
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "request body refused");
+                    self.fail_body(e);
+                    return Ok(());
+                }
+            }
+            if self.decoder.is_done() {
+                // The last frame is in the slot: the consumer sees the end
+                // right after it, without asking again.
+                sender.finish();
+                self.sender = None;
+                self.body_done = true;
+                return Ok(());
+            }
+        }
+    }
+
+    fn fail_body(&mut self, e: BodyError) {
+        if let Some(s) = self.sender.take() {
+            s.send(Err(e.into()));
+        }
+        self.body_broken = true;
+    }
+
+    /// With no body being read: a read that ends (EOF) means the client
+    /// went away; bytes read are a pipelined request, kept.
+    fn poll_eof<I: AsyncRead + Unpin>(
+        &mut self,
+        io: &mut I,
+        buf: &mut BytesMut,
+        cx: &mut Context<'_>,
+    ) -> Result<(), ()> {
+        // Bytes already read ahead (a pipelined request) stop the watch, as
+        // an EOF behind them belongs to that request.
+        while !self.eof && buf.is_empty() {
+            if buf.capacity() - buf.len() < 512 {
+                buf.reserve(READ_SIZE);
+            }
+            match tokio_util::io::poll_read_buf(Pin::new(&mut *io), cx, buf) {
+                Poll::Pending => return Ok(()),
+                Poll::Ready(Ok(0)) => {
+                    self.eof = true;
+                    return Err(());
+                }
+                Poll::Ready(Ok(_)) => {}
+                Poll::Ready(Err(_)) => return Err(()),
+            }
+        }
+        Ok(())
+    }
+
+    /// Polls the service's future to its response while the request body
+    /// flows. `None`: the client went away first (the request is
+    /// cancelled).
+    fn poll_until<I, F, B>(
+        &mut self,
+        io: &mut I,
+        buf: &mut BytesMut,
+        cx: &mut Context<'_>,
+        fut: Pin<&mut F>,
+    ) -> Poll<Option<Response<B>>>
+    where
+        I: AsyncRead + AsyncWrite + Unpin,
+        F: Future<Output = Response<B>>,
+    {
+        if self.poll_read_side(io, buf, cx).is_err() {
+            return Poll::Ready(None);
+        }
+        if !self.out.is_empty() && matches!(self.out.poll_flush(io, cx), Poll::Ready(Err(_))) {
+            return Poll::Ready(None);
+        }
+        fut.poll(cx).map(Some)
+    }
+
+    /// Writes `resp` while the request body flows on; says what the
+    /// connection does next.
+    async fn respond<I, B>(
+        &mut self,
+        io: &mut I,
+        buf: &mut BytesMut,
+        resp: Response<B>,
+        asked: Asked,
+        may_keep: bool,
+    ) -> Next
+    where
+        I: AsyncRead + AsyncWrite + Unpin,
+        B: http_body::Body<Data = Bytes> + Unpin,
+        B::Error: std::fmt::Display,
+    {
+        let (parts, body) = resp.into_parts();
+        let status = parts.status;
+        if status.is_informational() && status != StatusCode::SWITCHING_PROTOCOLS {
+            // A 1xx other than 101 is not a final response.
+            tracing::debug!(%status, "interim response as a final one refused");
+            head::refusal(StatusCode::BAD_GATEWAY, &mut self.out.staging);
+            let _ = poll_fn(|cx| self.out.poll_flush(io, cx)).await;
+            return Next::Close;
+        }
+        let mut asked = asked;
+        if self.expect_continue {
+            // Answered before its body was asked for: the client will not
+            // send it, and the connection cannot tell whether it did.
+            asked.keep_alive = false;
+            self.fail_body(BodyError::Incomplete);
+        }
+        let headers = parts.headers;
+        let length = body.size_hint().exact();
+        let mut head = BytesMut::new();
+        let encoded = head::encode(status, &headers, length, asked, &mut head);
+        self.out.put(&head);
+        drop(head);
+        let mut writer = Writer {
+            body: Some(body),
+            out: encoded.out,
+            trailers: encoded.trailers,
+        };
+        if writer.out == Out::Length(0) && !writer.body.as_ref().is_some_and(|b| b.is_end_stream())
+        {
+            // No body on the wire (HEAD, 204, ...): not polled.
+            writer.body = None;
+        }
+        let written = poll_fn(|cx| {
+            if self.poll_read_side(io, buf, cx).is_err() {
+                return Poll::Ready(Err(()));
+            }
+            writer.poll(&mut self.out, io, cx)
+        })
+        .await;
+        if written.is_err() {
+            return Next::Drop;
+        }
+        if self.sender.is_some() {
+            // The response ended before the request body: the rest of it
+            // cannot be told from the next request.
+            self.fail_body(BodyError::Incomplete);
+        }
+        if !may_keep || !encoded.keep_alive || self.body_broken || !self.body_done || self.eof {
+            return Next::Close;
+        }
+        if matches!(writer.out, Out::Close) {
+            return Next::Close;
+        }
+        Next::KeepAlive
+    }
+}
+
+/// A response body on its way out, framed.
+struct Writer<B> {
+    body: Option<B>,
+    out: Out,
+    trailers: Option<Vec<http::HeaderName>>,
+}
+
+impl<B> Writer<B>
+where
+    B: http_body::Body<Data = Bytes> + Unpin,
+    B::Error: std::fmt::Display,
+{
+    /// Ready(Ok) once the whole response is written and flushed.
+    fn poll<I: AsyncWrite + Unpin>(
+        &mut self,
+        out: &mut Outbox,
+        io: &mut I,
+        cx: &mut Context<'_>,
+    ) -> Poll<Result<(), ()>> {
+        loop {
+            let Some(body) = self.body.as_mut() else {
+                return out.poll_flush(io, cx).map_err(|_| ());
+            };
+            match Pin::new(body).poll_frame(cx) {
+                Poll::Ready(Some(Ok(frame))) => {
+                    let frame = match frame.into_data() {
+                        Ok(data) => {
+                            self.data(out, data)?;
+                            continue;
+                        }
+                        Err(f) => f,
+                    };
+                    if let Ok(t) = frame.into_trailers() {
+                        if self.out == Out::Chunked {
+                            head::encode_trailers(
+                                &t,
+                                self.trailers.as_deref().unwrap_or_default(),
+                                &mut out.staging,
+                            );
+                            self.out = Out::Length(0);
+                        }
+                        self.body = None;
+                    }
+                }
+                Poll::Ready(Some(Err(e))) => {
+                    tracing::debug!(error = %e, "response body failed; the connection closes");
+                    return Poll::Ready(Err(()));
+                }
+                Poll::Ready(None) => {
+                    match self.out {
+                        Out::Chunked => out.put(b"0\r\n\r\n"),
+                        Out::Length(0) | Out::Close => {}
+                        Out::Length(left) => {
+                            tracing::debug!(left, "response body shorter than its length");
+                            return Poll::Ready(Err(()));
+                        }
+                    }
+                    self.out = Out::Length(0);
+                    self.body = None;
+                }
+                Poll::Pending => {
+                    // Nothing more right now: what was gathered goes out.
+                    ready!(out.poll_flush(io, cx)).map_err(|_| ())?;
+                    return Poll::Pending;
+                }
+            }
+        }
+    }
+
+    fn data(&mut self, out: &mut Outbox, data: Bytes) -> Result<(), ()> {
+        if data.is_empty() {
+            return Ok(());
+        }
+        match &mut self.out {
+            Out::Chunked => {
+                out.put(format!("{:x}\r\n", data.len()).as_bytes());
+                out.put_data(data);
+                out.put(b"\r\n");
+            }
+            Out::Length(left) => {
+                let n = data.len() as u64;
+                if n > *left {
+                    tracing::debug!(left = *left, n, "response body longer than its length");
+                    return Err(());
+                }
+                *left -= n;
+                out.put_data(data);
+            }
+            Out::Close => out.put_data(data),
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests;

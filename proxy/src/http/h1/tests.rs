@@ -1,0 +1,422 @@
+//! The server on real loopback connections, spoken to byte by byte.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt as _, Full, StreamBody, combinators::UnsyncBoxBody};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, oneshot};
+
+use super::body::{BoxError, RecvBody};
+use super::{Closed, Hooks, Limits, OnUpgrade, serve};
+
+type TestBody = UnsyncBoxBody<Bytes, BoxError>;
+
+fn full(b: impl Into<Bytes>) -> TestBody {
+    Full::new(b.into()).map_err(|e| match e {}).boxed_unsync()
+}
+
+const LIMITS: Limits = Limits {
+    max_header_bytes: 4096,
+    header_read_timeout: Some(Duration::from_secs(5)),
+};
+
+/// What the test service does with a request, by path.
+async fn service(mut req: Request<RecvBody>) -> Response<TestBody> {
+    match req.uri().path() {
+        // The body streamed straight back, as it arrives.
+        "/duplex" => {
+            let body = req.into_body();
+            Response::new(body.boxed_unsync())
+        }
+        // Answered without reading the body.
+        "/deny" => {
+            let mut r = Response::new(full("no"));
+            *r.status_mut() = StatusCode::FORBIDDEN;
+            r
+        }
+        // Switches protocols; the tunnel echoes in upper case.
+        "/upgrade" => {
+            let on = req
+                .extensions_mut()
+                .remove::<OnUpgrade>()
+                .expect("an upgrade to take");
+            tokio::spawn(async move {
+                let mut io = on.await.expect("upgraded");
+                let mut b = [0u8; 64];
+                while let Ok(n) = io.read(&mut b).await {
+                    if n == 0 {
+                        break;
+                    }
+                    let _ = io.write_all(&b[..n].to_ascii_uppercase()).await;
+                }
+            });
+            let mut r = Response::new(full(""));
+            *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+            r.headers_mut()
+                .insert("upgrade", http::HeaderValue::from_static("shout"));
+            r.headers_mut()
+                .insert("connection", http::HeaderValue::from_static("upgrade"));
+            r
+        }
+        // A body of unknown length, in two pieces.
+        "/stream" => {
+            let (tx, rx) = mpsc::channel::<Result<http_body::Frame<Bytes>, BoxError>>(2);
+            tokio::spawn(async move {
+                for piece in ["ab", "cd"] {
+                    let _ = tx
+                        .send(Ok(http_body::Frame::data(Bytes::from(piece))))
+                        .await;
+                }
+            });
+            let stream =
+                futures::stream::unfold(
+                    rx,
+                    |mut rx| async move { rx.recv().await.map(|f| (f, rx)) },
+                );
+            Response::new(StreamBody::new(stream).boxed_unsync())
+        }
+        // The request, described.
+        path => {
+            let method = req.method().clone();
+            let path = path.to_owned();
+            let collected = req.into_body().collect().await.expect("a whole body");
+            let trailer = collected
+                .trailers()
+                .and_then(|t| t.get("x-sum"))
+                .map(|v| v.to_str().unwrap_or("?").to_owned())
+                .unwrap_or_default();
+            let body = collected.to_bytes();
+            let text = format!(
+                "{method} {path} {} {trailer}",
+                String::from_utf8_lossy(&body)
+            );
+            Response::new(full(text))
+        }
+    }
+}
+
+/// A connected client, the server's task, and what it was refused for.
+async fn connect_with(
+    ended: impl std::future::Future<Output = ()> + Send + 'static,
+) -> (
+    TcpStream,
+    tokio::task::JoinHandle<()>,
+    mpsc::UnboundedReceiver<Closed>,
+) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let (closed_tx, closed_rx) = mpsc::unbounded_channel();
+    let server = tokio::spawn(async move {
+        let (io, _) = listener.accept().await.expect("accept");
+        let hooks = Hooks {
+            ambiguous: |m: &'static str| {
+                let mut r = Response::new(full(m));
+                *r.status_mut() = StatusCode::BAD_REQUEST;
+                r
+            },
+            closed: move |c| {
+                let _ = closed_tx.send(c);
+            },
+        };
+        serve(io, LIMITS, service, ended, hooks).await;
+    });
+    let client = TcpStream::connect(addr).await.expect("connect");
+    (client, server, closed_rx)
+}
+
+async fn connect() -> (
+    TcpStream,
+    tokio::task::JoinHandle<()>,
+    mpsc::UnboundedReceiver<Closed>,
+) {
+    connect_with(std::future::pending()).await
+}
+
+/// Reads until `count` responses' worth of `needle` have arrived, or EOF.
+async fn read_until(c: &mut TcpStream, needle: &str, count: usize) -> String {
+    let mut got = Vec::new();
+    let mut b = [0u8; 4096];
+    while String::from_utf8_lossy(&got).matches(needle).count() < count {
+        let n = tokio::time::timeout(Duration::from_secs(10), c.read(&mut b))
+            .await
+            .expect("the server answers in time")
+            .expect("read");
+        if n == 0 {
+            break;
+        }
+        got.extend_from_slice(&b[..n]);
+    }
+    String::from_utf8_lossy(&got).into_owned()
+}
+
+async fn read_to_end(c: &mut TcpStream) -> String {
+    let mut got = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), c.read_to_end(&mut got))
+        .await
+        .expect("the server closes in time")
+        .expect("read");
+    String::from_utf8_lossy(&got).into_owned()
+}
+
+#[tokio::test]
+async fn pipelined_requests_are_answered_in_order_with_bodies_and_trailers() {
+    let (mut c, _server, _) = connect().await;
+    c.write_all(
+        b"GET /one HTTP/1.1\r\nhost: a\r\n\r\n\
+          POST /two HTTP/1.1\r\nhost: a\r\ncontent-length: 5\r\n\r\nhello\
+          POST /three HTTP/1.1\r\nhost: a\r\ntransfer-encoding: chunked\r\n\r\n\
+          3\r\nabc\r\n2;x=y\r\nde\r\n0\r\nx-sum: 7\r\n\r\n",
+    )
+    .await
+    .expect("write");
+    let text = read_until(&mut c, "HTTP/1.1 200 OK", 3).await;
+    let text = read_until_tail(&mut c, text, "POST /three abcde 7").await;
+    let one = text.find("GET /one  ").expect("first");
+    let two = text.find("POST /two hello ").expect("second");
+    let three = text
+        .find("POST /three abcde 7")
+        .expect("third, with its trailer");
+    assert!(one < two && two < three, "{text}");
+    assert_eq!(text.matches("date: ").count(), 3, "{text}");
+}
+
+async fn read_until_tail(c: &mut TcpStream, mut text: String, tail: &str) -> String {
+    while !text.contains(tail) {
+        let more = read_until(c, tail, 1).await;
+        if more.is_empty() {
+            break;
+        }
+        text.push_str(&more);
+    }
+    text
+}
+
+#[tokio::test]
+async fn continue_is_sent_when_the_body_is_asked_for_and_not_before_a_refusal() {
+    let (mut c, _server, _) = connect().await;
+    c.write_all(
+        b"PUT /echo HTTP/1.1\r\nhost: a\r\nexpect: 100-continue\r\ncontent-length: 4\r\n\r\n",
+    )
+    .await
+    .expect("write");
+    let interim = read_until(&mut c, "\r\n\r\n", 1).await;
+    assert_eq!(interim, "HTTP/1.1 100 Continue\r\n\r\n");
+    c.write_all(b"data").await.expect("write");
+    let text = read_until(&mut c, "PUT /echo data", 1).await;
+    assert!(text.starts_with("HTTP/1.1 200 OK\r\n"), "{text}");
+
+    // Refused without the body being read: no 100, and the connection
+    // closes (the unread body cannot be told from a next request).
+    c.write_all(
+        b"PUT /deny HTTP/1.1\r\nhost: a\r\nexpect: 100-continue\r\ncontent-length: 4\r\n\r\n",
+    )
+    .await
+    .expect("write");
+    let text = read_to_end(&mut c).await;
+    assert!(text.starts_with("HTTP/1.1 403 Forbidden\r\n"), "{text}");
+    assert!(text.contains("connection: close\r\n"), "{text}");
+    assert!(!text.contains("100 Continue"), "{text}");
+}
+
+#[tokio::test]
+async fn a_request_body_and_its_response_stream_at_the_same_time() {
+    let (mut c, _server, _) = connect().await;
+    c.write_all(
+        b"POST /duplex HTTP/1.1\r\nhost: a\r\ntransfer-encoding: chunked\r\n\r\n5\r\nfirst\r\n",
+    )
+    .await
+    .expect("write");
+    // The first piece comes back before the request body has ended.
+    let text = read_until(&mut c, "first\r\n", 1).await;
+    assert!(text.starts_with("HTTP/1.1 200 OK\r\n"), "{text}");
+    assert!(text.contains("transfer-encoding: chunked\r\n"), "{text}");
+    c.write_all(b"6\r\nsecond\r\n0\r\n\r\n")
+        .await
+        .expect("write");
+    let rest = read_until(&mut c, "0\r\n\r\n", 1).await;
+    assert_eq!(rest, "6\r\nsecond\r\n0\r\n\r\n");
+    // And the connection carries the next request.
+    c.write_all(b"GET /next HTTP/1.1\r\nhost: a\r\n\r\n")
+        .await
+        .expect("write");
+    assert!(read_until(&mut c, "GET /next", 1).await.contains("200 OK"));
+}
+
+#[tokio::test]
+async fn a_client_that_closes_its_side_cancels_its_request() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let (dropped_tx, dropped_rx) = oneshot::channel::<()>();
+    let dropped_tx = std::sync::Mutex::new(Some(dropped_tx));
+    tokio::spawn(async move {
+        let (io, _) = listener.accept().await.expect("accept");
+        let svc = move |_req: Request<RecvBody>| {
+            // Held by the request's future: dropped with it.
+            let guard = dropped_tx.lock().expect("lock").take();
+            async move {
+                let _guard = guard;
+                std::future::pending::<Response<TestBody>>().await
+            }
+        };
+        let hooks = Hooks {
+            ambiguous: |_| Response::new(full("")),
+            closed: |_| {},
+        };
+        serve(io, LIMITS, svc, std::future::pending(), hooks).await;
+    });
+    let mut c = TcpStream::connect(addr).await.expect("connect");
+    c.write_all(b"GET /slow HTTP/1.1\r\nhost: a\r\n\r\n")
+        .await
+        .expect("write");
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    c.shutdown().await.expect("half-close");
+    let cancelled = tokio::time::timeout(Duration::from_secs(10), dropped_rx).await;
+    assert!(
+        matches!(cancelled, Ok(Err(_))),
+        "the request's future was dropped"
+    );
+}
+
+#[tokio::test]
+async fn an_http10_client_gets_a_body_delimited_by_close_or_kept_alive_when_it_asks() {
+    let (mut c, _server, _) = connect().await;
+    c.write_all(b"GET /stream HTTP/1.0\r\n\r\n")
+        .await
+        .expect("write");
+    let text = read_to_end(&mut c).await;
+    assert!(text.starts_with("HTTP/1.0 200 OK\r\n"), "{text}");
+    assert!(!text.contains("transfer-encoding"), "{text}");
+    assert!(text.ends_with("\r\n\r\nabcd"), "{text}");
+
+    let (mut c, _server, _) = connect().await;
+    c.write_all(b"GET /a HTTP/1.0\r\nconnection: keep-alive\r\n\r\n")
+        .await
+        .expect("write");
+    let text = read_until(&mut c, "GET /a", 1).await;
+    assert!(text.contains("connection: keep-alive\r\n"), "{text}");
+    c.write_all(b"GET /b HTTP/1.0\r\n\r\n")
+        .await
+        .expect("write");
+    let text = read_to_end(&mut c).await;
+    assert!(
+        text.starts_with("HTTP/1.0 200 OK\r\n") && text.ends_with("GET /b  "),
+        "{text}"
+    );
+}
+
+#[tokio::test]
+async fn an_upgrade_takes_the_connection_with_the_bytes_sent_after_its_head() {
+    let (mut c, _server, _) = connect().await;
+    // The tunnel's first bytes come in the same write as the head.
+    c.write_all(
+        b"GET /upgrade HTTP/1.1\r\nhost: a\r\nconnection: upgrade\r\nupgrade: shout\r\n\r\nearly",
+    )
+    .await
+    .expect("write");
+    let text = read_until(&mut c, "EARLY", 1).await;
+    assert!(
+        text.starts_with("HTTP/1.1 101 Switching Protocols\r\n"),
+        "{text}"
+    );
+    assert!(!text.contains("content-length"), "{text}");
+    assert!(text.ends_with("\r\n\r\nEARLY"), "{text}");
+    c.write_all(b"late").await.expect("write");
+    assert_eq!(read_until(&mut c, "LATE", 1).await, "LATE");
+}
+
+#[tokio::test]
+async fn heads_that_are_too_large_ambiguous_or_malformed_are_answered_and_closed() {
+    let cases: [(&[u8], &str, Closed); 3] = [
+        (
+            b"GET / HTTP/1.1\r\nx: ",
+            "HTTP/1.1 431 ",
+            Closed::HeaderTooLarge,
+        ),
+        (
+            b"POST / HTTP/1.1\r\ncontent-length: 3\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\r\n",
+            "HTTP/1.1 400 ",
+            Closed::Ambiguous,
+        ),
+        (
+            b"GET / HTTP/1.1\r\nno colon\r\n\r\n",
+            "HTTP/1.1 400 ",
+            Closed::BadRequest,
+        ),
+    ];
+    for (wire, status, why) in cases {
+        let (mut c, _server, mut closed) = connect().await;
+        let mut wire = wire.to_vec();
+        if why == Closed::HeaderTooLarge {
+            wire.extend(std::iter::repeat_n(b'a', 5000));
+        }
+        c.write_all(&wire).await.expect("write");
+        let text = read_to_end(&mut c).await;
+        assert!(text.starts_with(status), "{why:?}: {text}");
+        assert_eq!(closed.recv().await, Some(why));
+    }
+}
+
+#[tokio::test]
+async fn the_header_timeout_runs_from_a_head_s_first_byte_not_from_idleness() {
+    tokio::time::pause();
+    let (mut c, _server, mut closed) = connect().await;
+    // Idle for longer than the timeout: still open.
+    tokio::time::sleep(LIMITS.header_read_timeout.expect("set") * 3).await;
+    c.write_all(b"GET /a HTTP/1.1\r\nhost: a\r\n\r\n")
+        .await
+        .expect("write");
+    assert!(read_until(&mut c, "GET /a", 1).await.contains("200 OK"));
+    // Half a head: closed after the timeout.
+    c.write_all(b"GET /b HTTP/1.1\r\n").await.expect("write");
+    assert_eq!(read_to_end(&mut c).await, "");
+    assert_eq!(closed.recv().await, Some(Closed::HeaderTimeout));
+}
+
+#[tokio::test]
+async fn ending_closes_an_idle_connection_and_lets_a_request_in_flight_finish() {
+    let (end_tx, end_rx) = oneshot::channel::<()>();
+    let (mut c, server, _) = connect_with(async move {
+        let _ = end_rx.await;
+    })
+    .await;
+    c.write_all(b"POST /duplex HTTP/1.1\r\nhost: a\r\ncontent-length: 4\r\n\r\nab")
+        .await
+        .expect("write");
+    let text = read_until(&mut c, "ab", 1).await;
+    assert!(text.starts_with("HTTP/1.1 200 OK\r\n"), "{text}");
+    end_tx.send(()).expect("the server listens");
+    c.write_all(b"cd").await.expect("write");
+    // The request finishes; then the connection closes.
+    let rest = read_to_end(&mut c).await;
+    assert_eq!(rest, "cd");
+    tokio::time::timeout(Duration::from_secs(10), server)
+        .await
+        .expect("the server ends")
+        .expect("no panic");
+}
+
+#[test]
+fn an_idle_connection_holds_a_small_future_and_no_buffer() {
+    // What the connection's task keeps while it waits for the next request:
+    // the request's state lives in a separate allocation made per request.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let _c = TcpStream::connect(addr).await.expect("connect");
+        let (io, _) = listener.accept().await.expect("accept");
+        let hooks = Hooks {
+            ambiguous: |_| Response::new(full("")),
+            closed: |_| {},
+        };
+        let fut = serve(io, LIMITS, service, std::future::pending(), hooks);
+        let size = std::mem::size_of_val(&fut);
+        assert!(size <= 512, "the idle connection's future is {size} bytes");
+    });
+}
