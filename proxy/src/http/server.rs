@@ -87,7 +87,12 @@ pub async fn serve_app<I, S, F>(
                     let fut = svc(req.map(ReqBody::Hyper));
                     async move { Ok::<_, std::convert::Infallible>(fut.await) }
                 });
-            serve_connection(io, version, direction, limits, metrics, svc, ended).await;
+            // Boxed: hyper's connection state would otherwise be part of
+            // every HTTP/1 connection's task too.
+            Box::pin(serve_connection(
+                io, version, direction, limits, metrics, svc, ended,
+            ))
+            .await;
         }
     }
 }

@@ -61,16 +61,17 @@ async fn handle(state: Arc<State>, conn: TcpStream, peer: SocketAddr) {
     }
     let _open = OpenConn::new(&state.metrics, Direction::Outbound, false);
     let Some(snap) = state.snapshot.load_full() else {
-        tcp::passthrough(&state, conn, Bytes::new(), dst).await;
+        Box::pin(tcp::passthrough(&state, conn, Bytes::new(), dst)).await;
         return;
     };
     let Some(target) = snap.lookup(dst) else {
-        tcp::passthrough(&state, conn, Bytes::new(), dst).await;
+        Box::pin(tcp::passthrough(&state, conn, Bytes::new(), dst)).await;
         return;
     };
     let (_, port) = snap.service(target);
-    // Boxed: the connection's task is as large as its largest branch, and
-    // an idle HTTP connection should not carry the TCP forwarder's state.
+    // Boxed (here and for passthrough above): the connection's task is as
+    // large as its largest branch, and an idle HTTP connection should not
+    // carry the TCP forwarder's state.
     let opaque = |conn, prefix| {
         Box::pin(tcp::to_service(
             state.clone(),

@@ -103,7 +103,9 @@ pub(super) fn parse(buf: &mut BytesMut, max_head: usize) -> Result<Option<Head>,
         .map_err(|_| Refused::Malformed("invalid request target"))?;
     let http11 = minor == 1;
 
-    let mut headers = HeaderMap::with_capacity(count);
+    // Room for the fields the proxy adds on the way (request id, source,
+    // trace context) without growing the map.
+    let mut headers = HeaderMap::with_capacity(count + 4);
     let mut framing = Framing::Empty;
     let mut keep_alive = http11;
     let mut close = false;
@@ -356,9 +358,7 @@ pub(super) fn encode(
 }
 
 fn put_length(dst: &mut BytesMut, n: u64) {
-    dst.put_slice(b"content-length: ");
-    dst.put_slice(n.to_string().as_bytes());
-    dst.put_slice(b"\r\n");
+    let _ = std::fmt::Write::write_fmt(dst, format_args!("content-length: {n}\r\n"));
 }
 
 /// Writes the trailer section ending a chunked body: the fields of

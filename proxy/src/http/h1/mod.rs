@@ -387,8 +387,10 @@ async fn read_head<I: AsyncRead + Unpin>(
     }
 }
 
-/// Bytes waiting to be written: small pieces copied together, large body
-/// data kept in its own buffer, in order.
+/// Bytes waiting to be written: small pieces copied together in
+/// `staging`, large body data kept in buffers of its own (`queue`), all
+/// written in one vectored write. What `staging` holds comes after what
+/// `queue` holds.
 #[derive(Default)]
 struct Outbox {
     staging: BytesMut,
@@ -404,14 +406,10 @@ impl Outbox {
         if data.len() < COPY_LIMIT {
             self.staging.extend_from_slice(&data);
         } else {
-            self.seal();
+            if !self.staging.is_empty() {
+                self.queue.push_back(self.staging.split().freeze());
+            }
             self.queue.push_back(data);
-        }
-    }
-
-    fn seal(&mut self) {
-        if !self.staging.is_empty() {
-            self.queue.push_back(self.staging.split().freeze());
         }
     }
 
@@ -425,31 +423,39 @@ impl Outbox {
         io: &mut I,
         cx: &mut Context<'_>,
     ) -> Poll<io::Result<()>> {
-        self.seal();
-        while !self.queue.is_empty() {
+        const MAX_SLICES: usize = 16;
+        while !self.is_empty() {
             let n = {
-                let slices: Vec<io::IoSlice<'_>> = self
-                    .queue
-                    .iter()
-                    .take(16)
-                    .map(|b| io::IoSlice::new(b))
-                    .collect();
-                ready!(Pin::new(&mut *io).poll_write_vectored(cx, &slices))?
+                let mut slices = [io::IoSlice::new(&[]); MAX_SLICES];
+                let mut count = 0;
+                for (slot, b) in slices.iter_mut().zip(self.queue.iter()) {
+                    *slot = io::IoSlice::new(b);
+                    count += 1;
+                }
+                if count < MAX_SLICES && !self.staging.is_empty() {
+                    slices[count] = io::IoSlice::new(&self.staging);
+                    count += 1;
+                }
+                ready!(Pin::new(&mut *io).poll_write_vectored(cx, &slices[..count]))?
             };
             if n == 0 {
                 return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
             }
             let mut n = n;
             while n > 0 {
-                let Some(front) = self.queue.front_mut() else {
-                    break;
-                };
-                if front.len() <= n {
-                    n -= front.len();
-                    self.queue.pop_front();
-                } else {
-                    front.advance(n);
-                    n = 0;
+                match self.queue.front_mut() {
+                    Some(front) if front.len() <= n => {
+                        n -= front.len();
+                        self.queue.pop_front();
+                    }
+                    Some(front) => {
+                        front.advance(n);
+                        n = 0;
+                    }
+                    None => {
+                        self.staging.advance(n);
+                        n = 0;
+                    }
                 }
             }
         }
@@ -651,10 +657,7 @@ impl Exchange {
         }
         let headers = parts.headers;
         let length = body.size_hint().exact();
-        let mut head = BytesMut::new();
-        let encoded = head::encode(status, &headers, length, asked, &mut head);
-        self.out.put(&head);
-        drop(head);
+        let encoded = head::encode(status, &headers, length, asked, &mut self.out.staging);
         let mut writer = Writer {
             body: Some(body),
             out: encoded.out,
@@ -765,7 +768,11 @@ where
         }
         match &mut self.out {
             Out::Chunked => {
-                out.put(format!("{:x}\r\n", data.len()).as_bytes());
+                // BytesMut is a fmt::Write: the size is formatted in place.
+                let _ = std::fmt::Write::write_fmt(
+                    &mut out.staging,
+                    format_args!("{:x}\r\n", data.len()),
+                );
                 out.put_data(data);
                 out.put(b"\r\n");
             }
