@@ -42,59 +42,44 @@ const MAX_STREAMS: u32 = 1024;
 type BoxedResponse<E> =
     std::pin::Pin<Box<dyn std::future::Future<Output = Result<Response<Body>, E>> + Send>>;
 
-/// Serves a plaintext connection of the pod's own apps until it closes:
-/// HTTP/1 with weft's own server ([`h1`]: nothing but the socket held
-/// between requests), HTTP/2 with hyper. Limits, refusals, their metrics
-/// and `ended` as [`serve_connection`].
-pub async fn serve_app<I, S, F>(
+/// Serves a plaintext HTTP/1 connection of the pod's own apps until it
+/// closes, with weft's own server ([`h1`]: nothing but the socket held
+/// between requests). Limits and refusals as [`serve_connection`]; each
+/// refusal's step (`header-too-large`, `bad-request`, `header-timeout`)
+/// goes to `refused`, for the errors metric.
+pub fn serve_app<I, S, F, E, M>(
     io: I,
-    version: Version,
-    direction: Direction,
     limits: HeadLimits,
-    metrics: &Metrics,
     svc: S,
-    ended: impl std::future::Future<Output = ()>,
-) where
+    ended: E,
+    refused: M,
+) -> impl std::future::Future<Output = ()> + Send
+where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + h1::Readiness + Unpin + Send + 'static,
     S: Fn(http::Request<ReqBody>) -> F + Clone + Send + 'static,
     F: std::future::Future<Output = Response<Body>> + Send + 'static,
+    E: std::future::Future<Output = ()> + Send,
+    M: Fn(&'static str) + Send,
 {
-    match version {
-        Version::Http1 => {
-            let limits = h1::Limits {
-                max_header_bytes: limits.max_header_bytes,
-                header_read_timeout: limits.header_read_timeout,
-            };
-            let closed = |why| {
-                let step = match why {
-                    h1::Closed::HeaderTooLarge => "header-too-large",
-                    h1::Closed::BadRequest | h1::Closed::Ambiguous => "bad-request",
-                    h1::Closed::HeaderTimeout => "header-timeout",
-                };
-                metrics.error(direction, step);
-                tracing::debug!(step, "client connection refused");
-            };
-            let svc = move |req: http::Request<h1::body::RecvBody>| svc(req.map(ReqBody::H1));
-            let hooks = h1::Hooks {
-                ambiguous: bad_request,
-                closed,
-            };
-            h1::serve(io, limits, svc, ended, hooks).await;
-        }
-        Version::Http2 => {
-            let svc =
-                hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
-                    let fut = svc(req.map(ReqBody::Hyper));
-                    async move { Ok::<_, std::convert::Infallible>(fut.await) }
-                });
-            // Boxed: hyper's connection state would otherwise be part of
-            // every HTTP/1 connection's task too.
-            Box::pin(serve_connection(
-                io, version, direction, limits, metrics, svc, ended,
-            ))
-            .await;
-        }
-    }
+    let limits = h1::Limits {
+        max_header_bytes: limits.max_header_bytes,
+        header_read_timeout: limits.header_read_timeout,
+    };
+    let closed = move |why| {
+        let step = match why {
+            h1::Closed::HeaderTooLarge => "header-too-large",
+            h1::Closed::BadRequest | h1::Closed::Ambiguous => "bad-request",
+            h1::Closed::HeaderTimeout => "header-timeout",
+        };
+        refused(step);
+        tracing::debug!(step, "client connection refused");
+    };
+    let svc = move |req: http::Request<h1::body::RecvBody>| svc(req.map(ReqBody::H1));
+    let hooks = h1::Hooks {
+        ambiguous: bad_request,
+        closed,
+    };
+    h1::serve(io, limits, svc, ended, hooks)
 }
 
 /// Serves one client connection with hyper until it closes; on shutdown,

@@ -140,92 +140,185 @@ pub struct Hooks<R, C> {
 /// Serves HTTP/1 on `io` until the client closes it, `ended` resolves
 /// (in-flight requests finish, keep-alive ends), or a head is refused.
 /// Each request goes to `svc`.
-pub async fn serve<I, S, F, B, R, C>(
-    mut io: I,
+///
+/// The connection's future holds, between requests, the socket, `svc`,
+/// `ended` and the hooks, each once: a hand-written future rather than an
+/// `async fn`, which would keep its arguments and the locals they move
+/// into side by side for the connection's whole life.
+pub fn serve<I, S, F, B, R, C, E>(
+    io: I,
     limits: Limits,
     svc: S,
-    ended: impl Future<Output = ()>,
+    ended: E,
     hooks: Hooks<R, C>,
-) where
+) -> Serve<I, S, R, C, E>
+where
     I: AsyncRead + AsyncWrite + Readiness + Unpin + Send + 'static,
-    S: Fn(Request<RecvBody>) -> F,
-    F: Future<Output = Response<B>>,
-    B: http_body::Body<Data = Bytes> + Unpin,
+    S: Fn(Request<RecvBody>) -> F + Clone + Send + 'static,
+    F: Future<Output = Response<B>> + Send + 'static,
+    B: http_body::Body<Data = Bytes> + Unpin + Send + 'static,
     B::Error: std::fmt::Display,
-    R: Fn(&'static str) -> Response<B>,
+    R: Fn(&'static str) -> Response<B> + Clone + Send + 'static,
     C: Fn(Closed),
+    E: Future<Output = ()>,
 {
-    let mut ended = std::pin::pin!(ended);
-    let mut ending = false;
-    let mut buf = BytesMut::new();
-    loop {
-        if buf.is_empty() {
-            // Idle: no buffer held while waiting for the next request.
-            buf = BytesMut::new();
-            let ready = poll_fn(|cx| {
-                if !ending && ended.as_mut().poll(cx).is_ready() {
-                    ending = true;
-                }
-                if ending {
-                    return Poll::Ready(None);
-                }
-                io.poll_read_ready(cx).map(Some)
-            })
-            .await;
-            match ready {
-                Some(Ok(())) => {}
-                Some(Err(_)) | None => break,
-            }
-        }
-        let cycle = Box::pin(cycle(
-            &mut io,
-            &mut buf,
-            limits,
-            &svc,
-            &hooks.ambiguous,
-            ending,
-        ));
-        let next = Cycle {
-            cycle,
-            ended: ended.as_mut(),
-            ending: &mut ending,
-        }
-        .await;
-        match next {
-            Next::KeepAlive if !ending => {}
-            Next::KeepAlive | Next::Close => break,
-            Next::Refused(why) => {
-                (hooks.closed)(why);
-                break;
-            }
-            Next::Drop => return,
-            Next::Upgrade(to) => {
-                let rest = std::mem::take(&mut buf).freeze();
-                let _ = to.send(Box::new(Prefixed::new(rest, io)));
-                return;
-            }
-        }
+    Serve {
+        ended,
+        ending: false,
+        phase: Phase::Idle(io),
+        limits,
+        svc,
+        hooks,
     }
-    let _ = io.shutdown().await;
 }
 
-/// Runs one cycle while watching `ended`: once it resolves, the cycle is
-/// told (its response says `connection: close`).
-struct Cycle<'a, C, E> {
-    cycle: Pin<Box<C>>,
-    ended: Pin<&'a mut E>,
-    ending: &'a mut bool,
+/// One request's work, in its own allocation: it owns the socket and the
+/// read buffer while it runs and gives them back.
+type Busy<I> = Pin<Box<dyn Future<Output = (I, BytesMut, Next)> + Send>>;
+
+/// Where a connection is.
+enum Phase<I> {
+    /// Waiting for the next request, nothing buffered.
+    Idle(I),
+    Busy(Busy<I>),
+    /// Closing its side after a last response.
+    Closing(I),
+    Done,
 }
 
-impl<C: Future<Output = Next>, E: Future<Output = ()>> Future for Cycle<'_, C, E> {
-    type Output = Next;
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Next> {
-        let this = &mut *self;
+pin_project_lite::pin_project! {
+    /// The future of [`serve`].
+    #[project = ServeProj]
+    pub struct Serve<I, S, R, C, E> {
+        #[pin]
+        ended: E,
+        ending: bool,
+        phase: Phase<I>,
+        limits: Limits,
+        svc: S,
+        hooks: Hooks<R, C>,
+    }
+}
+
+impl<I, S, R, C, E> std::fmt::Debug for Serve<I, S, R, C, E> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Serve")
+            .field("ending", &self.ending)
+            .finish()
+    }
+}
+
+impl<I, S, F, B, R, C, E> Future for Serve<I, S, R, C, E>
+where
+    I: AsyncRead + AsyncWrite + Readiness + Unpin + Send + 'static,
+    S: Fn(Request<RecvBody>) -> F + Clone + Send + 'static,
+    F: Future<Output = Response<B>> + Send + 'static,
+    B: http_body::Body<Data = Bytes> + Unpin + Send + 'static,
+    B::Error: std::fmt::Display,
+    R: Fn(&'static str) -> Response<B> + Clone + Send + 'static,
+    C: Fn(Closed),
+    E: Future<Output = ()>,
+{
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let mut this = self.project();
         if !*this.ending && this.ended.as_mut().poll(cx).is_ready() {
             *this.ending = true;
         }
-        this.cycle.as_mut().poll(cx)
+        loop {
+            match std::mem::replace(this.phase, Phase::Done) {
+                Phase::Idle(io) => {
+                    if *this.ending {
+                        *this.phase = Phase::Closing(io);
+                        continue;
+                    }
+                    match io.poll_read_ready(cx) {
+                        Poll::Pending => {
+                            *this.phase = Phase::Idle(io);
+                            return Poll::Pending;
+                        }
+                        Poll::Ready(Err(_)) => return Poll::Ready(()),
+                        Poll::Ready(Ok(())) => {
+                            *this.phase = Phase::Busy(start(
+                                io,
+                                BytesMut::new(),
+                                *this.limits,
+                                this.svc,
+                                &this.hooks.ambiguous,
+                                *this.ending,
+                            ));
+                        }
+                    }
+                }
+                Phase::Busy(mut busy) => {
+                    let Poll::Ready((io, buf, next)) = busy.as_mut().poll(cx) else {
+                        *this.phase = Phase::Busy(busy);
+                        return Poll::Pending;
+                    };
+                    match next {
+                        Next::KeepAlive if !*this.ending => {
+                            // Pipelined bytes start the next request now.
+                            *this.phase = if buf.is_empty() {
+                                Phase::Idle(io)
+                            } else {
+                                Phase::Busy(start(
+                                    io,
+                                    buf,
+                                    *this.limits,
+                                    this.svc,
+                                    &this.hooks.ambiguous,
+                                    false,
+                                ))
+                            };
+                        }
+                        Next::KeepAlive | Next::Close => *this.phase = Phase::Closing(io),
+                        Next::Refused(why) => {
+                            (this.hooks.closed)(why);
+                            *this.phase = Phase::Closing(io);
+                        }
+                        Next::Drop => return Poll::Ready(()),
+                        Next::Upgrade(to) => {
+                            let _ = to.send(Box::new(Prefixed::new(buf.freeze(), io)));
+                            return Poll::Ready(());
+                        }
+                    }
+                }
+                Phase::Closing(mut io) => {
+                    if Pin::new(&mut io).poll_shutdown(cx).is_pending() {
+                        *this.phase = Phase::Closing(io);
+                        return Poll::Pending;
+                    }
+                    return Poll::Ready(());
+                }
+                Phase::Done => return Poll::Ready(()),
+            }
+        }
     }
+}
+
+/// A request's cycle on `io`, `buf` holding what was read ahead.
+fn start<I, S, F, B, R>(
+    mut io: I,
+    mut buf: BytesMut,
+    limits: Limits,
+    svc: &S,
+    ambiguous: &R,
+    ending: bool,
+) -> Busy<I>
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: Fn(Request<RecvBody>) -> F + Clone + Send + 'static,
+    F: Future<Output = Response<B>> + Send + 'static,
+    B: http_body::Body<Data = Bytes> + Unpin + Send + 'static,
+    B::Error: std::fmt::Display,
+    R: Fn(&'static str) -> Response<B> + Clone + Send + 'static,
+{
+    let (svc, ambiguous) = (svc.clone(), ambiguous.clone());
+    Box::pin(async move {
+        let next = cycle(&mut io, &mut buf, limits, svc, ambiguous, ending).await;
+        (io, buf, next)
+    })
 }
 
 /// How a cycle left the connection.
@@ -244,8 +337,8 @@ async fn cycle<I, S, F, B, R>(
     io: &mut I,
     buf: &mut BytesMut,
     limits: Limits,
-    svc: &S,
-    ambiguous_answer: &R,
+    svc: S,
+    ambiguous_answer: R,
     ending: bool,
 ) -> Next
 where

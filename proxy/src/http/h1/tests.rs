@@ -250,7 +250,7 @@ async fn a_client_that_closes_its_side_cancels_its_request() {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
     let (dropped_tx, dropped_rx) = oneshot::channel::<()>();
-    let dropped_tx = std::sync::Mutex::new(Some(dropped_tx));
+    let dropped_tx = std::sync::Arc::new(std::sync::Mutex::new(Some(dropped_tx)));
     tokio::spawn(async move {
         let (io, _) = listener.accept().await.expect("accept");
         let svc = move |_req: Request<RecvBody>| {

@@ -30,6 +30,7 @@ use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use tokio::io::{AsyncRead, AsyncWrite};
+use tokio_util::either::Either;
 
 use crate::accesslog::{Deferred, Logged, REQUEST_ID_HEADER, Sent, new_request_id};
 use crate::http::h1::Readiness;
@@ -49,8 +50,10 @@ use crate::trace::{Kind, Pending, Value, ending};
 use endpoint::{Ctx, SeriesKey};
 use retry::send;
 
-/// Serves HTTP on a captured client connection.
-pub async fn serve<I>(
+/// Serves HTTP on a captured client connection. A plain function: the
+/// connection's task holds the returned future alone, not it beside this
+/// function's arguments (docs/performance.md, idle connections).
+pub fn serve<I>(
     state: Arc<State>,
     snap: Arc<Snapshot>,
     target: ServiceRef,
@@ -58,7 +61,8 @@ pub async fn serve<I>(
     client: SocketAddr,
     version: Version,
     io: I,
-) where
+) -> impl std::future::Future<Output = ()> + Send
+where
     I: AsyncRead + AsyncWrite + Readiness + Unpin + Send + 'static,
 {
     let ctx = Arc::new(Ctx {
@@ -80,16 +84,33 @@ pub async fn serve<I>(
             handle(&ctx, &snap, target, req, started, NoRoute::Service).await
         }
     };
-    serve_app(
-        io,
-        version,
-        Direction::Outbound,
-        state.settings.head_limits(),
-        &state.metrics,
-        svc,
-        state.shutdown_started(),
-    )
-    .await;
+    let limits = state.settings.head_limits();
+    match version {
+        Version::Http1 => {
+            let ended = {
+                let state = state.clone();
+                async move { state.shutdown_started().await }
+            };
+            let refused = move |step| state.metrics.error(Direction::Outbound, step);
+            Either::Left(serve_app(io, limits, svc, ended, refused))
+        }
+        Version::Http2 => Either::Right(Box::pin(async move {
+            let svc = service_fn(move |req: Request<Incoming>| {
+                let fut = svc(req.map(ReqBody::Hyper));
+                async move { Ok::<_, Infallible>(fut.await) }
+            });
+            serve_connection(
+                io,
+                version,
+                Direction::Outbound,
+                limits,
+                &state.metrics,
+                svc,
+                state.shutdown_started(),
+            )
+            .await;
+        })),
+    }
 }
 
 /// Serves HTTP on a connection of an ingress gateway listener on `port`
