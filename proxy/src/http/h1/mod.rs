@@ -32,6 +32,7 @@ mod head;
 use std::future::{Future, poll_fn};
 use std::io;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
@@ -164,7 +165,7 @@ where
 {
     Serve {
         ended,
-        ending: false,
+        ending: Arc::new(AtomicBool::new(false)),
         phase: Phase::Idle(io),
         limits,
         svc,
@@ -192,7 +193,9 @@ pin_project_lite::pin_project! {
     pub struct Serve<I, S, R, C, E> {
         #[pin]
         ended: E,
-        ending: bool,
+        // Shared with the request in flight: its response says
+        // `connection: close` once the end has begun.
+        ending: Arc<AtomicBool>,
         phase: Phase<I>,
         limits: Limits,
         svc: S,
@@ -203,7 +206,7 @@ pin_project_lite::pin_project! {
 impl<I, S, R, C, E> std::fmt::Debug for Serve<I, S, R, C, E> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Serve")
-            .field("ending", &self.ending)
+            .field("ending", &self.ending.load(Ordering::Relaxed))
             .finish()
     }
 }
@@ -223,13 +226,15 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
         let mut this = self.project();
-        if !*this.ending && this.ended.as_mut().poll(cx).is_ready() {
-            *this.ending = true;
-        }
+        let ending = this.ending.load(Ordering::Relaxed)
+            || (this.ended.as_mut().poll(cx).is_ready() && {
+                this.ending.store(true, Ordering::Relaxed);
+                true
+            });
         loop {
             match std::mem::replace(this.phase, Phase::Done) {
                 Phase::Idle(io) => {
-                    if *this.ending {
+                    if ending {
                         *this.phase = Phase::Closing(io);
                         continue;
                     }
@@ -246,7 +251,7 @@ where
                                 *this.limits,
                                 this.svc,
                                 &this.hooks.ambiguous,
-                                *this.ending,
+                                this.ending,
                             ));
                         }
                     }
@@ -257,7 +262,7 @@ where
                         return Poll::Pending;
                     };
                     match next {
-                        Next::KeepAlive if !*this.ending => {
+                        Next::KeepAlive if !this.ending.load(Ordering::Relaxed) => {
                             // Pipelined bytes start the next request now.
                             *this.phase = if buf.is_empty() {
                                 Phase::Idle(io)
@@ -268,7 +273,7 @@ where
                                     *this.limits,
                                     this.svc,
                                     &this.hooks.ambiguous,
-                                    false,
+                                    this.ending,
                                 ))
                             };
                         }
@@ -304,7 +309,7 @@ fn start<I, S, F, B, R>(
     limits: Limits,
     svc: &S,
     ambiguous: &R,
-    ending: bool,
+    ending: &Arc<AtomicBool>,
 ) -> Busy<I>
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -314,9 +319,9 @@ where
     B::Error: std::fmt::Display,
     R: Fn(&'static str) -> Response<B> + Clone + Send + 'static,
 {
-    let (svc, ambiguous) = (svc.clone(), ambiguous.clone());
+    let (svc, ambiguous, ending) = (svc.clone(), ambiguous.clone(), ending.clone());
     Box::pin(async move {
-        let next = cycle(&mut io, &mut buf, limits, svc, ambiguous, ending).await;
+        let next = cycle(&mut io, &mut buf, limits, svc, ambiguous, &ending).await;
         (io, buf, next)
     })
 }
@@ -339,7 +344,7 @@ async fn cycle<I, S, F, B, R>(
     limits: Limits,
     svc: S,
     ambiguous_answer: R,
-    ending: bool,
+    ending: &AtomicBool,
 ) -> Next
 where
     I: AsyncRead + AsyncWrite + Unpin,
@@ -384,7 +389,7 @@ where
         head: request.method() == Method::HEAD,
         connect: request.method() == Method::CONNECT,
         http10: request.version() == http::Version::HTTP_10,
-        keep_alive: keep_alive && !ending,
+        keep_alive,
     };
     if ambiguous {
         let resp = ambiguous_answer(
@@ -430,7 +435,14 @@ where
             tracing::debug!("a 101 response to a request that asked for no upgrade");
             Next::Drop
         }
-        (false, _) => ex.respond(io, buf, resp, asked, true).await,
+        (false, _) => {
+            // The end may have begun while the service worked.
+            let asked = Asked {
+                keep_alive: asked.keep_alive && !ending.load(Ordering::Relaxed),
+                ..asked
+            };
+            ex.respond(io, buf, resp, asked, true).await
+        }
     }
 }
 

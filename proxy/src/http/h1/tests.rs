@@ -392,6 +392,24 @@ async fn ending_closes_an_idle_connection_and_lets_a_request_in_flight_finish() 
     // The request finishes; then the connection closes.
     let rest = read_to_end(&mut c).await;
     assert_eq!(rest, "cd");
+
+    // A request whose response comes after the end began is told the
+    // connection closes.
+    let (end_tx, end_rx) = oneshot::channel::<()>();
+    let (mut c, _server, _) = connect_with(async move {
+        let _ = end_rx.await;
+    })
+    .await;
+    c.write_all(b"POST /echo HTTP/1.1\r\nhost: a\r\ncontent-length: 4\r\n\r\nab")
+        .await
+        .expect("write");
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    end_tx.send(()).expect("the server listens");
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    c.write_all(b"cd").await.expect("write");
+    let text = read_to_end(&mut c).await;
+    assert!(text.contains("connection: close\r\n"), "{text}");
+    assert!(text.ends_with("POST /echo abcd "), "{text}");
     tokio::time::timeout(Duration::from_secs(10), server)
         .await
         .expect("the server ends")
