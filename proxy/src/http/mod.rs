@@ -2,7 +2,8 @@
 //! header handling, error responses that name the failed step, connection
 //! pools per endpoint ([`pool`]), request forwarding with upgrades
 //! ([`forward`]), the server side of client connections with their
-//! limits on request heads ([`server`], [`framing`]), and the
+//! limits on request heads ([`server`]: weft's own HTTP/1 server for the
+//! app's connections, [`h1`]; hyper with [`framing`] for the rest), and the
 //! normal form of request paths that inbound authorization decides on
 //! ([`path`]).
 

@@ -1,8 +1,9 @@
 //! The server side of client connections, for both directions: hyper
 //! serving one connection, with weft's limits on request heads and the
-//! refusal of ambiguous framing ([`super::framing`]), until the client
-//! closes it or the caller's `ended` resolves (shutdown, a revocation), when
-//! in-flight requests finish and keep-alive ends.
+//! refusal of ambiguous framing ([`super::framing`]), or, for the app's
+//! plaintext HTTP/1 connections, weft's own server ([`super::h1`]), until
+//! the client closes it or the caller's `ended` resolves (shutdown, a
+//! revocation), when in-flight requests finish and keep-alive ends.
 //!
 //! In: an accepted (possibly decrypted) connection and the listener's
 //! request service. Out: each request to that service; refused heads

@@ -224,8 +224,11 @@ fn chunk_size(line: &[u8]) -> Result<u64, BodyError> {
 /// The trailer fields of `section` (ending with the empty line).
 fn trailers(section: &Bytes) -> Result<HeaderMap, BodyError> {
     let mut fields = [httparse::EMPTY_HEADER; MAX_TRAILERS];
+    // The whole section, CRLF line ends included: httparse also takes bare
+    // LFs, and a section it ends earlier than the CRLF CRLF searched for
+    // would swallow what follows it (a pipelined request).
     let parsed = match httparse::parse_headers(section, &mut fields) {
-        Ok(httparse::Status::Complete((_, parsed))) => parsed,
+        Ok(httparse::Status::Complete((consumed, parsed))) if consumed == section.len() => parsed,
         _ => return Err(BodyError::Trailers),
     };
     let mut map = HeaderMap::with_capacity(parsed.len());
@@ -245,6 +248,9 @@ struct Pipe {
     frame: Option<Result<Frame<Bytes>, BoxError>>,
     /// The connection will send no more frames.
     ended: bool,
+    /// Why the body ended before its end, for the consumer once it has
+    /// taken the frame in the slot.
+    failed: Option<BoxError>,
     /// The consumer dropped the body.
     gone: bool,
     /// The consumer asked for a frame since the last one was sent.
@@ -332,6 +338,14 @@ impl http_body::Body for RecvBody {
             return Poll::Ready(Some(frame));
         }
         if p.ended {
+            if let Some(e) = p.failed.take() {
+                return Poll::Ready(Some(Err(e)));
+            }
+            if this.left.is_some_and(|n| n > 0) {
+                // Ended short of its Content-Length: never a clean end.
+                this.left = Some(0);
+                return Poll::Ready(Some(Err(BodyError::Incomplete.into())));
+            }
             return Poll::Ready(None);
         }
         if !p.wanted {
@@ -352,7 +366,7 @@ impl http_body::Body for RecvBody {
             Some(_) if self.left == Some(0) => true,
             Some(s) => {
                 let p = lock(s);
-                p.ended && p.frame.is_none()
+                p.ended && p.frame.is_none() && p.failed.is_none()
             }
         }
     }
@@ -409,14 +423,26 @@ impl Sender {
     }
 
     /// Puts a frame in the free slot.
-    pub(super) fn send(&self, frame: Result<Frame<Bytes>, BoxError>) {
+    pub(super) fn send(&self, frame: Frame<Bytes>) {
         let mut p = lock(&self.shared);
         if p.gone {
             return;
         }
-        let last = frame.is_err();
-        p.frame = Some(frame);
-        p.ended |= last;
+        p.frame = Some(Ok(frame));
+        if let Some(w) = p.consumer.take() {
+            w.wake();
+        }
+    }
+
+    /// The body cannot be read to its end: the consumer sees `error` after
+    /// the frame in the slot, if any, and no clean end.
+    pub(super) fn fail(&self, error: BoxError) {
+        let mut p = lock(&self.shared);
+        if p.ended {
+            return;
+        }
+        p.ended = true;
+        p.failed = Some(error);
         if let Some(w) = p.consumer.take() {
             w.wake();
         }
@@ -436,16 +462,7 @@ impl Drop for Sender {
     fn drop(&mut self) {
         // Dropped before the body ended (the connection closed or the
         // exchange was abandoned): the consumer sees an error, not an end.
-        let mut p = lock(&self.shared);
-        if !p.ended {
-            p.ended = true;
-            if p.frame.is_none() {
-                p.frame = Some(Err(BodyError::Incomplete.into()));
-            }
-            if let Some(w) = p.consumer.take() {
-                w.wake();
-            }
-        }
+        self.fail(BodyError::Incomplete.into());
     }
 }
 
@@ -522,6 +539,28 @@ mod tests {
     }
 
     #[test]
+    fn a_trailer_section_with_a_bare_lf_is_refused_not_stretched_over_the_next_request() {
+        let wire = b"0\r\n\nGET /b HTTP/1.1\r\nhost: a\r\n\r\n";
+        let mut d = Decoder::new(Framing::Chunked);
+        let mut buf = BytesMut::from(&wire[..]);
+        assert!(matches!(d.decode(&mut buf, 1024), Err(BodyError::Trailers)));
+    }
+
+    #[test]
+    fn a_body_cut_after_a_frame_ends_in_an_error_not_a_clean_end() {
+        use http_body_util::BodyExt as _;
+        let (body, tx) = pipe(Framing::Chunked);
+        let tx = tx.expect("a sender");
+        tx.send(Frame::data(Bytes::from_static(b"ab")));
+        drop(tx);
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("runtime");
+        let err = rt.block_on(body.collect()).expect_err("cut short");
+        assert!(err.to_string().contains("before the body ended"), "{err}");
+    }
+
+    #[test]
     fn oversized_trailers_are_refused() {
         let mut wire = b"0\r\n".to_vec();
         for i in 0..100 {
@@ -552,7 +591,7 @@ mod tests {
                 .is_pending()
         );
         assert_eq!(tx.poll_ready(&mut cx, true), Poll::Ready(Ready::Free));
-        tx.send(Ok(Frame::data(Bytes::from_static(b"ab"))));
+        tx.send(Frame::data(Bytes::from_static(b"ab")));
         assert!(
             tx.poll_ready(&mut cx, false).is_pending(),
             "the slot is full"

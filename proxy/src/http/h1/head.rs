@@ -41,6 +41,8 @@ pub(super) struct Head {
     pub expect_continue: bool,
     /// `CONNECT`, or `Upgrade` on HTTP/1.1.
     pub upgrade: bool,
+    /// `TE: trailers`: the client takes trailer fields.
+    pub te_trailers: bool,
 }
 
 /// Where one field of the head lies in the buffer.
@@ -110,6 +112,7 @@ pub(super) fn parse(buf: &mut BytesMut, max_head: usize) -> Result<Option<Head>,
     let mut keep_alive = http11;
     let mut close = false;
     let mut expect_continue = false;
+    let mut te_trailers = false;
     let mut upgrade = method == Method::CONNECT;
     let (mut te, mut te_chunked, mut cl) = (false, false, None::<u64>);
     for f in &fields[..count] {
@@ -147,6 +150,7 @@ pub(super) fn parse(buf: &mut BytesMut, max_head: usize) -> Result<Option<Head>,
                 expect_continue = value.as_bytes().eq_ignore_ascii_case(b"100-continue");
             }
             header::UPGRADE => upgrade = http11,
+            header::TE => te_trailers |= has_token(&value, "trailers"),
             _ => {}
         }
         headers.append(name, value);
@@ -171,13 +175,17 @@ pub(super) fn parse(buf: &mut BytesMut, max_head: usize) -> Result<Option<Head>,
         Version::HTTP_10
     };
     *request.headers_mut() = headers;
+    // An expectation is for a body: none, or an HTTP/1.0 client, and it is
+    // ignored (RFC 9110 §10.1.1).
+    let has_body = !matches!(framing, Framing::Empty | Framing::Length(0));
     Ok(Some(Head {
         request,
         framing,
         ambiguous,
         keep_alive: keep_alive && !ambiguous,
-        expect_continue,
+        expect_continue: expect_continue && has_body && http11,
         upgrade,
+        te_trailers,
     }))
 }
 
@@ -234,6 +242,8 @@ pub(super) struct Asked {
     pub connect: bool,
     pub http10: bool,
     pub keep_alive: bool,
+    /// The client takes trailer fields (`TE: trailers`).
+    pub trailers: bool,
 }
 
 /// The encoded response head's consequences.
@@ -322,6 +332,7 @@ pub(super) fn encode(
             && may_have_length
             && !asked.head
             && !informational
+            && status != StatusCode::NOT_MODIFIED
         {
             put_length(dst, 0);
         }
@@ -353,7 +364,7 @@ pub(super) fn encode(
     Encoded {
         out,
         keep_alive,
-        trailers: trailers.filter(|_| out == Out::Chunked),
+        trailers: trailers.filter(|_| out == Out::Chunked && asked.trailers),
     }
 }
 
@@ -420,6 +431,7 @@ pub(super) fn refusal(status: StatusCode, dst: &mut BytesMut) {
         connect: false,
         http10: false,
         keep_alive: false,
+        trailers: false,
     };
     encode(status, &HeaderMap::new(), Some(0), asked, dst);
 }
@@ -528,6 +540,7 @@ mod tests {
             connect: false,
             http10: false,
             keep_alive: true,
+            trailers: true,
         }
     }
 
@@ -621,6 +634,44 @@ mod tests {
             },
         );
         assert!(s.contains("connection: close\r\n"), "{s}");
+    }
+
+    #[test]
+    fn expect_counts_only_for_an_http11_body_and_304_gets_no_implicit_length() {
+        for (wire, expect) in [
+            ("GET / HTTP/1.1\r\nExpect: 100-continue\r\n\r\n", false),
+            (
+                "PUT / HTTP/1.0\r\nExpect: 100-continue\r\nContent-Length: 1\r\n\r\n",
+                false,
+            ),
+            (
+                "PUT / HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 1\r\n\r\n",
+                true,
+            ),
+        ] {
+            let h = parse_str(wire).expect("valid").expect("complete");
+            assert_eq!(h.expect_continue, expect, "{wire}");
+        }
+        let (s, _) = encode_str(304, &[], Some(0), asked());
+        assert!(!s.contains("content-length"), "{s}");
+    }
+
+    #[test]
+    fn trailers_go_only_to_a_client_that_takes_them() {
+        let h = parse_str("GET / HTTP/1.1\r\nTE: trailers\r\n\r\n")
+            .expect("valid")
+            .expect("complete");
+        assert!(h.te_trailers);
+        let (_, e) = encode_str(
+            200,
+            &[("trailer", "x-sum")],
+            None,
+            Asked {
+                trailers: false,
+                ..asked()
+            },
+        );
+        assert!(e.trailers.is_none());
     }
 
     #[test]

@@ -50,6 +50,12 @@ use head::{Asked, Out, Refused};
 
 /// Bytes reserved for reading a head (and what follows it).
 const READ_SIZE: usize = 8 * 1024;
+/// Bytes of an unread request body read and dropped to keep the
+/// connection for the next request; a longer rest closes it.
+const DRAIN_LIMIT: usize = 64 * 1024;
+/// Response bytes gathered but not yet written past which the response
+/// body is not polled until they are (a slow client slows the upstream).
+const HIGH_WATER: usize = 64 * 1024;
 /// Response body data at least this large is written from its own buffer
 /// rather than copied next to the framing.
 const COPY_LIMIT: usize = 4 * 1024;
@@ -263,8 +269,10 @@ where
                     };
                     match next {
                         Next::KeepAlive if !this.ending.load(Ordering::Relaxed) => {
-                            // Pipelined bytes start the next request now.
-                            *this.phase = if buf.is_empty() {
+                            // Pipelined bytes start the next request now;
+                            // empty lines between requests are no request.
+                            let blank = buf.iter().all(|&b| b == b'\r' || b == b'\n');
+                            *this.phase = if blank {
                                 Phase::Idle(io)
                             } else {
                                 Phase::Busy(start(
@@ -354,7 +362,7 @@ where
     B::Error: std::fmt::Display,
     R: Fn(&'static str) -> Response<B>,
 {
-    let head = match read_head(io, buf, limits).await {
+    let head = match read_head(io, buf, limits, ending).await {
         Ok(Some(h)) => h,
         Ok(None) => return Next::Close,
         Err(HeadFailed::Refused(r)) => {
@@ -384,12 +392,14 @@ where
         keep_alive,
         expect_continue,
         upgrade,
+        te_trailers,
     } = head;
     let asked = Asked {
         head: request.method() == Method::HEAD,
         connect: request.method() == Method::CONNECT,
         http10: request.version() == http::Version::HTTP_10,
         keep_alive,
+        trailers: te_trailers,
     };
     if ambiguous {
         let resp = ambiguous_answer(
@@ -422,9 +432,20 @@ where
         || (asked.connect && resp.status().is_success());
     match (tunnel, upgrade) {
         (true, Some(to)) => {
-            let mut out = BytesMut::new();
-            head::encode(resp.status(), resp.headers(), None, asked, &mut out);
-            if io.write_all(&out).await.is_err() || io.flush().await.is_err() {
+            if !ex.body_done {
+                // The request's body bytes would reach the tunnel as its
+                // first bytes.
+                tracing::debug!("an upgrade answered before its request body was read");
+                return Next::Drop;
+            }
+            head::encode(
+                resp.status(),
+                resp.headers(),
+                None,
+                asked,
+                &mut ex.out.staging,
+            );
+            if poll_fn(|cx| ex.out.poll_flush(io, cx)).await.is_err() {
                 return Next::Drop;
             }
             Next::Upgrade(to)
@@ -453,15 +474,23 @@ enum HeadFailed {
 }
 
 /// Reads until `buf` holds a whole head. `Ok(None)`: the client closed
-/// the connection before a head began.
+/// the connection before a head began, or the connection's end began
+/// while no head had (empty lines between requests are no head, as RFC
+/// 9112 §2.2 lets a server skip them).
 async fn read_head<I: AsyncRead + Unpin>(
     io: &mut I,
     buf: &mut BytesMut,
     limits: Limits,
+    ending: &AtomicBool,
 ) -> Result<Option<head::Head>, HeadFailed> {
     // The timeout runs from the head's first byte.
     let mut deadline = None;
     loop {
+        let blank = buf
+            .iter()
+            .take_while(|&&b| b == b'\r' || b == b'\n')
+            .count();
+        buf.advance(blank);
         if !buf.is_empty() {
             if let Some(h) =
                 head::parse(buf, limits.max_header_bytes).map_err(HeadFailed::Refused)?
@@ -475,7 +504,12 @@ async fn read_head<I: AsyncRead + Unpin>(
             }
         }
         buf.reserve(READ_SIZE);
-        let read = poll_fn(|cx| tokio_util::io::poll_read_buf(Pin::new(&mut *io), cx, buf));
+        let read = poll_fn(|cx| {
+            if buf.is_empty() && ending.load(Ordering::Relaxed) {
+                return Poll::Ready(Ok(0));
+            }
+            tokio_util::io::poll_read_buf(Pin::new(&mut *io), cx, buf)
+        });
         let n = match deadline {
             Some(d) => match tokio::time::timeout_at(d, read).await {
                 Ok(r) => r,
@@ -484,7 +518,7 @@ async fn read_head<I: AsyncRead + Unpin>(
             None => read.await,
         };
         match n {
-            Ok(0) if buf.iter().all(|&b| b == b'\r' || b == b'\n') => return Ok(None),
+            Ok(0) if buf.is_empty() => return Ok(None),
             Ok(0) => return Err(HeadFailed::Io),
             Ok(_) => {}
             Err(_) => return Err(HeadFailed::Io),
@@ -520,6 +554,10 @@ impl Outbox {
 
     fn is_empty(&self) -> bool {
         self.staging.is_empty() && self.queue.is_empty()
+    }
+
+    fn len(&self) -> usize {
+        self.staging.len() + self.queue.iter().map(Bytes::len).sum::<usize>()
     }
 
     /// Writes everything out.
@@ -578,6 +616,9 @@ struct Exchange {
     out: Outbox,
     /// The request body was read to its end.
     body_done: bool,
+    /// Its consumer dropped it unread: the rest is being read and dropped.
+    draining: bool,
+    drained: usize,
     /// The request body failed or was abandoned by its consumer before
     /// its end: the connection cannot carry another request.
     body_broken: bool,
@@ -600,6 +641,8 @@ impl Exchange {
             limits,
             out: Outbox::default(),
             body_done,
+            draining: false,
+            drained: 0,
             body_broken: false,
             eof: false,
         }
@@ -615,6 +658,9 @@ impl Exchange {
         buf: &mut BytesMut,
         cx: &mut Context<'_>,
     ) -> Result<(), ()> {
+        if self.draining {
+            return self.poll_drain(io, buf, cx);
+        }
         let Some(sender) = &self.sender else {
             return self.poll_eof(io, buf, cx);
         };
@@ -622,9 +668,13 @@ impl Exchange {
             match sender.poll_ready(cx, self.expect_continue) {
                 Poll::Pending => return Ok(()),
                 Poll::Ready(Ready::Gone) => {
+                    // Unread: what is left of it is read and dropped (up
+                    // to a bound), so the connection can carry the next
+                    // request.
                     self.sender = None;
-                    self.body_broken = !self.decoder.is_done();
-                    return Ok(());
+                    self.draining = !self.decoder.is_done();
+                    self.body_done = self.decoder.is_done();
+                    return self.poll_read_side(io, buf, cx);
                 }
                 Poll::Ready(Ready::Free) => {}
             }
@@ -635,8 +685,8 @@ impl Exchange {
                 }
             }
             match self.decoder.decode(buf, self.limits.max_header_bytes) {
-                Ok(Decoded::Data(d)) => sender.send(Ok(Frame::data(d))),
-                Ok(Decoded::Trailers(t)) => sender.send(Ok(Frame::trailers(t))),
+                Ok(Decoded::Data(d)) => sender.send(Frame::data(d)),
+                Ok(Decoded::Trailers(t)) => sender.send(Frame::trailers(t)),
                 Ok(Decoded::End) => self.decoder = Decoder::Done,
                 Ok(Decoded::More) => {
                     buf.reserve(READ_SIZE);
@@ -672,9 +722,56 @@ impl Exchange {
         }
     }
 
+    /// Reads and drops the rest of a body nobody reads, up to
+    /// [`DRAIN_LIMIT`] bytes; past them the connection closes after the
+    /// response.
+    fn poll_drain<I: AsyncRead + Unpin>(
+        &mut self,
+        io: &mut I,
+        buf: &mut BytesMut,
+        cx: &mut Context<'_>,
+    ) -> Result<(), ()> {
+        loop {
+            match self.decoder.decode(buf, self.limits.max_header_bytes) {
+                Ok(Decoded::Data(d)) => self.drained += d.len(),
+                Ok(Decoded::Trailers(_)) => {}
+                Ok(Decoded::End) => self.decoder = Decoder::Done,
+                Ok(Decoded::More) if self.drained >= DRAIN_LIMIT => {
+                    self.draining = false;
+                    self.body_broken = true;
+                    return Ok(());
+                }
+                Ok(Decoded::More) => {
+                    buf.reserve(READ_SIZE);
+                    match tokio_util::io::poll_read_buf(Pin::new(&mut *io), cx, buf) {
+                        Poll::Pending => return Ok(()),
+                        Poll::Ready(Ok(0)) => {
+                            self.eof = true;
+                            self.draining = false;
+                            self.body_broken = true;
+                            return Err(());
+                        }
+                        Poll::Ready(Ok(_)) => {}
+                        Poll::Ready(Err(_)) => return Err(()),
+                    }
+                }
+                Err(_) => {
+                    self.draining = false;
+                    self.body_broken = true;
+                    return Ok(());
+                }
+            }
+            if self.decoder.is_done() {
+                self.draining = false;
+                self.body_done = true;
+                return Ok(());
+            }
+        }
+    }
+
     fn fail_body(&mut self, e: BodyError) {
         if let Some(s) = self.sender.take() {
-            s.send(Err(e.into()));
+            s.fail(e.into());
         }
         self.body_broken = true;
     }
@@ -754,6 +851,9 @@ impl Exchange {
             return Next::Close;
         }
         let mut asked = asked;
+        if self.body_broken {
+            asked.keep_alive = false;
+        }
         if self.expect_continue {
             // Answered before its body was asked for: the client will not
             // send it, and the connection cannot tell whether it did.
@@ -818,6 +918,9 @@ where
         cx: &mut Context<'_>,
     ) -> Poll<Result<(), ()>> {
         loop {
+            if out.len() >= HIGH_WATER {
+                ready!(out.poll_flush(io, cx)).map_err(|_| ())?;
+            }
             let Some(body) = self.body.as_mut() else {
                 return out.poll_flush(io, cx).map_err(|_| ());
             };
@@ -831,6 +934,10 @@ where
                         Err(f) => f,
                     };
                     if let Ok(t) = frame.into_trailers() {
+                        if let Out::Length(left @ 1..) = self.out {
+                            tracing::debug!(left, "response body shorter than its length");
+                            return Poll::Ready(Err(()));
+                        }
                         if self.out == Out::Chunked {
                             head::encode_trailers(
                                 &t,

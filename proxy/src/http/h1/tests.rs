@@ -18,6 +18,9 @@ fn full(b: impl Into<Bytes>) -> TestBody {
     Full::new(b.into()).map_err(|e| match e {}).boxed_unsync()
 }
 
+/// Frames the `/endless` body has produced.
+static ENDLESS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
 const LIMITS: Limits = Limits {
     max_header_bytes: 4096,
     header_read_timeout: Some(Duration::from_secs(5)),
@@ -60,6 +63,25 @@ async fn service(mut req: Request<RecvBody>) -> Response<TestBody> {
             r.headers_mut()
                 .insert("connection", http::HeaderValue::from_static("upgrade"));
             r
+        }
+        // Declares 10 bytes, sends 5 and then trailers.
+        "/short" => {
+            let frames = futures::stream::iter([
+                Ok::<_, BoxError>(http_body::Frame::data(Bytes::from_static(b"hello"))),
+                Ok(http_body::Frame::trailers(http::HeaderMap::new())),
+            ]);
+            let mut r = Response::new(StreamBody::new(frames).boxed_unsync());
+            r.headers_mut()
+                .insert("content-length", http::HeaderValue::from_static("10"));
+            r
+        }
+        // A body that never ends and is always ready, counted.
+        "/endless" => {
+            let stream = futures::stream::repeat_with(|| {
+                ENDLESS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                Ok::<_, BoxError>(http_body::Frame::data(Bytes::from(vec![b'x'; 16 * 1024])))
+            });
+            Response::new(StreamBody::new(stream).boxed_unsync())
         }
         // A body of unknown length, in two pieces.
         "/stream" => {
@@ -437,4 +459,51 @@ fn an_idle_connection_holds_a_small_future_and_no_buffer() {
         let size = std::mem::size_of_val(&fut);
         assert!(size <= 512, "the idle connection's future is {size} bytes");
     });
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_does_not_read_stops_the_response_body_being_polled() {
+    let (mut c, _server, _) = connect().await;
+    c.write_all(b"GET /endless HTTP/1.1\r\nhost: a\r\n\r\n")
+        .await
+        .expect("write");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let frames = ENDLESS.load(std::sync::atomic::Ordering::Relaxed);
+    // What the socket buffers take (a few MiB on loopback) and the
+    // server's 64 KiB, not the body's endless frames.
+    assert!(
+        frames < 1024,
+        "{frames} frames of 16 KiB polled for a client that reads nothing"
+    );
+    let mut b = [0u8; 64];
+    assert!(
+        c.read(&mut b).await.expect("read") > 0,
+        "the response started"
+    );
+}
+
+#[tokio::test]
+async fn a_response_shorter_than_its_length_closes_the_connection() {
+    let (mut c, _server, _) = connect().await;
+    c.write_all(b"GET /short HTTP/1.1\r\nhost: a\r\n\r\n")
+        .await
+        .expect("write");
+    // Closed (not kept for a next response that would be read as the
+    // rest of this body), with at most the 5 bytes sent.
+    let text = read_to_end(&mut c).await;
+    assert!(text.is_empty() || text.ends_with("\r\n\r\nhello"), "{text}");
+}
+
+#[tokio::test]
+async fn a_body_nobody_read_is_dropped_and_the_connection_serves_the_next_request() {
+    let (mut c, _server, _) = connect().await;
+    c.write_all(
+        b"POST /deny HTTP/1.1\r\nhost: a\r\ncontent-length: 5\r\n\r\nhello\
+          GET /after HTTP/1.1\r\nhost: a\r\n\r\n",
+    )
+    .await
+    .expect("write");
+    let text = read_until(&mut c, "GET /after", 1).await;
+    assert!(text.starts_with("HTTP/1.1 403 Forbidden\r\n"), "{text}");
+    assert!(!text.contains("connection: close"), "{text}");
 }
