@@ -1004,4 +1004,6 @@ where
 }
 
 #[cfg(test)]
+mod prop_tests;
+#[cfg(test)]
 mod tests;
