@@ -1207,6 +1207,61 @@ async fn exchange(s: &mut tokio::net::TcpStream, bytes: &[u8]) -> String {
     String::from_utf8_lossy(&buf).into_owned()
 }
 
+/// Requests an app writes back to back on one connection, with bodies of
+/// both framings, come back answered in order; a request that expects
+/// `100 Continue` gets it before it sends its body. Through both proxies.
+#[tokio::test]
+async fn pipelined_requests_and_expect_continue_cross_the_pair_on_one_app_connection() {
+    let (app, _seen, whole) = counting_app().await;
+    let p = pair(app, Protocol::Detect).await;
+    let mut s = p.client.app_connect(p.dst).await;
+    let text = exchange(
+        &mut s,
+        b"GET /1 HTTP/1.1\r\nhost: echo\r\n\r\n\
+          POST /2 HTTP/1.1\r\nhost: echo\r\ncontent-length: 5\r\n\r\nhello\
+          POST /3 HTTP/1.1\r\nhost: echo\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n4\r\ndefg\r\n0\r\n\r\n\
+          GET /4 HTTP/1.1\r\nhost: echo\r\nconnection: close\r\n\r\n",
+    )
+    .await;
+    let bodies: Vec<&str> = text
+        .match_indices("body-bytes: ")
+        .map(|(i, _)| text[i..].lines().next().unwrap_or(""))
+        .collect();
+    assert_eq!(
+        bodies,
+        [
+            "body-bytes: 0",
+            "body-bytes: 5",
+            "body-bytes: 7",
+            "body-bytes: 0"
+        ],
+        "{text}"
+    );
+    assert_eq!(text.matches("HTTP/1.1 200 OK").count(), 4, "{text}");
+    assert_eq!(whole.load(std::sync::atomic::Ordering::SeqCst), 4);
+
+    let mut s = p.client.app_connect(p.dst).await;
+    s.write_all(
+        b"PUT /5 HTTP/1.1\r\nhost: echo\r\nconnection: close\r\nexpect: 100-continue\r\ncontent-length: 4\r\n\r\n",
+    )
+    .await
+    .expect("write");
+    let mut got = Vec::new();
+    let mut b = [0u8; 256];
+    while !got.ends_with(b"\r\n\r\n") {
+        let n = tokio::time::timeout(LONG, s.read(&mut b))
+            .await
+            .expect("an interim answer in time")
+            .expect("read");
+        assert!(n > 0, "closed before 100 Continue");
+        got.extend_from_slice(&b[..n]);
+    }
+    assert_eq!(got, b"HTTP/1.1 100 Continue\r\n\r\n");
+    let text = exchange(&mut s, b"data").await;
+    assert!(text.starts_with("HTTP/1.1 200 OK\r\n"), "{text}");
+    assert!(text.contains("body-bytes: 4"), "{text}");
+}
+
 /// The client proxy answers a request whose framing two parsers could read
 /// differently with 400 itself: the app never sees it.
 #[tokio::test]
