@@ -213,6 +213,9 @@ pub struct State {
     listening: AtomicBool,
     rr: AtomicUsize,
     shutdown: watch::Sender<bool>,
+    /// The same signal as a token, for futures held per connection
+    /// ([`State::shutdown_owned`]).
+    shutdown_token: tokio_util::sync::CancellationToken,
     published: watch::Sender<u64>,
     drain: Mutex<Option<mpsc::Sender<()>>>,
 }
@@ -280,6 +283,7 @@ impl State {
             listening: AtomicBool::new(false),
             rr: AtomicUsize::new(0),
             shutdown: watch::channel(false).0,
+            shutdown_token: tokio_util::sync::CancellationToken::new(),
             published: watch::channel(0).0,
             drain: Mutex::new(Some(drain_tx)),
         };
@@ -533,6 +537,14 @@ impl State {
         }
     }
 
+    /// Resolves once shutdown has started, owning what it waits on: for
+    /// futures every connection holds for its whole life (about 90 bytes
+    /// against the 200 of [`State::shutdown_started`] and the state it
+    /// borrows).
+    pub fn shutdown_owned(&self) -> tokio_util::sync::WaitForCancellationFutureOwned {
+        self.shutdown_token.clone().cancelled_owned()
+    }
+
     /// A receiver that flips to `true` when shutdown starts.
     pub fn shutdown_signal(&self) -> watch::Receiver<bool> {
         self.shutdown.subscribe()
@@ -541,6 +553,7 @@ impl State {
     /// Starts graceful shutdown.
     pub fn begin_shutdown(&self) {
         self.shutdown.send_replace(true);
+        self.shutdown_token.cancel();
     }
 
     /// A token held by every connection task; shutdown waits for all of

@@ -1159,6 +1159,11 @@ async fn shutdown_stops_accepting_and_lets_in_flight_requests_finish() {
         .expect("in time")
         .expect("task")
         .expect("the in-flight request completes");
+    // Its connection does not stay open for another request.
+    assert_eq!(
+        resp.headers().get("connection").map(|v| v.as_bytes()),
+        Some(&b"close"[..])
+    );
     let (status, _, text) = read_text(resp).await;
     assert_eq!((status, text.as_str()), (StatusCode::OK, "done"));
 }

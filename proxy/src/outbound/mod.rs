@@ -160,7 +160,8 @@ mod tests {
     /// An app may hold thousands of connections to its sidecar open and
     /// idle; each one's task is as large as this future in every state.
     /// What it was: 1,608 bytes (debug build) while it nested `async fn`s
-    /// that each kept their arguments beside what they moved them into.
+    /// that each kept their arguments beside what they moved them into;
+    /// 712 with the shutdown future that borrows the state, 616 now.
     #[tokio::test]
     async fn an_outbound_connection_s_task_stays_small() {
         let dir = tempfile::tempdir().expect("dir");

@@ -437,12 +437,17 @@ impl Sender {
     /// The body cannot be read to its end: the consumer sees `error` after
     /// the frame in the slot, if any, and no clean end.
     pub(super) fn fail(&self, error: BoxError) {
+        self.fail_with(|| error);
+    }
+
+    /// [`Sender::fail`], the error made only if the body had not ended.
+    fn fail_with(&self, error: impl FnOnce() -> BoxError) {
         let mut p = lock(&self.shared);
         if p.ended {
             return;
         }
         p.ended = true;
-        p.failed = Some(error);
+        p.failed = Some(error());
         if let Some(w) = p.consumer.take() {
             w.wake();
         }
@@ -462,7 +467,7 @@ impl Drop for Sender {
     fn drop(&mut self) {
         // Dropped before the body ended (the connection closed or the
         // exchange was abandoned): the consumer sees an error, not an end.
-        self.fail(BodyError::Incomplete.into());
+        self.fail_with(|| BodyError::Incomplete.into());
     }
 }
 

@@ -87,10 +87,7 @@ where
     let limits = state.settings.head_limits();
     match version {
         Version::Http1 => {
-            let ended = {
-                let state = state.clone();
-                async move { state.shutdown_started().await }
-            };
+            let ended = state.shutdown_owned();
             let refused = move |step| state.metrics.error(Direction::Outbound, step);
             Either::Left(serve_app(io, limits, svc, ended, refused))
         }
