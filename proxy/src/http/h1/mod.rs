@@ -134,6 +134,37 @@ pub enum Closed {
     HeaderTimeout,
 }
 
+/// What answers a connection's requests: called once per request, and
+/// cloned into each request's allocation. Any `Fn(Request) -> Future` of
+/// the right kind is one.
+pub trait Service: Clone + Send + 'static {
+    /// The response body.
+    type Body: http_body::Body<Data = Bytes, Error: std::fmt::Display> + Unpin + Send + 'static;
+    type Future: Future<Output = Response<Self::Body>> + Send + 'static;
+    fn call(&self, req: Request<RecvBody>) -> Self::Future;
+}
+
+impl<S, F, B> Service for S
+where
+    S: Fn(Request<RecvBody>) -> F + Clone + Send + 'static,
+    F: Future<Output = Response<B>> + Send + 'static,
+    B: http_body::Body<Data = Bytes, Error: std::fmt::Display> + Unpin + Send + 'static,
+{
+    type Body = B;
+    type Future = F;
+    fn call(&self, req: Request<RecvBody>) -> F {
+        self(req)
+    }
+}
+
+/// The answer to a refused head ([`Hooks::ambiguous`]), given why.
+pub trait Answer<B>: Fn(&'static str) -> Response<B> + Clone + Send + 'static {}
+impl<T, B> Answer<B> for T where T: Fn(&'static str) -> Response<B> + Clone + Send + 'static {}
+
+/// A connection the server can wait on without a buffer.
+pub trait Conn: AsyncRead + AsyncWrite + Readiness + Unpin + Send + 'static {}
+impl<T: AsyncRead + AsyncWrite + Readiness + Unpin + Send + 'static> Conn for T {}
+
 /// What the connection's owner decides besides the requests.
 #[allow(missing_debug_implementations)] // closures
 pub struct Hooks<R, C> {
@@ -152,7 +183,7 @@ pub struct Hooks<R, C> {
 /// `ended` and the hooks, each once: a hand-written future rather than an
 /// `async fn`, which would keep its arguments and the locals they move
 /// into side by side for the connection's whole life.
-pub fn serve<I, S, F, B, R, C, E>(
+pub fn serve<I, S, R, C, E>(
     io: I,
     limits: Limits,
     svc: S,
@@ -160,12 +191,9 @@ pub fn serve<I, S, F, B, R, C, E>(
     hooks: Hooks<R, C>,
 ) -> Serve<I, S, R, C, E>
 where
-    I: AsyncRead + AsyncWrite + Readiness + Unpin + Send + 'static,
-    S: Fn(Request<RecvBody>) -> F + Clone + Send + 'static,
-    F: Future<Output = Response<B>> + Send + 'static,
-    B: http_body::Body<Data = Bytes> + Unpin + Send + 'static,
-    B::Error: std::fmt::Display,
-    R: Fn(&'static str) -> Response<B> + Clone + Send + 'static,
+    I: Conn,
+    S: Service,
+    R: Answer<S::Body>,
     C: Fn(Closed),
     E: Future<Output = ()>,
 {
@@ -217,14 +245,11 @@ impl<I, S, R, C, E> std::fmt::Debug for Serve<I, S, R, C, E> {
     }
 }
 
-impl<I, S, F, B, R, C, E> Future for Serve<I, S, R, C, E>
+impl<I, S, R, C, E> Future for Serve<I, S, R, C, E>
 where
-    I: AsyncRead + AsyncWrite + Readiness + Unpin + Send + 'static,
-    S: Fn(Request<RecvBody>) -> F + Clone + Send + 'static,
-    F: Future<Output = Response<B>> + Send + 'static,
-    B: http_body::Body<Data = Bytes> + Unpin + Send + 'static,
-    B::Error: std::fmt::Display,
-    R: Fn(&'static str) -> Response<B> + Clone + Send + 'static,
+    I: Conn,
+    S: Service,
+    R: Answer<S::Body>,
     C: Fn(Closed),
     E: Future<Output = ()>,
 {
@@ -311,7 +336,7 @@ where
 }
 
 /// A request's cycle on `io`, `buf` holding what was read ahead.
-fn start<I, S, F, B, R>(
+fn start<I, S, R>(
     mut io: I,
     mut buf: BytesMut,
     limits: Limits,
@@ -321,11 +346,8 @@ fn start<I, S, F, B, R>(
 ) -> Busy<I>
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    S: Fn(Request<RecvBody>) -> F + Clone + Send + 'static,
-    F: Future<Output = Response<B>> + Send + 'static,
-    B: http_body::Body<Data = Bytes> + Unpin + Send + 'static,
-    B::Error: std::fmt::Display,
-    R: Fn(&'static str) -> Response<B> + Clone + Send + 'static,
+    S: Service,
+    R: Answer<S::Body>,
 {
     let (svc, ambiguous, ending) = (svc.clone(), ambiguous.clone(), ending.clone());
     Box::pin(async move {
@@ -346,7 +368,7 @@ enum Next {
 }
 
 /// One request: its head read, answered, and its response written.
-async fn cycle<I, S, F, B, R>(
+async fn cycle<I, S, R>(
     io: &mut I,
     buf: &mut BytesMut,
     limits: Limits,
@@ -356,11 +378,8 @@ async fn cycle<I, S, F, B, R>(
 ) -> Next
 where
     I: AsyncRead + AsyncWrite + Unpin,
-    S: Fn(Request<RecvBody>) -> F,
-    F: Future<Output = Response<B>>,
-    B: http_body::Body<Data = Bytes> + Unpin,
-    B::Error: std::fmt::Display,
-    R: Fn(&'static str) -> Response<B>,
+    S: Service,
+    R: Answer<S::Body>,
 {
     let head = match read_head(io, buf, limits, ending).await {
         Ok(Some(h)) => h,
@@ -422,7 +441,7 @@ where
     });
     let mut ex = Exchange::new(sender, Decoder::new(framing), expect_continue, limits);
     let resp = {
-        let mut fut = std::pin::pin!(svc(request));
+        let mut fut = std::pin::pin!(svc.call(request));
         match poll_fn(|cx| ex.poll_until(io, buf, cx, fut.as_mut())).await {
             Some(r) => r,
             None => return Next::Drop,
@@ -838,8 +857,7 @@ impl Exchange {
     ) -> Next
     where
         I: AsyncRead + AsyncWrite + Unpin,
-        B: http_body::Body<Data = Bytes> + Unpin,
-        B::Error: std::fmt::Display,
+        B: http_body::Body<Data = Bytes, Error: std::fmt::Display> + Unpin,
     {
         let (parts, body) = resp.into_parts();
         let status = parts.status;
@@ -907,8 +925,7 @@ struct Writer<B> {
 
 impl<B> Writer<B>
 where
-    B: http_body::Body<Data = Bytes> + Unpin,
-    B::Error: std::fmt::Display,
+    B: http_body::Body<Data = Bytes, Error: std::fmt::Display> + Unpin,
 {
     /// Ready(Ok) once the whole response is written and flushed.
     fn poll<I: AsyncWrite + Unpin>(
