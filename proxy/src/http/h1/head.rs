@@ -461,6 +461,13 @@ mod tests {
     }
 
     #[test]
+    fn a_request_target_over_the_limit_is_refused_as_too_long() {
+        let wire = format!("GET /{} HTTP/1.1\r\n\r\n", "a".repeat(MAX_URI_LEN));
+        let mut buf = BytesMut::from(wire.as_str());
+        assert_eq!(parse(&mut buf, 1 << 20).err(), Some(Refused::UriTooLong));
+    }
+
+    #[test]
     fn an_incomplete_head_waits_and_an_oversized_one_is_refused() {
         assert!(matches!(
             parse_str("GET / HTTP/1.1\r\nHost: x\r\n"),

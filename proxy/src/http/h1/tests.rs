@@ -64,6 +64,12 @@ async fn service(mut req: Request<RecvBody>) -> Response<TestBody> {
                 .insert("connection", http::HeaderValue::from_static("upgrade"));
             r
         }
+        // Switches protocols although nobody asked.
+        "/switch" => {
+            let mut r = Response::new(full(""));
+            *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+            r
+        }
         // Declares 10 bytes, sends 5 and then trailers.
         "/short" => {
             let frames = futures::stream::iter([
@@ -506,4 +512,49 @@ async fn a_body_nobody_read_is_dropped_and_the_connection_serves_the_next_reques
     let text = read_until(&mut c, "GET /after", 1).await;
     assert!(text.starts_with("HTTP/1.1 403 Forbidden\r\n"), "{text}");
     assert!(!text.contains("connection: close"), "{text}");
+}
+
+#[tokio::test]
+async fn a_switch_nobody_asked_for_or_before_the_body_ended_drops_the_connection() {
+    // 101 to a request without Upgrade: nothing this server can frame.
+    let (mut c, _server, _) = connect().await;
+    c.write_all(b"GET /switch HTTP/1.1\r\nhost: a\r\n\r\n")
+        .await
+        .expect("write");
+    assert_eq!(read_to_end(&mut c).await, "");
+    // 101 while 5 of the body's 10 bytes are still to come: they would
+    // reach the tunnel as its first bytes.
+    let (mut c, _server, _) = connect().await;
+    c.write_all(
+        b"POST /upgrade HTTP/1.1\r\nhost: a\r\nconnection: upgrade\r\nupgrade: shout\r\ncontent-length: 10\r\n\r\nhello",
+    )
+    .await
+    .expect("write");
+    assert_eq!(read_to_end(&mut c).await, "");
+}
+
+#[tokio::test]
+async fn an_unread_body_longer_than_the_drain_limit_closes_the_connection() {
+    let (c, _server, _) = connect().await;
+    // Twice the drain limit (64 KiB).
+    let len = 128 * 1024;
+    let mut wire =
+        format!("POST /deny HTTP/1.1\r\nhost: a\r\ncontent-length: {len}\r\n\r\n").into_bytes();
+    wire.extend(std::iter::repeat_n(b'x', len));
+    wire.extend_from_slice(b"GET /after HTTP/1.1\r\nhost: a\r\n\r\n");
+    // Written from a task: the server stops reading once it gives up.
+    let (mut rd, mut wr) = c.into_split();
+    tokio::spawn(async move {
+        let _ = wr.write_all(&wire).await;
+        let _ = wr.shutdown().await;
+    });
+    let mut got = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), rd.read_to_end(&mut got))
+        .await
+        .expect("the server closes in time")
+        .ok();
+    // (The 403 itself may be lost to the reset that closing with unread
+    // bytes causes; what matters is that the next request is not served.)
+    let text = String::from_utf8_lossy(&got);
+    assert!(!text.contains("GET /after"), "{text}");
 }
