@@ -538,9 +538,9 @@ impl State {
     }
 
     /// Resolves once shutdown has started, owning what it waits on: for
-    /// futures every connection holds for its whole life (about 90 bytes
-    /// against the 200 of [`State::shutdown_started`] and the state it
-    /// borrows).
+    /// futures every connection holds for its whole life (72 bytes,
+    /// against 208 for an async block owning the state around
+    /// [`State::shutdown_started`]; debug build).
     pub fn shutdown_owned(&self) -> tokio_util::sync::WaitForCancellationFutureOwned {
         self.shutdown_token.clone().cancelled_owned()
     }
