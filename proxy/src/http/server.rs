@@ -45,11 +45,13 @@ type BoxedResponse<E> =
 
 /// Serves a plaintext HTTP/1 connection of the pod's own apps until it
 /// closes, with weft's own server ([`h1`]: nothing but the socket held
-/// between requests). Limits and refusals as [`serve_connection`]; each
+/// between requests), `read_ahead` the bytes already read from `io`.
+/// Limits and refusals as [`serve_connection`]; each
 /// refusal's step (`header-too-large`, `bad-request`, `header-timeout`)
 /// goes to `refused`, for the errors metric.
 pub fn serve_app<I, S, F, E, M>(
     io: I,
+    read_ahead: bytes::Bytes,
     limits: HeadLimits,
     svc: S,
     ended: E,
@@ -80,7 +82,7 @@ where
         ambiguous: bad_request,
         closed,
     };
-    h1::serve(io, limits, svc, ended, hooks)
+    h1::serve(io, read_ahead, limits, svc, ended, hooks)
 }
 
 /// Serves one client connection with hyper until it closes; on shutdown,

@@ -10,6 +10,7 @@
 //! logic on loopback without iptables: see [`stamp`].
 
 pub mod detect;
+pub mod end;
 pub mod listen;
 pub mod orig_dst;
 #[cfg(any(test, feature = "test-util"))]
@@ -156,6 +157,13 @@ impl<T> Prefixed<T> {
     /// The wrapped stream.
     pub fn get_ref(&self) -> &T {
         &self.inner
+    }
+
+    /// The bytes not yet replayed and the wrapped stream, for a reader of
+    /// its own (an error kept for the next read is dropped: take the parts
+    /// before reading).
+    pub fn into_parts(self) -> (Bytes, T) {
+        (self.prefix, self.inner)
     }
 
     /// Whether the next read returns without touching the wrapped stream

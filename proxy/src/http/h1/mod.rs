@@ -73,15 +73,6 @@ impl Readiness for TcpStream {
     }
 }
 
-impl<T: Readiness> Readiness for Prefixed<T> {
-    fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        if self.has_buffered() {
-            return Poll::Ready(Ok(()));
-        }
-        self.get_ref().poll_read_ready(cx)
-    }
-}
-
 /// A client connection taken over by an upgrade or a CONNECT tunnel: the
 /// socket, after the bytes the server read past the request's head.
 pub type Upgraded = Box<dyn Io>;
@@ -177,7 +168,8 @@ pub struct Hooks<R, C> {
 
 /// Serves HTTP/1 on `io` until the client closes it, `ended` resolves
 /// (in-flight requests finish, keep-alive ends), or a head is refused.
-/// Each request goes to `svc`.
+/// Each request goes to `svc`. `read_ahead`: bytes already read from `io`
+/// (protocol detection's), the start of the first request.
 ///
 /// The connection's future holds, between requests, the socket, `svc`,
 /// `ended` and the hooks, each once: a hand-written future rather than an
@@ -185,6 +177,7 @@ pub struct Hooks<R, C> {
 /// into side by side for the connection's whole life.
 pub fn serve<I, S, R, C, E>(
     io: I,
+    read_ahead: Bytes,
     limits: Limits,
     svc: S,
     ended: E,
@@ -197,13 +190,47 @@ where
     C: Fn(Closed),
     E: Future<Output = ()>,
 {
+    let ending = Arc::new(AtomicBool::new(false));
+    let phase = if read_ahead.is_empty() {
+        Phase::Idle(io)
+    } else {
+        Phase::Busy(start(
+            io,
+            BytesMut::from(read_ahead),
+            limits,
+            &svc,
+            &hooks.ambiguous,
+            &ending,
+        ))
+    };
     Serve {
         ended,
-        ending: Arc::new(AtomicBool::new(false)),
-        phase: Phase::Idle(io),
-        limits,
+        ending,
+        phase,
+        limits: Packed::new(limits),
         svc,
         hooks,
+    }
+}
+
+/// [`Limits`] in the 8 bytes a connection keeps them in between requests
+/// (the head size in bytes, the timeout in milliseconds, 0 for none).
+#[derive(Clone, Copy)]
+struct Packed(u32, u32);
+
+impl Packed {
+    fn new(l: Limits) -> Self {
+        let ms = l.header_read_timeout.map_or(0, |t| {
+            u32::try_from(t.as_millis()).unwrap_or(u32::MAX).max(1)
+        });
+        Packed(u32::try_from(l.max_header_bytes).unwrap_or(u32::MAX), ms)
+    }
+
+    fn limits(self) -> Limits {
+        Limits {
+            max_header_bytes: self.0 as usize,
+            header_read_timeout: (self.1 > 0).then(|| Duration::from_millis(self.1.into())),
+        }
     }
 }
 
@@ -231,7 +258,7 @@ pin_project_lite::pin_project! {
         // `connection: close` once the end has begun.
         ending: Arc<AtomicBool>,
         phase: Phase<I>,
-        limits: Limits,
+        limits: Packed,
         svc: S,
         hooks: Hooks<R, C>,
     }
@@ -279,7 +306,7 @@ where
                             *this.phase = Phase::Busy(start(
                                 io,
                                 BytesMut::new(),
-                                *this.limits,
+                                this.limits.limits(),
                                 this.svc,
                                 &this.hooks.ambiguous,
                                 this.ending,
@@ -303,7 +330,7 @@ where
                                 Phase::Busy(start(
                                     io,
                                     buf,
-                                    *this.limits,
+                                    this.limits.limits(),
                                     this.svc,
                                     &this.hooks.ambiguous,
                                     this.ending,

@@ -134,6 +134,19 @@ async fn connect_with(
     tokio::task::JoinHandle<()>,
     mpsc::UnboundedReceiver<Closed>,
 ) {
+    connect_reading_ahead(ended, Bytes::new()).await
+}
+
+/// As [`connect_with`], the server given `read_ahead` as bytes already
+/// read from the connection (as protocol detection leaves them).
+async fn connect_reading_ahead(
+    ended: impl std::future::Future<Output = ()> + Send + 'static,
+    read_ahead: Bytes,
+) -> (
+    TcpStream,
+    tokio::task::JoinHandle<()>,
+    mpsc::UnboundedReceiver<Closed>,
+) {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
     let (closed_tx, closed_rx) = mpsc::unbounded_channel();
@@ -149,7 +162,7 @@ async fn connect_with(
                 let _ = closed_tx.send(c);
             },
         };
-        serve(io, LIMITS, service, ended, hooks).await;
+        serve(io, read_ahead, LIMITS, service, ended, hooks).await;
     });
     let client = TcpStream::connect(addr).await.expect("connect");
     (client, server, closed_rx)
@@ -209,6 +222,24 @@ async fn pipelined_requests_are_answered_in_order_with_bodies_and_trailers() {
         .expect("third, with its trailer");
     assert!(one < two && two < three, "{text}");
     assert_eq!(text.matches("date: ").count(), 3, "{text}");
+}
+
+/// What protocol detection read is the start of the first request: the
+/// rest of its head comes from the socket, and the connection goes on.
+#[tokio::test]
+async fn bytes_read_ahead_begin_the_first_request() {
+    let (mut c, _server, _) =
+        connect_reading_ahead(std::future::pending(), Bytes::from_static(b"POST /fi")).await;
+    c.write_all(b"rst HTTP/1.1\r\nhost: a\r\ncontent-length: 2\r\n\r\nok")
+        .await
+        .expect("write");
+    let first = read_until(&mut c, "POST /first ok", 1).await;
+    assert!(first.starts_with("HTTP/1.1 200 OK\r\n"), "{first}");
+    c.write_all(b"GET /second HTTP/1.1\r\nhost: a\r\n\r\n")
+        .await
+        .expect("write");
+    let second = read_until(&mut c, "GET /second", 1).await;
+    assert!(second.starts_with("HTTP/1.1 200 OK\r\n"), "{second}");
 }
 
 async fn read_until_tail(c: &mut TcpStream, mut text: String, tail: &str) -> String {
@@ -293,7 +324,7 @@ async fn a_client_that_closes_its_side_cancels_its_request() {
             ambiguous: |_| Response::new(full("")),
             closed: |_| {},
         };
-        serve(io, LIMITS, svc, std::future::pending(), hooks).await;
+        serve(io, Bytes::new(), LIMITS, svc, std::future::pending(), hooks).await;
     });
     let mut c = TcpStream::connect(addr).await.expect("connect");
     c.write_all(b"GET /slow HTTP/1.1\r\nhost: a\r\n\r\n")
@@ -461,7 +492,14 @@ fn an_idle_connection_holds_a_small_future_and_no_buffer() {
             ambiguous: |_| Response::new(full("")),
             closed: |_| {},
         };
-        let fut = serve(io, LIMITS, service, std::future::pending(), hooks);
+        let fut = serve(
+            io,
+            Bytes::new(),
+            LIMITS,
+            service,
+            std::future::pending(),
+            hooks,
+        );
         let size = std::mem::size_of_val(&fut);
         assert!(size <= 512, "the idle connection's future is {size} bytes");
     });

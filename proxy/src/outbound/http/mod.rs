@@ -30,10 +30,10 @@ use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpStream;
 use tokio_util::either::Either;
 
 use crate::accesslog::{Deferred, Logged, REQUEST_ID_HEADER, Sent, new_request_id};
-use crate::http::h1::Readiness;
 use crate::http::pool::Version;
 use crate::http::server::{serve_app, serve_connection};
 use crate::http::{Body, ReqBody, SOURCE_HEADER, content_length, error_response, full, outcome};
@@ -41,6 +41,7 @@ use crate::metrics::Direction;
 use crate::metrics::traffic::{
     CallLabels, MeteredBody, OnEnd, Peer, Reporter, Series, SeriesCache, is_grpc,
 };
+use crate::net::Prefixed;
 use crate::snapshot::rewrite::{Arrival, redirect_location};
 use crate::snapshot::routes;
 use crate::snapshot::{ServiceRef, Snapshot};
@@ -53,18 +54,16 @@ use retry::send;
 /// Serves HTTP on a captured client connection. A plain function: the
 /// connection's task holds the returned future alone, not it beside this
 /// function's arguments (docs/performance.md, idle connections).
-pub fn serve<I>(
+/// `conn` replays first the bytes protocol detection read from it.
+pub fn serve(
     state: Arc<State>,
     snap: Arc<Snapshot>,
     target: ServiceRef,
     dst: SocketAddr,
     client: SocketAddr,
     version: Version,
-    io: I,
-) -> impl std::future::Future<Output = ()> + Send
-where
-    I: AsyncRead + AsyncWrite + Readiness + Unpin + Send + 'static,
-{
+    conn: Prefixed<TcpStream>,
+) -> impl std::future::Future<Output = ()> + Send + use<> {
     let ctx = Arc::new(Ctx {
         state: state.clone(),
         snap,
@@ -87,9 +86,10 @@ where
     let limits = state.settings.head_limits();
     match version {
         Version::Http1 => {
-            let ended = state.shutdown_owned();
+            let ended = state.end_signal();
             let refused = move |step| state.metrics.error(Direction::Outbound, step);
-            Either::Left(serve_app(io, limits, svc, ended, refused))
+            let (read_ahead, conn) = conn.into_parts();
+            Either::Left(serve_app(conn, read_ahead, limits, svc, ended, refused))
         }
         Version::Http2 => Either::Right(Box::pin(async move {
             let svc = service_fn(move |req: Request<Incoming>| {
@@ -97,7 +97,7 @@ where
                 async move { Ok::<_, Infallible>(fut.await) }
             });
             serve_connection(
-                io,
+                conn,
                 version,
                 Direction::Outbound,
                 limits,
