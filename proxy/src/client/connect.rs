@@ -316,7 +316,7 @@ pub async fn send_request(
     sender: Sender,
     fresh: bool,
     req: http::Request<crate::http::Body>,
-) -> Result<http::Response<hyper::body::Incoming>, SendError> {
+) -> Result<http::Response<crate::http::pool::UpstreamBody>, SendError> {
     match sender.send(req).await {
         Ok(r) => Ok(r),
         Err(crate::http::pool::SendFailed {

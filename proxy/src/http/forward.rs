@@ -3,13 +3,12 @@
 //! bodies, and `Upgrade`/`CONNECT` tunnels spliced end to end.
 
 use http::{Method, Request, Response, StatusCode};
-use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 
 use bytes::Bytes;
 
 use super::form::set_form;
-use super::pool::Version;
+use super::pool::{UpstreamBody, Version};
 use super::{Body, BoxError, boxed, strip_hop_by_hop, wants_upgrade};
 
 /// A request ready for upstream, plus the client side of a pending upgrade.
@@ -77,7 +76,7 @@ where
 /// Turns the upstream response into the client response; when it accepts
 /// an upgrade, splices the two upgraded connections together.
 pub fn finish(
-    mut resp: Response<Incoming>,
+    mut resp: Response<UpstreamBody>,
     client_upgrade: Option<ClientUpgrade>,
 ) -> Response<Body> {
     let upgraded = resp.status() == StatusCode::SWITCHING_PROTOCOLS

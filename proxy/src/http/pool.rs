@@ -466,7 +466,7 @@ impl Pool {
 
 impl Sender {
     /// Sends one request.
-    pub async fn send(self, req: Request<Body>) -> Result<Response<Incoming>, SendFailed> {
+    pub async fn send(self, req: Request<Body>) -> Result<Response<UpstreamBody>, SendFailed> {
         match self {
             Sender::H1(mut s, pool, served) => {
                 // Back from an attempt on a multiplexed connection.
@@ -479,15 +479,14 @@ impl Sender {
                     request: e.take_message(),
                     error: e.into_error(),
                 })?;
-                if resp.status() != http::StatusCode::SWITCHING_PROTOCOLS {
-                    // Back to the pool once the response body is done.
-                    tokio::spawn(async move {
-                        if s.ready().await.is_ok() {
-                            pool.put_idle(s, served + 1);
-                        }
-                    });
-                }
-                Ok(resp)
+                // A switch takes the connection out of HTTP; any other
+                // response gives it back when its body has ended.
+                let back = (resp.status() != http::StatusCode::SWITCHING_PROTOCOLS).then(|| Back {
+                    send: s,
+                    pool,
+                    served: served + 1,
+                });
+                Ok(resp.map(|body| UpstreamBody { body, back }))
             }
             Sender::H2(mut s) => {
                 // HTTP/1.1 multiplexed to a weft peer.
@@ -496,11 +495,99 @@ impl Sender {
                 } else {
                     into_form(req, http::Version::HTTP_2)
                 };
-                s.try_send_request(req).await.map_err(|mut e| SendFailed {
+                let resp = s.try_send_request(req).await.map_err(|mut e| SendFailed {
                     request: e.take_message(),
                     error: e.into_error(),
-                })
+                })?;
+                Ok(resp.map(|body| UpstreamBody { body, back: None }))
             }
+        }
+    }
+}
+
+/// An upstream response's body: hyper's, and for HTTP/1.1 the connection
+/// it arrives on, which goes back to its pool once the body has ended: at
+/// once when the connection is ready for the next request by then (the
+/// usual case: hyper's connection task reads the end before the body's
+/// reader sees it), else from a task that waits for it. A body dropped
+/// before its end takes its connection with it (hyper closes it).
+#[derive(Debug)]
+pub struct UpstreamBody {
+    body: Incoming,
+    back: Option<Back>,
+}
+
+/// An HTTP/1.1 connection on its way back to its pool.
+#[derive(Debug)]
+struct Back {
+    send: http1::SendRequest<Body>,
+    pool: Arc<Pool>,
+    /// Requests it will have carried.
+    served: u32,
+}
+
+impl Back {
+    fn give(self) {
+        let Back {
+            mut send,
+            pool,
+            served,
+        } = self;
+        if send.is_ready() {
+            pool.put_idle(send, served);
+        } else if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move {
+                if send.ready().await.is_ok() {
+                    pool.put_idle(send, served);
+                }
+            });
+        }
+    }
+}
+
+impl UpstreamBody {
+    fn give_back(&mut self) {
+        if let Some(b) = self.back.take() {
+            b.give();
+        }
+    }
+}
+
+impl http_body::Body for UpstreamBody {
+    type Data = bytes::Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<bytes::Bytes>, hyper::Error>>> {
+        use std::task::Poll;
+        let polled = std::pin::Pin::new(&mut self.body).poll_frame(cx);
+        match &polled {
+            Poll::Ready(None) => self.give_back(),
+            Poll::Ready(Some(Ok(_))) if self.body.is_end_stream() => self.give_back(),
+            // The connection failed with the body: nothing to give back.
+            Poll::Ready(Some(Err(_))) => self.back = None,
+            _ => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
+impl Drop for UpstreamBody {
+    /// A body without content (`HEAD`, `204`, `304`, a zero length) may
+    /// never be polled: it gives its connection back when dropped.
+    fn drop(&mut self) {
+        if http_body::Body::is_end_stream(&self.body) {
+            self.give_back();
         }
     }
 }
@@ -636,5 +723,85 @@ mod tests {
         assert_eq!(pools.load_of(a), 0);
         let unknown: SocketAddr = "10.0.0.9:80".parse().expect("addr");
         assert_eq!(pools.load_of(unknown), 0);
+    }
+
+    /// An app on loopback: `/empty` answers 204, anything else 64 KiB.
+    async fn app() -> SocketAddr {
+        use http_body_util::Full;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        tokio::spawn(async move {
+            loop {
+                let (io, _) = listener.accept().await.expect("accept");
+                let svc = hyper::service::service_fn(|req: Request<Incoming>| async move {
+                    let resp = if req.uri().path() == "/empty" {
+                        let mut r = Response::new(Full::new(bytes::Bytes::new()));
+                        *r.status_mut() = http::StatusCode::NO_CONTENT;
+                        r
+                    } else {
+                        Response::new(Full::new(bytes::Bytes::from(vec![b'x'; 64 * 1024])))
+                    };
+                    Ok::<_, std::convert::Infallible>(resp)
+                });
+                tokio::spawn(
+                    hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(io), svc),
+                );
+            }
+        });
+        addr
+    }
+
+    async fn send(pool: &Arc<Pool>, addr: SocketAddr, path: &str) -> Response<UpstreamBody> {
+        let sender = match pool.checkout() {
+            Some(s) => s,
+            None => {
+                let io = tokio::net::TcpStream::connect(addr).await.expect("connect");
+                pool.handshake(io, Version::Http1).await.expect("handshake")
+            }
+        };
+        let req = Request::builder()
+            .uri(path)
+            .header("host", "app")
+            .body(crate::http::full(bytes::Bytes::new()))
+            .expect("request");
+        sender.send(req).await.expect("response")
+    }
+
+    /// An HTTP/1.1 connection is back in its pool the moment its response
+    /// body has been read to the end, or dropped when it had none, with no
+    /// task in between; a body dropped before its end takes its connection
+    /// with it.
+    #[tokio::test]
+    async fn a_connection_returns_when_its_response_body_ends_and_not_before() {
+        use http_body_util::BodyExt as _;
+        let addr = app().await;
+        let pool = Arc::new(Pool::new(Version::Http1, false, Arc::default()));
+
+        let resp = send(&pool, addr, "/").await;
+        let body = resp.into_body().collect().await.expect("body");
+        assert_eq!(body.to_bytes().len(), 64 * 1024);
+        // No yield to the runtime since the end: nothing else ran.
+        assert_eq!(pool.idle_count(), 1, "back as the body ended");
+
+        let resp = send(&pool, addr, "/empty").await;
+        assert_eq!(pool.idle_count(), 0, "in use");
+        drop(resp);
+        assert_eq!(pool.idle_count(), 1, "back when the empty body was dropped");
+
+        let mut body = send(&pool, addr, "/").await.into_body();
+        let first = body.frame().await.expect("a frame").expect("data");
+        assert!(first.is_data());
+        drop(body);
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(
+            pool.idle_count(),
+            0,
+            "a body cut short loses its connection"
+        );
     }
 }

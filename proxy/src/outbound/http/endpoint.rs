@@ -24,7 +24,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use http::{HeaderMap, Method, Request, Response, StatusCode};
-use hyper::body::Incoming;
 use weft_proxy_config::{HashKey, LoadBalancer};
 
 use crate::accesslog::{Sent, Upstream};
@@ -132,7 +131,7 @@ impl Replay {
 
 /// The peer proxy answered that it could not connect to its app: the
 /// request reached no app.
-fn undelivered(resp: &Response<Incoming>) -> bool {
+fn undelivered<B>(resp: &Response<B>) -> bool {
     resp.headers()
         .get(ERROR_HEADER)
         .is_some_and(|v| v == "connect" || v == "connect-timeout")
@@ -142,7 +141,7 @@ fn undelivered(resp: &Response<Incoming>) -> bool {
 /// answering it (`x-weft-error: app`: the app reset or closed the
 /// connection, e.g. while its pod shuts down). The app may have seen the
 /// request, so only an idempotent one is sent to another endpoint.
-fn app_failed(resp: &Response<Incoming>) -> bool {
+fn app_failed<B>(resp: &Response<B>) -> bool {
     resp.headers().get(ERROR_HEADER).is_some_and(|v| v == "app")
 }
 
