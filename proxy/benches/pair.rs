@@ -10,7 +10,8 @@
 //! ```
 //!
 //! Flags: `--rounds N` (interleaved rounds of the main comparison, 3),
-//! `--measure-secs N` (constant-rate window, 5), `--only weft,nginx`
+//! `--measure-secs N` (constant-rate window, 5), `--max-secs N` (the
+//! closed-loop maximum's window, 3; longer to profile it), `--only weft,nginx`
 //! (targets; direct always runs, as the baseline), `--core` (main comparison
 //! only: no matrix, handshakes or idle connections), `--full` (the whole
 //! payload × protocol × connections matrix instead of one axis at a time),
@@ -103,6 +104,7 @@ const RATE: u64 = 1000;
 const CONNS: usize = 16;
 const WARMUP: Duration = Duration::from_secs(1);
 const MAX_CONNS: usize = 64;
+/// How long the closed-loop maximum runs (`--max-secs`).
 const MAX_FOR: Duration = Duration::from_secs(3);
 const CELL_FOR: Duration = Duration::from_secs(2);
 const HANDSHAKE_FOR: Duration = Duration::from_secs(3);
@@ -148,6 +150,8 @@ enum Topology {
 struct Opts {
     rounds: usize,
     measure: Duration,
+    /// The closed-loop maximum's window (long enough to profile).
+    max_for: Duration,
     only: Option<Vec<String>>,
     core: bool,
     full: bool,
@@ -162,6 +166,7 @@ fn opts() -> Opts {
     let mut o = Opts {
         rounds: 3,
         measure: Duration::from_secs(5),
+        max_for: MAX_FOR,
         only: None,
         core: false,
         full: false,
@@ -176,6 +181,11 @@ fn opts() -> Opts {
             "--measure-secs" => {
                 o.measure = Duration::from_secs(
                     args.next().and_then(|v| v.parse().ok()).unwrap_or(5).max(1),
+                )
+            }
+            "--max-secs" => {
+                o.max_for = Duration::from_secs(
+                    args.next().and_then(|v| v.parse().ok()).unwrap_or(3).max(1),
                 )
             }
             "--only" => {
@@ -1774,8 +1784,9 @@ fn main() {
                 constant_rate(addr, Proto::H1, 1024, RATE, CONNS, WARMUP)
             });
             let w = window(t, Proto::H1, 1024, CONNS, o.measure);
+            let max_for = o.max_for;
             let maxrps = load(&t.ns, move || {
-                max_throughput(addr, Proto::H1, 1024, MAX_CONNS, MAX_FOR)
+                max_throughput(addr, Proto::H1, 1024, MAX_CONNS, max_for)
             });
             let r = &mut rows[ti];
             r.p50.push(pct(&w.lat, 0.5));
@@ -1977,7 +1988,7 @@ fn report(
         md,
         "HTTP/1.1, 1 KiB responses, {RATE} rps over {CONNS} connections for {}s (latency from the intended send time: no coordinated omission), max throughput with {MAX_CONNS} closed-loop connections for {}s; medians of {} interleaved rounds. Proxies and the apps pinned to CPU 1, the load generator to CPU 0. vCPU from schedstat over the constant-rate window, per sidecar. RSS per 1000 idle connections: each sidecar's RSS growth while {IDLE_CONNS} idle HTTP/1.1 connections (one request each) are held open, after 4 × {IDLE_WARMUP} warm-up requests; once on the fresh proxy before any load and once after the load (then memory its allocator freed earlier in the run is reused first, so a cost smaller than that reads 0.0).{} Run took {:.0} s.\n",
         o.measure.as_secs(),
-        MAX_FOR.as_secs(),
+        o.max_for.as_secs(),
         o.rounds,
         if o.telemetry {
             " weft with access logs on and tracing at 1 %."

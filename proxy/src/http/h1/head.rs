@@ -260,6 +260,17 @@ pub(super) struct Encoded {
 /// as `asked`, its body's length being `length` when known. Framing fields
 /// are the proxy's to set: `Content-Length` is kept when the body may have
 /// one, `Transfer-Encoding` is chosen here.
+/// About the bytes [`encode`] writes for a head with `headers`: the
+/// fields as they are, and room for the status line and what the server
+/// adds (`date`, `content-length`, `connection`).
+pub(super) fn size(headers: &HeaderMap) -> usize {
+    let fields: usize = headers
+        .iter()
+        .map(|(n, v)| n.as_str().len() + v.len() + 4)
+        .sum();
+    fields + 128
+}
+
 pub(super) fn encode(
     status: StatusCode,
     headers: &HeaderMap,
@@ -276,7 +287,7 @@ pub(super) fn encode(
         || tunnel;
     let may_have_length = !(informational || status == StatusCode::NO_CONTENT || tunnel);
 
-    dst.reserve(64 + headers.len() * 32);
+    dst.reserve(size(headers));
     dst.put_slice(if asked.http10 {
         b"HTTP/1.0 "
     } else {
@@ -573,6 +584,33 @@ mod tests {
             &mut dst,
         );
         (String::from_utf8(dst.to_vec()).expect("utf-8"), e)
+    }
+
+    /// `size` leaves room for the whole head, however long its fields, so
+    /// the head and a small body are written without the buffer growing.
+    #[test]
+    fn a_head_fits_the_room_its_size_reserves() {
+        let mut map = HeaderMap::new();
+        map.insert(
+            "x-long",
+            HeaderValue::from_str(&"v".repeat(2000)).expect("value"),
+        );
+        for i in 0..20 {
+            map.append(
+                HeaderName::from_bytes(format!("x-field-{i}").as_bytes()).expect("name"),
+                HeaderValue::from_static("a value of some length"),
+            );
+        }
+        for (asked, length) in [(asked(), Some(1000)), (asked(), None)] {
+            let mut dst = BytesMut::new();
+            encode(StatusCode::OK, &map, length, asked, &mut dst);
+            assert!(dst.len() <= size(&map), "{} > {}", dst.len(), size(&map));
+        }
+        let mut h10 = asked();
+        h10.http10 = true;
+        let mut dst = BytesMut::new();
+        encode(StatusCode::OK, &HeaderMap::new(), None, h10, &mut dst);
+        assert!(dst.len() <= size(&HeaderMap::new()), "{}", dst.len());
     }
 
     #[test]

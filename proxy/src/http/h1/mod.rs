@@ -907,6 +907,11 @@ impl Exchange {
         }
         let headers = parts.headers;
         let length = body.size_hint().exact();
+        // Room for the head and a body small enough to be copied next to
+        // it, at once: growing the buffer as they arrive moved the head
+        // once per response.
+        let copied = length.filter(|&n| n < COPY_LIMIT as u64).unwrap_or(0) as usize;
+        self.out.staging.reserve(head::size(&headers) + copied);
         let encoded = head::encode(status, &headers, length, asked, &mut self.out.staging);
         let mut writer = Writer {
             body: Some(body),
