@@ -11,7 +11,9 @@
 //!
 //! Flags: `--rounds N` (interleaved rounds of the main comparison, 3),
 //! `--measure-secs N` (constant-rate window, 5), `--max-secs N` (the
-//! closed-loop maximum's window, 3; longer to profile it), `--only weft,nginx`
+//! closed-loop maximum's window, 3; longer to profile it), `--base-bin PATH`
+//! (another weft-proxy build run beside this one as target `weft-base`, for
+//! a same-run before/after: its ratio row is `/ weft-base`), `--only weft,nginx`
 //! (targets; direct always runs, as the baseline), `--core` (main comparison
 //! only: no matrix, handshakes or idle connections), `--full` (the whole
 //! payload × protocol × connections matrix instead of one axis at a time),
@@ -152,6 +154,9 @@ struct Opts {
     measure: Duration,
     /// The closed-loop maximum's window (long enough to profile).
     max_for: Duration,
+    /// Another weft-proxy binary run beside this one as target
+    /// `weft-base` (a same-run before/after of a change).
+    base_bin: Option<String>,
     only: Option<Vec<String>>,
     core: bool,
     full: bool,
@@ -167,6 +172,7 @@ fn opts() -> Opts {
         rounds: 3,
         measure: Duration::from_secs(5),
         max_for: MAX_FOR,
+        base_bin: None,
         only: None,
         core: false,
         full: false,
@@ -188,6 +194,7 @@ fn opts() -> Opts {
                     args.next().and_then(|v| v.parse().ok()).unwrap_or(3).max(1),
                 )
             }
+            "--base-bin" => o.base_bin = args.next(),
             "--only" => {
                 o.only = args
                     .next()
@@ -1388,8 +1395,18 @@ fn setup(o: &Opts) -> Setup {
         sidecars: vec![],
     });
 
+    // weft, and with --base-bin another build of it beside, in the same
+    // layout on a pair of namespaces of its own.
+    let mut wefts: Vec<(&'static str, u8, String)> = Vec::new();
     if want("weft") {
-        let wn = veth_pair("weft", 2, true);
+        wefts.push(("weft", 2, bin.to_owned()));
+    }
+    if let Some(base) = &o.base_bin {
+        wefts.push(("weft-base", 5, base.clone()));
+    }
+    for (name, n, bin) in wefts {
+        let bin = bin.as_str();
+        let wn = veth_pair(name, n, true);
         // The handshake clients dial the server pod's port 8080 from the
         // client namespace: excluded from the client sidecar's capture, they
         // reach the server sidecar's inbound listener as a peer proxy would
@@ -1483,7 +1500,7 @@ fn setup(o: &Opts) -> Setup {
             d
         };
         let cdir = mk_dir(
-            "weft-client",
+            &format!("{name}-client"),
             &cfg(vec![
                 svc("app", 0, Protocol::Http1),
                 svc("app-h2", 1, Protocol::Http2),
@@ -1492,11 +1509,11 @@ fn setup(o: &Opts) -> Setup {
             ]),
             &cl,
         );
-        let sdir = mk_dir("weft-server", &cfg(vec![]), &sl);
+        let sdir = mk_dir(&format!("{name}-server"), &cfg(vec![]), &sl);
         spawn_app(&wn.server);
         let mut sidecars = Vec::new();
         for (ns, dir, side) in [(&wn.client, &cdir, "client"), (&wn.server, &sdir, "server")] {
-            let log = work.path().join(format!("weft-{side}.log"));
+            let log = work.path().join(format!("{name}-{side}.log"));
             let pid = spawn_peer(
                 ns,
                 &uid1337,
@@ -1510,11 +1527,11 @@ fn setup(o: &Opts) -> Setup {
                 ],
                 &log,
             );
-            logs.push(("weft", pid, log));
+            logs.push((name, pid, log));
             sidecars.push(pid);
         }
         targets.push(Target {
-            name: "weft",
+            name,
             ns: wn.client.clone(),
             addrs: std::array::from_fn(cluster),
             // Captured by the server sidecar's inbound listener.
@@ -1816,7 +1833,7 @@ fn main() {
     if !o.core {
         for (ti, t) in targets.iter().enumerate() {
             let Some(addr) = t.tls else { continue };
-            let cfg = if t.name == "weft" {
+            let cfg = if t.name.starts_with("weft") {
                 s.tls_weft.clone()
             } else {
                 s.tls_plain.clone()
