@@ -2,14 +2,13 @@
 //! header handling, error responses that name the failed step, connection
 //! pools per endpoint ([`pool`]), request forwarding with upgrades
 //! ([`forward`]), the server side of client connections with their
-//! limits on request heads ([`server`]: weft's own HTTP/1 server for the
-//! app's connections, [`h1`]; hyper with [`framing`] for the rest), and the
+//! limits on request heads ([`server`]: weft's own HTTP/1 server, [`h1`],
+//! and hyper's HTTP/2 server), and the
 //! normal form of request paths that inbound authorization decides on
 //! ([`path`]).
 
 pub mod form;
 pub mod forward;
-mod framing;
 pub mod h1;
 pub mod path;
 pub mod pool;

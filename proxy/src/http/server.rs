@@ -1,9 +1,9 @@
-//! The server side of client connections, for both directions: hyper
-//! serving one connection, with weft's limits on request heads and the
-//! refusal of ambiguous framing ([`super::framing`]), or, for the app's
-//! plaintext HTTP/1 connections, weft's own server ([`super::h1`]), until
-//! the client closes it or the caller's `ended` resolves (shutdown, a
-//! revocation), when in-flight requests finish and keep-alive ends.
+//! The server side of client connections, for both directions: HTTP/1
+//! with weft's own server ([`super::h1`]), which enforces the limits on
+//! request heads and refuses ambiguous framing itself, HTTP/2 with hyper's
+//! and the same head limit, until the client closes the connection or the
+//! caller's `ended` resolves (shutdown, a revocation), when in-flight
+//! requests finish and keep-alive ends.
 //!
 //! In: an accepted (possibly decrypted) connection and the listener's
 //! request service. Out: each request to that service; refused heads
@@ -11,12 +11,14 @@
 
 use std::time::Duration;
 
-use http::Response;
+use std::convert::Infallible;
 
-use super::framing;
+use http::Response;
+use hyper::body::Incoming;
+
 use super::h1;
 use super::pool::Version;
-use super::{Body, BoxError, ReqBody, bad_request};
+use super::{Body, ReqBody, bad_request};
 use crate::metrics::{Direction, Metrics};
 
 /// Limits on the request heads a client may send.
@@ -38,18 +40,15 @@ pub struct HeadLimits {
 /// requests past it wait in the client proxy for a stream to end.
 const MAX_STREAMS: u32 = 1024;
 
-/// A request's response future, boxed (see the HTTP/1 branch of
-/// [`serve_connection`]).
-type BoxedResponse<E> =
-    std::pin::Pin<Box<dyn std::future::Future<Output = Result<Response<Body>, E>> + Send>>;
-
-/// Serves a plaintext HTTP/1 connection of the pod's own apps until it
-/// closes, with weft's own server ([`h1`]: nothing but the socket held
-/// between requests), `read_ahead` the bytes already read from `io`.
-/// Limits and refusals as [`serve_connection`]; each
-/// refusal's step (`header-too-large`, `bad-request`, `header-timeout`)
-/// goes to `refused`, for the errors metric.
-pub fn serve_app<I, S, F, E, M>(
+/// Serves an HTTP/1 connection with weft's own server ([`h1`]: nothing
+/// but the socket held between requests) until it closes or `ended`
+/// resolves, `read_ahead` the bytes already read from `io`. Limits and
+/// refusals as [`serve_connection`]; each refusal's step
+/// (`header-too-large`, `bad-request`, `header-timeout`) goes to
+/// `refused`, for the errors metric. A plain function: the caller's task
+/// holds the returned future alone (an app's idle connection, whose task
+/// is as small as it can be).
+pub fn serve_h1<I, S, F, E, M>(
     io: I,
     read_ahead: bytes::Bytes,
     limits: HeadLimits,
@@ -58,7 +57,7 @@ pub fn serve_app<I, S, F, E, M>(
     refused: M,
 ) -> impl std::future::Future<Output = ()> + Send
 where
-    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + h1::Readiness + Unpin + Send + 'static,
+    I: h1::Conn,
     S: Fn(http::Request<ReqBody>) -> F + Clone + Send + 'static,
     F: std::future::Future<Output = Response<Body>> + Send + 'static,
     E: std::future::Future<Output = ()> + Send,
@@ -85,96 +84,54 @@ where
     h1::serve(io, read_ahead, limits, svc, ended, hooks)
 }
 
-/// Serves one client connection with hyper until it closes; on shutdown,
-/// or when `revoked` resolves (the connection may no longer be served, e.g.
-/// plaintext after a switch to Strict), asks it to finish gracefully
-/// (in-flight requests complete, keep-alive ends).
+/// Serves one client connection until it closes: HTTP/1 with weft's own
+/// server ([`serve_h1`]), HTTP/2 with hyper's. On shutdown, or when
+/// `ended` resolves for another reason (the connection may no longer be
+/// served, e.g. plaintext after a switch to Strict), it finishes
+/// gracefully: in-flight requests complete, keep-alive ends.
 ///
 /// Limits on request heads ([`HeadLimits`]): a head over
 /// `max_header_bytes` is answered 431 (HTTP/1 then closes); an HTTP/1 head
 /// not complete `header_read_timeout` after its first byte closes the
 /// connection; an HTTP/1 head with both `Content-Length` and
-/// `Transfer-Encoding` is answered 400 and never reaches `svc` (see
-/// [`framing`]). Each is counted in the `errors` metric of `direction`.
-pub async fn serve_connection<I, S>(
+/// `Transfer-Encoding` is answered 400 and never reaches `svc`. Each is
+/// counted in the `errors` metric of `direction`.
+pub async fn serve_connection<I, S, F>(
     io: I,
     version: Version,
     direction: Direction,
     limits: HeadLimits,
     metrics: &Metrics,
     svc: S,
-    ended: impl std::future::Future<Output = ()>,
+    ended: impl std::future::Future<Output = ()> + Send,
 ) where
-    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
-    S: hyper::service::Service<http::Request<hyper::body::Incoming>, Response = Response<Body>>
-        + Clone
-        + Send
-        + 'static,
-    S::Future: Send + 'static,
-    S::Error: Into<BoxError>,
+    I: h1::Conn,
+    S: Fn(http::Request<ReqBody>) -> F + Clone + Send + 'static,
+    F: std::future::Future<Output = Response<Body>> + Send + 'static,
 {
-    let settings = limits;
     let result = match version {
         Version::Http1 => {
-            let watch = std::sync::Arc::new(framing::Watch::new());
-            let io = hyper_util::rt::TokioIo::new(framing::Tracked::new(io, watch.clone()));
-            let refusing = watch.clone();
-            // hyper keeps a slot the size of the service's future for the
-            // whole life of an HTTP/1 connection, idle or not. Boxed, that
-            // slot is a pointer and a request's state is freed when it ends:
-            // one allocation per request against the request pipeline's
-            // whole state per idle connection (docs/performance.md).
-            let svc = hyper::service::service_fn(move |req| {
-                let refused = refusing.refuses_next();
-                let svc = svc.clone();
-                let fut: BoxedResponse<S::Error> = Box::pin(async move {
-                    if refused {
-                        return Ok(bad_request(
-                            "the request has both Content-Length and Transfer-Encoding (RFC 9112 section 6.1); send one of them",
-                        ));
-                    }
-                    svc.call(req).await
-                });
-                fut
-            });
-            let mut builder = hyper::server::conn::http1::Builder::new();
-            builder.max_header_size(settings.max_header_bytes);
-            match settings.header_read_timeout {
-                Some(t) => builder
-                    .timer(framing::HeadTimer::new(watch.clone(), t))
-                    .header_read_timeout(t),
-                None => builder.header_read_timeout(None),
-            };
-            let conn = builder.serve_connection(io, svc).with_upgrades();
-            tokio::pin!(conn);
-            tokio::pin!(ended);
-            let result = tokio::select! {
-                r = conn.as_mut() => r,
-                () = &mut ended => {
-                    conn.as_mut().graceful_shutdown();
-                    conn.await
-                }
-            };
-            if watch.refused_one() {
-                metrics.error(direction, "bad-request");
-                tracing::debug!("request with both Content-Length and Transfer-Encoding refused");
-            }
-            result
+            let refused = |step| metrics.error(direction, step);
+            return serve_h1(io, bytes::Bytes::new(), limits, svc, ended, refused).await;
         }
         Version::Http2 => {
+            let svc = hyper::service::service_fn(move |req: http::Request<Incoming>| {
+                let fut = svc(req.map(ReqBody::Hyper));
+                async move { Ok::<_, Infallible>(fut.await) }
+            });
             let conn =
                 hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
                     // Fixed windows (1 MiB): see the client side in `pool`.
                     .adaptive_window(false)
                     .max_concurrent_streams(MAX_STREAMS)
                     .max_header_list_size(
-                        u32::try_from(settings.max_header_bytes).unwrap_or(u32::MAX),
+                        u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX),
                     )
                     .serve_connection(hyper_util::rt::TokioIo::new(io), svc);
-            // Boxed: hyper's HTTP/2 connection is about 1.5 KB larger than
-            // its HTTP/1 one, and the future of this function (held by the
-            // connection's task for its whole life) is as large as its
-            // larger branch; every idle HTTP/1 connection would carry it.
+            // Boxed: hyper's HTTP/2 connection is large, and the future of
+            // this function (held by the connection's task for its whole
+            // life) is as large as its larger branch; every idle HTTP/1
+            // connection would carry it.
             let mut conn = Box::pin(conn);
             tokio::pin!(ended);
             tokio::select! {

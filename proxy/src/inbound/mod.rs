@@ -32,6 +32,7 @@ pub mod policy;
 pub mod requests;
 
 use std::collections::BTreeMap;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -40,6 +41,7 @@ use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
+use tokio_util::either::Either;
 use weft_proxy_config::{MtlsMode, Protocol, ProxyConfig, mtls_mode, selector_matches};
 
 use crate::accesslog::TcpEntry;
@@ -47,8 +49,8 @@ use crate::http::pool::Version;
 use crate::metrics::traffic::{CallLabels, Reporter};
 use crate::metrics::{Direction, OpenConn};
 use crate::net::detect::{Detected, SERVER_FIRST_PORTS, detect};
-use crate::net::listen::accept_loop;
-use crate::net::{Prefixed, Stream};
+use crate::net::listen::{Serving, accept_loop, staged};
+use crate::net::{BoxFuture, Prefixed, Stream};
 use crate::ratelimit::Verdict;
 use crate::snapshot::Snapshot;
 use crate::state::State;
@@ -107,7 +109,22 @@ pub async fn serve(state: Arc<State>, listener: TcpListener) {
     .await;
 }
 
-async fn handle(state: Arc<State>, mut conn: TcpStream, peer: SocketAddr) {
+/// One captured connection: its prelude (original destination, detection,
+/// the mTLS handshake) runs in an allocation of its own ([`staged`]); an
+/// idle plaintext HTTP/1 connection's task holds the HTTP server's state
+/// alone, a peer's connection its boxed session.
+fn handle(state: Arc<State>, conn: TcpStream, peer: SocketAddr) -> impl Future<Output = ()> + Send {
+    staged(prelude(state, conn, peer))
+}
+
+/// Decides what serves a connection, counting it open from the moment it
+/// is known not to be a loop and a snapshot is loaded; `None` when
+/// nothing does (refused, or the client went away).
+async fn prelude(
+    state: Arc<State>,
+    mut conn: TcpStream,
+    peer: SocketAddr,
+) -> Option<(OpenConn, Serving<impl Future<Output = ()> + Send + use<>>)> {
     let _ = conn.set_nodelay(true);
     let dst = match state.net.inbound_orig_dst.original_dst(&conn) {
         Ok(d) => d,
@@ -116,18 +133,18 @@ async fn handle(state: Arc<State>, mut conn: TcpStream, peer: SocketAddr) {
                 .metrics
                 .error(Direction::Inbound, "original-destination");
             tracing::error!(%peer, error = %e, "cannot read the original destination of an inbound connection; was it redirected by weft-init?");
-            return;
+            return None;
         }
     };
     if state.is_own_listener(dst) {
         state.metrics.error(Direction::Inbound, "loop");
         tracing::warn!(%peer, %dst, "refusing an inbound connection addressed to the proxy's own listener (loop)");
-        return;
+        return None;
     }
     let Some(snap) = state.snapshot.load_full() else {
         state.metrics.error(Direction::Inbound, "not-ready");
         tracing::warn!(%peer, "inbound connection refused: no config/identity loaded yet");
-        return;
+        return None;
     };
     let port = dst.port();
     let protocol = port_protocol(&snap.config, &state.settings.labels, port);
@@ -139,11 +156,11 @@ async fn handle(state: Arc<State>, mut conn: TcpStream, peer: SocketAddr) {
         Ok(d) => d,
         Err(e) => {
             tracing::debug!(%peer, error = %e, "client went away during detection");
-            return;
+            return None;
         }
     };
     if detected == Detected::Tls {
-        let _open = OpenConn::new(&state.metrics, Direction::Inbound, true);
+        let open = OpenConn::new(&state.metrics, Direction::Inbound, true);
         let acceptor = TlsAcceptor::from(snap.identity.server_config());
         // Boxed: every async fn the stream passes through on its way to
         // hyper keeps a slot of its size (rustls' connection state is
@@ -153,7 +170,7 @@ async fn handle(state: Arc<State>, mut conn: TcpStream, peer: SocketAddr) {
             Err(e) => {
                 state.metrics.error(Direction::Inbound, "tls");
                 tracing::warn!(%peer, error = %e, "inbound mTLS handshake failed; the client must be a weft proxy with a current certificate from this mesh's CA");
-                return;
+                return None;
             }
         };
         let (_, session) = tls.get_ref();
@@ -170,7 +187,7 @@ async fn handle(state: Arc<State>, mut conn: TcpStream, peer: SocketAddr) {
             _ => {
                 state.metrics.error(Direction::Inbound, "identity");
                 tracing::warn!(%peer, "inbound mTLS peer has no SPIFFE identity");
-                return;
+                return None;
             }
         };
         // (what the peer speaks, what the app speaks)
@@ -180,13 +197,25 @@ async fn handle(state: Arc<State>, mut conn: TcpStream, peer: SocketAddr) {
             Some(Alpn::Mux) => Some((Version::Http2, Version::Http1)),
             Some(Alpn::Tcp) | None => None,
         };
-        match http {
-            Some((wire, app)) => serve_http(state, snap, port, Some(id), wire, app, tls).await,
-            None => to_app_tcp(&state, &snap, port, Some(&id), Bytes::new(), tls).await,
-        }
-        return;
+        // A peer's connection is boxed whole: its TLS session is large
+        // whatever the protocol.
+        let serving: BoxFuture<'static, ()> = match http {
+            Some((wire, app)) => Box::pin(serve_http(
+                state,
+                snap,
+                port,
+                Some(id),
+                wire,
+                app,
+                Prefixed::new(Bytes::new(), tls),
+            )),
+            None => Box::pin(async move {
+                to_app_tcp(&state, &snap, port, Some(&id), Bytes::new(), tls).await;
+            }),
+        };
+        return Some((open, Either::Right(serving)));
     }
-    let _open = OpenConn::new(&state.metrics, Direction::Inbound, false);
+    let open = OpenConn::new(&state.metrics, Direction::Inbound, false);
     if mode == MtlsMode::Strict {
         state.metrics.error(Direction::Inbound, "plaintext-refused");
         tracing::warn!(%peer, port, "plaintext connection refused: mTLS mode is Strict; send through a weft proxy or set the mesh to Permissive");
@@ -197,9 +226,8 @@ async fn handle(state: Arc<State>, mut conn: TcpStream, peer: SocketAddr) {
             )
             .await;
         }
-        return;
+        return None;
     }
-    let conn = Prefixed::new(prefix, conn);
     // The port's declared protocol wins over what the bytes look like.
     let version = match (protocol, detected) {
         (Protocol::Http1, _) | (Protocol::Detect, Detected::Http1) => Some(Version::Http1),
@@ -208,10 +236,29 @@ async fn handle(state: Arc<State>, mut conn: TcpStream, peer: SocketAddr) {
         }
         _ => None,
     };
-    match version {
-        Some(v) => serve_http(state, snap, port, None, v, v, conn).await,
-        None => to_app_tcp(&state, &snap, port, None, Bytes::new(), conn).await,
-    }
+    let serving = match version {
+        Some(v) => Either::Left(serve_http(
+            state,
+            snap,
+            port,
+            None,
+            v,
+            v,
+            Prefixed::new(prefix, conn),
+        )),
+        None => Either::Right(Box::pin(async move {
+            to_app_tcp(
+                &state,
+                &snap,
+                port,
+                None,
+                Bytes::new(),
+                Prefixed::new(prefix, conn),
+            )
+            .await;
+        }) as BoxFuture<'static, ()>),
+    };
+    Some((open, serving))
 }
 
 async fn to_app_tcp<I>(

@@ -9,16 +9,13 @@
 //! Permissive) with its peer identity. Out: requests to the app
 //! (`client::connect`), responses to the peer.
 
-use std::convert::Infallible;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
 use http::header::HeaderValue;
 use http::{Request, Response, StatusCode};
-use hyper::body::Incoming;
-use hyper::service::service_fn;
-use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::authz::{self, Decision, authorize};
 use super::policy::{plaintext_revoked, report_audit, until_revoked};
@@ -26,21 +23,25 @@ use crate::accesslog::{Deferred, Logged};
 use crate::client::connect::{SendError, acquire, send_request};
 use crate::http::form::into_form;
 use crate::http::forward::{finish, prepare};
+use crate::http::h1::Conn;
 use crate::http::path::normalize_uri;
 use crate::http::pool::{PoolKey, Version};
-use crate::http::server::serve_connection;
+use crate::http::server::{serve_connection, serve_h1};
 use crate::http::{
-    Body, PEER_IDENTITY_HEADER, SOURCE_HEADER, content_length, error_response, outcome,
+    Body, PEER_IDENTITY_HEADER, ReqBody, SOURCE_HEADER, content_length, error_response, outcome,
 };
 use crate::metrics::Direction;
 use crate::metrics::traffic::{
     CallLabels, MeteredBody, OnEnd, Peer, Reporter, Series, SeriesCache, is_grpc,
 };
+use crate::net::end::EndSignal;
+use crate::net::{BoxFuture, Prefixed};
 use crate::ratelimit::Verdict;
 use crate::snapshot::Snapshot;
 use crate::state::State;
 use crate::tls::SpiffeId;
 use crate::trace::{Kind, Pending, ending};
+use tokio_util::either::Either;
 
 /// One inbound HTTP connection: what its requests share. Each request is
 /// decided on the snapshot active when it arrives ([`Ctx::current`]), never
@@ -76,16 +77,22 @@ impl Ctx {
     }
 }
 
-pub async fn serve_http<I>(
+/// Serves HTTP on an inbound connection, which replays first the bytes
+/// detection read from it: from a peer proxy whose identity `peer` is (after mTLS),
+/// or plaintext (`None`, Permissive). HTTP/1 with weft's own server, whose
+/// future the connection's task holds inline (a plain function, as
+/// `outbound::http::serve`); HTTP/2 boxed.
+pub fn serve_http<I>(
     state: Arc<State>,
     snap: Arc<Snapshot>,
     port: u16,
     peer: Option<SpiffeId>,
     wire: Version,
     app: Version,
-    io: I,
-) where
-    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    conn: Prefixed<I>,
+) -> impl Future<Output = ()> + Send + use<I>
+where
+    I: Conn,
 {
     let peer_is_none = peer.is_none();
     let ctx = Arc::new(Ctx {
@@ -99,7 +106,7 @@ pub async fn serve_http<I>(
         app,
         series: SeriesCache::default(),
     });
-    let svc = service_fn(move |req: Request<Incoming>| {
+    let svc = move |req: Request<ReqBody>| {
         let ctx = ctx.clone();
         async move {
             let started = Instant::now();
@@ -137,37 +144,49 @@ pub async fn serve_http<I>(
             ctx.state
                 .metrics
                 .request(Direction::Inbound, resp.status().as_u16());
-            Ok::<_, Infallible>(resp)
-        }
-    });
-    let plaintext = peer_is_none;
-    let revoked = async {
-        if plaintext {
-            let labels = &state.settings.labels;
-            let why =
-                until_revoked(&state, |snap| plaintext_revoked(snap, labels, port, None)).await;
-            state.metrics.error(Direction::Inbound, "revoked");
-            tracing::warn!(port, %why, "open plaintext connection closed");
-        } else {
-            std::future::pending::<()>().await;
+            resp
         }
     };
-    let ended = async {
-        tokio::select! {
-            () = state.shutdown_started() => {}
-            () = revoked => {}
-        }
+    // Serving ends at shutdown; a plaintext connection's also when the
+    // active snapshot no longer admits plaintext on its port (Strict).
+    let ended: Either<EndSignal, BoxFuture<'static, ()>> = if peer_is_none {
+        let state = state.clone();
+        Either::Right(Box::pin(async move {
+            let revoked = async {
+                let labels = &state.settings.labels;
+                let why =
+                    until_revoked(&state, |snap| plaintext_revoked(snap, labels, port, None)).await;
+                state.metrics.error(Direction::Inbound, "revoked");
+                tracing::warn!(port, %why, "open plaintext connection closed");
+            };
+            tokio::select! {
+                () = state.end_signal() => {}
+                () = revoked => {}
+            }
+        }))
+    } else {
+        Either::Left(state.end_signal())
     };
-    serve_connection(
-        io,
-        wire,
-        Direction::Inbound,
-        state.settings.head_limits(),
-        &state.metrics,
-        svc,
-        ended,
-    )
-    .await;
+    let limits = state.settings.head_limits();
+    match wire {
+        Version::Http1 => {
+            let refused = move |step| state.metrics.error(Direction::Inbound, step);
+            let (read_ahead, io) = conn.into_parts();
+            Either::Left(serve_h1(io, read_ahead, limits, svc, ended, refused))
+        }
+        Version::Http2 => Either::Right(Box::pin(async move {
+            serve_connection(
+                conn,
+                wire,
+                Direction::Inbound,
+                limits,
+                &state.metrics,
+                svc,
+                ended,
+            )
+            .await;
+        })),
+    }
 }
 
 /// What a request's metrics and span need from its start.
@@ -286,7 +305,7 @@ pub(super) fn serving_service(
         .map(|s| (s.name.clone(), s.namespace.clone()))
 }
 
-async fn proxy(ctx: &Ctx, snap: &Arc<Snapshot>, mut req: Request<Incoming>) -> Response<Body> {
+async fn proxy(ctx: &Ctx, snap: &Arc<Snapshot>, mut req: Request<ReqBody>) -> Response<Body> {
     let state = &ctx.state;
     let snap = snap.clone();
     if let Some(why) = plaintext_revoked(&snap, &state.settings.labels, ctx.port, ctx.peer.as_ref())

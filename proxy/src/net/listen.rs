@@ -1,15 +1,21 @@
-//! The accept loop both capture listeners share, and the shutdown signal
-//! every long-running loop watches.
+//! The accept loop both capture listeners share, the shape of an accepted
+//! connection's task ([`staged`]), and the shutdown signal every
+//! long-running loop watches.
 //!
 //! In: a bound listener. Out: each accepted connection, handed to the
 //! listener's handler (`outbound`, `inbound`), until shutdown.
 
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
 
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
+use tokio_util::either::Either;
 
-use crate::metrics::Direction;
+use super::BoxFuture;
+use crate::metrics::{Direction, OpenConn};
 
 /// Accepts connections on `listener` and hands each to `accepted`, until
 /// `shutdown` turns true. An accept error (file descriptor limit) is
@@ -37,4 +43,61 @@ pub async fn accept_loop(
 /// Resolves once shutdown has started (at once if it already has).
 pub async fn shutdown_requested(rx: &mut watch::Receiver<bool>) {
     let _ = rx.wait_for(|s| *s).await;
+}
+
+/// What serves a connection once its prelude has decided: a future the
+/// task holds inline (HTTP, whose idle state is small) or, boxed, one
+/// whose state is large (a TCP forwarder, an mTLS session).
+pub type Serving<H> = Either<H, BoxFuture<'static, ()>>;
+
+/// A captured connection's task: its prelude (original destination,
+/// snapshot lookups, protocol detection and its timer, a TLS handshake)
+/// runs in an allocation of its own, freed when it has decided what serves
+/// the connection; the task then holds that and nothing the prelude
+/// needed, so an idle connection's task is the size of its serving state,
+/// not of its largest prelude. `prelude` resolves to the connection's
+/// open-connection count and what serves it, or `None` when nothing does.
+pub fn staged<P, S>(prelude: P) -> Staged<P, S>
+where
+    P: Future<Output = Option<(OpenConn, S)>>,
+    S: Future<Output = ()>,
+{
+    Staged::Prelude {
+        prelude: Box::pin(prelude),
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The future of [`staged`].
+    #[project = StagedProj]
+    #[allow(missing_debug_implementations)] // futures
+    pub enum Staged<P, S> {
+        Prelude { prelude: Pin<Box<P>> },
+        Serving { open: OpenConn, #[pin] serving: S },
+        Done,
+    }
+}
+
+impl<P, S> Future for Staged<P, S>
+where
+    P: Future<Output = Option<(OpenConn, S)>>,
+    S: Future<Output = ()>,
+{
+    type Output = ();
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        loop {
+            match self.as_mut().project() {
+                StagedProj::Prelude { prelude } => match ready!(prelude.as_mut().poll(cx)) {
+                    Some((open, serving)) => self.set(Staged::Serving { open, serving }),
+                    None => {
+                        self.set(Staged::Done);
+                        return Poll::Ready(());
+                    }
+                },
+                StagedProj::Serving { serving, .. } => return serving.poll(cx),
+                StagedProj::Done => return Poll::Ready(()),
+            }
+        }
+    }
 }

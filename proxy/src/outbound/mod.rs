@@ -21,9 +21,7 @@ pub mod tcp;
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll, ready};
 
 use bytes::Bytes;
 use tokio::net::{TcpListener, TcpStream};
@@ -34,7 +32,7 @@ use crate::http::pool::Version;
 use crate::metrics::{Direction, OpenConn};
 use crate::net::Prefixed;
 use crate::net::detect::{Detected, SERVER_FIRST_PORTS, detect};
-use crate::net::listen::accept_loop;
+use crate::net::listen::{Serving, accept_loop, staged};
 use crate::state::State;
 
 /// Accepts captured connections until shutdown.
@@ -46,52 +44,11 @@ pub async fn serve(state: Arc<State>, listener: TcpListener) {
     .await;
 }
 
-/// What a connection runs once its prelude has decided: HTTP (the
-/// future of [`http::serve`]) or, boxed, a TCP forwarder.
-type Serving<H> = Either<H, Pin<Box<dyn Future<Output = ()> + Send>>>;
-
-/// One captured connection. Its prelude (original destination, snapshot
-/// lookups, protocol detection and its timer) runs in an allocation of its
-/// own, freed when it has decided: the connection's task then holds what
-/// serves it and nothing the prelude needed (an idle HTTP/1 connection's
-/// task is the size of its largest state for its whole life).
+/// One captured connection: its prelude runs in an allocation of its own
+/// ([`staged`]); an idle HTTP/1 connection's task holds the HTTP server's
+/// state alone.
 fn handle(state: Arc<State>, conn: TcpStream, peer: SocketAddr) -> impl Future<Output = ()> + Send {
-    Stage::Prelude {
-        prelude: Box::pin(prelude(state, conn, peer)),
-    }
-}
-
-pin_project_lite::pin_project! {
-    #[project = StageProj]
-    enum Stage<P, S> {
-        Prelude { prelude: Pin<Box<P>> },
-        Serving { open: OpenConn, #[pin] serving: S },
-        Done,
-    }
-}
-
-impl<P, S> Future for Stage<P, S>
-where
-    P: Future<Output = Option<(OpenConn, S)>>,
-    S: Future<Output = ()>,
-{
-    type Output = ();
-
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-        loop {
-            match self.as_mut().project() {
-                StageProj::Prelude { prelude } => match ready!(prelude.as_mut().poll(cx)) {
-                    Some((open, serving)) => self.set(Stage::Serving { open, serving }),
-                    None => {
-                        self.set(Stage::Done);
-                        return Poll::Ready(());
-                    }
-                },
-                StageProj::Serving { serving, .. } => return serving.poll(cx),
-                StageProj::Done => return Poll::Ready(()),
-            }
-        }
-    }
+    staged(prelude(state, conn, peer))
 }
 
 /// Decides what serves a connection, counting it open from the moment it

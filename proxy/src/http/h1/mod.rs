@@ -73,6 +73,36 @@ impl Readiness for TcpStream {
     }
 }
 
+impl<T: Readiness + ?Sized> Readiness for Box<T> {
+    fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        (**self).poll_read_ready(cx)
+    }
+}
+
+/// Ready at once while bytes read ahead are waiting.
+impl<T: Readiness> Readiness for Prefixed<T> {
+    fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if self.has_buffered() {
+            return Poll::Ready(Ok(()));
+        }
+        self.get_ref().poll_read_ready(cx)
+    }
+}
+
+/// A TLS connection is ready when the TLS session holds plaintext not yet
+/// read or has heard the peer's close (a read returns without waiting),
+/// else when its transport is: bytes that turn out to be no plaintext (a
+/// session ticket, half a record) only start a read that waits.
+impl<T: Readiness> Readiness for tokio_rustls::server::TlsStream<T> {
+    fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let (io, session) = self.get_ref();
+        if !session.wants_read() {
+            return Poll::Ready(Ok(()));
+        }
+        io.poll_read_ready(cx)
+    }
+}
+
 /// A client connection taken over by an upgrade or a CONNECT tunnel: the
 /// socket, after the bytes the server read past the request's head.
 pub type Upgraded = Box<dyn Io>;

@@ -17,7 +17,6 @@
 //! known Service port. Out: responses to the client; requests to endpoints
 //! through `client::connect`.
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
@@ -27,15 +26,13 @@ mod retry;
 
 use http::header::{HeaderMap, HeaderValue, LOCATION};
 use http::{Request, Response, StatusCode};
-use hyper::body::Incoming;
-use hyper::service::service_fn;
-use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio_util::either::Either;
 
 use crate::accesslog::{Deferred, Logged, REQUEST_ID_HEADER, Sent, new_request_id};
+use crate::http::h1::Conn;
 use crate::http::pool::Version;
-use crate::http::server::{serve_app, serve_connection};
+use crate::http::server::{serve_connection, serve_h1};
 use crate::http::{Body, ReqBody, SOURCE_HEADER, content_length, error_response, full, outcome};
 use crate::metrics::Direction;
 use crate::metrics::traffic::{
@@ -89,13 +86,9 @@ pub fn serve(
             let ended = state.end_signal();
             let refused = move |step| state.metrics.error(Direction::Outbound, step);
             let (read_ahead, conn) = conn.into_parts();
-            Either::Left(serve_app(conn, read_ahead, limits, svc, ended, refused))
+            Either::Left(serve_h1(conn, read_ahead, limits, svc, ended, refused))
         }
         Version::Http2 => Either::Right(Box::pin(async move {
-            let svc = service_fn(move |req: Request<Incoming>| {
-                let fut = svc(req.map(ReqBody::Hyper));
-                async move { Ok::<_, Infallible>(fut.await) }
-            });
             serve_connection(
                 conn,
                 version,
@@ -126,14 +119,13 @@ pub async fn serve_gateway<I>(
     scheme: &'static str,
     io: I,
 ) where
-    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    I: Conn,
 {
     let series = SeriesCache::default();
     let shared = state.clone();
-    let svc = service_fn(move |req: Request<Incoming>| {
+    let svc = move |mut req: Request<ReqBody>| {
         let state = shared.clone();
         let series = series.clone();
-        let mut req = req.map(ReqBody::Hyper);
         async move {
             let started = Instant::now();
             stamp(&mut req);
@@ -147,14 +139,14 @@ pub async fn serve_gateway<I>(
             let Some((snap, target)) = routed else {
                 state.metrics.error(Direction::Inbound, "gateway-no-route");
                 state.metrics.request(Direction::Inbound, 404);
-                return Ok::<_, Infallible>(error_response(
+                return error_response(
                     StatusCode::NOT_FOUND,
                     "no-route",
                     &format!(
                         "no listener of port {port} routes host {:?}",
                         host.as_deref().unwrap_or("")
                     ),
-                ));
+                );
             };
             let ctx = Ctx {
                 state: state.clone(),
@@ -169,9 +161,9 @@ pub async fn serve_gateway<I>(
                 },
                 series,
             };
-            Ok::<_, Infallible>(handle(&ctx, &snap, target, req, started, NoRoute::NotFound).await)
+            handle(&ctx, &snap, target, req, started, NoRoute::NotFound).await
         }
-    });
+    };
     serve_connection(
         io,
         version,
