@@ -1,7 +1,9 @@
-//! weft's HTTP/1 server for the connections of the pod's own apps.
+//! weft's HTTP/1 server, for every HTTP/1 connection the proxy serves: the
+//! pod's own apps', plaintext clients' under Permissive, peers' over mTLS,
+//! an ingress gateway's.
 //!
-//! An app keeps its HTTP/1 connections to the sidecar open between
-//! requests, often by the thousand. hyper keeps 16 KiB of buffers and its
+//! Clients keep their HTTP/1 connections open between requests, often by
+//! the thousand. hyper keeps 16 KiB of buffers and its
 //! whole connection state for each of them while they sit idle; this
 //! server holds, between requests, only the socket and the connection's
 //! context: it waits for the socket to become readable without a buffer
