@@ -17,6 +17,7 @@
 //! known Service port. Out: responses to the client; requests to endpoints
 //! through `client::connect`.
 
+use std::borrow::Borrow;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
@@ -71,14 +72,13 @@ pub fn serve(
         arrival: Arrival::SIDECAR,
         series: SeriesCache::default(),
     });
+    // The request's future is `handle`'s own: a block around it would hold
+    // it beside what it captured, and move it once more.
     let svc = move |mut req: Request<ReqBody>| {
-        let ctx = ctx.clone();
-        async move {
-            let started = Instant::now();
-            stamp(&mut req);
-            let (snap, target) = current(&ctx);
-            handle(&ctx, &snap, target, req, started, NoRoute::Service).await
-        }
+        let started = Instant::now();
+        stamp(&mut req);
+        let (snap, target) = current(&ctx);
+        handle(ctx.clone(), snap, target, req, started, NoRoute::Service)
     };
     let limits = state.settings.head_limits();
     match version {
@@ -161,7 +161,7 @@ pub async fn serve_gateway<I>(
                 },
                 series,
             };
-            handle(&ctx, &snap, target, req, started, NoRoute::NotFound).await
+            handle(ctx, snap, target, req, started, NoRoute::NotFound).await
         }
     };
     serve_connection(
@@ -189,14 +189,15 @@ fn stamp(req: &mut Request<ReqBody>) {
 
 /// One request routed to `target` under `snap`, sent, and counted: its
 /// span, access log line and traffic metrics end with its response body.
-async fn handle(
-    ctx: &Ctx,
-    snap: &Arc<Snapshot>,
+async fn handle<C: Borrow<Ctx>>(
+    ctx: C,
+    snap: Arc<Snapshot>,
     target: ServiceRef,
     mut req: Request<ReqBody>,
     started: Instant,
     no_route: NoRoute,
 ) -> Response<Body> {
+    let (ctx, snap) = (ctx.borrow(), &snap);
     let span = ctx.state.start_span(snap, Kind::Client, &mut req);
     let logged = ctx
         .state
@@ -426,11 +427,24 @@ async fn proxy(
         Some((r, fault)) => inject(ctx, r, fault).await,
         None => None,
     };
-    let mut resp = match abort {
-        Some(abort) => abort,
-        None => {
+    // The route's timeout covers every attempt until the response headers
+    // arrive (the body streams on after). The sending future is made where
+    // it is awaited, in this function's own state: a function of its own
+    // around it, or a local awaited later, would hold and move it again.
+    let mut resp = match (abort, route.and_then(|r| r.timeout.map(|t| (r, t)))) {
+        (Some(abort), _) => abort,
+        (None, None) => {
             let req = Request::from_parts(parts, body);
-            send_in_time(ctx, &snap, target, backend, route, req, sent).await
+            send(ctx, &snap, target, backend, route, req, sent).await
+        }
+        (None, Some((r, limit))) => {
+            let req = Request::from_parts(parts, body);
+            match tokio::time::timeout(limit, send(ctx, &snap, target, backend, route, req, sent))
+                .await
+            {
+                Ok(resp) => resp,
+                Err(_) => timed_out(ctx, r, limit),
+            }
         }
     };
     if let Some(sel) = selected {
@@ -461,37 +475,19 @@ async fn inject(
     ))
 }
 
-/// [`send`] under the route's timeout, which covers every attempt until
-/// the response headers arrive (the body streams on after).
-async fn send_in_time(
-    ctx: &Ctx,
-    snap: &Arc<Snapshot>,
-    target: ServiceRef,
-    backend: Option<routes::Backend>,
-    route: Option<&routes::HttpRoute>,
-    req: Request<ReqBody>,
-    sent: &mut Sent,
-) -> Response<Body> {
-    let work = send(ctx, snap, target, backend, route, req, sent);
-    let Some((r, limit)) = route.and_then(|r| r.timeout.map(|t| (r, t))) else {
-        return work.await;
-    };
-    match tokio::time::timeout(limit, work).await {
-        Ok(resp) => resp,
-        Err(_) => {
-            ctx.state.metrics.error(Direction::Outbound, "timeout");
-            ctx.state.metrics.route_event(&r.name, "timeout");
-            error_response(
-                StatusCode::GATEWAY_TIMEOUT,
-                "timeout",
-                &format!(
-                    "no response within {} ms, the timeout of route {}; raise its timeoutMs or look at the backend",
-                    limit.as_millis(),
-                    r.name
-                ),
-            )
-        }
-    }
+/// The answer to a request whose route's timeout ran out.
+fn timed_out(ctx: &Ctx, r: &routes::HttpRoute, limit: std::time::Duration) -> Response<Body> {
+    ctx.state.metrics.error(Direction::Outbound, "timeout");
+    ctx.state.metrics.route_event(&r.name, "timeout");
+    error_response(
+        StatusCode::GATEWAY_TIMEOUT,
+        "timeout",
+        &format!(
+            "no response within {} ms, the timeout of route {}; raise its timeoutMs or look at the backend",
+            limit.as_millis(),
+            r.name
+        ),
+    )
 }
 
 fn redirect(

@@ -136,7 +136,21 @@ pub(super) async fn send(
             .retry_budgets
             .request(dest.key, b, tokio::time::Instant::now());
     }
-    let resp = send_to(ctx, snap, target, &dest, route, req, sent).await;
+    let copies = Copies {
+        retry: route.and_then(|r| r.retry.as_ref().map(|p| (r, p))),
+        mirror: route.and_then(|r| {
+            r.mirror
+                .filter(|(_, pct)| sample(*pct))
+                .map(|(b, _)| (r, b))
+        }),
+    };
+    let resp = if copies.retry.is_none() && copies.mirror.is_none() {
+        forward(ctx, snap, &dest, req, sent).await
+    } else {
+        // Boxed: retries and mirroring hold the request whole, and the
+        // request sent once does not carry their room (nor a layer more).
+        Box::pin(send_to(ctx, snap, target, &dest, copies, req, sent)).await
+    };
     match slot {
         // In flight until the response body is done with.
         Some(slot) => resp.map(|b| {
@@ -149,25 +163,26 @@ pub(super) async fn send(
     }
 }
 
-/// [`send`] once the destination is known: retries and mirroring.
+/// What sends a request more than once: the route's retry policy, and
+/// its mirror when this request was sampled for it.
+#[derive(Clone, Copy)]
+struct Copies<'a> {
+    retry: Option<(&'a routes::HttpRoute, &'a weft_proxy_config::RetryPolicy)>,
+    mirror: Option<(&'a routes::HttpRoute, routes::Backend)>,
+}
+
+/// [`send`] once the destination is known, for a request retried or
+/// mirrored.
 async fn send_to(
     ctx: &Ctx,
     snap: &Arc<Snapshot>,
     target: ServiceRef,
     dest: &Dest<'_>,
-    route: Option<&routes::HttpRoute>,
+    copies: Copies<'_>,
     req: Request<ReqBody>,
     sent: &mut Sent,
 ) -> Response<Body> {
-    let retry = route.and_then(|r| r.retry.as_ref().map(|p| (r, p)));
-    let mirror = route.and_then(|r| {
-        r.mirror
-            .filter(|(_, pct)| sample(*pct))
-            .map(|(b, _)| (r, b))
-    });
-    if retry.is_none() && mirror.is_none() {
-        return forward(ctx, snap, dest, req, sent).await;
-    }
+    let Copies { retry, mirror } = copies;
     let (parts, body) = req.into_parts();
     let copy = match Copyable::read(parts, body).await {
         Held::Whole(c) => c,
