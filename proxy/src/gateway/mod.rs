@@ -22,6 +22,7 @@ pub mod certs;
 pub mod sni;
 
 use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -30,13 +31,14 @@ use bytes::Bytes;
 use tokio::net::TcpStream;
 use tokio::task::JoinHandle;
 use tokio_rustls::TlsAcceptor;
+use tokio_util::either::Either;
 use weft_proxy_config::ListenerProtocol;
 
 use crate::http::pool::Version;
 use crate::metrics::{Direction, OpenConn};
-use crate::net::Prefixed;
 use crate::net::detect::{Detected, detect};
-use crate::net::listen::accept_loop;
+use crate::net::listen::{Serving, accept_loop, staged};
+use crate::net::{BoxFuture, Prefixed};
 use crate::state::State;
 use certs::{CertStore, SniResolver};
 
@@ -180,65 +182,76 @@ async fn passthrough(state: Arc<State>, port: u16, mut conn: TcpStream, peer: So
     crate::outbound::tcp::to_service(state.clone(), snap, target, conn, hello, local).await;
 }
 
-async fn handle(
+/// One connection of an HTTP or HTTPS listener: its prelude (the TLS
+/// handshake, or detection) runs in an allocation of its own
+/// ([`staged`]); an idle plaintext HTTP/1 connection's task holds the HTTP
+/// server's state alone, a TLS connection its boxed session.
+fn handle(
     state: Arc<State>,
     tls: Option<TlsAcceptor>,
     port: u16,
     conn: TcpStream,
     peer: SocketAddr,
-) {
+) -> impl Future<Output = ()> + Send {
+    staged(prelude(state, tls, port, conn, peer))
+}
+
+/// Decides what serves a gateway connection; `None` when nothing does.
+async fn prelude(
+    state: Arc<State>,
+    tls: Option<TlsAcceptor>,
+    port: u16,
+    mut conn: TcpStream,
+    peer: SocketAddr,
+) -> Option<(OpenConn, Serving<impl Future<Output = ()> + Send + use<>>)> {
     let _ = conn.set_nodelay(true);
-    let Ok(local) = conn.local_addr() else { return };
-    let _open = OpenConn::new(&state.metrics, Direction::Inbound, false);
-    match tls {
-        Some(acceptor) => {
-            let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(conn)).await
-            {
-                Ok(Ok(s)) => s,
-                Ok(Err(e)) => {
-                    state.metrics.error(Direction::Inbound, "gateway-tls");
-                    tracing::debug!(%peer, error = %e, "gateway TLS handshake failed");
-                    return;
-                }
-                Err(_) => {
-                    state.metrics.error(Direction::Inbound, "gateway-tls");
-                    return;
-                }
-            };
-            let (_, session) = stream.get_ref();
-            let version = match session.alpn_protocol() {
-                Some(b"h2") => Version::Http2,
-                _ => Version::Http1,
-            };
-            crate::outbound::http::serve_gateway(
-                state.clone(),
-                port,
-                local,
-                peer,
-                version,
-                "https",
-                stream,
-            )
-            .await;
+    let local = conn.local_addr().ok()?;
+    let open = OpenConn::new(&state.metrics, Direction::Inbound, false);
+    let Some(acceptor) = tls else {
+        let (prefix, version) = match detect(&mut conn, state.settings.detect_timeout).await {
+            Ok((prefix, Detected::Http2)) => (prefix, Version::Http2),
+            Ok((prefix, _)) => (prefix, Version::Http1),
+            Err(_) => (Bytes::new(), Version::Http1),
+        };
+        let serving = crate::outbound::http::serve_gateway(
+            state,
+            port,
+            local,
+            peer,
+            version,
+            "http",
+            Prefixed::new(prefix, conn),
+        );
+        return Some((open, Either::Left(serving)));
+    };
+    let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(conn)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            state.metrics.error(Direction::Inbound, "gateway-tls");
+            tracing::debug!(%peer, error = %e, "gateway TLS handshake failed");
+            return None;
         }
-        None => {
-            let mut conn = conn;
-            let version = match detect(&mut conn, state.settings.detect_timeout).await {
-                Ok((prefix, Detected::Http2)) => (prefix, Version::Http2),
-                Ok((prefix, _)) => (prefix, Version::Http1),
-                Err(_) => (Bytes::new(), Version::Http1),
-            };
-            let (prefix, version) = version;
-            crate::outbound::http::serve_gateway(
-                state.clone(),
-                port,
-                local,
-                peer,
-                version,
-                "http",
-                Prefixed::new(prefix, conn),
-            )
-            .await;
+        Err(_) => {
+            state.metrics.error(Direction::Inbound, "gateway-tls");
+            return None;
         }
-    }
+    };
+    let (_, session) = stream.get_ref();
+    let version = match session.alpn_protocol() {
+        Some(b"h2") => Version::Http2,
+        _ => Version::Http1,
+    };
+    // Boxed whole, the TLS session with it: it is large whatever the
+    // protocol, and the h1 server moves its connection in and out of each
+    // request's state.
+    let serving: BoxFuture<'static, ()> = Box::pin(crate::outbound::http::serve_gateway(
+        state,
+        port,
+        local,
+        peer,
+        version,
+        "https",
+        Prefixed::new(Bytes::new(), Box::new(stream)),
+    ));
+    Some((open, Either::Right(serving)))
 }

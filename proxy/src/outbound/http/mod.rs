@@ -110,15 +110,16 @@ pub fn serve(
 /// any outbound request. A request no listener, host name or rule takes is
 /// answered 404. The client's address is appended to `x-forwarded-for`
 /// and the listener's scheme set in `x-forwarded-proto`.
-pub async fn serve_gateway<I>(
+pub fn serve_gateway<I>(
     state: Arc<State>,
     port: u16,
     local: SocketAddr,
     client: SocketAddr,
     version: Version,
     scheme: &'static str,
-    io: I,
-) where
+    conn: Prefixed<I>,
+) -> impl std::future::Future<Output = ()> + Send + use<I>
+where
     I: Conn,
 {
     let series = SeriesCache::default();
@@ -164,16 +165,27 @@ pub async fn serve_gateway<I>(
             handle(ctx, snap, target, req, started, NoRoute::NotFound).await
         }
     };
-    serve_connection(
-        io,
-        version,
-        Direction::Inbound,
-        state.settings.head_limits(),
-        &state.metrics,
-        svc,
-        state.shutdown_started(),
-    )
-    .await;
+    let limits = state.settings.head_limits();
+    match version {
+        Version::Http1 => {
+            let ended = state.end_signal();
+            let refused = move |step| state.metrics.error(Direction::Inbound, step);
+            let (read_ahead, io) = conn.into_parts();
+            Either::Left(serve_h1(io, read_ahead, limits, svc, ended, refused))
+        }
+        Version::Http2 => Either::Right(Box::pin(async move {
+            serve_connection(
+                conn,
+                version,
+                Direction::Inbound,
+                limits,
+                &state.metrics,
+                svc,
+                state.end_signal(),
+            )
+            .await;
+        })),
+    }
 }
 
 /// Gives a request an `x-request-id` when it has none, and removes a
