@@ -29,7 +29,7 @@ use weft_proxy::metrics::Direction;
 use weft_proxy::test_util::{Leaf, TestCa};
 use weft_proxy_config::{
     Backend, Gateway, HttpMatch, HttpRoute, Listener, ListenerProtocol, MtlsMode, PathMatch,
-    Protocol, ProxyConfig, Redirect, Service, ServicePort, TcpRoute, VirtualHost,
+    Protocol, ProxyConfig, Service, ServicePort, TcpRoute, VirtualHost,
 };
 
 const GATEWAY_ID: &str = "spiffe://cluster.local/ns/shop/sa/weft-gateway-public";
@@ -247,22 +247,7 @@ async fn fixture() -> Fixture {
     }];
     let mut b_route = to_cart("public/b");
     b_route.request_headers.set = vec![("x-vhost".into(), "b".into())];
-    let moved = HttpRoute {
-        name: "public/moved".into(),
-        matches: vec![HttpMatch {
-            path: Some(PathMatch::Prefix("/".into())),
-            ..Default::default()
-        }],
-        redirect: Some(Redirect {
-            scheme: Some("https".into()),
-            host: None,
-            port: None,
-            path: None,
-            path_prefix: None,
-            status: 301,
-        }),
-        ..Default::default()
-    };
+    let moved = https_redirect("public/moved");
     let mut cfg = config(
         1,
         MtlsMode::Strict,

@@ -24,10 +24,7 @@ use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use weft_proxy::test_util::TestCa;
-use weft_proxy_config::{
-    Gateway, HttpMatch, HttpRoute, Listener, ListenerProtocol, MtlsMode, PathMatch, Protocol,
-    Redirect, VirtualHost,
-};
+use weft_proxy_config::{Gateway, Listener, ListenerProtocol, MtlsMode, Protocol, VirtualHost};
 
 #[global_allocator]
 static HEAP: StatsAlloc<System> = StatsAlloc::system();
@@ -80,6 +77,37 @@ async fn get(c: &mut TcpStream, status: &str) {
     }
 }
 
+/// Heap held per idle connection: `CONNS` connections from `open`, each
+/// sent one GET answered `status`, held open; after a few requests on a
+/// connection of their own have paid what is paid once (pooled upstream
+/// connections, metric series, the runtime's slabs). The first
+/// connection is asked again at the end: still served.
+async fn held_per_idle_connection<F, Fut>(open: F, status: &str) -> i64
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = TcpStream>,
+{
+    let mut warm = open().await;
+    for _ in 0..3 {
+        get(&mut warm, status).await;
+    }
+    drop(warm);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+
+    let before = held();
+    let mut conns = Vec::with_capacity(CONNS);
+    for _ in 0..CONNS {
+        let mut c = open().await;
+        get(&mut c, status).await;
+        conns.push(c);
+    }
+    // Each connection's server reaches its idle state.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let per = (held() - before) / CONNS as i64;
+    get(&mut conns[0], status).await;
+    per
+}
+
 #[tokio::test(flavor = "current_thread")]
 async fn an_idle_plaintext_inbound_connection_holds_no_request_buffers() {
     let _serial = SERIAL.lock().await;
@@ -96,31 +124,11 @@ async fn an_idle_plaintext_inbound_connection_holds_no_request_buffers() {
             .await
             .expect("connect inbound")
     };
-    // Paid once, not per connection: the pooled connection to the app,
-    // metric series, the runtime's slabs.
-    let mut warm = open().await;
-    for _ in 0..3 {
-        get(&mut warm, "200").await;
-    }
-    drop(warm);
-    tokio::time::sleep(Duration::from_millis(100)).await;
-
-    let before = held();
-    let mut conns = Vec::with_capacity(CONNS);
-    for _ in 0..CONNS {
-        let mut c = open().await;
-        get(&mut c, "200").await;
-        conns.push(c);
-    }
-    // Each connection's server reaches its idle state.
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    let per = (held() - before) / CONNS as i64;
+    let per = held_per_idle_connection(open, "200").await;
     assert!(
         per < BOUND,
         "{per} bytes held per idle inbound connection (at most {BOUND})"
     );
-    // Still served after the wait.
-    get(&mut conns[0], "200").await;
 }
 
 /// An ingress gateway's plaintext listener, whose one route redirects
@@ -135,22 +143,7 @@ async fn an_idle_gateway_connection_holds_no_request_buffers() {
     let port = (20_000 + (std::process::id() % 5_000) as u16..30_000)
         .find(|p| std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, *p)).is_ok())
         .expect("a free port");
-    let moved = HttpRoute {
-        name: "public/moved".into(),
-        matches: vec![HttpMatch {
-            path: Some(PathMatch::Prefix("/".into())),
-            ..Default::default()
-        }],
-        redirect: Some(Redirect {
-            scheme: Some("https".into()),
-            host: None,
-            port: None,
-            path: None,
-            path_prefix: None,
-            status: 301,
-        }),
-        ..Default::default()
-    };
+    let moved = https_redirect("public/moved");
     let mut public = service(
         "public.http",
         IpAddr::V4(Ipv4Addr::new(10, 96, 9, 9)),
@@ -197,25 +190,9 @@ async fn an_idle_gateway_connection_holds_no_request_buffers() {
         }
         panic!("the gateway's listener on {addr} never accepted");
     };
-    let mut warm = open().await;
-    for _ in 0..3 {
-        get(&mut warm, "301").await;
-    }
-    drop(warm);
-    tokio::time::sleep(Duration::from_millis(100)).await;
-
-    let before = held();
-    let mut conns = Vec::with_capacity(CONNS);
-    for _ in 0..CONNS {
-        let mut c = open().await;
-        get(&mut c, "301").await;
-        conns.push(c);
-    }
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    let per = (held() - before) / CONNS as i64;
+    let per = held_per_idle_connection(open, "301").await;
     assert!(
         per < BOUND,
         "{per} bytes held per idle gateway connection (at most {BOUND})"
     );
-    get(&mut conns[0], "301").await;
 }

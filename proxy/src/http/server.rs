@@ -12,6 +12,7 @@
 use std::time::Duration;
 
 use std::convert::Infallible;
+use std::future::Future;
 
 use http::Response;
 use hyper::body::Incoming;
@@ -19,7 +20,8 @@ use hyper::body::Incoming;
 use super::h1;
 use super::pool::Version;
 use super::{Body, ReqBody, bad_request};
-use crate::metrics::{Direction, Metrics};
+use crate::net::{BoxFuture, Prefixed};
+use tokio_util::either::Either;
 
 /// Limits on the request heads a client may send.
 #[derive(Clone, Copy, Debug)]
@@ -43,7 +45,7 @@ const MAX_STREAMS: u32 = 1024;
 /// Serves an HTTP/1 connection with weft's own server ([`h1`]: nothing
 /// but the socket held between requests) until it closes or `ended`
 /// resolves, `read_ahead` the bytes already read from `io`. Limits and
-/// refusals as [`serve_connection`]; each refusal's step
+/// refusals as [`serve_client`]; each refusal's step
 /// (`header-too-large`, `bad-request`, `header-timeout`) goes to
 /// `refused`, for the errors metric. A plain function: the caller's task
 /// holds the returned future alone (an app's idle connection, whose task
@@ -55,7 +57,7 @@ pub fn serve_h1<I, S, F, E, M>(
     svc: S,
     ended: E,
     refused: M,
-) -> impl std::future::Future<Output = ()> + Send
+) -> impl Future<Output = ()> + Send
 where
     I: h1::Conn,
     S: Fn(http::Request<ReqBody>) -> F + Clone + Send + 'static,
@@ -84,67 +86,82 @@ where
     h1::serve(io, read_ahead, limits, svc, ended, hooks)
 }
 
-/// Serves one client connection until it closes: HTTP/1 with weft's own
-/// server ([`serve_h1`]), HTTP/2 with hyper's. On shutdown, or when
-/// `ended` resolves for another reason (the connection may no longer be
-/// served, e.g. plaintext after a switch to Strict), it finishes
-/// gracefully: in-flight requests complete, keep-alive ends.
+/// Serves one client connection until it closes, `conn` replaying first
+/// the bytes protocol detection read from it: HTTP/1 with weft's own
+/// server ([`serve_h1`]), whose future the caller's task holds inline
+/// (small between requests), HTTP/2 with hyper's, boxed (hyper's
+/// connection is large). On shutdown, or when `ended` resolves for
+/// another reason (the connection may no longer be served, e.g.
+/// plaintext after a switch to Strict), it finishes gracefully: in-flight
+/// requests complete, keep-alive ends.
 ///
 /// Limits on request heads ([`HeadLimits`]): a head over
 /// `max_header_bytes` is answered 431 (HTTP/1 then closes); an HTTP/1 head
 /// not complete `header_read_timeout` after its first byte closes the
 /// connection; an HTTP/1 head with both `Content-Length` and
-/// `Transfer-Encoding` is answered 400 and never reaches `svc`. Each is
-/// counted in the `errors` metric of `direction`.
-pub async fn serve_connection<I, S, F>(
-    io: I,
+/// `Transfer-Encoding` is answered 400 and never reaches `svc`. Each
+/// refusal's step (`header-too-large`, `bad-request`, `header-timeout`)
+/// goes to `refused`, for the errors metric.
+pub fn serve_client<I, S, F, E, M>(
+    conn: Prefixed<I>,
     version: Version,
-    direction: Direction,
     limits: HeadLimits,
-    metrics: &Metrics,
     svc: S,
-    ended: impl std::future::Future<Output = ()> + Send,
-) where
+    ended: E,
+    refused: M,
+) -> impl Future<Output = ()> + Send + use<I, S, F, E, M>
+where
     I: h1::Conn,
     S: Fn(http::Request<ReqBody>) -> F + Clone + Send + 'static,
-    F: std::future::Future<Output = Response<Body>> + Send + 'static,
+    F: Future<Output = Response<Body>> + Send + 'static,
+    E: Future<Output = ()> + Send + 'static,
+    M: Fn(&'static str) + Send + 'static,
 {
-    let result = match version {
+    match version {
         Version::Http1 => {
-            let refused = |step| metrics.error(direction, step);
-            return serve_h1(io, bytes::Bytes::new(), limits, svc, ended, refused).await;
+            let (read_ahead, io) = conn.into_parts();
+            Either::Left(serve_h1(io, read_ahead, limits, svc, ended, refused))
         }
         Version::Http2 => {
-            // The service is called inside the block: a block awaiting a
-            // future made outside it holds that future twice (the one it
-            // captured and the one it awaits), and hyper allocates each
-            // stream's future (3.7 KB more per request, measured).
-            let svc = hyper::service::service_fn(move |req: http::Request<Incoming>| {
-                let svc = svc.clone();
-                async move { Ok::<_, Infallible>(svc(req.map(ReqBody::Hyper)).await) }
-            });
-            let conn =
-                hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
-                    // Fixed windows (1 MiB): see the client side in `pool`.
-                    .adaptive_window(false)
-                    .max_concurrent_streams(MAX_STREAMS)
-                    .max_header_list_size(
-                        u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX),
-                    )
-                    .serve_connection(hyper_util::rt::TokioIo::new(io), svc);
-            // Boxed: hyper's HTTP/2 connection is large, and the future of
-            // this function (held by the connection's task for its whole
-            // life) is as large as its larger branch; every idle HTTP/1
-            // connection would carry it.
-            let mut conn = Box::pin(conn);
-            tokio::pin!(ended);
-            tokio::select! {
-                r = conn.as_mut() => r,
-                () = &mut ended => {
-                    conn.as_mut().graceful_shutdown();
-                    conn.await
-                }
-            }
+            let h2: BoxFuture<'static, ()> = Box::pin(serve_h2(conn, limits, svc, ended, refused));
+            Either::Right(h2)
+        }
+    }
+}
+
+/// Serves an HTTP/2 connection with hyper's server, as [`serve_client`].
+async fn serve_h2<I, S, F>(
+    io: I,
+    limits: HeadLimits,
+    svc: S,
+    ended: impl Future<Output = ()>,
+    refused: impl Fn(&'static str),
+) where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    S: Fn(http::Request<ReqBody>) -> F + Clone + Send + 'static,
+    F: Future<Output = Response<Body>> + Send + 'static,
+{
+    // The service is called inside the block: a block awaiting a future
+    // made outside it holds that future twice (the one it captured and the
+    // one it awaits), and hyper allocates each stream's future (3.7 KB more
+    // per request, measured).
+    let svc = hyper::service::service_fn(move |req: http::Request<Incoming>| {
+        let svc = svc.clone();
+        async move { Ok::<_, Infallible>(svc(req.map(ReqBody::Hyper)).await) }
+    });
+    let conn = hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+        // Fixed windows (1 MiB): see the client side in `pool`.
+        .adaptive_window(false)
+        .max_concurrent_streams(MAX_STREAMS)
+        .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
+        .serve_connection(hyper_util::rt::TokioIo::new(io), svc);
+    tokio::pin!(conn);
+    tokio::pin!(ended);
+    let result = tokio::select! {
+        r = conn.as_mut() => r,
+        () = &mut ended => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
         }
     };
     if let Err(e) = result {
@@ -159,7 +176,7 @@ pub async fn serve_connection<I, S, F>(
         };
         match step {
             Some(step) => {
-                metrics.error(direction, step);
+                refused(step);
                 tracing::debug!(error = %e, step, "client connection refused");
             }
             None => tracing::debug!(error = %e, "client connection ended with error"),

@@ -26,7 +26,7 @@ use crate::http::forward::{finish, prepare};
 use crate::http::h1::Conn;
 use crate::http::path::normalize_uri;
 use crate::http::pool::{PoolKey, Version};
-use crate::http::server::{serve_connection, serve_h1};
+use crate::http::server::serve_client;
 use crate::http::{
     Body, PEER_IDENTITY_HEADER, ReqBody, SOURCE_HEADER, content_length, error_response, outcome,
 };
@@ -168,25 +168,8 @@ where
         Either::Left(state.end_signal())
     };
     let limits = state.settings.head_limits();
-    match wire {
-        Version::Http1 => {
-            let refused = move |step| state.metrics.error(Direction::Inbound, step);
-            let (read_ahead, io) = conn.into_parts();
-            Either::Left(serve_h1(io, read_ahead, limits, svc, ended, refused))
-        }
-        Version::Http2 => Either::Right(Box::pin(async move {
-            serve_connection(
-                conn,
-                wire,
-                Direction::Inbound,
-                limits,
-                &state.metrics,
-                svc,
-                ended,
-            )
-            .await;
-        })),
-    }
+    let refused = move |step| state.metrics.error(Direction::Inbound, step);
+    serve_client(conn, wire, limits, svc, ended, refused)
 }
 
 /// What a request's metrics and span need from its start.

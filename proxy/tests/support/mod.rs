@@ -22,8 +22,8 @@ use weft_proxy::net::stamp::{StampTable, TestDialer};
 use weft_proxy::test_util::{Leaf, MountDir, TestCa};
 use weft_proxy::{Net, Proxy, Settings};
 use weft_proxy_config::{
-    ClientPolicy, Endpoint, Inbound, MeshSettings, MtlsMode, Protocol, ProxyConfig, Service,
-    ServicePort,
+    ClientPolicy, Endpoint, HttpMatch, HttpRoute, Inbound, MeshSettings, MtlsMode, PathMatch,
+    Protocol, ProxyConfig, Redirect, Service, ServicePort,
 };
 
 pub const TD: &str = "cluster.local";
@@ -68,6 +68,27 @@ pub fn service(
         http_routes: vec![],
         tcp_routes: vec![],
         policy: ClientPolicy::default(),
+    }
+}
+
+/// A route named `name` that answers every request with a 301 to the same
+/// URL over HTTPS.
+pub fn https_redirect(name: &str) -> HttpRoute {
+    HttpRoute {
+        name: name.into(),
+        matches: vec![HttpMatch {
+            path: Some(PathMatch::Prefix("/".into())),
+            ..Default::default()
+        }],
+        redirect: Some(Redirect {
+            scheme: Some("https".into()),
+            host: None,
+            port: None,
+            path: None,
+            path_prefix: None,
+            status: 301,
+        }),
+        ..Default::default()
     }
 }
 

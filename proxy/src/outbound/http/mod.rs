@@ -28,12 +28,11 @@ mod retry;
 use http::header::{HeaderMap, HeaderValue, LOCATION};
 use http::{Request, Response, StatusCode};
 use tokio::net::TcpStream;
-use tokio_util::either::Either;
 
 use crate::accesslog::{Deferred, Logged, REQUEST_ID_HEADER, Sent, new_request_id};
 use crate::http::h1::Conn;
 use crate::http::pool::Version;
-use crate::http::server::{serve_connection, serve_h1};
+use crate::http::server::serve_client;
 use crate::http::{Body, ReqBody, SOURCE_HEADER, content_length, error_response, full, outcome};
 use crate::metrics::Direction;
 use crate::metrics::traffic::{
@@ -80,27 +79,9 @@ pub fn serve(
         let (snap, target) = current(&ctx);
         handle(ctx.clone(), snap, target, req, started, NoRoute::Service)
     };
-    let limits = state.settings.head_limits();
-    match version {
-        Version::Http1 => {
-            let ended = state.end_signal();
-            let refused = move |step| state.metrics.error(Direction::Outbound, step);
-            let (read_ahead, conn) = conn.into_parts();
-            Either::Left(serve_h1(conn, read_ahead, limits, svc, ended, refused))
-        }
-        Version::Http2 => Either::Right(Box::pin(async move {
-            serve_connection(
-                conn,
-                version,
-                Direction::Outbound,
-                limits,
-                &state.metrics,
-                svc,
-                state.shutdown_started(),
-            )
-            .await;
-        })),
-    }
+    let (limits, ended) = (state.settings.head_limits(), state.end_signal());
+    let refused = move |step| state.metrics.error(Direction::Outbound, step);
+    serve_client(conn, version, limits, svc, ended, refused)
 }
 
 /// Serves HTTP on a connection of an ingress gateway listener on `port`
@@ -165,27 +146,9 @@ where
             handle(ctx, snap, target, req, started, NoRoute::NotFound).await
         }
     };
-    let limits = state.settings.head_limits();
-    match version {
-        Version::Http1 => {
-            let ended = state.end_signal();
-            let refused = move |step| state.metrics.error(Direction::Inbound, step);
-            let (read_ahead, io) = conn.into_parts();
-            Either::Left(serve_h1(io, read_ahead, limits, svc, ended, refused))
-        }
-        Version::Http2 => Either::Right(Box::pin(async move {
-            serve_connection(
-                conn,
-                version,
-                Direction::Inbound,
-                limits,
-                &state.metrics,
-                svc,
-                state.end_signal(),
-            )
-            .await;
-        })),
-    }
+    let (limits, ended) = (state.settings.head_limits(), state.end_signal());
+    let refused = move |step| state.metrics.error(Direction::Inbound, step);
+    serve_client(conn, version, limits, svc, ended, refused)
 }
 
 /// Gives a request an `x-request-id` when it has none, and removes a
