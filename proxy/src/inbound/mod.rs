@@ -162,9 +162,8 @@ async fn prelude(
     if detected == Detected::Tls {
         let open = OpenConn::new(&state.metrics, Direction::Inbound, true);
         let acceptor = TlsAcceptor::from(snap.identity.server_config());
-        // Boxed: every async fn the stream passes through on its way to
-        // hyper keeps a slot of its size (rustls' connection state is
-        // large), so inline it multiplied the connection task's memory.
+        // Boxed: rustls' connection state is large, and the HTTP/1 server
+        // moves its connection into and out of each request's state.
         let tls = match acceptor.accept(Prefixed::new(prefix, conn)).await {
             Ok(t) => Box::new(t),
             Err(e) => {

@@ -596,3 +596,109 @@ async fn an_unread_body_longer_than_the_drain_limit_closes_the_connection() {
     let text = String::from_utf8_lossy(&got);
     assert!(!text.contains("GET /after"), "{text}");
 }
+
+/// A TLS connection is ready while its session holds plaintext the server
+/// has not read, though its socket has nothing more: the server must not
+/// wait on the socket for a request that has already arrived.
+#[tokio::test]
+async fn a_tls_session_holding_plaintext_is_ready_without_its_socket() {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+    use std::sync::Arc;
+    use std::task::{Context, Waker};
+
+    use super::Readiness;
+
+    let ca = crate::test_util::TestCa::new("ca");
+    let leaf = ca.server_leaf(&["h1.test"]);
+    let chain = CertificateDer::pem_slice_iter(leaf.cert_pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .expect("certificate");
+    let key = PrivateKeyDer::from_pem_slice(leaf.key_pem.as_bytes()).expect("key");
+    let provider = crate::tls::params::provider();
+    let server = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .expect("server config");
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(CertificateDer::from_pem_slice(ca.cert_pem.as_bytes()).expect("CA"))
+        .expect("root");
+    let client = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let connect = async {
+        let tcp = TcpStream::connect(addr).await.expect("connect");
+        let name = ServerName::try_from("h1.test").expect("name");
+        tokio_rustls::TlsConnector::from(Arc::new(client))
+            .connect(name, tcp)
+            .await
+            .expect("client handshake")
+    };
+    let accept = async {
+        let (tcp, _) = listener.accept().await.expect("accept");
+        tokio_rustls::TlsAcceptor::from(Arc::new(server))
+            .accept(tcp)
+            .await
+            .expect("server handshake")
+    };
+    let (mut c, mut s) = tokio::join!(connect, accept);
+    let ready = |s: &tokio_rustls::server::TlsStream<TcpStream>| {
+        s.poll_read_ready(&mut Context::from_waker(Waker::noop()))
+            .is_ready()
+    };
+    assert!(!ready(&s), "nothing sent yet");
+
+    c.write_all(b"GET / HTTP/1.1\r\n\r\n").await.expect("write");
+    c.flush().await.expect("flush");
+    let mut first = [0u8; 3];
+    s.read_exact(&mut first).await.expect("read");
+    assert_eq!(&first, b"GET");
+    // The socket is drained (its readiness cleared); the rest of the
+    // request is in the session.
+    let would_block = s.get_mut().0.try_read(&mut [0u8; 64]);
+    assert!(
+        matches!(&would_block, Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
+        "{would_block:?}"
+    );
+    assert!(ready(&s), "plaintext waiting in the session");
+    let mut rest = [0u8; 15];
+    s.read_exact(&mut rest).await.expect("read the rest");
+    assert_eq!(&rest, b" / HTTP/1.1\r\n\r\n");
+}
+
+/// A connection replaying bytes read ahead is ready while they last, then
+/// as ready as its socket.
+#[tokio::test]
+async fn a_connection_with_bytes_read_ahead_is_ready_until_they_are_read() {
+    use std::task::{Context, Waker};
+
+    use super::Readiness;
+
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let _client = TcpStream::connect(listener.local_addr().expect("addr"))
+        .await
+        .expect("connect");
+    let (tcp, _) = listener.accept().await.expect("accept");
+    // A fresh socket reads as ready until a read finds nothing.
+    let nothing = tcp.try_read(&mut [0u8; 8]);
+    assert!(
+        matches!(&nothing, Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
+        "{nothing:?}"
+    );
+    let mut io = crate::net::Prefixed::new(Bytes::from_static(b"GET"), tcp);
+    let ready = |io: &crate::net::Prefixed<TcpStream>| {
+        io.poll_read_ready(&mut Context::from_waker(Waker::noop()))
+            .is_ready()
+    };
+    assert!(ready(&io), "bytes read ahead are waiting");
+    let mut buf = [0u8; 3];
+    io.read_exact(&mut buf).await.expect("read");
+    assert!(!ready(&io), "nothing left and nothing sent");
+}
