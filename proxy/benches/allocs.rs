@@ -382,6 +382,9 @@ struct Window {
     stats: Stats,
     requests: usize,
     took: Duration,
+    /// CPU time of the thread running the runtime (everything in the
+    /// window runs on it).
+    cpu: Duration,
 }
 
 impl Window {
@@ -397,6 +400,21 @@ impl Window {
     fn bytes(&self) -> f64 {
         self.per(self.stats.bytes_allocated)
     }
+    /// CPU microseconds per request.
+    fn micros(&self) -> f64 {
+        self.cpu.as_secs_f64() * 1e6 / self.requests as f64
+    }
+}
+
+/// CPU time this thread has run (`/proc/thread-self/schedstat`, ns).
+fn thread_cpu() -> Duration {
+    let s = std::fs::read_to_string("/proc/thread-self/schedstat").expect("schedstat");
+    let ns = s
+        .split_whitespace()
+        .next()
+        .and_then(|v| v.parse().ok())
+        .expect("schedstat's first field");
+    Duration::from_nanos(ns)
 }
 
 async fn measure(via: &Via<'_>, proto: Proto, conc: usize, o: &Opts) -> Window {
@@ -404,15 +422,18 @@ async fn measure(via: &Via<'_>, proto: Proto, conc: usize, o: &Opts) -> Window {
     drive(&mut clients, o.warmup).await;
     settle().await;
     let start = Instant::now();
+    let cpu = thread_cpu();
     let before = HEAP.stats();
     drive(&mut clients, o.requests).await;
     let after = HEAP.stats();
+    let cpu = thread_cpu() - cpu;
     let took = start.elapsed();
     settle().await;
     Window {
         stats: after - before,
         requests: o.requests,
         took,
+        cpu,
     }
 }
 
@@ -941,19 +962,23 @@ fn table(rows: &[Row], o: &Opts) -> String {
          runtime for both proxies, the app and the load client. \"whole process\": the run \
          through the weft pair; \"app + client\": the same load against the app directly; \
          \"both proxies\": the difference. Bytes: requested by allocations plus growth by \
-         reallocations.\n",
+         reallocations. CPU: the runtime thread's run time (schedstat) over the window, \
+         per request, counting allocator included.\n",
         o.requests, o.warmup, o.conc, o.conc, o.conc
     );
     let _ = writeln!(
         s,
-        "| load | whole process allocs/req | reallocs/req | bytes/req | app + client allocs/req | reallocs/req | bytes/req | **both proxies allocs/req** | **reallocs/req** | **bytes/req** |"
+        "| load | whole process allocs/req | reallocs/req | bytes/req | app + client allocs/req | reallocs/req | bytes/req | **both proxies allocs/req** | **reallocs/req** | **bytes/req** | CPU µs/req whole | direct | **both proxies** |"
     );
-    let _ = writeln!(s, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    let _ = writeln!(
+        s,
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+    );
     for r in rows {
         let (w, d) = (&r.weft, &r.direct);
         let _ = writeln!(
             s,
-            "| {} | {} | {} | {} | {} | {} | {} | **{}** | **{}** | **{}** |",
+            "| {} | {} | {} | {} | {} | {} | {} | **{}** | **{}** | **{}** | {:.1} | {:.1} | **{:.1}** |",
             r.load,
             fmt_n(w.allocs()),
             fmt_n(w.reallocs()),
@@ -964,6 +989,9 @@ fn table(rows: &[Row], o: &Opts) -> String {
             fmt_n(w.allocs() - d.allocs()),
             fmt_n(w.reallocs() - d.reallocs()),
             fmt_n(w.bytes() - d.bytes()),
+            w.micros(),
+            d.micros(),
+            w.micros() - d.micros(),
         );
     }
     s

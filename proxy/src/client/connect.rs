@@ -88,7 +88,7 @@ pub enum ConnectError {
         /// Upstream.
         addr: SocketAddr,
         /// Why.
-        source: hyper::Error,
+        source: crate::http::BoxError,
     },
 }
 
@@ -301,7 +301,7 @@ pub enum SendError {
         /// Upstream.
         addr: SocketAddr,
         /// Why.
-        source: hyper::Error,
+        source: crate::http::BoxError,
     },
 }
 
@@ -319,7 +319,7 @@ pub async fn send_request(
 ) -> Result<http::Response<crate::http::pool::UpstreamBody>, SendError> {
     match sender.send(req).await {
         Ok(r) => Ok(r),
-        Err(crate::http::pool::SendFailed {
+        Err(crate::http::SendFailed {
             request: Some(req), ..
         }) if !fresh => {
             let (sender, _) = acquire(via, pool, key, true, connect_timeout, None).await?;

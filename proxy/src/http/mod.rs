@@ -10,6 +10,7 @@
 pub mod form;
 pub mod forward;
 pub mod h1;
+pub mod mux;
 pub mod path;
 pub mod pool;
 pub mod server;
@@ -23,6 +24,16 @@ use http_body_util::{BodyExt, Full, combinators::UnsyncBoxBody};
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// The body type the proxy sends in both directions.
 pub type Body = UnsyncBoxBody<Bytes, BoxError>;
+
+/// A send failed; `request` is handed back when it was not sent at all, so
+/// it may be retried on a fresh connection.
+#[derive(Debug)]
+pub struct SendFailed {
+    /// The failure.
+    pub error: BoxError,
+    /// The untouched request, when it never left.
+    pub request: Option<http::Request<Body>>,
+}
 
 /// A request body as a server connection received it: from hyper (HTTP/2,
 /// TLS listeners) or from weft's HTTP/1 server ([`h1`]).

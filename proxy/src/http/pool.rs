@@ -25,8 +25,8 @@ use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::sync::Notify;
 
-use super::Body;
 use super::form::into_form;
+use super::{Body, BoxError, SendFailed, mux};
 use crate::tls::SpiffeId;
 
 /// How long an idle connection is kept when no ServicePolicy says.
@@ -106,7 +106,7 @@ struct Idle {
 /// The shared HTTP/2 connection.
 #[derive(Debug)]
 struct Shared {
-    send: http2::SendRequest<Body>,
+    send: Multiplexed,
     /// Requests it has carried.
     served: u32,
     last_used: Instant,
@@ -177,16 +177,32 @@ pub enum Sender {
     H1(http1::SendRequest<Body>, Arc<Pool>, u32),
     /// HTTP/2 handle (cheap clone of the shared connection).
     H2(http2::SendRequest<Body>),
+    /// HTTP/1.1 multiplexed to a weft peer ([`mux`]; a cheap clone).
+    Mux(mux::Client),
 }
 
-/// A send failed; `request` is handed back when it was not sent at all, so
-/// it may be retried on a fresh connection.
-#[derive(Debug)]
-pub struct SendFailed {
-    /// The failure.
-    pub error: hyper::Error,
-    /// The untouched request, when it never left.
-    pub request: Option<Request<Body>>,
+/// A shared HTTP/2 connection: hyper's to an HTTP/2 upstream, weft's own
+/// to a weft peer multiplexing HTTP/1.1 ([`mux`]).
+#[derive(Clone, Debug)]
+enum Multiplexed {
+    H2(http2::SendRequest<Body>),
+    Mux(mux::Client),
+}
+
+impl Multiplexed {
+    fn is_closed(&self) -> bool {
+        match self {
+            Multiplexed::H2(s) => s.is_closed(),
+            Multiplexed::Mux(c) => c.is_closed(),
+        }
+    }
+
+    fn sender(&self) -> Sender {
+        match self {
+            Multiplexed::H2(s) => Sender::H2(s.clone()),
+            Multiplexed::Mux(c) => Sender::Mux(c.clone()),
+        }
+    }
 }
 
 impl Pool {
@@ -334,12 +350,12 @@ impl Pool {
                 let shared = h2.as_mut().filter(|s| !s.send.is_closed())?;
                 shared.served += 1;
                 shared.last_used = Instant::now();
-                let send = shared.send.clone();
+                let send = shared.send.sender();
                 if self.used_up(shared.served) {
                     // Its open streams finish; new requests get a new one.
                     *h2 = None;
                 }
-                Some(Sender::H2(send))
+                Some(send)
             }
         }
     }
@@ -349,20 +365,21 @@ impl Pool {
     /// closes: `io` lives as long as the socket, upgrades and HTTP/2
     /// streams included (what it holds, e.g. a Service's `maxConnections`
     /// count, is held as long).
-    pub async fn handshake<I>(
-        self: &Arc<Self>,
-        io: I,
-        wire: Version,
-    ) -> Result<Sender, hyper::Error>
+    pub async fn handshake<I>(self: &Arc<Self>, io: I, wire: Version) -> Result<Sender, BoxError>
     where
         I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     {
-        let io = TokioIo::new(io);
-        match wire {
+        let send = match wire {
             Version::Http1 => {
-                let (send, conn) = http1::Builder::new().handshake(io).await?;
+                let (send, conn) = http1::Builder::new().handshake(TokioIo::new(io)).await?;
                 drive(conn.with_upgrades(), "HTTP/1");
-                Ok(Sender::H1(send, self.clone(), 0))
+                return Ok(Sender::H1(send, self.clone(), 0));
+            }
+            // HTTP/1.1 multiplexed to a weft peer.
+            Version::Http2 if self.version == Version::Http1 => {
+                let (client, conn) = mux::handshake(io).await?;
+                drive(conn, "HTTP/2 (multiplexed HTTP/1.1)");
+                Multiplexed::Mux(client)
             }
             Version::Http2 => {
                 let (send, conn) = http2::Builder::new(TokioExecutor::new())
@@ -371,21 +388,22 @@ impl Pool {
                     // burst of data, which measured as a third more CPU per
                     // request between two proxies (decision 25).
                     .adaptive_window(false)
-                    .handshake(io)
+                    .handshake(TokioIo::new(io))
                     .await?;
                 drive(conn, "HTTP/2");
-                if !self.used_up(1) {
-                    *self.h2.lock().unwrap_or_else(|p| p.into_inner()) = Some(Shared {
-                        send: send.clone(),
-                        served: 1,
-                        last_used: Instant::now(),
-                    });
-                }
-                // Requests waiting for the connection share it now.
-                self.idle_ready.notify_waiters();
-                Ok(Sender::H2(send))
+                Multiplexed::H2(send)
             }
+        };
+        if !self.used_up(1) {
+            *self.h2.lock().unwrap_or_else(|p| p.into_inner()) = Some(Shared {
+                send: send.clone(),
+                served: 1,
+                last_used: Instant::now(),
+            });
         }
+        // Requests waiting for the connection share it now.
+        self.idle_ready.notify_waiters();
+        Ok(send.sender())
     }
 
     fn put_idle(&self, send: http1::SendRequest<Body>, served: u32) {
@@ -465,56 +483,103 @@ impl Pool {
 }
 
 impl Sender {
-    /// Sends one request.
-    pub async fn send(self, req: Request<Body>) -> Result<Response<UpstreamBody>, SendFailed> {
+    /// Sends one request. Each kind of connection has a future of its own:
+    /// one `async` function for all of them would hold the request twice
+    /// and be the size of the largest.
+    pub fn send(
+        self,
+        req: Request<Body>,
+    ) -> impl Future<Output = Result<Response<UpstreamBody>, SendFailed>> {
+        use tokio_util::either::Either;
         match self {
-            Sender::H1(mut s, pool, served) => {
-                // Back from an attempt on a multiplexed connection.
-                let req = if req.version() == http::Version::HTTP_11 {
-                    req
-                } else {
-                    into_form(req, http::Version::HTTP_11)
-                };
-                let resp = s.try_send_request(req).await.map_err(|mut e| SendFailed {
-                    request: e.take_message(),
-                    error: e.into_error(),
-                })?;
-                // A switch takes the connection out of HTTP; any other
-                // response gives it back when its body has ended.
-                let back = (resp.status() != http::StatusCode::SWITCHING_PROTOCOLS).then(|| Back {
-                    send: s,
-                    pool,
-                    served: served + 1,
-                });
-                Ok(resp.map(|body| UpstreamBody { body, back }))
+            Sender::Mux(c) => Either::Left(send_mux(c, req)),
+            Sender::H1(s, pool, served) => {
+                Either::Right(Either::Left(send_h1(s, pool, served, req)))
             }
-            Sender::H2(mut s) => {
-                // HTTP/1.1 multiplexed to a weft peer.
-                let req = if req.version() == http::Version::HTTP_2 {
-                    req
-                } else {
-                    into_form(req, http::Version::HTTP_2)
-                };
-                let resp = s.try_send_request(req).await.map_err(|mut e| SendFailed {
-                    request: e.take_message(),
-                    error: e.into_error(),
-                })?;
-                Ok(resp.map(|body| UpstreamBody { body, back: None }))
-            }
+            Sender::H2(s) => Either::Right(Either::Right(send_h2(s, req))),
         }
     }
 }
 
-/// An upstream response's body: hyper's, and for HTTP/1.1 the connection
-/// it arrives on, which goes back to its pool once the body has ended: at
-/// once when the connection is ready for the next request by then (the
-/// usual case: hyper's connection task reads the end before the body's
-/// reader sees it), else from a task that waits for it. A body dropped
-/// before its end takes its connection with it (hyper closes it).
+/// `req` in the form of `version`.
+fn in_form(req: Request<Body>, version: http::Version) -> Request<Body> {
+    if req.version() == version {
+        req
+    } else {
+        into_form(req, version)
+    }
+}
+
+async fn send_h1(
+    mut s: http1::SendRequest<Body>,
+    pool: Arc<Pool>,
+    served: u32,
+    req: Request<Body>,
+) -> Result<Response<UpstreamBody>, SendFailed> {
+    // Back from an attempt on a multiplexed connection.
+    let req = in_form(req, http::Version::HTTP_11);
+    let resp = s.try_send_request(req).await.map_err(|mut e| SendFailed {
+        request: e.take_message(),
+        error: e.into_error().into(),
+    })?;
+    // A switch takes the connection out of HTTP; any other response gives
+    // it back when its body has ended.
+    let back = (resp.status() != http::StatusCode::SWITCHING_PROTOCOLS).then(|| Back {
+        send: s,
+        pool,
+        served: served + 1,
+    });
+    Ok(resp.map(|body| UpstreamBody {
+        body: Received::Hyper(body),
+        back,
+    }))
+}
+
+async fn send_h2(
+    mut s: http2::SendRequest<Body>,
+    req: Request<Body>,
+) -> Result<Response<UpstreamBody>, SendFailed> {
+    let req = in_form(req, http::Version::HTTP_2);
+    let resp = s.try_send_request(req).await.map_err(|mut e| SendFailed {
+        request: e.take_message(),
+        error: e.into_error().into(),
+    })?;
+    Ok(resp.map(|body| UpstreamBody {
+        body: Received::Hyper(body),
+        back: None,
+    }))
+}
+
+/// HTTP/1.1 multiplexed to a weft peer.
+async fn send_mux(
+    c: mux::Client,
+    req: Request<Body>,
+) -> Result<Response<UpstreamBody>, SendFailed> {
+    let resp = c.send(in_form(req, http::Version::HTTP_2)).await?;
+    Ok(resp.map(|body| UpstreamBody {
+        body: Received::Mux(body),
+        back: None,
+    }))
+}
+
+/// An upstream response's body: hyper's or a multiplexed stream's, and
+/// for HTTP/1.1 the connection it arrives on, which goes back to its pool
+/// once the body has ended: at once when the connection is ready for the
+/// next request by then (the usual case: hyper's connection task reads the
+/// end before the body's reader sees it), else from a task that waits for
+/// it. A body dropped before its end takes its connection with it (hyper
+/// closes it).
 #[derive(Debug)]
 pub struct UpstreamBody {
-    body: Incoming,
+    body: Received,
     back: Option<Back>,
+}
+
+/// Where a response body comes from.
+#[derive(Debug)]
+enum Received {
+    Hyper(Incoming),
+    Mux(mux::RecvBody),
 }
 
 /// An HTTP/1.1 connection on its way back to its pool.
@@ -555,17 +620,22 @@ impl UpstreamBody {
 
 impl http_body::Body for UpstreamBody {
     type Data = bytes::Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Result<http_body::Frame<bytes::Bytes>, hyper::Error>>> {
+    ) -> std::task::Poll<Option<Result<http_body::Frame<bytes::Bytes>, BoxError>>> {
         use std::task::Poll;
-        let polled = std::pin::Pin::new(&mut self.body).poll_frame(cx);
+        let polled = match &mut self.body {
+            Received::Hyper(b) => std::pin::Pin::new(b)
+                .poll_frame(cx)
+                .map(|f| f.map(|r| r.map_err(BoxError::from))),
+            Received::Mux(b) => std::pin::Pin::new(b).poll_frame(cx),
+        };
         match &polled {
             Poll::Ready(None) => self.give_back(),
-            Poll::Ready(Some(Ok(_))) if self.body.is_end_stream() => self.give_back(),
+            Poll::Ready(Some(Ok(_))) if self.is_end_stream() => self.give_back(),
             // The connection failed with the body: nothing to give back.
             Poll::Ready(Some(Err(_))) => self.back = None,
             _ => {}
@@ -574,11 +644,17 @@ impl http_body::Body for UpstreamBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
+        match &self.body {
+            Received::Hyper(b) => b.is_end_stream(),
+            Received::Mux(b) => b.is_end_stream(),
+        }
     }
 
     fn size_hint(&self) -> http_body::SizeHint {
-        self.body.size_hint()
+        match &self.body {
+            Received::Hyper(b) => b.size_hint(),
+            Received::Mux(b) => b.size_hint(),
+        }
     }
 }
 
@@ -586,7 +662,7 @@ impl Drop for UpstreamBody {
     /// A body without content (`HEAD`, `204`, `304`, a zero length) may
     /// never be polled: it gives its connection back when dropped.
     fn drop(&mut self) {
-        if http_body::Body::is_end_stream(&self.body) {
+        if http_body::Body::is_end_stream(self) {
             self.give_back();
         }
     }

@@ -396,7 +396,7 @@ async fn proxy(ctx: &Ctx, snap: &Arc<Snapshot>, mut req: Request<ReqBody>) -> Re
             SendError::Connect(c) => (c.status(), c.step()),
             // The client's body failed (a malformed chunk), not the app.
             SendError::Upstream { source, .. }
-                if crate::http::client_body_error(source).is_some() =>
+                if crate::http::client_body_error(&**source).is_some() =>
             {
                 (StatusCode::BAD_REQUEST, "bad-request")
             }

@@ -29,8 +29,9 @@ use weft_proxy_config::{HashKey, LoadBalancer};
 use crate::accesslog::{Sent, Upstream};
 use crate::client::balance::{Attempts, attempt_order};
 use crate::client::connect::{ConnectError, Gate, SendError, acquire, connect_timeout};
+use crate::http::SendFailed;
 use crate::http::forward::{finish, prepare};
-use crate::http::pool::{ConnPolicy, PoolKey, SendFailed, Version};
+use crate::http::pool::{ConnPolicy, PoolKey, Version};
 use crate::http::{
     Body, ERROR_HEADER, SOURCE_HEADER, bad_request, client_body_error, error_response, full,
 };
@@ -355,9 +356,9 @@ where
                 Err(SendFailed {
                     request: None,
                     error,
-                }) if client_body_error(&error).is_some() => {
+                }) if client_body_error(&*error).is_some() => {
                     state.metrics.error(Direction::Outbound, "bad-request");
-                    let e = client_body_error(&error).unwrap_or_else(|| error.to_string());
+                    let e = client_body_error(&*error).unwrap_or_else(|| error.to_string());
                     tracing::debug!(%addr, error = %e, "client request body failed");
                     return bad_request(&format!("{e}; the request was abandoned"));
                 }

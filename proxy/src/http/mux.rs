@@ -1,0 +1,529 @@
+//! The client side of the multiplexed hop between two weft proxies (ALPN
+//! `weft/h2m`, decision 25), spoken with h2 directly.
+//!
+//! hyper's HTTP/2 client hands each request to the connection's task over a
+//! channel, answers it over a oneshot, and sends a request body from a task
+//! of its own. Here the request's own task opens the stream, writes the
+//! head and, when the body is at hand before the response head (the common
+//! case: a small body the app sent with its head), the body too; only a
+//! body still streaming when the response head arrives continues in a task
+//! of its own. The connection's task does what only it can: reading frames
+//! and flushing what the streams queued.
+//!
+//! What the hop carries was made HTTP/2 by [`super::form`] and stripped of
+//! hop-by-hop fields by [`super::forward`]; upgrades and `CONNECT` never
+//! take it.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context, Poll, ready};
+
+use bytes::Bytes;
+use http::header::CONTENT_LENGTH;
+use http::{HeaderValue, Method, Request, Response};
+use http_body::{Body as _, Frame, SizeHint};
+
+use super::{Body, BoxError, SendFailed};
+
+/// Initial flow-control window per stream, on what this side receives
+/// (fixed, decision 25).
+const STREAM_WINDOW: u32 = 2 * 1024 * 1024;
+/// Initial flow-control window of the connection.
+const CONN_WINDOW: u32 = 5 * 1024 * 1024;
+/// Largest header list accepted in a response.
+const MAX_HEADER_LIST: u32 = 16 * 1024;
+/// Most bytes buffered per stream for sending.
+const MAX_SEND_BUFFER: usize = 1024 * 1024;
+/// Streams opened before the peer's SETTINGS say how many it takes.
+const INITIAL_STREAMS: usize = 100;
+/// Streams this side resets on errors it finds, before it gives the
+/// connection up (an errant peer).
+const MAX_LOCAL_RESETS: usize = 1024;
+
+/// A handle on one multiplexed connection; clones share it.
+#[derive(Clone, Debug)]
+pub struct Client {
+    send: h2::client::SendRequest<Bytes>,
+    /// Set once the connection's task has ended.
+    closed: Arc<AtomicBool>,
+}
+
+/// The connection's half: polled by a task of its own until the connection
+/// closes (every [`Client`] dropped and no stream open, or a failure).
+pub struct Connection<I> {
+    conn: h2::client::Connection<I, Bytes>,
+    closed: Arc<AtomicBool>,
+}
+
+impl<I> std::fmt::Debug for Connection<I> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Connection")
+            .field("closed", &self.closed)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<I> Future for Connection<I>
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    type Output = Result<(), h2::Error>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let r = ready!(Pin::new(&mut self.conn).poll(cx));
+        self.closed.store(true, Ordering::Release);
+        Poll::Ready(r)
+    }
+}
+
+impl<I> Drop for Connection<I> {
+    fn drop(&mut self) {
+        self.closed.store(true, Ordering::Release);
+    }
+}
+
+/// The HTTP/2 handshake on a fresh `weft/h2m` connection.
+pub async fn handshake<I>(io: I) -> Result<(Client, Connection<I>), h2::Error>
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let (send, conn) = h2::client::Builder::new()
+        .initial_max_send_streams(INITIAL_STREAMS)
+        .initial_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONN_WINDOW)
+        .max_header_list_size(MAX_HEADER_LIST)
+        .max_send_buffer_size(MAX_SEND_BUFFER)
+        .max_local_error_reset_streams(Some(MAX_LOCAL_RESETS))
+        .enable_push(false)
+        .handshake(io)
+        .await?;
+    let closed = Arc::new(AtomicBool::new(false));
+    Ok((
+        Client {
+            send,
+            closed: closed.clone(),
+        },
+        Connection { conn, closed },
+    ))
+}
+
+impl Client {
+    /// Whether the connection has closed (it takes no more requests).
+    pub fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
+    }
+
+    /// Sends one request and waits for its response head. The request is
+    /// handed back, unsent, when the connection could not take it.
+    pub fn send(self, req: Request<Body>) -> Sending {
+        Sending {
+            stage: Stage::Waiting(self, req),
+        }
+    }
+
+    /// Opens a stream for `req` and queues its head, and its body when
+    /// that is already known to be empty.
+    fn open(&mut self, req: Request<Body>) -> Result<Stage, h2::Error> {
+        let (mut parts, body) = req.into_parts();
+        if !parts.headers.contains_key(CONTENT_LENGTH)
+            && let Some(len) = body.size_hint().exact()
+            && (len != 0 || has_payload(&parts.method))
+        {
+            parts.headers.insert(CONTENT_LENGTH, HeaderValue::from(len));
+        }
+        let end = body.is_end_stream();
+        let (response, stream) = self
+            .send
+            .send_request(Request::from_parts(parts, ()), end)?;
+        Ok(Stage::Sent(
+            response,
+            (!end).then_some(Pipe { body, stream }),
+        ))
+    }
+}
+
+/// [`Client::send`]'s future.
+#[derive(Debug)]
+pub struct Sending {
+    stage: Stage,
+}
+
+#[derive(Debug)]
+// In place in the request's future: boxing the request would cost an
+// allocation per request.
+#[allow(clippy::large_enum_variant)]
+enum Stage {
+    /// Waiting for a stream: past the peer's concurrent-stream limit, h2
+    /// holds a request back until one closes.
+    Waiting(Client, Request<Body>),
+    /// The head is queued; the body goes with it until the response head
+    /// arrives.
+    Sent(h2::client::ResponseFuture, Option<Pipe>),
+    Done,
+}
+
+impl Future for Sending {
+    type Output = Result<Response<RecvBody>, SendFailed>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.get_mut();
+        if let Stage::Waiting(client, _) = &mut this.stage {
+            let ready = ready!(client.send.poll_ready(cx));
+            if let Stage::Waiting(mut client, req) = std::mem::replace(&mut this.stage, Stage::Done)
+            {
+                this.stage = match ready {
+                    Ok(()) => client.open(req).map_err(|e| SendFailed {
+                        error: e.into(),
+                        request: None,
+                    })?,
+                    Err(e) => {
+                        return Poll::Ready(Err(SendFailed {
+                            error: e.into(),
+                            request: Some(req),
+                        }));
+                    }
+                };
+            }
+        }
+        let Stage::Sent(response, pipe) = &mut this.stage else {
+            return Poll::Pending;
+        };
+        if let Some(p) = pipe.as_mut() {
+            match p.poll_send(cx) {
+                Poll::Ready(Ok(())) => *pipe = None,
+                // The client's body failed: the stream is reset, and the
+                // failure is the client's to answer.
+                Poll::Ready(Err(error)) => {
+                    this.stage = Stage::Done;
+                    return Poll::Ready(Err(SendFailed {
+                        error,
+                        request: None,
+                    }));
+                }
+                Poll::Pending => {}
+            }
+        }
+        let resp = ready!(Pin::new(response).poll(cx));
+        let Stage::Sent(_, pipe) = std::mem::replace(&mut this.stage, Stage::Done) else {
+            return Poll::Pending;
+        };
+        let resp = resp.map_err(|e| SendFailed {
+            error: e.into(),
+            request: None,
+        })?;
+        if let Some(mut p) = pipe {
+            // A body still streaming (a gRPC stream, a large upload) goes on
+            // beside the response.
+            tokio::spawn(std::future::poll_fn(move |cx| {
+                p.poll_send(cx).map(|r| {
+                    if let Err(e) = r {
+                        tracing::debug!(error = %e, "request body not sent whole");
+                    }
+                })
+            }));
+        }
+        let (parts, recv) = resp.into_parts();
+        let body = RecvBody::new(recv, parts.headers.get(CONTENT_LENGTH));
+        Poll::Ready(Ok(Response::from_parts(parts, body)))
+    }
+}
+
+/// Whether a request with this method means something by a body, so an
+/// empty one is worth a `content-length: 0`.
+fn has_payload(method: &Method) -> bool {
+    !matches!(
+        *method,
+        Method::GET | Method::HEAD | Method::DELETE | Method::OPTIONS | Method::CONNECT
+    )
+}
+
+/// A request body on its way into its stream.
+#[derive(Debug)]
+struct Pipe {
+    body: Body,
+    stream: h2::SendStream<Bytes>,
+}
+
+impl Pipe {
+    /// Sends what the body has, as the peer's window allows; ready when the
+    /// body has ended (or the peer reset the stream, which the response
+    /// reports). An error is the body's own.
+    fn poll_send(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        loop {
+            // The peer gave up on the stream: nothing more to send.
+            if self.stream.poll_reset(cx).is_ready() {
+                return Poll::Ready(Ok(()));
+            }
+            // Read no more of the body than the peer can take now, so a
+            // slow peer holds the client back instead of filling memory.
+            self.stream.reserve_capacity(1);
+            if self.stream.capacity() == 0 {
+                match ready!(self.stream.poll_capacity(cx)) {
+                    Some(Ok(_)) => continue,
+                    // The stream or the connection is gone; the response
+                    // says why.
+                    Some(Err(_)) | None => return Poll::Ready(Ok(())),
+                }
+            }
+            match ready!(Pin::new(&mut self.body).poll_frame(cx)) {
+                None => {
+                    let _ = self.stream.send_data(Bytes::new(), true);
+                    return Poll::Ready(Ok(()));
+                }
+                Some(Ok(frame)) => match frame.into_data() {
+                    Ok(data) => {
+                        let end = self.body.is_end_stream();
+                        if self.stream.send_data(data, end).is_err() || end {
+                            return Poll::Ready(Ok(()));
+                        }
+                    }
+                    Err(frame) => {
+                        if let Ok(trailers) = frame.into_trailers() {
+                            let _ = self.stream.send_trailers(trailers);
+                        } else {
+                            let _ = self.stream.send_data(Bytes::new(), true);
+                        }
+                        return Poll::Ready(Ok(()));
+                    }
+                },
+                Some(Err(e)) => {
+                    self.stream.send_reset(h2::Reason::INTERNAL_ERROR);
+                    return Poll::Ready(Err(e));
+                }
+            }
+        }
+    }
+}
+
+/// A response body arriving on a stream: data is handed on as it comes,
+/// and its window given back to the peer as it is.
+#[derive(Debug)]
+pub struct RecvBody {
+    recv: h2::RecvStream,
+    /// Every data frame has been read; trailers (if any) are next.
+    data_done: bool,
+    /// What `content-length` said is still to come.
+    remaining: Option<u64>,
+}
+
+impl RecvBody {
+    /// The body of a response whose head said `length` (its size hint).
+    fn new(recv: h2::RecvStream, length: Option<&HeaderValue>) -> Self {
+        RecvBody {
+            recv,
+            data_done: false,
+            remaining: length
+                .and_then(|v| v.to_str().ok())
+                .and_then(|s| s.parse().ok()),
+        }
+    }
+}
+
+impl http_body::Body for RecvBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        if !self.data_done {
+            match ready!(self.recv.poll_data(cx)) {
+                Some(Ok(data)) => {
+                    // Read: the peer may send that much more.
+                    let _ = self.recv.flow_control().release_capacity(data.len());
+                    if let Some(r) = self.remaining.as_mut() {
+                        *r = r.saturating_sub(data.len() as u64);
+                    }
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                Some(Err(e)) => return Poll::Ready(Some(Err(e.into()))),
+                None => self.data_done = true,
+            }
+        }
+        match ready!(self.recv.poll_trailers(cx)) {
+            Ok(Some(trailers)) => Poll::Ready(Some(Ok(Frame::trailers(trailers)))),
+            Ok(None) => Poll::Ready(None),
+            Err(e) => Poll::Ready(Some(Err(e.into()))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.recv.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        if self.recv.is_end_stream() {
+            return SizeHint::with_exact(0);
+        }
+        match self.remaining {
+            Some(n) => SizeHint::with_exact(n),
+            None => SizeHint::default(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::{BodyExt as _, StreamBody};
+    use tokio::sync::mpsc;
+
+    /// A client on one end of an in-memory pipe; the h2 server's end is
+    /// handed to `serve`.
+    async fn pair<F, Fut>(serve: F) -> Client
+    where
+        F: FnOnce(h2::server::Connection<tokio::io::DuplexStream, Bytes>) -> Fut + Send + 'static,
+        Fut: Future<Output = ()> + Send,
+    {
+        let (a, b) = tokio::io::duplex(64 * 1024);
+        tokio::spawn(async move {
+            let conn = h2::server::handshake(b).await.expect("server handshake");
+            serve(conn).await;
+        });
+        let (client, conn) = handshake(a).await.expect("client handshake");
+        tokio::spawn(conn);
+        client
+    }
+
+    /// A body fed from a channel, chunk by chunk.
+    fn channel_body() -> (mpsc::Sender<Result<Frame<Bytes>, BoxError>>, Body) {
+        let (tx, rx) = mpsc::channel(4);
+        let stream = futures::stream::unfold(rx, |mut rx| async move {
+            rx.recv().await.map(|frame| (frame, rx))
+        });
+        (tx, crate::http::boxed(StreamBody::new(stream)))
+    }
+
+    /// `fut`, or a failure if it hangs (a stream that never ends).
+    async fn settled<T>(fut: impl Future<Output = T>) -> T {
+        tokio::time::timeout(std::time::Duration::from_secs(10), fut)
+            .await
+            .expect("no hang")
+    }
+
+    fn post(body: Body) -> Request<Body> {
+        Request::post("http://echo.shop/upload")
+            .version(http::Version::HTTP_2)
+            .body(body)
+            .expect("request")
+    }
+
+    /// The server answers a request's head at once, then reads its body to
+    /// the end and reports what it got in the trailers: a body that is
+    /// still streaming when the response head arrives must reach it whole.
+    #[tokio::test]
+    async fn a_body_still_streaming_when_the_answer_comes_is_sent_to_its_end() {
+        let client = pair(|mut conn| async move {
+            let (req, mut respond) = conn.accept().await.expect("a stream").expect("a request");
+            tokio::spawn(async move { while conn.accept().await.is_some() {} });
+            let resp = Response::builder()
+                .header(CONTENT_LENGTH, "2")
+                .body(())
+                .expect("response");
+            let mut send = respond.send_response(resp, false).expect("head");
+            send.send_data(Bytes::from_static(b"ok"), false)
+                .expect("data");
+            let mut body = req.into_body();
+            let mut got = Vec::new();
+            while let Some(chunk) = body.data().await {
+                let chunk = chunk.expect("request data");
+                let _ = body.flow_control().release_capacity(chunk.len());
+                got.extend_from_slice(&chunk);
+            }
+            let mut trailers = http::HeaderMap::new();
+            trailers.insert(
+                "x-got",
+                HeaderValue::from_str(std::str::from_utf8(&got).expect("utf-8")).expect("value"),
+            );
+            send.send_trailers(trailers).expect("trailers");
+        })
+        .await;
+        let (tx, body) = channel_body();
+        tx.send(Ok(Frame::data(Bytes::from_static(b"first "))))
+            .await
+            .expect("first chunk");
+        let resp = client.send(post(body)).await.expect("a response");
+        assert_eq!(
+            resp.body().size_hint().exact(),
+            Some(2),
+            "from content-length"
+        );
+        // Only now the rest of the body.
+        tx.send(Ok(Frame::data(Bytes::from_static(b"second"))))
+            .await
+            .expect("second chunk");
+        drop(tx);
+        let all = settled(resp.into_body().collect())
+            .await
+            .expect("the whole answer");
+        let trailers = all.trailers().cloned().expect("trailers");
+        assert_eq!(all.to_bytes(), "ok");
+        assert_eq!(trailers["x-got"], "first second");
+    }
+
+    /// A request body that fails is the client's fault: the stream is
+    /// reset and the send fails with the body's own error, which
+    /// `client_body_error` recognises.
+    #[tokio::test]
+    async fn a_failing_request_body_resets_the_stream_and_blames_the_client() {
+        let (seen_tx, seen_rx) = tokio::sync::oneshot::channel();
+        let client = pair(|mut conn| async move {
+            let (req, _respond) = conn.accept().await.expect("a stream").expect("a request");
+            tokio::spawn(async move { while conn.accept().await.is_some() {} });
+            let mut body = req.into_body();
+            let mut outcome = None;
+            while let Some(chunk) = body.data().await {
+                if let Err(e) = chunk {
+                    outcome = e.reason();
+                    break;
+                }
+            }
+            let _ = seen_tx.send(outcome);
+        })
+        .await;
+        let (tx, body) = channel_body();
+        let body = crate::http::boxed(body.map_err(crate::http::ClientBodyError));
+        tx.send(Ok(Frame::data(Bytes::from_static(b"part"))))
+            .await
+            .expect("chunk");
+        tx.send(Err("malformed chunk".into())).await.expect("error");
+        let failed = client.send(post(body)).await.expect_err("the body failed");
+        assert!(failed.request.is_none(), "the head had left");
+        let blamed = crate::http::client_body_error(&*failed.error);
+        assert!(
+            blamed
+                .as_deref()
+                .is_some_and(|e| e.contains("malformed chunk")),
+            "{blamed:?}"
+        );
+        assert_eq!(
+            settled(seen_rx)
+                .await
+                .expect("the server saw the stream end"),
+            Some(h2::Reason::INTERNAL_ERROR)
+        );
+    }
+
+    /// Once the connection has closed, a request is handed back unsent, to
+    /// be retried on a fresh connection.
+    #[tokio::test]
+    async fn a_closed_connection_hands_the_request_back() {
+        let client = pair(|conn| async move { drop(conn) }).await;
+        for _ in 0..100 {
+            if client.is_closed() {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        assert!(client.is_closed());
+        let failed = client
+            .send(post(crate::http::full(Bytes::from_static(b"x"))))
+            .await
+            .expect_err("no connection");
+        let back = failed.request.expect("the request, unsent");
+        assert_eq!(back.uri().path(), "/upload");
+    }
+}
