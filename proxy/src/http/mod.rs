@@ -14,6 +14,7 @@ pub mod mux;
 pub mod path;
 pub mod pool;
 pub mod server;
+pub mod stream;
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -35,12 +36,15 @@ pub struct SendFailed {
     pub request: Option<http::Request<Body>>,
 }
 
-/// A request body as a server connection received it: from hyper (HTTP/2,
-/// TLS listeners) or from weft's HTTP/1 server ([`h1`]).
+/// A request body as a server connection received it: from hyper (HTTP/2),
+/// from weft's HTTP/1 server ([`h1`]) or from a peer proxy's multiplexed
+/// connection ([`mux`], [`stream`]).
 #[derive(Debug)]
 pub enum ReqBody {
     Hyper(hyper::body::Incoming),
     H1(h1::body::RecvBody),
+    /// A stream of a multiplexed connection from a peer proxy ([`mux`]).
+    Mux(stream::RecvBody),
 }
 
 impl http_body::Body for ReqBody {
@@ -56,6 +60,9 @@ impl http_body::Body for ReqBody {
                 .poll_frame(cx)
                 .map(|f| f.map(|r| r.map_err(Into::into))),
             ReqBody::H1(b) => std::pin::Pin::new(b).poll_frame(cx),
+            ReqBody::Mux(b) => std::pin::Pin::new(b)
+                .poll_frame(cx)
+                .map(|f| f.map(|r| r.map_err(Into::into))),
         }
     }
 
@@ -63,6 +70,7 @@ impl http_body::Body for ReqBody {
         match self {
             ReqBody::Hyper(b) => b.is_end_stream(),
             ReqBody::H1(b) => b.is_end_stream(),
+            ReqBody::Mux(b) => b.is_end_stream(),
         }
     }
 
@@ -70,6 +78,7 @@ impl http_body::Body for ReqBody {
         match self {
             ReqBody::Hyper(b) => b.size_hint(),
             ReqBody::H1(b) => b.size_hint(),
+            ReqBody::Mux(b) => b.size_hint(),
         }
     }
 }

@@ -1,14 +1,18 @@
-//! The client side of the multiplexed hop between two weft proxies (ALPN
+//! Both sides of the multiplexed hop between two weft proxies (ALPN
 //! `weft/h2m`, decision 25), spoken with h2 directly.
 //!
-//! hyper's HTTP/2 client hands each request to the connection's task over a
-//! channel, answers it over a oneshot, and sends a request body from a task
-//! of its own. Here the request's own task opens the stream, writes the
-//! head and, when the body is at hand before the response head (the common
-//! case: a small body the app sent with its head), the body too; only a
-//! body still streaming when the response head arrives continues in a task
-//! of its own. The connection's task does what only it can: reading frames
-//! and flushing what the streams queued.
+//! Client ([`Client`]): hyper's HTTP/2 client hands each request to the
+//! connection's task over a channel, answers it over a oneshot, and sends a
+//! request body from a task of its own. Here the request's own task opens
+//! the stream, writes the head and, when the body is at hand before the
+//! response head (the common case: a small body the app sent with its
+//! head), the body too; only a body still streaming when the response head
+//! arrives continues in a task of its own. The connection's task does what
+//! only it can: reading frames and flushing what the streams queued.
+//!
+//! Server ([`serve`]): each stream's request runs in one task, which sends
+//! the response head and body when the service answers, and drops the
+//! service's future if the peer resets the stream (its client went away).
 //!
 //! What the hop carries was made HTTP/2 by [`super::form`] and stripped of
 //! hop-by-hop fields by [`super::forward`]; upgrades and `CONNECT` never
@@ -23,9 +27,10 @@ use std::task::{Context, Poll, ready};
 use bytes::Bytes;
 use http::header::CONTENT_LENGTH;
 use http::{HeaderValue, Method, Request, Response};
-use http_body::{Body as _, Frame, SizeHint};
+use http_body::Body as _;
 
-use super::{Body, BoxError, SendFailed};
+use super::stream::RecvBody;
+use super::{Body, BoxError, ReqBody, SendFailed};
 
 /// Initial flow-control window per stream, on what this side receives
 /// (fixed, decision 25).
@@ -230,6 +235,128 @@ impl Future for Sending {
     }
 }
 
+/// Initial flow-control windows of a served connection, per stream and
+/// for the connection (fixed, decision 25).
+const SERVER_WINDOW: u32 = 1024 * 1024;
+/// Most bytes buffered per stream for sending, served side.
+const SERVER_SEND_BUFFER: usize = 400 * 1024;
+
+/// Serves a multiplexed connection from a peer proxy until it closes or
+/// `ended` resolves (then it finishes gracefully: streams open by then
+/// complete, no new ones are taken). Each stream's request goes to `svc`;
+/// at most `max_streams` are open at once, and a header list over
+/// `max_header_bytes` is answered 431 by h2 without reaching `svc`.
+pub async fn serve<I, S, F>(
+    io: I,
+    max_streams: u32,
+    max_header_bytes: usize,
+    svc: S,
+    ended: impl Future<Output = ()>,
+) where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    S: Fn(Request<ReqBody>) -> F + Clone + Send + 'static,
+    F: Future<Output = Response<Body>> + Send + 'static,
+{
+    let handshake = h2::server::Builder::new()
+        .initial_window_size(SERVER_WINDOW)
+        .initial_connection_window_size(SERVER_WINDOW)
+        .max_concurrent_streams(max_streams)
+        .max_header_list_size(u32::try_from(max_header_bytes).unwrap_or(u32::MAX))
+        .max_send_buffer_size(SERVER_SEND_BUFFER)
+        .max_local_error_reset_streams(Some(MAX_LOCAL_RESETS))
+        .handshake::<_, Bytes>(io);
+    let mut conn = match handshake.await {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::debug!(error = %e, "multiplexed connection failed its handshake");
+            return;
+        }
+    };
+    let mut ended = std::pin::pin!(ended);
+    let mut ending = false;
+    loop {
+        let next = std::future::poll_fn(|cx| {
+            if !ending && ended.as_mut().poll(cx).is_ready() {
+                ending = true;
+                conn.graceful_shutdown();
+            }
+            conn.poll_accept(cx)
+        })
+        .await;
+        match next {
+            Some(Ok((req, respond))) => {
+                let (parts, recv) = req.into_parts();
+                let body = RecvBody::new(recv, parts.headers.get(CONTENT_LENGTH));
+                let req = Request::from_parts(parts, ReqBody::Mux(body));
+                tokio::spawn(answer(svc.clone(), req, respond));
+            }
+            Some(Err(e)) => {
+                // A stream's error (a reset) is the stream's; one of the
+                // connection ends it.
+                if e.is_io() || e.is_go_away() || e.reason().is_none() {
+                    tracing::debug!(error = %e, "multiplexed connection ended with error");
+                    return;
+                }
+                tracing::debug!(error = %e, "multiplexed stream failed");
+            }
+            None => return,
+        }
+    }
+}
+
+/// Runs one stream's request through `svc` and sends its response. The
+/// service is called inside: a future made outside and awaited here would
+/// be held twice.
+async fn answer<S, F>(svc: S, req: Request<ReqBody>, mut respond: h2::server::SendResponse<Bytes>)
+where
+    S: Fn(Request<ReqBody>) -> F,
+    F: Future<Output = Response<Body>>,
+{
+    let resp = {
+        let mut fut = std::pin::pin!(svc(req));
+        let answered = std::future::poll_fn(|cx| {
+            if let Poll::Ready(resp) = fut.as_mut().poll(cx) {
+                return Poll::Ready(Some(resp));
+            }
+            // The peer reset the stream (its client went away): the
+            // request is dropped where it stands.
+            if respond.poll_reset(cx).is_ready() {
+                return Poll::Ready(None);
+            }
+            Poll::Pending
+        })
+        .await;
+        match answered {
+            Some(resp) => resp,
+            None => return,
+        }
+    };
+    let (mut parts, body) = resp.into_parts();
+    // Fields of one connection have no place on a stream.
+    super::strip_hop_by_hop(&mut parts.headers, false);
+    parts.headers.remove(http::header::TE);
+    let end = body.is_end_stream();
+    if !end
+        && !parts.headers.contains_key(CONTENT_LENGTH)
+        && let Some(len) = body.size_hint().exact()
+    {
+        parts.headers.insert(CONTENT_LENGTH, HeaderValue::from(len));
+    }
+    let stream = match respond.send_response(Response::from_parts(parts, ()), end) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::debug!(error = %e, "response head not sent");
+            return;
+        }
+    };
+    if !end {
+        let mut pipe = Pipe { body, stream };
+        if let Err(e) = std::future::poll_fn(|cx| pipe.poll_send(cx)).await {
+            tracing::debug!(error = %e, "response body failed; stream reset");
+        }
+    }
+}
+
 /// Whether a request with this method means something by a body, so an
 /// empty one is worth a `content-length: 0`.
 fn has_payload(method: &Method) -> bool {
@@ -297,77 +424,10 @@ impl Pipe {
     }
 }
 
-/// A response body arriving on a stream: data is handed on as it comes,
-/// and its window given back to the peer as it is.
-#[derive(Debug)]
-pub struct RecvBody {
-    recv: h2::RecvStream,
-    /// Every data frame has been read; trailers (if any) are next.
-    data_done: bool,
-    /// What `content-length` said is still to come.
-    remaining: Option<u64>,
-}
-
-impl RecvBody {
-    /// The body of a response whose head said `length` (its size hint).
-    fn new(recv: h2::RecvStream, length: Option<&HeaderValue>) -> Self {
-        RecvBody {
-            recv,
-            data_done: false,
-            remaining: length
-                .and_then(|v| v.to_str().ok())
-                .and_then(|s| s.parse().ok()),
-        }
-    }
-}
-
-impl http_body::Body for RecvBody {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        if !self.data_done {
-            match ready!(self.recv.poll_data(cx)) {
-                Some(Ok(data)) => {
-                    // Read: the peer may send that much more.
-                    let _ = self.recv.flow_control().release_capacity(data.len());
-                    if let Some(r) = self.remaining.as_mut() {
-                        *r = r.saturating_sub(data.len() as u64);
-                    }
-                    return Poll::Ready(Some(Ok(Frame::data(data))));
-                }
-                Some(Err(e)) => return Poll::Ready(Some(Err(e.into()))),
-                None => self.data_done = true,
-            }
-        }
-        match ready!(self.recv.poll_trailers(cx)) {
-            Ok(Some(trailers)) => Poll::Ready(Some(Ok(Frame::trailers(trailers)))),
-            Ok(None) => Poll::Ready(None),
-            Err(e) => Poll::Ready(Some(Err(e.into()))),
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.recv.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        if self.recv.is_end_stream() {
-            return SizeHint::with_exact(0);
-        }
-        match self.remaining {
-            Some(n) => SizeHint::with_exact(n),
-            None => SizeHint::default(),
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use http_body::Frame;
     use http_body_util::{BodyExt as _, StreamBody};
     use tokio::sync::mpsc;
 
@@ -525,5 +585,135 @@ mod tests {
             .expect_err("no connection");
         let back = failed.request.expect("the request, unsent");
         assert_eq!(back.uri().path(), "/upload");
+    }
+
+    /// A client and weft's server on the two ends of an in-memory pipe;
+    /// `end` ends the server's connection gracefully.
+    async fn served<S, F>(svc: S) -> (Client, tokio::sync::oneshot::Sender<()>)
+    where
+        S: Fn(Request<ReqBody>) -> F + Clone + Send + 'static,
+        F: Future<Output = Response<Body>> + Send + 'static,
+    {
+        let (a, b) = tokio::io::duplex(64 * 1024);
+        let (end, ended) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(serve(b, 8, 16 * 1024, svc, async move {
+            let _ = ended.await;
+        }));
+        let (client, conn) = handshake(a).await.expect("client handshake");
+        tokio::spawn(conn);
+        (client, end)
+    }
+
+    /// Echoes the request body, with its length in a trailer and fields
+    /// that belong to one connection, which a stream must not carry.
+    async fn echo(req: Request<ReqBody>) -> Response<Body> {
+        let body = req.into_body().collect().await.expect("request body");
+        let data = body.to_bytes();
+        let mut trailers = http::HeaderMap::new();
+        trailers.insert("x-length", HeaderValue::from(data.len()));
+        let frames = [
+            Ok::<_, BoxError>(Frame::data(data)),
+            Ok(Frame::trailers(trailers)),
+        ];
+        Response::builder()
+            .header("connection", "keep-alive, x-hop")
+            .header("keep-alive", "timeout=5")
+            .header("x-hop", "1")
+            .header("transfer-encoding", "chunked")
+            .header("te", "trailers")
+            .body(crate::http::boxed(StreamBody::new(futures::stream::iter(
+                frames,
+            ))))
+            .expect("response")
+    }
+
+    /// A request crosses weft's client and server whole: its body reaches
+    /// the service, the answer comes back with its trailers, and the
+    /// fields of one connection the service set stay behind.
+    #[tokio::test]
+    async fn a_served_request_reaches_the_service_and_its_answer_comes_back_whole() {
+        let (client, _end) = served(echo).await;
+        let resp = settled(client.send(post(crate::http::full(Bytes::from_static(b"hello")))))
+            .await
+            .expect("a response");
+        for hop in [
+            "connection",
+            "keep-alive",
+            "x-hop",
+            "transfer-encoding",
+            "te",
+        ] {
+            assert!(resp.headers().get(hop).is_none(), "{hop} crossed the hop");
+        }
+        let all = settled(resp.into_body().collect())
+            .await
+            .expect("the answer");
+        let trailers = all.trailers().cloned().expect("trailers");
+        assert_eq!(all.to_bytes(), "hello");
+        assert_eq!(trailers["x-length"], "5");
+    }
+
+    /// When the peer resets a stream (its client went away), the request's
+    /// future in the service is dropped where it stands.
+    #[tokio::test]
+    async fn a_stream_the_peer_resets_drops_its_request() {
+        let (dropped_tx, dropped_rx) = tokio::sync::oneshot::channel::<()>();
+        let dropped_tx = Arc::new(std::sync::Mutex::new(Some(dropped_tx)));
+        let (client, _end) = served(move |_req| {
+            // Sends when dropped: never answers.
+            let guard = dropped_tx.lock().expect("lock").take();
+            async move {
+                let _guard = guard;
+                std::future::pending::<()>().await;
+                Response::new(crate::http::full(Bytes::new()))
+            }
+        })
+        .await;
+        let mut sending = Box::pin(client.send(post(crate::http::full(Bytes::new()))));
+        // The request leaves; no answer comes.
+        let waited =
+            tokio::time::timeout(std::time::Duration::from_millis(50), sending.as_mut()).await;
+        assert!(waited.is_err(), "the service never answers");
+        drop(sending);
+        // Dropping the request resets its stream; the server drops the
+        // service's future, whose guard's sender goes with it.
+        assert!(
+            settled(dropped_rx).await.is_err(),
+            "the request's future was dropped"
+        );
+    }
+
+    /// Ending the connection lets an open stream finish and takes no new
+    /// one.
+    #[tokio::test]
+    async fn an_ended_connection_finishes_its_open_streams_and_takes_no_more() {
+        let (go_tx, go_rx) = tokio::sync::watch::channel(false);
+        let (client, end) = served(move |req| {
+            let mut go = go_rx.clone();
+            async move {
+                let _ = go.wait_for(|g| *g).await;
+                echo(req).await
+            }
+        })
+        .await;
+        let first = tokio::spawn(
+            client
+                .clone()
+                .send(post(crate::http::full(Bytes::from_static(b"in flight")))),
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        end.send(()).expect("the server is up");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        go_tx.send(true).expect("the service waits");
+        let resp = settled(first)
+            .await
+            .expect("the task")
+            .expect("the open stream is answered");
+        let all = settled(resp.into_body().collect())
+            .await
+            .expect("the answer");
+        assert_eq!(all.to_bytes(), "in flight");
+        let later = settled(client.send(post(crate::http::full(Bytes::new())))).await;
+        assert!(later.is_err(), "no new stream after the end");
     }
 }

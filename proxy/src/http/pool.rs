@@ -579,7 +579,7 @@ pub struct UpstreamBody {
 #[derive(Debug)]
 enum Received {
     Hyper(Incoming),
-    Mux(mux::RecvBody),
+    Mux(super::stream::RecvBody),
 }
 
 /// An HTTP/1.1 connection on its way back to its pool.
@@ -631,7 +631,9 @@ impl http_body::Body for UpstreamBody {
             Received::Hyper(b) => std::pin::Pin::new(b)
                 .poll_frame(cx)
                 .map(|f| f.map(|r| r.map_err(BoxError::from))),
-            Received::Mux(b) => std::pin::Pin::new(b).poll_frame(cx),
+            Received::Mux(b) => std::pin::Pin::new(b)
+                .poll_frame(cx)
+                .map(|f| f.map(|r| r.map_err(BoxError::from))),
         };
         match &polled {
             Poll::Ready(None) => self.give_back(),

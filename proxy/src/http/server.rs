@@ -40,7 +40,7 @@ pub struct HeadLimits {
 /// connection ([`super::pool::PoolKey::mux`]), long polls included, so the
 /// limit is well above what one app connection at a time would need;
 /// requests past it wait in the client proxy for a stream to end.
-const MAX_STREAMS: u32 = 1024;
+pub const MAX_STREAMS: u32 = 1024;
 
 /// Serves an HTTP/1 connection with weft's own server ([`h1`]: nothing
 /// but the socket held between requests) until it closes or `ended`

@@ -168,8 +168,19 @@ where
         Either::Left(state.end_signal())
     };
     let limits = state.settings.head_limits();
+    if wire == Version::Http2 && app == Version::Http1 {
+        // HTTP/1.1 multiplexed by a peer proxy: weft's own HTTP/2 server.
+        let mux: BoxFuture<'static, ()> = Box::pin(crate::http::mux::serve(
+            conn,
+            crate::http::server::MAX_STREAMS,
+            limits.max_header_bytes,
+            svc,
+            ended,
+        ));
+        return Either::Right(mux);
+    }
     let refused = move |step| state.metrics.error(Direction::Inbound, step);
-    serve_client(conn, wire, limits, svc, ended, refused)
+    Either::Left(serve_client(conn, wire, limits, svc, ended, refused))
 }
 
 /// What a request's metrics and span need from its start.
