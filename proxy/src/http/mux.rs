@@ -290,14 +290,11 @@ pub async fn serve<I, S, F>(
                 let req = Request::from_parts(parts, ReqBody::Mux(body));
                 tokio::spawn(answer(svc.clone(), req, respond));
             }
+            // h2 reports here what ends the connection (a stream's own
+            // failure stays with the stream).
             Some(Err(e)) => {
-                // A stream's error (a reset) is the stream's; one of the
-                // connection ends it.
-                if e.is_io() || e.is_go_away() || e.reason().is_none() {
-                    tracing::debug!(error = %e, "multiplexed connection ended with error");
-                    return;
-                }
-                tracing::debug!(error = %e, "multiplexed stream failed");
+                tracing::debug!(error = %e, "multiplexed connection ended with error");
+                return;
             }
             None => return,
         }
