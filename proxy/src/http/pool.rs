@@ -510,6 +510,14 @@ fn in_form(req: Request<Body>, version: http::Version) -> Request<Body> {
     }
 }
 
+/// A failure of hyper's send, with the request when it never left.
+fn unsent(mut e: hyper::client::conn::TrySendError<Request<Body>>) -> SendFailed {
+    SendFailed {
+        request: e.take_message(),
+        error: e.into_error().into(),
+    }
+}
+
 async fn send_h1(
     mut s: http1::SendRequest<Body>,
     pool: Arc<Pool>,
@@ -518,10 +526,7 @@ async fn send_h1(
 ) -> Result<Response<UpstreamBody>, SendFailed> {
     // Back from an attempt on a multiplexed connection.
     let req = in_form(req, http::Version::HTTP_11);
-    let resp = s.try_send_request(req).await.map_err(|mut e| SendFailed {
-        request: e.take_message(),
-        error: e.into_error().into(),
-    })?;
+    let resp = s.try_send_request(req).await.map_err(unsent)?;
     // A switch takes the connection out of HTTP; any other response gives
     // it back when its body has ended.
     let back = (resp.status() != http::StatusCode::SWITCHING_PROTOCOLS).then(|| Back {
@@ -540,10 +545,7 @@ async fn send_h2(
     req: Request<Body>,
 ) -> Result<Response<UpstreamBody>, SendFailed> {
     let req = in_form(req, http::Version::HTTP_2);
-    let resp = s.try_send_request(req).await.map_err(|mut e| SendFailed {
-        request: e.take_message(),
-        error: e.into_error().into(),
-    })?;
+    let resp = s.try_send_request(req).await.map_err(unsent)?;
     Ok(resp.map(|body| UpstreamBody {
         body: Received::Hyper(body),
         back: None,
