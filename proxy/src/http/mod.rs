@@ -3,7 +3,8 @@
 //! pools per endpoint ([`pool`]), request forwarding with upgrades
 //! ([`forward`]), the server side of client connections with their
 //! limits on request heads ([`server`]: weft's own HTTP/1 server, [`h1`],
-//! and hyper's HTTP/2 server), and the
+//! and hyper's HTTP/2 server), both sides of the multiplexed hop between
+//! two weft proxies on h2 directly ([`mux`], [`stream`]), and the
 //! normal form of request paths that inbound authorization decides on
 //! ([`path`]).
 

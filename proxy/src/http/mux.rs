@@ -359,7 +359,7 @@ where
 fn has_payload(method: &Method) -> bool {
     !matches!(
         *method,
-        Method::GET | Method::HEAD | Method::DELETE | Method::OPTIONS | Method::CONNECT
+        Method::GET | Method::HEAD | Method::DELETE | Method::CONNECT
     )
 }
 
@@ -712,5 +712,42 @@ mod tests {
         assert_eq!(all.to_bytes(), "in flight");
         let later = settled(client.send(post(crate::http::full(Bytes::new())))).await;
         assert!(later.is_err(), "no new stream after the end");
+    }
+
+    /// A body of a known size crosses the hop with its `content-length`
+    /// both ways, even when its head had none: an empty POST's `0`, the
+    /// request body's and the answer's lengths; a GET without a body gets
+    /// none.
+    #[tokio::test]
+    async fn a_body_of_known_size_carries_its_length_across() {
+        let (client, _end) = served(|req: Request<ReqBody>| async move {
+            let saw = req
+                .headers()
+                .get(CONTENT_LENGTH)
+                .map_or("none".to_owned(), |v| v.to_str().expect("ascii").to_owned());
+            // No content-length of its own: the body's size says it.
+            Response::builder()
+                .header("x-saw-length", saw)
+                .body(crate::http::full(Bytes::from_static(b"abc")))
+                .expect("response")
+        })
+        .await;
+        let cases = [
+            (Method::POST, &b"hello"[..], "5"),
+            (Method::POST, &b""[..], "0"),
+            (Method::GET, &b""[..], "none"),
+        ];
+        for (method, body, want) in cases {
+            let req = Request::builder()
+                .method(method.clone())
+                .uri("http://echo.shop/length")
+                .version(http::Version::HTTP_2)
+                .body(crate::http::full(Bytes::from_static(body)))
+                .expect("request");
+            let resp = settled(client.clone().send(req)).await.expect("a response");
+            assert_eq!(resp.headers()["x-saw-length"], want, "{method}");
+            assert_eq!(resp.headers()[CONTENT_LENGTH], "3", "{method}");
+            assert_eq!(resp.body().size_hint().exact(), Some(3), "{method}");
+        }
     }
 }
