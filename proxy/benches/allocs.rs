@@ -41,6 +41,7 @@
 //! flock /tmp/weft-build.lock cargo bench -p weft-proxy --bench allocs
 //! CARGO_PROFILE_BENCH_DEBUG=line-tables-only flock /tmp/weft-build.lock \
 //!     cargo bench -p weft-proxy --bench allocs -- --sites      # file:line in sites
+//! flock /tmp/weft-build.lock cargo bench -p weft-proxy --bench allocs -- --instructions
 //! ```
 //!
 //! Flags: `--requests N` (measured requests per load, 20000), `--warmup N`
@@ -49,7 +50,11 @@
 //! allocation (97) over `--site-requests N` requests (5000), against the pair
 //! and against the app directly, and print the top `--top N` (20) weft
 //! frames and sites by what the pair adds per request; then the idle
-//! connections' held blocks by site). Prints Markdown and
+//! connections' held blocks by site), `--instructions` (run the whole
+//! benchmark again under valgrind's callgrind, 2000 requests per load unless
+//! `--requests` says, and add user-space instructions per request for each
+//! load: a count that, unlike CPU time, barely moves between runs; needs
+//! `apt-get install -y valgrind`, about 40 s). Prints Markdown and
 //! writes it to `target/bench/allocs.md`. Figures only; nothing is asserted.
 
 #[path = "../tests/support/mod.rs"]
@@ -99,6 +104,10 @@ struct Opts {
     top: usize,
     idle: usize,
     site_idle: usize,
+    /// Run again under callgrind and report instructions per request.
+    instructions: bool,
+    /// Arguments given, for that run.
+    given: Vec<String>,
 }
 
 fn opts() -> Opts {
@@ -112,6 +121,8 @@ fn opts() -> Opts {
         top: 20,
         idle: 1_000,
         site_idle: 200,
+        instructions: false,
+        given: std::env::args().skip(1).collect(),
     };
     let mut args = std::env::args().skip(1);
     let num = |v: Option<String>, d: usize| v.and_then(|v| v.parse().ok()).unwrap_or(d).max(1);
@@ -126,6 +137,7 @@ fn opts() -> Opts {
             "--top" => o.top = num(args.next(), o.top),
             "--idle" => o.idle = num(args.next(), o.idle),
             "--site-idle" => o.site_idle = num(args.next(), o.site_idle),
+            "--instructions" => o.instructions = true,
             // cargo bench passes --bench.
             "--bench" => {}
             other => eprintln!("allocs: ignoring unknown argument {other:?}"),
@@ -417,16 +429,27 @@ fn thread_cpu() -> Duration {
     Duration::from_nanos(ns)
 }
 
+/// Called at each measured window's start and end. Under `--instructions`
+/// callgrind dumps its counts each time this is entered, so every other
+/// dump holds one window's instructions. (`black_box` keeps the call: an
+/// empty function would be dropped as having no effect.)
+#[inline(never)]
+fn window_mark() {
+    std::hint::black_box(());
+}
+
 async fn measure(via: &Via<'_>, proto: Proto, conc: usize, o: &Opts) -> Window {
     let mut clients = via.clients(proto, conc).await;
     drive(&mut clients, o.warmup).await;
     settle().await;
     let start = Instant::now();
+    window_mark();
     let cpu = thread_cpu();
     let before = HEAP.stats();
     drive(&mut clients, o.requests).await;
     let after = HEAP.stats();
     let cpu = thread_cpu() - cpu;
+    window_mark();
     let took = start.elapsed();
     settle().await;
     Window {
@@ -1065,10 +1088,110 @@ fn sites_section(
     s
 }
 
+// ---------------------------------------------------------------- instructions
+
+/// Set for the run under callgrind: where its dumps and the windows' list go.
+const CALLGRIND_DIR: &str = "WEFT_ALLOCS_CALLGRIND_DIR";
+
+/// `--instructions`: runs this benchmark again under callgrind, which dumps
+/// its counts whenever a measured window starts or ends ([`window_mark`]),
+/// and reports user-space instructions per request for each load: through
+/// the pair, directly, and what both proxies add. Unlike CPU time, the count
+/// barely moves from run to run (no scheduling, frequency or cache noise),
+/// so a change of 1 % is a change in the code; it leaves out the kernel,
+/// and an instruction that misses the cache counts as one that hits.
+fn instructions(o: &Opts) {
+    let dir = std::env::temp_dir().join(format!("weft-allocs-callgrind-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("callgrind's directory");
+    // Fewer requests than the default, unless asked: callgrind runs the
+    // code about 50 times slower.
+    let mut args: Vec<String> = o
+        .given
+        .iter()
+        .filter(|a| *a != "--instructions")
+        .cloned()
+        .collect();
+    for (flag, n) in [("--requests", 2_000), ("--warmup", 300), ("--idle", 50)] {
+        if !args.iter().any(|a| a == flag) {
+            args.extend([flag.to_owned(), n.to_string()]);
+        }
+    }
+    let exe = std::env::current_exe().expect("this benchmark's path");
+    let status = std::process::Command::new("valgrind")
+        .args([
+            "--tool=callgrind",
+            "--dump-before=*window_mark*",
+            &format!("--callgrind-out-file={}", dir.join("cg.out").display()),
+        ])
+        .arg(&exe)
+        .args(&args)
+        .env(CALLGRIND_DIR, &dir)
+        .status();
+    match status {
+        Ok(s) if s.success() => {}
+        Ok(s) => panic!("the run under callgrind failed: {s}"),
+        Err(e) => panic!("cannot run valgrind ({e}); install it: apt-get install -y valgrind"),
+    }
+    let requests = args
+        .iter()
+        .position(|a| a == "--requests")
+        .and_then(|i| args.get(i + 1))
+        .and_then(|v| v.parse::<f64>().ok())
+        .expect("--requests");
+    let list = std::fs::read_to_string(dir.join("windows.txt")).expect("the windows' list");
+    // Dump 2k is the k-th window (dump 2k-1 is what ran before it).
+    let summary = |k: usize| -> f64 {
+        let text = std::fs::read_to_string(dir.join(format!("cg.out.{k}")))
+            .unwrap_or_else(|e| panic!("callgrind dump {k}: {e}"));
+        text.lines()
+            .find_map(|l| {
+                l.strip_prefix("summary:")
+                    .or_else(|| l.strip_prefix("totals:"))
+            })
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("callgrind dump {k} has no summary"))
+    };
+    let windows: Vec<(&str, f64)> = list
+        .lines()
+        .enumerate()
+        .map(|(i, l)| (l, summary(2 * i + 2) / requests))
+        .collect();
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "\n## Instructions per request\n\n\
+         User-space instructions counted by callgrind over each window ({requests} requests \
+         after the warm-up), whole process: the pair with the app and the load client, the \
+         same load directly, and the difference: what both proxies execute per request.\n"
+    );
+    let _ = writeln!(s, "| load | through the pair | direct | **both proxies** |");
+    let _ = writeln!(s, "|---|---:|---:|---:|");
+    for pair in windows.chunks(2) {
+        if let [(direct, d), (_, w)] = pair {
+            let load = direct.split('\t').next().unwrap_or(direct);
+            let _ = writeln!(s, "| {load} | {w:.0} | {d:.0} | **{:.0}** |", w - d);
+        }
+    }
+    print!("{s}");
+    let file = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench/allocs.md");
+    let mut report = std::fs::read_to_string(&file).unwrap_or_default();
+    report.push_str(&s);
+    match std::fs::write(&file, report) {
+        Ok(()) => eprintln!("allocs: added the instructions to {}", file.display()),
+        Err(e) => eprintln!("allocs: cannot write {}: {e}", file.display()),
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 // ---------------------------------------------------------------- main
 
 fn main() {
     let o = opts();
+    if o.instructions && std::env::var_os(CALLGRIND_DIR).is_none() {
+        instructions(&o);
+        return;
+    }
     EVERY.store(o.every, Ordering::Relaxed);
     AllocationRegistry::set_global_tracker(Tracker).expect("one tracker");
     let _ = rustls::crypto::ring::default_provider().install_default();
@@ -1145,10 +1268,13 @@ async fn run(o: &Opts) -> String {
     };
 
     let mut rows = Vec::new();
+    // Each measured window's load and target, in order (for `--instructions`).
+    let mut windows = Vec::new();
     for (proto, conc, pair, extra) in loads {
         let mut w = [Window::default(); 2];
         for (i, via) in [&direct, pair].into_iter().enumerate() {
             w[i] = measure(via, proto, conc, o).await;
+            windows.push(format!("{}\t{}", label(proto, conc, extra), via.name));
             eprintln!(
                 "allocs: {} via {}: {} allocs/req ({:.1} s)",
                 label(proto, conc, extra),
@@ -1164,6 +1290,10 @@ async fn run(o: &Opts) -> String {
         });
     }
     let mut report = table(&rows, o);
+    if let Some(dir) = std::env::var_os(CALLGRIND_DIR) {
+        let list = Path::new(&dir).join("windows.txt");
+        std::fs::write(&list, windows.join("\n")).expect("write the windows' list");
+    }
 
     let ca = std::sync::Arc::new(ca);
     let (idle_client, _idle_server) = threaded_pair(app_h1, &ca);
