@@ -32,9 +32,7 @@ pub use weft_proxy_config::AccessLogFormat;
 /// Lines held for the writer before new ones are dropped.
 pub const ACCESS_LOG_QUEUE: usize = 4096;
 
-/// The request id header: added by the client proxy when a request has
-/// none, kept when it has one, logged by both proxies.
-pub const REQUEST_ID_HEADER: &str = "x-request-id";
+pub use crate::http::REQUEST_ID_HEADER;
 
 /// Where access log lines go.
 #[derive(Clone, Debug, Default)]

@@ -117,6 +117,25 @@ pub fn content_length(h: &http::HeaderMap) -> u64 {
 /// removes it before the app; a client proxy removes an app's own.
 pub const SOURCE_HEADER: &str = "x-weft-source";
 
+/// The request id header: added by the client proxy when a request has
+/// none, kept when it has one, logged by both proxies.
+pub const REQUEST_ID_HEADER: &str = "x-request-id";
+
+/// Marks the fields whose values are new on every request (the request
+/// id, the W3C trace context) to go to an HTTP/2 peer as never-indexed
+/// literals. Indexed, each would be a new entry in both ends' HPACK tables
+/// on every request: looked for among the earlier ones' values and
+/// inserted by the sender, inserted by the receiver, and evicting entries
+/// that do repeat.
+pub fn never_indexed(headers: &mut HeaderMap) {
+    const REQUEST_ID: http::HeaderName = http::HeaderName::from_static(REQUEST_ID_HEADER);
+    for name in [REQUEST_ID, crate::trace::context::TRACEPARENT] {
+        if let Some(v) = headers.get_mut(&name) {
+            v.set_sensitive(true);
+        }
+    }
+}
+
 /// The client's request body failed while the proxy read it (a malformed
 /// chunk, a body cut short): the client's fault, not the upstream's.
 #[derive(Debug, thiserror::Error)]

@@ -138,6 +138,7 @@ impl Client {
         {
             parts.headers.insert(CONTENT_LENGTH, HeaderValue::from(len));
         }
+        super::never_indexed(&mut parts.headers);
         let end = body.is_end_stream();
         let (response, stream) = self
             .send

@@ -544,7 +544,8 @@ async fn send_h2(
     mut s: http2::SendRequest<Body>,
     req: Request<Body>,
 ) -> Result<Response<UpstreamBody>, SendFailed> {
-    let req = in_form(req, http::Version::HTTP_2);
+    let mut req = in_form(req, http::Version::HTTP_2);
+    super::never_indexed(req.headers_mut());
     let resp = s.try_send_request(req).await.map_err(unsent)?;
     Ok(resp.map(|body| UpstreamBody {
         body: Received::Hyper(body),
@@ -803,6 +804,73 @@ mod tests {
         assert_eq!(pools.load_of(a), 0);
         let unknown: SocketAddr = "10.0.0.9:80".parse().expect("addr");
         assert_eq!(pools.load_of(unknown), 0);
+    }
+
+    /// Request ids and trace contexts, new on every request, go to an
+    /// HTTP/2 peer (multiplexed HTTP/1.1 or hyper's HTTP/2) as
+    /// never-indexed literals: a request repeating the previous one's
+    /// values is as long as that one on the wire. Indexed, its values
+    /// would have shrunk to an index each.
+    #[tokio::test]
+    async fn per_request_values_go_to_http2_peers_never_indexed() {
+        use tokio::io::AsyncReadExt as _;
+        for (version, kind) in [
+            (Version::Http1, "multiplexed HTTP/1.1"),
+            (Version::Http2, "HTTP/2"),
+        ] {
+            let (a, mut peer) = tokio::io::duplex(64 * 1024);
+            let pool = Arc::new(Pool::new(
+                version,
+                version == Version::Http1,
+                Arc::default(),
+            ));
+            // The handshake's sender is the shared connection's, which
+            // each request below checks out.
+            drop(pool.handshake(a, Version::Http2).await.expect("handshake"));
+            let ids = ["a5a0c6a9-1", "b7f3c2d1-2", "b7f3c2d1-2"];
+            for (i, id) in ids.into_iter().enumerate() {
+                let sender = pool.checkout().expect("the shared connection");
+                let req = Request::post("http://app.shop/upload")
+                    .header("x-request-id", id)
+                    .header(
+                        "traceparent",
+                        format!("00-4bf92f3577b34da6a3ce929d0e0e473{i}-00f067aa0ba902b7-01"),
+                    )
+                    .body(crate::http::full(bytes::Bytes::new()))
+                    .expect("request");
+                // No peer answers: the request waits for its response.
+                tokio::spawn(sender.send(req));
+            }
+            // The client's bytes: the preface, then frames.
+            let mut wire = Vec::new();
+            let mut heads = Vec::new();
+            let read = async {
+                while heads.len() < 3 {
+                    let mut chunk = [0u8; 4096];
+                    let n = peer.read(&mut chunk).await.expect("read");
+                    assert!(n > 0, "the client closed");
+                    wire.extend_from_slice(&chunk[..n]);
+                    heads.clear();
+                    let mut at = 24;
+                    while wire.len() >= at + 9 {
+                        let len = usize::from(wire[at]) << 16
+                            | usize::from(wire[at + 1]) << 8
+                            | usize::from(wire[at + 2]);
+                        if wire[at + 3] == 1 {
+                            heads.push(len);
+                        }
+                        at += 9 + len;
+                    }
+                }
+            };
+            tokio::time::timeout(Duration::from_secs(10), read)
+                .await
+                .expect("three HEADERS frames");
+            assert_eq!(
+                heads[2], heads[1],
+                "{kind}: the third request repeats the second's values and must be as long ({heads:?})"
+            );
+        }
     }
 
     /// An app on loopback: `/empty` answers 204, anything else 64 KiB.
