@@ -145,7 +145,11 @@ impl Client {
             .send_request(Request::from_parts(parts, ()), end)?;
         Ok(Stage::Sent(
             response,
-            (!end).then_some(Pipe { body, stream }),
+            (!end).then_some(Pipe {
+                body,
+                stream,
+                eager: true,
+            }),
         ))
     }
 }
@@ -348,7 +352,11 @@ where
         }
     };
     if !end {
-        let mut pipe = Pipe { body, stream };
+        let mut pipe = Pipe {
+            body,
+            stream,
+            eager: false,
+        };
         if let Err(e) = std::future::poll_fn(|cx| pipe.poll_send(cx)).await {
             tracing::debug!(error = %e, "response body failed; stream reset");
         }
@@ -369,6 +377,13 @@ fn has_payload(method: &Method) -> bool {
 struct Pipe {
     body: Body,
     stream: h2::SendStream<Bytes>,
+    /// The body's first frame, when at hand, is queued without waiting for
+    /// the stream's share of the window. A new stream has none until the
+    /// connection's task has sent its head: waiting for it sent the head
+    /// in one TLS record and write and the body in another, where queued
+    /// beside it they leave together. One frame the body already holds is
+    /// all this queues past the window.
+    eager: bool,
 }
 
 impl Pipe {
@@ -384,7 +399,7 @@ impl Pipe {
             // Read no more of the body than the peer can take now, so a
             // slow peer holds the client back instead of filling memory.
             self.stream.reserve_capacity(1);
-            if self.stream.capacity() == 0 {
+            if self.stream.capacity() == 0 && !std::mem::take(&mut self.eager) {
                 match ready!(self.stream.poll_capacity(cx)) {
                     Some(Ok(_)) => continue,
                     // The stream or the connection is gone; the response
@@ -562,6 +577,119 @@ mod tests {
                 .await
                 .expect("the server saw the stream end"),
             Some(h2::Reason::INTERNAL_ERROR)
+        );
+    }
+
+    /// An in-memory connection that keeps what each write put on it.
+    struct Recorder {
+        io: tokio::io::DuplexStream,
+        writes: Arc<std::sync::Mutex<Vec<Vec<u8>>>>,
+    }
+
+    impl tokio::io::AsyncRead for Recorder {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &mut tokio::io::ReadBuf<'_>,
+        ) -> Poll<std::io::Result<()>> {
+            Pin::new(&mut self.io).poll_read(cx, buf)
+        }
+    }
+
+    impl tokio::io::AsyncWrite for Recorder {
+        fn poll_write(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<std::io::Result<usize>> {
+            let n = ready!(Pin::new(&mut self.io).poll_write(cx, buf))?;
+            self.writes.lock().expect("writes").push(buf[..n].to_vec());
+            Poll::Ready(Ok(n))
+        }
+        fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Pin::new(&mut self.io).poll_flush(cx)
+        }
+        fn poll_shutdown(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+        ) -> Poll<std::io::Result<()>> {
+            Pin::new(&mut self.io).poll_shutdown(cx)
+        }
+    }
+
+    /// A request whose body is at hand when it is sent leaves in one write
+    /// with its head (over mTLS: one record, one syscall), not after the
+    /// connection has sent the head and given the new stream its window.
+    #[tokio::test]
+    async fn a_body_at_hand_leaves_in_the_same_write_as_its_head() {
+        use tokio::io::AsyncReadExt as _;
+        let (a, mut peer) = tokio::io::duplex(64 * 1024);
+        let writes = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (client, conn) = handshake(Recorder {
+            io: a,
+            writes: writes.clone(),
+        })
+        .await
+        .expect("client handshake");
+        tokio::spawn(conn);
+        // No peer answers: the request waits for its response.
+        tokio::spawn(client.send(post(crate::http::full("hello"))));
+        // Frames as the peer reads them: (type, stream, end of its bytes).
+        let mut wire = Vec::new();
+        let mut frames = Vec::new();
+        let read = async {
+            while !frames
+                .iter()
+                .any(|&(kind, stream, _)| kind == 0 && stream == 1)
+            {
+                let mut chunk = [0u8; 4096];
+                let n = peer.read(&mut chunk).await.expect("read");
+                assert!(n > 0, "the client closed");
+                wire.extend_from_slice(&chunk[..n]);
+                frames.clear();
+                let mut at = 24;
+                while wire.len() >= at + 9 {
+                    let len = usize::from(wire[at]) << 16
+                        | usize::from(wire[at + 1]) << 8
+                        | usize::from(wire[at + 2]);
+                    let stream = u32::from_be_bytes([
+                        wire[at + 5] & 0x7f,
+                        wire[at + 6],
+                        wire[at + 7],
+                        wire[at + 8],
+                    ]);
+                    frames.push((wire[at + 3], stream, at + 9 + len));
+                    at += 9 + len;
+                }
+            }
+        };
+        settled(read).await;
+        // Which write each byte offset came from.
+        let writes = writes.lock().expect("writes").clone();
+        let write_of = |end: usize| {
+            let mut total = 0;
+            writes
+                .iter()
+                .position(|w| {
+                    total += w.len();
+                    end <= total
+                })
+                .expect("written")
+        };
+        let head = frames
+            .iter()
+            .find(|&&(kind, stream, _)| kind == 1 && stream == 1)
+            .expect("the HEADERS frame");
+        let data = frames
+            .iter()
+            .find(|&&(kind, stream, _)| kind == 0 && stream == 1)
+            .expect("the DATA frame");
+        assert_eq!(
+            write_of(head.2),
+            write_of(data.2),
+            "head and body in one write ({} writes: {:?})",
+            writes.len(),
+            writes.iter().map(Vec::len).collect::<Vec<_>>()
         );
     }
 
