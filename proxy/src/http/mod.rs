@@ -98,7 +98,7 @@ pub fn outcome<B>(resp: &http::Response<B>, grpc: bool) -> crate::metrics::traff
         grpc_status: grpc_status(resp.headers()),
         failed_step: resp
             .headers()
-            .get(ERROR_HEADER)
+            .get(ERROR_NAME)
             .map(|v| failed_step(v.as_bytes())),
     }
 }
@@ -121,6 +121,15 @@ pub const SOURCE_HEADER: &str = "x-weft-source";
 /// none, kept when it has one, logged by both proxies.
 pub const REQUEST_ID_HEADER: &str = "x-request-id";
 
+// The names above as `HeaderName`s: a map looks a `&str` up by parsing and
+// checking it first, a `HeaderName` only by its hash.
+/// [`ERROR_HEADER`].
+pub const ERROR_NAME: HeaderName = HeaderName::from_static(ERROR_HEADER);
+/// [`SOURCE_HEADER`].
+pub const SOURCE_NAME: HeaderName = HeaderName::from_static(SOURCE_HEADER);
+/// [`REQUEST_ID_HEADER`].
+pub const REQUEST_ID_NAME: HeaderName = HeaderName::from_static(REQUEST_ID_HEADER);
+
 /// Marks the fields whose values are new on every request (the request
 /// id, the W3C trace context) to go to an HTTP/2 peer as never-indexed
 /// literals. Indexed, each would be a new entry in both ends' HPACK tables
@@ -128,8 +137,7 @@ pub const REQUEST_ID_HEADER: &str = "x-request-id";
 /// inserted by the sender, inserted by the receiver, and evicting entries
 /// that do repeat.
 pub fn never_indexed(headers: &mut HeaderMap) {
-    const REQUEST_ID: http::HeaderName = http::HeaderName::from_static(REQUEST_ID_HEADER);
-    for name in [REQUEST_ID, crate::trace::context::TRACEPARENT] {
+    for name in [REQUEST_ID_NAME, crate::trace::context::TRACEPARENT] {
         if let Some(v) = headers.get_mut(&name) {
             v.set_sensitive(true);
         }

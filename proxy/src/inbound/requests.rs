@@ -28,7 +28,7 @@ use crate::http::path::normalize_uri;
 use crate::http::pool::{PoolKey, Version};
 use crate::http::server::serve_client;
 use crate::http::{
-    Body, PEER_IDENTITY_HEADER, ReqBody, SOURCE_HEADER, content_length, error_response, outcome,
+    Body, PEER_IDENTITY_HEADER, ReqBody, SOURCE_NAME, content_length, error_response, outcome,
 };
 use crate::metrics::Direction;
 use crate::metrics::traffic::{
@@ -121,7 +121,7 @@ where
             // it proved who it is; the app never sees it.
             let source = req
                 .headers_mut()
-                .remove(SOURCE_HEADER)
+                .remove(SOURCE_NAME)
                 .filter(|_| ctx.peer.is_some());
             let snap = ctx.current();
             let span = ctx.state.start_span(&snap, Kind::Server, &mut req);

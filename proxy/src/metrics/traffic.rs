@@ -800,7 +800,8 @@ where
 
 /// The `grpc-status` of a header map, if it holds a number.
 pub fn grpc_status(h: &http::HeaderMap) -> Option<u16> {
-    h.get("grpc-status")?.to_str().ok()?.trim().parse().ok()
+    const GRPC_STATUS: http::HeaderName = http::HeaderName::from_static("grpc-status");
+    h.get(GRPC_STATUS)?.to_str().ok()?.trim().parse().ok()
 }
 
 /// Whether a request is gRPC, by its content type.

@@ -33,7 +33,7 @@ use crate::http::SendFailed;
 use crate::http::forward::{finish, prepare};
 use crate::http::pool::{ConnPolicy, PoolKey, Version};
 use crate::http::{
-    Body, ERROR_HEADER, SOURCE_HEADER, bad_request, client_body_error, error_response, full,
+    Body, ERROR_NAME, SOURCE_NAME, bad_request, client_body_error, error_response, full,
 };
 use crate::metrics::Direction;
 use crate::metrics::traffic::SeriesCache;
@@ -134,7 +134,7 @@ impl Replay {
 /// request reached no app.
 fn undelivered<B>(resp: &Response<B>) -> bool {
     resp.headers()
-        .get(ERROR_HEADER)
+        .get(ERROR_NAME)
         .is_some_and(|v| v == "connect" || v == "connect-timeout")
 }
 
@@ -143,7 +143,7 @@ fn undelivered<B>(resp: &Response<B>) -> bool {
 /// connection, e.g. while its pod shuts down). The app may have seen the
 /// request, so only an idempotent one is sent to another endpoint.
 fn app_failed<B>(resp: &Response<B>) -> bool {
-    resp.headers().get(ERROR_HEADER).is_some_and(|v| v == "app")
+    resp.headers().get(ERROR_NAME).is_some_and(|v| v == "app")
 }
 
 pub(super) async fn forward<B>(
@@ -250,11 +250,10 @@ where
         let mut req = req;
         match (&state.source_header, meshed) {
             (Some(v), true) => {
-                const NAME: http::HeaderName = http::HeaderName::from_static(SOURCE_HEADER);
-                req.headers_mut().insert(NAME, v.clone());
+                req.headers_mut().insert(SOURCE_NAME, v.clone());
             }
             _ => {
-                req.headers_mut().remove(SOURCE_HEADER);
+                req.headers_mut().remove(SOURCE_NAME);
             }
         }
         let mut fresh_only = false;

@@ -29,11 +29,11 @@ use http::header::{HeaderMap, HeaderValue, LOCATION};
 use http::{Request, Response, StatusCode};
 use tokio::net::TcpStream;
 
-use crate::accesslog::{Deferred, Logged, REQUEST_ID_HEADER, Sent, new_request_id};
+use crate::accesslog::{Deferred, Logged, Sent, new_request_id};
 use crate::http::h1::Conn;
 use crate::http::pool::Version;
 use crate::http::server::serve_client;
-use crate::http::{Body, ReqBody, SOURCE_HEADER, content_length, error_response, full, outcome};
+use crate::http::{Body, ReqBody, content_length, error_response, full, outcome};
 use crate::metrics::Direction;
 use crate::metrics::traffic::{
     CallLabels, MeteredBody, OnEnd, Peer, Reporter, Series, SeriesCache, is_grpc,
@@ -154,12 +154,12 @@ where
 /// Gives a request an `x-request-id` when it has none, and removes a
 /// caller's `x-weft-source`: only this proxy says which workload calls.
 fn stamp(req: &mut Request<ReqBody>) {
-    if !req.headers().contains_key(REQUEST_ID_HEADER) {
-        // A static name: inserting it copies nothing.
-        const NAME: http::HeaderName = http::HeaderName::from_static(REQUEST_ID_HEADER);
-        req.headers_mut().insert(NAME, new_request_id());
+    use crate::http::{REQUEST_ID_NAME, SOURCE_NAME};
+    // Static names: looking them up parses nothing, inserting copies nothing.
+    if !req.headers().contains_key(REQUEST_ID_NAME) {
+        req.headers_mut().insert(REQUEST_ID_NAME, new_request_id());
     }
-    req.headers_mut().remove(SOURCE_HEADER);
+    req.headers_mut().remove(SOURCE_NAME);
 }
 
 /// One request routed to `target` under `snap`, sent, and counted: its

@@ -14,7 +14,7 @@ use http::{HeaderMap, Method, Request, Response, StatusCode};
 
 use super::endpoint::{Ctx, forward};
 use crate::accesslog::Sent;
-use crate::http::{Body, ERROR_HEADER, ReqBody, bad_request, error_response};
+use crate::http::{Body, ERROR_NAME, ReqBody, bad_request, error_response};
 use crate::metrics::Direction;
 use crate::snapshot::dest::{Dest, resolve};
 use crate::snapshot::routes;
@@ -250,15 +250,8 @@ async fn send_to(
 fn retriable(policy: &weft_proxy_config::RetryPolicy, resp: &Response<Body>) -> bool {
     use weft_proxy_config::RetryOn;
     let status = resp.status().as_u16();
-    let step = resp
-        .headers()
-        .get(ERROR_HEADER)
-        .and_then(|v| v.to_str().ok());
-    let grpc = resp
-        .headers()
-        .get("grpc-status")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u32>().ok());
+    let step = resp.headers().get(ERROR_NAME).and_then(|v| v.to_str().ok());
+    let grpc = crate::metrics::traffic::grpc_status(resp.headers());
     policy.retry_on.iter().any(|on| match on {
         RetryOn::ServerError => status >= 500,
         RetryOn::GatewayError => matches!(status, 502..=504),
@@ -312,7 +305,7 @@ fn mirror_copy(
             }
         };
         let resp = forward(&ctx, &snap, &dest, req, &mut Sent::default()).await;
-        if let Some(step) = resp.headers().get(ERROR_HEADER) {
+        if let Some(step) = resp.headers().get(ERROR_NAME) {
             tracing::debug!(route = %name, status = resp.status().as_u16(), ?step, "mirrored request failed");
         }
         // Read the answer out, so the pooled connection stays usable.
