@@ -213,3 +213,59 @@ impl Default for MountDir {
         Self::new()
     }
 }
+
+/// One HTTP/2 frame as a client wrote it (see [`client_frames`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RawFrame {
+    /// Frame type (0 DATA, 1 HEADERS, …).
+    pub kind: u8,
+    /// Stream id.
+    pub stream: u32,
+    /// Payload length.
+    pub len: usize,
+    /// Where the frame ends in the bytes read (the preface included).
+    pub end: usize,
+}
+
+/// Reads what an HTTP/2 client wrote to the other end of an in-memory
+/// pipe, without answering it, until `enough` holds for the frames after
+/// the connection preface; fails if the client closes first.
+pub async fn client_frames(
+    peer: &mut tokio::io::DuplexStream,
+    enough: impl Fn(&[RawFrame]) -> bool,
+) -> Vec<RawFrame> {
+    use tokio::io::AsyncReadExt as _;
+    const PREFACE: usize = 24;
+    let mut wire = Vec::new();
+    loop {
+        let mut frames = Vec::new();
+        let mut at = PREFACE;
+        while wire.len() >= at + 9 {
+            let len = usize::from(wire[at]) << 16
+                | usize::from(wire[at + 1]) << 8
+                | usize::from(wire[at + 2]);
+            frames.push(RawFrame {
+                kind: wire[at + 3],
+                stream: u32::from_be_bytes([
+                    wire[at + 5] & 0x7f,
+                    wire[at + 6],
+                    wire[at + 7],
+                    wire[at + 8],
+                ]),
+                len,
+                end: at + 9 + len,
+            });
+            at += 9 + len;
+        }
+        if enough(&frames) {
+            return frames;
+        }
+        let mut chunk = [0u8; 4096];
+        let n = peer
+            .read(&mut chunk)
+            .await
+            .expect("read the client's bytes");
+        assert!(n > 0, "the client closed");
+        wire.extend_from_slice(&chunk[..n]);
+    }
+}

@@ -622,7 +622,6 @@ mod tests {
     /// connection has sent the head and given the new stream its window.
     #[tokio::test]
     async fn a_body_at_hand_leaves_in_the_same_write_as_its_head() {
-        use tokio::io::AsyncReadExt as _;
         let (a, mut peer) = tokio::io::duplex(64 * 1024);
         let writes = Arc::new(std::sync::Mutex::new(Vec::new()));
         let (client, conn) = handshake(Recorder {
@@ -634,36 +633,10 @@ mod tests {
         tokio::spawn(conn);
         // No peer answers: the request waits for its response.
         tokio::spawn(client.send(post(crate::http::full("hello"))));
-        // Frames as the peer reads them: (type, stream, end of its bytes).
-        let mut wire = Vec::new();
-        let mut frames = Vec::new();
-        let read = async {
-            while !frames
-                .iter()
-                .any(|&(kind, stream, _)| kind == 0 && stream == 1)
-            {
-                let mut chunk = [0u8; 4096];
-                let n = peer.read(&mut chunk).await.expect("read");
-                assert!(n > 0, "the client closed");
-                wire.extend_from_slice(&chunk[..n]);
-                frames.clear();
-                let mut at = 24;
-                while wire.len() >= at + 9 {
-                    let len = usize::from(wire[at]) << 16
-                        | usize::from(wire[at + 1]) << 8
-                        | usize::from(wire[at + 2]);
-                    let stream = u32::from_be_bytes([
-                        wire[at + 5] & 0x7f,
-                        wire[at + 6],
-                        wire[at + 7],
-                        wire[at + 8],
-                    ]);
-                    frames.push((wire[at + 3], stream, at + 9 + len));
-                    at += 9 + len;
-                }
-            }
-        };
-        settled(read).await;
+        let frames = settled(crate::test_util::client_frames(&mut peer, |f| {
+            f.iter().any(|f| f.kind == 0 && f.stream == 1)
+        }))
+        .await;
         // Which write each byte offset came from.
         let writes = writes.lock().expect("writes").clone();
         let write_of = |end: usize| {
@@ -678,15 +651,15 @@ mod tests {
         };
         let head = frames
             .iter()
-            .find(|&&(kind, stream, _)| kind == 1 && stream == 1)
+            .find(|f| f.kind == 1 && f.stream == 1)
             .expect("the HEADERS frame");
         let data = frames
             .iter()
-            .find(|&&(kind, stream, _)| kind == 0 && stream == 1)
+            .find(|f| f.kind == 0 && f.stream == 1)
             .expect("the DATA frame");
         assert_eq!(
-            write_of(head.2),
-            write_of(data.2),
+            write_of(head.end),
+            write_of(data.end),
             "head and body in one write ({} writes: {:?})",
             writes.len(),
             writes.iter().map(Vec::len).collect::<Vec<_>>()

@@ -813,7 +813,6 @@ mod tests {
     /// would have shrunk to an index each.
     #[tokio::test]
     async fn per_request_values_go_to_http2_peers_never_indexed() {
-        use tokio::io::AsyncReadExt as _;
         for (version, kind) in [
             (Version::Http1, "multiplexed HTTP/1.1"),
             (Version::Http2, "HTTP/2"),
@@ -841,31 +840,19 @@ mod tests {
                 // No peer answers: the request waits for its response.
                 tokio::spawn(sender.send(req));
             }
-            // The client's bytes: the preface, then frames.
-            let mut wire = Vec::new();
-            let mut heads = Vec::new();
-            let read = async {
-                while heads.len() < 3 {
-                    let mut chunk = [0u8; 4096];
-                    let n = peer.read(&mut chunk).await.expect("read");
-                    assert!(n > 0, "the client closed");
-                    wire.extend_from_slice(&chunk[..n]);
-                    heads.clear();
-                    let mut at = 24;
-                    while wire.len() >= at + 9 {
-                        let len = usize::from(wire[at]) << 16
-                            | usize::from(wire[at + 1]) << 8
-                            | usize::from(wire[at + 2]);
-                        if wire[at + 3] == 1 {
-                            heads.push(len);
-                        }
-                        at += 9 + len;
-                    }
-                }
-            };
-            tokio::time::timeout(Duration::from_secs(10), read)
-                .await
-                .expect("three HEADERS frames");
+            let frames = tokio::time::timeout(
+                Duration::from_secs(10),
+                crate::test_util::client_frames(&mut peer, |f| {
+                    f.iter().filter(|f| f.kind == 1).count() >= 3
+                }),
+            )
+            .await
+            .expect("three HEADERS frames");
+            let heads: Vec<usize> = frames
+                .iter()
+                .filter(|f| f.kind == 1)
+                .map(|f| f.len)
+                .collect();
             assert_eq!(
                 heads[2], heads[1],
                 "{kind}: the third request repeats the second's values and must be as long ({heads:?})"
