@@ -399,7 +399,9 @@ impl Pipe {
             // Read no more of the body than the peer can take now, so a
             // slow peer holds the client back instead of filling memory.
             self.stream.reserve_capacity(1);
-            if self.stream.capacity() == 0 && !std::mem::take(&mut self.eager) {
+            // Only the first turn may skip the wait, whatever the window.
+            let eager = std::mem::take(&mut self.eager);
+            if self.stream.capacity() == 0 && !eager {
                 match ready!(self.stream.poll_capacity(cx)) {
                     Some(Ok(_)) => continue,
                     // The stream or the connection is gone; the response

@@ -14,6 +14,8 @@ use super::body::Framing;
 
 /// Most header fields in a request head (as hyper).
 const MAX_HEADERS: usize = 100;
+// `parse` keeps the fields' offsets in room for 128 without allocating.
+const _: () = assert!(MAX_HEADERS <= 128);
 /// Longest request target.
 const MAX_URI_LEN: usize = (u16::MAX - 1) as usize;
 
@@ -63,8 +65,10 @@ fn offset(whole: &[u8], part: &[u8]) -> (usize, usize) {
 pub(super) fn parse(buf: &mut BytesMut, max_head: usize) -> Result<Option<Head>, Refused> {
     // Neither array is zeroed first: at 100 fields of 32 bytes each, that
     // was 6 KB of stores for every request head, most heads having a
-    // handful of fields.
-    let mut fields = smallvec::SmallVec::<[Field; 16]>::new();
+    // handful of fields. The offsets' room holds the most fields a head
+    // may have (past `MAX_HEADERS` httparse refuses it), so it never
+    // spills to the heap.
+    let mut fields = smallvec::SmallVec::<[Field; 128]>::new();
     let (len, method, path, minor) = {
         let mut headers =
             [const { std::mem::MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
