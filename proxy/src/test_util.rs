@@ -227,6 +227,33 @@ pub struct RawFrame {
     pub end: usize,
 }
 
+/// A request or response body fed from a channel, frame by frame (an
+/// error ends it failed).
+pub fn channel_body() -> (
+    tokio::sync::mpsc::Sender<Result<http_body::Frame<bytes::Bytes>, crate::http::BoxError>>,
+    crate::http::Body,
+) {
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    (tx, crate::http::boxed(ChannelBody(rx)))
+}
+
+/// See [`channel_body`].
+struct ChannelBody(
+    tokio::sync::mpsc::Receiver<Result<http_body::Frame<bytes::Bytes>, crate::http::BoxError>>,
+);
+
+impl http_body::Body for ChannelBody {
+    type Data = bytes::Bytes;
+    type Error = crate::http::BoxError;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<bytes::Bytes>, Self::Error>>> {
+        self.0.poll_recv(cx)
+    }
+}
+
 /// Reads what an HTTP/2 client wrote to the other end of an in-memory
 /// pipe, without answering it, until `enough` holds for the frames after
 /// the connection preface; fails if the client closes first.

@@ -20,8 +20,8 @@ pub struct Prepared {
     pub client_upgrade: Option<ClientUpgrade>,
 }
 
-/// The client side of a pending upgrade, from whichever server read the
-/// request.
+/// One side of a pending upgrade: the client's, from whichever server read
+/// the request, or the upstream's, from whichever client sent it.
 #[derive(Debug)]
 pub enum ClientUpgrade {
     Hyper(hyper::upgrade::OnUpgrade),
@@ -37,7 +37,15 @@ impl ClientUpgrade {
         }
     }
 
-    /// The client's connection, once the upgrade is answered.
+    /// Takes the upstream's pending upgrade out of its response.
+    fn of_response(resp: &mut Response<UpstreamBody>) -> Self {
+        match resp.extensions_mut().remove::<super::h1::OnUpgrade>() {
+            Some(u) => ClientUpgrade::H1(u),
+            None => ClientUpgrade::Hyper(hyper::upgrade::on(resp)),
+        }
+    }
+
+    /// The connection, once the upgrade is answered.
     async fn connection(self) -> Result<super::h1::Upgraded, BoxError> {
         match self {
             ClientUpgrade::Hyper(u) => Ok(Box::new(TokioIo::new(u.await?))),
@@ -82,12 +90,10 @@ pub fn finish(
     let upgraded = resp.status() == StatusCode::SWITCHING_PROTOCOLS
         || (client_upgrade.is_some() && resp.status().is_success());
     if upgraded && let Some(client) = client_upgrade {
-        let upstream = hyper::upgrade::on(&mut resp);
+        let upstream = ClientUpgrade::of_response(&mut resp);
         tokio::spawn(async move {
-            let upstream = async { upstream.await.map_err(BoxError::from) };
-            match tokio::try_join!(client.connection(), upstream) {
-                Ok((mut c, u)) => {
-                    let mut u = TokioIo::new(u);
+            match tokio::try_join!(client.connection(), upstream.connection()) {
+                Ok((mut c, mut u)) => {
                     if let Err(e) = tokio::io::copy_bidirectional(&mut c, &mut u).await {
                         tracing::debug!(error = %e, "upgraded tunnel closed with error");
                     }

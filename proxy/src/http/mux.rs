@@ -26,9 +26,10 @@ use std::task::{Context, Poll, ready};
 
 use bytes::Bytes;
 use http::header::CONTENT_LENGTH;
-use http::{HeaderValue, Method, Request, Response};
+use http::{HeaderValue, Request, Response};
 use http_body::Body as _;
 
+use super::h1::has_payload;
 use super::stream::RecvBody;
 use super::{Body, BoxError, ReqBody, SendFailed};
 
@@ -363,15 +364,6 @@ where
     }
 }
 
-/// Whether a request with this method means something by a body, so an
-/// empty one is worth a `content-length: 0`.
-fn has_payload(method: &Method) -> bool {
-    !matches!(
-        *method,
-        Method::GET | Method::HEAD | Method::DELETE | Method::CONNECT
-    )
-}
-
 /// A request body on its way into its stream.
 #[derive(Debug)]
 struct Pipe {
@@ -442,9 +434,10 @@ impl Pipe {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_util::channel_body;
+    use http::Method;
     use http_body::Frame;
     use http_body_util::{BodyExt as _, StreamBody};
-    use tokio::sync::mpsc;
 
     /// A client on one end of an in-memory pipe; the h2 server's end is
     /// handed to `serve`.
@@ -461,15 +454,6 @@ mod tests {
         let (client, conn) = handshake(a).await.expect("client handshake");
         tokio::spawn(conn);
         client
-    }
-
-    /// A body fed from a channel, chunk by chunk.
-    fn channel_body() -> (mpsc::Sender<Result<Frame<Bytes>, BoxError>>, Body) {
-        let (tx, rx) = mpsc::channel(4);
-        let stream = futures::stream::unfold(rx, |mut rx| async move {
-            rx.recv().await.map(|frame| (frame, rx))
-        });
-        (tx, crate::http::boxed(StreamBody::new(stream)))
     }
 
     /// `fut`, or a failure if it hangs (a stream that never ends).

@@ -21,11 +21,12 @@ use std::time::{Duration, Instant};
 
 use http::{Request, Response};
 use hyper::body::Incoming;
-use hyper::client::conn::{http1, http2};
+use hyper::client::conn::http2;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::sync::Notify;
 
 use super::form::into_form;
+use super::h1::client::{self as h1, Conn};
 use super::{Body, BoxError, SendFailed, mux};
 use crate::tls::SpiffeId;
 
@@ -98,7 +99,7 @@ impl ConnPolicy {
 #[derive(Debug)]
 struct Idle {
     since: Instant,
-    send: http1::SendRequest<Body>,
+    conn: Box<Conn>,
     /// Requests it has carried.
     served: u32,
 }
@@ -172,9 +173,9 @@ impl Drop for Dialing {
 /// A connection ready for one request.
 #[derive(Debug)]
 pub enum Sender {
-    /// HTTP/1.1 and the requests it carried before; returned to `pool`
-    /// once the response is done.
-    H1(http1::SendRequest<Body>, Arc<Pool>, u32),
+    /// HTTP/1.1 (weft's client, [`h1`]) and the requests it carried
+    /// before; returned to `pool` once the response is done.
+    H1(Box<Conn>, Arc<Pool>, u32),
     /// HTTP/2 handle (cheap clone of the shared connection).
     H2(http2::SendRequest<Body>),
     /// HTTP/1.1 multiplexed to a weft peer ([`mux`]; a cheap clone).
@@ -338,9 +339,9 @@ impl Pool {
             Version::Http1 => {
                 let timeout = self.idle_timeout();
                 let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-                while let Some(c) = idle.pop() {
-                    if c.since.elapsed() < timeout && c.send.is_ready() {
-                        return Some(Sender::H1(c.send, self.clone(), c.served));
+                while let Some(mut c) = idle.pop() {
+                    if c.since.elapsed() < timeout && c.conn.is_open() {
+                        return Some(Sender::H1(c.conn, self.clone(), c.served));
                     }
                 }
                 None
@@ -370,11 +371,8 @@ impl Pool {
         I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     {
         let send = match wire {
-            Version::Http1 => {
-                let (send, conn) = http1::Builder::new().handshake(TokioIo::new(io)).await?;
-                drive(conn.with_upgrades(), "HTTP/1");
-                return Ok(Sender::H1(send, self.clone(), 0));
-            }
+            // Driven by its requests and responses: no task.
+            Version::Http1 => return Ok(Sender::H1(Conn::new(io), self.clone(), 0)),
             // HTTP/1.1 multiplexed to a weft peer.
             Version::Http2 if self.version == Version::Http1 => {
                 let (client, conn) = mux::handshake(io).await?;
@@ -406,7 +404,7 @@ impl Pool {
         Ok(send.sender())
     }
 
-    fn put_idle(&self, send: http1::SendRequest<Body>, served: u32) {
+    fn put_idle(&self, conn: Box<Conn>, served: u32) {
         if self.used_up(served) {
             // Dropping the handle closes the connection.
             return;
@@ -415,7 +413,7 @@ impl Pool {
         if idle.len() < MAX_IDLE {
             idle.push(Idle {
                 since: Instant::now(),
-                send,
+                conn,
                 served,
             });
             drop(idle);
@@ -442,7 +440,7 @@ impl Pool {
         self.idle
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .retain(|c| now.saturating_duration_since(c.since) < timeout && !c.send.is_closed());
+            .retain_mut(|c| now.saturating_duration_since(c.since) < timeout && c.conn.is_open());
         let mut h2 = self.h2.lock().unwrap_or_else(|p| p.into_inner());
         if h2.as_ref().is_some_and(|s| {
             s.send.is_closed()
@@ -519,24 +517,23 @@ fn unsent(mut e: hyper::client::conn::TrySendError<Request<Body>>) -> SendFailed
 }
 
 async fn send_h1(
-    mut s: http1::SendRequest<Body>,
+    conn: Box<Conn>,
     pool: Arc<Pool>,
     served: u32,
     req: Request<Body>,
 ) -> Result<Response<UpstreamBody>, SendFailed> {
-    // Back from an attempt on a multiplexed connection.
-    let req = in_form(req, http::Version::HTTP_11);
-    let resp = s.try_send_request(req).await.map_err(unsent)?;
-    // A switch takes the connection out of HTTP; any other response gives
-    // it back when its body has ended.
-    let back = (resp.status() != http::StatusCode::SWITCHING_PROTOCOLS).then(|| Back {
-        send: s,
-        pool,
-        served: served + 1,
-    });
+    // Either form of the request head does: the client writes an
+    // authority in the URI as `Host`.
+    let resp = conn
+        .send(req)
+        .await
+        .map_err(|(error, request)| SendFailed { error, request })?;
     Ok(resp.map(|body| UpstreamBody {
-        body: Received::Hyper(body),
-        back,
+        body: Received::H1(body),
+        back: Some(Back {
+            pool,
+            served: served + 1,
+        }),
     }))
 }
 
@@ -565,13 +562,10 @@ async fn send_mux(
     }))
 }
 
-/// An upstream response's body: hyper's or a multiplexed stream's, and
-/// for HTTP/1.1 the connection it arrives on, which goes back to its pool
-/// once the body has ended: at once when the connection is ready for the
-/// next request by then (the usual case: hyper's connection task reads the
-/// end before the body's reader sees it), else from a task that waits for
-/// it. A body dropped before its end takes its connection with it (hyper
-/// closes it).
+/// An upstream response's body: weft's HTTP/1 client's, hyper's (HTTP/2)
+/// or a multiplexed stream's. An HTTP/1.1 connection goes back to its pool
+/// when the body has ended and the connection is fit for another request
+/// (the client says); a body dropped before its end closes its connection.
 #[derive(Debug)]
 pub struct UpstreamBody {
     body: Received,
@@ -581,42 +575,26 @@ pub struct UpstreamBody {
 /// Where a response body comes from.
 #[derive(Debug)]
 enum Received {
+    H1(h1::ResponseBody<Body>),
     Hyper(Incoming),
     Mux(super::stream::RecvBody),
 }
 
-/// An HTTP/1.1 connection on its way back to its pool.
+/// Where an HTTP/1.1 connection goes back to.
 #[derive(Debug)]
 struct Back {
-    send: http1::SendRequest<Body>,
     pool: Arc<Pool>,
     /// Requests it will have carried.
     served: u32,
 }
 
-impl Back {
-    fn give(self) {
-        let Back {
-            mut send,
-            pool,
-            served,
-        } = self;
-        if send.is_ready() {
-            pool.put_idle(send, served);
-        } else if let Ok(rt) = tokio::runtime::Handle::try_current() {
-            rt.spawn(async move {
-                if send.ready().await.is_ok() {
-                    pool.put_idle(send, served);
-                }
-            });
-        }
-    }
-}
-
 impl UpstreamBody {
     fn give_back(&mut self) {
-        if let Some(b) = self.back.take() {
-            b.give();
+        if let Received::H1(b) = &mut self.body
+            && let Some(conn) = b.take_reusable()
+            && let Some(Back { pool, served }) = self.back.take()
+        {
+            pool.put_idle(conn, served);
         }
     }
 }
@@ -631,6 +609,7 @@ impl http_body::Body for UpstreamBody {
     ) -> std::task::Poll<Option<Result<http_body::Frame<bytes::Bytes>, BoxError>>> {
         use std::task::Poll;
         let polled = match &mut self.body {
+            Received::H1(b) => std::pin::Pin::new(b).poll_frame(cx),
             Received::Hyper(b) => std::pin::Pin::new(b)
                 .poll_frame(cx)
                 .map(|f| f.map(|r| r.map_err(BoxError::from))),
@@ -650,6 +629,7 @@ impl http_body::Body for UpstreamBody {
 
     fn is_end_stream(&self) -> bool {
         match &self.body {
+            Received::H1(b) => b.is_end_stream(),
             Received::Hyper(b) => b.is_end_stream(),
             Received::Mux(b) => b.is_end_stream(),
         }
@@ -657,6 +637,7 @@ impl http_body::Body for UpstreamBody {
 
     fn size_hint(&self) -> http_body::SizeHint {
         match &self.body {
+            Received::H1(b) => b.size_hint(),
             Received::Hyper(b) => b.size_hint(),
             Received::Mux(b) => b.size_hint(),
         }
@@ -665,11 +646,10 @@ impl http_body::Body for UpstreamBody {
 
 impl Drop for UpstreamBody {
     /// A body without content (`HEAD`, `204`, `304`, a zero length) may
-    /// never be polled: it gives its connection back when dropped.
+    /// never be polled: it gives its connection back when dropped (one
+    /// dropped before its end has none to give).
     fn drop(&mut self) {
-        if http_body::Body::is_end_stream(self) {
-            self.give_back();
-        }
+        self.give_back();
     }
 }
 
@@ -938,5 +918,61 @@ mod tests {
             0,
             "a body cut short loses its connection"
         );
+    }
+
+    /// An app that answers one request as keep-alive, then closes the
+    /// connection.
+    async fn answers_once() -> SocketAddr {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        tokio::spawn(async move {
+            let (mut io, _) = listener.accept().await.expect("accept");
+            let mut got = Vec::new();
+            while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+                let mut buf = [0u8; 4096];
+                let n = io.read(&mut buf).await.expect("read");
+                assert!(n > 0, "closed before the request");
+                got.extend_from_slice(&buf[..n]);
+            }
+            io.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                .await
+                .expect("write");
+        });
+        addr
+    }
+
+    /// Until the close of the pool's one idle connection has reached it.
+    async fn closed_by_peer(pool: &Pool) {
+        for _ in 0..200 {
+            if !pool.idle.lock().expect("lock")[0].conn.is_open() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        panic!("the peer's close never arrived");
+    }
+
+    /// A pooled HTTP/1.1 connection the upstream closed while it sat idle
+    /// is never handed to a request: checkout and the sweep both see it.
+    #[tokio::test]
+    async fn a_connection_closed_while_idle_is_not_handed_out() {
+        use http_body_util::BodyExt as _;
+        let pool = Arc::new(Pool::new(Version::Http1, false, Arc::default()));
+        for sweep in [true, false] {
+            let addr = answers_once().await;
+            let body = send(&pool, addr, "/").await.into_body().collect().await;
+            assert_eq!(body.expect("body").to_bytes(), "ok");
+            assert_eq!(pool.idle_count(), 1, "kept alive");
+            closed_by_peer(&pool).await;
+            if sweep {
+                pool.sweep(Instant::now());
+            } else {
+                assert!(pool.checkout().is_none(), "not handed out");
+            }
+            assert_eq!(pool.idle_count(), 0, "dropped (sweep: {sweep})");
+        }
     }
 }

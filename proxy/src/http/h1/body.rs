@@ -21,7 +21,7 @@ const MAX_CHUNK_LINE: usize = 4096;
 /// Most trailer fields accepted.
 const MAX_TRAILERS: usize = 64;
 
-/// How a request's body is framed on the wire.
+/// How a message's body is framed on the wire.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) enum Framing {
     /// No body.
@@ -30,6 +30,8 @@ pub(super) enum Framing {
     Length(u64),
     /// `Transfer-Encoding: chunked`.
     Chunked,
+    /// Until the connection closes (responses only: no length, not chunked).
+    Close,
 }
 
 /// Why a request body could not be read to its end.
@@ -78,6 +80,8 @@ pub(super) enum Chunk {
 pub(super) enum Decoder {
     Length(u64),
     Chunked(Chunk),
+    /// Everything until the connection closes; the reader ends it.
+    Close,
     Done,
 }
 
@@ -87,6 +91,7 @@ impl Decoder {
             Framing::Empty | Framing::Length(0) => Decoder::Done,
             Framing::Length(n) => Decoder::Length(n),
             Framing::Chunked => Decoder::Chunked(Chunk::Size),
+            Framing::Close => Decoder::Close,
         }
     }
 
@@ -105,6 +110,8 @@ impl Decoder {
         loop {
             match self {
                 Decoder::Done => return Ok(Decoded::End),
+                Decoder::Close if buf.is_empty() => return Ok(Decoded::More),
+                Decoder::Close => return Ok(Decoded::Data(buf.split().freeze())),
                 Decoder::Length(left) => {
                     let Some(data) = take(buf, left) else {
                         return Ok(Decoded::More);
@@ -285,7 +292,7 @@ pub(super) struct Sender {
 pub(super) fn pipe(framing: Framing) -> (RecvBody, Option<Sender>) {
     match framing {
         Framing::Empty | Framing::Length(0) => (RecvBody::empty(), None),
-        Framing::Length(_) | Framing::Chunked => {
+        Framing::Length(_) | Framing::Chunked | Framing::Close => {
             let shared = Shared::default();
             let left = match framing {
                 Framing::Length(n) => Some(n),

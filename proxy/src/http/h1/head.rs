@@ -192,6 +192,215 @@ pub(super) fn parse(buf: &mut BytesMut, max_head: usize) -> Result<Option<Head>,
     }))
 }
 
+/// A parsed response head and what the client connection needs to know of
+/// it.
+#[derive(Debug)]
+pub(super) struct ResponseHead {
+    pub response: http::Response<()>,
+    pub framing: Framing,
+    /// The connection may carry another request after this response.
+    pub keep_alive: bool,
+}
+
+/// Parses the response head at the start of `buf` to a request whose
+/// method was `HEAD` (`head`) or `CONNECT` (`connect`). `Ok(None)`:
+/// incomplete. On success the head's bytes are taken out of `buf`.
+pub(super) fn parse_response(
+    buf: &mut BytesMut,
+    max_head: usize,
+    head: bool,
+    connect: bool,
+) -> Result<Option<ResponseHead>, &'static str> {
+    // As `parse`: neither array is zeroed first.
+    let mut fields = smallvec::SmallVec::<[Field; 128]>::new();
+    let (len, code, minor) = {
+        let mut headers =
+            [const { std::mem::MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+        let mut resp = httparse::Response::new(&mut []);
+        let parsed = httparse::ParserConfig::default().parse_response_with_uninit_headers(
+            &mut resp,
+            buf,
+            &mut headers,
+        );
+        let len = match parsed {
+            Ok(httparse::Status::Complete(n)) => n,
+            Ok(httparse::Status::Partial) if buf.len() > max_head => {
+                return Err("response head too large");
+            }
+            Ok(httparse::Status::Partial) => return Ok(None),
+            Err(e) => return Err(parse_error(e)),
+        };
+        if len > max_head {
+            return Err("response head too large");
+        }
+        let (Some(code), Some(minor)) = (resp.code, resp.version) else {
+            return Err("incomplete status line");
+        };
+        fields.extend(resp.headers.iter().map(|h| Field {
+            name: offset(buf, h.name.as_bytes()),
+            value: offset(buf, h.value),
+        }));
+        (len, code, minor)
+    };
+    let bytes = buf.split_to(len).freeze();
+    let status = StatusCode::from_u16(code).map_err(|_| "invalid status code")?;
+    let http11 = minor == 1;
+    let mut headers = HeaderMap::with_capacity(fields.len() + 2);
+    let mut keep_alive = http11;
+    let (mut te, mut te_chunked, mut cl) = (false, false, None::<u64>);
+    for f in &fields {
+        let name = HeaderName::from_bytes(&bytes[f.name.0..f.name.1])
+            .map_err(|_| "invalid header name")?;
+        let value = HeaderValue::from_maybe_shared(bytes.slice(f.value.0..f.value.1))
+            .map_err(|_| "invalid header value")?;
+        match name {
+            header::TRANSFER_ENCODING => {
+                te = true;
+                te_chunked = last_token_is(&value, "chunked");
+            }
+            header::CONTENT_LENGTH => {
+                let n = content_length(&value).ok_or("invalid Content-Length")?;
+                if cl.is_some_and(|m| m != n) {
+                    return Err("differing Content-Length values");
+                }
+                cl = Some(n);
+            }
+            header::CONNECTION => {
+                if has_token(&value, "close") {
+                    keep_alive = false;
+                } else if !http11 && has_token(&value, "keep-alive") {
+                    keep_alive = true;
+                }
+            }
+            _ => {}
+        }
+        headers.append(name, value);
+    }
+    // RFC 9112 §6.3, in its order.
+    let framing = if head
+        || status.is_informational()
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED
+        || (connect && status.is_success())
+    {
+        Framing::Empty
+    } else if te {
+        // Transfer-Encoding wins over a length, and such a response
+        // leaves the connection unusable (it may have been made to
+        // disagree with some other parser on where it ends).
+        if cl.is_some() {
+            keep_alive = false;
+        }
+        if te_chunked {
+            Framing::Chunked
+        } else {
+            Framing::Close
+        }
+    } else if let Some(n) = cl {
+        Framing::Length(n)
+    } else {
+        Framing::Close
+    };
+    if framing == Framing::Close {
+        keep_alive = false;
+    }
+    let mut response = http::Response::new(());
+    *response.status_mut() = status;
+    *response.version_mut() = if http11 {
+        Version::HTTP_11
+    } else {
+        Version::HTTP_10
+    };
+    *response.headers_mut() = headers;
+    Ok(Some(ResponseHead {
+        response,
+        framing,
+        keep_alive,
+    }))
+}
+
+/// About the bytes [`encode_request`] writes for `parts`.
+pub(super) fn request_size(parts: &http::request::Parts) -> usize {
+    // The authority goes in the request line (CONNECT) or in `Host`.
+    let authority = parts.uri.authority().map_or(0, |a| a.as_str().len());
+    let target = parts.uri.path_and_query().map_or(1, |p| p.as_str().len());
+    size(&parts.headers) + authority + target
+}
+
+/// Writes the head of a request (`parts`, in HTTP/1.1 or HTTP/2 form: a
+/// URI with an authority and no `Host` gets a `Host` from it), its body's
+/// length being `length` when known; returns how its body is framed.
+/// Framing fields are the client's to set: a `Content-Length` the request
+/// carries is kept when the body's length is not known otherwise,
+/// `Transfer-Encoding` is chosen here.
+pub(super) fn encode_request(
+    parts: &http::request::Parts,
+    length: Option<u64>,
+    dst: &mut BytesMut,
+) -> Out {
+    let connect = parts.method == Method::CONNECT;
+    let authority = parts.uri.authority();
+    dst.put_slice(parts.method.as_str().as_bytes());
+    dst.put_u8(b' ');
+    match (connect, authority, parts.uri.path_and_query()) {
+        (true, Some(a), _) => dst.put_slice(a.as_str().as_bytes()),
+        (_, _, Some(pq)) => dst.put_slice(pq.as_str().as_bytes()),
+        _ => dst.put_u8(b'/'),
+    }
+    dst.put_slice(b" HTTP/1.1\r\n");
+    if let Some(a) = authority
+        && !parts.headers.contains_key(header::HOST)
+    {
+        dst.put_slice(b"host: ");
+        dst.put_slice(a.as_str().as_bytes());
+        dst.put_slice(b"\r\n");
+    }
+    let mut declared = None::<u64>;
+    for (name, value) in &parts.headers {
+        match *name {
+            header::CONTENT_LENGTH => {
+                if declared.is_none() {
+                    declared = content_length(value);
+                }
+                continue;
+            }
+            header::TRANSFER_ENCODING => continue,
+            _ => {}
+        }
+        dst.put_slice(name.as_str().as_bytes());
+        dst.put_slice(b": ");
+        dst.put_slice(value.as_bytes());
+        dst.put_slice(b"\r\n");
+    }
+    let out = if connect {
+        Out::Length(0)
+    } else {
+        match (length, declared) {
+            // An empty body says so only where a body means something.
+            (Some(0), None) if !has_payload(&parts.method) => Out::Length(0),
+            (Some(n), _) | (None, Some(n)) => {
+                put_length(dst, n);
+                Out::Length(n)
+            }
+            (None, None) => {
+                dst.put_slice(b"transfer-encoding: chunked\r\n");
+                Out::Chunked
+            }
+        }
+    };
+    dst.put_slice(b"\r\n");
+    out
+}
+
+/// Whether a request with this method means something by a body, so an
+/// empty one is worth a `content-length: 0`.
+pub fn has_payload(method: &Method) -> bool {
+    !matches!(
+        *method,
+        Method::GET | Method::HEAD | Method::DELETE | Method::CONNECT
+    )
+}
+
 fn parse_error(e: httparse::Error) -> &'static str {
     match e {
         httparse::Error::HeaderName => "invalid header name",
@@ -387,11 +596,16 @@ fn put_length(dst: &mut BytesMut, n: u64) {
 }
 
 /// Writes the trailer section ending a chunked body: the fields of
-/// `trailers` that the response declared and that may be trailers.
-pub(super) fn encode_trailers(trailers: &HeaderMap, allowed: &[HeaderName], dst: &mut BytesMut) {
+/// `trailers` that may be trailers and, when `allowed` says, that the
+/// message declared (a response's `Trailer`; a request's are all sent).
+pub(super) fn encode_trailers(
+    trailers: &HeaderMap,
+    allowed: Option<&[HeaderName]>,
+    dst: &mut BytesMut,
+) {
     dst.put_slice(b"0\r\n");
     for (name, value) in trailers {
-        if allowed.contains(name) && may_trail(name) {
+        if allowed.is_none_or(|a| a.contains(name)) && may_trail(name) {
             dst.put_slice(name.as_str().as_bytes());
             dst.put_slice(b": ");
             dst.put_slice(value.as_bytes());
@@ -731,7 +945,7 @@ mod tests {
         t.insert("x-other", HeaderValue::from_static("2"));
         t.insert(header::CONTENT_TYPE, HeaderValue::from_static("a/b"));
         let mut dst = BytesMut::new();
-        encode_trailers(&t, &allowed, &mut dst);
+        encode_trailers(&t, Some(&allowed), &mut dst);
         assert_eq!(&dst[..], b"0\r\nx-sum: 1\r\n\r\n");
     }
 }

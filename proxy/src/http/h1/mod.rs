@@ -29,7 +29,10 @@
 //! `Content-Length` and `Transfer-Encoding` refused with 400.
 
 pub mod body;
+pub mod client;
 mod head;
+
+pub use head::has_payload;
 
 use std::future::{Future, poll_fn};
 use std::io;
@@ -162,7 +165,10 @@ pub enum Closed {
 /// the right kind is one.
 pub trait Service: Clone + Send + 'static {
     /// The response body.
-    type Body: http_body::Body<Data = Bytes, Error: std::fmt::Display> + Unpin + Send + 'static;
+    type Body: http_body::Body<Data = Bytes, Error: std::fmt::Display + Send>
+        + Unpin
+        + Send
+        + 'static;
     type Future: Future<Output = Response<Self::Body>> + Send + 'static;
     fn call(&self, req: Request<RecvBody>) -> Self::Future;
 }
@@ -171,7 +177,7 @@ impl<S, F, B> Service for S
 where
     S: Fn(Request<RecvBody>) -> F + Clone + Send + 'static,
     F: Future<Output = Response<B>> + Send + 'static,
-    B: http_body::Body<Data = Bytes, Error: std::fmt::Display> + Unpin + Send + 'static,
+    B: http_body::Body<Data = Bytes, Error: std::fmt::Display + Send> + Unpin + Send + 'static,
 {
     type Body = B;
     type Future = F;
@@ -949,6 +955,8 @@ impl Exchange {
             body: Some(body),
             out: encoded.out,
             trailers: encoded.trailers,
+            any_trailer: false,
+            failed: None,
         };
         if writer.out == Out::Length(0) && !writer.body.as_ref().is_some_and(|b| b.is_end_stream())
         {
@@ -980,11 +988,16 @@ impl Exchange {
     }
 }
 
-/// A response body on its way out, framed.
-struct Writer<B> {
+/// A body on its way out, framed: a response's, or the client's request's.
+struct Writer<B: http_body::Body> {
     body: Option<B>,
     out: Out,
+    /// The trailer fields a response declared (only those are sent).
     trailers: Option<Vec<http::HeaderName>>,
+    /// Every trailer field that may be one is sent (a request's).
+    any_trailer: bool,
+    /// The body's own failure, when it failed.
+    failed: Option<B::Error>,
 }
 
 impl<B> Writer<B>
@@ -1016,22 +1029,23 @@ where
                     };
                     if let Ok(t) = frame.into_trailers() {
                         if let Out::Length(left @ 1..) = self.out {
-                            tracing::debug!(left, "response body shorter than its length");
+                            tracing::debug!(left, "body shorter than its length");
                             return Poll::Ready(Err(()));
                         }
                         if self.out == Out::Chunked {
-                            head::encode_trailers(
-                                &t,
-                                self.trailers.as_deref().unwrap_or_default(),
-                                &mut out.staging,
-                            );
+                            let allowed = match self.any_trailer {
+                                true => None,
+                                false => Some(self.trailers.as_deref().unwrap_or_default()),
+                            };
+                            head::encode_trailers(&t, allowed, &mut out.staging);
                             self.out = Out::Length(0);
                         }
                         self.body = None;
                     }
                 }
                 Poll::Ready(Some(Err(e))) => {
-                    tracing::debug!(error = %e, "response body failed; the connection closes");
+                    tracing::debug!(error = %e, "body failed; the connection closes");
+                    self.failed = Some(e);
                     return Poll::Ready(Err(()));
                 }
                 Poll::Ready(None) => {
@@ -1039,7 +1053,7 @@ where
                         Out::Chunked => out.put(b"0\r\n\r\n"),
                         Out::Length(0) | Out::Close => {}
                         Out::Length(left) => {
-                            tracing::debug!(left, "response body shorter than its length");
+                            tracing::debug!(left, "body shorter than its length");
                             return Poll::Ready(Err(()));
                         }
                     }
@@ -1072,7 +1086,7 @@ where
             Out::Length(left) => {
                 let n = data.len() as u64;
                 if n > *left {
-                    tracing::debug!(left = *left, n, "response body longer than its length");
+                    tracing::debug!(left = *left, n, "body longer than its length");
                     return Err(());
                 }
                 *left -= n;
