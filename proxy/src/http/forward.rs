@@ -65,13 +65,12 @@ where
     let client_upgrade = upgrade.then(|| ClientUpgrade::of(&mut req));
     let (mut parts, body) = req.into_parts();
     strip_hop_by_hop(&mut parts.headers, upgrade && !is_connect);
-    set_form(
-        &mut parts,
-        match version {
-            Version::Http1 => http::Version::HTTP_11,
-            Version::Http2 => http::Version::HTTP_2,
-        },
-    );
+    // weft's HTTP/1 client writes either form as HTTP/1.1 (an authority in
+    // the URI becomes `Host`), and the multiplexed hop puts a request in
+    // HTTP/2 form as it sends it: only hyper's HTTP/2 needs it here.
+    if version == Version::Http2 {
+        set_form(&mut parts, http::Version::HTTP_2);
+    }
     // A body failure is the client's: marked, so that it is answered 400
     // rather than blamed on the upstream (`super::client_body_error`).
     let body = http_body_util::BodyExt::map_err(body, |e| super::ClientBodyError(e.into()));

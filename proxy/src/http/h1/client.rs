@@ -108,7 +108,12 @@ impl Conn {
         connect: bool,
     ) -> Poll<Result<head::ResponseHead, BoxError>> {
         loop {
-            match head::parse_response(&mut self.buf, MAX_HEAD, head, connect) {
+            // Nothing to parse yet: read first.
+            let parsed = match self.buf.is_empty() {
+                true => Ok(None),
+                false => head::parse_response(&mut self.buf, MAX_HEAD, head, connect),
+            };
+            match parsed {
                 Ok(Some(h))
                     if h.response.status().is_informational()
                         && h.response.status() != StatusCode::SWITCHING_PROTOCOLS => {}
