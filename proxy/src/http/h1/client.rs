@@ -382,6 +382,24 @@ mod tests {
         (Conn::new(a), b)
     }
 
+    /// Sends `req` on `conn` from a task of its own.
+    fn start(
+        conn: Box<Conn>,
+        req: Request<Body>,
+    ) -> tokio::task::JoinHandle<Result<Response<ResponseBody<Body>>, Failed<Body>>> {
+        tokio::spawn(conn.send(req))
+    }
+
+    /// The response of a send [`start`]ed.
+    async fn done(
+        send: tokio::task::JoinHandle<Result<Response<ResponseBody<Body>>, Failed<Body>>>,
+    ) -> Response<ResponseBody<Body>> {
+        send.await
+            .expect("task")
+            .map_err(|e| e.0)
+            .expect("response")
+    }
+
     /// Reads from the upstream end until `end` has been seen.
     async fn read_until(up: &mut DuplexStream, end: &[u8]) -> String {
         let mut got = Vec::new();
@@ -419,7 +437,7 @@ mod tests {
         let req = Request::post("http://app.shop:8080/a?b=c")
             .body(full("hello"))
             .expect("request");
-        let send = tokio::spawn(conn.send(req));
+        let send = start(conn, req);
         let head = read_until(&mut up, b"hello").await;
         assert!(head.starts_with("POST /a?b=c HTTP/1.1\r\n"), "{head}");
         assert!(head.contains("host: app.shop:8080\r\n"), "{head}");
@@ -427,11 +445,7 @@ mod tests {
         up.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nx-a: 1\r\n\r\nok")
             .await
             .expect("write");
-        let resp = send
-            .await
-            .expect("task")
-            .map_err(|e| e.0)
-            .expect("response");
+        let resp = done(send).await;
         assert_eq!(resp.status(), StatusCode::OK);
         assert_eq!(resp.headers()["x-a"], "1");
         let (data, _, conn) = collect(resp).await;
@@ -439,18 +453,14 @@ mod tests {
         let conn = conn.expect("reusable");
 
         let req = Request::get("/second").body(full("")).expect("request");
-        let send = tokio::spawn(conn.send(req));
+        let send = start(conn, req);
         let head = read_until(&mut up, b"\r\n\r\n").await;
         assert!(head.starts_with("GET /second HTTP/1.1\r\n"), "{head}");
         assert!(!head.contains("content-length"), "{head}");
         up.write_all(b"HTTP/1.1 204 No Content\r\n\r\n")
             .await
             .expect("write");
-        let resp = send
-            .await
-            .expect("task")
-            .map_err(|e| e.0)
-            .expect("response");
+        let resp = done(send).await;
         assert_eq!(resp.status(), StatusCode::NO_CONTENT);
         let (data, _, conn) = collect(resp).await;
         assert!(data.is_empty());
@@ -462,7 +472,7 @@ mod tests {
         let (conn, mut up) = pair();
         let (tx, body) = channel_body();
         let req = Request::put("/up").body(body).expect("request");
-        let send = tokio::spawn(conn.send(req));
+        let send = start(conn, req);
         tx.send(Ok(Frame::data(Bytes::from_static(b"abc"))))
             .await
             .expect("send");
@@ -479,11 +489,7 @@ mod tests {
         up.write_all(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n2\r\nhi\r\n1\r\n!\r\n0\r\nx-done: y\r\n\r\n")
             .await
             .expect("write");
-        let resp = send
-            .await
-            .expect("task")
-            .map_err(|e| e.0)
-            .expect("response");
+        let resp = done(send).await;
         let (data, trailers, conn) = collect(resp).await;
         assert_eq!(data, b"hi!");
         assert_eq!(trailers.expect("trailers")["x-done"], "y");
@@ -493,17 +499,13 @@ mod tests {
     #[tokio::test]
     async fn a_body_framed_by_the_connection_s_end_closes_it() {
         let (conn, mut up) = pair();
-        let send = tokio::spawn(conn.send(Request::get("/").body(full("")).expect("request")));
+        let send = start(conn, Request::get("/").body(full("")).expect("request"));
         read_until(&mut up, b"\r\n\r\n").await;
         up.write_all(b"HTTP/1.0 200 OK\r\n\r\nuntil the end")
             .await
             .expect("write");
         drop(up);
-        let resp = send
-            .await
-            .expect("task")
-            .map_err(|e| e.0)
-            .expect("response");
+        let resp = done(send).await;
         assert_eq!(resp.version(), http::Version::HTTP_10);
         let (data, _, conn) = collect(resp).await;
         assert_eq!(data, b"until the end");
@@ -513,16 +515,12 @@ mod tests {
     #[tokio::test]
     async fn informational_responses_are_skipped_and_head_has_no_body() {
         let (conn, mut up) = pair();
-        let send = tokio::spawn(conn.send(Request::head("/").body(full("")).expect("request")));
+        let send = start(conn, Request::head("/").body(full("")).expect("request"));
         read_until(&mut up, b"\r\n\r\n").await;
         up.write_all(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nlink: </a>\r\n\r\nHTTP/1.1 200 OK\r\ncontent-length: 99\r\n\r\n")
             .await
             .expect("write");
-        let resp = send
-            .await
-            .expect("task")
-            .map_err(|e| e.0)
-            .expect("response");
+        let resp = done(send).await;
         assert_eq!(resp.status(), StatusCode::OK);
         assert!(http_body::Body::is_end_stream(resp.body()));
         let (data, _, conn) = collect(resp).await;
@@ -538,7 +536,7 @@ mod tests {
             .header("content-length", "100")
             .body(body)
             .expect("request");
-        let send = tokio::spawn(conn.send(req));
+        let send = start(conn, req);
         tx.send(Ok(Frame::data(Bytes::from_static(b"part"))))
             .await
             .expect("send");
@@ -546,11 +544,7 @@ mod tests {
         up.write_all(b"HTTP/1.1 413 Payload Too Large\r\ncontent-length: 4\r\n\r\nbig!")
             .await
             .expect("write");
-        let resp = send
-            .await
-            .expect("task")
-            .map_err(|e| e.0)
-            .expect("response");
+        let resp = done(send).await;
         assert_eq!(resp.status(), StatusCode::PAYLOAD_TOO_LARGE);
         let (data, _, conn) = collect(resp).await;
         assert_eq!(data, b"big!");
@@ -562,7 +556,7 @@ mod tests {
         let (conn, _up) = pair();
         let (tx, body) = channel_body();
         let req = Request::post("/").body(body).expect("request");
-        let send = tokio::spawn(conn.send(req));
+        let send = start(conn, req);
         tx.send(Ok(Frame::data(Bytes::from_static(b"x"))))
             .await
             .expect("send");
@@ -598,7 +592,7 @@ mod tests {
             b"HTTP/1.1 200 O",
         ] {
             let (conn, mut up) = pair();
-            let send = tokio::spawn(conn.send(Request::get("/").body(full("")).expect("request")));
+            let send = start(conn, Request::get("/").body(full("")).expect("request"));
             read_until(&mut up, b"\r\n\r\n").await;
             up.write_all(reply).await.expect("write");
             drop(up);
@@ -607,17 +601,13 @@ mod tests {
         }
         // A body shorter than its length.
         let (conn, mut up) = pair();
-        let send = tokio::spawn(conn.send(Request::get("/").body(full("")).expect("request")));
+        let send = start(conn, Request::get("/").body(full("")).expect("request"));
         read_until(&mut up, b"\r\n\r\n").await;
         up.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nshort")
             .await
             .expect("write");
         drop(up);
-        let mut resp = send
-            .await
-            .expect("task")
-            .map_err(|e| e.0)
-            .expect("response");
+        let mut resp = done(send).await;
         let mut failed = false;
         while let Some(f) = resp.body_mut().frame().await {
             failed |= f.is_err();
@@ -634,17 +624,13 @@ mod tests {
             .header("upgrade", "websocket")
             .body(full(""))
             .expect("request");
-        let send = tokio::spawn(conn.send(req));
+        let send = start(conn, req);
         let head = read_until(&mut up, b"\r\n\r\n").await;
         assert!(head.contains("upgrade: websocket\r\n"), "{head}");
         up.write_all(b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: upgrade\r\n\r\nearly")
             .await
             .expect("write");
-        let mut resp = send
-            .await
-            .expect("task")
-            .map_err(|e| e.0)
-            .expect("response");
+        let mut resp = done(send).await;
         assert_eq!(resp.status(), StatusCode::SWITCHING_PROTOCOLS);
         let on = resp
             .extensions_mut()
