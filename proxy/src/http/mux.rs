@@ -738,6 +738,42 @@ mod tests {
         assert_eq!(trailers["x-length"], "5");
     }
 
+    /// Streams of one connection are answered side by side: an answer that
+    /// waits holds back none of the others.
+    #[tokio::test]
+    async fn an_answer_that_waits_holds_back_no_other_stream() {
+        let (go_tx, go_rx) = tokio::sync::watch::channel(false);
+        let go_tx = Arc::new(go_tx);
+        let (client, _end) = served(move |req: Request<ReqBody>| {
+            let (mut go, go_tx) = (go_rx.clone(), go_tx.clone());
+            async move {
+                if req.uri().path() == "/first" {
+                    // Answers only once the second request was answered.
+                    let _ = go.wait_for(|g| *g).await;
+                } else {
+                    go_tx.send_replace(true);
+                }
+                echo(req).await
+            }
+        })
+        .await;
+        let request = |path: &str, body: &'static [u8]| {
+            Request::post(format!("http://echo{path}"))
+                .version(http::Version::HTTP_2)
+                .body(crate::http::full(Bytes::from_static(body)))
+                .expect("request")
+        };
+        let first = tokio::spawn(client.clone().send(request("/first", b"first")));
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        let second = settled(client.send(request("/second", b"second")))
+            .await
+            .expect("the second is answered while the first waits");
+        assert_eq!(second.status(), http::StatusCode::OK);
+        let first = settled(first).await.expect("task").expect("the first");
+        let all = settled(first.into_body().collect()).await.expect("body");
+        assert_eq!(all.to_bytes(), "first");
+    }
+
     /// When the peer resets a stream (its client went away), the request's
     /// future in the service is dropped where it stands.
     #[tokio::test]
