@@ -46,12 +46,16 @@ use crate::net::Prefixed;
 const MAX_HEAD: usize = 256 * 1024;
 /// Longest trailer section accepted.
 const MAX_TRAILERS: usize = 64 * 1024;
+/// Most bytes one read of a response asks for.
+const MAX_READ: usize = 128 * 1024;
 
 /// One HTTP/1.1 connection upstream, idle between requests.
 pub struct Conn {
     io: Box<dyn Io>,
     /// What was read and not yet used.
     buf: BytesMut,
+    /// Room reserved for the next read (see `poll_fill`).
+    read_size: usize,
 }
 
 impl std::fmt::Debug for Conn {
@@ -73,6 +77,7 @@ impl Conn {
         Box::new(Conn {
             io: Box::new(io),
             buf: BytesMut::new(),
+            read_size: READ_SIZE,
         })
     }
 
@@ -93,11 +98,33 @@ impl Conn {
     }
 
     /// Reads more of the connection into the buffer; `Ok(0)` at its end.
+    /// Reads of a large body grow: a read that fills the room it had
+    /// doubles the next one's, up to [`MAX_READ`], so a body of megabytes
+    /// is read (and handed on) in frames of that size rather than of
+    /// 8 KiB. Each response starts again at [`READ_SIZE`].
     fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
-        if self.buf.capacity() - self.buf.len() < READ_SIZE / 4 {
-            self.buf.reserve(READ_SIZE);
+        if self.buf.capacity() - self.buf.len() < self.read_size / 4 {
+            self.buf.reserve(self.read_size);
         }
-        tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, &mut self.buf)
+        let room = self.buf.capacity() - self.buf.len();
+        let n = ready!(tokio_util::io::poll_read_buf(
+            Pin::new(&mut self.io),
+            cx,
+            &mut self.buf
+        ))?;
+        if n == room {
+            self.read_size = (self.read_size * 2).min(MAX_READ);
+        }
+        Poll::Ready(Ok(n))
+    }
+
+    /// Ready for the next exchange: reads start small again, and a buffer
+    /// grown by a large body is not kept while the connection is idle.
+    fn rewind(&mut self) {
+        self.read_size = READ_SIZE;
+        if self.buf.is_empty() && self.buf.capacity() > 2 * READ_SIZE {
+            self.buf = BytesMut::new();
+        }
     }
 
     /// Reads the response head; `1xx` other than `101` are skipped.
@@ -276,7 +303,10 @@ impl<B: http_body::Body> ResponseBody<B> {
     fn end(&mut self) {
         let conn = self.conn.take();
         if self.keep_alive && self.sending.is_none() {
-            self.reusable = conn;
+            self.reusable = conn.map(|mut c| {
+                c.rewind();
+                c
+            });
         }
         self.sending = None;
     }
@@ -494,6 +524,40 @@ mod tests {
         assert_eq!(data, b"hi!");
         assert_eq!(trailers.expect("trailers")["x-done"], "y");
         assert!(conn.is_some());
+    }
+
+    /// A large body is read in growing reads (frames of more than 8 KiB),
+    /// and the connection goes back idle without the grown buffer.
+    #[tokio::test]
+    async fn a_large_body_is_read_in_growing_reads() {
+        let (conn, mut up) = pair();
+        let send = start(conn, Request::get("/big").body(full("")).expect("request"));
+        read_until(&mut up, b"\r\n\r\n").await;
+        const LEN: usize = 1 << 20;
+        tokio::spawn(async move {
+            up.write_all(format!("HTTP/1.1 200 OK\r\ncontent-length: {LEN}\r\n\r\n").as_bytes())
+                .await
+                .expect("write");
+            up.write_all(&vec![b'x'; LEN]).await.expect("write");
+            // Held open: the connection stays reusable.
+            std::future::pending::<()>().await;
+        });
+        let mut resp = done(send).await;
+        let (mut total, mut largest) = (0, 0);
+        while let Some(f) = resp.body_mut().frame().await {
+            let d = f.expect("frame").into_data().expect("data");
+            total += d.len();
+            largest = largest.max(d.len());
+        }
+        assert_eq!(total, LEN);
+        assert!(largest > READ_SIZE, "the largest frame was {largest} bytes");
+        let conn = resp.body_mut().take_reusable().expect("reusable");
+        assert_eq!(conn.read_size, READ_SIZE);
+        assert!(
+            conn.buf.capacity() <= 2 * READ_SIZE,
+            "{}",
+            conn.buf.capacity()
+        );
     }
 
     #[tokio::test]
