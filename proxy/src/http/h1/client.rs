@@ -624,12 +624,14 @@ mod tests {
         tx.send(Ok(Frame::data(Bytes::from_static(b"x"))))
             .await
             .expect("send");
-        tx.send(Err("the client went away".into()))
-            .await
-            .expect("send");
+        // As `forward::prepare` marks a client's body failure.
+        let failure = crate::http::ClientBodyError("the client went away".into());
+        tx.send(Err(Box::new(failure))).await.expect("send");
         let (e, request) = send.await.expect("task").expect_err("failed");
         assert!(request.is_none());
         assert!(e.to_string().contains("went away"), "{e}");
+        // Still the client's fault where the proxy answers it (400, not 502).
+        assert!(crate::http::client_body_error(&*e).is_some(), "{e}");
     }
 
     #[tokio::test]
