@@ -560,6 +560,21 @@ mod tests {
         );
     }
 
+    /// `Transfer-Encoding` beside a length: the body is read as chunked
+    /// and the connection is not used again.
+    #[tokio::test]
+    async fn chunked_with_a_length_is_read_as_chunked_and_closes() {
+        let (conn, mut up) = pair();
+        let send = start(conn, Request::get("/").body(full("")).expect("request"));
+        read_until(&mut up, b"\r\n\r\n").await;
+        up.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\ntransfer-encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n")
+            .await
+            .expect("write");
+        let (data, _, conn) = collect(done(send).await).await;
+        assert_eq!(data, b"ok");
+        assert!(conn.is_none(), "not reusable");
+    }
+
     #[tokio::test]
     async fn a_body_framed_by_the_connection_s_end_closes_it() {
         let (conn, mut up) = pair();
@@ -655,6 +670,7 @@ mod tests {
         for reply in [
             &b"HTTP/1.1 2000 Huh\r\n\r\n"[..],
             b"HTTP/1.1 200 OK\r\ncontent-length: x\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\ncontent-length: 1\r\ncontent-length: 2\r\n\r\n",
             b"HTTP/1.1 200 O",
         ] {
             let (conn, mut up) = pair();
