@@ -47,7 +47,7 @@ const MAX_HEAD: usize = 256 * 1024;
 /// Longest trailer section accepted.
 const MAX_TRAILERS: usize = 64 * 1024;
 /// Most bytes one read of a response asks for.
-const MAX_READ: usize = 128 * 1024;
+const MAX_READ: usize = 256 * 1024;
 
 /// One HTTP/1.1 connection upstream, idle between requests.
 pub struct Conn {
@@ -56,6 +56,8 @@ pub struct Conn {
     buf: BytesMut,
     /// Room reserved for the next read (see `poll_fill`).
     read_size: usize,
+    /// The last read took less than half of `read_size`.
+    read_small: bool,
 }
 
 impl std::fmt::Debug for Conn {
@@ -78,6 +80,7 @@ impl Conn {
             io: Box::new(io),
             buf: BytesMut::new(),
             read_size: READ_SIZE,
+            read_small: false,
         })
     }
 
@@ -98,10 +101,13 @@ impl Conn {
     }
 
     /// Reads more of the connection into the buffer; `Ok(0)` at its end.
-    /// Reads of a large body grow: a read that fills the room it had
-    /// doubles the next one's, up to [`MAX_READ`], so a body of megabytes
-    /// is read (and handed on) in frames of that size rather than of
-    /// 8 KiB. Each response starts again at [`READ_SIZE`].
+    /// The size of reads follows what the upstream sends, per connection:
+    /// a read that fills the room it had doubles the next one's, up to
+    /// [`MAX_READ`], so a body of megabytes is read (and handed on) in
+    /// frames of that size rather than of 8 KiB; two reads in a row that
+    /// take less than half their room halve it, down to [`READ_SIZE`]. An
+    /// upstream that answers 16 KiB each time is read in one read per
+    /// response, not two.
     fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
         if self.buf.capacity() - self.buf.len() < self.read_size / 4 {
             self.buf.reserve(self.read_size);
@@ -114,14 +120,21 @@ impl Conn {
         ))?;
         if n == room {
             self.read_size = (self.read_size * 2).min(MAX_READ);
+            self.read_small = false;
+        } else if n < self.read_size / 2 {
+            if self.read_small {
+                self.read_size = (self.read_size / 2).max(READ_SIZE);
+            }
+            self.read_small = !self.read_small;
+        } else {
+            self.read_small = false;
         }
         Poll::Ready(Ok(n))
     }
 
-    /// Ready for the next exchange: reads start small again, and a buffer
-    /// grown by a large body is not kept while the connection is idle.
+    /// Ready for the next exchange: a buffer grown by a large body is not
+    /// kept while the connection is idle (the read size is).
     fn rewind(&mut self) {
-        self.read_size = READ_SIZE;
         if self.buf.is_empty() && self.buf.capacity() > 2 * READ_SIZE {
             self.buf = BytesMut::new();
         }
@@ -552,12 +565,42 @@ mod tests {
         assert_eq!(total, LEN);
         assert!(largest > READ_SIZE, "the largest frame was {largest} bytes");
         let conn = resp.body_mut().take_reusable().expect("reusable");
-        assert_eq!(conn.read_size, READ_SIZE);
+        // The read size stays with the connection, for its next response.
+        assert!(conn.read_size > READ_SIZE, "{}", conn.read_size);
         assert!(
             conn.buf.capacity() <= 2 * READ_SIZE,
             "{}",
             conn.buf.capacity()
         );
+    }
+
+    /// The size of reads stays with the connection: an upstream that
+    /// answers 16 KiB each time is soon read in one read per response, and
+    /// small answers bring the size back down.
+    #[tokio::test]
+    async fn read_sizes_follow_the_upstream_across_responses() {
+        let (mut conn, mut up) = pair();
+        let mut frames = Vec::new();
+        for (i, len) in [16 * 1024; 3].into_iter().chain([10; 8]).enumerate() {
+            let send = start(conn, Request::get("/").body(full("")).expect("request"));
+            read_until(&mut up, b"\r\n\r\n").await;
+            let mut answer =
+                format!("HTTP/1.1 200 OK\r\ncontent-length: {len}\r\n\r\n").into_bytes();
+            answer.resize(answer.len() + len, b'z');
+            up.write_all(&answer).await.expect("write");
+            let mut resp = done(send).await;
+            let mut got = Vec::new();
+            while let Some(f) = resp.body_mut().frame().await {
+                got.push(f.expect("frame").into_data().expect("data").len());
+            }
+            conn = resp.body_mut().take_reusable().expect("reusable");
+            if i == 2 {
+                frames = got;
+                assert!(conn.read_size > 16 * 1024, "{}", conn.read_size);
+            }
+        }
+        assert_eq!(frames, [16 * 1024], "the third 16 KiB response");
+        assert_eq!(conn.read_size, READ_SIZE, "after small responses");
     }
 
     /// `Transfer-Encoding` beside a length: the body is read as chunked
