@@ -1049,7 +1049,7 @@ async fn a_hand_edited_proxy_config_is_restored_by_the_operator() -> anyhow::Res
     //    hash in the document and in the annotation.
     let mut doc: weft_proxy_config::ProxyConfig = serde_json::from_str(&text)?;
     for svc in doc.services.iter_mut().filter(|s| s.name == "backend") {
-        for r in &mut svc.http_routes {
+        for r in &mut std::sync::Arc::make_mut(svc).http_routes {
             for b in &mut r.backends {
                 b.subset = Some("v2".into());
             }
@@ -1192,7 +1192,7 @@ async fn a_hand_edited_proxy_config_is_restored_by_the_operator() -> anyhow::Res
     let mut doc: weft_proxy_config::ProxyConfig =
         serde_json::from_str(signed["data"]["proxy.json"].as_str().unwrap_or_default())?;
     for svc in doc.services.iter_mut().filter(|s| s.name == "backend") {
-        for r in &mut svc.http_routes {
+        for r in &mut std::sync::Arc::make_mut(svc).http_routes {
             for b in &mut r.backends {
                 b.subset = Some("v2".into());
             }

@@ -259,7 +259,7 @@ pub fn render(index: &Index, namespace: &str) -> RenderOutput {
         if let Some(svcs) = index.services(ns) {
             for (name, info) in svcs {
                 if let Some(s) = render_service(index, &td, ns, name, info, &judged) {
-                    services.push(s);
+                    services.push(std::sync::Arc::new(s));
                 }
             }
         }

@@ -20,7 +20,11 @@
 //! `--telemetry` (weft's access logs on and tracing at 1 %, to price them
 //! against the default), `--loopback` (the second, unfair layout below),
 //! `--syscalls` (syscalls per request per sidecar under `strace -c -f`, in a
-//! table of its own).
+//! table of its own), `--cells h1/16384/16,h1/1048576/16` (only these
+//! matrix cells, protocol `h1`/`h2`/`stream`/`tcp` / payload bytes /
+//! connections, each measured `--rounds` times with the targets taking
+//! turns at going first, medians reported; no handshakes or idle
+//! connections).
 //!
 //! Topology (the default, "fair": every target pays the same kernel path).
 //! Every target gets its own pair of network namespaces, a client namespace
@@ -165,6 +169,10 @@ struct Opts {
     telemetry: bool,
     topology: Topology,
     syscalls: bool,
+    /// `--cells`: only these matrix cells (protocol, payload, connections),
+    /// each measured `rounds` times, medians reported; no handshakes or
+    /// idle connections.
+    cells: Option<Vec<(Proto, usize, usize)>>,
 }
 
 fn opts() -> Opts {
@@ -179,6 +187,7 @@ fn opts() -> Opts {
         telemetry: false,
         topology: Topology::Fair,
         syscalls: false,
+        cells: None,
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -205,12 +214,52 @@ fn opts() -> Opts {
             "--telemetry" => o.telemetry = true,
             "--loopback" => o.topology = Topology::Loopback,
             "--syscalls" => o.syscalls = true,
+            "--cells" => match args.next().map(|v| parse_cells(&v)) {
+                Some(Ok(cells)) => o.cells = Some(cells),
+                Some(Err(e)) => {
+                    eprintln!("pair: --cells: {e}");
+                    std::process::exit(2);
+                }
+                None => {
+                    eprintln!("pair: --cells needs a list such as h1/16384/16,tcp/1024/16");
+                    std::process::exit(2);
+                }
+            },
             // cargo bench passes --bench; anything else is ignored with a note.
             "--bench" => {}
             other => eprintln!("pair: ignoring unknown argument {other:?}"),
         }
     }
     o
+}
+
+/// `h1/16384/16,h2/0/64`: protocol (`h1`, `h2`, `stream`, `tcp`), payload
+/// bytes and connections of each matrix cell.
+fn parse_cells(list: &str) -> Result<Vec<(Proto, usize, usize)>, String> {
+    list.split(',')
+        .map(|cell| {
+            let parts: Vec<&str> = cell.split('/').collect();
+            let [proto, payload, conns] = parts[..] else {
+                return Err(format!("{cell:?} is not protocol/payload/connections"));
+            };
+            let proto = match proto {
+                "h1" => Proto::H1,
+                "h2" => Proto::H2,
+                "stream" => Proto::Stream,
+                "tcp" => Proto::Tcp,
+                other => return Err(format!("unknown protocol {other:?}")),
+            };
+            let number = |v: &str| {
+                v.parse::<usize>()
+                    .map_err(|e| format!("{v:?} in {cell:?}: {e}"))
+            };
+            let conns = number(conns)?;
+            if conns == 0 {
+                return Err(format!("{cell:?} has no connections"));
+            }
+            Ok((proto, number(payload)?, conns))
+        })
+        .collect()
 }
 
 // ---------------------------------------------------------------- hygiene
@@ -1491,7 +1540,7 @@ fn setup(o: &Opts) -> Setup {
                     escaped_slashes: Default::default(),
                     metrics_naming: Default::default(),
                 },
-                services,
+                services: services.into_iter().map(Arc::new).collect(),
                 inbound: Inbound::default(),
             };
             c.seal();
@@ -1778,6 +1827,23 @@ struct Cell {
     errors: u64,
 }
 
+/// Each figure's median over repeated windows of one cell; counts summed.
+fn median_cell(v: &[Cell]) -> Cell {
+    let med = |f: fn(&Cell) -> f64| {
+        let mut xs: Vec<f64> = v.iter().map(f).collect();
+        xs.sort_by(f64::total_cmp);
+        xs[xs.len() / 2]
+    };
+    Cell {
+        p50: med(|c| c.p50),
+        p99: med(|c| c.p99),
+        vcpu: med(|c| c.vcpu),
+        max: med(|c| c.max),
+        ok: v.iter().map(|c| c.ok).sum(),
+        errors: v.iter().map(|c| c.errors).sum(),
+    }
+}
+
 fn main() {
     drop_inherited_fds();
     if !nix::unistd::geteuid().is_root() {
@@ -1822,7 +1888,7 @@ fn main() {
     // RSS per 1000 idle connections of a fresh proxy, before any load: what
     // an allocator freed during a load is reused first, so measured after
     // one, a cost smaller than that reads 0.0 (the second measurement).
-    if !o.core {
+    if !o.core && o.cells.is_none() {
         for (ti, t) in targets.iter().enumerate() {
             rows[ti].idle_fresh_per_1000 = idle_rss(t, "fresh");
         }
@@ -1875,7 +1941,7 @@ fn main() {
     }
 
     // Handshakes per server-core-second and RSS per 1000 idle connections.
-    if !o.core {
+    if !o.core && o.cells.is_none() {
         for (ti, t) in targets.iter().enumerate() {
             let Some(addr) = t.tls else { continue };
             let cfg = if t.name.starts_with("weft") {
@@ -1902,7 +1968,11 @@ fn main() {
     // The matrix: one axis at a time around the main point, or the whole
     // cross product with --full. Short single windows, interleaved targets.
     let mut cells: Vec<(Proto, usize, usize)> = Vec::new();
-    if !o.core {
+    let mut cell_rounds = 1;
+    if let Some(chosen) = &o.cells {
+        cells = chosen.clone();
+        cell_rounds = o.rounds;
+    } else if !o.core {
         if o.full {
             for proto in [Proto::H1, Proto::H2, Proto::Stream, Proto::Tcp] {
                 for payload in PAYLOADS {
@@ -1927,48 +1997,56 @@ fn main() {
             }
         }
     }
-    let mut matrix: HashMap<(usize, usize), Cell> = HashMap::new();
-    for (ci, &(proto, payload, conns)) in cells.iter().enumerate() {
-        for (ti, t) in targets.iter().enumerate() {
-            let Some(addr) = t.addr(proto) else { continue };
-            let rate = rate_for(payload);
-            load(&t.ns, move || {
-                constant_rate(
-                    addr,
-                    proto,
-                    payload,
-                    rate,
-                    conns,
-                    Duration::from_millis(300),
-                )
-            });
-            let w = window(t, proto, payload, conns, CELL_FOR);
-            let max = load(&t.ns, move || {
-                max_throughput(addr, proto, payload, conns.max(16), CELL_FOR)
-            });
-            matrix.insert(
-                (ci, ti),
-                Cell {
+    let mut measured: HashMap<(usize, usize), Vec<Cell>> = HashMap::new();
+    for round in 0..cell_rounds {
+        for (ci, &(proto, payload, conns)) in cells.iter().enumerate() {
+            // Repeated cells take turns at going first, as the main rounds do.
+            let n = targets.len();
+            for ti in (0..n).map(|k| (k + round) % n) {
+                let t = &targets[ti];
+                let Some(addr) = t.addr(proto) else { continue };
+                let rate = rate_for(payload);
+                load(&t.ns, move || {
+                    constant_rate(
+                        addr,
+                        proto,
+                        payload,
+                        rate,
+                        conns,
+                        Duration::from_millis(300),
+                    )
+                });
+                let w = window(t, proto, payload, conns, CELL_FOR);
+                let max = load(&t.ns, move || {
+                    max_throughput(addr, proto, payload, conns.max(16), CELL_FOR)
+                });
+                measured.entry((ci, ti)).or_default().push(Cell {
                     p50: pct(&w.lat, 0.5),
                     p99: pct(&w.lat, 0.99),
                     vcpu: w.vcpu,
                     max,
                     ok: w.lat.len(),
                     errors: w.errors,
-                },
-            );
-            if w.errors > 0 {
-                eprintln!(
-                    "matrix {} {payload} B {conns} conns {}: {} ok, {} errors",
-                    proto.name(),
-                    t.name,
-                    w.lat.len(),
-                    w.errors
-                );
+                });
+                if w.errors > 0 || cell_rounds > 1 {
+                    eprintln!(
+                        "matrix {} {payload} B {conns} conns {}: {} ok, {} errors, {:.3} vCPU/1000, max {:.0}",
+                        proto.name(),
+                        t.name,
+                        w.lat.len(),
+                        w.errors,
+                        w.vcpu,
+                        max
+                    );
+                }
             }
+            eprintln!("matrix {} {} B {} conns done", proto.name(), payload, conns);
         }
-        eprintln!("matrix {} {} B {} conns done", proto.name(), payload, conns);
     }
+    let matrix: HashMap<(usize, usize), Cell> = measured
+        .into_iter()
+        .map(|(k, v)| (k, median_cell(&v)))
+        .collect();
 
     let mut sys = Vec::new();
     if o.syscalls {

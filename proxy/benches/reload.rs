@@ -3,7 +3,7 @@
 //! Services), and what a reload does to requests flowing through the proxy.
 //!
 //! ```text
-//! cargo bench -p weft-proxy --bench reload [-- --sizes 10,1000,10000 --rounds 5 --rate 500]
+//! cargo bench -p weft-proxy --bench reload [-- --sizes 10,1000,10000 --rounds 6 --rate 500]
 //! ```
 //!
 //! A client and a server proxy run in-process (the library's `start`, the
@@ -12,15 +12,18 @@
 //! (Services besides the one the load uses, shaped like the operator's
 //! render benchmark's: 500 namespaces, one port and 10 meshed pods each
 //! with identity, pod, workload, app and version, one in ten with a
-//! weighted route to two subsets) and each round, a new generation is written into the
-//! client proxy's mount the way kubelet does (files in a new directory,
-//! `..data` renamed over), gzipped above 256 KiB as the operator writes it,
-//! and the time from the rename to the proxy serving that generation is
-//! measured (the file watch, its 10 ms debounce, reading, gunzip, parsing,
+//! weighted route to two subsets) and each round, a new generation is
+//! written into the client proxy's mount the way kubelet does (files in a
+//! new directory, `..data` renamed over), gzipped above 256 KiB as the
+//! operator writes it, and the time from the rename to the proxy serving
+//! that generation is measured (the file watch, reading, gunzip, parsing,
 //! hashing, signature and certificate checks, validation and the route
-//! tables). The same snapshot load is also timed alone, called directly,
-//! and split into its first steps. Requests sent while a reload was under
-//! way are reported apart from the rest, with failures.
+//! tables). A size's first round brings Services all new to the proxy;
+//! each later round moves one pod of one Service, the reload an endpoint
+//! change causes, in which the proxy keeps every unchanged Service. The
+//! same snapshot load, with nothing to keep, is also timed alone, called
+//! directly, and split into its first steps. Requests sent while a reload
+//! was under way are reported apart from the rest, with failures.
 //!
 //! Prints Markdown and writes it to `target/bench/reload.md`. Figures only;
 //! nothing is asserted (the bar, a new snapshot live within 50 ms of the
@@ -55,7 +58,7 @@ struct Opts {
 fn opts() -> Opts {
     let mut o = Opts {
         sizes: vec![10, 1000, 10_000],
-        rounds: 5,
+        rounds: 6,
         rate: 500,
     };
     let mut args = std::env::args().skip(1);
@@ -66,7 +69,7 @@ fn opts() -> Opts {
                     o.sizes = v.split(',').filter_map(|s| s.parse().ok()).collect();
                 }
             }
-            "--rounds" => o.rounds = args.next().and_then(|v| v.parse().ok()).unwrap_or(5).max(1),
+            "--rounds" => o.rounds = args.next().and_then(|v| v.parse().ok()).unwrap_or(6).max(2),
             "--rate" => {
                 o.rate = args
                     .next()
@@ -321,7 +324,7 @@ async fn run(o: Opts) {
     let client_leaf = Arc::new(ca.leaf(CLIENT_ID, 3600));
     let server_leaf = ca.leaf(SERVER_ID, 3600);
     let mut first = client_config(1, &[]);
-    first.services[0].ports[0].target_port = app.port();
+    Arc::make_mut(&mut first.services[0]).ports[0].target_port = app.port();
     first.seal();
     let client = Pod::start(&first, &client_leaf, &ca).await;
     let server = Pod::start(&config(1, MtlsMode::Strict, vec![]), &server_leaf, &ca).await;
@@ -341,14 +344,14 @@ async fn run(o: Opts) {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "# Config reload\n\n`cargo bench -p weft-proxy --bench reload`: a client and a server proxy in-process, HTTP/1.1 load of {} rps over {CONNS} connections through both for the whole run; per size, {} reloads of the client proxy, each a new generation written the way kubelet does (`..data` renamed over a new directory), gzipped above 256 KiB as the operator writes it. Synthetic Services shaped like the operator's render benchmark's: 500 namespaces, one port and 10 meshed pods each (identity, pod, workload, app, version), one in ten split 90/10 between two subsets. Medians over the rounds. Machine: {} CPUs.\n",
+        "# Config reload\n\n`cargo bench -p weft-proxy --bench reload`: a client and a server proxy in-process, HTTP/1.1 load of {} rps over {CONNS} connections through both for the whole run; per size, {} reloads of the client proxy, each a new generation written the way kubelet does (`..data` renamed over a new directory), gzipped above 256 KiB as the operator writes it: the first with every Service new to the proxy, each later one with one pod of one Service moved (an endpoint change), the common reload. The whole load alone is the same load called directly with nothing to keep from before. Synthetic Services shaped like the operator's render benchmark's: 500 namespaces, one port and 10 meshed pods each (identity, pod, workload, app, version), one in ten split 90/10 between two subsets. Medians over the rounds. Machine: {} CPUs.\n",
         o.rate,
         o.rounds,
         std::thread::available_parallelism().map_or(0, |n| n.get()),
     );
     let _ = writeln!(
         out,
-        "| Services | endpoints | proxy.json raw | as written | swap → serving, median ms | max ms | load alone, median ms | gunzip ms | parse + validate ms |\n|---|---|---|---|---|---|---|---|---|"
+        "| Services | endpoints | proxy.json raw | as written | swap → serving, all Services new, ms | swap → serving, one Service changed, median ms | max ms | whole load alone, median ms | gunzip ms | parse + validate ms |\n|---|---|---|---|---|---|---|---|---|---|"
     );
     let mut windows: Vec<(Instant, Instant)> = Vec::new();
     let mut generation = 1;
@@ -360,17 +363,32 @@ async fn run(o: Opts) {
                 .await
                 .expect("services"),
         );
+        // The first round's Services are all new to the proxy (the previous
+        // size's were others); each later round moves one pod of one
+        // Service, as an endpoint change does.
+        let mut cold = Duration::ZERO;
         let mut live = Vec::new();
         let mut alone = Vec::new();
         let mut gunzip = Vec::new();
         let mut parse = Vec::new();
         let (mut raw, mut written) = (0, 0);
-        for _ in 0..o.rounds {
+        for round in 0..o.rounds {
             generation += 1;
             let (extra, leaf, ca) = (extra.clone(), client_leaf.clone(), ca.clone());
             let (f, size, json_len) = tokio::task::spawn_blocking(move || {
                 let mut cfg = client_config(generation, &extra);
-                cfg.services[0].ports[0].target_port = app.port();
+                Arc::make_mut(&mut cfg.services[0]).ports[0].target_port = app.port();
+                if round > 0 && n > 0 {
+                    let moved =
+                        &mut Arc::make_mut(&mut cfg.services[1 + round * 37 % n]).endpoints[0];
+                    moved.address = IpAddr::V4(Ipv4Addr::new(
+                        10,
+                        250,
+                        (generation >> 8) as u8,
+                        generation as u8,
+                    ));
+                    moved.pod = Some(format!("moved-{generation}"));
+                }
                 cfg.seal();
                 let (f, size) = files(&cfg, &leaf, &ca);
                 (f, size, cfg.to_json().len())
@@ -391,7 +409,11 @@ async fn run(o: Opts) {
             if client.generation() != generation {
                 eprintln!("reload: generation {generation} never went live");
             }
-            live.push(done - published);
+            if round == 0 {
+                cold = done - published;
+            } else {
+                live.push(done - published);
+            }
             // Until the last request holding the old snapshot has let it go
             // (whoever drops it last frees it).
             windows.push((published, done + Duration::from_millis(100)));
@@ -433,11 +455,12 @@ async fn run(o: Opts) {
         let max = live.iter().max().copied().unwrap_or_default();
         let _ = writeln!(
             out,
-            "| {} | {} | {:.2} MiB | {:.2} MiB | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} |",
+            "| {} | {} | {:.2} MiB | {:.2} MiB | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} |",
             n + 1,
             endpoints,
             raw as f64 / 1048576.0,
             written as f64 / 1048576.0,
+            ms(cold),
             ms(median(live)),
             ms(max),
             ms(median(alone)),

@@ -14,16 +14,12 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
 
 use notify::{EventKind, RecursiveMode, Watcher};
 use tokio::sync::mpsc;
 
 use crate::snapshot::resolve_data_dir;
 use crate::state::State;
-
-/// Quiet time after the first event before reloading (coalesces bursts).
-const DEBOUNCE: Duration = Duration::from_millis(10);
 
 /// Starts watching `state.settings.config_dir` now (so no swap after this
 /// call is missed) and returns the task that reloads on each swap.
@@ -62,8 +58,11 @@ async fn run(
 ) {
     let Some(watcher) = watcher else { return };
     let mut last: Option<PathBuf> = state.snapshot.load().as_ref().map(|s| s.source.clone());
+    // No quiet time after an event: the rename of `..data` is the last step
+    // of a generation's write, so the generation it points to is complete
+    // when the event arrives. Swaps that come while a reload runs are
+    // coalesced here: one reload of whatever `..data` points to then.
     while rx.recv().await.is_some() {
-        tokio::time::sleep(DEBOUNCE).await;
         while rx.try_recv().is_ok() {}
         let target = resolve_data_dir(&dir);
         if last.as_ref() == Some(&target) {

@@ -35,7 +35,7 @@ use crate::metrics::traffic::Peer;
 use crate::net::{Dialer, DirectDialer, OrigDst, orig_dst::SoOriginalDst};
 use crate::probes::AppProbes;
 use crate::ratelimit::Limiters;
-use crate::snapshot::{Snapshot, SnapshotError, load_dir};
+use crate::snapshot::{Snapshot, SnapshotError, load_dir_after};
 use crate::trace::context::{self, Incoming, TraceContext};
 use crate::trace::{Kind, Pending, SPAN_QUEUE, Tracer, Value};
 
@@ -462,7 +462,9 @@ impl State {
     /// Loads the mount and publishes it; a bad snapshot is logged, counted
     /// and dropped, and the previous one keeps serving.
     pub fn reload(&self) -> Result<(), SnapshotError> {
-        match load_dir(&self.settings.config_dir, UnixTime::now()) {
+        // The snapshot serving now: what did not change is taken from it.
+        let prev = self.snapshot.load_full();
+        match load_dir_after(&self.settings.config_dir, UnixTime::now(), prev.as_deref()) {
             Ok(s) => {
                 self.metrics.reload(true);
                 self.publish(s);

@@ -280,7 +280,7 @@ async fn a_config_the_operator_did_not_sign_is_refused_and_the_last_good_one_kee
     // An edited document carrying the signature of the one it replaced.
     let signed = forged(3);
     let mut edited = forged(3);
-    edited.services[2].cluster_ips = vec![cluster_ip(4)];
+    std::sync::Arc::make_mut(&mut edited.services[2]).cluster_ips = vec![cluster_ip(4)];
     edited.seal();
     let replayed_sig = with_sig(&edited, w.ca.sign_config(&signed));
     // Signed by a workload's certificate (serverAuth/clientAuth, a workload

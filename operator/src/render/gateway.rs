@@ -534,7 +534,7 @@ pub fn render_gateway(
 
     let mut config = super::render(index, ns).config;
     config.inbound = pc::Inbound::default();
-    let mut have: BTreeSet<String> = config.services.iter().map(pc::Service::key).collect();
+    let mut have: BTreeSet<String> = config.services.iter().map(|s| s.key()).collect();
     let mut extra_namespaces = BTreeSet::new();
     let mut gw_listeners = Vec::new();
     let mut made = Vec::new();
@@ -635,11 +635,13 @@ pub fn render_gateway(
             if let Some(s) = super::render_service(index, &td, &bns, sname, info, &judged)
                 && have.insert(s.key())
             {
-                config.services.push(s);
+                config.services.push(std::sync::Arc::new(s));
             }
         }
     }
-    config.services.extend(made);
+    config
+        .services
+        .extend(made.into_iter().map(std::sync::Arc::new));
     let certificates: BTreeSet<String> = gw_listeners
         .iter()
         .flat_map(|l| l.certificates.iter().cloned())

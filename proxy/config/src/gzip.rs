@@ -26,7 +26,13 @@ pub fn gzip(bytes: &[u8]) -> Vec<u8> {
 
 /// Decompresses `proxy.json.gz` bytes, refusing more than [`MAX_DECODED_BYTES`].
 pub fn gunzip(bytes: &[u8]) -> Result<Vec<u8>, LoadError> {
-    let mut out = Vec::new();
+    // Sized up front from the length the trailer states (modulo 2³², and
+    // not trusted beyond the limit), so a large config is not copied as
+    // the buffer grows.
+    let stated = bytes
+        .last_chunk::<4>()
+        .map_or(0, |t| u64::from(u32::from_le_bytes(*t)));
+    let mut out = Vec::with_capacity(stated.min(MAX_DECODED_BYTES) as usize + 1);
     flate2::read::GzDecoder::new(bytes)
         .take(MAX_DECODED_BYTES + 1)
         .read_to_end(&mut out)

@@ -60,6 +60,10 @@ pub use signature::{
 };
 pub use validate::{ValidationError, ValidationErrors, validate_services};
 
+use std::collections::HashMap;
+use std::hash::BuildHasher as _;
+use std::sync::Arc;
+
 use sha2::{Digest, Sha256};
 
 /// The format version this crate reads and writes.
@@ -226,6 +230,25 @@ impl ProxyConfig {
     /// reordered) pays for the re-serialization, and its hash is then
     /// checked as defined.
     pub fn load(bytes: &[u8]) -> Result<Self, LoadError> {
+        Self::load_after(bytes, None).map(|l| l.config)
+    }
+
+    /// [`ProxyConfig::load`], taking from the previous load of the same
+    /// mount every Service whose bytes in the document are the same as
+    /// then: its parsed form is shared instead of parsed again, its digest
+    /// is not taken again, and the checks of its own fields are not run
+    /// again while the trust domain is the same (what its routes say of
+    /// other Services is). A reload at mesh scale changes a few Services of
+    /// thousands.
+    ///
+    /// "The same bytes" is decided by a fast hash of them, seeded at random
+    /// per process ([`Known`]). A Service taken that way contributes the
+    /// digest of the bytes it was parsed from to the content hash, so the
+    /// document is accepted only if the hash it states (and the signature
+    /// over it) covers exactly the Services that will serve; if it does
+    /// not, the document is loaded again from nothing, and a document that
+    /// is not what its hash says is refused as before.
+    pub fn load_after(bytes: &[u8], prev: Option<Previous<'_>>) -> Result<Loaded, LoadError> {
         let wire: Wire<'_> = match serde_json::from_slice(bytes) {
             Ok(w) => w,
             Err(e) => {
@@ -246,14 +269,34 @@ impl ProxyConfig {
                 found: wire.version,
             });
         }
-        let mut digests = Vec::with_capacity(wire.services.len());
+        let hasher = prev.map(|p| p.known.hasher.clone()).unwrap_or_default();
+        let mut known = Known {
+            prints: HashMap::with_capacity_and_hasher(wire.services.len(), Default::default()),
+            digests: Vec::with_capacity(wire.services.len()),
+            hasher,
+        };
+        let mut reused = Vec::with_capacity(wire.services.len());
         let mut services = Vec::with_capacity(wire.services.len());
         for (index, raw) in wire.services.iter().enumerate() {
-            digests.push(service_digest(raw.get().as_bytes()));
-            services.push(
-                serde_json::from_str(raw.get())
-                    .map_err(|source| LoadError::Service { index, source })?,
-            );
+            let text = raw.get();
+            let print = known.hasher.hash_one(text.as_bytes());
+            let old = prev.and_then(|p| p.known.prints.get(&print).map(|&i| (p, i)));
+            match old {
+                Some((p, i)) => {
+                    known.digests.push(p.known.digests[i]);
+                    services.push(p.config.services[i].clone());
+                    reused.push(Some(i));
+                }
+                None => {
+                    known.digests.push(service_digest(text.as_bytes()));
+                    services.push(Arc::new(
+                        serde_json::from_str(text)
+                            .map_err(|source| LoadError::Service { index, source })?,
+                    ));
+                    reused.push(None);
+                }
+            }
+            known.prints.insert(print, index);
         }
         let cfg = ProxyConfig {
             version: wire.version,
@@ -265,7 +308,15 @@ impl ProxyConfig {
             inbound: wire.inbound,
             gateway: wire.gateway,
         };
-        if cfg.hash != cfg.hash_with_services_root(&services_root(&digests)) {
+        if cfg.hash != cfg.hash_with_services_root(&services_root(&known.digests)) {
+            if reused.iter().any(Option::is_some) {
+                // A Service taken from before is not what the document holds
+                // (a fingerprint collision): load it from nothing.
+                return Self::load_after(bytes, None).map(|mut l| {
+                    l.known.hasher = known.hasher;
+                    l
+                });
+            }
             let actual = cfg.compute_hash();
             if cfg.hash != actual {
                 return Err(LoadError::Hash {
@@ -274,9 +325,55 @@ impl ProxyConfig {
                 });
             }
         }
-        cfg.validate()?;
-        Ok(cfg)
+        // A Service's own checks hold while its bytes and the trust domain
+        // do; what it says of other Services is checked again.
+        let same_domain = prev.is_some_and(|p| p.config.mesh.trust_domain == cfg.mesh.trust_domain);
+        let checked = |i: usize| same_domain && reused[i].is_some();
+        cfg.validate_except(checked)?;
+        Ok(Loaded {
+            config: cfg,
+            known,
+            reused,
+        })
     }
+}
+
+/// Whether a Service's routes name Services (backends, mirrors): its checks
+/// and compiled routes depend on those too, not on its own bytes alone.
+pub fn names_other_services(svc: &Service) -> bool {
+    !svc.http_routes.is_empty() || !svc.tcp_routes.is_empty()
+}
+
+/// A loaded document ([`ProxyConfig::load_after`]).
+#[derive(Debug)]
+pub struct Loaded {
+    /// The document.
+    pub config: ProxyConfig,
+    /// What the next load of the same mount needs of this one.
+    pub known: Known,
+    /// For each Service of `config`, in order: its index in the previous
+    /// load's Services when it was taken from there unchanged.
+    pub reused: Vec<Option<usize>>,
+}
+
+/// What a load keeps of each Service for the next one: a fingerprint of its
+/// bytes (a fast hash, seeded at random once per process and carried from
+/// load to load) and its digest.
+#[derive(Clone, Debug, Default)]
+pub struct Known {
+    /// Fingerprint → index in the document's Services.
+    prints: HashMap<u64, usize, foldhash::fast::RandomState>,
+    digests: Vec<[u8; 32]>,
+    hasher: foldhash::fast::RandomState,
+}
+
+/// The previous load of a mount, for [`ProxyConfig::load_after`].
+#[derive(Clone, Copy, Debug)]
+pub struct Previous<'a> {
+    /// Its document.
+    pub config: &'a ProxyConfig,
+    /// What it kept ([`Loaded::known`]).
+    pub known: &'a Known,
 }
 
 /// `proxy.json` as [`ProxyConfig::load`] reads it: [`ProxyConfig`]'s fields

@@ -2,6 +2,7 @@
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
@@ -21,8 +22,10 @@ pub struct ProxyConfig {
     /// Mesh-wide settings.
     pub mesh: MeshSettings,
     /// Services the namespace's pods may call, sorted by namespace then name.
+    /// Shared, so that a reload can keep each Service whose bytes did not
+    /// change ([`ProxyConfig::load_after`]) without parsing or copying it.
     #[serde(default)]
-    pub services: Vec<Service>,
+    pub services: Vec<Arc<Service>>,
     /// Rules for traffic into the namespace's pods.
     #[serde(default)]
     pub inbound: Inbound,

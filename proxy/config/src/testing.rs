@@ -243,7 +243,10 @@ pub fn sample() -> ProxyConfig {
                     ..ClientPolicy::default()
                 },
             },
-        ],
+        ]
+        .into_iter()
+        .map(std::sync::Arc::new)
+        .collect(),
         inbound: Inbound {
             policies: vec![
                 AccessPolicy {

@@ -7,6 +7,7 @@ use proptest::prelude::*;
 
 use crate::testing::sample;
 use crate::*;
+use std::sync::Arc;
 
 #[test]
 fn round_trip_preserves_every_field() {
@@ -188,7 +189,7 @@ fn assert_error(edit: impl FnOnce(&mut ProxyConfig), want: &str) {
 }
 
 fn backend_svc(cfg: &mut ProxyConfig) -> &mut Service {
-    &mut cfg.services[0]
+    Arc::make_mut(&mut cfg.services[0])
 }
 
 #[test]
@@ -446,12 +447,16 @@ fn every_rule_rejects_what_it_guards() {
     assert_error(
         |c| {
             let r = c.services[1].tcp_routes[0].clone();
-            c.services[1].tcp_routes.push(r);
+            Arc::make_mut(&mut c.services[1]).tcp_routes.push(r);
         },
         "more than one TCP route for the same port",
     );
     assert_error(
-        |c| c.services[1].tcp_routes[0].backends.clear(),
+        |c| {
+            Arc::make_mut(&mut c.services[1]).tcp_routes[0]
+                .backends
+                .clear()
+        },
         "a TCP route needs backends",
     );
     assert_error(
@@ -632,7 +637,7 @@ fn hash_covers_every_service_and_their_order() {
     swapped.services.swap(0, 1);
     assert_ne!(swapped.compute_hash(), cfg.hash);
     let mut edited = cfg.clone();
-    edited.services[1].cluster_ips.clear();
+    Arc::make_mut(&mut edited.services[1]).cluster_ips.clear();
     assert_ne!(edited.compute_hash(), cfg.hash);
     let mut moved = cfg.clone();
     let last = moved.services.pop().expect("a service");
@@ -719,12 +724,12 @@ fn a_group_of_services_validates_on_its_own() {
     let cfg = sample();
     validate_services(&cfg.services, &cfg.mesh.trust_domain).expect("the sample's services");
     // A route's backend outside the group is unknown to the group.
-    let mut db = cfg
+    let mut db: Service = (**cfg
         .services
         .iter()
         .find(|s| s.name == "db")
-        .expect("the sample's db")
-        .clone();
+        .expect("the sample's db"))
+    .clone();
     db.tcp_routes[0].backends[0].service = "demo/backend".into();
     let err = validate_services([&db], &cfg.mesh.trust_domain).expect_err("dangling backend");
     assert!(err.to_string().contains("unknown service"), "{err}");
@@ -733,7 +738,7 @@ fn a_group_of_services_validates_on_its_own() {
         .iter()
         .find(|s| s.name == "backend")
         .expect("the sample's backend");
-    validate_services([backend, &db], &cfg.mesh.trust_domain).expect("resolved in the group");
+    validate_services([&**backend, &db], &cfg.mesh.trust_domain).expect("resolved in the group");
     let twice = [cfg.services[0].clone(), cfg.services[0].clone()];
     let err = validate_services(&twice, &cfg.mesh.trust_domain).expect_err("duplicate");
     assert!(err.to_string().contains("duplicate service"), "{err}");
@@ -873,5 +878,116 @@ fn gateway_listener_rules() {
     assert_error(
         with(listener(ListenerProtocol::Http, &[], "demo/nope")),
         "unknown service",
+    );
+}
+
+/// A document loaded after another, as a reload does.
+fn load_pair(first: &ProxyConfig, second: &ProxyConfig) -> (Loaded, Result<Loaded, LoadError>) {
+    let before = ProxyConfig::load_after(&first.to_json(), None).expect("the first loads");
+    let after = ProxyConfig::load_after(
+        &second.to_json(),
+        Some(Previous {
+            config: &before.config,
+            known: &before.known,
+        }),
+    );
+    (before, after)
+}
+
+#[test]
+fn a_load_after_shares_unchanged_services_and_parses_changed_ones() {
+    let first = sample();
+    let mut second = sample();
+    second.generation += 1;
+    Arc::make_mut(&mut second.services[1]).endpoints[0].address = "10.244.9.9".parse().expect("ip");
+    second.seal();
+    let (before, after) = load_pair(&first, &second);
+    let after = after.expect("the second loads");
+    assert_eq!(
+        after.config,
+        ProxyConfig::load(&second.to_json()).expect("cold")
+    );
+    assert_eq!(after.reused, vec![Some(0), None, Some(2)]);
+    for i in [0, 2] {
+        assert!(Arc::ptr_eq(
+            &after.config.services[i],
+            &before.config.services[i]
+        ));
+    }
+    assert!(!Arc::ptr_eq(
+        &after.config.services[1],
+        &before.config.services[1]
+    ));
+    assert_eq!(
+        after.config.services[1].endpoints[0].address.to_string(),
+        "10.244.9.9"
+    );
+}
+
+#[test]
+fn a_service_edited_under_the_old_hash_is_refused_after_a_load() {
+    let first = sample();
+    let mut edited = sample();
+    Arc::make_mut(&mut edited.services[1]).cluster_ips.clear();
+    // Not sealed again: the hash is the first document's.
+    let (_, after) = load_pair(&first, &edited);
+    let err = after.expect_err("an edited Service does not pass under the old hash");
+    assert!(matches!(err, LoadError::Hash { .. }), "{err}");
+}
+
+/// What a collision of fingerprints would do: each one points at another
+/// Service of the previous document. The document still loads as it is.
+#[test]
+fn fingerprints_that_point_at_other_services_fall_back_to_a_whole_load() {
+    let cfg = sample();
+    let json = cfg.to_json();
+    let before = ProxyConfig::load_after(&json, None).expect("loads");
+    let mut known = before.known.clone();
+    let n = before.config.services.len();
+    for i in known.prints.values_mut() {
+        *i = (*i + 1) % n;
+    }
+    let after = ProxyConfig::load_after(
+        &json,
+        Some(Previous {
+            config: &before.config,
+            known: &known,
+        }),
+    )
+    .expect("loads from nothing");
+    assert_eq!(after.config, cfg);
+    assert!(
+        after.reused.iter().all(Option::is_none),
+        "{:?}",
+        after.reused
+    );
+}
+
+#[test]
+fn kept_services_are_checked_again_when_the_trust_domain_changes() {
+    let first = sample();
+    let mut second = sample();
+    second.mesh.trust_domain = "other.example".into();
+    second.seal();
+    let (_, after) = load_pair(&first, &second);
+    let err = after.expect_err("identities of another trust domain");
+    assert!(err.to_string().contains("is not in trust domain"), "{err}");
+}
+
+#[test]
+fn a_kept_service_s_routes_are_checked_against_the_new_document() {
+    let mut first = sample();
+    Arc::make_mut(&mut first.services[1]).tcp_routes[0].backends[0].service =
+        "demo/frontend".into();
+    first.seal();
+    let mut second = first.clone();
+    second.services.retain(|s| s.name != "frontend");
+    second.seal();
+    let (_, after) = load_pair(&first, &second);
+    let err = after.expect_err("the db's route names a Service that is gone");
+    assert!(
+        err.to_string()
+            .contains("unknown service \"demo/frontend\""),
+        "{err}"
     );
 }

@@ -2,8 +2,9 @@
 //! before a proxy will serve it. The operator runs the same check on every
 //! render, so a config that reaches a proxy has already passed it once.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
+use std::sync::Arc;
 
 use crate::model::*;
 
@@ -86,6 +87,15 @@ const MAX_RETRY_ATTEMPTS: u32 = 10;
 impl ProxyConfig {
     /// Checks every consistency rule and returns all violations at once.
     pub fn validate(&self) -> Result<(), ValidationErrors> {
+        self.validate_except(|_| false)
+    }
+
+    /// [`ProxyConfig::validate`] without the checks of their own fields for
+    /// the Services for which `checked(index)` holds: Services known to have
+    /// passed them before, unchanged ([`ProxyConfig::load_after`]). What
+    /// involves other Services (duplicates, backends, mirrors) is checked
+    /// for all.
+    pub fn validate_except(&self, checked: impl Fn(usize) -> bool) -> Result<(), ValidationErrors> {
         let mut errs = Errors::default();
         if self.version != crate::FORMAT_VERSION {
             errs.push(
@@ -102,7 +112,12 @@ impl ProxyConfig {
         }
         validate_mesh(&self.mesh, &mut errs);
 
-        check_services(&self.services, &self.mesh.trust_domain, &mut errs);
+        check_services(
+            self.services.iter().map(|s| &**s),
+            &self.mesh.trust_domain,
+            checked,
+            &mut errs,
+        );
         validate_inbound(&self.inbound, &mut errs);
         if let Some(g) = &self.gateway {
             validate_gateway(g, &self.services, &mut errs);
@@ -111,7 +126,7 @@ impl ProxyConfig {
     }
 }
 
-fn validate_gateway(g: &Gateway, services: &[Service], errs: &mut Errors) {
+fn validate_gateway(g: &Gateway, services: &[Arc<Service>], errs: &mut Errors) {
     if g.name.is_empty() {
         errs.push("gateway.name", "must not be empty");
     }
@@ -210,30 +225,48 @@ fn check_hostname(at: &str, h: &str, errs: &mut Errors) {
 /// document whose Services are groups that pass, no Service in two groups,
 /// and whose rest passes [`ProxyConfig::validate`] with no Services, passes
 /// it too.
-pub fn validate_services<'a>(
-    services: impl IntoIterator<Item = &'a Service>,
+pub fn validate_services<'a, S: std::borrow::Borrow<Service> + 'a>(
+    services: impl IntoIterator<Item = &'a S>,
     trust_domain: &str,
 ) -> Result<(), ValidationErrors> {
     let mut errs = Errors::default();
-    check_services(services, trust_domain, &mut errs);
+    check_services(
+        services.into_iter().map(|s| s.borrow()),
+        trust_domain,
+        |_| false,
+        &mut errs,
+    );
     errs.into_result()
 }
 
 fn check_services<'a>(
     services: impl IntoIterator<Item = &'a Service>,
     trust_domain: &str,
+    checked: impl Fn(usize) -> bool,
     errs: &mut Errors,
 ) {
     let list: Vec<&Service> = services.into_iter().collect();
-    let mut by_key: BTreeMap<String, &Service> = BTreeMap::new();
+    let mut by_key = ByKey::with_capacity_and_hasher(list.len(), Default::default());
     for svc in &list {
-        if by_key.insert(svc.key(), svc).is_some() {
+        if by_key
+            .insert((svc.namespace.as_str(), svc.name.as_str()), svc)
+            .is_some()
+        {
             errs.push(format!("services[{}]", svc.key()), "duplicate service");
         }
     }
-    for svc in list {
-        validate_service(svc, &by_key, trust_domain, errs);
+    for (i, svc) in list.into_iter().enumerate() {
+        validate_service(svc, &by_key, trust_domain, !checked(i), errs);
     }
+}
+
+/// The Services of a document by namespace and name.
+type ByKey<'a> = HashMap<(&'a str, &'a str), &'a Service, foldhash::fast::RandomState>;
+
+/// The Service a backend names (`namespace/name`).
+fn find<'a>(services: &ByKey<'a>, key: &str) -> Option<&'a Service> {
+    let (namespace, name) = key.split_once('/')?;
+    services.get(&(namespace, name)).copied()
 }
 
 fn validate_mesh(mesh: &MeshSettings, errs: &mut Errors) {
@@ -254,15 +287,43 @@ fn validate_mesh(mesh: &MeshSettings, errs: &mut Errors) {
     }
 }
 
+/// Checks a Service: its own fields when `own`, and always what its routes
+/// say of other Services.
 fn validate_service(
     svc: &Service,
-    services: &BTreeMap<String, &Service>,
+    services: &ByKey<'_>,
     trust_domain: &str,
+    own: bool,
     errs: &mut Errors,
 ) {
     let at = format!("services[{}]", svc.key());
+    if own {
+        validate_own(&at, svc, trust_domain, errs);
+    }
+    for (i, r) in svc.http_routes.iter().enumerate() {
+        validate_http_route(&format!("{at}.httpRoutes[{i}]"), r, svc, services, errs);
+    }
+    let mut tcp_ports = BTreeSet::new();
+    for (i, r) in svc.tcp_routes.iter().enumerate() {
+        let r_at = format!("{at}.tcpRoutes[{i}]");
+        if !tcp_ports.insert(r.port) {
+            errs.push(&r_at, "more than one TCP route for the same port");
+        }
+        check_route_port(&r_at, r.port, svc, errs);
+        if r.backends.is_empty() {
+            errs.push(&r_at, "a TCP route needs backends");
+        }
+        check_backends(&r_at, &r.backends, None, services, errs);
+    }
+}
+
+/// What a Service's checks find in its own fields alone.
+fn validate_own(at: &str, svc: &Service, trust_domain: &str, errs: &mut Errors) {
     if svc.name.is_empty() || svc.namespace.is_empty() {
-        errs.push(&at, "service name and namespace must not be empty");
+        errs.push(at, "service name and namespace must not be empty");
+    }
+    if svc.namespace.contains('/') {
+        errs.push(at, "a namespace has no /");
     }
     let mut ports = BTreeSet::new();
     let mut names = BTreeSet::new();
@@ -323,21 +384,6 @@ fn validate_service(
             }
         }
     }
-    for (i, r) in svc.http_routes.iter().enumerate() {
-        validate_http_route(&format!("{at}.httpRoutes[{i}]"), r, svc, services, errs);
-    }
-    let mut tcp_ports = BTreeSet::new();
-    for (i, r) in svc.tcp_routes.iter().enumerate() {
-        let r_at = format!("{at}.tcpRoutes[{i}]");
-        if !tcp_ports.insert(r.port) {
-            errs.push(&r_at, "more than one TCP route for the same port");
-        }
-        check_route_port(&r_at, r.port, svc, errs);
-        if r.backends.is_empty() {
-            errs.push(&r_at, "a TCP route needs backends");
-        }
-        check_backends(&r_at, &r.backends, None, services, errs);
-    }
     validate_policy(&format!("{at}.policy"), &svc.policy, errs);
 }
 
@@ -358,7 +404,7 @@ fn check_backends(
     at: &str,
     backends: &[Backend],
     foreign_from: Option<&str>,
-    services: &BTreeMap<String, &Service>,
+    services: &ByKey<'_>,
     errs: &mut Errors,
 ) {
     for (i, b) in backends.iter().enumerate() {
@@ -379,10 +425,10 @@ fn check_backend(
     at: &str,
     b: &Backend,
     foreign_from: Option<&str>,
-    services: &BTreeMap<String, &Service>,
+    services: &ByKey<'_>,
     errs: &mut Errors,
 ) {
-    let Some(target) = services.get(&b.service) else {
+    let Some(target) = find(services, &b.service) else {
         let foreign = foreign_from.is_some_and(|own| {
             b.service
                 .split_once('/')
@@ -409,7 +455,7 @@ fn validate_http_route(
     at: &str,
     r: &HttpRoute,
     svc: &Service,
-    services: &BTreeMap<String, &Service>,
+    services: &ByKey<'_>,
     errs: &mut Errors,
 ) {
     if r.name.is_empty() {

@@ -155,11 +155,12 @@ mod tests {
     /// `n` meshed ones at 10.244.1.1…, balanced round robin.
     fn backend_of(n: u8) -> ProxyConfig {
         let mut c = weft_proxy_config::testing::sample();
-        let svc = c
-            .services
-            .iter_mut()
-            .find(|s| s.name == "backend")
-            .expect("backend");
+        let svc = std::sync::Arc::make_mut(
+            c.services
+                .iter_mut()
+                .find(|s| s.name == "backend")
+                .expect("backend"),
+        );
         let first = svc.endpoints[0].clone();
         svc.endpoints = (1..=n)
             .map(|i| {

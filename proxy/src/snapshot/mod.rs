@@ -19,9 +19,12 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use rustls::pki_types::UnixTime;
-use weft_proxy_config::{ProxyConfig, SIGNATURE_FILE_NAME, Service, ServicePort};
+use weft_proxy_config::{
+    Known, Loaded, Previous, ProxyConfig, SIGNATURE_FILE_NAME, Service, ServicePort,
+};
 
 pub mod dest;
 pub mod gateway;
@@ -130,6 +133,8 @@ pub struct Snapshot {
     destinations: Destinations,
     /// An ingress gateway's listeners (none for a sidecar).
     pub gateway: Option<gateway::GatewayTable>,
+    /// What the next reload needs to keep unchanged Services.
+    known: Known,
 }
 
 impl Snapshot {
@@ -140,8 +145,48 @@ impl Snapshot {
         identity: Identity,
         source: PathBuf,
     ) -> Result<Self, RouteError> {
-        let routes = RouteTable::build(&config)?;
-        let destinations = Destinations::build(&config);
+        let loaded = Loaded {
+            config,
+            known: Known::default(),
+            reused: Vec::new(),
+        };
+        Self::after(loaded, identity, source, None)
+    }
+
+    /// Builds a snapshot from a loaded document; `prev` is the snapshot the
+    /// document was loaded after ([`ProxyConfig::load_after`]), whose
+    /// compiled routes of unchanged Services are kept.
+    fn after(
+        loaded: Loaded,
+        identity: Identity,
+        source: PathBuf,
+        prev: Option<&Snapshot>,
+    ) -> Result<Self, RouteError> {
+        let Loaded {
+            config,
+            known,
+            reused,
+        } = loaded;
+        // Every index means the Service it meant before: what was built
+        // for unchanged Services can be kept as it is.
+        let same_order = prev.is_some_and(|p| {
+            p.config.services.len() == config.services.len()
+                && p.config
+                    .services
+                    .iter()
+                    .zip(&config.services)
+                    .all(|(a, b)| {
+                        Arc::ptr_eq(a, b) || (a.namespace == b.namespace && a.name == b.name)
+                    })
+        });
+        let routes =
+            RouteTable::build_after(&config, prev.map(|p| &p.routes), &reused, same_order)?;
+        let destinations = Destinations::build_after(
+            &config,
+            prev.map(|p| (&p.destinations, &p.config)),
+            &reused,
+            same_order,
+        );
         let gateway = gateway::GatewayTable::build(&config);
         Ok(Snapshot {
             config,
@@ -150,7 +195,16 @@ impl Snapshot {
             routes,
             destinations,
             gateway,
+            known,
         })
+    }
+
+    /// What a load after this snapshot may take from it.
+    fn previous(&self) -> Previous<'_> {
+        Previous {
+            config: &self.config,
+            known: &self.known,
+        }
     }
 
     /// Where the destination is in the config: the Service port behind a
@@ -179,6 +233,16 @@ pub fn resolve_data_dir(dir: &Path) -> PathBuf {
 
 /// Loads and validates the whole snapshot under `dir`.
 pub fn load_dir(dir: &Path, now: UnixTime) -> Result<Snapshot, SnapshotError> {
+    load_dir_after(dir, now, None)
+}
+
+/// [`load_dir`] after `prev`, the snapshot serving now: Services whose
+/// bytes did not change are taken from it ([`ProxyConfig::load_after`]).
+pub fn load_dir_after(
+    dir: &Path,
+    now: UnixTime,
+    prev: Option<&Snapshot>,
+) -> Result<Snapshot, SnapshotError> {
     let data = resolve_data_dir(dir);
     let read = |name: &str| {
         let path = data.join(name);
@@ -209,10 +273,14 @@ pub fn load_dir(dir: &Path, now: UnixTime) -> Result<Snapshot, SnapshotError> {
         }
     };
     let cfg_path_for_routes = cfg_path.clone();
-    let config = ProxyConfig::load(&bytes).map_err(|source| SnapshotError::Config {
-        path: cfg_path,
-        source,
-    })?;
+    let loaded =
+        ProxyConfig::load_after(&bytes, prev.map(Snapshot::previous)).map_err(|source| {
+            SnapshotError::Config {
+                path: cfg_path,
+                source,
+            }
+        })?;
+    let config = &loaded.config;
     let files = IdentityFiles {
         cert_chain: read("tls.crt")?,
         key: read("tls.key")?,
@@ -227,7 +295,7 @@ pub fn load_dir(dir: &Path, now: UnixTime) -> Result<Snapshot, SnapshotError> {
     if identity.id().namespace() != Some(config.namespace.as_str()) {
         return Err(SnapshotError::ForeignNamespace {
             path: cfg_path_for_routes,
-            config: config.namespace,
+            config: config.namespace.clone(),
             identity: identity.id().to_string(),
         });
     }
@@ -241,14 +309,80 @@ pub fn load_dir(dir: &Path, now: UnixTime) -> Result<Snapshot, SnapshotError> {
             });
         }
     };
-    config_signature::verify(sig.as_deref(), &config, &identity, now).map_err(|source| {
+    config_signature::verify(sig.as_deref(), config, &identity, now).map_err(|source| {
         SnapshotError::Signature {
             path: cfg_path_for_routes.clone(),
             source,
         }
     })?;
-    Snapshot::new(config, identity, data).map_err(|source| SnapshotError::Routes {
+    Snapshot::after(loaded, identity, data, prev).map_err(|source| SnapshotError::Routes {
         path: cfg_path_for_routes,
         source,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_util::{MountDir, TestCa};
+
+    /// Writes `config`, signed, and an identity of its namespace as a new
+    /// generation of `mount`.
+    fn publish(mount: &MountDir, ca: &TestCa, config: &ProxyConfig) {
+        let leaf = ca.leaf("spiffe://cluster.local/ns/demo/sa/web", 3600);
+        let (json, sig) = (config.to_json(), ca.sign_config(config));
+        mount.publish(&[
+            (weft_proxy_config::FILE_NAME, json.as_slice()),
+            (SIGNATURE_FILE_NAME, sig.as_slice()),
+            ("tls.crt", leaf.cert_pem.as_bytes()),
+            ("tls.key", leaf.key_pem.as_bytes()),
+            ("ca.crt", ca.cert_pem.as_bytes()),
+        ]);
+    }
+
+    /// A reload after an endpoint change keeps the unchanged Services
+    /// (parsed, checked and compiled once) and serves what a load from
+    /// nothing serves.
+    #[test]
+    fn a_reload_keeps_unchanged_services_and_serves_the_new_document() {
+        let ca = TestCa::new("weft-snapshot-ca");
+        let mount = MountDir::new();
+        let first = weft_proxy_config::testing::sample();
+        publish(&mount, &ca, &first);
+        let before = load_dir(mount.path(), UnixTime::now()).expect("loads");
+        let mut second = first.clone();
+        second.generation += 1;
+        Arc::make_mut(&mut second.services[0]).endpoints[0].address =
+            "10.244.0.99".parse().expect("ip");
+        second.seal();
+        publish(&mount, &ca, &second);
+        let after = load_dir_after(mount.path(), UnixTime::now(), Some(&before)).expect("loads");
+        let cold = load_dir(mount.path(), UnixTime::now()).expect("loads");
+        assert_eq!(after.config, cold.config);
+        assert!(!Arc::ptr_eq(
+            &after.config.services[0],
+            &before.config.services[0]
+        ));
+        for i in 1..after.config.services.len() {
+            assert!(Arc::ptr_eq(
+                &after.config.services[i],
+                &before.config.services[i]
+            ));
+        }
+        // The moved pod is found at its new address only, and routed as
+        // from nothing.
+        let at = |s: &Snapshot, addr: &str| {
+            s.lookup(addr.parse().expect("addr"))
+                .map(|r| (r.service, r.port, r.endpoint))
+        };
+        for addr in ["10.244.0.99:8080", "10.244.0.11:8080", "10.96.0.20:8080"] {
+            assert_eq!(at(&after, addr), at(&cold, addr), "{addr}");
+        }
+        assert_eq!(at(&after, "10.244.0.99:8080"), Some((0, 0, Some(0))));
+        assert_eq!(at(&after, "10.244.0.11:8080"), None);
+        assert_eq!(
+            after.routes.live_endpoints(0, None),
+            cold.routes.live_endpoints(0, None)
+        );
+    }
 }

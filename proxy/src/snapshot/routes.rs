@@ -26,12 +26,15 @@
 //! destinations (`super::dest`), handed to the client policy (`client`).
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use http::header::{HeaderName, HeaderValue};
 use http::{HeaderMap, Method, Uri};
 use rand::Rng;
 use regex::Regex;
-use weft_proxy_config::{self as pc, PathMatch, ProxyConfig, Service, ValueMatch};
+use weft_proxy_config::{
+    self as pc, PathMatch, ProxyConfig, Service, ValueMatch, names_other_services,
+};
 
 use super::services::ServiceRef;
 use crate::tls::{IdentityError, SpiffeId};
@@ -80,7 +83,9 @@ pub enum RouteError {
 /// `config.services`.
 #[derive(Debug, Default)]
 pub struct RouteTable {
-    services: Vec<ServiceRoutes>,
+    /// Shared, so that a reload keeps what an unchanged Service compiled
+    /// to ([`RouteTable::build_after`]).
+    services: Vec<Arc<ServiceRoutes>>,
 }
 
 #[derive(Debug, Default)]
@@ -213,16 +218,52 @@ pub struct Selected<'a> {
 impl RouteTable {
     /// Compiles every route of `config`.
     pub fn build(config: &ProxyConfig) -> Result<Self, RouteError> {
-        let index: HashMap<String, usize> = config
-            .services
-            .iter()
-            .enumerate()
-            .map(|(i, s)| (s.key(), i))
-            .collect();
+        Self::build_after(config, None, &[], false)
+    }
+
+    /// [`RouteTable::build`], keeping from `prev` (the table of the
+    /// previous snapshot) what each Service taken unchanged from there
+    /// compiled to: `reused[i]` is the previous index of Service `i`
+    /// ([`weft_proxy_config::Loaded::reused`]). A Service whose routes name
+    /// other Services is kept only when `same_order` (the Services are the
+    /// previous snapshot's, by namespace and name, in the same order: every
+    /// index means the same Service) and every Service its routes send to
+    /// is unchanged too; else it is compiled again.
+    pub fn build_after(
+        config: &ProxyConfig,
+        prev: Option<&RouteTable>,
+        reused: &[Option<usize>],
+        same_order: bool,
+    ) -> Result<Self, RouteError> {
+        let unchanged = |i: usize| reused.get(i) == Some(&Some(i));
+        let mut index: Option<Index<'_>> = None;
         let services = config
             .services
             .iter()
-            .map(|svc| compile_service(svc, config, &index))
+            .enumerate()
+            .map(|(i, svc)| {
+                let kept = reused
+                    .get(i)
+                    .copied()
+                    .flatten()
+                    .and_then(|old| prev?.services.get(old))
+                    .filter(|kept| {
+                        !names_other_services(svc) || (same_order && kept.targets().all(unchanged))
+                    })
+                    .cloned();
+                if let Some(kept) = kept {
+                    return Ok(kept);
+                }
+                let index = index.get_or_insert_with(|| {
+                    config
+                        .services
+                        .iter()
+                        .enumerate()
+                        .map(|(i, s)| ((s.namespace.as_str(), s.name.as_str()), i))
+                        .collect()
+                });
+                compile_service(svc, config, index).map(Arc::new)
+            })
             .collect::<Result<_, _>>()?;
         Ok(RouteTable { services })
     }
@@ -309,10 +350,27 @@ impl RouteTable {
     }
 }
 
+/// Services by namespace and name: where a backend's `namespace/name` is.
+type Index<'a> = HashMap<(&'a str, &'a str), usize, foldhash::fast::RandomState>;
+
+impl ServiceRoutes {
+    /// The Services its routes send to: backends and mirrors.
+    fn targets(&self) -> impl Iterator<Item = usize> + '_ {
+        let http = self.http.iter().flat_map(|r| {
+            r.backends
+                .list
+                .iter()
+                .chain(r.mirror.as_ref().map(|(b, _)| b))
+        });
+        let tcp = self.tcp.iter().flat_map(|r| r.backends.list.iter());
+        http.chain(tcp).map(|b| b.service)
+    }
+}
+
 fn compile_service(
     svc: &Service,
     config: &ProxyConfig,
-    index: &HashMap<String, usize>,
+    index: &Index<'_>,
 ) -> Result<ServiceRoutes, RouteError> {
     let at = format!("services[{}]", svc.key());
     let live: Vec<usize> = svc
@@ -391,7 +449,7 @@ fn compile_http(
     r: &pc::HttpRoute,
     svc: &Service,
     config: &ProxyConfig,
-    index: &HashMap<String, usize>,
+    index: &Index<'_>,
 ) -> Result<HttpRoute, RouteError> {
     let matches = r
         .matches
@@ -526,13 +584,17 @@ fn compile_backends(
     backends: &[pc::Backend],
     foreign_from: Option<&str>,
     config: &ProxyConfig,
-    index: &HashMap<String, usize>,
+    index: &Index<'_>,
 ) -> Result<Backends, RouteError> {
     let mut out = Backends::default();
     let mut sum = 0u64;
     for (i, b) in backends.iter().enumerate() {
         let bat = format!("{at}.backends[{i}]");
-        let Some(&service) = index.get(&b.service) else {
+        let found = b
+            .service
+            .split_once('/')
+            .and_then(|(namespace, name)| index.get(&(namespace, name)));
+        let Some(&service) = found else {
             let foreign = foreign_from
                 .is_some_and(|own| b.service.split_once('/').is_some_and(|(ns, _)| ns != own));
             if !foreign {
@@ -798,7 +860,7 @@ mod tests {
                 escaped_slashes: Default::default(),
                 metrics_naming: Default::default(),
             },
-            services,
+            services: services.into_iter().map(Arc::new).collect(),
             inbound: Default::default(),
         };
         c.seal();
@@ -1016,6 +1078,40 @@ mod tests {
         .route
     }
 
+    /// A reload keeps what an unchanged Service compiled to, unless a
+    /// Service its routes send to changed or the indices moved: then its
+    /// backends are compiled again.
+    #[test]
+    fn a_kept_route_is_compiled_again_when_its_target_changes() {
+        let api = svc(
+            "api",
+            vec![route("to-cart", vec![], vec![backend("v2", 1)])],
+        );
+        let first = config(vec![api.clone(), svc("cart", vec![])]);
+        let t1 = RouteTable::build(&first).expect("compiles");
+        let pick = |t: &RouteTable| t.services[0].http[0].backends.list[0];
+        assert_eq!(pick(&t1).subset, Some(1));
+        // cart drops v1: v2 becomes its first subset; api is unchanged.
+        let mut cart = svc("cart", vec![]);
+        cart.subsets = vec!["v2".into()];
+        cart.endpoints = vec![ep(3, &["v2"], false)];
+        let mut second = config(vec![api, cart]);
+        second.services[0] = first.services[0].clone();
+        let t2 =
+            RouteTable::build_after(&second, Some(&t1), &[Some(0), None], true).expect("compiles");
+        assert_eq!(pick(&t2).subset, Some(0));
+        // Nothing changed: both kept.
+        let t3 = RouteTable::build_after(&second, Some(&t2), &[Some(0), Some(1)], true)
+            .expect("compiles");
+        assert!(Arc::ptr_eq(&t3.services[0], &t2.services[0]));
+        assert!(Arc::ptr_eq(&t3.services[1], &t2.services[1]));
+        // Indices that may mean other Services: only the route-less one kept.
+        let t4 = RouteTable::build_after(&second, Some(&t2), &[Some(0), Some(1)], false)
+            .expect("compiles");
+        assert!(!Arc::ptr_eq(&t4.services[0], &t2.services[0]));
+        assert!(Arc::ptr_eq(&t4.services[1], &t2.services[1]));
+    }
+
     #[test]
     fn subsets_hold_live_endpoints_only() {
         let c = config(vec![svc("cart", vec![])]);
@@ -1093,7 +1189,7 @@ mod tests {
         assert!(RouteTable::build(&c).is_err());
         let mut r = route("h", vec![], vec![]);
         r.request_headers.set = vec![("x-a".into(), "bad\nvalue".into())];
-        c.services[0].http_routes = vec![r];
+        Arc::make_mut(&mut c.services[0]).http_routes = vec![r];
         let e = RouteTable::build(&c).expect_err("bad value");
         assert!(e.to_string().contains("requestHeaders"), "{e}");
     }

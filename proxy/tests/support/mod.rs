@@ -139,7 +139,7 @@ pub fn config(generation: u64, mode: MtlsMode, services: Vec<Service>) -> ProxyC
             escaped_slashes: Default::default(),
             metrics_naming: Default::default(),
         },
-        services,
+        services: services.into_iter().map(std::sync::Arc::new).collect(),
         inbound: Inbound::default(),
     };
     c.seal();
