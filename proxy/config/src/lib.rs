@@ -242,7 +242,7 @@ impl ProxyConfig {
     /// thousands.
     ///
     /// "The same bytes" is decided by a fast hash of them, seeded at random
-    /// per process ([`Known`]). A Service taken that way contributes the
+    /// and carried from load to load ([`Known`]). A Service taken that way contributes the
     /// digest of the bytes it was parsed from to the content hash, so the
     /// document is accepted only if the hash it states (and the signature
     /// over it) covers exactly the Services that will serve; if it does
@@ -280,11 +280,14 @@ impl ProxyConfig {
         for (index, raw) in wire.services.iter().enumerate() {
             let text = raw.get();
             let print = known.hasher.hash_one(text.as_bytes());
-            let old = prev.and_then(|p| p.known.prints.get(&print).map(|&i| (p, i)));
+            let old = prev.and_then(|p| {
+                let &i = p.known.prints.get(&print)?;
+                Some((i, p.known.digests.get(i)?, p.config.services.get(i)?))
+            });
             match old {
-                Some((p, i)) => {
-                    known.digests.push(p.known.digests[i]);
-                    services.push(p.config.services[i].clone());
+                Some((i, digest, service)) => {
+                    known.digests.push(*digest);
+                    services.push(service.clone());
                     reused.push(Some(i));
                 }
                 None => {
@@ -312,10 +315,7 @@ impl ProxyConfig {
             if reused.iter().any(Option::is_some) {
                 // A Service taken from before is not what the document holds
                 // (a fingerprint collision): load it from nothing.
-                return Self::load_after(bytes, None).map(|mut l| {
-                    l.known.hasher = known.hasher;
-                    l
-                });
+                return Self::load_after(bytes, None);
             }
             let actual = cfg.compute_hash();
             if cfg.hash != actual {
@@ -357,8 +357,8 @@ pub struct Loaded {
 }
 
 /// What a load keeps of each Service for the next one: a fingerprint of its
-/// bytes (a fast hash, seeded at random once per process and carried from
-/// load to load) and its digest.
+/// bytes (a fast hash, seeded at random and carried from load to load; a
+/// load from nothing seeds it anew) and its digest.
 #[derive(Clone, Debug, Default)]
 pub struct Known {
     /// Fingerprint → index in the document's Services.

@@ -991,3 +991,25 @@ fn a_kept_service_s_routes_are_checked_against_the_new_document() {
         "{err}"
     );
 }
+
+/// A previous load whose parts do not belong together (what it kept names
+/// Services its document does not have) takes nothing it cannot find, and
+/// does not panic.
+#[test]
+fn a_previous_load_that_does_not_add_up_is_not_trusted() {
+    let cfg = sample();
+    let json = cfg.to_json();
+    let full = ProxyConfig::load_after(&json, None).expect("loads");
+    let mut short = cfg.clone();
+    short.services.truncate(1);
+    let after = ProxyConfig::load_after(
+        &json,
+        Some(Previous {
+            config: &short,
+            known: &full.known,
+        }),
+    )
+    .expect("loads");
+    assert_eq!(after.config, cfg);
+    assert_eq!(after.reused, vec![Some(0), None, None]);
+}
