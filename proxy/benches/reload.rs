@@ -3,7 +3,7 @@
 //! Services), and what a reload does to requests flowing through the proxy.
 //!
 //! ```text
-//! cargo bench -p weft-proxy --bench reload [-- --sizes 10,1000,10000 --rounds 6 --rate 500]
+//! cargo bench -p weft-proxy --bench reload [-- --sizes 10,1000,10000 --rounds 7 --rate 500]
 //! ```
 //!
 //! A client and a server proxy run in-process (the library's `start`, the
@@ -19,8 +19,10 @@
 //! that generation is measured (the file watch, reading, gunzip, parsing,
 //! hashing, signature and certificate checks, validation and the route
 //! tables). A size's first round brings Services all new to the proxy;
-//! each later round moves one pod of one Service, the reload an endpoint
-//! change causes, in which the proxy keeps every unchanged Service. The
+//! the later rounds in turn move one pod of one Service, the reload an
+//! endpoint change causes, in which the proxy keeps every unchanged
+//! Service, and add a Service in the middle of the list, which moves the
+//! indices of half the Services. The
 //! same snapshot load, with nothing to keep, is also timed alone, called
 //! directly, and split into its first steps. Requests sent while a reload
 //! was under way are reported apart from the rest, with failures.
@@ -58,7 +60,7 @@ struct Opts {
 fn opts() -> Opts {
     let mut o = Opts {
         sizes: vec![10, 1000, 10_000],
-        rounds: 6,
+        rounds: 7,
         rate: 500,
     };
     let mut args = std::env::args().skip(1);
@@ -69,7 +71,7 @@ fn opts() -> Opts {
                     o.sizes = v.split(',').filter_map(|s| s.parse().ok()).collect();
                 }
             }
-            "--rounds" => o.rounds = args.next().and_then(|v| v.parse().ok()).unwrap_or(6).max(2),
+            "--rounds" => o.rounds = args.next().and_then(|v| v.parse().ok()).unwrap_or(7).max(3),
             "--rate" => {
                 o.rate = args
                     .next()
@@ -135,6 +137,21 @@ fn synthetic(n: usize) -> Vec<Service> {
             s
         })
         .collect()
+}
+
+/// A Service added in generation `generation`: one port, 10 meshed pods,
+/// on addresses no synthetic Service uses.
+fn added(generation: u64) -> Service {
+    let name = format!("added-{generation}");
+    let identity = format!("spiffe://{TD}/ns/ns-0/sa/{name}");
+    let [_, _, hi, lo] = (generation as u32).to_be_bytes();
+    let endpoints = (0..10u8)
+        .map(|e| meshed(Ipv4Addr::new(10, 252, lo, e + 1), &identity))
+        .collect();
+    let ip = IpAddr::V4(Ipv4Addr::new(10, 101, hi, lo));
+    let mut s = service(&name, ip, 80, 8080, Protocol::Http1, endpoints);
+    s.namespace = "ns-0".into();
+    s
 }
 
 fn client_config(generation: u64, extra: &[Service]) -> ProxyConfig {
@@ -344,14 +361,14 @@ async fn run(o: Opts) {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "# Config reload\n\n`cargo bench -p weft-proxy --bench reload`: a client and a server proxy in-process, HTTP/1.1 load of {} rps over {CONNS} connections through both for the whole run; per size, {} reloads of the client proxy, each a new generation written the way kubelet does (`..data` renamed over a new directory), gzipped above 256 KiB as the operator writes it: the first with every Service new to the proxy, each later one with one pod of one Service moved (an endpoint change), the common reload. The whole load alone is the same load called directly with nothing to keep from before. Synthetic Services shaped like the operator's render benchmark's: 500 namespaces, one port and 10 meshed pods each (identity, pod, workload, app, version), one in ten split 90/10 between two subsets. Medians over the rounds. Machine: {} CPUs.\n",
+        "# Config reload\n\n`cargo bench -p weft-proxy --bench reload`: a client and a server proxy in-process, HTTP/1.1 load of {} rps over {CONNS} connections through both for the whole run; per size, {} reloads of the client proxy, each a new generation written the way kubelet does (`..data` renamed over a new directory), gzipped above 256 KiB as the operator writes it: the first with every Service new to the proxy, then in turn one pod of one Service moved (an endpoint change, the common reload) and one Service added in the middle of the list (the indices of half the Services move). The whole load alone is the same load called directly with nothing to keep from before. Synthetic Services shaped like the operator's render benchmark's: 500 namespaces, one port and 10 meshed pods each (identity, pod, workload, app, version), one in ten split 90/10 between two subsets. Medians over the rounds. Machine: {} CPUs.\n",
         o.rate,
         o.rounds,
         std::thread::available_parallelism().map_or(0, |n| n.get()),
     );
     let _ = writeln!(
         out,
-        "| Services | endpoints | proxy.json raw | as written | swap → serving, all Services new, ms | swap → serving, one Service changed, median ms | max ms | whole load alone, median ms | gunzip ms | parse + validate ms |\n|---|---|---|---|---|---|---|---|---|---|"
+        "| Services | endpoints | proxy.json raw | as written | swap → serving, all Services new, ms | swap → serving, one pod moved, median ms | max ms | swap → serving, one Service added, median ms | whole load alone, median ms | gunzip ms | parse + validate ms |\n|---|---|---|---|---|---|---|---|---|---|---|"
     );
     let mut windows: Vec<(Instant, Instant)> = Vec::new();
     let mut generation = 1;
@@ -368,17 +385,35 @@ async fn run(o: Opts) {
         // Service, as an endpoint change does.
         let mut cold = Duration::ZERO;
         let mut live = Vec::new();
+        // Every other round after the first adds a Service instead, in the
+        // middle of the list (it stays for the later rounds): the indices
+        // of half the Services move.
+        let mut grown = Vec::new();
+        let mut adds: Vec<Service> = Vec::new();
         let mut alone = Vec::new();
         let mut gunzip = Vec::new();
         let mut parse = Vec::new();
         let (mut raw, mut written) = (0, 0);
         for round in 0..o.rounds {
             generation += 1;
-            let (extra, leaf, ca) = (extra.clone(), client_leaf.clone(), ca.clone());
+            let adding = round > 0 && round % 2 == 0;
+            if adding {
+                adds.push(added(generation));
+            }
+            let (extra, leaf, ca, adds) = (
+                extra.clone(),
+                client_leaf.clone(),
+                ca.clone(),
+                adds.clone(),
+            );
             let (f, size, json_len) = tokio::task::spawn_blocking(move || {
                 let mut cfg = client_config(generation, &extra);
                 Arc::make_mut(&mut cfg.services[0]).ports[0].target_port = app.port();
-                if round > 0 && n > 0 {
+                let middle = 1 + n / 2;
+                for (k, s) in adds.into_iter().enumerate() {
+                    cfg.services.insert(middle + k, Arc::new(s));
+                }
+                if round > 0 && !adding && n > 0 {
                     let moved =
                         &mut Arc::make_mut(&mut cfg.services[1 + round * 37 % n]).endpoints[0];
                     moved.address = IpAddr::V4(Ipv4Addr::new(
@@ -411,6 +446,8 @@ async fn run(o: Opts) {
             }
             if round == 0 {
                 cold = done - published;
+            } else if adding {
+                grown.push(done - published);
             } else {
                 live.push(done - published);
             }
@@ -455,13 +492,14 @@ async fn run(o: Opts) {
         let max = live.iter().max().copied().unwrap_or_default();
         let _ = writeln!(
             out,
-            "| {} | {} | {:.2} MiB | {:.2} MiB | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} |",
+            "| {} | {} | {:.2} MiB | {:.2} MiB | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} |",
             n + 1,
             endpoints,
             raw as f64 / 1048576.0,
             written as f64 / 1048576.0,
             ms(cold),
             ms(median(live)),
+            ms(median(grown)),
             ms(max),
             ms(median(alone)),
             ms(median(gunzip)),
