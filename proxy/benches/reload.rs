@@ -400,12 +400,8 @@ async fn run(o: Opts) {
             if adding {
                 adds.push(added(generation));
             }
-            let (extra, leaf, ca, adds) = (
-                extra.clone(),
-                client_leaf.clone(),
-                ca.clone(),
-                adds.clone(),
-            );
+            let (extra, leaf, ca, adds) =
+                (extra.clone(), client_leaf.clone(), ca.clone(), adds.clone());
             let (f, size, json_len) = tokio::task::spawn_blocking(move || {
                 let mut cfg = client_config(generation, &extra);
                 Arc::make_mut(&mut cfg.services[0]).ports[0].target_port = app.port();
@@ -499,8 +495,8 @@ async fn run(o: Opts) {
             written as f64 / 1048576.0,
             ms(cold),
             ms(median(live)),
-            ms(median(grown)),
             ms(max),
+            ms(median(grown)),
             ms(median(alone)),
             ms(median(gunzip)),
             ms(median(parse)),

@@ -181,12 +181,8 @@ impl Snapshot {
         });
         let routes =
             RouteTable::build_after(&config, prev.map(|p| &p.routes), &reused, same_order)?;
-        let destinations = Destinations::build_after(
-            &config,
-            prev.map(|p| (&p.destinations, &p.config)),
-            &reused,
-            same_order,
-        );
+        let destinations =
+            Destinations::build_after(&config, prev.map(|p| (&p.destinations, &p.config)), &reused);
         let gateway = gateway::GatewayTable::build(&config);
         Ok(Snapshot {
             config,

@@ -56,8 +56,6 @@ struct Slot {
 
 impl Slot {
     fn of(service: usize, port: usize, endpoint: Option<usize>) -> Self {
-        // A document has far fewer than 2³² Services, ports or endpoints.
-        let narrow = |n: usize| u32::try_from(n).unwrap_or(u32::MAX - 1);
         Slot {
             service: narrow(service),
             port: narrow(port),
@@ -114,18 +112,22 @@ impl Destinations {
     }
 
     /// [`Destinations::build`] for `config`, patched from `prev`, the index
-    /// of `prev_config`, when `config` lists the same Services in the same
-    /// order (by namespace and name): only the Services not taken unchanged
-    /// (`reused[i]` is none) are indexed again. A reload that moves a pod
-    /// touches a few entries of 100,000s. Anything else, or a change to an
-    /// address listed more than once, indexes everything again.
+    /// of `prev_config`: what the Services not taken unchanged listed goes,
+    /// the kept ones move to their new index, and what the new and changed
+    /// ones list is added (`reused[i]`: the previous index of Service `i`
+    /// when it was taken unchanged). A reload that moves a pod or adds a
+    /// Service touches a few entries of 100,000s. Kept Services in another
+    /// order than before, or a change to an address listed more than once,
+    /// index everything again.
     pub fn build_after(
         config: &ProxyConfig,
         prev: Option<(&Destinations, &ProxyConfig)>,
         reused: &[Option<usize>],
-        same_order: bool,
     ) -> Self {
-        let Some((prev, prev_config)) = prev.filter(|_| same_order) else {
+        let Some((prev, prev_config)) = prev else {
+            return Self::build(config);
+        };
+        let Some(to_new) = kept_in_order(prev_config.services.len(), reused) else {
             return Self::build(config);
         };
         let mut d = Destinations {
@@ -133,14 +135,25 @@ impl Destinations {
             by_endpoint: prev.by_endpoint.clone(),
             contested: prev.contested.clone(),
         };
-        for (si, svc) in config.services.iter().enumerate() {
-            if reused.get(si) == Some(&Some(si)) {
-                continue;
-            }
-            let Some(old) = prev_config.services.get(si) else {
+        for (old, svc) in prev_config.services.iter().enumerate() {
+            if to_new[old].is_none() && !d.remove(old, svc) {
                 return Self::build(config);
-            };
-            if !(d.remove(si, old) && d.insert(si, svc)) {
+            }
+        }
+        if to_new
+            .iter()
+            .enumerate()
+            .any(|(old, new)| *new != Some(old))
+        {
+            for slot in d.by_addr.values_mut().chain(d.by_endpoint.values_mut()) {
+                match to_new.get(slot.service as usize).copied().flatten() {
+                    Some(new) => slot.service = narrow(new),
+                    None => return Self::build(config),
+                }
+            }
+        }
+        for (si, svc) in config.services.iter().enumerate() {
+            if reused.get(si).copied().flatten().is_none() && !d.insert(si, svc) {
                 return Self::build(config);
             }
         }
@@ -208,6 +221,29 @@ impl Destinations {
     }
 }
 
+/// An index as a [`Slot`] stores it: a document has far fewer than 2³²
+/// Services, ports or endpoints.
+fn narrow(n: usize) -> u32 {
+    u32::try_from(n).unwrap_or(u32::MAX - 1)
+}
+
+/// For each Service of the previous snapshot, its index in this one when it
+/// was taken unchanged; none when the kept Services are not in the order
+/// they had (which listing of a shared address comes first could change).
+fn kept_in_order(previous: usize, reused: &[Option<usize>]) -> Option<Vec<Option<usize>>> {
+    let mut to_new = vec![None; previous];
+    let mut last = None;
+    for (new, old) in reused.iter().enumerate() {
+        let Some(old) = *old else { continue };
+        if old >= previous || last.is_some_and(|l| old <= l) {
+            return None;
+        }
+        last = Some(old);
+        to_new[old] = Some(new);
+    }
+    Some(to_new)
+}
+
 /// The port to dial on an endpoint for a Service port.
 pub fn endpoint_port(ep: &Endpoint, port: &ServicePort) -> u16 {
     port.name
@@ -241,46 +277,86 @@ mod tests {
         v
     }
 
-    /// A reload patches the index of the Services it changed; the result
-    /// is the index built from nothing, also when an address is listed by
-    /// two Services or moves between them.
+    /// A reload patches the index of the Services it changed, added or
+    /// removed; the result is the index built from nothing, also when an
+    /// address is listed by two Services or moves between them, and when
+    /// the kept Services change their order.
     #[test]
     fn a_patched_index_is_the_index_built_from_nothing() {
-        let ip = |s: &str| s.parse::<IpAddr>().expect("ip");
-        type Edit = fn(&mut Service, &dyn Fn(&str) -> IpAddr);
-        let steps: [(usize, Edit); 6] = [
+        fn ip(s: &str) -> IpAddr {
+            s.parse().expect("ip")
+        }
+        fn at(c: &mut ProxyConfig, i: usize) -> &mut Service {
+            Arc::make_mut(&mut c.services[i])
+        }
+        fn cache() -> Service {
+            let mut s = (*weft_proxy_config::testing::sample().services[1]).clone();
+            s.name = "cache".into();
+            s.tcp_routes.clear();
+            s.cluster_ips = vec![ip("10.96.0.55")];
+            s.endpoints[0].address = ip("10.244.5.5");
+            s
+        }
+        let steps: [fn(&mut ProxyConfig); 12] = [
             // A pod of db moves.
-            (1, |s, ip| s.endpoints[0].address = ip("10.244.7.7")),
+            |c| at(c, 1).endpoints[0].address = ip("10.244.7.7"),
             // frontend lists backend's first pod on the same port: an
             // address listed twice, which backend (listed first) keeps.
-            (2, |s, ip| {
-                let mut e = weft_proxy_config::testing::sample().services[0].endpoints[0].clone();
-                e.address = ip("10.244.0.11");
-                s.endpoints.push(e);
-            }),
+            |c| {
+                let e = c.services[0].endpoints[0].clone();
+                at(c, 2).endpoints.push(e);
+            },
             // backend's pod moves away: the address is frontend's now.
-            (0, |s, ip| s.endpoints[0].address = ip("10.244.0.99")),
+            |c| at(c, 0).endpoints[0].address = ip("10.244.0.99"),
             // frontend gets another ClusterIP.
-            (2, |s, ip| s.cluster_ips = vec![ip("10.96.0.77")]),
+            |c| at(c, 2).cluster_ips = vec![ip("10.96.0.77")],
             // backend gets another port.
-            (0, |s, _| {
-                let mut p = s.ports[0].clone();
+            |c| {
+                let mut p = c.services[0].ports[0].clone();
                 p.port = 9090;
                 p.name = Some("admin".into());
-                s.ports.push(p);
-            }),
+                at(c, 0).ports.push(p);
+            },
+            // A Service is added before db and frontend: their indices move.
+            |c| c.services.insert(1, Arc::new(cache())),
+            // ... and db's pod moves, with the new indices.
+            |c| at(c, 2).endpoints[0].address = ip("10.244.8.8"),
+            // An added Service lists db's pod on db's port: listed twice,
+            // and the added one comes first.
+            |c| {
+                let mut s = cache();
+                s.name = "archive".into();
+                s.cluster_ips = vec![ip("10.96.0.56")];
+                s.endpoints = c.services[2].endpoints.clone();
+                c.services.insert(1, Arc::new(s));
+            },
+            // Both added Services go again.
+            |c| {
+                c.services
+                    .retain(|s| s.name != "cache" && s.name != "archive")
+            },
+            // frontend lists db's pod on db's port: db, listed first, keeps it.
+            |c| {
+                let mut e = c.services[1].endpoints[0].clone();
+                e.ports = [("http".to_owned(), 5432)].into();
+                at(c, 2).endpoints.push(e);
+            },
+            // The kept Services in another order: frontend comes first now.
+            |c| c.services.swap(1, 2),
             // db's pod goes away.
-            (1, |s, _| s.endpoints.clear()),
+            |c| at(c, 2).endpoints.clear(),
         ];
         let mut prev = weft_proxy_config::testing::sample();
         let mut index = Destinations::build(&prev);
-        for (n, (si, edit)) in steps.into_iter().enumerate() {
+        for (n, edit) in steps.into_iter().enumerate() {
             let mut next = prev.clone();
-            edit(Arc::make_mut(&mut next.services[si]), &ip);
-            let reused: Vec<Option<usize>> = (0..next.services.len())
-                .map(|i| Arc::ptr_eq(&next.services[i], &prev.services[i]).then_some(i))
+            edit(&mut next);
+            let reused: Vec<Option<usize>> = next
+                .services
+                .iter()
+                .map(|s| prev.services.iter().position(|p| Arc::ptr_eq(s, p)))
                 .collect();
-            let patched = Destinations::build_after(&next, Some((&index, &prev)), &reused, true);
+            let patched = Destinations::build_after(&next, Some((&index, &prev)), &reused);
             assert_eq!(
                 entries(&patched),
                 entries(&Destinations::build(&next)),
