@@ -43,6 +43,18 @@ fn gzip_round_trip() {
     assert_eq!(gunzip(&gz).expect("decompresses"), bytes);
 }
 
+/// The output is sized once from the length the trailer states: a large
+/// config is not copied again and again as its buffer grows.
+#[test]
+fn gunzip_sizes_its_output_from_the_trailer() {
+    let bytes: Vec<u8> = (0..3_000_000u32)
+        .flat_map(|i| (i % 251).to_le_bytes())
+        .collect();
+    let out = gunzip(&gzip(&bytes)).expect("decompresses");
+    assert_eq!(out, bytes);
+    assert_eq!(out.capacity(), bytes.len() + 1);
+}
+
 #[test]
 fn truncated_gzip_is_an_error() {
     let gz = gzip(&sample().to_json());
@@ -1012,4 +1024,14 @@ fn a_previous_load_that_does_not_add_up_is_not_trusted() {
     .expect("loads");
     assert_eq!(after.config, cfg);
     assert_eq!(after.reused, vec![Some(0), None, None]);
+}
+
+/// Services are told apart by namespace and name: a namespace with a `/`
+/// would let two of them share one `namespace/name` key.
+#[test]
+fn a_namespace_with_a_slash_is_refused() {
+    let mut cfg = sample();
+    Arc::make_mut(&mut cfg.services[2]).namespace = "demo/x".into();
+    let err = cfg.validate().expect_err("a / in a namespace");
+    assert!(err.to_string().contains("a namespace has no /"), "{err}");
 }
