@@ -850,7 +850,7 @@ impl Held {
 /// stay open (a block allocated before the window and freed in it is not
 /// counted: the window's own growth). With `live`, keeps where each held
 /// block was allocated.
-async fn idle(via: &Via<'_>, n: usize, live: bool) -> (Held, Live) {
+async fn idle(via: &Via<'_>, n: usize, live: bool) -> (Held, Option<Held>, Live) {
     // A first connection warms up what the proxies keep once (pools,
     // caches, metric series).
     let mut warm = handshake(Proto::H1, via.connect(Proto::H1).await).await;
@@ -874,29 +874,58 @@ async fn idle(via: &Via<'_>, n: usize, live: bool) -> (Held, Live) {
     }
     // Lets both proxies' threads finish what the last answer left them.
     tokio::time::sleep(Duration::from_millis(200)).await;
+    let count = |conns: usize| {
+        let mut held = Held {
+            conns,
+            ..Held::default()
+        };
+        for (i, role) in HELD.iter().enumerate() {
+            let [ab, an, fb, fnum] = role.each_ref().map(|c| c.load(Ordering::Relaxed));
+            held.kept[i] = (ab.saturating_sub(fb), an.saturating_sub(fnum));
+        }
+        held
+    };
+    let held = count(conns.len());
+    // Then once the client proxy has parked them all (idle one to two
+    // `park_idle_after`, 1 s by default).
+    let mut parked = None;
+    if let Some(pod) = via.pod.filter(|_| !live) {
+        let gauge = &pod.proxy.state.metrics.connections_parked;
+        for _ in 0..100 {
+            if gauge.get() >= conns.len() as i64 {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                parked = Some(count(conns.len()));
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
     AllocationRegistry::disable_tracking();
     let live = LIVE
         .lock()
         .unwrap_or_else(PoisonError::into_inner)
         .take()
         .unwrap_or_default();
-    let mut held = Held {
-        conns: conns.len(),
-        ..Held::default()
-    };
-    for (i, role) in HELD.iter().enumerate() {
-        let [ab, an, fb, fnum] = role.each_ref().map(|c| c.load(Ordering::Relaxed));
-        held.kept[i] = (ab.saturating_sub(fb), an.saturating_sub(fnum));
-    }
     drop(conns);
     tokio::time::sleep(Duration::from_millis(200)).await;
-    (held, live)
+    (held, parked, live)
 }
 
-fn idle_table(held: &Held) -> String {
+fn idle_table(held: &Held, parked: Option<&Held>) -> String {
     let (cb, cn) = held.per_conn(Role::Client);
     let (sb, sn) = held.per_conn(Role::Server);
-    format!(
+    let parked = parked.map_or(
+        "| client, once it has parked them | not parked within 10 s | |\n".to_owned(),
+        |p| {
+            let (pb, pn) = p.per_conn(Role::Client);
+            format!(
+                "| client, once it has parked them (`net::park`) | {} | {} |\n",
+                fmt_n(pb),
+                fmt_n(pn)
+            )
+        },
+    );
+    let mut t = format!(
         "## Heap held per idle connection\n\n\
          {} HTTP/1.1 connections opened one after another through the pair, one 1 KiB request \
          each, then held open. Each proxy runs on a thread of its own (its own current-thread \
@@ -911,7 +940,9 @@ fn idle_table(held: &Held) -> String {
         fmt_n(cn),
         fmt_n(sb),
         fmt_n(sn),
-    )
+    );
+    t.push_str(&parked);
+    t
 }
 
 /// Held bytes and blocks by site and by weft frame, per role, per connection.
@@ -1303,15 +1334,16 @@ async fn run(o: &Opts) -> String {
         h1: SocketAddr::new(cluster_ip(1), 80),
         h2: SocketAddr::new(cluster_ip(2), 80),
     };
-    let (held, _) = idle(&idle_via, o.idle, false).await;
+    let (held, parked, _) = idle(&idle_via, o.idle, false).await;
     eprintln!(
-        "allocs: {} idle connections: client proxy {} bytes each, server proxy {}",
+        "allocs: {} idle connections: client proxy {} bytes each, server proxy {}; parked: client proxy {}",
         held.conns,
         fmt_n(held.per_conn(Role::Client).0),
-        fmt_n(held.per_conn(Role::Server).0)
+        fmt_n(held.per_conn(Role::Server).0),
+        parked.map_or("–".to_owned(), |p| fmt_n(p.per_conn(Role::Client).0)),
     );
     report.push('\n');
-    report.push_str(&idle_table(&held));
+    report.push_str(&idle_table(&held, parked.as_ref()));
 
     if o.sites {
         let _ = writeln!(report, "\n## Allocation sites\n");
@@ -1334,7 +1366,7 @@ async fn run(o: &Opts) -> String {
             ));
             report.push('\n');
         }
-        let (held, live) = idle(&idle_via, o.site_idle, true).await;
+        let (held, _, live) = idle(&idle_via, o.site_idle, true).await;
         eprintln!("allocs: resolving {} held blocks", live.len());
         report.push_str(&live_section(&live, held.conns, o));
     }

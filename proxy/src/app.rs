@@ -93,6 +93,7 @@ pub async fn start(settings: Settings, net: Net) -> Result<Proxy, StartError> {
         tokio::spawn(crate::reload::watch(state.clone())),
         tokio::spawn(crate::gateway::serve(state.clone())),
         tokio::spawn(sweep_pools(Arc::downgrade(&state))),
+        tokio::spawn(state.clone().run_parking()),
         tokio::spawn(crate::trace::export::run(
             span_rx,
             span_target(Arc::downgrade(&state)),

@@ -97,7 +97,14 @@ pub struct Settings {
     /// Where an ingress gateway's certificates are mounted: one directory
     /// per certificate, named as the config names it.
     pub gateway_cert_dir: PathBuf,
+    /// An app's plaintext HTTP/1 connection idle between one and two of
+    /// this leaves the runtime until its next bytes (`net::park`). `None`:
+    /// never.
+    pub park_idle_after: Option<Duration>,
 }
+
+/// Default of [`Settings::park_idle_after`].
+pub const DEFAULT_PARK_IDLE_AFTER: Duration = Duration::from_secs(1);
 
 /// Default of [`Settings::gateway_cert_dir`].
 pub const DEFAULT_GATEWAY_CERT_DIR: &str = "/var/run/weft-gateway/certs";
@@ -142,6 +149,7 @@ impl Settings {
             access_log_output: crate::accesslog::Output::default(),
             gateway_ip: any,
             gateway_cert_dir: PathBuf::from(DEFAULT_GATEWAY_CERT_DIR),
+            park_idle_after: Some(DEFAULT_PARK_IDLE_AFTER),
         }
     }
 
@@ -216,6 +224,8 @@ pub struct State {
     /// The same signal for futures held per connection
     /// ([`State::end_signal`]).
     ends: Arc<crate::net::end::Ends>,
+    /// Idle app connections parked outside the runtime.
+    pub parking: crate::net::park::Parking,
     published: watch::Sender<u64>,
     drain: Mutex<Option<mpsc::Sender<()>>>,
 }
@@ -264,7 +274,12 @@ impl State {
         let (tracer, span_rx) = Tracer::new(SPAN_QUEUE, metrics.spans_dropped.clone());
         let (access_log, log_rx) =
             AccessLog::new(ACCESS_LOG_QUEUE, metrics.access_log_dropped.clone());
+        let parking = crate::net::park::Parking::new(
+            settings.park_idle_after,
+            metrics.connections_parked.clone(),
+        );
         let state = State {
+            parking,
             settings,
             net,
             snapshot: ArcSwapOption::empty(),
@@ -547,6 +562,15 @@ impl State {
         self.ends.signal()
     }
 
+    /// Parks idle connections (`net::park`) until shutdown starts, then
+    /// closes those parked.
+    pub async fn run_parking(self: Arc<Self>) {
+        let mut shutdown = self.shutdown_signal();
+        self.parking
+            .run(&self.ends, shutdown_requested(&mut shutdown))
+            .await;
+    }
+
     /// A receiver that flips to `true` when shutdown starts.
     pub fn shutdown_signal(&self) -> watch::Receiver<bool> {
         self.shutdown.subscribe()
@@ -556,6 +580,7 @@ impl State {
     pub fn begin_shutdown(&self) {
         self.shutdown.send_replace(true);
         self.ends.end();
+        self.parking.close();
     }
 
     /// A token held by every connection task; shutdown waits for all of

@@ -196,3 +196,113 @@ async fn an_idle_gateway_connection_holds_no_request_buffers() {
         "{per} bytes held per idle gateway connection (at most {BOUND})"
     );
 }
+
+/// Heap held per parked app connection, whole process, at most: the test
+/// client's own socket (its registration in the test's runtime, about 300
+/// bytes) and what the proxy keeps of a parked connection (its closure
+/// and slot, about 150). Unparked, the proxy's share alone is about 800.
+const PARKED_BOUND: i64 = 640;
+
+fn outbound_open(state: &weft_proxy::state::State) -> i64 {
+    state
+        .metrics
+        .connections_open
+        .get_or_create(&weft_proxy::metrics::ConnLabels {
+            direction: weft_proxy::metrics::Direction::Outbound,
+            tls: false,
+        })
+        .get()
+}
+
+/// An app's idle HTTP/1 connections leave the proxy's runtime (`net::park`)
+/// and hold little while parked; each is served again when its next
+/// request comes, closed when the app closes it, and closed at shutdown,
+/// counted open throughout and parked while parked.
+#[tokio::test(flavor = "current_thread")]
+async fn idle_app_connections_are_parked_served_again_and_closed() {
+    let _serial = SERIAL.lock().await;
+    init();
+    let ca = TestCa::new("ca");
+    let app = echo_app().await;
+    let echo = service(
+        "echo",
+        cluster_ip(7),
+        80,
+        app.port(),
+        Protocol::Http1,
+        vec![plain(Ipv4Addr::LOCALHOST)],
+    );
+    let cfg = config(1, MtlsMode::Strict, vec![echo]);
+    let pod = Pod::start_with(&cfg, &ca.leaf(CLIENT_ID, 3600), &ca, |s| {
+        s.park_idle_after = Some(Duration::from_millis(50));
+    })
+    .await;
+    let dst = SocketAddr::new(cluster_ip(7), 80);
+    let state = pod.proxy.state.clone();
+    let parked = || state.metrics.connections_parked.get();
+
+    let mut warm = pod.app_connect(dst).await;
+    for _ in 0..3 {
+        get(&mut warm, "200").await;
+    }
+    drop(warm);
+    eventually("the warm-up connection closed", || {
+        outbound_open(&state) == 0
+    })
+    .await;
+    let before = held();
+    let mut conns = Vec::with_capacity(CONNS);
+    for _ in 0..CONNS {
+        let mut c = pod.app_connect(dst).await;
+        get(&mut c, "200").await;
+        conns.push(c);
+    }
+    eventually("every idle connection parked", || parked() == CONNS as i64).await;
+    let per = (held() - before) / CONNS as i64;
+    eprintln!("{per} bytes held per parked app connection, whole process");
+    assert!(
+        per < PARKED_BOUND,
+        "{per} bytes held per parked app connection (at most {PARKED_BOUND})"
+    );
+    assert_eq!(
+        outbound_open(&state),
+        CONNS as i64,
+        "parked connections are open"
+    );
+    assert_eq!(state.parking.parked(), CONNS);
+
+    // The next request resumes a parked connection, on the same socket.
+    for c in conns.iter_mut().take(3) {
+        tokio::time::timeout(Duration::from_secs(10), get(c, "200"))
+            .await
+            .expect("a parked connection served again");
+    }
+    assert_eq!(outbound_open(&state), CONNS as i64, "counted open once");
+    eventually("the served connections parked again", || {
+        parked() == CONNS as i64
+    })
+    .await;
+
+    // The app closes half of them: each parked one wakes, sees the close
+    // and ends.
+    let kept = conns.split_off(CONNS / 2);
+    drop(conns);
+    eventually("closed connections left the lot", || {
+        parked() == kept.len() as i64 && outbound_open(&state) == kept.len() as i64
+    })
+    .await;
+
+    // Shutdown closes what is parked.
+    tokio::time::timeout(Duration::from_secs(30), pod.proxy.drain())
+        .await
+        .expect("drained");
+    for mut c in kept {
+        let mut b = [0u8; 16];
+        let n = tokio::time::timeout(Duration::from_secs(10), c.read(&mut b))
+            .await
+            .expect("a parked connection is closed at shutdown")
+            .unwrap_or(0);
+        assert_eq!(n, 0, "nothing but the close");
+    }
+    assert_eq!(parked(), 0);
+}

@@ -50,13 +50,14 @@ pub const MAX_STREAMS: u32 = 1024;
 /// `refused`, for the errors metric. A plain function: the caller's task
 /// holds the returned future alone (an app's idle connection, whose task
 /// is as small as it can be).
-pub fn serve_h1<I, S, F, E, M>(
+pub fn serve_h1<I, S, F, E, M, P>(
     io: I,
     read_ahead: bytes::Bytes,
     limits: HeadLimits,
     svc: S,
     ended: E,
     refused: M,
+    park: P,
 ) -> impl Future<Output = ()> + Send
 where
     I: h1::Conn,
@@ -64,6 +65,7 @@ where
     F: std::future::Future<Output = Response<Body>> + Send + 'static,
     E: std::future::Future<Output = ()> + Send,
     M: Fn(&'static str) + Send,
+    P: h1::Park<I> + Send,
 {
     let limits = h1::Limits {
         max_header_bytes: limits.max_header_bytes,
@@ -82,6 +84,7 @@ where
     let hooks = h1::Hooks {
         ambiguous: bad_request,
         closed,
+        park,
     };
     h1::serve(io, read_ahead, limits, svc, ended, hooks)
 }
@@ -102,25 +105,27 @@ where
 /// `Transfer-Encoding` is answered 400 and never reaches `svc`. Each
 /// refusal's step (`header-too-large`, `bad-request`, `header-timeout`)
 /// goes to `refused`, for the errors metric.
-pub fn serve_client<I, S, F, E, M>(
+pub fn serve_client<I, S, F, E, M, P>(
     conn: Prefixed<I>,
     version: Version,
     limits: HeadLimits,
     svc: S,
     ended: E,
     refused: M,
-) -> impl Future<Output = ()> + Send + use<I, S, F, E, M>
+    park: P,
+) -> impl Future<Output = ()> + Send + use<I, S, F, E, M, P>
 where
     I: h1::Conn,
     S: Fn(http::Request<ReqBody>) -> F + Clone + Send + 'static,
     F: Future<Output = Response<Body>> + Send + 'static,
     E: Future<Output = ()> + Send + 'static,
     M: Fn(&'static str) + Send + 'static,
+    P: h1::Park<I> + Send + 'static,
 {
     match version {
         Version::Http1 => {
             let (read_ahead, io) = conn.into_parts();
-            Either::Left(serve_h1(io, read_ahead, limits, svc, ended, refused))
+            Either::Left(serve_h1(io, read_ahead, limits, svc, ended, refused, park))
         }
         Version::Http2 => {
             let h2: BoxFuture<'static, ()> = Box::pin(serve_h2(conn, limits, svc, ended, refused));

@@ -180,7 +180,15 @@ where
         return Either::Right(mux);
     }
     let refused = move |step| state.metrics.error(Direction::Inbound, step);
-    Either::Left(serve_client(conn, wire, limits, svc, ended, refused))
+    Either::Left(serve_client(
+        conn,
+        wire,
+        limits,
+        svc,
+        ended,
+        refused,
+        crate::http::h1::NoPark,
+    ))
 }
 
 /// What a request's metrics and span need from its start.

@@ -141,6 +141,9 @@ pub struct Metrics {
     pub connections: Family<ConnLabels, Counter>,
     /// Connections open now.
     pub connections_open: Family<ConnLabels, Gauge>,
+    /// Idle connections parked outside the runtime now (`net::park`),
+    /// among those open.
+    pub connections_parked: Gauge,
     /// Completed mTLS handshakes, full or resumed.
     pub tls_handshakes: Family<HandshakeLabels, Counter>,
     /// HTTP responses sent to clients.
@@ -193,6 +196,11 @@ impl Metrics {
             "connections_open",
             "Connections open now",
             self.connections_open.clone(),
+        );
+        r.register(
+            "connections_parked",
+            "Idle connections parked outside the runtime now (counted in connections_open too)",
+            self.connections_parked.clone(),
         );
         r.register(
             "tls_handshakes",
@@ -336,6 +344,20 @@ impl OpenConn {
         let labels = ConnLabels { direction, tls };
         m.connections.get_or_create(&labels).inc();
         let gauge = m.connections_open.get_or_create(&labels).clone();
+        gauge.inc();
+        OpenConn { gauge }
+    }
+}
+
+impl OpenConn {
+    /// A second count of a connection already counted by an [`OpenConn`]
+    /// that is about to go (a connection parked: the guard moves from its
+    /// task to the parked entry). Counts no new connection.
+    pub fn again(m: &Metrics, direction: Direction, tls: bool) -> Self {
+        let gauge = m
+            .connections_open
+            .get_or_create(&ConnLabels { direction, tls })
+            .clone();
         gauge.inc();
         OpenConn { gauge }
     }

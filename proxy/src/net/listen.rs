@@ -5,7 +5,7 @@
 //! In: a bound listener. Out: each accepted connection, handed to the
 //! listener's handler (`outbound`, `inbound`), until shutdown.
 
-use std::future::Future;
+use std::future::{Future, Pending};
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
@@ -65,6 +65,15 @@ where
     Staged::Prelude {
         prelude: Box::pin(prelude),
     }
+}
+
+/// A connection's task that serves at once, `open` counting it: a parked
+/// connection served again (`net::park`).
+pub fn serving<S>(open: OpenConn, serving: S) -> Staged<Pending<Option<(OpenConn, S)>>, S>
+where
+    S: Future<Output = ()>,
+{
+    Staged::Serving { open, serving }
 }
 
 pin_project_lite::pin_project! {

@@ -13,6 +13,7 @@ pub mod detect;
 pub mod end;
 pub mod listen;
 pub mod orig_dst;
+pub mod park;
 #[cfg(any(test, feature = "test-util"))]
 pub mod stamp;
 

@@ -196,12 +196,42 @@ impl<T: AsyncRead + AsyncWrite + Readiness + Unpin + Send + 'static> Conn for T 
 
 /// What the connection's owner decides besides the requests.
 #[allow(missing_debug_implementations)] // closures
-pub struct Hooks<R, C> {
+pub struct Hooks<R, C, P = NoPark> {
     /// The answer to a head with both `Content-Length` and
     /// `Transfer-Encoding`, given why it is refused.
     pub ambiguous: R,
     /// Hears why a connection was refused.
     pub closed: C,
+    /// Takes the connection when it has sat idle long enough.
+    pub park: P,
+}
+
+/// Takes a connection that has sat idle long enough out of the server
+/// (`net::park`): the server's task ends, and the owner serves the
+/// connection again when it becomes readable.
+pub trait Park<I> {
+    /// The parking tick now; `None` when the connection is never parked.
+    fn tick(&self) -> Option<u32>;
+    /// Whether a connection idle since tick `since` parks now.
+    fn due(&self, since: u32) -> bool;
+    /// Takes the idle `io`, or gives it back.
+    fn park(&self, io: I) -> Result<(), I>;
+}
+
+/// Never parks.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct NoPark;
+
+impl<I> Park<I> for NoPark {
+    fn tick(&self) -> Option<u32> {
+        None
+    }
+    fn due(&self, _: u32) -> bool {
+        false
+    }
+    fn park(&self, io: I) -> Result<(), I> {
+        Err(io)
+    }
 }
 
 /// Serves HTTP/1 on `io` until the client closes it, `ended` resolves
@@ -213,24 +243,25 @@ pub struct Hooks<R, C> {
 /// `ended` and the hooks, each once: a hand-written future rather than an
 /// `async fn`, which would keep its arguments and the locals they move
 /// into side by side for the connection's whole life.
-pub fn serve<I, S, R, C, E>(
+pub fn serve<I, S, R, C, E, P>(
     io: I,
     read_ahead: Bytes,
     limits: Limits,
     svc: S,
     ended: E,
-    hooks: Hooks<R, C>,
-) -> Serve<I, S, R, C, E>
+    hooks: Hooks<R, C, P>,
+) -> Serve<I, S, R, C, E, P>
 where
     I: Conn,
     S: Service,
     R: Answer<S::Body>,
     C: Fn(Closed),
     E: Future<Output = ()>,
+    P: Park<I>,
 {
     let ending = Arc::new(AtomicBool::new(false));
     let phase = if read_ahead.is_empty() {
-        Phase::Idle(io)
+        Phase::Idle(io, hooks.park.tick())
     } else {
         Phase::Busy(start(
             io,
@@ -278,8 +309,9 @@ type Busy<I> = Pin<Box<dyn Future<Output = (I, BytesMut, Next)> + Send>>;
 
 /// Where a connection is.
 enum Phase<I> {
-    /// Waiting for the next request, nothing buffered.
-    Idle(I),
+    /// Waiting for the next request, nothing buffered; since which parking
+    /// tick (`None`: not parked).
+    Idle(I, Option<u32>),
     Busy(Busy<I>),
     /// Closing its side after a last response.
     Closing(I),
@@ -289,7 +321,7 @@ enum Phase<I> {
 pin_project_lite::pin_project! {
     /// The future of [`serve`].
     #[project = ServeProj]
-    pub struct Serve<I, S, R, C, E> {
+    pub struct Serve<I, S, R, C, E, P> {
         #[pin]
         ended: E,
         // Shared with the request in flight: its response says
@@ -298,11 +330,11 @@ pin_project_lite::pin_project! {
         phase: Phase<I>,
         limits: Packed,
         svc: S,
-        hooks: Hooks<R, C>,
+        hooks: Hooks<R, C, P>,
     }
 }
 
-impl<I, S, R, C, E> std::fmt::Debug for Serve<I, S, R, C, E> {
+impl<I, S, R, C, E, P> std::fmt::Debug for Serve<I, S, R, C, E, P> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Serve")
             .field("ending", &self.ending.load(Ordering::Relaxed))
@@ -310,13 +342,14 @@ impl<I, S, R, C, E> std::fmt::Debug for Serve<I, S, R, C, E> {
     }
 }
 
-impl<I, S, R, C, E> Future for Serve<I, S, R, C, E>
+impl<I, S, R, C, E, P> Future for Serve<I, S, R, C, E, P>
 where
     I: Conn,
     S: Service,
     R: Answer<S::Body>,
     C: Fn(Closed),
     E: Future<Output = ()>,
+    P: Park<I>,
 {
     type Output = ();
 
@@ -329,14 +362,23 @@ where
             });
         loop {
             match std::mem::replace(this.phase, Phase::Done) {
-                Phase::Idle(io) => {
+                Phase::Idle(io, since) => {
                     if ending {
                         *this.phase = Phase::Closing(io);
                         continue;
                     }
                     match io.poll_read_ready(cx) {
                         Poll::Pending => {
-                            *this.phase = Phase::Idle(io);
+                            let io = match since {
+                                Some(t) if this.hooks.park.due(t) => {
+                                    match this.hooks.park.park(io) {
+                                        Ok(()) => return Poll::Ready(()),
+                                        Err(io) => io,
+                                    }
+                                }
+                                _ => io,
+                            };
+                            *this.phase = Phase::Idle(io, since);
                             return Poll::Pending;
                         }
                         Poll::Ready(Err(_)) => return Poll::Ready(()),
@@ -363,7 +405,7 @@ where
                             // empty lines between requests are no request.
                             let blank = buf.iter().all(|&b| b == b'\r' || b == b'\n');
                             *this.phase = if blank {
-                                Phase::Idle(io)
+                                Phase::Idle(io, this.hooks.park.tick())
                             } else {
                                 Phase::Busy(start(
                                     io,

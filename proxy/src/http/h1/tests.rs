@@ -10,7 +10,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot};
 
 use super::body::{BoxError, RecvBody};
-use super::{Closed, Hooks, Limits, OnUpgrade, serve};
+use super::{Closed, Hooks, Limits, NoPark, OnUpgrade, serve};
 
 type TestBody = UnsyncBoxBody<Bytes, BoxError>;
 
@@ -161,6 +161,7 @@ async fn connect_reading_ahead(
             closed: move |c| {
                 let _ = closed_tx.send(c);
             },
+            park: NoPark,
         };
         serve(io, read_ahead, LIMITS, service, ended, hooks).await;
     });
@@ -323,6 +324,7 @@ async fn a_client_that_closes_its_side_cancels_its_request() {
         let hooks = Hooks {
             ambiguous: |_| Response::new(full("")),
             closed: |_| {},
+            park: NoPark,
         };
         serve(io, Bytes::new(), LIMITS, svc, std::future::pending(), hooks).await;
     });
@@ -491,6 +493,7 @@ fn an_idle_connection_holds_a_small_future_and_no_buffer() {
         let hooks = Hooks {
             ambiguous: |_| Response::new(full("")),
             closed: |_| {},
+            park: NoPark,
         };
         let fut = serve(
             io,

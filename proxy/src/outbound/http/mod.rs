@@ -25,20 +25,22 @@ use std::time::Instant;
 mod endpoint;
 mod retry;
 
+use bytes::Bytes;
 use http::header::{HeaderMap, HeaderValue, LOCATION};
 use http::{Request, Response, StatusCode};
 use tokio::net::TcpStream;
 
 use crate::accesslog::{Deferred, Logged, Sent, new_request_id};
-use crate::http::h1::Conn;
+use crate::http::h1::{Conn, NoPark, Park};
 use crate::http::pool::Version;
 use crate::http::server::serve_client;
 use crate::http::{Body, ReqBody, content_length, error_response, full, outcome};
-use crate::metrics::Direction;
 use crate::metrics::traffic::{
     CallLabels, MeteredBody, OnEnd, Peer, Reporter, Series, SeriesCache, is_grpc,
 };
-use crate::net::Prefixed;
+use crate::metrics::{Direction, OpenConn};
+use crate::net::park::Resume;
+use crate::net::{Prefixed, listen};
 use crate::snapshot::rewrite::{Arrival, redirect_location};
 use crate::snapshot::routes;
 use crate::snapshot::{ServiceRef, Snapshot};
@@ -71,6 +73,7 @@ pub fn serve(
         arrival: Arrival::SIDECAR,
         series: SeriesCache::default(),
     });
+    let park = ParkIdle(ctx.clone());
     // The request's future is `handle`'s own: a block around it would hold
     // it beside what it captured, and move it once more.
     let svc = move |mut req: Request<ReqBody>| {
@@ -81,7 +84,40 @@ pub fn serve(
     };
     let (limits, ended) = (state.settings.head_limits(), state.end_signal());
     let refused = move |step| state.metrics.error(Direction::Outbound, step);
-    serve_client(conn, version, limits, svc, ended, refused)
+    serve_client(conn, version, limits, svc, ended, refused, park)
+}
+
+/// Parks an app's idle HTTP/1 connection outside the runtime
+/// (`net::park`) and, when it becomes readable, serves it again from the
+/// same context with a task of its own.
+struct ParkIdle(Arc<Ctx>);
+
+impl Park<TcpStream> for ParkIdle {
+    fn tick(&self) -> Option<u32> {
+        self.0.state.parking.tick()
+    }
+
+    fn due(&self, since: u32) -> bool {
+        self.0.state.parking.due(since)
+    }
+
+    fn park(&self, io: TcpStream) -> Result<(), TcpStream> {
+        let c = &*self.0;
+        let (state, snap, target) = (c.state.clone(), c.snap.clone(), c.target);
+        let (dst, client, version) = (c.dst, c.client, c.version);
+        let open = OpenConn::again(&state.metrics, Direction::Outbound, false);
+        // What is parked does not keep the proxy's state alive.
+        let state = Arc::downgrade(&state);
+        let resume: Resume = Box::new(move |io| {
+            let Some(state) = state.upgrade() else {
+                return;
+            };
+            let conn = Prefixed::new(Bytes::new(), io);
+            let serving = serve(state.clone(), snap, target, dst, client, version, conn);
+            state.spawn_drained(listen::serving(open, serving));
+        });
+        c.state.parking.park(io, resume).map_err(|(io, _)| io)
+    }
 }
 
 /// Serves HTTP on a connection of an ingress gateway listener on `port`
@@ -148,7 +184,7 @@ where
     };
     let (limits, ended) = (state.settings.head_limits(), state.end_signal());
     let refused = move |step| state.metrics.error(Direction::Inbound, step);
-    serve_client(conn, version, limits, svc, ended, refused)
+    serve_client(conn, version, limits, svc, ended, refused, NoPark)
 }
 
 /// Gives a request an `x-request-id` when it has none, and removes a

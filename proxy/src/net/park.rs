@@ -1,0 +1,287 @@
+//! Idle connections parked outside the runtime.
+//!
+//! An app's connection pool may hold thousands of HTTP/1 connections to its
+//! sidecar open and unused. In the runtime each one costs a task (256
+//! bytes), the runtime's registration of its socket (256), the connection's
+//! context and its metric series cache: about 800 bytes of heap per
+//! connection, where nginx holds about 500 (docs/performance.md). A
+//! connection idle for a while gives all of that up here: its socket moves
+//! into a second epoll instance, nested in the runtime's as one file
+//! descriptor, and what serves it again is a small boxed closure. When the
+//! socket becomes readable (the next request, the client's close, an
+//! error) the closure puts it back in the runtime and spawns its task.
+//!
+//! When: [`Parking::run`] advances a tick every `after` and wakes every
+//! connection that waits on the end signal (`end::Ends::nudge`); an idle
+//! connection that has seen two ticks since it went idle (idle between one
+//! and two `after`) parks itself. A busy connection pays nothing per
+//! request for this (it reads one atomic when it goes idle) and at most one
+//! extra poll per tick.
+//!
+//! ```text
+//! idle ≥ after ──park──► epoll (nested) ──readable──► runtime + task ──► serve
+//! ```
+//!
+//! Shutdown closes what is parked: those connections are idle, and an idle
+//! connection closes at shutdown anyway.
+
+use std::io;
+use std::net::TcpStream as StdTcpStream;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::time::Duration;
+
+use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
+use prometheus_client::metrics::gauge::Gauge;
+use tokio::io::unix::AsyncFd;
+use tokio::net::TcpStream;
+
+use super::end::Ends;
+
+/// What serves a parked connection again, given its socket back in the
+/// runtime (it spawns the connection's task).
+pub type Resume = Box<dyn FnOnce(TcpStream) + Send>;
+
+/// Ticks a connection must see idle before it parks: with a tick every
+/// `after`, it has been idle between one and two `after`.
+const IDLE_TICKS: u32 = 2;
+
+/// Events taken from the nested epoll per wait.
+const BATCH: usize = 64;
+
+/// The parked connections of one proxy and the tick that decides when an
+/// idle one parks.
+#[derive(Debug)]
+pub struct Parking {
+    /// `None`: connections are never parked.
+    after: Option<Duration>,
+    tick: AtomicU32,
+    epoll: Option<Epoll>,
+    lot: Mutex<Lot>,
+    /// No more parking: the run ended (shutdown) or never started.
+    closed: AtomicBool,
+    /// The run started, or parking was closed: it never starts again.
+    started: AtomicBool,
+    /// Connections parked now (the `connections_parked` metric).
+    gauge: Gauge,
+}
+
+#[allow(missing_debug_implementations)] // closures
+#[derive(Default)]
+struct Lot {
+    slots: Vec<Option<(StdTcpStream, Resume)>>,
+    free: Vec<u32>,
+}
+
+impl Lot {
+    /// The key the next [`Lot::fill`] takes.
+    fn vacant(&self) -> u32 {
+        match self.free.last() {
+            Some(&k) => k,
+            None => u32::try_from(self.slots.len()).unwrap_or(u32::MAX),
+        }
+    }
+
+    /// Fills the slot [`Lot::vacant`] named.
+    fn fill(&mut self, key: u32, parked: (StdTcpStream, Resume)) {
+        if self.free.last() == Some(&key) {
+            self.free.pop();
+            self.slots[key as usize] = Some(parked);
+        } else {
+            self.slots.push(Some(parked));
+        }
+    }
+
+    fn take(&mut self, key: u64) -> Option<(StdTcpStream, Resume)> {
+        let k = u32::try_from(key).ok()?;
+        let parked = self.slots.get_mut(k as usize)?.take()?;
+        self.free.push(k);
+        Some(parked)
+    }
+}
+
+impl std::fmt::Debug for Lot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Lot")
+            .field("parked", &(self.slots.len() - self.free.len()))
+            .finish()
+    }
+}
+
+impl Parking {
+    /// Parks connections idle for `after` (`None`: never), counting them in
+    /// `gauge`. Nothing parks until [`Parking::run`] runs.
+    pub fn new(after: Option<Duration>, gauge: Gauge) -> Self {
+        let epoll = after.and_then(|_| match Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC) {
+            Ok(e) => Some(e),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot create an epoll instance; idle connections will not be parked");
+                None
+            }
+        });
+        Parking {
+            after,
+            tick: AtomicU32::new(0),
+            epoll,
+            lot: Mutex::default(),
+            closed: AtomicBool::new(true),
+            started: AtomicBool::new(false),
+            gauge,
+        }
+    }
+
+    /// The tick now, for a connection going idle or checking whether to
+    /// park; `None` when connections are not parked.
+    pub fn tick(&self) -> Option<u32> {
+        if self.closed.load(Ordering::Relaxed) {
+            return None;
+        }
+        Some(self.tick.load(Ordering::Relaxed))
+    }
+
+    /// Whether a connection idle since tick `since` should park now.
+    pub fn due(&self, since: u32) -> bool {
+        self.tick()
+            .is_some_and(|now| now.wrapping_sub(since) >= IDLE_TICKS)
+    }
+
+    /// Connections parked now.
+    pub fn parked(&self) -> usize {
+        let lot = self.lot.lock().unwrap_or_else(|p| p.into_inner());
+        lot.slots.len() - lot.free.len()
+    }
+
+    /// Takes the idle connection `io` out of the runtime until it becomes
+    /// readable, then hands it to `resume`. Gives `io` back when it cannot
+    /// (parking off or ended, the epoll refused it); a connection whose
+    /// socket the runtime would not release is closed (`Ok`).
+    pub fn park(&self, io: TcpStream, resume: Resume) -> Result<(), (TcpStream, Resume)> {
+        let Some(epoll) = self.epoll.as_ref().filter(|_| self.tick().is_some()) else {
+            return Err((io, resume));
+        };
+        let std = match io.into_std() {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::debug!(error = %e, "an idle connection could not leave the runtime; closed");
+                return Ok(());
+            }
+        };
+        // The key is known before the socket joins the epoll; the lot stays
+        // locked until it is filled, so an event that comes at once finds it.
+        let mut lot = self.lot.lock().unwrap_or_else(|p| p.into_inner());
+        if self.closed.load(Ordering::Relaxed) {
+            // Closed since the check above ([`Parking::close`] sets the
+            // flag before it empties the lot).
+            drop(lot);
+            return match TcpStream::from_std(std) {
+                Ok(io) => Err((io, resume)),
+                Err(_) => Ok(()),
+            };
+        }
+        let key = lot.vacant();
+        let interest = EpollFlags::EPOLLIN | EpollFlags::EPOLLRDHUP | EpollFlags::EPOLLONESHOT;
+        if let Err(e) = epoll.add(&std, EpollEvent::new(interest, u64::from(key))) {
+            drop(lot);
+            tracing::debug!(error = %e, "an idle connection could not be parked");
+            return match TcpStream::from_std(std) {
+                Ok(io) => Err((io, resume)),
+                Err(_) => Ok(()),
+            };
+        }
+        lot.fill(key, (std, resume));
+        drop(lot);
+        self.gauge.inc();
+        Ok(())
+    }
+
+    /// Ticks every `after`, nudging `ends`' waiters so idle connections
+    /// look at the tick, and resumes parked connections as they become
+    /// readable, until `stop` resolves; then closes those still parked.
+    /// Returns at once when parking is off.
+    pub async fn run(&self, ends: &Ends, stop: impl std::future::Future<Output = ()>) {
+        let (Some(after), Some(epoll)) = (self.after, self.epoll.as_ref()) else {
+            return;
+        };
+        // `AsyncFd::new` is deprecated for file descriptors their owner
+        // may close or replace while registered; this one is an `OwnedFd`
+        // the `AsyncFd` owns, closed only after it deregisters. Its
+        // replacement, `register`, is `unsafe`, which weft forbids.
+        #[allow(deprecated)]
+        let nested = match epoll.0.try_clone().and_then(AsyncFd::new) {
+            Ok(fd) => fd,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot watch the parked connections' epoll; idle connections will not be parked");
+                return;
+            }
+        };
+        if self.started.swap(true, Ordering::Relaxed) {
+            // Once, and never after [`Parking::close`].
+            return;
+        }
+        self.closed.store(false, Ordering::Relaxed);
+        let mut ticks = tokio::time::interval(after);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tokio::pin!(stop);
+        loop {
+            tokio::select! {
+                () = &mut stop => break,
+                _ = ticks.tick() => {
+                    self.tick.fetch_add(1, Ordering::Relaxed);
+                    ends.nudge();
+                }
+                r = nested.readable() => match r {
+                    Ok(mut guard) => {
+                        let r = guard.try_io(|_| self.resume_ready(epoll));
+                        if let Ok(Err(e)) = r {
+                            tracing::warn!(error = %e, "waiting on parked connections failed");
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "waiting on parked connections failed");
+                        break;
+                    }
+                },
+            }
+        }
+        self.close();
+    }
+
+    /// Stops parking and closes every parked connection (shutdown: they
+    /// are idle). Parking stays off.
+    pub fn close(&self) {
+        self.started.store(true, Ordering::Relaxed);
+        self.closed.store(true, Ordering::Relaxed);
+        let parked = std::mem::take(&mut *self.lot.lock().unwrap_or_else(|p| p.into_inner()));
+        let closed = parked.slots.into_iter().flatten().count();
+        self.gauge.dec_by(i64::try_from(closed).unwrap_or(i64::MAX));
+    }
+
+    /// Resumes the parked connections that are ready; `WouldBlock` when
+    /// none is.
+    fn resume_ready(&self, epoll: &Epoll) -> io::Result<()> {
+        let mut events = [EpollEvent::empty(); BATCH];
+        let n = epoll.wait(&mut events, EpollTimeout::ZERO)?;
+        if n == 0 {
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+        for ev in &events[..n] {
+            let taken = self
+                .lot
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .take(ev.data());
+            let Some((std, resume)) = taken else {
+                continue;
+            };
+            self.gauge.dec();
+            let _ = epoll.delete(&std);
+            match TcpStream::from_std(std) {
+                Ok(io) => resume(io),
+                Err(e) => {
+                    tracing::debug!(error = %e, "a parked connection could not return to the runtime; closed");
+                }
+            }
+        }
+        Ok(())
+    }
+}
