@@ -116,10 +116,6 @@ const CELL_FOR: Duration = Duration::from_secs(2);
 const HANDSHAKE_FOR: Duration = Duration::from_secs(3);
 const HANDSHAKE_CONC: usize = 8;
 const IDLE_CONNS: usize = 1000;
-/// How long every target's idle connections are held open before its RSS
-/// is read: weft parks a connection idle for one to two seconds
-/// (`--park-idle-after-ms`, 1000), nginx and HAProxy do not change.
-const IDLE_SETTLE: Duration = Duration::from_secs(3);
 /// Requests per warm-up connection before idle connections are measured.
 const IDLE_WARMUP: usize = 50;
 const BIG: usize = 1 << 20;
@@ -974,7 +970,7 @@ fn idle_rss(t: &Target, when: &str) -> Option<(f64, f64)> {
     let holder =
         std::thread::spawn(move || load(&ns, move || idle_conns(addr, IDLE_CONNS, otx, hrx)));
     let opened = orx.recv().unwrap_or(0);
-    std::thread::sleep(IDLE_SETTLE);
+    std::thread::sleep(Duration::from_millis(500));
     let after: Vec<f64> = t.sidecars.iter().map(|p| mb(&[*p], "VmRSS:")).collect();
     let _ = htx.send(());
     let _ = holder.join();
@@ -2130,11 +2126,10 @@ fn report(
     );
     let _ = writeln!(
         md,
-        "HTTP/1.1, 1 KiB responses, {RATE} rps over {CONNS} connections for {}s (latency from the intended send time: no coordinated omission), max throughput with {MAX_CONNS} closed-loop connections for {}s; medians of {} interleaved rounds (direct first in each, the proxied targets taking turns at going first after it). Proxies and the apps pinned to CPU 1, the load generator to CPU 0. vCPU from schedstat over the constant-rate window, per sidecar. RSS per 1000 idle connections: each sidecar's RSS growth while {IDLE_CONNS} idle HTTP/1.1 connections (one request each) are held open ({}s, then read), after 4 × {IDLE_WARMUP} warm-up requests; once on the fresh proxy before any load and once after the load (then memory its allocator freed earlier in the run is reused first, so a cost smaller than that reads 0.0).{} Run took {:.0} s.\n",
+        "HTTP/1.1, 1 KiB responses, {RATE} rps over {CONNS} connections for {}s (latency from the intended send time: no coordinated omission), max throughput with {MAX_CONNS} closed-loop connections for {}s; medians of {} interleaved rounds (direct first in each, the proxied targets taking turns at going first after it). Proxies and the apps pinned to CPU 1, the load generator to CPU 0. vCPU from schedstat over the constant-rate window, per sidecar. RSS per 1000 idle connections: each sidecar's RSS growth while {IDLE_CONNS} idle HTTP/1.1 connections (one request each) are held open, after 4 × {IDLE_WARMUP} warm-up requests; once on the fresh proxy before any load and once after the load (then memory its allocator freed earlier in the run is reused first, so a cost smaller than that reads 0.0).{} Run took {:.0} s.\n",
         o.measure.as_secs(),
         o.max_for.as_secs(),
         o.rounds,
-        IDLE_SETTLE.as_secs(),
         if o.telemetry {
             " weft with access logs on and tracing at 1 %."
         } else {

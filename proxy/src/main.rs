@@ -104,8 +104,8 @@ struct RunArgs {
     #[arg(long, env = "WEFT_HEADER_READ_TIMEOUT_MS", default_value_t = weft_proxy::state::DEFAULT_HEADER_READ_TIMEOUT.as_millis() as u64)]
     header_read_timeout_ms: u64,
     /// An app's plaintext HTTP/1 connection idle between one and two of
-    /// this, milliseconds, leaves the runtime until its next bytes (it
-    /// holds about 150 bytes instead of 800 meanwhile); 0 never parks.
+    /// this, milliseconds, leaves the runtime until its next bytes (about
+    /// 180 bytes of heap instead of 800 meanwhile); 0 never parks.
     #[arg(long, env = "WEFT_PARK_IDLE_AFTER_MS", default_value_t = weft_proxy::state::DEFAULT_PARK_IDLE_AFTER.as_millis() as u64)]
     park_idle_after_ms: u64,
     /// Where an ingress gateway's certificates are mounted (one directory

@@ -566,9 +566,7 @@ impl State {
     /// closes those parked.
     pub async fn run_parking(self: Arc<Self>) {
         let mut shutdown = self.shutdown_signal();
-        self.parking
-            .run(&self.ends, shutdown_requested(&mut shutdown))
-            .await;
+        self.parking.run(shutdown_requested(&mut shutdown)).await;
     }
 
     /// A receiver that flips to `true` when shutdown starts.

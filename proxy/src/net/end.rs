@@ -1,6 +1,5 @@
 //! The graceful end as a future each connection holds for its whole life,
-//! in 32 bytes; its table of waiting connections also wakes them for the
-//! parking tick (`net::park`).
+//! in 32 bytes.
 //!
 //! A connection must hear the end while it sits idle, so it holds a future
 //! that resolves when the end begins. The usual ones keep an intrusive
@@ -56,19 +55,6 @@ impl Ends {
             std::mem::take(&mut t.wakers)
         };
         for w in wakers.into_iter().flatten() {
-            w.wake();
-        }
-    }
-
-    /// Wakes every waiting signal's task without ending anything: a
-    /// spurious wake, on which an idle connection looks at the parking
-    /// tick (`net::park`). Each signal keeps its slot.
-    pub fn nudge(&self) {
-        let wakers: Vec<Waker> = {
-            let t = self.table.lock().unwrap_or_else(|p| p.into_inner());
-            t.wakers.iter().flatten().cloned().collect()
-        };
-        for w in wakers {
             w.wake();
         }
     }

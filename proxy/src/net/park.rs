@@ -11,12 +11,12 @@
 //! socket becomes readable (the next request, the client's close, an
 //! error) the closure puts it back in the runtime and spawns its task.
 //!
-//! When: [`Parking::run`] advances a tick every `after` and wakes every
-//! connection that waits on the end signal (`end::Ends::nudge`); an idle
-//! connection that has seen two ticks since it went idle (idle between one
-//! and two `after`) parks itself. A busy connection pays nothing per
-//! request for this (it reads one atomic when it goes idle) and at most one
-//! extra poll per tick.
+//! When: [`Parking::run`] advances a tick every `after`. A connection going
+//! idle notes the tick; while idle and not yet due it leaves its waker for
+//! the next tick ([`Parking::due`]), and once it has seen two ticks since
+//! it went idle (idle between one and two `after`) it parks itself. A busy
+//! connection pays one atomic read and one waker left per idle period, and
+//! is woken at most once for nothing when a request came in between.
 //!
 //! ```text
 //! idle ≥ after ──park──► epoll (nested) ──readable──► runtime + task ──► serve
@@ -29,14 +29,13 @@ use std::io;
 use std::net::TcpStream as StdTcpStream;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::task::Waker;
 use std::time::Duration;
 
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
 use prometheus_client::metrics::gauge::Gauge;
 use tokio::io::unix::AsyncFd;
 use tokio::net::TcpStream;
-
-use super::end::Ends;
 
 /// What serves a parked connection again, given its socket back in the
 /// runtime (it spawns the connection's task).
@@ -56,6 +55,8 @@ pub struct Parking {
     /// `None`: connections are never parked.
     after: Option<Duration>,
     tick: AtomicU32,
+    /// The wakers of idle connections not yet due, woken at the next tick.
+    waiting: Mutex<Vec<Waker>>,
     epoll: Option<Epoll>,
     lot: Mutex<Lot>,
     /// No more parking: the run ended (shutdown) or never started.
@@ -122,6 +123,7 @@ impl Parking {
         Parking {
             after,
             tick: AtomicU32::new(0),
+            waiting: Mutex::default(),
             epoll,
             lot: Mutex::default(),
             closed: AtomicBool::new(true),
@@ -139,10 +141,21 @@ impl Parking {
         Some(self.tick.load(Ordering::Relaxed))
     }
 
-    /// Whether a connection idle since tick `since` should park now.
-    pub fn due(&self, since: u32) -> bool {
-        self.tick()
-            .is_some_and(|now| now.wrapping_sub(since) >= IDLE_TICKS)
+    /// Whether a connection idle since tick `since` should park now; when
+    /// not (and parking is on), `waker` is woken at the next tick to ask
+    /// again.
+    pub fn due(&self, since: u32, waker: &Waker) -> bool {
+        let Some(now) = self.tick() else {
+            return false;
+        };
+        if now.wrapping_sub(since) >= IDLE_TICKS {
+            return true;
+        }
+        self.waiting
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(waker.clone());
+        false
     }
 
     /// Connections parked now.
@@ -194,11 +207,11 @@ impl Parking {
         Ok(())
     }
 
-    /// Ticks every `after`, nudging `ends`' waiters so idle connections
-    /// look at the tick, and resumes parked connections as they become
-    /// readable, until `stop` resolves; then closes those still parked.
-    /// Returns at once when parking is off.
-    pub async fn run(&self, ends: &Ends, stop: impl std::future::Future<Output = ()>) {
+    /// Ticks every `after`, waking the idle connections that asked, and
+    /// resumes parked connections as they become readable, until `stop`
+    /// resolves; then closes those still parked. Returns at once when
+    /// parking is off.
+    pub async fn run(&self, stop: impl std::future::Future<Output = ()>) {
         let (Some(after), Some(epoll)) = (self.after, self.epoll.as_ref()) else {
             return;
         };
@@ -222,12 +235,22 @@ impl Parking {
         let mut ticks = tokio::time::interval(after);
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tokio::pin!(stop);
+        // The list woken last tick, kept for its room.
+        let mut spare = Vec::new();
         loop {
             tokio::select! {
                 () = &mut stop => break,
                 _ = ticks.tick() => {
                     self.tick.fetch_add(1, Ordering::Relaxed);
-                    ends.nudge();
+                    let woken = std::mem::replace(
+                        &mut *self.waiting.lock().unwrap_or_else(|p| p.into_inner()),
+                        std::mem::take(&mut spare),
+                    );
+                    for w in &woken {
+                        w.wake_by_ref();
+                    }
+                    spare = woken;
+                    spare.clear();
                 }
                 r = nested.readable() => match r {
                     Ok(mut guard) => {
@@ -251,6 +274,8 @@ impl Parking {
     pub fn close(&self) {
         self.started.store(true, Ordering::Relaxed);
         self.closed.store(true, Ordering::Relaxed);
+        let waiting = std::mem::take(&mut *self.waiting.lock().unwrap_or_else(|p| p.into_inner()));
+        drop(waiting);
         let parked = std::mem::take(&mut *self.lot.lock().unwrap_or_else(|p| p.into_inner()));
         let closed = parked.slots.into_iter().flatten().count();
         self.gauge.dec_by(i64::try_from(closed).unwrap_or(i64::MAX));
@@ -283,5 +308,102 @@ impl Parking {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+    use std::sync::atomic::AtomicUsize;
+    use std::task::Wake;
+
+    struct Count(AtomicUsize);
+    impl Wake for Count {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    /// A connection idle since a tick is due two ticks later; before, it
+    /// leaves its waker, and the next tick wakes it.
+    #[tokio::test(start_paused = true)]
+    async fn an_idle_connection_is_due_two_ticks_after_it_went_idle() {
+        let parking = Arc::new(Parking::new(Some(Duration::from_secs(1)), Gauge::default()));
+        let (stop_tx, stop) = tokio::sync::oneshot::channel::<()>();
+        let run = tokio::spawn({
+            let parking = parking.clone();
+            async move {
+                parking
+                    .run(async {
+                        let _ = stop.await;
+                    })
+                    .await;
+            }
+        });
+        // The run's first tick is at once.
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        let since = parking.tick().expect("parking runs");
+        let count = Arc::new(Count(AtomicUsize::new(0)));
+        let waker = Waker::from(count.clone());
+        assert!(!parking.due(since, &waker));
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(count.0.load(Ordering::SeqCst), 1, "woken at the tick");
+        assert!(!parking.due(since, &waker), "idle less than a whole tick");
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(count.0.load(Ordering::SeqCst), 2);
+        assert!(parking.due(since, &waker));
+        let _ = stop_tx.send(());
+        run.await.expect("run ends");
+        assert_eq!(parking.tick(), None, "off after the run");
+        assert!(!parking.due(since, &waker));
+    }
+
+    /// Parking that is not running, or was closed, gives the connection
+    /// back; closing closes what is parked and counts it.
+    #[tokio::test]
+    async fn closed_parking_gives_connections_back_and_closes_what_it_held() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let mut client = TcpStream::connect(addr).await.expect("connect");
+        let (server, _) = listener.accept().await.expect("accept");
+        let gauge = Gauge::default();
+        let parking = Arc::new(Parking::new(Some(Duration::from_secs(60)), gauge.clone()));
+        let resume: Resume = Box::new(|_| {});
+        let (server, resume) = parking.park(server, resume).expect_err("not running");
+
+        let (stop_tx, stop) = tokio::sync::oneshot::channel::<()>();
+        let run = tokio::spawn({
+            let parking = parking.clone();
+            async move {
+                parking
+                    .run(async {
+                        let _ = stop.await;
+                    })
+                    .await;
+            }
+        });
+        while parking.tick().is_none() {
+            tokio::task::yield_now().await;
+        }
+        assert!(parking.park(server, resume).is_ok());
+        assert_eq!((parking.parked(), gauge.get()), (1, 1));
+        parking.close();
+        assert_eq!((parking.parked(), gauge.get()), (0, 0));
+        let mut b = [0u8; 1];
+        let n = tokio::io::AsyncReadExt::read(&mut client, &mut b)
+            .await
+            .expect("read");
+        assert_eq!(n, 0, "the parked connection is closed");
+        // Closed: nothing parks again, even while the run goes on.
+        let (other, _) = {
+            let _c = TcpStream::connect(addr).await.expect("connect");
+            listener.accept().await.expect("accept")
+        };
+        assert!(parking.park(other, Box::new(|_| {})).is_err());
+        drop(stop_tx);
+        run.await.expect("run ends");
     }
 }

@@ -212,8 +212,9 @@ pub struct Hooks<R, C, P = NoPark> {
 pub trait Park<I> {
     /// The parking tick now; `None` when the connection is never parked.
     fn tick(&self) -> Option<u32>;
-    /// Whether a connection idle since tick `since` parks now.
-    fn due(&self, since: u32) -> bool;
+    /// Whether a connection idle since tick `since` parks now; when not,
+    /// `waker` is woken when it may be.
+    fn due(&self, since: u32, waker: &std::task::Waker) -> bool;
     /// Takes the idle `io`, or gives it back.
     fn park(&self, io: I) -> Result<(), I>;
 }
@@ -226,7 +227,7 @@ impl<I> Park<I> for NoPark {
     fn tick(&self) -> Option<u32> {
         None
     }
-    fn due(&self, _: u32) -> bool {
+    fn due(&self, _: u32, _: &std::task::Waker) -> bool {
         false
     }
     fn park(&self, io: I) -> Result<(), I> {
@@ -370,7 +371,7 @@ where
                     match io.poll_read_ready(cx) {
                         Poll::Pending => {
                             let io = match since {
-                                Some(t) if this.hooks.park.due(t) => {
+                                Some(t) if this.hooks.park.due(t, cx.waker()) => {
                                     match this.hooks.park.park(io) {
                                         Ok(()) => return Poll::Ready(()),
                                         Err(io) => io,

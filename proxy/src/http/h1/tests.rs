@@ -1,5 +1,6 @@
 //! The server on real loopback connections, spoken to byte by byte.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -10,7 +11,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot};
 
 use super::body::{BoxError, RecvBody};
-use super::{Closed, Hooks, Limits, NoPark, OnUpgrade, serve};
+use super::{Answer, Closed, Hooks, Limits, NoPark, OnUpgrade, Park, serve};
 
 type TestBody = UnsyncBoxBody<Bytes, BoxError>;
 
@@ -704,4 +705,109 @@ async fn a_connection_with_bytes_read_ahead_is_ready_until_they_are_read() {
     let mut buf = [0u8; 3];
     io.read_exact(&mut buf).await.expect("read");
     assert!(!ready(&io), "nothing left and nothing sent");
+}
+
+/// Parks a connection whenever it is asked once `open` is set, handing the
+/// socket to the test.
+struct ParkWhenOpen {
+    open: Arc<std::sync::atomic::AtomicBool>,
+    taken: mpsc::UnboundedSender<TcpStream>,
+}
+
+impl Park<TcpStream> for ParkWhenOpen {
+    fn tick(&self) -> Option<u32> {
+        Some(0)
+    }
+    fn due(&self, _: u32, _: &std::task::Waker) -> bool {
+        self.open.load(std::sync::atomic::Ordering::SeqCst)
+    }
+    fn park(&self, io: TcpStream) -> Result<(), TcpStream> {
+        self.taken.send(io).map_err(|e| e.0)
+    }
+}
+
+/// A connection is handed to its parking only while idle: not with a
+/// request in flight, even when parking is due, and at once when the
+/// response is written. The socket it hands over is served again by a new
+/// server, which answers the next request on it.
+#[tokio::test]
+async fn a_connection_parks_only_when_idle_and_is_served_again_after() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let open = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (taken_tx, mut taken) = mpsc::unbounded_channel();
+    let (release_tx, release) = oneshot::channel::<()>();
+    let release = Arc::new(std::sync::Mutex::new(Some(release)));
+    let svc = move |req: Request<RecvBody>| {
+        let release = release.lock().expect("lock").take();
+        async move {
+            if let Some(r) = release {
+                let _ = r.await;
+            }
+            service(req).await
+        }
+    };
+    fn hooks<P>(park: P) -> Hooks<impl Answer<TestBody>, impl Fn(Closed), P> {
+        Hooks {
+            ambiguous: |_| Response::new(full("")),
+            closed: |_| {},
+            park,
+        }
+    }
+    let park = ParkWhenOpen {
+        open: open.clone(),
+        taken: taken_tx,
+    };
+    let first = tokio::spawn({
+        let svc = svc.clone();
+        async move {
+            let (io, _) = listener.accept().await.expect("accept");
+            serve(
+                io,
+                Bytes::new(),
+                LIMITS,
+                svc,
+                std::future::pending(),
+                hooks(park),
+            )
+            .await;
+        }
+    });
+    let mut c = TcpStream::connect(addr).await.expect("connect");
+    c.write_all(b"GET /held HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .expect("write");
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    // Due now, but the request is in flight.
+    open.store(true, std::sync::atomic::Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(taken.try_recv().is_err(), "parked with a request in flight");
+    assert!(!first.is_finished());
+    release_tx.send(()).expect("the request waits");
+    let text = read_until(&mut c, "\r\n\r\n", 1).await;
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    let io = tokio::time::timeout(Duration::from_secs(10), taken.recv())
+        .await
+        .expect("parked once idle")
+        .expect("a socket");
+    first.await.expect("the first server ends when it parks");
+
+    let again = tokio::spawn(serve(
+        io,
+        Bytes::new(),
+        LIMITS,
+        svc,
+        std::future::pending(),
+        hooks(NoPark),
+    ));
+    c.write_all(b"GET /again HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .expect("write");
+    let text = read_until(&mut c, "\r\n\r\n", 1).await;
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    drop(c);
+    tokio::time::timeout(Duration::from_secs(10), again)
+        .await
+        .expect("ends when the client closes")
+        .expect("no panic");
 }

@@ -97,8 +97,8 @@ impl Park<TcpStream> for ParkIdle {
         self.0.state.parking.tick()
     }
 
-    fn due(&self, since: u32) -> bool {
-        self.0.state.parking.due(since)
+    fn due(&self, since: u32, waker: &std::task::Waker) -> bool {
+        self.0.state.parking.due(since, waker)
     }
 
     fn park(&self, io: TcpStream) -> Result<(), TcpStream> {
