@@ -12,11 +12,12 @@
 //! error) the closure puts it back in the runtime and spawns its task.
 //!
 //! When: [`Parking::run`] advances a tick every `after`. A connection going
-//! idle notes the tick; while idle and not yet due it leaves its waker for
-//! the next tick ([`Parking::due`]), and once it has seen two ticks since
-//! it went idle (idle between one and two `after`) it parks itself. A busy
-//! connection pays one atomic read and one waker left per idle period, and
-//! is woken at most once for nothing when a request came in between.
+//! idle notes the tick, and asks to be woken at the next one
+//! ([`Parking::wake_at_next_tick`], at most once per tick: its task's waker
+//! is the same from one idle period to the next). Once it has seen two
+//! ticks since it went idle (idle between one and two `after`) it parks
+//! itself. A busy connection pays one atomic read per request and one
+//! waker left per tick, and is woken at most once per tick for nothing.
 //!
 //! ```text
 //! idle ≥ after ──park──► epoll (nested) ──readable──► runtime + task ──► serve
@@ -141,21 +142,21 @@ impl Parking {
         Some(self.tick.load(Ordering::Relaxed))
     }
 
-    /// Whether a connection idle since tick `since` should park now; when
-    /// not (and parking is on), `waker` is woken at the next tick to ask
-    /// again.
-    pub fn due(&self, since: u32, waker: &Waker) -> bool {
-        let Some(now) = self.tick() else {
-            return false;
-        };
-        if now.wrapping_sub(since) >= IDLE_TICKS {
-            return true;
+    /// Whether a connection idle since tick `since` parks at tick `now`:
+    /// it has seen two ticks since (idle between one and two `after`).
+    pub fn due(since: u32, now: u32) -> bool {
+        now.wrapping_sub(since) >= IDLE_TICKS
+    }
+
+    /// Wakes `waker` at the next tick (while parking runs).
+    pub fn wake_at_next_tick(&self, waker: &Waker) {
+        if self.closed.load(Ordering::Relaxed) {
+            return;
         }
         self.waiting
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .push(waker.clone());
-        false
     }
 
     /// Connections parked now.
@@ -346,17 +347,22 @@ mod tests {
         let since = parking.tick().expect("parking runs");
         let count = Arc::new(Count(AtomicUsize::new(0)));
         let waker = Waker::from(count.clone());
-        assert!(!parking.due(since, &waker));
+        let now = || parking.tick().expect("parking runs");
+        assert!(!Parking::due(since, now()));
+        parking.wake_at_next_tick(&waker);
         tokio::time::sleep(Duration::from_secs(1)).await;
         assert_eq!(count.0.load(Ordering::SeqCst), 1, "woken at the tick");
-        assert!(!parking.due(since, &waker), "idle less than a whole tick");
+        assert!(!Parking::due(since, now()), "idle less than a whole tick");
+        parking.wake_at_next_tick(&waker);
         tokio::time::sleep(Duration::from_secs(1)).await;
         assert_eq!(count.0.load(Ordering::SeqCst), 2);
-        assert!(parking.due(since, &waker));
+        assert!(Parking::due(since, now()));
+        // Asked once, woken once.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(count.0.load(Ordering::SeqCst), 2);
         let _ = stop_tx.send(());
         run.await.expect("run ends");
         assert_eq!(parking.tick(), None, "off after the run");
-        assert!(!parking.due(since, &waker));
     }
 
     /// Parking that is not running, or was closed, gives the connection

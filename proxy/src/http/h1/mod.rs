@@ -212,9 +212,11 @@ pub struct Hooks<R, C, P = NoPark> {
 pub trait Park<I> {
     /// The parking tick now; `None` when the connection is never parked.
     fn tick(&self) -> Option<u32>;
-    /// Whether a connection idle since tick `since` parks now; when not,
-    /// `waker` is woken when it may be.
-    fn due(&self, since: u32, waker: &std::task::Waker) -> bool;
+    /// Whether a connection idle since tick `since` parks at tick `now`.
+    fn due(&self, since: u32, now: u32) -> bool;
+    /// Wakes `waker` at the next tick (the server asks once per tick, not
+    /// once per idle period: a task's waker is the same across them).
+    fn wake_at_next_tick(&self, waker: &std::task::Waker);
     /// Takes the idle `io`, or gives it back.
     fn park(&self, io: I) -> Result<(), I>;
 }
@@ -227,9 +229,10 @@ impl<I> Park<I> for NoPark {
     fn tick(&self) -> Option<u32> {
         None
     }
-    fn due(&self, _: u32, _: &std::task::Waker) -> bool {
+    fn due(&self, _: u32, _: u32) -> bool {
         false
     }
+    fn wake_at_next_tick(&self, _: &std::task::Waker) {}
     fn park(&self, io: I) -> Result<(), I> {
         Err(io)
     }
@@ -277,6 +280,7 @@ where
         ended,
         ending,
         phase,
+        asked: u32::MAX,
         limits: Packed::new(limits),
         svc,
         hooks,
@@ -329,6 +333,9 @@ pin_project_lite::pin_project! {
         // `connection: close` once the end has begun.
         ending: Arc<AtomicBool>,
         phase: Phase<I>,
+        // The parking tick at which this connection last asked to be woken
+        // at the next one.
+        asked: u32,
         limits: Packed,
         svc: S,
         hooks: Hooks<R, C, P>,
@@ -370,15 +377,19 @@ where
                     }
                     match io.poll_read_ready(cx) {
                         Poll::Pending => {
-                            let io = match since {
-                                Some(t) if this.hooks.park.due(t, cx.waker()) => {
-                                    match this.hooks.park.park(io) {
+                            let park = &this.hooks.park;
+                            let mut io = io;
+                            if let (Some(since), Some(now)) = (since, park.tick()) {
+                                if park.due(since, now) {
+                                    match park.park(io) {
                                         Ok(()) => return Poll::Ready(()),
-                                        Err(io) => io,
+                                        Err(back) => io = back,
                                     }
+                                } else if *this.asked != now {
+                                    park.wake_at_next_tick(cx.waker());
+                                    *this.asked = now;
                                 }
-                                _ => io,
-                            };
+                            }
                             *this.phase = Phase::Idle(io, since);
                             return Poll::Pending;
                         }

@@ -718,9 +718,10 @@ impl Park<TcpStream> for ParkWhenOpen {
     fn tick(&self) -> Option<u32> {
         Some(0)
     }
-    fn due(&self, _: u32, _: &std::task::Waker) -> bool {
+    fn due(&self, _: u32, _: u32) -> bool {
         self.open.load(std::sync::atomic::Ordering::SeqCst)
     }
+    fn wake_at_next_tick(&self, _: &std::task::Waker) {}
     fn park(&self, io: TcpStream) -> Result<(), TcpStream> {
         self.taken.send(io).map_err(|e| e.0)
     }
@@ -810,4 +811,59 @@ async fn a_connection_parks_only_when_idle_and_is_served_again_after() {
         .await
         .expect("ends when the client closes")
         .expect("no panic");
+}
+
+/// Counts the wake-ups a connection asks for; the tick never moves.
+struct CountAsks(Arc<std::sync::atomic::AtomicUsize>);
+
+impl Park<TcpStream> for CountAsks {
+    fn tick(&self) -> Option<u32> {
+        Some(7)
+    }
+    fn due(&self, _: u32, _: u32) -> bool {
+        false
+    }
+    fn wake_at_next_tick(&self, _: &std::task::Waker) {
+        self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+    fn park(&self, io: TcpStream) -> Result<(), TcpStream> {
+        Err(io)
+    }
+}
+
+/// A busy connection asks to be woken at the next parking tick once per
+/// tick, not once per request: its task's waker is the same each time.
+#[tokio::test]
+async fn a_connection_asks_for_the_parking_tick_once_per_tick() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let asks = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let park = CountAsks(asks.clone());
+    tokio::spawn(async move {
+        let (io, _) = listener.accept().await.expect("accept");
+        let hooks = Hooks {
+            ambiguous: |_| Response::new(full("")),
+            closed: |_| {},
+            park,
+        };
+        serve(
+            io,
+            Bytes::new(),
+            LIMITS,
+            service,
+            std::future::pending(),
+            hooks,
+        )
+        .await;
+    });
+    let mut c = TcpStream::connect(addr).await.expect("connect");
+    for _ in 0..5 {
+        c.write_all(b"GET /x HTTP/1.1\r\nhost: x\r\n\r\n")
+            .await
+            .expect("write");
+        let text = read_until(&mut c, "\r\n\r\n", 1).await;
+        assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(asks.load(std::sync::atomic::Ordering::SeqCst), 1);
 }

@@ -97,8 +97,12 @@ impl Park<TcpStream> for ParkIdle {
         self.0.state.parking.tick()
     }
 
-    fn due(&self, since: u32, waker: &std::task::Waker) -> bool {
-        self.0.state.parking.due(since, waker)
+    fn due(&self, since: u32, now: u32) -> bool {
+        crate::net::park::Parking::due(since, now)
+    }
+
+    fn wake_at_next_tick(&self, waker: &std::task::Waker) {
+        self.0.state.parking.wake_at_next_tick(waker);
     }
 
     fn park(&self, io: TcpStream) -> Result<(), TcpStream> {
