@@ -17,6 +17,7 @@ mod support;
 
 use std::alloc::System;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::Arc;
 use std::time::Duration;
 
 use stats_alloc::StatsAlloc;
@@ -305,4 +306,87 @@ async fn idle_app_connections_are_parked_served_again_and_closed() {
         assert_eq!(n, 0, "nothing but the close");
     }
     assert_eq!(parked(), 0);
+}
+
+/// [`get`], answered 200 within 10 s.
+async fn timed_get(c: &mut TcpStream) {
+    tokio::time::timeout(Duration::from_secs(10), get(c, "200"))
+        .await
+        .expect("answered");
+}
+
+fn proxied_ok(state: &weft_proxy::state::State) -> u64 {
+    state
+        .metrics
+        .requests
+        .get_or_create(&weft_proxy::metrics::RequestLabels {
+            direction: weft_proxy::metrics::Direction::Outbound,
+            code: 200,
+        })
+        .get()
+}
+
+/// A parked connection keeps no snapshot alive. After a reload it is
+/// served with the active snapshot; once the active one no longer has its
+/// Service and its own snapshot is gone, it is passed through to where the
+/// app sent it, as a new connection there would be.
+#[tokio::test(flavor = "current_thread")]
+async fn a_parked_connection_is_served_again_with_the_active_snapshot() {
+    let _serial = SERIAL.lock().await;
+    init();
+    let ca = TestCa::new("ca");
+    let app = echo_app().await;
+    let echo = service(
+        "echo",
+        cluster_ip(8),
+        80,
+        app.port(),
+        Protocol::Http1,
+        vec![plain(Ipv4Addr::LOCALHOST)],
+    );
+    let leaf = ca.leaf(CLIENT_ID, 3600);
+    let pod = Pod::start_with(
+        &config(1, MtlsMode::Strict, vec![echo.clone()]),
+        &leaf,
+        &ca,
+        |s| {
+            s.park_idle_after = Some(Duration::from_millis(50));
+        },
+    )
+    .await;
+    let dst = SocketAddr::new(cluster_ip(8), 80);
+    let state = pod.proxy.state.clone();
+    let parked = || state.metrics.connections_parked.get();
+
+    let mut c = pod.app_connect(dst).await;
+    timed_get(&mut c).await;
+    eventually("the connection parked", || parked() == 1).await;
+    let first = Arc::downgrade(&state.snapshot.load_full().expect("a snapshot"));
+
+    publish(
+        &pod.mount,
+        &files(&config(2, MtlsMode::Strict, vec![echo]), &leaf, &ca),
+    );
+    eventually("generation 2 serves", || pod.generation() == 2).await;
+    assert!(
+        first.upgrade().is_none(),
+        "the parked connection keeps its first snapshot alive"
+    );
+    let before = proxied_ok(&state);
+    timed_get(&mut c).await;
+    assert_eq!(proxied_ok(&state), before + 1, "served by the proxy again");
+    eventually("parked again", || parked() == 1).await;
+
+    // The Service goes; what the app sent is passed through (here routed
+    // to the app itself: tests never leave loopback).
+    pod.dialer
+        .route(dst, app, &weft_proxy::net::stamp::StampTable::default());
+    publish(
+        &pod.mount,
+        &files(&config(3, MtlsMode::Strict, vec![]), &leaf, &ca),
+    );
+    eventually("generation 3 serves", || pod.generation() == 3).await;
+    let before = proxied_ok(&state);
+    timed_get(&mut c).await;
+    assert_eq!(proxied_ok(&state), before, "passed through, not proxied");
 }

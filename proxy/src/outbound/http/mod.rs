@@ -88,8 +88,14 @@ pub fn serve(
 }
 
 /// Parks an app's idle HTTP/1 connection outside the runtime
-/// (`net::park`) and, when it becomes readable, serves it again from the
-/// same context with a task of its own.
+/// (`net::park`) and, when it becomes readable, serves it again with a
+/// task of its own.
+///
+/// A parked connection does not keep a snapshot alive: it is served again
+/// with the active snapshot when that knows its destination (as its next
+/// request would have been, see [`current`]), else with the snapshot it
+/// had if something else still holds it, else as a new connection to an
+/// unknown destination is: passed through to where the app sent it.
 struct ParkIdle(Arc<Ctx>);
 
 impl Park<TcpStream> for ParkIdle {
@@ -107,13 +113,27 @@ impl Park<TcpStream> for ParkIdle {
 
     fn park(&self, io: TcpStream) -> Result<(), TcpStream> {
         let c = &*self.0;
-        let (state, snap, target) = (c.state.clone(), c.snap.clone(), c.target);
+        let (own, target) = (Arc::downgrade(&c.snap), c.target);
         let (dst, client, version) = (c.dst, c.client, c.version);
-        let open = OpenConn::again(&state.metrics, Direction::Outbound, false);
-        // What is parked does not keep the proxy's state alive.
-        let state = Arc::downgrade(&state);
+        let open = OpenConn::again(&c.state.metrics, Direction::Outbound, false);
+        // What is parked does not keep the proxy's state alive either.
+        let state = Arc::downgrade(&c.state);
         let resume: Resume = Box::new(move |io| {
             let Some(state) = state.upgrade() else {
+                return;
+            };
+            let active = state.snapshot.load_full();
+            let found = match active.as_ref().and_then(|s| Some((s, s.lookup(dst)?))) {
+                Some((snap, target)) => Some((snap.clone(), target)),
+                None => own.upgrade().map(|snap| (snap, target)),
+            };
+            let Some((snap, target)) = found else {
+                tracing::debug!(%dst, "a parked connection's Service is gone; passed through");
+                let st = state.clone();
+                let through: crate::net::BoxFuture<'static, ()> = Box::pin(async move {
+                    crate::outbound::tcp::passthrough(&st, io, Bytes::new(), dst).await;
+                });
+                state.spawn_drained(listen::serving(open, through));
                 return;
             };
             let conn = Prefixed::new(Bytes::new(), io);
