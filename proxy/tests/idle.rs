@@ -215,6 +215,48 @@ fn outbound_open(state: &weft_proxy::state::State) -> i64 {
         .get()
 }
 
+/// A client proxy that parks idle connections after 50 ms, with one HTTP/1
+/// Service, `echo` at 10.96.0.`n`:80, whose endpoint is an echo app.
+struct Parking {
+    pod: Pod,
+    dst: SocketAddr,
+    app: SocketAddr,
+    echo: weft_proxy_config::Service,
+    ca: TestCa,
+    leaf: weft_proxy::test_util::Leaf,
+}
+
+impl Parking {
+    async fn start(n: u8) -> Parking {
+        init();
+        let ca = TestCa::new("ca");
+        let app = echo_app().await;
+        let echo = service(
+            "echo",
+            cluster_ip(n),
+            80,
+            app.port(),
+            Protocol::Http1,
+            vec![plain(Ipv4Addr::LOCALHOST)],
+        );
+        let leaf = ca.leaf(CLIENT_ID, 3600);
+        let cfg = config(1, MtlsMode::Strict, vec![echo.clone()]);
+        let pod = Pod::start_with(&cfg, &leaf, &ca, |s| {
+            s.park_idle_after = Some(Duration::from_millis(50));
+        })
+        .await;
+        let dst = SocketAddr::new(cluster_ip(n), 80);
+        Parking {
+            pod,
+            dst,
+            app,
+            echo,
+            ca,
+            leaf,
+        }
+    }
+}
+
 /// An app's idle HTTP/1 connections leave the proxy's runtime (`net::park`)
 /// and hold little while parked; each is served again when its next
 /// request comes, closed when the app closes it, and closed at shutdown,
@@ -222,23 +264,7 @@ fn outbound_open(state: &weft_proxy::state::State) -> i64 {
 #[tokio::test(flavor = "current_thread")]
 async fn idle_app_connections_are_parked_served_again_and_closed() {
     let _serial = SERIAL.lock().await;
-    init();
-    let ca = TestCa::new("ca");
-    let app = echo_app().await;
-    let echo = service(
-        "echo",
-        cluster_ip(7),
-        80,
-        app.port(),
-        Protocol::Http1,
-        vec![plain(Ipv4Addr::LOCALHOST)],
-    );
-    let cfg = config(1, MtlsMode::Strict, vec![echo]);
-    let pod = Pod::start_with(&cfg, &ca.leaf(CLIENT_ID, 3600), &ca, |s| {
-        s.park_idle_after = Some(Duration::from_millis(50));
-    })
-    .await;
-    let dst = SocketAddr::new(cluster_ip(7), 80);
+    let Parking { pod, dst, .. } = Parking::start(7).await;
     let state = pod.proxy.state.clone();
     let parked = || state.metrics.connections_parked.get();
 
@@ -333,28 +359,14 @@ fn proxied_ok(state: &weft_proxy::state::State) -> u64 {
 #[tokio::test(flavor = "current_thread")]
 async fn a_parked_connection_is_served_again_with_the_active_snapshot() {
     let _serial = SERIAL.lock().await;
-    init();
-    let ca = TestCa::new("ca");
-    let app = echo_app().await;
-    let echo = service(
-        "echo",
-        cluster_ip(8),
-        80,
-        app.port(),
-        Protocol::Http1,
-        vec![plain(Ipv4Addr::LOCALHOST)],
-    );
-    let leaf = ca.leaf(CLIENT_ID, 3600);
-    let pod = Pod::start_with(
-        &config(1, MtlsMode::Strict, vec![echo.clone()]),
-        &leaf,
-        &ca,
-        |s| {
-            s.park_idle_after = Some(Duration::from_millis(50));
-        },
-    )
-    .await;
-    let dst = SocketAddr::new(cluster_ip(8), 80);
+    let Parking {
+        pod,
+        dst,
+        app,
+        echo,
+        ca,
+        leaf,
+    } = Parking::start(8).await;
     let state = pod.proxy.state.clone();
     let parked = || state.metrics.connections_parked.get();
 

@@ -142,15 +142,8 @@ impl Drop for EndSignal {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::atomic::{AtomicUsize, Ordering};
-    use std::task::Wake;
-
-    struct Count(AtomicUsize);
-    impl Wake for Count {
-        fn wake(self: Arc<Self>) {
-            self.0.fetch_add(1, Ordering::SeqCst);
-        }
-    }
+    use crate::net::counting_waker;
+    use std::sync::atomic::Ordering;
 
     fn poll(s: &mut EndSignal, waker: &Waker) -> Poll<()> {
         Pin::new(s).poll(&mut Context::from_waker(waker))
@@ -159,8 +152,7 @@ mod tests {
     #[test]
     fn the_end_wakes_every_waiting_signal_once_and_resolves_them() {
         let ends = Arc::new(Ends::default());
-        let count = Arc::new(Count(AtomicUsize::new(0)));
-        let waker = Waker::from(count.clone());
+        let (count, waker) = counting_waker();
         let mut signals: Vec<_> = (0..3).map(|_| ends.signal()).collect();
         for s in &mut signals {
             assert!(poll(s, &waker).is_pending());
@@ -168,9 +160,9 @@ mod tests {
             assert!(poll(s, &waker).is_pending());
         }
         assert_eq!(ends.waiting(), 3);
-        assert_eq!(count.0.load(Ordering::SeqCst), 0);
+        assert_eq!(count.load(Ordering::SeqCst), 0);
         ends.end();
-        assert_eq!(count.0.load(Ordering::SeqCst), 3);
+        assert_eq!(count.load(Ordering::SeqCst), 3);
         for s in &mut signals {
             assert!(poll(s, &waker).is_ready());
         }
@@ -182,8 +174,7 @@ mod tests {
     #[test]
     fn a_dropped_signal_frees_its_slot_and_is_not_woken() {
         let ends = Arc::new(Ends::default());
-        let count = Arc::new(Count(AtomicUsize::new(0)));
-        let waker = Waker::from(count.clone());
+        let (count, waker) = counting_waker();
         let mut a = ends.signal();
         assert!(poll(&mut a, &waker).is_pending());
         drop(a);
@@ -195,20 +186,20 @@ mod tests {
         assert_eq!(ends.waiting(), 1);
         assert_eq!(ends.table.lock().expect("table").wakers.len(), 1);
         ends.end();
-        assert_eq!(count.0.load(Ordering::SeqCst), 1);
+        assert_eq!(count.load(Ordering::SeqCst), 1);
     }
 
     #[test]
     fn the_latest_waker_is_the_one_woken() {
         let ends = Arc::new(Ends::default());
-        let first = Arc::new(Count(AtomicUsize::new(0)));
-        let second = Arc::new(Count(AtomicUsize::new(0)));
+        let (first, first_waker) = counting_waker();
+        let (second, second_waker) = counting_waker();
         let mut s = ends.signal();
-        assert!(poll(&mut s, &Waker::from(first.clone())).is_pending());
-        assert!(poll(&mut s, &Waker::from(second.clone())).is_pending());
+        assert!(poll(&mut s, &first_waker).is_pending());
+        assert!(poll(&mut s, &second_waker).is_pending());
         ends.end();
-        assert_eq!(first.0.load(Ordering::SeqCst), 0);
-        assert_eq!(second.0.load(Ordering::SeqCst), 1);
+        assert_eq!(first.load(Ordering::SeqCst), 0);
+        assert_eq!(second.load(Ordering::SeqCst), 1);
     }
 
     #[test]

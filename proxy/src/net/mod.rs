@@ -315,6 +315,23 @@ impl AsyncWrite for Stream {
     }
 }
 
+/// A waker that counts its wakes (tests of `end` and `park`).
+#[cfg(test)]
+pub(crate) fn counting_waker() -> (
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    std::task::Waker,
+) {
+    struct Count(std::sync::Arc<std::sync::atomic::AtomicUsize>);
+    impl std::task::Wake for Count {
+        fn wake(self: std::sync::Arc<Self>) {
+            self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+    let count = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let waker = std::task::Waker::from(std::sync::Arc::new(Count(count.clone())));
+    (count, waker)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -316,14 +316,24 @@ impl Parking {
 mod tests {
     use super::*;
     use std::sync::Arc;
-    use std::sync::atomic::AtomicUsize;
-    use std::task::Wake;
 
-    struct Count(AtomicUsize);
-    impl Wake for Count {
-        fn wake(self: Arc<Self>) {
-            self.0.fetch_add(1, Ordering::SeqCst);
-        }
+    /// Runs `parking` until the sender is used or dropped.
+    fn spawn_run(
+        parking: &Arc<Parking>,
+    ) -> (
+        tokio::sync::oneshot::Sender<()>,
+        tokio::task::JoinHandle<()>,
+    ) {
+        let (stop_tx, stop) = tokio::sync::oneshot::channel::<()>();
+        let parking = parking.clone();
+        let run = tokio::spawn(async move {
+            parking
+                .run(async {
+                    let _ = stop.await;
+                })
+                .await;
+        });
+        (stop_tx, run)
     }
 
     /// A connection idle since a tick is due two ticks later; before, it
@@ -331,35 +341,24 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn an_idle_connection_is_due_two_ticks_after_it_went_idle() {
         let parking = Arc::new(Parking::new(Some(Duration::from_secs(1)), Gauge::default()));
-        let (stop_tx, stop) = tokio::sync::oneshot::channel::<()>();
-        let run = tokio::spawn({
-            let parking = parking.clone();
-            async move {
-                parking
-                    .run(async {
-                        let _ = stop.await;
-                    })
-                    .await;
-            }
-        });
+        let (stop_tx, run) = spawn_run(&parking);
         // The run's first tick is at once.
         tokio::time::sleep(Duration::from_millis(10)).await;
         let since = parking.tick().expect("parking runs");
-        let count = Arc::new(Count(AtomicUsize::new(0)));
-        let waker = Waker::from(count.clone());
+        let (count, waker) = crate::net::counting_waker();
         let now = || parking.tick().expect("parking runs");
         assert!(!Parking::due(since, now()));
         parking.wake_at_next_tick(&waker);
         tokio::time::sleep(Duration::from_secs(1)).await;
-        assert_eq!(count.0.load(Ordering::SeqCst), 1, "woken at the tick");
+        assert_eq!(count.load(Ordering::SeqCst), 1, "woken at the tick");
         assert!(!Parking::due(since, now()), "idle less than a whole tick");
         parking.wake_at_next_tick(&waker);
         tokio::time::sleep(Duration::from_secs(1)).await;
-        assert_eq!(count.0.load(Ordering::SeqCst), 2);
+        assert_eq!(count.load(Ordering::SeqCst), 2);
         assert!(Parking::due(since, now()));
         // Asked once, woken once.
         tokio::time::sleep(Duration::from_secs(1)).await;
-        assert_eq!(count.0.load(Ordering::SeqCst), 2);
+        assert_eq!(count.load(Ordering::SeqCst), 2);
         let _ = stop_tx.send(());
         run.await.expect("run ends");
         assert_eq!(parking.tick(), None, "off after the run");
@@ -380,17 +379,7 @@ mod tests {
         let resume: Resume = Box::new(|_| {});
         let (server, resume) = parking.park(server, resume).expect_err("not running");
 
-        let (stop_tx, stop) = tokio::sync::oneshot::channel::<()>();
-        let run = tokio::spawn({
-            let parking = parking.clone();
-            async move {
-                parking
-                    .run(async {
-                        let _ = stop.await;
-                    })
-                    .await;
-            }
-        });
+        let (stop_tx, run) = spawn_run(&parking);
         while parking.tick().is_none() {
             tokio::task::yield_now().await;
         }

@@ -707,6 +707,16 @@ async fn a_connection_with_bytes_read_ahead_is_ready_until_they_are_read() {
     assert!(!ready(&io), "nothing left and nothing sent");
 }
 
+/// Hooks that answer a refused head with an empty 200 and ignore why a
+/// connection closed, with `park` for parking.
+fn hooks<P>(park: P) -> Hooks<impl Answer<TestBody>, impl Fn(Closed), P> {
+    Hooks {
+        ambiguous: |_| Response::new(full("")),
+        closed: |_| {},
+        park,
+    }
+}
+
 /// Parks a connection whenever it is asked once `open` is set, handing the
 /// socket to the test.
 struct ParkWhenOpen {
@@ -748,13 +758,6 @@ async fn a_connection_parks_only_when_idle_and_is_served_again_after() {
             service(req).await
         }
     };
-    fn hooks<P>(park: P) -> Hooks<impl Answer<TestBody>, impl Fn(Closed), P> {
-        Hooks {
-            ambiguous: |_| Response::new(full("")),
-            closed: |_| {},
-            park,
-        }
-    }
     let park = ParkWhenOpen {
         open: open.clone(),
         taken: taken_tx,
@@ -841,18 +844,13 @@ async fn a_connection_asks_for_the_parking_tick_once_per_tick() {
     let park = CountAsks(asks.clone());
     tokio::spawn(async move {
         let (io, _) = listener.accept().await.expect("accept");
-        let hooks = Hooks {
-            ambiguous: |_| Response::new(full("")),
-            closed: |_| {},
-            park,
-        };
         serve(
             io,
             Bytes::new(),
             LIMITS,
             service,
             std::future::pending(),
-            hooks,
+            hooks(park),
         )
         .await;
     });
