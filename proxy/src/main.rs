@@ -190,6 +190,11 @@ fn wait_ready(timeout: Duration, port: u16) -> anyhow::Result<()> {
     }
 }
 
+/// A flag in milliseconds where 0 turns the thing off.
+fn millis_or_off(ms: u64) -> Option<Duration> {
+    (ms > 0).then(|| Duration::from_millis(ms))
+}
+
 fn run(a: RunArgs) -> anyhow::Result<()> {
     // The proxy's own log goes to stderr; stdout carries the access log
     // alone (`accesslog`), so a collector can tell the two apart.
@@ -221,10 +226,8 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
     s.drain_timeout = Duration::from_secs(a.drain_seconds);
     s.detect_timeout = Duration::from_millis(a.detect_timeout_ms);
     s.max_header_bytes = a.max_header_bytes as usize;
-    s.header_read_timeout =
-        (a.header_read_timeout_ms > 0).then(|| Duration::from_millis(a.header_read_timeout_ms));
-    s.park_idle_after =
-        (a.park_idle_after_ms > 0).then(|| Duration::from_millis(a.park_idle_after_ms));
+    s.header_read_timeout = millis_or_off(a.header_read_timeout_ms);
+    s.park_idle_after = millis_or_off(a.park_idle_after_ms);
     if let Some(f) = a.labels_file {
         match std::fs::read_to_string(&f) {
             Ok(t) => s.labels = parse_labels(&t),
@@ -273,6 +276,23 @@ mod tests {
         assert!(mux(&["weft-proxy", "run"]));
         assert!(!mux(&["weft-proxy", "run", "--mux", "false"]));
         assert!(mux(&["weft-proxy", "run", "--mux", "true"]));
+    }
+
+    #[test]
+    fn idle_connections_park_after_a_second_unless_turned_off() {
+        let park = |args: &[&str]| match Cli::try_parse_from(args).expect("parses").cmd {
+            Cmd::Run(r) => millis_or_off(r.park_idle_after_ms),
+            _ => unreachable!("run"),
+        };
+        assert_eq!(park(&["weft-proxy", "run"]), Some(Duration::from_secs(1)));
+        assert_eq!(
+            park(&["weft-proxy", "run", "--park-idle-after-ms", "250"]),
+            Some(Duration::from_millis(250))
+        );
+        assert_eq!(
+            park(&["weft-proxy", "run", "--park-idle-after-ms", "0"]),
+            None
+        );
     }
 
     #[test]

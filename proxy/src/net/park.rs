@@ -364,6 +364,24 @@ mod tests {
         assert_eq!(parking.tick(), None, "off after the run");
     }
 
+    /// Parking turned off never runs, never ticks and takes nothing.
+    #[tokio::test]
+    async fn parking_turned_off_takes_nothing() {
+        let parking = Parking::new(None, Gauge::default());
+        tokio::time::timeout(Duration::from_secs(5), parking.run(std::future::pending()))
+            .await
+            .expect("returns at once");
+        assert_eq!(parking.tick(), None);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let _client = TcpStream::connect(listener.local_addr().expect("addr"))
+            .await
+            .expect("connect");
+        let (server, _) = listener.accept().await.expect("accept");
+        assert!(parking.park(server, Box::new(|_| {})).is_err());
+    }
+
     /// Parking that is not running, or was closed, gives the connection
     /// back; closing closes what is parked and counts it.
     #[tokio::test]

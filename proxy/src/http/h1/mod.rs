@@ -315,7 +315,8 @@ type Busy<I> = Pin<Box<dyn Future<Output = (I, BytesMut, Next)> + Send>>;
 /// Where a connection is.
 enum Phase<I> {
     /// Waiting for the next request, nothing buffered; since which parking
-    /// tick (`None`: not parked).
+    /// tick (`None`: parking was off when it went idle, so it does not park
+    /// this time).
     Idle(I, Option<u32>),
     Busy(Busy<I>),
     /// Closing its side after a last response.
