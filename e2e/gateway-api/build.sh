@@ -14,6 +14,12 @@ root="$(cd "$here/../.." && pwd)"
 out="$root/target/gateway-api"
 mkdir -p "$out"
 cd "$here"
+# shellcheck source=../go-build-fresh.sh
+. "$here/../go-build-fresh.sh"
+if fresh "$out/conformance.test" "$out/echo-basic"; then
+  echo "up to date: $out/conformance.test $out/echo-basic"
+  exit 0
+fi
 export GOFLAGS="${GOFLAGS:--buildvcs=false}"
 export CGO_ENABLED=0
 go test -c -trimpath -ldflags "-s -w" -o "$out/conformance.test" ./conformance
