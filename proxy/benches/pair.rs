@@ -24,7 +24,8 @@
 //! matrix cells, protocol `h1`/`h2`/`stream`/`tcp` / payload bytes /
 //! connections, each measured `--rounds` times with the targets taking
 //! turns at going first, medians reported; no handshakes or idle
-//! connections).
+//! connections), `--idle` (only the fresh proxies' RSS per 1000 idle
+//! connections, then exit: a quick look at what a change does to it).
 //!
 //! Topology (the default, "fair": every target pays the same kernel path).
 //! Every target gets its own pair of network namespaces, a client namespace
@@ -173,6 +174,8 @@ struct Opts {
     /// each measured `rounds` times, medians reported; no handshakes or
     /// idle connections.
     cells: Option<Vec<(Proto, usize, usize)>>,
+    /// `--idle`: only the fresh proxies' RSS per 1000 idle connections.
+    idle: bool,
 }
 
 fn opts() -> Opts {
@@ -188,6 +191,7 @@ fn opts() -> Opts {
         topology: Topology::Fair,
         syscalls: false,
         cells: None,
+        idle: false,
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -210,6 +214,7 @@ fn opts() -> Opts {
                     .map(|v| v.split(',').map(str::to_owned).collect())
             }
             "--core" => o.core = true,
+            "--idle" => o.idle = true,
             "--full" => o.full = true,
             "--telemetry" => o.telemetry = true,
             "--loopback" => o.topology = Topology::Loopback,
@@ -967,16 +972,23 @@ fn idle_rss(t: &Target, when: &str) -> Option<(f64, f64)> {
     let (htx, hrx) = std::sync::mpsc::channel();
     let addr = t.h1();
     let ns = t.ns.clone();
+    let opening = Instant::now();
     let holder =
         std::thread::spawn(move || load(&ns, move || idle_conns(addr, IDLE_CONNS, otx, hrx)));
     let opened = orx.recv().unwrap_or(0);
+    let opening = opening.elapsed();
     std::thread::sleep(Duration::from_millis(500));
     let after: Vec<f64> = t.sidecars.iter().map(|p| mb(&[*p], "VmRSS:")).collect();
     let _ = htx.send(());
     let _ = holder.join();
     eprintln!(
-        "{} ({when}): {opened} idle connections, RSS client {:.1} → {:.1} MB, server {:.1} → {:.1} MB",
-        t.name, before[0], after[0], before[1], after[1]
+        "{} ({when}): {opened} idle connections opened in {} ms, RSS client {:.1} → {:.1} MB, server {:.1} → {:.1} MB",
+        t.name,
+        opening.as_millis(),
+        before[0],
+        after[0],
+        before[1],
+        after[1]
     );
     (opened > 0).then(|| {
         let k = 1000.0 / opened as f64;
@@ -1892,6 +1904,18 @@ fn main() {
         for (ti, t) in targets.iter().enumerate() {
             rows[ti].idle_fresh_per_1000 = idle_rss(t, "fresh");
         }
+    }
+    if o.idle {
+        for (t, r) in targets.iter().zip(&rows) {
+            if let Some(per) = r.idle_fresh_per_1000 {
+                println!(
+                    "{}: RSS per 1000 idle connections, fresh: {}",
+                    t.name,
+                    pair_mb(Some(per))
+                );
+            }
+        }
+        return;
     }
 
     // Main comparison: HTTP/1.1, 1 KiB, 1000 rps, 16 connections; then the

@@ -215,8 +215,8 @@ fn outbound_open(state: &weft_proxy::state::State) -> i64 {
         .get()
 }
 
-/// A client proxy that parks idle connections after 50 ms, with one HTTP/1
-/// Service, `echo` at 10.96.0.`n`:80, whose endpoint is an echo app.
+/// A client proxy that parks idle connections after `after`, with one
+/// HTTP/1 Service, `echo` at 10.96.0.`n`:80, whose endpoint is an echo app.
 struct Parking {
     pod: Pod,
     dst: SocketAddr,
@@ -227,7 +227,7 @@ struct Parking {
 }
 
 impl Parking {
-    async fn start(n: u8) -> Parking {
+    async fn start(n: u8, after: Duration) -> Parking {
         init();
         let ca = TestCa::new("ca");
         let app = echo_app().await;
@@ -242,7 +242,7 @@ impl Parking {
         let leaf = ca.leaf(CLIENT_ID, 3600);
         let cfg = config(1, MtlsMode::Strict, vec![echo.clone()]);
         let pod = Pod::start_with(&cfg, &leaf, &ca, |s| {
-            s.park_idle_after = Some(Duration::from_millis(50));
+            s.park_idle_after = Some(after);
         })
         .await;
         let dst = SocketAddr::new(cluster_ip(n), 80);
@@ -264,7 +264,7 @@ impl Parking {
 #[tokio::test(flavor = "current_thread")]
 async fn idle_app_connections_are_parked_served_again_and_closed() {
     let _serial = SERIAL.lock().await;
-    let Parking { pod, dst, .. } = Parking::start(7).await;
+    let Parking { pod, dst, .. } = Parking::start(7, Duration::from_millis(50)).await;
     let state = pod.proxy.state.clone();
     let parked = || state.metrics.connections_parked.get();
 
@@ -334,6 +334,36 @@ async fn idle_app_connections_are_parked_served_again_and_closed() {
     assert_eq!(parked(), 0);
 }
 
+/// A few idle app connections stay in the runtime for the idle time; a
+/// crowd of them (`net::park::CROWD`) parks within a quick tick or two,
+/// long before it.
+#[tokio::test(flavor = "current_thread")]
+async fn a_crowd_of_idle_app_connections_parks_long_before_the_idle_time() {
+    let _serial = SERIAL.lock().await;
+    let Parking { pod, dst, .. } = Parking::start(9, Duration::from_secs(60)).await;
+    let state = pod.proxy.state.clone();
+    let parked = || state.metrics.connections_parked.get();
+    let few = weft_proxy::net::park::CROWD / 2;
+    let mut conns = Vec::with_capacity(CONNS);
+    for _ in 0..few {
+        let mut c = pod.app_connect(dst).await;
+        get(&mut c, "200").await;
+        conns.push(c);
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(parked(), 0, "a few idle connections stay for the idle time");
+    for _ in few..CONNS {
+        let mut c = pod.app_connect(dst).await;
+        get(&mut c, "200").await;
+        conns.push(c);
+    }
+    // Idle 60 s before they would park; `eventually` gives up after 10.
+    eventually("the crowd parked", || parked() == CONNS as i64).await;
+    for c in conns.iter_mut().take(3) {
+        timed_get(c).await;
+    }
+}
+
 /// [`get`], answered 200 within 10 s.
 async fn timed_get(c: &mut TcpStream) {
     tokio::time::timeout(Duration::from_secs(10), get(c, "200"))
@@ -366,7 +396,7 @@ async fn a_parked_connection_is_served_again_with_the_active_snapshot() {
         echo,
         ca,
         leaf,
-    } = Parking::start(8).await;
+    } = Parking::start(8, Duration::from_millis(50)).await;
     let state = pod.proxy.state.clone();
     let parked = || state.metrics.connections_parked.get();
 
