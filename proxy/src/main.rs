@@ -196,15 +196,21 @@ fn millis_or_off(ms: u64) -> Option<Duration> {
     (ms > 0).then(|| Duration::from_millis(ms))
 }
 
+/// The proxy's log filter (`info`, `warn,weft_proxy=debug`): one it
+/// cannot read stops the proxy with its reason, rather than logging at a
+/// level nobody asked for.
+fn log_filter(spec: &str) -> anyhow::Result<tracing_subscriber::EnvFilter> {
+    tracing_subscriber::EnvFilter::try_new(spec)
+        .with_context(|| format!("--log-level {spec:?}: not a log filter (error, warn, info, debug, trace, or target=level pairs separated by commas)"))
+}
+
 fn run(a: RunArgs) -> anyhow::Result<()> {
     // The proxy's own log goes to stderr; stdout carries the access log
     // alone (`accesslog`), so a collector can tell the two apart.
     tracing_subscriber::fmt()
         .json()
         .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_new(&a.log_level).unwrap_or_else(|_| "info".into()),
-        )
+        .with_env_filter(log_filter(&a.log_level)?)
         .init();
     let _ = rustls::crypto::ring::default_provider().install_default();
     let mut s = Settings::new(a.config_dir);
@@ -277,6 +283,18 @@ mod tests {
         assert!(mux(&["weft-proxy", "run"]));
         assert!(!mux(&["weft-proxy", "run", "--mux", "false"]));
         assert!(mux(&["weft-proxy", "run", "--mux", "true"]));
+    }
+
+    #[test]
+    fn a_log_filter_it_cannot_read_stops_the_proxy_with_its_reason() {
+        for ok in ["info", "warn,weft_proxy::outbound=debug", "trace"] {
+            assert!(log_filter(ok).is_ok(), "{ok}");
+        }
+        let e = log_filter("weft_proxy=loud").expect_err("not a level");
+        assert!(
+            format!("{e:#}").contains("--log-level \"weft_proxy=loud\": not a log filter"),
+            "{e:#}"
+        );
     }
 
     #[test]
