@@ -24,8 +24,9 @@
 //! matrix cells, protocol `h1`/`h2`/`stream`/`tcp` / payload bytes /
 //! connections, each measured `--rounds` times with the targets taking
 //! turns at going first, medians reported; no handshakes or idle
-//! connections), `--idle` (only the fresh proxies' RSS per 1000 idle
-//! connections, then exit: a quick look at what a change does to it).
+//! connections), `--idle` (only the fresh proxies' idle RSS and RSS per
+//! 1000 idle connections, then exit: a quick look at what a change does
+//! to them).
 //!
 //! Topology (the default, "fair": every target pays the same kernel path).
 //! Every target gets its own pair of network namespaces, a client namespace
@@ -1909,8 +1910,9 @@ fn main() {
         for (t, r) in targets.iter().zip(&rows) {
             if let Some(per) = r.idle_fresh_per_1000 {
                 println!(
-                    "{}: RSS per 1000 idle connections, fresh: {}",
+                    "{}: RSS idle {:.1} MB; RSS per 1000 idle connections, fresh: {}",
                     t.name,
+                    r.rss_idle,
                     pair_mb(Some(per))
                 );
             }
