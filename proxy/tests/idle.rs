@@ -257,6 +257,16 @@ impl Parking {
     }
 }
 
+/// Opens `n` app connections to `dst` through `pod`, each sent one GET
+/// answered 200, and keeps them in `conns`.
+async fn open_idle(pod: &Pod, dst: SocketAddr, n: usize, conns: &mut Vec<TcpStream>) {
+    for _ in 0..n {
+        let mut c = pod.app_connect(dst).await;
+        get(&mut c, "200").await;
+        conns.push(c);
+    }
+}
+
 /// An app's idle HTTP/1 connections leave the proxy's runtime (`net::park`)
 /// and hold little while parked; each is served again when its next
 /// request comes, closed when the app closes it, and closed at shutdown,
@@ -279,11 +289,7 @@ async fn idle_app_connections_are_parked_served_again_and_closed() {
     .await;
     let before = held();
     let mut conns = Vec::with_capacity(CONNS);
-    for _ in 0..CONNS {
-        let mut c = pod.app_connect(dst).await;
-        get(&mut c, "200").await;
-        conns.push(c);
-    }
+    open_idle(&pod, dst, CONNS, &mut conns).await;
     eventually("every idle connection parked", || parked() == CONNS as i64).await;
     let per = (held() - before) / CONNS as i64;
     eprintln!("{per} bytes held per parked app connection, whole process");
@@ -345,18 +351,10 @@ async fn a_crowd_of_idle_app_connections_parks_long_before_the_idle_time() {
     let parked = || state.metrics.connections_parked.get();
     let few = weft_proxy::net::park::CROWD / 2;
     let mut conns = Vec::with_capacity(CONNS);
-    for _ in 0..few {
-        let mut c = pod.app_connect(dst).await;
-        get(&mut c, "200").await;
-        conns.push(c);
-    }
+    open_idle(&pod, dst, few, &mut conns).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(parked(), 0, "a few idle connections stay for the idle time");
-    for _ in few..CONNS {
-        let mut c = pod.app_connect(dst).await;
-        get(&mut c, "200").await;
-        conns.push(c);
-    }
+    open_idle(&pod, dst, CONNS - few, &mut conns).await;
     // Idle 60 s before they would park; `eventually` gives up after 10.
     eventually("the crowd parked", || parked() == CONNS as i64).await;
     for c in conns.iter_mut().take(3) {

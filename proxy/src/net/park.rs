@@ -26,9 +26,9 @@
 //! the runtime for `after`; when an app holds hundreds idle, each costs
 //! the runtime's 512 bytes for milliseconds, not a second, and a burst of
 //! new connections reuses the memory of those that parked before it. The
-//! price is paid only in a crowd, by a connection whose requests come more
-//! than one or two quick ticks apart: a park and a resume, about 8 µs,
-//! per such request.
+//! price is paid only in a crowd: by a connection whose requests come more
+//! than one or two quick ticks apart, a park and a resume (about 8 µs) per
+//! such request; by a busy one, a wake-up for nothing per quick tick.
 //!
 //! ```text
 //! idle ≥ after ──park──► epoll (nested) ──readable──► runtime + task ──► serve
