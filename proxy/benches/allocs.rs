@@ -13,9 +13,11 @@
 //! Http2) is warmed up, so pools, caches and metric series exist, then
 //! measured: N requests one after the other on one connection, then N
 //! requests 16 at a time (16 HTTP/1 connections; 16 streams on one HTTP/2
-//! connection). HTTP/1.1 runs twice: through a pair that carries it between
-//! the proxies as HTTP/2 streams (the default) and through one with that off
-//! (`Settings::mux`). The same loads against the app directly, in the same
+//! connection). HTTP/1.1 runs three times: through a pair as it ships (a
+//! request takes an idle HTTP/1.1 lane between the proxies, and only one
+//! finding every lane busy becomes an HTTP/2 stream), through one whose
+//! requests are all streams (`Settings::mux_lanes` 0), and through one with
+//! multiplexing off (`Settings::mux`). The same loads against the app directly, in the same
 //! run, give what the app and the load client cost; the difference is what
 //! the two proxies add. Counts cover the whole process during the window.
 //!
@@ -727,8 +729,16 @@ fn echo_service(app_h1: SocketAddr) -> weft_proxy_config::Service {
 
 /// The services the client proxy knows: `echo` (detected, HTTP/1) and
 /// `grpc` (protocol Http2), both on the server pod. `mux`: HTTP/1.1 between
-/// the proxies as HTTP/2 streams (the default) or as HTTP/1.1.
-async fn pair(app_h1: SocketAddr, app_h2: SocketAddr, ca: &TestCa, mux: bool) -> (Pod, Pod) {
+/// the proxies multiplexed (the default) or as HTTP/1.1 only; `lanes`: the
+/// HTTP/1.1 lanes a multiplexing client keeps beside the shared connection
+/// (`Settings::mux_lanes`; 0: every request a stream).
+async fn pair(
+    app_h1: SocketAddr,
+    app_h2: SocketAddr,
+    ca: &TestCa,
+    mux: bool,
+    lanes: usize,
+) -> (Pod, Pod) {
     let ep = || vec![meshed(SERVER_POD_IP, SERVER_ID)];
     let echo = echo_service(app_h1);
     let grpc = service(
@@ -741,7 +751,10 @@ async fn pair(app_h1: SocketAddr, app_h2: SocketAddr, ca: &TestCa, mux: bool) ->
     );
     let client_cfg = config(1, MtlsMode::Strict, vec![echo, grpc]);
     let server_cfg = config(1, MtlsMode::Strict, vec![]);
-    let tweak = |s: &mut weft_proxy::Settings| s.mux = mux;
+    let tweak = |s: &mut weft_proxy::Settings| {
+        s.mux = mux;
+        s.mux_lanes = lanes;
+    };
     let server = Pod::start_with(&server_cfg, &ca.leaf(SERVER_ID, 3600), ca, tweak).await;
     let client = Pod::start_with(&client_cfg, &ca.leaf(CLIENT_ID, 3600), ca, tweak).await;
     for app in [app_h1, app_h2] {
@@ -934,7 +947,7 @@ fn idle_table(held: &Held, parked: Option<&Held>) -> String {
          allocator's own overhead per block not included).\n\n\
          | proxy | bytes per idle connection | blocks per idle connection |\n|---|---:|---:|\n\
          | client (the app's connections) | {} | {} |\n\
-         | server (one multiplexed connection from the client proxy) | {} | {} |\n",
+         | server (its requests reach it on one connection from the client proxy: a lane) | {} | {} |\n",
         held.conns,
         fmt_n(cb),
         fmt_n(cn),
@@ -1256,15 +1269,17 @@ async fn run(o: &Opts) -> String {
     let app_h1 = app(false).await;
     let app_h2 = app(true).await;
     let ca = TestCa::new("weft bench CA");
-    let (client, _server) = pair(app_h1, app_h2, &ca, true).await;
-    let (client_h1, _server_h1) = pair(app_h1, app_h2, &ca, false).await;
+    let lanes = weft_proxy::http::pool::DEFAULT_MUX_LANES;
+    let (client, _server) = pair(app_h1, app_h2, &ca, true, lanes).await;
+    let (client_streams, _server_streams) = pair(app_h1, app_h2, &ca, true, 0).await;
+    let (client_h1, _server_h1) = pair(app_h1, app_h2, &ca, false, 0).await;
     let weft = |pod| Via {
         name: "weft pair",
         pod: Some(pod),
         h1: SocketAddr::new(cluster_ip(1), 80),
         h2: SocketAddr::new(cluster_ip(2), 80),
     };
-    let (mux, no_mux) = (weft(&client), weft(&client_h1));
+    let (mux, streams, no_mux) = (weft(&client), weft(&client_streams), weft(&client_h1));
     let direct = Via {
         name: "direct",
         pod: None,
@@ -1275,6 +1290,18 @@ async fn run(o: &Opts) -> String {
     let loads = [
         (Proto::H1, 1, &mux, ""),
         (Proto::H1, o.conc, &mux, ""),
+        (
+            Proto::H1,
+            1,
+            &streams,
+            ", every request a stream between the proxies (no lanes)",
+        ),
+        (
+            Proto::H1,
+            o.conc,
+            &streams,
+            ", every request a stream between the proxies (no lanes)",
+        ),
         (
             Proto::H1,
             1,

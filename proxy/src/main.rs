@@ -66,6 +66,11 @@ struct RunArgs {
     /// peer (`true`), or each takes an HTTP/1.1 connection of its own.
     #[arg(long, env = "WEFT_PROXY_MUX", default_value_t = true, action = clap::ArgAction::Set)]
     mux: bool,
+    /// HTTP/1.1 connections kept to each multiplexing peer beside the
+    /// shared one; a request finding all of them busy becomes a stream of
+    /// the shared connection (0: every request is a stream).
+    #[arg(long, env = "WEFT_PROXY_MUX_LANES", default_value_t = weft_proxy::http::pool::DEFAULT_MUX_LANES)]
+    mux_lanes: usize,
     /// This pod's IP.
     #[arg(long, env = "WEFT_POD_IP")]
     pod_ip: Option<IpAddr>,
@@ -229,6 +234,7 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
     };
     s.max_metric_series = a.max_metric_series;
     s.mux = a.mux;
+    s.mux_lanes = a.mux_lanes;
     s.opaque_ports = a.opaque_ports;
     s.drain_timeout = Duration::from_secs(a.drain_seconds);
     s.detect_timeout = Duration::from_millis(a.detect_timeout_ms);

@@ -67,6 +67,10 @@ pub struct Settings {
     /// HTTP/1.1 requests to weft peers are multiplexed on one HTTP/2
     /// connection per peer ([`crate::http::pool::PoolKey::mux`]).
     pub mux: bool,
+    /// HTTP/1.1 connections kept to each multiplexing peer beside the
+    /// shared one: a request takes an idle one before a stream
+    /// ([`crate::http::pool::Pools::with_lanes`]; 0: streams only).
+    pub mux_lanes: usize,
     /// The pod's `weft.dev/access-log` annotation (through the injector's
     /// `WEFT_ACCESS_LOG`): `Some(None)` off, `Some(Some(errors_only))` on,
     /// over the namespace's and the Mesh's setting.
@@ -138,6 +142,7 @@ impl Settings {
             workload: None,
             max_metric_series: crate::metrics::traffic::DEFAULT_SERIES_CAP,
             mux: true,
+            mux_lanes: crate::http::pool::DEFAULT_MUX_LANES,
             access_log_override: None,
             opaque_ports: Vec::new(),
             detect_timeout: Duration::from_secs(5),
@@ -278,13 +283,14 @@ impl State {
             settings.park_idle_after,
             metrics.connections_parked.clone(),
         );
+        let lanes = settings.mux_lanes;
         let state = State {
             parking,
             settings,
             net,
             snapshot: ArcSwapOption::empty(),
             metrics,
-            outbound_pools: Pools::default(),
+            outbound_pools: Pools::with_lanes(lanes),
             inbound_pools: Pools::default(),
             inbound_limits: Default::default(),
             outliers: Outliers::default(),

@@ -1,8 +1,10 @@
 //! Component tests of the proxy-to-proxy hop for HTTP/1.1 traffic: requests
 //! from many app connections share one multiplexed HTTP/2 connection
 //! between the two proxies (ALPN `weft/h2m`) and reach the app as HTTP/1.1
-//! again; tunnels take connections of their own; a peer that predates the
-//! multiplexing gets HTTP/1.1 connections; reconnects resume TLS sessions.
+//! again; beside it a few HTTP/1.1 lanes carry requests one at a time, and
+//! only requests that find every lane busy become streams; tunnels take
+//! connections of their own; a peer that predates the multiplexing gets
+//! HTTP/1.1 connections; reconnects resume TLS sessions.
 //!
 //! ```text
 //! app clients ×N ─h1─► client proxy ══ one mTLS HTTP/2 connection ══► server proxy ─h1─► app
@@ -37,8 +39,20 @@ struct Pair {
 
 /// A client and a server proxy, the service `echo` (HTTP/1.1) at
 /// 10.96.0.1:80 behind the server proxy; `mux` for both proxies, `pool`
-/// as the Service's connection pool policy.
+/// as the Service's connection pool policy. No HTTP/1.1 lanes beside the
+/// multiplexed connection: these tests are about the shared connection.
 async fn pair(app: SocketAddr, mux: bool, pool: Option<ConnectionPool>) -> Pair {
+    pair_with_lanes(app, mux, pool, 0).await
+}
+
+/// [`pair`] whose client proxy keeps up to `lanes` HTTP/1.1 lanes per
+/// multiplexing peer.
+async fn pair_with_lanes(
+    app: SocketAddr,
+    mux: bool,
+    pool: Option<ConnectionPool>,
+    lanes: usize,
+) -> Pair {
     init();
     let ca = TestCa::new("weft test CA");
     let mut svc = service(
@@ -52,7 +66,10 @@ async fn pair(app: SocketAddr, mux: bool, pool: Option<ConnectionPool>) -> Pair 
     svc.policy.connection_pool = pool;
     let client_cfg = config(1, MtlsMode::Strict, vec![svc]);
     let server_cfg = config(1, MtlsMode::Strict, vec![]);
-    let set = move |s: &mut weft_proxy::Settings| s.mux = mux;
+    let set = move |s: &mut weft_proxy::Settings| {
+        s.mux = mux;
+        s.mux_lanes = lanes;
+    };
     let server = Pod::start_with(&server_cfg, &ca.leaf(SERVER_ID, 3600), &ca, set).await;
     let client = Pod::start_with(&client_cfg, &ca.leaf(CLIENT_ID, 3600), &ca, set).await;
     client.route_to(
@@ -208,6 +225,113 @@ async fn many_http1_app_connections_share_one_proxy_connection() {
         inbound_mtls_connections(&p.server) >= 8,
         "{} connections without multiplexing",
         inbound_mtls_connections(&p.server)
+    );
+}
+
+/// The client proxy's pool towards the server proxy's pod.
+fn peer_pool(p: &Pair) -> Arc<weft_proxy::http::pool::Pool> {
+    p.client
+        .proxy
+        .state
+        .outbound_pools
+        .get(&weft_proxy::http::pool::PoolKey {
+            addr: SocketAddr::new(IpAddr::V4(SERVER_POD_IP), p.app.port()),
+            identity: Some(weft_proxy::tls::SpiffeId::parse(SERVER_ID).expect("server id")),
+            version: weft_proxy::http::pool::Version::Http1,
+            mux: true,
+        })
+}
+
+#[tokio::test]
+async fn requests_take_an_idle_lane_and_only_the_overflow_is_multiplexed() {
+    let app = slow_echo(Duration::from_millis(30), Arc::default()).await;
+    let p = pair_with_lanes(app, true, None, 2).await;
+    // One request at a time, from three app connections: each finds the
+    // lane the one before it gave back.
+    for i in 0..3 {
+        let mut c = h1(p.client.app_connect(p.dst).await).await;
+        for j in 0..2 {
+            let req = Request::get(format!("/seq/{i}/{j}"))
+                .header("host", "echo.shop.svc.cluster.local")
+                .body(body(Bytes::new()))
+                .expect("request");
+            let (status, _, text) = read_text(c.send_request(req).await.expect("response")).await;
+            assert_eq!(status, StatusCode::OK, "{text}");
+            assert!(
+                text.starts_with(&format!("GET /seq/{i}/{j} HTTP/1.1\n")),
+                "{text}"
+            );
+            assert!(
+                text.contains(&format!("x-weft-peer-identity: {CLIENT_ID}")),
+                "{text}"
+            );
+        }
+    }
+    assert_eq!(
+        inbound_mtls_connections(&p.server),
+        1,
+        "six requests one after another travel on one lane"
+    );
+    eventually(
+        "the lane is an idle HTTP/1.1 connection between requests",
+        || peer_pool(&p).idle_count() == 1,
+    )
+    .await;
+
+    // 16 at once: one takes the idle lane, one dials the second lane, the
+    // other 14 find both busy and share one multiplexed connection.
+    let texts = sixteen_clients(&p).await;
+    assert_eq!(texts.len(), 64);
+    for (n, text) in texts.iter().enumerate() {
+        let (i, j) = (n / 4, n % 4);
+        assert!(
+            text.starts_with(&format!("POST /c{i}/r{j}?q=1 HTTP/1.1\n")),
+            "{text}"
+        );
+        assert!(!text.contains("x-private"), "{text}");
+    }
+    assert_eq!(
+        inbound_mtls_connections(&p.server),
+        3,
+        "two lanes and one multiplexed connection"
+    );
+    eventually("both lanes are back, idle", || {
+        peer_pool(&p).idle_count() == 2
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_closed_lane_makes_room_for_another() {
+    // One lane, closed after each request: every request dials a new lane,
+    // none becomes a stream.
+    let pool = ConnectionPool {
+        max_requests_per_connection: Some(1),
+        ..pool_policy()
+    };
+    let app = slow_echo(Duration::ZERO, Arc::default()).await;
+    let p = pair_with_lanes(app, true, Some(pool), 1).await;
+    // Held, so that the proxy's sweep cannot forget the pool between
+    // requests: the proxy uses this one.
+    let lanes = peer_pool(&p);
+    let mut c = h1(p.client.app_connect(p.dst).await).await;
+    for i in 0..3 {
+        let req = Request::get(format!("/one/{i}"))
+            .header("host", "echo")
+            .body(body(Bytes::new()))
+            .expect("request");
+        let (status, _, text) = read_text(c.send_request(req).await.expect("response")).await;
+        assert_eq!(status, StatusCode::OK, "{text}");
+        eventually("the used lane is closed and uncounted", || {
+            lanes.lanes_open() == 0
+        })
+        .await;
+    }
+    assert_eq!(inbound_mtls_connections(&p.server), 3);
+    assert_eq!(
+        handshakes(&p.server, Direction::Inbound, "resumed"),
+        2,
+        "the later lanes resume the first one's TLS session"
     );
 }
 
@@ -532,7 +656,16 @@ async fn old_peer(ca: &TestCa, accepted: Arc<AtomicUsize>) -> SocketAddr {
 
 #[tokio::test]
 async fn a_peer_that_does_not_offer_multiplexing_gets_http1_connections() {
-    let p = pair(echo_app().await, true, None).await;
+    // With and without lanes beside the multiplexed connection: the lanes
+    // ask for HTTP/1.1 anyway, and the overflow learns the peer does not
+    // multiplex.
+    for lanes in [0, 2] {
+        old_peer_gets_http1(lanes).await;
+    }
+}
+
+async fn old_peer_gets_http1(lanes: usize) {
+    let p = pair_with_lanes(echo_app().await, true, None, lanes).await;
     let accepted = Arc::new(AtomicUsize::new(0));
     let old = old_peer(&p.ca, accepted.clone()).await;
     p.client.dialer.route(
@@ -567,7 +700,7 @@ async fn a_peer_that_does_not_offer_multiplexing_gets_http1_connections() {
     let n = accepted.load(Ordering::SeqCst);
     assert!(
         (2..=12).contains(&n),
-        "{n} HTTP/1.1 connections to the old peer"
+        "{n} HTTP/1.1 connections to the old peer ({lanes} lanes)"
     );
 }
 

@@ -244,10 +244,13 @@ async fn dial(
     deadline: Duration,
     gate: Option<Gate<'_>>,
 ) -> Result<(Sender, bool), ConnectError> {
+    // A multiplexing pool with fewer lanes than its limit dials one more
+    // HTTP/1.1 lane (decision 36).
+    let lane = pool.reserve_lane();
     // HTTP/2 (and multiplexed HTTP/1.1): one request dials, the others
     // share its connection.
     let _dialing = match pool.shared() {
-        true if !fresh_only => match pool.dial_or_share().await {
+        true if lane.is_none() && !fresh_only => match pool.dial_or_share().await {
             Dial::Shared(s) => return Ok((s, false)),
             Dial::Mine(d) => d,
         },
@@ -271,14 +274,19 @@ async fn dial(
         }
     };
     let alpn = match key.version {
-        Version::Http1 if key.mux => Alpn::Mux,
+        Version::Http1 if key.mux && lane.is_none() => Alpn::Mux,
         Version::Http1 => Alpn::Http1,
         Version::Http2 => Alpn::Http2,
     };
     let io = connect(via, key.addr, key.identity.as_ref(), alpn, deadline).await?;
-    let wire = pool.wire(io.alpn().and_then(Alpn::from_id));
+    let wire = match lane {
+        // Asked for HTTP/1.1: the peer's answer says nothing of whether it
+        // multiplexes.
+        Some(_) => Version::Http1,
+        None => pool.wire(io.alpn().and_then(Alpn::from_id)),
+    };
     let s = pool
-        .handshake(Counted::new(io, slot), wire)
+        .handshake(Counted::new(io, slot, lane), wire)
         .await
         .map_err(|source| ConnectError::Handshake {
             addr: key.addr,

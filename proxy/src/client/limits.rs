@@ -27,7 +27,7 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::Notify;
 
-use crate::http::pool::{IdleWatcher, Pool, Sender};
+use crate::http::pool::{IdleWatcher, Lane, Pool, Sender};
 
 /// Connection counts per Service (`namespace/name`).
 #[derive(Debug, Default)]
@@ -230,19 +230,25 @@ impl IdleWatcher for ServiceConns {
     }
 }
 
-/// An upstream connection holding its Service's [`ConnSlot`] for as long as
-/// the socket lives: an upgraded HTTP/1 connection or an HTTP/2 connection
-/// whose handles are gone but whose streams still run are still counted.
+/// An upstream connection holding its Service's [`ConnSlot`] (or its
+/// pool's [`Lane`]) for as long as the socket lives: an upgraded HTTP/1
+/// connection or an HTTP/2 connection whose handles are gone but whose
+/// streams still run are still counted.
 #[derive(Debug)]
 pub struct Counted<S> {
     io: S,
     _slot: Option<ConnSlot>,
+    _lane: Option<Lane>,
 }
 
 impl<S> Counted<S> {
-    /// `io`, counted under `slot`.
-    pub fn new(io: S, slot: Option<ConnSlot>) -> Self {
-        Counted { io, _slot: slot }
+    /// `io`, counted under `slot` and as `lane`.
+    pub fn new(io: S, slot: Option<ConnSlot>, lane: Option<Lane>) -> Self {
+        Counted {
+            io,
+            _slot: slot,
+            _lane: lane,
+        }
     }
 }
 

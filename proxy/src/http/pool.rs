@@ -9,6 +9,14 @@
 //! the least-request balancer reads with one map lookup (no scan, no lock
 //! held while counting).
 //!
+//! A multiplexing pool also keeps a few plain HTTP/1.1 connections to the
+//! peer, its lanes ([`Pools::with_lanes`], `WEFT_PROXY_MUX_LANES`): a request
+//! takes an idle lane, or dials one while the pool has fewer than its
+//! limit, and only a request that finds every lane busy goes to the shared
+//! connection. One request at a time on a connection costs both proxies less
+//! as HTTP/1.1 than as an HTTP/2 stream; many at once share the multiplexed
+//! connection's records and syscalls (architecture decision 36).
+//!
 //! A pool follows the [`ConnPolicy`] of the Service it serves (idle timeout,
 //! requests per connection); [`Pools::sweep`] closes idle connections past
 //! it and forgets pools nothing uses.
@@ -33,6 +41,9 @@ use crate::tls::SpiffeId;
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Most idle HTTP/1.1 connections kept per upstream.
 const MAX_IDLE: usize = 64;
+/// HTTP/1.1 lanes a multiplexing pool keeps beside its shared connection
+/// unless `WEFT_PROXY_MUX_LANES` says otherwise (decision 36).
+pub const DEFAULT_MUX_LANES: usize = 4;
 
 /// Upstream HTTP version.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -118,6 +129,11 @@ pub struct Pool {
     version: Version,
     /// Offers the peer multiplexed HTTP/1.1 ([`PoolKey::mux`]).
     mux: bool,
+    /// Most HTTP/1.1 lanes beside the multiplexed connection (0 for pools
+    /// that do not multiplex).
+    lanes: usize,
+    /// Lanes open or being dialled ([`Lane`]).
+    lanes_open: AtomicUsize,
     /// The peer chose plain HTTP/1.1 connections instead of `weft/h2m`:
     /// this pool keeps idle HTTP/1.1 connections from now on.
     fell_back: std::sync::atomic::AtomicBool,
@@ -205,12 +221,29 @@ impl Multiplexed {
     }
 }
 
+/// One of a multiplexing pool's HTTP/1.1 lanes, counted from before it is
+/// dialled until its connection closes (held by the connection's I/O).
+#[derive(Debug)]
+pub struct Lane(Arc<Pool>);
+
+impl Drop for Lane {
+    fn drop(&mut self) {
+        self.0.lanes_open.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 impl Pool {
-    fn new(version: Version, mux: bool, in_flight: Arc<AtomicUsize>) -> Self {
+    fn new(version: Version, mux: bool, lanes: usize, in_flight: Arc<AtomicUsize>) -> Self {
         let d = ConnPolicy::default();
         Pool {
             version,
             mux,
+            lanes: if mux && version == Version::Http1 {
+                lanes
+            } else {
+                0
+            },
+            lanes_open: AtomicUsize::new(0),
             fell_back: std::sync::atomic::AtomicBool::new(false),
             idle: Mutex::new(Vec::new()),
             h2: Mutex::new(None),
@@ -289,6 +322,11 @@ impl Pool {
         &self.idle_ready
     }
 
+    /// HTTP/1.1 lanes open or being dialled now.
+    pub fn lanes_open(&self) -> usize {
+        self.lanes_open.load(Ordering::Relaxed)
+    }
+
     /// Idle HTTP/1 connections now.
     pub fn idle_count(&self) -> usize {
         self.idle.lock().unwrap_or_else(|p| p.into_inner()).len()
@@ -314,7 +352,7 @@ impl Pool {
             let ready = self.idle_ready.notified();
             tokio::pin!(ready);
             ready.as_mut().enable();
-            if let Some(s) = self.checkout() {
+            if let Some(s) = self.multiplexed() {
                 return Dial::Shared(s);
             }
             if !self.h2_dialing.swap(true, Ordering::AcqRel) {
@@ -328,36 +366,63 @@ impl Pool {
         }
     }
 
-    /// An open, idle connection, if any.
+    /// An open, idle connection, if any. A multiplexing pool gives an idle
+    /// lane first; with every lane busy, the shared connection once the pool
+    /// has all the lanes it may open (until then, `None`: the caller dials a
+    /// lane, [`Pool::reserve_lane`]).
     pub fn checkout(self: &Arc<Self>) -> Option<Sender> {
-        match if self.shared() {
-            Version::Http2
-        } else {
-            Version::Http1
-        } {
-            Version::Http1 => {
-                let timeout = self.idle_timeout();
-                let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-                while let Some(mut c) = idle.pop() {
-                    if c.since.elapsed() < timeout && c.conn.is_open() {
-                        return Some(Sender::H1(c.conn, self.clone(), c.served));
-                    }
-                }
-                None
+        if !self.shared() {
+            return self.idle_h1();
+        }
+        if self.lanes > 0 {
+            if let Some(s) = self.idle_h1() {
+                return Some(s);
             }
-            Version::Http2 => {
-                let mut h2 = self.h2.lock().unwrap_or_else(|p| p.into_inner());
-                let shared = h2.as_mut().filter(|s| !s.send.is_closed())?;
-                shared.served += 1;
-                shared.last_used = Instant::now();
-                let send = shared.send.sender();
-                if self.used_up(shared.served) {
-                    // Its open streams finish; new requests get a new one.
-                    *h2 = None;
-                }
-                Some(send)
+            if self.lanes_open.load(Ordering::Relaxed) < self.lanes {
+                return None;
             }
         }
+        self.multiplexed()
+    }
+
+    /// An idle HTTP/1.1 connection still within the idle timeout.
+    fn idle_h1(self: &Arc<Self>) -> Option<Sender> {
+        let timeout = self.idle_timeout();
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        while let Some(mut c) = idle.pop() {
+            if c.since.elapsed() < timeout && c.conn.is_open() {
+                return Some(Sender::H1(c.conn, self.clone(), c.served));
+            }
+        }
+        None
+    }
+
+    /// The shared HTTP/2 connection, when it is open.
+    fn multiplexed(&self) -> Option<Sender> {
+        let mut h2 = self.h2.lock().unwrap_or_else(|p| p.into_inner());
+        let shared = h2.as_mut().filter(|s| !s.send.is_closed())?;
+        shared.served += 1;
+        shared.last_used = Instant::now();
+        let send = shared.send.sender();
+        if self.used_up(shared.served) {
+            // Its open streams finish; new requests get a new one.
+            *h2 = None;
+        }
+        Some(send)
+    }
+
+    /// The right to dial one more HTTP/1.1 lane, while a multiplexing pool
+    /// (whose peer multiplexes) has fewer than its limit.
+    pub fn reserve_lane(self: &Arc<Self>) -> Option<Lane> {
+        if self.lanes == 0 || !self.shared() {
+            return None;
+        }
+        self.lanes_open
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                (n < self.lanes).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| Lane(self.clone()))
     }
 
     /// Runs the HTTP handshake of `wire` (see [`Pool::wire`]) on a fresh
@@ -672,9 +737,20 @@ pub struct Pools {
     /// instructions. Keys come from the config, not from clients.
     pools: RwLock<foldhash::HashMap<PoolKey, Arc<Pool>>>,
     loads: RwLock<foldhash::HashMap<SocketAddr, Arc<AtomicUsize>>>,
+    /// HTTP/1.1 lanes of each multiplexing pool (0: every request to a
+    /// multiplexing peer is a stream of the shared connection).
+    lanes: usize,
 }
 
 impl Pools {
+    /// Pools whose multiplexing ones keep up to `lanes` HTTP/1.1 lanes.
+    pub fn with_lanes(lanes: usize) -> Self {
+        Pools {
+            lanes,
+            ..Pools::default()
+        }
+    }
+
     /// The pool for `key`, created on first use.
     pub fn get(&self, key: &PoolKey) -> Arc<Pool> {
         if let Some(p) = self
@@ -695,7 +771,7 @@ impl Pools {
         let mut pools = self.pools.write().unwrap_or_else(|p| p.into_inner());
         pools
             .entry(key.clone())
-            .or_insert_with(|| Arc::new(Pool::new(key.version, key.mux, in_flight)))
+            .or_insert_with(|| Arc::new(Pool::new(key.version, key.mux, self.lanes, in_flight)))
             .clone()
     }
 
@@ -803,6 +879,7 @@ mod tests {
             let pool = Arc::new(Pool::new(
                 version,
                 version == Version::Http1,
+                0,
                 Arc::default(),
             ));
             // The handshake's sender is the shared connection's, which
@@ -895,7 +972,7 @@ mod tests {
     async fn a_connection_returns_when_its_response_body_ends_and_not_before() {
         use http_body_util::BodyExt as _;
         let addr = app().await;
-        let pool = Arc::new(Pool::new(Version::Http1, false, Arc::default()));
+        let pool = Arc::new(Pool::new(Version::Http1, false, 0, Arc::default()));
 
         let resp = send(&pool, addr, "/").await;
         let body = resp.into_body().collect().await.expect("body");
@@ -962,7 +1039,7 @@ mod tests {
     #[tokio::test]
     async fn a_connection_closed_while_idle_is_not_handed_out() {
         use http_body_util::BodyExt as _;
-        let pool = Arc::new(Pool::new(Version::Http1, false, Arc::default()));
+        let pool = Arc::new(Pool::new(Version::Http1, false, 0, Arc::default()));
         for sweep in [true, false] {
             let addr = answers_once().await;
             let body = send(&pool, addr, "/").await.into_body().collect().await;
