@@ -345,7 +345,9 @@ impl Pool {
     /// HTTP/2 keeps one connection per upstream: the first request without
     /// one dials it, and the others wait for it instead of each dialling
     /// their own. When the dial they waited for failed, they dial too (so a
-    /// dead endpoint costs a request at most two connect timeouts).
+    /// dead endpoint costs a request at most two connect timeouts). A
+    /// multiplexing pool's lane given back meanwhile serves a waiting
+    /// request; it does not count as the dial ending.
     pub async fn dial_or_share(self: &Arc<Self>) -> Dial {
         let mut waited = false;
         loop {
@@ -355,6 +357,11 @@ impl Pool {
             if let Some(s) = self.multiplexed() {
                 return Dial::Shared(s);
             }
+            if self.lanes > 0
+                && let Some(s) = self.idle_h1()
+            {
+                return Dial::Shared(s);
+            }
             if !self.h2_dialing.swap(true, Ordering::AcqRel) {
                 return Dial::Mine(Some(Dialing(self.clone())));
             }
@@ -362,7 +369,9 @@ impl Pool {
                 return Dial::Mine(None);
             }
             ready.await;
-            waited = true;
+            // Woken by the dial ending (its guard clears the flag first),
+            // or by a lane coming back while it still runs.
+            waited = !self.h2_dialing.load(Ordering::Acquire);
         }
     }
 
@@ -833,6 +842,34 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_lane_given_back_serves_a_request_waiting_for_the_shared_connection() {
+        let pool = Arc::new(Pool::new(Version::Http1, true, 1, Arc::default()));
+        let Dial::Mine(Some(dialing)) = pool.dial_or_share().await else {
+            panic!("the first request dials the shared connection");
+        };
+        let waiting = tokio::spawn({
+            let pool = pool.clone();
+            async move { pool.dial_or_share().await }
+        });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(
+            !waiting.is_finished(),
+            "the second request waits for the dial"
+        );
+        let (io, _peer) = tokio::io::duplex(1024);
+        pool.put_idle(Conn::new(io), 1);
+        let got = tokio::time::timeout(Duration::from_secs(5), waiting)
+            .await
+            .expect("in time")
+            .expect("task");
+        assert!(
+            matches!(got, Dial::Shared(Sender::H1(..))),
+            "the lane given back, not a second shared connection: {got:?}"
+        );
+        drop(dialing);
+    }
 
     #[test]
     fn load_counts_every_pool_of_an_address_and_only_while_tracked() {
