@@ -1035,3 +1035,74 @@ fn a_namespace_with_a_slash_is_refused() {
     let err = cfg.validate().expect_err("a / in a namespace");
     assert!(err.to_string().contains("a namespace has no /"), "{err}");
 }
+
+/// The sample with `n` more Services like its `backend`, each new to a
+/// load: enough of them and a load parses and checks them on more than
+/// one thread.
+fn with_many_services(n: usize) -> ProxyConfig {
+    let mut cfg = sample();
+    let backend = (*cfg.services[0]).clone();
+    for i in 0..n {
+        let mut s = backend.clone();
+        s.name = format!("many-{i}");
+        s.cluster_ips = vec![std::net::IpAddr::V4(std::net::Ipv4Addr::new(
+            10,
+            97,
+            (i / 250) as u8,
+            (i % 250) as u8 + 1,
+        ))];
+        cfg.services.push(Arc::new(s));
+    }
+    cfg.seal();
+    cfg
+}
+
+#[test]
+fn many_new_services_load_as_one_by_one() {
+    let n = 4 * par::MIN_PER_THREAD;
+    if std::thread::available_parallelism().map_or(1, |c| c.get()) > 1 {
+        assert!(
+            par::threads_for(n) > 1,
+            "the load below runs on more than one thread"
+        );
+    }
+    let good = with_many_services(n);
+    assert_eq!(ProxyConfig::load(&good.to_json()).expect("loads"), good);
+
+    // What the checks of Services' own fields find on other threads is
+    // reported as one thread's validation reports it: paths and order.
+    let mut bad = with_many_services(n);
+    let (early, late) = (3 + n / 3, 3 + n - 2);
+    Arc::make_mut(&mut bad.services[late]).endpoints[0].identity =
+        Some("spiffe://elsewhere/ns/demo/sa/backend".into());
+    Arc::make_mut(&mut bad.services[early])
+        .subsets
+        .push("v1".into());
+    bad.seal();
+    let want = bad.validate().expect_err("two Services are broken");
+    assert_eq!(want.0.len(), 2, "{want}");
+    assert!(want.0[0].path.contains("many-"), "{want}");
+    match ProxyConfig::load(&bad.to_json()) {
+        Err(LoadError::Invalid(got)) => assert_eq!(got, want),
+        other => panic!("expected the validation errors, got {other:?}"),
+    }
+
+    // A Service that does not parse is named by its place in the document.
+    let (head, tail) = good.json_parts();
+    let mut doc = head;
+    for (i, s) in good.services.iter().enumerate() {
+        if i > 0 {
+            doc.push(b',');
+        }
+        if i == late {
+            doc.extend_from_slice(br#"{"name":1}"#);
+        } else {
+            doc.extend(serde_json::to_vec(&**s).expect("serializes"));
+        }
+    }
+    doc.extend(tail);
+    match ProxyConfig::load(&doc) {
+        Err(LoadError::Service { index, .. }) => assert_eq!(index, late),
+        other => panic!("expected services[{late}] not to parse, got {other:?}"),
+    }
+}

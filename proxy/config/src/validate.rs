@@ -96,6 +96,21 @@ impl ProxyConfig {
     /// involves other Services (duplicates, backends, mirrors) is checked
     /// for all.
     pub fn validate_except(&self, checked: impl Fn(usize) -> bool) -> Result<(), ValidationErrors> {
+        self.validate_with(|i| {
+            if checked(i) {
+                OwnChecks::Skip
+            } else {
+                OwnChecks::Run
+            }
+        })
+    }
+
+    /// [`ProxyConfig::validate`], with the checks of each Service's own
+    /// fields had as `own(index)` says.
+    pub(crate) fn validate_with(
+        &self,
+        own: impl FnMut(usize) -> OwnChecks,
+    ) -> Result<(), ValidationErrors> {
         let mut errs = Errors::default();
         if self.version != crate::FORMAT_VERSION {
             errs.push(
@@ -115,7 +130,7 @@ impl ProxyConfig {
         check_services(
             self.services.iter().map(|s| &**s),
             &self.mesh.trust_domain,
-            checked,
+            own,
             &mut errs,
         );
         validate_inbound(&self.inbound, &mut errs);
@@ -233,16 +248,38 @@ pub fn validate_services<'a, S: std::borrow::Borrow<Service> + 'a>(
     check_services(
         services.into_iter().map(|s| s.borrow()),
         trust_domain,
-        |_| false,
+        |_| OwnChecks::Run,
         &mut errs,
     );
     errs.into_result()
 }
 
+/// How a validation has the checks of a Service's own fields.
+pub(crate) enum OwnChecks {
+    /// Runs them.
+    Run,
+    /// Skips them: the Service passed them before, unchanged.
+    Skip,
+    /// Takes what they found, run beforehand ([`own_errors`]).
+    Done(Vec<ValidationError>),
+}
+
+/// What the checks of a Service's own fields find, in the order and with
+/// the paths [`ProxyConfig::validate`] reports them.
+pub(crate) fn own_errors(svc: &Service, trust_domain: &str) -> Vec<ValidationError> {
+    let mut errs = Errors::default();
+    validate_own(&service_path(svc), svc, trust_domain, &mut errs);
+    errs.0
+}
+
+fn service_path(svc: &Service) -> String {
+    format!("services[{}]", svc.key())
+}
+
 fn check_services<'a>(
     services: impl IntoIterator<Item = &'a Service>,
     trust_domain: &str,
-    checked: impl Fn(usize) -> bool,
+    mut own: impl FnMut(usize) -> OwnChecks,
     errs: &mut Errors,
 ) {
     let list: Vec<&Service> = services.into_iter().collect();
@@ -256,7 +293,7 @@ fn check_services<'a>(
         }
     }
     for (i, svc) in list.into_iter().enumerate() {
-        validate_service(svc, &by_key, trust_domain, !checked(i), errs);
+        validate_service(svc, &by_key, trust_domain, own(i), errs);
     }
 }
 
@@ -293,12 +330,14 @@ fn validate_service(
     svc: &Service,
     services: &ByKey<'_>,
     trust_domain: &str,
-    own: bool,
+    own: OwnChecks,
     errs: &mut Errors,
 ) {
-    let at = format!("services[{}]", svc.key());
-    if own {
-        validate_own(&at, svc, trust_domain, errs);
+    let at = service_path(svc);
+    match own {
+        OwnChecks::Run => validate_own(&at, svc, trust_domain, errs),
+        OwnChecks::Skip => {}
+        OwnChecks::Done(found) => errs.0.extend(found),
     }
     for (i, r) in svc.http_routes.iter().enumerate() {
         validate_http_route(&format!("{at}.httpRoutes[{i}]"), r, svc, services, errs);

@@ -33,7 +33,7 @@ use http::{HeaderMap, Method, Uri};
 use rand::Rng;
 use regex::Regex;
 use weft_proxy_config::{
-    self as pc, PathMatch, ProxyConfig, Service, ValueMatch, names_other_services,
+    self as pc, PathMatch, ProxyConfig, Service, ValueMatch, names_other_services, par,
 };
 
 use super::services::ServiceRef;
@@ -236,13 +236,12 @@ impl RouteTable {
         same_order: bool,
     ) -> Result<Self, RouteError> {
         let unchanged = |i: usize| reused.get(i) == Some(&Some(i));
-        let mut index: Option<Index<'_>> = None;
-        let services = config
+        let kept: Vec<Option<Arc<ServiceRoutes>>> = config
             .services
             .iter()
             .enumerate()
             .map(|(i, svc)| {
-                let kept = reused
+                reused
                     .get(i)
                     .copied()
                     .flatten()
@@ -250,21 +249,29 @@ impl RouteTable {
                     .filter(|kept| {
                         !names_other_services(svc) || (same_order && kept.targets().all(unchanged))
                     })
-                    .cloned();
-                if let Some(kept) = kept {
-                    return Ok(kept);
-                }
-                let index = index.get_or_insert_with(|| {
-                    config
-                        .services
-                        .iter()
-                        .enumerate()
-                        .map(|(i, s)| ((s.namespace.as_str(), s.name.as_str()), i))
-                        .collect()
-                });
-                compile_service(svc, config, index).map(Arc::new)
+                    .cloned()
             })
-            .collect::<Result<_, _>>()?;
+            .collect();
+        let compile = kept.iter().filter(|k| k.is_none()).count();
+        if compile == 0 {
+            return Ok(RouteTable {
+                services: kept.into_iter().flatten().collect(),
+            });
+        }
+        let index: Index<'_> = config
+            .services
+            .iter()
+            .enumerate()
+            .map(|(i, s)| ((s.namespace.as_str(), s.name.as_str()), i))
+            .collect();
+        // Each Service compiles on its own: on more than one thread when
+        // many are new (a first load, a change of every Service).
+        let services = par::map(&kept, par::threads_for(compile), |i, kept| match kept {
+            Some(kept) => Ok(kept.clone()),
+            None => compile_service(&config.services[i], config, &index).map(Arc::new),
+        })
+        .into_iter()
+        .collect::<Result<_, _>>()?;
         Ok(RouteTable { services })
     }
 
@@ -1110,6 +1117,40 @@ mod tests {
             .expect("compiles");
         assert!(!Arc::ptr_eq(&t4.services[0], &t2.services[0]));
         assert!(Arc::ptr_eq(&t4.services[1], &t2.services[1]));
+    }
+
+    /// A first load of many Services compiles them on more than one
+    /// thread: each routes as compiled alone, and a failure is the first in
+    /// document order, as one thread would find it.
+    #[test]
+    fn many_services_compile_as_one_by_one() {
+        let n = 4 * weft_proxy_config::par::MIN_PER_THREAD;
+        let mut services = vec![svc("cart", vec![])];
+        services.extend((0..n).map(|i| {
+            svc(
+                &format!("s-{i}"),
+                vec![route("to-cart", vec![], vec![backend("v2", 1)])],
+            )
+        }));
+        let t = RouteTable::build(&config(services.clone())).expect("compiles");
+        assert_eq!(t.services.len(), n + 1);
+        for s in &t.services[1..] {
+            let b = s.http[0].backends.list[0];
+            assert_eq!((b.service, b.subset), (0, Some(1)));
+        }
+        let meshed_as = |s: &mut Service, id: &str| {
+            s.endpoints[0].meshed = true;
+            s.endpoints[0].identity = Some(id.into());
+        };
+        let (early, late) = (1 + n / 4, n - 1);
+        meshed_as(&mut services[late], "not an id");
+        meshed_as(&mut services[early], "spiffe://cluster.local/");
+        let err = RouteTable::build(&config(services)).expect_err("two bad identities");
+        assert!(
+            err.to_string()
+                .contains(&format!("services[shop/s-{}]", early - 1)),
+            "{err}"
+        );
     }
 
     #[test]
