@@ -29,7 +29,8 @@ pub fn threads_for(items: usize) -> usize {
 
 /// `f(i, &items[i])` for every item, in order, on `threads` threads (the
 /// calling one among them), each taking one contiguous run of the items.
-/// A panic in `f` is raised again here.
+/// A run whose thread cannot be started (a pod at its process limit) runs
+/// on the calling thread instead. A panic in `f` is raised again here.
 pub fn map<T: Sync, R: Send>(
     items: &[T],
     threads: usize,
@@ -51,23 +52,62 @@ pub fn map<T: Sync, R: Send>(
         let mut parts = items.chunks(per).enumerate();
         let first = parts.next();
         let others: Vec<_> = parts
-            .map(|(k, part)| s.spawn(move || run(k * per, part)))
+            .map(|(k, part)| {
+                let start = k * per;
+                // No thread (a pod at its process limit): the caller does
+                // the run, later; the result is the same.
+                spawn(s, move || run(start, part)).map_err(|_| (start, part))
+            })
             .collect();
         let mut out = first.map_or_else(Vec::new, |(_, part)| run(0, part));
         out.reserve(items.len() - out.len());
-        for h in others {
-            match h.join() {
-                Ok(part) => out.extend(part),
-                Err(panic) => std::panic::resume_unwind(panic),
+        for other in others {
+            match other.map(|h| h.join()) {
+                Ok(Ok(done)) => out.extend(done),
+                Ok(Err(panic)) => std::panic::resume_unwind(panic),
+                Err((start, part)) => out.extend(run(start, part)),
             }
         }
         out
     })
 }
 
+/// Starts a named worker thread in `scope`.
+fn spawn<'scope, R: Send + 'scope>(
+    scope: &'scope std::thread::Scope<'scope, '_>,
+    work: impl FnOnce() -> R + Send + 'scope,
+) -> std::io::Result<std::thread::ScopedJoinHandle<'scope, R>> {
+    #[cfg(test)]
+    if tests::REFUSE_THREADS.with(std::cell::Cell::get) {
+        return Err(std::io::Error::other("threads refused by the test"));
+    }
+    std::thread::Builder::new()
+        .name("weft-load".into())
+        .spawn_scoped(scope, work)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    thread_local! {
+        /// Makes [`spawn`] fail on this thread, as at a process limit.
+        pub(super) static REFUSE_THREADS: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    }
+
+    #[test]
+    fn runs_whose_thread_cannot_start_run_on_the_caller() {
+        REFUSE_THREADS.with(|r| r.set(true));
+        let items: Vec<u32> = (0..100).collect();
+        let out = map(&items, 4, |i, x| (i, *x, std::thread::current().id()));
+        REFUSE_THREADS.with(|r| r.set(false));
+        let me = std::thread::current().id();
+        assert_eq!(out.len(), 100);
+        for (i, (at, x, on)) in out.into_iter().enumerate() {
+            assert_eq!((at, x), (i, i as u32));
+            assert_eq!(on, me, "item {i} ran on the calling thread");
+        }
+    }
 
     #[test]
     fn results_come_in_order_with_their_index_whatever_the_threads() {
