@@ -78,8 +78,11 @@ fn spawn<'scope, R: Send + 'scope>(
     work: impl FnOnce() -> R + Send + 'scope,
 ) -> std::io::Result<std::thread::ScopedJoinHandle<'scope, R>> {
     #[cfg(test)]
-    if tests::REFUSE_THREADS.with(std::cell::Cell::get) {
-        return Err(std::io::Error::other("threads refused by the test"));
+    {
+        if tests::REFUSE_THREADS.with(std::cell::Cell::get) {
+            return Err(std::io::Error::other("threads refused by the test"));
+        }
+        tests::STARTED.with(|n| n.set(n.get() + 1));
     }
     std::thread::Builder::new()
         .name("weft-load".into())
@@ -87,12 +90,14 @@ fn spawn<'scope, R: Send + 'scope>(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     thread_local! {
         /// Makes [`spawn`] fail on this thread, as at a process limit.
         pub(super) static REFUSE_THREADS: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+        /// Worker threads this thread has asked [`spawn`] for.
+        pub(crate) static STARTED: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
     }
 
     #[test]

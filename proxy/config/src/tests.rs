@@ -1067,7 +1067,12 @@ fn many_new_services_load_as_one_by_one() {
         );
     }
     let good = with_many_services(n);
+    let started = || par::tests::STARTED.with(std::cell::Cell::get);
+    let before = started();
     assert_eq!(ProxyConfig::load(&good.to_json()).expect("loads"), good);
+    if std::thread::available_parallelism().map_or(1, |c| c.get()) > 1 {
+        assert!(started() > before, "the load started worker threads");
+    }
 
     // What the checks of Services' own fields find on other threads is
     // reported as one thread's validation reports it: paths and order.
